@@ -1,0 +1,136 @@
+"""Kernel contract and backend registry.
+
+The kernel contract
+-------------------
+Every backend module (``cecore._numba_kernels`` and ``cecore_ext``) exposes exactly
+these five functions. They never validate, never allocate anything of size N x C, and
+return ``None``: results go into the ``*_out`` arrays the caller passes. Everything above
+this module talks to kernels only through :func:`get_backend`.
+
+Shapes use ``N`` (batch), ``C`` (classes), ``S`` (product of the spatial dims d1..dK, 1
+for plain ``(N, C)`` input). ``floating`` is float32 or float64, the same for every
+``floating`` argument of one call. Unless said otherwise arrays are C-contiguous.
+``n_threads`` is an ``int >= 1``. An "empty" gradient (``grad_out.shape[0] == 0``, e.g.
+``np.empty((0, 0, 0))``) means "loss only": the kernel then reads the logits once.
+
+``softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale, loss_out, grad_out, n_threads)``
+    Softmax cross-entropy with class-index targets (torch semantics, including
+    label smoothing)::
+
+        lse    = log(sum_c exp(logits[n, c, s]))
+        loss   = (1 - eps) * w[t] * (lse - x[t]) + eps / C * sum_c w[c] * (lse - x[c])
+        d loss / d x[c] = p[c] * ((1 - eps) * w[t] + eps / C * sum(w))
+                          - (1 - eps) * w[t] * [c == t] - eps / C * w[c]
+
+    - logits : const floating (N, C, S)
+    - target : const int64 (N, S), each in ``[0, C)`` or equal to ``ignore_index``
+    - weight : const float64 (C,), class weights (ones when the user gave none)
+    - ignore_index : int; ignored positions get loss 0 and gradient 0
+    - label_smoothing : float in [0, 1]
+    - grad_scale : const float64 (N, S), any strides (a broadcast scalar has strides
+      0); the gradient written is ``grad_scale[n, s] * d loss[n, s] / d logits[n, :, s]``
+    - loss_out : float64 (N, S), the per-position loss above
+    - grad_out : floating (N, C, S), or empty for loss only
+
+``softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out, grad_out, n_threads)``
+    Softmax cross-entropy with probability targets, ``q = (1 - eps) * target + eps / C``::
+
+        loss = sum_c w[c] * q[c] * (lse - x[c])
+        d loss / d x[c] = p[c] * sum_k w[k] * q[k] - w[c] * q[c]
+
+    - target : const floating (N, C, S); other arguments as above.
+
+``bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out, n_threads)``
+    Binary cross-entropy on logits, elementwise over ``(R, L)``::
+
+        loss = w * ((1 - y) * x + (1 + (pw - 1) * y) * softplus(-x))
+        d loss / d x = w * ((1 - y) - (1 + (pw - 1) * y) * sigmoid(-x))
+
+    - input, target : const floating (R, L)
+    - weight, pos_weight, grad_scale : const float64 (R, L), any strides (broadcast views)
+    - loss_out : float64 (R, L); grad_out : floating (R, L), or empty for loss only
+
+``softmax(logits, log, out, n_threads)``
+    ``out[n, :, s]`` = softmax (``log=False``) or log-softmax (``log=True``) of
+    ``logits[n, :, s]``. logits : const floating (N, C, S); out : floating (N, C, S).
+
+``logsumexp(logits, out, n_threads)``
+    ``out[n, s] = log(sum_c exp(logits[n, c, s]))``; out : float64 (N, S).
+
+All backends compute ``exp`` with the same range-reduction + polynomial scheme
+(``exp(x) = 2**k * P(r)``, ``r = x - k ln2``) so that they vectorise and agree closely;
+sums over classes are accumulated in float64. Per-position results do not depend on
+``n_threads`` (each position is computed by one thread, in a fixed order), so anything
+reduced from ``loss_out`` in a fixed order is bitwise identical for any thread count.
+"""
+
+import os
+import threading
+
+from . import _config
+
+BACKENDS = ("cython", "numba")
+KERNELS = ("softmax_ce_index", "softmax_ce_proba", "bce_logits", "softmax", "logsumexp")
+
+_loaded = {}
+_errors = {}
+_lock = threading.Lock()
+
+
+def _load(name):
+    with _lock:
+        if name in _loaded or name in _errors:
+            return _loaded.get(name)
+        try:
+            if name == "cython":
+                import cecore_ext as module
+            else:
+                from . import _numba_kernels as module
+        except Exception as exc:  # an unbuilt extension or a broken numba install
+            _errors[name] = f"{type(exc).__name__}: {exc}"
+            return None
+        _loaded[name] = module
+        return module
+
+
+def get_backend(backend="auto"):
+    """Return the kernel module for ``backend`` ("auto", "cython" or "numba").
+
+    "auto" prefers Cython: it needs no JIT warm-up, so short scripts and the CLI start fast.
+    """
+    if backend == "auto":
+        for name in _config.AUTO_ORDER:
+            module = _load(name)
+            if module is not None:
+                return module
+        raise RuntimeError(f"no cecore backend could be loaded: {_errors}")
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend must be 'auto', 'cython' or 'numba', got {backend!r}"
+        )
+    module = _load(backend)
+    if module is None:
+        raise RuntimeError(f"the {backend!r} backend is unavailable: {_errors[backend]}")
+    return module
+
+
+def available_backends():
+    """Names of the backends that load on this machine."""
+    return [name for name in BACKENDS if _load(name) is not None]
+
+
+def show_config(file=None):
+    """Print which backends load, with their threads and build flags; return it as a dict."""
+    info = {"default_n_threads": _config.default_n_threads(), "backends": {}}
+    for name in BACKENDS:
+        module = _load(name)
+        if module is None:
+            info["backends"][name] = {"available": False, "error": _errors[name]}
+        else:
+            info["backends"][name] = {"available": True, **module.build_info()}
+    lines = [f"cecore default n_threads: {info['default_n_threads']} (cpus: {os.cpu_count()})"]
+    for name, entry in info["backends"].items():
+        details = ", ".join(f"{k}={v}" for k, v in entry.items())
+        lines.append(f"  {name}: {details}")
+    print("\n".join(lines), file=file)
+    return info

@@ -1,0 +1,72 @@
+"""All of cecore's tunables and its thread policy, in one place."""
+
+import os
+
+# Backend tried first by backend="auto". Cython needs no JIT, so it starts fastest.
+AUTO_ORDER = ("cython", "numba")
+
+# Positions reduced per block by cecore._reduce. A fixed block makes sums independent of
+# thread counts and of how a stream is chunked (chunks are multiples of this).
+REDUCE_BLOCK = 8192
+
+# Below this many classes, 2-D inputs use the "across rows" kernels (rows are too short
+# to fill a vector register).
+SMALL_C = 32
+
+# Rows per block in the across-rows kernels: the block's logits and gradient stay in L1.
+ROW_BLOCK = 64
+
+_forked_child = False
+
+
+def _after_fork_in_child():
+    # GNU OpenMP (used by the Cython backend and by Numba's "omp" layer) keeps a thread
+    # pool that does not survive fork(): a parallel region in the child can hang. Like
+    # torch, a forked child runs kernels on one thread, through the serial code paths.
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _env_threads():
+    for var in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        value = os.environ.get(var, "").split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def default_n_threads():
+    """Threads used when a call passes ``n_threads=None``.
+
+    The first of ``CECORE_NUM_THREADS``, ``OMP_NUM_THREADS``, ``NUMBA_NUM_THREADS`` that is
+    set, else the CPUs this process may run on. 1 in a child created by ``fork``.
+    """
+    if _forked_child:
+        return 1
+    env = _env_threads()
+    if env is not None:
+        return env
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_n_threads(n_threads):
+    """Validate a user's ``n_threads`` (None, or an int >= 1, or -1 for all CPUs)."""
+    if n_threads is None:
+        return default_n_threads()
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int,)) and not hasattr(
+        n_threads, "__index__"
+    ):
+        raise TypeError(f"n_threads must be None or an int, got {type(n_threads).__name__}")
+    n_threads = int(n_threads)
+    if n_threads == -1:
+        n_threads = os.cpu_count() or 1
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be None, -1 or an int >= 1, got {n_threads}")
+    return 1 if _forked_child else n_threads

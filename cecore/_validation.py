@@ -1,0 +1,176 @@
+"""Input validation and canonical layouts: the one place where user input is checked.
+
+Kernels see only the canonical forms produced here: float32/float64 logits viewed as a
+C-contiguous ``(N, C, S)`` array, int64 targets of shape ``(N, S)``, float64 weights.
+"""
+
+import numpy as np
+
+from . import _config
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _to_numpy(x):
+    """Array view of ``x``: ndarray subclasses, memmaps, lists and torch CPU tensors."""
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.split(".")[0] == "torch":
+        # torch tensors expose the array protocol; a tensor that requires grad must be
+        # detached first (no copy either way when it is a CPU tensor).
+        if getattr(x, "device", None) is not None and x.device.type != "cpu":
+            raise TypeError(f"expected a CPU tensor, got one on {x.device}")
+        x = x.detach()
+        if x.dtype.is_floating_point and x.element_size() == 2 and str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+    return np.asarray(x)
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction!r} is not a valid value for reduction: expected 'none', 'mean' or 'sum'")
+    return reduction
+
+
+def float_input(x, name="input"):
+    """``x`` as a float16/32/64 ndarray (not copied when it already is one)."""
+    x = _to_numpy(x)
+    if x.dtype.kind != "f":
+        raise TypeError(
+            f"{name} must be a floating point array (float16, float32 or float64), got dtype {x.dtype}"
+        )
+    if x.dtype.itemsize > 8:
+        raise TypeError(f"{name} of dtype {x.dtype} is not supported: use float32 or float64")
+    return x
+
+
+def compute_dtype(dtype):
+    """float16 is computed in float32; float32 and float64 as they are."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def canonical(x, axis, dtype):
+    """View ``x`` as a C-contiguous ``(N, C, S)`` array of ``dtype`` with ``C = x.shape[axis]``.
+
+    Returns ``(x3, fortran)``. When ``x`` is a Fortran-ordered 2-D array with ``axis=1`` it
+    is viewed, without a copy, as ``(1, C, N)`` (the kernels' strided-class path) and
+    ``fortran`` is True; outputs must then be allocated in Fortran order too.
+    Only a non-contiguous or wrongly typed input is copied.
+    """
+    if x.ndim == 2 and axis == 1 and not x.flags.c_contiguous and x.flags.f_contiguous:
+        xt = np.asarray(x.T, dtype=dtype)  # (C, N), C-contiguous
+        return xt.reshape(1, x.shape[1], x.shape[0]), True
+    n = int(np.prod(x.shape[:axis], dtype=np.int64))
+    s = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    x3 = np.ascontiguousarray(x, dtype=dtype).reshape(n, x.shape[axis], s)
+    return x3, False
+
+
+def empty_canonical(shape, canonical_shape, dtype, fortran):
+    """A new array of the user's ``shape`` and its view in the canonical layout."""
+    out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+    return out, (out.T if fortran else out).reshape(canonical_shape)
+
+
+def normalize_axis(axis, ndim):
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of bounds for an array of dimension {ndim}")
+    return int(axis) % ndim
+
+
+def class_weight(weight, n_classes):
+    """Class weights as float64 of shape (C,), ones when ``weight`` is None."""
+    if weight is None:
+        return np.ones(n_classes, dtype=np.float64)
+    w = _to_numpy(weight)
+    if w.dtype.kind not in "fiu":
+        raise TypeError(f"weight must be a numeric array, got dtype {w.dtype}")
+    if w.ndim != 1 or w.shape[0] != n_classes:
+        raise ValueError(
+            f"weight should be defined either for all {n_classes} classes or no classes, "
+            f"but got weight of shape {w.shape}"
+        )
+    return np.ascontiguousarray(w, dtype=np.float64)
+
+
+def check_label_smoothing(label_smoothing):
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    return eps
+
+
+def index_target(target, input_shape, n_classes, ignore_index):
+    """Class-index targets as int64 of shape (N, S), range-checked.
+
+    ``input_shape`` is the user's input shape: ``(C,)`` (unbatched, target 0-d) or
+    ``(N, C, d1, ..., dK)`` (target ``(N, d1, ..., dK)``).
+    """
+    t = _to_numpy(target)
+    if t.dtype.kind not in "iu":
+        kind = "floating point" if t.dtype.kind == "f" else str(t.dtype)
+        raise TypeError(
+            f"class-index targets must be integers, got {kind} (dtype {t.dtype}); "
+            "probability targets must have the same shape as the input"
+        )
+    if len(input_shape) == 1:
+        if t.ndim != 0:
+            raise ValueError(
+                f"for unbatched input of shape {input_shape} the target must be a scalar "
+                f"class index, got shape {t.shape}"
+            )
+    else:
+        expected = (input_shape[0],) + tuple(input_shape[2:])
+        if t.ndim != len(expected):
+            raise ValueError(
+                f"target of shape {t.shape} does not match input of shape {input_shape}: "
+                f"expected class indices of shape {expected} or probabilities of shape {input_shape}"
+            )
+        if t.shape[0] != expected[0]:
+            raise ValueError(
+                f"Expected input batch_size ({expected[0]}) to match target batch_size ({t.shape[0]})"
+            )
+        if t.shape != expected:
+            raise ValueError(
+                f"target spatial shape {t.shape[1:]} does not match input spatial shape {expected[1:]}"
+            )
+    if t.size:
+        lo, hi = t.min(), t.max()
+        if lo < 0 or hi >= n_classes:
+            bad = t[((t < 0) | (t >= n_classes)) & (t != ignore_index)]
+            if bad.size:
+                raise IndexError(
+                    f"Target {bad.flat[0]} is out of bounds: expected class indices in "
+                    f"[0, {n_classes}) or ignore_index ({ignore_index})"
+                )
+    if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
+        raise IndexError("Target is out of bounds for int64")
+    return np.ascontiguousarray(t, dtype=np.int64).reshape(
+        1 if len(input_shape) == 1 else input_shape[0], -1
+    )
+
+
+def grad_output_array(grad_output, reduction, loss_shape):
+    """``grad_output`` as float64: a scalar for mean/sum, ``loss_shape`` for 'none'."""
+    if grad_output is None:
+        return np.float64(1.0)
+    g = _to_numpy(grad_output)
+    if g.dtype.kind not in "fiu":
+        raise TypeError(f"grad_output must be numeric, got dtype {g.dtype}")
+    if reduction == "none":
+        if g.shape != tuple(loss_shape):
+            raise ValueError(
+                f"grad_output must have the loss's shape {tuple(loss_shape)}, got {g.shape}"
+            )
+        return np.asarray(g, dtype=np.float64)
+    if g.size != 1:
+        raise ValueError(
+            f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}"
+        )
+    return np.float64(g.reshape(()))
+
+
+def n_threads(value):
+    return _config.resolve_n_threads(value)

@@ -1,0 +1,302 @@
+"""Functional API with PyTorch's semantics (``torch.nn.functional``), on numpy arrays.
+
+Every function validates its input once (:mod:`cecore._validation`), hands canonical
+arrays to one kernel of the chosen backend (:mod:`cecore._backends`), and reduces the
+per-position losses in a fixed order (:mod:`cecore._reduce`). With ``return_grad=True``
+the loss and its gradient come from the same fused pass over the logits.
+"""
+
+import numpy as np
+
+from . import _reduce
+from . import _validation as V
+from ._backends import get_backend
+
+__all__ = [
+    "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
+    "log_softmax", "softmax", "logsumexp", "perplexity",
+]
+
+_NO_GRAD = {np.dtype(np.float32): np.empty((0, 0, 0), np.float32),
+            np.dtype(np.float64): np.empty((0, 0, 0), np.float64)}
+
+
+def _grad_scale(g, reduction, denominator, positions_shape):
+    """Per-position gradient multiplier of shape ``positions_shape`` (broadcast when scalar)."""
+    if reduction == "none" and np.ndim(g):
+        return np.ascontiguousarray(g, dtype=np.float64).reshape(positions_shape)
+    if reduction == "mean":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = g / denominator
+    return np.broadcast_to(np.float64(g), positions_shape)
+
+
+def _reduce_loss(loss_out, reduction, denominator, out_shape, dtype):
+    if reduction == "none":
+        return loss_out.reshape(out_shape).astype(dtype)
+    total = _reduce.fixed_sum(loss_out)
+    if reduction == "mean":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            total = np.float64(total) / denominator
+    return dtype.type(total)
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, *, return_grad=False, grad_output=None,
+                  backend="auto", n_threads=None):
+    """Softmax cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
+
+    Parameters
+    ----------
+    input : array-like of shape (C,), (N, C) or (N, C, d1, ..., dK)
+        Unnormalised logits, float16/float32/float64 (float16 is computed in float32).
+    target : array-like
+        Class indices of shape (), (N,) or (N, d1, ..., dK), any integer dtype, each in
+        ``[0, C)`` or equal to ``ignore_index``; or class probabilities of the same shape
+        as ``input`` (floating point).
+    weight : array-like of shape (C,), optional
+        Per-class weights.
+    ignore_index : int, default=-100
+        Target value that contributes neither loss nor gradient (class-index targets only).
+    reduction : {'mean', 'sum', 'none'}, default='mean'
+        'mean' divides by the summed weight of the non-ignored targets (class indices) or
+        by the number of positions N * d1 * ... * dK (probabilities).
+    label_smoothing : float in [0, 1], default=0.0
+        Mixes the target with the uniform distribution: ``(1 - eps) * target + eps / C``.
+    return_grad : bool, default=False
+        Also return the gradient of ``sum(grad_output * loss)`` with respect to ``input``.
+    grad_output : array-like, optional
+        Upstream gradient: a scalar for 'mean'/'sum', the loss's shape for 'none'.
+        Defaults to ones.
+    backend : {'auto', 'cython', 'numba'}, default='auto'
+    n_threads : int, optional
+        Threads for the kernel; defaults to :func:`cecore._config.default_n_threads`.
+
+    Returns
+    -------
+    loss : scalar or ndarray of the input's dtype
+        Shape () for 'mean'/'sum', the target's (class-index) shape for 'none'.
+    grad : ndarray of the input's shape and dtype
+        Only when ``return_grad=True``.
+
+    Notes
+    -----
+    With class indices ``t`` and ``lse = log(sum_c exp(x_c))`` the loss at a position is
+    ``(1 - eps) w[t] (lse - x[t]) + eps / C * sum_c w[c] (lse - x[c])``; with
+    probabilities ``q = (1 - eps) p + eps / C`` it is ``sum_c w[c] q[c] (lse - x[c])``.
+    """
+    x = V.float_input(input)
+    reduction = V.check_reduction(reduction)
+    eps = V.check_label_smoothing(label_smoothing)
+    threads = V.n_threads(n_threads)
+    kernels = get_backend(backend)
+    if x.ndim == 0:
+        raise ValueError("input must have a class dimension: expected shape (C,), (N, C) or (N, C, d1, ...)")
+    out_dtype = x.dtype
+    dtype = V.compute_dtype(x.dtype)
+    class_axis = 0 if x.ndim == 1 else 1
+    n_classes = x.shape[class_axis]
+    w = V.class_weight(weight, n_classes)
+    t_raw = V._to_numpy(target)
+    proba = t_raw.shape == x.shape
+
+    if proba:
+        if t_raw.dtype.kind != "f":
+            raise TypeError(
+                f"a target of the input's shape {x.shape} holds class probabilities and must be "
+                f"floating point, got dtype {t_raw.dtype}"
+            )
+        if ignore_index >= 0:
+            raise ValueError("ignore_index is not supported with class-probability targets")
+        x3, fortran = V.canonical(x, class_axis, dtype)
+        if fortran:
+            t3 = np.asarray(t_raw.T, dtype=dtype).reshape(x3.shape)
+        else:
+            t3 = np.ascontiguousarray(t_raw, dtype=dtype).reshape(x3.shape)
+        loss_shape = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
+        denominator = np.float64(x3.shape[0] * x3.shape[2])
+    else:
+        t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
+        x3, fortran = V.canonical(x, class_axis, dtype)
+        loss_shape = t_raw.shape
+        if reduction == "mean":
+            valid = t2[t2 != ignore_index]
+            denominator = np.float64(_reduce.fixed_sum(w[valid]) if valid.size else 0.0)
+        else:
+            denominator = np.float64(1.0)
+
+    positions = (x3.shape[0], x3.shape[2])
+    loss_out = np.empty(positions, dtype=np.float64)
+    if return_grad:
+        g = V.grad_output_array(grad_output, reduction, loss_shape)
+        scale = _grad_scale(g, reduction, denominator, positions)
+        grad, grad3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
+    else:
+        scale = np.broadcast_to(np.float64(0.0), positions)
+        grad, grad3 = None, _NO_GRAD[dtype]
+
+    if proba:
+        kernels.softmax_ce_proba(x3, t3, w, eps, scale, loss_out, grad3, threads)
+    else:
+        kernels.softmax_ce_index(x3, t2.reshape(positions), w, int(ignore_index), eps,
+                                 scale, loss_out, grad3, threads)
+
+    loss = _reduce_loss(loss_out, reduction, denominator, loss_shape, out_dtype)
+    if not return_grad:
+        return loss
+    return loss, grad.astype(out_dtype, copy=False)
+
+
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
+             return_grad=False, grad_output=None, backend="auto", n_threads=None):
+    """Negative log-likelihood of log-probabilities, as ``torch.nn.functional.nll_loss``.
+
+    ``loss = -weight[t] * input[n, t, ...]``; 'mean' divides by the summed weight of the
+    non-ignored targets. Parameters and returns as :func:`cross_entropy` (class-index
+    targets only). The loss is a gather, so no kernel is needed: ``backend`` and
+    ``n_threads`` are validated and accepted for a uniform signature.
+    """
+    x = V.float_input(input)
+    reduction = V.check_reduction(reduction)
+    V.n_threads(n_threads)
+    get_backend(backend)
+    if x.ndim == 0:
+        raise ValueError("input must have a class dimension: expected shape (C,), (N, C) or (N, C, d1, ...)")
+    out_dtype = x.dtype
+    dtype = V.compute_dtype(x.dtype)
+    class_axis = 0 if x.ndim == 1 else 1
+    n_classes = x.shape[class_axis]
+    w = V.class_weight(weight, n_classes)
+    t_raw = V._to_numpy(target)
+    t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
+    x3, fortran = V.canonical(x, class_axis, dtype)
+    positions = (x3.shape[0], x3.shape[2])
+    t2 = t2.reshape(positions)
+    keep = t2 != ignore_index
+    safe_t = np.where(keep, t2, 0)
+    picked = np.take_along_axis(x3, safe_t[:, None, :], axis=1)[:, 0, :]
+    w_t = np.where(keep, w[safe_t], 0.0)
+    loss_out = -w_t * picked.astype(np.float64)
+    loss_out[~keep] = 0.0
+    denominator = np.float64(_reduce.fixed_sum(w_t)) if reduction == "mean" else np.float64(1.0)
+    loss = _reduce_loss(loss_out, reduction, denominator, t_raw.shape, out_dtype)
+    if not return_grad:
+        return loss
+    g = V.grad_output_array(grad_output, reduction, t_raw.shape)
+    scale = _grad_scale(g, reduction, denominator, positions)
+    grad, grad3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
+    grad3[...] = 0
+    np.put_along_axis(grad3, safe_t[:, None, :], (-w_t * scale)[:, None, :].astype(dtype), axis=1)
+    return loss, grad.astype(out_dtype, copy=False)
+
+
+def _broadcast_2d(a, shape, name):
+    """``a`` broadcast to ``shape`` and viewed as (R, L) float64 (stride 0 where broadcast)."""
+    arr = V._to_numpy(a)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+    try:
+        b = np.broadcast_to(np.asarray(arr, dtype=np.float64), shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {arr.shape} cannot be broadcast to the input's shape {shape}") from None
+    last = shape[-1] if shape else 1
+    return b.reshape(-1, last) if b.size else b.reshape(0, last)
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean",
+                                     pos_weight=None, *, return_grad=False, grad_output=None,
+                                     backend="auto", n_threads=None):
+    """Binary cross-entropy on logits, as ``torch.nn.functional.binary_cross_entropy_with_logits``.
+
+    ``loss = w * ((1 - y) x + (1 + (pw - 1) y) softplus(-x))`` elementwise, computed
+    stably for any ``x``. ``weight`` and ``pos_weight`` broadcast against the input
+    (``pos_weight`` usually of shape (C,) for the last dimension). 'mean' divides by the
+    number of elements. Returns the loss, and the gradient with ``return_grad=True``.
+    """
+    x = V.float_input(input)
+    reduction = V.check_reduction(reduction)
+    threads = V.n_threads(n_threads)
+    kernels = get_backend(backend)
+    t = V._to_numpy(target)
+    if t.shape != x.shape:
+        raise ValueError(f"Target size ({t.shape}) must be the same as input size ({x.shape})")
+    if t.dtype.kind != "f":
+        raise TypeError(
+            f"target must be floating point (probabilities in [0, 1]), got dtype {t.dtype}; "
+            "cast it, e.g. target.astype(input.dtype)"
+        )
+    out_dtype = x.dtype
+    dtype = V.compute_dtype(x.dtype)
+    shape = x.shape
+    last = shape[-1] if shape else 1
+    x2 = np.ascontiguousarray(x, dtype=dtype).reshape(-1, last)
+    t2 = np.ascontiguousarray(t, dtype=dtype).reshape(-1, last)
+    w2 = _broadcast_2d(1.0 if weight is None else weight, shape, "weight")
+    pw2 = _broadcast_2d(1.0 if pos_weight is None else pos_weight, shape, "pos_weight")
+    loss_out = np.empty(x2.shape, dtype=np.float64)
+    denominator = np.float64(x.size)
+    if return_grad:
+        g = V.grad_output_array(grad_output, reduction, shape)
+        scale = _grad_scale(g, reduction, denominator, x2.shape)
+        grad = np.empty(shape, dtype=dtype)
+        grad2 = grad.reshape(x2.shape)
+    else:
+        scale = np.broadcast_to(np.float64(0.0), x2.shape)
+        grad, grad2 = None, _NO_GRAD[dtype].reshape(0, 0)
+    kernels.bce_logits(x2, t2, w2, pw2, scale, loss_out, grad2, threads)
+    loss = _reduce_loss(loss_out, reduction, denominator, shape, out_dtype)
+    if not return_grad:
+        return loss
+    return loss, grad.astype(out_dtype, copy=False)
+
+
+def _softmax_input(x, axis):
+    x = V._to_numpy(x)
+    if x.dtype.kind in "biu":
+        x = x.astype(np.float64)
+    x = V.float_input(x, "x")
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension")
+    return x, V.normalize_axis(axis, x.ndim)
+
+
+def _softmax(x, axis, log, backend, n_threads):
+    x, axis = _softmax_input(x, axis)
+    dtype = V.compute_dtype(x.dtype)
+    x3, fortran = V.canonical(x, axis, dtype)
+    out, out3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
+    get_backend(backend).softmax(x3, log, out3, V.n_threads(n_threads))
+    return out.astype(x.dtype, copy=False)
+
+
+def log_softmax(x, axis=-1, *, backend="auto", n_threads=None):
+    """Log of the softmax along ``axis``, computed as ``x - logsumexp(x)`` (never ``log(softmax)``).
+
+    Integer input is computed in float64; float16 in float32 and returned as float16.
+    """
+    return _softmax(x, axis, True, backend, n_threads)
+
+
+def softmax(x, axis=-1, *, backend="auto", n_threads=None):
+    """Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``."""
+    return _softmax(x, axis, False, backend, n_threads)
+
+
+def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
+    """``log(sum(exp(x), axis))`` without overflow; the result drops ``axis``."""
+    x, axis = _softmax_input(x, axis)
+    dtype = V.compute_dtype(x.dtype)
+    x3, _ = V.canonical(x, axis, dtype)
+    out = np.empty((x3.shape[0], x3.shape[2]), dtype=np.float64)
+    get_backend(backend).logsumexp(x3, out, V.n_threads(n_threads))
+    return out.reshape(x.shape[:axis] + x.shape[axis + 1:]).astype(x.dtype)
+
+
+def perplexity(input, target, ignore_index=-100, *, weight=None, backend="auto", n_threads=None):
+    """Perplexity ``exp(mean cross-entropy)`` of class-index targets, as a Python float.
+
+    Ignored targets are excluded from the mean (as language-model padding is).
+    """
+    loss = cross_entropy(input, target, weight=weight, ignore_index=ignore_index,
+                         reduction="mean", backend=backend, n_threads=n_threads)
+    return float(np.exp(np.float64(loss)))

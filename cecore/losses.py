@@ -1,0 +1,98 @@
+"""Loss classes with ``torch.nn`` constructors: ``CrossEntropyLoss``, ``NLLLoss``, ``BCEWithLogitsLoss``.
+
+Calling an instance returns the loss; :meth:`loss_and_grad` returns ``(loss, grad)`` from
+the same fused pass. Options are stored as given and passed to :mod:`cecore.functional`.
+"""
+
+from . import functional as F
+
+
+def _legacy_reduction(size_average, reduce, reduction):
+    # torch's deprecated size_average/reduce flags, when given, override `reduction`.
+    if size_average is None and reduce is None:
+        return reduction
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if not reduce:
+        return "none"
+    return "mean" if size_average else "sum"
+
+
+class _Loss:
+    _function = None
+    _options = ()
+
+    def __call__(self, input, target):
+        return self.forward(input, target)
+
+    def forward(self, input, target):
+        """The loss of ``input`` against ``target``."""
+        return type(self)._function(input, target, **self._kwargs())
+
+    def loss_and_grad(self, input, target, grad_output=None):
+        """``(loss, grad)``: the loss and d(sum(grad_output * loss))/d input."""
+        return type(self)._function(input, target, return_grad=True,
+                                    grad_output=grad_output, **self._kwargs())
+
+    def _kwargs(self):
+        kwargs = {name: getattr(self, name) for name in self._options}
+        kwargs.update(backend=self.backend, n_threads=self.n_threads)
+        return kwargs
+
+    def __repr__(self):
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._options)
+        return f"{type(self).__name__}({args})"
+
+
+class CrossEntropyLoss(_Loss):
+    """Softmax cross-entropy criterion; see :func:`cecore.cross_entropy` for the options.
+
+    Examples
+    --------
+    >>> import numpy as np, cecore
+    >>> criterion = cecore.CrossEntropyLoss()
+    >>> float(criterion(np.array([[1.0, 2.0, 0.5], [0.5, 1.5, 2.5]]), np.array([1, 2])))  # doctest: +ELLIPSIS
+    0.5514...
+    """
+
+    _function = staticmethod(F.cross_entropy)
+    _options = ("weight", "ignore_index", "reduction", "label_smoothing")
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                 reduction="mean", label_smoothing=0.0, *, backend="auto", n_threads=None):
+        self.weight = weight
+        self.ignore_index = ignore_index
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.label_smoothing = label_smoothing
+        self.backend = backend
+        self.n_threads = n_threads
+
+
+class NLLLoss(_Loss):
+    """Negative log-likelihood criterion on log-probabilities; see :func:`cecore.nll_loss`."""
+
+    _function = staticmethod(F.nll_loss)
+    _options = ("weight", "ignore_index", "reduction")
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                 reduction="mean", *, backend="auto", n_threads=None):
+        self.weight = weight
+        self.ignore_index = ignore_index
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.backend = backend
+        self.n_threads = n_threads
+
+
+class BCEWithLogitsLoss(_Loss):
+    """Binary cross-entropy on logits; see :func:`cecore.binary_cross_entropy_with_logits`."""
+
+    _function = staticmethod(F.binary_cross_entropy_with_logits)
+    _options = ("weight", "reduction", "pos_weight")
+
+    def __init__(self, weight=None, size_average=None, reduce=None, reduction="mean",
+                 pos_weight=None, *, backend="auto", n_threads=None):
+        self.weight = weight
+        self.reduction = _legacy_reduction(size_average, reduce, reduction)
+        self.pos_weight = pos_weight
+        self.backend = backend
+        self.n_threads = n_threads
