@@ -9,12 +9,10 @@ AUTO_ORDER = ("cython", "numba")
 # thread counts and of how a stream is chunked (chunks are multiples of this).
 REDUCE_BLOCK = 8192
 
-# Below this many classes, 2-D inputs use the "across rows" kernels (rows are too short
-# to fill a vector register).
+# Up to this many classes, 2-D class-index inputs use the "across rows" kernels: rows
+# that short do not fill a vector register, so blocks of rows are transposed and the
+# loops run across rows.
 SMALL_C = 32
-
-# Rows per block in the across-rows kernels: the block's logits and gradient stay in L1.
-ROW_BLOCK = 64
 
 _forked_child = False
 

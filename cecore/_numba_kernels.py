@@ -13,7 +13,9 @@ only dtype-specific code is the exp polynomial, picked by an ``@overload`` at co
   each row is read from memory once and stays in cache between the passes.
 * K-dim inputs (``S > 1``) go tile by tile (``_*_tiles``): a tile is ``TILE`` positions
   of one sample; every inner loop runs along the contiguous position axis, so it
-  vectorises although the class axis is strided (no transposed copy).
+  vectorises although the class axis is strided (no transposed copy). 2-D inputs with
+  at most ``SMALL_C`` classes (rows shorter than a vector) use the same tile code on
+  blocks of TILE rows transposed into an O(C * TILE) scratch tile.
 * Each kernel is compiled twice from one source: ``parallel=True`` for n_threads > 1 and
   serial for n_threads == 1 (and in forked children, where OpenMP pools are unsafe).
 """
@@ -32,27 +34,43 @@ from . import _config
 # follow IEEE rules to give torch's answers.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 TILE = 256
+# Terms summed in the input's precision before a float64 add (see _row_sumexp).
+SUM_BLOCK = 256
+
+
+def _bitcast_codegen(llty):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llty)
+    return codegen
 
 
 @intrinsic
 def _bits_to_float(typingctx, bits):
     """Reinterpret int32 bits as float32 / int64 bits as float64 (an LLVM bitcast)."""
     if bits == types.int32:
-        sig, llty = types.float32(types.int32), ir.FloatType()
-    elif bits == types.int64:
-        sig, llty = types.float64(types.int64), ir.DoubleType()
-    else:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llty)
-
-    return sig, codegen
+        return types.float32(types.int32), _bitcast_codegen(ir.FloatType())
+    if bits == types.int64:
+        return types.float64(types.int64), _bitcast_codegen(ir.DoubleType())
+    return None
 
 
-# float32: Cody-Waite split of ln 2 and a degree-6 minimax polynomial (max rel. error
-# ~1.2e-7 on [-ln2/2, ln2/2]); results below exp(-87) are flushed to 0.
-_F32_MIN_X = np.float32(-87.0)
+@intrinsic
+def _float_to_bits(typingctx, value):
+    """Reinterpret float32 as int32 / float64 as int64 (an LLVM bitcast)."""
+    if value == types.float32:
+        return types.int32(types.float32), _bitcast_codegen(ir.IntType(32))
+    if value == types.float64:
+        return types.int64(types.float64), _bitcast_codegen(ir.IntType(64))
+    return None
+
+
+# exp(x) = 2**k * P(r), k = round(x / ln 2), r = x - k ln 2 (Cody-Waite split of ln 2).
+# Inputs are x - max, so <= 0: x is clamped from below so that r stays finite, and a k
+# below the smallest normal exponent gives 2**k = 0 (a flush to zero). NaN propagates
+# through r and P; no "nnan" fast-math flag may touch these functions.
+#
+# float32: degree-6 polynomial (max rel. error ~1.2e-7); exp(x < -87.3) flushes to 0.
+_F32_MIN_X = np.float32(-88.0)
 _F32_LOG2E = np.float32(1.44269504088896341)
 _F32_LN2_HI = np.float32(0.693359375)
 _F32_LN2_LO = np.float32(-2.12194440e-4)
@@ -64,42 +82,48 @@ _F32_P = tuple(
 _F32_HALF = np.float32(0.5)
 _F32_ONE = np.float32(1.0)
 _F32_ZERO = np.float32(0.0)
+_F32_BIAS = np.float32(127.0)
+_F32_MANTISSA_SCALE = np.float32(2.0**23)
 
 
 def _exp_nonpos_f32(x):
     p0, p1, p2, p3, p4, p5 = _F32_P
-    clamped = _F32_MIN_X if x < _F32_MIN_X else x
-    # The exponent is computed from a NaN-free copy: converting NaN to int is undefined.
-    finite = clamped if clamped == clamped else _F32_ZERO
-    k = np.floor(finite * _F32_LOG2E + _F32_HALF)
-    r = clamped - k * _F32_LN2_HI - k * _F32_LN2_LO
+    x = _F32_MIN_X if x < _F32_MIN_X else x
+    k = np.floor(x * _F32_LOG2E + _F32_HALF)
+    r = x - k * _F32_LN2_HI - k * _F32_LN2_LO
     p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
     p = p * r * r + r + _F32_ONE
-    scale = _bits_to_float(np.int32((np.int32(k) + 127) << 23))
-    return _F32_ZERO if x < _F32_MIN_X else p * scale
+    biased = k + _F32_BIAS
+    biased = biased if biased > _F32_ZERO else _F32_ZERO
+    # 2**k from its exponent bits, biased << 23, formed by an exact float product because
+    # Numba widens int32 arithmetic to int64, which would halve the vector width.
+    return p * _bits_to_float(np.int32(biased * _F32_MANTISSA_SCALE))
 
 
-# float64: the same scheme with a degree-13 Taylor polynomial (truncation < 1e-17 on
-# [-ln2/2, ln2/2]); results below exp(-708) are flushed to 0.
-_F64_MIN_X = -708.0
+# float64: degree-13 Taylor polynomial (truncation < 1e-17); exp(x < -708.4) flushes to 0.
+_F64_MIN_X = -709.0
 _F64_LOG2E = 1.4426950408889634
 _F64_LN2_HI = 6.93145751953125e-1
 _F64_LN2_LO = 1.42860682030941723212e-6
 _F64_INV_FACT = tuple(1.0 / float(np.prod(np.arange(1, k + 1))) for k in range(13, 1, -1))
+_F64_MAGIC = 2.0**52
 
 
 def _exp_nonpos_f64(x):
-    clamped = _F64_MIN_X if x < _F64_MIN_X else x
-    finite = clamped if clamped == clamped else 0.0
-    k = np.floor(finite * _F64_LOG2E + 0.5)
-    r = clamped - k * _F64_LN2_HI - k * _F64_LN2_LO
     c13, c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2 = _F64_INV_FACT
+    x = _F64_MIN_X if x < _F64_MIN_X else x
+    k = np.floor(x * _F64_LOG2E + 0.5)
+    r = x - k * _F64_LN2_HI - k * _F64_LN2_LO
     p = c13 * r + c12
     p = ((((((((((p * r + c11) * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r
               + c5) * r + c4) * r + c3) * r + c2) * r
     p = p * r + r + 1.0
-    scale = _bits_to_float((np.int64(k) + np.int64(1023)) << np.int64(52))
-    return 0.0 if x < _F64_MIN_X else p * scale
+    biased = k + 1023.0
+    biased = biased if biased > 0.0 else 0.0
+    # Adding 2**52 puts the integer `biased` in the low mantissa bits; shifting left by 52
+    # moves it to the exponent field. Vectorises without a float->int64 conversion,
+    # which AVX2 lacks.
+    return p * _bits_to_float(_float_to_bits(biased + _F64_MAGIC) << 52)
 
 
 def _exp_nonpos(x):
@@ -107,12 +131,56 @@ def _exp_nonpos(x):
     raise NotImplementedError  # only callable from jitted code
 
 
-@overload(_exp_nonpos, fastmath=_FASTMATH)
+# The exp functions are compiled on their own, without "reassoc": inlined into a caller
+# they would take its flags, and reassociation lets LLVM fold x - k*LN2_HI - k*LN2_LO into
+# x - k*LN2, undoing the exact range reduction (seen: 100 ulp errors in float64). LLVM
+# still inlines them, keeping each instruction's own flags, and vectorises the caller.
+_exp_nonpos_jit = {
+    types.float32: njit(fastmath={"contract", "nsz", "arcp"}, cache=True)(_exp_nonpos_f32),
+    types.float64: njit(fastmath={"contract", "nsz", "arcp"}, cache=True)(_exp_nonpos_f64),
+}
+
+
+@overload(_exp_nonpos)
 def _ol_exp_nonpos(x):
-    if x == types.float32:
-        return _exp_nonpos_f32
-    if x == types.float64:
-        return _exp_nonpos_f64
+    if x in _exp_nonpos_jit:
+        exp = _exp_nonpos_jit[x]
+        return lambda x: exp(x)
+    return None
+
+
+def _row_max(x):
+    """Largest element of the 1-D array ``x`` (a positive NaN wins; see below)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_row_max)
+def _ol_row_max(x):
+    # Numba's LLVM does not vectorise float max reductions, but integer ones it does.
+    # Flipping the magnitude bits of negative floats makes signed-integer order equal
+    # float order (an involution), so the max is taken on those integer keys. NaNs need
+    # no care here: any NaN, +inf, or an all -inf row makes the exp pass produce NaN.
+    # int32 arithmetic is re-narrowed at each step: Numba widens it to int64.
+    if x.dtype == types.float32:
+        def impl(x):
+            b = _float_to_bits(x[0])
+            m = np.int32(b ^ np.int32(np.int32(b >> 31) & np.int32(0x7FFFFFFF)))
+            for c in range(1, x.shape[0]):
+                b = _float_to_bits(x[c])
+                key = np.int32(b ^ np.int32(np.int32(b >> 31) & np.int32(0x7FFFFFFF)))
+                m = key if key > m else m
+            return _bits_to_float(np.int32(m ^ np.int32(np.int32(m >> 31) & np.int32(0x7FFFFFFF))))
+        return impl
+    if x.dtype == types.float64:
+        def impl(x):
+            b = _float_to_bits(x[0])
+            m = b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
+            for c in range(1, x.shape[0]):
+                b = _float_to_bits(x[c])
+                key = b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
+                m = key if key > m else m
+            return _bits_to_float(m ^ ((m >> 63) & 0x7FFFFFFFFFFFFFFF))
+        return impl
     return None
 
 
@@ -140,26 +208,31 @@ _helper = njit(fastmath=_FASTMATH, cache=True)
 
 # --------------------------------------------------------------------------- row passes
 @_helper
-def _row_max(x):
-    m = x[0]
-    for c in range(1, x.shape[0]):
-        v = x[c]
-        m = v if v > m else m
-    return m
-
-
-@_helper
 def _row_sumexp(x, m, e_out, store):
-    """sum_c exp(x[c] - m) in float64; also writes exp(x[c] - m) to e_out when store."""
+    """sum_c exp(x[c] - m), also writing exp(x[c] - m) to ``e_out`` when ``store``.
+
+    Blocks of SUM_BLOCK terms are summed in the input's precision (so the exp loop keeps
+    its full vector width) and the block sums are accumulated in float64.
+    """
+    n = x.shape[0]
+    n_full = n - n % SUM_BLOCK
     s = 0.0
-    if store:
-        for c in range(x.shape[0]):
-            e = _exp_nonpos(x[c] - m)
+    for start in range(0, n_full, SUM_BLOCK):
+        block = x[start] * 0  # zero of the input's type
+        if store:
+            for c in range(start, start + SUM_BLOCK):
+                e = _exp_nonpos(x[c] - m)
+                e_out[c] = e
+                block += e
+        else:
+            for c in range(start, start + SUM_BLOCK):
+                block += _exp_nonpos(x[c] - m)
+        s += block
+    for c in range(n_full, n):
+        e = _exp_nonpos(x[c] - m)
+        if store:
             e_out[c] = e
-            s += e
-    else:
-        for c in range(x.shape[0]):
-            s += _exp_nonpos(x[c] - m)
+        s += e
     return s
 
 
@@ -207,78 +280,120 @@ def _index_rows(x, target, weight, ignore_index, eps, grad_scale, loss_out, grad
             g[t] -= _cast_like(gs * (1.0 - eps) * w_t, m)
 
 
+@_helper
+def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_buf):
+    """Per position j < width of a tile: m[j] = max_c x[base + c*stride + j] and
+    s[j] = sum_c exp(x[...] - m[j]) (float64), storing the exps in ``e_out`` (same
+    indexing as ``x``) when ``store``, else in the scratch row ``e_buf``. Inner loops
+    run along j: contiguous, vectorised."""
+    for j in range(width):
+        m[j] = x[base + j]
+        s[j] = 0.0
+    for c in range(1, n_classes):
+        off = base + c * stride
+        for j in range(width):
+            v = x[off + j]
+            m[j] = v if v > m[j] else m[j]
+    # exp and the float64 accumulation are separate loops: fused, the float64 adds would
+    # set the vector width and halve the float32 exp's throughput.
+    for c in range(n_classes):
+        off = base + c * stride
+        if store:
+            for j in range(width):
+                e_out[off + j] = _exp_nonpos(x[off + j] - m[j])
+            for j in range(width):
+                s[j] += e_out[off + j]
+        else:
+            for j in range(width):
+                e_buf[j] = _exp_nonpos(x[off + j] - m[j])
+            for j in range(width):
+                s[j] += e_buf[j]
+
+
+@_helper
+def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
+                ignore_index, eps, grad_scale, loss_out, g, want_grad, m, s, coef, shift):
+    """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions."""
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef)
+    smooth = eps / n_classes
+    for j in range(width):
+        t = target[pos0 + j]
+        if t == ignore_index:
+            loss_out[pos0 + j] = 0.0
+            coef[j] = 0
+            shift[j] = 0
+            continue
+        lse = np.float64(m[j]) + np.log(s[j])
+        w_t = weight[t]
+        loss = (1.0 - eps) * w_t * (lse - x[base + t * stride + j])
+        if eps > 0.0:
+            swx = 0.0
+            for c in range(n_classes):
+                swx += weight[c] * x[base + c * stride + j]
+            loss += smooth * (w_total * lse - swx)
+        loss_out[pos0 + j] = loss
+        gs = grad_scale[pos0 + j]
+        coef[j] = _cast_like(gs * ((1.0 - eps) * w_t + smooth * w_total) / s[j], m[0])
+        shift[j] = _cast_like(gs * smooth, m[0])
+    if not want_grad:
+        return
+    for c in range(n_classes):
+        off = base + c * stride
+        if eps > 0.0:
+            w_c = _cast_like(weight[c], m[0])
+            for j in range(width):
+                g[off + j] = g[off + j] * coef[j] - shift[j] * w_c
+        else:
+            for j in range(width):
+                g[off + j] = g[off + j] * coef[j]
+    for j in range(width):
+        t = target[pos0 + j]
+        if t != ignore_index:
+            g[base + t * stride + j] -= _cast_like(
+                grad_scale[pos0 + j] * (1.0 - eps) * weight[t], m[0])
+
+
 def _index_tiles(x, target, weight, ignore_index, eps, grad_scale, loss_out, grad_out,
                  n_samples, n_classes, n_pos):
-    """Tiled kernel on the flat (N, C, S) arrays; tiles run along S."""
+    """Tiled kernel on flat arrays.
+
+    ``n_pos > 1``: x is the flat (N, C, S) array and tiles run along S in place.
+    ``n_pos == 1``: x is a flat (N, C) array with few classes; each block of TILE rows
+    is transposed into a (C, TILE) scratch tile (and its gradient back), so that the
+    loops still run along positions instead of along rows shorter than a vector.
+    """
     want_grad = grad_out.shape[0] != 0
     w_total = weight.sum()
-    smooth = eps / n_classes
+    transpose = n_pos == 1
     tiles_per_sample = (n_pos + TILE - 1) // TILE
-    for tile in prange(n_samples * tiles_per_sample):
-        n = tile // tiles_per_sample
-        s0 = (tile % tiles_per_sample) * TILE
-        width = min(TILE, n_pos - s0)
-        base, pos0 = n * n_classes * n_pos + s0, n * n_pos + s0
+    n_tiles = (n_samples + TILE - 1) // TILE if transpose else n_samples * tiles_per_sample
+    for tile in prange(n_tiles):
         m = np.empty(TILE, dtype=x.dtype)
-        s = np.zeros(TILE, dtype=np.float64)
-        for j in range(width):
-            m[j] = x[base + j]
-        for c in range(1, n_classes):
-            off = base + c * n_pos
-            for j in range(width):
-                v = x[off + j]
-                m[j] = v if v > m[j] else m[j]
-        # The gradient is built in place of the exp values.
-        for c in range(n_classes):
-            off = base + c * n_pos
-            if want_grad:
-                for j in range(width):
-                    e = _exp_nonpos(x[off + j] - m[j])
-                    grad_out[off + j] = e
-                    s[j] += e
-            else:
-                for j in range(width):
-                    s[j] += _exp_nonpos(x[off + j] - m[j])
-        swx = np.zeros(TILE, dtype=np.float64)
-        if eps > 0.0:
-            for c in range(n_classes):
-                off = base + c * n_pos
-                for j in range(width):
-                    swx[j] += weight[c] * x[off + j]
+        s = np.empty(TILE, dtype=np.float64)
         coef = np.empty(TILE, dtype=x.dtype)
         shift = np.empty(TILE, dtype=x.dtype)
-        for j in range(width):
-            t = target[pos0 + j]
-            if t == ignore_index:
-                loss_out[pos0 + j] = 0.0
-                coef[j] = 0
-                shift[j] = 0
-                continue
-            lse = np.float64(m[j]) + np.log(s[j])
-            w_t = weight[t]
-            loss = (1.0 - eps) * w_t * (lse - x[base + t * n_pos + j])
-            if eps > 0.0:
-                loss += smooth * (w_total * lse - swx[j])
-            loss_out[pos0 + j] = loss
-            gs = grad_scale[pos0 + j]
-            coef[j] = _cast_like(gs * ((1.0 - eps) * w_t + smooth * w_total) / s[j], m[0])
-            shift[j] = _cast_like(gs * smooth, m[0])
-        if not want_grad:
-            continue
-        for c in range(n_classes):
-            off = base + c * n_pos
-            w_c = _cast_like(weight[c], m[0])
-            if eps > 0.0:
+        if transpose:
+            r0 = tile * TILE
+            width = min(TILE, n_samples - r0)
+            xt = np.empty(n_classes * TILE, dtype=x.dtype)
+            gt = np.empty(n_classes * TILE if want_grad else 0, dtype=x.dtype)
+            for c in range(n_classes):
                 for j in range(width):
-                    grad_out[off + j] = grad_out[off + j] * coef[j] - shift[j] * w_c
-            else:
-                for j in range(width):
-                    grad_out[off + j] = grad_out[off + j] * coef[j]
-        for j in range(width):
-            t = target[pos0 + j]
-            if t != ignore_index:
-                grad_out[base + t * n_pos + j] -= _cast_like(
-                    grad_scale[pos0 + j] * (1.0 - eps) * weight[t], m[0])
+                    xt[c * TILE + j] = x[(r0 + j) * n_classes + c]
+            _index_tile(xt, 0, TILE, n_classes, width, target, r0, weight, w_total,
+                        ignore_index, eps, grad_scale, loss_out, gt, want_grad,
+                        m, s, coef, shift)
+            if want_grad:
+                for c in range(n_classes):
+                    for j in range(width):
+                        grad_out[(r0 + j) * n_classes + c] = gt[c * TILE + j]
+        else:
+            n = tile // tiles_per_sample
+            s0 = (tile % tiles_per_sample) * TILE
+            width = min(TILE, n_pos - s0)
+            _index_tile(x, n * n_classes * n_pos + s0, n_pos, n_classes, width, target,
+                        n * n_pos + s0, weight, w_total, ignore_index, eps, grad_scale,
+                        loss_out, grad_out, want_grad, m, s, coef, shift)
 
 
 # --------------------------------------------------------- class-probability targets
@@ -319,23 +434,14 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out,
         width = min(TILE, n_pos - s0)
         base, pos0 = n * n_classes * n_pos + s0, n * n_pos + s0
         m = np.empty(TILE, dtype=x.dtype)
-        s = np.zeros(TILE, dtype=np.float64)
+        s = np.empty(TILE, dtype=np.float64)
+        _tile_max_sumexp(x, base, n_pos, n_classes, width, m, s, grad_out, want_grad,
+                         np.empty(TILE, dtype=x.dtype))
         wq = np.zeros(TILE, dtype=np.float64)
         wqx = np.zeros(TILE, dtype=np.float64)
-        for j in range(width):
-            m[j] = x[base + j]
-        for c in range(1, n_classes):
-            off = base + c * n_pos
-            for j in range(width):
-                v = x[off + j]
-                m[j] = v if v > m[j] else m[j]
         for c in range(n_classes):
             off = base + c * n_pos
             for j in range(width):
-                e = _exp_nonpos(x[off + j] - m[j])
-                if want_grad:
-                    grad_out[off + j] = e
-                s[j] += e
                 qc = weight[c] * ((1.0 - eps) * target[off + j] + smooth)
                 wq[j] += qc
                 wqx[j] += qc * x[off + j]
@@ -379,22 +485,9 @@ def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos):
         width = min(TILE, n_pos - s0)
         base = n * n_classes * n_pos + s0
         m = np.empty(TILE, dtype=x.dtype)
-        s = np.zeros(TILE, dtype=np.float64)
-        for j in range(width):
-            m[j] = x[base + j]
-        for c in range(1, n_classes):
-            off = base + c * n_pos
-            for j in range(width):
-                v = x[off + j]
-                m[j] = v if v > m[j] else m[j]
-        for c in range(n_classes):
-            off = base + c * n_pos
-            for j in range(width):
-                e = _exp_nonpos(x[off + j] - m[j])
-                if not log:
-                    out[off + j] = e
-                s[j] += e
+        s = np.empty(TILE, dtype=np.float64)
         shift = np.empty(TILE, dtype=x.dtype)
+        _tile_max_sumexp(x, base, n_pos, n_classes, width, m, s, out, not log, shift)
         for j in range(width):
             shift[j] = np.float64(m[j]) + np.log(s[j]) if log else 1.0 / s[j]
         for c in range(n_classes):
@@ -411,7 +504,11 @@ def _logsumexp_rows(x, out):
     dummy = x[0, 0:0]
     for i in prange(x.shape[0]):
         m = _row_max(x[i])
-        out[i] = np.float64(m) + np.log(_row_sumexp(x[i], m, dummy, False))
+        # An infinite max is the answer itself (as torch and scipy give), not inf - inf.
+        if np.isinf(m):
+            out[i] = m
+        else:
+            out[i] = np.float64(m) + np.log(_row_sumexp(x[i], m, dummy, False))
 
 
 def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos):
@@ -420,22 +517,13 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos):
         n = tile // tiles_per_sample
         s0 = (tile % tiles_per_sample) * TILE
         width = min(TILE, n_pos - s0)
-        base = n * n_classes * n_pos + s0
         m = np.empty(TILE, dtype=x.dtype)
-        s = np.zeros(TILE, dtype=np.float64)
+        s = np.empty(TILE, dtype=np.float64)
+        _tile_max_sumexp(x, n * n_classes * n_pos + s0, n_pos, n_classes, width, m, s,
+                         x[0:0], False, np.empty(TILE, dtype=x.dtype))
         for j in range(width):
-            m[j] = x[base + j]
-        for c in range(1, n_classes):
-            off = base + c * n_pos
-            for j in range(width):
-                v = x[off + j]
-                m[j] = v if v > m[j] else m[j]
-        for c in range(n_classes):
-            off = base + c * n_pos
-            for j in range(width):
-                s[j] += _exp_nonpos(x[off + j] - m[j])
-        for j in range(width):
-            out[n * n_pos + s0 + j] = np.float64(m[j]) + np.log(s[j])
+            inf = np.isinf(m[j])  # an infinite max is the answer itself
+            out[n * n_pos + s0 + j] = m[j] if inf else np.float64(m[j]) + np.log(s[j])
 
 
 # ------------------------------------------------------------------ binary (sigmoid)
@@ -509,7 +597,7 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
                      loss_out, grad_out, n_threads):
     n, c, s = logits.shape
     empty = _no_grad(grad_out)
-    if s == 1:
+    if s == 1 and c > _config.SMALL_C:
         _run("index_rows", n_threads, logits.reshape(n, c), target.reshape(n), weight,
              int(ignore_index), float(label_smoothing), _flat(grad_scale),
              loss_out.reshape(n), grad_out.reshape(0, 0) if empty else grad_out.reshape(n, c))
