@@ -1,0 +1,116 @@
+"""Streamed scoring of a 4 GB float32 .npy: peak RSS and throughput against in-memory scoring.
+
+1. Writes a (20480, 50257) float32 file of logits (4.1 GB) and its targets under /tmp.
+2. Scores it with ``cecore score`` in fresh processes, ``--memory-budget 512MB``, three
+   times with the top-1 accuracy and three without (the first run also warms the page
+   cache); reports the children's peak RSS (/proc VmHWM) and the streamed throughput.
+3. Times ``cecore.cross_entropy(x, t)`` (loss only) on a slice of the same array that fits
+   in memory, and prints streamed / in-memory throughput (medians).
+Deletes the files at the end. Usage: ``python benchmarks/bench_batch.py [--rows N]``.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import GB, machine_info, median_time, save_json  # noqa: E402
+
+import cecore  # noqa: E402
+
+
+def write_logits(path, n_rows, n_classes, slab=512):
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_rows, n_classes))
+    rng = np.random.default_rng(0)
+    for start in range(0, n_rows, slab):
+        stop = min(n_rows, start + slab)
+        x[start:stop] = rng.standard_normal((stop - start, n_classes), dtype=np.float32)
+    x.flush()
+    del x
+
+
+_CHILD = """
+import json, sys
+from cecore.cli import main
+code = main(sys.argv[1:])
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM"):
+        print(int(line.split()[1]) * 1024, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def score_subprocess(x_path, t_path, budget, backend, extra=()):
+    """Run ``cecore score`` in a fresh process; return (result, the process's peak RSS).
+
+    The peak comes from the child's own /proc VmHWM: ``getrusage(RUSAGE_CHILDREN)`` would
+    also count this process's high-water mark, which Linux carries across fork + exec.
+    """
+    cmd = [sys.executable, "-c", _CHILD, "score", x_path, t_path, "--json", "--quiet",
+           "--memory-budget", budget, "--backend", backend, *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout), int(out.stderr.split()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20480)
+    parser.add_argument("--classes", type=int, default=50257)
+    parser.add_argument("--budget", default="512MB")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--slice-rows", type=int, default=4096)
+    args = parser.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="cecore_bench_batch_", dir="/tmp")
+    x_path, t_path = os.path.join(tmp, "logits.npy"), os.path.join(tmp, "target.npy")
+    try:
+        write_logits(x_path, args.rows, args.classes)
+        t = np.random.default_rng(1).integers(0, args.classes, args.rows)
+        np.save(t_path, t)
+        size = os.path.getsize(x_path)
+        print(f"file: {x_path} {args.rows} x {args.classes} float32 = {size / GB:.2f} GB")
+
+        runs = [score_subprocess(x_path, t_path, args.budget, args.backend) for _ in range(3)]
+        bare = [score_subprocess(x_path, t_path, args.budget, args.backend, ["--no-accuracy"])
+                for _ in range(3)]
+        streamed = [r[0]["gb_per_second"] for r in runs]
+        streamed_bare = [r[0]["gb_per_second"] for r in bare]
+        peak = max(r[1] for r in runs + bare)
+        result = runs[-1][0]
+
+        x_mem = np.load(x_path, mmap_mode="r")[: args.slice_rows].copy()
+        t_mem = t[: args.slice_rows]
+        seconds, _ = median_time(lambda: cecore.cross_entropy(x_mem, t_mem, backend=args.backend), 5)
+        in_memory = x_mem.nbytes / seconds / GB
+        median_streamed = float(np.median(streamed))
+        median_bare = float(np.median(streamed_bare))
+        ratio, ratio_bare = median_streamed / in_memory, median_bare / in_memory
+        print(f"in-memory cross_entropy (loss only) on {args.slice_rows} rows: {in_memory:.3f} GB/s")
+        print(f"streamed, loss + accuracy (budget {args.budget}): {median_streamed:.3f} GB/s "
+              f"(runs: {', '.join(f'{s:.3f}' for s in streamed)}); ratio {ratio:.2f}")
+        print(f"streamed, loss only (--no-accuracy): {median_bare:.3f} GB/s "
+              f"(runs: {', '.join(f'{s:.3f}' for s in streamed_bare)}); ratio {ratio_bare:.2f}")
+        print(f"peak RSS of the scoring process: {peak / 1e6:.0f} MB (file {size / 1e6:.0f} MB)")
+        print(f"mean loss {result['mean_loss']:.6f}")
+        path = save_json({
+            "machine": machine_info(), "rows": args.rows, "classes": args.classes,
+            "file_bytes": size, "memory_budget": args.budget, "backend": args.backend,
+            "streamed_gb_per_s": streamed, "in_memory_gb_per_s": in_memory,
+            "streamed_no_accuracy_gb_per_s": streamed_bare, "ratio": ratio,
+            "ratio_no_accuracy": ratio_bare, "peak_rss_bytes": peak, "chunk_rows": result["chunk_rows"],
+        }, "bench_batch.json")
+        print(f"saved {path}")
+    finally:
+        for p in (x_path, t_path):
+            if os.path.exists(p):
+                os.unlink(p)
+        os.rmdir(tmp)
+
+
+if __name__ == "__main__":
+    main()

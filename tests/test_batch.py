@@ -1,0 +1,263 @@
+"""cecore.batch.score: streamed scoring of arrays on disk.
+
+Oracles: cecore.cross_entropy on the whole array in memory (the streamed mean must equal it
+bit for bit, since both reduce in the same fixed blocks), torch (semantics), a naive NumPy
+argmax (accuracy), and the process's own peak RSS (memory bound).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+import cecore
+from cecore import _reduce, batch
+from cecore._config import REDUCE_BLOCK
+from oracle import assert_close, random_index_target, random_proba_target, torch_cross_entropy, torch_nll_loss
+
+# More rows than two reduction blocks, so that chunks straddle block boundaries.
+N_ROWS = 2 * REDUCE_BLOCK + 1234
+
+
+def _save(tmp_path, name, array):
+    path = tmp_path / name
+    np.save(path, array)
+    return str(path)
+
+
+def _logits(rng, n, c, dtype):
+    return (3 * rng.standard_normal((n, c))).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("options", [
+    {},
+    {"ignore_index": -100, "p_ignore": 0.2, "weight": True},
+    {"ignore_index": 3, "p_ignore": 0.1, "label_smoothing": 0.15, "weight": True},
+])
+@pytest.mark.parametrize("budget", ["300KB", "64MB"])
+def test_index_targets_equal_in_memory_bitwise(tmp_path, rng, backend, dtype, options, budget):
+    n_classes = 23
+    x = _logits(rng, N_ROWS, n_classes, dtype)
+    ignore_index = options.get("ignore_index", -100)
+    t = random_index_target(rng, N_ROWS, n_classes, ignore_index, options.get("p_ignore", 0.0))
+    w = rng.random(n_classes) + 0.2 if options.get("weight") else None
+    eps = options.get("label_smoothing", 0.0)
+    result = batch.score(_save(tmp_path, "x.npy", x), _save(tmp_path, "t.npy", t), weight=w,
+                         ignore_index=ignore_index, label_smoothing=eps, memory_budget=budget,
+                         backend=backend)
+    if budget == "300KB":
+        assert result.chunk_rows < REDUCE_BLOCK  # many chunks, none aligned to the blocks
+    expected = cecore.cross_entropy(x, t, weight=w, ignore_index=ignore_index,
+                                    label_smoothing=eps, backend=backend)
+    assert result.mean_loss == expected
+    assert np.float64(result.mean_loss).astype(dtype) == expected  # no precision beyond the dtype's
+    torch_loss, _ = torch_cross_entropy(x, t, weight=w, ignore_index=ignore_index, label_smoothing=eps)
+    assert_close(result.mean_loss, torch_loss, dtype)
+    keep = t != ignore_index
+    assert result.rows == N_ROWS
+    assert result.rows_ignored == N_ROWS - keep.sum()
+    assert result.rows_scored == keep.sum()
+    assert result.accuracy == np.mean(np.argmax(x, axis=1)[keep] == t[keep])
+    assert result.perplexity == np.exp(np.float64(expected))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_probability_targets_equal_in_memory_bitwise(tmp_path, rng, backend, dtype):
+    n_classes = 9
+    x = _logits(rng, N_ROWS, n_classes, dtype)
+    p = random_proba_target(rng, (N_ROWS, n_classes), np.float64)  # cast per chunk to x's dtype
+    w = rng.random(n_classes) + 0.5
+    result = batch.score(_save(tmp_path, "x.npy", x), _save(tmp_path, "p.npy", p), weight=w,
+                         label_smoothing=0.05, memory_budget="200KB", backend=backend)
+    expected = cecore.cross_entropy(x, p, weight=w, label_smoothing=0.05, backend=backend)
+    assert result.target_kind == "probabilities"
+    assert result.mean_loss == expected
+    assert_close(result.mean_loss, torch_cross_entropy(x, p, weight=w, label_smoothing=0.05)[0], dtype)
+    assert result.accuracy == np.mean(np.argmax(x, axis=1) == np.argmax(p, axis=1))
+
+
+def test_log_probs_and_probs_inputs(tmp_path, rng, backend):
+    n_classes = 17
+    x = _logits(rng, N_ROWS, n_classes, np.float64)
+    log_p = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    t = random_index_target(rng, N_ROWS, n_classes, p_ignore=0.1)
+    torch_nll, _ = torch_nll_loss(log_p, t)
+
+    r_log = batch.score(_save(tmp_path, "lp.npy", log_p), _save(tmp_path, "t.npy", t),
+                        input_kind="log_probs", memory_budget="500KB", backend=backend)
+    assert r_log.mean_loss == cecore.cross_entropy(log_p, t, backend=backend)
+    assert_close(r_log.mean_loss, torch_nll, np.float64)
+
+    probs = np.exp(log_p)
+    r_p = batch.score(_save(tmp_path, "p.npy", probs), str(tmp_path / "t.npy"),
+                      input_kind="probs", memory_budget="500KB", backend=backend)
+    assert r_p.mean_loss == cecore.cross_entropy(np.log(probs), t, backend=backend)
+    assert_close(r_p.mean_loss, torch_nll, np.float64)
+    assert r_p.accuracy == r_log.accuracy
+
+    probs[5, 2] = -0.1
+    with pytest.raises(ValueError, match="negative"):
+        batch.score(_save(tmp_path, "bad.npy", probs), str(tmp_path / "t.npy"), input_kind="probs")
+
+
+def test_float16_logits(tmp_path, rng, backend):
+    x = _logits(rng, 3000, 11, np.float16)
+    t = random_index_target(rng, 3000, 11)
+    r = batch.score(_save(tmp_path, "x.npy", x), _save(tmp_path, "t.npy", t), memory_budget="20KB",
+                    backend=backend)
+    expected = cecore.cross_entropy(x, t, backend=backend)
+    assert r.mean_loss == expected and r.dtype == "float32"
+
+
+def test_per_row_out_matches_reduction_none(tmp_path, rng):
+    x = _logits(rng, N_ROWS, 13, np.float32)
+    t = random_index_target(rng, N_ROWS, 13, p_ignore=0.1)
+    w = rng.random(13) + 0.3
+    out = tmp_path / "per_row.npy"
+    r = batch.score(_save(tmp_path, "x.npy", x), _save(tmp_path, "t.npy", t), weight=w,
+                    memory_budget="100KB", per_row_out=out)
+    per_row = np.load(out)
+    expected = cecore.cross_entropy(x, t, weight=w, reduction="none")
+    assert per_row.dtype == np.float32 and per_row.shape == (N_ROWS,)
+    assert np.array_equal(per_row, expected)
+    assert r.per_row_out == str(out)
+    assert sorted(os.listdir(tmp_path)) == ["per_row.npy", "t.npy", "x.npy"]  # no temp left
+
+
+def test_failure_leaves_no_per_row_file(tmp_path, rng):
+    x = _logits(rng, N_ROWS, 5, np.float32)
+    t = random_index_target(rng, N_ROWS, 5)
+    t[-1] = 7  # out of range, found only in the last chunk
+    out = tmp_path / "per_row.npy"
+    with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+        batch.score(_save(tmp_path, "x.npy", x), _save(tmp_path, "t.npy", t),
+                    memory_budget="100KB", per_row_out=out)
+    assert sorted(os.listdir(tmp_path)) == ["t.npy", "x.npy"]
+
+
+def test_npz_members_mapped_or_streamed(tmp_path, rng):
+    x = _logits(rng, N_ROWS, 7, np.float32)
+    t = random_index_target(rng, N_ROWS, 7, p_ignore=0.1).astype(np.int32)
+    expected = cecore.cross_entropy(x, t)
+    stored, packed = tmp_path / "stored.npz", tmp_path / "packed.npz"
+    np.savez(stored, logits=x, target=t)
+    np.savez_compressed(packed, logits=x, target=t)
+    src = batch.open_array(f"{stored}:logits")
+    assert isinstance(src, batch.MappedArray)  # uncompressed: memory-mapped in place
+    assert np.array_equal(src.rows(0, N_ROWS), x)
+    src.close()
+    assert isinstance(batch.open_array(f"{packed}:logits"), batch.StreamedArray)
+    for path in (stored, packed):
+        r = batch.score(f"{path}:logits", f"{path}:target", memory_budget="100KB")
+        assert r.mean_loss == expected
+    single = tmp_path / "single.npz"
+    np.savez(single, x)
+    assert isinstance(batch.open_array(single), batch.MappedArray)
+    with pytest.raises(ValueError, match="choose one"):
+        batch.open_array(stored)
+    with pytest.raises(ValueError, match="no array 'nope'"):
+        batch.open_array(f"{stored}:nope")
+
+
+def test_in_memory_and_memmap_inputs(tmp_path, rng):
+    x = _logits(rng, 5000, 6, np.float64)
+    t = random_index_target(rng, 5000, 6)
+    mm = np.load(_save(tmp_path, "x.npy", x), mmap_mode="r")
+    assert batch.score(mm, t, memory_budget="10KB").mean_loss == cecore.cross_entropy(x, t)
+    assert batch.score(np.asfortranarray(x), t.tolist(), memory_budget="10KB").mean_loss == \
+        cecore.cross_entropy(x, t)
+
+
+def test_block_sum_matches_fixed_sum_for_any_chunking(rng):
+    values = rng.standard_normal(5 * REDUCE_BLOCK + 77) * 10.0 ** rng.integers(-8, 8, 5 * REDUCE_BLOCK + 77)
+    expected = _reduce.fixed_sum(values)
+    for _ in range(5):
+        cuts = np.sort(rng.integers(0, values.size, rng.integers(1, 40)))
+        acc = batch.BlockSum()
+        for piece in np.split(values, cuts):
+            acc.add(piece)
+        assert acc.total() == expected
+    assert batch.BlockSum().total() == 0.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("512MB", 512 * 10**6), ("2GiB", 2 * 2**30), ("1.5G", 1_500_000_000), ("4096", 4096),
+    (100, 100), ("64 kib", 65536),
+])
+def test_parse_size(text, expected):
+    assert batch.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "12XB", "-5MB", "0", "MB", True])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="memory size"):
+        batch.parse_size(text)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, rng):
+    x = _logits(rng, 100, 4, np.float32)
+    xp, tp = _save(tmp_path, "x.npy", x), _save(tmp_path, "t.npy", np.zeros(100, np.int64))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        batch.score(str(tmp_path / "missing.npy"), tp)
+    with pytest.raises(ValueError, match="rows but target has"):
+        batch.score(xp, _save(tmp_path, "t99.npy", np.zeros(99, np.int64)))
+    with pytest.raises(TypeError, match="integers"):
+        batch.score(xp, _save(tmp_path, "tf.npy", np.zeros(100)))
+    with pytest.raises(TypeError, match="floating point"):
+        batch.score(_save(tmp_path, "xi.npy", np.zeros((100, 4), np.int32)), tp)
+    with pytest.raises(ValueError, match="shape"):
+        batch.score(_save(tmp_path, "x3.npy", np.zeros((10, 4, 2), np.float32)), tp)
+    with pytest.raises(ValueError, match="Fortran"):
+        batch.score(_save(tmp_path, "xf.npy", np.asfortranarray(x)), tp)
+    truncated = tmp_path / "trunc.npy"
+    truncated.write_bytes(open(xp, "rb").read()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        batch.score(str(truncated), tp)
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"this is not an array" * 10)
+    with pytest.raises(ValueError, match="not a valid .npy"):
+        batch.score(str(garbage), tp)
+    with pytest.raises(ValueError, match="input_kind"):
+        batch.score(xp, tp, input_kind="scores")
+    with pytest.raises(ValueError, match="weight"):
+        batch.score(xp, tp, weight=[1.0, 2.0])
+
+
+def test_peak_rss_stays_within_budget(tmp_path):
+    """Score a file 8x larger than the budget in a fresh process; its peak RSS grows by
+    about the budget, not the file size (the mapped pages are released chunk by chunk)."""
+    n_rows, n_classes, budget = 100_000, 1000, 50 * 10**6  # 400 MB of float32
+    x_path, t_path = tmp_path / "x.npy", tmp_path / "t.npy"
+    x = np.lib.format.open_memmap(x_path, mode="w+", dtype=np.float32, shape=(n_rows, n_classes))
+    for start in range(0, n_rows, 10_000):  # written in slices: the test itself stays small
+        x[start:start + 10_000] = np.random.default_rng(start).standard_normal((10_000, n_classes))
+    x.flush()
+    del x
+    np.save(t_path, np.random.default_rng(1).integers(0, n_classes, n_rows))
+    script = textwrap.dedent(f"""
+        import numpy as np, cecore
+        from cecore import batch
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+        batch.score(np.zeros((10, 5), np.float32), np.zeros(10, np.int64))  # JIT warm-up
+        before = hwm()
+        r = batch.score({str(x_path)!r}, {str(t_path)!r}, memory_budget={budget})
+        print(before, hwm(), r.rows)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    before, after, rows = map(int, out.stdout.split())
+    assert rows == n_rows
+    file_size = os.path.getsize(x_path)
+    assert file_size > 7 * budget
+    assert after - before < budget + 30 * 10**6, (before, after)  # slack: imports, thread stacks

@@ -1,0 +1,87 @@
+"""Dask scale-out: chunks scored on worker processes, partial sums combined exactly.
+
+Oracle: cecore.cross_entropy on the whole array in memory (the combined mean must equal it
+bit for bit) and a naive argmax for the accuracy. One LocalCluster (2 worker processes,
+loopback only) serves the module.
+"""
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+import cecore
+from cecore import _dask
+from cecore._config import REDUCE_BLOCK
+from cecore.cli import main
+from oracle import random_index_target, random_proba_target
+
+N_ROWS = 3 * REDUCE_BLOCK + 517
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster, Client(cluster) as c:
+        yield c
+
+
+def test_dask_array_index_targets_bitwise(client, rng):
+    n_classes = 31
+    x = (3 * rng.standard_normal((N_ROWS, n_classes))).astype(np.float32)
+    t = random_index_target(rng, N_ROWS, n_classes, p_ignore=0.15)
+    w = rng.random(n_classes) + 0.2
+    # chunks that are not multiples of the reduction block, and differ between x and t
+    xd = da.from_array(x, chunks=(5000, n_classes))
+    td = da.from_array(t, chunks=7001)
+    r = _dask.score_dask(xd, td, weight=w, label_smoothing=0.1, client=client)
+    assert r.chunk_rows % REDUCE_BLOCK == 0
+    assert r.mean_loss == cecore.cross_entropy(x, t, weight=w, label_smoothing=0.1)
+    keep = t != -100
+    assert r.rows_scored == keep.sum()
+    assert r.accuracy == np.mean(np.argmax(x, axis=1)[keep] == t[keep])
+    unweighted = _dask.score_dask(xd, td, client=client)
+    assert unweighted.mean_loss == cecore.cross_entropy(x, t)
+
+
+def test_dask_probability_targets_bitwise(client, rng):
+    x = rng.standard_normal((N_ROWS, 6))
+    p = random_proba_target(rng, (N_ROWS, 6))
+    r = _dask.score_dask(da.from_array(x, chunks=(9000, 6)), da.from_array(p, chunks=(9000, 6)),
+                         client=client)
+    assert r.mean_loss == cecore.cross_entropy(x, p)
+
+
+def test_cli_scheduler_address(client, rng, tmp_path, capsys):
+    x = (2 * rng.standard_normal((N_ROWS, 10))).astype(np.float32)
+    t = random_index_target(rng, N_ROWS, 10, p_ignore=0.05)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    # a small budget: several tasks, each memory-mapping its own rows on a worker
+    code = main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json",
+                 "--scheduler", client.scheduler.address, "--memory-budget", "400KB",
+                 "--weight", ",".join(["1", "2"] * 5)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    w = np.array([1.0, 2.0] * 5)
+    assert np.float32(json.loads(out)["mean_loss"]) == cecore.cross_entropy(x, t, weight=w)
+
+
+def test_cli_dask_local(rng, tmp_path, capsys):
+    x = rng.standard_normal((N_ROWS, 4))
+    t = random_index_target(rng, N_ROWS, 4)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    code = main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json", "--dask", "local"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["mean_loss"] == cecore.cross_entropy(x, t)
+
+
+def test_dask_rejects_compressed_npz(tmp_path, capsys):
+    np.savez_compressed(tmp_path / "d.npz", x=np.zeros((10, 3)), t=np.zeros(10, np.int64))
+    code = main(["score", f"{tmp_path}/d.npz:x", f"{tmp_path}/d.npz:t", "--dask", "local"])
+    _, err = capsys.readouterr()
+    assert code == 1 and "compressed .npz members cannot be read in parallel" in err
