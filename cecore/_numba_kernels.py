@@ -36,6 +36,8 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 TILE = 256
 # Terms summed in the input's precision before a float64 add (see _row_sumexp).
 SUM_BLOCK = 256
+# Rows per parallel task in the row kernels (amortises the loss-only scratch row).
+ROWS_PER_TASK = 16
 
 
 def _bitcast_codegen(llty):
@@ -208,30 +210,27 @@ _helper = njit(fastmath=_FASTMATH, cache=True)
 
 # --------------------------------------------------------------------------- row passes
 @_helper
-def _row_sumexp(x, m, e_out, store):
-    """sum_c exp(x[c] - m), also writing exp(x[c] - m) to ``e_out`` when ``store``.
+def _row_sumexp(x, m, e_out):
+    """sum_c exp(x[c] - m), writing exp(x[c] - m) to ``e_out``.
 
     Blocks of SUM_BLOCK terms are summed in the input's precision (so the exp loop keeps
-    its full vector width) and the block sums are accumulated in float64.
+    its full vector width) and the block sums are accumulated in float64. The exps are
+    always stored (to the gradient row, or to scratch for loss only): one loop shape
+    means one summation order, so loss-only and loss+gradient calls agree bitwise.
     """
     n = x.shape[0]
     n_full = n - n % SUM_BLOCK
     s = 0.0
     for start in range(0, n_full, SUM_BLOCK):
         block = x[start] * 0  # zero of the input's type
-        if store:
-            for c in range(start, start + SUM_BLOCK):
-                e = _exp_nonpos(x[c] - m)
-                e_out[c] = e
-                block += e
-        else:
-            for c in range(start, start + SUM_BLOCK):
-                block += _exp_nonpos(x[c] - m)
+        for c in range(start, start + SUM_BLOCK):
+            e = _exp_nonpos(x[c] - m)
+            e_out[c] = e
+            block += e
         s += block
     for c in range(n_full, n):
         e = _exp_nonpos(x[c] - m)
-        if store:
-            e_out[c] = e
+        e_out[c] = e
         s += e
     return s
 
@@ -250,24 +249,33 @@ def _index_rows(x, target, weight, ignore_index, eps, grad_scale, loss_out, grad
     want_grad = grad_out.shape[0] != 0
     w_total = weight.sum()
     smooth = eps / n_classes
-    for i in prange(n_rows):
-        t = target[i]
-        if t == ignore_index:
-            loss_out[i] = 0.0
-            if want_grad:
-                grad_out[i, :] = 0
-            continue
-        row = x[i]
-        g = grad_out[i] if want_grad else grad_out[0:0].reshape(-1)
-        m = _row_max(row)
-        s = _row_sumexp(row, m, g, want_grad)
-        lse = np.float64(m) + np.log(s)
-        w_t = weight[t]
-        loss = (1.0 - eps) * w_t * (lse - row[t])
-        if eps > 0.0:
-            loss += smooth * (w_total * lse - _row_dot(row, weight))
-        loss_out[i] = loss
-        if want_grad:
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        scratch = np.empty(0 if want_grad else n_classes, dtype=x.dtype)
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            t = target[i]
+            if t == ignore_index and not want_grad:
+                loss_out[i] = 0.0  # loss only: an ignored row is not even read
+                continue
+            row = x[i]
+            g = grad_out[i] if want_grad else scratch
+            m = _row_max(row)
+            s = _row_sumexp(row, m, g)
+            if t == ignore_index:
+                # As torch: gradient 0, or NaN where the row's softmax is NaN (NaN or
+                # +inf logits, or all -inf): s * 0 is exactly that.
+                loss_out[i] = 0.0
+                zero = _cast_like(s * 0.0, m)
+                for c in range(n_classes):
+                    g[c] = g[c] * zero
+                continue
+            lse = np.float64(m) + np.log(s)
+            w_t = weight[t]
+            loss = (1.0 - eps) * w_t * (lse - row[t])
+            if eps > 0.0:
+                loss += smooth * (w_total * lse - _row_dot(row, weight))
+            loss_out[i] = loss
+            if not want_grad:
+                continue
             gs = grad_scale[i]
             coef = _cast_like(gs * ((1.0 - eps) * w_t + smooth * w_total) / s, m)
             if eps > 0.0:
@@ -319,8 +327,9 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     for j in range(width):
         t = target[pos0 + j]
         if t == ignore_index:
+            # Gradient e * (s * 0): 0, or NaN where the softmax is NaN, as torch gives.
             loss_out[pos0 + j] = 0.0
-            coef[j] = 0
+            coef[j] = _cast_like(s[j] * 0.0, m[0])
             shift[j] = 0
             continue
         lse = np.float64(m[j]) + np.log(s[j])
@@ -401,26 +410,28 @@ def _proba_rows(x, target, weight, eps, grad_scale, loss_out, grad_out):
     n_rows, n_classes = x.shape
     want_grad = grad_out.shape[0] != 0
     smooth = eps / n_classes
-    for i in prange(n_rows):
-        row = x[i]
-        q = target[i]
-        g = grad_out[i] if want_grad else grad_out[0:0].reshape(-1)
-        m = _row_max(row)
-        s = _row_sumexp(row, m, g, want_grad)
-        lse = np.float64(m) + np.log(s)
-        wq = 0.0
-        wqx = 0.0
-        for c in range(n_classes):
-            qc = (1.0 - eps) * q[c] + smooth
-            wq += weight[c] * qc
-            wqx += weight[c] * qc * row[c]
-        loss_out[i] = wq * lse - wqx
-        if want_grad:
-            gs = grad_scale[i]
-            coef = _cast_like(gs * wq / s, m)
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        scratch = np.empty(0 if want_grad else n_classes, dtype=x.dtype)
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            row = x[i]
+            q = target[i]
+            g = grad_out[i] if want_grad else scratch
+            m = _row_max(row)
+            s = _row_sumexp(row, m, g)
+            lse = np.float64(m) + np.log(s)
+            wq = 0.0
+            wqx = 0.0
             for c in range(n_classes):
                 qc = (1.0 - eps) * q[c] + smooth
-                g[c] = g[c] * coef - _cast_like(gs * weight[c] * qc, m)
+                wq += weight[c] * qc
+                wqx += weight[c] * qc * row[c]
+            loss_out[i] = wq * lse - wqx
+            if want_grad:
+                gs = grad_scale[i]
+                coef = _cast_like(gs * wq / s, m)
+                for c in range(n_classes):
+                    qc = (1.0 - eps) * q[c] + smooth
+                    g[c] = g[c] * coef - _cast_like(gs * weight[c] * qc, m)
 
 
 def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out,
@@ -466,7 +477,7 @@ def _softmax_rows(x, log, out):
         row = x[i]
         o = out[i]
         m = _row_max(row)
-        s = _row_sumexp(row, m, o, not log)
+        s = _row_sumexp(row, m, o)  # for log, o is overwritten below
         if log:
             shift = _cast_like(np.float64(m) + np.log(s), m)
             for c in range(row.shape[0]):
@@ -501,14 +512,16 @@ def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos):
 
 
 def _logsumexp_rows(x, out):
-    dummy = x[0, 0:0]
-    for i in prange(x.shape[0]):
-        m = _row_max(x[i])
-        # An infinite max is the answer itself (as torch and scipy give), not inf - inf.
-        if np.isinf(m):
-            out[i] = m
-        else:
-            out[i] = np.float64(m) + np.log(_row_sumexp(x[i], m, dummy, False))
+    n_rows, n_classes = x.shape
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        scratch = np.empty(n_classes, dtype=x.dtype)
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            m = _row_max(x[i])
+            # An infinite max is the answer itself (as torch and scipy give), not inf - inf.
+            if np.isinf(m):
+                out[i] = m
+            else:
+                out[i] = np.float64(m) + np.log(_row_sumexp(x[i], m, scratch))
 
 
 def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos):
@@ -520,7 +533,7 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
         _tile_max_sumexp(x, n * n_classes * n_pos + s0, n_pos, n_classes, width, m, s,
-                         x[0:0], False, np.empty(TILE, dtype=x.dtype))
+                         np.empty(0, dtype=x.dtype), False, np.empty(TILE, dtype=x.dtype))
         for j in range(width):
             inf = np.isinf(m[j])  # an infinite max is the answer itself
             out[n * n_pos + s0 + j] = m[j] if inf else np.float64(m[j]) + np.log(s[j])
@@ -592,6 +605,11 @@ def _no_grad(grad_out):
     return grad_out.shape[0] == 0
 
 
+def _empty(logits, ndim):
+    # An "empty" gradient may come in any dtype; the kernels want the logits' dtype.
+    return np.empty((0,) * ndim, dtype=logits.dtype)
+
+
 # ------------------------------------------------------------------ contract functions
 def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
                      loss_out, grad_out, n_threads):
@@ -600,11 +618,11 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
     if s == 1 and c > _config.SMALL_C:
         _run("index_rows", n_threads, logits.reshape(n, c), target.reshape(n), weight,
              int(ignore_index), float(label_smoothing), _flat(grad_scale),
-             loss_out.reshape(n), grad_out.reshape(0, 0) if empty else grad_out.reshape(n, c))
+             loss_out.reshape(n), _empty(logits, 2) if empty else grad_out.reshape(n, c))
     else:
         _run("index_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
              int(ignore_index), float(label_smoothing), _flat(grad_scale),
-             loss_out.reshape(-1), grad_out.reshape(0) if empty else grad_out.reshape(-1),
+             loss_out.reshape(-1), _empty(logits, 1) if empty else grad_out.reshape(-1),
              n, c, s)
 
 
@@ -615,16 +633,16 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
     if s == 1:
         _run("proba_rows", n_threads, logits.reshape(n, c), target.reshape(n, c), weight,
              float(label_smoothing), _flat(grad_scale), loss_out.reshape(n),
-             grad_out.reshape(0, 0) if empty else grad_out.reshape(n, c))
+             _empty(logits, 2) if empty else grad_out.reshape(n, c))
     else:
         _run("proba_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
              float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1),
-             grad_out.reshape(0) if empty else grad_out.reshape(-1), n, c, s)
+             _empty(logits, 1) if empty else grad_out.reshape(-1), n, c, s)
 
 
 def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out, n_threads):
     _run("bce_rows", n_threads, input, target, weight, pos_weight, grad_scale, loss_out,
-         grad_out.reshape(0, 0) if _no_grad(grad_out) else grad_out)
+         _empty(input, 2) if _no_grad(grad_out) else grad_out)
 
 
 def softmax(logits, log, out, n_threads):

@@ -1,0 +1,531 @@
+/* Hot loops of the Cython backend (see cecore/_backends.py for the kernel contract).
+ *
+ * Everything here is plain C on raw pointers; the Cython layer (_kernels.pxi) only
+ * unpacks arrays, handles ignored targets and strided broadcast arguments, and runs
+ * rows / tiles on OpenMP threads. The algorithms are those of cecore/_numba_kernels.py:
+ *
+ *   row path  (S == 1): max pass; exp + float64 sum pass that stores exp into the
+ *                       gradient row; scale pass in place. The row stays in L1/L2
+ *                       between the passes, so logits are read from memory once.
+ *   tile path (S > 1) : CEC_TILE positions of one sample at a time; every inner loop
+ *                       runs along the contiguous position axis, so it vectorises
+ *                       although the class axis is strided (no transposed copy).
+ *
+ * Type-generic code: this header includes itself twice (the "X-macro" template idiom),
+ * once with CEC_T = float and once with CEC_T = double, so each routine exists as
+ * name_f32 and name_f64 without a hand-written copy. Only exp differs per type.
+ *
+ * Build notes:
+ *  - No -ffast-math / -ffinite-math-only: NaN and inf logits must follow IEEE rules
+ *    (a NaN logit makes its row NaN, as in torch). Where reassociation is wanted (the
+ *    sums and the max), "#pragma omp simd reduction(...)" grants it for that loop only.
+ *    The pragmas need -fopenmp or -fopenmp-simd; without either they are ignored and
+ *    the code is still correct, only slower.
+ *  - No "restrict": out == logits (in-place softmax) stays valid, every loop writes only
+ *    the element it reads. The omp simd pragmas tell the compiler there are no
+ *    loop-carried dependences, which is all vectorisation needs.
+ */
+#ifndef CEC_TEMPLATE_PASS
+
+#ifndef CEC_ROWKERNELS_H
+#define CEC_ROWKERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <stddef.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Positions per tile in the S > 1 path (same as TILE in _numba_kernels.py). */
+#define CEC_TILE 256
+
+#if defined(_MSC_VER)
+#define CEC_INLINE static __inline
+#define CEC_PRAGMA(x) __pragma(x)
+#else
+#define CEC_INLINE static inline
+#define CEC_PRAGMA(x) _Pragma(#x)
+#endif
+
+/* The kernels Cython calls are never inlined: the serial loop and the OpenMP region
+ * then run the very same machine code. Inlined into both, each copy could be
+ * vectorised differently (another summation order), and results would depend on
+ * n_threads. A call per row or tile costs nothing measurable. */
+#if defined(_MSC_VER)
+#define CEC_KERNEL static __declspec(noinline)
+#else
+#define CEC_KERNEL static __attribute__((noinline))
+#endif
+
+/* "#pragma omp simd" carrying an optional reduction clause, usable inside macros. */
+#define CEC_SIMD CEC_PRAGMA(omp simd)
+#define CEC_SIMD_SUM(v) CEC_PRAGMA(omp simd reduction(+:v))
+#define CEC_SIMD_MAX(v) CEC_PRAGMA(omp simd reduction(max:v))
+
+/* ------------------------------------------------------------------ build facts */
+CEC_INLINE int cec_openmp_version(void) {
+#ifdef _OPENMP
+    return _OPENMP;
+#else
+    return 0;
+#endif
+}
+
+CEC_INLINE int cec_omp_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+#ifndef CEC_VARIANT
+#define CEC_VARIANT "unknown"
+#endif
+#ifndef CEC_COMPILE_ARGS
+#define CEC_COMPILE_ARGS "unknown"
+#endif
+#if defined(__clang__)
+#define CEC_COMPILER "clang " __clang_version__
+#elif defined(__GNUC__)
+#define CEC_COMPILER "gcc " __VERSION__
+#elif defined(_MSC_VER)
+#define CEC_COMPILER "msvc"
+#else
+#define CEC_COMPILER "unknown"
+#endif
+
+CEC_INLINE const char *cec_variant(void) { return CEC_VARIANT; }
+CEC_INLINE const char *cec_compile_args(void) { return CEC_COMPILE_ARGS; }
+CEC_INLINE const char *cec_compiler(void) { return CEC_COMPILER; }
+
+/* ------------------------------------------------------------------------- exp
+ * exp(x) for x <= 0 or NaN (the argument is always x - rowmax), as
+ * exp(x) = 2**k * P(r), r = x - k ln2, with the constants of _numba_kernels.py.
+ * Written so that gcc and clang vectorise it, also for baseline SSE2:
+ *  - k = round(x / ln2) comes from the "magic number" trick: adding 1.5 * 2**23
+ *    (2**52 for double) rounds to an integer and leaves k in the low mantissa bits,
+ *    so no float -> int conversion is needed (gcc 12 will not vectorise one that
+ *    follows the clamp, and packed double -> int64 needs AVX-512). k is rounded to
+ *    nearest-even where Numba uses floor(x / ln2 + 0.5); they differ only at exact
+ *    ties, where both give |r| <= ln2 / 2 and the same exp to within an ulp.
+ *  - k is computed from a NaN-free copy of x; the NaN itself propagates through r.
+ *  - exp(x < min_x) is flushed to 0 by a final select; this relies on setup.py's
+ *    -fno-trapping-math, without which gcc keeps the branchy form it makes of the
+ *    two selects and does not vectorise the loop.
+ */
+CEC_INLINE float cec_exp_f32(float x) {
+    const float min_x = -87.0f;
+    const float magic = 12582912.0f;            /* 1.5 * 2**23 */
+    const float cl = x < min_x ? min_x : x;
+    const float fin = cl == cl ? cl : 0.0f;
+    const float t = fin * 1.44269504088896341f + magic;
+    const float k = t - magic;                  /* round(fin / ln2), exactly */
+    int32_t tbits;
+    memcpy(&tbits, &t, sizeof tbits);
+    /* Cody-Waite split of ln 2 and a degree-6 minimax polynomial (rel. err ~1.2e-7). */
+    const float r = cl - k * 0.693359375f - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    /* tbits - bits(magic) == k, in [-126, 0]: 2**k is a normal float. */
+    const int32_t bits = (tbits - 0x4B400000 + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const float result = p * scale;
+    return x < min_x ? 0.0f : result;           /* flush exp(< -87) to 0 */
+}
+
+CEC_INLINE double cec_exp_f64(double x) {
+    const double min_x = -708.0;
+    const double magic = 6755399441055744.0;    /* 1.5 * 2**52 */
+    const double cl = x < min_x ? min_x : x;
+    const double fin = cl == cl ? cl : 0.0;
+    const double t = fin * 1.4426950408889634 + magic;
+    const double k = t - magic;
+    int64_t tbits;
+    memcpy(&tbits, &t, sizeof tbits);
+    const double r = cl - k * 6.93145751953125e-1 - k * 1.42860682030941723212e-6;
+    /* Degree-13 Taylor polynomial: truncation error < 1e-17 on [-ln2/2, ln2/2]. */
+    double p = r * (1.0 / 6227020800.0) + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = (p * r + 1.0 / 2.0) * r;
+    p = p * r + r + 1.0;
+    /* k in [-1022, 0]: 2**k is a normal double. */
+    const int64_t bits = (tbits - INT64_C(0x4338000000000000) + 1023) << 52;
+    double scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const double result = p * scale;
+    return x < min_x ? 0.0 : result;            /* flush exp(< -708) to 0 */
+}
+
+/* Order-preserving integer keys of floats (see cec_row_max). */
+CEC_INLINE int32_t cec_key_f32(float v) {
+    int32_t b;
+    memcpy(&b, &v, sizeof b);
+    return b ^ ((b >> 31) & INT32_C(0x7FFFFFFF));
+}
+CEC_INLINE float cec_unkey_f32(int32_t k) {
+    const int32_t b = k ^ ((k >> 31) & INT32_C(0x7FFFFFFF));
+    float v;
+    memcpy(&v, &b, sizeof v);
+    return v;
+}
+CEC_INLINE int64_t cec_key_f64(double v) {
+    int64_t b;
+    memcpy(&b, &v, sizeof b);
+    return b ^ ((b >> 63) & INT64_C(0x7FFFFFFFFFFFFFFF));
+}
+CEC_INLINE double cec_unkey_f64(int64_t k) {
+    const int64_t b = k ^ ((k >> 63) & INT64_C(0x7FFFFFFFFFFFFFFF));
+    double v;
+    memcpy(&v, &b, sizeof v);
+    return v;
+}
+
+/* ------------------------------------------------- instantiate the type template */
+#define CEC_TEMPLATE_PASS
+#define CEC_T float
+#define CEC_KEY int32_t
+#define CEC_FN(name) name##_f32
+#include "_rowkernels.h"
+#undef CEC_T
+#undef CEC_KEY
+#undef CEC_FN
+#define CEC_T double
+#define CEC_KEY int64_t
+#define CEC_FN(name) name##_f64
+#include "_rowkernels.h"
+#undef CEC_T
+#undef CEC_KEY
+#undef CEC_FN
+#undef CEC_TEMPLATE_PASS
+
+#endif /* CEC_ROWKERNELS_H */
+
+#else  /* CEC_TEMPLATE_PASS: the body below is compiled once per CEC_T */
+
+#define T CEC_T
+#define EXP CEC_FN(cec_exp)
+
+/* =========================================================== row primitives */
+
+/* max_c x[c], taken on integer keys: flipping the magnitude bits of negative floats
+ * makes signed-integer order equal float order, and an integer max reduction
+ * vectorises on every ISA without reassociation concerns. It also gives exactly the
+ * Numba backend's answer for NaN rows: a positive NaN wins, a negative NaN loses. */
+CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
+    CEC_KEY m = CEC_FN(cec_key)(x[0]);
+    CEC_SIMD_MAX(m)
+    for (ptrdiff_t c = 1; c < n; c++) {
+        const CEC_KEY k = CEC_FN(cec_key)(x[c]);
+        m = k > m ? k : m;
+    }
+    return CEC_FN(cec_unkey)(m);
+}
+
+/* sum_c exp(x[c] - m) in float64; also stores exp(x[c] - m) in e[c] when e != NULL. */
+CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
+    double s = 0.0;
+    if (e) {
+        CEC_SIMD_SUM(s)
+        for (ptrdiff_t c = 0; c < n; c++) {
+            const T v = EXP(x[c] - m);
+            e[c] = v;
+            s += v;
+        }
+    } else {
+        CEC_SIMD_SUM(s)
+        for (ptrdiff_t c = 0; c < n; c++)
+            s += EXP(x[c] - m);
+    }
+    return s;
+}
+
+/* sum_c w[c] * x[c] in float64. */
+CEC_INLINE double CEC_FN(cec_row_dot)(const T *x, const double *w, ptrdiff_t n) {
+    double s = 0.0;
+    CEC_SIMD_SUM(s)
+    for (ptrdiff_t c = 0; c < n; c++)
+        s += (double)x[c] * w[c];
+    return s;
+}
+
+/* ======================================================== row kernels (S == 1) */
+
+/* Class-index target t. Returns the loss; if g != NULL writes the gradient row, times
+ * gs, into g. t < 0 marks an ignored row: loss 0 and, as torch gives, gradient 0, or
+ * NaN where the row's softmax is NaN (NaN or +inf logits, or all -inf). */
+CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
+                                        const double *w, double w_total, double eps,
+                                        double gs, T *g) {
+    const double smooth = eps / (double)n;
+    const T m = CEC_FN(cec_row_max)(x, n);
+    const double s = CEC_FN(cec_row_sumexp)(x, m, g, n);
+    if (t < 0) {
+        if (g) {
+            const T zero = (T)(s * 0.0);
+            CEC_SIMD
+            for (ptrdiff_t c = 0; c < n; c++)
+                g[c] = g[c] * zero;
+        }
+        return 0.0;
+    }
+    const double lse = (double)m + log(s);
+    const double w_t = w[t];
+    double loss = (1.0 - eps) * w_t * (lse - (double)x[t]);
+    if (eps > 0.0)
+        loss += smooth * (w_total * lse - CEC_FN(cec_row_dot)(x, w, n));
+    if (g) {
+        const T coef = (T)(gs * ((1.0 - eps) * w_t + smooth * w_total) / s);
+        if (eps > 0.0) {
+            const double shift = gs * smooth;
+            CEC_SIMD
+            for (ptrdiff_t c = 0; c < n; c++)
+                g[c] = g[c] * coef - (T)(shift * w[c]);
+        } else {
+            CEC_SIMD
+            for (ptrdiff_t c = 0; c < n; c++)
+                g[c] = g[c] * coef;
+        }
+        g[t] -= (T)(gs * (1.0 - eps) * w_t);
+    }
+    return loss;
+}
+
+/* Probability targets q (before smoothing). Returns the loss; gradient as above. */
+CEC_KERNEL double CEC_FN(cec_proba_row)(const T *x, const T *q, ptrdiff_t n,
+                                        const double *w, double eps, double gs, T *g) {
+    const double smooth = eps / (double)n;
+    const T m = CEC_FN(cec_row_max)(x, n);
+    const double s = CEC_FN(cec_row_sumexp)(x, m, g, n);
+    const double lse = (double)m + log(s);
+    double wq = 0.0, wqx = 0.0;
+    CEC_PRAGMA(omp simd reduction(+:wq, wqx))
+    for (ptrdiff_t c = 0; c < n; c++) {
+        const double qc = (1.0 - eps) * (double)q[c] + smooth;
+        wq += w[c] * qc;
+        wqx += w[c] * qc * (double)x[c];
+    }
+    if (g) {
+        const T coef = (T)(gs * wq / s);
+        CEC_SIMD
+        for (ptrdiff_t c = 0; c < n; c++) {
+            const double qc = (1.0 - eps) * (double)q[c] + smooth;
+            g[c] = g[c] * coef - (T)(gs * w[c] * qc);
+        }
+    }
+    return wq * lse - wqx;
+}
+
+/* out = softmax(x) or log_softmax(x) of one row. */
+CEC_KERNEL void CEC_FN(cec_softmax_row)(const T *x, ptrdiff_t n, int log_, T *out) {
+    const T m = CEC_FN(cec_row_max)(x, n);
+    if (log_) {
+        const double s = CEC_FN(cec_row_sumexp)(x, m, NULL, n);
+        const T shift = (T)((double)m + log(s));
+        CEC_SIMD
+        for (ptrdiff_t c = 0; c < n; c++)
+            out[c] = x[c] - shift;
+    } else {
+        const double s = CEC_FN(cec_row_sumexp)(x, m, out, n);
+        const T inv = (T)(1.0 / s);
+        CEC_SIMD
+        for (ptrdiff_t c = 0; c < n; c++)
+            out[c] = out[c] * inv;
+    }
+}
+
+/* An infinite max is the answer itself (as torch and scipy give), not inf - inf. */
+CEC_KERNEL double CEC_FN(cec_logsumexp_row)(const T *x, ptrdiff_t n) {
+    const T m = CEC_FN(cec_row_max)(x, n);
+    if (isinf(m))
+        return (double)m;
+    return (double)m + log(CEC_FN(cec_row_sumexp)(x, m, NULL, n));
+}
+
+/* ======================================================== tile kernels (S > 1)
+ * x points at logits[n, 0, s0]; class c of position j is x[c * stride + j], with
+ * stride = S and j < width <= CEC_TILE. Per-position outputs (loss, target, grad_scale)
+ * are contiguous runs of `width` values. Scratch lives on the stack (a few KB). */
+
+/* m[j] = max_c x[c, j] and s[j] = sum_c exp(x[c, j] - m[j]); exp stored in e if given. */
+CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                            ptrdiff_t width, T *m, double *s, T *e) {
+    for (ptrdiff_t j = 0; j < width; j++) {
+        m[j] = x[j];
+        s[j] = 0.0;
+    }
+    for (ptrdiff_t c = 1; c < n; c++) {
+        const T *xc = x + c * stride;
+        CEC_SIMD
+        for (ptrdiff_t j = 0; j < width; j++)
+            m[j] = xc[j] > m[j] ? xc[j] : m[j];   /* as the Numba tiles */
+    }
+    for (ptrdiff_t c = 0; c < n; c++) {
+        const T *xc = x + c * stride;
+        if (e) {
+            T *ec = e + c * stride;
+            CEC_SIMD
+            for (ptrdiff_t j = 0; j < width; j++) {
+                const T v = EXP(xc[j] - m[j]);
+                ec[j] = v;
+                s[j] += v;
+            }
+        } else {
+            CEC_SIMD
+            for (ptrdiff_t j = 0; j < width; j++)
+                s[j] += EXP(xc[j] - m[j]);
+        }
+    }
+}
+
+CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                       ptrdiff_t width, const int64_t *target,
+                                       int64_t ignore_index, const double *w,
+                                       double w_total, double eps, const double *gs,
+                                       double *loss, T *g) {
+    T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE];
+    double s[CEC_TILE], swx[CEC_TILE];
+    const double smooth = eps / (double)n;
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g);
+    if (eps > 0.0) {
+        for (ptrdiff_t j = 0; j < width; j++)
+            swx[j] = 0.0;
+        for (ptrdiff_t c = 0; c < n; c++) {
+            const T *xc = x + c * stride;
+            const double wc = w[c];
+            CEC_SIMD
+            for (ptrdiff_t j = 0; j < width; j++)
+                swx[j] += wc * (double)xc[j];
+        }
+    }
+    for (ptrdiff_t j = 0; j < width; j++) {
+        const int64_t t = target[j];
+        if (t == ignore_index) {
+            /* Gradient e * (s * 0): zero, or NaN for all classes where the softmax is
+             * NaN (NaN or +inf logits, or all -inf), as torch gives. */
+            loss[j] = 0.0;
+            coef[j] = (T)(s[j] * 0.0);
+            shift[j] = 0;
+            continue;
+        }
+        const double lse = (double)m[j] + log(s[j]);
+        const double w_t = w[t];
+        double l = (1.0 - eps) * w_t * (lse - (double)x[t * stride + j]);
+        if (eps > 0.0)
+            l += smooth * (w_total * lse - swx[j]);
+        loss[j] = l;
+        coef[j] = (T)(gs[j] * ((1.0 - eps) * w_t + smooth * w_total) / s[j]);
+        shift[j] = (T)(gs[j] * smooth);
+    }
+    if (!g)
+        return;
+    for (ptrdiff_t c = 0; c < n; c++) {
+        T *gc = g + c * stride;
+        const T wc = (T)w[c];
+        if (eps > 0.0) {
+            CEC_SIMD
+            for (ptrdiff_t j = 0; j < width; j++)
+                gc[j] = gc[j] * coef[j] - shift[j] * wc;
+        } else {
+            CEC_SIMD
+            for (ptrdiff_t j = 0; j < width; j++)
+                gc[j] = gc[j] * coef[j];
+        }
+    }
+    for (ptrdiff_t j = 0; j < width; j++) {
+        const int64_t t = target[j];
+        if (t != ignore_index)
+            g[t * stride + j] -= (T)(gs[j] * (1.0 - eps) * w[t]);
+    }
+}
+
+CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
+                                       ptrdiff_t stride, ptrdiff_t width, const double *w,
+                                       double eps, const double *gs, double *loss, T *g) {
+    T m[CEC_TILE];
+    double s[CEC_TILE], wq[CEC_TILE], wqx[CEC_TILE], coef[CEC_TILE];
+    const double smooth = eps / (double)n;
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g);
+    for (ptrdiff_t j = 0; j < width; j++) {
+        wq[j] = 0.0;
+        wqx[j] = 0.0;
+    }
+    for (ptrdiff_t c = 0; c < n; c++) {
+        const T *xc = x + c * stride, *qc = q + c * stride;
+        const double wc = w[c];
+        CEC_SIMD
+        for (ptrdiff_t j = 0; j < width; j++) {
+            const double v = wc * ((1.0 - eps) * (double)qc[j] + smooth);
+            wq[j] += v;
+            wqx[j] += v * (double)xc[j];
+        }
+    }
+    for (ptrdiff_t j = 0; j < width; j++) {
+        loss[j] = wq[j] * ((double)m[j] + log(s[j])) - wqx[j];
+        coef[j] = gs[j] * wq[j] / s[j];
+    }
+    if (!g)
+        return;
+    for (ptrdiff_t c = 0; c < n; c++) {
+        T *gc = g + c * stride;
+        const T *qc = q + c * stride;
+        const double wc = w[c];
+        CEC_SIMD
+        for (ptrdiff_t j = 0; j < width; j++) {
+            const double v = wc * ((1.0 - eps) * (double)qc[j] + smooth);
+            gc[j] = (T)((double)gc[j] * coef[j] - gs[j] * v);
+        }
+    }
+}
+
+CEC_KERNEL void CEC_FN(cec_softmax_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                         ptrdiff_t width, int log_, T *out) {
+    T m[CEC_TILE], shift[CEC_TILE];
+    double s[CEC_TILE];
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, log_ ? NULL : out);
+    for (ptrdiff_t j = 0; j < width; j++)
+        shift[j] = (T)(log_ ? (double)m[j] + log(s[j]) : 1.0 / s[j]);
+    for (ptrdiff_t c = 0; c < n; c++) {
+        const T *xc = x + c * stride;
+        T *oc = out + c * stride;
+        if (log_) {
+            CEC_SIMD
+            for (ptrdiff_t j = 0; j < width; j++)
+                oc[j] = xc[j] - shift[j];
+        } else {
+            CEC_SIMD
+            for (ptrdiff_t j = 0; j < width; j++)
+                oc[j] = oc[j] * shift[j];
+        }
+    }
+}
+
+CEC_KERNEL void CEC_FN(cec_logsumexp_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                           ptrdiff_t width, double *out) {
+    T m[CEC_TILE];
+    double s[CEC_TILE];
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, NULL);
+    for (ptrdiff_t j = 0; j < width; j++)   /* an infinite max is the answer */
+        out[j] = isinf(m[j]) ? (double)m[j] : (double)m[j] + log(s[j]);
+}
+
+#undef T
+#undef EXP
+
+#endif /* CEC_TEMPLATE_PASS */

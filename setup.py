@@ -1,0 +1,151 @@
+"""Build the Cython + OpenMP kernels (cecore_ext); the metadata is in pyproject.toml.
+
+Two extension modules are compiled from one source (cecore_ext/_kernels.pxi):
+
+* ``cecore_ext._kernels_base``: default flags for the target (SSE2 on x86-64);
+* ``cecore_ext._kernels_avx2``: ``-mavx2 -mfma``, x86-64 only; cecore_ext imports it
+  only when the running CPU has AVX2 and FMA.
+
+OpenMP is probed with the compiler setuptools will use: if ``-fopenmp`` does not compile
+and link, the kernels are built serial (with a warning) and the ``#pragma omp simd``
+vectorisation hints are still honoured through ``-fopenmp-simd`` when available.
+
+Never add ``-ffast-math`` (or ``-ffinite-math-only``): NaN and inf logits must follow
+IEEE rules. Reassociation is granted per loop by the ``omp simd reduction`` pragmas; the
+only relaxed flag is ``-fno-trapping-math``, which leaves all results unchanged.
+"""
+
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+_PROBE_SOURCE = r"""
+#include <omp.h>
+int main(void) {
+    int n = 0;
+    #pragma omp parallel for reduction(+:n)
+    for (int i = 0; i < 4; i++) n += 1;
+    return n == 4 && omp_get_max_threads() > 0 ? 0 : 1;
+}
+"""
+
+_PLAIN_SOURCE = "int main(void) { return 0; }\n"
+
+_SIMD_PROBE_SOURCE = r"""
+int main(void) {
+    float a[8] = {0}, s = 0;
+    #pragma omp simd reduction(+:s)
+    for (int i = 0; i < 8; i++) s += a[i];
+    return (int)s;
+}
+"""
+
+
+def _compiles(compiler, source, compile_args, link_args=None):
+    """True if ``source`` compiles (and, with ``link_args``, links) with these flags."""
+    tmp = tempfile.mkdtemp(prefix="cecore_probe_")
+    try:
+        path = os.path.join(tmp, "probe.c")
+        with open(path, "w") as f:
+            f.write(source)
+        # -Werror: an unknown pragma or flag must count as a failure, not a warning.
+        strict = [] if compiler.compiler_type == "msvc" else ["-Werror"]
+        objects = compiler.compile([path], output_dir=tmp,
+                                   extra_postargs=compile_args + strict)
+        if link_args is not None:
+            compiler.link_executable(objects, "probe", output_dir=tmp,
+                                     extra_postargs=link_args)
+        return True
+    except Exception:  # CompileError, LinkError, or a missing compiler
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BuildExt(build_ext):
+    """build_ext that chooses optimisation, OpenMP and SIMD flags per compiler."""
+
+    def build_extensions(self):
+        cc = self.compiler
+        msvc = cc.compiler_type == "msvc"
+        base_args = ["/O2"] if msvc else ["-O3"]
+        # -fno-trapping-math only drops the promise to raise FP exception *flags* in
+        # program order; results, NaN and inf included, are unchanged. Without it gcc
+        # does not vectorise the exp loops (see _rowkernels.h). Not -ffast-math!
+        if not msvc and _compiles(cc, _PLAIN_SOURCE, ["-fno-trapping-math"]):
+            base_args.append("-fno-trapping-math")
+        omp_compile, omp_link = (["/openmp"], []) if msvc else (["-fopenmp"], ["-fopenmp"])
+
+        if os.environ.get("CECORE_NO_OPENMP"):
+            openmp = False
+        else:
+            openmp = _compiles(cc, _PROBE_SOURCE, omp_compile, omp_link)
+        if openmp:
+            compile_args, link_args = base_args + omp_compile, omp_link
+        else:
+            msg = ("cecore: the C compiler does not support OpenMP (-fopenmp); building "
+                   "the Cython kernels single-threaded (n_threads is then ignored).")
+            warnings.warn(msg)
+            print("WARNING: " + msg)
+            compile_args, link_args = list(base_args), []
+            if not msvc and _compiles(cc, _SIMD_PROBE_SOURCE, ["-fopenmp-simd"]):
+                compile_args.append("-fopenmp-simd")  # keeps the omp simd hints
+
+        avx2_args = ["/arch:AVX2"] if msvc else ["-mavx2", "-mfma"]
+        keep = []
+        for ext in self.extensions:
+            variant = ext.name.rsplit("_", 1)[-1]  # "base" or "avx2"
+            args = list(compile_args)
+            if variant == "avx2":
+                if not _compiles(cc, _SIMD_PROBE_SOURCE, args + avx2_args):
+                    print("cecore: compiler rejects AVX2 flags; skipping " + ext.name)
+                    continue
+                args += avx2_args
+            ext.extra_compile_args = args + ext.extra_compile_args
+            ext.extra_link_args = link_args + ext.extra_link_args
+            ext.define_macros += [
+                ("CEC_VARIANT", f'"{variant}"'),
+                ("CEC_COMPILE_ARGS", '"' + " ".join(args) + '"'),
+            ]
+            keep.append(ext)
+        self.extensions = keep
+        super().build_extensions()
+
+
+def _extensions():
+    names = ["base"]
+    # The AVX2 variant only makes sense when compiling for x86-64 (not cross-compiling to
+    # arm64 on macOS, for example).
+    target = (os.environ.get("_PYTHON_HOST_PLATFORM") or platform.machine()).lower()
+    if "x86_64" in target or "amd64" in target:
+        names.append("avx2")
+    exts = [
+        Extension(
+            f"cecore_ext._kernels_{name}",
+            [f"cecore_ext/_kernels_{name}.pyx"],
+            include_dirs=[np.get_include(), "cecore_ext"],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            depends=["cecore_ext/_kernels.pxi", "cecore_ext/_rowkernels.h"],
+        )
+        for name in names
+    ]
+    return cythonize(
+        exts,
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": False,
+            "wraparound": False,
+            "initializedcheck": False,
+            "cdivision": True,
+        },
+    )
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})

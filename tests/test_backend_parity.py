@@ -1,0 +1,294 @@
+"""Both kernel backends (Numba and Cython) against each other and a naive reference.
+
+The kernel functions are called directly, through the contract of cecore._backends:
+float32/float64, plain (S == 1) and spatial (S > 1) inputs, several class counts, loss
+only or loss + gradient, label smoothing, ignored targets, class weights, broadcast and
+per-position grad_scale, read-only inputs, 1 and 2 threads, and non-finite logits.
+"""
+
+import numpy as np
+import pytest
+
+numba_kernels = pytest.importorskip("cecore._numba_kernels")
+cython_kernels = pytest.importorskip("cecore_ext")
+
+BACKENDS = {"numba": numba_kernels, "cython": cython_kernels}
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+EMPTY = np.empty((0, 0, 0))
+
+
+# ------------------------------------------------------------- naive float64 reference
+def _log_softmax_ref(x):
+    """log_softmax over axis 1 of a float64 (N, C, S) array."""
+    m = x.max(axis=1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+
+def ref_index(x, t, w, ignore_index, eps, gs):
+    x = x.astype(np.float64)
+    n, c, s = x.shape
+    logp = _log_softmax_ref(x)
+    p = np.exp(logp)
+    loss = np.zeros((n, s))
+    grad = np.zeros_like(x)
+    for i in range(n):
+        for j in range(s):
+            k = t[i, j]
+            if k == ignore_index:
+                continue
+            nll = -logp[i, :, j]
+            loss[i, j] = (1 - eps) * w[k] * nll[k] + eps / c * np.sum(w * nll)
+            g = p[i, :, j] * ((1 - eps) * w[k] + eps / c * w.sum()) - eps / c * w
+            g[k] -= (1 - eps) * w[k]
+            grad[i, :, j] = gs[i, j] * g
+    return loss, grad
+
+
+def ref_proba(x, q, w, eps, gs):
+    x = x.astype(np.float64)
+    c = x.shape[1]
+    q = (1 - eps) * q.astype(np.float64) + eps / c
+    logp = _log_softmax_ref(x)
+    wq = w[None, :, None] * q
+    loss = -(wq * logp).sum(axis=1)
+    grad = np.exp(logp) * wq.sum(axis=1, keepdims=True) - wq
+    return loss, gs[:, None, :] * grad
+
+
+def ref_bce(x, y, w, pw, gs):
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    lw = 1 + (pw - 1) * y
+    loss = w * ((1 - y) * x + lw * np.logaddexp(0, -x))
+    grad = gs * w * ((1 - y) - lw / (1 + np.exp(x)))
+    return loss, grad
+
+
+# ------------------------------------------------------------------------- helpers
+def _readonly(*arrays):
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
+def _logits(rng, n, c, s, dtype):
+    return (rng.standard_normal((n, c, s)) * 3).astype(dtype)
+
+
+def _grad_scale(rng, kind, n, s):
+    if kind == "scalar":  # a broadcast scalar: strides (0, 0)
+        return np.broadcast_to(np.float64(0.37), (n, s))
+    if kind == "rows":  # one value per sample, broadcast along S: strides (8, 0)
+        return np.broadcast_to(rng.uniform(0.5, 2, (n, 1)), (n, s))
+    return rng.uniform(0.5, 2, (n, s))  # a real (N, S) array
+
+
+def _assert_close(actual, expected, dtype, what):
+    rtol = RTOL[dtype]
+    scale = np.max(np.abs(expected)) if expected.size else 1.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * max(scale, 1.0),
+                               err_msg=what)
+
+
+def _run_index(kernels, x, t, w, ignore_index, eps, gs, want_grad, n_threads):
+    n, c, s = x.shape
+    loss = np.full((n, s), np.nan)
+    grad = np.full(x.shape, np.nan, dtype=x.dtype) if want_grad else EMPTY
+    kernels.softmax_ce_index(x, t, w, ignore_index, eps, gs, loss, grad, n_threads)
+    return loss, grad
+
+
+def _run_proba(kernels, x, q, w, eps, gs, want_grad, n_threads):
+    n, c, s = x.shape
+    loss = np.full((n, s), np.nan)
+    grad = np.full(x.shape, np.nan, dtype=x.dtype) if want_grad else EMPTY
+    kernels.softmax_ce_proba(x, q, w, eps, gs, loss, grad, n_threads)
+    return loss, grad
+
+
+SHAPES = [(7, 1, 1), (13, 3, 1), (33, 10, 1), (9, 1000, 1),
+          (3, 3, 300), (2, 10, 517), (2, 1, 40), (1, 1000, 260)]
+DTYPES = [np.float32, np.float64]
+
+
+# ----------------------------------------------------------------- class-index targets
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("gs_kind", ["scalar", "rows", "full"])
+def test_index_matches_reference(backend, dtype, shape, eps, gs_kind):
+    kernels = BACKENDS[backend]
+    rng = np.random.default_rng(hash((shape, eps, gs_kind)) % 2**32)
+    n, c, s = shape
+    x = _logits(rng, n, c, s, dtype)
+    t = rng.integers(0, c, (n, s))
+    t[rng.random((n, s)) < 0.2] = -100
+    w = rng.uniform(0.2, 3, c)
+    gs = _grad_scale(rng, gs_kind, n, s)
+    _readonly(x, t, w)
+    ref_loss, ref_grad = ref_index(x, t, w, -100, eps, gs)
+    results = {}
+    for n_threads in (1, 2):
+        for want_grad in (True, False):
+            loss, grad = _run_index(kernels, x, t, w, -100, eps, gs, want_grad, n_threads)
+            _assert_close(loss, ref_loss, dtype, f"loss, threads={n_threads}")
+            if want_grad:
+                _assert_close(grad, ref_grad, dtype, f"grad, threads={n_threads}")
+            results[n_threads, want_grad] = loss, grad
+    for want_grad in (True, False):  # bitwise identical for any thread count
+        np.testing.assert_array_equal(results[1, want_grad][0], results[2, want_grad][0])
+        np.testing.assert_array_equal(results[1, want_grad][1], results[2, want_grad][1])
+    # Loss only reads the same values as loss + gradient.
+    np.testing.assert_array_equal(results[1, True][0], results[1, False][0])
+
+
+# ---------------------------------------------------------- class-probability targets
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("gs_kind", ["scalar", "full"])
+def test_proba_matches_reference(backend, dtype, shape, eps, gs_kind):
+    kernels = BACKENDS[backend]
+    rng = np.random.default_rng(hash((shape, eps, gs_kind, "p")) % 2**32)
+    n, c, s = shape
+    x = _logits(rng, n, c, s, dtype)
+    q = rng.random((n, c, s))
+    q = (q / q.sum(axis=1, keepdims=True)).astype(dtype)
+    w = rng.uniform(0.2, 3, c)
+    gs = _grad_scale(rng, gs_kind, n, s)
+    _readonly(x, q, w)
+    ref_loss, ref_grad = ref_proba(x, q, w, eps, gs)
+    results = {}
+    for n_threads in (1, 2):
+        for want_grad in (True, False):
+            loss, grad = _run_proba(kernels, x, q, w, eps, gs, want_grad, n_threads)
+            _assert_close(loss, ref_loss, dtype, f"loss, threads={n_threads}")
+            if want_grad:
+                _assert_close(grad, ref_grad, dtype, f"grad, threads={n_threads}")
+            results[n_threads, want_grad] = loss, grad
+    for want_grad in (True, False):
+        np.testing.assert_array_equal(results[1, want_grad][0], results[2, want_grad][0])
+        np.testing.assert_array_equal(results[1, want_grad][1], results[2, want_grad][1])
+
+
+# ---------------------------------------------------------------- softmax, logsumexp
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softmax_logsumexp_match_reference(backend, dtype, shape):
+    kernels = BACKENDS[backend]
+    rng = np.random.default_rng(hash((shape, "s")) % 2**32)
+    n, c, s = shape
+    x = _logits(rng, n, c, s, dtype)
+    _readonly(x)
+    ref_logp = _log_softmax_ref(x.astype(np.float64))
+    ref_lse = (x.astype(np.float64) - ref_logp)[:, 0, :]
+    outs = {}
+    for n_threads in (1, 2):
+        for log in (False, True):
+            out = np.full(x.shape, np.nan, dtype=dtype)
+            kernels.softmax(x, log, out, n_threads)
+            _assert_close(out, ref_logp if log else np.exp(ref_logp), dtype, f"log={log}")
+            outs[n_threads, log] = out
+        lse = np.full((n, s), np.nan)
+        kernels.logsumexp(x, lse, n_threads)
+        _assert_close(lse, ref_lse, dtype, "logsumexp")
+        outs[n_threads, "lse"] = lse
+    for key in (False, True, "lse"):
+        np.testing.assert_array_equal(outs[1, key], outs[2, key])
+
+
+# ------------------------------------------------------------------ binary (sigmoid)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (17, 3), (64, 129)])
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_bce_matches_reference(backend, dtype, shape, broadcast):
+    kernels = BACKENDS[backend]
+    rng = np.random.default_rng(hash((shape, broadcast, "b")) % 2**32)
+    r, l = shape
+    x = (rng.standard_normal(shape) * 4).astype(dtype)
+    y = rng.random(shape).astype(dtype)
+    if broadcast:  # class weights per column, scalar grad_scale: stride-0 views
+        w = np.broadcast_to(rng.uniform(0.5, 2, l), shape)
+        pw = np.broadcast_to(rng.uniform(0.5, 3, (r, 1)), shape)
+        gs = np.broadcast_to(np.float64(0.5), shape)
+    else:
+        w, pw, gs = (rng.uniform(0.5, 2, shape) for _ in range(3))
+    _readonly(x, y)
+    ref_loss, ref_grad = ref_bce(x, y, w, pw, gs)
+    for n_threads in (1, 2):
+        loss = np.full(shape, np.nan)
+        grad = np.full(shape, np.nan, dtype=dtype)
+        kernels.bce_logits(x, y, w, pw, gs, loss, grad, n_threads)
+        _assert_close(loss, ref_loss, dtype, "bce loss")
+        _assert_close(grad, ref_grad, dtype, "bce grad")
+        loss_only = np.full(shape, np.nan)
+        kernels.bce_logits(x, y, w, pw, gs, loss_only, EMPTY, n_threads)
+        np.testing.assert_array_equal(loss_only, loss)
+
+
+# ------------------------------------------------------------------------ memmaps
+def test_readonly_memmap_inputs(tmp_path):
+    rng = np.random.default_rng(5)
+    x = _logits(rng, 40, 10, 1, np.float32)
+    path = tmp_path / "logits.npy"
+    np.save(path, x)
+    xm = np.load(path, mmap_mode="r")
+    t = rng.integers(0, 10, (40, 1))
+    w = np.ones(10)
+    gs = np.broadcast_to(np.float64(1.0), (40, 1))
+    out = {}
+    for name, kernels in BACKENDS.items():
+        out[name] = _run_index(kernels, xm, t, w, -100, 0.0, gs, True, 2)
+    ref_loss, ref_grad = ref_index(x, t, w, -100, 0.0, gs)
+    for loss, grad in out.values():
+        _assert_close(loss, ref_loss, np.float32, "memmap loss")
+        _assert_close(grad, ref_grad, np.float32, "memmap grad")
+
+
+# --------------------------------------------------------------- non-finite logits
+def _with_nonfinite(rng, shape, dtype):
+    x = _logits(rng, *shape, dtype)
+    flat = x.reshape(-1)
+    for value in (np.nan, np.inf, -np.inf):
+        flat[rng.choice(flat.size, max(1, flat.size // 20), replace=False)] = value
+    x[0] = -np.inf  # a whole sample of -inf logits
+    return x
+
+
+def _same_nan_and_close(a, b, dtype, what):
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=what + ": NaN positions")
+    inf = np.isinf(a)
+    np.testing.assert_array_equal(a[inf], b[inf], err_msg=what + ": infinities")
+    finite = np.isfinite(a)
+    _assert_close(a[finite], b[finite], dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(30, 1, 1), (30, 4, 1), (40, 100, 1), (3, 5, 300)])
+def test_nonfinite_logits_agree(dtype, shape):
+    rng = np.random.default_rng(hash((shape, "nan")) % 2**32)
+    n, c, s = shape
+    x = _with_nonfinite(rng, shape, dtype)
+    t = rng.integers(0, c, (n, s))
+    t[rng.random((n, s)) < 0.2] = -100
+    q = rng.random((n, c, s)).astype(dtype)
+    w = rng.uniform(0.5, 2, c)
+    gs = np.broadcast_to(np.float64(1.0), (n, s))
+    res = {}
+    for name, k in BACKENDS.items():
+        for eps in (0.0, 0.1):
+            res[name, "index", eps] = _run_index(k, x, t, w, -100, eps, gs, True, 2)
+            res[name, "proba", eps] = _run_proba(k, x, q, w, eps, gs, True, 2)
+        for log in (False, True):
+            out = np.empty_like(x)
+            k.softmax(x, log, out, 2)
+            res[name, "softmax", log] = (out,)
+        lse = np.empty((n, s))
+        k.logsumexp(x, lse, 2)
+        res[name, "lse", None] = (lse,)
+    for key in {key[1:] for key in res}:
+        for a, b in zip(res[("numba",) + key], res[("cython",) + key]):
+            _same_nan_and_close(a, b, dtype, str(key))
