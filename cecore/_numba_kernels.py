@@ -21,6 +21,7 @@ only dtype-specific code is the exp polynomial, picked by an ``@overload`` at co
 """
 
 import threading
+import types as types_module
 
 import numba
 import numpy as np
@@ -199,9 +200,17 @@ def _ol_cast_like(value, like):
 
 
 def _jit(fn):
-    """Compile ``fn`` twice: parallel (prange runs on threads) and serial (prange = range)."""
+    """Compile ``fn`` twice: parallel (prange runs on threads) and serial (prange = range).
+
+    The serial copy gets its own name: Numba's on-disk cache keys functions by name and
+    line, not by ``parallel``, so with one name both would load whichever compiled first
+    (and a forked child would run OpenMP code after all).
+    """
+    serial_fn = types_module.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                          fn.__defaults__, fn.__closure__)
+    serial_fn.__qualname__ = fn.__qualname__ + "_serial"
     parallel = njit(parallel=True, fastmath=_FASTMATH, cache=True)(fn)
-    serial = njit(parallel=False, fastmath=_FASTMATH, cache=True)(fn)
+    serial = njit(parallel=False, fastmath=_FASTMATH, cache=True)(serial_fn)
     return parallel, serial
 
 
@@ -244,10 +253,10 @@ def _row_dot(a, b):
 
 
 # ---------------------------------------------------------------- class-index targets
-def _index_rows(x, target, weight, ignore_index, eps, grad_scale, loss_out, grad_out):
+def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
+                grad_out):
     n_rows, n_classes = x.shape
     want_grad = grad_out.shape[0] != 0
-    w_total = weight.sum()
     smooth = eps / n_classes
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         scratch = np.empty(0 if want_grad else n_classes, dtype=x.dtype)
@@ -362,8 +371,8 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
                 grad_scale[pos0 + j] * (1.0 - eps) * weight[t], m[0])
 
 
-def _index_tiles(x, target, weight, ignore_index, eps, grad_scale, loss_out, grad_out,
-                 n_samples, n_classes, n_pos):
+def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
+                 grad_out, n_samples, n_classes, n_pos):
     """Tiled kernel on flat arrays.
 
     ``n_pos > 1``: x is the flat (N, C, S) array and tiles run along S in place.
@@ -372,7 +381,6 @@ def _index_tiles(x, target, weight, ignore_index, eps, grad_scale, loss_out, gra
     loops still run along positions instead of along rows shorter than a vector.
     """
     want_grad = grad_out.shape[0] != 0
-    w_total = weight.sum()
     transpose = n_pos == 1
     tiles_per_sample = (n_pos + TILE - 1) // TILE
     n_tiles = (n_samples + TILE - 1) // TILE if transpose else n_samples * tiles_per_sample
@@ -511,15 +519,25 @@ def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos):
                     out[off + j] = out[off + j] * shift[j]
 
 
+@_helper
+def _infinite_lse(x, base, stride, n_classes, m):
+    """log-sum-exp when the max ``m`` is infinite: ``m`` itself (as torch and scipy give,
+    not inf - inf), unless a NaN is among the values."""
+    for c in range(n_classes):
+        v = x[base + c * stride]
+        if v != v:
+            return np.float64(v)
+    return np.float64(m)
+
+
 def _logsumexp_rows(x, out):
     n_rows, n_classes = x.shape
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         scratch = np.empty(n_classes, dtype=x.dtype)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             m = _row_max(x[i])
-            # An infinite max is the answer itself (as torch and scipy give), not inf - inf.
             if np.isinf(m):
-                out[i] = m
+                out[i] = _infinite_lse(x[i], 0, 1, n_classes, m)
             else:
                 out[i] = np.float64(m) + np.log(_row_sumexp(x[i], m, scratch))
 
@@ -534,9 +552,12 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos):
         s = np.empty(TILE, dtype=np.float64)
         _tile_max_sumexp(x, n * n_classes * n_pos + s0, n_pos, n_classes, width, m, s,
                          np.empty(0, dtype=x.dtype), False, np.empty(TILE, dtype=x.dtype))
+        base = n * n_classes * n_pos + s0
         for j in range(width):
-            inf = np.isinf(m[j])  # an infinite max is the answer itself
-            out[n * n_pos + s0 + j] = m[j] if inf else np.float64(m[j]) + np.log(s[j])
+            if np.isinf(m[j]):
+                out[n * n_pos + s0 + j] = _infinite_lse(x, base + j, n_pos, n_classes, m[j])
+            else:
+                out[n * n_pos + s0 + j] = np.float64(m[j]) + np.log(s[j])
 
 
 # ------------------------------------------------------------------ binary (sigmoid)
@@ -615,13 +636,16 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
                      loss_out, grad_out, n_threads):
     n, c, s = logits.shape
     empty = _no_grad(grad_out)
+    # Summed here: inside a parallel kernel, weight.sum() would become a parallel
+    # reduction whose order depends on the thread count.
+    w_total = float(np.sum(weight))
     if s == 1 and c > _config.SMALL_C:
         _run("index_rows", n_threads, logits.reshape(n, c), target.reshape(n), weight,
-             int(ignore_index), float(label_smoothing), _flat(grad_scale),
+             w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),
              loss_out.reshape(n), _empty(logits, 2) if empty else grad_out.reshape(n, c))
     else:
         _run("index_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
-             int(ignore_index), float(label_smoothing), _flat(grad_scale),
+             w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),
              loss_out.reshape(-1), _empty(logits, 1) if empty else grad_out.reshape(-1),
              n, c, s)
 

@@ -116,6 +116,8 @@ def index_target(target, input_shape, n_classes, ignore_index):
             "probability targets must have the same shape as the input"
         )
     if len(input_shape) == 1:
+        # torch's forward also takes a (1,) target here, but its backward then fails;
+        # cecore accepts only the scalar, for the loss and the gradient alike.
         if t.ndim != 0:
             raise ValueError(
                 f"for unbatched input of shape {input_shape} the target must be a scalar "
@@ -147,9 +149,17 @@ def index_target(target, input_shape, n_classes, ignore_index):
                 )
     if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
         raise IndexError("Target is out of bounds for int64")
-    return np.ascontiguousarray(t, dtype=np.int64).reshape(
-        1 if len(input_shape) == 1 else input_shape[0], -1
-    )
+    # Explicit (N, S): reshape(N, -1) cannot infer S when N == 0.
+    if len(input_shape) == 1:
+        positions = (1, 1)
+    else:
+        positions = (input_shape[0], int(np.prod(input_shape[2:], dtype=np.int64)))
+    return np.ascontiguousarray(t, dtype=np.int64).reshape(positions)
+
+
+def loss_shape(input_shape):
+    """Shape of the unreduced loss: () for unbatched ``(C,)`` input, else ``(N, d1, ..., dK)``."""
+    return tuple(input_shape[:1]) + tuple(input_shape[2:]) if len(input_shape) > 1 else ()
 
 
 def grad_output_array(grad_output, reduction, loss_shape):

@@ -113,12 +113,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             t3 = np.asarray(t_raw.T, dtype=dtype).reshape(x3.shape)
         else:
             t3 = np.ascontiguousarray(t_raw, dtype=dtype).reshape(x3.shape)
-        loss_shape = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
         denominator = np.float64(x3.shape[0] * x3.shape[2])
     else:
         t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
         x3, fortran = V.canonical(x, class_axis, dtype)
-        loss_shape = t_raw.shape
         if reduction == "mean":
             valid = t2[t2 != ignore_index]
             denominator = np.float64(_reduce.fixed_sum(w[valid]) if valid.size else 0.0)
@@ -126,6 +124,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             denominator = np.float64(1.0)
 
     positions = (x3.shape[0], x3.shape[2])
+    loss_shape = V.loss_shape(x.shape)
     loss_out = np.empty(positions, dtype=np.float64)
     if return_grad:
         g = V.grad_output_array(grad_output, reduction, loss_shape)
@@ -179,14 +178,18 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     loss_out = -w_t * picked.astype(np.float64)
     loss_out[~keep] = 0.0
     denominator = np.float64(_reduce.fixed_sum(w_t)) if reduction == "mean" else np.float64(1.0)
-    loss = _reduce_loss(loss_out, reduction, denominator, t_raw.shape, out_dtype)
+    loss = _reduce_loss(loss_out, reduction, denominator, V.loss_shape(x.shape), out_dtype)
     if not return_grad:
         return loss
-    g = V.grad_output_array(grad_output, reduction, t_raw.shape)
+    g = V.grad_output_array(grad_output, reduction, V.loss_shape(x.shape))
     scale = _grad_scale(g, reduction, denominator, positions)
     grad, grad3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
     grad3[...] = 0
-    np.put_along_axis(grad3, safe_t[:, None, :], (-w_t * scale)[:, None, :].astype(dtype), axis=1)
+    # Ignored targets get exactly 0, even when 'mean' divided by a zero total weight
+    # (as torch: its backward skips them rather than multiplying by a zero weight).
+    with np.errstate(invalid="ignore"):
+        picked_grad = np.where(keep, -w_t * scale, 0.0)
+    np.put_along_axis(grad3, safe_t[:, None, :], picked_grad[:, None, :].astype(dtype), axis=1)
     return loss, grad.astype(out_dtype, copy=False)
 
 

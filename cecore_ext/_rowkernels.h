@@ -350,11 +350,20 @@ CEC_KERNEL void CEC_FN(cec_softmax_row)(const T *x, ptrdiff_t n, int log_, T *ou
     }
 }
 
-/* An infinite max is the answer itself (as torch and scipy give), not inf - inf. */
+/* An infinite max is the answer itself (as torch and scipy give), not inf - inf,
+ * unless a NaN is there too. Returns m, or NaN. Only runs for an infinite max. */
+CEC_INLINE double CEC_FN(cec_infinite_lse)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                           T m) {
+    for (ptrdiff_t c = 0; c < n; c++)
+        if (isnan(x[c * stride]))
+            return (double)x[c * stride];
+    return (double)m;
+}
+
 CEC_KERNEL double CEC_FN(cec_logsumexp_row)(const T *x, ptrdiff_t n) {
     const T m = CEC_FN(cec_row_max)(x, n);
     if (isinf(m))
-        return (double)m;
+        return CEC_FN(cec_infinite_lse)(x, n, 1, m);
     return (double)m + log(CEC_FN(cec_row_sumexp)(x, m, NULL, n));
 }
 
@@ -521,8 +530,9 @@ CEC_KERNEL void CEC_FN(cec_logsumexp_tile)(const T *x, ptrdiff_t n, ptrdiff_t st
     T m[CEC_TILE];
     double s[CEC_TILE];
     CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, NULL);
-    for (ptrdiff_t j = 0; j < width; j++)   /* an infinite max is the answer */
-        out[j] = isinf(m[j]) ? (double)m[j] : (double)m[j] + log(s[j]);
+    for (ptrdiff_t j = 0; j < width; j++)
+        out[j] = isinf(m[j]) ? CEC_FN(cec_infinite_lse)(x + j, n, stride, m[j])
+                             : (double)m[j] + log(s[j]);
 }
 
 #undef T

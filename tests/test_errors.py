@@ -1,0 +1,147 @@
+"""Bad input: wherever torch raises, cecore raises a ValueError/IndexError/TypeError that
+says what is wrong. Each case first checks that torch rejects the same input."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import cecore
+
+X = np.random.default_rng(0).standard_normal((4, 3))
+T = np.array([0, 1, 2, 1])
+P = np.full((4, 3), 1 / 3)
+
+
+def _t(a):
+    return torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a
+
+
+def _torch(name):
+    fn = {"cross_entropy": TF.cross_entropy, "nll_loss": TF.nll_loss,
+          "binary_cross_entropy_with_logits": TF.binary_cross_entropy_with_logits}[name]
+
+    def call(x, t, **kw):
+        return fn(_t(x), _t(t), **{k: _t(v) for k, v in kw.items()})
+    return call
+
+
+CASES = [
+    # (function, input, target, kwargs, exception, message pattern)
+    ("cross_entropy", X, np.array([0, 1, 3, 1]), {}, IndexError, r"Target 3 is out of bounds"),
+    ("cross_entropy", X, np.array([0, -1, 2, 1]), {}, IndexError, r"Target -1 is out of bounds"),
+    ("cross_entropy", X, np.array([0, 1, 2, 1]), {"ignore_index": 1, "weight": np.ones(3)},
+     None, None),  # sanity: a valid call
+    ("cross_entropy", X, np.array([0, 1, 2]), {}, ValueError, r"batch_size \(4\).*batch_size \(3\)"),
+    ("cross_entropy", np.zeros((2, 3, 4)), np.zeros((2, 5), np.int64), {}, ValueError,
+     r"spatial shape"),
+    ("cross_entropy", np.zeros((2, 3, 4)), np.zeros((2,), np.int64), {}, ValueError,
+     r"target of shape \(2,\) does not match input of shape \(2, 3, 4\)"),
+    ("cross_entropy", X, np.zeros((4, 2), np.int64), {}, ValueError, r"does not match input"),
+    ("cross_entropy", np.zeros(3), np.array([0, 1]), {}, ValueError, r"unbatched"),
+    ("cross_entropy", X, T.astype(np.float64), {}, TypeError, r"class-index targets must be integers"),
+    ("cross_entropy", X, np.ones((4, 3), np.int64), {}, TypeError, r"probabilities and must be floating"),
+    ("cross_entropy", X, T, {"weight": np.ones(4)}, ValueError, r"weight.*all 3 classes"),
+    ("cross_entropy", X, T, {"weight": np.ones((1, 3))}, ValueError, r"weight.*all 3 classes"),
+    ("cross_entropy", X, P, {"ignore_index": 0}, ValueError, r"ignore_index is not supported"),
+    ("cross_entropy", X, T, {"label_smoothing": 1.5}, ValueError, r"label_smoothing must be between"),
+    ("cross_entropy", X, T, {"reduction": "avg"}, ValueError, r"'avg' is not a valid value for reduction"),
+    ("cross_entropy", X.astype(np.int64), T, {}, TypeError, r"input must be a floating point"),
+    ("cross_entropy", np.float64(1.0), np.int64(0), {}, ValueError, r"class dimension"),
+    ("nll_loss", X, np.array([0, 1, 5, 1]), {}, IndexError, r"Target 5 is out of bounds"),
+    ("nll_loss", X, np.array([0, 1]), {}, ValueError, r"batch_size"),
+    ("nll_loss", X, T.astype(np.float32), {}, TypeError, r"integers"),
+    ("nll_loss", X, T, {"weight": np.ones(2)}, ValueError, r"weight"),
+    ("nll_loss", X, T, {"reduction": "mean "}, ValueError, r"reduction"),
+    ("nll_loss", X.astype(np.int32), T, {}, TypeError, r"floating point"),
+    ("binary_cross_entropy_with_logits", X, np.ones((4, 2)), {}, ValueError,
+     r"Target size \(\(4, 2\)\) must be the same as input size \(\(4, 3\)\)"),
+    ("binary_cross_entropy_with_logits", X, np.ones((4, 3), np.int64), {}, TypeError,
+     r"target must be floating point"),
+    ("binary_cross_entropy_with_logits", X, P, {"weight": np.ones(4)}, ValueError,
+     r"weight of shape \(4,\) cannot be broadcast"),
+    ("binary_cross_entropy_with_logits", X, P, {"pos_weight": np.ones(4)}, ValueError,
+     r"pos_weight of shape \(4,\) cannot be broadcast"),
+    ("binary_cross_entropy_with_logits", X, P, {"reduction": "max"}, ValueError, r"reduction"),
+    ("binary_cross_entropy_with_logits", X.astype(np.int64), P, {}, TypeError, r"floating point"),
+]
+
+
+@pytest.mark.parametrize("name,x,target,kwargs,exc,match", CASES)
+def test_bad_input_like_torch(backend, name, x, target, kwargs, exc, match):
+    if exc is None:
+        _torch(name)(x, target, **kwargs)
+        getattr(cecore, name)(x, target, backend=backend, **kwargs)
+        return
+    with pytest.raises(Exception):
+        _torch(name)(x, target, **kwargs)
+    with pytest.raises(exc, match=match):
+        getattr(cecore, name)(x, target, backend=backend, **kwargs)
+    with pytest.raises(exc, match=match):  # the gradient path validates the same way
+        getattr(cecore, name)(x, target, backend=backend, return_grad=True, **kwargs)
+
+
+@pytest.mark.parametrize("label_smoothing", [-0.1, 1.0001, float("nan")])
+def test_label_smoothing_outside_unit_interval(backend, label_smoothing):
+    # torch 2.13 accepts some negative values silently; cecore always rejects them.
+    with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0"):
+        cecore.cross_entropy(X, T, label_smoothing=label_smoothing, backend=backend)
+
+
+def test_huge_unsigned_targets(backend):
+    # beyond int64 (torch has no uint64 targets): still an IndexError, never a wrap-around
+    target = np.array([0, 1, 2**63 + 1, 1], dtype=np.uint64)
+    with pytest.raises(IndexError, match="out of bounds"):
+        cecore.cross_entropy(X, target, backend=backend)
+    with pytest.raises(IndexError, match="out of bounds"):
+        cecore.nll_loss(X, target, backend=backend, return_grad=True)
+
+
+def test_grad_output_shape(backend):
+    xt = torch.from_numpy(X.copy()).requires_grad_(True)
+    loss = TF.cross_entropy(xt, torch.from_numpy(T), reduction="none")
+    with pytest.raises(RuntimeError):
+        loss.backward(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"grad_output must have the loss's shape \(4,\)"):
+        cecore.cross_entropy(X, T, reduction="none", return_grad=True, grad_output=np.ones(3),
+                             backend=backend)
+    with pytest.raises(ValueError, match="grad_output must be a scalar"):
+        cecore.cross_entropy(X, T, return_grad=True, grad_output=np.ones(4), backend=backend)
+    with pytest.raises(ValueError, match="grad_output must be a scalar"):
+        cecore.binary_cross_entropy_with_logits(X, P, return_grad=True, grad_output=np.ones(2),
+                                                backend=backend)
+    with pytest.raises(TypeError, match="grad_output must be numeric"):
+        cecore.nll_loss(X, T, return_grad=True, grad_output="one", backend=backend)
+
+
+def test_bad_backend_and_threads(backend):
+    with pytest.raises(ValueError, match="backend must be 'auto', 'cython' or 'numba'"):
+        cecore.cross_entropy(X, T, backend="jax")
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="n_threads must be"):
+            cecore.cross_entropy(X, T, backend=backend, n_threads=bad)
+    for bad in (1.5, "2", True):
+        with pytest.raises(TypeError, match="n_threads must be None or an int"):
+            cecore.cross_entropy(X, T, backend=backend, n_threads=bad)
+
+
+def test_softmax_bad_axis(backend):
+    for fn, ref in ((cecore.softmax, torch.softmax), (cecore.log_softmax, torch.log_softmax),
+                    (cecore.logsumexp, torch.logsumexp)):
+        with pytest.raises(IndexError):
+            ref(torch.from_numpy(X), 2)
+        with pytest.raises(ValueError, match="axis 2 is out of bounds"):
+            fn(X, axis=2, backend=backend)
+        with pytest.raises(TypeError, match="axis must be an int"):
+            fn(X, axis=1.0, backend=backend)
+        with pytest.raises(TypeError, match="floating point"):
+            fn(X.astype(np.complex128), backend=backend)
+
+
+def test_errors_leave_no_partial_state(backend):
+    # A rejected call must not poison later ones (e.g. a half-initialised thread pool).
+    with pytest.raises(IndexError):
+        cecore.cross_entropy(X, np.array([0, 1, 9, 1]), backend=backend, n_threads=2)
+    expected = TF.cross_entropy(torch.from_numpy(X), torch.from_numpy(T)).item()
+    np.testing.assert_allclose(cecore.cross_entropy(X, T, backend=backend, n_threads=2),
+                               expected, rtol=1e-10)

@@ -1,0 +1,467 @@
+"""cecore's functional API and loss classes against torch (the semantic oracle).
+
+Each test computes torch's loss and ``input.grad`` (after ``loss.backward(grad_output)``)
+on the same data and compares, for both backends.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as TF
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cecore
+from oracle import (
+    assert_close, check_result, random_index_target, random_proba_target, torch_bce,
+    torch_cross_entropy, torch_nll_loss,
+)
+
+REDUCTIONS = ["mean", "sum", "none"]
+DTYPES = [np.float32, np.float64]
+
+
+def _grad_output(rng, reduction, loss_shape):
+    if reduction == "none":
+        return rng.standard_normal(loss_shape)
+    return np.float64(rng.uniform(0.5, 2.0))
+
+
+# ------------------------------------------------------------- class-index targets
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 5, 2), (4, 1), (6, 40)])
+def test_cross_entropy_index(backend, rng, dtype, reduction, use_weight, label_smoothing, shape):
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    n_classes = shape[1]
+    t_shape = shape[:1] + shape[2:]
+    target = random_index_target(rng, t_shape, n_classes, ignore_index=-100, p_ignore=0.3)
+    weight = rng.uniform(0.2, 3.0, n_classes) if use_weight else None
+    g = _grad_output(rng, reduction, t_shape)
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+    expected = torch_cross_entropy(x, target, grad_output=g, **kw)
+    assert_close(cecore.cross_entropy(x, target, backend=backend, **kw), expected[0], dtype)
+    result = cecore.cross_entropy(x, target, return_grad=True, grad_output=g,
+                                  backend=backend, **kw)
+    check_result(result, expected, dtype)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 2, -1])
+def test_cross_entropy_ignore_index_values(backend, rng, ignore_index):
+    x = rng.standard_normal((30, 4))
+    target = random_index_target(rng, (30,), 4, ignore_index, p_ignore=0.3)
+    for kw in (dict(), dict(label_smoothing=0.2, weight=rng.uniform(0.5, 2, 4))):
+        expected = torch_cross_entropy(x, target, ignore_index=ignore_index, **kw)
+        result = cecore.cross_entropy(x, target, ignore_index=ignore_index, return_grad=True,
+                                      backend=backend, **kw)
+        check_result(result, expected, np.float64)
+
+
+def test_cross_entropy_unbatched(backend, rng):
+    x = rng.standard_normal(6)
+    for target in (np.int64(3), 3, np.array(5, dtype=np.int16)):
+        for kw in (dict(), dict(label_smoothing=0.1, weight=rng.uniform(0.5, 2, 6))):
+            expected = torch_cross_entropy(x, target, **kw)
+            result = cecore.cross_entropy(x, target, return_grad=True, backend=backend, **kw)
+            check_result(result, expected, np.float64)
+            assert np.shape(result[0]) == ()
+    proba = random_proba_target(rng, (6,), class_axis=0)
+    for reduction in REDUCTIONS:
+        expected = torch_cross_entropy(x, proba, reduction=reduction)
+        result = cecore.cross_entropy(x, proba, reduction=reduction, return_grad=True,
+                                      backend=backend)
+        check_result(result, expected, np.float64)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_targets_ignored(backend, rng, reduction):
+    x = rng.standard_normal((5, 3, 2))
+    target = np.full((5, 2), -100)
+    for kw in (dict(), dict(label_smoothing=0.2), dict(weight=rng.uniform(0.5, 2, 3))):
+        expected = torch_cross_entropy(x, target, reduction=reduction, **kw)
+        result = cecore.cross_entropy(x, target, reduction=reduction, return_grad=True,
+                                      backend=backend, **kw)
+        check_result(result, expected, np.float64)
+        nll_kw = {"weight": kw["weight"]} if "weight" in kw else {}
+        expected = torch_nll_loss(x, target, reduction=reduction, **nll_kw)
+        result = cecore.nll_loss(x, target, reduction=reduction, return_grad=True,
+                                 backend=backend, **nll_kw)
+        check_result(result, expected, np.float64)
+
+
+def test_empty_batch(backend):
+    x = np.zeros((0, 4))
+    for reduction in REDUCTIONS:
+        expected = torch_cross_entropy(x, np.zeros(0, np.int64), reduction=reduction)
+        result = cecore.cross_entropy(x, np.zeros(0, np.int64), reduction=reduction,
+                                      return_grad=True, backend=backend)
+        check_result(result, expected, np.float64)
+
+
+# ---------------------------------------------------------- class-probability targets
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.25])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 4, 5), (5, 50)])
+def test_cross_entropy_proba(backend, rng, dtype, reduction, use_weight, label_smoothing, shape):
+    x = (2 * rng.standard_normal(shape)).astype(dtype)
+    target = random_proba_target(rng, shape, dtype)
+    weight = rng.uniform(0.2, 3.0, shape[1]) if use_weight else None
+    g = _grad_output(rng, reduction, shape[:1] + shape[2:])
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+    expected = torch_cross_entropy(x, target, grad_output=g, **kw)
+    result = cecore.cross_entropy(x, target, return_grad=True, grad_output=g, backend=backend, **kw)
+    check_result(result, expected, dtype)
+
+
+def test_proba_targets_not_normalised_and_negative_ignore_index(backend, rng):
+    # Probability targets need not sum to 1; a negative ignore_index is accepted.
+    x = rng.standard_normal((4, 3))
+    target = rng.random((4, 3)) * 3
+    expected = torch_cross_entropy(x, target, ignore_index=-5)
+    check_result(cecore.cross_entropy(x, target, ignore_index=-5, return_grad=True,
+                                      backend=backend), expected, np.float64)
+
+
+# ----------------------------------------------------------------------------- nll
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(8, 5), (3, 4, 2, 3), (5,)])
+def test_nll_loss(backend, rng, reduction, shape):
+    x = TF.log_softmax(torch.from_numpy(rng.standard_normal(shape)), dim=0 if len(shape) == 1 else 1).numpy()
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    t_shape = () if len(shape) == 1 else shape[:1] + shape[2:]
+    target = random_index_target(rng, t_shape, n_classes, 1, p_ignore=0.3 if t_shape else 0)
+    weight = rng.uniform(0.3, 2.0, n_classes)
+    g = _grad_output(rng, reduction, t_shape)
+    for kw in (dict(), dict(weight=weight), dict(weight=weight, ignore_index=1)):
+        expected = torch_nll_loss(x, target, reduction=reduction, grad_output=g, **kw)
+        result = cecore.nll_loss(x, target, reduction=reduction, return_grad=True,
+                                 grad_output=g, backend=backend, **kw)
+        check_result(result, expected, np.float64)
+        assert_close(cecore.nll_loss(x, target, reduction=reduction, backend=backend, **kw),
+                     expected[0])
+
+
+def test_nll_of_log_softmax_is_cross_entropy(backend, rng):
+    x = rng.standard_normal((10, 6))
+    target = rng.integers(0, 6, 10)
+    logp = cecore.log_softmax(x, backend=backend)
+    assert_close(cecore.nll_loss(logp, target, backend=backend),
+                 torch_cross_entropy(x, target)[0])
+
+
+# ----------------------------------------------------------------------------- BCE
+BCE_SHAPES = [((6, 4), (4,), (6, 4)), ((6, 4), (1,), (4,)), ((3, 2, 5), (5,), (2, 1)),
+              ((7,), (), (7,)), ((), (), ())]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shapes", BCE_SHAPES)
+def test_bce_with_logits(backend, rng, dtype, reduction, shapes):
+    shape, pw_shape, w_shape = shapes
+    x = (4 * rng.standard_normal(shape)).astype(dtype)
+    y = rng.random(shape).astype(dtype)
+    g = _grad_output(rng, reduction, shape)
+    for kw in (dict(), dict(pos_weight=rng.uniform(0.5, 5, pw_shape)),
+               dict(weight=rng.uniform(0.5, 2, w_shape), pos_weight=rng.uniform(0.5, 5, pw_shape))):
+        expected = torch_bce(x, y, reduction=reduction, grad_output=g, **kw)
+        result = cecore.binary_cross_entropy_with_logits(
+            x, y, reduction=reduction, return_grad=True, grad_output=g, backend=backend, **kw)
+        check_result(result, expected, dtype)
+
+
+def test_bce_extreme_logits(backend):
+    x = np.array([-1000.0, -50.0, -1e-8, 0.0, 1e-8, 50.0, 1000.0, np.inf, -np.inf, np.nan])
+    y = np.array([0.0, 1.0, 0.5, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    for reduction in ("none", "sum"):
+        expected = torch_bce(x, y, reduction=reduction, pos_weight=np.full(10, 3.0))
+        result = cecore.binary_cross_entropy_with_logits(
+            x, y, reduction=reduction, pos_weight=np.full(10, 3.0), return_grad=True,
+            backend=backend)
+        check_result(result, expected, np.float64)
+
+
+# ------------------------------------------------------------ softmax family, perplexity
+@pytest.mark.parametrize("dtype", DTYPES + [np.float16])
+@pytest.mark.parametrize("shape,axis", [((5, 7), -1), ((5, 7), 0), ((3, 4, 6), 1), ((2, 300, 3), 1),
+                                        ((9,), 0), ((4, 2, 3, 5), -2)])
+def test_softmax_family(backend, rng, dtype, shape, axis):
+    x = (5 * rng.standard_normal(shape)).astype(dtype)
+    xt = torch.from_numpy(x.astype(np.float32) if dtype == np.float16 else x)
+    for fn, ref in ((cecore.softmax, torch.softmax), (cecore.log_softmax, torch.log_softmax),
+                    (cecore.logsumexp, torch.logsumexp)):
+        out = fn(x, axis=axis, backend=backend)
+        assert out.dtype == dtype
+        assert_close(out, ref(xt, axis).numpy().astype(dtype), dtype)
+
+
+def test_softmax_extremes(backend):
+    x = np.array([[0.0, 1e4, -1e4], [-np.inf, 0.0, 1.0], [np.nan, 0.0, 1.0],
+                  [np.inf, 0.0, 1.0], [-np.inf, -np.inf, -np.inf], [800.0, 800.0, -800.0],
+                  [np.inf, np.nan, 0.0], [0.0, np.nan, -np.inf], [np.inf, -np.inf, 0.0]])
+    xt = torch.from_numpy(x)
+    assert_close(cecore.softmax(x, backend=backend), torch.softmax(xt, 1).numpy())
+    assert_close(cecore.log_softmax(x, backend=backend), torch.log_softmax(xt, 1).numpy())
+    assert_close(cecore.logsumexp(x, backend=backend), torch.logsumexp(xt, 1).numpy())
+    # the same rows through the K-dim (tiled) path
+    x3 = np.repeat(x[:, :, None], 3, axis=2)
+    xt3 = torch.from_numpy(x3)
+    assert_close(cecore.softmax(x3, axis=1, backend=backend), torch.softmax(xt3, 1).numpy())
+    assert_close(cecore.log_softmax(x3, axis=1, backend=backend),
+                 torch.log_softmax(xt3, 1).numpy())
+    assert_close(cecore.logsumexp(x3, axis=1, backend=backend), torch.logsumexp(xt3, 1).numpy())
+
+
+def test_softmax_integer_input_is_float64(backend):
+    x = np.arange(12).reshape(3, 4)
+    out = cecore.log_softmax(x, backend=backend)
+    assert out.dtype == np.float64
+    assert_close(out, torch.log_softmax(torch.from_numpy(x).double(), 1).numpy())
+
+
+def test_perplexity(backend, rng):
+    x = rng.standard_normal((40, 11))
+    target = random_index_target(rng, (40,), 11, -100, p_ignore=0.25)
+    expected = torch.exp(TF.cross_entropy(torch.from_numpy(x), torch.from_numpy(target))).item()
+    result = cecore.perplexity(x, target, backend=backend)
+    assert isinstance(result, float)
+    assert_close(result, expected)
+    target[target == -100] = 7
+    expected = torch.exp(TF.cross_entropy(torch.from_numpy(x), torch.from_numpy(target),
+                                          ignore_index=7)).item()
+    assert_close(cecore.perplexity(x, target, ignore_index=7, backend=backend), expected)
+
+
+# ------------------------------------------------------------------ dtypes and inputs
+@pytest.mark.parametrize("tdtype", [np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                    np.uint16, np.uint32, np.uint64])
+def test_target_integer_dtypes(backend, rng, tdtype):
+    x = rng.standard_normal((12, 5))
+    target = rng.integers(0, 5, 12).astype(tdtype)
+    expected = torch_cross_entropy(x, target.astype(np.int64), weight=np.arange(1, 6.0))
+    check_result(cecore.cross_entropy(x, target, weight=np.arange(1, 6.0), return_grad=True,
+                                      backend=backend), expected, np.float64)
+    check_result(cecore.nll_loss(x, target, return_grad=True, backend=backend),
+                 torch_nll_loss(x, target.astype(np.int64)), np.float64)
+    if np.dtype(tdtype).kind == "i":  # ignore_index in a narrow signed dtype
+        target[::3] = -100
+        check_result(cecore.cross_entropy(x, target, return_grad=True, backend=backend),
+                     torch_cross_entropy(x, target.astype(np.int64)), np.float64)
+
+
+def test_float16_input_computed_in_float32(backend, rng):
+    x = (3 * rng.standard_normal((20, 6))).astype(np.float16)
+    target = rng.integers(0, 6, 20)
+    loss, grad = cecore.cross_entropy(x, target, label_smoothing=0.1, return_grad=True,
+                                      backend=backend)
+    e_loss, e_grad = torch_cross_entropy(x.astype(np.float32), target, label_smoothing=0.1)
+    assert loss.dtype == np.float16 and grad.dtype == np.float16
+    # One float16 rounding of the float32 result: equal or one ulp apart.
+    np.testing.assert_array_max_ulp(loss, e_loss.astype(np.float16), maxulp=1)
+    np.testing.assert_array_max_ulp(grad, e_grad.astype(np.float16), maxulp=1)
+    y = rng.random((20, 6)).astype(np.float16)
+    loss, grad = cecore.binary_cross_entropy_with_logits(x, y, return_grad=True, backend=backend)
+    e_loss, e_grad = torch_bce(x.astype(np.float32), y.astype(np.float32))
+    np.testing.assert_array_max_ulp(loss, e_loss.astype(np.float16), maxulp=1)
+    np.testing.assert_array_max_ulp(grad, e_grad.astype(np.float16), maxulp=1)
+
+
+def test_input_kinds(backend, rng, tmp_path):
+    base = rng.standard_normal((9, 4))
+    target = rng.integers(0, 4, 9)
+    expected = torch_cross_entropy(base, target, label_smoothing=0.1)
+    path = tmp_path / "x.npy"
+    np.save(path, base)
+    raw = np.memmap(tmp_path / "x.raw", dtype=np.float64, mode="w+", shape=base.shape)
+    raw[:] = base
+    raw.flush()
+    readonly = base.copy()
+    readonly.flags.writeable = False
+    t_readonly = target.copy()
+    t_readonly.flags.writeable = False
+    inputs = {
+        "list": (base.tolist(), target.tolist()),
+        "readonly": (readonly, t_readonly),
+        "np.load mmap": (np.load(path, mmap_mode="r"), target),
+        "np.memmap r": (np.memmap(tmp_path / "x.raw", dtype=np.float64, mode="r",
+                                  shape=base.shape), target),
+        "torch": (torch.from_numpy(base), torch.from_numpy(target)),
+        "torch requires_grad": (torch.from_numpy(base.copy()).requires_grad_(True),
+                                torch.from_numpy(target)),
+        "fortran": (np.asfortranarray(base), target),
+        "strided": (np.repeat(base, 2, axis=0)[::2], np.repeat(target, 3)[::3]),
+        "transposed": (np.ascontiguousarray(base.T).T, target),
+    }
+    for name, (x, t) in inputs.items():
+        loss, grad = cecore.cross_entropy(x, t, label_smoothing=0.1, return_grad=True,
+                                          backend=backend)
+        check_result((loss, grad), expected, np.float64)
+        assert type(grad) is np.ndarray, name
+
+
+def test_class_weight_kinds(backend, rng):
+    x = rng.standard_normal((9, 4))
+    target = rng.integers(0, 4, 9)
+    w = np.array([1, 2, 3, 4])
+    expected = torch_cross_entropy(x, target, weight=w.astype(float))
+    for weight in (w, w.tolist(), w.astype(np.float32), torch.from_numpy(w.astype(float))):
+        check_result(cecore.cross_entropy(x, target, weight=weight, return_grad=True,
+                                          backend=backend), expected, np.float64)
+
+
+def test_zero_class_weights(backend, rng):
+    # The targets all have weight 0: torch gives nan for 'mean'.
+    x = rng.standard_normal((6, 3))
+    target = np.array([0, 0, 1, 1, 0, 1])
+    weight = np.array([0.0, 0.0, 2.0])
+    for reduction in REDUCTIONS:
+        expected = torch_cross_entropy(x, target, weight=weight, reduction=reduction)
+        check_result(cecore.cross_entropy(x, target, weight=weight, reduction=reduction,
+                                          return_grad=True, backend=backend), expected, np.float64)
+
+
+def test_nonfinite_logits(backend):
+    inf, nan = np.inf, np.nan
+    x = np.array([[nan, 0.0, 1.0], [inf, 0.0, 1.0], [-inf, 0.0, 1.0], [0.0, -inf, 1.0],
+                  [-inf, -inf, -inf], [inf, inf, 0.0], [1e300, -1e300, 0.0], [0.5, 1.5, -0.5]])
+    target = np.array([1, 2, 1, 1, 0, 2, 1, 0])
+    x3 = np.repeat(x[:, :, None], 3, axis=2)  # the same rows through the K-dim path
+    t3 = np.repeat(target[:, None], 3, axis=1)
+    for xx, tt in ((x, target), (x3, t3), (x.astype(np.float32), target)):
+        for kw in (dict(reduction="none"), dict(reduction="sum"),
+                   dict(reduction="none", label_smoothing=0.2, weight=np.array([1.0, 2.0, 0.5]))):
+            expected = torch_cross_entropy(xx, tt, **kw)
+            result = cecore.cross_entropy(xx, tt, return_grad=True, backend=backend, **kw)
+            check_result(result, expected, xx.dtype)
+        proba = np.full(xx.shape, 1 / 3, dtype=xx.dtype)
+        expected = torch_cross_entropy(xx, proba, reduction="none")
+        check_result(cecore.cross_entropy(xx, proba, reduction="none", return_grad=True,
+                                          backend=backend), expected, xx.dtype)
+
+
+# -------------------------------------------------------------------------- classes
+def test_loss_classes(backend, rng):
+    x = rng.standard_normal((10, 4, 3))
+    target = random_index_target(rng, (10, 3), 4, 2, p_ignore=0.2)
+    weight = rng.uniform(0.5, 2.0, 4)
+    g = rng.standard_normal((10, 3))
+    ours = cecore.CrossEntropyLoss(weight=weight, ignore_index=2, reduction="none",
+                                   label_smoothing=0.15, backend=backend, n_threads=2)
+    theirs = nn.CrossEntropyLoss(weight=torch.from_numpy(weight), ignore_index=2,
+                                 reduction="none", label_smoothing=0.15)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    e_loss = theirs(xt, torch.from_numpy(target))
+    e_loss.backward(torch.from_numpy(g))
+    assert_close(ours(x, target), e_loss.detach().numpy())
+    assert_close(ours.forward(x, target), e_loss.detach().numpy())
+    check_result(ours.loss_and_grad(x, target, g), (e_loss.detach().numpy(), xt.grad.numpy()),
+                 np.float64)
+
+    logp = TF.log_softmax(torch.from_numpy(x), 1).numpy()
+    ours = cecore.NLLLoss(weight=weight, ignore_index=2, backend=backend)
+    theirs = nn.NLLLoss(weight=torch.from_numpy(weight), ignore_index=2)
+    check_result(ours.loss_and_grad(logp, target), torch_nll_loss(logp, target, weight, 2),
+                 np.float64)
+    assert_close(ours(logp, target), theirs(torch.from_numpy(logp), torch.from_numpy(target)).numpy())
+
+    y = rng.random((10, 4, 3))
+    pw = rng.uniform(1, 4, 3)
+    ours = cecore.BCEWithLogitsLoss(pos_weight=pw, reduction="sum", backend=backend)
+    theirs = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(pw), reduction="sum")
+    assert_close(ours(x, y), theirs(torch.from_numpy(x), torch.from_numpy(y)).numpy())
+    check_result(ours.loss_and_grad(x, y, 0.5), torch_bce(x, y, reduction="sum", pos_weight=pw,
+                                                         grad_output=0.5), np.float64)
+
+
+@pytest.mark.parametrize("size_average", [None, True, False])
+@pytest.mark.parametrize("reduce", [None, True, False])
+def test_legacy_reduction_arguments(backend, rng, size_average, reduce):
+    x = rng.standard_normal((6, 3))
+    target = rng.integers(0, 3, 6)
+    y = rng.random((6, 3))
+    with pytest.warns(UserWarning) if (size_average, reduce) != (None, None) else _nothing():
+        pairs = [
+            (cecore.CrossEntropyLoss(size_average=size_average, reduce=reduce, backend=backend),
+             nn.CrossEntropyLoss(size_average=size_average, reduce=reduce), target),
+            (cecore.NLLLoss(size_average=size_average, reduce=reduce, backend=backend),
+             nn.NLLLoss(size_average=size_average, reduce=reduce), target),
+            (cecore.BCEWithLogitsLoss(size_average=size_average, reduce=reduce, backend=backend),
+             nn.BCEWithLogitsLoss(size_average=size_average, reduce=reduce), y),
+        ]
+    for ours, theirs, t in pairs:
+        assert ours.reduction == theirs.reduction
+        assert_close(ours(x, t), theirs(torch.from_numpy(x), torch.from_numpy(t)).numpy())
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------------ hypothesis
+@st.composite
+def ce_problems(draw):
+    n = draw(st.integers(0, 6))
+    c = draw(st.integers(1, 7))
+    spatial = tuple(draw(st.lists(st.integers(1, 4), max_size=2)))
+    unbatched = not spatial and draw(st.booleans())
+    shape = (c,) if unbatched else (n, c) + spatial
+    dtype = draw(st.sampled_from(DTYPES))
+    proba = draw(st.booleans())
+    options = dict(
+        reduction=draw(st.sampled_from(REDUCTIONS)),
+        label_smoothing=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+    )
+    if draw(st.booleans()):
+        options["weight"] = np.array(draw(st.lists(st.floats(0.1, 4.0), min_size=c, max_size=c)))
+    if not proba:
+        options["ignore_index"] = draw(st.sampled_from([-100, 0, c - 1]))
+    return shape, dtype, proba, options, draw(st.integers(0, 2 ** 32 - 1))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=ce_problems())
+def test_cross_entropy_hypothesis(backend, problem):
+    shape, dtype, proba, options, seed = problem
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    class_axis = 0 if len(shape) == 1 else 1
+    if proba:
+        target = random_proba_target(rng, shape, dtype, class_axis)
+        loss_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    else:
+        loss_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+        target = random_index_target(rng, loss_shape, shape[class_axis], options["ignore_index"],
+                                     p_ignore=0.2)
+    g = _grad_output(rng, options["reduction"], loss_shape)
+    expected = torch_cross_entropy(x, target, grad_output=g, **options)
+    result = cecore.cross_entropy(x, target, return_grad=True, grad_output=g, backend=backend,
+                                  n_threads=2, **options)
+    check_result(result, expected, dtype)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(1, 5), max_size=3).map(tuple),
+       reduction=st.sampled_from(REDUCTIONS), use_w=st.booleans(), use_pw=st.booleans(),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_bce_hypothesis(backend, shape, reduction, use_w, use_pw, seed):
+    rng = np.random.default_rng(seed)
+    x = 5 * rng.standard_normal(shape)
+    y = rng.random(shape)
+    # weight broadcasts from a random suffix of the shape with some dims set to 1
+    w = rng.uniform(0.1, 3, tuple(d if rng.random() < 0.5 else 1 for d in shape[rng.integers(0, len(shape) + 1):])) if use_w else None
+    pw = rng.uniform(0.1, 5, shape[-1:]) if use_pw else None
+    g = _grad_output(rng, reduction, shape)
+    expected = torch_bce(x, y, weight=w, reduction=reduction, pos_weight=pw, grad_output=g)
+    result = cecore.binary_cross_entropy_with_logits(
+        x, y, weight=w, reduction=reduction, pos_weight=pw, return_grad=True, grad_output=g,
+        backend=backend)
+    check_result(result, expected, np.float64)

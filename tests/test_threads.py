@@ -1,0 +1,111 @@
+"""Threads: results independent of n_threads (bit for bit), safe under concurrent Python
+threads, and usable in a child process forked after the parent ran parallel kernels."""
+
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
+import joblib  # a scikit-learn dependency
+import numpy as np
+import pytest
+
+import cecore
+from oracle import torch_cross_entropy, check_result
+
+SHAPES = [(3000, 50), (300, 1000), (6, 7, 40, 30)]
+
+
+def _problem(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal(shape)).astype(np.float32 if seed % 2 else np.float64)
+    t_shape = shape[:1] + shape[2:]
+    target = rng.integers(0, shape[1], t_shape)
+    target[rng.random(t_shape) < 0.1] = -100
+    weight = rng.uniform(0.5, 2.0, shape[1])
+    return x, target, weight, rng.standard_normal(t_shape)
+
+
+def _same_bits(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_results_do_not_depend_on_n_threads(backend, shape):
+    x, target, weight, g = _problem(shape)
+    proba = np.abs(x[::-1]) / np.abs(x).sum(axis=1, keepdims=True).clip(1)
+    calls = {
+        "mean": lambda nt: cecore.cross_entropy(x, target, weight=weight, label_smoothing=0.1,
+                                                return_grad=True, backend=backend, n_threads=nt),
+        "sum": lambda nt: cecore.cross_entropy(x, target, reduction="sum", return_grad=True,
+                                               backend=backend, n_threads=nt),
+        "none": lambda nt: cecore.cross_entropy(x, target, reduction="none", grad_output=g,
+                                                return_grad=True, backend=backend, n_threads=nt),
+        "proba": lambda nt: cecore.cross_entropy(x, proba, return_grad=True, backend=backend,
+                                                 n_threads=nt),
+        "bce": lambda nt: cecore.binary_cross_entropy_with_logits(
+            x, proba, reduction="sum", return_grad=True, backend=backend, n_threads=nt),
+        "log_softmax": lambda nt: (cecore.log_softmax(x, axis=1, backend=backend, n_threads=nt),
+                                   cecore.logsumexp(x, axis=1, backend=backend, n_threads=nt)),
+    }
+    for name, call in calls.items():
+        reference = call(1)
+        for n_threads in (2, 3):
+            result = call(n_threads)
+            for a, b in zip(reference, result):
+                assert _same_bits(a, b), (name, n_threads)
+    # and the thread-independent answer is torch's
+    check_result(calls["mean"](2), torch_cross_entropy(x, target, weight=weight,
+                                                       label_smoothing=0.1), x.dtype)
+
+
+def _job(args):
+    shape, seed, backend = args
+    x, target, weight, g = _problem(shape, seed)
+    return cecore.cross_entropy(x, target, weight=weight, label_smoothing=0.05,
+                                reduction="none", grad_output=g, return_grad=True,
+                                backend=backend, n_threads=2)
+
+
+def test_concurrent_python_threads(backend):
+    jobs = [((200 + 37 * i, 20 + i) if i % 3 else (4, 5, 30, 20 + i), i, backend)
+            for i in range(40)]
+    serial = [_job(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(_job, jobs))
+    for (l1, g1), (l2, g2) in zip(serial, concurrent):
+        assert _same_bits(l1, l2) and _same_bits(g1, g2)
+
+
+def test_joblib_threading_backend(backend):
+    jobs = [((500 + 11 * i, 40), i, backend) for i in range(16)]
+    serial = [_job(job) for job in jobs]
+    with joblib.parallel_backend("threading", n_jobs=4):
+        concurrent = joblib.Parallel()(joblib.delayed(_job)(job) for job in jobs)
+    for (l1, g1), (l2, g2) in zip(serial, concurrent):
+        assert _same_bits(l1, l2) and _same_bits(g1, g2)
+
+
+def _child_run(backend):
+    from cecore import _config
+    x, target, weight, g = _problem((2000, 40), 3)
+    loss, grad = cecore.cross_entropy(x, target, weight=weight, return_grad=True,
+                                      backend=backend, n_threads=2)
+    return loss, grad, _config.default_n_threads()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX-only")
+def test_fork_after_parallel_kernels(backend):
+    x, target, weight, g = _problem((2000, 40), 3)
+    # Start the parent's thread pool (OpenMP / Numba) before forking.
+    expected = cecore.cross_entropy(x, target, weight=weight, return_grad=True,
+                                    backend=backend, n_threads=2)
+    cecore.cross_entropy(*_problem((50, 7, 30, 30))[:2], backend=backend, n_threads=2)
+    ctx = multiprocessing.get_context("fork")
+    pool = ctx.Pool(1)
+    try:
+        loss, grad, child_threads = pool.apply_async(_child_run, (backend,)).get(timeout=60)
+    finally:
+        pool.terminate()
+        pool.join()
+    assert child_threads == 1
+    assert _same_bits(loss, expected[0]) and _same_bits(grad, expected[1])
