@@ -24,3 +24,25 @@ __all__ = [
     "available_backends", "binary_cross_entropy_with_logits", "cross_entropy",
     "log_softmax", "logsumexp", "nll_loss", "perplexity", "show_config", "softmax",
 ]
+
+# scikit-learn is imported only when its part of cecore is first used: `import cecore`
+# stays fast for scripts and the CLI that only need the losses.
+_LAZY = {"SoftmaxClassifier": ("cecore.classifier", "SoftmaxClassifier"),
+         "metrics": ("cecore.metrics", None), "batch": ("cecore.batch", None)}
+__all__ += ["SoftmaxClassifier", "batch", "metrics"]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cecore' has no attribute {name!r}")
+    import importlib
+
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -14,6 +14,17 @@ REDUCE_BLOCK = 8192
 # loops run across rows.
 SMALL_C = 32
 
+# With n_threads=None, a call gets one thread per this many logits (at least one):
+# below it, waking an OpenMP team costs more than the work (and far more on a busy
+# machine). An explicit n_threads is always honoured.
+MIN_ELEMENTS_PER_THREAD = 1 << 16
+
+# Below this many multiply-adds per BLAS product (n_samples * n_features * n_outputs),
+# SoftmaxClassifier.fit runs BLAS and the kernels on one thread unless n_threads is
+# given: waking threads costs more than such products, and on a busy machine spinning
+# OpenMP/BLAS workers slowed small fits down tenfold.
+SERIAL_FIT_WORK = 1 << 22
+
 _forked_child = False
 
 
@@ -54,10 +65,15 @@ def default_n_threads():
         return os.cpu_count() or 1
 
 
-def resolve_n_threads(n_threads):
-    """Validate a user's ``n_threads`` (None, or an int >= 1, or -1 for all CPUs)."""
+def resolve_n_threads(n_threads, n_elements=None):
+    """Validate a user's ``n_threads`` (None, or an int >= 1, or -1 for all CPUs).
+
+    For None, the default is capped by ``n_elements // MIN_ELEMENTS_PER_THREAD``.
+    """
     if n_threads is None:
-        return default_n_threads()
+        if n_elements is None:
+            return default_n_threads()
+        return max(1, min(default_n_threads(), n_elements // MIN_ELEMENTS_PER_THREAD))
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int,)) and not hasattr(
         n_threads, "__index__"
     ):

@@ -182,5 +182,5 @@ def grad_output_array(grad_output, reduction, loss_shape):
     return np.float64(g.reshape(()))
 
 
-def n_threads(value):
-    return _config.resolve_n_threads(value)
+def n_threads(value, n_elements=None):
+    return _config.resolve_n_threads(value, n_elements)

@@ -88,7 +88,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     x = V.float_input(input)
     reduction = V.check_reduction(reduction)
     eps = V.check_label_smoothing(label_smoothing)
-    threads = V.n_threads(n_threads)
+    threads = V.n_threads(n_threads, x.size)
     kernels = get_backend(backend)
     if x.ndim == 0:
         raise ValueError("input must have a class dimension: expected shape (C,), (N, C) or (N, C, d1, ...)")
@@ -218,7 +218,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     """
     x = V.float_input(input)
     reduction = V.check_reduction(reduction)
-    threads = V.n_threads(n_threads)
+    threads = V.n_threads(n_threads, x.size)
     kernels = get_backend(backend)
     t = V._to_numpy(target)
     if t.shape != x.shape:
@@ -268,7 +268,7 @@ def _softmax(x, axis, log, backend, n_threads):
     dtype = V.compute_dtype(x.dtype)
     x3, fortran = V.canonical(x, axis, dtype)
     out, out3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
-    get_backend(backend).softmax(x3, log, out3, V.n_threads(n_threads))
+    get_backend(backend).softmax(x3, log, out3, V.n_threads(n_threads, x.size))
     return out.astype(x.dtype, copy=False)
 
 
@@ -291,7 +291,7 @@ def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
     dtype = V.compute_dtype(x.dtype)
     x3, _ = V.canonical(x, axis, dtype)
     out = np.empty((x3.shape[0], x3.shape[2]), dtype=np.float64)
-    get_backend(backend).logsumexp(x3, out, V.n_threads(n_threads))
+    get_backend(backend).logsumexp(x3, out, V.n_threads(n_threads, x.size))
     return out.reshape(x.shape[:axis] + x.shape[axis + 1:]).astype(x.dtype)
 
 

@@ -1,0 +1,285 @@
+"""SoftmaxClassifier: scikit-learn's estimator checks, and LogisticRegression as the oracle.
+
+Objectives are evaluated by ``naive_objective`` below (float64 NumPy, written for the
+test), gradients against finite differences, probabilities against scipy.special.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.special import expit, log_softmax, logsumexp, softmax
+from sklearn import datasets
+from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from threadpoolctl import threadpool_limits
+
+from cecore import SoftmaxClassifier
+from cecore.classifier import _LinearObjective
+
+
+def naive_objective(X, y, coef, intercept, C, sample_weight=None):
+    """``C * sum_i s_i l_i + ||coef||^2 / 2`` of a linear classifier, in float64."""
+    classes = np.unique(y)
+    t = np.searchsorted(classes, y)
+    s = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, float)
+    Z = np.asarray(X, dtype=np.float64) @ coef.T + intercept
+    if coef.shape[0] == 1:
+        z = Z[:, 0]
+        loss = np.logaddexp(0.0, z) - (t == 1) * z
+    else:
+        loss = logsumexp(Z, axis=1) - Z[np.arange(len(t)), t]
+    return C * np.dot(s, loss) + 0.5 * np.sum(coef ** 2)
+
+
+def load(name):
+    X, y = getattr(datasets, f"load_{name}")(return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+def tight_pair(C=1.0, **params):
+    lr = LogisticRegression(C=C, tol=1e-10, max_iter=10000, **params)
+    ce = SoftmaxClassifier(C=C, tol=1e-10, max_iter=10000, **params)
+    return lr, ce
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    # The data are small; BLAS threads only add noise on a shared 2-core machine.
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+# -- scikit-learn's estimator checks --------------------------------------------------------
+
+ESTIMATORS = [SoftmaxClassifier(),
+              SoftmaxClassifier(C=0.5, class_weight="balanced", backend="numba")]
+
+
+@parametrize_with_checks(ESTIMATORS)
+def test_sklearn_estimator_checks(estimator, check):
+    name = getattr(check, "func", check).__name__
+    if name == "check_array_api_input" and not os.environ.get("SCIPY_ARRAY_API"):
+        # scipy reads SCIPY_ARRAY_API once at import, so this check would only skip here:
+        # run it in a fresh interpreter that has the variable set.
+        code = (
+            "from sklearn.utils.estimator_checks import check_estimator\n"
+            "from cecore import SoftmaxClassifier\n"
+            f"est = {estimator!r}\n"
+            "res = [r for r in check_estimator(est, on_fail=None)"
+            " if r['check_name'] == 'check_array_api_input']\n"
+            "assert res and all(r['status'] == 'passed' for r in res), res\n"
+        )
+        env = dict(os.environ, SCIPY_ARRAY_API="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), env.get("PYTHONPATH")]))
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return
+    check(estimator)
+
+
+# -- agreement with LogisticRegression ------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["iris", "wine", "digits", "breast_cancer"])
+def test_matches_logistic_regression(name):
+    X, y = load(name)
+    lr, ce = tight_pair()
+    lr.fit(X, y)
+    ce.fit(X, y)
+    assert ce.coef_.shape == lr.coef_.shape
+    obj_lr = naive_objective(X, y, lr.coef_, lr.intercept_, 1.0)
+    obj_ce = naive_objective(X, y, ce.coef_, ce.intercept_, 1.0)
+    assert obj_ce <= obj_lr * (1 + 1e-9)
+    np.testing.assert_allclose(obj_ce, obj_lr, rtol=1e-9)
+    np.testing.assert_allclose(ce.coef_, lr.coef_, atol=1e-4 * np.abs(lr.coef_).max())
+    np.testing.assert_allclose(ce.intercept_, lr.intercept_, atol=1e-4 * max(1, np.abs(lr.intercept_).max()))
+    np.testing.assert_allclose(ce.predict_proba(X), lr.predict_proba(X), atol=1e-5)
+    np.testing.assert_array_equal(ce.predict(X), lr.predict(X))
+    # the recorded curve ends at the objective, in fit's scaling
+    np.testing.assert_allclose(ce.loss_curve_[-1] * 1.0 * len(y), obj_ce, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["iris", "breast_cancer"])
+@pytest.mark.parametrize("params", [
+    dict(C=0.01), dict(C=30.0), dict(fit_intercept=False), dict(class_weight="balanced"),
+    dict(class_weight="dict"),
+])
+def test_matches_logistic_regression_options(name, params):
+    X, y = load(name)
+    if params.get("class_weight") == "dict":
+        params = dict(class_weight={c: 1.0 + i for i, c in enumerate(np.unique(y))})
+    rng = np.random.default_rng(0)
+    sw = rng.uniform(0.2, 3.0, size=len(y))
+    lr, ce = tight_pair(**params)
+    lr.fit(X, y, sample_weight=sw)
+    ce.fit(X, y, sample_weight=sw)
+    C = params.get("C", 1.0)
+    s = sw.copy()
+    if "class_weight" in params:
+        cw = params["class_weight"]
+        if cw == "balanced":  # n / (k * weighted class count), as scikit-learn computes it
+            counts = np.array([sw[y == c].sum() for c in np.unique(y)])
+            cw = dict(zip(np.unique(y), sw.sum() / (len(counts) * counts)))
+        s *= np.array([cw[v] for v in y])
+    obj_lr = naive_objective(X, y, lr.coef_, lr.intercept_, C, s)
+    obj_ce = naive_objective(X, y, ce.coef_, ce.intercept_, C, s)
+    np.testing.assert_allclose(obj_ce, obj_lr, rtol=1e-9)
+    np.testing.assert_allclose(ce.predict_proba(X), lr.predict_proba(X), atol=1e-5)
+
+
+def test_sample_weight_equals_repetition():
+    X, y = load("iris")
+    rng = np.random.default_rng(1)
+    reps = rng.integers(0, 3, size=len(y))
+    _, a = tight_pair()
+    _, b = tight_pair()
+    a.fit(X, y, sample_weight=reps)
+    b.fit(np.repeat(X, reps, axis=0), np.repeat(y, reps))
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-6, atol=1e-8)
+
+
+def test_sparse_and_float32():
+    X, y = load("digits")
+    dense = SoftmaxClassifier(tol=1e-8, max_iter=1000).fit(X, y)
+    sparse = SoftmaxClassifier(tol=1e-8, max_iter=1000).fit(sp.csr_matrix(X), y)
+    np.testing.assert_allclose(naive_objective(X, y, sparse.coef_, sparse.intercept_, 1.0),
+                               naive_objective(X, y, dense.coef_, dense.intercept_, 1.0), rtol=1e-10)
+    np.testing.assert_allclose(sparse.coef_, dense.coef_, atol=1e-4)
+    np.testing.assert_allclose(sparse.predict_proba(sp.csr_matrix(X)), dense.predict_proba(X), atol=1e-5)
+    X32 = X.astype(np.float32)
+    single = SoftmaxClassifier(tol=1e-5, max_iter=1000).fit(X32, y)
+    assert single.decision_function(X32).dtype == np.float32
+    obj64 = naive_objective(X, y, dense.coef_, dense.intercept_, 1.0)
+    obj32 = naive_objective(X, y, single.coef_, single.intercept_, 1.0)
+    assert abs(obj32 - obj64) <= 1e-3 * obj64
+
+
+@pytest.mark.parametrize("n_outputs", [1, 4])
+def test_objective_gradient_finite_differences(n_outputs):
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(40, 5))
+    y = rng.integers(0, 2 if n_outputs == 1 else n_outputs, size=40)
+    sw = rng.uniform(0.5, 2, size=40)
+    obj = _LinearObjective(X, y, sw, 0.7, n_outputs, True, "auto", 1)
+    params = rng.normal(size=obj.n_params)
+    value, grad = obj.loss_gradient(params)
+    h = 1e-6
+    numeric = np.array([(obj.loss_gradient(params + h * e)[0] - obj.loss_gradient(params - h * e)[0]) / (2 * h)
+                        for e in np.eye(obj.n_params)])
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+    # and the value is the naive objective scaled by 1 / (C * sum(s))
+    W, b = obj.unpack(params)
+    expected = naive_objective(X, y, W.T, b, 0.7, sw) / (0.7 * sw.sum())
+    np.testing.assert_allclose(value, expected, rtol=1e-12)
+
+
+def test_probabilities_are_stable():
+    X, y = load("iris")
+    clf = SoftmaxClassifier(C=1e4, tol=1e-8, max_iter=2000).fit(X, y)
+    X_far = X * 1e3  # logits in the thousands: naive exp would overflow
+    logits = clf.decision_function(X_far)
+    assert np.isfinite(clf.predict_log_proba(X_far)).all()
+    np.testing.assert_allclose(clf.predict_log_proba(X_far), log_softmax(logits, axis=1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(clf.predict_proba(X_far), softmax(logits, axis=1), atol=1e-15)
+
+    Xb, yb = load("breast_cancer")
+    binary = SoftmaxClassifier().fit(Xb, yb)
+    z = binary.decision_function(Xb * 100)
+    assert z.shape == (len(yb),)
+    proba = binary.predict_proba(Xb * 100)
+    np.testing.assert_allclose(proba[:, 1], expit(z), rtol=1e-12)
+    np.testing.assert_allclose(proba[:, 0], expit(-z), rtol=1e-12)  # not 1 - p: exact tails
+    np.testing.assert_allclose(binary.predict_log_proba(Xb * 100)[:, 0], -np.logaddexp(0, z),
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_convergence_warning_and_warm_start():
+    X, y = load("digits")
+    with pytest.warns(ConvergenceWarning, match="failed to converge"):
+        SoftmaxClassifier(max_iter=3).fit(X, y)
+    clf = SoftmaxClassifier(tol=1e-6, max_iter=1000, warm_start=True).fit(X, y)
+    first = clf.n_iter_
+    clf.set_params(C=1.1).fit(X, y)
+    assert clf.n_iter_ < first
+
+
+def test_bad_parameters_and_labels():
+    X, y = load("iris")
+    with pytest.raises(ValueError, match="C must be"):
+        SoftmaxClassifier(C=-1).fit(X, y)
+    with pytest.raises(ValueError, match="class_weight"):
+        SoftmaxClassifier(class_weight="weird").fit(X, y)
+    with pytest.raises(ValueError, match="only one class"):
+        SoftmaxClassifier().fit(X, np.zeros(len(y)))
+    with pytest.raises(ValueError, match="Unknown label type"):
+        SoftmaxClassifier().fit(X, y + 0.5)
+
+
+def test_pipeline_gridsearch_clone_pickle_pandas():
+    pd = pytest.importorskip("pandas")
+    X, y = datasets.load_wine(return_X_y=True)
+    frame = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
+    pipe = make_pipeline(StandardScaler(), SoftmaxClassifier())
+    search = GridSearchCV(pipe, {"softmaxclassifier__C": [0.1, 1.0]}, cv=3).fit(frame, y)
+    assert search.best_score_ > 0.9
+    model = SoftmaxClassifier().fit(frame, y)
+    assert list(model.feature_names_in_) == list(frame.columns)
+    restored = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(restored.predict_proba(frame), model.predict_proba(frame))
+    fresh = clone(model)
+    assert not hasattr(fresh, "coef_") and fresh.get_params() == model.get_params()
+    assert cross_val_score(SoftmaxClassifier(), StandardScaler().fit_transform(X), y, cv=3).mean() > 0.9
+
+
+# -- partial_fit ----------------------------------------------------------------------------
+
+def test_partial_fit_converges_towards_fit_on_a_stream():
+    X, y = datasets.make_classification(40000, 20, n_informative=10, n_classes=5, random_state=0)
+    best = SoftmaxClassifier(tol=1e-8, max_iter=1000).fit(X, y)
+    optimum = naive_objective(X, y, best.coef_, best.intercept_, 1.0)
+    stream = SoftmaxClassifier()
+    gaps = []
+    for i, chunk in enumerate(np.array_split(np.arange(len(y)), 40)):
+        stream.partial_fit(X[chunk], y[chunk], classes=np.unique(y))
+        if i in (0, 9, 39):
+            gaps.append(naive_objective(X, y, stream.coef_, stream.intercept_, 1.0) / optimum - 1)
+    assert gaps[0] > gaps[1] > gaps[2] >= 0
+    assert gaps[2] < 0.01
+    assert abs(stream.score(X, y) - best.score(X, y)) < 0.01
+    assert stream.coef_.shape == best.coef_.shape and stream.n_iter_ == 160
+
+
+def test_partial_fit_binary_and_balanced():
+    X, y = load("breast_cancer")
+    best = SoftmaxClassifier(class_weight="balanced").fit(X, y)
+    stream = SoftmaxClassifier(class_weight="balanced")
+    for chunk in np.array_split(np.random.default_rng(0).permutation(len(y)), 5):
+        stream.partial_fit(X[chunk], y[chunk], classes=[0, 1])
+    assert stream.coef_.shape == (1, X.shape[1])
+    assert stream.score(X, y) > best.score(X, y) - 0.03
+
+
+def test_partial_fit_errors_and_missing_classes():
+    X, y = load("iris")
+    with pytest.raises(ValueError, match="classes must be passed"):
+        SoftmaxClassifier().partial_fit(X, y)
+    clf = SoftmaxClassifier().partial_fit(X[y == 0], y[y == 0], classes=[0, 1, 2])
+    assert clf.coef_.shape == (3, X.shape[1])
+    clf.partial_fit(X[y == 2], y[y == 2])  # a chunk with another single class
+    with pytest.raises(ValueError, match="not in classes_"):
+        clf.partial_fit(X[:5], np.full(5, 7))
+    with pytest.raises(ValueError, match="not the same"):
+        clf.partial_fit(X, y, classes=[0, 1])
+    with pytest.raises(ValueError, match="features"):
+        clf.partial_fit(X[:, :2], y)

@@ -1,0 +1,209 @@
+"""cecore.metrics against scikit-learn's log_loss (the oracle), and the scorers in CV."""
+
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+from sklearn.datasets import load_iris
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.model_selection import GridSearchCV, KFold, cross_val_score, cross_validate
+from sklearn.preprocessing import StandardScaler
+
+from cecore import SoftmaxClassifier
+from cecore.metrics import (log_loss, log_loss_from_logits, make_cross_entropy_scorer,
+                            neg_log_loss_scorer)
+
+pd = pytest.importorskip("pandas")
+torch = pytest.importorskip("torch")
+
+P2 = [[.5, .5], [.1, .9], [.3, .7]]
+CASES = {
+    "continuous labels": ([0.5, 1.5, 0.5], P2),
+    "mixed object labels": (np.array([1, "a", 1], dtype=object), P2),
+    "mixed list labels": ([1, "a", 1], P2),
+    "indicator 2 columns": (np.array([[1, 0], [0, 1]]), [[.5, .5], [.2, .8]]),
+    "multilabel indicator": (np.array([[1, 0, 1], [0, 1, 1]]), [[.3, .3, .4], [.5, .2, .3]]),
+    "multiclass multioutput": (np.array([[1, 2], [0, 1]]), [[.5, .5], [.5, .5]]),
+    "integral float labels, 1-D proba": (np.array([1., 0., 1.]), [.2, .3, .4]),
+    "empty": ([], []),
+    "3-D proba": ([0, 1], np.ones((2, 2, 1)) * .5),
+    "nan": ([0, 1], [[np.nan, .5], [.5, .5]]),
+    "inf": ([0, 1], [[np.inf, .5], [.5, .5]]),
+    "greater than 1": ([0, 1], [[1.5, .5], [.5, .5]]),
+    "lower than 0": ([0, 1], [[-.5, .5], [.5, .5]]),
+    "strings": (["spam", "ham", "ham", "spam"], [[.1, .9], [.9, .1], [.8, .2], [.35, .65]]),
+    "y_proba None": ([0, 1], None),
+    "duplicate labels": ([0, 1], [[.5, .5], [.5, .5]], dict(labels=[1, 0, 1])),
+    "unsorted labels": ([0, 1], [[.5, .5], [.2, .8]], dict(labels=[1, 0])),
+    "label not in labels": ([0, 2], [[.5, .5], [.5, .5]], dict(labels=[0, 1])),
+    "one label in labels": ([0, 0], [[.5, .5], [.5, .5]], dict(labels=[0])),
+    "one label": ([0, 0], [[.5, .5], [.5, .5]]),
+    "labels with unseen class": ([0, 2], [[.2, .3, .5], [.1, .1, .8]], dict(labels=[0, 1, 2])),
+    "labels vs columns": ([0, 2], [[.2, .8], [.1, .9]], dict(labels=[0, 1, 2])),
+    "classes vs columns": ([0, 2, 1], [[.2, .8], [.1, .9], [.5, .5]]),
+    "bool labels": (np.array([True, False]), [[.5, .5], [.4, .6]]),
+    "sample_weight length": ([0, 1], [[.5, .5], [.5, .5]], dict(sample_weight=[1, 2, 3])),
+    "zero sample_weight": ([0, 1], [[.5, .5], [.5, .5]], dict(sample_weight=[0, 0])),
+    "sample_weight": ([0, 1, 1], P2, dict(sample_weight=[1, 2, 0.5])),
+    "sum with sample_weight": ([0, 1, 1], P2, dict(sample_weight=[1, 2, 0.5], normalize=False)),
+    "sum": ([0, 1, 1], P2, dict(normalize=False)),
+    "normalize not bool": ([0, 1, 1], P2, dict(normalize=1)),
+    "integer proba (clipped)": ([0, 1], [[0, 1], [1, 0]]),
+    "rows not summing to one": ([0, 1], [[.2, .3], [.4, .4]]),
+    "float32": ([0, 1, 2], np.array([[.2, .3, .5], [0, 1, 0], [.1, 0, .9]], np.float32)),
+    "float32 1-D": ([0, 1, 1], np.array([.2, 1, 0], np.float32)),
+    "pandas": (pd.Series(["x", "y", "x"]), pd.DataFrame([[.2, .8], [.1, .9], [.6, .4]])),
+    "pandas categorical": (pd.Series(["x", "y", "x"], dtype="category"),
+                           pd.DataFrame([[.2, .8], [.1, .9], [.6, .4]])),
+    "scalar": (0, .5),
+    "deprecated y_pred": ([0, 1], None, dict(y_pred=[[.5, .5], [.2, .8]])),
+    "y_pred and y_proba": ([0, 1], [[.5, .5], [.2, .8]], dict(y_pred=[[.5, .5], [.2, .8]])),
+    "fortran": ([0, 1, 2], np.asfortranarray([[.2, .3, .5], [0, 1, 0], [.1, 0, .9]])),
+    "strided": ([0, 1, 2], np.array([[.2, .3, .5, 9], [0, 1, 0, 9], [.1, 0, .9, 9]])[:, :3]),
+    "float16": ([0, 1, 2], np.array([[.2, .3, .5], [0, 1, 0], [.1, 0, .9]], np.float16)),
+}
+
+
+def outcome(fn, case):
+    y_true, y_proba, kwargs = (*case, {})[:3]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = fn(y_true, y_proba, **kwargs)
+        except Exception as exc:
+            result = (type(exc), str(exc))
+    return result, [(w.category, str(w.message)) for w in caught]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_same_values_warnings_and_errors_as_sklearn(name):
+    expected, expected_warnings = outcome(sk_log_loss, CASES[name])
+    got, got_warnings = outcome(log_loss, CASES[name])
+    assert got_warnings == expected_warnings
+    if isinstance(expected, tuple):
+        assert got == expected  # same exception type and message
+    else:
+        # float16: scikit-learn computes logs in float16, cecore in float64
+        rtol = 2e-3 if name == "float16" else 1e-6 if name.startswith("float32") else 1e-12
+        assert isinstance(got, float)
+        np.testing.assert_allclose(got, expected, rtol=rtol)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 17])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_random_probabilities(n_classes, dtype):
+    rng = np.random.default_rng(n_classes)
+    n = 5000
+    logits = rng.normal(scale=8, size=(n, n_classes))  # many probabilities clip
+    proba = np.exp(log_softmax(logits, axis=1)).astype(dtype)
+    y = rng.choice(np.array(list("abcdefghijklmnopq"))[:n_classes], size=n)
+    sw = rng.uniform(0, 2, size=n)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    for kwargs in [{}, dict(sample_weight=sw), dict(normalize=False, sample_weight=sw)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # float32 rows may not sum to one
+            np.testing.assert_allclose(log_loss(y, proba, **kwargs), sk_log_loss(y, proba, **kwargs), rtol=rtol)
+    if n_classes == 2:
+        np.testing.assert_allclose(log_loss(y, proba[:, 1]), sk_log_loss(y, proba[:, 1]), rtol=rtol)
+
+
+def test_memory_is_linear_in_samples():
+    rng = np.random.default_rng(0)
+    n, c = 20000, 200
+    proba = rng.dirichlet(np.ones(c), size=n)
+    y = rng.integers(0, c, size=n)
+    log_loss(y, proba)  # compile outside the measurement
+    tracemalloc.start()
+    value = log_loss(y, proba)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * n * 8  # a few float64/intp vectors; one n x c copy would be 25x more
+    assert value == pytest.approx(sk_log_loss(y, proba), rel=1e-12)
+
+
+def test_log_loss_from_logits_is_exact():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(300, 4))
+    y = rng.integers(0, 4, size=300)
+    np.testing.assert_allclose(log_loss_from_logits(y, logits),
+                               sk_log_loss(y, np.exp(log_softmax(logits, axis=1))), rtol=1e-12)
+    far = logits * 1000  # probabilities round to 0/1: log_loss clips, logits stay exact
+    exact = -log_softmax(far, axis=1)[np.arange(300), y]
+    sw = rng.uniform(size=300)
+    np.testing.assert_allclose(log_loss_from_logits(y, far, sample_weight=sw),
+                               np.average(exact, weights=sw), rtol=1e-12)
+    np.testing.assert_allclose(log_loss_from_logits(y, far, normalize=False), exact.sum(), rtol=1e-12)
+    z = rng.normal(scale=50, size=300)  # binary decision_function
+    yb = np.where(rng.random(300) < 0.5, "neg", "pos")
+    expected = np.mean(np.logaddexp(0, z) - (yb == "pos") * z)
+    np.testing.assert_allclose(log_loss_from_logits(yb, z), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="columns"):
+        log_loss_from_logits([0, 1, 2], logits[:3, :2])
+
+
+@pytest.fixture
+def iris():
+    X, y = load_iris(return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+def test_scorer_matches_sklearn_and_survives_missing_class(iris):
+    X, y = iris
+    cv = KFold(3, shuffle=True, random_state=0)
+    ours = cross_val_score(SoftmaxClassifier(), X, y, cv=cv, scoring=neg_log_loss_scorer)
+    theirs = cross_val_score(SoftmaxClassifier(), X, y, cv=cv, scoring="neg_log_loss")
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+    # test folds that miss class 2 (the models are trained on all three classes)
+    rng = np.random.default_rng(0)
+    splits = []
+    for _ in range(3):
+        test = rng.permutation(np.flatnonzero(y < 2))[:30]
+        splits.append((np.setdiff1d(np.arange(len(y)), test), test))
+    scores = cross_val_score(SoftmaxClassifier(), X, y, cv=splits, scoring=neg_log_loss_scorer,
+                             error_score="raise")
+    assert np.all(np.isfinite(scores)) and np.all(scores <= 0)
+    with pytest.raises(ValueError, match="different number of classes"):
+        cross_val_score(SoftmaxClassifier(), X, y, cv=splits, scoring="neg_log_loss",
+                        error_score="raise")
+    # the value is log_loss with labels=classes_ of the fold's model
+    train, test = splits[0]
+    model = SoftmaxClassifier().fit(X[train], y[train])
+    expected = -sk_log_loss(y[test], model.predict_proba(X[test]), labels=model.classes_)
+    assert scores[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_scorers_in_gridsearch_multimetric(iris):
+    X, y = iris
+    scoring = {"nll": neg_log_loss_scorer,
+               "smooth": make_cross_entropy_scorer(label_smoothing=0.1),
+               "logits": make_cross_entropy_scorer(from_logits=True),
+               "accuracy": "accuracy"}
+    search = GridSearchCV(SoftmaxClassifier(), {"C": [0.1, 1.0]}, scoring=scoring, refit="nll",
+                          cv=KFold(3, shuffle=True, random_state=1)).fit(X, y)
+    results = search.cv_results_
+    np.testing.assert_allclose(results["mean_test_logits"], results["mean_test_nll"], rtol=1e-6)
+    assert np.all(results["mean_test_smooth"] < results["mean_test_nll"])
+    res = cross_validate(SoftmaxClassifier(), X, y, cv=3, scoring=scoring)
+    assert np.all(np.isfinite(res["test_smooth"]))
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("binary", [False, True])
+def test_label_smoothing_scorer_matches_torch(iris, from_logits, binary):
+    X, y = iris
+    if binary:
+        X, y = X[y > 0], y[y > 0]
+    model = SoftmaxClassifier(C=0.5).fit(X, y)
+    logits = model.decision_function(X)
+    if logits.ndim == 1:
+        logits = np.column_stack([np.zeros_like(logits), logits])
+    if not from_logits:  # the scorer smooths clipped probabilities' logs
+        logits = np.log(np.clip(model.predict_proba(X), np.finfo(float).eps, 1 - np.finfo(float).eps))
+    target = torch.tensor(np.searchsorted(model.classes_, y))
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits), target, label_smoothing=0.2).item()
+    scorer = make_cross_entropy_scorer(label_smoothing=0.2, from_logits=from_logits)
+    assert scorer(model, X, y) == pytest.approx(-expected, rel=1e-10)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        make_cross_entropy_scorer(label_smoothing=1.5)
