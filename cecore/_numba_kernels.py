@@ -18,6 +18,10 @@ only dtype-specific code is the exp polynomial, picked by an ``@overload`` at co
   blocks of TILE rows transposed into an O(C * TILE) scratch tile.
 * Each kernel is compiled twice from one source: ``parallel=True`` for n_threads > 1 and
   serial for n_threads == 1 (and in forked children, where OpenMP pools are unsafe).
+* Every loop that reduces (sums over classes) lives in a ``@_helper`` function, which
+  Numba compiles and LLVM vectorises once, before both drivers inline it: the serial and
+  the parallel kernel then sum in the same order and agree bit for bit. (A reduction
+  written in a driver's own body is vectorised separately in each, possibly differently.)
 """
 
 import threading
@@ -253,48 +257,56 @@ def _row_dot(a, b):
 
 
 # ---------------------------------------------------------------- class-index targets
+@_helper
+def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad):
+    """Loss of one row with class-index target ``t``; with ``want_grad``, the gradient
+    (times gs) goes into ``g``, which otherwise is scratch for the exps."""
+    n_classes = row.shape[0]
+    smooth = eps / n_classes
+    m = _row_max(row)
+    s = _row_sumexp(row, m, g)
+    if ignored:
+        # As torch: gradient 0, or NaN where the row's softmax is NaN (NaN or +inf
+        # logits, or all -inf): s * 0 is exactly that.
+        zero = _cast_like(s * 0.0, m)
+        for c in range(n_classes):
+            g[c] = g[c] * zero
+        return 0.0
+    lse = np.float64(m) + np.log(s)
+    w_t = weight[t]
+    loss = (1.0 - eps) * w_t * (lse - row[t])
+    if eps > 0.0:
+        loss += smooth * (w_total * lse - _row_dot(row, weight))
+    if not want_grad:
+        return loss
+    coef = _cast_like(gs * ((1.0 - eps) * w_t + smooth * w_total) / s, m)
+    if eps > 0.0:
+        shift = gs * smooth
+        for c in range(n_classes):
+            g[c] = g[c] * coef - _cast_like(shift * weight[c], m)
+    else:
+        for c in range(n_classes):
+            g[c] = g[c] * coef
+    g[t] -= _cast_like(gs * (1.0 - eps) * w_t, m)
+    return loss
+
+
 def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
                 grad_out):
     n_rows, n_classes = x.shape
     want_grad = grad_out.shape[0] != 0
-    smooth = eps / n_classes
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        # Loss only: the exps go to a scratch row.
         scratch = np.empty(0 if want_grad else n_classes, dtype=x.dtype)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             t = target[i]
-            if t == ignore_index and not want_grad:
+            ignored = t == ignore_index
+            if ignored and not want_grad:
                 loss_out[i] = 0.0  # loss only: an ignored row is not even read
                 continue
-            row = x[i]
             g = grad_out[i] if want_grad else scratch
-            m = _row_max(row)
-            s = _row_sumexp(row, m, g)
-            if t == ignore_index:
-                # As torch: gradient 0, or NaN where the row's softmax is NaN (NaN or
-                # +inf logits, or all -inf): s * 0 is exactly that.
-                loss_out[i] = 0.0
-                zero = _cast_like(s * 0.0, m)
-                for c in range(n_classes):
-                    g[c] = g[c] * zero
-                continue
-            lse = np.float64(m) + np.log(s)
-            w_t = weight[t]
-            loss = (1.0 - eps) * w_t * (lse - row[t])
-            if eps > 0.0:
-                loss += smooth * (w_total * lse - _row_dot(row, weight))
-            loss_out[i] = loss
-            if not want_grad:
-                continue
-            gs = grad_scale[i]
-            coef = _cast_like(gs * ((1.0 - eps) * w_t + smooth * w_total) / s, m)
-            if eps > 0.0:
-                shift = gs * smooth
-                for c in range(n_classes):
-                    g[c] = g[c] * coef - _cast_like(shift * weight[c], m)
-            else:
-                for c in range(n_classes):
-                    g[c] = g[c] * coef
-            g[t] -= _cast_like(gs * (1.0 - eps) * w_t, m)
+            loss_out[i] = _index_row(x[i], t, weight, w_total, eps, grad_scale[i], g, ignored,
+                                     want_grad)
 
 
 @_helper
@@ -414,32 +426,38 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
 
 
 # --------------------------------------------------------- class-probability targets
+@_helper
+def _proba_row(row, q, weight, eps, gs, g, want_grad):
+    """Loss of one row with probability targets ``q``; with ``want_grad``, the gradient
+    (times gs) goes into ``g``, which otherwise is scratch for the exps."""
+    n_classes = row.shape[0]
+    smooth = eps / n_classes
+    m = _row_max(row)
+    s = _row_sumexp(row, m, g)
+    lse = np.float64(m) + np.log(s)
+    wq = 0.0
+    wqx = 0.0
+    for c in range(n_classes):
+        qc = weight[c] * ((1.0 - eps) * q[c] + smooth)
+        wq += qc
+        wqx += qc * row[c]
+    if not want_grad:
+        return wq * lse - wqx
+    coef = _cast_like(gs * wq / s, m)
+    for c in range(n_classes):
+        qc = weight[c] * ((1.0 - eps) * q[c] + smooth)
+        g[c] = g[c] * coef - _cast_like(gs * qc, m)
+    return wq * lse - wqx
+
+
 def _proba_rows(x, target, weight, eps, grad_scale, loss_out, grad_out):
     n_rows, n_classes = x.shape
     want_grad = grad_out.shape[0] != 0
-    smooth = eps / n_classes
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         scratch = np.empty(0 if want_grad else n_classes, dtype=x.dtype)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            row = x[i]
-            q = target[i]
             g = grad_out[i] if want_grad else scratch
-            m = _row_max(row)
-            s = _row_sumexp(row, m, g)
-            lse = np.float64(m) + np.log(s)
-            wq = 0.0
-            wqx = 0.0
-            for c in range(n_classes):
-                qc = (1.0 - eps) * q[c] + smooth
-                wq += weight[c] * qc
-                wqx += weight[c] * qc * row[c]
-            loss_out[i] = wq * lse - wqx
-            if want_grad:
-                gs = grad_scale[i]
-                coef = _cast_like(gs * wq / s, m)
-                for c in range(n_classes):
-                    qc = (1.0 - eps) * q[c] + smooth
-                    g[c] = g[c] * coef - _cast_like(gs * weight[c] * qc, m)
+            loss_out[i] = _proba_row(x[i], target[i], weight, eps, grad_scale[i], g, want_grad)
 
 
 def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out,

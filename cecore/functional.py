@@ -117,7 +117,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     else:
         t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
         x3, fortran = V.canonical(x, class_axis, dtype)
-        if reduction == "mean":
+        if reduction == "mean" and weight is None:
+            # The same value as the weighted sum below (integers are exact), with O(N)
+            # bytes instead of O(N) float64s.
+            denominator = np.float64(np.count_nonzero(t2 != ignore_index))
+        elif reduction == "mean":
             valid = t2[t2 != ignore_index]
             denominator = np.float64(_reduce.fixed_sum(w[valid]) if valid.size else 0.0)
         else:
