@@ -59,6 +59,12 @@
 #define CEC_KERNEL static __attribute__((noinline))
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define CEC_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define CEC_PREFETCH(p) ((void)0)
+#endif
+
 /* "#pragma omp simd" carrying an optional reduction clause, usable inside macros. */
 #define CEC_SIMD CEC_PRAGMA(omp simd)
 #define CEC_SIMD_SUM(v) CEC_PRAGMA(omp simd reduction(+:v))
@@ -103,30 +109,25 @@ CEC_INLINE const char *cec_compiler(void) { return CEC_COMPILER; }
 
 /* ------------------------------------------------------------------------- exp
  * exp(x) for x <= 0 or NaN (the argument is always x - rowmax), as
- * exp(x) = 2**k * P(r), r = x - k ln2, with the constants of _numba_kernels.py.
- * Written so that gcc and clang vectorise it, also for baseline SSE2:
- *  - k = round(x / ln2) comes from the "magic number" trick: adding 1.5 * 2**23
- *    (2**52 for double) rounds to an integer and leaves k in the low mantissa bits,
- *    so no float -> int conversion is needed (gcc 12 will not vectorise one that
- *    follows the clamp, and packed double -> int64 needs AVX-512). k is rounded to
- *    nearest-even where Numba uses floor(x / ln2 + 0.5); they differ only at exact
- *    ties, where both give |r| <= ln2 / 2 and the same exp to within an ulp.
- *  - k is computed from a NaN-free copy of x; the NaN itself propagates through r.
- *  - exp(x < min_x) is flushed to 0 by a final select; this relies on setup.py's
- *    -fno-trapping-math, without which gcc keeps the branchy form it makes of the
- *    two selects and does not vectorise the loop.
- */
+ * exp(x) = 2**k * P(r), r = x - k ln2, with the constants of _numba_kernels.py:
+ *  - x is first clamped from below (NaN passes: the comparison is false) so that r stays
+ *    finite for -inf;
+ *  - k = round(x / ln2) comes from the "magic number" trick: adding 1.5 * 2**23 (2**52
+ *    for double) rounds to an integer and leaves k in the low mantissa bits, so there is
+ *    no float -> int conversion (packed double -> int64 needs AVX-512);
+ *  - 2**k is built from exponent bits k + bias; for the smallest k this is 0, so
+ *    exp(x < -87.68) (double: < -708.7) is flushed to exactly 0 without a select;
+ *  - for NaN x the exponent bits are garbage (unsigned arithmetic: no undefined
+ *    behaviour) but P(r) is NaN, and so is the product.
+ * One straight line of arithmetic: gcc vectorises it in full (an earlier version with
+ * three selects made gcc evaluate the polynomial twice). */
 CEC_INLINE float cec_exp_f32(float x) {
-    const float min_x = -87.0f;
     const float magic = 12582912.0f;            /* 1.5 * 2**23 */
-    const float cl = x < min_x ? min_x : x;
-    const float fin = cl == cl ? cl : 0.0f;
-    const float t = fin * 1.44269504088896341f + magic;
-    const float k = t - magic;                  /* round(fin / ln2), exactly */
-    int32_t tbits;
-    memcpy(&tbits, &t, sizeof tbits);
+    x = x < -88.0f ? -88.0f : x;
+    const float t = x * 1.44269504088896341f + magic;
+    const float k = t - magic;                  /* round(x / ln2), exactly */
     /* Cody-Waite split of ln 2 and a degree-6 minimax polynomial (rel. err ~1.2e-7). */
-    const float r = cl - k * 0.693359375f - k * -2.12194440e-4f;
+    const float r = x - k * 0.693359375f - k * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
@@ -134,24 +135,21 @@ CEC_INLINE float cec_exp_f32(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    /* tbits - bits(magic) == k, in [-126, 0]: 2**k is a normal float. */
-    const int32_t bits = (tbits - 0x4B400000 + 127) << 23;
+    uint32_t tbits;
+    memcpy(&tbits, &t, sizeof tbits);
+    /* tbits - bits(magic) == k in [-127, 0]; biased exponent k + 127 in [0, 127]. */
+    const uint32_t bits = (tbits - UINT32_C(0x4B400000) + 127u) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    const float result = p * scale;
-    return x < min_x ? 0.0f : result;           /* flush exp(< -87) to 0 */
+    return p * scale;
 }
 
 CEC_INLINE double cec_exp_f64(double x) {
-    const double min_x = -708.0;
     const double magic = 6755399441055744.0;    /* 1.5 * 2**52 */
-    const double cl = x < min_x ? min_x : x;
-    const double fin = cl == cl ? cl : 0.0;
-    const double t = fin * 1.4426950408889634 + magic;
+    x = x < -709.0 ? -709.0 : x;
+    const double t = x * 1.4426950408889634 + magic;
     const double k = t - magic;
-    int64_t tbits;
-    memcpy(&tbits, &t, sizeof tbits);
-    const double r = cl - k * 6.93145751953125e-1 - k * 1.42860682030941723212e-6;
+    const double r = x - k * 6.93145751953125e-1 - k * 1.42860682030941723212e-6;
     /* Degree-13 Taylor polynomial: truncation error < 1e-17 on [-ln2/2, ln2/2]. */
     double p = r * (1.0 / 6227020800.0) + 1.0 / 479001600.0;
     p = p * r + 1.0 / 39916800.0;
@@ -165,12 +163,13 @@ CEC_INLINE double cec_exp_f64(double x) {
     p = p * r + 1.0 / 6.0;
     p = (p * r + 1.0 / 2.0) * r;
     p = p * r + r + 1.0;
-    /* k in [-1022, 0]: 2**k is a normal double. */
-    const int64_t bits = (tbits - INT64_C(0x4338000000000000) + 1023) << 52;
+    uint64_t tbits;
+    memcpy(&tbits, &t, sizeof tbits);
+    /* k in [-1023, 0]; biased exponent k + 1023 in [0, 1023]. */
+    const uint64_t bits = (tbits - UINT64_C(0x4338000000000000) + 1023u) << 52;
     double scale;
     memcpy(&scale, &bits, sizeof scale);
-    const double result = p * scale;
-    return x < min_x ? 0.0 : result;            /* flush exp(< -708) to 0 */
+    return p * scale;
 }
 
 /* Order-preserving integer keys of floats (see cec_row_max). */
@@ -238,20 +237,30 @@ CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
     return CEC_FN(cec_unkey)(m);
 }
 
-/* sum_c exp(x[c] - m) in float64; also stores exp(x[c] - m) in e[c] when e != NULL. */
+/* sum_c exp(x[c] - m) in float64; also stores exp(x[c] - m) in e[c] when e != NULL.
+ * Per block of CEC_TILE classes the exps are written (to e, or to scratch) by one loop
+ * and summed in float64 by another: fused, the float64 adds would set the vector width
+ * and halve the float32 exp's. The same two loops run with or without e, so loss-only
+ * and loss+gradient calls sum in the same order. */
 CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
+    T scratch[CEC_TILE];
     double s = 0.0;
-    if (e) {
+    for (ptrdiff_t b = 0; b < n; b += CEC_TILE) {
+        const ptrdiff_t len = n - b < CEC_TILE ? n - b : CEC_TILE;
+        T *dst = e ? e + b : scratch;
+        const T *xb = x + b;
+        /* Ask for the next row's matching cache lines while this block computes: the
+         * next row's max pass then reads from cache, and memory traffic overlaps with
+         * the exps instead of alternating with them (measured: 65536 x 1000 float32
+         * loss+grad 47 -> 40 ms on 2 threads). Past the last row a prefetch is harmless. */
+        for (ptrdiff_t i = 0; i < len; i += 64 / (ptrdiff_t)sizeof(T))
+            CEC_PREFETCH(xb + n + i);
+        CEC_SIMD
+        for (ptrdiff_t c = 0; c < len; c++)
+            dst[c] = EXP(xb[c] - m);
         CEC_SIMD_SUM(s)
-        for (ptrdiff_t c = 0; c < n; c++) {
-            const T v = EXP(x[c] - m);
-            e[c] = v;
-            s += v;
-        }
-    } else {
-        CEC_SIMD_SUM(s)
-        for (ptrdiff_t c = 0; c < n; c++)
-            s += EXP(x[c] - m);
+        for (ptrdiff_t c = 0; c < len; c++)
+            s += (double)dst[c];
     }
     return s;
 }
@@ -385,21 +394,17 @@ CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t s
         for (ptrdiff_t j = 0; j < width; j++)
             m[j] = xc[j] > m[j] ? xc[j] : m[j];   /* as the Numba tiles */
     }
+    /* exp and the float64 accumulation are separate loops (see cec_row_sumexp). */
+    T scratch[CEC_TILE];
     for (ptrdiff_t c = 0; c < n; c++) {
         const T *xc = x + c * stride;
-        if (e) {
-            T *ec = e + c * stride;
-            CEC_SIMD
-            for (ptrdiff_t j = 0; j < width; j++) {
-                const T v = EXP(xc[j] - m[j]);
-                ec[j] = v;
-                s[j] += v;
-            }
-        } else {
-            CEC_SIMD
-            for (ptrdiff_t j = 0; j < width; j++)
-                s[j] += EXP(xc[j] - m[j]);
-        }
+        T *ec = e ? e + c * stride : scratch;
+        CEC_SIMD
+        for (ptrdiff_t j = 0; j < width; j++)
+            ec[j] = EXP(xc[j] - m[j]);
+        CEC_SIMD
+        for (ptrdiff_t j = 0; j < width; j++)
+            s[j] += (double)ec[j];
     }
 }
 
