@@ -44,6 +44,21 @@ def float_input(x, name="input"):
     return x
 
 
+def class_input(input, weight):
+    """Logits with a class axis: ``(x, class_axis, weight)``.
+
+    ``x`` is the float array (shape (C,), (N, C) or (N, C, d1, ...)), ``class_axis`` is 0
+    for unbatched input and 1 otherwise, ``weight`` the float64 class weights.
+    """
+    x = float_input(input)
+    if x.ndim == 0:
+        raise ValueError(
+            "input must have a class dimension: expected shape (C,), (N, C) or (N, C, d1, ...)"
+        )
+    class_axis = 0 if x.ndim == 1 else 1
+    return x, class_axis, class_weight(weight, x.shape[class_axis])
+
+
 def compute_dtype(dtype):
     """float16 is computed in float32; float32 and float64 as they are."""
     return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)

@@ -85,18 +85,13 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     ``(1 - eps) w[t] (lse - x[t]) + eps / C * sum_c w[c] (lse - x[c])``; with
     probabilities ``q = (1 - eps) p + eps / C`` it is ``sum_c w[c] q[c] (lse - x[c])``.
     """
-    x = V.float_input(input)
+    x, class_axis, w = V.class_input(input, weight)
     reduction = V.check_reduction(reduction)
     eps = V.check_label_smoothing(label_smoothing)
     threads = V.n_threads(n_threads, x.size)
     kernels = get_backend(backend)
-    if x.ndim == 0:
-        raise ValueError("input must have a class dimension: expected shape (C,), (N, C) or (N, C, d1, ...)")
-    out_dtype = x.dtype
-    dtype = V.compute_dtype(x.dtype)
-    class_axis = 0 if x.ndim == 1 else 1
+    out_dtype, dtype = x.dtype, V.compute_dtype(x.dtype)
     n_classes = x.shape[class_axis]
-    w = V.class_weight(weight, n_classes)
     t_raw = V._to_numpy(target)
     proba = t_raw.shape == x.shape
 
@@ -159,17 +154,12 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     targets only). The loss is a gather, so no kernel is needed: ``backend`` and
     ``n_threads`` are validated and accepted for a uniform signature.
     """
-    x = V.float_input(input)
+    x, class_axis, w = V.class_input(input, weight)
     reduction = V.check_reduction(reduction)
     V.n_threads(n_threads)
     get_backend(backend)
-    if x.ndim == 0:
-        raise ValueError("input must have a class dimension: expected shape (C,), (N, C) or (N, C, d1, ...)")
-    out_dtype = x.dtype
-    dtype = V.compute_dtype(x.dtype)
-    class_axis = 0 if x.ndim == 1 else 1
+    out_dtype, dtype = x.dtype, V.compute_dtype(x.dtype)
     n_classes = x.shape[class_axis]
-    w = V.class_weight(weight, n_classes)
     t_raw = V._to_numpy(target)
     t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
     x3, fortran = V.canonical(x, class_axis, dtype)
