@@ -1,0 +1,134 @@
+"""Helpers shared by the benchmark scripts: timing, machine description, JSON output.
+
+The benchmarks are scripts, not tests: they time competitors side by side in one process,
+report medians (the machine is shared and noisy) and never assert a speed.
+"""
+
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MB = 1e6
+GB = 1e9
+
+
+def median_time(fn, repeat, warmup=1):
+    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls.
+
+    The result of each call is dropped before the next one starts, so one call's output
+    (e.g. a gradient of N x C) never coexists with the next call's. A short pause first
+    lets the previous competitor's worker threads (OpenMP spin-waits, XLA's pool) go idle
+    instead of competing with this one for the cores.
+    """
+    time.sleep(0.3)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def traced_peak_bytes(fn):
+    """Peak bytes allocated through tracemalloc while ``fn()`` runs, beyond what was live before.
+
+    NumPy reports its data buffers to tracemalloc, so this is the extra NumPy memory of a
+    call (outputs included). Memory allocated by torch, JAX/XLA or OpenMP runtimes is
+    invisible to it.
+    """
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        result = fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del result
+    return peak - before
+
+
+def copy_bandwidth(nbytes=256 * 2**20, repeat=7):
+    """Memory copy bandwidth in bytes/s: ``2 * nbytes / median(np.copyto time)``.
+
+    The factor 2 counts the bytes read plus the bytes written.
+    """
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch dst's pages so the timing excludes page faults
+    seconds, _ = median_time(lambda: np.copyto(dst, src), repeat)
+    return 2 * nbytes / seconds
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module_name):
+    try:
+        return importlib.import_module(module_name).__version__
+    except Exception as exc:  # not installed, or broken: record why rather than fail
+        return f"unavailable ({type(exc).__name__})"
+
+
+def machine_info(**extra):
+    """CPU model, core counts, memory and library versions, for the JSON results."""
+    try:
+        mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        mem_total = None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "memory_total_gb": None if mem_total is None else round(mem_total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": {name: _version(name) for name in
+                     ("numpy", "numba", "torch", "sklearn", "jax", "cecore")},
+        **extra,
+    }
+
+
+def save_json(data, name):
+    """Write ``data`` to ``benchmarks/results/<name>`` and return the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / name
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, default=float)
+        f.write("\n")
+    return path
+
+
+def format_table(header, rows):
+    """Plain-text table with columns padded to their widest cell."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
