@@ -41,6 +41,8 @@ def float_input(x, name="input"):
         )
     if x.dtype.itemsize > 8:
         raise TypeError(f"{name} of dtype {x.dtype} is not supported: use float32 or float64")
+    if not x.dtype.isnative:  # e.g. big-endian data from a file: one conversion, here
+        x = x.astype(x.dtype.newbyteorder("="))
     return x
 
 

@@ -101,3 +101,22 @@ def test_gradient_is_a_new_array(backend, rng):
     _, grad = cecore.cross_entropy(x, rng.integers(0, 3, 8), return_grad=True, backend=backend)
     assert not np.shares_memory(grad, x)
     assert grad.flags.writeable and grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_byte_swapped_inputs(backend, dtype):
+    """Big-endian arrays (e.g. from a file written elsewhere) give torch's answer, as
+    native-order arrays of the input's precision."""
+    rng = np.random.default_rng(7)
+    native = (3 * rng.standard_normal((40, 6))).astype(dtype)
+    swapped = native.astype(native.dtype.newbyteorder(">"))
+    target = rng.integers(0, 6, 40)
+    result = cecore.cross_entropy(swapped, target.astype(">i8"), return_grad=True,
+                                  backend=backend)
+    check_result(result, torch_cross_entropy(native, target), native.dtype)
+    proba = rng.random((40, 6)).astype(swapped.dtype)
+    result = cecore.binary_cross_entropy_with_logits(swapped, proba, return_grad=True,
+                                                     backend=backend)
+    check_result(result, torch_bce(native, proba.astype(dtype)), native.dtype)
+    assert_close(cecore.log_softmax(swapped, axis=1, backend=backend),
+                 torch.log_softmax(torch.from_numpy(native), 1).numpy(), native.dtype)
