@@ -259,7 +259,7 @@ def _ol_cast_like(value, like):
     return lambda value, like: np.float64(value)
 
 
-def _jit(fn):
+def jit(fn):
     """Compile ``fn`` twice: parallel (prange runs on threads) and serial (prange = range).
 
     The serial copy gets its own name: Numba's on-disk cache keys functions by name and
@@ -666,7 +666,7 @@ def _bce_rows(x, y, weight, pos_weight, grad_scale, loss_out, grad_out):
 
 
 _KERNELS = {
-    name: _jit(fn)
+    name: jit(fn)
     for name, fn in {
         "index_rows": _index_rows, "index_tiles": _index_tiles,
         "proba_rows": _proba_rows, "proba_tiles": _proba_tiles,
@@ -683,18 +683,28 @@ _launch_lock = threading.Lock()
 _layer = None
 
 
-def _run(name, n_threads, *args):
+def launch(kernel, n_threads, *args):
+    """Run a ``(parallel, serial)`` pair made by :func:`jit` on ``n_threads`` threads.
+
+    The one place that applies the thread policy for Numba code: serial for one thread
+    and in forked children, Numba's thread count set per call (it is thread-local), and
+    launches serialised while the threading layer may be "workqueue".
+    """
     global _layer
-    parallel, serial = _KERNELS[name]
+    parallel, serial = kernel
     if n_threads <= 1 or _config._forked_child:
         return serial(*args)
-    numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))  # thread-local
+    numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
     if _layer is None or _layer == "workqueue":
         with _launch_lock:
-            parallel(*args)
+            result = parallel(*args)
             _layer = numba.threading_layer()
-            return
-    parallel(*args)
+            return result
+    return parallel(*args)
+
+
+def _run(name, n_threads, *args):
+    launch(_KERNELS[name], n_threads, *args)
 
 
 def _flat(a):

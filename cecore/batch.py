@@ -15,7 +15,7 @@ Design
 - **Exact results.** :func:`cecore.cross_entropy` sums per-position losses in fixed
   blocks of ``_config.REDUCE_BLOCK`` consecutive values (:mod:`cecore._reduce`) and divides
   by a sum computed the same way over the weights of the non-ignored targets.
-  :class:`BlockSum` reproduces those blocks from values arriving in chunks of any length,
+  :class:`cecore._reduce.BlockSum` reproduces those blocks from values arriving in chunks of any length,
   so the streamed mean loss equals the in-memory one bit for bit.
 """
 
@@ -38,9 +38,8 @@ import numpy as np
 from . import _reduce
 from . import _validation as V
 from ._backends import get_backend
-from ._config import REDUCE_BLOCK
 
-__all__ = ["score", "ScoreResult", "BlockSum", "open_array", "parse_size"]
+__all__ = ["score", "ScoreResult", "open_array", "parse_size"]
 
 INPUT_KINDS = ("logits", "log_probs", "probs")
 DEFAULT_MEMORY_BUDGET = "512MB"
@@ -298,37 +297,6 @@ def _as_source(obj):
     return InMemoryArray(obj)
 
 
-# --------------------------------------------------------------------------- reduction
-
-
-class BlockSum:
-    """Deterministic sum of a stream of float64 values, fed in chunks of any length.
-
-    The total equals ``cecore._reduce.fixed_sum`` of the whole stream bit for bit: complete
-    blocks of ``REDUCE_BLOCK`` values are summed by :func:`cecore._reduce.block_sums` as
-    soon as they are complete, and the leftover values wait for the next chunk.
-    """
-
-    def __init__(self):
-        self._partials = []
-        self._tail = np.empty(0, np.float64)
-
-    def add(self, values):
-        values = np.concatenate([self._tail, np.asarray(values, np.float64).reshape(-1)])
-        n_full = values.size // REDUCE_BLOCK * REDUCE_BLOCK
-        if n_full:
-            self._partials.append(_reduce.block_sums(values[:n_full]))
-        self._tail = values[n_full:].copy()
-
-    def add_partials(self, partials):
-        """Add block sums computed elsewhere (e.g. on a Dask worker) for whole blocks."""
-        self._partials.append(np.asarray(partials, np.float64).reshape(-1))
-
-    def total(self):
-        parts = self._partials + [_reduce.block_sums(self._tail)] if self._tail.size else self._partials
-        return _reduce.combine(np.concatenate(parts)) if parts else 0.0
-
-
 # --------------------------------------------------------------------------- scoring
 
 
@@ -465,7 +433,7 @@ class _Totals:
     """Accumulates chunk results into a :class:`ScoreResult` (used by the Dask path too)."""
 
     def __init__(self):
-        self.loss, self.weight = BlockSum(), BlockSum()
+        self.loss, self.weight = _reduce.BlockSum(), _reduce.BlockSum()
         self.rows = self.ignored = self.correct = 0
 
     def add_counts(self, n_rows, n_ignored, n_correct):

@@ -13,15 +13,14 @@ import math
 import numbers
 import warnings
 
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from sklearn.preprocessing import LabelBinarizer
 from sklearn.utils import check_array, check_consistent_length
 from sklearn.utils._param_validation import Hidden, validate_params
 from sklearn.utils.validation import _assert_all_finite, _check_sample_weight
 
-from . import _config
+from . import _config, _numba_kernels
 from .functional import binary_cross_entropy_with_logits, cross_entropy
 
 __all__ = ["log_loss", "log_loss_from_logits", "make_cross_entropy_scorer",
@@ -71,19 +70,9 @@ def _row_pass(proba, target, lo, hi, n_blocks, rtol, stats, loss_out):
         stats[b, 2] = non_finite
 
 
-# Reassociation lets LLVM vectorise the row sums; no "nnan": NaN must reach the sum.
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-_KERNELS = {parallel: njit(parallel=parallel, fastmath=_FASTMATH, cache=True)(_row_pass)
-            for parallel in (True, False)}
-
-
-def _kernel():
-    """(row_pass, n_blocks) for cecore's default thread count."""
-    n_threads = _config.default_n_threads()
-    parallel = n_threads > 1
-    if parallel:
-        numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
-    return _KERNELS[parallel], 4 * n_threads
+# Compiled parallel and serial, and launched, by the Numba backend's helpers: they know
+# the thread policy (forked children, thread-local counts) and Numba's cache quirks.
+_ROW_PASS = _numba_kernels.jit(_row_pass)
 
 
 # -- labels --------------------------------------------------------------------------------
@@ -280,14 +269,15 @@ def log_loss(y_true, y_proba=None, *, normalize=True, sample_weight=None, labels
     if proba.ndim == 1:
         stats = _stats_1d(proba)
     else:
-        row_pass, n_blocks = _kernel()
-        n_blocks = max(1, min(n_blocks, proba.shape[0]))
+        n_threads = _config.default_n_threads()
+        n_blocks = max(1, min(4 * n_threads, proba.shape[0]))
         blocks = np.empty((n_blocks, 3))
         pick = target is not None and target.shape[0] == proba.shape[0]
         loss = np.empty(proba.shape[0] if pick else 0)
-        row_pass(proba, target if pick else np.empty(0, np.intp),
-                 proba.dtype.type(lo), proba.dtype.type(hi), n_blocks,
-                 float(math.sqrt(eps)), blocks, loss)
+        _numba_kernels.launch(_ROW_PASS, n_threads, proba,
+                              target if pick else np.empty(0, np.intp),
+                              proba.dtype.type(lo), proba.dtype.type(hi), n_blocks,
+                              float(math.sqrt(eps)), blocks, loss)
         stats = blocks.sum(axis=0)
         np.log(loss, out=loss)
         np.negative(loss, out=loss)

@@ -97,7 +97,7 @@ cdef inline void _gather(Strided a, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t widt
         out[j] = _at(a, i, j0 + j)
 
 
-def _empty_like_grad(grad_out, logits, ndim):
+def _empty_like_grad(logits, ndim):
     """The contract's "empty" gradient may have any shape (0, ...) and dtype; give the
     typed function an empty array of the right rank and dtype."""
     return np.empty((0,) * ndim, dtype=logits.dtype)
@@ -220,7 +220,7 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
     Results go into ``loss_out`` and ``grad_out`` (empty ``grad_out``: loss only).
     """
     if grad_out.shape[0] == 0:
-        grad_out = _empty_like_grad(grad_out, logits, 3)
+        grad_out = _empty_like_grad(logits, 3)
     if logits.dtype == np.float32:
         _index[float](logits, target, weight, ignore_index, label_smoothing, grad_scale,
                       loss_out, grad_out, n_threads)
@@ -284,7 +284,7 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
     Results go into ``loss_out`` and ``grad_out`` (empty ``grad_out``: loss only).
     """
     if grad_out.shape[0] == 0:
-        grad_out = _empty_like_grad(grad_out, logits, 3)
+        grad_out = _empty_like_grad(logits, 3)
     if logits.dtype == np.float32:
         _proba[float](logits, target, weight, label_smoothing, grad_scale, loss_out,
                       grad_out, n_threads)
@@ -428,7 +428,7 @@ def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out
                n_threads):
     """Binary cross-entropy on logits, elementwise over ``(R, L)`` (see the contract)."""
     if grad_out.shape[0] == 0:
-        grad_out = _empty_like_grad(grad_out, input, 2)
+        grad_out = _empty_like_grad(input, 2)
     if input.dtype == np.float32:
         _bce[float](input, target, weight, pos_weight, grad_scale, loss_out, grad_out,
                     n_threads)

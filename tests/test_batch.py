@@ -177,11 +177,11 @@ def test_block_sum_matches_fixed_sum_for_any_chunking(rng):
     expected = _reduce.fixed_sum(values)
     for _ in range(5):
         cuts = np.sort(rng.integers(0, values.size, rng.integers(1, 40)))
-        acc = batch.BlockSum()
+        acc = _reduce.BlockSum()
         for piece in np.split(values, cuts):
             acc.add(piece)
         assert acc.total() == expected
-    assert batch.BlockSum().total() == 0.0
+    assert _reduce.BlockSum().total() == 0.0
 
 
 @pytest.mark.parametrize("text, expected", [
