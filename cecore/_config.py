@@ -21,8 +21,8 @@ MIN_ELEMENTS_PER_THREAD = 1 << 16
 
 # Below this many multiply-adds per BLAS product (n_samples * n_features * n_outputs),
 # SoftmaxClassifier.fit runs BLAS and the kernels on one thread unless n_threads is
-# given: waking threads costs more than such products, and on a busy machine spinning
-# OpenMP/BLAS workers slowed small fits down tenfold.
+# given: waking threads costs more than such products (benchmarks/bench_classifier.py,
+# digits: LogisticRegression 0.33 s with default threads, 0.02 s with one BLAS thread).
 SERIAL_FIT_WORK = 1 << 22
 
 _forked_child = False

@@ -53,7 +53,8 @@ def _timed_fit(model, X, y):
     from threadpoolctl import threadpool_limits
 
     # Both fits get one BLAS thread: on these small data sets waking BLAS threads costs
-    # more than the products, and on a busy machine it can slow a fit down tenfold.
+    # more than the products (benchmarks/bench_classifier.py, digits: LogisticRegression
+    # 0.33 s with default threads, 0.02 s with one).
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught, \
             threadpool_limits(limits=1, user_api="blas"):
