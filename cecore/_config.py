@@ -1,4 +1,10 @@
-"""All of cecore's tunables and its thread policy, in one place."""
+"""All of cecore's tunables and its thread policy, in one place.
+
+The kernel tunables below are plain int literals: ``setup.py`` reads them from this file
+(without importing cecore) and passes them to the C compiler as ``CEC_*`` macros, the
+Numba backend imports them, and ``show_config()`` prints them, so both backends always
+use the same values.
+"""
 
 import os
 import warnings
@@ -14,6 +20,29 @@ REDUCE_BLOCK = 8192
 # that short do not fill a vector register, so blocks of rows are transposed and the
 # loops run across rows.
 SMALL_C = 32
+
+# Positions per tile of the tile kernels (K-dim input, and transposed blocks of rows of
+# few classes): a tile's per-position scratch (a few arrays of TILE values) stays in L1.
+TILE = 256
+
+# Classes per block of a row's exp pass: the exps of a block are written by one loop and
+# summed in float64 by another (fused, the float64 adds would halve the float32 exp's
+# vector width); a block's exps stay in L1 between the two loops.
+SUM_BLOCK = 256
+
+# Rows per parallel task in the Numba row kernels (amortises the per-task scratch row).
+ROWS_PER_TASK = 16
+
+# Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
+C_MACROS = ("SMALL_C", "TILE", "SUM_BLOCK")
+
+# Rows per block of log_loss's label-indicator path (bounds its temporaries).
+LOG_LOSS_ROW_BLOCK = 8192
+
+# cecore score: default memory for one chunk of rows, and the bytes of logits scored per
+# kernel call when the metrics need a second look at each block while it is in cache.
+DEFAULT_MEMORY_BUDGET = "512MB"
+SCORE_BLOCK_BYTES = 4 << 20
 
 # With n_threads=None, a call gets one thread per this many logits (at least one):
 # below it, waking an OpenMP team costs more than the work (and far more on a busy
