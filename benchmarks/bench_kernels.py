@@ -7,7 +7,11 @@ Usage::
     python benchmarks/bench_kernels.py --sizes 65536x1000 4x21x256x256 --repeat 7
 
 Every competitor runs in this one process on the same arrays: class-index targets,
-reduction='mean', "loss" (forward only) and "loss+grad" (loss and d loss / d logits).
+reduction='mean', "loss" (forward only) and "loss+grad" (loss and d loss / d logits into a
+fresh array). cecore also runs "loss+grad reused" (``grad_out=`` a buffer allocated once)
+and "loss+grad in place" (``grad_out=`` the logits themselves). Two yardsticks run beside
+them on the same array: "exp" is ``torch.exp(x, out=buf)`` (read, one exp per element,
+write: the least a fused loss+grad must do) and "copy" is ``np.copyto(buf, x)``.
 Each timing is the median of ``--repeat`` calls after a warm-up call. Before any timing,
 every competitor's loss and gradient are checked against a float64 NumPy reference, so a
 fast but wrong kernel stops the run instead of being reported.
@@ -31,7 +35,7 @@ import _common as C  # noqa: E402
 
 FULL_SIZES = ["65536x1000", "4096x50257", "1000000x10", "4x21x256x256"]
 QUICK_SIZES = ["8192x1000", "256x50257", "100000x10", "2x21x64x64"]
-MODES = ("loss", "loss+grad")
+MODES = ("loss", "loss+grad", "loss+grad reused", "loss+grad in place")
 NOTES = []
 
 
@@ -108,14 +112,48 @@ class Cecore(Competitor):
         self.name = f"cecore-{backend}"
 
     def extra_bytes(self, nbytes, mode):
-        return nbytes if mode == "loss+grad" else 0
+        # the fresh gradient, or the reused buffer plus the in-place copy of the logits
+        return 2 * nbytes if mode.startswith("loss+grad") else 0
 
     def prepare(self, x, t):
         ce, b, n = self.cecore.cross_entropy, self.backend, self.threads
+        buf = np.empty_like(x)
+        # In place overwrites the logits with their gradient: it gets its own copy, which
+        # after the first call holds gradients (the same work: the kernels do not branch
+        # on values).
+        own = x.copy()
         return {
             "loss": lambda: ce(x, t, backend=b, n_threads=n),
             "loss+grad": lambda: ce(x, t, return_grad=True, backend=b, n_threads=n),
+            "loss+grad reused": lambda: ce(x, t, grad_out=buf, backend=b, n_threads=n),
+            "loss+grad in place": lambda: ce(own, t, grad_out=own, backend=b, n_threads=n),
         }
+
+
+class Yardstick(Competitor):
+    """A pass over the same array that is not cross-entropy, timed in every gradient mode:
+    ``exp`` (``torch.exp(x, out=buf)``) or ``copy`` (``np.copyto(buf, x)``)."""
+
+    numpy_memory = False
+
+    def __init__(self, name, threads):
+        self.name = name
+        if name == "exp":
+            import torch
+            torch.set_num_threads(threads)
+            self.torch = torch
+
+    def extra_bytes(self, nbytes, mode):
+        return nbytes
+
+    def prepare(self, x, t):
+        buf = np.empty_like(x)
+        if self.name == "exp":
+            xt, bt = self.torch.from_numpy(x), self.torch.from_numpy(buf)
+            run = lambda: self.torch.exp(xt, out=bt)  # noqa: E731
+        else:
+            run = lambda: np.copyto(buf, x)  # noqa: E731
+        return {m: run for m in MODES if m.startswith("loss+grad")}
 
 
 class Torch(Competitor):
@@ -248,7 +286,8 @@ def make_competitors(threads, use_jax):
             comps.append(Cecore(backend, threads))
         else:
             note(f"cecore backend {backend!r} is unavailable here, its column is skipped")
-    for cls, args in ((Torch, (threads,)), (Sklearn, (threads,)), (NumpyRef, ())):
+    for cls, args in ((Torch, (threads,)), (Sklearn, (threads,)), (NumpyRef, ()),
+                      (Yardstick, ("exp", threads)), (Yardstick, ("copy", threads))):
         try:
             comps.append(cls(*args))
         except ImportError as exc:
@@ -290,6 +329,15 @@ def check(comps, x, t, tol):
     gmax = float(np.max(np.abs(ref_grad)))
     status = {}
     for comp, fns in comps:
+        if isinstance(comp, Yardstick):
+            continue
+        if "loss+grad reused" in fns:
+            fresh = fns["loss+grad"]()
+            for mode in ("loss+grad reused", "loss+grad in place"):
+                other = fns[mode]()
+                if other[0] != fresh[0] or other[1].tobytes() != fresh[1].tobytes():
+                    raise AssertionError(f"{comp.name}: {mode} differs from loss+grad")
+            del fresh, other
         loss, grad = comp.to_numpy(fns["loss+grad"](), t.size)
         scale = 1.0
         if isinstance(grad, tuple):
@@ -357,8 +405,10 @@ def run(args):
             print(f"{label}: all {len(prepared)} competitors match the float64 reference "
                   f"(rtol {tol:g})", flush=True)
             for mode in MODES:
-                moved = nbytes * (2 if mode == "loss+grad" else 1)
+                moved = nbytes * (2 if mode.startswith("loss+grad") else 1)
                 for comp, fns in prepared:
+                    if mode not in fns:
+                        continue
                     fn = fns[mode]
                     seconds, times = C.median_time(fn, repeat, warmup=1)
                     rec = {"shape": list(shape), "dtype": dtype.name, "mode": mode,
@@ -410,13 +460,15 @@ def print_tables(data):
     main = next((n for n in ("cecore-cython", "cecore-numba") if n in names), None)
     ratio_cols = [("torch/cy", "torch", "cecore-cython"), ("torch/nb", "torch", "cecore-numba"),
                   ("sklearn/ce", "sklearn", main), ("numpy/ce", "numpy", main),
-                  ("jax/ce", "jax", main)]
+                  ("jax/ce", "jax", main),
+                  # below 1 means cecore is slower than one exp pass over the array
+                  ("exp/cy", "exp", "cecore-cython"), ("exp/nb", "exp", "cecore-numba")]
     header = ["shape", "dtype", "mode"] + [f"{n} ms" for n in names] + [c[0] for c in ratio_cols]
     header += ["cy GB/s", "cy %copy", "nb GB/s", "nb %copy"]
     rows = []
     for (shape, dtype, mode), recs in by_key.items():
         ms = {n: recs.get(n, {}).get("median_ms") for n in names}
-        row = [shape, dtype, mode] + [f"{ms[n]:.2f}" if ms[n] else "skip" for n in names]
+        row = [shape, dtype, mode] + [f"{ms[n]:.2f}" if ms[n] else "-" for n in names]
         row += [_ratio(ms.get(a), ms.get(b)) for _, a, b in ratio_cols]
         for n in ("cecore-cython", "cecore-numba"):
             r = recs.get(n, {})
@@ -426,7 +478,7 @@ def print_tables(data):
           f"'ce' = {main}; copy bandwidth {data['copy_bandwidth_gbs']:.2f} GB/s")
     print(C.format_table(header, rows))
 
-    mem_names = [n for n in names if n not in ("torch", "jax")]
+    mem_names = [n for n in names if n not in ("torch", "jax", "exp", "copy")]
     header = ["shape", "dtype", "mode", "grad MB"] + [f"{n} MB" for n in mem_names]
     rows = []
     for (shape, dtype, mode), recs in by_key.items():

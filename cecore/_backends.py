@@ -2,7 +2,7 @@
 
 The kernel contract
 -------------------
-Every backend module (``cecore._numba_kernels`` and ``cecore_ext``) exposes exactly
+Every backend module (``cecore._numba`` and ``cecore_ext``) exposes exactly
 these five functions. They never validate, never allocate anything of size N x C, and
 return ``None``: results go into the ``*_out`` arrays the caller passes. Everything above
 this module talks to kernels only through :func:`get_backend`.
@@ -38,6 +38,20 @@ only the rows that use it.
     - loss_out : float64 (N, S), the per-position loss above
     - grad_out : floating (N, C, S), or empty for loss only
 
+``softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out, stats_out, rank_out, n_threads)``
+    Loss-only ``softmax_ce_index`` of 2-D logits plus per-row evaluation metrics, from the
+    same pass over each row (batch scoring)::
+
+        entropy = -sum_c p[c] log p[c],  max_p = max_c p[c],  brier = sum_c (p[c] - [c == t])**2
+        rank    = #{c : x[c] > x[t]},   top1 = 1 if the first largest logit is x[t]
+
+    - logits : const floating (N, C); target : const int64 (N,); weight : float64 (C,)
+    - loss_out : float64 (N,), equal bit for bit to ``softmax_ce_index``'s
+    - stats_out : float64 (N, 3), ``(entropy, max_p, brier)``
+    - rank_out : int64 (N, 2), ``(rank, top1)``
+    Ignored rows are not read: loss 0, stats NaN, rank ``(-1, 0)``. Rows whose softmax is
+    undefined (NaN or +inf logits): stats NaN, rank ``(C, 0)``.
+
 ``softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out, grad_out, n_threads)``
     Softmax cross-entropy with probability targets, ``q = (1 - eps) * target + eps / C``::
 
@@ -71,13 +85,13 @@ float64. Per-position results do not depend on
 reduced from ``loss_out`` in a fixed order is bitwise identical for any thread count.
 """
 
-import os
 import threading
 
 from . import _config
 
 BACKENDS = ("cython", "numba")
-KERNELS = ("softmax_ce_index", "softmax_ce_proba", "bce_logits", "softmax", "logsumexp")
+KERNELS = ("softmax_ce_index", "softmax_ce_scores", "softmax_ce_proba", "bce_logits",
+           "softmax", "logsumexp", "log_loss_pass")
 
 _loaded = {}
 _errors = {}
@@ -92,7 +106,7 @@ def _load(name):
             if name == "cython":
                 import cecore_ext as module
             else:
-                from . import _numba_kernels as module
+                from . import _numba as module
         except Exception as exc:  # an unbuilt extension or a broken numba install
             _errors[name] = f"{type(exc).__name__}: {exc}"
             return None
@@ -127,15 +141,23 @@ def available_backends():
 
 
 def show_config(file=None):
-    """Print which backends load, with their threads and build flags; return it as a dict."""
-    info = {"default_n_threads": _config.default_n_threads(), "backends": {}}
+    """Print which backends load, with their threads, tunables and build flags; return it
+    as a dict."""
+    tunables = {name: getattr(_config, name) for name in (
+        "SMALL_C", "TILE", "SUM_BLOCK", "ROWS_PER_TASK", "REDUCE_BLOCK",
+        "MIN_ELEMENTS_PER_THREAD", "SERIAL_FIT_WORK", "LOG_LOSS_ROW_BLOCK",
+        "DEFAULT_MEMORY_BUDGET", "SCORE_BLOCK_BYTES")}
+    info = {"default_n_threads": _config.default_n_threads(), "tunables": tunables,
+            "backends": {}}
     for name in BACKENDS:
         module = _load(name)
         if module is None:
             info["backends"][name] = {"available": False, "error": _errors[name]}
         else:
             info["backends"][name] = {"available": True, **module.build_info()}
-    lines = [f"cecore default n_threads: {info['default_n_threads']} (cpus: {os.cpu_count()})"]
+    lines = [f"cecore default n_threads: {info['default_n_threads']} "
+             f"(cpus available: {_config.cpus_available()})",
+             "  tunables: " + ", ".join(f"{k}={v}" for k, v in tunables.items())]
     for name, entry in info["backends"].items():
         details = ", ".join(f"{k}={v}" for k, v in entry.items())
         lines.append(f"  {name}: {details}")

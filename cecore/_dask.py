@@ -4,11 +4,10 @@ Dask is imported only when one of these functions runs, so cecore works without 
 (install the extra ``cecore[dask]``).
 
 Rows are rechunked to multiples of ``REDUCE_BLOCK`` so that every chunk but the last
-holds whole reduction blocks: a worker returns the block sums of its per-row losses,
-which are exactly the block sums the in-memory computation makes. The mean's
-denominator sums the weights of the non-ignored targets in blocks of that compacted
-stream, whose block boundaries do not follow the chunks; workers return those weights
-(8 bytes a row, only when class weights are given) and the client sums them in row order.
+holds whole reduction blocks: a worker scores its chunk with the engine's
+:func:`cecore.batch.score_chunk` and returns the block sums and counts of
+:meth:`cecore.metrics._report.ReportSums.partials`, which are exactly the blocks the
+in-memory computation makes; the client adds them in row order.
 """
 
 import contextlib
@@ -17,12 +16,10 @@ import warnings
 
 import numpy as np
 
-from . import _reduce
-from .batch import (
-    DEFAULT_MEMORY_BUDGET, MappedArray, _chunk_rows, _prepare, _score_chunk, _Totals, open_array,
-    parse_size,
-)
-from ._config import REDUCE_BLOCK
+from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK
+from ._io import MappedArray, open_array
+from .batch import chunk_rows, make_result, parse_size, prepare_options, score_chunk
+from .metrics._report import ReportSums
 
 __all__ = ["score_dask", "score_files"]
 
@@ -36,14 +33,11 @@ def _import_dask():
     return dask, da
 
 
-def _score_block(x, t, opts, uniform_weight):
+def _score_block(x, t, opts):
     """Worker side: score one chunk; return its block sums and counts (small)."""
-    loss, valid_weight, n_ignored, n_correct = _score_chunk(np.asarray(x), np.asarray(t), opts)
-    weights = None
-    if valid_weight is not None:
-        # With all-ones weights the blocked sum is an exact integer count: send only that.
-        weights = valid_weight.size if uniform_weight else valid_weight
-    return _reduce.block_sums(loss), weights, len(loss), n_ignored, n_correct
+    sums = ReportSums(opts.proba, opts.top_k, opts.n_bins, defer_weights=True)
+    score_chunk(np.asarray(x), np.asarray(t), opts, sums)
+    return sums.partials()
 
 
 def _rows_per_chunk(rows):
@@ -51,18 +45,20 @@ def _rows_per_chunk(rows):
 
 
 def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index=-100,
-               label_smoothing=0.0, backend="auto", n_threads=1, accuracy=True, client=None,
-               chunk_rows=None):
+               label_smoothing=0.0, backend="auto", n_threads=None, top_k=5, n_bins=15,
+               client=None, chunk_rows=None, accuracy=None):
     """Score Dask arrays chunk by chunk on the workers; same result as :func:`cecore.batch.score`.
 
     Parameters
     ----------
     logits : dask array or array-like of shape (n_rows, n_classes)
     target : dask array or array-like of shape (n_rows,) or (n_rows, n_classes)
-    input_kind, weight, ignore_index, label_smoothing, backend, accuracy
+    input_kind, weight, ignore_index, label_smoothing, backend, top_k, n_bins, accuracy
         As :func:`cecore.batch.score`.
-    n_threads : int, default=1
-        Kernel threads per task (one task per worker thread already runs in parallel).
+    n_threads : int, optional
+        Kernel threads per task, resolved on the worker by cecore's thread policy (the
+        default there is one thread: distributed starts its workers with
+        ``OMP_NUM_THREADS=1``, and its worker threads already run tasks in parallel).
     client : distributed.Client, optional
         Defaults to Dask's current scheduler (the active client, if any).
     chunk_rows : int, optional
@@ -79,27 +75,21 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
     dask, da = _import_dask()
     x = logits if isinstance(logits, da.Array) else da.from_array(logits, chunks=(REDUCE_BLOCK, -1))
     t = target if isinstance(target, da.Array) else da.from_array(target, chunks=(REDUCE_BLOCK,) + (-1,) * (np.ndim(target) - 1))
-    opts = _prepare(x.shape, x.dtype, t.shape, t.dtype, input_kind, weight, ignore_index,
-                    label_smoothing, backend, n_threads, accuracy)
+    opts = prepare_options(x.shape, x.dtype, t.shape, t.dtype, input_kind, weight,
+                           ignore_index, label_smoothing, backend, n_threads, top_k, n_bins)
     rows = _rows_per_chunk(chunk_rows or (x.chunks[0][0] if x.chunks[0] else REDUCE_BLOCK))
     x = x.rechunk({0: rows, 1: -1})
     t = t.rechunk({0: rows} | ({1: -1} if t.ndim == 2 else {}))
-    uniform = bool(np.all(opts.weight == 1.0))
     task = dask.delayed(_score_block, pure=True)
-    parts = [task(xb, tb, opts, uniform) for xb, tb in zip(x.to_delayed().ravel(), t.to_delayed().ravel())]
+    parts = [task(xb, tb, opts) for xb, tb in zip(x.to_delayed().ravel(), t.to_delayed().ravel())]
 
     start_time = time.perf_counter()
-    totals = _Totals()
-    for partials, weights, n_rows, n_ignored, n_correct in _in_order(parts, client, dask):
-        totals.loss.add_partials(partials)
-        if isinstance(weights, int):
-            totals.weight.add_partials([float(weights)])
-        elif weights is not None:
-            totals.weight.add(weights)
-        totals.add_counts(n_rows, n_ignored, n_correct)
+    sums = opts.new_sums()
+    for partials in _in_order(parts, client, dask):
+        sums.add_partials(partials)
     seconds = time.perf_counter() - start_time
     nbytes = x.shape[0] * x.shape[1] * x.dtype.itemsize
-    return totals.result(opts, seconds, nbytes, rows, x.shape[1])
+    return make_result(sums, opts, seconds, nbytes, rows, x.shape[1])
 
 
 def _in_order(parts, client, dask):
@@ -152,15 +142,16 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
             raise ValueError(f"{source.path}: compressed .npz members cannot be read in parallel; "
                              "score them without --dask, or save them with np.save / np.savez")
     x_src, t_src = sources
-    opts = _prepare(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype,
-                    options.get("input_kind", "logits"), options.get("weight"),
-                    options.get("ignore_index", -100), options.get("label_smoothing", 0.0),
-                    options.get("backend", "auto"), n_threads or 1)
-    rows = _rows_per_chunk(_chunk_rows(parse_size(memory_budget), x_src, t_src, opts, False))
+    opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype,
+                           options.get("input_kind", "logits"), options.get("weight"),
+                           options.get("ignore_index", -100),
+                           options.get("label_smoothing", 0.0), options.get("backend", "auto"),
+                           n_threads, options.get("top_k", 5), options.get("n_bins", 15))
+    rows = _rows_per_chunk(chunk_rows(parse_size(memory_budget), x_src, t_src, opts))
     _, da = _import_dask()
     x = da.from_array(x_src, chunks=(rows, -1), asarray=False)
     t = da.from_array(t_src, chunks=(rows,) + (-1,) * (t_src.ndim - 1), asarray=False)
-    kwargs = dict(options, n_threads=n_threads or 1, chunk_rows=rows)
+    kwargs = dict(options, n_threads=n_threads, chunk_rows=rows)
     if scheduler:
         with Client(scheduler) as client, _quiet_logs():
             return score_dask(x, t, client=client, **kwargs)

@@ -66,6 +66,56 @@ class BlockSum:
         """Add block sums computed elsewhere (e.g. on a Dask worker) for whole blocks."""
         self._partials.append(np.asarray(partials, np.float64).reshape(-1))
 
+    def partials(self):
+        """The block sums of the values added so far (the last block may be partial)."""
+        parts = self._partials + ([block_sums(self._tail)] if self._tail.size else [])
+        return np.concatenate(parts) if parts else np.empty(0)
+
     def total(self):
-        parts = self._partials + [block_sums(self._tail)] if self._tail.size else self._partials
-        return combine(np.concatenate(parts)) if parts else 0.0
+        return combine(self.partials())
+
+
+class BinnedBlockSum:
+    """Per-bin deterministic sums of a stream of ``(bin, value)`` pairs, fed in chunks.
+
+    Each block of ``REDUCE_BLOCK`` consecutive pairs (counted from the start of the
+    stream, whatever the chunking) is reduced to per-bin partial sums, and the totals
+    are the exactly rounded sums of those partials: the result depends only on the
+    stream, as :class:`BlockSum`'s does.
+    """
+
+    def __init__(self, n_bins):
+        self.n_bins = n_bins
+        self._partials = []
+        self._bins = np.empty(0, np.intp)
+        self._values = np.empty(0, np.float64)
+
+    def _block_partials(self, bins, values):
+        n_full = -(-values.size // REDUCE_BLOCK)
+        block = np.arange(values.size) // REDUCE_BLOCK
+        flat = np.bincount(block * self.n_bins + bins, weights=values,
+                           minlength=n_full * self.n_bins)
+        return flat.reshape(n_full, self.n_bins)
+
+    def add(self, bins, values):
+        bins = np.concatenate([self._bins, np.asarray(bins, np.intp).reshape(-1)])
+        values = np.concatenate([self._values, np.asarray(values, np.float64).reshape(-1)])
+        n_full = values.size // REDUCE_BLOCK * REDUCE_BLOCK
+        if n_full:
+            self._partials.append(self._block_partials(bins[:n_full], values[:n_full]))
+        self._bins, self._values = bins[n_full:].copy(), values[n_full:].copy()
+
+    def partials(self):
+        """Per-block partials (n_blocks, n_bins) of the pairs added so far, tail included."""
+        parts = list(self._partials)
+        if self._values.size:
+            parts.append(self._block_partials(self._bins, self._values))
+        return np.concatenate(parts) if parts else np.empty((0, self.n_bins))
+
+    def add_partials(self, partials):
+        """Add per-block partials computed elsewhere (e.g. on a Dask worker)."""
+        self._partials.append(np.asarray(partials, np.float64).reshape(-1, self.n_bins))
+
+    def totals(self):
+        parts = self.partials()
+        return np.array([combine(parts[:, b]) for b in range(self.n_bins)])

@@ -1,45 +1,180 @@
 """The ``cecore`` command: ``cecore demo``, ``cecore score``, ``cecore info``.
 
-Each subcommand lives in its own module, which provides ``configure_parser(parser)`` and
-``run(args) -> int`` (the exit code); modules are imported only when their command runs.
+All command-line code lives here; each command calls one library entry point
+(:mod:`cecore.demo`, :func:`cecore.batch.score` or :func:`cecore._dask.score_files`,
+:func:`cecore.show_config`), imported only when that command runs, so the command starts
+fast and ``cecore score`` never imports scikit-learn.
 """
 
 import argparse
-import importlib
+import json
+import os
 import sys
+import warnings
+import zipfile
 
-_COMMANDS = {
-    "demo": ("cecore.demo", "train SoftmaxClassifier on built-in data and compare with scikit-learn"),
-    "score": ("cecore.batch", "score logits stored on disk (.npy/.npz) in bounded memory"),
-    "info": ("cecore.cli", "show the available backends, threads and build flags"),
-}
+from . import _config
 
 
-def configure_parser(parser):
+def _demo_parser(parser):
+    from . import demo
+
+    demo.configure_parser(parser)
+
+
+def _demo(args):
+    from . import demo
+
+    return demo.run(args)
+
+
+def _info_parser(parser):
     """``cecore info`` takes no options."""
 
 
-def run(args):
+def _info(args):
     from . import show_config
 
     show_config()
     return 0
 
 
+def _parse_weight(text):
+    import numpy as np
+
+    if os.path.exists(text):
+        return np.load(text, allow_pickle=False)
+    try:
+        return np.array([float(v) for v in text.split(",")], dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"--weight {text!r} is neither a file nor a comma-separated list of numbers") from None
+
+
+def _score_parser(parser):
+    """Options of ``cecore score``."""
+    parser.description = (
+        "Score logits stored on disk against targets: mean cross-entropy (equal to "
+        "cecore.cross_entropy on the whole array), perplexity, top-1 and top-k accuracy, "
+        "mean entropy, expected calibration error and Brier score, all from one pass over "
+        "chunks read so that memory stays within --memory-budget."
+    )
+    parser.add_argument("logits", help="(rows, classes) array: .npy, or .npz[:NAME]")
+    parser.add_argument("target", help="class indices (rows,) or probabilities (rows, classes): .npy, or .npz[:NAME]")
+    parser.add_argument("--input-kind", choices=("logits", "log_probs", "probs"), default="logits",
+                        help="what LOGITS holds (default: logits)")
+    parser.add_argument("--weight", metavar="FILE|W1,W2,...", help="class weights: a .npy file or a comma-separated list")
+    parser.add_argument("--ignore-index", type=int, default=-100, help="target value to skip (default: -100)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="in [0, 1] (default: 0)")
+    parser.add_argument("--memory-budget", default=_config.DEFAULT_MEMORY_BUDGET,
+                        help=f"memory for one chunk of rows, e.g. 256MB, 2GiB (default: {_config.DEFAULT_MEMORY_BUDGET})")
+    parser.add_argument("--per-row-out", metavar="FILE.npy", help="write the per-row losses to this .npy file")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K",
+                        help="k of the top-k accuracy (default: 5)")
+    parser.add_argument("--ece-bins", type=int, default=15, metavar="N",
+                        help="confidence bins of the expected calibration error (default: 15)")
+    # Every metric now comes from the loss pass itself; kept for one release as a no-op.
+    parser.add_argument("--no-accuracy", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="kernel threads, at most the CPUs available (default: the "
+                             "thread policy of cecore's functions: CECORE_NUM_THREADS, the "
+                             "OpenMP limit, else all CPUs available)")
+    parser.add_argument("--backend", choices=("auto", "cython", "numba"), default="auto")
+    dask = parser.add_mutually_exclusive_group()
+    dask.add_argument("--dask", choices=("local",), help="score on a local Dask cluster started for this run")
+    dask.add_argument("--scheduler", metavar="ADDRESS", help="score on the Dask cluster at ADDRESS (files must be visible to its workers)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes for --dask local (default: 2)")
+
+
+def _format_text(result):
+    r = result
+
+    def line(name, value, fmt):
+        return f"{name:<14}{'-' if value is None or value != value else format(value, fmt)}"
+
+    lines = [
+        line("mean loss", r.mean_loss, ".6f"),
+        line("perplexity", r.perplexity, ".4f"),
+        line("accuracy", r.accuracy, ".4%"),
+        line(f"top-{r.top_k} acc.", r.top_k_accuracy, ".4%"),
+        line("mean entropy", r.mean_entropy, ".6f"),
+        line("ECE", r.ece, ".6f"),
+        line("Brier", r.brier, ".6f"),
+        f"rows          {r.rows} ({r.rows_scored} scored, {r.rows_ignored} ignored)",
+        f"time          {r.seconds:.2f} s ({r.rows_per_second:,.0f} rows/s, {r.gb_per_second:.2f} GB/s)",
+    ]
+    if r.per_row_out:
+        lines.append(f"per-row loss  {r.per_row_out}")
+    return "\n".join(lines)
+
+
+def _score_run(args):
+    weight = None if args.weight is None else _parse_weight(args.weight)
+    options = dict(input_kind=args.input_kind, weight=weight, ignore_index=args.ignore_index,
+                   label_smoothing=args.label_smoothing, backend=args.backend,
+                   top_k=args.top_k, n_bins=args.ece_bins)
+    if args.dask or args.scheduler:
+        if args.per_row_out:
+            raise ValueError("--per-row-out is not supported with --dask/--scheduler")
+        from . import _dask
+
+        return _dask.score_files(args.logits, args.target, scheduler=args.scheduler,
+                                 n_workers=args.workers, memory_budget=args.memory_budget,
+                                 n_threads=args.threads, **options)
+    progress = not args.quiet and sys.stderr.isatty()
+    weight_file = args.weight if args.weight and os.path.exists(args.weight) else None
+    from .batch import score
+
+    return score(args.logits, args.target, memory_budget=args.memory_budget,
+                 per_row_out=args.per_row_out, n_threads=args.threads, progress=progress,
+                 protect=[weight_file], **options)
+
+
+def _score(args):
+    """Run ``cecore score``; print the result; return the exit code (1 on bad input)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = _score_run(args)
+        for w in caught:  # one line each, like the errors
+            print(f"cecore score: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("cecore score: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the command reports every failure in one line
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, (OSError, zipfile.BadZipFile)) and not isinstance(exc, FileNotFoundError):
+            message = f"{type(exc).__name__}: {message}" if not message.startswith("[") else message
+        print(f"cecore score: error: {message}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict(), indent=2, allow_nan=False) if args.json
+          else _format_text(result))
+    return 0
+
+
+_COMMANDS = {
+    "demo": (_demo_parser, _demo,
+             "train SoftmaxClassifier on built-in data and compare with scikit-learn"),
+    "score": (_score_parser, _score, "score logits stored on disk (.npy/.npz) in bounded memory"),
+    "info": (_info_parser, _info, "show the available backends, threads, tunables and build flags"),
+}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="cecore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    # Only the chosen command's module is imported (the others would only slow start-up).
+    # Only the chosen command's options are built (they import its module).
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
-    for name, (module_name, help_text) in _COMMANDS.items():
+    for name, (configure, run, help_text) in _COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            module = importlib.import_module(module_name)
-            module.configure_parser(command)
-            command.set_defaults(_module=module)
+            configure(command)
+            command.set_defaults(_run=run)
     args = parser.parse_args(argv)
-    return args._module.run(args)
+    return args._run(args)
 
 
 if __name__ == "__main__":

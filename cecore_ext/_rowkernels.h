@@ -362,6 +362,74 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     return loss;
 }
 
+/* cec_row_sumexp without storing the exps (the same two loops per block, so the same
+ * sum bit for bit), also accumulating sum_c e_c (x_c - m) (classes with e_c = 0 add
+ * nothing) and sum_c e_c**2 in float64 while each block's exps are in L1. */
+CEC_INLINE double CEC_FN(cec_row_sumexp_moments)(const T *x, T m, ptrdiff_t n,
+                                                 double *ex, double *e2) {
+    T scratch[CEC_TILE];
+    double s = 0.0, a = 0.0, b = 0.0;
+    for (ptrdiff_t blk = 0; blk < n; blk += CEC_TILE) {
+        const ptrdiff_t len = n - blk < CEC_TILE ? n - blk : CEC_TILE;
+        const T *xb = x + blk;
+        for (ptrdiff_t i = 0; i < len; i += 64 / (ptrdiff_t)sizeof(T))
+            CEC_PREFETCH(xb + n + i);
+        CEC_SIMD
+        for (ptrdiff_t c = 0; c < len; c++)
+            scratch[c] = EXP(xb[c] - m);
+        CEC_SIMD_SUM(s)
+        for (ptrdiff_t c = 0; c < len; c++)
+            s += (double)scratch[c];
+        CEC_PRAGMA(omp simd reduction(+:a, b))
+        for (ptrdiff_t c = 0; c < len; c++) {
+            const double e = (double)scratch[c];
+            a += e > 0.0 ? e * ((double)xb[c] - (double)m) : 0.0;
+            b += e * e;
+        }
+    }
+    *ex = a;
+    *e2 = b;
+    return s;
+}
+
+/* Loss-only cec_index_row (the same steps, so the same loss bit for bit) plus the row's
+ * metrics (see softmax_ce_scores in cecore/_backends.py): stats = (entropy, max p,
+ * Brier score), rank = (classes with a larger logit than the target's, 1 if the first
+ * largest logit is the target's). Undefined softmax (NaN or +inf logits): NaN stats and
+ * rank (n, 0). */
+CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
+                                         const double *w, double eps, double *stats,
+                                         int64_t *rank) {
+    const double smooth = eps / (double)n;
+    const T m = CEC_FN(cec_row_max)(x, n);
+    double ex, e2;
+    const double s = CEC_FN(cec_row_sumexp_moments)(x, m, n, &ex, &e2);
+    const double lse = (double)m + log(s);
+    double loss = (1.0 - eps) * w[t] * (lse - (double)x[t]);
+    if (eps > 0.0)
+        loss += smooth * CEC_FN(cec_row_wdev)(x, w, lse, n);
+    if (!(s < INFINITY)) {
+        stats[0] = stats[1] = stats[2] = NAN;
+        rank[0] = n;
+        rank[1] = 0;
+        return loss;
+    }
+    const double e_t = (double)EXP(x[t] - m);
+    stats[0] = log(s) - ex / s;
+    stats[1] = 1.0 / s;
+    stats[2] = e2 / (s * s) - 2.0 * e_t / s + 1.0;
+    const T xt = x[t];
+    int64_t above = 0, tied_before = 0;
+    CEC_SIMD_SUM(above)
+    for (ptrdiff_t c = 0; c < n; c++)
+        above += x[c] > xt;
+    for (ptrdiff_t c = 0; c < t; c++)
+        tied_before += x[c] == xt;
+    rank[0] = above;
+    rank[1] = above == 0 && tied_before == 0;
+    return loss;
+}
+
 /* Probability targets q (before smoothing). Returns the loss; gradient as above. */
 CEC_KERNEL double CEC_FN(cec_proba_row)(const T *x, const T *q, ptrdiff_t n,
                                         const double *w, double eps, double gs, T *g) {

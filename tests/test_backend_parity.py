@@ -9,7 +9,7 @@ per-position grad_scale, read-only inputs, 1 and 2 threads, and non-finite logit
 import numpy as np
 import pytest
 
-numba_kernels = pytest.importorskip("cecore._numba_kernels")
+from cecore import _numba as numba_kernels  # noqa: E402
 cython_kernels = pytest.importorskip("cecore_ext")
 
 BACKENDS = {"numba": numba_kernels, "cython": cython_kernels}

@@ -16,6 +16,7 @@ import cecore
 from cecore import _dask
 from cecore._config import REDUCE_BLOCK
 from cecore.cli import main
+from cecore.metrics import classification_report_from_logits
 from oracle import random_index_target, random_proba_target
 
 N_ROWS = 3 * REDUCE_BLOCK + 517
@@ -44,6 +45,10 @@ def test_dask_array_index_targets_bitwise(client, rng):
     assert r.accuracy == np.mean(np.argmax(x, axis=1)[keep] == t[keep])
     unweighted = _dask.score_dask(xd, td, client=client)
     assert unweighted.mean_loss == cecore.cross_entropy(x, t)
+    # every metric equals the in-memory report bit for bit
+    report = classification_report_from_logits(x, t, weight=w, label_smoothing=0.1)
+    for key in ("accuracy", "top_k_accuracy", "mean_entropy", "ece", "brier"):
+        assert getattr(r, key) == report[key], key
 
 
 def test_dask_probability_targets_bitwise(client, rng):
@@ -52,6 +57,9 @@ def test_dask_probability_targets_bitwise(client, rng):
     r = _dask.score_dask(da.from_array(x, chunks=(9000, 6)), da.from_array(p, chunks=(9000, 6)),
                          client=client)
     assert r.mean_loss == cecore.cross_entropy(x, p)
+    report = classification_report_from_logits(x, p)
+    assert r.accuracy is None and r.ece is None
+    assert (r.mean_entropy, r.brier) == (report["mean_entropy"], report["brier"])
 
 
 def test_cli_scheduler_address(client, rng, tmp_path, capsys):

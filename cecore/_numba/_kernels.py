@@ -1,326 +1,31 @@
-"""Numba backend of the kernel contract (see :mod:`cecore._backends`).
+"""Numba backend, kernels: the parallel loops of the contract, one source for float32 and
+float64 (Numba compiles each per dtype).
 
-Design
-------
-One source serves float32 and float64: Numba compiles each jitted function per dtype. The
-only dtype-specific code is the exp polynomial, picked by an ``@overload`` at compile time.
-
-* ``math.exp`` keeps Numba loops scalar (~0.1 G exp/s). ``_exp_nonpos`` is a range
-  reduction + polynomial + exponent-bits exp that LLVM vectorises. Its argument is always
-  ``x - max`` (so ``<= 0`` or NaN); NaN propagates and very negative values give 0.
-* 2-D inputs with many classes go row by row (``_*_rows``): max, then exp + float64 sum
+* 2-D inputs with many classes go row by row (``*_rows``): max, then exp + float64 sum
   (storing ``exp`` in the gradient row), then the gradient scales that row in place, so
   each row is read from memory once and stays in cache between the passes.
-* K-dim inputs (``S > 1``) go tile by tile (``_*_tiles``): a tile is ``TILE`` positions
+* K-dim inputs (``S > 1``) go tile by tile (``*_tiles``): a tile is ``TILE`` positions
   of one sample; every inner loop runs along the contiguous position axis, so it
   vectorises although the class axis is strided (no transposed copy). 2-D inputs with
   at most ``SMALL_C`` classes (rows shorter than a vector) use the same tile code on
   blocks of TILE rows transposed into an O(C * TILE) scratch tile.
-* Each kernel is compiled twice from one source: ``parallel=True`` for n_threads > 1 and
-  serial for n_threads == 1 (and in forked children, where OpenMP pools are unsafe).
-* Every loop that reduces (sums over classes) lives in a ``@_helper`` function, which
-  Numba compiles and LLVM vectorises once, before both drivers inline it: the serial and
-  the parallel kernel then sum in the same order and agree bit for bit. (A reduction
-  written in a driver's own body is vectorised separately in each, possibly differently.)
+* Every loop that reduces (sums over classes) lives in a ``@helper`` function, which
+  Numba compiles and LLVM vectorises once, before both copies of a kernel inline it:
+  the serial and the parallel kernel then sum in the same order and agree bit for bit.
+  (A reduction written in a kernel's own body is vectorised separately in each copy,
+  possibly differently.)
 """
 
-import os
-import tempfile
-import threading
-import types as types_module
-
-import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import caching, cgutils
-from numba.extending import intrinsic, overload
+from numba import prange
 
-from . import _config
-
-
-class _CacheLocator(caching.UserWideCacheLocator):
-    """Numba's on-disk cache for cecore's own functions, outside the installed package.
-
-    Numba would write it into ``cecore/__pycache__`` when that is writable; a later
-    ``pip uninstall`` leaves those files behind, and an empty ``cecore`` folder then
-    shadows the package as a namespace package. So cecore's kernels are cached in
-    ``NUMBA_CACHE_DIR`` when it is set, else in the user's cache directory
-    (``~/.cache/cecore/numba`` on Linux), else in a temporary directory. Functions of
-    other modules keep Numba's own rules.
-    """
-
-    _package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-    def __init__(self, py_func, py_file, cache_dir):
-        self._py_file = py_file
-        self._lineno = py_func.__code__.co_firstlineno
-        self._cache_path = os.path.join(cache_dir, self.get_suitable_cache_subpath(py_file))
-
-    @classmethod
-    def from_function(cls, py_func, py_file):
-        if not os.path.abspath(py_file).startswith(cls._package_dir):
-            return None
-        user = caching.AppDirs(appname="cecore", appauthor=False).user_cache_dir
-        for cache_dir in (numba.config.CACHE_DIR, os.path.join(user, "numba"),
-                          os.path.join(tempfile.gettempdir(), f"cecore-numba-{os.getuid()}")):
-            if not cache_dir:
-                continue
-            self = cls(py_func, py_file, cache_dir)
-            try:
-                self.ensure_cache_path()
-            except OSError:
-                continue
-            return self
-        return None
-
-
-# Consulted before Numba's own locators (the first that accepts a function wins).
-caching.CacheImpl._locator_classes.insert(0, _CacheLocator)
-
-# Reassociation lets LLVM vectorise the sums; no "nnan"/"ninf": NaN and inf logits must
-# follow IEEE rules to give torch's answers.
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-TILE = 256
-# Terms summed in the input's precision before a float64 add (see _row_sumexp).
-SUM_BLOCK = 256
-# Rows per parallel task in the row kernels (amortises the loss-only scratch row).
-ROWS_PER_TASK = 16
-
-
-def _bitcast_codegen(llty):
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llty)
-    return codegen
-
-
-@intrinsic
-def _bits_to_float(typingctx, bits):
-    """Reinterpret int32 bits as float32 / int64 bits as float64 (an LLVM bitcast)."""
-    if bits == types.int32:
-        return types.float32(types.int32), _bitcast_codegen(ir.FloatType())
-    if bits == types.int64:
-        return types.float64(types.int64), _bitcast_codegen(ir.DoubleType())
-    return None
-
-
-@intrinsic
-def _float_to_bits(typingctx, value):
-    """Reinterpret float32 as int32 / float64 as int64 (an LLVM bitcast)."""
-    if value == types.float32:
-        return types.int32(types.float32), _bitcast_codegen(ir.IntType(32))
-    if value == types.float64:
-        return types.int64(types.float64), _bitcast_codegen(ir.IntType(64))
-    return None
-
-
-@intrinsic
-def _prefetch(typingctx, arr, index):
-    """Ask the CPU to fetch the cache line of ``arr``'s element ``index`` (an address
-    computation only: an index past the end is harmless)."""
-    if not isinstance(arr, types.Array) or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-            "llvm.prefetch.p0i8")
-        # read, keep in all cache levels, data cache
-        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p),
-                          i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return types.void(arr, index), codegen
-
-
-# exp(x) = 2**k * P(r), k = round(x / ln 2), r = x - k ln 2 (Cody-Waite split of ln 2).
-# Inputs are x - max, so <= 0: x is clamped from below so that r stays finite, and a k
-# below the smallest normal exponent gives 2**k = 0 (a flush to zero). NaN propagates
-# through r and P; no "nnan" fast-math flag may touch these functions.
-#
-# float32: degree-6 polynomial (max rel. error ~1.2e-7); exp(x < -87.3) flushes to 0.
-_F32_MIN_X = np.float32(-88.0)
-_F32_LOG2E = np.float32(1.44269504088896341)
-_F32_LN2_HI = np.float32(0.693359375)
-_F32_LN2_LO = np.float32(-2.12194440e-4)
-_F32_P = tuple(
-    np.float32(v)
-    for v in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
-              4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
-)
-_F32_HALF = np.float32(0.5)
-_F32_ONE = np.float32(1.0)
-_F32_ZERO = np.float32(0.0)
-_F32_BIAS = np.float32(127.0)
-_F32_MANTISSA_SCALE = np.float32(2.0**23)
-
-
-def _exp_nonpos_f32(x):
-    p0, p1, p2, p3, p4, p5 = _F32_P
-    x = _F32_MIN_X if x < _F32_MIN_X else x
-    k = np.floor(x * _F32_LOG2E + _F32_HALF)
-    r = x - k * _F32_LN2_HI - k * _F32_LN2_LO
-    p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
-    p = p * r * r + r + _F32_ONE
-    biased = k + _F32_BIAS
-    biased = biased if biased > _F32_ZERO else _F32_ZERO
-    # 2**k from its exponent bits, biased << 23, formed by an exact float product because
-    # Numba widens int32 arithmetic to int64, which would halve the vector width.
-    return p * _bits_to_float(np.int32(biased * _F32_MANTISSA_SCALE))
-
-
-# float64: degree-13 Taylor polynomial (truncation < 1e-17); exp(x < -708.4) flushes to 0.
-_F64_MIN_X = -709.0
-_F64_LOG2E = 1.4426950408889634
-_F64_LN2_HI = 6.93145751953125e-1
-_F64_LN2_LO = 1.42860682030941723212e-6
-_F64_INV_FACT = tuple(1.0 / float(np.prod(np.arange(1, k + 1))) for k in range(13, 1, -1))
-_F64_MAGIC = 2.0**52
-
-
-def _exp_nonpos_f64(x):
-    c13, c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2 = _F64_INV_FACT
-    x = _F64_MIN_X if x < _F64_MIN_X else x
-    k = np.floor(x * _F64_LOG2E + 0.5)
-    r = x - k * _F64_LN2_HI - k * _F64_LN2_LO
-    p = c13 * r + c12
-    p = ((((((((((p * r + c11) * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r
-              + c5) * r + c4) * r + c3) * r + c2) * r
-    p = p * r + r + 1.0
-    biased = k + 1023.0
-    biased = biased if biased > 0.0 else 0.0
-    # Adding 2**52 puts the integer `biased` in the low mantissa bits; shifting left by 52
-    # moves it to the exponent field. Vectorises without a float->int64 conversion,
-    # which AVX2 lacks.
-    return p * _bits_to_float(_float_to_bits(biased + _F64_MAGIC) << 52)
-
-
-def _exp_nonpos(x):
-    """exp(x) for x <= 0 (or NaN), vectorisable."""
-    raise NotImplementedError  # only callable from jitted code
-
-
-# The exp functions are compiled on their own, without "reassoc": inlined into a caller
-# they would take its flags, and reassociation lets LLVM fold x - k*LN2_HI - k*LN2_LO into
-# x - k*LN2, undoing the exact range reduction (seen: 100 ulp errors in float64). LLVM
-# still inlines them, keeping each instruction's own flags, and vectorises the caller.
-_exp_nonpos_jit = {
-    types.float32: njit(fastmath={"contract", "nsz", "arcp"}, cache=True)(_exp_nonpos_f32),
-    types.float64: njit(fastmath={"contract", "nsz", "arcp"}, cache=True)(_exp_nonpos_f64),
-}
-
-
-@overload(_exp_nonpos)
-def _ol_exp_nonpos(x):
-    if x in _exp_nonpos_jit:
-        exp = _exp_nonpos_jit[x]
-        return lambda x: exp(x)
-    return None
-
-
-_LOG_SERIES = tuple(1.0 / k for k in range(19, 2, -2))  # 1/19, 1/17, ..., 1/3
-_LN2_HI = 6.93147180369123816490e-01
-_LN2_LO = 1.90821492927058770002e-10
-
-
-def _log_sum_py(s):
-    """log(s) for the float64 sums of exps (s >= 1), vectorisable; NaN and +inf pass.
-
-    s = 2**e * a with a in [sqrt(1/2), sqrt(2)); log(a) = 2 atanh(z), z = (a-1)/(a+1),
-    |z| < 0.172, whose odd series to z**19 is exact to < 1e-17 (measured 0.73 ulp).
-    The tile kernels take one log per position: a libm call each cost more than the
-    rest of the work for 10 classes.
-    """
-    c19, c17, c15, c13, c11, c9, c7, c5, c3 = _LOG_SERIES
-    bits = _float_to_bits(s)
-    # exponent as a double without an int64 -> double conversion (none on AVX2)
-    e = _bits_to_float((bits >> 52) | 0x4330000000000000) - (4503599627370496.0 + 1023.0)
-    a = _bits_to_float((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
-    big = a > 1.4142135623730951
-    a = 0.5 * a if big else a
-    e = e + 1.0 if big else e
-    f = a - 1.0
-    z = f / (2.0 + f)
-    z2 = z * z
-    p = ((((((((c19 * z2 + c17) * z2 + c15) * z2 + c13) * z2 + c11) * z2 + c9) * z2 + c7)
-          * z2 + c5) * z2 + c3)
-    r = e * _LN2_HI + ((2.0 * z + 2.0 * z * (z2 * p)) + e * _LN2_LO)
-    return r if s < np.inf else s
-
-
-# Compiled on its own, without "reassoc", like the exp (see _exp_nonpos_jit).
-_log_sum = njit(fastmath={"contract", "nsz", "arcp"}, cache=True)(_log_sum_py)
-
-
-def _row_max(x):
-    """Largest element of the 1-D array ``x`` (a positive NaN wins; see below)."""
-    raise NotImplementedError  # only callable from jitted code
-
-
-@overload(_row_max)
-def _ol_row_max(x):
-    # Numba's LLVM does not vectorise float max reductions, but integer ones it does.
-    # Flipping the magnitude bits of negative floats makes signed-integer order equal
-    # float order (an involution), so the max is taken on those integer keys. NaNs need
-    # no care here: any NaN, +inf, or an all -inf row makes the exp pass produce NaN.
-    # int32 arithmetic is re-narrowed at each step: Numba widens it to int64.
-    if x.dtype == types.float32:
-        def impl(x):
-            b = _float_to_bits(x[0])
-            m = np.int32(b ^ np.int32(np.int32(b >> 31) & np.int32(0x7FFFFFFF)))
-            for c in range(1, x.shape[0]):
-                b = _float_to_bits(x[c])
-                key = np.int32(b ^ np.int32(np.int32(b >> 31) & np.int32(0x7FFFFFFF)))
-                m = key if key > m else m
-            return _bits_to_float(np.int32(m ^ np.int32(np.int32(m >> 31) & np.int32(0x7FFFFFFF))))
-        return impl
-    if x.dtype == types.float64:
-        def impl(x):
-            b = _float_to_bits(x[0])
-            m = b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
-            for c in range(1, x.shape[0]):
-                b = _float_to_bits(x[c])
-                key = b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
-                m = key if key > m else m
-            return _bits_to_float(m ^ ((m >> 63) & 0x7FFFFFFFFFFFFFFF))
-        return impl
-    return None
-
-
-def _cast_like(value, like):
-    """``value`` converted to the type of ``like`` (float32 stays float32)."""
-    raise NotImplementedError
-
-
-@overload(_cast_like)
-def _ol_cast_like(value, like):
-    if like == types.float32:
-        return lambda value, like: np.float32(value)
-    return lambda value, like: np.float64(value)
-
-
-def jit(fn):
-    """Compile ``fn`` twice: parallel (prange runs on threads) and serial (prange = range).
-
-    The serial copy gets its own name: Numba's on-disk cache keys functions by name and
-    line, not by ``parallel``, so with one name both would load whichever compiled first
-    (and a forked child would run OpenMP code after all).
-    """
-    serial_fn = types_module.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
-                                          fn.__defaults__, fn.__closure__)
-    serial_fn.__qualname__ = fn.__qualname__ + "_serial"
-    parallel = njit(parallel=True, fastmath=_FASTMATH, cache=True)(fn)
-    serial = njit(parallel=False, fastmath=_FASTMATH, cache=True)(serial_fn)
-    return parallel, serial
-
-
-_helper = njit(fastmath=_FASTMATH, cache=True)
+from .._config import ROWS_PER_TASK, SUM_BLOCK, TILE
+from ._math import _cast_like, _exp_nonpos, _log_sum, _prefetch, _row_max
+from ._runtime import helper, jit
 
 
 # --------------------------------------------------------------------------- row passes
-@_helper
+@helper
 def _row_sumexp(x, m, e_out):
     """sum_c exp(x[c] - m) in float64, writing exp(x[c] - m) to ``e_out``; ``x`` is a
     row of a C-contiguous 2-D array.
@@ -349,7 +54,7 @@ def _row_sumexp(x, m, e_out):
     return s
 
 
-@_helper
+@helper
 def _row_wdev(x, weight, lse):
     """sum_c weight[c] * (lse - x[c]) in float64, class by class: as sum(w) * lse -
     sum(w * x) an infinite weight would give inf - inf = NaN where torch gives inf."""
@@ -360,7 +65,7 @@ def _row_wdev(x, weight, lse):
 
 
 # ---------------------------------------------------------------- class-index targets
-@_helper
+@helper
 def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad):
     """Loss of one row with class-index target ``t``; with ``want_grad``, the gradient
     (times gs) goes into ``g``, which otherwise is scratch for the exps."""
@@ -417,7 +122,71 @@ def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_
                                      want_grad)
 
 
-@_helper
+@helper
+def _row_scores(row, t, m, s, e, stats, rank):
+    """Evaluation metrics of one row whose exps ``e = exp(row - m)`` sum to ``s``.
+
+    ``stats = (entropy of the softmax, max_c p_c, Brier score sum_c (p_c - [c == t])**2)``
+    (entropy as
+    ``log s - sum_c e_c (x_c - m) / s``, where classes with ``e_c = 0`` add nothing, as
+    ``p log p -> 0``); ``rank = (classes with a larger logit than the target's, 1 if the
+    first largest logit is the target's)``. A row whose softmax is undefined (NaN or +inf
+    logits) gets NaN statistics and rank ``(C, 0)``.
+    """
+    n_classes = row.shape[0]
+    if not s < np.inf:
+        stats[0] = stats[1] = stats[2] = np.nan
+        rank[0] = n_classes
+        rank[1] = 0
+        return
+    ex = 0.0
+    e2 = 0.0
+    for c in range(n_classes):
+        ec = np.float64(e[c])
+        ex += ec * (np.float64(row[c]) - np.float64(m)) if ec > 0.0 else 0.0
+        e2 += ec * ec
+    stats[0] = np.log(s) - ex / s
+    stats[1] = 1.0 / s
+    stats[2] = e2 / (s * s) - 2.0 * np.float64(e[t]) / s + 1.0
+    xt = row[t]
+    above = 0
+    for c in range(n_classes):
+        above += row[c] > xt
+    tied_before = 0
+    for c in range(t):
+        tied_before += row[c] == xt
+    rank[0] = above
+    rank[1] = 1 if above == 0 and tied_before == 0 else 0
+
+
+def _scores_rows(x, target, weight, w_total, ignore_index, eps, loss_out, stats_out,
+                 rank_out):
+    """Loss-only :func:`_index_rows` plus the per-row metrics of :func:`_row_scores`; the
+    loss takes the very same steps, so it equals softmax_ce_index's bit for bit."""
+    n_rows, n_classes = x.shape
+    smooth = eps / n_classes
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        e = np.empty(n_classes, dtype=x.dtype)
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            t = target[i]
+            if t == ignore_index:  # not read, as in loss-only softmax_ce_index
+                loss_out[i] = 0.0
+                stats_out[i, 0] = stats_out[i, 1] = stats_out[i, 2] = np.nan
+                rank_out[i, 0] = -1
+                rank_out[i, 1] = 0
+                continue
+            row = x[i]
+            m = _row_max(row)
+            s = _row_sumexp(row, m, e)
+            lse = np.float64(m) + np.log(s)
+            loss = (1.0 - eps) * weight[t] * (lse - row[t])
+            if eps > 0.0:
+                loss += smooth * _row_wdev(row, weight, lse)
+            loss_out[i] = loss
+            _row_scores(row, t, m, s, e, stats_out[i], rank_out[i])
+
+
+@helper
 def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_buf, lse):
     """Per position j < width of a tile: m[j] = max_c x[base + c*stride + j] and
     s[j] = sum_c exp(x[...] - m[j]) (float64), storing the exps in ``e_out`` (same
@@ -445,7 +214,7 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
         lse[j] = np.float64(m[j]) + _log_sum(s[j])
 
 
-@_helper
+@helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
                 ignore_index, eps, grad_scale, loss_out, g, want_grad, m, s, lse, coef,
                 shift):
@@ -538,7 +307,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
 
 
 # --------------------------------------------------------- class-probability targets
-@_helper
+@helper
 def _proba_row(row, q, weight, eps, gs, g, want_grad):
     """Loss of one row with probability targets ``q``; with ``want_grad``, the gradient
     (times gs) goes into ``g``, which otherwise is scratch for the exps."""
@@ -651,7 +420,7 @@ def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos):
                     out[off + j] = out[off + j] * shift[j]
 
 
-@_helper
+@helper
 def _infinite_lse(x, base, stride, n_classes, m):
     """log-sum-exp when the max ``m`` is infinite: ``m`` itself (as torch and scipy give,
     not inf - inf), unless a NaN is among the values."""
@@ -716,134 +485,49 @@ def _bce_rows(x, y, weight, pos_weight, grad_scale, loss_out, grad_out):
                 grad_out[i, j] = grad_scale[i, j] * w * ((1.0 - yv) - lw * sig_neg)
 
 
-_KERNELS = {
+def _log_loss_pass(proba, target, lo, hi, rtol, n_blocks, stats, picked):
+    """scikit-learn's checks of ``proba`` and each row's clipped true-class probability.
+
+    ``stats[b] = (values outside [0, 1], rows whose float64 sum is finite and not within
+    1e-8 + rtol of 1, rows whose sum is not finite)`` for each of ``n_blocks`` blocks of
+    rows; ``picked[i] = clip(proba[i, target[i]], lo, hi)`` when ``target`` is not empty.
+    Counting out-of-range values (in a float, like the sum) instead of tracking a
+    NaN-aware max and min lets LLVM vectorise the loop; counts are exact, so the result
+    does not depend on the blocks or threads.
+    """
+    n, n_classes = proba.shape
+    pick = target.shape[0] > 0
+    block = (n + n_blocks - 1) // n_blocks
+    for b in prange(n_blocks):
+        outside = 0.0
+        bad = 0
+        non_finite = 0
+        for i in range(b * block, min(n, (b + 1) * block)):
+            s = 0.0
+            row_outside = 0.0
+            for c in range(n_classes):
+                v = proba[i, c]
+                s += v
+                row_outside += (v > 1.0) + (v < 0.0)
+            outside += row_outside
+            if not abs(s) < np.inf:  # NaN or inf somewhere in the row
+                non_finite += 1
+            elif abs(s - 1.0) > 1e-8 + rtol:
+                bad += 1
+            if pick:
+                picked[i] = min(max(proba[i, target[i]], lo), hi)
+        stats[b, 0] = outside
+        stats[b, 1] = bad
+        stats[b, 2] = non_finite
+
+
+KERNELS = {
     name: jit(fn)
     for name, fn in {
         "index_rows": _index_rows, "index_tiles": _index_tiles,
         "proba_rows": _proba_rows, "proba_tiles": _proba_tiles,
         "softmax_rows": _softmax_rows, "softmax_tiles": _softmax_tiles,
         "logsumexp_rows": _logsumexp_rows, "logsumexp_tiles": _logsumexp_tiles,
-        "bce_rows": _bce_rows,
+        "bce_rows": _bce_rows, "log_loss_pass": _log_loss_pass, "scores_rows": _scores_rows,
     }.items()
 }
-
-# Numba's "workqueue" layer aborts the process when two Python threads launch parallel
-# kernels at once. Until a parallel kernel has run we do not know which layer Numba chose,
-# so launches are serialised until then, and for good if it is "workqueue".
-_launch_lock = threading.Lock()
-_layer = None
-
-
-def launch(kernel, n_threads, *args):
-    """Run a ``(parallel, serial)`` pair made by :func:`jit` on ``n_threads`` threads.
-
-    The one place that applies the thread policy for Numba code: serial for one thread
-    and in forked children, Numba's thread count set per call (it is thread-local), and
-    launches serialised while the threading layer may be "workqueue".
-    """
-    global _layer
-    parallel, serial = kernel
-    if n_threads <= 1 or _config._forked_child:
-        return serial(*args)
-    numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
-    if _layer is None or _layer == "workqueue":
-        with _launch_lock:
-            result = parallel(*args)
-            _layer = numba.threading_layer()
-            return result
-    return parallel(*args)
-
-
-def _run(name, n_threads, *args):
-    launch(_KERNELS[name], n_threads, *args)
-
-
-def _flat(a):
-    """1-D view of an (N, S) float64 array; a broadcast scalar stays a stride-0 view."""
-    if a.size and not any(a.strides):
-        return np.broadcast_to(a.reshape(-1)[:1], (a.size,))
-    return np.ravel(a)
-
-
-def _no_grad(grad_out):
-    return grad_out.shape[0] == 0
-
-
-def _empty(logits, ndim):
-    # An "empty" gradient may come in any dtype; the kernels want the logits' dtype.
-    return np.empty((0,) * ndim, dtype=logits.dtype)
-
-
-# ------------------------------------------------------------------ contract functions
-def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
-                     loss_out, grad_out, n_threads):
-    n, c, s = logits.shape
-    if c == 0:  # an empty sum (validation left only ignored targets); no gradient
-        loss_out[...] = 0.0
-        return
-    empty = _no_grad(grad_out)
-    # Summed here: inside a parallel kernel, weight.sum() would become a parallel
-    # reduction whose order depends on the thread count.
-    w_total = float(np.sum(weight))
-    if s == 1 and c > _config.SMALL_C:
-        _run("index_rows", n_threads, logits.reshape(n, c), target.reshape(n), weight,
-             w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),
-             loss_out.reshape(n), _empty(logits, 2) if empty else grad_out.reshape(n, c))
-    else:
-        _run("index_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
-             w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),
-             loss_out.reshape(-1), _empty(logits, 1) if empty else grad_out.reshape(-1),
-             n, c, s)
-
-
-def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,
-                     grad_out, n_threads):
-    n, c, s = logits.shape
-    if c == 0:  # an empty sum; no gradient
-        loss_out[...] = 0.0
-        return
-    empty = _no_grad(grad_out)
-    if s == 1:
-        _run("proba_rows", n_threads, logits.reshape(n, c), target.reshape(n, c), weight,
-             float(label_smoothing), _flat(grad_scale), loss_out.reshape(n),
-             _empty(logits, 2) if empty else grad_out.reshape(n, c))
-    else:
-        _run("proba_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
-             float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1),
-             _empty(logits, 1) if empty else grad_out.reshape(-1), n, c, s)
-
-
-def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out, n_threads):
-    _run("bce_rows", n_threads, input, target, weight, pos_weight, grad_scale, loss_out,
-         _empty(input, 2) if _no_grad(grad_out) else grad_out)
-
-
-def softmax(logits, log, out, n_threads):
-    n, c, s = logits.shape
-    if c == 0:  # nothing to write
-        return
-    if s == 1:
-        _run("softmax_rows", n_threads, logits.reshape(n, c), bool(log), out.reshape(n, c))
-    else:
-        _run("softmax_tiles", n_threads, logits.reshape(-1), bool(log), out.reshape(-1),
-             n, c, s)
-
-
-def logsumexp(logits, out, n_threads):
-    n, c, s = logits.shape
-    if c == 0:  # log of an empty sum
-        out[...] = -np.inf
-        return
-    if s == 1:
-        _run("logsumexp_rows", n_threads, logits.reshape(n, c), out.reshape(n))
-    else:
-        _run("logsumexp_tiles", n_threads, logits.reshape(-1), out.reshape(-1), n, c, s)
-
-
-def build_info():
-    return {
-        "numba": numba.__version__,
-        "threading_layer": _layer or f"not chosen yet ({numba.config.THREADING_LAYER})",
-        "max_threads": numba.config.NUMBA_NUM_THREADS,
-        "exp": "range reduction + polynomial, vectorised by LLVM",
-    }

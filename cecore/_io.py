@@ -1,0 +1,345 @@
+"""Arrays on disk for streaming, and the atomic ``.npy`` writer: the I/O of batch scoring.
+
+- **Reading.** A ``.npy`` file, or an uncompressed (``np.savez``) ``.npz`` member, is a
+  C-ordered array at a known byte offset, so it is memory-mapped and a chunk of rows is a
+  contiguous view handed to the kernel without a copy. Pages of a mapping that have been
+  touched count toward the process's resident memory (RSS) until they are unmapped, so
+  each chunk's pages are dropped with ``madvise(MADV_DONTNEED)`` once it is scored; the
+  file stays in the page cache, which is not RSS. A compressed ``.npz`` member cannot be
+  mapped: it is decompressed sequentially into one reused chunk buffer instead.
+- **Writing.** :func:`atomic_npy` writes a new ``.npy`` beside its target and renames it
+  over the target only when complete; :func:`check_output_path` refuses targets that
+  would destroy data (an input, a FIFO, a directory).
+"""
+
+import contextlib
+import math
+import mmap
+import os
+import stat
+import struct
+import tempfile
+import zipfile
+
+import numpy as np
+
+__all__ = ["MappedArray", "StreamedArray", "InMemoryArray", "open_array", "as_source",
+           "source_path", "check_output_path", "atomic_npy"]
+
+_PAGE = mmap.PAGESIZE
+
+
+class MappedArray:
+    """A C-ordered array stored in a file at a byte offset, read through a memory map.
+
+    It pickles as its path and layout (the map is reopened where it is unpickled), so
+    Dask workers read their own rows of the file. Indexing (``a[i:j]``) returns a copy;
+    :meth:`rows` and :meth:`release` are the zero-copy pair used for streaming.
+    """
+
+    def __init__(self, path, offset, dtype, shape):
+        self.path, self.offset = os.fspath(path), int(offset)
+        self.dtype, self.shape = np.dtype(dtype), tuple(int(n) for n in shape)
+        self.ndim = len(self.shape)
+        self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        self._map = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_map"} | {"_map": None}
+
+    def __dask_tokenize__(self):
+        stat = os.stat(self.path)
+        return ("cecore.MappedArray", self.path, self.offset, str(self.dtype), self.shape,
+                stat.st_mtime_ns, stat.st_size)
+
+    def _mapped(self):
+        if self._map is None:
+            # A private (copy-on-write) map: nothing ever writes to it, but arrays over a
+            # read-only buffer make np.argmax copy the whole chunk, and make Numba compile
+            # a second, read-only specialisation of every kernel.
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            if hasattr(mmap, "MADV_SEQUENTIAL"):  # more read-ahead when the file is cold
+                self._map.madvise(mmap.MADV_SEQUENTIAL)
+        return self._map
+
+    def rows(self, start, stop):
+        """Rows ``start:stop`` as a read-only view of the mapped file (no copy)."""
+        count = (stop - start) * self._row_bytes // self.dtype.itemsize
+        flat = np.frombuffer(self._mapped(), self.dtype, count, self.offset + start * self._row_bytes)
+        return flat.reshape((stop - start,) + self.shape[1:])
+
+    def release(self, start, stop):
+        """Drop the pages of rows ``start:stop`` from this process (they stay in the page cache)."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin = (self.offset + start * self._row_bytes) // _PAGE * _PAGE
+        end = min(-(-(self.offset + stop * self._row_bytes) // _PAGE) * _PAGE, len(self._map))
+        if end > begin:
+            self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        rows = index[0] if index else slice(None)
+        start, stop, step = rows.indices(self.shape[0]) if isinstance(rows, slice) else (None,) * 3
+        if step != 1:
+            return np.array(np.asarray(self.rows(0, self.shape[0]))[index])
+        return np.array(self.rows(start, max(start, stop))[(slice(None),) + index[1:]])
+
+    def close(self):
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a caller still holds a view: let GC close it
+                self._map.close()
+            self._map = None
+
+
+class StreamedArray:
+    """A compressed ``.npz`` member, decompressed front to back into one reused buffer.
+
+    :meth:`rows` must be called with consecutive, increasing ranges (one pass).
+    """
+
+    def __init__(self, path, member, dtype, shape):
+        self.path, self.member = os.fspath(path), member
+        self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+        self.ndim = len(self.shape)
+        self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        self._zip = zipfile.ZipFile(self.path)
+        self._stream = self._zip.open(member)
+        _read_header(self._stream, self.path)
+        self._next_row, self._buffer = 0, None
+
+    def rows(self, start, stop):
+        if start != self._next_row:
+            raise ValueError("a compressed .npz member can only be read once, front to back")
+        nbytes = (stop - start) * self._row_bytes
+        if self._buffer is None or self._buffer.nbytes < nbytes:
+            self._buffer = np.empty(nbytes, np.uint8)
+        view = memoryview(self._buffer)[:nbytes]
+        got = 0
+        while got < nbytes:
+            n = self._stream.readinto(view[got:])
+            if not n:
+                raise ValueError(f"{self.path}: member {self.member} is truncated")
+            got += n
+        self._next_row = stop
+        return self._buffer[:nbytes].view(self.dtype).reshape((stop - start,) + self.shape[1:])
+
+    def release(self, start, stop):
+        """Nothing to release: the buffer is reused for the next chunk."""
+
+    def close(self):
+        self._stream.close()
+        self._zip.close()
+
+
+class InMemoryArray:
+    """An array already in memory (or a ``np.memmap``), scored by the same chunked loop."""
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+        self.dtype, self.shape, self.ndim = self.array.dtype, self.array.shape, self.array.ndim
+
+    def rows(self, start, stop):
+        return self.array[start:stop]
+
+    def release(self, start, stop):
+        """Memory owned by the caller is left alone."""
+
+    def close(self):
+        pass
+
+
+def _read_header(f, path):
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported format version {version}")
+    except Exception as exc:  # noqa: BLE001 - a damaged header raises all kinds of errors
+        raise ValueError(f"{path} is not a valid .npy/.npz array: its header is damaged "
+                         f"({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{path}: arrays of Python objects cannot be scored")
+    if fortran and len(shape) > 1:
+        raise ValueError(
+            f"{path}: the array is stored in Fortran order, so its rows are not contiguous; "
+            "re-save it with np.save(path, np.ascontiguousarray(a))"
+        )
+    return shape, dtype
+
+
+def _zip_data_offset(f, info):
+    """Offset in the zip file of member ``info``'s first byte (after its local header)."""
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for member {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _split_member(spec):
+    """``"a.npz:logits"`` -> ``("a.npz", "logits")``; any other path -> ``(path, None)``."""
+    spec = os.fspath(spec)
+    head, sep, member = spec.rpartition(":")
+    if sep and head.lower().endswith(".npz") and not os.path.exists(spec):
+        return head, member
+    return spec, None
+
+
+def open_array(spec):
+    """Open an array on disk for streaming, without reading its data.
+
+    Parameters
+    ----------
+    spec : str or path-like
+        A ``.npy`` file; or a ``.npz`` file holding one array, or ``"file.npz:name"`` for
+        its member ``name``.
+
+    Returns
+    -------
+    MappedArray or StreamedArray
+        A :class:`MappedArray` for ``.npy`` files and uncompressed ``.npz`` members, a
+        :class:`StreamedArray` (one sequential pass) for compressed members.
+    """
+    path, member = _split_member(spec)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if not zipfile.is_zipfile(f):
+            if member is not None:
+                raise ValueError(f"{path} is not an .npz (zip) file")
+            f.seek(0)
+            shape, dtype = _read_header(f, path)
+            source = MappedArray(path, f.tell(), dtype, shape)
+            size = os.fstat(f.fileno()).st_size
+        else:
+            with zipfile.ZipFile(f) as zf:
+                names = [n for n in zf.namelist() if n.endswith(".npy")]
+                if member is None:
+                    if len(names) != 1:
+                        raise ValueError(f"{path} holds arrays {[n[:-4] for n in names]}: "
+                                         f"choose one with {path}:NAME")
+                    name = names[0]
+                else:
+                    name = member + ".npy"
+                    if name not in names:
+                        raise ValueError(f"{path} has no array {member!r} "
+                                         f"(it holds {[n[:-4] for n in names]})")
+                info = zf.getinfo(name)
+                if info.compress_type != zipfile.ZIP_STORED:
+                    with zf.open(name) as stream:
+                        shape, dtype = _read_header(stream, f"{path}:{name[:-4]}")
+                    return StreamedArray(path, name, dtype, shape)
+                start = _zip_data_offset(f, info)
+            f.seek(start)
+            shape, dtype = _read_header(f, f"{path}:{name[:-4]}")
+            source = MappedArray(path, f.tell(), dtype, shape)
+            size = start + info.file_size
+    need = source.offset + source.dtype.itemsize * math.prod(source.shape)
+    if size < need:
+        raise ValueError(f"{path} is truncated: the array needs {need} bytes, the file has {size}")
+    return source
+
+
+def as_source(obj):
+    """A reader for ``obj``: a path (see :func:`open_array`), a reader, or an array."""
+    if isinstance(obj, (MappedArray, StreamedArray, InMemoryArray)):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return open_array(obj)
+    return InMemoryArray(obj)
+
+
+def source_path(source):
+    """The file a source reads (None for arrays in memory that are not memory maps)."""
+    if isinstance(source, InMemoryArray):
+        return getattr(source.array, "filename", None) or getattr(
+            getattr(source.array, "base", None), "filename", None)
+    return source.path
+
+
+def _umask():
+    try:  # Linux reports it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_path(path, inputs=()):
+    """Where a new ``.npy`` at ``path`` goes, refusing what would destroy data.
+
+    Symlinks are followed, as ``np.save`` follows them: the file they point to is
+    replaced and the link stays. An existing target must be a regular file (not a FIFO,
+    device or directory) and must not be one of ``inputs`` (compared by device and inode,
+    so hard links and other spellings of the same path count).
+
+    Returns
+    -------
+    (real_path, mode) : the path to replace, and the permission bits the new file gets
+        (the existing file's, else those ``open()`` would give under the umask).
+    """
+    real = os.path.realpath(os.fspath(path))
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(real)):
+            raise FileNotFoundError(f"{path}: its directory does not exist") from None
+        return real, 0o666 & ~_umask()
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} exists and is not a regular file: refusing to replace it")
+    for other in inputs:
+        if other is None:
+            continue
+        try:
+            o = os.stat(other)
+        except OSError:
+            continue
+        if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
+            raise ValueError(f"{path} is the input file {other}: refusing to overwrite an input")
+    return real, stat.S_IMODE(st.st_mode)
+
+
+@contextlib.contextmanager
+def atomic_npy(path, n_rows, dtype, inputs=()):
+    """Yield a ``write(array)`` that appends rows to a new ``.npy`` file at ``path``.
+
+    The rows go to a temporary file beside the target (see :func:`check_output_path`),
+    renamed over it only when all ``n_rows`` were written without error: a failure leaves
+    no partial file behind, and the target is never one of ``inputs``.
+    """
+    real, mode = check_output_path(path, inputs)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real), prefix=f".{os.path.basename(real)}.",
+                               suffix=".tmp")
+    written = [0]
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # mkstemp makes 0600 files
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                      "fortran_order": False, "shape": (n_rows,)}
+            np.lib.format.write_array_header_1_0(f, header)
+
+            def write(values):
+                np.ascontiguousarray(values, dtype=dtype).tofile(f)
+                written[0] += len(values)
+
+            yield write
+            if written[0] != n_rows:
+                raise RuntimeError(f"wrote {written[0]} of {n_rows} per-row losses")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, real)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

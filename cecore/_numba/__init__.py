@@ -1,0 +1,136 @@
+"""Numba backend of the kernel contract (see :mod:`cecore._backends`).
+
+This module holds only the contract's functions: they map the canonical arrays onto the
+kernels of :mod:`._kernels` (row or tile variant, flat views) and launch them with
+:func:`._runtime.launch`. :mod:`._math` has the vectorisable exp/log and bit tricks,
+:mod:`._runtime` the cache location, compilation and thread policy.
+"""
+
+import numba
+import numpy as np
+
+from .. import _config
+from ._kernels import KERNELS
+from ._runtime import launch, threading_layer
+
+
+def _run(name, n_threads, *args):
+    launch(KERNELS[name], n_threads, *args)
+
+
+def _flat(a):
+    """1-D view of an (N, S) float64 array; a broadcast scalar stays a stride-0 view."""
+    if a.size and not any(a.strides):
+        return np.broadcast_to(a.reshape(-1)[:1], (a.size,))
+    return np.ravel(a)
+
+
+def _grad(grad_out, logits, shape):
+    """The kernels' gradient argument: ``grad_out`` reshaped, or for loss only
+    (``grad_out=None``) an empty array of the logits' dtype, which the kernels test for
+    (Numba compiles one specialisation per argument type, so it must be an array)."""
+    if grad_out is None or grad_out.shape[0] == 0:
+        return np.empty((0,) * len(shape), dtype=logits.dtype)
+    return grad_out.reshape(shape)
+
+
+# ------------------------------------------------------------------ contract functions
+def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
+                     loss_out, grad_out, n_threads):
+    n, c, s = logits.shape
+    if c == 0:  # an empty sum (validation left only ignored targets); no gradient
+        loss_out[...] = 0.0
+        return
+    # Summed here: inside a parallel kernel, weight.sum() would become a parallel
+    # reduction whose order depends on the thread count.
+    w_total = float(np.sum(weight))
+    if s == 1 and c > _config.SMALL_C:
+        _run("index_rows", n_threads, logits.reshape(n, c), target.reshape(n), weight,
+             w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),
+             loss_out.reshape(n), _grad(grad_out, logits, (n, c)))
+    else:
+        _run("index_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
+             w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),
+             loss_out.reshape(-1), _grad(grad_out, logits, (-1,)), n, c, s)
+
+
+def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out,
+                      stats_out, rank_out, n_threads):
+    n, c = logits.shape
+    # The loss must equal softmax_ce_index's bit for bit; with few classes that takes the
+    # tile kernel (another summation order), run first on the same rows (still in cache).
+    small = c <= _config.SMALL_C
+    _run("scores_rows", n_threads, logits, target, weight, float(np.sum(weight)),
+         int(ignore_index), float(label_smoothing), np.empty(n) if small else loss_out,
+         stats_out, rank_out)
+    if small:
+        softmax_ce_index(logits.reshape(n, c, 1), target.reshape(n, 1), weight, ignore_index,
+                         label_smoothing, np.broadcast_to(0.0, (n, 1)),
+                         loss_out.reshape(n, 1), None, n_threads)
+
+
+def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,
+                     grad_out, n_threads):
+    n, c, s = logits.shape
+    if c == 0:  # an empty sum; no gradient
+        loss_out[...] = 0.0
+        return
+    if s == 1:
+        _run("proba_rows", n_threads, logits.reshape(n, c), target.reshape(n, c), weight,
+             float(label_smoothing), _flat(grad_scale), loss_out.reshape(n),
+             _grad(grad_out, logits, (n, c)))
+    else:
+        _run("proba_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
+             float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1),
+             _grad(grad_out, logits, (-1,)), n, c, s)
+
+
+def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out, n_threads):
+    _run("bce_rows", n_threads, input, target, weight, pos_weight, grad_scale, loss_out,
+         _grad(grad_out, input, input.shape))
+
+
+def softmax(logits, log, out, n_threads):
+    n, c, s = logits.shape
+    if c == 0:  # nothing to write
+        return
+    if s == 1:
+        _run("softmax_rows", n_threads, logits.reshape(n, c), bool(log), out.reshape(n, c))
+    else:
+        _run("softmax_tiles", n_threads, logits.reshape(-1), bool(log), out.reshape(-1),
+             n, c, s)
+
+
+def logsumexp(logits, out, n_threads):
+    n, c, s = logits.shape
+    if c == 0:  # log of an empty sum
+        out[...] = -np.inf
+        return
+    if s == 1:
+        _run("logsumexp_rows", n_threads, logits.reshape(n, c), out.reshape(n))
+    else:
+        _run("logsumexp_tiles", n_threads, logits.reshape(-1), out.reshape(-1), n, c, s)
+
+
+def log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads):
+    n = proba.shape[0]
+    # Blocks of rows, a few per thread; counts are exact, so any blocking gives the same.
+    n_blocks = max(1, min(4 * n_threads, n))
+    blocks = np.zeros((n_blocks, 3))
+    pick = target is not None and picked_out is not None
+    _run("log_loss_pass", n_threads, proba, target if pick else np.empty(0, np.int64),
+         proba.dtype.type(lo), proba.dtype.type(hi), float(rtol), n_blocks, blocks,
+         picked_out if pick else np.empty(0, proba.dtype))
+    stats_out[:] = blocks.sum(axis=0)
+
+
+def build_info():
+    return {
+        "numba": numba.__version__,
+        "threading_layer": threading_layer(),
+        "max_threads": numba.config.NUMBA_NUM_THREADS,
+        "exp": "range reduction + polynomial, vectorised by LLVM",
+        "tile": _config.TILE,
+        "small_c": _config.SMALL_C,
+        "sum_block": _config.SUM_BLOCK,
+    }

@@ -1,0 +1,115 @@
+"""Numba backend, runtime: where compiled code is cached, how kernels are compiled
+(a parallel and a serial copy of each) and launched on threads.
+
+Nothing here knows what a kernel computes; :mod:`cecore._numba._kernels` uses
+:func:`jit` and :data:`helper`, and the contract adapters run kernels with
+:func:`launch`.
+"""
+
+import os
+import tempfile
+import threading
+import types as types_module
+
+import numba
+from numba import njit
+from numba.core import caching
+
+
+class _CacheLocator(caching.UserWideCacheLocator):
+    """Numba's on-disk cache for cecore's own functions, outside the installed package.
+
+    Numba would write it into ``cecore/__pycache__`` when that is writable; a later
+    ``pip uninstall`` leaves those files behind, and an empty ``cecore`` folder then
+    shadows the package as a namespace package. So cecore's kernels are cached in
+    ``NUMBA_CACHE_DIR`` when it is set, else in the user's cache directory
+    (``~/.cache/cecore/numba`` on Linux), else in a temporary directory. Functions of
+    other modules keep Numba's own rules.
+    """
+
+    _package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def __init__(self, py_func, py_file, cache_dir):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = os.path.join(cache_dir, self.get_suitable_cache_subpath(py_file))
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not os.path.abspath(py_file).startswith(cls._package_dir):
+            return None
+        user = caching.AppDirs(appname="cecore", appauthor=False).user_cache_dir
+        for cache_dir in (numba.config.CACHE_DIR, os.path.join(user, "numba"),
+                          os.path.join(tempfile.gettempdir(), f"cecore-numba-{os.getuid()}")):
+            if not cache_dir:
+                continue
+            self = cls(py_func, py_file, cache_dir)
+            try:
+                self.ensure_cache_path()
+            except OSError:
+                continue
+            return self
+        return None
+
+
+# Consulted before Numba's own locators (the first that accepts a function wins).
+caching.CacheImpl._locator_classes.insert(0, _CacheLocator)
+
+
+# Reassociation lets LLVM vectorise the sums; no "nnan"/"ninf": NaN and inf logits must
+# follow IEEE rules to give torch's answers.
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+
+def jit(fn):
+    """Compile ``fn`` twice: parallel (prange runs on threads) and serial (prange = range).
+
+    The serial copy gets its own name: Numba's on-disk cache keys functions by name and
+    line, not by ``parallel``, so with one name both would load whichever compiled first
+    (and a forked child would run OpenMP code after all).
+    """
+    serial_fn = types_module.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                          fn.__defaults__, fn.__closure__)
+    serial_fn.__qualname__ = fn.__qualname__ + "_serial"
+    parallel = njit(parallel=True, fastmath=FASTMATH, cache=True)(fn)
+    serial = njit(parallel=False, fastmath=FASTMATH, cache=True)(serial_fn)
+    return parallel, serial
+
+
+# A function compiled once and inlined by both copies of every kernel that calls it: every
+# loop that reduces lives in one, so serial and parallel kernels sum in the same order.
+helper = njit(fastmath=FASTMATH, cache=True)
+
+
+# Numba's "workqueue" layer aborts the process when two Python threads launch parallel
+# kernels at once. Until a parallel kernel has run we do not know which layer Numba chose,
+# so launches are serialised until then, and for good if it is "workqueue".
+_launch_lock = threading.Lock()
+_layer = None
+
+
+def launch(kernel, n_threads, *args):
+    """Run a ``(parallel, serial)`` pair made by :func:`jit` on ``n_threads`` threads.
+
+    ``n_threads`` comes resolved by :func:`cecore._config.resolve_n_threads` (1 in a
+    forked child, where OpenMP pools are unusable); one thread runs the serial copy,
+    which has no parallel region at all. Numba's thread count is set per call (it is
+    thread-local), and launches are serialised while the threading layer may be
+    "workqueue".
+    """
+    global _layer
+    parallel, serial = kernel
+    if n_threads <= 1:
+        return serial(*args)
+    numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
+    if _layer is None or _layer == "workqueue":
+        with _launch_lock:
+            result = parallel(*args)
+            _layer = numba.threading_layer()
+            return result
+    return parallel(*args)
+
+
+def threading_layer():
+    """The threading layer Numba chose, or what it will choose from."""
+    return _layer or f"not chosen yet ({numba.config.THREADING_LAYER})"

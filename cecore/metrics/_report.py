@@ -1,0 +1,237 @@
+"""Evaluation metrics of logits from the same pass as their cross-entropy.
+
+:func:`block_scores` runs the kernels over a block of rows: for class-index targets the
+contract's ``softmax_ce_scores``, which computes each row's loss together with its
+softmax entropy, top-label confidence, sum of squared probabilities and the target's
+rank while the row is in cache. :class:`ReportSums` accumulates those per-row values
+in row order with fixed-block sums (:mod:`cecore._reduce`), so the metrics are the same
+whether the rows arrive in one array, in chunks of a stream or from Dask workers.
+:func:`classification_report_from_logits` is the in-memory front end; ``cecore score``
+(:mod:`cecore.batch`) is the streaming one.
+
+Definitions (over the rows whose target is not ignored; ``p = softmax(logits)``):
+
+- ``accuracy``: the first largest logit is the target's (``argmax``);
+- ``top_k_accuracy``: fewer than ``k`` classes have a larger logit than the target's;
+- ``mean_entropy``: mean of ``-sum_c p_c log p_c``;
+- ``ece``: top-label expected calibration error with ``n_bins`` equal-width confidence
+  bins and the L1 norm, as torchmetrics' ``CalibrationError(norm='l1')`` bins it
+  (confidence ``max_c p_c`` falls in bin ``k`` when ``k / n_bins <= conf < (k + 1) /
+  n_bins``; a confidence of exactly 1 has a bin of its own);
+- ``brier``: mean of ``sum_c (p_c - y_c)**2``, ``y`` the one-hot (or probability) target.
+
+For probability targets only the loss, ``mean_entropy`` and ``brier`` are defined; the
+others are None. Rows whose softmax is undefined (NaN or +inf logits) count as wrong and
+make the means they enter NaN.
+"""
+
+import numpy as np
+
+from .. import _reduce
+from .. import _validation as V
+from .._backends import get_backend
+from .._config import SCORE_BLOCK_BYTES
+
+__all__ = ["classification_report_from_logits"]
+
+
+def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
+    """Per-row loss and metrics of a block of rows (2-D, compute dtype, C-contiguous).
+
+    Returns ``(loss, stats, rank)``: float64 (n,), float64 (n, 3) = ``(entropy, max_p,
+    brier)`` and int64 (n, 2) = ``(rank, top1)`` (rank -1 for ignored rows); for
+    probability targets ``rank`` is None and ``max_p`` NaN.
+    """
+    n, c = x.shape
+    loss = np.empty(n)
+    stats = np.empty((n, 3))
+    if not proba:
+        rank = np.empty((n, 2), np.int64)
+        kernels.softmax_ce_scores(x, t, weight, ignore_index, eps, loss, stats, rank,
+                                  n_threads)
+        return loss, stats, rank
+    kernels.softmax_ce_proba(x.reshape(n, c, 1), t.reshape(n, c, 1), weight, eps,
+                             np.broadcast_to(0.0, (n, 1)), loss.reshape(n, 1), None,
+                             n_threads)
+    p = np.empty_like(x)
+    kernels.softmax(x.reshape(n, c, 1), False, p.reshape(n, c, 1), n_threads)
+    p64 = p.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stats[:, 0] = -np.where(p64 > 0, p64 * np.log(p64), 0.0).sum(axis=1)
+    stats[:, 1] = np.nan
+    stats[:, 2] = ((p64 - t) ** 2).sum(axis=1)
+    return loss, stats, None
+
+
+def confidence_bins(max_p, n_bins):
+    """torchmetrics' binning: ``searchsorted(linspace(0, 1, n_bins + 1), conf, 'right') - 1``
+    (bin ``n_bins`` holds confidences of exactly 1)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, max_p, side="right") - 1, 0, n_bins)
+
+
+class ReportSums:
+    """Exact running sums behind the loss and the metrics, fed block by block in row order.
+
+    Every floating-point sum is a fixed-block sum (:mod:`cecore._reduce`) and every count
+    an integer, so the report does not depend on how the rows were chunked, nor on which
+    Dask worker scored which chunk: a worker sends :meth:`partials` of its rows (whole
+    blocks of ``REDUCE_BLOCK``) and the client adds them with :meth:`add_partials`, in
+    row order. The mean loss is computed as :func:`cecore.cross_entropy` computes it.
+    """
+
+    _SUMS = ("loss", "weight", "entropy", "brier")
+
+    def __init__(self, proba, top_k=5, n_bins=15, defer_weights=False):
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+            raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
+        self.proba, self.top_k, self.n_bins = proba, int(top_k), int(n_bins)
+        self.sums = {name: _reduce.BlockSum() for name in self._SUMS}
+        self.confidence = _reduce.BinnedBlockSum(n_bins + 1)
+        # rows, rows ignored, top-1 correct, top-k correct; top-1 correct per bin
+        self.counts = np.zeros(4, np.int64)
+        self.bin_correct = np.zeros(n_bins + 1, np.int64)
+        # The denominator's blocks run over the non-ignored rows only, so they do not
+        # follow the chunks: a Dask worker keeps its weights for the client to sum.
+        self._weights = [] if defer_weights else None
+
+    def add(self, loss, valid_weight, stats, rank):
+        """Add a block's per-row ``loss``, the class weights of its non-ignored targets
+        (None for probability targets) and ``stats``, ``rank`` from :func:`block_scores`."""
+        keep = np.ones(len(loss), bool) if rank is None else rank[:, 0] >= 0
+        self.sums["loss"].add(loss)
+        if valid_weight is not None and self._weights is not None:
+            self._weights.append(valid_weight)
+        elif valid_weight is not None:
+            self.sums["weight"].add(valid_weight)
+        # Ignored rows enter the metric sums as 0, which changes no sum but keeps the
+        # blocks aligned with the rows of the stream.
+        self.sums["entropy"].add(np.where(keep, stats[:, 0], 0.0))
+        self.sums["brier"].add(np.where(keep, stats[:, 2], 0.0))
+        correct = np.zeros(len(loss), bool) if rank is None else rank[:, 1] == 1
+        self.counts += [len(loss), len(loss) - int(np.count_nonzero(keep)),
+                        int(np.count_nonzero(correct)),
+                        0 if rank is None else int(np.count_nonzero(keep & (rank[:, 0] < self.top_k)))]
+        if rank is not None:
+            conf = np.where(keep & np.isfinite(stats[:, 1]), stats[:, 1], 0.0)
+            bins = confidence_bins(conf, self.n_bins)
+            self.confidence.add(bins, conf)
+            self.bin_correct += np.bincount(bins[correct], minlength=self.n_bins + 1)
+
+    def partials(self):
+        """This object's sums as block partials and counts (small, picklable), made with
+        ``defer_weights=True``: the weights of the non-ignored targets come as they are,
+        or as their count when they are all 1 (an exact sum)."""
+        weights = np.concatenate(self._weights) if self._weights else np.empty(0)
+        if np.all(weights == 1.0):
+            weights = float(weights.size)
+        sums = {name: s.partials() for name, s in self.sums.items() if name != "weight"}
+        return sums, weights, self.confidence.partials(), self.counts.copy(), self.bin_correct.copy()
+
+    def add_partials(self, partials):
+        """Add :meth:`partials` of the next rows, computed elsewhere."""
+        sums, weights, confidence, counts, bin_correct = partials
+        for name, values in sums.items():
+            self.sums[name].add_partials(values)
+        if isinstance(weights, float):
+            self.sums["weight"].add_partials([weights])
+        else:
+            self.sums["weight"].add(weights)
+        self.confidence.add_partials(confidence)
+        self.counts += counts
+        self.bin_correct += bin_correct
+
+    def report(self, dtype):
+        """The loss and metrics as a dict (None where undefined for the targets).
+
+        ``mean_loss`` is rounded to ``dtype``, as :func:`cecore.cross_entropy` returns it.
+        """
+        rows, ignored, correct, top_k = (int(v) for v in self.counts)
+        scored = rows - ignored
+        loss_sum = self.sums["loss"].total()
+        # the denominators of cecore.cross_entropy's mean, computed the same way
+        denominator = np.float64(rows if self.proba else self.sums["weight"].total())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean_loss = float(dtype.type(np.float64(loss_sum) / denominator))
+
+            def mean(total):
+                return float(np.float64(total) / scored) if scored else float("nan")
+
+            result = {"mean_loss": mean_loss, "perplexity": float(np.exp(np.float64(mean_loss))),
+                      "accuracy": None, "top_k_accuracy": None,
+                      "mean_entropy": mean(self.sums["entropy"].total()),
+                      "ece": None, "brier": mean(self.sums["brier"].total()),
+                      "rows": rows, "rows_scored": scored, "rows_ignored": ignored,
+                      "loss_sum": float(loss_sum), "denominator": float(denominator)}
+            if not self.proba:
+                gap = np.abs(self.bin_correct - self.confidence.totals())
+                result.update(accuracy=mean(correct), top_k_accuracy=mean(top_k),
+                              ece=mean(_reduce.combine(gap)))
+        return result
+
+
+def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, weight=None,
+                                      ignore_index=-100, label_smoothing=0.0,
+                                      backend="auto", n_threads=None):
+    """Cross-entropy and evaluation metrics of logits, in one pass over them.
+
+    The numbers ``cecore score`` reports, for arrays in memory: each row's loss, softmax
+    entropy, confidence and target rank come from the same kernel pass (see the module
+    docstring for the definitions), and the results equal ``cecore score`` on the same
+    rows streamed from disk or scored on Dask.
+
+    Parameters
+    ----------
+    logits : array-like of shape (n_samples, n_classes)
+    target : array-like of shape (n_samples,) or (n_samples, n_classes)
+        Class indices (any integer dtype, ``ignore_index`` rows skipped) or probabilities.
+    top_k : int, default=5
+        ``k`` of ``top_k_accuracy``.
+    n_bins : int, default=15
+        Equal-width confidence bins of the expected calibration error.
+    weight, ignore_index, label_smoothing, backend, n_threads
+        As :func:`cecore.cross_entropy` (they affect the loss only).
+
+    Returns
+    -------
+    dict
+        ``loss`` (``cecore.cross_entropy`` with ``reduction='mean'``, to the last bit),
+        ``perplexity``, ``accuracy``, ``top_k_accuracy``, ``mean_entropy``, ``ece``,
+        ``brier`` (floats, None where undefined: probability targets have no accuracy,
+        top-k accuracy or ECE), ``rows``, ``rows_scored``.
+    """
+    x = V.float_input(logits, "logits")
+    if x.ndim != 2:
+        raise ValueError(f"logits must have shape (n_samples, n_classes), got {x.shape}")
+    n_classes = x.shape[1]
+    t_raw = V._to_numpy(target)
+    proba = t_raw.shape == x.shape
+    if proba and t_raw.dtype.kind != "f":
+        raise TypeError(f"a target of the logits' shape {x.shape} holds class probabilities "
+                        f"and must be floating point, got dtype {t_raw.dtype}")
+    if proba and ignore_index >= 0:
+        raise ValueError("ignore_index is not supported with class-probability targets")
+    eps = V.check_label_smoothing(label_smoothing)
+    w = V.class_weight(weight, n_classes)
+    dtype = V.compute_dtype(x.dtype)
+    x2 = np.ascontiguousarray(x, dtype=dtype)
+    t = (np.ascontiguousarray(V.float_input(t_raw, "target"), dtype=dtype) if proba else
+         V.index_target(t_raw, x.shape, n_classes, ignore_index).reshape(-1))
+    kernels = get_backend(backend)
+    threads = V.n_threads(n_threads, x.size)
+    sums = ReportSums(proba, top_k, n_bins)
+    # Blocks of rows small enough for the cache: the metrics of a block are reduced while
+    # it is still there.
+    step = max(1, SCORE_BLOCK_BYTES // max(1, n_classes * x2.itemsize))
+    for a in range(0, x.shape[0], step):
+        tb = t[a:a + step]
+        loss, stats, rank = block_scores(kernels, x2[a:a + step], tb, proba, w,
+                                         int(ignore_index), eps, threads)
+        sums.add(loss, None if proba else w[tb[tb != ignore_index]], stats, rank)
+    report = sums.report(x.dtype if x.dtype != np.float16 else np.dtype(np.float16))
+    report["loss"] = report.pop("mean_loss")
+    for key in ("loss_sum", "denominator", "rows_ignored"):
+        report.pop(key)
+    return report

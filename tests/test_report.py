@@ -1,0 +1,141 @@
+"""Evaluation metrics from the loss pass: classification_report_from_logits and cecore score.
+
+Oracles: a naive NumPy float64 reference written here (softmax, argmax, ranks, entropy,
+Brier), an ECE binned as torchmetrics' ``CalibrationError(norm='l1')`` bins
+(``torch.bucketize(conf, linspace(0, 1, n_bins + 1), right=True) - 1``, computed with
+torch), and cecore.cross_entropy for the loss (bit for bit).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cecore
+from cecore import batch
+from cecore.cli import main
+from cecore.metrics import classification_report_from_logits
+
+
+def reference(x, t, top_k=5, n_bins=15, ignore_index=-100):
+    """Naive float64 metrics of class-index targets."""
+    x = np.asarray(x, np.float64)
+    keep = t != ignore_index
+    x, t = x[keep], t[keep]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        z = x - x.max(axis=1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        entropy = -np.where(p > 0, p * np.where(p > 0, np.log(p), 0), 0).sum(axis=1)
+    onehot = np.eye(x.shape[1])[t]
+    brier = ((p - onehot) ** 2).sum(axis=1)
+    xt = x[np.arange(len(t)), t]
+    undefined = np.isnan(p).any(axis=1)
+    correct = (np.argmax(x, axis=1) == t) & ~undefined
+    rank = np.where(undefined, x.shape[1], (x > xt[:, None]).sum(axis=1))
+    conf = torch.tensor(p.max(axis=1))
+    bins = torch.bucketize(conf, torch.linspace(0, 1, n_bins + 1, dtype=torch.float64),
+                           right=True) - 1
+    ece = 0.0
+    for b in range(n_bins + 1):
+        sel = (bins == b).numpy()
+        if sel.any():
+            ece += abs(correct[sel].mean() - p.max(axis=1)[sel].mean()) * sel.mean()
+    return {"accuracy": correct.mean(), "top_k_accuracy": (rank < top_k).mean(),
+            "mean_entropy": entropy.mean(), "brier": brier.mean(), "ece": ece}
+
+
+def _check(report, expected, keys=("accuracy", "top_k_accuracy", "mean_entropy", "brier", "ece")):
+    for key in keys:
+        np.testing.assert_allclose(report[key], expected[key], rtol=1e-9, atol=1e-12,
+                                   err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_classes", [7, 300])
+def test_metrics_match_a_numpy_reference(backend, rng, dtype, n_classes):
+    x = (3 * rng.standard_normal((2000, n_classes))).astype(dtype)
+    t = rng.integers(0, n_classes, 2000)
+    t[rng.random(2000) < 0.1] = -100
+    report = classification_report_from_logits(x, t, top_k=3, backend=backend)
+    _check(report, reference(x, t, top_k=3))
+    assert report["loss"] == float(cecore.cross_entropy(x, t, backend=backend))
+    assert report["rows"] == 2000 and report["rows_scored"] == int((t != -100).sum())
+
+
+def test_adversarial_rows(backend):
+    c = 6
+    x = np.array([
+        [1.0, 3.0, 3.0, 0.0, 0.0, 0.0],            # tie at the max: argmax is class 1
+        [1.0, 3.0, 3.0, 0.0, 0.0, 0.0],            # ... so class 2 is not top-1, rank 0
+        [2.0] * c,                                 # all equal
+        [-np.inf, 0.0, -np.inf, 1.0, -np.inf, 2.0],  # -inf logits
+        [0.5, -np.inf, 1.0, 1.0, 0.0, 0.0],        # target at -inf
+        [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],            # ignored
+        [0.0, 1.0, 2.0, 3.0, 4.0, 50.0],           # confident
+    ])
+    t = np.array([1, 2, 4, 5, 1, -100, 5])
+    report = classification_report_from_logits(x, t, top_k=2, backend=backend)
+    _check(report, reference(x, t, top_k=2))
+    # a NaN row counts as wrong and makes the means it enters NaN, as it does the loss
+    x_nan = np.vstack([x, [np.nan, 0, 0, 0, 0, 0]])
+    t_nan = np.append(t, 0)
+    r = classification_report_from_logits(x_nan, t_nan, top_k=2, backend=backend)
+    assert np.isnan(r["loss"]) and np.isnan(r["mean_entropy"]) and np.isnan(r["brier"])
+    assert r["accuracy"] == reference(x, t)["accuracy"] * 6 / 7  # the NaN row is wrong
+
+
+def test_probability_targets_get_loss_entropy_and_brier_only(backend, rng):
+    x = rng.standard_normal((500, 8))
+    q = rng.dirichlet(np.ones(8), 500)
+    r = classification_report_from_logits(x, q, backend=backend)
+    assert r["accuracy"] is None and r["top_k_accuracy"] is None and r["ece"] is None
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(r["mean_entropy"], (-(p * np.log(p)).sum(1)).mean(), rtol=1e-9)
+    np.testing.assert_allclose(r["brier"], ((p - q) ** 2).sum(1).mean(), rtol=1e-9)
+    assert r["loss"] == float(cecore.cross_entropy(x, q, backend=backend))
+
+
+def test_streamed_in_memory_and_one_row_chunks_agree_bitwise(tmp_path, rng, backend):
+    x = rng.standard_normal((20000, 12)).astype(np.float32)
+    t = rng.integers(0, 12, 20000)
+    t[::9] = -100
+    w = rng.random(12) + 0.5
+    memory = classification_report_from_logits(x, t, weight=w, backend=backend)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    keys = ("accuracy", "top_k_accuracy", "mean_entropy", "ece", "brier")
+    for budget in ("64KB", "1B"):  # 1B: one row per chunk
+        if budget == "1B":
+            xs, ts = x[:300], t[:300]
+            np.save(tmp_path / "xs.npy", xs)
+            np.save(tmp_path / "ts.npy", ts)
+            streamed = batch.score(str(tmp_path / "xs.npy"), str(tmp_path / "ts.npy"), weight=w,
+                                   memory_budget=budget, backend=backend)
+            expected = classification_report_from_logits(xs, ts, weight=w, backend=backend)
+        else:
+            streamed = batch.score(str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), weight=w,
+                                   memory_budget=budget, backend=backend)
+            expected = memory
+        assert streamed.mean_loss == expected["loss"]
+        for key in keys:
+            assert getattr(streamed, key) == expected[key], (budget, key)
+
+
+def test_cli_reports_every_metric_and_no_accuracy_is_a_no_op(tmp_path, rng, capsys):
+    x = rng.standard_normal((3000, 20)).astype(np.float32)
+    t = rng.integers(0, 20, 3000)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    outs = []
+    for extra in ([], ["--no-accuracy"]):
+        assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json",
+                     "--top-k", "3", *extra]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    expected = classification_report_from_logits(x, t, top_k=3)
+    for key in ("accuracy", "top_k_accuracy", "mean_entropy", "ece", "brier"):
+        assert outs[0][key] == outs[1][key] == expected[key]
+    for bad in (["--top-k", "0"], ["--ece-bins", "0"]):
+        assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), *bad]) == 1
+        assert capsys.readouterr().err.count("\n") == 1
