@@ -24,7 +24,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from threadpoolctl import threadpool_limits
 
 from cecore import SoftmaxClassifier
-from cecore.classifier import _LinearObjective
+from cecore.classifier._estimator import _LinearObjective
 
 
 def naive_objective(X, y, coef, intercept, C, sample_weight=None):

@@ -21,8 +21,8 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from . import _config
-from .functional import binary_cross_entropy_with_logits, cross_entropy, log_softmax, softmax
+from .. import _config
+from ..functional import binary_cross_entropy_with_logits, cross_entropy, log_softmax, softmax
 
 __all__ = ["SoftmaxClassifier"]
 
