@@ -24,7 +24,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from threadpoolctl import threadpool_limits
 
 from cecore import SoftmaxClassifier
-from cecore.classifier._estimator import _LinearObjective
+from cecore.classifier._objective import LinearObjective
 
 
 def naive_objective(X, y, coef, intercept, C, sample_weight=None):
@@ -171,7 +171,7 @@ def test_objective_gradient_finite_differences(n_outputs):
     X = rng.normal(size=(40, 5))
     y = rng.integers(0, 2 if n_outputs == 1 else n_outputs, size=40)
     sw = rng.uniform(0.5, 2, size=40)
-    obj = _LinearObjective(X, y, sw, 0.7, n_outputs, True, "auto", 1)
+    obj = LinearObjective(X, y, sw, 0.7, n_outputs, fit_intercept=True, backend="auto", n_threads=1)
     params = rng.normal(size=obj.n_params)
     value, grad = obj.loss_gradient(params)
     h = 1e-6
@@ -216,7 +216,7 @@ def test_convergence_warning_and_warm_start():
 
 def test_bad_parameters_and_labels():
     X, y = load("iris")
-    with pytest.raises(ValueError, match="C must be"):
+    with pytest.raises(ValueError, match="'C' parameter"):
         SoftmaxClassifier(C=-1).fit(X, y)
     with pytest.raises(ValueError, match="class_weight"):
         SoftmaxClassifier(class_weight="weird").fit(X, y)
@@ -224,6 +224,31 @@ def test_bad_parameters_and_labels():
         SoftmaxClassifier().fit(X, np.zeros(len(y)))
     with pytest.raises(ValueError, match="Unknown label type"):
         SoftmaxClassifier().fit(X, y + 0.5)
+    with pytest.raises(ValueError, match="'n_threads' parameter"):
+        SoftmaxClassifier(n_threads=0).fit(X, y)
+    with pytest.raises(ValueError, match="'batch_size' parameter"):
+        SoftmaxClassifier(batch_size=0).partial_fit(X, y, classes=[0, 1, 2])
+
+
+def test_threads_resolved_once_and_passed_down(monkeypatch):
+    import cecore.classifier._objective as objective_module
+    from cecore.functional import cross_entropy
+
+    seen = []
+
+    def recording(*args, n_threads, **kwargs):
+        seen.append(n_threads)
+        return cross_entropy(*args, n_threads=n_threads, **kwargs)
+
+    monkeypatch.setattr(objective_module, "cross_entropy", recording)
+    X, y = load("iris")
+    model = SoftmaxClassifier().fit(X, y)
+    # small work with n_threads=None: one thread, and the estimator's parameter is untouched
+    assert seen and set(seen) == {1} and model.n_threads is None
+    seen.clear()
+    SoftmaxClassifier(n_threads=-1).fit(X, y)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert seen and set(seen) == {cpus}
 
 
 def test_pipeline_gridsearch_clone_pickle_pandas():
