@@ -25,6 +25,20 @@ from ._solvers import AdagradState, adagrad_steps, lbfgs
 __all__ = ["SoftmaxClassifier"]
 
 
+def _balanced_class_weight(class_totals):
+    """``'balanced'`` class weights ``sum(class_totals) / (k * class_totals)``.
+
+    ``class_totals`` holds the sample-weight sums of the classes. A class of total weight
+    zero gets weight 0 and does not count in ``k``: its samples all weigh zero, so the
+    weights are those of the data without them. (``compute_class_weight`` gives such a
+    class an infinite weight, and ``0 * inf`` made the objective NaN.)
+    """
+    present = class_totals != 0
+    weights = np.zeros_like(class_totals)
+    weights[present] = class_totals.sum() / (np.count_nonzero(present) * class_totals[present])
+    return weights
+
+
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     """L2-penalised multinomial logistic regression trained with cecore's fused kernels.
 
@@ -49,6 +63,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     class_weight : dict, 'balanced' or None, default=None
         Weights of the classes, multiplied into the sample weights; 'balanced' uses
         ``n_samples / (n_classes * np.bincount(y))`` (computed with the sample weights).
+        A class whose samples all weigh zero is left out of 'balanced' (it gets weight 0
+        and does not count in ``n_classes``), as if its samples were not in the data.
     max_iter : int, default=100
         Maximum number of L-BFGS iterations of :meth:`fit`.
     tol : float, default=1e-4
@@ -131,8 +147,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     def _class_weight(self, y, class_totals):
         """Weight of each class of ``classes_``; ``class_totals`` are its sample-weight sums."""
         if self.class_weight == "balanced":
-            with np.errstate(divide="ignore"):
-                return class_totals.sum() / (np.count_nonzero(class_totals) * class_totals)
+            return _balanced_class_weight(class_totals)
         return compute_class_weight(self.class_weight, classes=self.classes_, y=y)
 
     def _objective_factory(self, n_threads):
@@ -174,6 +189,10 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         if self.class_weight is not None:
             class_totals = np.bincount(y_enc, weights=sw, minlength=len(classes))
             sw *= self._class_weight(y, class_totals)[y_enc]
+            if not sw.any():
+                raise ValueError(
+                    f"every sample weighs zero after class_weight={self.class_weight!r}: at "
+                    "least one sample of a class of nonzero weight is needed")
 
         n_samples, n_features = X.shape
         n_outputs = self._n_outputs()
