@@ -51,7 +51,7 @@ MIN_ELEMENTS_PER_THREAD = 1 << 16
 
 # Below this many multiply-adds per BLAS product (n_samples * n_features * n_outputs),
 # SoftmaxClassifier.fit runs BLAS and the kernels on one thread unless n_threads is
-# given: waking threads costs more than such products (benchmarks/bench_classifier.py,
+# given (fit_threads below): waking threads costs more than such products (benchmarks/bench_classifier.py,
 # digits: LogisticRegression 0.33 s with default threads, 0.02 s with one BLAS thread).
 SERIAL_FIT_WORK = 1 << 22
 
@@ -177,3 +177,28 @@ def resolve_n_threads(n_threads, n_elements=None):
                       f"using {cpus}", RuntimeWarning, stacklevel=_caller_stacklevel())
         n_threads = cpus
     return 1 if _forked_child else n_threads
+
+
+def fit_threads(n_threads, n_logits, work):
+    """Threads of one fit that alternates BLAS products with kernel calls, resolved once.
+
+    Parameters
+    ----------
+    n_threads : None, int >= 1, or -1
+        As for :func:`resolve_n_threads`.
+    n_logits : int
+        Logits per kernel call, for :func:`resolve_n_threads`'s small-work rule.
+    work : int
+        Multiply-adds per BLAS product.
+
+    Returns
+    -------
+    kernel_threads : int
+        ``resolve_n_threads(n_threads, n_logits)``, or 1 for a serial fit.
+    serial : bool
+        True when ``n_threads`` is None and ``work < SERIAL_FIT_WORK``: then BLAS must
+        run on one thread too. Otherwise BLAS keeps its own setting.
+    """
+    if n_threads is None and work < SERIAL_FIT_WORK:
+        return 1, True
+    return resolve_n_threads(n_threads, n_logits), False

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from threadpoolctl import threadpool_limits
 
 from cecore import SoftmaxClassifier
-from cecore.classifier import _LinearObjective
+from cecore.classifier._objective import LinearObjective
 
 
 def naive_objective(X, y, coef, intercept, C, sample_weight=None):
@@ -138,6 +139,35 @@ def test_matches_logistic_regression_options(name, params):
     np.testing.assert_allclose(ce.predict_proba(X), lr.predict_proba(X), atol=1e-5)
 
 
+def test_balanced_with_a_class_of_zero_weight():
+    # compute_class_weight gives such a class an infinite weight, and 0 * inf used to make
+    # the objective NaN (L-BFGS "ABNORMAL" after 0 iterations).
+    X, y = load("iris")
+    sw = np.random.default_rng(3).uniform(0.5, 2.0, size=len(y))
+    sw[y == 2] = 0
+    _, ce = tight_pair(class_weight="balanced")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ce.fit(X, y, sample_weight=sw)
+    # the oracle: 'balanced' over the 2 classes that weigh something, n / (2 * count)
+    cw = {c: sw.sum() / (2 * sw[y == c].sum()) for c in (0, 1)}
+    cw[2] = 1.0  # any finite weight: the samples of class 2 weigh zero
+    lr, _ = tight_pair(class_weight=cw)
+    lr.fit(X, y, sample_weight=sw)
+    s = sw * np.array([cw[v] for v in y])
+    np.testing.assert_allclose(naive_objective(X, y, ce.coef_, ce.intercept_, 1.0, s),
+                               naive_objective(X, y, lr.coef_, lr.intercept_, 1.0, s), rtol=1e-9)
+    np.testing.assert_allclose(ce.predict_proba(X), lr.predict_proba(X), atol=1e-5)
+
+    # scikit-learn's check_classifiers_one_label_sample_weights: only class 1 weighs
+    rnd = np.random.RandomState(0)
+    Xb, yb = rnd.uniform(size=(10, 10)), np.arange(10) % 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        binary = SoftmaxClassifier(class_weight="balanced").fit(Xb, yb, sample_weight=yb)
+    np.testing.assert_array_equal(binary.predict(rnd.uniform(size=(10, 10))), np.ones(10))
+
+
 def test_sample_weight_equals_repetition():
     X, y = load("iris")
     rng = np.random.default_rng(1)
@@ -171,7 +201,7 @@ def test_objective_gradient_finite_differences(n_outputs):
     X = rng.normal(size=(40, 5))
     y = rng.integers(0, 2 if n_outputs == 1 else n_outputs, size=40)
     sw = rng.uniform(0.5, 2, size=40)
-    obj = _LinearObjective(X, y, sw, 0.7, n_outputs, True, "auto", 1)
+    obj = LinearObjective(X, y, sw, 0.7, n_outputs, fit_intercept=True, backend="auto", n_threads=1)
     params = rng.normal(size=obj.n_params)
     value, grad = obj.loss_gradient(params)
     h = 1e-6
@@ -216,7 +246,7 @@ def test_convergence_warning_and_warm_start():
 
 def test_bad_parameters_and_labels():
     X, y = load("iris")
-    with pytest.raises(ValueError, match="C must be"):
+    with pytest.raises(ValueError, match="'C' parameter"):
         SoftmaxClassifier(C=-1).fit(X, y)
     with pytest.raises(ValueError, match="class_weight"):
         SoftmaxClassifier(class_weight="weird").fit(X, y)
@@ -224,6 +254,33 @@ def test_bad_parameters_and_labels():
         SoftmaxClassifier().fit(X, np.zeros(len(y)))
     with pytest.raises(ValueError, match="Unknown label type"):
         SoftmaxClassifier().fit(X, y + 0.5)
+    with pytest.raises(ValueError, match="weighs zero after class_weight"):
+        SoftmaxClassifier(class_weight={0: 0, 1: 0, 2: 0}).fit(X, y)
+    with pytest.raises(ValueError, match="'n_threads' parameter"):
+        SoftmaxClassifier(n_threads=0).fit(X, y)
+    with pytest.raises(ValueError, match="'batch_size' parameter"):
+        SoftmaxClassifier(batch_size=0).partial_fit(X, y, classes=[0, 1, 2])
+
+
+def test_threads_resolved_once_and_passed_down(monkeypatch):
+    import cecore.classifier._objective as objective_module
+    from cecore.functional import cross_entropy
+
+    seen = []
+
+    def recording(*args, n_threads, **kwargs):
+        seen.append(n_threads)
+        return cross_entropy(*args, n_threads=n_threads, **kwargs)
+
+    monkeypatch.setattr(objective_module, "cross_entropy", recording)
+    X, y = load("iris")
+    model = SoftmaxClassifier().fit(X, y)
+    # small work with n_threads=None: one thread, and the estimator's parameter is untouched
+    assert seen and set(seen) == {1} and model.n_threads is None
+    seen.clear()
+    SoftmaxClassifier(n_threads=-1).fit(X, y)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert seen and set(seen) == {cpus}
 
 
 def test_pipeline_gridsearch_clone_pickle_pandas():
@@ -268,6 +325,21 @@ def test_partial_fit_binary_and_balanced():
         stream.partial_fit(X[chunk], y[chunk], classes=[0, 1])
     assert stream.coef_.shape == (1, X.shape[1])
     assert stream.score(X, y) > best.score(X, y) - 0.03
+
+
+def test_partial_fit_balanced_with_a_class_of_zero_weight():
+    # rows of weight 0 count as absent: the same step as without them (a batch holding
+    # such a row used to get a NaN total weight and be skipped)
+    X, y = load("iris")
+    sw = np.where(y == 2, 0.0, 1.0)
+    keep = y != 2
+    weighted = SoftmaxClassifier(class_weight="balanced", batch_size=1000)
+    weighted.partial_fit(X, y, classes=[0, 1, 2], sample_weight=sw)
+    removed = SoftmaxClassifier(class_weight="balanced", batch_size=1000)
+    removed.partial_fit(X[keep], y[keep], classes=[0, 1, 2])
+    assert weighted.n_iter_ == removed.n_iter_ == 1
+    np.testing.assert_allclose(weighted.coef_, removed.coef_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(weighted.intercept_, removed.intercept_, rtol=1e-10, atol=1e-12)
 
 
 def test_partial_fit_errors_and_missing_classes():

@@ -1,107 +1,42 @@
-"""A scikit-learn classifier trained through cecore's fused loss-and-gradient kernels.
+"""``SoftmaxClassifier``: a thin scikit-learn layer over cecore's fused kernels.
 
-Design: the estimator only validates, encodes labels and sets ``*_`` attributes. The
-objective lives in :class:`_LinearObjective`, which asks the loss layer
-(:func:`cecore.cross_entropy` or :func:`cecore.binary_cross_entropy_with_logits`) for
-the per-sample losses and d loss / d logits in one pass, and turns them into a
-gradient with two BLAS products. Fitting hands that objective to scipy's L-BFGS-B;
-:meth:`SoftmaxClassifier.partial_fit` takes Adagrad steps on it instead.
+The estimator validates, encodes labels, weights samples, builds a
+:class:`~cecore.classifier._objective.LinearObjective`, hands it to a solver of
+:mod:`cecore.classifier._solvers` (L-BFGS for :meth:`~SoftmaxClassifier.fit`, Adagrad
+for :meth:`~SoftmaxClassifier.partial_fit`) and sets the ``*_`` attributes.
 """
 
-import numbers
-import warnings
+from functools import partial
+from numbers import Integral, Real
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse as sp
-from sklearn.base import BaseEstimator, ClassifierMixin
-from threadpoolctl import threadpool_limits
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from . import _config
-from .functional import binary_cross_entropy_with_logits, cross_entropy, log_softmax, softmax
+from .. import _config
+from .._backends import BACKENDS
+from ..functional import log_softmax, softmax
+from ._objective import LinearObjective, coef_intercept, pack
+from ._solvers import AdagradState, adagrad_steps, lbfgs
 
 __all__ = ["SoftmaxClassifier"]
 
-class _LinearObjective:
-    """``f(w) = sum_i s_i l_i(w) / sum_i s_i + ||W||^2 / (2 C sum_i s_i)`` and its gradient.
 
-    This is ``(C sum_i s_i l_i + ||W||^2 / 2) / (C sum_i s_i)``: the objective of
-    scikit-learn's ``LogisticRegression`` scaled exactly as scikit-learn scales it for
-    L-BFGS, so that ``tol`` means the same thing for both. ``l_i`` is the softmax
-    cross-entropy (``n_outputs = n_classes >= 3``) or the binary logistic loss of the
-    logit of ``classes_[1]`` (``n_outputs = 1``). The intercept is not penalised.
+def _balanced_class_weight(class_totals):
+    """``'balanced'`` class weights ``sum(class_totals) / (k * class_totals)``.
 
-    The parameter vector is ``[W.ravel(), b]`` with ``W`` of shape
-    (n_features, n_outputs), i.e. ``coef_.T``: then the gradient is ``X.T @ G``, with the
-    long sample axis as BLAS wants it (``G.T @ X`` is several times slower for C-ordered
-    arrays). Dense logits are computed as ``(W.T @ X.T).T``, which BLAS writes in Fortran
-    order (measured 1.5x faster than ``X @ W``); the kernels read Fortran-ordered (n, C)
-    logits without a copy. Both products go through NumPy's BLAS: alternating with
-    SciPy's ``gemm`` (a second OpenBLAS with its own spinning thread pool) made each
-    evaluation twice as slow.
+    ``class_totals`` holds the sample-weight sums of the classes. A class of total weight
+    zero gets weight 0 and does not count in ``k``: its samples all weigh zero, so the
+    weights are those of the data without them. (``compute_class_weight`` gives such a
+    class an infinite weight, and ``0 * inf`` made the objective NaN.)
     """
-
-    def __init__(self, X, y_enc, sample_weight, C, n_outputs, fit_intercept,
-                 backend, n_threads, penalty_weight=None):
-        self.X = X
-        self.n_features = X.shape[1]
-        self.n_outputs = n_outputs
-        self.fit_intercept = fit_intercept
-        self.backend = backend
-        self.n_threads = n_threads
-        sw_sum = float(np.sum(sample_weight))
-        # The chunk objectives of partial_fit weight the penalty by the running total
-        # of sample weights instead of the chunk's own total.
-        penalty_weight = sw_sum if penalty_weight is None else penalty_weight
-        self.l2 = 1.0 / (C * penalty_weight)
-        self.grad_scale = sample_weight / sw_sum
-        if n_outputs == 1:
-            self.target = y_enc.astype(X.dtype)
-        else:
-            self.target = y_enc
-
-    @property
-    def n_params(self):
-        return (self.n_features + int(self.fit_intercept)) * self.n_outputs
-
-    def unpack(self, params):
-        """``(W, b)`` views of a parameter vector; ``b`` is None without intercept."""
-        d, m = self.n_features, self.n_outputs
-        W = params[: d * m].reshape(d, m)
-        b = params[d * m:] if self.fit_intercept else None
-        return W, b
-
-    def loss_gradient(self, params):
-        """Objective value and gradient at ``params`` (float64, shape (n_params,))."""
-        W, b = self.unpack(params)
-        W_x = W.astype(self.X.dtype, copy=False)
-        if sp.issparse(self.X):
-            logits = np.asarray(self.X @ W_x)
-        else:
-            logits = (W_x.T @ self.X.T).T
-        if b is not None:
-            logits += b.astype(self.X.dtype, copy=False)
-        if self.n_outputs == 1:
-            loss, g = binary_cross_entropy_with_logits(
-                logits[:, 0], self.target, reduction="none", return_grad=True,
-                grad_output=self.grad_scale, backend=self.backend, n_threads=self.n_threads)
-            g = g[:, None]
-        else:
-            loss, g = cross_entropy(
-                logits, self.target, reduction="none", return_grad=True,
-                grad_output=self.grad_scale, backend=self.backend, n_threads=self.n_threads)
-        value = float(np.dot(loss, self.grad_scale)) + 0.5 * self.l2 * float(np.vdot(W, W))
-        grad = np.empty_like(params)
-        grad_W, grad_b = self.unpack(grad)
-        grad_W[...] = self.X.T @ g
-        grad_W += self.l2 * W
-        if grad_b is not None:
-            grad_b[...] = g.sum(axis=0, dtype=np.float64)
-        return value, grad
+    present = class_totals != 0
+    weights = np.zeros_like(class_totals)
+    weights[present] = class_totals.sum() / (np.count_nonzero(present) * class_totals[present])
+    return weights
 
 
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
@@ -128,6 +63,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     class_weight : dict, 'balanced' or None, default=None
         Weights of the classes, multiplied into the sample weights; 'balanced' uses
         ``n_samples / (n_classes * np.bincount(y))`` (computed with the sample weights).
+        A class whose samples all weigh zero is left out of 'balanced' (it gets weight 0
+        and does not count in ``n_classes``), as if its samples were not in the data.
     max_iter : int, default=100
         Maximum number of L-BFGS iterations of :meth:`fit`.
     tol : float, default=1e-4
@@ -138,7 +75,10 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     verbose : int, default=0
         Print the objective at each iteration when positive.
     n_threads : int, optional
-        Threads of the cecore kernels (BLAS uses its own setting).
+        Threads of the cecore kernels, resolved once per call to :meth:`fit` or
+        :meth:`partial_fit` (-1: all CPUs); BLAS uses its own setting. With None, a
+        :meth:`fit` whose BLAS products are small runs the kernels and BLAS on one
+        thread (:func:`cecore._config.fit_threads`).
     backend : {'auto', 'cython', 'numba'}, default='auto'
         cecore kernel backend.
     learning_rate : float, default=0.1
@@ -167,6 +107,20 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     sklearn.linear_model.LogisticRegression : the same model, with scikit-learn's loss code.
     """
 
+    _parameter_constraints: dict = {
+        "C": [Interval(Real, 0, None, closed="right")],
+        "fit_intercept": ["boolean"],
+        "class_weight": [dict, StrOptions({"balanced"}), None],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="neither")],
+        "warm_start": ["boolean"],
+        "verbose": ["verbose"],
+        "n_threads": [None, Interval(Integral, 1, None, closed="left"), Options(Integral, {-1})],
+        "backend": [StrOptions({"auto", *BACKENDS})],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+    }
+
     def __init__(self, C=1.0, *, fit_intercept=True, class_weight=None, max_iter=100,
                  tol=1e-4, warm_start=False, verbose=0, n_threads=None, backend="auto",
                  learning_rate=0.1, batch_size=256):
@@ -187,53 +141,24 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         tags.input_tags.sparse = True
         return tags
 
-    # -- validation --------------------------------------------------------------------
+    def _n_outputs(self):
+        return 1 if len(self.classes_) == 2 else len(self.classes_)
 
-    def _check_params(self):
-        def positive(name, value, kind=numbers.Real):
-            if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-                raise ValueError(f"{name} must be a positive {kind.__name__.lower()}, got {value!r}")
+    def _class_weight(self, y, class_totals):
+        """Weight of each class of ``classes_``; ``class_totals`` are its sample-weight sums."""
+        if self.class_weight == "balanced":
+            return _balanced_class_weight(class_totals)
+        return compute_class_weight(self.class_weight, classes=self.classes_, y=y)
 
-        positive("C", self.C)
-        positive("tol", self.tol)
-        positive("max_iter", self.max_iter, numbers.Integral)
-        positive("learning_rate", self.learning_rate)
-        positive("batch_size", self.batch_size, numbers.Integral)
-        if not (self.class_weight is None or self.class_weight == "balanced"
-                or isinstance(self.class_weight, dict)):
-            raise ValueError(
-                f"class_weight must be None, 'balanced' or a dict, got {self.class_weight!r}")
-
-    def _sample_weight(self, X, y, sample_weight):
-        """``sample_weight * class_weight`` as float64 (a fresh array)."""
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, copy=True)
-        if self.class_weight is not None:
-            cw = compute_class_weight(self.class_weight, classes=self.classes_, y=y,
-                                      sample_weight=sw)
-            sw *= cw[np.searchsorted(self.classes_, y)]
-        return sw
-
-    def _objective(self, X, y_enc, sw, penalty_weight=None):
-        n_outputs = 1 if len(self.classes_) == 2 else len(self.classes_)
-        return _LinearObjective(X, y_enc, sw, self.C, n_outputs, self.fit_intercept,
-                                self.backend, self.n_threads, penalty_weight)
-
-    def _pack(self, objective):
-        """The current ``coef_``/``intercept_`` as a parameter vector of ``objective``."""
-        params = np.zeros(objective.n_params)
-        W, b = objective.unpack(params)
-        W[...] = self.coef_.T
-        if b is not None:
-            b[...] = self.intercept_
-        return params
-
-    def _unpack(self, objective, params):
-        W, b = objective.unpack(params)
-        self.coef_ = np.ascontiguousarray(W.T)
-        self.intercept_ = b.copy() if b is not None else np.zeros(W.shape[1])
+    def _objective_factory(self, n_threads):
+        """``LinearObjective`` of this model, to be called with the data."""
+        return partial(LinearObjective, C=self.C, n_outputs=self._n_outputs(),
+                       fit_intercept=self.fit_intercept, backend=self.backend,
+                       n_threads=n_threads)
 
     # -- training ----------------------------------------------------------------------
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Minimise the penalised objective on ``(X, y)`` with L-BFGS-B.
 
@@ -248,7 +173,6 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : SoftmaxClassifier
         """
-        self._check_params()
         previous = (self.classes_, self.coef_, self.intercept_) if (
             self.warm_start and hasattr(self, "coef_")) else None
         X, y = validate_data(self, X, y, accept_sparse="csr",
@@ -260,47 +184,33 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 "SoftmaxClassifier needs samples of at least 2 classes in the data, but the "
                 f"data contains only one class: {classes[0]!r}")
         self.classes_ = classes
-        self.__dict__.pop("_adagrad_sum", None)  # a later partial_fit starts afresh
-        sw = self._sample_weight(X, y, sample_weight)
-        objective = self._objective(X, y_enc, sw)
+        self.__dict__.pop("_adagrad", None)  # a later partial_fit starts afresh
+        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, copy=True)
+        if self.class_weight is not None:
+            class_totals = np.bincount(y_enc, weights=sw, minlength=len(classes))
+            sw *= self._class_weight(y, class_totals)[y_enc]
+            if not sw.any():
+                raise ValueError(
+                    f"every sample weighs zero after class_weight={self.class_weight!r}: at "
+                    "least one sample of a class of nonzero weight is needed")
 
+        n_samples, n_features = X.shape
+        n_outputs = self._n_outputs()
+        n_threads, serial = _config.fit_threads(
+            self.n_threads, n_samples * n_outputs, n_samples * n_features * n_outputs)
+        objective = self._objective_factory(n_threads)(X, y_enc, sw)
         params = np.zeros(objective.n_params)
         if previous is not None and np.array_equal(previous[0], classes) \
-                and previous[1].shape[1] == X.shape[1]:
-            self.coef_, self.intercept_ = previous[1], previous[2]
-            params = self._pack(objective)
+                and previous[1].shape[1] == n_features:
+            params = pack(previous[1], previous[2], self.fit_intercept)
 
-        self.loss_curve_ = []
-        serial = self.n_threads is None and \
-            X.shape[0] * X.shape[1] * objective.n_outputs < _config.SERIAL_FIT_WORK
-        if serial:
-            objective.n_threads = 1
-            with threadpool_limits(limits=1, user_api="blas"):
-                result = self._minimize(objective, params)
-        else:
-            result = self._minimize(objective, params)
-        if not result.success:
-            warnings.warn(
-                f"SoftmaxClassifier: L-BFGS failed to converge after {result.nit} "
-                f"iteration(s) (status={result.status}): {result.message}. Increase "
-                "max_iter or scale the data (e.g. with StandardScaler).",
-                ConvergenceWarning)
-        self.n_iter_ = int(result.nit)
-        self._unpack(objective, result.x)
+        params, self.n_iter_, self.loss_curve_ = lbfgs(
+            objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose,
+            serial=serial)
+        self.coef_, self.intercept_ = coef_intercept(params, n_outputs, self.fit_intercept)
         return self
 
-    def _minimize(self, objective, params):
-        def record(intermediate_result):
-            self.loss_curve_.append(float(intermediate_result.fun))
-            if self.verbose:
-                print(f"iteration {len(self.loss_curve_)}: objective {intermediate_result.fun:.10g}")
-
-        # The options are scikit-learn's for lbfgs, so that both stop at the same point.
-        return scipy.optimize.minimize(
-            objective.loss_gradient, params, method="L-BFGS-B", jac=True, callback=record,
-            options={"maxiter": self.max_iter, "maxls": 50, "gtol": self.tol,
-                     "ftol": 64 * np.finfo(float).eps})
-
+    @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Adagrad steps on one chunk of a stream; multinomial for three classes or more.
 
@@ -330,8 +240,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : SoftmaxClassifier
         """
-        self._check_params()
-        first_call = not hasattr(self, "_adagrad_sum")
+        state = getattr(self, "_adagrad", None)
+        first_call = state is None
         if first_call:
             if classes is None and not hasattr(self, "classes_"):
                 raise ValueError("classes must be passed on the first call to partial_fit.")
@@ -357,44 +267,31 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         if unknown.size:
             raise ValueError(f"y contains labels {unknown!r} not in classes_={self.classes_!r}")
         y_enc = np.searchsorted(self.classes_, y)
+        n_outputs = self._n_outputs()
         if first_call:
-            self._class_sw_seen = np.zeros(len(self.classes_))
-        if self.class_weight == "balanced":
-            # A chunk's class frequencies are not the stream's: weight by the running
-            # (sample-weighted) class totals, which equal fit's after one pass.
-            sw = _check_sample_weight(sample_weight, X, dtype=np.float64, copy=True)
-            self._class_sw_seen += np.bincount(y_enc, weights=sw, minlength=len(self.classes_))
-            seen = self._class_sw_seen
-            with np.errstate(divide="ignore"):
-                cw = seen.sum() / (np.count_nonzero(seen) * seen)
-            sw *= cw[y_enc]
-        else:
-            sw = self._sample_weight(X, y, sample_weight)
-
-        n_outputs = 1 if len(self.classes_) == 2 else len(self.classes_)
+            state = self._adagrad = AdagradState(class_totals=np.zeros(len(self.classes_)))
+            self.n_iter_ = 0
+            self.loss_curve_ = []
         if not hasattr(self, "coef_"):
             self.coef_ = np.zeros((n_outputs, X.shape[1]))
             self.intercept_ = np.zeros(n_outputs)
-        if first_call:
-            self._adagrad_sum = None
-            self._sw_seen = 0.0
-            self.n_iter_ = 0
-            self.loss_curve_ = []
-        self._sw_seen += float(sw.sum())
-        for start in range(0, X.shape[0], self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            if not sw[rows].sum() > 0:
-                continue
-            objective = self._objective(X[rows], y_enc[rows], sw[rows], self._sw_seen)
-            params = self._pack(objective)
-            value, grad = objective.loss_gradient(params)
-            if self._adagrad_sum is None:
-                self._adagrad_sum = np.zeros_like(grad)
-            self._adagrad_sum += grad * grad
-            params -= self.learning_rate * grad / (np.sqrt(self._adagrad_sum) + 1e-12)
-            self._unpack(objective, params)
-            self.loss_curve_.append(value)
-            self.n_iter_ += 1
+
+        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, copy=True)
+        # A chunk's class frequencies are not the stream's: 'balanced' weights come from
+        # the running (sample-weighted) class totals, which equal fit's after one pass.
+        state.class_totals += np.bincount(y_enc, weights=sw, minlength=len(self.classes_))
+        if self.class_weight is not None:
+            sw *= self._class_weight(y, state.class_totals)[y_enc]
+
+        n_threads = _config.resolve_n_threads(
+            self.n_threads, min(self.batch_size, X.shape[0]) * n_outputs)
+        params, losses = adagrad_steps(
+            state, self._objective_factory(n_threads), X, y_enc, sw,
+            pack(self.coef_, self.intercept_, self.fit_intercept),
+            batch_size=self.batch_size, learning_rate=self.learning_rate)
+        self.coef_, self.intercept_ = coef_intercept(params, n_outputs, self.fit_intercept)
+        self.loss_curve_ += losses
+        self.n_iter_ += len(losses)
         return self
 
     # -- prediction --------------------------------------------------------------------
