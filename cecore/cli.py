@@ -138,8 +138,9 @@ def _score(args):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = _score_run(args)
-        for w in caught:  # one line each, like the errors
-            print(f"cecore score: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
+        # one line each, like the errors; a warning raised for every chunk shows once
+        for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught):
+            print(f"cecore score: warning: {message}", file=sys.stderr)
     except KeyboardInterrupt:
         print("cecore score: interrupted", file=sys.stderr)
         return 130
