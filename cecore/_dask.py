@@ -12,12 +12,13 @@ in-memory computation makes; the client adds them in row order.
 
 import contextlib
 import logging
+import os
 import warnings
 
 import numpy as np
 
 from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK
-from ._io import MappedArray, open_array
+from ._io import MappedArray, as_source, open_array
 from .batch import chunk_rows, make_result, parse_size, prepare_options, score_chunk
 from .metrics._report import ReportSums
 
@@ -46,7 +47,7 @@ def _rows_per_chunk(rows):
 
 def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index=-100,
                label_smoothing=0.0, backend="auto", n_threads=None, top_k=5, n_bins=15,
-               client=None, chunk_rows=None, accuracy=None):
+               client=None, chunk_rows=None, unembedding=None, bias=None, accuracy=None):
     """Score Dask arrays chunk by chunk on the workers; same result as :func:`cecore.batch.score`.
 
     Parameters
@@ -55,6 +56,10 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
     target : dask array or array-like of shape (n_rows,) or (n_rows, n_classes)
     input_kind, weight, ignore_index, label_smoothing, backend, top_k, n_bins, accuracy
         As :func:`cecore.batch.score`.
+    unembedding, bias : optional
+        Score hidden states: as :func:`cecore.batch.score`. A reader of a file
+        (:func:`cecore._io.open_array`) reaches the workers as its path and is
+        memory-mapped once by each; an array is sent to them.
     n_threads : int, optional
         Kernel threads per task, resolved on the worker by cecore's thread policy (the
         default there is one thread: distributed starts its workers with
@@ -75,8 +80,13 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
     dask, da = _import_dask()
     x = logits if isinstance(logits, da.Array) else da.from_array(logits, chunks=(REDUCE_BLOCK, -1))
     t = target if isinstance(target, da.Array) else da.from_array(target, chunks=(REDUCE_BLOCK,) + (-1,) * (np.ndim(target) - 1))
+    if unembedding is not None:
+        unembedding = as_source(unembedding)
+        if isinstance(bias, (str, os.PathLike)):
+            bias = np.load(bias, allow_pickle=False)
     opts = prepare_options(x.shape, x.dtype, t.shape, t.dtype, input_kind, weight,
-                           ignore_index, label_smoothing, backend, n_threads, top_k, n_bins)
+                           ignore_index, label_smoothing, backend, n_threads, top_k, n_bins,
+                           unembedding, bias)
     rows = _rows_per_chunk(chunk_rows or (x.chunks[0][0] if x.chunks[0] else REDUCE_BLOCK))
     x = x.rechunk({0: rows, 1: -1})
     t = t.rechunk({0: rows} | ({1: -1} if t.ndim == 2 else {}))
@@ -89,7 +99,8 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
         sums.add_partials(partials)
     seconds = time.perf_counter() - start_time
     nbytes = x.shape[0] * x.shape[1] * x.dtype.itemsize
-    return make_result(sums, opts, seconds, nbytes, rows, x.shape[1])
+    n_classes = x.shape[1] if unembedding is None else unembedding.shape[0]
+    return make_result(sums, opts, seconds, nbytes, rows, n_classes)
 
 
 def _in_order(parts, client, dask):
@@ -136,17 +147,24 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
     _import_dask()
     from distributed import Client, LocalCluster
 
-    sources = [open_array(spec) for spec in (logits, target)]
+    specs = [logits, target] + ([options["unembedding"]] if options.get("unembedding") else [])
+    sources = [open_array(spec) for spec in specs]
     for source in sources:
         if not isinstance(source, MappedArray):
             raise ValueError(f"{source.path}: compressed .npz members cannot be read in parallel; "
                              "score them without --dask, or save them with np.save / np.savez")
-    x_src, t_src = sources
+    x_src, t_src = sources[:2]
+    if len(sources) == 3:
+        options["unembedding"] = sources[2]
+    bias = options.get("bias")
+    if isinstance(bias, (str, os.PathLike)):
+        options["bias"] = bias = np.load(bias, allow_pickle=False)
     opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype,
                            options.get("input_kind", "logits"), options.get("weight"),
                            options.get("ignore_index", -100),
                            options.get("label_smoothing", 0.0), options.get("backend", "auto"),
-                           n_threads, options.get("top_k", 5), options.get("n_bins", 15))
+                           n_threads, options.get("top_k", 5), options.get("n_bins", 15),
+                           options.get("unembedding"), bias)
     rows = _rows_per_chunk(chunk_rows(parse_size(memory_budget), x_src, t_src, opts))
     _, da = _import_dask()
     x = da.from_array(x_src, chunks=(rows, -1), asarray=False)

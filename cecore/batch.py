@@ -107,6 +107,27 @@ class ScoreResult:
 
 
 @dataclass
+class LinearHead:
+    """The unembedding ``logits = hidden @ weight.T + bias`` of scoring from hidden states.
+
+    ``weight`` is a reader of the ``(V, d)`` matrix (:mod:`cecore._io`: a memory map of a
+    file is opened once per process, and pickles as its path for Dask workers); ``bias``
+    is None or a ``(V,)`` array of the same dtype.
+    """
+
+    weight: object
+    bias: np.ndarray = None
+
+    def logits(self, hidden):
+        """``hidden @ weight.T + bias`` (one BLAS product, NumPy's)."""
+        w = self.weight.rows(0, self.weight.shape[0])
+        out = np.matmul(hidden, w.T)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+
+@dataclass
 class ScoreOptions:
     """Validated options shared by every chunk; picklable, so Dask workers get a copy.
 
@@ -126,6 +147,7 @@ class ScoreOptions:
     dtype: np.dtype
     top_k: int
     n_bins: int
+    head: LinearHead = None
 
     def new_sums(self):
         """Empty :class:`cecore.metrics._report.ReportSums` for these options."""
@@ -134,20 +156,27 @@ class ScoreOptions:
 
 def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", weight=None,
                     ignore_index=-100, label_smoothing=0.0, backend="auto", n_threads=None,
-                    top_k=5, n_bins=15):
+                    top_k=5, n_bins=15, unembedding=None, bias=None):
     """Check shapes, dtypes and options once, before any chunk is read.
 
     Parameters
     ----------
-    x_shape, x_dtype : shape and dtype of the logits, (n_rows, n_classes)
+    x_shape, x_dtype : shape and dtype of the logits, (n_rows, n_classes), or of the
+        hidden states, (n_rows, d), when ``unembedding`` is given
     t_shape, t_dtype : shape and dtype of the targets, (n_rows,) or (n_rows, n_classes)
     input_kind, weight, ignore_index, label_smoothing, backend, n_threads, top_k, n_bins
         As :func:`score`.
+    unembedding, bias : reader (see :func:`cecore._io.as_source`) of shape (V, d), and
+        array-like of shape (V,), optional
+        Score hidden states through ``hidden @ unembedding.T + bias``.
 
     Returns
     -------
     ScoreOptions
     """
+    head = None
+    if unembedding is not None:
+        head, x_shape = _linear_head(x_shape, x_dtype, unembedding, bias, input_kind)
     if input_kind not in INPUT_KINDS:
         raise ValueError(f"input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
     V.float_input(np.empty(0, x_dtype), "logits")
@@ -178,7 +207,30 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
     return ScoreOptions(input_kind, proba, V.class_weight(weight, n_classes),
                         int(ignore_index), V.check_label_smoothing(label_smoothing), backend,
                         n_threads, V.compute_dtype(np.dtype(x_dtype).newbyteorder("=")),
-                        int(top_k), int(n_bins))
+                        int(top_k), int(n_bins), head)
+
+
+def _linear_head(h_shape, h_dtype, unembedding, bias, input_kind):
+    """Check hidden states against their unembedding; return the head and logits' shape."""
+    if input_kind != "logits":
+        raise ValueError("hidden states give logits: input_kind must be 'logits'")
+    if len(h_shape) != 2:
+        raise ValueError(f"hidden states must have shape (rows, d), got {tuple(h_shape)}")
+    if len(unembedding.shape) != 2 or unembedding.shape[1] != h_shape[1]:
+        raise ValueError(f"the unembedding must have shape (V, {h_shape[1]}) for hidden "
+                         f"states of shape {tuple(h_shape)}, got {tuple(unembedding.shape)}")
+    h_dtype = np.dtype(h_dtype).newbyteorder("=")
+    if unembedding.dtype.newbyteorder("=") != h_dtype or h_dtype.kind != "f" \
+            or h_dtype == np.float16:
+        raise TypeError(f"hidden states and unembedding must both be float32 or float64, "
+                        f"got {h_dtype} and {unembedding.dtype}")
+    if bias is not None:
+        bias = V.float_input(bias, "bias")
+        if bias.shape != (unembedding.shape[0],):
+            raise ValueError(f"bias must have shape ({unembedding.shape[0]},), got {bias.shape}")
+        if bias.dtype != h_dtype:
+            raise TypeError(f"bias must have the hidden states' dtype {h_dtype}, got {bias.dtype}")
+    return LinearHead(unembedding, bias), (h_shape[0], unembedding.shape[0])
 
 
 def score_chunk(x, t, opts, sums):
@@ -190,8 +242,9 @@ def score_chunk(x, t, opts, sums):
 
     Parameters
     ----------
-    x : array of shape (rows, n_classes)
-        The chunk's logits (log-probabilities, probabilities: ``opts.input_kind``).
+    x : array of shape (rows, n_classes), or (rows, d)
+        The chunk's logits (log-probabilities, probabilities: ``opts.input_kind``), or its
+        hidden states when ``opts.head`` is set (their logits are one BLAS product).
     t : array of shape (rows,) or (rows, n_classes)
         The chunk's targets.
     opts : ScoreOptions
@@ -203,6 +256,8 @@ def score_chunk(x, t, opts, sums):
     loss : ndarray of shape (rows,), float64
         Per-row losses (0 for ignored rows).
     """
+    if opts.head is not None:
+        x = opts.head.logits(np.asarray(x, dtype=opts.dtype))
     n_rows, n_classes = x.shape
     if opts.input_kind == "probs":
         with np.errstate(divide="ignore", invalid="raise"):
@@ -253,6 +308,9 @@ def chunk_rows(memory_budget, x_src, t_src, opts, per_row=False):
     are also written."""
     n_classes = x_src.shape[1]
     row = x_src.dtype.itemsize * n_classes + t_src.dtype.itemsize * math.prod(t_src.shape[1:])
+    if opts.head is not None:  # hidden states in: the chunk's logits are made in memory
+        n_classes = opts.head.weight.shape[0]
+        row += opts.dtype.itemsize * n_classes
     if opts.input_kind == "probs" or x_src.dtype != opts.dtype:
         row += opts.dtype.itemsize * n_classes  # the converted copy of the chunk
     if opts.proba and t_src.dtype != opts.dtype:
@@ -266,8 +324,12 @@ def chunk_rows(memory_budget, x_src, t_src, opts, per_row=False):
 def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100,
           label_smoothing=0.0, memory_budget=DEFAULT_MEMORY_BUDGET, per_row_out=None,
           backend="auto", n_threads=None, top_k=5, n_bins=15, progress=False, protect=(),
-          accuracy=None):
+          unembedding=None, bias=None, accuracy=None):
     """Cross-entropy and evaluation metrics of an array too large for memory.
+
+    With ``unembedding``, ``logits`` holds hidden states ``(n_rows, d)`` and each chunk's
+    logits are made by one BLAS product, ``hidden @ unembedding.T + bias``, then scored
+    the same way: the ``(n_rows, V)`` logits never exist at once.
 
     The rows are read in chunks sized from ``memory_budget``; each block of a chunk goes
     once through the loss-only kernel that also yields the metrics. The mean equals
@@ -307,6 +369,10 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
     protect : sequence of paths, optional
         Files that ``per_row_out`` must not replace besides the inputs (e.g. a weight
         file); see :func:`cecore._io.check_output_path`.
+    unembedding : str, path-like or array of shape (V, d), optional
+        The output layer of a language model (memory-mapped once when a file); same dtype
+        as the hidden states, float32 or float64.
+    bias : str, path-like or array of shape (V,), optional
     accuracy : ignored
         Accepted for one release: every metric now comes from the same pass.
 
@@ -314,21 +380,22 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
     -------
     ScoreResult
     """
-    x_src = as_source(logits)
+    sources = []
     try:
-        t_src = as_source(target)
-    except BaseException:
-        x_src.close()
-        raise
-    try:
+        for spec in (logits, target, unembedding):
+            sources.append(None if spec is None else as_source(spec))
+        x_src, t_src, w_src = sources
+        if isinstance(bias, (str, os.PathLike)):
+            bias = np.load(bias, allow_pickle=False)
         opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype, input_kind,
                                weight, ignore_index, label_smoothing, backend, n_threads,
-                               top_k, n_bins)
-        n_rows, n_classes = x_src.shape
+                               top_k, n_bins, w_src, bias)
+        n_rows = x_src.shape[0]
+        n_classes = x_src.shape[1] if w_src is None else w_src.shape[0]
         chunk = chunk_rows(memory_budget, x_src, t_src, opts, per_row_out is not None)
-        out_dtype = x_src.dtype
+        out_dtype = opts.dtype if w_src is not None else x_src.dtype
         sums = opts.new_sums()
-        inputs = [source_path(x_src), source_path(t_src), *protect]
+        inputs = [source_path(src) for src in sources if src is not None] + list(protect)
         writer = (atomic_npy(per_row_out, n_rows, out_dtype, inputs) if per_row_out is not None
                   else contextlib.nullcontext(None))
         from tqdm.auto import tqdm
@@ -345,8 +412,9 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
                     write(loss.astype(out_dtype))
                 bar.update(stop - start)
         seconds = time.perf_counter() - start_time
-        nbytes = n_rows * n_classes * x_src.dtype.itemsize
+        nbytes = n_rows * x_src.shape[1] * x_src.dtype.itemsize  # the bytes read
         return make_result(sums, opts, seconds, nbytes, chunk, n_classes, per_row_out)
     finally:
-        x_src.close()
-        t_src.close()
+        for src in sources:
+            if src is not None:
+                src.close()

@@ -58,8 +58,14 @@ def _score_parser(parser):
         "mean entropy, expected calibration error and Brier score, all from one pass over "
         "chunks read so that memory stays within --memory-budget."
     )
-    parser.add_argument("logits", help="(rows, classes) array: .npy, or .npz[:NAME]")
-    parser.add_argument("target", help="class indices (rows,) or probabilities (rows, classes): .npy, or .npz[:NAME]")
+    parser.add_argument("logits", nargs="?", help="(rows, classes) array: .npy, or .npz[:NAME] "
+                        "(omitted with --hidden)")
+    parser.add_argument("target", nargs="?", help="class indices (rows,) or probabilities (rows, classes): .npy, or .npz[:NAME]")
+    parser.add_argument("--hidden", metavar="H.npy", help="score hidden states (rows, d) "
+                        "through --unembedding instead of logits")
+    parser.add_argument("--unembedding", metavar="W.npy",
+                        help="(V, d) output layer for --hidden (memory-mapped once)")
+    parser.add_argument("--bias", metavar="b.npy", help="(V,) output bias for --hidden")
     parser.add_argument("--input-kind", choices=("logits", "log_probs", "probs"), default="logits",
                         help="what LOGITS holds (default: logits)")
     parser.add_argument("--weight", metavar="FILE|W1,W2,...", help="class weights: a .npy file or a comma-separated list")
@@ -110,24 +116,41 @@ def _format_text(result):
     return "\n".join(lines)
 
 
+def _inputs(args):
+    """``(logits or hidden states, target, head options)`` from the command line."""
+    given = [a for a in (args.logits, args.target) if a is not None]
+    if args.hidden is None:
+        if args.unembedding or args.bias:
+            raise ValueError("--unembedding and --bias need --hidden")
+        if len(given) != 2:
+            raise ValueError("expected LOGITS and TARGET")
+        return given[0], given[1], {}
+    if args.unembedding is None:
+        raise ValueError("--hidden needs --unembedding W.npy")
+    if len(given) != 1:
+        raise ValueError("with --hidden give only TARGET")
+    return args.hidden, given[0], {"unembedding": args.unembedding, "bias": args.bias}
+
+
 def _score_run(args):
+    source, target, head = _inputs(args)
     weight = None if args.weight is None else _parse_weight(args.weight)
     options = dict(input_kind=args.input_kind, weight=weight, ignore_index=args.ignore_index,
                    label_smoothing=args.label_smoothing, backend=args.backend,
-                   top_k=args.top_k, n_bins=args.ece_bins)
+                   top_k=args.top_k, n_bins=args.ece_bins, **head)
     if args.dask or args.scheduler:
         if args.per_row_out:
             raise ValueError("--per-row-out is not supported with --dask/--scheduler")
         from . import _dask
 
-        return _dask.score_files(args.logits, args.target, scheduler=args.scheduler,
+        return _dask.score_files(source, target, scheduler=args.scheduler,
                                  n_workers=args.workers, memory_budget=args.memory_budget,
                                  n_threads=args.threads, **options)
     progress = not args.quiet and sys.stderr.isatty()
     weight_file = args.weight if args.weight and os.path.exists(args.weight) else None
     from .batch import score
 
-    return score(args.logits, args.target, memory_budget=args.memory_budget,
+    return score(source, target, memory_budget=args.memory_budget,
                  per_row_out=args.per_row_out, n_threads=args.threads, progress=progress,
                  protect=[weight_file], **options)
 
