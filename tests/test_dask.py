@@ -93,3 +93,16 @@ def test_dask_rejects_compressed_npz(tmp_path, capsys):
     code = main(["score", f"{tmp_path}/d.npz:x", f"{tmp_path}/d.npz:t", "--dask", "local"])
     _, err = capsys.readouterr()
     assert code == 1 and "compressed .npz members cannot be read in parallel" in err
+
+
+def test_dask_hidden_states_equal_in_memory(client, rng):
+    h = rng.standard_normal((N_ROWS, 16)).astype(np.float32)
+    w = (0.3 * rng.standard_normal((40, 16))).astype(np.float32)
+    t = random_index_target(rng, N_ROWS, 40, p_ignore=0.1)
+    r = _dask.score_dask(da.from_array(h, chunks=(6000, 16)), da.from_array(t, chunks=6000),
+                         unembedding=w, client=client)
+    from cecore import batch
+    expected = batch.score(h, t, unembedding=w)
+    assert r.mean_loss == expected.mean_loss
+    for key in ("accuracy", "top_k_accuracy", "mean_entropy", "ece", "brier"):
+        assert getattr(r, key) == getattr(expected, key), key

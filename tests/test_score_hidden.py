@@ -1,0 +1,88 @@
+"""Scoring hidden states through an unembedding: ``cecore score --hidden``.
+
+Oracles: torch's ``F.linear_cross_entropy`` for the mean loss (float32 accuracy), and
+classification_report_from_logits of the materialised logits for every metric.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+from cecore import batch
+from cecore.cli import main
+from cecore.metrics import classification_report_from_logits
+
+KEYS = ("accuracy", "top_k_accuracy", "mean_entropy", "ece", "brier")
+
+
+@pytest.fixture
+def lm(tmp_path, rng):
+    h = rng.standard_normal((1500, 48)).astype(np.float32)
+    w = (0.2 * rng.standard_normal((300, 48))).astype(np.float32)
+    b = rng.standard_normal(300).astype(np.float32)
+    t = rng.integers(0, 300, 1500)
+    t[::13] = -100
+    for name, a in (("h", h), ("w", w), ("b", b), ("t", t)):
+        np.save(tmp_path / f"{name}.npy", a)
+    return h, w, b, t, tmp_path
+
+
+def test_hidden_scoring_equals_torch_and_the_logits_report(lm, capsys, backend):
+    h, w, b, t, d = lm
+    assert main(["score", "--hidden", str(d / "h.npy"), "--unembedding", str(d / "w.npy"),
+                 "--bias", str(d / "b.npy"), str(d / "t.npy"), "--json", "--backend", backend,
+                 "--memory-budget", "200KB"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    expected = TF.linear_cross_entropy(torch.from_numpy(h), torch.from_numpy(w),
+                                       torch.from_numpy(t), linear_bias=torch.from_numpy(b),
+                                       ignore_index=-100)
+    np.testing.assert_allclose(r["mean_loss"], float(expected), rtol=2e-6)
+    report = classification_report_from_logits(h @ w.T + b, t, backend=backend)
+    for key in KEYS:
+        np.testing.assert_allclose(r[key], report[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert r["chunk_rows"] < 1500  # really streamed in chunks
+
+
+def test_hidden_scoring_in_python_without_bias(lm, backend):
+    h, w, _, t, d = lm
+    r = batch.score(h, t, unembedding=w, backend=backend, memory_budget="100KB")
+    expected = TF.linear_cross_entropy(torch.from_numpy(h), torch.from_numpy(w),
+                                       torch.from_numpy(t), ignore_index=-100)
+    np.testing.assert_allclose(r.mean_loss, float(expected), rtol=2e-6)
+    assert r.n_classes == 300
+
+
+@pytest.mark.parametrize("case, message", [
+    ("d", "must have shape (V, 48)"),
+    ("dtype", "float32 or float64"),
+    ("bias", "bias must have shape (300,)"),
+    ("range", "out of bounds"),
+    ("no_w", "--hidden needs --unembedding"),
+    ("two", "with --hidden give only TARGET"),
+])
+def test_hidden_bad_input_one_line_error(lm, capsys, case, message):
+    h, w, b, t, d = lm
+    np.save(d / "w_d.npy", w[:, :40])
+    np.save(d / "w64.npy", w.astype(np.float64))
+    np.save(d / "b_short.npy", b[:-1])
+    np.save(d / "t_bad.npy", np.where(np.arange(1500) == 7, 300, t))
+    args = {
+        "d": ["--unembedding", str(d / "w_d.npy"), str(d / "t.npy")],
+        "dtype": ["--unembedding", str(d / "w64.npy"), str(d / "t.npy")],
+        "bias": ["--unembedding", str(d / "w.npy"), "--bias", str(d / "b_short.npy"),
+                 str(d / "t.npy")],
+        "range": ["--unembedding", str(d / "w.npy"), str(d / "t_bad.npy")],
+        "no_w": [str(d / "t.npy")],
+        "two": ["--unembedding", str(d / "w.npy"), str(d / "h.npy"), str(d / "t.npy")],
+    }[case]
+    before = sorted(os.listdir(d))
+    code = main(["score", "--hidden", str(d / "h.npy"), *args, "--per-row-out",
+                 str(d / "rows.npy")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("cecore score: error: ") and err.count("\n") == 1
+    assert message in err
+    assert sorted(os.listdir(d)) == before
