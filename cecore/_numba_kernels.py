@@ -845,5 +845,8 @@ def build_info():
         "numba": numba.__version__,
         "threading_layer": _layer or f"not chosen yet ({numba.config.THREADING_LAYER})",
         "max_threads": numba.config.NUMBA_NUM_THREADS,
+        "tile": TILE,
+        "small_c": _config.SMALL_C,
+        "sum_block": SUM_BLOCK,
         "exp": "range reduction + polynomial, vectorised by LLVM",
     }

@@ -52,6 +52,7 @@ def build_info():
     dict
         ``variant`` ("avx2" or "base"), ``openmp`` (bool), ``openmp_version`` (the
         ``_OPENMP`` date, 0 without OpenMP), ``max_threads``, ``compiler``,
-        ``compile_args``, ``tile``, ``exp`` and ``simd_env`` (``CECORE_SIMD``).
+        ``compile_args``, the tunables ``tile``, ``small_c`` and ``sum_block`` (as
+        compiled), ``exp`` and ``simd_env`` (``CECORE_SIMD``).
     """
     return {**_impl.build_info(), "simd_env": os.environ.get("CECORE_SIMD", "auto")}

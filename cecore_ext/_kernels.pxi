@@ -5,7 +5,8 @@
 #
 # This layer unpacks arrays into raw pointers, handles what is not a hot loop (ignored
 # targets, strided broadcast arguments, binary cross-entropy) and spreads rows / tiles
-# over OpenMP threads. The vectorised loops are C functions in _rowkernels.h.
+# over OpenMP threads. The vectorised loops are C functions in _rowkernels.h. Tunables
+# are the CEC_* macros setup.py takes from cecore/_config.py.
 #
 # Threads: n_threads == 1 runs a plain loop with no OpenMP parallel region at all, so a
 # child created by fork() (whose copy of the GNU OpenMP thread pool is unusable) is safe
@@ -21,13 +22,10 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
-# 2-D inputs with at most this many classes (rows shorter than a vector or two) go
-# through the tile kernels on blocks of CEC_TILE rows transposed into a (C, CEC_TILE)
-# scratch tile, as in the Numba backend (cecore._config.SMALL_C).
-cdef enum: SMALL_C = 32
-
 cdef extern from "_rowkernels.h" nogil:
     enum: CEC_TILE
+    enum: CEC_SMALL_C
+    enum: CEC_SUM_BLOCK
     int cec_openmp_version()
     int cec_omp_max_threads()
     const char *cec_variant()
@@ -182,7 +180,7 @@ cdef void _index(const floating[:, :, ::1] logits, const int64_t[:, ::1] target,
                  const double[:, :] grad_scale, double[:, ::1] loss_out,
                  floating[:, :, ::1] grad_out, int n_threads):
     cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], S = logits.shape[2]
-    cdef bint small_c = S == 1 and C <= SMALL_C
+    cdef bint small_c = S == 1 and C <= CEC_SMALL_C
     cdef Py_ssize_t k, n_items = N if S == 1 else N * _n_tiles(S)
     cdef double w_total = 0.0
     if C == 0:
@@ -454,5 +452,7 @@ def build_info():
         "compiler": cec_compiler().decode(),
         "compile_args": cec_compile_args().decode(),
         "tile": CEC_TILE,
+        "small_c": CEC_SMALL_C,
+        "sum_block": CEC_SUM_BLOCK,
         "exp": "range reduction + polynomial, vectorised with omp simd",
     }

@@ -38,8 +38,13 @@
 #include <omp.h>
 #endif
 
-/* Positions per tile in the S > 1 path (same as TILE in _numba_kernels.py). */
-#define CEC_TILE 256
+/* Tunables: cecore/_config.py defines them once and setup.py passes them as -DCEC_<NAME>.
+ * CEC_TILE: positions per tile (S > 1 path, and rows of the few-classes path);
+ * CEC_SMALL_C: the most classes that take the few-classes path (the .pxi reads it);
+ * CEC_SUM_BLOCK: classes per block of a row's exp + sum pass (cec_row_sumexp). */
+#if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SUM_BLOCK)
+#error "CEC_TILE, CEC_SMALL_C and CEC_SUM_BLOCK come from cecore/_config.py: build with setup.py"
+#endif
 
 #if defined(_MSC_VER)
 #define CEC_INLINE static __inline
@@ -275,15 +280,15 @@ CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
 }
 
 /* sum_c exp(x[c] - m) in float64; also stores exp(x[c] - m) in e[c] when e != NULL.
- * Per block of CEC_TILE classes the exps are written (to e, or to scratch) by one loop
+ * Per block of CEC_SUM_BLOCK classes the exps are written (to e, or to scratch) by one loop
  * and summed in float64 by another: fused, the float64 adds would set the vector width
  * and halve the float32 exp's. The same two loops run with or without e, so loss-only
  * and loss+gradient calls sum in the same order. */
 CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
-    T scratch[CEC_TILE];
+    T scratch[CEC_SUM_BLOCK];
     double s = 0.0;
-    for (ptrdiff_t b = 0; b < n; b += CEC_TILE) {
-        const ptrdiff_t len = n - b < CEC_TILE ? n - b : CEC_TILE;
+    for (ptrdiff_t b = 0; b < n; b += CEC_SUM_BLOCK) {
+        const ptrdiff_t len = n - b < CEC_SUM_BLOCK ? n - b : CEC_SUM_BLOCK;
         T *dst = e ? e + b : scratch;
         const T *xb = x + b;
         /* Ask for the next row's matching cache lines while this block computes: the
