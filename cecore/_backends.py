@@ -10,8 +10,8 @@ this module talks to kernels only through :func:`get_backend`.
 Shapes use ``N`` (batch), ``C`` (classes), ``S`` (product of the spatial dims d1..dK, 1
 for plain ``(N, C)`` input). ``floating`` is float32 or float64, the same for every
 ``floating`` argument of one call. Unless said otherwise arrays are C-contiguous.
-``n_threads`` is an ``int >= 1``. An "empty" gradient (``grad_out.shape[0] == 0``, e.g.
-``np.empty((0, 0, 0))``) means "loss only": the kernel then reads the logits once.
+``n_threads`` is an ``int >= 1``. ``grad_out=None`` means "loss only": the kernel then
+reads the logits once.
 ``C`` may be 0: losses are then empty sums (0) and ``logsumexp`` is ``-inf``. Sums that
 the loss needs are taken class by class (``sum_c w[c] * (lse - x[c])``, never
 ``sum(w) * lse - sum(w * x)``), so infinite class weights give torch's ``inf``, and the
@@ -36,7 +36,7 @@ only the rows that use it.
     - grad_scale : const float64 (N, S), any strides (a broadcast scalar has strides
       0); the gradient written is ``grad_scale[n, s] * d loss[n, s] / d logits[n, :, s]``
     - loss_out : float64 (N, S), the per-position loss above
-    - grad_out : floating (N, C, S), or empty for loss only
+    - grad_out : floating (N, C, S), or None for loss only
 
 ``softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out, grad_out, n_threads)``
     Softmax cross-entropy with probability targets, ``q = (1 - eps) * target + eps / C``::
@@ -54,7 +54,7 @@ only the rows that use it.
 
     - input, target : const floating (R, L)
     - weight, pos_weight, grad_scale : const float64 (R, L), any strides (broadcast views)
-    - loss_out : float64 (R, L); grad_out : floating (R, L), or empty for loss only
+    - loss_out : float64 (R, L); grad_out : floating (R, L), or None for loss only
 
 ``softmax(logits, log, out, n_threads)``
     ``out[n, :, s]`` = softmax (``log=False``) or log-softmax (``log=True``) of

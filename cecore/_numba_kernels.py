@@ -766,7 +766,7 @@ def _flat(a):
 
 
 def _no_grad(grad_out):
-    return grad_out.shape[0] == 0
+    return grad_out is None or grad_out.shape[0] == 0
 
 
 def _empty(logits, ndim):

@@ -404,7 +404,6 @@ def _score_chunk(x, t, opts):
         x3 = np.ascontiguousarray(x, dtype=opts.dtype)
     x3 = x3.reshape(n_rows, n_classes, 1)
     loss = np.empty((n_rows, 1), np.float64)
-    no_grad = np.empty((0, 0, 0), opts.dtype)
     scale = np.broadcast_to(np.float64(0.0), loss.shape)
     kernels = get_backend(opts.backend)
     t3 = np.ascontiguousarray(t, dtype=opts.dtype).reshape(x3.shape) if opts.proba else None
@@ -419,10 +418,10 @@ def _score_chunk(x, t, opts):
         b = min(n_rows, a + step)
         if opts.proba:
             kernels.softmax_ce_proba(x3[a:b], t3[a:b], opts.weight, opts.label_smoothing,
-                                     scale[a:b], loss[a:b], no_grad, opts.n_threads)
+                                     scale[a:b], loss[a:b], None, opts.n_threads)
         else:
             kernels.softmax_ce_index(x3[a:b], t2[a:b], opts.weight, opts.ignore_index,
-                                     opts.label_smoothing, scale[a:b], loss[a:b], no_grad,
+                                     opts.label_smoothing, scale[a:b], loss[a:b], None,
                                      opts.n_threads)
         if opts.accuracy:
             np.argmax(x[a:b], axis=1, out=predicted[a:b])
