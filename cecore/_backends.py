@@ -3,7 +3,7 @@
 The kernel contract
 -------------------
 Every backend module (``cecore._numba_kernels`` and ``cecore_ext``) exposes exactly
-these five functions. They never validate, never allocate anything of size N x C, and
+these six functions. They never validate, never allocate anything of size N x C, and
 return ``None``: results go into the ``*_out`` arrays the caller passes. Everything above
 this module talks to kernels only through :func:`get_backend`.
 
@@ -63,6 +63,21 @@ only the rows that use it.
 ``logsumexp(logits, out, n_threads)``
     ``out[n, s] = log(sum_c exp(logits[n, c, s]))``; out : float64 (N, S).
 
+``log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads)``
+    The pass over the probabilities of :func:`cecore.metrics.log_loss`: scikit-learn's
+    checks, and each row's clipped true-class probability while the row is in cache::
+
+        stats_out = [values v with v > 1 or v < 0,
+                     rows whose float64 sum s is finite and |s - 1| > 1e-8 + rtol,
+                     rows whose float64 sum is not finite]
+        picked_out[i] = min(max(proba[i, target[i]], lo), hi)     (NaN stays NaN)
+
+    - proba : const floating (N, C)
+    - target : const int64 (N,), each in ``[0, C)`` (the caller checks), or None: no pick
+    - lo, hi : clip bounds, values of proba's dtype; rtol : float
+    - stats_out : float64 (3,), the counts above (exact, whatever ``n_threads``)
+    - picked_out : floating (N,), or None (exactly when target is None)
+
 All backends compute ``exp`` with the same range-reduction + polynomial scheme
 (``exp(x) = 2**k * P(r)``, ``r = x - k ln2``; measured max error 0.7 ulp in float32 and
 float64) so that they vectorise and agree closely; sums over classes are accumulated in
@@ -77,7 +92,8 @@ import threading
 from . import _config
 
 BACKENDS = ("cython", "numba")
-KERNELS = ("softmax_ce_index", "softmax_ce_proba", "bce_logits", "softmax", "logsumexp")
+KERNELS = ("softmax_ce_index", "softmax_ce_proba", "bce_logits", "softmax", "logsumexp",
+           "log_loss_pass")
 
 _loaded = {}
 _errors = {}

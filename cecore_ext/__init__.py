@@ -8,7 +8,7 @@ is chosen at import; ``CECORE_SIMD=base`` forces the baseline build.
 import os
 
 __all__ = ["softmax_ce_index", "softmax_ce_proba", "bce_logits", "softmax", "logsumexp",
-           "build_info"]
+           "log_loss_pass", "build_info"]
 
 
 def _cpu_has_avx2_fma():
@@ -42,6 +42,7 @@ softmax_ce_proba = _impl.softmax_ce_proba
 bce_logits = _impl.bce_logits
 softmax = _impl.softmax
 logsumexp = _impl.logsumexp
+log_loss_pass = _impl.log_loss_pass
 
 
 def build_info():

@@ -46,6 +46,12 @@ cdef extern from "_rowkernels.h" nogil:
     void cec_softmax_row_f64(const double *x, Py_ssize_t n, int log_, double *out)
     double cec_logsumexp_row_f32(const float *x, Py_ssize_t n)
     double cec_logsumexp_row_f64(const double *x, Py_ssize_t n)
+    void cec_log_loss_rows_f32(const float *p, Py_ssize_t rows, Py_ssize_t n, double tol,
+                               const int64_t *target, float lo, float hi, float *picked,
+                               double *stats)
+    void cec_log_loss_rows_f64(const double *p, Py_ssize_t rows, Py_ssize_t n, double tol,
+                               const int64_t *target, double lo, double hi, double *picked,
+                               double *stats)
 
     void cec_index_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
@@ -97,6 +103,14 @@ cdef inline double _logsumexp_row(const floating *x, Py_ssize_t n) noexcept nogi
     if floating is float:
         return cec_logsumexp_row_f32(x, n)
     return cec_logsumexp_row_f64(x, n)
+
+cdef inline void _log_loss_rows(const floating *p, Py_ssize_t rows, Py_ssize_t n,
+                                double tol, const int64_t *target, double lo, double hi,
+                                floating *picked, double *stats) noexcept nogil:
+    if floating is float:
+        cec_log_loss_rows_f32(p, rows, n, tol, target, <float>lo, <float>hi, picked, stats)
+    else:
+        cec_log_loss_rows_f64(p, rows, n, tol, target, lo, hi, picked, stats)
 
 cdef inline void _index_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
                              Py_ssize_t width, const int64_t *target, int64_t ignore_index,
@@ -464,6 +478,59 @@ def bce_logits(const floating[:, ::1] input, const floating[:, ::1] target,
     a.R, a.L, a.rows = R, L, max(1, CEC_TILE // L)
     with nogil:
         _run(_bce_item[floating], (R + a.rows - 1) // a.rows, &input[0, 0], &a, n_threads)
+
+
+# ------------------------------------------------------------------ log_loss's pass
+# Values per item of log_loss_pass (a block of whole rows): enough work per item to
+# amortise a call, and enough items to spread over threads. The counts are exact sums, so
+# they do not depend on this or on n_threads.
+cdef enum: _LOG_LOSS_ITEM_VALUES = 1 << 16
+
+cdef struct LogLossArgs:
+    const int64_t *target  # NULL: no pick
+    void *picked  # floating (N,), or NULL
+    double *stats  # (n_items, 3): one line per item
+    Py_ssize_t N, C, rows
+    double tol, lo, hi
+
+cdef void _log_loss_item(Py_ssize_t k, const floating *p, const void *ctx) noexcept nogil:
+    cdef const LogLossArgs *a = <const LogLossArgs *>ctx
+    cdef Py_ssize_t r0 = k * a.rows
+    _log_loss_rows(p + r0 * a.C, min(a.rows, a.N - r0), a.C, a.tol,
+                   a.target + r0 if a.target != NULL else NULL, a.lo, a.hi,
+                   <floating *>a.picked + r0 if a.target != NULL else NULL,
+                   a.stats + 3 * k)
+
+
+def log_loss_pass(const floating[:, ::1] proba, const int64_t[::1] target, double lo,
+                  double hi, double rtol, double[::1] stats_out,
+                  floating[::1] picked_out, int n_threads):
+    """The probability pass of :func:`cecore.metrics.log_loss` (see the contract)."""
+    cdef Py_ssize_t N = proba.shape[0], C = proba.shape[1], n_items, k
+    cdef LogLossArgs a
+    # Not validation (the caller's job), only what keeps the writes inside the buffers.
+    if stats_out.shape[0] != 3 or (target is None) != (picked_out is None) or (
+            target is not None and (target.shape[0] != N or picked_out.shape[0] != N)):
+        raise ValueError("log_loss_pass: stats_out must have 3 values; target and "
+                         "picked_out must both be None or both have proba's row count")
+    stats_out[0] = stats_out[1] = stats_out[2] = 0.0
+    if N == 0:
+        return
+    a.N, a.C, a.tol, a.lo, a.hi = N, C, 1e-8 + rtol, lo, hi
+    a.rows = max(1, _LOG_LOSS_ITEM_VALUES // max(C, 1))
+    a.target = NULL if target is None else &target[0]
+    a.picked = NULL if target is None else &picked_out[0]
+    n_items = (N + a.rows - 1) // a.rows
+    a.stats = <double *>malloc(3 * n_items * sizeof(double))
+    if a.stats == NULL:
+        raise MemoryError()
+    with nogil:
+        _run(_log_loss_item[floating], n_items, &proba[0, 0], &a, n_threads)
+    for k in range(n_items):  # exact: integer counts, far below 2**53
+        stats_out[0] += a.stats[3 * k]
+        stats_out[1] += a.stats[3 * k + 1]
+        stats_out[2] += a.stats[3 * k + 2]
+    free(a.stats)
 
 
 def build_info():

@@ -429,6 +429,40 @@ CEC_KERNEL double CEC_FN(cec_logsumexp_row)(const T *x, ptrdiff_t n) {
     return (double)m + log(CEC_FN(cec_row_sumexp)(x, m, NULL, n));
 }
 
+/* log_loss's checks over `rows` rows of n probabilities (cecore.metrics.log_loss):
+ * stats[0] = values outside [0, 1]; stats[1] = rows whose float64 sum s is finite with
+ * |s - 1| > tol; stats[2] = rows whose sum is not finite (a NaN or inf, or overflow). If
+ * target != NULL, also picked[i] = clip(p[i, target[i]], lo, hi) while the row is in
+ * cache (a NaN stays NaN). The count of outside values is a double, like the sum, so
+ * that the loop vectorises and runs at memory speed. */
+CEC_KERNEL void CEC_FN(cec_log_loss_rows)(const T *p, ptrdiff_t rows, ptrdiff_t n,
+                                          double tol, const int64_t *target, T lo, T hi,
+                                          T *picked, double *stats) {
+    double outside = 0.0, bad = 0.0, non_finite = 0.0;
+    for (ptrdiff_t i = 0; i < rows; i++) {
+        const T *row = p + i * n;
+        double s = 0.0, row_outside = 0.0;
+        CEC_PRAGMA(omp simd reduction(+:s, row_outside))
+        for (ptrdiff_t c = 0; c < n; c++) {
+            s += (double)row[c];
+            row_outside += (row[c] > (T)1 ? 1.0 : 0.0) + (row[c] < (T)0 ? 1.0 : 0.0);
+        }
+        outside += row_outside;
+        if (!(fabs(s) < INFINITY))
+            non_finite += 1.0;
+        else if (fabs(s - 1.0) > tol)
+            bad += 1.0;
+        if (target) {
+            T v = row[target[i]];
+            v = lo > v ? lo : v;
+            picked[i] = hi < v ? hi : v;
+        }
+    }
+    stats[0] = outside;
+    stats[1] = bad;
+    stats[2] = non_finite;
+}
+
 /* ======================================================== tile kernels (S > 1)
  * x points at logits[n, 0, s0]; class c of position j is x[c * stride + j], with
  * stride = S and j < width <= CEC_TILE. Per-position outputs (loss, target, grad_scale)
