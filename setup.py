@@ -10,11 +10,16 @@ OpenMP is probed with the compiler setuptools will use: if ``-fopenmp`` does not
 and link, the kernels are built serial (with a warning) and the ``#pragma omp simd``
 vectorisation hints are still honoured through ``-fopenmp-simd`` when available.
 
+The kernel tunables (``cecore._config.C_MACROS``: tile sizes, the few-classes limit) are
+read from ``cecore/_config.py`` as literals, without importing cecore (its dependencies
+are absent under pip's build isolation), and passed as ``-DCEC_<NAME>=<value>``.
+
 Never add ``-ffast-math`` (or ``-ffinite-math-only``): NaN and inf logits must follow
 IEEE rules. Reassociation is granted per loop by the ``omp simd reduction`` pragmas; the
 only relaxed flag is ``-fno-trapping-math``, which leaves all results unchanged.
 """
 
+import ast
 import os
 import platform
 import shutil
@@ -25,6 +30,39 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = os.path.join("cecore", "_config.py")
+
+
+def _config_macros():
+    """``[("CEC_TILE", "256"), ...]``: the names in ``C_MACROS`` of cecore/_config.py.
+
+    Read with ``ast``: each must be assigned an int literal at the module's top level.
+    """
+    path = os.path.join(_HERE, _CONFIG)
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    literals = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            try:
+                literals[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:  # not a literal (an expression, a call): not a macro
+                pass
+    names = literals.get("C_MACROS")
+    if not isinstance(names, tuple) or not names:
+        raise RuntimeError(f"{_CONFIG}: C_MACROS must be a tuple of names given as a literal")
+    macros = []
+    for name in names:
+        value = literals.get(name)
+        if type(value) is not int or value < 1:
+            raise RuntimeError(f"{_CONFIG}: {name} must be assigned a positive int literal, "
+                               f"got {value!r}")
+        macros.append((f"CEC_{name}", str(value)))
+    return macros
+
 
 _PROBE_SOURCE = r"""
 #include <omp.h>
@@ -120,6 +158,7 @@ class BuildExt(build_ext):
 
 
 def _extensions():
+    macros = _config_macros()
     names = ["base"]
     # The AVX2 variant only makes sense when compiling for x86-64 (not cross-compiling to
     # arm64 on macOS, for example).
@@ -131,8 +170,10 @@ def _extensions():
             f"cecore_ext._kernels_{name}",
             [f"cecore_ext/_kernels_{name}.pyx"],
             include_dirs=[np.get_include(), "cecore_ext"],
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-            depends=["cecore_ext/_kernels.pxi", "cecore_ext/_rowkernels.h"],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")] + macros,
+            # _config.py too: a changed tunable must rebuild (the header's #error catches
+            # a missing macro, the build_info test a stale value).
+            depends=["cecore_ext/_kernels.pxi", "cecore_ext/_rowkernels.h", _CONFIG],
         )
         for name in names
     ]

@@ -3,15 +3,15 @@
 The kernel contract
 -------------------
 Every backend module (``cecore._numba`` and ``cecore_ext``) exposes exactly
-these five functions. They never validate, never allocate anything of size N x C, and
+these seven functions. They never validate, never allocate anything of size N x C, and
 return ``None``: results go into the ``*_out`` arrays the caller passes. Everything above
 this module talks to kernels only through :func:`get_backend`.
 
 Shapes use ``N`` (batch), ``C`` (classes), ``S`` (product of the spatial dims d1..dK, 1
 for plain ``(N, C)`` input). ``floating`` is float32 or float64, the same for every
 ``floating`` argument of one call. Unless said otherwise arrays are C-contiguous.
-``n_threads`` is an ``int >= 1``. An "empty" gradient (``grad_out.shape[0] == 0``, e.g.
-``np.empty((0, 0, 0))``) means "loss only": the kernel then reads the logits once.
+``n_threads`` is an ``int >= 1``. ``grad_out=None`` means "loss only": the kernel then
+reads the logits once.
 ``C`` may be 0: losses are then empty sums (0) and ``logsumexp`` is ``-inf``. Sums that
 the loss needs are taken class by class (``sum_c w[c] * (lse - x[c])``, never
 ``sum(w) * lse - sum(w * x)``), so infinite class weights give torch's ``inf``, and the
@@ -36,7 +36,7 @@ only the rows that use it.
     - grad_scale : const float64 (N, S), any strides (a broadcast scalar has strides
       0); the gradient written is ``grad_scale[n, s] * d loss[n, s] / d logits[n, :, s]``
     - loss_out : float64 (N, S), the per-position loss above
-    - grad_out : floating (N, C, S), or empty for loss only
+    - grad_out : floating (N, C, S), or None for loss only
 
 ``softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out, stats_out, rank_out, n_threads)``
     Loss-only ``softmax_ce_index`` of 2-D logits plus per-row evaluation metrics, from the
@@ -68,7 +68,7 @@ only the rows that use it.
 
     - input, target : const floating (R, L)
     - weight, pos_weight, grad_scale : const float64 (R, L), any strides (broadcast views)
-    - loss_out : float64 (R, L); grad_out : floating (R, L), or empty for loss only
+    - loss_out : float64 (R, L); grad_out : floating (R, L), or None for loss only
 
 ``softmax(logits, log, out, n_threads)``
     ``out[n, :, s]`` = softmax (``log=False``) or log-softmax (``log=True``) of
@@ -76,6 +76,21 @@ only the rows that use it.
 
 ``logsumexp(logits, out, n_threads)``
     ``out[n, s] = log(sum_c exp(logits[n, c, s]))``; out : float64 (N, S).
+
+``log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads)``
+    The pass over the probabilities of :func:`cecore.metrics.log_loss`: scikit-learn's
+    checks, and each row's clipped true-class probability while the row is in cache::
+
+        stats_out = [values v with v > 1 or v < 0,
+                     rows whose float64 sum s is finite and |s - 1| > 1e-8 + rtol,
+                     rows whose float64 sum is not finite]
+        picked_out[i] = min(max(proba[i, target[i]], lo), hi)     (NaN stays NaN)
+
+    - proba : const floating (N, C)
+    - target : const int64 (N,), each in ``[0, C)`` (the caller checks), or None: no pick
+    - lo, hi : clip bounds, values of proba's dtype; rtol : float
+    - stats_out : float64 (3,), the counts above (exact, whatever ``n_threads``)
+    - picked_out : floating (N,), or None (exactly when target is None)
 
 All backends compute ``exp`` with the same range-reduction + polynomial scheme
 (``exp(x) = 2**k * P(r)``, ``r = x - k ln2``; measured max error 0.7 ulp in float32 and

@@ -17,10 +17,6 @@ __all__ = [
     "log_softmax", "softmax", "logsumexp", "perplexity",
 ]
 
-_NO_GRAD = {np.dtype(np.float32): np.empty((0, 0, 0), np.float32),
-            np.dtype(np.float64): np.empty((0, 0, 0), np.float64)}
-
-
 def _grad_scale(g, reduction, denominator, positions_shape):
     """Per-position gradient multiplier of shape ``positions_shape`` (broadcast when scalar)."""
     if reduction == "none" and np.ndim(g):
@@ -164,7 +160,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         grad3, gradient = _gradient_out(grad_out, x, x3, fortran, reads)
     else:
         scale = np.broadcast_to(np.float64(0.0), positions)
-        grad3 = _NO_GRAD[dtype]
+        grad3 = None  # loss only
 
     if proba:
         kernels.softmax_ce_proba(x3, t3, w, eps, scale, loss_out, grad3, threads)
@@ -283,7 +279,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
         grad2 = grad2.reshape(x2.shape)
     else:
         scale = np.broadcast_to(np.float64(0.0), x2.shape)
-        grad2 = _NO_GRAD[dtype].reshape(0, 0)
+        grad2 = None  # loss only
     kernels.bce_logits(x2, t2, w2, pw2, scale, loss_out, grad2, threads)
     loss = _reduce_loss(loss_out, reduction, denominator, shape, out_dtype)
     if not return_grad:

@@ -7,8 +7,8 @@ is chosen at import; ``CECORE_SIMD=base`` forces the baseline build.
 
 import os
 
-__all__ = ["softmax_ce_index", "softmax_ce_proba", "bce_logits", "softmax", "logsumexp",
-           "build_info"]
+__all__ = ["softmax_ce_index", "softmax_ce_scores", "softmax_ce_proba", "bce_logits",
+           "softmax", "logsumexp", "log_loss_pass", "build_info"]
 
 
 def _cpu_has_avx2_fma():
@@ -38,10 +38,12 @@ def _load():
 _impl = _load()
 
 softmax_ce_index = _impl.softmax_ce_index
+softmax_ce_scores = _impl.softmax_ce_scores
 softmax_ce_proba = _impl.softmax_ce_proba
 bce_logits = _impl.bce_logits
 softmax = _impl.softmax
 logsumexp = _impl.logsumexp
+log_loss_pass = _impl.log_loss_pass
 
 
 def build_info():
@@ -52,6 +54,7 @@ def build_info():
     dict
         ``variant`` ("avx2" or "base"), ``openmp`` (bool), ``openmp_version`` (the
         ``_OPENMP`` date, 0 without OpenMP), ``max_threads``, ``compiler``,
-        ``compile_args``, ``tile``, ``exp`` and ``simd_env`` (``CECORE_SIMD``).
+        ``compile_args``, the tunables ``tile``, ``small_c`` and ``sum_block`` (as
+        compiled), ``exp`` and ``simd_env`` (``CECORE_SIMD``).
     """
     return {**_impl.build_info(), "simd_env": os.environ.get("CECORE_SIMD", "auto")}

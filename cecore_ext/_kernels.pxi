@@ -3,31 +3,33 @@
 # Included by _kernels_base.pyx and _kernels_avx2.pyx: one source, compiled once without
 # and once with AVX2+FMA flags (setup.py); cecore_ext/__init__.py picks one at import.
 #
-# This layer unpacks arrays into raw pointers, handles what is not a hot loop (ignored
-# targets, strided broadcast arguments, binary cross-entropy) and spreads rows / tiles
-# over OpenMP threads. The vectorised loops are C functions in _rowkernels.h.
-#
-# Threads: n_threads == 1 runs a plain loop with no OpenMP parallel region at all, so a
-# child created by fork() (whose copy of the GNU OpenMP thread pool is unusable) is safe
-# as long as it asks for one thread. Each row / tile is computed by one thread in a fixed
-# order, so results are bitwise identical for any n_threads.
+# Design:
+# - The contract's functions take fused memoryviews: Cython picks the float32 or float64
+#   specialisation from the arguments. Each C routine of _rowkernels.h (where the
+#   vectorised loops are) has one fused wrapper below, so every call site is written once.
+# - A kernel splits its work into items (a row, a tile of positions, a block of rows),
+#   puts its other arguments in a struct and hands an item function to _run, the one
+#   place that spreads items over threads. Items do not overlap, each is computed by one
+#   thread in a fixed order, and both paths of _run call the same item code (whose hot
+#   loops are the noinline C kernels, see _rowkernels.h), so results are bitwise
+#   identical for any n_threads.
+# - n_threads == 1 runs a plain loop with no OpenMP parallel region at all, so a child
+#   created by fork() (whose copy of the GNU OpenMP thread pool is unusable) is safe as
+#   long as it asks for one thread.
+# - Tunables are the CEC_* macros setup.py takes from cecore/_config.py.
 
 import numpy as np
 
 from cython.parallel cimport prange
 from cython cimport floating
-from libc.math cimport exp, log1p, fabs, INFINITY
+from libc.math cimport exp, log1p, fabs, INFINITY, NAN
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
-
-# 2-D inputs with at most this many classes (rows shorter than a vector or two) go
-# through the tile kernels on blocks of CEC_TILE rows transposed into a (C, CEC_TILE)
-# scratch tile, as in the Numba backend (cecore._config.SMALL_C).
-cdef enum: SMALL_C = 32
 
 cdef extern from "_rowkernels.h" nogil:
     enum: CEC_TILE
+    enum: CEC_SMALL_C
+    enum: CEC_SUM_BLOCK
     int cec_openmp_version()
     int cec_omp_max_threads()
     const char *cec_variant()
@@ -46,6 +48,16 @@ cdef extern from "_rowkernels.h" nogil:
     void cec_softmax_row_f64(const double *x, Py_ssize_t n, int log_, double *out)
     double cec_logsumexp_row_f32(const float *x, Py_ssize_t n)
     double cec_logsumexp_row_f64(const double *x, Py_ssize_t n)
+    double cec_scores_row_f32(const float *x, Py_ssize_t n, Py_ssize_t t, const double *w,
+                              double eps, double *stats, int64_t *rank)
+    double cec_scores_row_f64(const double *x, Py_ssize_t n, Py_ssize_t t, const double *w,
+                              double eps, double *stats, int64_t *rank)
+    void cec_log_loss_rows_f32(const float *p, Py_ssize_t rows, Py_ssize_t n, double tol,
+                               const int64_t *target, float lo, float hi, float *picked,
+                               double *stats)
+    void cec_log_loss_rows_f64(const double *p, Py_ssize_t rows, Py_ssize_t n, double tol,
+                               const int64_t *target, double lo, double hi, double *picked,
+                               double *stats)
 
     void cec_index_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
@@ -71,6 +83,99 @@ cdef extern from "_rowkernels.h" nogil:
                                 Py_ssize_t width, double *out)
 
 
+# ------------------------------------------------- one fused wrapper per C routine
+cdef inline double _index_row(const floating *x, Py_ssize_t n, Py_ssize_t t,
+                              const double *w, double w_total, double eps, double gs,
+                              floating *g) noexcept nogil:
+    if floating is float:
+        return cec_index_row_f32(x, n, t, w, w_total, eps, gs, g)
+    return cec_index_row_f64(x, n, t, w, w_total, eps, gs, g)
+
+cdef inline double _proba_row(const floating *x, const floating *q, Py_ssize_t n,
+                              const double *w, double eps, double gs,
+                              floating *g) noexcept nogil:
+    if floating is float:
+        return cec_proba_row_f32(x, q, n, w, eps, gs, g)
+    return cec_proba_row_f64(x, q, n, w, eps, gs, g)
+
+cdef inline void _softmax_row(const floating *x, Py_ssize_t n, int log_,
+                              floating *out) noexcept nogil:
+    if floating is float:
+        cec_softmax_row_f32(x, n, log_, out)
+    else:
+        cec_softmax_row_f64(x, n, log_, out)
+
+cdef inline double _logsumexp_row(const floating *x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return cec_logsumexp_row_f32(x, n)
+    return cec_logsumexp_row_f64(x, n)
+
+cdef inline double _scores_row(const floating *x, Py_ssize_t n, Py_ssize_t t,
+                               const double *w, double eps, double *stats,
+                               int64_t *rank) noexcept nogil:
+    if floating is float:
+        return cec_scores_row_f32(x, n, t, w, eps, stats, rank)
+    return cec_scores_row_f64(x, n, t, w, eps, stats, rank)
+
+cdef inline void _log_loss_rows(const floating *p, Py_ssize_t rows, Py_ssize_t n,
+                                double tol, const int64_t *target, double lo, double hi,
+                                floating *picked, double *stats) noexcept nogil:
+    if floating is float:
+        cec_log_loss_rows_f32(p, rows, n, tol, target, <float>lo, <float>hi, picked, stats)
+    else:
+        cec_log_loss_rows_f64(p, rows, n, tol, target, lo, hi, picked, stats)
+
+cdef inline void _index_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
+                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
+                             const double *w, double w_total, double eps, const double *gs,
+                             double *loss, floating *g) noexcept nogil:
+    if floating is float:
+        cec_index_tile_f32(x, n, stride, width, target, ignore_index, w, w_total, eps, gs,
+                           loss, g)
+    else:
+        cec_index_tile_f64(x, n, stride, width, target, ignore_index, w, w_total, eps, gs,
+                           loss, g)
+
+cdef inline void _proba_tile(const floating *x, const floating *q, Py_ssize_t n,
+                             Py_ssize_t stride, Py_ssize_t width, const double *w,
+                             double eps, const double *gs, double *loss,
+                             floating *g) noexcept nogil:
+    if floating is float:
+        cec_proba_tile_f32(x, q, n, stride, width, w, eps, gs, loss, g)
+    else:
+        cec_proba_tile_f64(x, q, n, stride, width, w, eps, gs, loss, g)
+
+cdef inline void _softmax_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
+                               Py_ssize_t width, int log_, floating *out) noexcept nogil:
+    if floating is float:
+        cec_softmax_tile_f32(x, n, stride, width, log_, out)
+    else:
+        cec_softmax_tile_f64(x, n, stride, width, log_, out)
+
+cdef inline void _logsumexp_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
+                                 Py_ssize_t width, double *out) noexcept nogil:
+    if floating is float:
+        cec_logsumexp_tile_f32(x, n, stride, width, out)
+    else:
+        cec_logsumexp_tile_f64(x, n, stride, width, out)
+
+
+# -------------------------------------------------------------------------- driver
+cdef void _run(void (*item)(Py_ssize_t, const floating *, const void *) noexcept nogil,
+               Py_ssize_t n_items, const floating *x, const void *ctx,
+               int n_threads) noexcept nogil:
+    """``item(k, x, ctx)`` for k in range(n_items): x is the kernel's main input, ctx
+    its other arguments (a struct of the kernel's own type)."""
+    cdef Py_ssize_t k
+    if n_threads == 1:  # no OpenMP region at all (see Design)
+        for k in range(n_items):
+            item(k, x, ctx)
+    else:
+        for k in prange(n_items, num_threads=n_threads, schedule="static"):
+            item(k, x, ctx)
+
+
+# ------------------------------------------------------------------------- helpers
 # A 2-D float64 argument with arbitrary strides (broadcast views have stride 0).
 cdef struct Strided:
     const char *data
@@ -86,9 +191,6 @@ cdef inline Strided _strided(const double[:, :] a) noexcept:
 cdef inline double _at(Strided a, Py_ssize_t i, Py_ssize_t j) noexcept nogil:
     return (<const double *>(a.data + i * a.s0 + j * a.s1))[0]
 
-cdef inline Py_ssize_t _n_tiles(Py_ssize_t n_pos) noexcept nogil:
-    return (n_pos + CEC_TILE - 1) // CEC_TILE
-
 cdef inline void _gather(Strided a, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t width,
                          double *out) noexcept nogil:
     """out[:width] = a[i, j0:j0 + width]"""
@@ -96,66 +198,87 @@ cdef inline void _gather(Strided a, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t widt
     for j in range(width):
         out[j] = _at(a, i, j0 + j)
 
+cdef inline int _check_grad(const Py_ssize_t *grad_shape, const Py_ssize_t *shape,
+                            int ndim) except -1:
+    """A gradient buffer must have the input's shape (an empty array instead of None,
+    say, would be written past its end)."""
+    cdef int i
+    for i in range(ndim):
+        if grad_shape[i] != shape[i]:
+            raise ValueError("grad_out must be None (loss only) or of the input's shape")
+    return 0
 
-def _empty_like_grad(logits, ndim):
-    """The contract's "empty" gradient may have any shape (0, ...) and dtype; give the
-    typed function an empty array of the right rank and dtype."""
-    return np.empty((0,) * ndim, dtype=logits.dtype)
+cdef inline Py_ssize_t _n_tiles(Py_ssize_t n_pos) noexcept nogil:
+    return (n_pos + CEC_TILE - 1) // CEC_TILE
+
+# The tile of item k of an (N, C, S) input with S > 1: sample n, positions s0 + [0, width).
+cdef struct Tile:
+    Py_ssize_t n, s0, width
+
+cdef inline Tile _tile(Py_ssize_t k, Py_ssize_t S) noexcept nogil:
+    cdef Tile t
+    t.n = k // _n_tiles(S)
+    t.s0 = (k % _n_tiles(S)) * CEC_TILE
+    t.width = min(<Py_ssize_t>CEC_TILE, S - t.s0)
+    return t
+
+cdef inline Py_ssize_t _n_items(Py_ssize_t N, Py_ssize_t S) noexcept nogil:
+    """Items of the row / tile kernels: rows (S == 1) or tiles of positions (S > 1)."""
+    return N if S == 1 else N * _n_tiles(S)
 
 
 # ---------------------------------------------------------------- class-index targets
-cdef inline void _index_one(Py_ssize_t k, const floating *x, const int64_t *target,
-                            const double *w, Strided gs, double *loss, floating *g,
-                            Py_ssize_t C, Py_ssize_t S, int64_t ignore_index,
-                            double w_total, double eps) noexcept nogil:
+cdef struct IndexArgs:
+    const int64_t *target
+    const double *w
+    Strided gs
+    double *loss
+    void *g  # floating gradient, or NULL for loss only
+    Py_ssize_t N, C, S
+    int64_t ignore_index
+    double w_total, eps
+
+cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     """Row k (S == 1) or tile k (S > 1)."""
-    cdef Py_ssize_t n, s0, width
+    cdef const IndexArgs *a = <const IndexArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, off
     cdef int64_t t
     cdef double gsb[CEC_TILE]
-    cdef floating *gk = NULL
+    cdef floating *g = <floating *>a.g
+    cdef Tile tl
     if S == 1:
-        t = target[k]
-        if g != NULL:
-            gk = g + k * C
-        if t == ignore_index:
+        t = a.target[k]
+        if t == a.ignore_index:
             # Loss only: an ignored row is not read. With a gradient it must be: torch's
             # gradient there is NaN when the row's softmax is (see cec_index_row).
-            loss[k] = 0.0
-            if gk == NULL:
+            a.loss[k] = 0.0
+            if g == NULL:
                 return
             t = -1
-        if floating is float:
-            loss[k] = cec_index_row_f32(x + k * C, C, t, w, w_total, eps, _at(gs, k, 0), gk)
-        else:
-            loss[k] = cec_index_row_f64(x + k * C, C, t, w, w_total, eps, _at(gs, k, 0), gk)
+        a.loss[k] = _index_row(x + k * C, C, t, a.w, a.w_total, a.eps, _at(a.gs, k, 0),
+                               g + k * C if g != NULL else NULL)
         return
-    n = k // _n_tiles(S)
-    s0 = (k % _n_tiles(S)) * CEC_TILE
-    width = min(<Py_ssize_t>CEC_TILE, S - s0)
-    _gather(gs, n, s0, width, gsb)
-    if g != NULL:
-        gk = g + n * C * S + s0
-    if floating is float:
-        cec_index_tile_f32(x + n * C * S + s0, C, S, width, target + n * S + s0,
-                           ignore_index, w, w_total, eps, gsb, loss + n * S + s0, gk)
-    else:
-        cec_index_tile_f64(x + n * C * S + s0, C, S, width, target + n * S + s0,
-                           ignore_index, w, w_total, eps, gsb, loss + n * S + s0, gk)
+    tl = _tile(k, S)
+    off = tl.n * C * S + tl.s0
+    _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
+    _index_tile(x + off, C, S, tl.width, a.target + tl.n * S + tl.s0, a.ignore_index, a.w,
+                a.w_total, a.eps, gsb, a.loss + tl.n * S + tl.s0,
+                g + off if g != NULL else NULL)
 
-
-cdef inline void _index_small_c(Py_ssize_t k, const floating *x, const int64_t *target,
-                                 const double *w, Strided gs, double *loss, floating *g,
-                                 Py_ssize_t N, Py_ssize_t C, int64_t ignore_index,
-                                 double w_total, double eps) noexcept nogil:
+cdef void _index_small_c_item(Py_ssize_t k, const floating *x,
+                              const void *ctx) noexcept nogil:
     """Rows [k * CEC_TILE, ...) of a 2-D input with few classes, through a transposed
     (C, CEC_TILE) scratch tile so that the vector loops run across rows."""
-    cdef Py_ssize_t r0 = k * CEC_TILE, width = min(<Py_ssize_t>CEC_TILE, N - r0), c, j
+    cdef const IndexArgs *a = <const IndexArgs *>ctx
+    cdef Py_ssize_t C = a.C, r0 = k * CEC_TILE, width = min(<Py_ssize_t>CEC_TILE, a.N - r0)
+    cdef Py_ssize_t c, j
     cdef double gsb[CEC_TILE]
+    cdef floating *g = <floating *>a.g
     cdef floating *xt = <floating *>malloc(2 * C * CEC_TILE * sizeof(floating))
     cdef floating *gt = NULL
     if xt == NULL:  # out of memory: the row kernels need no scratch
         for j in range(r0, r0 + width):
-            _index_one(j, x, target, w, gs, loss, g, C, 1, ignore_index, w_total, eps)
+            _index_item(j, x, ctx)
         return
     if g != NULL:
         gt = xt + C * CEC_TILE
@@ -163,13 +286,9 @@ cdef inline void _index_small_c(Py_ssize_t k, const floating *x, const int64_t *
         for c in range(C):
             xt[c * CEC_TILE + j] = x[(r0 + j) * C + c]
     for j in range(width):
-        gsb[j] = _at(gs, r0 + j, 0)
-    if floating is float:
-        cec_index_tile_f32(xt, C, CEC_TILE, width, target + r0, ignore_index, w, w_total,
-                           eps, gsb, loss + r0, gt)
-    else:
-        cec_index_tile_f64(xt, C, CEC_TILE, width, target + r0, ignore_index, w, w_total,
-                           eps, gsb, loss + r0, gt)
+        gsb[j] = _at(a.gs, r0 + j, 0)
+    _index_tile(<const floating *>xt, C, CEC_TILE, width, a.target + r0, a.ignore_index,
+                a.w, a.w_total, a.eps, gsb, a.loss + r0, gt)
     if gt != NULL:
         for j in range(width):
             for c in range(C):
@@ -177,274 +296,313 @@ cdef inline void _index_small_c(Py_ssize_t k, const floating *x, const int64_t *
     free(xt)
 
 
-cdef void _index(const floating[:, :, ::1] logits, const int64_t[:, ::1] target,
-                 const double[::1] weight, int64_t ignore_index, double eps,
-                 const double[:, :] grad_scale, double[:, ::1] loss_out,
-                 floating[:, :, ::1] grad_out, int n_threads):
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], S = logits.shape[2]
-    cdef bint small_c = S == 1 and C <= SMALL_C
-    cdef Py_ssize_t k, n_items = N if S == 1 else N * _n_tiles(S)
-    cdef double w_total = 0.0
+def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] target,
+                     const double[::1] weight, int64_t ignore_index, double label_smoothing,
+                     const double[:, :] grad_scale, double[:, ::1] loss_out,
+                     floating[:, :, ::1] grad_out, int n_threads):
+    """Softmax cross-entropy with class-index targets, loss and gradient in one pass.
+
+    See the kernel contract in :mod:`cecore._backends` for shapes and formulas.
+    Results go into ``loss_out`` and ``grad_out`` (``grad_out=None``: loss only).
+    """
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], S = logits.shape[2], c
+    cdef IndexArgs a
     if C == 0:
         loss_out[:, :] = 0.0  # an empty sum (validation left only ignored targets)
     if N == 0 or C == 0 or S == 0:
         return
-    if small_c:
-        n_items = _n_tiles(N)
-    for k in range(C):
-        w_total += weight[k]
-    cdef const floating *x = &logits[0, 0, 0]
-    cdef const int64_t *t = &target[0, 0]
-    cdef const double *w = &weight[0]
-    cdef double *loss = &loss_out[0, 0]
-    cdef floating *g = &grad_out[0, 0, 0] if grad_out.shape[0] else NULL
-    cdef Strided gs = _strided(grad_scale)
+    a.w_total = 0.0
+    for c in range(C):
+        a.w_total += weight[c]
+    a.target, a.w, a.gs, a.loss = &target[0, 0], &weight[0], _strided(grad_scale), &loss_out[0, 0]
+    a.g = NULL  # loss only
+    if grad_out is not None:
+        _check_grad(grad_out.shape, logits.shape, 3)
+        a.g = &grad_out[0, 0, 0]
+    a.N, a.C, a.S = N, C, S
+    a.ignore_index, a.eps = ignore_index, label_smoothing
     with nogil:
-        if n_threads == 1:
-            for k in range(n_items):
-                if small_c:
-                    _index_small_c(k, x, t, w, gs, loss, g, N, C, ignore_index, w_total, eps)
-                else:
-                    _index_one(k, x, t, w, gs, loss, g, C, S, ignore_index, w_total, eps)
+        if S == 1 and C <= CEC_SMALL_C:
+            _run(_index_small_c_item[floating], _n_tiles(N), &logits[0, 0, 0], &a, n_threads)
         else:
-            for k in prange(n_items, num_threads=n_threads, schedule="static"):
-                if small_c:
-                    _index_small_c(k, x, t, w, gs, loss, g, N, C, ignore_index, w_total, eps)
-                else:
-                    _index_one(k, x, t, w, gs, loss, g, C, S, ignore_index, w_total, eps)
-
-
-def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
-                     loss_out, grad_out, n_threads):
-    """Softmax cross-entropy with class-index targets, loss and gradient in one pass.
-
-    See the kernel contract in :mod:`cecore._backends` for shapes and formulas.
-    Results go into ``loss_out`` and ``grad_out`` (empty ``grad_out``: loss only).
-    """
-    if grad_out.shape[0] == 0:
-        grad_out = _empty_like_grad(logits, 3)
-    if logits.dtype == np.float32:
-        _index[float](logits, target, weight, ignore_index, label_smoothing, grad_scale,
-                      loss_out, grad_out, n_threads)
-    else:
-        _index[double](logits, target, weight, ignore_index, label_smoothing, grad_scale,
-                       loss_out, grad_out, n_threads)
+            _run(_index_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
 
 # ---------------------------------------------------------- class-probability targets
-cdef inline void _proba_one(Py_ssize_t k, const floating *x, const floating *q,
-                            const double *w, Strided gs, double *loss, floating *g,
-                            Py_ssize_t C, Py_ssize_t S, double eps) noexcept nogil:
-    cdef Py_ssize_t n, s0, width, off
+cdef struct ProbaArgs:
+    const void *q  # floating targets
+    const double *w
+    Strided gs
+    double *loss
+    void *g  # floating gradient, or NULL for loss only
+    Py_ssize_t C, S
+    double eps
+
+cdef void _proba_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
+    cdef const ProbaArgs *a = <const ProbaArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, off
     cdef double gsb[CEC_TILE]
-    cdef floating *gk = NULL
+    cdef const floating *q = <const floating *>a.q
+    cdef floating *g = <floating *>a.g
+    cdef Tile tl
     if S == 1:
-        if g != NULL:
-            gk = g + k * C
-        if floating is float:
-            loss[k] = cec_proba_row_f32(x + k * C, q + k * C, C, w, eps, _at(gs, k, 0), gk)
-        else:
-            loss[k] = cec_proba_row_f64(x + k * C, q + k * C, C, w, eps, _at(gs, k, 0), gk)
+        a.loss[k] = _proba_row(x + k * C, q + k * C, C, a.w, a.eps, _at(a.gs, k, 0),
+                               g + k * C if g != NULL else NULL)
         return
-    n = k // _n_tiles(S)
-    s0 = (k % _n_tiles(S)) * CEC_TILE
-    width = min(<Py_ssize_t>CEC_TILE, S - s0)
-    off = n * C * S + s0
-    _gather(gs, n, s0, width, gsb)
-    if g != NULL:
-        gk = g + off
-    if floating is float:
-        cec_proba_tile_f32(x + off, q + off, C, S, width, w, eps, gsb, loss + n * S + s0, gk)
-    else:
-        cec_proba_tile_f64(x + off, q + off, C, S, width, w, eps, gsb, loss + n * S + s0, gk)
+    tl = _tile(k, S)
+    off = tl.n * C * S + tl.s0
+    _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
+    _proba_tile(x + off, q + off, C, S, tl.width, a.w, a.eps, gsb,
+                a.loss + tl.n * S + tl.s0, g + off if g != NULL else NULL)
 
 
-cdef void _proba(const floating[:, :, ::1] logits, const floating[:, :, ::1] target,
-                 const double[::1] weight, double eps, const double[:, :] grad_scale,
-                 double[:, ::1] loss_out, floating[:, :, ::1] grad_out, int n_threads):
+def softmax_ce_proba(const floating[:, :, ::1] logits, const floating[:, :, ::1] target,
+                     const double[::1] weight, double label_smoothing,
+                     const double[:, :] grad_scale, double[:, ::1] loss_out,
+                     floating[:, :, ::1] grad_out, int n_threads):
+    """Softmax cross-entropy with class-probability targets (see :mod:`cecore._backends`).
+
+    Results go into ``loss_out`` and ``grad_out`` (``grad_out=None``: loss only).
+    """
     cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], S = logits.shape[2]
-    cdef Py_ssize_t k, n_items = N if S == 1 else N * _n_tiles(S)
+    cdef ProbaArgs a
     if C == 0:
         loss_out[:, :] = 0.0  # an empty sum
     if N == 0 or C == 0 or S == 0:
         return
-    cdef const floating *x = &logits[0, 0, 0]
-    cdef const floating *q = &target[0, 0, 0]
-    cdef floating *g = &grad_out[0, 0, 0] if grad_out.shape[0] else NULL
-    cdef Strided gs = _strided(grad_scale)
+    a.q, a.w, a.gs, a.loss = &target[0, 0, 0], &weight[0], _strided(grad_scale), &loss_out[0, 0]
+    a.g = NULL  # loss only
+    if grad_out is not None:
+        _check_grad(grad_out.shape, logits.shape, 3)
+        a.g = &grad_out[0, 0, 0]
+    a.C, a.S, a.eps = C, S, label_smoothing
     with nogil:
-        if n_threads == 1:
-            for k in range(n_items):
-                _proba_one(k, x, q, &weight[0], gs, &loss_out[0, 0], g, C, S, eps)
-        else:
-            for k in prange(n_items, num_threads=n_threads, schedule="static"):
-                _proba_one(k, x, q, &weight[0], gs, &loss_out[0, 0], g, C, S, eps)
-
-
-def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,
-                     grad_out, n_threads):
-    """Softmax cross-entropy with class-probability targets (see :mod:`cecore._backends`).
-
-    Results go into ``loss_out`` and ``grad_out`` (empty ``grad_out``: loss only).
-    """
-    if grad_out.shape[0] == 0:
-        grad_out = _empty_like_grad(logits, 3)
-    if logits.dtype == np.float32:
-        _proba[float](logits, target, weight, label_smoothing, grad_scale, loss_out,
-                      grad_out, n_threads)
-    else:
-        _proba[double](logits, target, weight, label_smoothing, grad_scale, loss_out,
-                       grad_out, n_threads)
+        _run(_proba_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
 
 # ------------------------------------------------------------------ softmax, logsumexp
-cdef inline void _softmax_one(Py_ssize_t k, const floating *x, floating *out,
-                              Py_ssize_t C, Py_ssize_t S, int log_) noexcept nogil:
-    cdef Py_ssize_t n, s0, off
+cdef struct SoftmaxArgs:
+    void *out  # floating (N, C, S), or float64 (N, S) for logsumexp
+    Py_ssize_t C, S
+    int log_
+
+cdef void _softmax_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
+    cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, off
+    cdef floating *out = <floating *>a.out
+    cdef Tile tl
     if S == 1:
-        if floating is float:
-            cec_softmax_row_f32(x + k * C, C, log_, out + k * C)
-        else:
-            cec_softmax_row_f64(x + k * C, C, log_, out + k * C)
+        _softmax_row(x + k * C, C, a.log_, out + k * C)
         return
-    n = k // _n_tiles(S)
-    s0 = (k % _n_tiles(S)) * CEC_TILE
-    off = n * C * S + s0
-    if floating is float:
-        cec_softmax_tile_f32(x + off, C, S, min(<Py_ssize_t>CEC_TILE, S - s0), log_, out + off)
-    else:
-        cec_softmax_tile_f64(x + off, C, S, min(<Py_ssize_t>CEC_TILE, S - s0), log_, out + off)
+    tl = _tile(k, S)
+    off = tl.n * C * S + tl.s0
+    _softmax_tile(x + off, C, S, tl.width, a.log_, out + off)
 
 
-cdef void _softmax(const floating[:, :, ::1] logits, int log_, floating[:, :, ::1] out,
-                   int n_threads):
+def softmax(const floating[:, :, ::1] logits, bint log, floating[:, :, ::1] out,
+            int n_threads):
+    """``out[n, :, s]`` = softmax or (``log=True``) log-softmax of ``logits[n, :, s]``."""
     cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], S = logits.shape[2]
-    cdef Py_ssize_t k, n_items = N if S == 1 else N * _n_tiles(S)
+    cdef SoftmaxArgs a
     if N == 0 or C == 0 or S == 0:
         return
-    cdef const floating *x = &logits[0, 0, 0]
-    cdef floating *o = &out[0, 0, 0]
+    a.out, a.C, a.S, a.log_ = &out[0, 0, 0], C, S, log
     with nogil:
-        if n_threads == 1:
-            for k in range(n_items):
-                _softmax_one(k, x, o, C, S, log_)
-        else:
-            for k in prange(n_items, num_threads=n_threads, schedule="static"):
-                _softmax_one(k, x, o, C, S, log_)
+        _run(_softmax_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
 
-def softmax(logits, log, out, n_threads):
-    """``out[n, :, s]`` = softmax or (``log=True``) log-softmax of ``logits[n, :, s]``."""
-    if logits.dtype == np.float32:
-        _softmax[float](logits, bool(log), out, n_threads)
-    else:
-        _softmax[double](logits, bool(log), out, n_threads)
-
-
-cdef inline void _logsumexp_one(Py_ssize_t k, const floating *x, double *out,
-                                Py_ssize_t C, Py_ssize_t S) noexcept nogil:
-    cdef Py_ssize_t n, s0
+cdef void _logsumexp_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
+    cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S
+    cdef double *out = <double *>a.out
+    cdef Tile tl
     if S == 1:
-        if floating is float:
-            out[k] = cec_logsumexp_row_f32(x + k * C, C)
-        else:
-            out[k] = cec_logsumexp_row_f64(x + k * C, C)
+        out[k] = _logsumexp_row(x + k * C, C)
         return
-    n = k // _n_tiles(S)
-    s0 = (k % _n_tiles(S)) * CEC_TILE
-    if floating is float:
-        cec_logsumexp_tile_f32(x + n * C * S + s0, C, S, min(<Py_ssize_t>CEC_TILE, S - s0),
-                               out + n * S + s0)
-    else:
-        cec_logsumexp_tile_f64(x + n * C * S + s0, C, S, min(<Py_ssize_t>CEC_TILE, S - s0),
-                               out + n * S + s0)
+    tl = _tile(k, S)
+    _logsumexp_tile(x + tl.n * C * S + tl.s0, C, S, tl.width, out + tl.n * S + tl.s0)
 
 
-cdef void _logsumexp(const floating[:, :, ::1] logits, double[:, ::1] out, int n_threads):
+def logsumexp(const floating[:, :, ::1] logits, double[:, ::1] out, int n_threads):
+    """``out[n, s] = log(sum_c exp(logits[n, c, s]))`` (float64 ``out``)."""
     cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], S = logits.shape[2]
-    cdef Py_ssize_t k, n_items = N if S == 1 else N * _n_tiles(S)
+    cdef SoftmaxArgs a
     if C == 0:
         out[:, :] = -INFINITY  # log of an empty sum
     if N == 0 or C == 0 or S == 0:
         return
-    cdef const floating *x = &logits[0, 0, 0]
+    a.out, a.C, a.S = &out[0, 0], C, S
     with nogil:
-        if n_threads == 1:
-            for k in range(n_items):
-                _logsumexp_one(k, x, &out[0, 0], C, S)
-        else:
-            for k in prange(n_items, num_threads=n_threads, schedule="static"):
-                _logsumexp_one(k, x, &out[0, 0], C, S)
-
-
-def logsumexp(logits, out, n_threads):
-    """``out[n, s] = log(sum_c exp(logits[n, c, s]))`` (float64 ``out``)."""
-    if logits.dtype == np.float32:
-        _logsumexp[float](logits, out, n_threads)
-    else:
-        _logsumexp[double](logits, out, n_threads)
+        _run(_logsumexp_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
 
 # ------------------------------------------------------------------- binary (sigmoid)
-cdef inline void _bce_row(Py_ssize_t i, const floating *x, const floating *y, Strided w,
-                          Strided pw, Strided gs, double *loss, floating *g,
-                          Py_ssize_t L) noexcept nogil:
-    # Elementwise and dominated by libm exp / log1p in float64, as in the Numba kernel.
-    cdef Py_ssize_t j
+cdef struct BceArgs:
+    const void *y  # floating targets
+    Strided w, pw, gs
+    double *loss
+    void *g  # floating gradient, or NULL for loss only
+    Py_ssize_t R, L, rows
+
+cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
+    """Rows [k * rows, ...). Elementwise and dominated by libm exp / log1p in float64, as
+    in the Numba kernel."""
+    cdef const BceArgs *a = <const BceArgs *>ctx
+    cdef Py_ssize_t i, j, L = a.L
+    cdef const floating *y = <const floating *>a.y
+    cdef floating *g = <floating *>a.g
     cdef double xv, yv, wv, lw, sp, z, sig_neg
-    for j in range(L):
-        xv = x[i * L + j]
-        yv = y[i * L + j]
-        wv = _at(w, i, j)
-        lw = 1.0 + (_at(pw, i, j) - 1.0) * yv
-        # softplus(-x) = log1p(exp(-|x|)) + max(-x, 0): never overflows.
-        sp = log1p(exp(-fabs(xv))) + (-xv if -xv > 0.0 else 0.0)
-        loss[i * L + j] = wv * ((1.0 - yv) * xv + lw * sp)
-        if g != NULL:
-            # sigmoid(-x), written so that exp never overflows.
-            if xv >= 0:
-                z = exp(-xv)
-                sig_neg = z / (1.0 + z)
-            else:
-                sig_neg = 1.0 / (1.0 + exp(xv))
-            g[i * L + j] = <floating>(_at(gs, i, j) * wv * ((1.0 - yv) - lw * sig_neg))
+    for i in range(k * a.rows, min(a.R, (k + 1) * a.rows)):
+        for j in range(L):
+            xv = x[i * L + j]
+            yv = y[i * L + j]
+            wv = _at(a.w, i, j)
+            lw = 1.0 + (_at(a.pw, i, j) - 1.0) * yv
+            # softplus(-x) = log1p(exp(-|x|)) + max(-x, 0): never overflows.
+            sp = log1p(exp(-fabs(xv))) + (-xv if -xv > 0.0 else 0.0)
+            a.loss[i * L + j] = wv * ((1.0 - yv) * xv + lw * sp)
+            if g != NULL:
+                # sigmoid(-x), written so that exp never overflows.
+                if xv >= 0:
+                    z = exp(-xv)
+                    sig_neg = z / (1.0 + z)
+                else:
+                    sig_neg = 1.0 / (1.0 + exp(xv))
+                g[i * L + j] = <floating>(_at(a.gs, i, j) * wv * ((1.0 - yv) - lw * sig_neg))
 
 
-cdef void _bce(const floating[:, ::1] input, const floating[:, ::1] target,
+def bce_logits(const floating[:, ::1] input, const floating[:, ::1] target,
                const double[:, :] weight, const double[:, :] pos_weight,
                const double[:, :] grad_scale, double[:, ::1] loss_out,
                floating[:, ::1] grad_out, int n_threads):
-    cdef Py_ssize_t R = input.shape[0], L = input.shape[1], i
+    """Binary cross-entropy on logits, elementwise over ``(R, L)`` (see the contract)."""
+    cdef Py_ssize_t R = input.shape[0], L = input.shape[1]
+    cdef BceArgs a
     if R == 0 or L == 0:
         return
-    cdef const floating *x = &input[0, 0]
-    cdef const floating *y = &target[0, 0]
-    cdef floating *g = &grad_out[0, 0] if grad_out.shape[0] else NULL
-    cdef Strided w = _strided(weight), pw = _strided(pos_weight), gs = _strided(grad_scale)
+    a.y, a.loss = &target[0, 0], &loss_out[0, 0]
+    a.w, a.pw, a.gs = _strided(weight), _strided(pos_weight), _strided(grad_scale)
+    a.g = NULL  # loss only
+    if grad_out is not None:
+        _check_grad(grad_out.shape, input.shape, 2)
+        a.g = &grad_out[0, 0]
+    # Items of whole rows and at least CEC_TILE values: short rows, (R, 1) say, would
+    # otherwise cost a call per value.
+    a.R, a.L, a.rows = R, L, max(1, CEC_TILE // L)
     with nogil:
-        if n_threads == 1:
-            for i in range(R):
-                _bce_row(i, x, y, w, pw, gs, &loss_out[0, 0], g, L)
-        else:
-            for i in prange(R, num_threads=n_threads, schedule="static"):
-                _bce_row(i, x, y, w, pw, gs, &loss_out[0, 0], g, L)
+        _run(_bce_item[floating], (R + a.rows - 1) // a.rows, &input[0, 0], &a, n_threads)
 
 
-def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out,
-               n_threads):
-    """Binary cross-entropy on logits, elementwise over ``(R, L)`` (see the contract)."""
-    if grad_out.shape[0] == 0:
-        grad_out = _empty_like_grad(input, 2)
-    if input.dtype == np.float32:
-        _bce[float](input, target, weight, pos_weight, grad_scale, loss_out, grad_out,
-                    n_threads)
-    else:
-        _bce[double](input, target, weight, pos_weight, grad_scale, loss_out, grad_out,
-                     n_threads)
+# ------------------------------------------------------------------ log_loss's pass
+# Values per item of log_loss_pass (a block of whole rows): enough work per item to
+# amortise a call, and enough items to spread over threads. The counts are exact sums, so
+# they do not depend on this or on n_threads.
+cdef enum: _LOG_LOSS_ITEM_VALUES = 1 << 16
+
+cdef struct ScoresArgs:
+    const int64_t *target
+    const double *w
+    double *loss
+    double *stats  # (N, 3)
+    int64_t *rank  # (N, 2)
+    Py_ssize_t C
+    int64_t ignore_index
+    double eps
+
+cdef void _scores_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
+    cdef const ScoresArgs *a = <const ScoresArgs *>ctx
+    cdef int64_t t = a.target[k]
+    if t == a.ignore_index:  # not read, as in loss-only softmax_ce_index
+        a.loss[k] = 0.0
+        a.stats[3 * k] = a.stats[3 * k + 1] = a.stats[3 * k + 2] = NAN
+        a.rank[2 * k] = -1
+        a.rank[2 * k + 1] = 0
+        return
+    a.loss[k] = _scores_row(x + k * a.C, a.C, t, a.w, a.eps, a.stats + 3 * k,
+                            a.rank + 2 * k)
+
+
+def softmax_ce_scores(const floating[:, ::1] logits, const int64_t[::1] target,
+                      const double[::1] weight, int64_t ignore_index, double label_smoothing,
+                      double[::1] loss_out, double[:, ::1] stats_out,
+                      int64_t[:, ::1] rank_out, int n_threads):
+    """Loss-only softmax cross-entropy of 2-D logits plus per-row metrics (see the contract)."""
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
+    cdef ScoresArgs a
+    # Not validation (the caller's job), only what keeps the writes inside the buffers.
+    if target.shape[0] != N or loss_out.shape[0] != N or stats_out.shape[0] != N \
+            or stats_out.shape[1] != 3 or rank_out.shape[0] != N or rank_out.shape[1] != 2:
+        raise ValueError("softmax_ce_scores: outputs must have shapes (N,), (N, 3), (N, 2)")
+    if N == 0 or C == 0:
+        return
+    a.target, a.w, a.loss = &target[0], &weight[0], &loss_out[0]
+    a.stats, a.rank = &stats_out[0, 0], &rank_out[0, 0]
+    a.C, a.ignore_index, a.eps = C, ignore_index, label_smoothing
+    if C <= CEC_SMALL_C:
+        # softmax_ce_index computes rows this short with the tile kernel (another
+        # summation order): it gives the loss, on the same rows while they are in cache.
+        a.loss = <double *>malloc(N * sizeof(double))
+        if a.loss == NULL:
+            raise MemoryError()
+    with nogil:
+        _run(_scores_item[floating], N, &logits[0, 0], &a, n_threads)
+    if C <= CEC_SMALL_C:
+        free(a.loss)
+        x = np.asarray(logits)
+        softmax_ce_index(x.reshape(N, C, 1), np.asarray(target).reshape(N, 1), weight,
+                         ignore_index, label_smoothing, np.broadcast_to(0.0, (N, 1)),
+                         np.asarray(loss_out).reshape(N, 1), None, n_threads)
+
+
+cdef struct LogLossArgs:
+    const int64_t *target  # NULL: no pick
+    void *picked  # floating (N,), or NULL
+    double *stats  # (n_items, 3): one line per item
+    Py_ssize_t N, C, rows
+    double tol, lo, hi
+
+cdef void _log_loss_item(Py_ssize_t k, const floating *p, const void *ctx) noexcept nogil:
+    cdef const LogLossArgs *a = <const LogLossArgs *>ctx
+    cdef Py_ssize_t r0 = k * a.rows
+    _log_loss_rows(p + r0 * a.C, min(a.rows, a.N - r0), a.C, a.tol,
+                   a.target + r0 if a.target != NULL else NULL, a.lo, a.hi,
+                   <floating *>a.picked + r0 if a.target != NULL else NULL,
+                   a.stats + 3 * k)
+
+
+def log_loss_pass(const floating[:, ::1] proba, const int64_t[::1] target, double lo,
+                  double hi, double rtol, double[::1] stats_out,
+                  floating[::1] picked_out, int n_threads):
+    """The probability pass of :func:`cecore.metrics.log_loss` (see the contract)."""
+    cdef Py_ssize_t N = proba.shape[0], C = proba.shape[1], n_items, k
+    cdef LogLossArgs a
+    # Not validation (the caller's job), only what keeps the writes inside the buffers.
+    if stats_out.shape[0] != 3 or (target is None) != (picked_out is None) or (
+            target is not None and (target.shape[0] != N or picked_out.shape[0] != N)):
+        raise ValueError("log_loss_pass: stats_out must have 3 values; target and "
+                         "picked_out must both be None or both have proba's row count")
+    stats_out[0] = stats_out[1] = stats_out[2] = 0.0
+    if N == 0:
+        return
+    a.N, a.C, a.tol, a.lo, a.hi = N, C, 1e-8 + rtol, lo, hi
+    a.rows = max(1, _LOG_LOSS_ITEM_VALUES // max(C, 1))
+    a.target = NULL if target is None else &target[0]
+    a.picked = NULL if target is None else &picked_out[0]
+    n_items = (N + a.rows - 1) // a.rows
+    a.stats = <double *>malloc(3 * n_items * sizeof(double))
+    if a.stats == NULL:
+        raise MemoryError()
+    with nogil:
+        _run(_log_loss_item[floating], n_items, &proba[0, 0], &a, n_threads)
+    for k in range(n_items):  # exact: integer counts, far below 2**53
+        stats_out[0] += a.stats[3 * k]
+        stats_out[1] += a.stats[3 * k + 1]
+        stats_out[2] += a.stats[3 * k + 2]
+    free(a.stats)
 
 
 def build_info():
-    """Facts about this compiled variant: SIMD variant, OpenMP, compiler and flags."""
+    """Facts about this compiled variant: SIMD variant, OpenMP, compiler, flags, tunables."""
     version = cec_openmp_version()
     return {
         "variant": cec_variant().decode(),
@@ -454,5 +612,7 @@ def build_info():
         "compiler": cec_compiler().decode(),
         "compile_args": cec_compile_args().decode(),
         "tile": CEC_TILE,
+        "small_c": CEC_SMALL_C,
+        "sum_block": CEC_SUM_BLOCK,
         "exp": "range reduction + polynomial, vectorised with omp simd",
     }

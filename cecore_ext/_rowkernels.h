@@ -38,8 +38,13 @@
 #include <omp.h>
 #endif
 
-/* Positions per tile in the S > 1 path (same as TILE in _numba_kernels.py). */
-#define CEC_TILE 256
+/* Tunables: cecore/_config.py defines them once and setup.py passes them as -DCEC_<NAME>.
+ * CEC_TILE: positions per tile (S > 1 path, and rows of the few-classes path);
+ * CEC_SMALL_C: the most classes that take the few-classes path (the .pxi reads it);
+ * CEC_SUM_BLOCK: classes per block of a row's exp + sum pass (cec_row_sumexp). */
+#if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SUM_BLOCK)
+#error "CEC_TILE, CEC_SMALL_C and CEC_SUM_BLOCK come from cecore/_config.py: build with setup.py"
+#endif
 
 #if defined(_MSC_VER)
 #define CEC_INLINE static __inline
@@ -274,16 +279,19 @@ CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
     return CEC_FN(cec_unkey)(m);
 }
 
-/* sum_c exp(x[c] - m) in float64; also stores exp(x[c] - m) in e[c] when e != NULL.
- * Per block of CEC_TILE classes the exps are written (to e, or to scratch) by one loop
+/* sum_c exp(x[c] - m) in float64; also stores exp(x[c] - m) in e[c] when e != NULL,
+ * and with ex != NULL accumulates *ex = sum_c e_c (x_c - m) (classes with e_c = 0 add
+ * nothing, as p log p -> 0) and *e2 = sum_c e_c**2 for softmax_ce_scores.
+ * Per block of CEC_SUM_BLOCK classes the exps are written (to e, or to scratch) by one loop
  * and summed in float64 by another: fused, the float64 adds would set the vector width
- * and halve the float32 exp's. The same two loops run with or without e, so loss-only
- * and loss+gradient calls sum in the same order. */
-CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
-    T scratch[CEC_TILE];
-    double s = 0.0;
-    for (ptrdiff_t b = 0; b < n; b += CEC_TILE) {
-        const ptrdiff_t len = n - b < CEC_TILE ? n - b : CEC_TILE;
+ * and halve the float32 exp's. The same two loops run with or without e (and ex), so
+ * loss-only, loss+gradient and scoring calls sum in the same order. */
+CEC_INLINE double CEC_FN(cec_row_sumexp_impl)(const T *x, T m, T *e, ptrdiff_t n,
+                                              double *ex, double *e2) {
+    T scratch[CEC_SUM_BLOCK];
+    double s = 0.0, a = 0.0, q = 0.0;
+    for (ptrdiff_t b = 0; b < n; b += CEC_SUM_BLOCK) {
+        const ptrdiff_t len = n - b < CEC_SUM_BLOCK ? n - b : CEC_SUM_BLOCK;
         T *dst = e ? e + b : scratch;
         const T *xb = x + b;
         /* Ask for the next row's matching cache lines while this block computes: the
@@ -298,8 +306,24 @@ CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
         CEC_SIMD_SUM(s)
         for (ptrdiff_t c = 0; c < len; c++)
             s += (double)dst[c];
+        if (ex) {  /* the block's exps are still in L1 */
+            CEC_PRAGMA(omp simd reduction(+:a, q))
+            for (ptrdiff_t c = 0; c < len; c++) {
+                const double v = (double)dst[c];
+                a += v > 0.0 ? v * ((double)xb[c] - (double)m) : 0.0;
+                q += v * v;
+            }
+        }
+    }
+    if (ex) {
+        *ex = a;
+        *e2 = q;
     }
     return s;
+}
+
+CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
+    return CEC_FN(cec_row_sumexp_impl)(x, m, e, n, NULL, NULL);
 }
 
 /* sum_c w[c] * (lse - x[c]) in float64: the label-smoothing part of the loss. Summed
@@ -362,36 +386,6 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     return loss;
 }
 
-/* cec_row_sumexp without storing the exps (the same two loops per block, so the same
- * sum bit for bit), also accumulating sum_c e_c (x_c - m) (classes with e_c = 0 add
- * nothing) and sum_c e_c**2 in float64 while each block's exps are in L1. */
-CEC_INLINE double CEC_FN(cec_row_sumexp_moments)(const T *x, T m, ptrdiff_t n,
-                                                 double *ex, double *e2) {
-    T scratch[CEC_TILE];
-    double s = 0.0, a = 0.0, b = 0.0;
-    for (ptrdiff_t blk = 0; blk < n; blk += CEC_TILE) {
-        const ptrdiff_t len = n - blk < CEC_TILE ? n - blk : CEC_TILE;
-        const T *xb = x + blk;
-        for (ptrdiff_t i = 0; i < len; i += 64 / (ptrdiff_t)sizeof(T))
-            CEC_PREFETCH(xb + n + i);
-        CEC_SIMD
-        for (ptrdiff_t c = 0; c < len; c++)
-            scratch[c] = EXP(xb[c] - m);
-        CEC_SIMD_SUM(s)
-        for (ptrdiff_t c = 0; c < len; c++)
-            s += (double)scratch[c];
-        CEC_PRAGMA(omp simd reduction(+:a, b))
-        for (ptrdiff_t c = 0; c < len; c++) {
-            const double e = (double)scratch[c];
-            a += e > 0.0 ? e * ((double)xb[c] - (double)m) : 0.0;
-            b += e * e;
-        }
-    }
-    *ex = a;
-    *e2 = b;
-    return s;
-}
-
 /* Loss-only cec_index_row (the same steps, so the same loss bit for bit) plus the row's
  * metrics (see softmax_ce_scores in cecore/_backends.py): stats = (entropy, max p,
  * Brier score), rank = (classes with a larger logit than the target's, 1 if the first
@@ -403,7 +397,7 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     const double smooth = eps / (double)n;
     const T m = CEC_FN(cec_row_max)(x, n);
     double ex, e2;
-    const double s = CEC_FN(cec_row_sumexp_moments)(x, m, n, &ex, &e2);
+    const double s = CEC_FN(cec_row_sumexp_impl)(x, m, NULL, n, &ex, &e2);
     const double lse = (double)m + log(s);
     double loss = (1.0 - eps) * w[t] * (lse - (double)x[t]);
     if (eps > 0.0)
@@ -490,6 +484,40 @@ CEC_KERNEL double CEC_FN(cec_logsumexp_row)(const T *x, ptrdiff_t n) {
     if (isinf(m))
         return CEC_FN(cec_infinite_lse)(x, n, 1, m);
     return (double)m + log(CEC_FN(cec_row_sumexp)(x, m, NULL, n));
+}
+
+/* log_loss's checks over `rows` rows of n probabilities (cecore.metrics.log_loss):
+ * stats[0] = values outside [0, 1]; stats[1] = rows whose float64 sum s is finite with
+ * |s - 1| > tol; stats[2] = rows whose sum is not finite (a NaN or inf, or overflow). If
+ * target != NULL, also picked[i] = clip(p[i, target[i]], lo, hi) while the row is in
+ * cache (a NaN stays NaN). The count of outside values is a double, like the sum, so
+ * that the loop vectorises and runs at memory speed. */
+CEC_KERNEL void CEC_FN(cec_log_loss_rows)(const T *p, ptrdiff_t rows, ptrdiff_t n,
+                                          double tol, const int64_t *target, T lo, T hi,
+                                          T *picked, double *stats) {
+    double outside = 0.0, bad = 0.0, non_finite = 0.0;
+    for (ptrdiff_t i = 0; i < rows; i++) {
+        const T *row = p + i * n;
+        double s = 0.0, row_outside = 0.0;
+        CEC_PRAGMA(omp simd reduction(+:s, row_outside))
+        for (ptrdiff_t c = 0; c < n; c++) {
+            s += (double)row[c];
+            row_outside += (row[c] > (T)1 ? 1.0 : 0.0) + (row[c] < (T)0 ? 1.0 : 0.0);
+        }
+        outside += row_outside;
+        if (!(fabs(s) < INFINITY))
+            non_finite += 1.0;
+        else if (fabs(s - 1.0) > tol)
+            bad += 1.0;
+        if (target) {
+            T v = row[target[i]];
+            v = lo > v ? lo : v;
+            picked[i] = hi < v ? hi : v;
+        }
+    }
+    stats[0] = outside;
+    stats[1] = bad;
+    stats[2] = non_finite;
 }
 
 /* ======================================================== tile kernels (S > 1)

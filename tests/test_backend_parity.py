@@ -3,7 +3,8 @@
 The kernel functions are called directly, through the contract of cecore._backends:
 float32/float64, plain (S == 1) and spatial (S > 1) inputs, several class counts, loss
 only or loss + gradient, label smoothing, ignored targets, class weights, broadcast and
-per-position grad_scale, read-only inputs, 1 and 2 threads, and non-finite logits.
+per-position grad_scale, read-only inputs, 1 and 2 threads, and non-finite logits; and
+log_loss's probability pass (counts and picks) against a naive reference.
 """
 
 import numpy as np
@@ -14,7 +15,6 @@ cython_kernels = pytest.importorskip("cecore_ext")
 
 BACKENDS = {"numba": numba_kernels, "cython": cython_kernels}
 RTOL = {np.float32: 1e-5, np.float64: 1e-12}
-EMPTY = np.empty((0, 0, 0))
 
 
 # ------------------------------------------------------------- naive float64 reference
@@ -92,7 +92,7 @@ def _assert_close(actual, expected, dtype, what):
 def _run_index(kernels, x, t, w, ignore_index, eps, gs, want_grad, n_threads):
     n, c, s = x.shape
     loss = np.full((n, s), np.nan)
-    grad = np.full(x.shape, np.nan, dtype=x.dtype) if want_grad else EMPTY
+    grad = np.full(x.shape, np.nan, dtype=x.dtype) if want_grad else None
     kernels.softmax_ce_index(x, t, w, ignore_index, eps, gs, loss, grad, n_threads)
     return loss, grad
 
@@ -100,7 +100,7 @@ def _run_index(kernels, x, t, w, ignore_index, eps, gs, want_grad, n_threads):
 def _run_proba(kernels, x, q, w, eps, gs, want_grad, n_threads):
     n, c, s = x.shape
     loss = np.full((n, s), np.nan)
-    grad = np.full(x.shape, np.nan, dtype=x.dtype) if want_grad else EMPTY
+    grad = np.full(x.shape, np.nan, dtype=x.dtype) if want_grad else None
     kernels.softmax_ce_proba(x, q, w, eps, gs, loss, grad, n_threads)
     return loss, grad
 
@@ -225,7 +225,7 @@ def test_bce_matches_reference(backend, dtype, shape, broadcast):
         _assert_close(loss, ref_loss, dtype, "bce loss")
         _assert_close(grad, ref_grad, dtype, "bce grad")
         loss_only = np.full(shape, np.nan)
-        kernels.bce_logits(x, y, w, pw, gs, loss_only, EMPTY, n_threads)
+        kernels.bce_logits(x, y, w, pw, gs, loss_only, None, n_threads)
         np.testing.assert_array_equal(loss_only, loss)
 
 
@@ -292,3 +292,49 @@ def test_nonfinite_logits_agree(dtype, shape):
     for key in {key[1:] for key in res}:
         for a, b in zip(res[("numba",) + key], res[("cython",) + key]):
             _same_nan_and_close(a, b, dtype, str(key))
+
+
+# --------------------------------------------------------- log_loss's probability pass
+def ref_log_loss_pass(p, t, lo, hi, rtol):
+    """Counts and clipped picks of the contract's log_loss_pass, naively in float64."""
+    with np.errstate(invalid="ignore"):  # inf + -inf
+        s = p.astype(np.float64).sum(axis=1)
+    finite = np.isfinite(s)
+    stats = [np.count_nonzero((p > 1) | (p < 0)),
+             np.count_nonzero(finite & (np.abs(s - 1) > 1e-8 + rtol)),
+             np.count_nonzero(~finite)]
+    return np.array(stats, dtype=np.float64), np.clip(p[np.arange(len(t)), t], lo, hi)
+
+
+@pytest.mark.parametrize("backend", [name for name, k in BACKENDS.items()
+                                     if hasattr(k, "log_loss_pass")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (9, 3), (3000, 40), (40, 3000), (5, 70000)])
+def test_log_loss_pass_matches_reference(backend, dtype, shape):
+    kernels = BACKENDS[backend]
+    n, c = shape
+    rng = np.random.default_rng([n, c])
+    p = rng.random(shape)
+    p = (p / p.sum(axis=1, keepdims=True)).astype(dtype)  # rows sum to 1 (to rounding)
+    half = (n + 1) // 2
+    head = p[:half].reshape(-1)  # values outside [0, 1], NaN and inf in the first rows
+    for value in (-0.25, 1.5, np.nan, np.inf, -np.inf):
+        head[rng.choice(head.size, max(1, head.size // 400), replace=False)] = value
+    for i, scale in zip(range(half, n), (1.01, 0.5, 3.0, 0.99)):
+        p[i] *= dtype(scale)  # rows that do not sum to one
+    t = rng.integers(0, c, n)
+    special = np.argwhere(~np.isfinite(p) | (p < 0) | (p > 1))[:5]
+    t[special[:, 0]] = special[:, 1]  # picks that are NaN, inf or outside [0, 1]
+    eps = np.finfo(dtype).eps
+    lo, hi, rtol = dtype(eps), dtype(1 - eps), float(np.sqrt(eps))
+    _readonly(p, t)
+    ref_stats, ref_picked = ref_log_loss_pass(p, t, lo, hi, rtol)
+    assert ref_stats.min() > 0 or n == 1  # every count is exercised
+    for n_threads in (1, 2):
+        stats, picked = np.full(3, np.nan), np.full(n, np.nan, dtype)
+        kernels.log_loss_pass(p, t, lo, hi, rtol, stats, picked, n_threads)
+        np.testing.assert_array_equal(stats, ref_stats)
+        np.testing.assert_array_equal(picked, ref_picked)  # NaN where the pick is NaN
+        no_pick = np.full(3, np.nan)
+        kernels.log_loss_pass(p, None, lo, hi, rtol, no_pick, None, n_threads)
+        np.testing.assert_array_equal(no_pick, ref_stats)
