@@ -1,7 +1,8 @@
 """Kernel tunables: defined once in cecore._config, compiled into both backends alike."""
 
 import cecore_ext
-from cecore import _config, _numba_kernels
+from cecore import _config
+from cecore import _numba as numba_backend
 from cecore_ext import _kernels_base
 
 
@@ -15,4 +16,4 @@ def test_backends_report_the_config_tunables():
     # The loaded Cython build (AVX2 or baseline), the baseline build, and Numba.
     assert _tunables(cecore_ext.build_info()) == expected
     assert _tunables(_kernels_base.build_info()) == expected
-    assert _tunables(_numba_kernels.build_info()) == expected
+    assert _tunables(numba_backend.build_info()) == expected
