@@ -663,6 +663,46 @@ CEC_KERNEL void CEC_FN(cec_logsumexp_tile)(const T *x, ptrdiff_t n, ptrdiff_t st
                              : lse[j];
 }
 
+/* ====================================================== binary cross-entropy */
+
+/* Elementwise binary cross-entropy on logits over n values (see bce_logits in
+ * cecore/_backends.py); w, pw and gs are contiguous float64 runs of n values. With
+ * z = exp(-|x|) in (0, 1] and u = 1 + z:
+ *   softplus(-x) = log1p(z) + max(-x, 0), log1p(z) = log(u) + (z - (u - 1)) / u
+ *   sigmoid(-x)  = (x >= 0 ? z : 1) / u
+ * (the second term of log1p corrects the rounding of u; one division serves both), all
+ * in float64 in one straight line that vectorises. The exp is the one of the logits'
+ * type: a float32 input gets float32's accuracy, as torch computes it. NaN propagates;
+ * x = -inf gives z = 0 and softplus = inf, as before. */
+CEC_INLINE void CEC_FN(cec_bce_values)(const T *x, const T *y, ptrdiff_t n,
+                                        const double *w, const double *pw,
+                                        const double *gs, double *loss, T *g,
+                                        const int want_grad) {
+    CEC_SIMD
+    for (ptrdiff_t j = 0; j < n; j++) {
+        const double xv = (double)x[j], yv = (double)y[j];
+        const T ax = x[j] < 0 ? -x[j] : x[j];
+        const double z = (double)EXP(-ax);
+        const double u = 1.0 + z;
+        const double inv = 1.0 / u;
+        const double sp = cec_log_sum(u) + (z - (u - 1.0)) * inv + (-xv > 0.0 ? -xv : 0.0);
+        const double lw = 1.0 + (pw[j] - 1.0) * yv;
+        loss[j] = w[j] * ((1.0 - yv) * xv + lw * sp);
+        if (want_grad)
+            g[j] = (T)(gs[j] * w[j] * ((1.0 - yv) - lw * ((xv >= 0.0 ? z : 1.0) * inv)));
+    }
+}
+
+/* The body inlined twice, so that neither loop tests for a gradient. */
+CEC_KERNEL void CEC_FN(cec_bce_row)(const T *x, const T *y, ptrdiff_t n, const double *w,
+                                    const double *pw, const double *gs, double *loss,
+                                    T *g) {
+    if (g)
+        CEC_FN(cec_bce_values)(x, y, n, w, pw, gs, loss, g, 1);
+    else
+        CEC_FN(cec_bce_values)(x, y, n, w, pw, gs, loss, g, 0);
+}
+
 #undef T
 #undef EXP
 
