@@ -33,8 +33,13 @@ SUM_BLOCK = 256
 # Rows per parallel task in the Numba row kernels (amortises the per-task scratch row).
 ROWS_PER_TASK = 16
 
+# Independent float64 accumulators of the C row max and row sums (combined in a fixed
+# order): one per vector lane would wait on one add's latency per vector. 16 = four
+# AVX2 vectors of doubles. (The Numba kernels leave this to LLVM.)
+LANES = 16
+
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
-C_MACROS = ("SMALL_C", "TILE", "SUM_BLOCK")
+C_MACROS = ("SMALL_C", "TILE", "SUM_BLOCK", "LANES")
 
 # Rows per block of log_loss's label-indicator path (bounds its temporaries).
 LOG_LOSS_ROW_BLOCK = 8192

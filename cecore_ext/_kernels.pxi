@@ -22,7 +22,7 @@ import numpy as np
 
 from cython.parallel cimport prange
 from cython cimport floating
-from libc.math cimport exp, log1p, fabs, INFINITY, NAN
+from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 
@@ -30,6 +30,7 @@ cdef extern from "_rowkernels.h" nogil:
     enum: CEC_TILE
     enum: CEC_SMALL_C
     enum: CEC_SUM_BLOCK
+    enum: CEC_LANES
     int cec_openmp_version()
     int cec_omp_max_threads()
     const char *cec_variant()
@@ -81,6 +82,10 @@ cdef extern from "_rowkernels.h" nogil:
                                 Py_ssize_t width, double *out)
     void cec_logsumexp_tile_f64(const double *x, Py_ssize_t n, Py_ssize_t stride,
                                 Py_ssize_t width, double *out)
+    void cec_bce_row_f32(const float *x, const float *y, Py_ssize_t n, const double *w,
+                         const double *pw, const double *gs, double *loss, float *g)
+    void cec_bce_row_f64(const double *x, const double *y, Py_ssize_t n, const double *w,
+                         const double *pw, const double *gs, double *loss, double *g)
 
 
 # ------------------------------------------------- one fused wrapper per C routine
@@ -116,6 +121,14 @@ cdef inline double _scores_row(const floating *x, Py_ssize_t n, Py_ssize_t t,
     if floating is float:
         return cec_scores_row_f32(x, n, t, w, eps, stats, rank)
     return cec_scores_row_f64(x, n, t, w, eps, stats, rank)
+
+cdef inline void _bce_row(const floating *x, const floating *y, Py_ssize_t n,
+                          const double *w, const double *pw, const double *gs,
+                          double *loss, floating *g) noexcept nogil:
+    if floating is float:
+        cec_bce_row_f32(x, y, n, w, pw, gs, loss, g)
+    else:
+        cec_bce_row_f64(x, y, n, w, pw, gs, loss, g)
 
 cdef inline void _log_loss_rows(const floating *p, Py_ssize_t rows, Py_ssize_t n,
                                 double tol, const int64_t *target, double lo, double hi,
@@ -445,30 +458,25 @@ cdef struct BceArgs:
     Py_ssize_t R, L, rows
 
 cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
-    """Rows [k * rows, ...). Elementwise and dominated by libm exp / log1p in float64, as
-    in the Numba kernel."""
+    """Rows [k * rows, ...), in blocks of CEC_TILE values: the (maybe broadcast) float64
+    arguments are gathered into contiguous runs for the vectorised C loop (cec_bce_row)."""
     cdef const BceArgs *a = <const BceArgs *>ctx
-    cdef Py_ssize_t i, j, L = a.L
+    cdef Py_ssize_t i, b, j0, width, L = a.L
     cdef const floating *y = <const floating *>a.y
     cdef floating *g = <floating *>a.g
-    cdef double xv, yv, wv, lw, sp, z, sig_neg
+    cdef double wb[CEC_TILE]
+    cdef double pwb[CEC_TILE]
+    cdef double gsb[CEC_TILE]
     for i in range(k * a.rows, min(a.R, (k + 1) * a.rows)):
-        for j in range(L):
-            xv = x[i * L + j]
-            yv = y[i * L + j]
-            wv = _at(a.w, i, j)
-            lw = 1.0 + (_at(a.pw, i, j) - 1.0) * yv
-            # softplus(-x) = log1p(exp(-|x|)) + max(-x, 0): never overflows.
-            sp = log1p(exp(-fabs(xv))) + (-xv if -xv > 0.0 else 0.0)
-            a.loss[i * L + j] = wv * ((1.0 - yv) * xv + lw * sp)
+        for b in range(_n_tiles(L)):
+            j0 = b * CEC_TILE
+            width = min(<Py_ssize_t>CEC_TILE, L - j0)
+            _gather(a.w, i, j0, width, wb)
+            _gather(a.pw, i, j0, width, pwb)
             if g != NULL:
-                # sigmoid(-x), written so that exp never overflows.
-                if xv >= 0:
-                    z = exp(-xv)
-                    sig_neg = z / (1.0 + z)
-                else:
-                    sig_neg = 1.0 / (1.0 + exp(xv))
-                g[i * L + j] = <floating>(_at(a.gs, i, j) * wv * ((1.0 - yv) - lw * sig_neg))
+                _gather(a.gs, i, j0, width, gsb)
+            _bce_row(x + i * L + j0, y + i * L + j0, width, wb, pwb, gsb,
+                     a.loss + i * L + j0, g + i * L + j0 if g != NULL else NULL)
 
 
 def bce_logits(const floating[:, ::1] input, const floating[:, ::1] target,
@@ -614,5 +622,6 @@ def build_info():
         "tile": CEC_TILE,
         "small_c": CEC_SMALL_C,
         "sum_block": CEC_SUM_BLOCK,
+        "lanes": CEC_LANES,
         "exp": "range reduction + polynomial, vectorised with omp simd",
     }

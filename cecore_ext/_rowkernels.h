@@ -42,8 +42,8 @@
  * CEC_TILE: positions per tile (S > 1 path, and rows of the few-classes path);
  * CEC_SMALL_C: the most classes that take the few-classes path (the .pxi reads it);
  * CEC_SUM_BLOCK: classes per block of a row's exp + sum pass (cec_row_sumexp). */
-#if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SUM_BLOCK)
-#error "CEC_TILE, CEC_SMALL_C and CEC_SUM_BLOCK come from cecore/_config.py: build with setup.py"
+#if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES)
+#error "CEC_TILE, CEC_SMALL_C, CEC_SUM_BLOCK and CEC_LANES come from cecore/_config.py: build with setup.py"
 #endif
 
 #if defined(_MSC_VER)
@@ -69,6 +69,12 @@
 #else
 #define CEC_PREFETCH(p) ((void)0)
 #endif
+
+/* CEC_LANES (cecore._config.LANES): independent accumulators of the row max and the row
+ * sums. One accumulator per vector lane would make each pass wait on the latency of one
+ * add (3-4 cycles on Zen 3 and Sapphire Rapids) per vector; CEC_LANES of them, kept in a
+ * small array and combined in a fixed order, keep the adders busy. The order is explicit
+ * in the C code, so it does not depend on how the compiler vectorises. */
 
 /* "#pragma omp simd" carrying an optional reduction clause, usable inside macros. */
 #define CEC_SIMD CEC_PRAGMA(omp simd)
@@ -131,14 +137,15 @@ CEC_INLINE float cec_exp_f32(float x) {
     x = x < -88.0f ? -88.0f : x;
     const float t = x * 1.44269504088896341f + magic;
     const float k = t - magic;                  /* round(x / ln2), exactly */
-    /* Cody-Waite split of ln 2 and a degree-6 minimax polynomial (rel. err ~1.2e-7). */
+    /* Cody-Waite split of ln 2; P(r) = 1 + r + r**2 Q(r) with Q of degree 4, a
+     * minimax fit of the relative error on |r| <= ln2/2 (3.6e-9 with these float32
+     * coefficients, far below float32 rounding; one FMA less than a degree-5 Q). */
     const float r = x - k * 0.693359375f - k * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    float p = 1.3814540580e-3f;
+    p = p * r + 8.3687454462e-3f;
+    p = p * r + 4.1668388993e-2f;
+    p = p * r + 1.6666521132e-1f;
+    p = p * r + 4.9999994040e-1f;
     p = p * r * r + r + 1.0f;
     uint32_t tbits;
     memcpy(&tbits, &t, sizeof tbits);
@@ -214,45 +221,28 @@ CEC_INLINE double cec_log_sum(double s) {
     return s < INFINITY ? r : s;
 }
 
-/* Order-preserving integer keys of floats (see cec_row_max). */
-CEC_INLINE int32_t cec_key_f32(float v) {
-    int32_t b;
-    memcpy(&b, &v, sizeof b);
-    return b ^ ((b >> 31) & INT32_C(0x7FFFFFFF));
-}
-CEC_INLINE float cec_unkey_f32(int32_t k) {
-    const int32_t b = k ^ ((k >> 31) & INT32_C(0x7FFFFFFF));
-    float v;
-    memcpy(&v, &b, sizeof v);
-    return v;
-}
-CEC_INLINE int64_t cec_key_f64(double v) {
-    int64_t b;
-    memcpy(&b, &v, sizeof b);
-    return b ^ ((b >> 63) & INT64_C(0x7FFFFFFFFFFFFFFF));
-}
-CEC_INLINE double cec_unkey_f64(int64_t k) {
-    const int64_t b = k ^ ((k >> 63) & INT64_C(0x7FFFFFFFFFFFFFFF));
-    double v;
-    memcpy(&v, &b, sizeof v);
-    return v;
+/* The CEC_LANES partial sums of cec_add_lanes, combined pairwise in a fixed order. */
+CEC_INLINE double cec_sum_lanes(const double *acc) {
+    double h[CEC_LANES / 2];
+    for (int j = 0; j < CEC_LANES / 2; j++)
+        h[j] = acc[j] + acc[j + CEC_LANES / 2];
+    double s = 0.0;
+    for (int j = 0; j < CEC_LANES / 2; j++)
+        s += h[j];
+    return s;
 }
 
 /* ------------------------------------------------- instantiate the type template */
 #define CEC_TEMPLATE_PASS
 #define CEC_T float
-#define CEC_KEY int32_t
 #define CEC_FN(name) name##_f32
 #include "_rowkernels.h"
 #undef CEC_T
-#undef CEC_KEY
 #undef CEC_FN
 #define CEC_T double
-#define CEC_KEY int64_t
 #define CEC_FN(name) name##_f64
 #include "_rowkernels.h"
 #undef CEC_T
-#undef CEC_KEY
 #undef CEC_FN
 #undef CEC_TEMPLATE_PASS
 
@@ -265,18 +255,38 @@ CEC_INLINE double cec_unkey_f64(int64_t k) {
 
 /* =========================================================== row primitives */
 
-/* max_c x[c], taken on integer keys: flipping the magnitude bits of negative floats
- * makes signed-integer order equal float order, and an integer max reduction
- * vectorises on every ISA without reassociation concerns. It also gives exactly the
- * Numba backend's answer for NaN rows: a positive NaN wins, a negative NaN loses. */
+/* max_c x[c] in CEC_LANES independent running maxima. "a > m ? a : m" is one vector max
+ * instruction that keeps m when a is NaN, so a NaN may or may not end up in the max; it
+ * does not matter, as a NaN anywhere in the row makes every exp(x[c] - max) sum NaN. */
 CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
-    CEC_KEY m = CEC_FN(cec_key)(x[0]);
-    CEC_SIMD_MAX(m)
-    for (ptrdiff_t c = 1; c < n; c++) {
-        const CEC_KEY k = CEC_FN(cec_key)(x[c]);
-        m = k > m ? k : m;
+    T acc[CEC_LANES];
+    for (int j = 0; j < CEC_LANES; j++)
+        acc[j] = x[0];
+    ptrdiff_t c = 0;
+    for (; c + CEC_LANES <= n; c += CEC_LANES) {
+        CEC_SIMD
+        for (int j = 0; j < CEC_LANES; j++)
+            acc[j] = x[c + j] > acc[j] ? x[c + j] : acc[j];
     }
-    return CEC_FN(cec_unkey)(m);
+    for (int j = 0; c + j < n; j++)
+        acc[j] = x[c + j] > acc[j] ? x[c + j] : acc[j];
+    T m = acc[0];
+    for (int j = 1; j < CEC_LANES; j++)
+        m = acc[j] > m ? acc[j] : m;
+    return m;
+}
+
+/* acc[c % CEC_LANES] += v[c] in float64 (v is a block of CEC_TILE values at most, so
+ * lane j always receives the block's elements j, j + CEC_LANES, ...). */
+CEC_INLINE void CEC_FN(cec_add_lanes)(double *acc, const T *v, ptrdiff_t len) {
+    ptrdiff_t c = 0;
+    for (; c + CEC_LANES <= len; c += CEC_LANES) {
+        CEC_SIMD
+        for (int j = 0; j < CEC_LANES; j++)
+            acc[j] += (double)v[c + j];
+    }
+    for (int j = 0; c + j < len; j++)
+        acc[j] += (double)v[c + j];
 }
 
 /* sum_c exp(x[c] - m) in float64; also stores exp(x[c] - m) in e[c] when e != NULL,
@@ -289,7 +299,7 @@ CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
 CEC_INLINE double CEC_FN(cec_row_sumexp_impl)(const T *x, T m, T *e, ptrdiff_t n,
                                               double *ex, double *e2) {
     T scratch[CEC_SUM_BLOCK];
-    double s = 0.0, a = 0.0, q = 0.0;
+    double acc[CEC_LANES] = {0.0}, a = 0.0, q = 0.0;
     for (ptrdiff_t b = 0; b < n; b += CEC_SUM_BLOCK) {
         const ptrdiff_t len = n - b < CEC_SUM_BLOCK ? n - b : CEC_SUM_BLOCK;
         T *dst = e ? e + b : scratch;
@@ -303,9 +313,7 @@ CEC_INLINE double CEC_FN(cec_row_sumexp_impl)(const T *x, T m, T *e, ptrdiff_t n
         CEC_SIMD
         for (ptrdiff_t c = 0; c < len; c++)
             dst[c] = EXP(xb[c] - m);
-        CEC_SIMD_SUM(s)
-        for (ptrdiff_t c = 0; c < len; c++)
-            s += (double)dst[c];
+        CEC_FN(cec_add_lanes)(acc, dst, len);
         if (ex) {  /* the block's exps are still in L1 */
             CEC_PRAGMA(omp simd reduction(+:a, q))
             for (ptrdiff_t c = 0; c < len; c++) {
@@ -319,7 +327,7 @@ CEC_INLINE double CEC_FN(cec_row_sumexp_impl)(const T *x, T m, T *e, ptrdiff_t n
         *ex = a;
         *e2 = q;
     }
-    return s;
+    return cec_sum_lanes(acc);
 }
 
 CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
@@ -682,6 +690,46 @@ CEC_KERNEL void CEC_FN(cec_logsumexp_tile)(const T *x, ptrdiff_t n, ptrdiff_t st
     for (ptrdiff_t j = 0; j < width; j++)
         out[j] = isinf(m[j]) ? CEC_FN(cec_infinite_lse)(x + j, n, stride, m[j])
                              : lse[j];
+}
+
+/* ====================================================== binary cross-entropy */
+
+/* Elementwise binary cross-entropy on logits over n values (see bce_logits in
+ * cecore/_backends.py); w, pw and gs are contiguous float64 runs of n values. With
+ * z = exp(-|x|) in (0, 1] and u = 1 + z:
+ *   softplus(-x) = log1p(z) + max(-x, 0), log1p(z) = log(u) + (z - (u - 1)) / u
+ *   sigmoid(-x)  = (x >= 0 ? z : 1) / u
+ * (the second term of log1p corrects the rounding of u; one division serves both), all
+ * in float64 in one straight line that vectorises. The exp is the one of the logits'
+ * type: a float32 input gets float32's accuracy, as torch computes it. NaN propagates;
+ * x = -inf gives z = 0 and softplus = inf, as before. */
+CEC_INLINE void CEC_FN(cec_bce_values)(const T *x, const T *y, ptrdiff_t n,
+                                        const double *w, const double *pw,
+                                        const double *gs, double *loss, T *g,
+                                        const int want_grad) {
+    CEC_SIMD
+    for (ptrdiff_t j = 0; j < n; j++) {
+        const double xv = (double)x[j], yv = (double)y[j];
+        const T ax = x[j] < 0 ? -x[j] : x[j];
+        const double z = (double)EXP(-ax);
+        const double u = 1.0 + z;
+        const double inv = 1.0 / u;
+        const double sp = cec_log_sum(u) + (z - (u - 1.0)) * inv + (-xv > 0.0 ? -xv : 0.0);
+        const double lw = 1.0 + (pw[j] - 1.0) * yv;
+        loss[j] = w[j] * ((1.0 - yv) * xv + lw * sp);
+        if (want_grad)
+            g[j] = (T)(gs[j] * w[j] * ((1.0 - yv) - lw * ((xv >= 0.0 ? z : 1.0) * inv)));
+    }
+}
+
+/* The body inlined twice, so that neither loop tests for a gradient. */
+CEC_KERNEL void CEC_FN(cec_bce_row)(const T *x, const T *y, ptrdiff_t n, const double *w,
+                                    const double *pw, const double *gs, double *loss,
+                                    T *g) {
+    if (g)
+        CEC_FN(cec_bce_values)(x, y, n, w, pw, gs, loss, g, 1);
+    else
+        CEC_FN(cec_bce_values)(x, y, n, w, pw, gs, loss, g, 0);
 }
 
 #undef T
