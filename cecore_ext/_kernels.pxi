@@ -94,14 +94,16 @@ cdef inline double _index_row(const floating *x, Py_ssize_t n, Py_ssize_t t,
                               floating *g) noexcept nogil:
     if floating is float:
         return cec_index_row_f32(x, n, t, w, w_total, eps, gs, g)
-    return cec_index_row_f64(x, n, t, w, w_total, eps, gs, g)
+    else:
+        return cec_index_row_f64(x, n, t, w, w_total, eps, gs, g)
 
 cdef inline double _proba_row(const floating *x, const floating *q, Py_ssize_t n,
                               const double *w, double eps, double gs,
                               floating *g) noexcept nogil:
     if floating is float:
         return cec_proba_row_f32(x, q, n, w, eps, gs, g)
-    return cec_proba_row_f64(x, q, n, w, eps, gs, g)
+    else:
+        return cec_proba_row_f64(x, q, n, w, eps, gs, g)
 
 cdef inline void _softmax_row(const floating *x, Py_ssize_t n, int log_,
                               floating *out) noexcept nogil:
@@ -113,7 +115,8 @@ cdef inline void _softmax_row(const floating *x, Py_ssize_t n, int log_,
 cdef inline double _logsumexp_row(const floating *x, Py_ssize_t n) noexcept nogil:
     if floating is float:
         return cec_logsumexp_row_f32(x, n)
-    return cec_logsumexp_row_f64(x, n)
+    else:
+        return cec_logsumexp_row_f64(x, n)
 
 cdef inline double _scores_row(const floating *x, Py_ssize_t n, Py_ssize_t t,
                                const double *w, double eps, double *stats,
@@ -594,8 +597,9 @@ def log_loss_pass(const floating[:, ::1] proba, const int64_t[::1] target, doubl
         return
     a.N, a.C, a.tol, a.lo, a.hi = N, C, 1e-8 + rtol, lo, hi
     a.rows = max(1, _LOG_LOSS_ITEM_VALUES // max(C, 1))
-    a.target = NULL if target is None else &target[0]
-    a.picked = NULL if target is None else &picked_out[0]
+    a.target, a.picked = NULL, NULL  # no pick
+    if target is not None:
+        a.target, a.picked = &target[0], &picked_out[0]
     n_items = (N + a.rows - 1) // a.rows
     a.stats = <double *>malloc(3 * n_items * sizeof(double))
     if a.stats == NULL:
