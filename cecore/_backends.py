@@ -36,7 +36,9 @@ only the rows that use it.
     - grad_scale : const float64 (N, S), any strides (a broadcast scalar has strides
       0); the gradient written is ``grad_scale[n, s] * d loss[n, s] / d logits[n, :, s]``
     - loss_out : float64 (N, S), the per-position loss above
-    - grad_out : floating (N, C, S), or None for loss only
+    - grad_out : floating (N, C, S), or None for loss only. With
+      ``label_smoothing == 0`` it may be ``logits`` itself: the gradient is then written
+      over the logits (each target's logit is read before its row is overwritten).
 
 ``softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out, stats_out, rank_out, n_threads)``
     Loss-only ``softmax_ce_index`` of 2-D logits plus per-row evaluation metrics, from the

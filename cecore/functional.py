@@ -139,7 +139,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     else:
         t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
         x3, fortran = V.canonical(x, class_axis, dtype)
-        reads = (x3,)
+        # The index kernels read every logit they need before writing the gradient over
+        # it, except the label-smoothing sums, which read the logits after the exp pass.
+        reads = (x3,) if eps > 0 else ()
         if reduction == "mean" and weight is None:
             # The same value as the weighted sum below (integers are exact), with O(N)
             # bytes instead of O(N) float64s.

@@ -350,11 +350,15 @@ CEC_INLINE double CEC_FN(cec_row_wdev)(const T *x, const double *w, double lse,
 
 /* Class-index target t. Returns the loss; if g != NULL writes the gradient row, times
  * gs, into g. t < 0 marks an ignored row: loss 0 and, as torch gives, gradient 0, or
- * NaN where the row's softmax is NaN (NaN or +inf logits, or all -inf). */
+ * NaN where the row's softmax is NaN (NaN or +inf logits, or all -inf).
+ * Without label smoothing g may be x itself (a gradient written over the logits): the
+ * target's logit is read before the exp pass overwrites the row, and nothing else of x
+ * is read after it. */
 CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
                                         const double *w, double w_total, double eps,
                                         double gs, T *g) {
     const double smooth = eps / (double)n;
+    const double x_t = t >= 0 ? (double)x[t] : 0.0;
     const T m = CEC_FN(cec_row_max)(x, n);
     const double s = CEC_FN(cec_row_sumexp)(x, m, g, n);
     if (t < 0) {
@@ -371,7 +375,7 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     }
     const double lse = (double)m + log(s);
     const double w_t = w[t];
-    double loss = (1.0 - eps) * w_t * (lse - (double)x[t]);
+    double loss = (1.0 - eps) * w_t * (lse - x_t);
     /* The smoothing terms only when eps > 0: 0 * w_total would turn a NaN weight of
      * a class that is not the target into a NaN gradient for every row (torch: none). */
     if (eps > 0.0)
@@ -570,8 +574,13 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
                                        double w_total, double eps, const double *gs,
                                        double *loss, T *g) {
     T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE];
-    double s[CEC_TILE], lse[CEC_TILE], wdev[CEC_TILE];
+    double s[CEC_TILE], lse[CEC_TILE], wdev[CEC_TILE], x_t[CEC_TILE];
     const double smooth = eps / (double)n;
+    /* The targets' logits first: without label smoothing g may be x (see cec_index_row) */
+    for (ptrdiff_t j = 0; j < width; j++) {
+        const int64_t t = target[j];
+        x_t[j] = t != ignore_index ? (double)x[t * stride + j] : 0.0;
+    }
     CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, lse);
     if (eps > 0.0) {  /* sum_c w[c] * (lse - x[c]) per position, see cec_row_wdev */
         for (ptrdiff_t j = 0; j < width; j++)
@@ -594,7 +603,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
             continue;
         }
         const double w_t = w[t];
-        double l = (1.0 - eps) * w_t * (lse[j] - (double)x[t * stride + j]);
+        double l = (1.0 - eps) * w_t * (lse[j] - x_t[j]);
         if (eps > 0.0)
             l += smooth * wdev[j];
         loss[j] = l;

@@ -71,6 +71,9 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad):
     (times gs) goes into ``g``, which otherwise is scratch for the exps."""
     n_classes = row.shape[0]
     smooth = eps / n_classes
+    # Read before the exp pass writes the row: without label smoothing g may be the row
+    # itself (a gradient over the logits), and nothing else of it is read afterwards.
+    x_t = np.float64(row[t]) if not ignored else 0.0
     m = _row_max(row)
     s = _row_sumexp(row, m, g)
     if ignored:
@@ -84,7 +87,7 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad):
         return 0.0
     lse = np.float64(m) + np.log(s)
     w_t = weight[t]
-    loss = (1.0 - eps) * w_t * (lse - row[t])
+    loss = (1.0 - eps) * w_t * (lse - x_t)
     if eps > 0.0:
         loss += smooth * _row_wdev(row, weight, lse)
     if not want_grad:
@@ -219,10 +222,15 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
                 ignore_index, eps, grad_scale, loss_out, g, want_grad, m, s, lse, coef,
                 shift):
     """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions."""
-    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef, lse)
     smooth = eps / n_classes
     tgt = target[pos0:pos0 + width]
     gsc = grad_scale[pos0:pos0 + width]
+    # The targets' logits first, held in `shift` until the loop below replaces them:
+    # without label smoothing g may be x itself (see _index_row).
+    for j in range(width):
+        t = tgt[j]
+        shift[j] = x[base + t * stride + j] if t != ignore_index else 0
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef, lse)
     for j in range(width):
         t = tgt[j]
         if t == ignore_index:
@@ -232,7 +240,7 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
             shift[j] = 0
             continue
         w_t = weight[t]
-        loss = (1.0 - eps) * w_t * (lse[j] - x[base + t * stride + j])
+        loss = (1.0 - eps) * w_t * (lse[j] - np.float64(shift[j]))
         if eps > 0.0:  # class by class, see _row_wdev
             wdev = 0.0
             for c in range(n_classes):
