@@ -86,8 +86,8 @@ def resolve_n_threads(n_threads, n_elements=None):
     return 1 if _forked_child else n_threads
 
 # cecore.linear_cross_entropy without chunk_size (the rule is in cecore/linear.py,
-# _chunk_rows): the chunk's buffers (logits, and d loss / d logits) take at most this
-# many bytes ...
+# _chunk_rows): the chunk's buffers (logits, and d loss / d logits) and the block that
+# accumulates grad_linear_weight take at most this many bytes ...
 LINEAR_CHUNK_BYTES = 128 << 20
 # ... and, within that budget, at least this many rows: every chunk streams all of
 # linear_weight through BLAS twice and reads and writes grad_linear_weight once, a cost

@@ -48,11 +48,11 @@ def _last_level_cache_bytes():
     return max(sizes, default=_config.DEFAULT_LLC_BYTES)
 
 
-def _chunk_rows(n_rows, n_classes, itemsize, n_buffers):
+def _chunk_rows(n_rows, n_classes, itemsize, return_grad):
     """Rows per chunk when the caller gives no ``chunk_size``.
 
-    A row of a chunk takes ``n_buffers * V * itemsize`` bytes (its logits, and its
-    d loss / d logits unless they are written over the logits). In order:
+    A row of a chunk takes ``V * itemsize`` bytes of logits, twice that with the gradient
+    unless it is written over the logits. In order:
 
     1. cache: as many rows as fill half the last-level cache, so that the kernel reads
        the logits the product has just written, and the gradient products read what the
@@ -61,13 +61,17 @@ def _chunk_rows(n_rows, n_classes, itemsize, n_buffers):
        ``linear_weight`` through two products and ``grad_linear_weight`` through the
        third whatever its rows. With large V this beats the cache rule (a row of 50257
        float32 logits is 200 kB);
-    3. memory: at most ``LINEAR_CHUNK_BYTES`` of buffers, which beats rule 2 when V is huge;
+    3. memory: the buffers, and with the gradient the block through which
+       ``grad_linear_weight`` is accumulated, take at most ``LINEAR_CHUNK_BYTES``; this
+       beats rule 2 when V is huge;
     4. at most ``n_rows``, then evened out over the chunks: a thin last chunk would run
        its products slowly.
     """
+    n_buffers = 2 if return_grad and not GRAD_OVER_LOGITS else 1
     row_bytes = n_buffers * n_classes * itemsize
+    budget = _config.LINEAR_CHUNK_BYTES - (_config.LINEAR_ACCUMULATE_BYTES if return_grad else 0)
     rows = max(_last_level_cache_bytes() // 2 // row_bytes, _config.LINEAR_MIN_CHUNK_ROWS)
-    rows = max(1, min(rows, _config.LINEAR_CHUNK_BYTES // row_bytes, n_rows))
+    rows = max(1, min(rows, budget // row_bytes, n_rows))
     n_chunks = -(-max(n_rows, 1) // rows)
     return -(-max(n_rows, 1) // n_chunks)
 
@@ -271,9 +275,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     else:
         denominator = np.float64(1.0)
 
-    n_buffers = 2 if return_grad and not GRAD_OVER_LOGITS else 1
     if chunk_size is None:
-        rows = _chunk_rows(n_rows, n_classes, dtype.itemsize, n_buffers)
+        rows = _chunk_rows(n_rows, n_classes, dtype.itemsize, return_grad)
     else:
         rows = max(1, min(chunk_size, n_rows))
     logits_buf = np.empty((rows, n_classes), dtype)
