@@ -173,8 +173,11 @@ def rss_child(spec):
                                          spec["name"], spec["mode"], spec["threads"])
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=threads, user_api="blas")
-    tiny = make_data((64, 8, 100), dtype)
-    competitors(*tiny, threads, [name])[name][mode]()  # imports, JIT, thread pools
+    # A warm-up call first: imports, JIT, thread pools, and the BLAS libraries' packing
+    # buffers (fixed-size, touched by any product this large) are not counted.
+    small = make_data((512, 256, 4096), dtype)
+    competitors(*small, threads, [name])[name][mode]()
+    del small
     x, w, t = make_data(shape, dtype)
     fn = competitors(x, w, t, threads, [name])[name][mode]
     gc.collect()
@@ -313,15 +316,22 @@ def main(argv=None):
     shapes = args.shapes or [parse_shape(s) for s in (QUICK_SHAPES if args.quick else FULL_SHAPES)]
     print(f"CPU: {C._cpu_model()}; threads: {args.threads}; rounds: {args.repeat} "
           "(median reported)", flush=True)
+    load_before = os.getloadavg()
     records = [run_shape(shape, np.dtype(args.dtype), args) for shape in shapes]
     names = [k.split(" | ")[0] for k in records[0]["results"]]
     names = list(dict.fromkeys(names))
     summary = summarize(records, names)
+    note(f"load average (1, 5, 15 min) before: {load_before}, after: {os.getloadavg()} "
+         f"on {C.machine_info()['usable_cpus']} usable CPUs; other processes' threads slow "
+         "down every multi-threaded call that has to wait for a descheduled thread")
     note("3 gemms materialise the N x V logits (as torch's default path does); cecore "
          "never does. Times include allocating outputs.")
     data = {"settings": {"threads": args.threads, "repeat": args.repeat, "quick": args.quick,
                          "dtype": args.dtype},
-            "machine": C.machine_info(threads=args.threads),
+            "machine": C.machine_info(
+                threads=args.threads,
+                openblas_thread_timeout=os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+                load_average_before_after=[load_before, os.getloadavg()]),
             "records": records, "summary": summary, "notes": NOTES}
     path = C.save_json(data, "linear_quick.json" if args.quick else "linear.json")
     print(f"\nsaved {path}")

@@ -222,6 +222,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     chunk_size : int, optional
         Rows per chunk. By default chosen from V, the dtype, the CPU's last-level cache and
         a memory budget (``cecore._config.LINEAR_CHUNK_BYTES``, 128 MiB of buffers).
+        Fewer rows take less memory but run the products less efficiently.
     backend : {'auto', 'cython', 'numba'}, default='auto'
     n_threads : int, optional
         Threads of the kernel and of NumPy's BLAS (limited through threadpoolctl for the
@@ -290,6 +291,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         grad_b = None if b is None else np.zeros(n_classes, np.float64)
         ones = None if b is None else np.ones(rows, dtype)
         block = None
+        if n_rows > rows:  # grad_linear_weight accumulates over chunks through this block
+            block_rows = _config.LINEAR_ACCUMULATE_BYTES // max(1, n_features * dtype.itemsize)
+            block = np.empty((max(1, min(block_rows, n_classes)), n_features), dtype)
     else:
         scale = np.broadcast_to(np.float64(0.0), (n_rows, 1))
 
@@ -313,9 +317,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             if start == 0:
                 np.matmul(grad.T, xc, out=grad_w)
             else:
-                if block is None:
-                    block_rows = _config.LINEAR_ACCUMULATE_BYTES // max(1, n_features * dtype.itemsize)
-                    block = np.empty((max(1, min(block_rows, n_classes)), n_features), dtype)
                 _add_weight_grad(grad_w, grad, xc, block)
             if grad_b is not None:
                 # The chunk's column sums are one BLAS product (float32 for float32 input,
