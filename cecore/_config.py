@@ -44,6 +44,21 @@ C_MACROS = ("SMALL_C", "TILE", "SUM_BLOCK", "LANES")
 # Rows per block of log_loss's label-indicator path (bounds its temporaries).
 LOG_LOSS_ROW_BLOCK = 8192
 
+# cecore.linear_cross_entropy without chunk_size (the rule is in cecore/linear.py,
+# _chunk_rows): the chunk's buffers (logits, and d loss / d logits) and the block that
+# accumulates grad_linear_weight take at most this many bytes ...
+LINEAR_CHUNK_BYTES = 128 << 20
+# ... and, within that budget, at least this many rows: every chunk streams all of
+# linear_weight through BLAS twice and reads and writes grad_linear_weight once, a cost
+# per chunk that does not depend on its rows (measured: 256-row chunks run the products
+# at about 90% of the speed of 1024-row ones, 2048 x 768 -> 50257 float32).
+LINEAR_MIN_CHUNK_ROWS = 256
+# grad_linear_weight is accumulated over chunks through a buffer of at most this many
+# bytes (a block of vocabulary rows), which stays in cache between BLAS and the add.
+LINEAR_ACCUMULATE_BYTES = 8 << 20
+# Used for the chunk rule when the last-level cache size cannot be read.
+DEFAULT_LLC_BYTES = 32 << 20
+
 # cecore score: default memory for one chunk of rows, and the bytes of logits scored per
 # kernel call when the metrics need a second look at each block while it is in cache.
 DEFAULT_MEMORY_BUDGET = "512MB"
