@@ -17,8 +17,9 @@ fused pass of cecore's kernels. The logits reach the kernels as a NumPy view of 
 tensor's memory (no copy) and the gradient is written into a tensor that torch allocated.
 The forward pass computes that gradient for ``grad_output = 1`` (ones for
 ``reduction='none'``); backward only scales it by the real ``grad_output``, which is exact
-because the gradient is linear in ``grad_output`` at each position. After
-``loss.backward()`` the upstream gradient is 1 and the saved gradient is handed on as it is.
+because the gradient is linear in ``grad_output`` at each position. The scaling is done in
+place when the graph is freed after backward, and skipped when ``grad_output`` is 1 (as
+after ``loss.backward()``): the saved gradient is then handed on as it is.
 
 Each operator has a fake implementation, so ``torch.compile`` (fullgraph included)
 traces it as one opaque node, and ``torch.library.opcheck`` passes on it.
@@ -201,16 +202,37 @@ class _DifferentiableOnce(torch.autograd.Function):
         )
 
 
-def _is_one(grad_output):
-    """True when ``grad_output`` is a concrete tensor holding the single value 1.
+def _scaled(ctx, grad, grad_output):
+    """The saved gradient ``grad`` (computed for grad_output = 1) times ``grad_output``.
 
-    That is the upstream gradient of ``loss.backward()``: the saved gradient is then used
-    as it is, without a pass over its N x C values. While torch traces the backward
-    (torch.compile, opcheck, make_fx) values are unknown, so it is always scaled.
+    ``grad`` is the operator's second output. When only this module ever held it (the
+    functions below drop it, see :func:`_disown_gradient`) and the graph is freed after
+    this backward (no ``retain_graph``), nothing reads it again: it is scaled in place, or
+    handed on as it is when ``grad_output`` is 1 (``loss.backward()``). Backward then costs
+    at most one pass over the gradient and no allocation of N x C values (torch's compiled
+    backward reuses saved tensors the same way). Otherwise (the operator called directly,
+    a retained graph, or torch tracing the backward: torch.compile, opcheck, make_fx) a new
+    tensor is returned.
     """
-    return (grad_output.numel() == 1 and type(grad_output) is Tensor
-            and not is_in_torch_dispatch_mode() and not torch.compiler.is_compiling()
-            and grad_output.item() == 1)
+    traced = (type(grad_output) is not Tensor or is_in_torch_dispatch_mode()
+              or torch.compiler.is_compiling())
+    reusable = (getattr(ctx, "gradient_disowned", False)
+                and not torch._C._autograd._get_current_graph_task_keep_graph())
+    if traced or not reusable:
+        return grad * grad_output
+    if grad_output.numel() == 1 and grad_output.item() == 1:
+        return grad
+    return grad.mul_(grad_output)
+
+
+def _disown_gradient(loss):
+    """Mark the gradient output of the operator that made ``loss`` as never seen by the caller.
+
+    The functions call the operators and drop that output, so :func:`_scaled` may reuse
+    its memory. (``loss.grad_fn`` is the autograd context of the operator's backward.)
+    """
+    if not torch.compiler.is_compiling() and loss.grad_fn is not None:
+        loss.grad_fn.gradient_disowned = True
 
 
 def _register_autograd(op, reduction_arg, per_element):
@@ -241,10 +263,10 @@ def _register_autograd(op, reduction_arg, per_element):
         if grad_output is None:
             return (None,) + nones
         if not ctx.has_grad:
-            raise RuntimeError(f"{op} was called with with_grad=False: it has no gradient")
+            raise RuntimeError(f"{op._qualname} was called with with_grad=False: it has no gradient")
         if ctx.class_axis is not None:
             grad_output = grad_output.unsqueeze(ctx.class_axis)
-        result = grad if _is_one(grad_output) else grad * grad_output
+        result = _scaled(ctx, grad, grad_output)
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
             result = _DifferentiableOnce.apply(result.detach().requires_grad_())
         return (result,) + nones
@@ -354,6 +376,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                 reduction=reduction, label_smoothing=label_smoothing)
     loss, _ = _cross_entropy_op(input, target, weight, int(ignore_index), reduction,
                                 float(label_smoothing), _with_grad(input), backend, n_threads)
+    _disown_gradient(loss)
     return loss
 
 
@@ -373,6 +396,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
         return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
     loss, _ = _nll_loss_op(input, target, weight, int(ignore_index), reduction,
                            _with_grad(input), backend, n_threads)
+    _disown_gradient(loss)
     return loss
 
 
@@ -396,6 +420,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
                                                    pos_weight=pos_weight)
     loss, _ = _bce_op(input, target, weight, pos_weight, reduction, _with_grad(input),
                       backend, n_threads)
+    _disown_gradient(loss)
     return loss
 
 
