@@ -173,6 +173,16 @@ def test_bce_with_logits(gen, dtype, reduction, weights):
                 x, _grad_output(gen, shape, reduction, dtype))
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch_and_all_targets_ignored(reduction):
+    # 'mean' over no target is 0/0 = NaN, with a zero gradient (as torch).
+    for x, target in ((torch.randn(0, 4), torch.zeros(0, dtype=torch.int64)),
+                      (torch.randn(3, 4), torch.full((3,), -100))):
+        with no_fallback():
+            compare(lambda x: ct.cross_entropy(x, target, reduction=reduction),
+                    lambda x: TF.cross_entropy(x, target, reduction=reduction), x)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_and_threads(gen, backend):
     x = torch.randn(300, 7, generator=gen)
