@@ -143,6 +143,14 @@ def _logits(input, with_grad):
     return x.numpy(), grad
 
 
+def _threads(n_threads, n_elements):
+    """cecore's threads for a call: ``n_threads`` when given, else cecore's default capped
+    at ``torch.get_num_threads()``, so that ``torch.set_num_threads`` limits the loss too."""
+    if n_threads is not None:
+        return n_threads
+    return min(torch.get_num_threads(), V.n_threads(None, n_elements))
+
+
 def _fused(function, grad, *args, **kwargs):
     """The loss from a :mod:`cecore.functional` loss, its gradient written into ``grad``.
 
@@ -263,7 +271,7 @@ def _register_autograd(op, reduction_arg, per_element):
         if grad_output is None:
             return (None,) + nones
         if not ctx.has_grad:
-            raise RuntimeError(f"{op._qualname} was called with with_grad=False: it has no gradient")
+            raise RuntimeError(f"{op._qualname} was called with with_grad=False: no gradient")
         if ctx.class_axis is not None:
             grad_output = grad_output.unsqueeze(ctx.class_axis)
         result = _scaled(ctx, grad, grad_output)
@@ -280,11 +288,12 @@ def _cross_entropy_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
                       ignore_index: int, reduction: str, label_smoothing: float,
                       with_grad: bool, backend: str,
                       n_threads: Optional[int]) -> tuple[Tensor, Tensor]:
-    """``(loss, grad)`` of :func:`cecore.cross_entropy`; grad for grad_output=1, empty without with_grad."""
+    """``(loss, grad)`` of :func:`cecore.cross_entropy`, grad for grad_output=1 (empty without with_grad)."""
     x, grad = _logits(input, with_grad)
     try:
         loss = _fused(_F.cross_entropy, grad, x, _numpy(target), _numpy(weight), ignore_index,
-                      reduction, label_smoothing, backend=backend, n_threads=n_threads)
+                      reduction, label_smoothing, backend=backend,
+                      n_threads=_threads(n_threads, x.size))
     except (ValueError, TypeError, IndexError) as error:
         _raise_torch_error(error, TF.cross_entropy, input.detach(), target, weight,
                            ignore_index=ignore_index, reduction=reduction,
@@ -307,7 +316,7 @@ def _nll_loss_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore
     x, grad = _logits(input, with_grad)
     try:
         loss = _fused(_F.nll_loss, grad, x, _numpy(target), _numpy(weight), ignore_index,
-                      reduction, backend=backend, n_threads=n_threads)
+                      reduction, backend=backend, n_threads=_threads(n_threads, x.size))
     except (ValueError, TypeError, IndexError) as error:
         _raise_torch_error(error, TF.nll_loss, input.detach(), target, weight,
                            ignore_index=ignore_index, reduction=reduction)
@@ -330,7 +339,7 @@ def _bce_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
     try:
         loss = _fused(_F.binary_cross_entropy_with_logits, grad, x, _numpy(target),
                       _numpy(weight), reduction, _numpy(pos_weight), backend=backend,
-                      n_threads=n_threads)
+                      n_threads=_threads(n_threads, x.size))
     except (ValueError, TypeError, IndexError) as error:
         _raise_torch_error(error, TF.binary_cross_entropy_with_logits, input.detach(), target,
                            weight, reduction=reduction, pos_weight=pos_weight)
@@ -356,7 +365,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     Arguments and result as torch's (see :func:`cecore.cross_entropy` for the semantics):
     logits of shape (C,), (N, C) or (N, C, d1, ..., dK); class-index targets (any integer
     dtype) or class probabilities of the input's shape. ``backend`` and ``n_threads``
-    choose cecore's kernels. Other devices, dtypes and layouts go to torch's function
+    choose cecore's kernels (by default cecore's threads, at most
+    ``torch.get_num_threads()``). Other devices, dtypes and layouts go to torch's function
     with a :class:`CecoreFallbackWarning` (see the module docstring), as do calls under
     ``torch.func`` transforms. Differentiable once (a second derivative raises).
 

@@ -192,6 +192,23 @@ def test_backends_and_threads(gen, backend):
                 lambda x: TF.cross_entropy(x, target), x)
 
 
+def test_threads_capped_by_torch(gen, monkeypatch):
+    seen = []
+    real = cecore.functional.cross_entropy
+    monkeypatch.setattr(cecore.functional, "cross_entropy",
+                        lambda *a, **k: seen.append(k["n_threads"]) or real(*a, **k))
+    x = torch.randn(4096, 64, generator=gen)  # big enough for several threads by default
+    target = _index_target(gen, (4096,), 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ct.cross_entropy(x, target)
+    finally:
+        torch.set_num_threads(before)
+    ct.cross_entropy(x, target, n_threads=3)  # an explicit count is honoured
+    assert seen == [1, 3]
+
+
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
 def test_half_inputs_computed_in_float32(gen, dtype, rtol):
     # The oracle: torch in float32 on the same (rounded) values, rounded to the input's dtype.
