@@ -12,6 +12,11 @@ for plain ``(N, C)`` input). ``floating`` is float32 or float64, the same for ev
 ``floating`` argument of one call. Unless said otherwise arrays are C-contiguous.
 ``n_threads`` is an ``int >= 1``. An "empty" gradient (``grad_out.shape[0] == 0``, e.g.
 ``np.empty((0, 0, 0))``) means "loss only": the kernel then reads the logits once.
+``C`` may be 0: losses are then empty sums (0) and ``logsumexp`` is ``-inf``. Sums that
+the loss needs are taken class by class (``sum_c w[c] * (lse - x[c])``, never
+``sum(w) * lse - sum(w * x)``), so infinite class weights give torch's ``inf``, and the
+label-smoothing terms enter only when ``label_smoothing > 0``, so a NaN weight affects
+only the rows that use it.
 
 ``softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale, loss_out, grad_out, n_threads)``
     Softmax cross-entropy with class-index targets (torch semantics, including

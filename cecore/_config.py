@@ -1,6 +1,13 @@
-"""All of cecore's tunables and its thread policy, in one place."""
+"""All of cecore's tunables and its thread policy, in one place.
+
+The kernel tunables below are plain int literals: ``setup.py`` reads them from this file
+(without importing cecore) and passes them to the C compiler as ``CEC_*`` macros, the
+Numba backend imports them, and ``show_config()`` prints them, so both backends always
+use the same values.
+"""
 
 import os
+import warnings
 
 # Backend tried first by backend="auto". Cython needs no JIT, so it starts fastest.
 AUTO_ORDER = ("cython", "numba")
@@ -13,6 +20,29 @@ REDUCE_BLOCK = 8192
 # that short do not fill a vector register, so blocks of rows are transposed and the
 # loops run across rows.
 SMALL_C = 32
+
+# Positions per tile of the tile kernels (K-dim input, and transposed blocks of rows of
+# few classes): a tile's per-position scratch (a few arrays of TILE values) stays in L1.
+TILE = 256
+
+# Classes per block of a row's exp pass: the exps of a block are written by one loop and
+# summed in float64 by another (fused, the float64 adds would halve the float32 exp's
+# vector width); a block's exps stay in L1 between the two loops.
+SUM_BLOCK = 256
+
+# Rows per parallel task in the Numba row kernels (amortises the per-task scratch row).
+ROWS_PER_TASK = 16
+
+# Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
+C_MACROS = ("SMALL_C", "TILE", "SUM_BLOCK")
+
+# Rows per block of log_loss's label-indicator path (bounds its temporaries).
+LOG_LOSS_ROW_BLOCK = 8192
+
+# cecore score: default memory for one chunk of rows, and the bytes of logits scored per
+# kernel call when the metrics need a second look at each block while it is in cache.
+DEFAULT_MEMORY_BUDGET = "512MB"
+SCORE_BLOCK_BYTES = 4 << 20
 
 # With n_threads=None, a call gets one thread per this many logits (at least one):
 # below it, waking an OpenMP team costs more than the work (and far more on a busy
@@ -40,47 +70,110 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _env_threads():
-    for var in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        value = os.environ.get(var, "").split(",")[0].strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return None
-
-
-def default_n_threads():
-    """Threads used when a call passes ``n_threads=None``.
-
-    The first of ``CECORE_NUM_THREADS``, ``OMP_NUM_THREADS``, ``NUMBA_NUM_THREADS`` that is
-    set, else the CPUs this process may run on. 1 in a child created by ``fork``.
-    """
-    if _forked_child:
-        return 1
-    env = _env_threads()
-    if env is not None:
-        return env
+def cpus_available():
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
 
-def resolve_n_threads(n_threads, n_elements=None):
-    """Validate a user's ``n_threads`` (None, or an int >= 1, or -1 for all CPUs).
+def _env_threads():
+    for var in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        value = os.environ.get(var, "").split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            return var, int(value)
+    return None, None
 
-    For None, the default is capped by ``n_elements // MIN_ELEMENTS_PER_THREAD``.
+
+def _openmp_limit():
+    """``omp_get_max_threads()`` of the GNU OpenMP runtime if this process has loaded it.
+
+    It reflects ``OMP_NUM_THREADS`` and the limits threadpoolctl sets
+    (``threadpool_limits(n, user_api="openmp")`` calls ``omp_set_num_threads``). The
+    library is looked up, never loaded: before any OpenMP code is imported there is no
+    limit to honour.
+    """
+    global _gomp
+    if _gomp is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+            _gomp = lib.omp_get_max_threads
+            _gomp.restype = ctypes.c_int
+            _gomp.argtypes = []
+        except (OSError, AttributeError):  # not loaded (yet), or not Linux
+            return None
+    return int(_gomp())
+
+
+_gomp = None
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_stacklevel():
+    """``stacklevel`` for a warning that points at the first frame outside cecore."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def default_n_threads():
+    """Threads used when a call passes ``n_threads=None``.
+
+    In order: 1 in a child created by ``fork``; ``CECORE_NUM_THREADS``; the OpenMP
+    runtime's limit (``OMP_NUM_THREADS``, or a threadpoolctl ``threadpool_limits``
+    context); ``OMP_NUM_THREADS`` / ``NUMBA_NUM_THREADS`` when no OpenMP runtime is loaded;
+    else the CPUs available. Never more than the CPUs available.
+    """
+    if _forked_child:
+        return 1
+    cpus = cpus_available()
+    var, value = _env_threads()
+    if var != "CECORE_NUM_THREADS":
+        limit = _openmp_limit()
+        if limit is not None:
+            value = limit
+    return max(1, min(cpus, value or cpus))
+
+
+def resolve_n_threads(n_threads, n_elements=None):
+    """Threads for one call: the one place every public entry point resolves them.
+
+    Parameters
+    ----------
+    n_threads : None, int >= 1, or -1
+        None: :func:`default_n_threads`, reduced for small work to one thread per
+        ``MIN_ELEMENTS_PER_THREAD`` elements (``n_elements``). -1: all CPUs available.
+        An int above the CPUs available is capped at that number with a
+        ``RuntimeWarning`` (OpenMP aborts the process when it cannot create threads).
+    n_elements : int, optional
+        Size of the work, for the small-work rule.
+
+    Returns
+    -------
+    int
+        At least 1; 1 in a child created by ``fork``.
     """
     if n_threads is None:
-        if n_elements is None:
-            return default_n_threads()
-        return max(1, min(default_n_threads(), n_elements // MIN_ELEMENTS_PER_THREAD))
-    if isinstance(n_threads, bool) or not isinstance(n_threads, (int,)) and not hasattr(
-        n_threads, "__index__"
-    ):
+        threads = default_n_threads()
+        if n_elements is not None:
+            threads = max(1, min(threads, n_elements // MIN_ELEMENTS_PER_THREAD))
+        return threads
+    if isinstance(n_threads, bool) or not hasattr(n_threads, "__index__"):
         raise TypeError(f"n_threads must be None or an int, got {type(n_threads).__name__}")
-    n_threads = int(n_threads)
+    n_threads = int(n_threads.__index__())
+    cpus = cpus_available()
     if n_threads == -1:
-        n_threads = os.cpu_count() or 1
+        n_threads = cpus
     if n_threads < 1:
         raise ValueError(f"n_threads must be None, -1 or an int >= 1, got {n_threads}")
+    if n_threads > cpus:
+        warnings.warn(f"n_threads={n_threads} is more than the {cpus} CPUs available; "
+                      f"using {cpus}", RuntimeWarning, stacklevel=_caller_stacklevel())
+        n_threads = cpus
     return 1 if _forked_child else n_threads

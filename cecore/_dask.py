@@ -11,6 +11,7 @@ stream, whose block boundaries do not follow the chunks; workers return those we
 (8 bytes a row, only when class weights are given) and the client sums them in row order.
 """
 
+import contextlib
 import logging
 import warnings
 
@@ -120,6 +121,19 @@ def _in_order(parts, client, dask):
         future.release()
 
 
+@contextlib.contextmanager
+def _quiet_logs():
+    """Distributed logs a failed task at ERROR level with a traceback; the command reports
+    the error itself in one line, so for the run only critical records get through."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DEFAULT_MEMORY_BUDGET,
                 n_threads=None, **options):
     """``cecore score --dask local`` / ``--scheduler ADDRESS``: score files on a Dask cluster.
@@ -127,6 +141,8 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
     Each worker memory-maps the files itself (they must be visible at the same path on
     every worker); ``memory_budget`` sizes the chunks one task reads.
     """
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"the number of Dask workers must be an int >= 1, got {n_workers!r}")
     _import_dask()
     from distributed import Client, LocalCluster
 
@@ -146,13 +162,13 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
     t = da.from_array(t_src, chunks=(rows,) + (-1,) * (t_src.ndim - 1), asarray=False)
     kwargs = dict(options, n_threads=n_threads or 1, chunk_rows=rows)
     if scheduler:
-        with Client(scheduler) as client:
+        with Client(scheduler) as client, _quiet_logs():
             return score_dask(x, t, client=client, **kwargs)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_logs():
         # The scheduler's HTTP endpoint (health checks; no dashboard) falls back to another
         # loopback port when 8787 is taken: nothing for the user to act on.
         warnings.filterwarnings("ignore", message="Port .* is already in use")
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                           host="127.0.0.1", dashboard_address=None,
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                          silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
             return score_dask(x, t, client=client, **kwargs)

@@ -24,6 +24,8 @@ only dtype-specific code is the exp polynomial, picked by an ``@overload`` at co
   written in a driver's own body is vectorised separately in each, possibly differently.)
 """
 
+import os
+import tempfile
 import threading
 import types as types_module
 
@@ -31,10 +33,50 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
+from numba.core import caching, cgutils
 from numba.extending import intrinsic, overload
 
 from . import _config
+
+
+class _CacheLocator(caching.UserWideCacheLocator):
+    """Numba's on-disk cache for cecore's own functions, outside the installed package.
+
+    Numba would write it into ``cecore/__pycache__`` when that is writable; a later
+    ``pip uninstall`` leaves those files behind, and an empty ``cecore`` folder then
+    shadows the package as a namespace package. So cecore's kernels are cached in
+    ``NUMBA_CACHE_DIR`` when it is set, else in the user's cache directory
+    (``~/.cache/cecore/numba`` on Linux), else in a temporary directory. Functions of
+    other modules keep Numba's own rules.
+    """
+
+    _package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def __init__(self, py_func, py_file, cache_dir):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = os.path.join(cache_dir, self.get_suitable_cache_subpath(py_file))
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not os.path.abspath(py_file).startswith(cls._package_dir):
+            return None
+        user = caching.AppDirs(appname="cecore", appauthor=False).user_cache_dir
+        for cache_dir in (numba.config.CACHE_DIR, os.path.join(user, "numba"),
+                          os.path.join(tempfile.gettempdir(), f"cecore-numba-{os.getuid()}")):
+            if not cache_dir:
+                continue
+            self = cls(py_func, py_file, cache_dir)
+            try:
+                self.ensure_cache_path()
+            except OSError:
+                continue
+            return self
+        return None
+
+
+# Consulted before Numba's own locators (the first that accepts a function wins).
+caching.CacheImpl._locator_classes.insert(0, _CacheLocator)
 
 # Reassociation lets LLVM vectorise the sums; no "nnan"/"ninf": NaN and inf logits must
 # follow IEEE rules to give torch's answers.
@@ -308,10 +350,12 @@ def _row_sumexp(x, m, e_out):
 
 
 @_helper
-def _row_dot(a, b):
+def _row_wdev(x, weight, lse):
+    """sum_c weight[c] * (lse - x[c]) in float64, class by class: as sum(w) * lse -
+    sum(w * x) an infinite weight would give inf - inf = NaN where torch gives inf."""
     s = 0.0
-    for c in range(a.shape[0]):
-        s += np.float64(a[c]) * b[c]
+    for c in range(x.shape[0]):
+        s += weight[c] * (lse - np.float64(x[c]))
     return s
 
 
@@ -326,8 +370,10 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad):
     s = _row_sumexp(row, m, g)
     if ignored:
         # As torch: gradient 0, or NaN where the row's softmax is NaN (NaN or +inf
-        # logits, or all -inf): s * 0 is exactly that.
-        zero = _cast_like(s * 0.0, m)
+        # logits, or all -inf): s * 0 is exactly that; with label smoothing, which
+        # multiplies every class weight by the row's zero upstream gradient, also NaN
+        # where a weight is NaN or infinite.
+        zero = _cast_like(s * 0.0 + (w_total * 0.0 if eps > 0.0 else 0.0), m)
         for c in range(n_classes):
             g[c] = g[c] * zero
         return 0.0
@@ -335,10 +381,13 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad):
     w_t = weight[t]
     loss = (1.0 - eps) * w_t * (lse - row[t])
     if eps > 0.0:
-        loss += smooth * (w_total * lse - _row_dot(row, weight))
+        loss += smooth * _row_wdev(row, weight, lse)
     if not want_grad:
         return loss
-    coef = _cast_like(gs * ((1.0 - eps) * w_t + smooth * w_total) / s, m)
+    # The smoothing terms only when eps > 0: 0 * w_total would turn a NaN weight of a
+    # class that is not the target into a NaN gradient for every row (torch: none).
+    w_sum = (1.0 - eps) * w_t + smooth * w_total if eps > 0.0 else w_t
+    coef = _cast_like(gs * w_sum / s, m)
     if eps > 0.0:
         shift = gs * smooth
         for c in range(n_classes):
@@ -410,18 +459,19 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
         if t == ignore_index:
             # Gradient e * (s * 0): 0, or NaN where the softmax is NaN, as torch gives.
             loss_out[pos0 + j] = 0.0
-            coef[j] = _cast_like(s[j] * 0.0, m[0])
+            coef[j] = _cast_like(s[j] * 0.0 + (w_total * 0.0 if eps > 0.0 else 0.0), m[0])
             shift[j] = 0
             continue
         w_t = weight[t]
         loss = (1.0 - eps) * w_t * (lse[j] - x[base + t * stride + j])
-        if eps > 0.0:
-            swx = 0.0
+        if eps > 0.0:  # class by class, see _row_wdev
+            wdev = 0.0
             for c in range(n_classes):
-                swx += weight[c] * x[base + c * stride + j]
-            loss += smooth * (w_total * lse[j] - swx)
+                wdev += weight[c] * (lse[j] - x[base + c * stride + j])
+            loss += smooth * wdev
         loss_out[pos0 + j] = loss
-        coef[j] = _cast_like(gsc[j] * ((1.0 - eps) * w_t + smooth * w_total) / s[j], m[0])
+        w_sum = (1.0 - eps) * w_t + smooth * w_total if eps > 0.0 else w_t
+        coef[j] = _cast_like(gsc[j] * w_sum / s[j], m[0])
         shift[j] = _cast_like(gsc[j] * smooth, m[0])
     if not want_grad:
         return
@@ -497,19 +547,20 @@ def _proba_row(row, q, weight, eps, gs, g, want_grad):
     m = _row_max(row)
     s = _row_sumexp(row, m, g)
     lse = np.float64(m) + np.log(s)
+    # Summed class by class (see _row_wdev): an infinite weight gives torch's inf.
     wq = 0.0
-    wqx = 0.0
+    loss = 0.0
     for c in range(n_classes):
         qc = weight[c] * ((1.0 - eps) * q[c] + smooth)
         wq += qc
-        wqx += qc * row[c]
+        loss += qc * (lse - row[c])
     if not want_grad:
-        return wq * lse - wqx
+        return loss
     coef = _cast_like(gs * wq / s, m)
     for c in range(n_classes):
         qc = weight[c] * ((1.0 - eps) * q[c] + smooth)
         g[c] = g[c] * coef - _cast_like(gs * qc, m)
-    return wq * lse - wqx
+    return loss
 
 
 def _proba_rows(x, target, weight, eps, grad_scale, loss_out, grad_out):
@@ -538,16 +589,16 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out,
         _tile_max_sumexp(x, base, n_pos, n_classes, width, m, s, grad_out, want_grad,
                          np.empty(TILE, dtype=x.dtype), lse)
         wq = np.zeros(TILE, dtype=np.float64)
-        wqx = np.zeros(TILE, dtype=np.float64)
-        for c in range(n_classes):
+        loss = np.zeros(TILE, dtype=np.float64)
+        for c in range(n_classes):  # class by class, see _proba_row
             off = base + c * n_pos
             for j in range(width):
                 qc = weight[c] * ((1.0 - eps) * target[off + j] + smooth)
                 wq[j] += qc
-                wqx[j] += qc * x[off + j]
+                loss[j] += qc * (lse[j] - x[off + j])
         coef = np.empty(TILE, dtype=np.float64)
         for j in range(width):
-            loss_out[pos0 + j] = wq[j] * lse[j] - wqx[j]
+            loss_out[pos0 + j] = loss[j]
             coef[j] = grad_scale[pos0 + j] * wq[j] / s[j]
         if want_grad:
             for c in range(n_classes):
@@ -727,6 +778,9 @@ def _empty(logits, ndim):
 def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
                      loss_out, grad_out, n_threads):
     n, c, s = logits.shape
+    if c == 0:  # an empty sum (validation left only ignored targets); no gradient
+        loss_out[...] = 0.0
+        return
     empty = _no_grad(grad_out)
     # Summed here: inside a parallel kernel, weight.sum() would become a parallel
     # reduction whose order depends on the thread count.
@@ -745,6 +799,9 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
 def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,
                      grad_out, n_threads):
     n, c, s = logits.shape
+    if c == 0:  # an empty sum; no gradient
+        loss_out[...] = 0.0
+        return
     empty = _no_grad(grad_out)
     if s == 1:
         _run("proba_rows", n_threads, logits.reshape(n, c), target.reshape(n, c), weight,
@@ -763,6 +820,8 @@ def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out
 
 def softmax(logits, log, out, n_threads):
     n, c, s = logits.shape
+    if c == 0:  # nothing to write
+        return
     if s == 1:
         _run("softmax_rows", n_threads, logits.reshape(n, c), bool(log), out.reshape(n, c))
     else:
@@ -772,6 +831,9 @@ def softmax(logits, log, out, n_threads):
 
 def logsumexp(logits, out, n_threads):
     n, c, s = logits.shape
+    if c == 0:  # log of an empty sum
+        out[...] = -np.inf
+        return
     if s == 1:
         _run("logsumexp_rows", n_threads, logits.reshape(n, c), out.reshape(n))
     else:

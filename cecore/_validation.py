@@ -83,10 +83,38 @@ def canonical(x, axis, dtype):
     return x3, False
 
 
+def canonical_like(t, x3, fortran):
+    """``t`` (an array of the user's input shape, e.g. probability targets) in the layout
+    :func:`canonical` gave the input: ``x3``'s shape and dtype, C-contiguous."""
+    if fortran:
+        t = t.T
+    return np.ascontiguousarray(t, dtype=x3.dtype).reshape(x3.shape)
+
+
 def empty_canonical(shape, canonical_shape, dtype, fortran):
     """A new array of the user's ``shape`` and its view in the canonical layout."""
     out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
     return out, (out.T if fortran else out).reshape(canonical_shape)
+
+
+def grad_out_array(grad_out, x, fortran):
+    """The caller's gradient buffer, checked before anything is written.
+
+    ``grad_out`` must be an array (or CPU tensor) of the input ``x``'s shape and dtype,
+    writeable, and C-contiguous (or Fortran-contiguous when ``x`` is a Fortran-ordered
+    2-D array, the layout the kernels then write). Returns it as an ndarray.
+    """
+    g = _to_numpy(grad_out)
+    if g.dtype != x.dtype:
+        raise TypeError(f"grad_out must have the input's dtype {x.dtype}, got {g.dtype}")
+    if g.shape != x.shape:
+        raise ValueError(f"grad_out must have the input's shape {x.shape}, got {g.shape}")
+    if not g.flags.writeable:
+        raise ValueError("grad_out is read-only: pass a writeable array")
+    if not (g.flags.c_contiguous or (fortran and g.flags.f_contiguous)):
+        expected = "C- or Fortran-contiguous" if fortran else "C-contiguous"
+        raise ValueError(f"grad_out must be {expected} (the layout the gradient is written in)")
+    return g
 
 
 def normalize_axis(axis, ndim):
@@ -192,11 +220,11 @@ def grad_output_array(grad_output, reduction, loss_shape):
                 f"grad_output must have the loss's shape {tuple(loss_shape)}, got {g.shape}"
             )
         return np.asarray(g, dtype=np.float64)
-    if g.size != 1:
+    if g.shape != ():  # as torch's backward: the loss's shape exactly, no broadcasting
         raise ValueError(
             f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}"
         )
-    return np.float64(g.reshape(()))
+    return np.float64(g)
 
 
 def n_threads(value, n_elements=None):

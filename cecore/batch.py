@@ -26,10 +26,12 @@ import math
 import mmap
 import os
 import re
+import stat
 import struct
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 
@@ -194,13 +196,17 @@ class InMemoryArray:
 
 
 def _read_header(f, path):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        raise ValueError(f"{path} is not a valid .npy file (unsupported format version {version})")
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported format version {version}")
+    except Exception as exc:  # noqa: BLE001 - a damaged header raises all kinds of errors
+        raise ValueError(f"{path} is not a valid .npy/.npz array: its header is damaged "
+                         f"({type(exc).__name__}: {exc})") from None
     if dtype.hasobject:
         raise ValueError(f"{path}: arrays of Python objects cannot be scored")
     if fortran and len(shape) > 1:
@@ -253,11 +259,7 @@ def open_array(spec):
             if member is not None:
                 raise ValueError(f"{path} is not an .npz (zip) file")
             f.seek(0)
-            try:
-                shape, dtype = _read_header(f, path)
-            except ValueError as exc:
-                raise ValueError(str(exc) if str(exc).startswith(path) else
-                                 f"{path} is not a valid .npy file ({exc})") from None
+            shape, dtype = _read_header(f, path)
             source = MappedArray(path, f.tell(), dtype, shape)
             size = os.fstat(f.fileno()).st_size
         else:
@@ -329,7 +331,9 @@ class ScoreResult:
     per_row_out: str = None
 
     def to_dict(self):
-        return asdict(self)
+        """The fields as a dict; a metric that was not computed (NaN) is None (JSON null)."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v
+                for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -356,6 +360,8 @@ def _prepare(x_shape, x_dtype, t_shape, t_dtype, input_kind, weight, ignore_inde
     if len(x_shape) != 2:
         raise ValueError(f"logits must have shape (rows, classes), got shape {tuple(x_shape)}")
     n_rows, n_classes = x_shape
+    if n_classes == 0:
+        raise ValueError(f"logits of shape {tuple(x_shape)} have no classes: nothing to score")
     proba = tuple(t_shape) == tuple(x_shape)
     if proba:
         if np.dtype(t_dtype).kind != "f":
@@ -375,7 +381,7 @@ def _prepare(x_shape, x_dtype, t_shape, t_dtype, input_kind, weight, ignore_inde
     get_backend(backend)  # fail now, not on the first chunk
     return _Options(input_kind, proba, bool(accuracy), V.class_weight(weight, n_classes), int(ignore_index),
                     V.check_label_smoothing(label_smoothing), backend,
-                    V.n_threads(n_threads), V.compute_dtype(np.dtype(x_dtype)))
+                    V.n_threads(n_threads), V.compute_dtype(np.dtype(x_dtype).newbyteorder("=")))
 
 
 def _score_chunk(x, t, opts):
@@ -475,19 +481,68 @@ def _chunk_rows(memory_budget, x_src, t_src, opts, per_row):
     return max(1, min(x_src.shape[0], parse_size(memory_budget) // row))
 
 
+def _umask():
+    try:  # Linux reports it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_output_path(path, inputs=()):
+    """Where a new ``.npy`` at ``path`` goes, refusing what would destroy data.
+
+    Symlinks are followed, as ``np.save`` follows them: the file they point to is
+    replaced and the link stays. An existing target must be a regular file (not a FIFO,
+    device or directory) and must not be one of ``inputs`` (compared by device and inode,
+    so hard links and other spellings of the same path count).
+
+    Returns
+    -------
+    (real_path, mode) : the path to replace, and the permission bits the new file gets
+        (the existing file's, else those ``open()`` would give under the umask).
+    """
+    real = os.path.realpath(os.fspath(path))
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(real)):
+            raise FileNotFoundError(f"{path}: its directory does not exist") from None
+        return real, 0o666 & ~_umask()
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} exists and is not a regular file: refusing to replace it")
+    for other in inputs:
+        if other is None:
+            continue
+        try:
+            o = os.stat(other)
+        except OSError:
+            continue
+        if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
+            raise ValueError(f"{path} is the input file {other}: refusing to overwrite an input")
+    return real, stat.S_IMODE(st.st_mode)
+
+
 @contextlib.contextmanager
-def _atomic_npy(path, n_rows, dtype):
+def _atomic_npy(path, n_rows, dtype, inputs=()):
     """Yield a ``write(array)`` that appends rows to a new ``.npy`` file at ``path``.
 
-    The rows go to a temporary file beside ``path``, renamed over it only when all
-    ``n_rows`` were written without error: a failure leaves no partial file behind.
+    The rows go to a temporary file beside the target (see :func:`check_output_path`),
+    renamed over it only when all ``n_rows`` were written without error: a failure leaves
+    no partial file behind, and the target is never one of ``inputs``.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    real, mode = check_output_path(path, inputs)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real), prefix=f".{os.path.basename(real)}.",
+                               suffix=".tmp")
     written = [0]
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # mkstemp makes 0600 files
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                       "fortran_order": False, "shape": (n_rows,)}
             np.lib.format.write_array_header_1_0(f, header)
@@ -501,16 +556,24 @@ def _atomic_npy(path, n_rows, dtype):
                 raise RuntimeError(f"wrote {written[0]} of {n_rows} per-row losses")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, real)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
+def _source_path(source):
+    """The file a source reads (None for arrays in memory that are not memory maps)."""
+    if isinstance(source, InMemoryArray):
+        return getattr(source.array, "filename", None) or getattr(
+            getattr(source.array, "base", None), "filename", None)
+    return source.path
+
+
 def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100,
           label_smoothing=0.0, memory_budget=DEFAULT_MEMORY_BUDGET, per_row_out=None,
-          backend="auto", n_threads=None, accuracy=True, progress=False):
+          backend="auto", n_threads=None, accuracy=True, progress=False, protect=()):
     """Mean cross-entropy, perplexity and top-1 accuracy of an array too large for memory.
 
     The rows are read in chunks sized from ``memory_budget`` and scored with the fused
@@ -545,6 +608,9 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
         Compute the top-1 accuracy (NaN when False). It reads each chunk a second time.
     progress : bool, default=False
         Show a tqdm progress bar on stderr.
+    protect : sequence of paths, optional
+        Files that ``per_row_out`` must not replace besides the inputs (e.g. a weight
+        file); see :func:`check_output_path`.
 
     Returns
     -------
@@ -563,7 +629,8 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
         chunk = _chunk_rows(memory_budget, x_src, t_src, opts, per_row_out is not None)
         out_dtype = x_src.dtype
         totals = _Totals()
-        writer = (_atomic_npy(per_row_out, n_rows, out_dtype) if per_row_out is not None
+        inputs = [_source_path(x_src), _source_path(t_src), *protect]
+        writer = (_atomic_npy(per_row_out, n_rows, out_dtype, inputs) if per_row_out is not None
                   else contextlib.nullcontext(None))
         from tqdm.auto import tqdm
 
@@ -624,12 +691,16 @@ def configure_parser(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-accuracy", action="store_true",
                         help="skip the top-1 accuracy (saves a second read of each chunk)")
-    parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: all CPUs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="kernel threads, at most the CPUs available (default: the "
+                             "thread policy of cecore's functions: CECORE_NUM_THREADS, the "
+                             "OpenMP limit, else all CPUs available)")
     parser.add_argument("--backend", choices=("auto", "cython", "numba"), default="auto")
     dask = parser.add_mutually_exclusive_group()
     dask.add_argument("--dask", choices=("local",), help="score on a local Dask cluster started for this run")
     dask.add_argument("--scheduler", metavar="ADDRESS", help="score on the Dask cluster at ADDRESS (files must be visible to its workers)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes for --dask local (default: 2)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes for --dask local (default: 2)")
 
 
 def _format_text(result):
@@ -660,14 +731,20 @@ def _run(args):
                                  n_workers=args.workers, memory_budget=args.memory_budget,
                                  n_threads=args.threads, **options)
     progress = not args.quiet and sys.stderr.isatty()
+    weight_file = args.weight if args.weight and os.path.exists(args.weight) else None
     return score(args.logits, args.target, memory_budget=args.memory_budget,
-                 per_row_out=args.per_row_out, n_threads=args.threads, progress=progress, **options)
+                 per_row_out=args.per_row_out, n_threads=args.threads, progress=progress,
+                 protect=[weight_file], **options)
 
 
 def run(args):
     """Run ``cecore score``; print the result; return the exit code (1 on bad input)."""
     try:
-        result = _run(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = _run(args)
+        for w in caught:  # one line each, like the errors
+            print(f"cecore score: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
     except KeyboardInterrupt:
         print("cecore score: interrupted", file=sys.stderr)
         return 130
@@ -677,7 +754,8 @@ def run(args):
             message = f"{type(exc).__name__}: {message}" if not message.startswith("[") else message
         print(f"cecore score: error: {message}", file=sys.stderr)
         return 1
-    print(json.dumps(result.to_dict(), indent=2) if args.json else _format_text(result))
+    print(json.dumps(result.to_dict(), indent=2, allow_nan=False) if args.json
+          else _format_text(result))
     return 0
 
 

@@ -31,6 +31,32 @@ def _grad_scale(g, reduction, denominator, positions_shape):
     return np.broadcast_to(np.float64(g), positions_shape)
 
 
+def _gradient_out(grad_out, x, x3, fortran, reads=()):
+    """Where the kernel writes the gradient, and a function that returns the user's gradient.
+
+    Without ``grad_out``: a new array in the layout of ``x``. With it: its canonical view,
+    so the kernel writes straight into the caller's memory; only when that is impossible
+    (a float16 buffer, computed in float32; a layout that has no canonical view; memory
+    shared with an array in ``reads``, which that kernel does not allow) the kernel writes
+    a temporary that is then copied in.
+    """
+    if grad_out is None:
+        grad, grad3 = V.empty_canonical(x.shape, x3.shape, x3.dtype, fortran)
+        return grad3, lambda: grad.astype(x.dtype, copy=False)
+    g = V.grad_out_array(grad_out, x, fortran)
+    if g.dtype == x3.dtype and not any(np.may_share_memory(g, r) for r in reads):
+        view = (g.T if fortran else g).reshape(x3.shape)
+        if view.flags.c_contiguous and (g.size == 0 or np.shares_memory(view, g)):
+            return view, lambda: g
+    tmp, tmp3 = V.empty_canonical(x.shape, x3.shape, x3.dtype, fortran)
+
+    def finish():
+        np.copyto(g, tmp, casting="same_kind")
+        return g
+
+    return tmp3, finish
+
+
 def _reduce_loss(loss_out, reduction, denominator, out_shape, dtype):
     if reduction == "none":
         return loss_out.reshape(out_shape).astype(dtype)
@@ -43,7 +69,7 @@ def _reduce_loss(loss_out, reduction, denominator, out_shape, dtype):
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, return_grad=False, grad_output=None,
-                  backend="auto", n_threads=None):
+                  grad_out=None, backend="auto", n_threads=None):
     """Softmax cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
 
     Parameters
@@ -66,18 +92,24 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     return_grad : bool, default=False
         Also return the gradient of ``sum(grad_output * loss)`` with respect to ``input``.
     grad_output : array-like, optional
-        Upstream gradient: a scalar for 'mean'/'sum', the loss's shape for 'none'.
-        Defaults to ones.
+        Upstream gradient: a scalar for 'mean'/'sum', the loss's shape for 'none'
+        (exactly, as torch's ``backward``). Defaults to ones.
+    grad_out : ndarray, optional
+        Array of the input's shape and dtype, writeable and C-contiguous (or
+        Fortran-contiguous for Fortran-ordered input), that receives the gradient and is
+        returned as it: no new N x C allocation. ``grad_out=input`` overwrites the logits
+        with their gradient (same bits as out of place). Implies ``return_grad=True``.
     backend : {'auto', 'cython', 'numba'}, default='auto'
     n_threads : int, optional
         Threads for the kernel; defaults to :func:`cecore._config.default_n_threads`.
+        More than the CPUs available are capped at that number, with a warning.
 
     Returns
     -------
     loss : scalar or ndarray of the input's dtype
         Shape () for 'mean'/'sum', the target's (class-index) shape for 'none'.
     grad : ndarray of the input's shape and dtype
-        Only when ``return_grad=True``.
+        Only when ``return_grad=True`` or ``grad_out`` is given (then it is ``grad_out``).
 
     Notes
     -----
@@ -104,14 +136,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported with class-probability targets")
         x3, fortran = V.canonical(x, class_axis, dtype)
-        if fortran:
-            t3 = np.asarray(t_raw.T, dtype=dtype).reshape(x3.shape)
-        else:
-            t3 = np.ascontiguousarray(t_raw, dtype=dtype).reshape(x3.shape)
-        denominator = np.float64(x3.shape[0] * x3.shape[2])
+        t3 = V.canonical_like(V.float_input(t_raw, "target"), x3, fortran)
+        reads = (x3, t3)
+        # torch divides by numel / C: the number of positions, or 0 / 0 without classes.
+        denominator = np.float64(x3.shape[0] * x3.shape[2]) if n_classes else np.float64("nan")
     else:
         t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
         x3, fortran = V.canonical(x, class_axis, dtype)
+        reads = (x3,)
         if reduction == "mean" and weight is None:
             # The same value as the weighted sum below (integers are exact), with O(N)
             # bytes instead of O(N) float64s.
@@ -125,13 +157,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     positions = (x3.shape[0], x3.shape[2])
     loss_shape = V.loss_shape(x.shape)
     loss_out = np.empty(positions, dtype=np.float64)
+    return_grad = return_grad or grad_out is not None
     if return_grad:
         g = V.grad_output_array(grad_output, reduction, loss_shape)
         scale = _grad_scale(g, reduction, denominator, positions)
-        grad, grad3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
+        grad3, gradient = _gradient_out(grad_out, x, x3, fortran, reads)
     else:
         scale = np.broadcast_to(np.float64(0.0), positions)
-        grad, grad3 = None, _NO_GRAD[dtype]
+        grad3 = _NO_GRAD[dtype]
 
     if proba:
         kernels.softmax_ce_proba(x3, t3, w, eps, scale, loss_out, grad3, threads)
@@ -139,20 +172,26 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         kernels.softmax_ce_index(x3, t2.reshape(positions), w, int(ignore_index), eps,
                                  scale, loss_out, grad3, threads)
 
-    loss = _reduce_loss(loss_out, reduction, denominator, loss_shape, out_dtype)
+    if not n_classes and eps > 0 and not proba:
+        # torch scales the (empty) smoothing sum by eps / C = inf: NaN, whatever N is.
+        loss = np.full(loss_shape if reduction == "none" else (), np.nan, out_dtype)[()]
+    else:
+        loss = _reduce_loss(loss_out, reduction, denominator, loss_shape, out_dtype)
     if not return_grad:
         return loss
-    return loss, grad.astype(out_dtype, copy=False)
+    return loss, gradient()
 
 
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
-             return_grad=False, grad_output=None, backend="auto", n_threads=None):
+             return_grad=False, grad_output=None, grad_out=None, backend="auto",
+             n_threads=None):
     """Negative log-likelihood of log-probabilities, as ``torch.nn.functional.nll_loss``.
 
     ``loss = -weight[t] * input[n, t, ...]``; 'mean' divides by the summed weight of the
     non-ignored targets. Parameters and returns as :func:`cross_entropy` (class-index
-    targets only). The loss is a gather, so no kernel is needed: ``backend`` and
-    ``n_threads`` are validated and accepted for a uniform signature.
+    targets only; ``grad_out=input`` works in place). The loss is a gather, so no kernel
+    is needed: ``backend`` and ``n_threads`` are validated and accepted for a uniform
+    signature.
     """
     x, class_axis, w = V.class_input(input, weight)
     reduction = V.check_reduction(reduction)
@@ -173,18 +212,19 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     loss_out[~keep] = 0.0
     denominator = np.float64(_reduce.fixed_sum(w_t)) if reduction == "mean" else np.float64(1.0)
     loss = _reduce_loss(loss_out, reduction, denominator, V.loss_shape(x.shape), out_dtype)
-    if not return_grad:
+    if not (return_grad or grad_out is not None):
         return loss
     g = V.grad_output_array(grad_output, reduction, V.loss_shape(x.shape))
     scale = _grad_scale(g, reduction, denominator, positions)
-    grad, grad3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
+    # The loss above has read every input value it needs: the buffer may be the input.
+    grad3, gradient = _gradient_out(grad_out, x, x3, fortran)
     grad3[...] = 0
     # Ignored targets get exactly 0, even when 'mean' divided by a zero total weight
     # (as torch: its backward skips them rather than multiplying by a zero weight).
     with np.errstate(invalid="ignore"):
         picked_grad = np.where(keep, -w_t * scale, 0.0)
     np.put_along_axis(grad3, safe_t[:, None, :], picked_grad[:, None, :].astype(dtype), axis=1)
-    return loss, grad.astype(out_dtype, copy=False)
+    return loss, gradient()
 
 
 def _broadcast_2d(a, shape, name):
@@ -202,13 +242,14 @@ def _broadcast_2d(a, shape, name):
 
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean",
                                      pos_weight=None, *, return_grad=False, grad_output=None,
-                                     backend="auto", n_threads=None):
+                                     grad_out=None, backend="auto", n_threads=None):
     """Binary cross-entropy on logits, as ``torch.nn.functional.binary_cross_entropy_with_logits``.
 
     ``loss = w * ((1 - y) x + (1 + (pw - 1) y) softplus(-x))`` elementwise, computed
     stably for any ``x``. ``weight`` and ``pos_weight`` broadcast against the input
     (``pos_weight`` usually of shape (C,) for the last dimension). 'mean' divides by the
-    number of elements. Returns the loss, and the gradient with ``return_grad=True``.
+    number of elements. Returns the loss, and the gradient with ``return_grad=True`` or
+    into ``grad_out`` (C-contiguous, the input's shape and dtype; may be the input).
     """
     x = V.float_input(input)
     reduction = V.check_reduction(reduction)
@@ -232,19 +273,22 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     pw2 = _broadcast_2d(1.0 if pos_weight is None else pos_weight, shape, "pos_weight")
     loss_out = np.empty(x2.shape, dtype=np.float64)
     denominator = np.float64(x.size)
+    return_grad = return_grad or grad_out is not None
     if return_grad:
         g = V.grad_output_array(grad_output, reduction, shape)
         scale = _grad_scale(g, reduction, denominator, x2.shape)
-        grad = np.empty(shape, dtype=dtype)
-        grad2 = grad.reshape(x2.shape)
+        # Elementwise: each gradient element is written after its inputs are read, so
+        # the buffer may be the input or the target.
+        grad2, gradient = _gradient_out(grad_out, x, x2.reshape(x2.shape + (1,)), False)
+        grad2 = grad2.reshape(x2.shape)
     else:
         scale = np.broadcast_to(np.float64(0.0), x2.shape)
-        grad, grad2 = None, _NO_GRAD[dtype].reshape(0, 0)
+        grad2 = _NO_GRAD[dtype].reshape(0, 0)
     kernels.bce_logits(x2, t2, w2, pw2, scale, loss_out, grad2, threads)
     loss = _reduce_loss(loss_out, reduction, denominator, shape, out_dtype)
     if not return_grad:
         return loss
-    return loss, grad.astype(out_dtype, copy=False)
+    return loss, gradient()
 
 
 def _softmax_input(x, axis):

@@ -29,10 +29,14 @@ class _Loss:
         """The loss of ``input`` against ``target``."""
         return type(self)._function(input, target, **self._kwargs())
 
-    def loss_and_grad(self, input, target, grad_output=None):
-        """``(loss, grad)``: the loss and d(sum(grad_output * loss))/d input."""
-        return type(self)._function(input, target, return_grad=True,
-                                    grad_output=grad_output, **self._kwargs())
+    def loss_and_grad(self, input, target, grad_output=None, grad_out=None):
+        """``(loss, grad)``: the loss and d(sum(grad_output * loss))/d input.
+
+        ``grad_out``: an array of the input's shape and dtype to write the gradient into
+        (returned as ``grad``; may be ``input`` itself), as in :func:`cecore.cross_entropy`.
+        """
+        return type(self)._function(input, target, return_grad=True, grad_output=grad_output,
+                                    grad_out=grad_out, **self._kwargs())
 
     def _kwargs(self):
         kwargs = {name: getattr(self, name) for name in self._options}

@@ -252,6 +252,10 @@ def log_loss(y_true, y_proba=None, *, normalize=True, sample_weight=None, labels
     dtype = proba.dtype
     eps = np.finfo(dtype).eps
     lo, hi = dtype.type(eps), dtype.type(1) - dtype.type(eps)
+    if proba.ndim == 2 and proba.shape[1] == 1:
+        # One column holds the positive class's probability, as a 1-D y_proba does
+        # (scikit-learn appends 1 - p before anything else looks at the columns).
+        proba = proba[:, 0]
     if dtype == np.float16:  # Numba has no float16: check and pick in float32
         proba = proba.astype(np.float32)
 
@@ -272,15 +276,20 @@ def log_loss(y_true, y_proba=None, *, normalize=True, sample_weight=None, labels
         n_threads = _config.default_n_threads()
         n_blocks = max(1, min(4 * n_threads, proba.shape[0]))
         blocks = np.empty((n_blocks, 3))
-        pick = target is not None and target.shape[0] == proba.shape[0]
-        loss = np.empty(proba.shape[0] if pick else 0)
+        # The pass picks proba[i, target[i]] only when every index is a column: targets
+        # index `classes`, so their count must be the column count (else the error
+        # below is raised, after scikit-learn's earlier checks).
+        pick = (target is not None and target.shape[0] == proba.shape[0]
+                and classes.shape[0] == proba.shape[1])
+        loss = np.empty(proba.shape[0] if pick else 0, dtype=proba.dtype)
         _numba_kernels.launch(_ROW_PASS, n_threads, proba,
                               target if pick else np.empty(0, np.intp),
                               proba.dtype.type(lo), proba.dtype.type(hi), n_blocks,
                               float(math.sqrt(eps)), blocks, loss)
         stats = blocks.sum(axis=0)
-        np.log(loss, out=loss)
-        np.negative(loss, out=loss)
+        # In the input's precision, as scikit-learn computes, so the values are the same
+        # to the last bit (float16 was picked in float32: exact, then rounded back).
+        loss = -np.log(loss.astype(dtype))
     if stats[2]:
         _assert_all_finite(proba, input_name="")  # raises scikit-learn's message
     if stats[0]:
@@ -329,21 +338,24 @@ def _stats_1d(p):
 
 
 def _loss_1d(p, target, indicator, lo, hi, dtype):
-    """Loss of the rows ``(1 - p, p)`` (O(n)); ``1 - p`` is formed in the input's dtype."""
-    rows = np.stack([(dtype.type(1) - p.astype(dtype)).astype(p.dtype), p], axis=1)
+    """Loss of the rows ``(1 - p, p)`` (O(n)), in the input's dtype."""
+    p = p.astype(dtype)
+    rows = np.stack([dtype.type(1) - p, p], axis=1)
     if indicator is not None:
         return _loss_indicator(rows, indicator, lo, hi)
-    picked = np.clip(rows[np.arange(rows.shape[0]), target], lo, hi)
-    return -np.log(picked.astype(np.float64))
+    return -np.log(np.clip(rows[np.arange(rows.shape[0]), target], lo, hi))
 
 
 def _loss_indicator(proba, indicator, lo, hi):
-    """``-sum_c Y[i, c] log(clip(P[i, c]))`` block by block (bounded temporaries)."""
-    loss = np.empty(proba.shape[0])
+    """``-sum_c Y[i, c] log(clip(P[i, c]))`` block by block (bounded temporaries), in the
+    input's dtype as scikit-learn computes it."""
+    dtype = lo.dtype
+    loss = np.empty(proba.shape[0], dtype=dtype)
     for start in range(0, proba.shape[0], _ROW_BLOCK):
         rows = slice(start, start + _ROW_BLOCK)
-        logp = np.log(np.clip(proba[rows], lo, hi).astype(np.float64))
-        loss[rows] = -(indicator[rows] * logp).sum(axis=1)
+        logp = np.log(np.clip(proba[rows].astype(dtype), lo, hi))
+        y = indicator[rows].astype(dtype)
+        loss[rows] = -np.where(y == 0, dtype.type(0), y * logp).sum(axis=1)
     return loss
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from cython.parallel cimport prange
 from cython cimport floating
-from libc.math cimport exp, log1p, fabs
+from libc.math cimport exp, log1p, fabs, INFINITY
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
@@ -185,6 +185,8 @@ cdef void _index(const floating[:, :, ::1] logits, const int64_t[:, ::1] target,
     cdef bint small_c = S == 1 and C <= SMALL_C
     cdef Py_ssize_t k, n_items = N if S == 1 else N * _n_tiles(S)
     cdef double w_total = 0.0
+    if C == 0:
+        loss_out[:, :] = 0.0  # an empty sum (validation left only ignored targets)
     if N == 0 or C == 0 or S == 0:
         return
     if small_c:
@@ -262,6 +264,8 @@ cdef void _proba(const floating[:, :, ::1] logits, const floating[:, :, ::1] tar
                  double[:, ::1] loss_out, floating[:, :, ::1] grad_out, int n_threads):
     cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], S = logits.shape[2]
     cdef Py_ssize_t k, n_items = N if S == 1 else N * _n_tiles(S)
+    if C == 0:
+        loss_out[:, :] = 0.0  # an empty sum
     if N == 0 or C == 0 or S == 0:
         return
     cdef const floating *x = &logits[0, 0, 0]
@@ -359,6 +363,8 @@ cdef inline void _logsumexp_one(Py_ssize_t k, const floating *x, double *out,
 cdef void _logsumexp(const floating[:, :, ::1] logits, double[:, ::1] out, int n_threads):
     cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], S = logits.shape[2]
     cdef Py_ssize_t k, n_items = N if S == 1 else N * _n_tiles(S)
+    if C == 0:
+        out[:, :] = -INFINITY  # log of an empty sum
     if N == 0 or C == 0 or S == 0:
         return
     cdef const floating *x = &logits[0, 0, 0]

@@ -302,12 +302,15 @@ CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
     return s;
 }
 
-/* sum_c w[c] * x[c] in float64. */
-CEC_INLINE double CEC_FN(cec_row_dot)(const T *x, const double *w, ptrdiff_t n) {
+/* sum_c w[c] * (lse - x[c]) in float64: the label-smoothing part of the loss. Summed
+ * class by class, not as sum(w) * lse - sum(w * x): with an infinite weight that would
+ * be inf - inf = NaN where torch's answer is inf. */
+CEC_INLINE double CEC_FN(cec_row_wdev)(const T *x, const double *w, double lse,
+                                       ptrdiff_t n) {
     double s = 0.0;
     CEC_SIMD_SUM(s)
     for (ptrdiff_t c = 0; c < n; c++)
-        s += (double)x[c] * w[c];
+        s += w[c] * (lse - (double)x[c]);
     return s;
 }
 
@@ -324,7 +327,10 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     const double s = CEC_FN(cec_row_sumexp)(x, m, g, n);
     if (t < 0) {
         if (g) {
-            const T zero = (T)(s * 0.0);
+            /* torch's gradient of an ignored row: 0, or NaN where the softmax is NaN, or
+             * (with label smoothing, which multiplies every class weight by the row's
+             * zero upstream gradient) where a weight is NaN or infinite. */
+            const T zero = (T)(s * 0.0 + (eps > 0.0 ? w_total * 0.0 : 0.0));
             CEC_SIMD
             for (ptrdiff_t c = 0; c < n; c++)
                 g[c] = g[c] * zero;
@@ -334,10 +340,13 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     const double lse = (double)m + log(s);
     const double w_t = w[t];
     double loss = (1.0 - eps) * w_t * (lse - (double)x[t]);
+    /* The smoothing terms only when eps > 0: 0 * w_total would turn a NaN weight of
+     * a class that is not the target into a NaN gradient for every row (torch: none). */
     if (eps > 0.0)
-        loss += smooth * (w_total * lse - CEC_FN(cec_row_dot)(x, w, n));
+        loss += smooth * CEC_FN(cec_row_wdev)(x, w, lse, n);
     if (g) {
-        const T coef = (T)(gs * ((1.0 - eps) * w_t + smooth * w_total) / s);
+        const double w_sum = eps > 0.0 ? (1.0 - eps) * w_t + smooth * w_total : w_t;
+        const T coef = (T)(gs * w_sum / s);
         if (eps > 0.0) {
             const double shift = gs * smooth;
             CEC_SIMD
@@ -360,12 +369,14 @@ CEC_KERNEL double CEC_FN(cec_proba_row)(const T *x, const T *q, ptrdiff_t n,
     const T m = CEC_FN(cec_row_max)(x, n);
     const double s = CEC_FN(cec_row_sumexp)(x, m, g, n);
     const double lse = (double)m + log(s);
-    double wq = 0.0, wqx = 0.0;
-    CEC_PRAGMA(omp simd reduction(+:wq, wqx))
+    /* Summed class by class (see cec_row_wdev), so that an infinite weight gives torch's
+     * inf rather than inf - inf. */
+    double wq = 0.0, loss = 0.0;
+    CEC_PRAGMA(omp simd reduction(+:wq, loss))
     for (ptrdiff_t c = 0; c < n; c++) {
-        const double qc = (1.0 - eps) * (double)q[c] + smooth;
-        wq += w[c] * qc;
-        wqx += w[c] * qc * (double)x[c];
+        const double v = w[c] * ((1.0 - eps) * (double)q[c] + smooth);
+        wq += v;
+        loss += v * (lse - (double)x[c]);
     }
     if (g) {
         const T coef = (T)(gs * wq / s);
@@ -375,7 +386,7 @@ CEC_KERNEL double CEC_FN(cec_proba_row)(const T *x, const T *q, ptrdiff_t n,
             g[c] = g[c] * coef - (T)(gs * w[c] * qc);
         }
     }
-    return wq * lse - wqx;
+    return loss;
 }
 
 /* out = softmax(x) or log_softmax(x) of one row. */
@@ -455,36 +466,35 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
                                        double w_total, double eps, const double *gs,
                                        double *loss, T *g) {
     T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE];
-    double s[CEC_TILE], lse[CEC_TILE], swx[CEC_TILE];
+    double s[CEC_TILE], lse[CEC_TILE], wdev[CEC_TILE];
     const double smooth = eps / (double)n;
     CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, lse);
-    if (eps > 0.0) {
+    if (eps > 0.0) {  /* sum_c w[c] * (lse - x[c]) per position, see cec_row_wdev */
         for (ptrdiff_t j = 0; j < width; j++)
-            swx[j] = 0.0;
+            wdev[j] = 0.0;
         for (ptrdiff_t c = 0; c < n; c++) {
             const T *xc = x + c * stride;
             const double wc = w[c];
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)
-                swx[j] += wc * (double)xc[j];
+                wdev[j] += wc * (lse[j] - (double)xc[j]);
         }
     }
     for (ptrdiff_t j = 0; j < width; j++) {
         const int64_t t = target[j];
         if (t == ignore_index) {
-            /* Gradient e * (s * 0): zero, or NaN for all classes where the softmax is
-             * NaN (NaN or +inf logits, or all -inf), as torch gives. */
+            /* As in cec_index_row: zero, or NaN where torch gives NaN. */
             loss[j] = 0.0;
-            coef[j] = (T)(s[j] * 0.0);
+            coef[j] = (T)(s[j] * 0.0 + (eps > 0.0 ? w_total * 0.0 : 0.0));
             shift[j] = 0;
             continue;
         }
         const double w_t = w[t];
         double l = (1.0 - eps) * w_t * (lse[j] - (double)x[t * stride + j]);
         if (eps > 0.0)
-            l += smooth * (w_total * lse[j] - swx[j]);
+            l += smooth * wdev[j];
         loss[j] = l;
-        coef[j] = (T)(gs[j] * ((1.0 - eps) * w_t + smooth * w_total) / s[j]);
+        coef[j] = (T)(gs[j] * (eps > 0.0 ? (1.0 - eps) * w_t + smooth * w_total : w_t) / s[j]);
         shift[j] = (T)(gs[j] * smooth);
     }
     if (!g)
@@ -513,27 +523,25 @@ CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
                                        ptrdiff_t stride, ptrdiff_t width, const double *w,
                                        double eps, const double *gs, double *loss, T *g) {
     T m[CEC_TILE];
-    double s[CEC_TILE], lse[CEC_TILE], wq[CEC_TILE], wqx[CEC_TILE], coef[CEC_TILE];
+    double s[CEC_TILE], lse[CEC_TILE], wq[CEC_TILE], coef[CEC_TILE];
     const double smooth = eps / (double)n;
     CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, lse);
     for (ptrdiff_t j = 0; j < width; j++) {
         wq[j] = 0.0;
-        wqx[j] = 0.0;
+        loss[j] = 0.0;
     }
-    for (ptrdiff_t c = 0; c < n; c++) {
+    for (ptrdiff_t c = 0; c < n; c++) {  /* class by class: see cec_proba_row */
         const T *xc = x + c * stride, *qc = q + c * stride;
         const double wc = w[c];
         CEC_SIMD
         for (ptrdiff_t j = 0; j < width; j++) {
             const double v = wc * ((1.0 - eps) * (double)qc[j] + smooth);
             wq[j] += v;
-            wqx[j] += v * (double)xc[j];
+            loss[j] += v * (lse[j] - (double)xc[j]);
         }
     }
-    for (ptrdiff_t j = 0; j < width; j++) {
-        loss[j] = wq[j] * lse[j] - wqx[j];
+    for (ptrdiff_t j = 0; j < width; j++)
         coef[j] = gs[j] * wq[j] / s[j];
-    }
     if (!g)
         return;
     for (ptrdiff_t c = 0; c < n; c++) {

@@ -1,0 +1,103 @@
+"""``grad_out=``: the gradient written into the caller's buffer, in place included.
+
+Oracles: the same call without ``grad_out`` (bit for bit), and torch for one case.
+"""
+
+import numpy as np
+import pytest
+
+import cecore
+from oracle import check_result, torch_cross_entropy
+
+CASES = {
+    "index": lambda rng: (rng.standard_normal((40, 7)), rng.integers(0, 7, 40), {}),
+    "index_smooth_weight": lambda rng: (rng.standard_normal((40, 70)), rng.integers(0, 70, 40),
+                                        {"label_smoothing": 0.1,
+                                         "weight": rng.random(70) + .5}),
+    "ignored": lambda rng: (rng.standard_normal((40, 7)),
+                            np.where(rng.random(40) < .3, -100, rng.integers(0, 7, 40)), {}),
+    "proba": lambda rng: (rng.standard_normal((40, 7)), rng.dirichlet(np.ones(7), 40), {}),
+    "kdim": lambda rng: (rng.standard_normal((3, 5, 4, 6)), rng.integers(0, 5, (3, 4, 6)),
+                         {"label_smoothing": 0.2}),
+    "none": lambda rng: (rng.standard_normal((40, 7)), rng.integers(0, 7, 40),
+                         {"reduction": "none", "grad_output": rng.standard_normal(40)}),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_grad_out_shares_memory_and_in_place_equals_out_of_place(backend, rng, case, dtype):
+    x, target, options = CASES[case](rng)
+    x = x.astype(dtype)
+    if target.dtype.kind == "f":
+        target = target.astype(dtype)
+    loss, grad = cecore.cross_entropy(x, target, return_grad=True, backend=backend, **options)
+    buf = np.full_like(x, np.nan)
+    loss2, grad2 = cecore.cross_entropy(x, target, grad_out=buf, backend=backend, **options)
+    assert grad2 is buf and np.shares_memory(grad2, buf)
+    assert grad2.tobytes() == grad.tobytes() and np.array_equal(loss, loss2, equal_nan=True)
+    xi = x.copy()
+    loss3, grad3 = cecore.cross_entropy(xi, target, grad_out=xi, backend=backend, **options)
+    assert grad3 is xi
+    assert grad3.tobytes() == grad.tobytes() and np.array_equal(loss, loss3, equal_nan=True)
+
+
+def test_grad_out_fortran_order_and_torch(backend, rng):
+    x = np.asfortranarray(rng.standard_normal((30, 6)))
+    t = rng.integers(0, 6, 30)
+    buf = np.empty_like(x)  # Fortran-ordered too
+    result = cecore.cross_entropy(x, t, grad_out=buf, backend=backend)
+    assert result[1] is buf
+    check_result(result, torch_cross_entropy(np.ascontiguousarray(x), t), x.dtype)
+    # a C-ordered buffer for Fortran-ordered logits works (written through a copy)
+    buf_c = np.empty(x.shape)
+    assert np.array_equal(cecore.cross_entropy(x, t, grad_out=buf_c, backend=backend)[1], buf)
+
+
+@pytest.mark.parametrize("fn", ["nll_loss", "bce"])
+def test_grad_out_nll_and_bce_in_place(backend, rng, fn):
+    x = rng.standard_normal((25, 4)).astype(np.float32)
+    if fn == "nll_loss":
+        call = lambda a, **kw: cecore.nll_loss(a, rng_t, backend=backend, **kw)  # noqa: E731
+        rng_t = rng.integers(0, 4, 25)
+    else:
+        y = rng.random((25, 4)).astype(np.float32)
+        call = lambda a, **kw: cecore.binary_cross_entropy_with_logits(  # noqa: E731
+            a, y, backend=backend, **kw)
+    loss, grad = call(x, return_grad=True)
+    xi = x.copy()
+    loss2, grad2 = call(xi, grad_out=xi)
+    assert grad2 is xi and grad2.tobytes() == grad.tobytes() and loss == loss2
+
+
+def test_loss_classes_take_grad_out(backend, rng):
+    x = rng.standard_normal((10, 3))
+    t = rng.integers(0, 3, 10)
+    buf = np.empty_like(x)
+    loss, grad = cecore.CrossEntropyLoss(backend=backend).loss_and_grad(x, t, grad_out=buf)
+    assert grad is buf
+    assert grad.tobytes() == cecore.cross_entropy(x, t, return_grad=True, backend=backend)[1].tobytes()
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (lambda x: np.empty((x.shape[0] + 1, x.shape[1]), x.dtype), ValueError, "shape"),
+    (lambda x: np.empty(x.shape, np.float32), TypeError, "dtype"),
+    (lambda x: np.empty(x.shape[::-1], x.dtype).T, ValueError, "C-contiguous"),
+    (lambda x: np.empty((x.shape[0], 2 * x.shape[1]), x.dtype)[:, ::2], ValueError, "contiguous"),
+    (lambda x: np.lib.stride_tricks.as_strided(np.empty(x.shape, x.dtype), writeable=False),
+     ValueError, "read-only"),
+])
+def test_bad_grad_out_is_rejected_before_anything_is_written(backend, rng, bad, error, message):
+    x = rng.standard_normal((8, 5))
+    t = rng.integers(0, 5, 8)
+    buf = bad(x)
+    if buf.flags.writeable:
+        buf[...] = 7.0
+    before = buf.copy()
+    for call in (lambda: cecore.cross_entropy(x, t, grad_out=buf, backend=backend),
+                 lambda: cecore.nll_loss(x, t, grad_out=buf, backend=backend),
+                 lambda: cecore.binary_cross_entropy_with_logits(x, np.zeros_like(x),
+                                                                 grad_out=buf, backend=backend)):
+        with pytest.raises(error, match=message):
+            call()
+        assert np.array_equal(buf, before)

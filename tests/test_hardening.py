@@ -1,0 +1,346 @@
+"""Regression tests for defects found by using cecore as a hostile user would.
+
+Each test is named after what it guards. Oracles: torch (semantics), scikit-learn
+(log_loss), the file system itself (what exists before and after), and cecore's own
+in-memory functions for the streamed results.
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import log_loss as sk_log_loss
+
+import cecore
+from cecore import batch
+from cecore.cli import main
+from cecore.metrics import log_loss
+from oracle import assert_close, check_result, torch_cross_entropy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cecore.__file__)))
+PACKAGE = os.path.dirname(os.path.abspath(cecore.__file__))
+
+
+def _python(code, env=None, timeout=300):
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+# ------------------------------------------------------------------ log_loss indices
+def test_log_loss_kernel_never_reads_past_the_columns_under_numba_boundscheck(tmp_path):
+    # More classes in y_true than columns in y_proba: the pass over y_proba must not pick
+    # proba[i, target[i]] for a target past the last column. With bounds checking on, an
+    # out-of-bounds read raises instead of reading (or crashing on) foreign memory.
+    result = _python("""
+        import numpy as np
+        from cecore.metrics import log_loss
+        for y, p, kw in [(np.arange(3000), np.full((3000, 2), .5), {}),
+                         (np.arange(3) % 3, np.full((3, 2), .5), {"labels": [0, 1, 2]})]:
+            try:
+                log_loss(y, p, **kw)
+            except ValueError as exc:
+                print("ValueError:", str(exc)[:40])
+    """, env={"NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ValueError:") == 2, result.stdout + result.stderr
+    assert "SystemError" not in result.stderr and "IndexError" not in result.stderr
+
+
+def test_log_loss_one_column_is_the_positive_class_like_sklearn():
+    y, p = [0, 1, 1, 0], np.array([[.2], [.7], [.9], [.4]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "do not sum to one" warning either
+        assert log_loss(y, p) == sk_log_loss(y, p)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_log_loss_is_bit_identical_to_sklearn_in_every_precision(rng, dtype):
+    y = rng.integers(0, 4, 500)
+    p = rng.dirichlet(np.ones(4), 500).astype(dtype)
+    sw = rng.random(500)
+    p1 = rng.random(500).astype(dtype)
+    y1 = rng.integers(0, 2, 500)
+    indicator = np.eye(4, dtype=int)[y]
+    cases = [((y, p), {}), ((y, p), {"sample_weight": sw}), ((y, p), {"normalize": False}),
+             ((y1, p1), {}), ((indicator, p), {}), ((y1, p1[:, None]), {})]
+    for args, kwargs in cases:
+        assert log_loss(*args, **kwargs) == sk_log_loss(*args, **kwargs), kwargs
+
+
+# ------------------------------------------------------------------ --per-row-out
+@pytest.fixture
+def scored_files(tmp_path, rng):
+    x = rng.standard_normal((300, 7)).astype(np.float32)
+    t = rng.integers(0, 7, 300)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    np.save(tmp_path / "w.npy", np.linspace(.5, 2, 7))
+    return x, t, tmp_path
+
+
+def _snapshot(directory):
+    return {name: (os.lstat(directory / name).st_mode, (directory / name).read_bytes()
+                   if (directory / name).is_file() else None)
+            for name in sorted(os.listdir(directory))}
+
+
+def _score(args, capsys):
+    code = main(["score", *args, "--quiet"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_per_row_out_never_replaces_an_input(scored_files, capsys):
+    _, _, d = scored_files
+    os.link(d / "x.npy", d / "hard.npy")
+    os.symlink(d / "t.npy", d / "tlink.npy")
+    before = _snapshot(d)
+    for out in ("x.npy", "t.npy", "w.npy", "hard.npy", "tlink.npy", "./x.npy"):
+        code, stdout, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--weight",
+                                    str(d / "w.npy"), "--per-row-out", str(d / out)], capsys)
+        assert code == 1 and stdout == "", out
+        assert err.startswith("cecore score: error: ") and err.count("\n") == 1, err
+        assert "refusing to overwrite an input" in err
+    assert _snapshot(d) == before  # nothing changed, nothing left behind
+
+
+def test_per_row_out_writes_through_a_symlink_like_np_save(scored_files, capsys):
+    x, t, d = scored_files
+    np.save(d / "old.npy", np.zeros(3))
+    os.symlink("old.npy", d / "link.npy")
+    code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out",
+                           str(d / "link.npy")], capsys)
+    assert code == 0, err
+    assert os.path.islink(d / "link.npy") and os.readlink(d / "link.npy") == "old.npy"
+    np.testing.assert_array_equal(np.load(d / "old.npy"),
+                                  cecore.cross_entropy(x, t, reduction="none"))
+
+
+def test_per_row_out_refuses_fifos_and_directories(scored_files, capsys):
+    _, _, d = scored_files
+    os.mkfifo(d / "fifo.npy")
+    os.mkdir(d / "dir.npy")
+    before = _snapshot(d)
+    for out in ("fifo.npy", "dir.npy"):
+        code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out",
+                               str(d / out)], capsys)
+        assert code == 1 and "is not a regular file" in err and err.count("\n") == 1
+    assert _snapshot(d) == before
+    assert stat.S_ISFIFO(os.lstat(d / "fifo.npy").st_mode)
+
+
+def test_per_row_out_gets_the_umask_permissions_or_keeps_the_old_ones(scored_files, capsys):
+    _, _, d = scored_files
+    old = os.umask(0o027)
+    try:
+        code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out",
+                               str(d / "new.npy")], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert stat.S_IMODE(os.stat(d / "new.npy").st_mode) == 0o640  # as open() gives
+    os.chmod(d / "new.npy", 0o604)
+    assert _score([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out",
+                   str(d / "new.npy")], capsys)[0] == 0
+    assert stat.S_IMODE(os.stat(d / "new.npy").st_mode) == 0o604
+
+
+# ------------------------------------------------------------------ Numba's cache
+def test_numba_cache_stays_outside_the_installed_package(tmp_path):
+    def package_files():
+        return {os.path.join(r, f) for r, _, fs in os.walk(PACKAGE) for f in fs}
+
+    before = package_files()
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "NUMBA_CACHE_DIR": ""}
+    code = """
+        import numpy as np, cecore
+        from cecore.metrics import log_loss
+        cecore.cross_entropy(np.zeros((3, 4)), [0, 1, 2], backend="numba")
+        log_loss([0, 1, 2], np.full((3, 3), 1 / 3))
+    """
+    result = _python(code, env=env)
+    assert result.returncode == 0, result.stderr
+    new = package_files() - before
+    assert not new, new
+    cached = [f for r, _, fs in os.walk(tmp_path / "xdg") for f in fs if f.endswith(".nbi")]
+    assert cached, "nothing was cached in the user's cache directory"
+    # NUMBA_CACHE_DIR is honoured
+    result = _python(code, env={"NUMBA_CACHE_DIR": str(tmp_path / "mine")})
+    assert result.returncode == 0, result.stderr
+    assert any(f.endswith(".nbi") for _, _, fs in os.walk(tmp_path / "mine") for f in fs)
+    assert package_files() - before == set()
+
+
+# ------------------------------------------------------------------ threads
+@pytest.mark.parametrize("n_threads", [40000, 2**31])
+def test_n_threads_above_the_cpus_is_capped_with_a_warning(backend, n_threads):
+    x, t = np.random.default_rng(0).standard_normal((300, 50)).astype(np.float32), np.zeros(300, int)
+    with pytest.warns(RuntimeWarning, match="more than the .* CPUs available"):
+        loss, grad = cecore.cross_entropy(x, t, return_grad=True, n_threads=n_threads,
+                                          backend=backend)
+    one = cecore.cross_entropy(x, t, return_grad=True, n_threads=1, backend=backend)
+    assert loss == one[0] and np.array_equal(grad, one[1])
+
+
+def test_cli_threads_above_the_cpus_warns_in_one_line(scored_files, capsys):
+    x, t, d = scored_files
+    code, out, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--threads", "40000",
+                             "--json"], capsys)
+    assert code == 0
+    assert err.startswith("cecore score: warning: ") and err.count("\n") == 1, err
+    assert np.float32(json.loads(out)["mean_loss"]) == cecore.cross_entropy(x, t)
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_dask_local_with_no_workers_is_a_bad_argument(scored_files, capsys, workers):
+    _, _, d = scored_files
+    code, out, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--dask", "local",
+                             "--workers", workers], capsys)
+    assert code == 1 and out == ""
+    assert "number of Dask workers must be an int >= 1" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ semantics vs torch
+def test_fortran_ordered_logits_with_probability_targets(backend, rng):
+    x = np.asfortranarray(rng.standard_normal((9, 5)))
+    p = rng.dirichlet(np.ones(5), 9)
+    for target in (p, np.asfortranarray(p)):
+        result = cecore.cross_entropy(x, target, return_grad=True, backend=backend)
+        check_result(result, torch_cross_entropy(np.ascontiguousarray(x), p), x.dtype)
+
+
+@pytest.mark.parametrize("case", [
+    dict(weight=[1, 1, np.nan], target=[0, 1]),
+    dict(weight=[1, 1, np.nan], target=[0, 2], reduction="sum"),
+    dict(weight=[1, 1, np.nan], target=[0, 2], reduction="none"),
+    dict(weight=[1, 1, np.nan], target=[0, 1], label_smoothing=0.1, reduction="none"),
+    dict(weight=[1, 1, np.inf], target=[0, 1], label_smoothing=0.1, reduction="none"),
+    dict(weight=[1, 1, np.inf], target=[0, 1], label_smoothing=0.1),
+    dict(weight=[1, 1, np.inf], target="proba", reduction="none"),
+    dict(weight=[1, 1, np.nan], target="proba", reduction="none"),
+    dict(weight=[-1, 1, 2], target=[0, 1], label_smoothing=0.1),
+    dict(weight=[0, 0, 1], target=[0, 1]),
+])
+def test_nan_and_inf_class_weights_give_torchs_loss_and_gradient(backend, case):
+    case = dict(case)
+    x = np.array([[0.0, 0.0, 50.0], [1.0, 2.0, 3.0]])
+    target = case.pop("target")
+    target = np.array([[.2, .3, .5], [1, 0, 0]]) if target == "proba" else np.array(target)
+    weight = np.array(case.pop("weight"), dtype=np.float64)
+    for xs in (x, np.zeros_like(x)):
+        result = cecore.cross_entropy(xs, target, weight=weight, return_grad=True,
+                                      backend=backend, **case)
+        expected = torch_cross_entropy(xs, target, weight=weight, **case)
+        if case.get("reduction", "mean") == "mean" and target.ndim == 1 \
+                and weight[target].sum() == 0:
+            # 'mean' over a zero total weight divides by 0. Which values are then inf and
+            # which NaN depends on the order of torch's autograd ops (with label smoothing
+            # it divides two partial sums separately); only non-finiteness is promised.
+            for ours, theirs in zip(result, expected):
+                assert not np.isfinite(ours).any() and not np.isfinite(theirs).any()
+        else:
+            assert_close(result[0], expected[0])
+            assert_close(result[1], expected[1])
+
+
+def test_zero_classes_give_torchs_answers(backend):
+    x = np.zeros((3, 0))
+    tx = torch.zeros((3, 0), dtype=torch.float64)
+    np.testing.assert_array_equal(cecore.logsumexp(x, axis=1, backend=backend),
+                                  torch.logsumexp(tx, 1).numpy())
+    for reduction in ("sum", "none", "mean"):
+        loss, grad = cecore.cross_entropy(x, np.zeros((3, 0)), reduction=reduction,
+                                          return_grad=True, backend=backend)
+        expected = torch_cross_entropy(x, np.zeros((3, 0)), reduction=reduction)
+        assert_close(loss, expected[0])
+        assert grad.shape == (3, 0)
+        # every target ignored: the only class-index targets zero classes allow
+        loss = cecore.cross_entropy(x, np.full(3, -100), reduction=reduction, backend=backend)
+        assert_close(loss, torch_cross_entropy(x, np.full(3, -100), reduction=reduction)[0])
+    with pytest.raises(IndexError, match="out of bounds"):
+        cecore.cross_entropy(x, np.zeros(3, int), backend=backend)
+    for fn in (cecore.softmax, cecore.log_softmax):
+        assert fn(x, axis=1, backend=backend).shape == (3, 0)
+    # zero-size spatial dimensions
+    loss = cecore.cross_entropy(np.zeros((2, 3, 0)), np.zeros((2, 0), int), backend=backend)
+    assert_close(loss, torch_cross_entropy(np.zeros((2, 3, 0)), np.zeros((2, 0), int))[0])
+
+
+def test_cli_zero_classes_is_a_one_line_error(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((5, 0), np.float32))
+    np.save(tmp_path / "t.npy", np.zeros(5, int))
+    code, out, err = _score([str(tmp_path / "x.npy"), str(tmp_path / "t.npy")], capsys)
+    assert code == 1 and "have no classes" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("grad_output", [np.ones(1), np.ones((1, 1))])
+def test_grad_output_must_be_a_scalar_for_mean_and_sum_as_in_torch(backend, grad_output):
+    x, t = np.zeros((3, 4)), np.array([0, 1, 2])
+    for reduction in ("mean", "sum"):
+        with pytest.raises(ValueError, match="grad_output must be a scalar"):
+            cecore.cross_entropy(x, t, reduction=reduction, return_grad=True,
+                                 grad_output=grad_output, backend=backend)
+        xt = torch.zeros((3, 4), requires_grad=True)
+        with pytest.raises(RuntimeError, match="Mismatch in shape"):  # the oracle agrees
+            torch.nn.functional.cross_entropy(xt, torch.tensor(t), reduction=reduction
+                                              ).backward(torch.tensor(grad_output))
+
+
+# ------------------------------------------------------------------ scoring files
+def test_score_reads_big_endian_logits_and_targets(tmp_path, rng, capsys):
+    x = rng.standard_normal((500, 6)).astype(np.float32)
+    t = rng.integers(0, 6, 500)
+    expected = cecore.cross_entropy(x, t)
+    assert batch.score(x.astype(">f4"), t.astype(">i8")).mean_loss == expected
+    np.save(tmp_path / "x.npy", x.astype(">f4"))
+    np.save(tmp_path / "t.npy", t.astype(">i4"))
+    code, out, err = _score([str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json"], capsys)
+    assert code == 0, err
+    assert np.float32(json.loads(out)["mean_loss"]) == expected
+    p = rng.dirichlet(np.ones(6), 500)
+    assert batch.score(x.astype(">f4"), p.astype(">f8")).mean_loss == cecore.cross_entropy(x, p)
+
+
+def test_json_has_null_not_nan_for_metrics_not_computed(tmp_path, rng, capsys):
+    np.save(tmp_path / "x.npy", rng.standard_normal((50, 3)).astype(np.float32))
+    np.save(tmp_path / "t.npy", np.full(50, -100))  # all ignored: the mean loss is NaN
+    code, out, err = _score([str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json",
+                             "--no-accuracy"], capsys)
+    assert code == 0, err
+    result = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert result["accuracy"] is None and result["mean_loss"] is None
+
+
+def test_damaged_npz_header_says_the_file_is_not_a_valid_array(tmp_path, capsys):
+    np.savez(tmp_path / "bad.npz", a=np.zeros(3))
+    data = (tmp_path / "bad.npz").read_bytes()
+    i = data.index(b"{'descr'")
+    (tmp_path / "bad.npz").write_bytes(data[:i + 5] + b"(((((" + data[i + 10:])
+    np.save(tmp_path / "t.npy", np.zeros(3, int))
+    code, out, err = _score([str(tmp_path / "bad.npz"), str(tmp_path / "t.npy")], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "is not a valid .npy/.npz array" in err and "EOF in multi-line" not in err
+
+
+def test_dask_worker_errors_are_one_line_without_a_traceback(tmp_path, rng):
+    np.save(tmp_path / "x.npy", rng.standard_normal((100, 5)).astype(np.float32))
+    t = np.zeros(100, int)
+    t[50] = 7  # found only by the worker that scores that chunk
+    np.save(tmp_path / "t.npy", t)
+    result = subprocess.run(
+        [sys.executable, "-m", "cecore.cli", "score", str(tmp_path / "x.npy"),
+         str(tmp_path / "t.npy"), "--dask", "local", "--workers", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 1
+    assert result.stderr.startswith("cecore score: error: Target 7 is out of bounds")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
