@@ -159,11 +159,7 @@ def _fused(function, grad, *args, **kwargs):
     """
     if grad is None:
         return function(*args, **kwargs)
-    # SHIM until cecore.functional takes grad_out=: the next three lines become
-    # `return function(*args, grad_out=grad.numpy(), **kwargs)[0]`.
-    loss, g = function(*args, return_grad=True, **kwargs)
-    grad.numpy()[...] = g
-    return loss
+    return function(*args, grad_out=grad.numpy(), **kwargs)[0]
 
 
 def _outputs(loss, grad, input):

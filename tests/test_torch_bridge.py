@@ -205,8 +205,8 @@ def test_threads_capped_by_torch(gen, monkeypatch):
         ct.cross_entropy(x, target)
     finally:
         torch.set_num_threads(before)
-    ct.cross_entropy(x, target, n_threads=3)  # an explicit count is honoured
-    assert seen == [1, 3]
+    ct.cross_entropy(x, target, n_threads=2)  # an explicit count is honoured
+    assert seen == [1, 2]
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
@@ -238,6 +238,7 @@ def test_zero_copy(gen, monkeypatch, reduction, grad_output):
 
     def spy_cross_entropy(input, *args, **kwargs):
         seen["input"] = input.__array_interface__["data"][0]
+        seen["grad_out"] = kwargs["grad_out"].__array_interface__["data"][0]
         return real_cross_entropy(input, *args, **kwargs)
 
     def spy_fused(function, grad, *args, **kwargs):
@@ -257,7 +258,7 @@ def test_zero_copy(gen, monkeypatch, reduction, grad_output):
                          lambda x: TF.cross_entropy(x, target, reduction=reduction),
                          x, grad_output)
     assert seen["input"] == x_ours.data_ptr()
-    assert seen["grad"] == x_ours.grad.data_ptr()
+    assert seen["grad_out"] == seen["grad"] == x_ours.grad.data_ptr()
 
 
 # ---------------------------------------------------------------------- modules
