@@ -36,8 +36,10 @@ grad, and calls under ``torch.func`` transforms. Under ``torch.func.grad``, ``vm
 
 Errors are torch's: when cecore rejects an argument, the exception raised is the one
 torch's own function raises for it (cecore's message chained as its cause); where torch
-would accept what cecore rejects, cecore's error is raised. cecore is more lenient in one
-way: class-index targets may have any integer dtype, not only int64/uint8.
+would accept what cecore rejects, cecore's error is raised. cecore is more lenient in two
+ways (class-index targets of any integer dtype, not only int64/uint8; class weights of any
+float dtype) and stricter in one (unbatched input of shape (C,) needs a 0-d target:
+torch's forward also takes shape (1,), but its backward then fails).
 
 The losses are differentiable once. Backpropagating through their gradient (second
 derivatives: ``create_graph=True`` followed by another backward, Hessians, gradient
