@@ -15,13 +15,15 @@ from .functional import (
     perplexity,
     softmax,
 )
-from .losses import BCEWithLogitsLoss, CrossEntropyLoss, NLLLoss
+from .linear import linear_cross_entropy
+from .losses import BCEWithLogitsLoss, CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BCEWithLogitsLoss", "CrossEntropyLoss", "NLLLoss",
+    "BCEWithLogitsLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss", "NLLLoss",
     "available_backends", "binary_cross_entropy_with_logits", "cross_entropy",
+    "linear_cross_entropy",
     "log_softmax", "logsumexp", "nll_loss", "perplexity", "show_config", "softmax",
 ]
 

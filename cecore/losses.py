@@ -1,10 +1,12 @@
-"""Loss classes with ``torch.nn`` constructors: ``CrossEntropyLoss``, ``NLLLoss``, ``BCEWithLogitsLoss``.
+"""Loss classes with ``torch.nn`` constructors: ``CrossEntropyLoss``, ``NLLLoss``, ``BCEWithLogitsLoss``,
+``LinearCrossEntropyLoss``.
 
 Calling an instance returns the loss; :meth:`loss_and_grad` returns ``(loss, grad)`` from
 the same fused pass. Options are stored as given and passed to :mod:`cecore.functional`.
 """
 
 from . import functional as F
+from .linear import linear_cross_entropy
 
 
 def _legacy_reduction(size_average, reduce, reduction):
@@ -100,3 +102,48 @@ class BCEWithLogitsLoss(_Loss):
         self.pos_weight = pos_weight
         self.backend = backend
         self.n_threads = n_threads
+
+
+class LinearCrossEntropyLoss(_Loss):
+    """Cross-entropy of a linear layer's logits; see :func:`cecore.linear_cross_entropy`.
+
+    Unlike ``torch.nn.LinearCrossEntropyLoss``, which owns its ``nn.Linear`` (hence its
+    ``in_features`` and ``num_classes`` arguments), this criterion is given the layer's
+    ``linear_weight`` (and ``linear_bias``) at each call; its options are keyword-only.
+
+    Examples
+    --------
+    >>> import numpy as np, cecore
+    >>> criterion = cecore.LinearCrossEntropyLoss()
+    >>> x, w = np.array([[1.0, 0.5], [0.0, 2.0]]), np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> loss, (grad_x, grad_w, grad_b) = criterion.loss_and_grad(x, w, np.array([2, 1]))
+    >>> float(loss), grad_w.shape, grad_b  # doctest: +ELLIPSIS
+    (0.7194..., (3, 2), None)
+    """
+
+    _function = staticmethod(linear_cross_entropy)
+    _options = ("weight", "ignore_index", "reduction", "label_smoothing", "chunk_size")
+
+    def __init__(self, *, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                 chunk_size=None, backend="auto", n_threads=None):
+        self.weight = weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.chunk_size = chunk_size
+        self.backend = backend
+        self.n_threads = n_threads
+
+    def __call__(self, input, linear_weight, target, linear_bias=None):
+        return self.forward(input, linear_weight, target, linear_bias)
+
+    def forward(self, input, linear_weight, target, linear_bias=None):
+        """The loss of ``input @ linear_weight.T + linear_bias`` against ``target``."""
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                    **self._kwargs())
+
+    def loss_and_grad(self, input, linear_weight, target, linear_bias=None, grad_output=None):
+        """``(loss, (grad_input, grad_linear_weight, grad_linear_bias))`` from one pass."""
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                    return_grad=True, grad_output=grad_output,
+                                    **self._kwargs())

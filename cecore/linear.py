@@ -1,0 +1,326 @@
+"""Fused linear cross-entropy: ``cross_entropy(input @ linear_weight.T + linear_bias, target)``
+without the N x V logits.
+
+The rows of ``input`` are processed in chunks. For each chunk one BLAS product writes the
+chunk's logits into a buffer that every chunk reuses; the backend's fused kernel
+(``softmax_ce_index``, see :mod:`cecore._backends`) turns them into per-row losses and
+d loss / d logits; two more BLAS products turn those into the chunk's rows of
+``grad_input`` and its share of ``grad_linear_weight``. Extra memory is O(chunk x V) plus
+the outputs. All products go through NumPy's BLAS (``np.matmul``), and BLAS and the
+kernels take turns, each with all ``n_threads`` threads.
+"""
+
+import functools
+import numbers
+import os
+
+import numpy as np
+
+from . import _config, _reduce
+from . import _validation as V
+from ._backends import get_backend
+from .functional import _NO_GRAD, _grad_scale, _reduce_loss
+
+__all__ = ["linear_cross_entropy"]
+
+# d loss / d logits is written to a buffer of its own. Once the kernels accept a grad_out
+# that is the logits array itself (the gradient written over the logits), setting this to
+# True is the whole switch: one buffer per chunk instead of two, so chunk_size=None fits
+# twice the rows in the same memory budget.
+GRAD_OVER_LOGITS = False
+
+
+@functools.lru_cache(maxsize=1)
+def _last_level_cache_bytes():
+    """Size of the CPU's largest cache (Linux sysfs), or DEFAULT_LLC_BYTES when unknown."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    try:
+        for entry in os.listdir(root):
+            if entry.startswith("index"):
+                with open(os.path.join(root, entry, "size")) as f:
+                    text = f.read().strip()
+                if text[:-1].isdigit() and text[-1] in units:
+                    sizes.append(int(text[:-1]) * units[text[-1]])
+    except OSError:
+        pass
+    return max(sizes, default=_config.DEFAULT_LLC_BYTES)
+
+
+def _chunk_rows(n_rows, n_classes, itemsize, n_buffers):
+    """Rows per chunk when the caller gives no ``chunk_size``.
+
+    A row of a chunk takes ``n_buffers * V * itemsize`` bytes (its logits, and its
+    d loss / d logits unless they are written over the logits). In order:
+
+    1. cache: as many rows as fill half the last-level cache, so that the kernel reads
+       the logits the product has just written, and the gradient products read what the
+       kernel has just written, from cache instead of memory;
+    2. BLAS: at least ``LINEAR_MIN_CHUNK_ROWS`` rows, since every chunk streams
+       ``linear_weight`` through two products and ``grad_linear_weight`` through the
+       third whatever its rows. With large V this beats the cache rule (a row of 50257
+       float32 logits is 200 kB);
+    3. memory: at most ``LINEAR_CHUNK_BYTES`` of buffers, which beats rule 2 when V is huge;
+    4. at most ``n_rows``, then evened out over the chunks: a thin last chunk would run
+       its products slowly.
+    """
+    row_bytes = n_buffers * n_classes * itemsize
+    rows = max(_last_level_cache_bytes() // 2 // row_bytes, _config.LINEAR_MIN_CHUNK_ROWS)
+    rows = max(1, min(rows, _config.LINEAR_CHUNK_BYTES // row_bytes, n_rows))
+    n_chunks = -(-max(n_rows, 1) // rows)
+    return -(-max(n_rows, 1) // n_chunks)
+
+
+_blas = None
+
+
+def _blas_threads(n_threads):
+    """Context manager limiting NumPy's BLAS to ``n_threads`` threads.
+
+    The threadpoolctl controller is made once: building one scans the loaded libraries,
+    about 1 ms, which a fresh ``threadpool_limits`` would pay on every call.
+    """
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+        _blas = ThreadpoolController().select(user_api="blas")
+    return _blas.limit(limits=n_threads)
+
+
+def _float_operand(a, name):
+    a = V.float_input(a, name)
+    if a.dtype == np.float16:
+        raise TypeError(
+            f"{name} must be float32 or float64, got float16 (NumPy has no float16 BLAS "
+            "products): cast it with .astype(np.float32)"
+        )
+    return a
+
+
+def _blas_layout(a):
+    """``a`` itself when BLAS can read it (C or Fortran order), else a C-ordered copy.
+
+    Done once here: ``np.matmul`` would otherwise copy an unreadable layout in every chunk.
+    """
+    return a if a.flags.c_contiguous or a.flags.f_contiguous else np.ascontiguousarray(a)
+
+
+def _operands(input, linear_weight, linear_bias):
+    """``(x, w, b)`` checked against each other: x (..., D), w (V, D), b (V,) or None."""
+    x = _float_operand(input, "input")
+    w = _float_operand(linear_weight, "linear_weight")
+    if x.ndim == 0:
+        raise ValueError("input must have a feature dimension: expected shape (D,), (N, D) or (..., D)")
+    if w.ndim != 2:
+        raise ValueError(
+            f"linear_weight must have shape (V, D) (one row of D features per class), got "
+            f"shape {w.shape}"
+        )
+    if w.dtype != x.dtype:
+        raise TypeError(f"input ({x.dtype}) and linear_weight ({w.dtype}) must have the same dtype")
+    if w.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"input of shape {x.shape} has {x.shape[-1]} features (its last dimension) but "
+            f"linear_weight of shape {w.shape} expects {w.shape[1]}"
+        )
+    if w.shape[0] == 0:
+        raise ValueError("linear_weight must have at least one row (one per class), got shape "
+                         f"{w.shape}")
+    b = None
+    if linear_bias is not None:
+        b = _float_operand(linear_bias, "linear_bias")
+        if b.dtype != x.dtype:
+            raise TypeError(f"input ({x.dtype}) and linear_bias ({b.dtype}) must have the same dtype")
+        if b.shape != (w.shape[0],):
+            raise ValueError(
+                f"linear_bias must have shape ({w.shape[0]},), one entry per row of "
+                f"linear_weight, got shape {b.shape}"
+            )
+    return x, w, b
+
+
+def _index_target(target, input_shape, n_classes, ignore_index):
+    """Class indices as int64 of shape (N,): one per row of input, range-checked."""
+    t = V._to_numpy(target)
+    if t.dtype.kind not in "iu":
+        raise TypeError(
+            f"target must hold class indices (integers), got dtype {t.dtype}; "
+            "linear_cross_entropy does not take class-probability targets"
+        )
+    lead = input_shape[:-1]
+    if t.shape != lead:
+        raise ValueError(
+            f"target of shape {t.shape} does not match input of shape {input_shape}: "
+            f"expected one class index per row of input, shape {lead}"
+        )
+    t = t.reshape(-1)
+    return V.index_target(t, (t.size, n_classes), n_classes, ignore_index).reshape(-1)
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be None or an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size}")
+    return int(chunk_size)
+
+
+def _add_weight_grad(grad_weight, grad, x, block):
+    """``grad_weight += grad.T @ x`` through ``block``, a few vocabulary rows at a time.
+
+    ``np.matmul`` cannot accumulate into its output; a whole (V, D) temporary would double
+    the memory of ``grad_weight`` and add a pass over it through memory, whereas each
+    product of ``block`` rows is added while it is still in cache.
+    """
+    for start in range(0, grad_weight.shape[0], block.shape[0]):
+        stop = min(start + block.shape[0], grad_weight.shape[0])
+        part = block[: stop - start]
+        np.matmul(grad[:, start:stop].T, x, out=part)
+        grad_weight[start:stop] += part
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                         return_grad=False, grad_output=None, chunk_size=None,
+                         backend="auto", n_threads=None):
+    """Cross-entropy of a linear layer's logits, as ``torch.nn.functional.linear_cross_entropy``.
+
+    Computes ``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` (see
+    :func:`cecore.cross_entropy`) a chunk of rows at a time, so the N x V logits never
+    exist; with ``return_grad=True`` the gradients come from the same pass.
+
+    Parameters
+    ----------
+    input : array-like of shape (D,), (N, D) or (..., D)
+        float32 or float64. Leading dimensions are rows (torch itself takes only (D,) and
+        (N, D)); (D,) is one unbatched row.
+    linear_weight : array-like of shape (V, D)
+        One row per class, of the input's dtype.
+    target : array-like of integers, of shape ``input.shape[:-1]``
+        Class indices in ``[0, V)`` or equal to ``ignore_index``; a scalar for (D,) input.
+    linear_bias : array-like of shape (V,), optional
+        Added to the logits; of the input's dtype.
+    weight : array-like of shape (V,), optional
+        Per-class weights of the loss.
+    reduction : {'mean', 'sum', 'none'}, default='mean'
+        'mean' divides by the summed weight of the non-ignored targets.
+    ignore_index : int, default=-100
+        Target value that contributes neither loss nor gradient (None means -100, as torch).
+    label_smoothing : float in [0, 1], default=0.0
+    return_grad : bool, default=False
+        Also return the gradients of ``sum(grad_output * loss)``.
+    grad_output : array-like, optional
+        Upstream gradient: a scalar for 'mean'/'sum', the loss's shape for 'none'.
+        Defaults to ones.
+    chunk_size : int, optional
+        Rows per chunk. By default chosen from V, the dtype, the CPU's last-level cache and
+        a memory budget (``cecore._config.LINEAR_CHUNK_BYTES``, 128 MiB of buffers).
+    backend : {'auto', 'cython', 'numba'}, default='auto'
+    n_threads : int, optional
+        Threads of the kernel and of NumPy's BLAS (limited through threadpoolctl for the
+        call); defaults to :func:`cecore._config.default_n_threads`.
+
+    Returns
+    -------
+    loss : scalar or ndarray of the input's dtype
+        Shape () for 'mean'/'sum', ``input.shape[:-1]`` for 'none'.
+    (grad_input, grad_linear_weight, grad_linear_bias) : tuple of ndarrays
+        Only when ``return_grad=True``: what torch leaves in the three ``.grad`` fields after
+        ``loss.backward(grad_output)``, of the shapes and dtype of the operands;
+        ``grad_linear_bias`` is None without ``linear_bias``.
+
+    Notes
+    -----
+    Extra memory is one or two buffers of chunk x V values plus O(N) float64 per-row
+    losses and the outputs. The per-row losses are reduced as :func:`cecore.cross_entropy`
+    reduces them, so the loss equals ``cross_entropy`` of the full logits up to the last
+    bits of BLAS's products. float32 products and ``grad_linear_weight`` stay float32; the
+    kernel's sums, the loss reduction and ``grad_linear_bias`` accumulate in float64.
+    """
+    # Everything is checked before any buffer is allocated or any product runs.
+    x, w, b = _operands(input, linear_weight, linear_bias)
+    n_classes, n_features = w.shape
+    if ignore_index is None:
+        ignore_index = -100
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    t = _index_target(target, x.shape, n_classes, ignore_index)
+    class_weight = V.class_weight(weight, n_classes)
+    reduction = V.check_reduction(reduction)
+    eps = V.check_label_smoothing(label_smoothing)
+    chunk_size = _check_chunk_size(chunk_size)
+    kernels = get_backend(backend)
+    n_rows = t.size
+    threads = V.n_threads(n_threads, n_rows * n_classes)
+    loss_shape = x.shape[:-1]
+    g = V.grad_output_array(grad_output, reduction, loss_shape) if return_grad else None
+
+    x2 = _blas_layout(x.reshape(n_rows, n_features))
+    w = _blas_layout(w)
+    dtype = x.dtype
+    # The 'mean' denominator is known before the first chunk, so each chunk's gradient is
+    # scaled (grad_output / denominator) by the kernel as it is written.
+    if reduction == "mean" and weight is None:
+        denominator = np.float64(np.count_nonzero(t != ignore_index))
+    elif reduction == "mean":
+        valid = t[t != ignore_index]
+        denominator = np.float64(_reduce.fixed_sum(class_weight[valid]) if valid.size else 0.0)
+    else:
+        denominator = np.float64(1.0)
+
+    n_buffers = 2 if return_grad and not GRAD_OVER_LOGITS else 1
+    if chunk_size is None:
+        rows = _chunk_rows(n_rows, n_classes, dtype.itemsize, n_buffers)
+    else:
+        rows = max(1, min(chunk_size, n_rows))
+    logits_buf = np.empty((rows, n_classes), dtype)
+    # Per-row losses: O(N) float64, reduced in one call exactly as cross_entropy reduces.
+    loss_rows = np.empty((n_rows, 1), np.float64)
+    if return_grad:
+        scale = _grad_scale(g, reduction, denominator, (n_rows, 1))
+        grad_buf = logits_buf if GRAD_OVER_LOGITS else np.empty_like(logits_buf)
+        grad_x = np.empty((n_rows, n_features), dtype)
+        grad_w = np.empty(w.shape, dtype) if n_rows else np.zeros(w.shape, dtype)
+        grad_b = None if b is None else np.zeros(n_classes, np.float64)
+        ones = None if b is None else np.ones(rows, dtype)
+        block = None
+    else:
+        scale = np.broadcast_to(np.float64(0.0), (n_rows, 1))
+
+    with _blas_threads(threads):
+        for start in range(0, n_rows, rows):
+            stop = min(start + rows, n_rows)
+            n = stop - start
+            xc = x2[start:stop]
+            logits = logits_buf[:n]
+            np.matmul(xc, w.T, out=logits)
+            if b is not None:
+                logits += b
+            grad = grad_buf[:n] if return_grad else None
+            kernels.softmax_ce_index(
+                logits.reshape(n, n_classes, 1), t[start:stop].reshape(n, 1), class_weight,
+                int(ignore_index), eps, scale[start:stop], loss_rows[start:stop],
+                _NO_GRAD[dtype] if grad is None else grad.reshape(n, n_classes, 1), threads)
+            if grad is None:
+                continue
+            np.matmul(grad, w, out=grad_x[start:stop])
+            if start == 0:
+                np.matmul(grad.T, xc, out=grad_w)
+            else:
+                if block is None:
+                    block_rows = _config.LINEAR_ACCUMULATE_BYTES // max(1, n_features * dtype.itemsize)
+                    block = np.empty((max(1, min(block_rows, n_classes)), n_features), dtype)
+                _add_weight_grad(grad_w, grad, xc, block)
+            if grad_b is not None:
+                # The chunk's column sums are one BLAS product (float32 for float32 input,
+                # as the other products); the totals over chunks are float64.
+                grad_b += ones[:n] @ grad
+
+    loss = _reduce_loss(loss_rows, reduction, denominator, loss_shape, dtype)
+    if not return_grad:
+        return loss
+    grads = (grad_x.reshape(x.shape), grad_w, None if grad_b is None else grad_b.astype(dtype))
+    return loss, grads
