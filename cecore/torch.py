@@ -1,9 +1,10 @@
 """cecore's losses inside torch autograd: ``torch.nn.functional``'s losses for CPU training.
 
-``cecore.torch.cross_entropy``, ``nll_loss`` and ``binary_cross_entropy_with_logits``, and
-the modules ``CrossEntropyLoss``, ``NLLLoss`` and ``BCEWithLogitsLoss``, take exactly
-torch's arguments (plus keyword-only ``backend`` and ``n_threads``) and return a tensor
-loss that ``backward()`` flows through: swapping the import is the whole migration::
+``cecore.torch.cross_entropy``, ``nll_loss``, ``binary_cross_entropy_with_logits`` and
+``linear_cross_entropy``, and the modules ``CrossEntropyLoss``, ``NLLLoss``,
+``BCEWithLogitsLoss`` and ``LinearCrossEntropyLoss``, take exactly torch's arguments (plus
+keyword-only ``backend`` and ``n_threads``) and return a tensor loss that ``backward()``
+flows through: swapping the import is the whole migration::
 
     from cecore.torch import CrossEntropyLoss   # was: from torch.nn import CrossEntropyLoss
 
@@ -58,11 +59,13 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _validation as V
 from . import functional as _F
+from . import linear as _L
 from .losses import _legacy_reduction
 
 __all__ = [
-    "BCEWithLogitsLoss", "CecoreFallbackWarning", "CrossEntropyLoss", "NLLLoss",
-    "binary_cross_entropy_with_logits", "cross_entropy", "nll_loss",
+    "BCEWithLogitsLoss", "CecoreFallbackWarning", "CrossEntropyLoss", "LinearCrossEntropyLoss",
+    "NLLLoss", "binary_cross_entropy_with_logits", "cross_entropy", "linear_cross_entropy",
+    "nll_loss",
 ]
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -88,25 +91,29 @@ def _warn_fallback(function_name, reason):
     )
 
 
-def _fallback_reason(input, others):
+def _fallback_reason(inputs, others):
     """Why these arguments go to torch's implementation, or None when cecore computes them.
 
-    ``others`` are the target and the optional weight tensors (None when absent).
+    ``inputs`` are the tensors cecore differentiates (the logits; for the linear loss also
+    its weight and bias), ``others`` the target and the optional weights (None when absent).
     """
-    # Functorch transforms need autograd.Function features that custom operators lack.
-    # (torch.compile traces through transforms itself: the check is skipped there.)
+    # torch.func transforms cannot run the operators' autograd (torch generates it as an
+    # autograd.Function without setup_context). torch.compile traces through transforms
+    # itself: the check is skipped there.
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return "torch.func transforms (grad, vmap, ...) are active"
-    tensors = [input] + [t for t in others if t is not None]
-    for t in tensors:
+    inputs = [t for t in inputs if t is not None]
+    others = [t for t in others if t is not None]
+    for t in inputs + others:
         if t.device.type != "cpu":
             return f"a tensor is on device '{t.device}' (cecore computes on the CPU only)"
-    if input.dtype not in _NATIVE_DTYPES + _HALF_DTYPES:
-        return f"input dtype {input.dtype} (cecore computes float16/32/64 and bfloat16)"
-    if input.layout != torch.strided or not input.is_contiguous():
-        return "the input is not a contiguous (dense, row-major) tensor"
-    if any(t.requires_grad for t in tensors[1:]):
-        return "the target or a weight requires grad (cecore differentiates the input only)"
+    for t in inputs:
+        if t.dtype not in _NATIVE_DTYPES + _HALF_DTYPES:
+            return f"input dtype {t.dtype} (cecore computes float16/32/64 and bfloat16)"
+        if t.layout != torch.strided or not t.is_contiguous():
+            return "an input is not a contiguous (dense, row-major) tensor"
+    if any(t.requires_grad for t in others):
+        return "the target or a class weight requires grad (cecore differentiates the input only)"
     return None
 
 
@@ -354,6 +361,127 @@ _register_autograd(_nll_loss_op, reduction_arg=4, per_element=False)
 _register_autograd(_bce_op, reduction_arg=4, per_element=True)
 
 
+# Linear cross-entropy: the loss of input @ linear_weight.T + linear_bias, whose N x V
+# logits never exist. With 'mean'/'sum' the forward pass computes the three gradients for
+# grad_output = 1 and backward scales them. With 'none' that is impossible: the weight's
+# gradient sums the rows, each with its own grad_output, so backward runs the chunked
+# pass again with the real grad_output (a second operator), from the saved inputs.
+@torch.library.custom_op("cecore::linear_cross_entropy", mutates_args=(), device_types="cpu")
+def _linear_ce_op(input: Tensor, linear_weight: Tensor, target: Tensor,
+                  linear_bias: Optional[Tensor], weight: Optional[Tensor], ignore_index: int,
+                  reduction: str, label_smoothing: float, with_grad: bool,
+                  chunk_size: Optional[int], backend: str,
+                  n_threads: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_input, grad_linear_weight, grad_linear_bias)`` of :func:`cecore.linear_cross_entropy`.
+
+    Gradients for grad_output = 1; each is empty without ``with_grad`` (and the bias's
+    without ``linear_bias``).
+    """
+    x = _numpy(input)
+    try:
+        result = _L.linear_cross_entropy(
+            x, _numpy(linear_weight), _numpy(target), linear_bias=_numpy(linear_bias),
+            weight=_numpy(weight), reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, return_grad=with_grad, chunk_size=chunk_size,
+            backend=backend, n_threads=_threads(n_threads, _n_logits(x, linear_weight)))
+    except (ValueError, TypeError, IndexError) as error:
+        _raise_torch_error(error, TF.linear_cross_entropy, input.detach(),
+                           linear_weight.detach(), target,
+                           linear_bias=None if linear_bias is None else linear_bias.detach(),
+                           weight=weight, reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    loss, grads = result if with_grad else (result, (None, None, None))
+    return (torch.from_numpy(np.asarray(loss)).to(input.dtype),
+            *(_tensor(g, input.dtype) for g in grads))
+
+
+def _n_logits(x, linear_weight):
+    """N x V, the logits of a linear loss: the work that sets its default threads."""
+    return int(np.prod(x.shape[:-1])) * linear_weight.shape[0]
+
+
+def _tensor(array, dtype):
+    """A tensor of ``array`` (its memory, no copy, when the dtype matches); empty for None."""
+    return torch.empty(0, dtype=dtype) if array is None else torch.from_numpy(array).to(dtype)
+
+
+@_linear_ce_op.register_fake
+def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+      label_smoothing, with_grad, chunk_size, backend, n_threads):
+    loss = input.new_empty(input.shape[:-1] if reduction == "none" else ())
+    return (loss, *_fake_linear_grads(input, linear_weight, linear_bias, with_grad))
+
+
+def _fake_linear_grads(input, linear_weight, linear_bias, with_grad):
+    def empty(t, present=True):
+        return t.new_empty(t.shape if with_grad and present else (0,))
+
+    return (empty(input), empty(linear_weight),
+            empty(linear_weight[:, 0], present=linear_bias is not None))
+
+
+@torch.library.custom_op("cecore::linear_cross_entropy_backward", mutates_args=(),
+                         device_types="cpu")
+def _linear_ce_backward_op(grad_output: Tensor, input: Tensor, linear_weight: Tensor,
+                           target: Tensor, linear_bias: Optional[Tensor],
+                           weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                           chunk_size: Optional[int], backend: str,
+                           n_threads: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The three gradients of the unreduced (reduction='none') linear cross-entropy."""
+    x = _numpy(input)
+    _, grads = _L.linear_cross_entropy(
+        x, _numpy(linear_weight), _numpy(target), linear_bias=_numpy(linear_bias),
+        weight=_numpy(weight), reduction="none", ignore_index=ignore_index,
+        label_smoothing=label_smoothing, return_grad=True, grad_output=_numpy(grad_output),
+        chunk_size=chunk_size, backend=backend,
+        n_threads=_threads(n_threads, _n_logits(x, linear_weight)))
+    return tuple(_tensor(g, input.dtype) for g in grads)
+
+
+@_linear_ce_backward_op.register_fake
+def _(grad_output, input, linear_weight, target, linear_bias, weight, ignore_index,
+      label_smoothing, chunk_size, backend, n_threads):
+    return _fake_linear_grads(input, linear_weight, linear_bias, True)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    (input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+     label_smoothing, with_grad, chunk_size, backend, n_threads) = inputs
+    grads = output[1:]
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # no zeros for the gradient outputs' gradients
+    ctx.recompute = reduction == "none"
+    ctx.has_grad = with_grad
+    if ctx.recompute:
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
+        ctx.options = (ignore_index, label_smoothing, chunk_size, backend, n_threads)
+    else:
+        ctx.save_for_backward(*grads)
+
+
+def _linear_backward(ctx, grad_output, *_):
+    nones = (None,) * 8  # target, weight and the non-tensor arguments
+    if grad_output is None:
+        return (None,) * 4 + nones
+    if ctx.recompute:
+        with torch.no_grad():  # the backward operator has no autograd of its own
+            grads = _linear_ce_backward_op(grad_output, *ctx.saved_tensors, *ctx.options)
+    elif not ctx.has_grad:
+        raise RuntimeError("cecore::linear_cross_entropy was called with with_grad=False: "
+                           "no gradient")
+    else:
+        grads = [_scaled(ctx, g, grad_output) for g in ctx.saved_tensors]
+    if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
+        grads = [_DifferentiableOnce.apply(g.detach().requires_grad_()) for g in grads]
+    grad_input, grad_linear_weight, grad_linear_bias = grads
+    needs = ctx.needs_input_grad
+    return (grad_input if needs[0] else None, grad_linear_weight if needs[1] else None, None,
+            grad_linear_bias if needs[3] else None) + nones
+
+
+_linear_ce_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
 # ------------------------------------------------------------------------ functions
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                   reduce=None, reduction="mean", label_smoothing=0.0, *, backend="auto",
@@ -377,7 +505,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if not _all_tensors(input, target, weight):
         return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                 reduction=reduction, label_smoothing=label_smoothing)
-    reason = _fallback_reason(input, (target, weight))
+    reason = _fallback_reason((input,), (target, weight))
     if reason is not None:
         _warn_fallback("cross_entropy", reason)
         return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
@@ -398,7 +526,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     reduction = V.check_reduction(_legacy_reduction(size_average, reduce, reduction))
     if not _all_tensors(input, target, weight):
         return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
-    reason = _fallback_reason(input, (target, weight))
+    reason = _fallback_reason((input,), (target, weight))
     if reason is not None:
         _warn_fallback("nll_loss", reason)
         return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
@@ -421,13 +549,59 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     if not _all_tensors(input, target, weight, pos_weight):
         return TF.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
                                                    pos_weight=pos_weight)
-    reason = _fallback_reason(input, (target, weight, pos_weight))
+    reason = _fallback_reason((input,), (target, weight, pos_weight))
     if reason is not None:
         _warn_fallback("binary_cross_entropy_with_logits", reason)
         return TF.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
                                                    pos_weight=pos_weight)
     loss, _ = _bce_op(input, target, weight, pos_weight, reduction, _with_grad(input),
                       backend, n_threads)
+    _disown_gradient(loss)
+    return loss
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
+                         chunk_size=None, backend="auto", n_threads=None):
+    """``torch.nn.functional.linear_cross_entropy`` computed by cecore (CPU, autograd-aware).
+
+    The cross-entropy of ``input @ linear_weight.T + linear_bias`` against class-index
+    ``target`` without the N x V logits (see :func:`cecore.linear_cross_entropy`): input
+    of shape (D,) or (N, D), ``linear_weight`` (V, D), ``linear_bias`` (V,), all three
+    differentiable. ``options`` configures torch's own chunked implementation and is used
+    only when the call falls back to torch; cecore chunks the rows by its own rule or
+    ``chunk_size``. Probability targets, a K-dimensional ``linear_weight``
+    (``out_features``), and the cases listed for :func:`cross_entropy` go to torch's
+    function with a :class:`CecoreFallbackWarning`. With reduction='none' backward
+    recomputes the chunked pass with the real ``grad_output`` (the forward pass computes
+    the loss only). Differentiable once.
+    """
+    reduction = V.check_reduction(reduction)
+
+    def with_torch():
+        return TF.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            options=options)
+
+    if (not _all_tensors(input, linear_weight, target, linear_bias, weight)
+            or input.dim() not in (1, 2) or linear_weight.dim() < 2):
+        return with_torch()  # arguments torch rejects: its error
+    if linear_weight.dim() > 2:
+        reason = "a K-dimensional linear_weight (out_features)"
+    elif target.is_floating_point():
+        reason = "class-probability targets (cecore's linear loss takes class indices)"
+    else:
+        reason = _fallback_reason((input, linear_weight, linear_bias), (target, weight))
+    if reason is not None:
+        _warn_fallback("linear_cross_entropy", reason)
+        return with_torch()
+    with_grad = (reduction != "none" and torch.is_grad_enabled()
+                 and any(t is not None and t.requires_grad
+                         for t in (input, linear_weight, linear_bias)))
+    loss, *_ = _linear_ce_op(input, linear_weight, target, linear_bias, weight,
+                             -100 if ignore_index is None else int(ignore_index), reduction,
+                             float(label_smoothing), with_grad, chunk_size, backend, n_threads)
     _disown_gradient(loss)
     return loss
 
@@ -479,3 +653,31 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         return binary_cross_entropy_with_logits(
             input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight,
             backend=self.backend, n_threads=self.n_threads)
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """``torch.nn.LinearCrossEntropyLoss`` computed by :func:`linear_cross_entropy`.
+
+    The same constructor (the module owns ``self.linear``), plus keyword-only
+    ``chunk_size``, ``backend`` and ``n_threads``.
+    """
+
+    def __init__(self, *args, chunk_size=None, backend="auto", n_threads=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunk_size = chunk_size
+        self.backend = backend
+        self.n_threads = n_threads
+
+    def forward(self, input, target):
+        # As torch's module: the Linear's (V * prod(out_features), D) weight viewed as
+        # (V, *out_features, D).
+        linear = self.linear
+        linear_weight = linear.weight.reshape(
+            (self.num_classes, *self.out_features, linear.in_features))
+        linear_bias = (None if linear.bias is None
+                       else linear.bias.reshape((self.num_classes, *self.out_features)))
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, options=self.options,
+            chunk_size=self.chunk_size, backend=self.backend, n_threads=self.n_threads)

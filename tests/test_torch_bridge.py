@@ -415,6 +415,154 @@ def test_bad_arguments_raise_torch_errors(gen):
                 getattr(ct, name)(*args, **kw)
 
 
+# ------------------------------------------------------------ linear cross-entropy
+def compare_linear(ours, theirs, operands, grad_output, rtol=None):
+    """``ours`` and torch's ``theirs`` of (input, linear_weight, linear_bias): equal losses and
+    equal gradients of all three operands after backward(grad_output)."""
+    results = []
+    for f in (ours, theirs):
+        leaves = [None if a is None else a.detach().clone().requires_grad_() for a in operands]
+        loss = f(*leaves)
+        loss.backward(grad_output)
+        results.append((loss.detach(), *(None if a is None else a.grad for a in leaves)))
+    (loss, *grads), (expected, *expected_grads) = results
+    assert loss.dtype == expected.dtype and loss.shape == expected.shape
+    dtype = _np_dtype(operands[0].dtype)
+    assert_close(loss.numpy(), expected.numpy(), dtype, rtol=rtol)
+    for g, e in zip(grads, expected_grads):
+        assert (g is None) == (e is None)
+        if e is not None:
+            assert_close(g.numpy(), e.numpy(), dtype, rtol=rtol)
+
+
+def _linear_operands(gen, dtype, batch=(11,), n_features=5, n_classes=7, bias=True):
+    return (torch.randn(*batch, n_features, generator=gen, dtype=dtype),
+            torch.randn(n_classes, n_features, generator=gen, dtype=dtype) / 2,
+            torch.randn(n_classes, generator=gen, dtype=dtype) if bias else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("options", ["plain", "weighted"])
+def test_linear_cross_entropy(gen, dtype, reduction, bias, options):
+    operands = _linear_operands(gen, dtype, bias=bias)
+    kw = dict(reduction=reduction)
+    if options == "weighted":
+        kw.update(weight=torch.rand(7, generator=gen, dtype=dtype) + 0.2, ignore_index=2,
+                  label_smoothing=0.2)
+    target = _index_target(gen, (11,), 7, kw.get("ignore_index", -100), p_ignore=0.3)
+    with no_fallback():
+        # chunk_size=4: three chunks, the last one short
+        compare_linear(
+            lambda x, w, b: ct.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=4, **kw),
+            lambda x, w, b: TF.linear_cross_entropy(x, w, target, linear_bias=b, **kw),
+            operands, _grad_output(gen, (11,), reduction, dtype))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_unbatched(gen, reduction):
+    operands = _linear_operands(gen, torch.float64, batch=())
+    target = torch.tensor(3)
+    with no_fallback():
+        compare_linear(lambda x, w, b: ct.linear_cross_entropy(x, w, target, linear_bias=b,
+                                                               reduction=reduction),
+                       lambda x, w, b: TF.linear_cross_entropy(x, w, target, linear_bias=b,
+                                                               reduction=reduction),
+                       operands, _grad_output(gen, (), reduction, torch.float64))
+
+
+def test_linear_cross_entropy_half_computed_in_float32(gen):
+    x, w, b = (a.half() for a in _linear_operands(gen, torch.float32))
+    target = _index_target(gen, (11,), 7)
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    with no_fallback():
+        loss = ct.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2])
+    loss.backward()
+    leaves32 = [a.float().requires_grad_() for a in (x, w, b)]
+    expected = TF.linear_cross_entropy(leaves32[0], leaves32[1], target, linear_bias=leaves32[2])
+    expected.backward()
+    assert loss.dtype == torch.float16
+    assert_close(loss.float().detach().numpy(), expected.half().float().detach().numpy(),
+                 np.float32, rtol=2e-3)
+    for ours, theirs in zip(leaves, leaves32):
+        assert ours.grad.dtype == torch.float16
+        assert_close(ours.grad.float().numpy(), theirs.grad.half().float().numpy(), np.float32,
+                     rtol=2e-3)
+
+
+def test_linear_cross_entropy_zero_copy(gen, monkeypatch):
+    seen = {}
+    real = cecore.linear.linear_cross_entropy
+
+    def spy(input, linear_weight, *args, **kwargs):
+        seen["operands"] = [a.__array_interface__["data"][0] for a in (input, linear_weight)]
+        result = real(input, linear_weight, *args, **kwargs)
+        seen["grads"] = [g.__array_interface__["data"][0] for g in result[1][:2]]
+        return result
+
+    monkeypatch.setattr(cecore.linear, "linear_cross_entropy", spy)
+    x, w, _ = _linear_operands(gen, torch.float32, bias=False)
+    x.requires_grad_()
+    w.requires_grad_()
+    with no_fallback():
+        ct.linear_cross_entropy(x, w, _index_target(gen, (11,), 7)).backward()
+    assert seen["operands"] == [x.data_ptr(), w.data_ptr()]
+    assert seen["grads"] == [x.grad.data_ptr(), w.grad.data_ptr()]
+
+
+def test_linear_gradcheck(gen):
+    operands = [a.requires_grad_() for a in _linear_operands(gen, torch.float64, batch=(6,))]
+    target = _index_target(gen, (6,), 7, p_ignore=0.2)
+    weight = torch.rand(7, generator=gen, dtype=torch.float64) + 0.5
+    with no_fallback():
+        for reduction in ("mean", "none"):
+            assert torch.autograd.gradcheck(
+                lambda x, w, b: ct.linear_cross_entropy(
+                    x, w, target, linear_bias=b, weight=weight, reduction=reduction,
+                    label_smoothing=0.1, chunk_size=4), operands)
+
+
+def test_linear_module_matches_torch(gen):
+    torch.manual_seed(0)
+    ours = ct.LinearCrossEntropyLoss(5, 7, bias=True, label_smoothing=0.1, chunk_size=3)
+    theirs = torch.nn.LinearCrossEntropyLoss(5, 7, bias=True, label_smoothing=0.1)
+    theirs.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
+    x = torch.randn(10, 5, generator=gen)
+    target = _index_target(gen, (10,), 7)
+    with no_fallback():
+        ours(x, target).backward()
+    theirs(x, target).backward()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert_close(p.grad.numpy(), q.grad.numpy(), np.float32)
+
+
+def test_linear_fallbacks_and_backward_twice(gen):
+    x, w, b = (a.requires_grad_() for a in _linear_operands(gen, torch.float64))
+    proba = torch.softmax(torch.randn(11, 7, generator=gen, dtype=torch.float64), 1)
+    with pytest.warns(ct.CecoreFallbackWarning, match="probability"):
+        loss = ct.linear_cross_entropy(x, w, proba, linear_bias=b)
+    assert_close(loss.detach().numpy(),
+                 TF.linear_cross_entropy(x, w, proba, linear_bias=b).detach().numpy())
+    with pytest.warns(ct.CecoreFallbackWarning, match="K-dimensional"):
+        ct.linear_cross_entropy(x, torch.randn(7, 2, 5, dtype=torch.float64),
+                                _index_target(gen, (11, 2), 7))
+    target = _index_target(gen, (11,), 7)
+    for reduction in ("sum", "none"):
+        with no_fallback():
+            loss = ct.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction)
+        loss.sum().backward(retain_graph=True)
+        loss.sum().backward()
+        with pytest.raises(RuntimeError, match="second time"):
+            loss.sum().backward()
+    # Two reductions, two backwards each: four times the gradient of one.
+    expected = torch.autograd.grad(TF.linear_cross_entropy(x, w, target, linear_bias=b,
+                                                           reduction="sum"), (x, w, b))
+    for operand, e in zip((x, w, b), expected):
+        assert_close(operand.grad.numpy(), 4 * e.numpy())
+
+
 # ------------------------------------------------------------ custom op machinery
 def test_opcheck():
     gen = torch.Generator().manual_seed(0)
@@ -431,25 +579,47 @@ def test_opcheck():
         (torch.ops.cecore.binary_cross_entropy_with_logits.default,
          (x, y, None, w[:, None], "mean", True, "auto", None)),
     ]
+    h = torch.randn(6, 3, generator=gen, requires_grad=True)
+    lw = torch.randn(5, 3, generator=gen, requires_grad=True)
+    lt = _index_target(gen, (6,), 5, p_ignore=0.3)
+    cases += [
+        (torch.ops.cecore.linear_cross_entropy.default,
+         (h, lw, lt, w.requires_grad_(), None, -100, "mean", 0.1, True, 4, "auto", None)),
+        (torch.ops.cecore.linear_cross_entropy.default,
+         (h, lw, lt, None, w, -100, "none", 0.0, False, None, "auto", None)),
+        (torch.ops.cecore.linear_cross_entropy_backward.default,
+         (torch.randn(6, generator=gen), h.detach(), lw.detach(), lt, None, w.detach(), -100,
+          0.0, 2, "auto", None)),
+    ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
 def test_compiled_model_fullgraph(gen):
+    # One compiled graph (fullgraph: a graph break is an error) with two of the operators.
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
-    reference = copy.deepcopy(model)
+    body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh())
+    head = torch.nn.Linear(16, 5)
+    reference = copy.deepcopy(torch.nn.ModuleList([body, head]))
     loss_fn = ct.CrossEntropyLoss(label_smoothing=0.1)
-    compiled = torch.compile(lambda a, t: loss_fn(model(a), t), fullgraph=True)
+
+    def total_loss(ce, linear_ce, body, head, a, t):
+        h = body(a)
+        return ce(head(h), t) + linear_ce(h, head.weight, t, linear_bias=head.bias,
+                                          reduction="sum")
+
+    compiled = torch.compile(lambda a, t: total_loss(loss_fn, ct.linear_cross_entropy, body,
+                                                     head, a, t), fullgraph=True)
     a = torch.randn(12, 6, generator=gen)
     t = _index_target(gen, (12,), 5, p_ignore=0.2)
     with no_fallback():
         loss = compiled(a, t)
     loss.backward()
-    expected = TF.cross_entropy(reference(a), t, label_smoothing=0.1)
+    expected = total_loss(lambda x, t: TF.cross_entropy(x, t, label_smoothing=0.1),
+                          TF.linear_cross_entropy, *reference, a, t)
     expected.backward()
     assert_close(loss.detach().numpy(), expected.detach().numpy(), np.float32)
-    for p, q in zip(model.parameters(), reference.parameters()):
+    for p, q in zip([*body.parameters(), *head.parameters()], reference.parameters()):
         assert_close(p.grad.numpy(), q.grad.numpy(), np.float32)
 
 
