@@ -48,6 +48,9 @@ penalties) raises a ``RuntimeError`` instead of silently missing the second-orde
 use torch's functions for that.
 """
 
+import ctypes
+import mmap
+import sys
 import warnings
 from typing import Optional
 
@@ -57,6 +60,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from . import _config
 from . import _validation as V
 from . import functional as _F
 from . import linear as _L
@@ -137,6 +141,38 @@ def _numpy(t):
     return t.numpy()
 
 
+def _load_madvise():
+    """libc's ``madvise`` on Linux, None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _load_madvise()
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+
+
+def _empty(shape, dtype):
+    """A new contiguous CPU tensor, advised to Linux as huge-page memory when large.
+
+    See ``cecore._config.HUGEPAGE_MIN_BYTES``: torch's allocator gives 4 kB pages unless
+    the process sets THP_MEM_ALLOC_ENABLE=1. The advice runs from the first page boundary
+    in the buffer to its end; where Linux cannot follow it, nothing changes but the speed.
+    """
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if _madvise is not None and nbytes >= _config.HUGEPAGE_MIN_BYTES:
+        start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+        _madvise(start, t.data_ptr() + nbytes - start, _MADV_HUGEPAGE)
+    return t
+
+
 def _logits(input, with_grad):
     """``(x, grad)``: the logits as a NumPy array and the tensor the gradient goes into.
 
@@ -148,7 +184,7 @@ def _logits(input, with_grad):
         x = x.float()
     # A no-op on the fast path; a custom operator can still be called with other layouts.
     x = x.contiguous()
-    grad = torch.empty(x.shape, dtype=x.dtype) if with_grad else None
+    grad = _empty(x.shape, x.dtype) if with_grad else None
     return x.numpy(), grad
 
 
