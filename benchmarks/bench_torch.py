@@ -241,6 +241,7 @@ def main(argv=None):
                              torch_threads=torch.get_num_threads())
     print(f"CPU: {machine['cpu_model']}; threads: {args.threads}; rounds: {repeat} "
           "(median reported); float32", flush=True)
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     records, summary = [], []
     for section in args.sections:
         for size in sizes[section]:
@@ -266,6 +267,8 @@ def main(argv=None):
     rows = [r[:-1] + [""] * (width - len(r)) + r[-1:] for r in rows]
     print()
     print(C.format_table(["section", "size"] + ["median"] * (width - 3) + ["result"], rows))
+    note(f"load average (1, 5, 15 min) at the start {load_before}, at the end "
+         f"{os.getloadavg()}: above 0 means other processes shared the CPUs")
     data = {"settings": {"threads": args.threads, "repeat": repeat, "warmup": 1,
                          "quick": args.quick, "dtype": "float32", "sizes": sizes},
             "summary": summary, "results": records, "notes": NOTES, "machine": machine}
