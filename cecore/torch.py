@@ -1,0 +1,719 @@
+"""cecore's losses inside torch autograd: ``torch.nn.functional``'s losses for CPU training.
+
+``cecore.torch.cross_entropy``, ``nll_loss``, ``binary_cross_entropy_with_logits`` and
+``linear_cross_entropy``, and the modules ``CrossEntropyLoss``, ``NLLLoss``,
+``BCEWithLogitsLoss`` and ``LinearCrossEntropyLoss``, take exactly torch's arguments (plus
+keyword-only ``backend`` and ``n_threads``) and return a tensor loss that ``backward()``
+flows through: swapping the import is the whole migration::
+
+    from cecore.torch import CrossEntropyLoss   # was: from torch.nn import CrossEntropyLoss
+
+Importing this module imports torch; ``import cecore`` alone never does.
+
+How it works
+------------
+Each loss is a torch custom operator (``torch.ops.cecore.cross_entropy`` and so on, made
+with :func:`torch.library.custom_op`) that returns the loss *and* its gradient from one
+fused pass of cecore's kernels. The logits reach the kernels as a NumPy view of the
+tensor's memory (no copy) and the gradient is written into a tensor that torch allocated.
+The forward pass computes that gradient for ``grad_output = 1`` (ones for
+``reduction='none'``); backward only scales it by the real ``grad_output``, which is exact
+because the gradient is linear in ``grad_output`` at each position. The scaling is done in
+place when the graph is freed after backward, and skipped when ``grad_output`` is 1 (as
+after ``loss.backward()``): the saved gradient is then handed on as it is.
+
+Each operator has a fake implementation, so ``torch.compile`` (fullgraph included)
+traces it as one opaque node, and ``torch.library.opcheck`` passes on it.
+
+Fallback to torch
+-----------------
+cecore computes contiguous float32/float64 CPU tensors directly, and float16/bfloat16 in
+float32 (returned in the input's dtype, like :mod:`cecore.functional` does for float16).
+Everything else is computed by torch's own function, after one
+:class:`CecoreFallbackWarning` per process and reason: tensors on another device, other
+dtypes, non-contiguous or sparse input, a target (or class/pos weight) that requires
+grad, and calls under ``torch.func`` transforms. Under ``torch.func.grad``, ``vmap``,
+``jacrev``, ... the losses therefore work, with torch's implementation and speed.
+
+Errors are torch's: when cecore rejects an argument, the exception raised is the one
+torch's own function raises for it (cecore's message chained as its cause); where torch
+would accept what cecore rejects, cecore's error is raised. cecore is more lenient in two
+ways (class-index targets of any integer dtype, not only int64/uint8; class weights of any
+float dtype) and stricter in one (unbatched input of shape (C,) needs a 0-d target:
+torch's forward also takes shape (1,), but its backward then fails).
+
+The losses are differentiable once. Backpropagating through their gradient (second
+derivatives: ``create_graph=True`` followed by another backward, Hessians, gradient
+penalties) raises a ``RuntimeError`` instead of silently missing the second-order term;
+use torch's functions for that.
+"""
+
+import ctypes
+import mmap
+import sys
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from . import _config
+from . import _validation as V
+from . import functional as _F
+from . import linear as _L
+from .losses import _legacy_reduction
+
+__all__ = [
+    "BCEWithLogitsLoss", "CecoreFallbackWarning", "CrossEntropyLoss", "LinearCrossEntropyLoss",
+    "NLLLoss", "binary_cross_entropy_with_logits", "cross_entropy", "linear_cross_entropy",
+    "nll_loss",
+]
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32
+
+
+class CecoreFallbackWarning(UserWarning):
+    """A loss of :mod:`cecore.torch` was computed by torch's own function (the message says why)."""
+
+
+_warned = set()
+
+
+def _warn_fallback(function_name, reason):
+    # Once per process and reason: a training loop would otherwise warn at every step.
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(
+        f"cecore.torch.{function_name}: {reason}; computing with torch's own implementation "
+        "(this warning is shown once per process)",
+        CecoreFallbackWarning, stacklevel=3,
+    )
+
+
+def _fallback_reason(inputs, others):
+    """Why these arguments go to torch's implementation, or None when cecore computes them.
+
+    ``inputs`` are the tensors cecore differentiates (the logits; for the linear loss also
+    its weight and bias), ``others`` the target and the optional weights (None when absent).
+    """
+    # torch.func transforms cannot run the operators' autograd (torch generates it as an
+    # autograd.Function without setup_context). torch.compile traces through transforms
+    # itself: the check is skipped there.
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return "torch.func transforms (grad, vmap, ...) are active"
+    inputs = [t for t in inputs if t is not None]
+    others = [t for t in others if t is not None]
+    for t in inputs + others:
+        if t.device.type != "cpu":
+            return f"a tensor is on device '{t.device}' (cecore computes on the CPU only)"
+    for t in inputs:
+        if t.dtype not in _NATIVE_DTYPES + _HALF_DTYPES:
+            return f"input dtype {t.dtype} (cecore computes float16/32/64 and bfloat16)"
+        if t.layout != torch.strided or not t.is_contiguous():
+            return "an input is not a contiguous (dense, row-major) tensor"
+    if any(t.requires_grad for t in others):
+        return "the target or a class weight requires grad (cecore differentiates the input only)"
+    return None
+
+
+def _all_tensors(*args):
+    return all(a is None or isinstance(a, Tensor) for a in args)
+
+
+def _with_grad(input):
+    """Whether the forward pass must also compute the input's gradient."""
+    return torch.is_grad_enabled() and input.requires_grad
+
+
+# ----------------------------------------------------------- calling cecore.functional
+def _numpy(t):
+    """A NumPy view of the CPU tensor ``t`` (no copy), None for None; half types in float32."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype in _HALF_DTYPES:  # NumPy has no bfloat16; cecore computes float16 in float32
+        t = t.float()
+    return t.numpy()
+
+
+def _load_madvise():
+    """libc's ``madvise`` on Linux, None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _load_madvise()
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+
+
+def _empty(shape, dtype):
+    """A new contiguous CPU tensor, advised to Linux as huge-page memory when large.
+
+    See ``cecore._config.HUGEPAGE_MIN_BYTES``: torch's allocator gives 4 kB pages unless
+    the process sets THP_MEM_ALLOC_ENABLE=1. The advice runs from the first page boundary
+    in the buffer to its end; where Linux cannot follow it, nothing changes but the speed.
+    """
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if _madvise is not None and nbytes >= _config.HUGEPAGE_MIN_BYTES:
+        start = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+        _madvise(start, t.data_ptr() + nbytes - start, _MADV_HUGEPAGE)
+    return t
+
+
+def _logits(input, with_grad):
+    """``(x, grad)``: the logits as a NumPy array and the tensor the gradient goes into.
+
+    ``x`` is a view of ``input`` when it is a contiguous float32/float64 tensor; ``grad`` is
+    a new contiguous tensor of ``x``'s dtype and shape, or None for the loss alone.
+    """
+    x = input.detach()
+    if x.dtype in _HALF_DTYPES:
+        x = x.float()
+    # A no-op on the fast path; a custom operator can still be called with other layouts.
+    x = x.contiguous()
+    grad = _empty(x.shape, x.dtype) if with_grad else None
+    return x.numpy(), grad
+
+
+def _threads(n_threads, n_elements):
+    """cecore's threads for a call: ``n_threads`` when given, else cecore's default capped
+    at ``torch.get_num_threads()``, so that ``torch.set_num_threads`` limits the loss too."""
+    if n_threads is not None:
+        return n_threads
+    return min(torch.get_num_threads(), V.n_threads(None, n_elements))
+
+
+def _fused(function, grad, *args, **kwargs):
+    """The loss from a :mod:`cecore.functional` loss, its gradient written into ``grad``.
+
+    ``grad`` is a contiguous tensor of the input's shape (torch owns the memory), or None
+    for the loss alone.
+    """
+    if grad is None:
+        return function(*args, **kwargs)
+    return function(*args, grad_out=grad.numpy(), **kwargs)[0]
+
+
+def _outputs(loss, grad, input):
+    """The operator's ``(loss, grad)`` tensors in the input's dtype (grad empty when None)."""
+    loss = torch.from_numpy(np.asarray(loss)).to(input.dtype)
+    if grad is None:
+        return loss, torch.empty(0, dtype=input.dtype)
+    return loss, grad.to(input.dtype)
+
+
+def _fake_outputs(input, loss_shape, with_grad):
+    return input.new_empty(loss_shape), input.new_empty(input.shape if with_grad else (0,))
+
+
+def _raise_torch_error(error, torch_function, *args, **kwargs):
+    """Raise what ``torch_function`` raises for these arguments, with cecore's ``error`` as cause.
+
+    cecore and torch reject the same bad arguments, not always with the same exception type
+    (a weight of the wrong size is a ValueError in cecore, a RuntimeError in torch), and
+    code that catches torch's errors must keep working. Where torch accepts the
+    arguments, cecore's error stands.
+    """
+    try:
+        torch_function(*args, **kwargs)
+    except Exception as torch_error:
+        raise torch_error from error
+    raise error
+
+
+# ------------------------------------------------------------------------- autograd
+class _DifferentiableOnce(torch.autograd.Function):
+    """Identity whose backward raises: the gradient it wraps has no gradient of its own."""
+
+    @staticmethod
+    def forward(ctx, grad):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            "cecore.torch losses are differentiable once: their gradient has no gradient of "
+            "its own (second derivatives, Hessians, gradient penalties). Use the loss from "
+            "torch.nn.functional for this computation."
+        )
+
+
+def _scaled(ctx, grad, grad_output):
+    """The saved gradient ``grad`` (computed for grad_output = 1) times ``grad_output``.
+
+    ``grad`` is the operator's second output. When only this module ever held it (the
+    functions below drop it, see :func:`_disown_gradient`) and the graph is freed after
+    this backward (no ``retain_graph``), nothing reads it again: it is scaled in place, or
+    handed on as it is when ``grad_output`` is 1 (``loss.backward()``). Backward then costs
+    at most one pass over the gradient and no allocation of N x C values (torch's compiled
+    backward reuses saved tensors the same way). Otherwise (the operator called directly,
+    a retained graph, or torch tracing the backward: torch.compile, opcheck, make_fx) a new
+    tensor is returned.
+    """
+    traced = (type(grad_output) is not Tensor or is_in_torch_dispatch_mode()
+              or torch.compiler.is_compiling())
+    reusable = (getattr(ctx, "gradient_disowned", False)
+                and not torch._C._autograd._get_current_graph_task_keep_graph())
+    if traced or not reusable:
+        return grad * grad_output
+    if grad_output.numel() == 1 and grad_output.item() == 1:
+        return grad
+    return grad.mul_(grad_output)
+
+
+def _disown_gradient(loss):
+    """Mark the gradient output of the operator that made ``loss`` as never seen by the caller.
+
+    The functions call the operators and drop that output, so :func:`_scaled` may reuse
+    its memory. (``loss.grad_fn`` is the autograd context of the operator's backward.)
+    """
+    if not torch.compiler.is_compiling() and loss.grad_fn is not None:
+        loss.grad_fn.gradient_disowned = True
+
+
+def _register_autograd(op, reduction_arg, per_element):
+    """Backward of ``op``: the forward's gradient (saved) scaled by ``grad_output``.
+
+    ``reduction_arg`` is the position of ``reduction`` in the op's arguments. With
+    reduction='none', ``grad_output`` has the loss's shape: the input's (``per_element``,
+    binary cross-entropy) or the input's without the class axis 1 (unbatched input has no
+    batch axis and a 0-d loss).
+    """
+
+    def setup_context(ctx, inputs, output):
+        input = inputs[0]
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        # The gradient output gets no gradient: without this, autograd would allocate
+        # an N x C tensor of zeros for it at every backward.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        ctx.n_inputs = len(inputs)
+        ctx.has_grad = grad.numel() == input.numel()
+        ctx.class_axis = (1 if inputs[reduction_arg] == "none" and not per_element
+                          and input.dim() > 1 else None)
+
+    def backward(ctx, grad_output, _):
+        (grad,) = ctx.saved_tensors
+        nones = (None,) * (ctx.n_inputs - 1)
+        if grad_output is None:
+            return (None,) + nones
+        if not ctx.has_grad:
+            raise RuntimeError(f"{op._qualname} was called with with_grad=False: no gradient")
+        if ctx.class_axis is not None:
+            grad_output = grad_output.unsqueeze(ctx.class_axis)
+        result = _scaled(ctx, grad, grad_output)
+        if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
+            result = _DifferentiableOnce.apply(result.detach().requires_grad_())
+        return (result,) + nones
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------- custom operators
+@torch.library.custom_op("cecore::cross_entropy", mutates_args=(), device_types="cpu")
+def _cross_entropy_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
+                      ignore_index: int, reduction: str, label_smoothing: float,
+                      with_grad: bool, backend: str,
+                      n_threads: Optional[int]) -> tuple[Tensor, Tensor]:
+    """``(loss, grad)`` of :func:`cecore.cross_entropy`, grad for grad_output=1 (empty without with_grad)."""
+    x, grad = _logits(input, with_grad)
+    try:
+        loss = _fused(_F.cross_entropy, grad, x, _numpy(target), _numpy(weight), ignore_index,
+                      reduction, label_smoothing, backend=backend,
+                      n_threads=_threads(n_threads, x.size))
+    except (ValueError, TypeError, IndexError) as error:
+        _raise_torch_error(error, TF.cross_entropy, input.detach(), target, weight,
+                           ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    return _outputs(loss, grad, input)
+
+
+@_cross_entropy_op.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing, with_grad, backend,
+      n_threads):
+    return _fake_outputs(input, V.loss_shape(input.shape) if reduction == "none" else (),
+                         with_grad)
+
+
+@torch.library.custom_op("cecore::nll_loss", mutates_args=(), device_types="cpu")
+def _nll_loss_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                 reduction: str, with_grad: bool, backend: str,
+                 n_threads: Optional[int]) -> tuple[Tensor, Tensor]:
+    """``(loss, grad)`` of :func:`cecore.nll_loss`; grad for grad_output=1, empty without with_grad."""
+    x, grad = _logits(input, with_grad)
+    try:
+        loss = _fused(_F.nll_loss, grad, x, _numpy(target), _numpy(weight), ignore_index,
+                      reduction, backend=backend, n_threads=_threads(n_threads, x.size))
+    except (ValueError, TypeError, IndexError) as error:
+        _raise_torch_error(error, TF.nll_loss, input.detach(), target, weight,
+                           ignore_index=ignore_index, reduction=reduction)
+    return _outputs(loss, grad, input)
+
+
+@_nll_loss_op.register_fake
+def _(input, target, weight, ignore_index, reduction, with_grad, backend, n_threads):
+    return _fake_outputs(input, V.loss_shape(input.shape) if reduction == "none" else (),
+                         with_grad)
+
+
+@torch.library.custom_op("cecore::binary_cross_entropy_with_logits", mutates_args=(),
+                         device_types="cpu")
+def _bce_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
+            pos_weight: Optional[Tensor], reduction: str, with_grad: bool, backend: str,
+            n_threads: Optional[int]) -> tuple[Tensor, Tensor]:
+    """``(loss, grad)`` of :func:`cecore.binary_cross_entropy_with_logits` (grad for grad_output=1)."""
+    x, grad = _logits(input, with_grad)
+    try:
+        loss = _fused(_F.binary_cross_entropy_with_logits, grad, x, _numpy(target),
+                      _numpy(weight), reduction, _numpy(pos_weight), backend=backend,
+                      n_threads=_threads(n_threads, x.size))
+    except (ValueError, TypeError, IndexError) as error:
+        _raise_torch_error(error, TF.binary_cross_entropy_with_logits, input.detach(), target,
+                           weight, reduction=reduction, pos_weight=pos_weight)
+    return _outputs(loss, grad, input)
+
+
+@_bce_op.register_fake
+def _(input, target, weight, pos_weight, reduction, with_grad, backend, n_threads):
+    return _fake_outputs(input, input.shape if reduction == "none" else (), with_grad)
+
+
+_register_autograd(_cross_entropy_op, reduction_arg=4, per_element=False)
+_register_autograd(_nll_loss_op, reduction_arg=4, per_element=False)
+_register_autograd(_bce_op, reduction_arg=4, per_element=True)
+
+
+# Linear cross-entropy: the loss of input @ linear_weight.T + linear_bias, whose N x V
+# logits never exist. With 'mean'/'sum' the forward pass computes the three gradients for
+# grad_output = 1 and backward scales them. With 'none' that is impossible: the weight's
+# gradient sums the rows, each with its own grad_output, so backward runs the chunked
+# pass again with the real grad_output (a second operator), from the saved inputs.
+@torch.library.custom_op("cecore::linear_cross_entropy", mutates_args=(), device_types="cpu")
+def _linear_ce_op(input: Tensor, linear_weight: Tensor, target: Tensor,
+                  linear_bias: Optional[Tensor], weight: Optional[Tensor], ignore_index: int,
+                  reduction: str, label_smoothing: float, with_grad: bool,
+                  chunk_size: Optional[int], backend: str,
+                  n_threads: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_input, grad_linear_weight, grad_linear_bias)`` of :func:`cecore.linear_cross_entropy`.
+
+    Gradients for grad_output = 1; each is empty without ``with_grad`` (and the bias's
+    without ``linear_bias``).
+    """
+    x = _numpy(input)
+    try:
+        result = _L.linear_cross_entropy(
+            x, _numpy(linear_weight), _numpy(target), linear_bias=_numpy(linear_bias),
+            weight=_numpy(weight), reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, return_grad=with_grad, chunk_size=chunk_size,
+            backend=backend, n_threads=_threads(n_threads, _n_logits(x, linear_weight)))
+    except (ValueError, TypeError, IndexError) as error:
+        _raise_torch_error(error, TF.linear_cross_entropy, input.detach(),
+                           linear_weight.detach(), target,
+                           linear_bias=None if linear_bias is None else linear_bias.detach(),
+                           weight=weight, reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    loss, grads = result if with_grad else (result, (None, None, None))
+    return (torch.from_numpy(np.asarray(loss)).to(input.dtype),
+            *(_tensor(g, input.dtype) for g in grads))
+
+
+def _n_logits(x, linear_weight):
+    """N x V, the logits of a linear loss: the work that sets its default threads."""
+    return int(np.prod(x.shape[:-1])) * linear_weight.shape[0]
+
+
+def _tensor(array, dtype):
+    """A tensor of ``array`` (its memory, no copy, when the dtype matches); empty for None."""
+    return torch.empty(0, dtype=dtype) if array is None else torch.from_numpy(array).to(dtype)
+
+
+@_linear_ce_op.register_fake
+def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+      label_smoothing, with_grad, chunk_size, backend, n_threads):
+    loss = input.new_empty(input.shape[:-1] if reduction == "none" else ())
+    return (loss, *_fake_linear_grads(input, linear_weight, linear_bias, with_grad))
+
+
+def _fake_linear_grads(input, linear_weight, linear_bias, with_grad):
+    def empty(t, present=True):
+        return t.new_empty(t.shape if with_grad and present else (0,))
+
+    return (empty(input), empty(linear_weight),
+            empty(linear_weight[:, 0], present=linear_bias is not None))
+
+
+@torch.library.custom_op("cecore::linear_cross_entropy_backward", mutates_args=(),
+                         device_types="cpu")
+def _linear_ce_backward_op(grad_output: Tensor, input: Tensor, linear_weight: Tensor,
+                           target: Tensor, linear_bias: Optional[Tensor],
+                           weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                           chunk_size: Optional[int], backend: str,
+                           n_threads: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The three gradients of the unreduced (reduction='none') linear cross-entropy."""
+    x = _numpy(input)
+    _, grads = _L.linear_cross_entropy(
+        x, _numpy(linear_weight), _numpy(target), linear_bias=_numpy(linear_bias),
+        weight=_numpy(weight), reduction="none", ignore_index=ignore_index,
+        label_smoothing=label_smoothing, return_grad=True, grad_output=_numpy(grad_output),
+        chunk_size=chunk_size, backend=backend,
+        n_threads=_threads(n_threads, _n_logits(x, linear_weight)))
+    return tuple(_tensor(g, input.dtype) for g in grads)
+
+
+@_linear_ce_backward_op.register_fake
+def _(grad_output, input, linear_weight, target, linear_bias, weight, ignore_index,
+      label_smoothing, chunk_size, backend, n_threads):
+    return _fake_linear_grads(input, linear_weight, linear_bias, True)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    (input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+     label_smoothing, with_grad, chunk_size, backend, n_threads) = inputs
+    grads = output[1:]
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)  # no zeros for the gradient outputs' gradients
+    ctx.recompute = reduction == "none"
+    ctx.has_grad = with_grad
+    if ctx.recompute:
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
+        ctx.options = (ignore_index, label_smoothing, chunk_size, backend, n_threads)
+    else:
+        ctx.save_for_backward(*grads)
+
+
+def _linear_backward(ctx, grad_output, *_):
+    nones = (None,) * 8  # target, weight and the non-tensor arguments
+    if grad_output is None:
+        return (None,) * 4 + nones
+    if ctx.recompute:
+        with torch.no_grad():  # the backward operator has no autograd of its own
+            grads = _linear_ce_backward_op(grad_output, *ctx.saved_tensors, *ctx.options)
+    elif not ctx.has_grad:
+        raise RuntimeError("cecore::linear_cross_entropy was called with with_grad=False: "
+                           "no gradient")
+    else:
+        grads = [_scaled(ctx, g, grad_output) for g in ctx.saved_tensors]
+    if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
+        grads = [_DifferentiableOnce.apply(g.detach().requires_grad_()) for g in grads]
+    grad_input, grad_linear_weight, grad_linear_bias = grads
+    needs = ctx.needs_input_grad
+    return (grad_input if needs[0] else None, grad_linear_weight if needs[1] else None, None,
+            grad_linear_bias if needs[3] else None) + nones
+
+
+_linear_ce_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# ------------------------------------------------------------------------ functions
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
+                  reduce=None, reduction="mean", label_smoothing=0.0, *, backend="auto",
+                  n_threads=None):
+    """``torch.nn.functional.cross_entropy`` computed by cecore (CPU, autograd-aware).
+
+    Arguments and result as torch's (see :func:`cecore.cross_entropy` for the semantics):
+    logits of shape (C,), (N, C) or (N, C, d1, ..., dK); class-index targets (any integer
+    dtype) or class probabilities of the input's shape. ``backend`` and ``n_threads``
+    choose cecore's kernels (by default cecore's threads, at most
+    ``torch.get_num_threads()``). Other devices, dtypes and layouts go to torch's function
+    with a :class:`CecoreFallbackWarning` (see the module docstring), as do calls under
+    ``torch.func`` transforms. Differentiable once (a second derivative raises).
+
+    Returns
+    -------
+    loss : Tensor
+        Shape () for 'mean'/'sum', the target's (class-index) shape for 'none'.
+    """
+    reduction = V.check_reduction(_legacy_reduction(size_average, reduce, reduction))
+    if not _all_tensors(input, target, weight):
+        return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
+                                reduction=reduction, label_smoothing=label_smoothing)
+    reason = _fallback_reason((input,), (target, weight))
+    if reason is not None:
+        _warn_fallback("cross_entropy", reason)
+        return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
+                                reduction=reduction, label_smoothing=label_smoothing)
+    loss, _ = _cross_entropy_op(input, target, weight, int(ignore_index), reduction,
+                                float(label_smoothing), _with_grad(input), backend, n_threads)
+    _disown_gradient(loss)
+    return loss
+
+
+def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+             reduction="mean", *, backend="auto", n_threads=None):
+    """``torch.nn.functional.nll_loss`` computed by cecore (CPU, autograd-aware).
+
+    Log-probabilities of shape (C,), (N, C) or (N, C, d1, ..., dK) and class-index
+    targets; otherwise as :func:`cross_entropy` (fallback, errors, differentiable once).
+    """
+    reduction = V.check_reduction(_legacy_reduction(size_average, reduce, reduction))
+    if not _all_tensors(input, target, weight):
+        return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
+    reason = _fallback_reason((input,), (target, weight))
+    if reason is not None:
+        _warn_fallback("nll_loss", reason)
+        return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
+    loss, _ = _nll_loss_op(input, target, weight, int(ignore_index), reduction,
+                           _with_grad(input), backend, n_threads)
+    _disown_gradient(loss)
+    return loss
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None,
+                                     reduce=None, reduction="mean", pos_weight=None, *,
+                                     backend="auto", n_threads=None):
+    """``torch.nn.functional.binary_cross_entropy_with_logits`` computed by cecore (CPU).
+
+    ``weight`` and ``pos_weight`` broadcast against the input; a target, weight or
+    pos_weight that requires grad goes to torch's function. Otherwise as
+    :func:`cross_entropy` (fallback, errors, differentiable once).
+    """
+    reduction = V.check_reduction(_legacy_reduction(size_average, reduce, reduction))
+    if not _all_tensors(input, target, weight, pos_weight):
+        return TF.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
+                                                   pos_weight=pos_weight)
+    reason = _fallback_reason((input,), (target, weight, pos_weight))
+    if reason is not None:
+        _warn_fallback("binary_cross_entropy_with_logits", reason)
+        return TF.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
+                                                   pos_weight=pos_weight)
+    loss, _ = _bce_op(input, target, weight, pos_weight, reduction, _with_grad(input),
+                      backend, n_threads)
+    _disown_gradient(loss)
+    return loss
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=None, label_smoothing=0.0, options=None,
+                         chunk_size=None, backend="auto", n_threads=None):
+    """``torch.nn.functional.linear_cross_entropy`` computed by cecore (CPU, autograd-aware).
+
+    The cross-entropy of ``input @ linear_weight.T + linear_bias`` against class-index
+    ``target`` without the N x V logits (see :func:`cecore.linear_cross_entropy`): input
+    of shape (D,) or (N, D), ``linear_weight`` (V, D), ``linear_bias`` (V,), all three
+    differentiable. ``options`` configures torch's own chunked implementation and is used
+    only when the call falls back to torch; cecore chunks the rows by its own rule or
+    ``chunk_size``. Probability targets, a K-dimensional ``linear_weight``
+    (``out_features``), and the cases listed for :func:`cross_entropy` go to torch's
+    function with a :class:`CecoreFallbackWarning`. With reduction='none' backward
+    recomputes the chunked pass with the real ``grad_output`` (the forward pass computes
+    the loss only). Differentiable once.
+    """
+    reduction = V.check_reduction(reduction)
+
+    def with_torch():
+        return TF.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            options=options)
+
+    if (not _all_tensors(input, linear_weight, target, linear_bias, weight)
+            or input.dim() not in (1, 2) or linear_weight.dim() < 2):
+        return with_torch()  # arguments torch rejects: its error
+    if linear_weight.dim() > 2:
+        reason = "a K-dimensional linear_weight (out_features)"
+    elif target.is_floating_point():
+        reason = "class-probability targets (cecore's linear loss takes class indices)"
+    else:
+        reason = _fallback_reason((input, linear_weight, linear_bias), (target, weight))
+    if reason is not None:
+        _warn_fallback("linear_cross_entropy", reason)
+        return with_torch()
+    with_grad = (reduction != "none" and torch.is_grad_enabled()
+                 and any(t is not None and t.requires_grad
+                         for t in (input, linear_weight, linear_bias)))
+    loss, *_ = _linear_ce_op(input, linear_weight, target, linear_bias, weight,
+                             -100 if ignore_index is None else int(ignore_index), reduction,
+                             float(label_smoothing), with_grad, chunk_size, backend, n_threads)
+    _disown_gradient(loss)
+    return loss
+
+
+# -------------------------------------------------------------------------- modules
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` computed by :func:`cross_entropy`.
+
+    The same constructor (``weight`` is a buffer, so ``.to()`` and ``state_dict`` work as
+    in torch), plus keyword-only ``backend`` and ``n_threads``.
+    """
+
+    def __init__(self, *args, backend="auto", n_threads=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.n_threads = n_threads
+
+    def forward(self, input, target):
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing,
+                             backend=self.backend, n_threads=self.n_threads)
+
+
+class NLLLoss(torch.nn.NLLLoss):
+    """``torch.nn.NLLLoss`` computed by :func:`nll_loss`; plus ``backend`` and ``n_threads``."""
+
+    def __init__(self, *args, backend="auto", n_threads=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.n_threads = n_threads
+
+    def forward(self, input, target):
+        return nll_loss(input, target, self.weight, ignore_index=self.ignore_index,
+                        reduction=self.reduction, backend=self.backend, n_threads=self.n_threads)
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    """``torch.nn.BCEWithLogitsLoss`` computed by :func:`binary_cross_entropy_with_logits`.
+
+    Plus keyword-only ``backend`` and ``n_threads``.
+    """
+
+    def __init__(self, *args, backend="auto", n_threads=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.n_threads = n_threads
+
+    def forward(self, input, target):
+        return binary_cross_entropy_with_logits(
+            input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight,
+            backend=self.backend, n_threads=self.n_threads)
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """``torch.nn.LinearCrossEntropyLoss`` computed by :func:`linear_cross_entropy`.
+
+    The same constructor (the module owns ``self.linear``), plus keyword-only
+    ``chunk_size``, ``backend`` and ``n_threads``.
+    """
+
+    def __init__(self, *args, chunk_size=None, backend="auto", n_threads=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chunk_size = chunk_size
+        self.backend = backend
+        self.n_threads = n_threads
+
+    def forward(self, input, target):
+        # As torch's module: the Linear's (V * prod(out_features), D) weight viewed as
+        # (V, *out_features, D).
+        linear = self.linear
+        linear_weight = linear.weight.reshape(
+            (self.num_classes, *self.out_features, linear.in_features))
+        linear_bias = (None if linear.bias is None
+                       else linear.bias.reshape((self.num_classes, *self.out_features)))
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, options=self.options,
+            chunk_size=self.chunk_size, backend=self.backend, n_threads=self.n_threads)

@@ -1,0 +1,673 @@
+"""cecore.torch (losses inside torch autograd) against torch's own losses.
+
+Every expected value comes from torch's function on a clone of the same tensors: the loss,
+and ``input.grad`` after ``backward(grad_output)``.
+"""
+
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import cecore
+import cecore.torch as ct
+from oracle import BACKENDS, assert_close
+
+REDUCTIONS = ["mean", "sum", "none"]
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture
+def gen(request):
+    # A torch generator per test, seeded from its id, so failures reproduce.
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    # The fallback warning is shown once per process and reason: each test starts afresh.
+    monkeypatch.setattr(ct, "_warned", set())
+
+
+def _np_dtype(dtype):
+    return np.float32 if dtype == torch.float32 else np.float64
+
+
+def _grad_output(gen, loss_shape, reduction, dtype):
+    if reduction == "none":
+        return torch.randn(loss_shape, generator=gen, dtype=dtype)
+    return torch.rand((), generator=gen, dtype=dtype) + 0.5
+
+
+def _index_target(gen, shape, n_classes, ignore_index=-100, p_ignore=0.0):
+    t = torch.randint(0, n_classes, shape, generator=gen)
+    if p_ignore:
+        t = torch.where(torch.rand(shape, generator=gen) < p_ignore, ignore_index, t)
+    return t
+
+
+def compare(ours, theirs, x, grad_output=None, rtol=None):
+    """``ours(x)`` and ``theirs(x)`` (torch's): equal losses and input gradients after backward."""
+    x_ours = x.detach().clone().requires_grad_()
+    x_theirs = x.detach().clone().requires_grad_()
+    loss, expected = ours(x_ours), theirs(x_theirs)
+    assert loss.dtype == expected.dtype and loss.shape == expected.shape
+    g = torch.ones_like(expected) if grad_output is None else grad_output
+    loss.backward(g)
+    expected.backward(g)
+    dtype = _np_dtype(x.dtype)
+    assert_close(loss.detach().numpy(), expected.detach().numpy(), dtype, rtol=rtol)
+    assert_close(x_ours.grad.numpy(), x_theirs.grad.numpy(), dtype, rtol=rtol)
+    return x_ours
+
+
+@contextlib.contextmanager
+def no_fallback():
+    """Turn cecore's fallback warning into an error: the code inside must take cecore's path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ct.CecoreFallbackWarning)
+        yield
+
+
+# ------------------------------------------------------------------------ import
+def test_import_cecore_does_not_import_torch():
+    code = ("import sys, numpy as np, cecore\n"
+            "cecore.cross_entropy(np.zeros((2, 3)), np.array([0, 1]), return_grad=True)\n"
+            "assert not [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
+            "import cecore.torch\n"
+            "assert 'torch' in sys.modules\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------ values and gradients
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 5, 2), (5,)])
+def test_cross_entropy_index(gen, dtype, reduction, use_weight, label_smoothing, shape):
+    x = 3 * torch.randn(shape, generator=gen, dtype=dtype)
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    t_shape = () if len(shape) == 1 else shape[:1] + shape[2:]
+    target = _index_target(gen, t_shape, n_classes, p_ignore=0.3 if t_shape else 0.0)
+    weight = torch.rand(n_classes, generator=gen, dtype=dtype) + 0.2 if use_weight else None
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+    with no_fallback():
+        compare(lambda x: ct.cross_entropy(x, target, **kw),
+                lambda x: TF.cross_entropy(x, target, **kw),
+                x, _grad_output(gen, t_shape, reduction, dtype))
+
+
+@pytest.mark.parametrize("ignore_index", [0, 2, -1])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_ignore_index(gen, ignore_index, reduction):
+    x = torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    target = _index_target(gen, (20,), 4, ignore_index, p_ignore=0.3)
+    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=0.1,
+              weight=torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
+    with no_fallback():
+        compare(lambda x: ct.cross_entropy(x, target, **kw),
+                lambda x: TF.cross_entropy(x, target, **kw),
+                x, _grad_output(gen, (20,), reduction, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("use_weight", [False, True])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 4, 5)])
+def test_cross_entropy_probabilities(gen, dtype, reduction, use_weight, shape):
+    x = 2 * torch.randn(shape, generator=gen, dtype=dtype)
+    target = torch.softmax(torch.randn(shape, generator=gen, dtype=dtype), dim=1)
+    weight = torch.rand(shape[1], generator=gen, dtype=dtype) + 0.2 if use_weight else None
+    kw = dict(weight=weight, reduction=reduction, label_smoothing=0.15)
+    with no_fallback():
+        compare(lambda x: ct.cross_entropy(x, target, **kw),
+                lambda x: TF.cross_entropy(x, target, **kw),
+                x, _grad_output(gen, shape[:1] + shape[2:], reduction, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(8, 5), (3, 4, 2, 3), (5,)])
+def test_nll_loss(gen, dtype, reduction, shape):
+    x = torch.log_softmax(torch.randn(shape, generator=gen, dtype=dtype), dim=-1 if len(shape) == 1 else 1)
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    t_shape = () if len(shape) == 1 else shape[:1] + shape[2:]
+    target = _index_target(gen, t_shape, n_classes, ignore_index=1, p_ignore=0.2 if t_shape else 0.0)
+    kw = dict(weight=torch.rand(n_classes, generator=gen, dtype=dtype) + 0.2, ignore_index=1,
+              reduction=reduction)
+    with no_fallback():
+        compare(lambda x: ct.nll_loss(x, target, **kw), lambda x: TF.nll_loss(x, target, **kw),
+                x, _grad_output(gen, t_shape, reduction, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weights", ["none", "broadcast", "full"])
+def test_bce_with_logits(gen, dtype, reduction, weights):
+    shape = (6, 4)
+    x = 4 * torch.randn(shape, generator=gen, dtype=dtype)
+    target = torch.rand(shape, generator=gen, dtype=dtype)
+    kw = dict(reduction=reduction)
+    if weights == "broadcast":
+        kw.update(weight=torch.rand(4, generator=gen, dtype=dtype),
+                  pos_weight=torch.rand(4, generator=gen, dtype=dtype) + 0.5)
+    elif weights == "full":
+        kw.update(weight=torch.rand(shape, generator=gen, dtype=dtype),
+                  pos_weight=torch.rand(shape, generator=gen, dtype=dtype) + 0.5)
+    with no_fallback():
+        compare(lambda x: ct.binary_cross_entropy_with_logits(x, target, **kw),
+                lambda x: TF.binary_cross_entropy_with_logits(x, target, **kw),
+                x, _grad_output(gen, shape, reduction, dtype))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch_and_all_targets_ignored(reduction):
+    # 'mean' over no target is 0/0 = NaN, with a zero gradient (as torch).
+    for x, target in ((torch.randn(0, 4), torch.zeros(0, dtype=torch.int64)),
+                      (torch.randn(3, 4), torch.full((3,), -100))):
+        with no_fallback():
+            compare(lambda x: ct.cross_entropy(x, target, reduction=reduction),
+                    lambda x: TF.cross_entropy(x, target, reduction=reduction), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_and_threads(gen, backend):
+    x = torch.randn(300, 7, generator=gen)
+    target = _index_target(gen, (300,), 7)
+    with no_fallback():
+        compare(lambda x: ct.cross_entropy(x, target, backend=backend, n_threads=2),
+                lambda x: TF.cross_entropy(x, target), x)
+
+
+def test_threads_capped_by_torch(gen, monkeypatch):
+    seen = []
+    real = cecore.functional.cross_entropy
+    monkeypatch.setattr(cecore.functional, "cross_entropy",
+                        lambda *a, **k: seen.append(k["n_threads"]) or real(*a, **k))
+    x = torch.randn(4096, 64, generator=gen)  # big enough for several threads by default
+    target = _index_target(gen, (4096,), 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ct.cross_entropy(x, target)
+    finally:
+        torch.set_num_threads(before)
+    ct.cross_entropy(x, target, n_threads=2)  # an explicit count is honoured
+    assert seen == [1, 2]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_inputs_computed_in_float32(gen, dtype, rtol):
+    # The oracle: torch in float32 on the same (rounded) values, rounded to the input's dtype.
+    x = (3 * torch.randn(9, 6, generator=gen)).to(dtype)
+    target = _index_target(gen, (9,), 6)
+    x_ours = x.clone().requires_grad_()
+    with no_fallback():
+        loss = ct.cross_entropy(x_ours, target, label_smoothing=0.1)
+    loss.backward()
+    x32 = x.float().requires_grad_()
+    expected = TF.cross_entropy(x32, target, label_smoothing=0.1)
+    expected.backward()
+    assert loss.dtype == dtype and x_ours.grad.dtype == dtype
+    assert_close(loss.float().detach().numpy(), expected.to(dtype).float().detach().numpy(),
+                 np.float32, rtol=rtol)
+    assert_close(x_ours.grad.float().numpy(), x32.grad.to(dtype).float().numpy(), np.float32,
+                 rtol=rtol)
+
+
+@pytest.mark.parametrize("reduction,grad_output", [("mean", None), ("mean", 2.5), ("none", "random")])
+def test_zero_copy(gen, monkeypatch, reduction, grad_output):
+    # The kernels read the input tensor's memory, and the gradient they write into a
+    # tensor torch allocated becomes input.grad: scaled in place, or as it is after
+    # loss.backward().
+    seen = {}
+    real_cross_entropy, real_fused = cecore.functional.cross_entropy, ct._fused
+
+    def spy_cross_entropy(input, *args, **kwargs):
+        seen["input"] = input.__array_interface__["data"][0]
+        seen["grad_out"] = kwargs["grad_out"].__array_interface__["data"][0]
+        return real_cross_entropy(input, *args, **kwargs)
+
+    def spy_fused(function, grad, *args, **kwargs):
+        seen["grad"] = grad.data_ptr()
+        return real_fused(function, grad, *args, **kwargs)
+
+    monkeypatch.setattr(cecore.functional, "cross_entropy", spy_cross_entropy)
+    monkeypatch.setattr(ct, "_fused", spy_fused)
+    x = torch.randn(50, 9, generator=gen)
+    target = _index_target(gen, (50,), 9)
+    if grad_output == "random":
+        grad_output = torch.randn(50, generator=gen)
+    elif grad_output is not None:
+        grad_output = torch.tensor(grad_output)
+    with no_fallback():
+        x_ours = compare(lambda x: ct.cross_entropy(x, target, reduction=reduction),
+                         lambda x: TF.cross_entropy(x, target, reduction=reduction),
+                         x, grad_output)
+    assert seen["input"] == x_ours.data_ptr()
+    assert seen["grad_out"] == seen["grad"] == x_ours.grad.data_ptr()
+
+
+# ---------------------------------------------------------------------- modules
+def test_modules_match_torch_modules(gen):
+    x = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    target = _index_target(gen, (10,), 4)
+    weight = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
+    pairs = [
+        (ct.CrossEntropyLoss(weight, label_smoothing=0.1, ignore_index=2),
+         torch.nn.CrossEntropyLoss(weight, label_smoothing=0.1, ignore_index=2), target),
+        (ct.CrossEntropyLoss(reduction="sum", backend="numba", n_threads=1),
+         torch.nn.CrossEntropyLoss(reduction="sum"), target),
+        (ct.NLLLoss(weight, size_average=False), torch.nn.NLLLoss(weight, size_average=False),
+         target),
+        (ct.BCEWithLogitsLoss(pos_weight=weight, reduce=False),
+         torch.nn.BCEWithLogitsLoss(pos_weight=weight, reduce=False),
+         torch.rand(10, 4, generator=gen, dtype=torch.float64)),
+    ]
+    for ours, theirs, t in pairs:
+        assert isinstance(ours, type(theirs)) and repr(ours) == repr(theirs)
+        assert ours.reduction == theirs.reduction
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        with no_fallback():
+            compare(lambda x: ours(x, t), lambda x: theirs(x, t), x)
+
+
+# ---------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(gen, reduction):
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(4, 5, 2, generator=gen, **f64).requires_grad_()
+    target = _index_target(gen, (4, 2), 5, p_ignore=0.2)
+    weight = torch.rand(5, generator=gen, **f64) + 0.5
+    proba = torch.softmax(torch.randn(4, 5, 2, generator=gen, **f64), dim=1)
+    y = torch.rand(4, 5, 2, generator=gen, **f64)
+    with no_fallback():
+        for f in (lambda x: ct.cross_entropy(x, target, weight, reduction=reduction,
+                                             label_smoothing=0.1),
+                  lambda x: ct.cross_entropy(x, proba, weight, reduction=reduction),
+                  lambda x: ct.nll_loss(x, target, weight, reduction=reduction),
+                  lambda x: ct.binary_cross_entropy_with_logits(
+                      x, y, pos_weight=weight[:, None], reduction=reduction)):
+            assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_second_backward_raises_like_torch(gen):
+    x = torch.randn(5, 3, generator=gen, requires_grad=True)
+    target = _index_target(gen, (5,), 3)
+    with no_fallback():
+        loss = ct.cross_entropy(x, target)
+    expected = TF.cross_entropy(x, target)
+    loss.backward()
+    expected.backward()
+    with pytest.raises(RuntimeError) as torch_error:
+        expected.backward()
+    with pytest.raises(RuntimeError) as error:
+        loss.backward()
+    assert str(error.value) == str(torch_error.value)
+
+
+def test_retain_graph_accumulates(gen):
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    target = _index_target(gen, (5,), 3)
+    x_ours = x.clone().requires_grad_()
+    x_theirs = x.clone().requires_grad_()
+    with no_fallback():
+        loss = ct.cross_entropy(x_ours, target)
+    expected = TF.cross_entropy(x_theirs, target)
+    for g in (1.0, 2.5, 1.0):  # 1.0 is handed on unscaled; it must not corrupt the saved one
+        loss.backward(torch.tensor(g, dtype=torch.float64), retain_graph=True)
+        expected.backward(torch.tensor(g, dtype=torch.float64), retain_graph=True)
+    assert_close(x_ours.grad.numpy(), x_theirs.grad.numpy())
+
+
+def test_second_derivative_raises(gen):
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = _index_target(gen, (4,), 3)
+    with no_fallback():
+        total = ct.cross_entropy(x, target) + (x ** 2).sum()
+    (g,) = torch.autograd.grad(total, x, create_graph=True)
+    # The first derivative is right; differentiating it again must not drop the loss's part.
+    expected = torch.autograd.grad(TF.cross_entropy(x, target) + (x ** 2).sum(), x)[0]
+    assert_close(g.detach().numpy(), expected.numpy())
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        g.sum().backward()
+
+
+def test_no_grad_computes_loss_only(gen, monkeypatch):
+    calls = []
+    real = ct._fused
+    monkeypatch.setattr(ct, "_fused", lambda f, grad, *a, **k: calls.append(grad) or real(f, grad, *a, **k))
+    x = torch.randn(6, 4, generator=gen, requires_grad=True)
+    target = _index_target(gen, (6,), 4)
+    with torch.no_grad():
+        loss = ct.cross_entropy(x, target)
+    assert calls == [None] and loss.grad_fn is None
+    assert_close(loss.numpy(), TF.cross_entropy(x, target).detach().numpy(), np.float32)
+
+
+def test_torch_func_transforms_use_torch(gen):
+    x = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
+    target = _index_target(gen, (6,), 4)
+    with pytest.warns(ct.CecoreFallbackWarning, match="torch.func"):
+        grads = torch.func.vmap(torch.func.grad(lambda x: ct.cross_entropy(x, target)))(x)
+    expected = torch.func.vmap(torch.func.grad(lambda x: TF.cross_entropy(x, target)))(x)
+    assert_close(grads.numpy(), expected.numpy())
+
+
+# -------------------------------------------------------------- fallback and errors
+def test_fallback_warns_once_and_matches_torch(gen):
+    x = torch.randn(4, 6, generator=gen, dtype=torch.float64).t()  # (6, 4), not contiguous
+    target = _index_target(gen, (6,), 4)
+    with pytest.warns(ct.CecoreFallbackWarning, match="contiguous"):
+        compare(lambda x: ct.cross_entropy(x, target), lambda x: TF.cross_entropy(x, target), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ct.cross_entropy(x, target)  # the same reason again: no second warning
+    meta = torch.empty(6, 4, device="meta")
+    with pytest.warns(ct.CecoreFallbackWarning, match="device 'meta'"):
+        assert ct.cross_entropy(meta, target.to("meta"), reduction="none").shape == (6,)
+
+
+def test_target_requiring_grad_goes_to_torch(gen):
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    proba = torch.softmax(torch.randn(5, 4, generator=gen, dtype=torch.float64), 1).requires_grad_()
+    with pytest.warns(ct.CecoreFallbackWarning, match="requires grad"):
+        ct.cross_entropy(x, proba).backward()
+    expected = torch.autograd.grad(TF.cross_entropy(x, proba), proba)[0]
+    assert_close(proba.grad.numpy(), expected.numpy())
+
+
+def test_bad_arguments_raise_torch_errors(gen):
+    x = torch.randn(3, 4, generator=gen)
+    t = torch.tensor([0, 1, 2])
+    bad_calls = [
+        ("cross_entropy", (x, torch.tensor([0, 1, 7])), {}),
+        ("cross_entropy", (x, t), dict(weight=torch.ones(3))),
+        ("cross_entropy", (x, t), dict(label_smoothing=1.5)),
+        ("cross_entropy", (x, t), dict(reduction="average")),
+        ("cross_entropy", (x, torch.tensor([0, 1])), {}),
+        ("cross_entropy", (x, t.float()), {}),
+        ("cross_entropy", (x, torch.softmax(x, 1)), dict(ignore_index=1)),
+        ("cross_entropy", (torch.randn(3, generator=gen), t), {}),
+        ("nll_loss", (x, torch.tensor([0, -5, 2])), {}),
+        ("nll_loss", (x, t), dict(weight=torch.ones(5))),
+        ("binary_cross_entropy_with_logits", (x, torch.rand(3, 5)), {}),
+        ("binary_cross_entropy_with_logits", (x, torch.rand(3, 4)), dict(pos_weight=torch.ones(3))),
+    ]
+    for name, args, kw in bad_calls:
+        with pytest.raises(Exception) as expected:
+            getattr(TF, name)(*args, **kw)
+        with pytest.raises(expected.type):
+            with no_fallback():
+                getattr(ct, name)(*args, **kw)
+
+
+# ------------------------------------------------------------ linear cross-entropy
+def compare_linear(ours, theirs, operands, grad_output, rtol=None):
+    """``ours`` and torch's ``theirs`` of (input, linear_weight, linear_bias): equal losses and
+    equal gradients of all three operands after backward(grad_output)."""
+    results = []
+    for f in (ours, theirs):
+        leaves = [None if a is None else a.detach().clone().requires_grad_() for a in operands]
+        loss = f(*leaves)
+        loss.backward(grad_output)
+        results.append((loss.detach(), *(None if a is None else a.grad for a in leaves)))
+    (loss, *grads), (expected, *expected_grads) = results
+    assert loss.dtype == expected.dtype and loss.shape == expected.shape
+    dtype = _np_dtype(operands[0].dtype)
+    assert_close(loss.numpy(), expected.numpy(), dtype, rtol=rtol)
+    for g, e in zip(grads, expected_grads):
+        assert (g is None) == (e is None)
+        if e is not None:
+            assert_close(g.numpy(), e.numpy(), dtype, rtol=rtol)
+
+
+def _linear_operands(gen, dtype, batch=(11,), n_features=5, n_classes=7, bias=True):
+    return (torch.randn(*batch, n_features, generator=gen, dtype=dtype),
+            torch.randn(n_classes, n_features, generator=gen, dtype=dtype) / 2,
+            torch.randn(n_classes, generator=gen, dtype=dtype) if bias else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("options", ["plain", "weighted"])
+def test_linear_cross_entropy(gen, dtype, reduction, bias, options):
+    operands = _linear_operands(gen, dtype, bias=bias)
+    kw = dict(reduction=reduction)
+    if options == "weighted":
+        kw.update(weight=torch.rand(7, generator=gen, dtype=dtype) + 0.2, ignore_index=2,
+                  label_smoothing=0.2)
+    target = _index_target(gen, (11,), 7, kw.get("ignore_index", -100), p_ignore=0.3)
+    with no_fallback():
+        # chunk_size=4: three chunks, the last one short
+        compare_linear(
+            lambda x, w, b: ct.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=4, **kw),
+            lambda x, w, b: TF.linear_cross_entropy(x, w, target, linear_bias=b, **kw),
+            operands, _grad_output(gen, (11,), reduction, dtype))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_unbatched(gen, reduction):
+    operands = _linear_operands(gen, torch.float64, batch=())
+    target = torch.tensor(3)
+    with no_fallback():
+        compare_linear(lambda x, w, b: ct.linear_cross_entropy(x, w, target, linear_bias=b,
+                                                               reduction=reduction),
+                       lambda x, w, b: TF.linear_cross_entropy(x, w, target, linear_bias=b,
+                                                               reduction=reduction),
+                       operands, _grad_output(gen, (), reduction, torch.float64))
+
+
+def test_linear_cross_entropy_half_computed_in_float32(gen):
+    x, w, b = (a.half() for a in _linear_operands(gen, torch.float32))
+    target = _index_target(gen, (11,), 7)
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    with no_fallback():
+        loss = ct.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2])
+    loss.backward()
+    leaves32 = [a.float().requires_grad_() for a in (x, w, b)]
+    expected = TF.linear_cross_entropy(leaves32[0], leaves32[1], target, linear_bias=leaves32[2])
+    expected.backward()
+    assert loss.dtype == torch.float16
+    assert_close(loss.float().detach().numpy(), expected.half().float().detach().numpy(),
+                 np.float32, rtol=2e-3)
+    for ours, theirs in zip(leaves, leaves32):
+        assert ours.grad.dtype == torch.float16
+        assert_close(ours.grad.float().numpy(), theirs.grad.half().float().numpy(), np.float32,
+                     rtol=2e-3)
+
+
+def test_linear_cross_entropy_zero_copy(gen, monkeypatch):
+    seen = {}
+    real = cecore.linear.linear_cross_entropy
+
+    def spy(input, linear_weight, *args, **kwargs):
+        seen["operands"] = [a.__array_interface__["data"][0] for a in (input, linear_weight)]
+        result = real(input, linear_weight, *args, **kwargs)
+        seen["grads"] = [g.__array_interface__["data"][0] for g in result[1][:2]]
+        return result
+
+    monkeypatch.setattr(cecore.linear, "linear_cross_entropy", spy)
+    x, w, _ = _linear_operands(gen, torch.float32, bias=False)
+    x.requires_grad_()
+    w.requires_grad_()
+    with no_fallback():
+        ct.linear_cross_entropy(x, w, _index_target(gen, (11,), 7)).backward()
+    assert seen["operands"] == [x.data_ptr(), w.data_ptr()]
+    assert seen["grads"] == [x.grad.data_ptr(), w.grad.data_ptr()]
+
+
+def test_linear_gradcheck(gen):
+    operands = [a.requires_grad_() for a in _linear_operands(gen, torch.float64, batch=(6,))]
+    target = _index_target(gen, (6,), 7, p_ignore=0.2)
+    weight = torch.rand(7, generator=gen, dtype=torch.float64) + 0.5
+    with no_fallback():
+        for reduction in ("mean", "none"):
+            assert torch.autograd.gradcheck(
+                lambda x, w, b: ct.linear_cross_entropy(
+                    x, w, target, linear_bias=b, weight=weight, reduction=reduction,
+                    label_smoothing=0.1, chunk_size=4), operands)
+
+
+def test_linear_module_matches_torch(gen):
+    torch.manual_seed(0)
+    ours = ct.LinearCrossEntropyLoss(5, 7, bias=True, label_smoothing=0.1, chunk_size=3)
+    theirs = torch.nn.LinearCrossEntropyLoss(5, 7, bias=True, label_smoothing=0.1)
+    theirs.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
+    x = torch.randn(10, 5, generator=gen)
+    target = _index_target(gen, (10,), 7)
+    with no_fallback():
+        ours(x, target).backward()
+    theirs(x, target).backward()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert_close(p.grad.numpy(), q.grad.numpy(), np.float32)
+
+
+def test_linear_fallbacks_and_backward_twice(gen):
+    x, w, b = (a.requires_grad_() for a in _linear_operands(gen, torch.float64))
+    proba = torch.softmax(torch.randn(11, 7, generator=gen, dtype=torch.float64), 1)
+    with pytest.warns(ct.CecoreFallbackWarning, match="probability"):
+        loss = ct.linear_cross_entropy(x, w, proba, linear_bias=b)
+    assert_close(loss.detach().numpy(),
+                 TF.linear_cross_entropy(x, w, proba, linear_bias=b).detach().numpy())
+    with pytest.warns(ct.CecoreFallbackWarning, match="K-dimensional"):
+        ct.linear_cross_entropy(x, torch.randn(7, 2, 5, dtype=torch.float64),
+                                _index_target(gen, (11, 2), 7))
+    target = _index_target(gen, (11,), 7)
+    for reduction in ("sum", "none"):
+        with no_fallback():
+            loss = ct.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction)
+        loss.sum().backward(retain_graph=True)
+        loss.sum().backward()
+        with pytest.raises(RuntimeError, match="second time"):
+            loss.sum().backward()
+    # Two reductions, two backwards each: four times the gradient of one.
+    expected = torch.autograd.grad(TF.linear_cross_entropy(x, w, target, linear_bias=b,
+                                                           reduction="sum"), (x, w, b))
+    for operand, e in zip((x, w, b), expected):
+        assert_close(operand.grad.numpy(), 4 * e.numpy())
+
+
+# ------------------------------------------------------------ custom op machinery
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 2, generator=gen, requires_grad=True)
+    t = _index_target(gen, (4, 2), 5, p_ignore=0.3)
+    p = torch.softmax(torch.randn(4, 5, 2, generator=gen), dim=1)
+    w = torch.rand(5, generator=gen) + 0.5
+    y = torch.rand(4, 5, 2, generator=gen)
+    cases = [
+        (torch.ops.cecore.cross_entropy.default, (x, t, w, -100, "mean", 0.1, True, "auto", None)),
+        (torch.ops.cecore.cross_entropy.default, (x, p, None, -100, "none", 0.0, True, "auto", None)),
+        (torch.ops.cecore.cross_entropy.default, (x.detach(), t, None, -100, "sum", 0.0, False, "auto", None)),
+        (torch.ops.cecore.nll_loss.default, (x, t, w, -100, "none", True, "auto", None)),
+        (torch.ops.cecore.binary_cross_entropy_with_logits.default,
+         (x, y, None, w[:, None], "mean", True, "auto", None)),
+    ]
+    h = torch.randn(6, 3, generator=gen, requires_grad=True)
+    lw = torch.randn(5, 3, generator=gen, requires_grad=True)
+    lt = _index_target(gen, (6,), 5, p_ignore=0.3)
+    cases += [
+        (torch.ops.cecore.linear_cross_entropy.default,
+         (h, lw, lt, w.requires_grad_(), None, -100, "mean", 0.1, True, 4, "auto", None)),
+        (torch.ops.cecore.linear_cross_entropy.default,
+         (h, lw, lt, None, w, -100, "none", 0.0, False, None, "auto", None)),
+        (torch.ops.cecore.linear_cross_entropy_backward.default,
+         (torch.randn(6, generator=gen), h.detach(), lw.detach(), lt, None, w.detach(), -100,
+          0.0, 2, "auto", None)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_compiled_model_fullgraph(gen):
+    # One compiled graph (fullgraph: a graph break is an error) with two of the operators.
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh())
+    head = torch.nn.Linear(16, 5)
+    reference = copy.deepcopy(torch.nn.ModuleList([body, head]))
+    loss_fn = ct.CrossEntropyLoss(label_smoothing=0.1)
+
+    def total_loss(ce, linear_ce, body, head, a, t):
+        h = body(a)
+        return ce(head(h), t) + linear_ce(h, head.weight, t, linear_bias=head.bias,
+                                          reduction="sum")
+
+    compiled = torch.compile(lambda a, t: total_loss(loss_fn, ct.linear_cross_entropy, body,
+                                                     head, a, t), fullgraph=True)
+    a = torch.randn(12, 6, generator=gen)
+    t = _index_target(gen, (12,), 5, p_ignore=0.2)
+    with no_fallback():
+        loss = compiled(a, t)
+    loss.backward()
+    expected = total_loss(lambda x, t: TF.cross_entropy(x, t, label_smoothing=0.1),
+                          TF.linear_cross_entropy, *reference, a, t)
+    expected.backward()
+    assert_close(loss.detach().numpy(), expected.detach().numpy(), np.float32)
+    for p, q in zip([*body.parameters(), *head.parameters()], reference.parameters()):
+        assert_close(p.grad.numpy(), q.grad.numpy(), np.float32)
+
+
+# ---------------------------------------------------------------------- training
+def test_sgd_training_matches_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 7))
+    reference = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(64, 10, generator=gen), torch.randint(0, 7, (64,), generator=gen))
+            for _ in range(20)]
+    for net, loss_fn in ((model, ct.CrossEntropyLoss()), (reference, torch.nn.CrossEntropyLoss())):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        for a, t in data:
+            optimizer.zero_grad()
+            loss_fn(net(a), t).backward()
+            optimizer.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class _LossDataset(torch.utils.data.Dataset):
+    """Each item: cecore's loss and input gradient for a fixed random batch, and its inputs."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        gen = torch.Generator().manual_seed(i)
+        x = torch.randn(256, 300, generator=gen, requires_grad=True)
+        t = torch.randint(0, 300, (256,), generator=gen)
+        loss = ct.cross_entropy(x, t, n_threads=2)
+        loss.backward()
+        return x.detach(), t, loss.detach(), x.grad
+
+
+def test_dataloader_fork_workers():
+    # Use cecore's threads in the parent first: a thread pool that does not survive fork
+    # would hang the workers (the timeout turns a hang into a failure).
+    ct.cross_entropy(torch.randn(512, 300), torch.randint(0, 300, (512,)), n_threads=2)
+    loader = torch.utils.data.DataLoader(_LossDataset(), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork", timeout=120)
+    n_items = 0
+    for x, t, loss, grad in loader:
+        x = x.requires_grad_()
+        expected = TF.cross_entropy(x, t)
+        expected.backward()
+        assert_close(loss.numpy(), expected.detach().numpy(), np.float32)
+        assert_close(grad.numpy(), x.grad.numpy(), np.float32)
+        n_items += 1
+    assert n_items == 4
