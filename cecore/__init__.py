@@ -30,7 +30,9 @@ __all__ = [
 # scikit-learn is imported only when its part of cecore is first used: `import cecore`
 # stays fast for scripts and the CLI that only need the losses.
 _LAZY = {"SoftmaxClassifier": ("cecore.classifier", "SoftmaxClassifier"),
-         "metrics": ("cecore.metrics", None), "batch": ("cecore.batch", None)}
+         "metrics": ("cecore.metrics", None), "batch": ("cecore.batch", None),
+         # torch itself is imported only here, on first use of cecore.torch
+         "torch": ("cecore.torch", None)}
 __all__ += ["SoftmaxClassifier", "batch", "metrics"]
 
 
