@@ -53,6 +53,19 @@ def _gradient_out(grad_out, x, x3, fortran, reads=()):
     return tmp3, finish
 
 
+def _index_denominator(target, weight, uniform, ignore_index, reduction):
+    """What 'mean' divides by with class-index targets: the summed class weight of the
+    non-ignored targets (a fixed-block sum, see cecore._reduce); 1 for the others."""
+    if reduction != "mean":
+        return np.float64(1.0)
+    if uniform:
+        # The same value as the weighted sum (integers are exact), with O(N) bytes
+        # instead of O(N) float64s.
+        return np.float64(np.count_nonzero(target != ignore_index))
+    valid = target[target != ignore_index]
+    return np.float64(_reduce.fixed_sum(weight[valid]) if valid.size else 0.0)
+
+
 def _reduce_loss(loss_out, reduction, denominator, out_shape, dtype):
     if reduction == "none":
         return loss_out.reshape(out_shape).astype(dtype)
@@ -142,15 +155,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         # The index kernels read every logit they need before writing the gradient over
         # it, except the label-smoothing sums, which read the logits after the exp pass.
         reads = (x3,) if eps > 0 else ()
-        if reduction == "mean" and weight is None:
-            # The same value as the weighted sum below (integers are exact), with O(N)
-            # bytes instead of O(N) float64s.
-            denominator = np.float64(np.count_nonzero(t2 != ignore_index))
-        elif reduction == "mean":
-            valid = t2[t2 != ignore_index]
-            denominator = np.float64(_reduce.fixed_sum(w[valid]) if valid.size else 0.0)
-        else:
-            denominator = np.float64(1.0)
+        denominator = _index_denominator(t2, w, weight is None, ignore_index, reduction)
 
     positions = (x3.shape[0], x3.shape[2])
     loss_shape = V.loss_shape(x.shape)

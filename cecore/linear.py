@@ -16,10 +16,10 @@ import os
 
 import numpy as np
 
-from . import _config, _reduce
+from . import _config
 from . import _validation as V
 from ._backends import get_backend
-from .functional import _grad_scale, _reduce_loss
+from .functional import _grad_scale, _index_denominator, _reduce_loss
 
 __all__ = ["linear_cross_entropy"]
 
@@ -262,13 +262,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     dtype = x.dtype
     # The 'mean' denominator is known before the first chunk, so each chunk's gradient is
     # scaled (grad_output / denominator) by the kernel as it is written.
-    if reduction == "mean" and weight is None:
-        denominator = np.float64(np.count_nonzero(t != ignore_index))
-    elif reduction == "mean":
-        valid = t[t != ignore_index]
-        denominator = np.float64(_reduce.fixed_sum(class_weight[valid]) if valid.size else 0.0)
-    else:
-        denominator = np.float64(1.0)
+    denominator = _index_denominator(t, class_weight, weight is None, ignore_index, reduction)
 
     # Without label smoothing the kernel writes d loss / d logits over the logits (see the
     # contract): one buffer per chunk, so twice the rows fit the same memory.
