@@ -313,6 +313,8 @@ def main(argv=None):
                         help="also time cecore with these chunk_size values")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="time only these competitors (e.g. gemm '3 gemms' cecore-cython)")
+    parser.add_argument("--output", help="results file name in benchmarks/results/ "
+                        "(default linear.json, linear_quick.json with --quick)")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
@@ -343,7 +345,7 @@ def main(argv=None):
                 openblas_thread_timeout=os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
                 load_average_before_after=[load_before, os.getloadavg()]),
             "records": records, "summary": summary, "notes": NOTES}
-    path = C.save_json(data, "linear_quick.json" if args.quick else "linear.json")
+    path = C.save_json(data, args.output or ("linear_quick.json" if args.quick else "linear.json"))
     print(f"\nsaved {path}")
     return 0
 
