@@ -85,14 +85,15 @@ def resolve_n_threads(n_threads, n_elements=None):
         raise ValueError(f"n_threads must be None, -1 or an int >= 1, got {n_threads}")
     return 1 if _forked_child else n_threads
 
+
 # cecore.linear_cross_entropy without chunk_size (the rule is in cecore/linear.py,
 # _chunk_rows): the chunk's buffers (logits, and d loss / d logits) and the block that
 # accumulates grad_linear_weight take at most this many bytes ...
 LINEAR_CHUNK_BYTES = 128 << 20
 # ... and, within that budget, at least this many rows: every chunk streams all of
 # linear_weight through BLAS twice and reads and writes grad_linear_weight once, a cost
-# per chunk that does not depend on its rows (measured: 256-row chunks run the products
-# at about 90% of the speed of 1024-row ones, 2048 x 768 -> 50257 float32).
+# per chunk that does not depend on its rows (measured on one thread: 256-row chunks run
+# the products at about 90% of the speed of 1024-row ones, 2048 x 768 -> 50257 float32).
 LINEAR_MIN_CHUNK_ROWS = 256
 # grad_linear_weight is accumulated over chunks through a buffer of at most this many
 # bytes (a block of vocabulary rows), which stays in cache between BLAS and the add.
