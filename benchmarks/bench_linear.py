@@ -13,7 +13,8 @@ reduction='mean'. Competitors, all on ``--threads`` threads, in this one process
 * ``3 gemms``: ``L = X @ W.T``, ``L @ W`` and ``L.T @ X`` with the N x V ``L``: the
   products of a linear cross-entropy and nothing else (the floor of "loss+grads");
 * ``cecore-cython``, ``cecore-numba``: ``cecore.linear_cross_entropy`` with the default
-  chunks; "loss+grads" returns the loss and the three gradients;
+  chunks; "loss+grads" returns the loss and the three gradients (``--chunk-sizes 1024``
+  adds ``cecore-cython-chunk1024``, ... with that ``chunk_size``);
 * ``torch``: ``F.linear_cross_entropy`` with ``options=None`` (the N x V logits exist),
   then ``loss.backward()``; "loss" runs under ``torch.no_grad()``;
 * ``torch-chunked``: the same with ``options=LinearCrossEntropyOptions()``.
@@ -74,8 +75,11 @@ def make_data(shape, dtype, seed=0):
 
 
 # ------------------------------------------------------------------------ competitors
-def competitors(x, w, t, threads, names=None):
-    """``{name: {mode: callable}}``; each callable returns its outputs (dropped by the timer)."""
+def competitors(x, w, t, threads, names=None, chunk_sizes=()):
+    """``{name: {mode: callable}}``; each callable returns its outputs (dropped by the timer).
+
+    ``chunk_sizes`` adds ``cecore-<backend>-chunk<rows>`` competitors with that chunk_size.
+    """
     import cecore
     import torch
     import torch.nn.functional as F
@@ -91,13 +95,16 @@ def competitors(x, w, t, threads, names=None):
     out["gemm"] = {"loss": lambda: x @ w.T}
     out["3 gemms"] = {"loss+grads": three_gemms}
     for backend in cecore.available_backends():
-        def loss(backend=backend):
-            return cecore.linear_cross_entropy(x, w, t, backend=backend, n_threads=threads)
+        for rows in (None, *chunk_sizes):
+            def loss(backend=backend, rows=rows):
+                return cecore.linear_cross_entropy(x, w, t, chunk_size=rows, backend=backend,
+                                                   n_threads=threads)
 
-        def loss_grads(backend=backend):
-            return cecore.linear_cross_entropy(x, w, t, return_grad=True, backend=backend,
-                                               n_threads=threads)
-        out[f"cecore-{backend}"] = {"loss": loss, "loss+grads": loss_grads}
+            def loss_grads(backend=backend, rows=rows):
+                return cecore.linear_cross_entropy(x, w, t, return_grad=True, chunk_size=rows,
+                                                   backend=backend, n_threads=threads)
+            name = f"cecore-{backend}" + ("" if rows is None else f"-chunk{rows}")
+            out[name] = {"loss": loss, "loss+grads": loss_grads}
 
     xt = torch.from_numpy(x).requires_grad_(True)  # shares x's memory
     wt = torch.from_numpy(w).requires_grad_(True)
@@ -175,11 +182,11 @@ def rss_child(spec):
     threadpool_limits(limits=threads, user_api="blas")
     # A warm-up call first: imports, JIT, thread pools, and the BLAS libraries' packing
     # buffers (fixed-size, touched by any product this large) are not counted.
-    small = make_data((512, 256, 4096), dtype)
-    competitors(*small, threads, [name])[name][mode]()
+    small = make_data((512, 256, 32768), dtype)
+    competitors(*small, threads, [name], spec["chunk_sizes"])[name][mode]()
     del small
     x, w, t = make_data(shape, dtype)
-    fn = competitors(x, w, t, threads, [name])[name][mode]
+    fn = competitors(x, w, t, threads, [name], spec["chunk_sizes"])[name][mode]
     gc.collect()
     ctypes.CDLL(None).malloc_trim(0)  # return freed heap memory, or the call may reuse it
     before = _vm_kb("VmRSS")
@@ -194,9 +201,9 @@ def rss_child(spec):
     print(json.dumps({"peak_rss_bytes": (peak - before) * 1024, "output_bytes": out_bytes}))
 
 
-def peak_rss(shape, dtype, name, mode, threads):
+def peak_rss(shape, dtype, name, mode, threads, chunk_sizes):
     spec = {"shape": list(shape), "dtype": np.dtype(dtype).name, "name": name, "mode": mode,
-            "threads": threads}
+            "threads": threads, "chunk_sizes": list(chunk_sizes)}
     proc = subprocess.run([sys.executable, __file__, "--rss-child", json.dumps(spec)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -223,7 +230,7 @@ def run_shape(shape, dtype, args):
     label = f"{n}x{d}->{v} {np.dtype(dtype).name}"
     print(f"\n{label}: generating data", flush=True)
     x, w, t = make_data(shape, dtype)
-    comps = competitors(x, w, t, args.threads)
+    comps = competitors(x, w, t, args.threads, chunk_sizes=args.chunk_sizes)
     rtol = check(comps, dtype)
     print(f"{label}: cecore matches torch (loss rtol {rtol:g})", flush=True)
     if args.only:
@@ -240,7 +247,8 @@ def run_shape(shape, dtype, args):
             if name in ("gemm", "3 gemms") or name.startswith("cecore"):
                 rec["tracemalloc_peak_bytes"] = C.traced_peak_bytes(fns[name])
             if not args.no_rss:
-                rec.update(peak_rss(shape, dtype, name, mode, args.threads) or {})
+                rec.update(peak_rss(shape, dtype, name, mode, args.threads,
+                                    args.chunk_sizes) or {})
             record["results"][f"{name} | {mode}"] = rec
             mem = ""
             if "peak_rss_bytes" in rec:
@@ -301,8 +309,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=C.machine_info()["usable_cpus"],
                         help="threads of every competitor (default: all usable CPUs)")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=[], metavar="ROWS",
+                        help="also time cecore with these chunk_size values")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="time only these competitors (e.g. gemm '3 gemms' cecore-cython)")
+    parser.add_argument("--output", help="results file name in benchmarks/results/ "
+                        "(default linear.json, linear_quick.json with --quick)")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
@@ -333,7 +345,7 @@ def main(argv=None):
                 openblas_thread_timeout=os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
                 load_average_before_after=[load_before, os.getloadavg()]),
             "records": records, "summary": summary, "notes": NOTES}
-    path = C.save_json(data, "linear_quick.json" if args.quick else "linear.json")
+    path = C.save_json(data, args.output or ("linear_quick.json" if args.quick else "linear.json"))
     print(f"\nsaved {path}")
     return 0
 

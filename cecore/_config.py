@@ -50,8 +50,8 @@ LOG_LOSS_ROW_BLOCK = 8192
 LINEAR_CHUNK_BYTES = 128 << 20
 # ... and, within that budget, at least this many rows: every chunk streams all of
 # linear_weight through BLAS twice and reads and writes grad_linear_weight once, a cost
-# per chunk that does not depend on its rows (measured: 256-row chunks run the products
-# at about 90% of the speed of 1024-row ones, 2048 x 768 -> 50257 float32).
+# per chunk that does not depend on its rows (measured on one thread: 256-row chunks run
+# the products at about 90% of the speed of 1024-row ones, 2048 x 768 -> 50257 float32).
 LINEAR_MIN_CHUNK_ROWS = 256
 # grad_linear_weight is accumulated over chunks through a buffer of at most this many
 # bytes (a block of vocabulary rows), which stays in cache between BLAS and the add.

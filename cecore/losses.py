@@ -121,7 +121,6 @@ class LinearCrossEntropyLoss(_Loss):
     (0.7194..., (3, 2), None)
     """
 
-    _function = staticmethod(linear_cross_entropy)
     _options = ("weight", "ignore_index", "reduction", "label_smoothing", "chunk_size")
 
     def __init__(self, *, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
