@@ -59,10 +59,10 @@ LINEAR_ACCUMULATE_BYTES = 8 << 20
 # Used for the chunk rule when the last-level cache size cannot be read.
 DEFAULT_LLC_BYTES = 32 << 20
 
-# cecore score: default memory for one chunk of rows, and the bytes of logits scored per
-# kernel call when the metrics need a second look at each block while it is in cache.
+# cecore score: default memory for one chunk of rows; with probability targets, the bytes
+# of the reused softmax buffer through which entropy and Brier score are computed.
 DEFAULT_MEMORY_BUDGET = "512MB"
-SCORE_BLOCK_BYTES = 4 << 20
+PROBA_BLOCK_BYTES = 4 << 20
 
 # With n_threads=None, a call gets one thread per this many logits (at least one):
 # below it, waking an OpenMP team costs more than the work (and far more on a busy

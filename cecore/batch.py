@@ -30,7 +30,7 @@ import numpy as np
 
 from . import _validation as V
 from ._backends import get_backend
-from ._config import DEFAULT_MEMORY_BUDGET, SCORE_BLOCK_BYTES
+from ._config import DEFAULT_MEMORY_BUDGET
 from ._io import (InMemoryArray, MappedArray, StreamedArray, as_source, atomic_npy,
                   open_array, source_path)
 from .metrics._report import ReportSums, block_scores
@@ -236,9 +236,8 @@ def _linear_head(h_shape, h_dtype, unembedding, bias, input_kind):
 def score_chunk(x, t, opts, sums):
     """Score one chunk of rows in memory and add it to ``sums``; return its per-row losses.
 
-    The chunk goes through the kernels in blocks of about ``SCORE_BLOCK_BYTES`` of logits
-    (:func:`cecore.metrics._report.block_scores`): each block's loss and metrics come
-    from one pass over it, and are reduced while the block is still in cache.
+    Each row's loss and metrics come from one pass over it
+    (:func:`cecore.metrics._report.block_scores`); the O(rows) results are then reduced.
 
     Parameters
     ----------
@@ -275,15 +274,10 @@ def score_chunk(x, t, opts, sums):
         t = np.ascontiguousarray(t, dtype=opts.dtype)
     else:
         t = V.index_target(t, (n_rows, n_classes), n_classes, opts.ignore_index).reshape(-1)
-    loss = np.empty(n_rows)
-    step = max(1, SCORE_BLOCK_BYTES // (n_classes * x2.itemsize))
-    for a in range(0, n_rows, step):
-        tb = t[a:a + step]
-        loss[a:a + step], stats, rank = block_scores(
-            kernels, x2[a:a + step], tb, opts.proba, opts.weight, opts.ignore_index,
-            opts.label_smoothing, n_threads)
-        valid_weight = None if opts.proba else opts.weight[tb[tb != opts.ignore_index]]
-        sums.add(loss[a:a + step], valid_weight, stats, rank)
+    loss, stats, rank = block_scores(kernels, x2, t, opts.proba, opts.weight,
+                                     opts.ignore_index, opts.label_smoothing, n_threads)
+    valid_weight = None if opts.proba else opts.weight[t[t != opts.ignore_index]]
+    sums.add(loss, valid_weight, stats, rank)
     return loss
 
 

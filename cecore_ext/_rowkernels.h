@@ -429,8 +429,11 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     CEC_SIMD_SUM(above)
     for (ptrdiff_t c = 0; c < n; c++)
         above += x[c] > xt;
-    for (ptrdiff_t c = 0; c < t; c++)
-        tied_before += x[c] == xt;
+    if (above == 0) {  /* only then can an earlier tie take the top spot */
+        CEC_SIMD_SUM(tied_before)
+        for (ptrdiff_t c = 0; c < t; c++)
+            tied_before += x[c] == xt;
+    }
     rank[0] = above;
     rank[1] = above == 0 && tied_before == 0;
     return loss;

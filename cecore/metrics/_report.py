@@ -30,7 +30,7 @@ import numpy as np
 from .. import _reduce
 from .. import _validation as V
 from .._backends import get_backend
-from .._config import SCORE_BLOCK_BYTES
+from .._config import PROBA_BLOCK_BYTES
 
 __all__ = ["classification_report_from_logits"]
 
@@ -53,13 +53,19 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
     kernels.softmax_ce_proba(x.reshape(n, c, 1), t.reshape(n, c, 1), weight, eps,
                              np.broadcast_to(0.0, (n, 1)), loss.reshape(n, 1), None,
                              n_threads)
-    p = np.empty_like(x)
-    kernels.softmax(x.reshape(n, c, 1), False, p.reshape(n, c, 1), n_threads)
-    p64 = p.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        stats[:, 0] = -np.where(p64 > 0, p64 * np.log(p64), 0.0).sum(axis=1)
+    # Entropy and Brier need every probability: blocks of rows through one reused
+    # softmax buffer of about PROBA_BLOCK_BYTES (no N x C temporary).
+    step = max(1, PROBA_BLOCK_BYTES // max(1, c * x.itemsize))
+    p = np.empty((min(n, step), c), x.dtype)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        kernels.softmax(x[a:b].reshape(b - a, c, 1), False, p[:b - a].reshape(b - a, c, 1),
+                        n_threads)
+        p64 = p[:b - a].astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stats[a:b, 0] = -np.where(p64 > 0, p64 * np.log(p64), 0.0).sum(axis=1)
+        stats[a:b, 2] = ((p64 - t[a:b]) ** 2).sum(axis=1)
     stats[:, 1] = np.nan
-    stats[:, 2] = ((p64 - t) ** 2).sum(axis=1)
     return loss, stats, None
 
 
@@ -222,14 +228,9 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     kernels = get_backend(backend)
     threads = V.n_threads(n_threads, x.size)
     sums = ReportSums(proba, top_k, n_bins)
-    # Blocks of rows small enough for the cache: the metrics of a block are reduced while
-    # it is still there.
-    step = max(1, SCORE_BLOCK_BYTES // max(1, n_classes * x2.itemsize))
-    for a in range(0, x.shape[0], step):
-        tb = t[a:a + step]
-        loss, stats, rank = block_scores(kernels, x2[a:a + step], tb, proba, w,
-                                         int(ignore_index), eps, threads)
-        sums.add(loss, None if proba else w[tb[tb != ignore_index]], stats, rank)
+    loss, stats, rank = block_scores(kernels, x2, t, proba, w, int(ignore_index), eps,
+                                     threads)
+    sums.add(loss, None if proba else w[t[t != ignore_index]], stats, rank)
     report = sums.report(x.dtype if x.dtype != np.float16 else np.dtype(np.float16))
     report["loss"] = report.pop("mean_loss")
     for key in ("loss_sum", "denominator", "rows_ignored"):
