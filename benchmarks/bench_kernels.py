@@ -497,7 +497,11 @@ def print_tables(data):
 
 
 def plot(data, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install '.[bench]'): no plot")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
