@@ -95,8 +95,9 @@ only the rows that use it.
     - picked_out : floating (N,), or None (exactly when target is None)
 
 All backends compute ``exp`` with the same range-reduction + polynomial scheme
-(``exp(x) = 2**k * P(r)``, ``r = x - k ln2``; measured max error 0.7 ulp in float32 and
-float64) so that they vectorise and agree closely; sums over classes are accumulated in
+(``exp(x) = 2**k * P(r)``, ``r = x - k ln2``; about 1 ulp at most against libm's
+double-precision exp, see ``benchmarks/results/kernel_findings.md``) so that they
+vectorise and agree closely; sums over classes are accumulated in
 float64. Per-position results do not depend on
 ``n_threads`` (each position is computed by one thread, in a fixed order), so anything
 reduced from ``loss_out`` in a fixed order is bitwise identical for any thread count.
