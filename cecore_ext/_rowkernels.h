@@ -425,7 +425,8 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     stats[1] = 1.0 / s;
     stats[2] = e2 / (s * s) - 2.0 * e_t / s + 1.0;
     const T xt = x[t];
-    int64_t above = 0, tied_before = 0;
+    /* int32 counts (C < 2**31): with int64 ones, AVX2 widens every compare mask. */
+    int32_t above = 0, tied_before = 0;
     CEC_SIMD_SUM(above)
     for (ptrdiff_t c = 0; c < n; c++)
         above += x[c] > xt;
