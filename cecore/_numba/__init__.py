@@ -29,7 +29,7 @@ def _grad(grad_out, logits, shape):
     """The kernels' gradient argument: ``grad_out`` reshaped, or for loss only
     (``grad_out=None``) an empty array of the logits' dtype, which the kernels test for
     (Numba compiles one specialisation per argument type, so it must be an array)."""
-    if grad_out is None or grad_out.shape[0] == 0:
+    if grad_out is None:
         return np.empty((0,) * len(shape), dtype=logits.dtype)
     return grad_out.reshape(shape)
 

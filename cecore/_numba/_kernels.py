@@ -156,8 +156,9 @@ def _row_scores(row, t, m, s, e, stats, rank):
     for c in range(n_classes):
         above += row[c] > xt
     tied_before = 0
-    for c in range(t):
-        tied_before += row[c] == xt
+    if above == 0:  # only then can an earlier tie take the top spot
+        for c in range(t):
+            tied_before += row[c] == xt
     rank[0] = above
     rank[1] = 1 if above == 0 and tied_before == 0 else 0
 
