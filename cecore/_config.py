@@ -69,11 +69,18 @@ PROBA_BLOCK_BYTES = 4 << 20
 # machine). An explicit n_threads is always honoured.
 MIN_ELEMENTS_PER_THREAD = 1 << 16
 
-# Below this many multiply-adds per BLAS product (n_samples * n_features * n_outputs),
-# SoftmaxClassifier.fit runs BLAS and the kernels on one thread unless n_threads is
-# given (fit_threads below): waking threads costs more than such products (benchmarks/bench_classifier.py,
-# digits: LogisticRegression 0.33 s with default threads, 0.02 s with one BLAS thread).
+# Below this many multiply-adds per product X @ W (n_samples * n_features * n_outputs),
+# SoftmaxClassifier.fit runs on one thread unless n_threads is given (fit_threads below):
+# waking threads costs more than such products (benchmarks/bench_classifier.py, digits:
+# LogisticRegression 0.33 s with default threads, 0.02 s with one BLAS thread).
 SERIAL_FIT_WORK = 1 << 22
+
+# SoftmaxClassifier.fit on dense X evaluates its objective one row block at a time
+# (cecore/classifier/_objective.py): a block's rows of X, its logits and its gradient take
+# about FIT_BLOCK_BYTES, so the block is still in cache when X.T @ G reads it again. The
+# blocks are summed in FIT_LANES lanes, the most threads one fit uses for them.
+FIT_BLOCK_BYTES = 1 << 20
+FIT_LANES = 8
 
 # cecore.torch asks Linux for transparent huge pages on gradient buffers of at least this
 # many bytes, as NumPy does for its arrays: a fresh buffer is written once, and faulting
@@ -206,25 +213,25 @@ def resolve_n_threads(n_threads, n_elements=None):
 
 
 def fit_threads(n_threads, n_logits, work):
-    """Threads of one fit that alternates BLAS products with kernel calls, resolved once.
+    """Threads of one fit (or of one ``partial_fit`` chunk), resolved once.
 
     Parameters
     ----------
     n_threads : None, int >= 1, or -1
         As for :func:`resolve_n_threads`.
     n_logits : int
-        Logits per kernel call, for :func:`resolve_n_threads`'s small-work rule.
+        The amount of work that :func:`resolve_n_threads`'s small-work rule weighs:
+        logits per kernel call (sparse ``X``) or multiply-adds of one pass over the row
+        blocks (dense ``X``).
     work : int
-        Multiply-adds per BLAS product.
+        Multiply-adds of one product ``X @ W``.
 
     Returns
     -------
-    kernel_threads : int
-        ``resolve_n_threads(n_threads, n_logits)``, or 1 for a serial fit.
-    serial : bool
-        True when ``n_threads`` is None and ``work < SERIAL_FIT_WORK``: then BLAS must
-        run on one thread too. Otherwise BLAS keeps its own setting.
+    int
+        1 when ``n_threads`` is None and ``work < SERIAL_FIT_WORK``, else
+        ``resolve_n_threads(n_threads, n_logits)``.
     """
     if n_threads is None and work < SERIAL_FIT_WORK:
-        return 1, True
-    return resolve_n_threads(n_threads, n_logits), False
+        return 1
+    return resolve_n_threads(n_threads, n_logits)

@@ -71,8 +71,10 @@ def jit(fn):
     serial_fn = types_module.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
                                           fn.__defaults__, fn.__closure__)
     serial_fn.__qualname__ = fn.__qualname__ + "_serial"
-    parallel = njit(parallel=True, fastmath=FASTMATH, cache=True)(fn)
-    serial = njit(parallel=False, fastmath=FASTMATH, cache=True)(serial_fn)
+    # nogil: kernels touch no Python object, and callers may run them on several Python
+    # threads at once (SoftmaxClassifier's row blocks, Dask's threaded workers).
+    parallel = njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)(fn)
+    serial = njit(parallel=False, fastmath=FASTMATH, cache=True, nogil=True)(serial_fn)
     return parallel, serial
 
 

@@ -10,6 +10,7 @@ from functools import partial
 from numbers import Integral, Real
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
@@ -75,10 +76,11 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
     verbose : int, default=0
         Print the objective at each iteration when positive.
     n_threads : int, optional
-        Threads of the cecore kernels, resolved once per call to :meth:`fit` or
-        :meth:`partial_fit` (-1: all CPUs); BLAS uses its own setting. With None, a
-        :meth:`fit` whose BLAS products are small runs the kernels and BLAS on one
-        thread (:func:`cecore._config.fit_threads`).
+        Threads of a fit, resolved once per call to :meth:`fit` or :meth:`partial_fit`
+        (-1: all CPUs). With dense ``X`` they split the rows, each thread running the
+        products (BLAS on one thread) and the kernel of its own row blocks; with sparse
+        ``X`` they run the kernels. With None, a fit whose products are small runs on
+        one thread (:func:`cecore._config.fit_threads`).
     backend : {'auto', 'cython', 'numba'}, default='auto'
         cecore kernel backend.
     learning_rate : float, default=0.1
@@ -196,8 +198,11 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
         n_samples, n_features = X.shape
         n_outputs = self._n_outputs()
-        n_threads, serial = _config.fit_threads(
-            self.n_threads, n_samples * n_outputs, n_samples * n_features * n_outputs)
+        # Dense X: the objective's threads run whole row blocks (products and kernel), so
+        # they are worth it by the products' work; sparse X: by the kernel's logits.
+        work = n_samples * n_features * n_outputs
+        n_threads = _config.fit_threads(
+            self.n_threads, n_samples * n_outputs if sp.issparse(X) else work, work)
         objective = self._objective_factory(n_threads)(X, y_enc, sw)
         params = np.zeros(objective.n_params)
         if previous is not None and np.array_equal(previous[0], classes) \
@@ -205,8 +210,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             params = pack(previous[1], previous[2], self.fit_intercept)
 
         params, self.n_iter_, self.loss_curve_ = lbfgs(
-            objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose,
-            serial=serial)
+            objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
         self.coef_, self.intercept_ = coef_intercept(params, n_outputs, self.fit_intercept)
         return self
 
