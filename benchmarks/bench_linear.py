@@ -235,7 +235,7 @@ def run_shape(shape, dtype, args):
     print(f"{label}: cecore matches torch (loss rtol {rtol:g})", flush=True)
     if args.only:
         comps = {k: v for k, v in comps.items() if k in args.only}
-    rows = {mode: cecore.linear._chunk_rows(n, v, np.dtype(dtype).itemsize, mode != "loss")
+    rows = {mode: cecore.linear._chunk_rows(n, v, np.dtype(dtype).itemsize, mode != "loss", True)
             for mode in MODES}
     record = {"shape": list(shape), "dtype": np.dtype(dtype).name, "default_chunk_rows": rows,
               "gemm_gflop": 2 * n * d * v / 1e9, "results": {}}

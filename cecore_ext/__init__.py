@@ -1,8 +1,10 @@
 """Cython + OpenMP backend of cecore's kernel contract (see :mod:`cecore._backends`).
 
-Two builds of one source exist: ``_kernels_avx2`` (AVX2 + FMA, x86-64) and
-``_kernels_base`` (the compiler's default target). The best one the running CPU supports
-is chosen at import; ``CECORE_SIMD=base`` forces the baseline build.
+Three builds of one source exist: ``_kernels_avx512`` (AVX-512 F/DQ/VL/BW, x86-64),
+``_kernels_avx2`` (AVX2 + FMA, x86-64) and ``_kernels_base`` (the compiler's default
+target). The best one the running CPU supports is chosen at import. ``CECORE_SIMD`` caps
+the choice: ``avx2`` never loads the AVX-512 build (what an AVX2-only CPU such as Zen 3
+runs), ``base`` loads the baseline build.
 """
 
 import os
@@ -10,29 +12,41 @@ import os
 __all__ = ["softmax_ce_index", "softmax_ce_scores", "softmax_ce_proba", "bce_logits",
            "softmax", "logsumexp", "log_loss_pass", "build_info"]
 
+# From the most capable down; each with the CPU features it needs (NumPy's names).
+_VARIANTS = (
+    ("avx512", ("AVX512F", "AVX512DQ", "AVX512VL", "AVX512BW", "AVX2", "FMA3")),
+    ("avx2", ("AVX2", "FMA3")),
+    ("base", ()),
+)
 
-def _cpu_has_avx2_fma():
+
+def _cpu_features():
     try:
         from numpy._core._multiarray_umath import __cpu_features__
     except ImportError:  # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__
-    return bool(__cpu_features__.get("AVX2") and __cpu_features__.get("FMA3"))
+    return __cpu_features__
 
 
 def _load():
-    choice = os.environ.get("CECORE_SIMD", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "base"):
-        raise ImportError(f"CECORE_SIMD must be 'auto' or 'base', got {choice!r}")
-    # Importing the AVX2 build on a CPU without AVX2 could die with SIGILL, so it is only
-    # imported after the CPU check; it is absent on non-x86 builds.
-    if choice == "auto" and _cpu_has_avx2_fma():
+    names = [name for name, _ in _VARIANTS]
+    cap = os.environ.get("CECORE_SIMD", "auto").strip().lower() or "auto"
+    if cap != "auto" and cap not in names:
+        raise ImportError(f"CECORE_SIMD must be 'auto' or one of {names}, got {cap!r}")
+    features = _cpu_features()
+    start = 0 if cap == "auto" else names.index(cap)
+    for name, needs in _VARIANTS[start:]:
+        # Importing a SIMD build on a CPU without its instructions could die with SIGILL,
+        # so it is only imported after the CPU check; the SIMD builds are absent on
+        # non-x86 machines.
+        if not all(features.get(f) for f in needs):
+            continue
         try:
-            from . import _kernels_avx2
-            return _kernels_avx2
+            return __import__(f"{__name__}._kernels_{name}", fromlist=["_"])
         except ImportError:
-            pass
-    from . import _kernels_base
-    return _kernels_base
+            if name == "base":
+                raise
+    raise ImportError("no cecore_ext kernel build can run on this CPU")
 
 
 _impl = _load()
@@ -52,7 +66,7 @@ def build_info():
     Returns
     -------
     dict
-        ``variant`` ("avx2" or "base"), ``openmp`` (bool), ``openmp_version`` (the
+        ``variant`` ("avx512", "avx2" or "base"), ``openmp`` (bool), ``openmp_version`` (the
         ``_OPENMP`` date, 0 without OpenMP), ``max_threads``, ``compiler``,
         ``compile_args``, the tunables ``tile``, ``small_c`` and ``sum_block`` (as
         compiled), ``exp`` and ``simd_env`` (``CECORE_SIMD``).

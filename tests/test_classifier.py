@@ -261,6 +261,23 @@ def test_fused_pass_over_many_blocks(monkeypatch, backend, dtype, fit_intercept,
         np.testing.assert_allclose(gb, grad_b, rtol=rtol, atol=rtol * np.abs(grad_b).max())
 
 
+def test_concurrent_fits_share_the_worker_pool(monkeypatch):
+    # Fits on several Python threads at once (GridSearchCV with a threading backend), each
+    # on 2 worker threads over many row blocks: every result equals the sequential fit's.
+    from concurrent.futures import ThreadPoolExecutor
+    from cecore import _config
+    monkeypatch.setattr(_config, "FIT_BLOCK_BYTES", 4096)
+    X, y = load("digits")
+    fits = [dict(C=C, n_threads=n) for C in (0.1, 1.0) for n in (1, 2)]
+    expected = [SoftmaxClassifier(**p).fit(X, y).coef_ for p in fits]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: SoftmaxClassifier(**p).fit(X, y).coef_, fits * 2))
+    for coef, want in zip(got, expected * 2):
+        np.testing.assert_array_equal(coef, want)
+    # and n_threads does not change the result
+    np.testing.assert_array_equal(expected[0], expected[1])
+
+
 def test_probabilities_are_stable():
     X, y = load("iris")
     clf = SoftmaxClassifier(C=1e4, tol=1e-8, max_iter=2000).fit(X, y)

@@ -1,5 +1,14 @@
 """Kernel tunables: defined once in cecore._config, compiled into both backends alike."""
 
+import importlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
 import cecore_ext
 from cecore import _config
 from cecore import _numba as numba_backend
@@ -20,3 +29,48 @@ def test_backends_report_the_config_tunables():
     numba_names = [name for name in _config.C_MACROS if name != "LANES"]
     assert _tunables(numba_backend.build_info(), numba_names) == {
         name: expected[name] for name in numba_names}
+
+
+# The SIMD builds this CPU can run (the test must not import one it cannot: SIGILL).
+_RUNNABLE = [name for name, needs in cecore_ext._VARIANTS
+             if all(cecore_ext._cpu_features().get(f) for f in needs)]
+
+
+@pytest.mark.parametrize("variant", _RUNNABLE)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_runnable_build_matches_a_float64_reference(variant, dtype):
+    # Each build is compiled from the same source with other vector flags: all of them
+    # give the float64 reference's loss and gradient, and report their tunables.
+    module = importlib.import_module(f"cecore_ext._kernels_{variant}")
+    assert module.build_info()["variant"] == variant
+    assert _tunables(module.build_info()) == {n: getattr(_config, n) for n in _config.C_MACROS}
+    rng = np.random.default_rng(0)
+    for n, c in [(300, 1000), (1000, 7), (5, 40000)]:
+        x = (rng.standard_normal((n, c)) * 4).astype(dtype)
+        t = rng.integers(0, c, n)
+        loss = np.empty((n, 1))
+        grad = np.empty((n, c, 1), dtype)
+        module.softmax_ce_index(x.reshape(n, c, 1), t.reshape(n, 1), np.ones(c), -100, 0.0,
+                                np.broadcast_to(1.0, (n, 1)), loss, grad, 2)
+        x64 = x.astype(np.float64)
+        lse = logsumexp(x64, axis=1)
+        p = np.exp(x64 - lse[:, None])
+        p[np.arange(n), t] -= 1
+        rtol = 1e-6 if dtype == np.float32 else 1e-13
+        # lse - x[t] cancels for confident rows: absolute error ~ eps * |x|
+        np.testing.assert_allclose(loss[:, 0], lse - x64[np.arange(n), t], rtol=rtol,
+                                   atol=8 * np.finfo(dtype).eps * np.abs(x64).max())
+        # p - 1 at the target is rounded in the logits' type: absolute error ~ eps
+        np.testing.assert_allclose(grad[..., 0], p, rtol=rtol, atol=4 * np.finfo(dtype).eps)
+
+
+def test_cecore_simd_caps_the_build():
+    code = "import cecore_ext; print(cecore_ext.build_info()['variant'])"
+    for cap in _RUNNABLE:
+        env = dict(os.environ, CECORE_SIMD=cap)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == cap
+    env = dict(os.environ, CECORE_SIMD="avx1024")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "CECORE_SIMD must be 'auto' or one of" in result.stderr

@@ -45,9 +45,13 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
     # reduction whose order depends on the thread count.
     w_total = float(np.sum(weight))
     if s == 1 and c > _config.SMALL_C:
+        # A gradient over the logits (the contract's in-place case) runs the kernel's
+        # one-array exp loop (see _row_sumexp_in_place).
+        in_place = grad_out is not None and grad_out.size > 0 and \
+            grad_out.ctypes.data == logits.ctypes.data
         _run("index_rows", n_threads, logits.reshape(n, c), target.reshape(n), weight,
              w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),
-             loss_out.reshape(n), _grad(grad_out, logits, (n, c)))
+             loss_out.reshape(n), _grad(grad_out, logits, (n, c)), in_place)
     else:
         _run("index_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
              w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),

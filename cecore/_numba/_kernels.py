@@ -55,6 +55,26 @@ def _row_sumexp(x, m, e_out):
 
 
 @helper
+def _row_sumexp_in_place(x, m):
+    """:func:`_row_sumexp` ``(x, m, x)`` with one array argument, for a gradient written
+    over the logits: given two arguments that overlap, LLVM's runtime alias check sends
+    the exp loop to its scalar version (measured 4x slower). The loops are the same, so
+    the sum is the same bit for bit."""
+    n = x.shape[0]
+    line = 64 // x.itemsize
+    s = 0.0
+    for b in range((n + SUM_BLOCK - 1) // SUM_BLOCK):
+        xb = x[b * SUM_BLOCK:(b + 1) * SUM_BLOCK]
+        for i in range(0, xb.shape[0], line):
+            _prefetch(x, n + b * SUM_BLOCK + i)
+        for c in range(xb.shape[0]):
+            xb[c] = _exp_nonpos(xb[c] - m)
+        for c in range(xb.shape[0]):
+            s += xb[c]
+    return s
+
+
+@helper
 def _row_wdev(x, weight, lse):
     """sum_c weight[c] * (lse - x[c]) in float64, class by class: as sum(w) * lse -
     sum(w * x) an infinite weight would give inf - inf = NaN where torch gives inf."""
@@ -66,16 +86,17 @@ def _row_wdev(x, weight, lse):
 
 # ---------------------------------------------------------------- class-index targets
 @helper
-def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad):
+def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad, in_place):
     """Loss of one row with class-index target ``t``; with ``want_grad``, the gradient
-    (times gs) goes into ``g``, which otherwise is scratch for the exps."""
+    (times gs) goes into ``g``, which otherwise is scratch for the exps. ``in_place``:
+    ``g`` is ``row`` itself."""
     n_classes = row.shape[0]
     smooth = eps / n_classes
     # Read before the exp pass writes the row: without label smoothing g may be the row
     # itself (a gradient over the logits), and nothing else of it is read afterwards.
     x_t = np.float64(row[t]) if not ignored else 0.0
     m = _row_max(row)
-    s = _row_sumexp(row, m, g)
+    s = _row_sumexp_in_place(g, m) if in_place else _row_sumexp(row, m, g)
     if ignored:
         # As torch: gradient 0, or NaN where the row's softmax is NaN (NaN or +inf
         # logits, or all -inf): s * 0 is exactly that; with label smoothing, which
@@ -108,7 +129,7 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad):
 
 
 def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
-                grad_out):
+                grad_out, in_place):
     n_rows, n_classes = x.shape
     want_grad = grad_out.shape[0] != 0
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
@@ -122,7 +143,7 @@ def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_
                 continue
             g = grad_out[i] if want_grad else scratch
             loss_out[i] = _index_row(x[i], t, weight, w_total, eps, grad_scale[i], g, ignored,
-                                     want_grad)
+                                     want_grad, in_place)
 
 
 @helper

@@ -5,6 +5,7 @@ and a gradient; the estimator only builds an objective and reads coefficients ba
 """
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -159,7 +160,7 @@ class LinearObjective:
         kernels, class_weight = self.kernels, self.class_weight
         grad_W = np.zeros(lane.part.shape, np.float64)
         grad_b = None if bx is None else np.zeros(Wt.shape[0], np.float64)
-        for xT, target, scale, loss, logits, grad in lane.blocks:
+        for xT, target, scale, loss, logits, grad, ones in lane.blocks:
             np.matmul(Wt, xT, out=logits)  # (K, n): the (n, K) logits in Fortran order
             if bx is not None:
                 logits += bx
@@ -170,7 +171,7 @@ class LinearObjective:
                 kernels.softmax_ce_index(logits[None], target, class_weight, -100, 0.0,
                                          scale, loss, logits[None], 1)
             else:
-                kernels.bce_logits(logits, target, lane.ones, lane.ones, scale, loss, grad, 1)
+                kernels.bce_logits(logits, target, ones, ones, scale, loss, grad, 1)
             np.matmul(xT, grad.T, out=lane.part)
             grad_W += lane.part
             if grad_b is not None:
@@ -206,7 +207,6 @@ class _Lane:
         buf = np.empty(n_outputs * min(block_rows, n), X.dtype)
         binary = n_outputs == 1
         gbuf = np.empty(min(block_rows, n), X.dtype) if binary else None
-        self.ones = np.broadcast_to(np.float64(1.0), (1, min(block_rows, n)))
         self.blocks = []
         for start in range(0, n, block_rows):
             stop = min(start + block_rows, n)
@@ -219,6 +219,7 @@ class _Lane:
                 self.loss[None, start:stop],
                 buf[: n_outputs * m].reshape(n_outputs, m),
                 gbuf[None, :m] if binary else None,
+                np.broadcast_to(np.float64(1.0), (1, m)),  # the binary loss's weights
             ))
 
 
@@ -238,22 +239,21 @@ def _make_lanes(X, target, grad_scale, n_outputs):
             for lo, hi in zip(bounds, bounds[1:])]
 
 
-_pool = None
-_pool_key = None
+_pools = {}
+_pools_lock = threading.Lock()
 
 
 def _worker_pool(n_threads):
-    """A process-wide thread pool of ``n_threads`` workers, made again after ``fork``.
+    """The process's thread pool of ``n_threads`` workers, made once (again after ``fork``).
 
     Starting threads for every evaluation of the objective cost about 1.4 ms, a tenth of
-    an evaluation at 100 000 x 100 (a fork child never gets here: it runs on one thread).
+    an evaluation at 100 000 x 100. Pools are shared by concurrent fits and never shut
+    down: idle workers cost nothing, and there is at most one pool per thread count. (A
+    fork child never gets here: it runs on one thread.)
     """
-    global _pool, _pool_key
     key = (os.getpid(), n_threads)
-    if _pool_key != key:
-        if _pool is not None and _pool_key[0] == key[0]:
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(n_threads, thread_name_prefix="cecore-fit")
-        _pool_key = key
-    return _pool
-
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = ThreadPoolExecutor(n_threads, thread_name_prefix="cecore-fit")
+    return pool
