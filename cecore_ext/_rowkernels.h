@@ -276,6 +276,39 @@ CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
     return m;
 }
 
+/* cec_row_max (the same lanes, so the same max) that also counts, in *above, the classes
+ * whose logit is larger than xt: softmax_ce_scores's rank comes out of the pass that
+ * reads the row from memory instead of a pass of its own. int32 counts (C < 2**31): with
+ * int64 ones, AVX2 widens every compare mask. */
+CEC_INLINE T CEC_FN(cec_row_max_above)(const T *x, ptrdiff_t n, T xt, int32_t *above) {
+    T acc[CEC_LANES];
+    int32_t cnt[CEC_LANES];
+    for (int j = 0; j < CEC_LANES; j++) {
+        acc[j] = x[0];
+        cnt[j] = 0;
+    }
+    ptrdiff_t c = 0;
+    for (; c + CEC_LANES <= n; c += CEC_LANES) {
+        CEC_SIMD
+        for (int j = 0; j < CEC_LANES; j++) {
+            acc[j] = x[c + j] > acc[j] ? x[c + j] : acc[j];
+            cnt[j] += x[c + j] > xt;
+        }
+    }
+    for (int j = 0; c + j < n; j++) {
+        acc[j] = x[c + j] > acc[j] ? x[c + j] : acc[j];
+        cnt[j] += x[c + j] > xt;
+    }
+    T m = acc[0];
+    int32_t total = cnt[0];
+    for (int j = 1; j < CEC_LANES; j++) {
+        m = acc[j] > m ? acc[j] : m;
+        total += cnt[j];
+    }
+    *above = total;
+    return m;
+}
+
 /* acc[c % CEC_LANES] += v[c] in float64 (v is a block of CEC_TILE values at most, so
  * lane j always receives the block's elements j, j + CEC_LANES, ...). */
 CEC_INLINE void CEC_FN(cec_add_lanes)(double *acc, const T *v, ptrdiff_t len) {
@@ -315,12 +348,18 @@ CEC_INLINE double CEC_FN(cec_row_sumexp_impl)(const T *x, T m, T *e, ptrdiff_t n
             dst[c] = EXP(xb[c] - m);
         CEC_FN(cec_add_lanes)(acc, dst, len);
         if (ex) {  /* the block's exps are still in L1 */
-            CEC_PRAGMA(omp simd reduction(+:a, q))
+            /* In the logits' type within the block (for float32: at most CEC_SUM_BLOCK /
+             * vector-width terms per lane, about 1e-7 relative), in float64 across
+             * blocks: float64 per element doubled the scoring kernel's time. */
+            T ab = 0, qb = 0;
+            CEC_PRAGMA(omp simd reduction(+:ab, qb))
             for (ptrdiff_t c = 0; c < len; c++) {
-                const double v = (double)dst[c];
-                a += v > 0.0 ? v * ((double)xb[c] - (double)m) : 0.0;
-                q += v * v;
+                const T v = dst[c];
+                ab += v > 0 ? v * (xb[c] - m) : 0;
+                qb += v * v;
             }
+            a += (double)ab;
+            q += (double)qb;
         }
     }
     if (ex) {
@@ -407,7 +446,9 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
                                          const double *w, double eps, double *stats,
                                          int64_t *rank) {
     const double smooth = eps / (double)n;
-    const T m = CEC_FN(cec_row_max)(x, n);
+    const T xt = x[t];
+    int32_t above, tied_before = 0;
+    const T m = CEC_FN(cec_row_max_above)(x, n, xt, &above);
     double ex, e2;
     const double s = CEC_FN(cec_row_sumexp_impl)(x, m, NULL, n, &ex, &e2);
     const double lse = (double)m + log(s);
@@ -424,12 +465,6 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     stats[0] = log(s) - ex / s;
     stats[1] = 1.0 / s;
     stats[2] = e2 / (s * s) - 2.0 * e_t / s + 1.0;
-    const T xt = x[t];
-    /* int32 counts (C < 2**31): with int64 ones, AVX2 widens every compare mask. */
-    int32_t above = 0, tied_before = 0;
-    CEC_SIMD_SUM(above)
-    for (ptrdiff_t c = 0; c < n; c++)
-        above += x[c] > xt;
     if (above == 0) {  /* only then can an earlier tie take the top spot */
         CEC_SIMD_SUM(tied_before)
         for (ptrdiff_t c = 0; c < t; c++)
