@@ -79,7 +79,10 @@ SERIAL_FIT_WORK = 1 << 22
 # (cecore/classifier/_objective.py): a block's rows of X, its logits and its gradient take
 # about FIT_BLOCK_BYTES, so the block is still in cache when X.T @ G reads it again. The
 # blocks are summed in FIT_LANES lanes, the most threads one fit uses for them.
+# A block has at least FIT_MIN_BLOCK_ROWS rows however wide X is: each block costs a few
+# Python calls (~30 us), which one-row products of very wide X would not amortise.
 FIT_BLOCK_BYTES = 1 << 20
+FIT_MIN_BLOCK_ROWS = 64
 FIT_LANES = 8
 
 # cecore.torch asks Linux for transparent huge pages on gradient buffers of at least this

@@ -236,6 +236,7 @@ def test_fused_pass_over_many_blocks(monkeypatch, backend, dtype, fit_intercept,
     # gradient match a float64 reference, and do not depend on the number of threads.
     from cecore import _config
     monkeypatch.setattr(_config, "FIT_BLOCK_BYTES", 512)
+    monkeypatch.setattr(_config, "FIT_MIN_BLOCK_ROWS", 1)
     rng = np.random.default_rng(5)
     X = rng.normal(size=(1001, 7)).astype(dtype)
     y = rng.integers(0, 2 if n_outputs == 1 else n_outputs, size=1001)

@@ -229,7 +229,8 @@ def _make_lanes(X, target, grad_scale, n_outputs):
     Both sizes depend on the data only, never on the threads, so neither do the sums.
     """
     n_samples, n_features = X.shape
-    block_rows = max(1, _config.FIT_BLOCK_BYTES // ((n_features + 2 * n_outputs) * X.dtype.itemsize))
+    block_rows = max(_config.FIT_MIN_BLOCK_ROWS,
+                     _config.FIT_BLOCK_BYTES // ((n_features + 2 * n_outputs) * X.dtype.itemsize))
     block_rows = min(block_rows, max(n_samples, 1))
     n_blocks = max(1, -(-n_samples // block_rows))
     n_lanes = min(_config.FIT_LANES, n_blocks)
