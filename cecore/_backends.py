@@ -127,6 +127,8 @@ def _load(name):
                 import cecore_ext as module
             else:
                 from . import _numba as module
+        except ValueError:  # a bad setting (CECORE_SIMD): the user must see it
+            raise
         except Exception as exc:  # an unbuilt extension or a broken numba install
             _errors[name] = f"{type(exc).__name__}: {exc}"
             return None

@@ -198,7 +198,13 @@ def main(argv=None):
             configure(command)
             command.set_defaults(_run=run)
     args = parser.parse_args(argv)
-    return args._run(args)
+    try:
+        return args._run(args)
+    except ValueError as exc:  # a bad CECORE_* setting, found when a backend loads
+        if not str(exc).startswith("CECORE_"):
+            raise
+        print(f"cecore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

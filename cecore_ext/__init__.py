@@ -32,7 +32,9 @@ def _load():
     names = [name for name, _ in _VARIANTS]
     cap = os.environ.get("CECORE_SIMD", "auto").strip().lower() or "auto"
     if cap != "auto" and cap not in names:
-        raise ImportError(f"CECORE_SIMD must be 'auto' or one of {names}, got {cap!r}")
+        # ValueError, not ImportError: a misspelt setting must not make backend="auto"
+        # fall back to Numba without a word.
+        raise ValueError(f"CECORE_SIMD must be 'auto' or one of {names}, got {cap!r}")
     features = _cpu_features()
     start = 0 if cap == "auto" else names.index(cap)
     for name, needs in _VARIANTS[start:]:

@@ -71,6 +71,17 @@ def test_cecore_simd_caps_the_build():
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                              text=True, check=True).stdout.strip()
         assert out == cap
+    # A misspelt setting is an error, also through backend="auto" (no silent Numba).
     env = dict(os.environ, CECORE_SIMD="avx1024")
+    code = "import numpy as np, cecore; cecore.cross_entropy(np.zeros((2, 3)), np.array([0, 1]))"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert result.returncode != 0 and "CECORE_SIMD must be 'auto' or one of" in result.stderr
+    assert result.returncode != 0
+    assert "ValueError: CECORE_SIMD must be 'auto' or one of" in result.stderr
+    # and the command line says so in one line
+    result = subprocess.run([sys.executable, "-m", "cecore.cli", "info"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "cecore info: error: CECORE_SIMD must be 'auto' or one of "
+        "['avx512', 'avx2', 'base'], got 'avx1024'"]
+
