@@ -162,10 +162,17 @@ def test_numba_cache_stays_outside_the_installed_package(tmp_path):
     before = package_files()
     env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "NUMBA_CACHE_DIR": ""}
     code = """
-        import numpy as np, cecore
+        import gc, os, numpy as np, cecore, numba
         from cecore.metrics import log_loss
         cecore.cross_entropy(np.zeros((3, 4)), [0, 1, 2], backend="numba")
         log_loss([0, 1, 2], np.full((3, 3), 1 / 3))
+        # every cached dispatcher of cecore, wherever its files may already be
+        package = os.path.dirname(cecore.__file__) + os.sep
+        paths = [d._cache._cache_path for d in gc.get_objects()
+                 if isinstance(d, numba.core.dispatcher.Dispatcher)
+                 and d.py_func.__module__.startswith("cecore")
+                 and hasattr(d._cache, "_cache_path")]
+        assert paths and not [p for p in paths if p.startswith(package)], paths
     """
     result = _python(code, env=env)
     assert result.returncode == 0, result.stderr
