@@ -15,7 +15,7 @@ from numba.extending import intrinsic, overload
 # Imported first for its side effect: it registers cecore's cache locator, which a
 # dispatcher consults when it is made, so the njit(cache=True) below must come after it
 # (otherwise they would be cached inside the installed package).
-from . import _runtime  # noqa: F401
+from ._runtime import _CacheLocator  # noqa: F401
 
 
 def _bitcast_codegen(llty):
