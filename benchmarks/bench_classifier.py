@@ -67,6 +67,57 @@ def _compare(name, X, y, repeat, tol, max_iter):
     return out
 
 
+def evaluations(X, y, rounds=7):
+    """Seconds per evaluation of the objective and its gradient, side by side, at one point.
+
+    * ``cecore``: the fit's evaluation, one pass over row blocks of ``X`` on the machine's
+      threads (BLAS on one thread inside each, as during a fit);
+    * ``whole-X products``: the same through ``X @ W`` and ``X.T @ G`` over all of ``X``
+      (BLAS on its default threads) around cecore's kernel, i.e. ``X`` read twice;
+    * ``sklearn``: ``LinearModelLoss.loss_gradient``, what ``LogisticRegression(lbfgs)``
+      evaluates (a private scikit-learn API; left out if it has moved).
+    Rounds interleave the competitors; medians are reported.
+    """
+    from cecore import _config, cross_entropy
+    from cecore.classifier._objective import LinearObjective
+    n_classes = int(y.max()) + 1
+    rng = np.random.default_rng(0)
+    coef = rng.normal(scale=0.01, size=(n_classes, X.shape[1] + 1))
+    params = np.concatenate([coef[:, :-1].T.ravel(), coef[:, -1]])
+    sw = np.ones(len(y))
+    objective = LinearObjective(X, y, sw, 1.0, n_classes, fit_intercept=True, backend="auto",
+                                n_threads=_config.default_n_threads())
+
+    def fused():
+        with _config.limit_blas(1):
+            objective.loss_gradient(params)
+
+    def whole():
+        W, b = objective.unpack(params)
+        logits = (W.T @ X.T).T + b
+        _, g = cross_entropy(logits, y, reduction="none", return_grad=True,
+                             grad_output=sw / sw.sum())
+        return X.T @ g, g.sum(axis=0)
+
+    competitors = {"cecore": fused, "whole-X products": whole}
+    try:
+        from sklearn._loss.loss import HalfMultinomialLoss
+        from sklearn.linear_model._linear_loss import LinearModelLoss
+        loss = LinearModelLoss(HalfMultinomialLoss(n_classes=n_classes), fit_intercept=True)
+        y_float = y.astype(np.float64)
+        competitors["sklearn"] = lambda: loss.loss_gradient(
+            coef, X, y_float, sw / sw.sum(), l2_reg_strength=1.0 / len(y))
+    except ImportError as exc:
+        print(f"note: sklearn's LinearModelLoss not importable ({exc}); left out")
+    times = {name: [] for name in competitors}
+    for _ in range(rounds):
+        for name, fn in competitors.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="fits per model on digits")
@@ -82,7 +133,10 @@ def main():
     # all of them), then both models restricted to one BLAS thread.
     runs = [compare("digits (standardised)", X, y, args.repeat, args.tol, args.max_iter),
             compare("digits, 1 BLAS thread", X, y, args.repeat, args.tol, args.max_iter, 1)]
+    per_evaluation = None
     if not args.skip_large:
+        X, y = make_classification(100_000, 100, n_informative=50, n_classes=20, random_state=0)
+        per_evaluation = evaluations(X, y)
         for n_classes in (20, 2):
             X, y = make_classification(100_000, 100, n_informative=50, n_classes=n_classes,
                                        random_state=0)
@@ -96,8 +150,14 @@ def main():
     print(f"CPU: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs")
     print(format_table(["data", "shape", "k", "sklearn s", "it", "sklearn objective",
                         "cecore s", "it", "cecore objective", "speedup", "rel. gap"], rows))
+    if per_evaluation:
+        base = per_evaluation["cecore"]
+        print("\none evaluation of objective + gradient, 100000x100, 20 classes (median ms, "
+              "time / cecore's):")
+        for name, seconds in per_evaluation.items():
+            print(f"  {name:18s} {seconds * 1e3:8.1f} ms  {seconds / base:5.2f}x")
     path = save_json({"machine": machine, "tol": args.tol, "max_iter": args.max_iter,
-                      "runs": runs}, "classifier.json")
+                      "runs": runs, "seconds_per_evaluation": per_evaluation}, "classifier.json")
     print(f"saved {path}")
 
 

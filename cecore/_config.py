@@ -7,6 +7,7 @@ use the same values.
 """
 
 import os
+import sys
 import warnings
 
 # Backend tried first by backend="auto". Cython needs no JIT, so it starts fastest.
@@ -238,3 +239,25 @@ def fit_threads(n_threads, n_logits, work):
     if n_threads is None and work < SERIAL_FIT_WORK:
         return 1
     return resolve_n_threads(n_threads, n_logits)
+
+
+_blas = None
+_blas_has_scipy = False
+
+
+def limit_blas(n_threads):
+    """Context manager holding the BLAS libraries (NumPy's, SciPy's) to ``n_threads``.
+
+    One threadpoolctl controller serves every call: making one scans the loaded
+    libraries, which a fresh ``threadpool_limits`` would repeat on every call. It is made
+    again once after SciPy's linear algebra (and its own OpenBLAS) has been loaded, so
+    a controller made earlier never leaves SciPy's BLAS out.
+    """
+    global _blas, _blas_has_scipy
+    has_scipy = "scipy.linalg" in sys.modules
+    if _blas is None or (has_scipy and not _blas_has_scipy):
+        from threadpoolctl import ThreadpoolController
+        _blas = ThreadpoolController().select(user_api="blas")
+        _blas_has_scipy = has_scipy
+    return _blas.limit(limits=n_threads)
+

@@ -70,22 +70,6 @@ def _chunk_rows(n_rows, n_classes, itemsize, return_grad, over_logits):
     return -(-max(n_rows, 1) // n_chunks)
 
 
-_blas = None
-
-
-def _blas_threads(n_threads):
-    """Context manager limiting NumPy's BLAS to ``n_threads`` threads.
-
-    The threadpoolctl controller is made once: building one scans the loaded libraries,
-    about 1 ms, which a fresh ``threadpool_limits`` would pay on every call.
-    """
-    global _blas
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController
-        _blas = ThreadpoolController().select(user_api="blas")
-    return _blas.limit(limits=n_threads)
-
-
 def _float_operand(a, name):
     a = V.float_input(a, name)
     if a.dtype == np.float16:
@@ -288,7 +272,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     else:
         scale = np.broadcast_to(np.float64(0.0), (n_rows, 1))
 
-    with _blas_threads(threads):
+    with _config.limit_blas(threads):
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)
             n = stop - start

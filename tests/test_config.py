@@ -4,6 +4,7 @@ import importlib
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -84,4 +85,26 @@ def test_cecore_simd_caps_the_build():
     assert result.stderr.strip().splitlines() == [
         "cecore info: error: CECORE_SIMD must be 'auto' or one of "
         "['avx512', 'avx2', 'base'], got 'avx1024'"]
+
+
+def test_limit_blas_covers_scipys_blas_loaded_later():
+    # A controller made before SciPy's linear algebra was imported must not leave SciPy's
+    # own OpenBLAS (the one L-BFGS-B calls) out of the limit.
+    code = """
+        import sys
+        from cecore import _config
+        assert "scipy.linalg" not in sys.modules
+        with _config.limit_blas(1):
+            pass
+        before = {lib["filepath"] for lib in _config._blas.info()}
+        import scipy.linalg
+        with _config.limit_blas(1):
+            during = {lib["filepath"]: lib["num_threads"] for lib in _config._blas.info()}
+        scipy_libs = [p for p in during if p not in before]
+        print(len(scipy_libs), sorted(set(during.values())))
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, check=True).stdout.split(maxsplit=1)
+    # SciPy ships its own OpenBLAS next to NumPy's; both are held to one thread
+    assert int(out[0]) >= 1 and out[1].strip() == "[1]"
 

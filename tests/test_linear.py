@@ -270,7 +270,7 @@ def test_bad_input(backend, monkeypatch, args, kwargs, exc, match):
 
     def no_work(n_threads):
         raise AssertionError("products started before the input was checked")
-    monkeypatch.setattr(cecore.linear, "_blas_threads", no_work)
+    monkeypatch.setattr(cecore._config, "limit_blas", no_work)
     copies = [np.array(a, copy=True) for a in args]
     with pytest.raises(exc, match=match):
         cecore.linear_cross_entropy(*args, **kwargs)

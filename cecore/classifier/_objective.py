@@ -15,7 +15,6 @@ import scipy.sparse as sp
 from .. import _config
 from .._backends import get_backend
 from ..functional import binary_cross_entropy_with_logits, cross_entropy
-from ..linear import _blas_threads
 
 __all__ = ["LinearObjective", "coef_intercept", "pack", "unpack"]
 
@@ -53,13 +52,11 @@ class LinearObjective:
     logit of ``classes_[1]`` (``n_outputs = 1``). The intercept is not penalised.
 
     The parameter vector is ``[W.ravel(), b]`` with ``W`` of shape
-    (n_features, n_outputs), i.e. ``coef_.T``: then the gradient is ``X.T @ G``, with the
-    long sample axis as BLAS wants it (``G.T @ X`` is several times slower for C-ordered
-    arrays). Dense logits are computed as ``(W.T @ X.T).T``, which BLAS writes in Fortran
-    order (measured 1.5x faster than ``X @ W``); the kernels read Fortran-ordered (n, C)
-    logits without a copy. Both products go through NumPy's BLAS: alternating with
-    SciPy's ``gemm`` (a second OpenBLAS with its own spinning thread pool) made each
-    evaluation twice as slow.
+    (n_features, n_outputs), i.e. ``coef_.T``. Dense ``X`` is evaluated one row block at
+    a time (see :meth:`_fused_pass`): a block's logits are ``W.T @ X_block.T``, which BLAS
+    writes as Fortran-ordered (n, C) logits that the kernels read without a copy, and its
+    gradient share is ``X_block.T @ G``. All products go through NumPy's BLAS: SciPy's
+    ``gemm`` is a second OpenBLAS with its own thread pool.
 
     Parameters
     ----------
@@ -142,7 +139,7 @@ class LinearObjective:
         Wt = np.ascontiguousarray(W.T, dtype=self.X.dtype)  # (K, F)
         bx = None if b is None else b.astype(self.X.dtype)[:, None]
         run = partial(self._lane, Wt, bx)
-        with _blas_threads(1):
+        with _config.limit_blas(1):
             if self.n_threads == 1 or len(self._lanes) == 1:
                 parts = [run(lane) for lane in self._lanes]
             else:
@@ -247,10 +244,10 @@ _pools_lock = threading.Lock()
 def _worker_pool(n_threads):
     """The process's thread pool of ``n_threads`` workers, made once (again after ``fork``).
 
-    Starting threads for every evaluation of the objective cost about 1.4 ms, a tenth of
-    an evaluation at 100 000 x 100. Pools are shared by concurrent fits and never shut
-    down: idle workers cost nothing, and there is at most one pool per thread count. (A
-    fork child never gets here: it runs on one thread.)
+    Made once rather than per evaluation, which would start threads a hundred times per
+    fit. Pools are shared by concurrent fits and never shut down: idle workers cost
+    nothing, and there is at most one pool per thread count. (A fork child never gets
+    here: it runs on one thread.)
     """
     key = (os.getpid(), n_threads)
     with _pools_lock:

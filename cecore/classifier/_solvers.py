@@ -11,25 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.optimize
 from sklearn.exceptions import ConvergenceWarning
-from threadpoolctl import ThreadpoolController
+
+from .. import _config
 
 __all__ = ["AdagradState", "adagrad_steps", "lbfgs"]
-
-_blas = None
-
-
-def _one_blas_thread():
-    """Context manager holding every BLAS library to one thread.
-
-    The controller is made once, on the first fit: making one scans the loaded libraries
-    (about 2.4 ms, a tenth of a small fit). SciPy's OpenBLAS, the one that matters here,
-    is loaded by then (this module imports scipy.optimize).
-    """
-    global _blas
-    if _blas is None:
-        _blas = ThreadpoolController().select(user_api="blas")
-    return _blas.limit(limits=1)
-
 
 def lbfgs(objective, params, *, max_iter, tol, verbose):
     """Minimise ``objective`` from ``params`` with scipy's L-BFGS-B.
@@ -67,8 +52,8 @@ def lbfgs(objective, params, *, max_iter, tol, verbose):
     # Every BLAS library on one thread for the whole solve: the objective runs BLAS
     # inside its own threads, and SciPy's OpenBLAS (which L-BFGS-B calls between
     # evaluations) would otherwise keep threads spinning on the cores the next
-    # evaluation needs (measured: 14 ms instead of 8.6 ms per evaluation at 100 000 x 100).
-    with _one_blas_thread():
+    # evaluation needs (benchmarks/bench_classifier.py times the fits).
+    with _config.limit_blas(1):
         # The options are scikit-learn's for lbfgs, so that both stop at the same point.
         result = scipy.optimize.minimize(
             objective.loss_gradient, params, method="L-BFGS-B", jac=True, callback=record,
