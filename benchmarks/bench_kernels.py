@@ -130,6 +130,33 @@ class Cecore(Competitor):
         }
 
 
+class CecoreBuild(Cecore):
+    """The Cython backend's AVX2 build where ``cecore_ext`` loaded its AVX-512 build: the
+    code an AVX2-only CPU (such as Zen 3) runs, side by side with the loaded one. The
+    registry is pointed at the build for the duration of each call."""
+
+    def __init__(self, variant, threads):
+        import importlib
+        super().__init__("cython", threads)
+        self.name = f"cecore-cython-{variant}"
+        self.module = importlib.import_module(f"cecore_ext._kernels_{variant}")
+
+    def prepare(self, x, t):
+        from cecore import _backends
+
+        def swapped(fn):
+            def run():
+                loaded = _backends._loaded["cython"]
+                _backends._loaded["cython"] = self.module
+                try:
+                    return fn()
+                finally:
+                    _backends._loaded["cython"] = loaded
+            return run
+
+        return {mode: swapped(fn) for mode, fn in super().prepare(x, t).items()}
+
+
 class Yardstick(Competitor):
     """A pass over the same array that is not cross-entropy, timed in every gradient mode:
     ``exp`` (``torch.exp(x, out=buf)``) or ``copy`` (``np.copyto(buf, x)``)."""
@@ -277,6 +304,11 @@ class Jax(Competitor):
         return float(out), None
 
 
+def cecore_ext_variant():
+    import cecore_ext
+    return cecore_ext.build_info()["variant"]
+
+
 def make_competitors(threads, use_jax):
     comps = []
     import cecore
@@ -286,6 +318,10 @@ def make_competitors(threads, use_jax):
             comps.append(Cecore(backend, threads))
         else:
             note(f"cecore backend {backend!r} is unavailable here, its column is skipped")
+    if "cython" in available and cecore_ext_variant() == "avx512":
+        comps.append(CecoreBuild("avx2", threads))
+        note("cecore-cython is the AVX-512 build; cecore-cython-avx2 is the AVX2 build "
+             "of the same source, run on the same CPU")
     for cls, args in ((Torch, (threads,)), (Sklearn, (threads,)), (NumpyRef, ()),
                       (Yardstick, ("exp", threads)), (Yardstick, ("copy", threads))):
         try:

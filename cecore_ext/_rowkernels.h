@@ -257,30 +257,13 @@ CEC_INLINE double cec_sum_lanes(const double *acc) {
 
 /* max_c x[c] in CEC_LANES independent running maxima. "a > m ? a : m" is one vector max
  * instruction that keeps m when a is NaN, so a NaN may or may not end up in the max; it
- * does not matter, as a NaN anywhere in the row makes every exp(x[c] - max) sum NaN. */
-CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
-    T acc[CEC_LANES];
-    for (int j = 0; j < CEC_LANES; j++)
-        acc[j] = x[0];
-    ptrdiff_t c = 0;
-    for (; c + CEC_LANES <= n; c += CEC_LANES) {
-        CEC_SIMD
-        for (int j = 0; j < CEC_LANES; j++)
-            acc[j] = x[c + j] > acc[j] ? x[c + j] : acc[j];
-    }
-    for (int j = 0; c + j < n; j++)
-        acc[j] = x[c + j] > acc[j] ? x[c + j] : acc[j];
-    T m = acc[0];
-    for (int j = 1; j < CEC_LANES; j++)
-        m = acc[j] > m ? acc[j] : m;
-    return m;
-}
-
-/* cec_row_max (the same lanes, so the same max) that also counts, in *above, the classes
- * whose logit is larger than xt: softmax_ce_scores's rank comes out of the pass that
- * reads the row from memory instead of a pass of its own. int32 counts (C < 2**31): with
- * int64 ones, AVX2 widens every compare mask. */
-CEC_INLINE T CEC_FN(cec_row_max_above)(const T *x, ptrdiff_t n, T xt, int32_t *above) {
+ * does not matter, as a NaN anywhere in the row makes every exp(x[c] - max) sum NaN.
+ * With above != NULL it also counts, in *above, the classes whose logit is larger than
+ * xt (softmax_ce_scores's rank, out of the pass that reads the row from memory anyway).
+ * Inlined with a constant above, the count disappears where it is not asked for, as
+ * want_grad does in cec_bce_values. int32 counts (C < 2**31): with int64 ones, AVX2
+ * widens every compare mask. */
+CEC_INLINE T CEC_FN(cec_row_max_count)(const T *x, ptrdiff_t n, T xt, int32_t *above) {
     T acc[CEC_LANES];
     int32_t cnt[CEC_LANES];
     for (int j = 0; j < CEC_LANES; j++) {
@@ -292,12 +275,14 @@ CEC_INLINE T CEC_FN(cec_row_max_above)(const T *x, ptrdiff_t n, T xt, int32_t *a
         CEC_SIMD
         for (int j = 0; j < CEC_LANES; j++) {
             acc[j] = x[c + j] > acc[j] ? x[c + j] : acc[j];
-            cnt[j] += x[c + j] > xt;
+            if (above)
+                cnt[j] += x[c + j] > xt;
         }
     }
     for (int j = 0; c + j < n; j++) {
         acc[j] = x[c + j] > acc[j] ? x[c + j] : acc[j];
-        cnt[j] += x[c + j] > xt;
+        if (above)
+            cnt[j] += x[c + j] > xt;
     }
     T m = acc[0];
     int32_t total = cnt[0];
@@ -305,8 +290,13 @@ CEC_INLINE T CEC_FN(cec_row_max_above)(const T *x, ptrdiff_t n, T xt, int32_t *a
         m = acc[j] > m ? acc[j] : m;
         total += cnt[j];
     }
-    *above = total;
+    if (above)
+        *above = total;
     return m;
+}
+
+CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
+    return CEC_FN(cec_row_max_count)(x, n, 0, NULL);
 }
 
 /* acc[c % CEC_LANES] += v[c] in float64 (v is a block of CEC_TILE values at most, so
@@ -448,7 +438,7 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     const double smooth = eps / (double)n;
     const T xt = x[t];
     int32_t above, tied_before = 0;
-    const T m = CEC_FN(cec_row_max_above)(x, n, xt, &above);
+    const T m = CEC_FN(cec_row_max_count)(x, n, xt, &above);
     double ex, e2;
     const double s = CEC_FN(cec_row_sumexp_impl)(x, m, NULL, n, &ex, &e2);
     const double lse = (double)m + log(s);
