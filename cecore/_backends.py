@@ -166,7 +166,7 @@ def show_config(file=None):
     """Print which backends load, with their threads, tunables and build flags; return it
     as a dict."""
     tunables = {name: getattr(_config, name) for name in (
-        "SMALL_C", "TILE", "SUM_BLOCK", "ROWS_PER_TASK", "REDUCE_BLOCK",
+        "SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "ROWS_PER_TASK", "REDUCE_BLOCK",
         "MIN_ELEMENTS_PER_THREAD", "SERIAL_FIT_WORK", "LOG_LOSS_ROW_BLOCK",
         "DEFAULT_MEMORY_BUDGET", "PROBA_BLOCK_BYTES", "LANES")}
     info = {"default_n_threads": _config.default_n_threads(), "tunables": tunables,

@@ -29,6 +29,7 @@ from libc.stdlib cimport malloc, free
 cdef extern from "_rowkernels.h" nogil:
     enum: CEC_TILE
     enum: CEC_SMALL_C
+    enum: CEC_SMALL_C_ROWS
     enum: CEC_SUM_BLOCK
     enum: CEC_LANES
     int cec_openmp_version()
@@ -82,6 +83,10 @@ cdef extern from "_rowkernels.h" nogil:
                                 Py_ssize_t width, double *out)
     void cec_logsumexp_tile_f64(const double *x, Py_ssize_t n, Py_ssize_t stride,
                                 Py_ssize_t width, double *out)
+    void cec_transpose_f32(const float *src, Py_ssize_t sld, Py_ssize_t rows,
+                           Py_ssize_t cols, float *dst, Py_ssize_t dld)
+    void cec_transpose_f64(const double *src, Py_ssize_t sld, Py_ssize_t rows,
+                           Py_ssize_t cols, double *dst, Py_ssize_t dld)
     void cec_bce_row_f32(const float *x, const float *y, Py_ssize_t n, const double *w,
                          const double *pw, const double *gs, double *loss, float *g)
     void cec_bce_row_f64(const double *x, const double *y, Py_ssize_t n, const double *w,
@@ -132,6 +137,13 @@ cdef inline void _bce_row(const floating *x, const floating *y, Py_ssize_t n,
         cec_bce_row_f32(x, y, n, w, pw, gs, loss, g)
     else:
         cec_bce_row_f64(x, y, n, w, pw, gs, loss, g)
+
+cdef inline void _transpose(const floating *src, Py_ssize_t sld, Py_ssize_t rows,
+                            Py_ssize_t cols, floating *dst, Py_ssize_t dld) noexcept nogil:
+    if floating is float:
+        cec_transpose_f32(src, sld, rows, cols, dst, dld)
+    else:
+        cec_transpose_f64(src, sld, rows, cols, dst, dld)
 
 cdef inline void _log_loss_rows(const floating *p, Py_ssize_t rows, Py_ssize_t n,
                                 double tol, const int64_t *target, double lo, double hi,
@@ -283,32 +295,30 @@ cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept
 
 cdef void _index_small_c_item(Py_ssize_t k, const floating *x,
                               const void *ctx) noexcept nogil:
-    """Rows [k * CEC_TILE, ...) of a 2-D input with few classes, through a transposed
-    (C, CEC_TILE) scratch tile so that the vector loops run across rows."""
+    """Rows [k * CEC_SMALL_C_ROWS, ...) of a 2-D input with few classes, through a
+    transposed (C, CEC_SMALL_C_ROWS) scratch tile so that the vector loops run across
+    rows."""
     cdef const IndexArgs *a = <const IndexArgs *>ctx
-    cdef Py_ssize_t C = a.C, r0 = k * CEC_TILE, width = min(<Py_ssize_t>CEC_TILE, a.N - r0)
-    cdef Py_ssize_t c, j
-    cdef double gsb[CEC_TILE]
+    cdef Py_ssize_t C = a.C, r0 = k * CEC_SMALL_C_ROWS
+    cdef Py_ssize_t width = min(<Py_ssize_t>CEC_SMALL_C_ROWS, a.N - r0)
+    cdef Py_ssize_t j
+    cdef double gsb[CEC_SMALL_C_ROWS]
     cdef floating *g = <floating *>a.g
-    cdef floating *xt = <floating *>malloc(2 * C * CEC_TILE * sizeof(floating))
+    cdef floating *xt = <floating *>malloc(2 * C * CEC_SMALL_C_ROWS * sizeof(floating))
     cdef floating *gt = NULL
     if xt == NULL:  # out of memory: the row kernels need no scratch
         for j in range(r0, r0 + width):
             _index_item(j, x, ctx)
         return
     if g != NULL:
-        gt = xt + C * CEC_TILE
-    for j in range(width):
-        for c in range(C):
-            xt[c * CEC_TILE + j] = x[(r0 + j) * C + c]
+        gt = xt + C * CEC_SMALL_C_ROWS
+    _transpose(x + r0 * C, C, width, C, xt, CEC_SMALL_C_ROWS)
     for j in range(width):
         gsb[j] = _at(a.gs, r0 + j, 0)
-    _index_tile(<const floating *>xt, C, CEC_TILE, width, a.target + r0, a.ignore_index,
-                a.w, a.w_total, a.eps, gsb, a.loss + r0, gt)
+    _index_tile(<const floating *>xt, C, CEC_SMALL_C_ROWS, width, a.target + r0,
+                a.ignore_index, a.w, a.w_total, a.eps, gsb, a.loss + r0, gt)
     if gt != NULL:
-        for j in range(width):
-            for c in range(C):
-                g[(r0 + j) * C + c] = gt[c * CEC_TILE + j]
+        _transpose(gt, CEC_SMALL_C_ROWS, C, width, g + r0 * C, C)
     free(xt)
 
 
@@ -339,7 +349,8 @@ def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] tar
     a.ignore_index, a.eps = ignore_index, label_smoothing
     with nogil:
         if S == 1 and C <= CEC_SMALL_C:
-            _run(_index_small_c_item[floating], _n_tiles(N), &logits[0, 0, 0], &a, n_threads)
+            _run(_index_small_c_item[floating], (N + CEC_SMALL_C_ROWS - 1) // CEC_SMALL_C_ROWS,
+                 &logits[0, 0, 0], &a, n_threads)
         else:
             _run(_index_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
@@ -625,6 +636,7 @@ def build_info():
         "compile_args": cec_compile_args().decode(),
         "tile": CEC_TILE,
         "small_c": CEC_SMALL_C,
+        "small_c_rows": CEC_SMALL_C_ROWS,
         "sum_block": CEC_SUM_BLOCK,
         "lanes": CEC_LANES,
         "exp": "range reduction + polynomial, vectorised with omp simd",

@@ -41,9 +41,14 @@
 /* Tunables: cecore/_config.py defines them once and setup.py passes them as -DCEC_<NAME>.
  * CEC_TILE: positions per tile (S > 1 path, and rows of the few-classes path);
  * CEC_SMALL_C: the most classes that take the few-classes path (the .pxi reads it);
+ * CEC_SMALL_C_ROWS: rows per transposed block of that path (a tile of the tile kernels);
  * CEC_SUM_BLOCK: classes per block of a row's exp + sum pass (cec_row_sumexp). */
-#if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES)
-#error "CEC_TILE, CEC_SMALL_C, CEC_SUM_BLOCK and CEC_LANES come from cecore/_config.py: build with setup.py"
+#if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SMALL_C_ROWS) || !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES)
+#error "CEC_TILE, CEC_SMALL_C(_ROWS), CEC_SUM_BLOCK and CEC_LANES come from cecore/_config.py: build with setup.py"
+#endif
+
+#if CEC_SMALL_C_ROWS > CEC_TILE
+#error "CEC_SMALL_C_ROWS must not exceed CEC_TILE: its blocks are tiles of the tile kernels"
 #endif
 
 #if defined(_MSC_VER)
@@ -232,6 +237,49 @@ CEC_INLINE double cec_sum_lanes(const double *acc) {
     return s;
 }
 
+/* --------------------------------------------- register transposes (AVX2 builds)
+ * The few-classes path runs the tile kernels on blocks of rows transposed to (classes,
+ * rows) scratch. Element by element, the two transposes cost about as much as the
+ * kernel; with AVX2 they go by 8 x 8 floats (4 x 4 doubles) in registers:
+ * dst[i * dld + k] = src[k * sld + i] for i, k < 8 (4). */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define CEC_HAVE_TR_BLOCK 1
+
+CEC_INLINE void cec_tr_block_f32(const float *src, ptrdiff_t sld, float *dst,
+                                 ptrdiff_t dld) {
+    __m256 r[8], t[8];
+    for (int k = 0; k < 8; k++)
+        r[k] = _mm256_loadu_ps(src + k * sld);
+    for (int k = 0; k < 8; k += 2) {  /* interleave pairs of rows */
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {  /* then pairs of pairs: 4 x 4 within each lane */
+        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {     /* then the two 128-bit halves */
+        _mm256_storeu_ps(dst + i * dld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * dld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+
+CEC_INLINE void cec_tr_block_f64(const double *src, ptrdiff_t sld, double *dst,
+                                 ptrdiff_t dld) {
+    const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + sld);
+    const __m256d r2 = _mm256_loadu_pd(src + 2 * sld), r3 = _mm256_loadu_pd(src + 3 * sld);
+    const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+    const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(dst + dld, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(dst + 2 * dld, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(dst + 3 * dld, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+#endif
+
 /* ------------------------------------------------- instantiate the type template */
 #define CEC_TEMPLATE_PASS
 #define CEC_T float
@@ -297,6 +345,29 @@ CEC_INLINE T CEC_FN(cec_row_max_count)(const T *x, ptrdiff_t n, T xt, int32_t *a
 
 CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
     return CEC_FN(cec_row_max_count)(x, n, 0, NULL);
+}
+
+/* dst[c * dld + j] = src[j * sld + c] for j < rows, c < cols: blocks of rows of few
+ * classes to (classes, rows) scratch tiles and back. Full register blocks where the
+ * build has them (cec_tr_block), element by element around them. Pure copies, so the
+ * results do not depend on the build. */
+CEC_INLINE void CEC_FN(cec_transpose)(const T *src, ptrdiff_t sld, ptrdiff_t rows,
+                                      ptrdiff_t cols, T *dst, ptrdiff_t dld) {
+    ptrdiff_t rows_v = 0, cols_v = 0;
+#ifdef CEC_HAVE_TR_BLOCK
+    const ptrdiff_t v = 32 / (ptrdiff_t)sizeof(T);
+    rows_v = rows - rows % v;
+    cols_v = cols - cols % v;
+    for (ptrdiff_t j = 0; j < rows_v; j += v)
+        for (ptrdiff_t c = 0; c < cols_v; c += v)
+            CEC_FN(cec_tr_block)(src + j * sld + c, sld, dst + c * dld + j, dld);
+#endif
+    for (ptrdiff_t j = 0; j < rows_v; j++)
+        for (ptrdiff_t c = cols_v; c < cols; c++)
+            dst[c * dld + j] = src[j * sld + c];
+    for (ptrdiff_t j = rows_v; j < rows; j++)
+        for (ptrdiff_t c = 0; c < cols; c++)
+            dst[c * dld + j] = src[j * sld + c];
 }
 
 /* acc[c % CEC_LANES] += v[c] in float64 (v is a block of CEC_TILE values at most, so
@@ -602,13 +673,19 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
                                        int64_t ignore_index, const double *w,
                                        double w_total, double eps, const double *gs,
                                        double *loss, T *g) {
-    T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE];
-    double s[CEC_TILE], lse[CEC_TILE], wdev[CEC_TILE], x_t[CEC_TILE];
+    T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE], sub[CEC_TILE];
+    double s[CEC_TILE], lse[CEC_TILE], wdev[CEC_TILE], x_t[CEC_TILE], w_t[CEC_TILE];
     const double smooth = eps / (double)n;
-    /* The targets' logits first: without label smoothing g may be x (see cec_index_row) */
+    /* The targets' logits and weights first (without label smoothing g may be x, see
+     * cec_index_row). Per-position steps are branch-free selects (an ignored position
+     * reads class 0) so that they vectorise: a scalar loop with a division per
+     * position cost as much as the exps at 10 classes. */
+    CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {
-        const int64_t t = target[j];
-        x_t[j] = t != ignore_index ? (double)x[t * stride + j] : 0.0;
+        const int ok = target[j] != ignore_index;
+        const int64_t t = ok ? target[j] : 0;
+        x_t[j] = ok ? (double)x[t * stride + j] : 0.0;
+        w_t[j] = ok ? w[t] : 0.0;
     }
     CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, lse);
     if (eps > 0.0) {  /* sum_c w[c] * (lse - x[c]) per position, see cec_row_wdev */
@@ -622,22 +699,17 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
                 wdev[j] += wc * (lse[j] - (double)xc[j]);
         }
     }
+    /* An ignored position: loss 0, gradient 0 or NaN as in cec_index_row. */
+    const double zero_w = eps > 0.0 ? w_total * 0.0 : 0.0;
+    CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {
-        const int64_t t = target[j];
-        if (t == ignore_index) {
-            /* As in cec_index_row: zero, or NaN where torch gives NaN. */
-            loss[j] = 0.0;
-            coef[j] = (T)(s[j] * 0.0 + (eps > 0.0 ? w_total * 0.0 : 0.0));
-            shift[j] = 0;
-            continue;
-        }
-        const double w_t = w[t];
-        double l = (1.0 - eps) * w_t * (lse[j] - x_t[j]);
-        if (eps > 0.0)
-            l += smooth * wdev[j];
-        loss[j] = l;
-        coef[j] = (T)(gs[j] * (eps > 0.0 ? (1.0 - eps) * w_t + smooth * w_total : w_t) / s[j]);
-        shift[j] = (T)(gs[j] * smooth);
+        const int ok = target[j] != ignore_index;
+        const double l = (1.0 - eps) * w_t[j] * (lse[j] - x_t[j]);
+        loss[j] = ok ? (eps > 0.0 ? l + smooth * wdev[j] : l) : 0.0;
+        const double w_sum = eps > 0.0 ? (1.0 - eps) * w_t[j] + smooth * w_total : w_t[j];
+        coef[j] = ok ? (T)(gs[j] * w_sum / s[j]) : (T)(s[j] * 0.0 + zero_w);
+        shift[j] = ok ? (T)(gs[j] * smooth) : (T)0;
+        sub[j] = (T)(gs[j] * (1.0 - eps) * w_t[j]);
     }
     if (!g)
         return;
@@ -657,7 +729,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
     for (ptrdiff_t j = 0; j < width; j++) {
         const int64_t t = target[j];
         if (t != ignore_index)
-            g[t * stride + j] -= (T)(gs[j] * (1.0 - eps) * w[t]);
+            g[t * stride + j] -= sub[j];
     }
 }
 

@@ -112,7 +112,9 @@ def _run_proba(kernels, x, q, w, eps, gs, want_grad, n_threads):
     return loss, grad
 
 
-SHAPES = [(7, 1, 1), (13, 3, 1), (33, 10, 1), (9, 1000, 1),
+# (150, 17, 1): few classes in several blocks of SMALL_C_ROWS rows, the last one partial,
+# and class counts that are not a multiple of the register transposes' 8 (or 4).
+SHAPES = [(7, 1, 1), (13, 3, 1), (33, 10, 1), (150, 17, 1), (9, 1000, 1),
           (3, 3, 300), (2, 10, 517), (2, 1, 40), (1, 1000, 260)]
 DTYPES = [np.float32, np.float64]
 

@@ -16,6 +16,10 @@ CASES = {
                                          "weight": rng.random(70) + .5}),
     "ignored": lambda rng: (rng.standard_normal((40, 7)),
                             np.where(rng.random(40) < .3, -100, rng.integers(0, 7, 40)), {}),
+    # Few classes: blocks of rows transposed in registers, partial blocks of rows and classes.
+    "few_classes": lambda rng: (rng.standard_normal((150, 17)),
+                                np.where(rng.random(150) < .1, -100,
+                                         rng.integers(0, 17, 150)), {}),
     "proba": lambda rng: (rng.standard_normal((40, 7)), rng.dirichlet(np.ones(7), 40), {}),
     "kdim": lambda rng: (rng.standard_normal((3, 5, 4, 6)), rng.integers(0, 5, (3, 4, 6)),
                          {"label_smoothing": 0.2}),
