@@ -139,7 +139,8 @@ cdef inline void _bce_row(const floating *x, const floating *y, Py_ssize_t n,
         cec_bce_row_f64(x, y, n, w, pw, gs, loss, g)
 
 cdef inline void _transpose(const floating *src, Py_ssize_t sld, Py_ssize_t rows,
-                            Py_ssize_t cols, floating *dst, Py_ssize_t dld) noexcept nogil:
+                            Py_ssize_t cols, floating *dst,
+                            Py_ssize_t dld) noexcept nogil:
     if floating is float:
         cec_transpose_f32(src, sld, rows, cols, dst, dld)
     else:
@@ -349,8 +350,9 @@ def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] tar
     a.ignore_index, a.eps = ignore_index, label_smoothing
     with nogil:
         if S == 1 and C <= CEC_SMALL_C:
-            _run(_index_small_c_item[floating], (N + CEC_SMALL_C_ROWS - 1) // CEC_SMALL_C_ROWS,
-                 &logits[0, 0, 0], &a, n_threads)
+            _run(_index_small_c_item[floating],
+                 (N + CEC_SMALL_C_ROWS - 1) // CEC_SMALL_C_ROWS, &logits[0, 0, 0], &a,
+                 n_threads)
         else:
             _run(_index_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 

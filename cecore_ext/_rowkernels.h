@@ -10,6 +10,8 @@
  *   tile path (S > 1) : CEC_TILE positions of one sample at a time; every inner loop
  *                       runs along the contiguous position axis, so it vectorises
  *                       although the class axis is strided (no transposed copy).
+ *   few classes (S == 1, C <= CEC_SMALL_C): blocks of CEC_SMALL_C_ROWS rows are
+ *                       transposed (cec_transpose) and run through the tile path.
  *
  * Type-generic code: this header includes itself twice (the "X-macro" template idiom),
  * once with CEC_T = float and once with CEC_T = double, so each routine exists as
@@ -43,12 +45,13 @@
  * CEC_SMALL_C: the most classes that take the few-classes path (the .pxi reads it);
  * CEC_SMALL_C_ROWS: rows per transposed block of that path (a tile of the tile kernels);
  * CEC_SUM_BLOCK: classes per block of a row's exp + sum pass (cec_row_sumexp). */
-#if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SMALL_C_ROWS) || !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES)
+#if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SMALL_C_ROWS) || \
+    !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES)
 #error "CEC_TILE, CEC_SMALL_C(_ROWS), CEC_SUM_BLOCK and CEC_LANES come from cecore/_config.py: build with setup.py"
 #endif
 
 #if CEC_SMALL_C_ROWS > CEC_TILE
-#error "CEC_SMALL_C_ROWS must not exceed CEC_TILE: its blocks are tiles of the tile kernels"
+#error "CEC_SMALL_C_ROWS must not exceed CEC_TILE (its blocks are tiles of the tile kernels)"
 #endif
 
 #if defined(_MSC_VER)
