@@ -48,6 +48,11 @@ LANES = 16
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
 C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES")
 
+# binary_cross_entropy_with_logits with reduction 'mean' or 'sum': bytes of the reused
+# float64 buffer that takes one chunk of rows' elementwise losses before they are summed
+# (about half an L2 cache per thread, so the sum reads them from cache).
+ELEMENTWISE_CHUNK_BYTES = 2 << 20
+
 # Rows per block of log_loss's label-indicator path (bounds its temporaries).
 LOG_LOSS_ROW_BLOCK = 8192
 

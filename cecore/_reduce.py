@@ -56,7 +56,15 @@ class BlockSum:
         self._tail = np.empty(0, np.float64)
 
     def add(self, values):
-        values = np.concatenate([self._tail, np.asarray(values, np.float64).reshape(-1)])
+        values = np.asarray(values, np.float64).reshape(-1)
+        if self._tail.size:  # complete the pending block first (no copy of the chunk)
+            k = min(REDUCE_BLOCK - self._tail.size, values.size)
+            self._tail = np.concatenate([self._tail, values[:k]])
+            values = values[k:]
+            if self._tail.size < REDUCE_BLOCK:
+                return
+            self._partials.append(block_sums(self._tail))
+            self._tail = np.empty(0, np.float64)
         n_full = values.size // REDUCE_BLOCK * REDUCE_BLOCK
         if n_full:
             self._partials.append(block_sums(values[:n_full]))

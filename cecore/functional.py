@@ -11,6 +11,7 @@ import numpy as np
 from . import _reduce
 from . import _validation as V
 from ._backends import get_backend
+from ._config import ELEMENTWISE_CHUNK_BYTES
 
 __all__ = [
     "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
@@ -69,7 +70,11 @@ def _index_denominator(target, weight, uniform, ignore_index, reduction):
 def _reduce_loss(loss_out, reduction, denominator, out_shape, dtype):
     if reduction == "none":
         return loss_out.reshape(out_shape).astype(dtype)
-    total = _reduce.fixed_sum(loss_out)
+    return _reduced(_reduce.fixed_sum(loss_out), reduction, denominator, dtype)
+
+
+def _reduced(total, reduction, denominator, dtype):
+    """'sum' or 'mean' of a loss whose fixed-block sum is ``total``."""
     if reduction == "mean":
         with np.errstate(divide="ignore", invalid="ignore"):
             total = np.float64(total) / denominator
@@ -274,7 +279,6 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     t2 = np.ascontiguousarray(t, dtype=dtype).reshape(-1, last)
     w2 = _broadcast_2d(1.0 if weight is None else weight, shape, "weight")
     pw2 = _broadcast_2d(1.0 if pos_weight is None else pos_weight, shape, "pos_weight")
-    loss_out = np.empty(x2.shape, dtype=np.float64)
     denominator = np.float64(x.size)
     return_grad = return_grad or grad_out is not None
     if return_grad:
@@ -287,8 +291,25 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     else:
         scale = np.broadcast_to(np.float64(0.0), x2.shape)
         grad2 = None  # loss only
-    kernels.bce_logits(x2, t2, w2, pw2, scale, loss_out, grad2, threads)
-    loss = _reduce_loss(loss_out, reduction, denominator, shape, out_dtype)
+    if reduction == "none":
+        loss_out = np.empty(x2.shape, dtype=np.float64)
+        kernels.bce_logits(x2, t2, w2, pw2, scale, loss_out, grad2, threads)
+        loss = _reduce_loss(loss_out, reduction, denominator, shape, out_dtype)
+    else:
+        # Only the total is needed: rows go through the kernel in chunks, their float64
+        # losses into one reused buffer of about ELEMENTWISE_CHUNK_BYTES (in cache when
+        # summed), instead of an array twice the size of float32 logits, written to
+        # memory and read back. The block sums are the same, so the total is too.
+        total = _reduce.BlockSum()
+        rows = max(1, ELEMENTWISE_CHUNK_BYTES // (8 * max(last, 1)))
+        chunk = np.empty((min(rows, x2.shape[0]), last), dtype=np.float64)
+        for r0 in range(0, x2.shape[0], rows):
+            r = slice(r0, r0 + rows)
+            loss_chunk = chunk[:len(x2[r])]
+            kernels.bce_logits(x2[r], t2[r], w2[r], pw2[r], scale[r], loss_chunk,
+                               None if grad2 is None else grad2[r], threads)
+            total.add(loss_chunk)
+        loss = _reduced(total.total(), reduction, denominator, out_dtype)
     if not return_grad:
         return loss
     return loss, gradient()

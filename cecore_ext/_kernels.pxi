@@ -473,9 +473,20 @@ cdef struct BceArgs:
     void *g  # floating gradient, or NULL for loss only
     Py_ssize_t R, L, rows
 
+cdef inline const double *_run_of(Strided a, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t width,
+                                  double *buf) noexcept nogil:
+    """a[i, j0:j0 + width] as a contiguous run: the array itself where it is contiguous
+    along a row, else ``buf`` (already filled, once per item, for a broadcast scalar)."""
+    if a.s1 == sizeof(double):
+        return <const double *>(a.data + i * a.s0) + j0
+    if a.s0 != 0 or a.s1 != 0:
+        _gather(a, i, j0, width, buf)
+    return buf
+
 cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
-    """Rows [k * rows, ...), in blocks of CEC_TILE values: the (maybe broadcast) float64
-    arguments are gathered into contiguous runs for the vectorised C loop (cec_bce_row)."""
+    """Rows [k * rows, ...), in blocks of CEC_TILE values. The float64 arguments go to the
+    vectorised C loop (cec_bce_row) as contiguous runs: read in place where a row is
+    contiguous, filled once for a broadcast scalar, gathered otherwise."""
     cdef const BceArgs *a = <const BceArgs *>ctx
     cdef Py_ssize_t i, b, j0, width, L = a.L
     cdef const floating *y = <const floating *>a.y
@@ -483,15 +494,25 @@ cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept n
     cdef double wb[CEC_TILE]
     cdef double pwb[CEC_TILE]
     cdef double gsb[CEC_TILE]
+    cdef const double *w
+    cdef const double *pw
+    cdef const double *gs = gsb
+    # A broadcast scalar (strides (0, 0)): one fill serves the whole item.
+    if a.w.s0 == 0 and a.w.s1 == 0:
+        _gather(a.w, 0, 0, CEC_TILE, wb)
+    if a.pw.s0 == 0 and a.pw.s1 == 0:
+        _gather(a.pw, 0, 0, CEC_TILE, pwb)
+    if g != NULL and a.gs.s0 == 0 and a.gs.s1 == 0:
+        _gather(a.gs, 0, 0, CEC_TILE, gsb)
     for i in range(k * a.rows, min(a.R, (k + 1) * a.rows)):
         for b in range(_n_tiles(L)):
             j0 = b * CEC_TILE
             width = min(<Py_ssize_t>CEC_TILE, L - j0)
-            _gather(a.w, i, j0, width, wb)
-            _gather(a.pw, i, j0, width, pwb)
+            w = _run_of(a.w, i, j0, width, wb)
+            pw = _run_of(a.pw, i, j0, width, pwb)
             if g != NULL:
-                _gather(a.gs, i, j0, width, gsb)
-            _bce_row(x + i * L + j0, y + i * L + j0, width, wb, pwb, gsb,
+                gs = _run_of(a.gs, i, j0, width, gsb)
+            _bce_row(x + i * L + j0, y + i * L + j0, width, w, pw, gs,
                      a.loss + i * L + j0, g + i * L + j0 if g != NULL else NULL)
 
 

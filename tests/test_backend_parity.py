@@ -211,20 +211,22 @@ def test_softmax_logsumexp_match_reference(backend, dtype, shape):
 # ------------------------------------------------------------------ binary (sigmoid)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (17, 3), (64, 129)])
-@pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1), (17, 3), (64, 129), (5, 700)])
+@pytest.mark.parametrize("broadcast", ["views", "full", "strided"])
 def test_bce_matches_reference(backend, dtype, shape, broadcast):
     kernels = BACKENDS[backend]
     rng = np.random.default_rng(_seed((shape, broadcast, "b")))
     r, l = shape
     x = (rng.standard_normal(shape) * 4).astype(dtype)
     y = rng.random(shape).astype(dtype)
-    if broadcast:  # class weights per column, scalar grad_scale: stride-0 views
+    if broadcast == "views":  # per column, per row, scalar: stride-0 views
         w = np.broadcast_to(rng.uniform(0.5, 2, l), shape)
         pw = np.broadcast_to(rng.uniform(0.5, 3, (r, 1)), shape)
         gs = np.broadcast_to(np.float64(0.5), shape)
-    else:
+    elif broadcast == "full":
         w, pw, gs = (rng.uniform(0.5, 2, shape) for _ in range(3))
+    else:  # not contiguous along a row
+        w, pw, gs = (rng.uniform(0.5, 2, (r, 2 * l))[:, ::2] for _ in range(3))
     _readonly(x, y)
     ref_loss, ref_grad = ref_bce(x, y, w, pw, gs)
     for n_threads in (1, 2):

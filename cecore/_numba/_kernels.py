@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange
 
 from .._config import ROWS_PER_TASK, SUM_BLOCK, TILE
-from ._math import _cast_like, _exp_nonpos, _log_sum, _prefetch, _row_max
+from ._math import _bce, _cast_like, _exp_nonpos, _log_sum, _prefetch, _row_max
 from ._runtime import helper, jit
 
 
@@ -506,29 +506,32 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos):
 @helper
 def _bce_row(x, y, weight, pos_weight, grad_scale, loss_out, g, want_grad):
     """One row of binary cross-entropy on logits, vectorisable (as cec_bce_row in
-    cecore_ext/_rowkernels.h): with z = exp(-|x|) (in the logits' type) and u = 1 + z,
-    softplus(-x) = log(u) + (z - (u - 1)) / u + max(-x, 0) and sigmoid(-x) =
-    (x >= 0 ? z : 1) / u, in float64 with one division."""
+    cecore_ext/_rowkernels.h; the formulas are in :func:`._math._bce_f32`)."""
     for j in range(x.shape[0]):
-        xv = np.float64(x[j])
-        yv = np.float64(y[j])
-        z = np.float64(_exp_nonpos(-abs(x[j])))
-        u = 1.0 + z
-        inv = 1.0 / u
-        sp = _log_sum(u) + (z - (u - 1.0)) * inv + max(-xv, 0.0)
-        lw = 1.0 + (pos_weight[j] - 1.0) * yv
-        loss_out[j] = weight[j] * ((1.0 - yv) * xv + lw * sp)
+        loss, grad = _bce(x[j], y[j], weight[j], pos_weight[j], grad_scale[j])
+        loss_out[j] = loss
         if want_grad:
-            g[j] = grad_scale[j] * weight[j] * ((1.0 - yv) - lw * ((z if xv >= 0.0 else 1.0) * inv))
+            g[j] = grad
 
 
 def _bce_rows(x, y, weight, pos_weight, grad_scale, loss_out, grad_out):
+    """Rows in tasks of ROWS_PER_TASK. The float64 arguments may be broadcast views
+    (stride 0) or strided: each row of them is copied into contiguous scratch first, as
+    LLVM vectorises the row loop only over contiguous arrays (with the views: 4x slower)."""
+    n_rows, n = x.shape
     want_grad = grad_out.shape[0] != 0
     no_grad = np.empty(0, dtype=grad_out.dtype)
-    for i in prange(x.shape[0]):
-        g = grad_out[i] if want_grad else no_grad
-        _bce_row(x[i], y[i], weight[i], pos_weight[i], grad_scale[i], loss_out[i], g,
-                 want_grad)
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        w = np.empty(n)
+        pw = np.empty(n)
+        gs = np.empty(n)
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            for j in range(n):
+                w[j] = weight[i, j]
+                pw[j] = pos_weight[i, j]
+                gs[j] = grad_scale[i, j]
+            g = grad_out[i] if want_grad else no_grad
+            _bce_row(x[i], y[i], w, pw, gs, loss_out[i], g, want_grad)
 
 
 def _log_loss_pass(proba, target, lo, hi, rtol, n_blocks, stats, picked):

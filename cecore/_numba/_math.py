@@ -182,8 +182,78 @@ def _log_sum_py(s):
     return r if s < np.inf else s
 
 
-# Compiled on its own, without "reassoc", like the exp (see _exp_nonpos_jit).
-_log_sum = njit(fastmath={"contract", "nsz", "arcp"}, cache=True)(_log_sum_py)
+# Compiled on its own, without "reassoc", like the exp (see _exp_nonpos_jit), and with
+# error_model="numpy": Python's model checks the division for zero (2 + f >= 1.29 here)
+# and raises, and that branch kept every loop calling it scalar.
+_log_sum = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
+                cache=True)(_log_sum_py)
+
+
+_exp_f32 = _exp_nonpos_jit[types.float32]
+_exp_f64 = _exp_nonpos_jit[types.float64]
+_F32_TWO = np.float32(2.0)
+_F32_LOG1P_SERIES = tuple(np.float32(1.0 / k) for k in range(15, 2, -2))  # 1/15 .. 1/3
+
+
+def _bce_f32(x, y, w, pw, gs):
+    """Binary cross-entropy on one float32 logit (see cec_bce_values in
+    cecore_ext/_rowkernels.h): z = exp(-|x|), log1p(z) = 2 atanh(s), s = z / (2 + z)
+    in [0, 1/3], odd series to s**15, in float32; then in float64
+    loss = w ((1 - y) x + lw max(-x, 0)) + w lw log1p(z) (the first two terms cancel
+    exactly for y = 0, x << 0), grad = gs w ((1 - y) - lw sigmoid(-x))."""
+    c15, c13, c11, c9, c7, c5, c3 = _F32_LOG1P_SERIES
+    ax = -x if x < _F32_ZERO else x
+    z = _exp_f32(-ax)
+    sv = z / (_F32_TWO + z)
+    s2 = sv * sv
+    p = (((((c15 * s2 + c13) * s2 + c11) * s2 + c9) * s2 + c7) * s2 + c5) * s2 + c3
+    l1p = _F32_TWO * sv + _F32_TWO * sv * (s2 * p)
+    sig = (z if x >= _F32_ZERO else _F32_ONE) / (_F32_ONE + z)
+    return _bce_combine(np.float64(x), y, w, pw, gs, np.float64(l1p), np.float64(sig))
+
+
+def _bce_f64(x, y, w, pw, gs):
+    """:func:`_bce_f32` for a float64 logit: log1p(z) = log(u) + (z - (u - 1)) / u,
+    u = 1 + z, in float64."""
+    ax = -x if x < 0.0 else x
+    z = _exp_f64(-ax)
+    u = 1.0 + z
+    inv = 1.0 / u
+    l1p = _log_sum(u) + (z - (u - 1.0)) * inv
+    sig = (z if x >= 0.0 else 1.0) * inv
+    return _bce_combine(x, y, w, pw, gs, l1p, sig)
+
+
+def _bce_combine_py(xv, y, w, pw, gs, l1p, sig):
+    yv = np.float64(y)
+    lw = 1.0 + (pw - 1.0) * yv
+    loss = w * (((1.0 - yv) * xv + lw * (-xv if -xv > 0.0 else 0.0)) + lw * l1p)
+    return loss, gs * w * ((1.0 - yv) - lw * sig)
+
+
+# Compiled without "reassoc", like the exp: reassociated, the loss's sum could lose the
+# exact cancellation of its first two terms. error_model="numpy": a float division by
+# zero gives inf or NaN (it cannot happen here: 2 + z, 1 + z >= 1) instead of a check
+# that raises ZeroDivisionError, which kept LLVM from vectorising the row loop.
+_NO_REASSOC = {"contract", "nsz", "arcp"}
+_bce_combine = njit(fastmath=_NO_REASSOC, cache=True)(_bce_combine_py)
+_bce_jit = {
+    types.float32: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f32),
+    types.float64: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f64),
+}
+
+
+def _bce(x, y, w, pw, gs):
+    """(loss, gradient) of binary cross-entropy on logit ``x``, in float64."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_bce)
+def _ol_bce(x, y, w, pw, gs):
+    if x in _bce_jit:
+        fn = _bce_jit[x]
+        return lambda x, y, w, pw, gs: fn(x, y, w, pw, gs)
+    return None
 
 
 def _row_max(x):
