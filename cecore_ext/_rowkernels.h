@@ -230,8 +230,9 @@ CEC_INLINE double cec_log_sum(double s) {
 }
 
 /* log1p(exp(-|x|)) and sigmoid(-x) for binary cross-entropy, in the logits' type.
- * float32: log1p(z) = 2 atanh(s), s = z / (2 + z) in [0, 1/3], odd series to s**15
- * (truncation < 2e-9 relative), all in float32 (8 or 16 lanes per vector: computed in
+ * float32: log1p(z) = 2 atanh(s), s = z / (2 + z) in [0, 1/3], the odd series of
+ * cec_log_sum to s**15 (truncation < 2e-9 relative; no range reduction, as 1 + z is in
+ * [1, 2]), all in float32 (8 or 16 lanes per vector: computed in
  * float64, as before, it took 25 instructions per element). float64: log(u), u = 1 + z,
  * with the correction (z - (u - 1)) / u for the rounding of u. */
 CEC_INLINE void cec_bce_core_f32(float x, float *l1p, float *sig) {

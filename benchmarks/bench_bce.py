@@ -1,0 +1,95 @@
+"""binary_cross_entropy_with_logits, side by side: cecore (Cython, Numba) vs torch.
+
+Run: ``python benchmarks/bench_bce.py [--repeat 5] [--rounds 3]``. Writes
+``benchmarks/results/bce.json``.
+
+Every competitor runs in this one process on the same float32/float64 logits and 0/1
+targets (reduction='mean'): cecore's loss only, and loss + gradient into a reused buffer
+(``grad_out=``); torch's ``F.binary_cross_entropy_with_logits`` forward + backward; and
+the yardstick of issue 9, one ``torch.exp(x, out=buf)`` pass over the same array. Rounds
+alternate the competitors; each number is the median over rounds of per-round medians,
+and ratios are to the exp pass of the same run. Before timing, every competitor's loss
+and gradient are checked against a float64 NumPy reference written without cancellation.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+from _common import format_table, machine_info, median_time, save_json  # noqa: E402
+
+import cecore  # noqa: E402
+
+SIZES = [(65536, 1000), (4096, 1000)]
+
+
+def reference(x, y):
+    """Mean loss and its gradient in float64: (1 - y) x + max(-x, 0) + log1p(exp(-|x|))."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    loss = ((1 - y) * x + np.maximum(-x, 0)) + np.log1p(np.exp(-np.abs(x)))
+    grad = ((1 - y) - 1 / (1 + np.exp(x))) / x.size
+    return loss.mean(), grad
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    rows, results = [], []
+    for dtype in (np.float32, np.float64):
+        for n, c in SIZES:
+            x = rng.standard_normal((n, c)).astype(dtype)
+            y = (rng.random((n, c)) < 0.3).astype(dtype)
+            buf = np.empty_like(x)
+            xt, yt, bt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(buf)
+            xg = xt.clone().requires_grad_()
+
+            def torch_fwd_bwd():
+                xg.grad = None
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(xg, yt)
+                loss.backward()
+                return loss
+
+            competitors = {"exp": lambda: torch.exp(xt, out=bt), "torch fwd+bwd": torch_fwd_bwd}
+            for backend in ("cython", "numba"):
+                competitors[f"{backend} loss"] = (
+                    lambda b=backend: cecore.binary_cross_entropy_with_logits(x, y, backend=b))
+                competitors[f"{backend} loss+grad reused"] = (
+                    lambda b=backend: cecore.binary_cross_entropy_with_logits(
+                        x, y, grad_out=buf, backend=b))
+            e_loss, e_grad = reference(x, y)
+            rtol = 1e-5 if dtype == np.float32 else 1e-10
+            for backend in ("cython", "numba"):
+                loss, grad = cecore.binary_cross_entropy_with_logits(
+                    x, y, return_grad=True, backend=backend)
+                assert abs(loss - e_loss) <= rtol * abs(e_loss), (backend, loss, e_loss)
+                np.testing.assert_allclose(grad, e_grad, rtol=rtol, atol=rtol / x.size)
+            torch_fwd_bwd()
+            np.testing.assert_allclose(xg.grad.numpy(), e_grad, rtol=rtol, atol=rtol / x.size)
+            times = {name: [] for name in competitors}
+            for _ in range(args.rounds):
+                for name, fn in competitors.items():
+                    times[name].append(median_time(fn, args.repeat)[0] * 1e3)
+            ms = {name: float(np.median(v)) for name, v in times.items()}
+            results.append(dict(dtype=np.dtype(dtype).name, n=n, c=c, ms=ms,
+                                per_round_ms=times))
+            for name, t in ms.items():
+                rows.append([np.dtype(dtype).name, f"{n}x{c}", name, f"{t:.1f}",
+                             f"{t / ms['exp']:.2f}x"])
+            print(format_table(["dtype", "shape", "competitor", "ms", "/ exp"], rows[-len(ms):]),
+                  flush=True)
+    info = machine_info(threads=2, repeat=args.repeat, rounds=args.rounds)
+    path = save_json({"machine": info, "results": results}, "bce.json")
+    print(f"CPU: {info['cpu_model']}; saved {path}")
+
+
+if __name__ == "__main__":
+    main()
