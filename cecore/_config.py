@@ -271,4 +271,3 @@ def limit_blas(n_threads):
         _blas = ThreadpoolController().select(user_api="blas")
         _blas_has_scipy = has_scipy
     return _blas.limit(limits=n_threads)
-

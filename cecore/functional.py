@@ -305,7 +305,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
         chunk = np.empty((min(rows, x2.shape[0]), last), dtype=np.float64)
         for r0 in range(0, x2.shape[0], rows):
             r = slice(r0, r0 + rows)
-            loss_chunk = chunk[:len(x2[r])]
+            loss_chunk = chunk[:min(rows, x2.shape[0] - r0)]
             kernels.bce_logits(x2[r], t2[r], w2[r], pw2[r], scale[r], loss_chunk,
                                None if grad2 is None else grad2[r], threads)
             total.add(loss_chunk)

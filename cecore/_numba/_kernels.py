@@ -517,7 +517,9 @@ def _bce_row(x, y, weight, pos_weight, grad_scale, loss_out, g, want_grad):
 def _bce_rows(x, y, weight, pos_weight, grad_scale, loss_out, grad_out):
     """Rows in tasks of ROWS_PER_TASK. The float64 arguments may be broadcast views
     (stride 0) or strided: each row of them is copied into contiguous scratch first, as
-    LLVM vectorises the row loop only over contiguous arrays (with the views: 4x slower)."""
+    LLVM vectorises the row loop only over contiguous arrays (float32 4096 x 1000 with
+    broadcast views, timed side by side: 64-71 ms on the views, 26-35 ms with the
+    copies; the float64 row loop is scalar either way)."""
     n_rows, n = x.shape
     want_grad = grad_out.shape[0] != 0
     no_grad = np.empty(0, dtype=grad_out.dtype)

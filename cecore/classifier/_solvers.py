@@ -16,6 +16,7 @@ from .. import _config
 
 __all__ = ["AdagradState", "adagrad_steps", "lbfgs"]
 
+
 def lbfgs(objective, params, *, max_iter, tol, verbose):
     """Minimise ``objective`` from ``params`` with scipy's L-BFGS-B.
 
