@@ -18,11 +18,25 @@ def _run(name, n_threads, *args):
     launch(KERNELS[name], n_threads, *args)
 
 
+def _ro(a):
+    """A read-only view of an input array.
+
+    Numba compiles one specialisation per argument type, and a read-only array (a
+    memory map opened for reading, a broadcast view) is another type than a writeable
+    one. Inputs the kernels only read are all passed read-only, so whether the caller's
+    arrays were writeable does not multiply the compilations (the test suite compiled
+    262 specialisations before, most of them differing only in that)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def _flat(a):
-    """1-D view of an (N, S) float64 array; a broadcast scalar stays a stride-0 view."""
+    """Read-only 1-D view of an (N, S) float64 array; a broadcast scalar stays a
+    stride-0 view."""
     if a.size and not any(a.strides):
         return np.broadcast_to(a.reshape(-1)[:1], (a.size,))
-    return np.ravel(a)
+    return _ro(np.ravel(a))
 
 
 def _grad(grad_out, logits, shape):
@@ -49,13 +63,13 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
         # one-array exp loop (see _row_sumexp_in_place).
         in_place = grad_out is not None and grad_out.size > 0 and \
             grad_out.ctypes.data == logits.ctypes.data
-        _run("index_rows", n_threads, logits.reshape(n, c), target.reshape(n), weight,
-             w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),
-             loss_out.reshape(n), _grad(grad_out, logits, (n, c)), in_place)
+        _run("index_rows", n_threads, _ro(logits.reshape(n, c)), _ro(target.reshape(n)),
+             _ro(weight), w_total, int(ignore_index), float(label_smoothing),
+             _flat(grad_scale), loss_out.reshape(n), _grad(grad_out, logits, (n, c)), in_place)
     else:
-        _run("index_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
-             w_total, int(ignore_index), float(label_smoothing), _flat(grad_scale),
-             loss_out.reshape(-1), _grad(grad_out, logits, (-1,)), n, c, s)
+        _run("index_tiles", n_threads, _ro(logits.reshape(-1)), _ro(target.reshape(-1)),
+             _ro(weight), w_total, int(ignore_index), float(label_smoothing),
+             _flat(grad_scale), loss_out.reshape(-1), _grad(grad_out, logits, (-1,)), n, c, s)
 
 
 def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out,
@@ -64,9 +78,9 @@ def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, los
     # The loss must equal softmax_ce_index's bit for bit; with few classes that takes the
     # tile kernel (another summation order), run first on the same rows (still in cache).
     small = c <= _config.SMALL_C
-    _run("scores_rows", n_threads, logits, target, weight, float(np.sum(weight)),
-         int(ignore_index), float(label_smoothing), np.empty(n) if small else loss_out,
-         stats_out, rank_out)
+    _run("scores_rows", n_threads, _ro(logits), _ro(target), _ro(weight),
+         float(np.sum(weight)), int(ignore_index), float(label_smoothing),
+         np.empty(n) if small else loss_out, stats_out, rank_out)
     if small:
         softmax_ce_index(logits.reshape(n, c, 1), target.reshape(n, 1), weight, ignore_index,
                          label_smoothing, np.broadcast_to(0.0, (n, 1)),
@@ -80,18 +94,18 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
         loss_out[...] = 0.0
         return
     if s == 1:
-        _run("proba_rows", n_threads, logits.reshape(n, c), target.reshape(n, c), weight,
-             float(label_smoothing), _flat(grad_scale), loss_out.reshape(n),
+        _run("proba_rows", n_threads, _ro(logits.reshape(n, c)), _ro(target.reshape(n, c)),
+             _ro(weight), float(label_smoothing), _flat(grad_scale), loss_out.reshape(n),
              _grad(grad_out, logits, (n, c)))
     else:
-        _run("proba_tiles", n_threads, logits.reshape(-1), target.reshape(-1), weight,
-             float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1),
+        _run("proba_tiles", n_threads, _ro(logits.reshape(-1)), _ro(target.reshape(-1)),
+             _ro(weight), float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1),
              _grad(grad_out, logits, (-1,)), n, c, s)
 
 
 def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out, n_threads):
-    _run("bce_rows", n_threads, input, target, weight, pos_weight, grad_scale, loss_out,
-         _grad(grad_out, input, input.shape))
+    _run("bce_rows", n_threads, _ro(input), _ro(target), _ro(weight), _ro(pos_weight),
+         _ro(grad_scale), loss_out, _grad(grad_out, input, input.shape))
 
 
 def softmax(logits, log, out, n_threads):
@@ -99,9 +113,10 @@ def softmax(logits, log, out, n_threads):
     if c == 0:  # nothing to write
         return
     if s == 1:
-        _run("softmax_rows", n_threads, logits.reshape(n, c), bool(log), out.reshape(n, c))
+        _run("softmax_rows", n_threads, _ro(logits.reshape(n, c)), bool(log),
+             out.reshape(n, c))
     else:
-        _run("softmax_tiles", n_threads, logits.reshape(-1), bool(log), out.reshape(-1),
+        _run("softmax_tiles", n_threads, _ro(logits.reshape(-1)), bool(log), out.reshape(-1),
              n, c, s)
 
 
@@ -111,9 +126,9 @@ def logsumexp(logits, out, n_threads):
         out[...] = -np.inf
         return
     if s == 1:
-        _run("logsumexp_rows", n_threads, logits.reshape(n, c), out.reshape(n))
+        _run("logsumexp_rows", n_threads, _ro(logits.reshape(n, c)), out.reshape(n))
     else:
-        _run("logsumexp_tiles", n_threads, logits.reshape(-1), out.reshape(-1), n, c, s)
+        _run("logsumexp_tiles", n_threads, _ro(logits.reshape(-1)), out.reshape(-1), n, c, s)
 
 
 def log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads):
@@ -122,7 +137,8 @@ def log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads)
     n_blocks = max(1, min(4 * n_threads, n))
     blocks = np.zeros((n_blocks, 3))
     pick = target is not None and picked_out is not None
-    _run("log_loss_pass", n_threads, proba, target if pick else np.empty(0, np.int64),
+    _run("log_loss_pass", n_threads, _ro(proba),
+         _ro(target if pick else np.empty(0, np.int64)),
          proba.dtype.type(lo), proba.dtype.type(hi), float(rtol), n_blocks, blocks,
          picked_out if pick else np.empty(0, proba.dtype))
     stats_out[:] = blocks.sum(axis=0)
