@@ -506,9 +506,16 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos):
 @helper
 def _bce_row(x, y, weight, pos_weight, grad_scale, loss_out, g, want_grad):
     """One row of binary cross-entropy on logits, vectorisable (as cec_bce_row in
-    cecore_ext/_rowkernels.h; the formulas are in :func:`._math._bce_f32`)."""
+    cecore_ext/_rowkernels.h; the formulas are in :func:`._math._bce_f32`).
+
+    Two loops: exp(-|x|) first, parked in ``loss_out``, then the rest. As one loop
+    calling exp and log per element, the float64 case was too large for LLVM to inline
+    and stayed scalar (measured, one row of 1000 in L1: 46 -> 8 ns per element)."""
     for j in range(x.shape[0]):
-        loss, grad = _bce(x[j], y[j], weight[j], pos_weight[j], grad_scale[j])
+        loss_out[j] = _exp_nonpos(-x[j] if x[j] > 0 else x[j])
+    for j in range(x.shape[0]):
+        loss, grad = _bce(x[j], y[j], weight[j], pos_weight[j], grad_scale[j],
+                          _cast_like(loss_out[j], x[j]))
         loss_out[j] = loss
         if want_grad:
             g[j] = grad

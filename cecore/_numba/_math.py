@@ -189,21 +189,17 @@ _log_sum = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
                 cache=True)(_log_sum_py)
 
 
-_exp_f32 = _exp_nonpos_jit[types.float32]
-_exp_f64 = _exp_nonpos_jit[types.float64]
 _F32_TWO = np.float32(2.0)
 _F32_LOG1P_SERIES = tuple(np.float32(1.0 / k) for k in range(15, 2, -2))  # 1/15 .. 1/3
 
 
-def _bce_f32(x, y, w, pw, gs):
-    """Binary cross-entropy on one float32 logit (see cec_bce_values in
-    cecore_ext/_rowkernels.h): z = exp(-|x|), log1p(z) = 2 atanh(s), s = z / (2 + z)
+def _bce_f32(x, y, w, pw, gs, z):
+    """Binary cross-entropy on one float32 logit ``x`` given ``z = exp(-|x|)`` (see
+    cec_bce_values in cecore_ext/_rowkernels.h): log1p(z) = 2 atanh(s), s = z / (2 + z)
     in [0, 1/3], odd series to s**15, in float32; then in float64
     loss = w ((1 - y) x + lw max(-x, 0)) + w lw log1p(z) (the first two terms cancel
     exactly for y = 0, x << 0), grad = gs w ((1 - y) - lw sigmoid(-x))."""
     c15, c13, c11, c9, c7, c5, c3 = _F32_LOG1P_SERIES
-    ax = -x if x < _F32_ZERO else x
-    z = _exp_f32(-ax)
     sv = z / (_F32_TWO + z)
     s2 = sv * sv
     p = (((((c15 * s2 + c13) * s2 + c11) * s2 + c9) * s2 + c7) * s2 + c5) * s2 + c3
@@ -212,11 +208,9 @@ def _bce_f32(x, y, w, pw, gs):
     return _bce_combine(np.float64(x), y, w, pw, gs, np.float64(l1p), np.float64(sig))
 
 
-def _bce_f64(x, y, w, pw, gs):
+def _bce_f64(x, y, w, pw, gs, z):
     """:func:`_bce_f32` for a float64 logit: log1p(z) = log(u) + (z - (u - 1)) / u,
     u = 1 + z, in float64."""
-    ax = -x if x < 0.0 else x
-    z = _exp_f64(-ax)
     u = 1.0 + z
     inv = 1.0 / u
     l1p = _log_sum(u) + (z - (u - 1.0)) * inv
@@ -232,9 +226,10 @@ def _bce_combine_py(xv, y, w, pw, gs, l1p, sig):
 
 
 # Compiled without "reassoc", like the exp: reassociated, the loss's sum could lose the
-# exact cancellation of its first two terms. error_model="numpy": a float division by
-# zero gives inf or NaN (it cannot happen here: 2 + z, 1 + z >= 1) instead of a check
-# that raises ZeroDivisionError, which kept LLVM from vectorising the row loop.
+# exact cancellation of its first two terms, and log1p's correction z - (u - 1) would
+# fold to 0. error_model="numpy": a float division by zero gives inf or NaN (it cannot
+# happen here: 2 + z, 1 + z >= 1) instead of a check that raises ZeroDivisionError,
+# which kept LLVM from vectorising the row loop.
 _NO_REASSOC = {"contract", "nsz", "arcp"}
 _bce_combine = njit(fastmath=_NO_REASSOC, cache=True)(_bce_combine_py)
 _bce_jit = {
@@ -243,16 +238,17 @@ _bce_jit = {
 }
 
 
-def _bce(x, y, w, pw, gs):
-    """(loss, gradient) of binary cross-entropy on logit ``x``, in float64."""
+def _bce(x, y, w, pw, gs, z):
+    """(loss, gradient) of binary cross-entropy on logit ``x``, in float64, given
+    ``z = exp(-|x|)`` in ``x``'s type."""
     raise NotImplementedError  # only callable from jitted code
 
 
 @overload(_bce)
-def _ol_bce(x, y, w, pw, gs):
+def _ol_bce(x, y, w, pw, gs, z):
     if x in _bce_jit:
         fn = _bce_jit[x]
-        return lambda x, y, w, pw, gs: fn(x, y, w, pw, gs)
+        return lambda x, y, w, pw, gs, z: fn(x, y, w, pw, gs, z)
     return None
 
 
