@@ -165,24 +165,30 @@ def _row_scores(row, t, m, s, e, stats, rank):
         return
     # One pass over the row and its exps (both in cache): the moments in the logits'
     # type within a block of SUM_BLOCK classes, in float64 across blocks (float64 per
-    # element doubled the scoring kernel's time), and the rank count.
+    # element doubled the scoring kernel's time), and the rank count, also in the
+    # logits' type within a block (exact: at most SUM_BLOCK): an integer count made
+    # LLVM widen every compare to int64 lanes, and the kernel took 1.40x its loss-only
+    # time instead of 1.11x without the count (2048 x 50257 float32).
     ex = 0.0
     e2 = 0.0
     xt = row[t]
     zero = _cast_like(0.0, m)
+    one = _cast_like(1.0, m)
     above = 0
     for b in range((n_classes + SUM_BLOCK - 1) // SUM_BLOCK):
         xb = row[b * SUM_BLOCK:(b + 1) * SUM_BLOCK]
         eb = e[b * SUM_BLOCK:(b + 1) * SUM_BLOCK]
         ab = zero
         qb = zero
+        nb = zero
         for c in range(xb.shape[0]):
             v = eb[c]
             ab += v * (xb[c] - m) if v > zero else zero
             qb += v * v
-            above += xb[c] > xt
+            nb += one if xb[c] > xt else zero
         ex += np.float64(ab)
         e2 += np.float64(qb)
+        above += np.int64(nb)
     stats[0] = np.log(s) - ex / s
     stats[1] = 1.0 / s
     stats[2] = e2 / (s * s) - 2.0 * np.float64(e[t]) / s + 1.0
