@@ -65,6 +65,23 @@ def test_metrics_match_a_numpy_reference(backend, rng, dtype, n_classes):
     assert report["rows"] == 2000 and report["rows_scored"] == int((t != -100).sum())
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rank_counts_every_larger_logit_across_blocks(backend, rng, dtype):
+    # 1000 classes span several of the kernels' summation blocks, whose rank counts are
+    # added up; logits on a coarse grid tie often, and ties do not count as larger.
+    x = (np.round(4 * rng.standard_normal((400, 1000))) / 4).astype(dtype)
+    t = rng.integers(0, 1000, 400)
+    x[:5, :] = 0.25  # all tied: rank 0, top-1 only where the target is class 0
+    t[0] = 0
+    rows = np.arange(400)
+    rank = (x > x[rows, t][:, None]).sum(axis=1)
+    for k in (1, 2, 50, 400, 999):
+        report = classification_report_from_logits(x, t, top_k=k, backend=backend)
+        assert report["top_k_accuracy"] == np.mean(rank < k)
+    report = classification_report_from_logits(x, t, backend=backend)
+    assert report["accuracy"] == np.mean(np.argmax(x, axis=1) == t)
+
+
 def test_adversarial_rows(backend):
     c = 6
     x = np.array([
