@@ -45,6 +45,27 @@ def _float_to_bits(typingctx, value):
 
 
 @intrinsic
+def _pow2_of_magic(typingctx, t):
+    """2**k from ``t = x / ln2 + magic`` (magic = 1.5 * 2**23, or 2**52 for float64),
+    whose low mantissa bits hold k = round(x / ln2): the float with exponent bits
+    ``bits(t) - bits(magic) + bias``, computed in the float's own integer width (Numba's
+    own int32 arithmetic would widen to int64 and halve the vector width)."""
+    if t == types.float32:
+        width, add, shift, fty = 32, 127 - 0x4B400000, 23, ir.FloatType()
+    elif t == types.float64:
+        width, add, shift, fty = 64, 1023 - 0x4338000000000000, 52, ir.DoubleType()
+    else:
+        return None
+
+    def codegen(context, builder, signature, args):
+        ity = ir.IntType(width)
+        bits = builder.add(builder.bitcast(args[0], ity), ir.Constant(ity, add))
+        return builder.bitcast(builder.shl(bits, ir.Constant(ity, shift)), fty)
+
+    return t(t), codegen
+
+
+@intrinsic
 def _prefetch(typingctx, arr, index):
     """Ask the CPU to fetch the cache line of ``arr``'s element ``index`` (an address
     computation only: an index past the end is harmless)."""
@@ -65,15 +86,20 @@ def _prefetch(typingctx, arr, index):
     return types.void(arr, index), codegen
 
 
-# exp(x) = 2**k * P(r), k = round(x / ln 2), r = x - k ln 2 (Cody-Waite split of ln 2).
-# Inputs are x - max, so <= 0: x is clamped from below so that r stays finite, and a k
-# below the smallest normal exponent gives 2**k = 0 (a flush to zero). NaN propagates
-# through r and P; no "nnan" fast-math flag may touch these functions.
+# exp(x) = 2**k * P(r), k = round(x / ln 2), r = x - k ln 2 (Cody-Waite split of ln 2),
+# as cec_exp_f32/f64 in cecore_ext/_rowkernels.h. Inputs are x - max, so <= 0: x is
+# clamped from below so that r stays finite and 2**k normal or 0, and k comes from the
+# "magic number" trick (x / ln2 + 1.5 * 2**23 rounds to an integer and leaves k in the
+# low mantissa bits), which costs one subtraction where floor() and a float -> int
+# conversion cost four instructions (float32 exp loop 0.75 -> 0.63 ns per element).
+# NaN propagates through r and P; no "nnan" or "reassoc" may touch these functions
+# (reassociated, t - magic would fold back to x / ln2).
 #
 # float32: P(r) = 1 + r + r**2 Q(r), Q of degree 4 fitted minimax to the relative error on
 # |r| <= ln2/2 (3.6e-9, far below float32 rounding; max error 1.007 ulp); exp(x < -87.3)
 # flushes to 0.
 _F32_MIN_X = np.float32(-88.0)
+_F32_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
 _F32_LOG2E = np.float32(1.44269504088896341)
 _F32_LN2_HI = np.float32(0.693359375)
 _F32_LN2_LO = np.float32(-2.12194440e-4)
@@ -82,51 +108,41 @@ _F32_P = tuple(
     for v in (1.3814540580e-3, 8.3687454462e-3, 4.1668388993e-2, 1.6666521132e-1,
               4.9999994040e-1)
 )
-_F32_HALF = np.float32(0.5)
 _F32_ONE = np.float32(1.0)
 _F32_ZERO = np.float32(0.0)
-_F32_BIAS = np.float32(127.0)
-_F32_MANTISSA_SCALE = np.float32(2.0**23)
 
 
 def _exp_nonpos_f32(x):
     p0, p1, p2, p3, p4 = _F32_P
     x = _F32_MIN_X if x < _F32_MIN_X else x
-    k = np.floor(x * _F32_LOG2E + _F32_HALF)
+    t = x * _F32_LOG2E + _F32_MAGIC
+    k = t - _F32_MAGIC
     r = x - k * _F32_LN2_HI - k * _F32_LN2_LO
     p = (((p0 * r + p1) * r + p2) * r + p3) * r + p4
     p = p * r * r + r + _F32_ONE
-    biased = k + _F32_BIAS
-    biased = biased if biased > _F32_ZERO else _F32_ZERO
-    # 2**k from its exponent bits, biased << 23, formed by an exact float product because
-    # Numba widens int32 arithmetic to int64, which would halve the vector width.
-    return p * _bits_to_float(np.int32(biased * _F32_MANTISSA_SCALE))
+    return p * _pow2_of_magic(t)
 
 
 # float64: degree-13 Taylor polynomial (truncation < 1e-17); exp(x < -708.4) flushes to 0.
 _F64_MIN_X = -709.0
+_F64_MAGIC = 6755399441055744.0  # 1.5 * 2**52
 _F64_LOG2E = 1.4426950408889634
 _F64_LN2_HI = 6.93145751953125e-1
 _F64_LN2_LO = 1.42860682030941723212e-6
 _F64_INV_FACT = tuple(1.0 / float(np.prod(np.arange(1, k + 1))) for k in range(13, 1, -1))
-_F64_MAGIC = 2.0**52
 
 
 def _exp_nonpos_f64(x):
     c13, c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2 = _F64_INV_FACT
     x = _F64_MIN_X if x < _F64_MIN_X else x
-    k = np.floor(x * _F64_LOG2E + 0.5)
+    t = x * _F64_LOG2E + _F64_MAGIC
+    k = t - _F64_MAGIC
     r = x - k * _F64_LN2_HI - k * _F64_LN2_LO
     p = c13 * r + c12
     p = ((((((((((p * r + c11) * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r
               + c5) * r + c4) * r + c3) * r + c2) * r
     p = p * r + r + 1.0
-    biased = k + 1023.0
-    biased = biased if biased > 0.0 else 0.0
-    # Adding 2**52 puts the integer `biased` in the low mantissa bits; shifting left by 52
-    # moves it to the exponent field. Vectorises without a float->int64 conversion,
-    # which AVX2 lacks.
-    return p * _bits_to_float(_float_to_bits(biased + _F64_MAGIC) << 52)
+    return p * _pow2_of_magic(t)
 
 
 def _exp_nonpos(x):

@@ -1,0 +1,47 @@
+"""The Numba backend's vectorisable exp (cecore._numba._math) against NumPy's float64 exp.
+
+Every kernel's softmax goes through it: its argument is ``x - max`` (<= 0, or NaN). It must
+be within about one ulp of the correctly rounded result over the whole normal range, flush
+to exactly 0 below it, and give exp(0) = 1, exp(-inf) = 0 and exp(NaN) = NaN. The Cython
+backend's exp (same algorithm, in C) is checked through the kernels' results in
+test_backend_parity.py.
+"""
+
+import numpy as np
+import pytest
+from numba import njit, types
+
+from cecore._numba._math import _exp_nonpos_jit
+
+CASES = {
+    # dtype: (smallest argument with a normal result, largest argument flushed to 0)
+    np.float32: (-87.3, -88.1),
+    np.float64: (-708.3, -709.1),
+}
+
+
+@njit
+def _apply(exp, x, out):
+    for i in range(x.shape[0]):
+        out[i] = exp(x[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_is_within_one_ulp_and_flushes_below_the_normal_range(dtype):
+    exp = _exp_nonpos_jit[types.float32 if dtype == np.float32 else types.float64]
+    lo, flushed = CASES[dtype]
+    rng = np.random.default_rng(0)
+    # every magnitude, the ties of k = x / ln2 + 1/2 and the ends of the range
+    x = np.concatenate([rng.uniform(lo, 0, 400_000), -np.logspace(-12, np.log10(-lo), 20_000),
+                        (np.arange(-126, 1) + 0.5) * np.log(2), [lo, 0.0, -0.0]]).astype(dtype)
+    x = x[x >= lo]
+    out = np.empty_like(x)
+    _apply(exp, x, out)
+    ref = np.exp(x.astype(np.float64))
+    ulps = np.abs(out - ref) / np.spacing(ref.astype(dtype)).astype(np.float64)
+    assert ulps.max() < 1.02, (x[np.argmax(ulps)], ulps.max())
+
+    special = np.array([flushed, 10 * flushed, -np.inf, np.nan, 0.0], dtype)
+    out = np.empty_like(special)
+    _apply(exp, special, out)
+    assert out[0] == 0 and out[1] == 0 and out[2] == 0 and np.isnan(out[3]) and out[4] == 1
