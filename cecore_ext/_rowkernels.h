@@ -170,19 +170,20 @@ CEC_INLINE double cec_exp_f64(double x) {
     const double t = x * 1.4426950408889634 + magic;
     const double k = t - magic;
     const double r = x - k * 6.93145751953125e-1 - k * 1.42860682030941723212e-6;
-    /* Degree-13 Taylor polynomial: truncation error < 1e-17 on [-ln2/2, ln2/2]. */
-    double p = r * (1.0 / 6227020800.0) + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = (p * r + 1.0 / 2.0) * r;
-    p = p * r + r + 1.0;
+    /* P(r) = 1 + r + r**2 Q(r), Q of degree 9: a Chebyshev fit of (exp(r) - 1 - r) / r**2
+     * on |r| <= ln2/2 (mpmath, 50 digits), relative error 1.7e-17 (0.15 ulp) with these
+     * double coefficients; two FMAs fewer than the degree-13 Taylor polynomial before. */
+    double p = 2.510038549551032e-08;
+    p = p * r + 2.7620088445409746e-07;
+    p = p * r + 2.7557268459997064e-06;
+    p = p * r + 2.4801521295954376e-05;
+    p = p * r + 0.00019841269863053618;
+    p = p * r + 0.0013888888917213717;
+    p = p * r + 0.008333333333330062;
+    p = p * r + 0.04166666666662413;
+    p = p * r + 0.16666666666666669;
+    p = p * r + 0.5000000000000001;
+    p = p * r * r + r + 1.0;
     uint64_t tbits;
     memcpy(&tbits, &t, sizeof tbits);
     /* k in [-1023, 0]; biased exponent k + 1023 in [0, 1023]. */

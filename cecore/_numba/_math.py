@@ -123,25 +123,30 @@ def _exp_nonpos_f32(x):
     return p * _pow2_of_magic(t)
 
 
-# float64: degree-13 Taylor polynomial (truncation < 1e-17); exp(x < -708.4) flushes to 0.
+# float64: P(r) = 1 + r + r**2 Q(r), Q of degree 9, a Chebyshev fit of (exp(r) - 1 - r) / r**2
+# on |r| <= ln2/2 (mpmath, 50 digits): relative error 1.7e-17 (0.15 ulp) with these double
+# coefficients, two FMAs fewer than a degree-13 Taylor polynomial; exp(x < -708.4)
+# flushes to 0.
 _F64_MIN_X = -709.0
 _F64_MAGIC = 6755399441055744.0  # 1.5 * 2**52
 _F64_LOG2E = 1.4426950408889634
 _F64_LN2_HI = 6.93145751953125e-1
 _F64_LN2_LO = 1.42860682030941723212e-6
-_F64_INV_FACT = tuple(1.0 / float(np.prod(np.arange(1, k + 1))) for k in range(13, 1, -1))
+_F64_Q = (2.510038549551032e-08, 2.7620088445409746e-07, 2.7557268459997064e-06,
+          2.4801521295954376e-05, 0.00019841269863053618, 0.0013888888917213717,
+          0.008333333333330062, 0.04166666666662413, 0.16666666666666669,
+          0.5000000000000001)
 
 
 def _exp_nonpos_f64(x):
-    c13, c12, c11, c10, c9, c8, c7, c6, c5, c4, c3, c2 = _F64_INV_FACT
+    q9, q8, q7, q6, q5, q4, q3, q2, q1, q0 = _F64_Q
     x = _F64_MIN_X if x < _F64_MIN_X else x
     t = x * _F64_LOG2E + _F64_MAGIC
     k = t - _F64_MAGIC
     r = x - k * _F64_LN2_HI - k * _F64_LN2_LO
-    p = c13 * r + c12
-    p = ((((((((((p * r + c11) * r + c10) * r + c9) * r + c8) * r + c7) * r + c6) * r
-              + c5) * r + c4) * r + c3) * r + c2) * r
-    p = p * r + r + 1.0
+    p = ((((((((q9 * r + q8) * r + q7) * r + q6) * r + q5) * r + q4) * r + q3) * r + q2) * r
+         + q1) * r + q0
+    p = p * r * r + r + 1.0
     return p * _pow2_of_magic(t)
 
 
