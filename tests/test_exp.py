@@ -2,15 +2,16 @@
 
 Every kernel's softmax goes through it: its argument is ``x - max`` (<= 0, or NaN). It must
 be within about one ulp of the correctly rounded result over the whole normal range, flush
-to exactly 0 below it, and give exp(0) = 1, exp(-inf) = 0 and exp(NaN) = NaN. The Cython
-backend's exp (same algorithm, in C) is checked through the kernels' results in
-test_backend_parity.py.
+to exactly 0 below it, and give exp(0) = 1, exp(-inf) = 0 and exp(NaN) = NaN. Both
+backends' exps are also checked through the public softmax: of a row (0, x), the
+probability of x is exp(x) itself once 1 + exp(x) rounds to 1 in the float64 sum.
 """
 
 import numpy as np
 import pytest
 from numba import njit, types
 
+import cecore
 from cecore._numba._math import _exp_nonpos_jit
 
 CASES = {
@@ -45,3 +46,24 @@ def test_exp_is_within_one_ulp_and_flushes_below_the_normal_range(dtype):
     out = np.empty_like(special)
     _apply(exp, special, out)
     assert out[0] == 0 and out[1] == 0 and out[2] == 0 and np.isnan(out[3]) and out[4] == 1
+
+
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+@pytest.mark.parametrize("n_classes", [2, 40])  # the few-classes and the row kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_of_a_tiny_probability_is_the_exp(backend, n_classes, dtype):
+    # float32: 1 + exp(x) == 1 in float64 below x = -37, and the float32 scale 1 / s is
+    # exactly 1 below x = -18 already; float64: from x = -37
+    lo, _ = CASES[dtype]
+    hi = -18.0 if dtype == np.float32 else -37.0
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.uniform(lo, hi, 20_000), (np.arange(-125, -27) + 0.5) * np.log(2)])
+    x = x[(x >= lo) & (x <= hi)].astype(dtype)
+    rows = np.full((x.size, n_classes), -np.inf, dtype)
+    rows[:, 0] = 0
+    rows[:, 1] = x
+    p = cecore.softmax(rows, axis=1, backend=backend)[:, 1]
+    ref = np.exp(x.astype(np.float64))
+    ulps = np.abs(p - ref) / np.spacing(ref.astype(dtype)).astype(np.float64)
+    # float64: NumPy's own exp is off by up to half an ulp
+    assert ulps.max() < (1.02 if dtype == np.float32 else 1.5), (x[np.argmax(ulps)], ulps.max())
