@@ -21,6 +21,12 @@ CASES = {
                                 np.where(rng.random(150) < .1, -100,
                                          rng.integers(0, 17, 150)), {}),
     "proba": lambda rng: (rng.standard_normal((40, 7)), rng.dirichlet(np.ones(7), 40), {}),
+    # K-dim without label smoothing: written over the logits by the tile kernels, with
+    # two tiles of positions per sample (the second partial) and ignored positions.
+    "kdim_plain": lambda rng: (rng.standard_normal((2, 5, 3, 110)),
+                               np.where(rng.random((2, 3, 110)) < .1, -100,
+                                        rng.integers(0, 5, (2, 3, 110))),
+                               {"weight": rng.random(5) + .5}),
     "kdim": lambda rng: (rng.standard_normal((3, 5, 4, 6)), rng.integers(0, 5, (3, 4, 6)),
                          {"label_smoothing": 0.2}),
     "none": lambda rng: (rng.standard_normal((40, 7)), rng.integers(0, 7, 40),

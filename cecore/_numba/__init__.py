@@ -58,14 +58,18 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
     # Summed here: inside a parallel kernel, weight.sum() would become a parallel
     # reduction whose order depends on the thread count.
     w_total = float(np.sum(weight))
+    # A gradient over the logits (the contract's in-place case) runs one-array loops
+    # (see _row_sumexp_in_place); the few-classes path copies through scratch tiles.
+    in_place = grad_out is not None and grad_out.size > 0 and \
+        grad_out.ctypes.data == logits.ctypes.data
     if s == 1 and c > _config.SMALL_C:
-        # A gradient over the logits (the contract's in-place case) runs the kernel's
-        # one-array exp loop (see _row_sumexp_in_place).
-        in_place = grad_out is not None and grad_out.size > 0 and \
-            grad_out.ctypes.data == logits.ctypes.data
         _run("index_rows", n_threads, _ro(logits.reshape(n, c)), _ro(target.reshape(n)),
              _ro(weight), w_total, int(ignore_index), float(label_smoothing),
              _flat(grad_scale), loss_out.reshape(n), _grad(grad_out, logits, (n, c)), in_place)
+    elif s > 1 and in_place:
+        _run("index_tiles_in_place", n_threads, grad_out.reshape(-1), _ro(target.reshape(-1)),
+             _ro(weight), w_total, int(ignore_index), float(label_smoothing),
+             _flat(grad_scale), loss_out.reshape(-1), n, c, s)
     else:
         _run("index_tiles", n_threads, _ro(logits.reshape(-1)), _ro(target.reshape(-1)),
              _ro(weight), w_total, int(ignore_index), float(label_smoothing),

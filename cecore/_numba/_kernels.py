@@ -256,10 +256,35 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
 
 
 @helper
+def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, lse):
+    """:func:`_tile_max_sumexp` ``(g, ..., e_out=g, store=True)`` with one array: the exps
+    go over the logits they come from. The same loops, so the same sums bit for bit; as
+    one array, LLVM sees each exp written where it was read, instead of two arguments
+    that overlap, on which its runtime alias checks choose the scalar loops."""
+    x0 = g[base:base + width]
+    for j in range(width):
+        m[j] = x0[j]
+        s[j] = 0.0
+    for c in range(1, n_classes):
+        gc = g[base + c * stride:base + c * stride + width]
+        for j in range(width):
+            m[j] = gc[j] if gc[j] > m[j] else m[j]
+    for c in range(n_classes):
+        gc = g[base + c * stride:base + c * stride + width]
+        for j in range(width):
+            gc[j] = _exp_nonpos(gc[j] - m[j])
+        for j in range(width):
+            s[j] += gc[j]
+    for j in range(width):
+        lse[j] = np.float64(m[j]) + _log_sum(s[j])
+
+
+@helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
-                ignore_index, eps, grad_scale, loss_out, g, want_grad, m, s, lse, coef,
-                shift):
-    """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions."""
+                ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s, lse,
+                coef, shift):
+    """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions;
+    ``in_place``: ``g`` is ``x`` itself (no label smoothing)."""
     smooth = eps / n_classes
     tgt = target[pos0:pos0 + width]
     gsc = grad_scale[pos0:pos0 + width]
@@ -268,7 +293,10 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     for j in range(width):
         t = tgt[j]
         shift[j] = x[base + t * stride + j] if t != ignore_index else 0
-    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef, lse)
+    if in_place:
+        _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, lse)
+    else:
+        _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef, lse)
     for j in range(width):
         t = tgt[j]
         if t == ignore_index:
@@ -335,7 +363,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                 for j in range(width):
                     xtc[j] = block[j * n_classes + c]
             _index_tile(xt, 0, TILE, n_classes, width, target, r0, weight, w_total,
-                        ignore_index, eps, grad_scale, loss_out, gt, want_grad,
+                        ignore_index, eps, grad_scale, loss_out, gt, want_grad, False,
                         m, s, lse, coef, shift)
             if want_grad:
                 gblock = grad_out[r0 * n_classes:(r0 + width) * n_classes]
@@ -349,7 +377,29 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
             width = min(TILE, n_pos - s0)
             _index_tile(x, n * n_classes * n_pos + s0, n_pos, n_classes, width, target,
                         n * n_pos + s0, weight, w_total, ignore_index, eps, grad_scale,
-                        loss_out, grad_out, want_grad, m, s, lse, coef, shift)
+                        loss_out, grad_out, want_grad, False, m, s, lse, coef, shift)
+
+
+def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad_scale,
+                          loss_out, n_samples, n_classes, n_pos):
+    """:func:`_index_tiles` for K-dim logits (``n_pos > 1``) whose gradient is written over
+    them (no label smoothing): ``grad`` holds the logits and receives the gradient, and
+    the exps go through :func:`_tile_max_sumexp_in_place`. Given two arguments that
+    overlap, LLVM's runtime alias checks sent the tile loops to their scalar versions
+    (4 x 21 x 256 x 256 float32: 22.9 ms in place against 8.8 ms into another buffer)."""
+    tiles_per_sample = (n_pos + TILE - 1) // TILE
+    for tile in prange(n_samples * tiles_per_sample):
+        m = np.empty(TILE, dtype=grad.dtype)
+        s = np.empty(TILE, dtype=np.float64)
+        lse = np.empty(TILE, dtype=np.float64)
+        coef = np.empty(TILE, dtype=grad.dtype)
+        shift = np.empty(TILE, dtype=grad.dtype)
+        n = tile // tiles_per_sample
+        s0 = (tile % tiles_per_sample) * TILE
+        width = min(TILE, n_pos - s0)
+        _index_tile(grad, n * n_classes * n_pos + s0, n_pos, n_classes, width, target,
+                    n * n_pos + s0, weight, w_total, ignore_index, eps, grad_scale,
+                    loss_out, grad, True, True, m, s, lse, coef, shift)
 
 
 # --------------------------------------------------------- class-probability targets
@@ -589,6 +639,7 @@ KERNELS = {
     name: jit(fn)
     for name, fn in {
         "index_rows": _index_rows, "index_tiles": _index_tiles,
+        "index_tiles_in_place": _index_tiles_in_place,
         "proba_rows": _proba_rows, "proba_tiles": _proba_tiles,
         "softmax_rows": _softmax_rows, "softmax_tiles": _softmax_tiles,
         "logsumexp_rows": _logsumexp_rows, "logsumexp_tiles": _logsumexp_tiles,
