@@ -228,12 +228,8 @@ def _scores_rows(x, target, weight, w_total, ignore_index, eps, loss_out, stats_
 
 
 @helper
-def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_buf, lse):
-    """Per position j < width of a tile: m[j] = max_c x[base + c*stride + j] and
-    s[j] = sum_c exp(x[...] - m[j]) (float64), storing the exps in ``e_out`` (same
-    indexing as ``x``) when ``store``, else in the scratch row ``e_buf``, and
-    lse[j] = m[j] + log(s[j]). Inner loops run along j over 0-based slices: contiguous,
-    vectorised (see _row_sumexp)."""
+def _tile_max(x, base, stride, n_classes, width, m, s):
+    """m[j] = max_c x[base + c*stride + j] for j < width, and s[j] = 0."""
     x0 = x[base:base + width]
     for j in range(width):
         m[j] = x0[j]
@@ -242,6 +238,22 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
         xc = x[base + c * stride:base + c * stride + width]
         for j in range(width):
             m[j] = xc[j] if xc[j] > m[j] else m[j]
+
+
+@helper
+def _tile_lse(m, s, lse, width):
+    for j in range(width):
+        lse[j] = np.float64(m[j]) + _log_sum(s[j])
+
+
+@helper
+def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_buf, lse):
+    """Per position j < width of a tile: m[j] = max_c x[base + c*stride + j] and
+    s[j] = sum_c exp(x[...] - m[j]) (float64), storing the exps in ``e_out`` (same
+    indexing as ``x``) when ``store``, else in the scratch row ``e_buf``, and
+    lse[j] = m[j] + log(s[j]). Inner loops run along j over 0-based slices: contiguous,
+    vectorised (see _row_sumexp)."""
+    _tile_max(x, base, stride, n_classes, width, m, s)
     # exp and the float64 accumulation are separate loops: fused, the float64 adds would
     # set the vector width and halve the float32 exp's throughput.
     for c in range(n_classes):
@@ -251,8 +263,7 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
             ec[j] = _exp_nonpos(xc[j] - m[j])
         for j in range(width):
             s[j] += ec[j]
-    for j in range(width):
-        lse[j] = np.float64(m[j]) + _log_sum(s[j])
+    _tile_lse(m, s, lse, width)
 
 
 @helper
@@ -261,22 +272,14 @@ def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, lse):
     go over the logits they come from. The same loops, so the same sums bit for bit; as
     one array, LLVM sees each exp written where it was read, instead of two arguments
     that overlap, on which its runtime alias checks choose the scalar loops."""
-    x0 = g[base:base + width]
-    for j in range(width):
-        m[j] = x0[j]
-        s[j] = 0.0
-    for c in range(1, n_classes):
-        gc = g[base + c * stride:base + c * stride + width]
-        for j in range(width):
-            m[j] = gc[j] if gc[j] > m[j] else m[j]
+    _tile_max(g, base, stride, n_classes, width, m, s)
     for c in range(n_classes):
         gc = g[base + c * stride:base + c * stride + width]
         for j in range(width):
             gc[j] = _exp_nonpos(gc[j] - m[j])
         for j in range(width):
             s[j] += gc[j]
-    for j in range(width):
-        lse[j] = np.float64(m[j]) + _log_sum(s[j])
+    _tile_lse(m, s, lse, width)
 
 
 @helper
