@@ -1,0 +1,128 @@
+"""A/B of the kernels: a git revision against the working tree, side by side in one process.
+
+Run: ``python benchmarks/bench_ab.py --base REV [--rounds 5]``. Writes
+``benchmarks/results/ab.json``.
+
+The base revision is checked out into a temporary git worktree and its extension built
+there; its Cython modules are loaded next to the working tree's (under their own module
+objects), and its ``cecore`` package is copied as ``cecore_base`` so that its Numba kernels
+compile next to the current ones. Rounds alternate base and new; each number is the median
+over rounds of per-round medians, and the ratio is new / base (below 1: faster now).
+Calls go through the kernel contract (``softmax_ce_index`` with the gradient into a reused
+buffer, ``bce_logits`` with the loss only), with the same arrays for both sides; results
+that differ between the two are reported, not hidden (a changed polynomial changes bits).
+"""
+
+import argparse
+import importlib.machinery
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import format_table, machine_info, median_time, save_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CE_SHAPES = [(65536, 1000, 1), (4096, 50257, 1), (1000000, 10, 1), (4, 21, 65536)]
+BCE_SHAPES = [(65536, 1000)]
+
+
+def _load_extension(path, name):
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _base_kernels(rev, workdir):
+    """{'cython-<build>': module, 'numba': module} of revision ``rev``."""
+    tree = workdir / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree),
+                    rev], check=True)
+    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=tree,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shutil.copytree(tree / "cecore", workdir / "pkg" / "cecore_base")
+    sys.path.insert(0, str(workdir / "pkg"))
+    kernels = {"numba": importlib.import_module("cecore_base._numba")}
+    for so in sorted((tree / "cecore_ext").glob("_kernels_*.so")):
+        build = so.name.split(".")[0].removeprefix("_kernels_")
+        kernels[f"cython-{build}"] = _load_extension(so, f"cecore_ext._kernels_{build}")
+    return kernels
+
+
+def _new_kernels(builds):
+    import cecore._numba
+    kernels = {"numba": cecore._numba}
+    for build in builds:
+        so = next((ROOT / "cecore_ext").glob(f"_kernels_{build}.*so"))
+        kernels[f"cython-{build}"] = _load_extension(so, f"cecore_ext._kernels_{build}")
+    return kernels
+
+
+def _cases(rng):
+    for dt in (np.float32, np.float64):
+        for n, c, s in CE_SHAPES:
+            x = rng.standard_normal((n, c, s)).astype(dt)
+            t = rng.integers(0, c, (n, s))
+            loss, grad = np.empty((n, s)), np.empty_like(x)
+            args = (x, t, np.ones(c), -100, 0.0, np.broadcast_to(1.0 / n, (n, s)), loss, grad)
+            yield (f"{dt.__name__} {n}x{c}x{s} loss+grad reused",
+                   lambda k, a=args: k.softmax_ce_index(*a, 2), (loss, grad))
+        for n, c in BCE_SHAPES:
+            x = rng.standard_normal((n, c)).astype(dt)
+            y = (rng.random((n, c)) < 0.5).astype(dt)
+            one = np.broadcast_to(1.0, (n, c))
+            loss = np.empty((n, c))
+            args = (x, y, one, one, np.broadcast_to(0.0, (n, c)), loss, None)
+            yield (f"{dt.__name__} {n}x{c} bce loss",
+                   lambda k, a=args: k.bce_logits(*a, 2), (loss,))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision to compare against")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cecore-ab-") as tmp:
+        workdir = Path(tmp)
+        try:
+            base = _base_kernels(args.base, workdir)
+            new = _new_kernels([k.split("-", 1)[1] for k in base if k.startswith("cython-")])
+            rows, results = [], []
+            for name, call, outputs in _cases(np.random.default_rng(0)):
+                for backend in base:
+                    times = {"base": [], "new": []}
+                    out = {}
+                    for _ in range(args.rounds):
+                        for side, kernels in (("base", base), ("new", new)):
+                            k = kernels[backend]
+                            times[side].append(median_time(lambda: call(k), args.repeat)[0] * 1e3)
+                            out[side] = [o.copy() for o in outputs]
+                    ms = {side: float(np.median(v)) for side, v in times.items()}
+                    same = all(np.array_equal(a, b, equal_nan=True)
+                               for a, b in zip(out["base"], out["new"]))
+                    ratio = ms["new"] / ms["base"]
+                    rows.append([name, backend, f"{ms['base']:.2f}", f"{ms['new']:.2f}",
+                                 f"{ratio:.2f}", "yes" if same else "no"])
+                    results.append({"case": name, "backend": backend, "ms": ms,
+                                    "per_round_ms": times, "new_over_base": ratio,
+                                    "bitwise_equal": same})
+                    print(format_table(["case", "backend", "base ms", "new ms", "new/base",
+                                        "same bits"], rows[-1:]), flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(workdir / "tree")], check=False)
+    print(format_table(["case", "backend", "base ms", "new ms", "new/base", "same bits"], rows))
+    info = machine_info(base=args.base)
+    print(f"CPU: {info['cpu_model']}; saved {save_json({'machine': info, 'results': results}, 'ab.json')}")
+
+
+if __name__ == "__main__":
+    main()
