@@ -9,7 +9,7 @@ objects), and its ``cecore`` package is copied as ``cecore_base`` so that its Nu
 compile next to the current ones. Rounds alternate base and new; each number is the median
 over rounds of per-round medians, and the ratio is new / base (below 1: faster now).
 Calls go through the kernel contract (``softmax_ce_index`` with the gradient into a reused
-buffer, ``bce_logits`` with the loss only), with the same arrays for both sides; results
+buffer and loss-only, ``softmax_ce_scores``, ``bce_logits`` with the loss only), with the same arrays for both sides; results
 that differ between the two are reported, not hidden (a changed polynomial changes bits).
 """
 
@@ -29,6 +29,7 @@ from _common import format_table, machine_info, median_time, save_json  # noqa: 
 
 ROOT = Path(__file__).resolve().parent.parent
 CE_SHAPES = [(65536, 1000, 1), (4096, 50257, 1), (1000000, 10, 1), (4, 21, 65536)]
+SCORE_SHAPES = [(65536, 1000), (4096, 50257)]  # softmax_ce_scores and its loss-only call
 BCE_SHAPES = [(65536, 1000)]
 
 
@@ -74,6 +75,17 @@ def _cases(rng):
             args = (x, t, np.ones(c), -100, 0.0, np.broadcast_to(1.0 / n, (n, s)), loss, grad)
             yield (f"{dt.__name__} {n}x{c}x{s} loss+grad reused",
                    lambda k, a=args: k.softmax_ce_index(*a, 2), (loss, grad))
+        for n, c in SCORE_SHAPES:
+            x = rng.standard_normal((n, c)).astype(dt)
+            t = rng.integers(0, c, n)
+            loss, stats, rank = np.empty(n), np.empty((n, 3)), np.empty((n, 2), np.int64)
+            zero = np.broadcast_to(0.0, (n, 1))
+            yield (f"{dt.__name__} {n}x{c} loss only",
+                   lambda k, a=(x[:, :, None], t[:, None], np.ones(c), -100, 0.0, zero,
+                                loss[:, None], None): k.softmax_ce_index(*a, 2), (loss,))
+            yield (f"{dt.__name__} {n}x{c} scores",
+                   lambda k, a=(x, t, np.ones(c), -100, 0.0, loss, stats, rank):
+                   k.softmax_ce_scores(*a, 2), (loss, stats, rank))
         for n, c in BCE_SHAPES:
             x = rng.standard_normal((n, c)).astype(dt)
             y = (rng.random((n, c)) < 0.5).astype(dt)
@@ -89,6 +101,8 @@ def main():
     parser.add_argument("--base", required=True, help="git revision to compare against")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", default="", help="comma-separated: run the cases whose name contains one of these")
+    parser.add_argument("--backends", default="", help="comma-separated, e.g. numba,cython-avx2")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cecore-ab-") as tmp:
         workdir = Path(tmp)
@@ -96,8 +110,11 @@ def main():
             base = _base_kernels(args.base, workdir)
             new = _new_kernels([k.split("-", 1)[1] for k in base if k.startswith("cython-")])
             rows, results = [], []
+            chosen = [b for b in base if not args.backends or b in args.backends.split(",")]
             for name, call, outputs in _cases(np.random.default_rng(0)):
-                for backend in base:
+                if not any(part in name for part in args.only.split(",")):
+                    continue
+                for backend in chosen:
                     times = {"base": [], "new": []}
                     out = {}
                     for _ in range(args.rounds):
