@@ -9,7 +9,7 @@ objects), and its ``cecore`` package is copied as ``cecore_base`` so that its Nu
 compile next to the current ones. Rounds alternate base and new; each number is the median
 over rounds of per-round medians, and the ratio is new / base (below 1: faster now).
 Calls go through the kernel contract (``softmax_ce_index`` with the gradient into a reused
-buffer and loss-only, ``softmax_ce_scores``, ``bce_logits`` with the loss only), with the same arrays for both sides; results
+buffer and loss-only, ``softmax_ce_scores``, ``bce_logits`` with the loss only and with the gradient), with the same arrays for both sides; results
 that differ between the two are reported, not hidden (a changed polynomial changes bits).
 """
 
@@ -94,6 +94,10 @@ def _cases(rng):
             args = (x, y, one, one, np.broadcast_to(0.0, (n, c)), loss, None)
             yield (f"{dt.__name__} {n}x{c} bce loss",
                    lambda k, a=args: k.bce_logits(*a, 2), (loss,))
+            grad = np.empty_like(x)
+            args = (x, y, one, one, np.broadcast_to(1.0 / x.size, (n, c)), loss, grad)
+            yield (f"{dt.__name__} {n}x{c} bce loss+grad reused",
+                   lambda k, a=args: k.bce_logits(*a, 2), (loss, grad))
 
 
 def main():

@@ -230,13 +230,39 @@ CEC_INLINE double cec_log_sum(double s) {
     return s < INFINITY ? r : s;
 }
 
-/* log1p(exp(-|x|)) and sigmoid(-x) for binary cross-entropy, in the logits' type.
- * float32: log1p(z) = 2 atanh(s), s = z / (2 + z) in [0, 1/3], the odd series of
- * cec_log_sum to s**15 (truncation < 2e-9 relative; no range reduction, as 1 + z is in
- * [1, 2]), all in float32 (8 or 16 lanes per vector: computed in
- * float64, as before, it took 25 instructions per element). float64: log(u), u = 1 + z,
- * with the correction (z - (u - 1)) / u for the rounding of u. */
-CEC_INLINE void cec_bce_core_f32(float x, float *l1p, float *sig) {
+/* Binary cross-entropy of one element (see cec_bce_values), per type. With
+ * z = exp(-|x|) in [0, 1] and lw = 1 + (pw - 1) y:
+ *   loss = w ((1 - y) x + lw max(-x, 0) + lw log1p(z))
+ *   grad = gs w ((1 - y) - lw sigmoid(-x))
+ * float64 (cec_bce_elem_f64): log1p(z) = log(u) + (z - (u - 1)) / u, u = 1 + z; the first
+ * two terms of the loss are summed before log1p(z) is added (for y = 0 and x << 0 they
+ * cancel exactly, x - x, and log1p(z) is the whole loss).
+ * float32 (cec_bce_elem_f32): everything in float32, 8 or 16 lanes per vector (the float64
+ * assembly of the loss took half the instructions of the loop). So that float32 does not
+ * cancel where float64 did, the terms are regrouped per sign of x:
+ *   (1 - y) x + lw max(-x, 0) = x >= 0 ? (1 - y) x : -pw y x
+ *   (1 - y) - lw sigmoid(-x)  = (x >= 0 ? (1 - y) - pw y z : (1 - y) z - pw y) / (1 + z)
+ * which for y in [0, 1] and pw >= 0 are sums of terms of one sign, and for y = 0 or 1
+ * keep a tiny gradient's relative accuracy (1 - sigmoid(-x) rounded it to 0 before).
+ * log1p(z) = 2 atanh(s), s = z / (2 + z) in [0, 1/3], the odd series of cec_log_sum to
+ * s**15 (truncation < 2e-9 relative; no range reduction, as 1 + z is in [1, 2]).
+ * (x - x), 0 or NaN, keeps torch's NaN for x = -inf, where (1 - y) x + lw (-x) is
+ * -inf + inf. NaN propagates. */
+/* a * b + c, as one FMA where the build has them. gcc fuses a multiply and an add on its
+ * own (-ffp-contract=fast), but where two products are summed it picks one of them to fuse,
+ * and may pick differently in two loops that inline the same code: the loss of a call with
+ * a gradient and of a loss-only call would differ in the last bit. Without FMA
+ * instructions nothing is fused, so the plain expression is as deterministic. */
+#ifdef __FMA__
+#define CEC_FMAF(a, b, c) fmaf((a), (b), (c))
+#define CEC_FMA(a, b, c) fma((a), (b), (c))
+#else
+#define CEC_FMAF(a, b, c) ((a) * (b) + (c))
+#define CEC_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+CEC_INLINE void cec_bce_elem_f32(float x, float y, double w, double pw, double gs,
+                                 double *loss, float *g, const int want_grad) {
     const float ax = x < 0 ? -x : x;
     const float z = cec_exp_f32(-ax);
     const float sv = z / (2.0f + z);
@@ -248,17 +274,28 @@ CEC_INLINE void cec_bce_core_f32(float x, float *l1p, float *sig) {
     p = p * s2 + 1.0f / 7.0f;
     p = p * s2 + 1.0f / 5.0f;
     p = p * s2 + 1.0f / 3.0f;
-    *l1p = 2.0f * sv + 2.0f * sv * (s2 * p);
-    *sig = (x >= 0 ? z : 1.0f) / (1.0f + z);
+    const float l1p = 2.0f * sv + 2.0f * sv * (s2 * p);
+    const float wf = (float)w, pwf = (float)pw, ny = 1.0f - y, pwy = pwf * y;
+    const float lw = 1.0f + (pwf - 1.0f) * y;
+    const float a = x >= 0 ? ny * x : (x - x) - pwy * x;
+    *loss = (double)(wf * CEC_FMAF(lw, l1p, a));
+    if (want_grad) {
+        const float num = x >= 0 ? ny - pwy * z : ny * z - pwy;
+        *g = (float)(gs * w) * (num / (1.0f + z));
+    }
 }
 
-CEC_INLINE void cec_bce_core_f64(double x, double *l1p, double *sig) {
+CEC_INLINE void cec_bce_elem_f64(double x, double y, double w, double pw, double gs,
+                                 double *loss, double *g, const int want_grad) {
     const double ax = x < 0 ? -x : x;
     const double z = cec_exp_f64(-ax);
     const double u = 1.0 + z;
     const double inv = 1.0 / u;
-    *l1p = cec_log_sum(u) + (z - (u - 1.0)) * inv;
-    *sig = (x >= 0 ? z : 1.0) * inv;
+    const double l1p = cec_log_sum(u) + (z - (u - 1.0)) * inv;
+    const double lw = 1.0 + (pw - 1.0) * y;
+    *loss = w * CEC_FMA(lw, l1p, CEC_FMA(1.0 - y, x, lw * (-x > 0.0 ? -x : 0.0)));
+    if (want_grad)
+        *g = gs * w * ((1.0 - y) - lw * ((x >= 0 ? z : 1.0) * inv));
 }
 
 /* The CEC_LANES partial sums of cec_add_lanes, combined pairwise in a fixed order. */
@@ -864,28 +901,19 @@ CEC_KERNEL void CEC_FN(cec_logsumexp_tile)(const T *x, ptrdiff_t n, ptrdiff_t st
 /* ====================================================== binary cross-entropy */
 
 /* Elementwise binary cross-entropy on logits over n values (see bce_logits in
- * cecore/_backends.py); w, pw and gs are contiguous float64 runs of n values. With
- * z = exp(-|x|) in [0, 1], in the logits' type (cec_bce_core_f32 / _f64):
- *   softplus(-x) = max(-x, 0) + log1p(z),  sigmoid(-x) = (x >= 0 ? z : 1) / (1 + z)
- *   loss = w ((1 - y) x + lw max(-x, 0) + lw log1p(z)),  lw = 1 + (pw - 1) y
- * The first two terms of the loss are summed in float64 before log1p(z) is added: for
- * y = 0 and x << 0 they cancel exactly (x - x), and log1p(z) is the whole loss. Both
- * are >= 0 otherwise, so a log1p(z) with float32's accuracy keeps the loss at float32's
- * (torch computes it in float32). NaN propagates; x = -inf gives z = 0 and an infinite
- * softplus. */
+ * cecore/_backends.py and cec_bce_elem_f32 / _f64); w, pw and gs are contiguous float64
+ * runs of n values. */
 CEC_INLINE void CEC_FN(cec_bce_values)(const T *x, const T *y, ptrdiff_t n,
                                         const double *w, const double *pw,
                                         const double *gs, double *loss, T *g,
                                         const int want_grad) {
     CEC_SIMD
     for (ptrdiff_t j = 0; j < n; j++) {
-        const double xv = (double)x[j], yv = (double)y[j];
-        T l1p, sig;
-        CEC_FN(cec_bce_core)(x[j], &l1p, &sig);
-        const double lw = 1.0 + (pw[j] - 1.0) * yv;
-        loss[j] = w[j] * (((1.0 - yv) * xv + lw * (-xv > 0.0 ? -xv : 0.0)) + lw * (double)l1p);
+        T gj;
+        CEC_FN(cec_bce_elem)(x[j], y[j], w[j], pw[j], want_grad ? gs[j] : 0.0, loss + j,
+                             &gj, want_grad);
         if (want_grad)
-            g[j] = (T)(gs[j] * w[j] * ((1.0 - yv) - lw * (double)sig));
+            g[j] = gj;
     }
 }
 
