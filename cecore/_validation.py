@@ -104,6 +104,15 @@ def grad_out_array(grad_out, x, fortran):
     writeable, and C-contiguous (or Fortran-contiguous when ``x`` is a Fortran-ordered
     2-D array, the layout the kernels then write). Returns it as an ndarray.
     """
+    is_tensor = type(grad_out).__module__.split(".")[0] == "torch"
+    if not (isinstance(grad_out, np.ndarray) or is_tensor) or isinstance(grad_out, np.matrix):
+        raise TypeError(
+            f"grad_out must be a NumPy array or a CPU torch tensor to write the gradient into, "
+            f"got {type(grad_out).__name__}"
+        )
+    if is_tensor and str(grad_out.dtype) == "torch.bfloat16":
+        raise TypeError("grad_out of dtype torch.bfloat16 cannot be written as a NumPy array: "
+                        "pass a float32 buffer")
     g = _to_numpy(grad_out)
     if g.dtype != x.dtype:
         raise TypeError(f"grad_out must have the input's dtype {x.dtype}, got {g.dtype}")

@@ -28,22 +28,28 @@ def _grad_scale(g, reduction, denominator, positions_shape):
     return np.broadcast_to(np.float64(g), positions_shape)
 
 
-def _gradient_out(grad_out, x, x3, fortran, reads=()):
+def _gradient_out(grad_out, x, x3, fortran, operands=(), in_place=()):
     """Where the kernel writes the gradient, and a function that returns the user's gradient.
 
     Without ``grad_out``: a new array in the layout of ``x``. With it: its canonical view,
-    so the kernel writes straight into the caller's memory; only when that is impossible
-    (a float16 buffer, computed in float32; a layout that has no canonical view; memory
-    shared with an array in ``reads``, which that kernel does not allow) the kernel writes
-    a temporary that is then copied in.
+    so the kernel writes straight into the caller's memory, if that is safe: the view
+    shares no memory with the arrays the kernel reads (``operands``), except that it may
+    be exactly one of ``in_place`` (the same elements in the same places: those kernels
+    read each element before they write its gradient). A view that overlaps an operand
+    in any other way (shifted by an element, a weight row inside the buffer, the target's
+    bytes) would be read after it was written. Otherwise, and for a float16 buffer
+    (computed in float32) or a layout with no canonical view, the kernel writes a
+    temporary that is then copied in.
     """
     if grad_out is None:
         grad, grad3 = V.empty_canonical(x.shape, x3.shape, x3.dtype, fortran)
         return grad3, lambda: grad.astype(x.dtype, copy=False)
     g = V.grad_out_array(grad_out, x, fortran)
-    if g.dtype == x3.dtype and not any(np.may_share_memory(g, r) for r in reads):
+    if g.dtype == x3.dtype:
         view = (g.T if fortran else g).reshape(x3.shape)
-        if view.flags.c_contiguous and (g.size == 0 or np.shares_memory(view, g)):
+        if view.flags.c_contiguous and (g.size == 0 or np.shares_memory(view, g)) and \
+                not any(np.may_share_memory(view, r) and not _same_elements(view, r, in_place)
+                        for r in operands):
             return view, lambda: g
     tmp, tmp3 = V.empty_canonical(x.shape, x3.shape, x3.dtype, fortran)
 
@@ -52,6 +58,14 @@ def _gradient_out(grad_out, x, x3, fortran, reads=()):
         return g
 
     return tmp3, finish
+
+
+def _same_elements(view, operand, in_place):
+    """Whether ``view`` is exactly ``operand`` (same memory, shape, strides, dtype) and that
+    operand may be overwritten in place."""
+    return any(operand is a for a in in_place) and view.dtype == operand.dtype and \
+        view.shape == operand.shape and view.strides == operand.strides and \
+        view.__array_interface__["data"][0] == operand.__array_interface__["data"][0]
 
 
 def _index_denominator(target, weight, uniform, ignore_index, reduction):
@@ -151,15 +165,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             raise ValueError("ignore_index is not supported with class-probability targets")
         x3, fortran = V.canonical(x, class_axis, dtype)
         t3 = V.canonical_like(V.float_input(t_raw, "target"), x3, fortran)
-        reads = (x3, t3)
         # torch divides by numel / C: the number of positions, or 0 / 0 without classes.
         denominator = np.float64(x3.shape[0] * x3.shape[2]) if n_classes else np.float64("nan")
     else:
         t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
         x3, fortran = V.canonical(x, class_axis, dtype)
-        # The index kernels read every logit they need before writing the gradient over
-        # it, except the label-smoothing sums, which read the logits after the exp pass.
-        reads = (x3,) if eps > 0 else ()
         denominator = _index_denominator(t2, w, weight is None, ignore_index, reduction)
 
     positions = (x3.shape[0], x3.shape[2])
@@ -169,7 +179,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if return_grad:
         g = V.grad_output_array(grad_output, reduction, loss_shape)
         scale = _grad_scale(g, reduction, denominator, positions)
-        grad3, gradient = _gradient_out(grad_out, x, x3, fortran, reads)
+        # The index kernels read every logit they need before writing the gradient over
+        # it, except the label-smoothing sums, which read the logits after the exp pass.
+        in_place = (x3,) if not proba and eps == 0 else ()
+        operands = (x3, t3, w, scale) if proba else (x3, t2, w, scale)
+        grad3, gradient = _gradient_out(grad_out, x, x3, fortran, operands, in_place)
     else:
         scale = np.broadcast_to(np.float64(0.0), positions)
         grad3 = None  # loss only
@@ -224,13 +238,14 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
         return loss
     g = V.grad_output_array(grad_output, reduction, V.loss_shape(x.shape))
     scale = _grad_scale(g, reduction, denominator, positions)
-    # The loss above has read every input value it needs: the buffer may be the input.
-    grad3, gradient = _gradient_out(grad_out, x, x3, fortran)
-    grad3[...] = 0
     # Ignored targets get exactly 0, even when 'mean' divided by a zero total weight
     # (as torch: its backward skips them rather than multiplying by a zero weight).
     with np.errstate(invalid="ignore"):
         picked_grad = np.where(keep, -w_t * scale, 0.0)
+    # Every value the gradient needs has now been read into new arrays (the loss, the
+    # targets, picked_grad): the buffer may share memory with any input.
+    grad3, gradient = _gradient_out(grad_out, x, x3, fortran)
+    grad3[...] = 0
     np.put_along_axis(grad3, safe_t[:, None, :], picked_grad[:, None, :].astype(dtype), axis=1)
     return loss, gradient()
 
@@ -286,7 +301,9 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
         scale = _grad_scale(g, reduction, denominator, x2.shape)
         # Elementwise: each gradient element is written after its inputs are read, so
         # the buffer may be the input or the target.
-        grad2, gradient = _gradient_out(grad_out, x, x2.reshape(x2.shape + (1,)), False)
+        x3, t3 = x2.reshape(x2.shape + (1,)), t2.reshape(t2.shape + (1,))
+        grad2, gradient = _gradient_out(grad_out, x, x3, False, (x3, t3, w2, pw2, scale),
+                                        (x3, t3))
         grad2 = grad2.reshape(x2.shape)
     else:
         scale = np.broadcast_to(np.float64(0.0), x2.shape)

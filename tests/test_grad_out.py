@@ -113,6 +113,112 @@ def test_bad_grad_out_is_rejected_before_anything_is_written(backend, rng, bad, 
         assert np.array_equal(buf, before)
 
 
+@pytest.mark.parametrize("bad", [
+    lambda x: x.tolist(),                      # would be written into a temporary, lost
+    lambda x: np.asmatrix(np.empty(x.shape, x.dtype)),
+])
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
+def test_grad_out_that_cannot_be_written_is_a_type_error(backend, rng, bad):
+    x = rng.standard_normal((8, 5))
+    t = rng.integers(0, 5, 8)
+    with pytest.raises(TypeError, match="grad_out must be a NumPy array"):
+        cecore.cross_entropy(x, t, grad_out=bad(x), backend=backend)
+    with pytest.raises(TypeError, match="grad_out must be a NumPy array"):
+        cecore.nll_loss(x, t, grad_out=bad(x), backend=backend)
+
+
+def test_bfloat16_tensor_grad_out_is_a_type_error(backend):
+    torch = pytest.importorskip("torch")
+    x = torch.randn(6, 5, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        cecore.cross_entropy(x, torch.arange(6) % 5, grad_out=torch.empty_like(x),
+                             backend=backend)
+
+
+def _overlapping(rng, shape):
+    """Logits and a buffer viewing the same memory shifted by one element."""
+    buf = rng.standard_normal(int(np.prod(shape)) + 1)
+    return buf[:-1].reshape(shape), buf[1:].reshape(shape)
+
+
+# Buffers that share memory with an operand without being exactly the input: the kernel
+# must not write into them while it reads (oracle: the same call on copies).
+OVERLAPS = {
+    "ce_shifted": lambda rng: (*_overlapping(rng, (300, 5)), rng.integers(0, 5, 300), {}),
+    "ce_few_classes_shifted": lambda rng: (*_overlapping(rng, (300, 17)),
+                                           rng.integers(0, 17, 300), {}),
+    "ce_kdim_shifted": lambda rng: (*_overlapping(rng, (4, 5, 100)),
+                                    rng.integers(0, 5, (4, 100)), {}),
+    "ce_smooth_shifted": lambda rng: (*_overlapping(rng, (300, 5)), rng.integers(0, 5, 300),
+                                      {"label_smoothing": 0.1}),
+    "proba_in_place": lambda rng: (lambda x: (x, x, rng.dirichlet(np.ones(5), 300), {}))(
+        rng.standard_normal((300, 5))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERLAPS))
+def test_grad_out_overlapping_an_operand_gives_the_out_of_place_result(backend, rng, case):
+    x, buf, t, options = OVERLAPS[case](rng)
+    expected = cecore.cross_entropy(x.copy(), t.copy(), return_grad=True, backend=backend,
+                                    **options)
+    loss, grad = cecore.cross_entropy(x, t, grad_out=buf, backend=backend, **options)
+    assert grad is buf
+    assert loss == expected[0]
+    np.testing.assert_array_equal(buf, expected[1])
+
+
+def test_grad_out_holding_the_weight_or_the_target(backend, rng):
+    x = rng.standard_normal((400, 50))
+    t = rng.integers(0, 50, 400)
+    w = rng.random(50) + 0.5
+    expected = cecore.cross_entropy(x, t, weight=w, return_grad=True, backend=backend)
+    buf = np.zeros((400, 50))
+    buf[7] = w  # the class weight is a row of the buffer
+    assert cecore.cross_entropy(x, t, weight=buf[7], grad_out=buf, backend=backend)[0] == expected[0]
+    np.testing.assert_array_equal(buf, expected[1])
+    buf = np.zeros((400, 50))
+    target = buf.reshape(-1)[:400].view(np.int64)  # the target's bytes are in the buffer
+    target[:] = t
+    assert cecore.cross_entropy(x, target, weight=w, grad_out=buf, backend=backend)[0] == expected[0]
+    np.testing.assert_array_equal(buf, expected[1])
+    # unbatched: the weight itself as the buffer
+    x1, w1 = rng.standard_normal(40), rng.random(40) + 0.5
+    expected = cecore.cross_entropy(x1, np.array(3), weight=w1.copy(), return_grad=True,
+                                    backend=backend)
+    loss, grad = cecore.cross_entropy(x1, np.array(3), weight=w1, grad_out=w1, backend=backend)
+    assert loss == expected[0] and grad is w1
+    np.testing.assert_array_equal(w1, expected[1])
+
+
+def test_bce_grad_out_overlapping_an_operand(backend, rng):
+    x, buf = _overlapping(rng, (60, 5))
+    y = rng.random((60, 5))
+    expected = cecore.binary_cross_entropy_with_logits(x.copy(), y, return_grad=True,
+                                                       backend=backend)
+    loss, grad = cecore.binary_cross_entropy_with_logits(x, y, grad_out=buf, backend=backend)
+    assert loss == expected[0] and grad is buf
+    np.testing.assert_array_equal(buf, expected[1])
+    x = rng.standard_normal((60, 5))
+    for name in ("weight", "pos_weight"):
+        buf = np.zeros((60, 5))
+        buf[3] = rng.random(5) + 0.5  # a weight row broadcast from inside the buffer
+        expected = cecore.binary_cross_entropy_with_logits(
+            x, y, return_grad=True, backend=backend, **{name: buf[3].copy()})
+        loss, grad = cecore.binary_cross_entropy_with_logits(
+            x, y, grad_out=buf, backend=backend, **{name: buf[3]})
+        assert loss == expected[0]
+        np.testing.assert_array_equal(buf, expected[1])
+
+
+def test_nll_grad_out_overlapping_the_input(backend, rng):
+    x, buf = _overlapping(rng, (50, 6))
+    t = rng.integers(0, 6, 50)
+    expected = cecore.nll_loss(x.copy(), t, return_grad=True, backend=backend)
+    loss, grad = cecore.nll_loss(x, t, grad_out=buf, backend=backend)
+    assert loss == expected[0] and grad is buf
+    np.testing.assert_array_equal(buf, expected[1])
+
+
 def test_in_place_gradient_allocates_nothing_of_the_inputs_size(backend, rng):
     # Class-index targets without label smoothing: the kernels write over the logits
     # directly (tracemalloc sees NumPy's allocations; O(N) per-position arrays remain).
