@@ -44,14 +44,17 @@ torch's forward also takes shape (1,), but its backward then fails).
 
 The losses are differentiable once. Backpropagating through their gradient (second
 derivatives: ``create_graph=True`` followed by another backward, Hessians, gradient
-penalties) raises a ``RuntimeError`` instead of silently missing the second-order term;
-use torch's functions for that.
+penalties, ``torch.autograd.functional.hessian`` and ``hvp``) raises a ``RuntimeError``
+instead of silently missing the second-order term; use torch's functions for that. A
+backward with ``create_graph=True`` raises at once if the tensor it differentiates no
+longer exists (nothing could then differentiate the gradient it returns).
 """
 
 import ctypes
 import mmap
 import sys
 import warnings
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -236,19 +239,35 @@ def _raise_torch_error(error, torch_function, *args, **kwargs):
 
 # ------------------------------------------------------------------------- autograd
 class _DifferentiableOnce(torch.autograd.Function):
-    """Identity whose backward raises: the gradient it wraps has no gradient of its own."""
+    """Identity on ``grad`` whose backward raises: the gradient it wraps has no gradient of
+    its own. ``sources`` (the tensors ``grad`` is the gradient with respect to) only put it
+    on the graph's paths to them: autograd runs a node's backward only when it lies on a
+    path to the tensors being differentiated (``torch.autograd.grad(..., inputs)``,
+    ``torch.autograd.functional.hessian``); hanging off a fresh leaf, it was pruned and the
+    second derivative silently came out as zero."""
 
     @staticmethod
-    def forward(ctx, grad):
+    def forward(ctx, grad, *sources):
         return grad.view_as(grad)
 
     @staticmethod
-    def backward(ctx, _):
+    def backward(ctx, *_):
         raise RuntimeError(
             "cecore.torch losses are differentiable once: their gradient has no gradient of "
             "its own (second derivatives, Hessians, gradient penalties). Use the loss from "
             "torch.nn.functional for this computation."
         )
+
+
+def _once(grads, sources):
+    """``grads`` (computed under create_graph=True) wrapped so that differentiating them
+    again raises (see :class:`_DifferentiableOnce`). ``sources`` are weak references to the
+    tensors they are the gradients of; if one is gone, nothing could reach it: raise now."""
+    alive = [ref() for ref in sources]
+    if any(t is None for t in alive):
+        _DifferentiableOnce.backward(None)
+    return [None if g is None else _DifferentiableOnce.apply(g.detach(), *alive)
+            for g in grads]
 
 
 def _scaled(ctx, grad, grad_output):
@@ -297,6 +316,8 @@ def _register_autograd(op, reduction_arg, per_element):
         input = inputs[0]
         _, grad = output
         ctx.mark_non_differentiable(grad)
+        # Weakly: a strong reference would keep the logits alive until backward.
+        ctx.input_ref = weakref.ref(input)
         # The gradient output gets no gradient: without this, autograd would allocate
         # an N x C tensor of zeros for it at every backward.
         ctx.set_materialize_grads(False)
@@ -317,7 +338,7 @@ def _register_autograd(op, reduction_arg, per_element):
             grad_output = grad_output.unsqueeze(ctx.class_axis)
         result = _scaled(ctx, grad, grad_output)
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
-            result = _DifferentiableOnce.apply(result.detach().requires_grad_())
+            (result,) = _once([result], [ctx.input_ref])
         return (result,) + nones
 
     op.register_autograd(backward, setup_context=setup_context)
@@ -488,6 +509,8 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zeros for the gradient outputs' gradients
     ctx.recompute = reduction == "none"
     ctx.has_grad = with_grad
+    ctx.source_refs = [weakref.ref(t) for t in (input, linear_weight, linear_bias)
+                       if t is not None]
     if ctx.recompute:
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
         ctx.options = (ignore_index, label_smoothing, chunk_size, backend, n_threads)
@@ -508,7 +531,7 @@ def _linear_backward(ctx, grad_output, *_):
     else:
         grads = [_scaled(ctx, g, grad_output) for g in ctx.saved_tensors]
     if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
-        grads = [_DifferentiableOnce.apply(g.detach().requires_grad_()) for g in grads]
+        grads = _once(grads, ctx.source_refs)
     grad_input, grad_linear_weight, grad_linear_bias = grads
     needs = ctx.needs_input_grad
     return (grad_input if needs[0] else None, grad_linear_weight if needs[1] else None, None,

@@ -346,6 +346,33 @@ def test_second_derivative_raises(gen):
         g.sum().backward()
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce", "linear_input", "linear_weight",
+                                  "linear_none"])
+def test_hessians_and_hvps_raise_instead_of_returning_zeros(gen, loss):
+    """torch.autograd.functional differentiates only towards its inputs: the second
+    derivative must still reach the raising node (it came out as silent zeros)."""
+    target = _index_target(gen, (4,), 5)
+    h = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    y = torch.rand(4, 5, generator=gen, dtype=torch.float64)
+    fn, at = {
+        "cross_entropy": (lambda a: ct.cross_entropy(a, target), h @ w.T),
+        "bce": (lambda a: ct.binary_cross_entropy_with_logits(a, y), h @ w.T),
+        "linear_input": (lambda a: ct.linear_cross_entropy(a, w, target), h),
+        "linear_weight": (lambda a: ct.linear_cross_entropy(h, a, target), w),
+        "linear_none": (lambda a: ct.linear_cross_entropy(a, w, target, reduction="none").sum(), h),
+    }[loss]
+    with no_fallback():
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.functional.hessian(fn, at)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.functional.hvp(fn, at, torch.ones_like(at))
+        a = at.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(a), a, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(g.pow(2).sum(), a, allow_unused=True)
+
+
 def test_no_grad_computes_loss_only(gen, monkeypatch):
     calls = []
     real = ct._fused
