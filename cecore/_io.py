@@ -289,6 +289,8 @@ def check_output_path(path, inputs=()):
     (real_path, mode) : the path to replace, and the permission bits the new file gets
         (the existing file's, else those ``open()`` would give under the umask).
     """
+    if os.fspath(path).endswith(("/", os.sep)):
+        raise ValueError(f"{path} names a directory: give the path of a .npy file")
     real = os.path.realpath(os.fspath(path))
     try:
         st = os.stat(real)
@@ -307,7 +309,31 @@ def check_output_path(path, inputs=()):
             continue
         if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
             raise ValueError(f"{path} is the input file {other}: refusing to overwrite an input")
+    if _mapped_here(st):
+        raise ValueError(f"{path} is memory-mapped by this process (an input array read from "
+                         "it?): refusing to replace it")
     return real, stat.S_IMODE(st.st_mode)
+
+
+def _mapped_here(st):
+    """Whether this process has the file of ``os.stat`` result ``st`` memory-mapped.
+
+    This catches an input memory map that reached cecore in a wrapper whose file cannot be
+    found from the array (a torch tensor over it, ``np.frombuffer``, ``as_strided``), which
+    ``inputs`` misses. Linux only (/proc/self/maps); elsewhere False.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or fields[4] == "0" or int(fields[4]) != st.st_ino:
+                    continue
+                major, minor = (int(v, 16) for v in fields[3].split(":"))
+                if (major, minor) == (os.major(st.st_dev), os.minor(st.st_dev)):
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 @contextlib.contextmanager

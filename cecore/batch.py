@@ -101,9 +101,15 @@ class ScoreResult:
     per_row_out: str = None
 
     def to_dict(self):
-        """The fields as a dict; a value that is undefined (NaN) is None (JSON null)."""
-        return {k: None if isinstance(v, float) and math.isnan(v) else v
-                for k, v in asdict(self).items()}
+        """The fields as a dict for JSON: an undefined value (NaN) is None (null), an
+        infinite one (a loss of inf, its perplexity) the string "inf" or "-inf", as JSON
+        has no number for it (``float("inf")`` reads it back)."""
+        def json_value(v):
+            if not isinstance(v, float) or math.isfinite(v):
+                return v
+            return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+        return {k: json_value(v) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -380,6 +386,7 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
             sources.append(None if spec is None else as_source(spec))
         x_src, t_src, w_src = sources
         if isinstance(bias, (str, os.PathLike)):
+            protect = (*protect, bias)  # per_row_out must not replace it either
             bias = np.load(bias, allow_pickle=False)
         opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype, input_kind,
                                weight, ignore_index, label_smoothing, backend, n_threads,

@@ -113,6 +113,59 @@ def test_per_row_out_never_replaces_an_input(scored_files, capsys):
     assert _snapshot(d) == before  # nothing changed, nothing left behind
 
 
+def test_per_row_out_never_replaces_the_bias_file(tmp_path, rng, capsys):
+    np.save(tmp_path / "h.npy", rng.standard_normal((50, 4)).astype(np.float32))
+    np.save(tmp_path / "W.npy", rng.standard_normal((10, 4)).astype(np.float32))
+    np.save(tmp_path / "b.npy", rng.standard_normal(10).astype(np.float32))
+    np.save(tmp_path / "t.npy", rng.integers(0, 10, 50))
+    before = _snapshot(tmp_path)
+    code, out, err = _score(["--hidden", str(tmp_path / "h.npy"), "--unembedding",
+                             str(tmp_path / "W.npy"), "--bias", str(tmp_path / "b.npy"),
+                             str(tmp_path / "t.npy"), "--per-row-out", str(tmp_path / "b.npy")],
+                            capsys)
+    assert code == 1 and "refusing to overwrite an input" in err and err.count("\n") == 1
+    assert _snapshot(tmp_path) == before
+
+
+def test_per_row_out_never_replaces_a_file_mapped_in_memory(tmp_path, rng):
+    # The input's memory map reaches score() in wrappers that hide its file name.
+    torch = pytest.importorskip("torch")
+    np.save(tmp_path / "x.npy", rng.standard_normal((100, 10)).astype(np.float32))
+    t = rng.integers(0, 10, 100)
+    m = np.load(tmp_path / "x.npy", mmap_mode="r+")
+    before = (tmp_path / "x.npy").read_bytes()
+    for wrapped in (torch.from_numpy(m), np.frombuffer(m, np.float32).reshape(100, 10),
+                    np.lib.stride_tricks.as_strided(m, m.shape, m.strides)):
+        with pytest.raises(ValueError, match="memory-mapped by this process"):
+            batch.score(wrapped, t, per_row_out=tmp_path / "x.npy")
+    assert (tmp_path / "x.npy").read_bytes() == before
+    batch.score(m, t, per_row_out=tmp_path / "out.npy")  # another file is written
+    assert np.load(tmp_path / "out.npy").shape == (100,)
+
+
+def test_per_row_out_with_a_trailing_slash_is_refused(scored_files, capsys):
+    _, _, d = scored_files
+    np.save(d / "old.npy", np.zeros(3))
+    before = _snapshot(d)
+    for out in ("new/", "old.npy/"):
+        code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out",
+                               f"{d}/{out}"], capsys)  # (pathlib drops the slash)
+        assert code == 1 and "names a directory" in err and err.count("\n") == 1
+    assert _snapshot(d) == before
+
+
+def test_json_reports_infinite_values_as_strings(tmp_path, rng, capsys):
+    # A huge loss: perplexity exp(loss) is inf, which JSON has no number for.
+    np.save(tmp_path / "x.npy", (1000 * rng.standard_normal((100, 10))).astype(np.float32))
+    np.save(tmp_path / "t.npy", rng.integers(0, 10, 100))
+    code = main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "", err
+    result = json.loads(out)
+    assert result["perplexity"] == "inf" and float(result["perplexity"]) == np.inf
+    assert np.isfinite(result["mean_loss"])
+
+
 def test_per_row_out_writes_through_a_symlink_like_np_save(scored_files, capsys):
     x, t, d = scored_files
     np.save(d / "old.npy", np.zeros(3))

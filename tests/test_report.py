@@ -104,6 +104,32 @@ def test_adversarial_rows(backend):
     assert r["accuracy"] == reference(x, t)["accuracy"] * 6 / 7  # the NaN row is wrong
 
 
+def test_undefined_rows_miss_the_top_k_even_when_k_exceeds_the_classes(backend):
+    # NaN, +inf and all -inf rows have no prediction: wrong for every k (the kernels give
+    # them rank C, which a top_k above C counted as a hit).
+    x = np.array([[np.nan, 0, 0], [1, 2, 3], [np.inf, 0, 0], [-np.inf] * 3])
+    t = np.array([0, 2, 1, 0])
+    for k in (1, 3, 4, 100):
+        r = classification_report_from_logits(x, t, top_k=k, backend=backend)
+        assert r["top_k_accuracy"] == 0.25, k
+        assert batch.score(x, t, top_k=k, backend=backend).top_k_accuracy == 0.25
+
+
+def test_zero_classes(backend):
+    """No classes: every index target must be ignored; nothing is scored and the loss is
+    cross_entropy's NaN (the kernels write nothing there: it was uninitialised memory)."""
+    x = np.zeros((3, 0))
+    for target in (np.full(3, -100), np.zeros((3, 0))):
+        expected = cecore.cross_entropy(x, target, backend=backend)
+        for _ in range(3):
+            r = classification_report_from_logits(x, target, backend=backend)
+            assert np.isnan(r["loss"]) and np.isnan(expected)
+            assert r["rows"] == 3
+        if target.ndim == 1:
+            assert r["rows_scored"] == 0 and np.isnan(r["accuracy"])
+            assert np.isnan(r["top_k_accuracy"])
+
+
 def test_probability_targets_get_loss_entropy_and_brier_only(backend, rng):
     x = rng.standard_normal((500, 8))
     q = rng.dirichlet(np.ones(8), 500)

@@ -39,16 +39,26 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
     """Per-row loss and metrics of a block of rows (2-D, compute dtype, C-contiguous).
 
     Returns ``(loss, stats, rank)``: float64 (n,), float64 (n, 3) = ``(entropy, max_p,
-    brier)`` and int64 (n, 2) = ``(rank, top1)`` (rank -1 for ignored rows); for
-    probability targets ``rank`` is None and ``max_p`` NaN.
+    brier)`` and int64 (n, 2) = ``(rank, top1)`` (rank -1 for ignored rows, and the
+    largest int64 for rows whose softmax is undefined, so that they miss the top k for any
+    k); for probability targets ``rank`` is None and ``max_p`` NaN.
     """
     n, c = x.shape
     loss = np.empty(n)
     stats = np.empty((n, 3))
+    if c == 0:  # no kernel call (they write nothing): every index target is ignored
+        stats[:] = np.nan
+        if proba:  # cross_entropy's mean divides by 0 / 0 here
+            loss[:] = np.nan
+            return loss, stats, None
+        loss[:] = 0.0
+        return loss, stats, np.tile(np.array([-1, 0], np.int64), (n, 1))
     if not proba:
         rank = np.empty((n, 2), np.int64)
         kernels.softmax_ce_scores(x, t, weight, ignore_index, eps, loss, stats, rank,
                                   n_threads)
+        # The kernels give such rows rank c: with top_k > c they would count as hits.
+        rank[rank[:, 0] == c, 0] = np.iinfo(np.int64).max
         return loss, stats, rank
     kernels.softmax_ce_proba(x.reshape(n, c, 1), t.reshape(n, c, 1), weight, eps,
                              np.broadcast_to(0.0, (n, 1)), loss.reshape(n, 1), None,
@@ -159,7 +169,7 @@ class ReportSums:
         loss_sum = self.sums["loss"].total()
         # the denominators of cecore.cross_entropy's mean, computed the same way
         denominator = np.float64(rows if self.proba else self.sums["weight"].total())
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf perplexity
             mean_loss = float(dtype.type(np.float64(loss_sum) / denominator))
 
             def mean(total):
