@@ -4,6 +4,8 @@ Kernels see only the canonical forms produced here: float32/float64 logits viewe
 C-contiguous ``(N, C, S)`` array, int64 targets of shape ``(N, S)``, float64 weights.
 """
 
+import numbers
+
 import numpy as np
 
 from . import _config
@@ -149,7 +151,19 @@ def class_weight(weight, n_classes):
     return np.ascontiguousarray(w, dtype=np.float64)
 
 
+def check_ignore_index(ignore_index):
+    """``ignore_index`` as a Python int: an integer (not a bool, not a float, which torch
+    rejects too) that fits int64, where the targets are compared with it."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= int(ignore_index) < 2**63:
+        raise ValueError(f"ignore_index {ignore_index} does not fit in int64")
+    return int(ignore_index)
+
+
 def check_label_smoothing(label_smoothing):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
     eps = float(label_smoothing)
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
@@ -162,6 +176,7 @@ def index_target(target, input_shape, n_classes, ignore_index):
     ``input_shape`` is the user's input shape: ``(C,)`` (unbatched, target 0-d) or
     ``(N, C, d1, ..., dK)`` (target ``(N, d1, ..., dK)``).
     """
+    ignore_index = check_ignore_index(ignore_index)
     t = _to_numpy(target)
     if t.dtype.kind not in "iu":
         kind = "floating point" if t.dtype.kind == "f" else str(t.dtype)

@@ -6,6 +6,8 @@ per-position losses in a fixed order (:mod:`cecore._reduce`). With ``return_grad
 the loss and its gradient come from the same fused pass over the logits.
 """
 
+import math
+
 import numpy as np
 
 from . import _reduce
@@ -148,6 +150,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     x, class_axis, w = V.class_input(input, weight)
     reduction = V.check_reduction(reduction)
     eps = V.check_label_smoothing(label_smoothing)
+    ignore_index = V.check_ignore_index(ignore_index)
     threads = V.n_threads(n_threads, x.size)
     kernels = get_backend(backend)
     out_dtype, dtype = x.dtype, V.compute_dtype(x.dtype)
@@ -221,6 +224,7 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     get_backend(backend)
     out_dtype, dtype = x.dtype, V.compute_dtype(x.dtype)
     n_classes = x.shape[class_axis]
+    ignore_index = V.check_ignore_index(ignore_index)
     t_raw = V._to_numpy(target)
     t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
     x3, fortran = V.canonical(x, class_axis, dtype)
@@ -260,7 +264,7 @@ def _broadcast_2d(a, shape, name):
     except ValueError:
         raise ValueError(f"{name} of shape {arr.shape} cannot be broadcast to the input's shape {shape}") from None
     last = shape[-1] if shape else 1
-    return b.reshape(-1, last) if b.size else b.reshape(0, last)
+    return b.reshape(math.prod(shape[:-1]), last)
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean",
@@ -290,8 +294,9 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     dtype = V.compute_dtype(x.dtype)
     shape = x.shape
     last = shape[-1] if shape else 1
-    x2 = np.ascontiguousarray(x, dtype=dtype).reshape(-1, last)
-    t2 = np.ascontiguousarray(t, dtype=dtype).reshape(-1, last)
+    n_rows = math.prod(shape[:-1])  # (not reshape(-1, last): ambiguous when last is 0)
+    x2 = np.ascontiguousarray(x, dtype=dtype).reshape(n_rows, last)
+    t2 = np.ascontiguousarray(t, dtype=dtype).reshape(n_rows, last)
     w2 = _broadcast_2d(1.0 if weight is None else weight, shape, "weight")
     pw2 = _broadcast_2d(1.0 if pos_weight is None else pos_weight, shape, "pos_weight")
     denominator = np.float64(x.size)

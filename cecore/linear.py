@@ -228,8 +228,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     n_classes, n_features = w.shape
     if ignore_index is None:
         ignore_index = -100
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = V.check_ignore_index(ignore_index)
     t = _index_target(target, x.shape, n_classes, ignore_index)
     class_weight = V.class_weight(weight, n_classes)
     reduction = V.check_reduction(reduction)

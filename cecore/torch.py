@@ -222,6 +222,18 @@ def _fake_outputs(input, loss_shape, with_grad):
     return input.new_empty(loss_shape), input.new_empty(input.shape if with_grad else (0,))
 
 
+def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None):
+    """``(ignore_index, label_smoothing)`` checked as cecore checks them, before the
+    operator's schema would coerce them (1.5 to 1, "0.1" to 0.1, True to 1): where they are
+    wrong, the error ``torch_call()`` raises (see :func:`_raise_torch_error`)."""
+    try:
+        if isinstance(n_threads, bool):
+            raise TypeError("n_threads must be None or an int, got bool")
+        return V.check_ignore_index(ignore_index), V.check_label_smoothing(label_smoothing)
+    except (TypeError, ValueError) as error:
+        _raise_torch_error(error, torch_call)
+
+
 def _raise_torch_error(error, torch_function, *args, **kwargs):
     """Raise what ``torch_function`` raises for these arguments, with cecore's ``error`` as cause.
 
@@ -569,8 +581,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         _warn_fallback("cross_entropy", reason)
         return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                 reduction=reduction, label_smoothing=label_smoothing)
-    loss, _ = _cross_entropy_op(input, target, weight, int(ignore_index), reduction,
-                                float(label_smoothing), _with_grad(input), backend, n_threads)
+    ignore_index, label_smoothing = _scalars(
+        lambda: TF.cross_entropy(input.detach(), target, weight, ignore_index=ignore_index,
+                                 reduction=reduction, label_smoothing=label_smoothing),
+        ignore_index, label_smoothing, n_threads)
+    loss, _ = _cross_entropy_op(input, target, weight, ignore_index, reduction,
+                                label_smoothing, _with_grad(input), backend, n_threads)
     _disown_gradient(loss)
     return loss
 
@@ -589,7 +605,10 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     if reason is not None:
         _warn_fallback("nll_loss", reason)
         return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
-    loss, _ = _nll_loss_op(input, target, weight, int(ignore_index), reduction,
+    ignore_index, _ = _scalars(
+        lambda: TF.nll_loss(input.detach(), target, weight, ignore_index=ignore_index,
+                            reduction=reduction), ignore_index, n_threads=n_threads)
+    loss, _ = _nll_loss_op(input, target, weight, ignore_index, reduction,
                            _with_grad(input), backend, n_threads)
     _disown_gradient(loss)
     return loss
@@ -613,6 +632,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
         _warn_fallback("binary_cross_entropy_with_logits", reason)
         return TF.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
                                                    pos_weight=pos_weight)
+    _scalars(None, n_threads=n_threads)
     loss, _ = _bce_op(input, target, weight, pos_weight, reduction, _with_grad(input),
                       backend, n_threads)
     _disown_gradient(loss)
@@ -658,9 +678,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     with_grad = (reduction != "none" and torch.is_grad_enabled()
                  and any(t is not None and t.requires_grad
                          for t in (input, linear_weight, linear_bias)))
-    loss, *_ = _linear_ce_op(input, linear_weight, target, linear_bias, weight,
-                             -100 if ignore_index is None else int(ignore_index), reduction,
-                             float(label_smoothing), with_grad, chunk_size, backend, n_threads)
+    ignore_index, label_smoothing = _scalars(
+        with_torch, -100 if ignore_index is None else ignore_index, label_smoothing, n_threads)
+    loss, *_ = _linear_ce_op(input, linear_weight, target, linear_bias, weight, ignore_index,
+                             reduction, label_smoothing, with_grad, chunk_size, backend,
+                             n_threads)
     _disown_gradient(loss)
     return loss
 

@@ -46,6 +46,10 @@ CASES = [
     ("cross_entropy", X, P, {"ignore_index": 0}, ValueError, r"ignore_index is not supported"),
     ("cross_entropy", X, T, {"label_smoothing": 1.5}, ValueError, r"label_smoothing must be between"),
     ("cross_entropy", X, T, {"reduction": "avg"}, ValueError, r"'avg' is not a valid value for reduction"),
+    # not truncated to 1 (the kernels ignored class 1, the mean's denominator nothing)
+    ("cross_entropy", X, T, {"ignore_index": 1.5}, TypeError, r"ignore_index must be an int"),
+    ("cross_entropy", X, T, {"label_smoothing": "0.1"}, TypeError, r"label_smoothing must be a float"),
+    ("nll_loss", X, T, {"ignore_index": 1.5}, TypeError, r"ignore_index must be an int"),
     ("cross_entropy", X.astype(np.int64), T, {}, TypeError, r"input must be a floating point"),
     ("cross_entropy", np.float64(1.0), np.int64(0), {}, ValueError, r"class dimension"),
     ("nll_loss", X, np.array([0, 1, 5, 1]), {}, IndexError, r"Target 5 is out of bounds"),
@@ -145,3 +149,22 @@ def test_errors_leave_no_partial_state(backend):
     expected = TF.cross_entropy(torch.from_numpy(X), torch.from_numpy(T)).item()
     np.testing.assert_allclose(cecore.cross_entropy(X, T, backend=backend, n_threads=2),
                                expected, rtol=1e-10)
+
+
+def test_torch_bridge_rejects_what_torch_rejects_before_coercing(backend):
+    import cecore.torch as ct
+
+    x, t = torch.from_numpy(X), torch.from_numpy(T)
+    for fn, kw in ((ct.cross_entropy, {"ignore_index": 1.5}), (ct.nll_loss, {"ignore_index": 1.5}),
+                   (ct.cross_entropy, {"label_smoothing": "0.1"})):
+        with pytest.raises(TypeError):  # torch's own TypeError, not a silent int(1.5)
+            fn(x, t, backend=backend, **kw)
+    with pytest.raises(TypeError, match="n_threads"):
+        ct.cross_entropy(x, t, backend=backend, n_threads=True)
+
+
+def test_scorer_from_logits_must_be_a_bool():
+    from cecore.metrics import make_cross_entropy_scorer
+
+    with pytest.raises(TypeError, match="from_logits must be a bool"):
+        make_cross_entropy_scorer(from_logits="no")

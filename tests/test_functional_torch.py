@@ -213,6 +213,19 @@ def test_bce_small_losses_keep_their_relative_accuracy(backend, dtype):
     np.testing.assert_allclose(loss, expected, rtol=rtol, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 3), (2, 4, 0)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_bce_empty_like_torch(backend, shape, reduction):
+    # An empty last dimension made reshape(-1, 0) fail.
+    x, y = np.zeros(shape), np.zeros(shape)
+    kw = {"pos_weight": np.ones(shape[-1])}
+    loss, grad = cecore.binary_cross_entropy_with_logits(
+        x, y, reduction=reduction, return_grad=True, backend=backend, **kw)
+    expected = torch_bce(x, y, reduction=reduction, **kw)
+    np.testing.assert_array_equal(loss, expected[0])
+    assert grad.shape == shape
+
+
 def test_bce_extreme_logits(backend):
     x = np.array([-1000.0, -50.0, -1e-8, 0.0, 1e-8, 50.0, 1000.0, np.inf, -np.inf, np.nan])
     y = np.array([0.0, 1.0, 0.5, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])

@@ -75,7 +75,9 @@ def make_cross_entropy_scorer(*, label_smoothing=0.0, from_logits=False):
         Greater is better. The estimator's ``classes_`` are the labels, so folds that
         miss a class work. Without options it equals :data:`neg_log_loss_scorer`.
     """
-    return _CrossEntropyScorer(label_smoothing, from_logits)
+    if not isinstance(from_logits, (bool, np.bool_)):
+        raise TypeError(f"from_logits must be a bool, got {type(from_logits).__name__}")
+    return _CrossEntropyScorer(label_smoothing, bool(from_logits))
 
 
 #: ``scoring=`` for minus :func:`log_loss` of ``predict_proba``, with ``labels=classes_``.
