@@ -162,6 +162,9 @@ def _read_header(f, path):
     except Exception as exc:  # noqa: BLE001 - a damaged header raises all kinds of errors
         raise ValueError(f"{path} is not a valid .npy/.npz array: its header is damaged "
                          f"({type(exc).__name__}: {exc})") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{path} is not a valid .npy/.npz array: its header declares the "
+                         f"shape {shape}")
     if dtype.hasobject:
         raise ValueError(f"{path}: arrays of Python objects cannot be scored")
     if fortran and len(shape) > 1:
@@ -207,8 +210,7 @@ def open_array(spec):
         :class:`StreamedArray` (one sequential pass) for compressed members.
     """
     path, member = _split_member(spec)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+    _check_regular(path)
     with open(path, "rb") as f:
         if not zipfile.is_zipfile(f):
             if member is not None:
@@ -244,6 +246,25 @@ def open_array(spec):
     if size < need:
         raise ValueError(f"{path} is truncated: the array needs {need} bytes, the file has {size}")
     return source
+
+
+def _check_regular(path):
+    """A FIFO or device would block or never end; a directory is not an array."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a regular file")
+
+
+def load_small(path, what):
+    """A small array (class weights, a bias) read whole from a ``.npy`` file, with one-line
+    errors that name it as ``what``."""
+    _check_regular(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{what} {path} is not a readable .npy array of numbers "
+                         f"({type(exc).__name__})") from None
 
 
 def as_source(obj):

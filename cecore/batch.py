@@ -32,7 +32,7 @@ from . import _validation as V
 from ._backends import get_backend
 from ._config import DEFAULT_MEMORY_BUDGET
 from ._io import (InMemoryArray, MappedArray, StreamedArray, as_source, atomic_npy,
-                  open_array, source_path)
+                  load_small, open_array, source_path)
 from .metrics._report import ReportSums, block_scores
 
 __all__ = ["score", "ScoreResult", "ScoreOptions", "prepare_options", "score_chunk",
@@ -387,7 +387,7 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
         x_src, t_src, w_src = sources
         if isinstance(bias, (str, os.PathLike)):
             protect = (*protect, bias)  # per_row_out must not replace it either
-            bias = np.load(bias, allow_pickle=False)
+            bias = load_small(bias, "bias")
         opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype, input_kind,
                                weight, ignore_index, label_smoothing, backend, n_threads,
                                top_k, n_bins, w_src, bias)

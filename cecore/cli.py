@@ -9,7 +9,9 @@ fast and ``cecore score`` never imports scikit-learn.
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 import zipfile
 
@@ -43,7 +45,9 @@ def _parse_weight(text):
     import numpy as np
 
     if os.path.exists(text):
-        return np.load(text, allow_pickle=False)
+        from ._io import load_small
+
+        return load_small(text, "--weight")
     try:
         return np.array([float(v) for v in text.split(",")], dtype=np.float64)
     except ValueError:
@@ -173,8 +177,28 @@ def _score(args):
             message = f"{type(exc).__name__}: {message}" if not message.startswith("[") else message
         print(f"cecore score: error: {message}", file=sys.stderr)
         return 1
-    print(json.dumps(result.to_dict(), indent=2, allow_nan=False) if args.json
-          else _format_text(result))
+    return _emit(json.dumps(result.to_dict(), indent=2, allow_nan=False) if args.json
+                 else _format_text(result))
+
+
+def _emit(text):
+    """Print the result; a reader that went away (``| head``) ends the command quietly,
+    as SIGPIPE would (exit 141), and a full disk or an encoding that cannot show a path is
+    an error line, not a traceback."""
+    try:
+        try:
+            print(text, flush=True)
+        except UnicodeEncodeError:
+            encoding = sys.stdout.encoding or "utf-8"
+            sys.stdout.buffer.write((text + "\n").encode(encoding, "backslashreplace"))
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        print(f"cecore score: error: cannot write the result: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -198,6 +222,11 @@ def main(argv=None):
             configure(command)
             command.set_defaults(_run=run)
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # `kill` ends the command as Ctrl-C does: through Python, so that a per-row file
+        # being written is removed (the default action left its temporary file behind).
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return args._run(args)
     except ValueError as exc:  # a bad CECORE_* setting, found when a backend loads
@@ -205,6 +234,10 @@ def main(argv=None):
             raise
         print(f"cecore {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

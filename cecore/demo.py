@@ -8,6 +8,7 @@ function for both. When torch is installed it also checks cecore's cross-entropy
 gradient against ``torch.nn.functional.cross_entropy`` on the fitted logits.
 """
 
+import argparse
 import time
 import warnings
 
@@ -19,8 +20,10 @@ DATASETS = ("digits", "breast_cancer")
 def configure_parser(parser):
     parser.add_argument("--datasets", nargs="+", choices=("digits", "breast_cancer", "iris", "wine"),
                         default=list(DATASETS), help="built-in scikit-learn data sets to use")
-    parser.add_argument("-C", type=float, default=1.0, help="inverse regularisation strength")
-    parser.add_argument("--tol", type=float, default=1e-6, help="L-BFGS tolerance of both models")
+    parser.add_argument("-C", type=_positive_float, default=1.0,
+                        help="inverse regularisation strength (> 0)")
+    parser.add_argument("--tol", type=_positive_float, default=1e-6,
+                        help="L-BFGS tolerance of both models (> 0)")
     parser.add_argument("--backend", default="auto", choices=("auto", "cython", "numba"))
 
 
@@ -124,6 +127,17 @@ def _report(name, C, tol, backend):
         print(f"  torch cross_entropy on the fitted logits: |loss difference| = {check[0]:.2g}, "
               f"max |gradient difference| = {check[1]:.2g}")
     return check
+
+
+def _positive_float(text):
+    """A finite number > 0 (argparse reports the error in one line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
 
 
 def run(args):

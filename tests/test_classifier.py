@@ -407,6 +407,26 @@ def test_partial_fit_balanced_with_a_class_of_zero_weight():
     np.testing.assert_allclose(weighted.intercept_, removed.intercept_, rtol=1e-10, atol=1e-12)
 
 
+def test_a_failed_partial_fit_changes_nothing():
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    X, y = load("iris")
+    clf = SoftmaxClassifier()
+    with pytest.raises(ValueError, match="non-zero"):
+        clf.partial_fit(X, y, classes=[0, 1, 2], sample_weight=np.zeros(len(y)))
+    with pytest.raises(NotFittedError):  # it predicted class 0 with zero coefficients
+        check_is_fitted(clf)
+    clf.partial_fit(X, y + 1, classes=[1, 2, 3])  # a retry may choose other classes
+    def state():
+        return {name: pickle.dumps(value) for name, value in sorted(vars(clf).items())}
+
+    before = state()
+    with pytest.raises(ValueError, match="non-zero"):
+        clf.partial_fit(X, y + 1, sample_weight=np.zeros(len(y)))
+    assert state() == before
+
+
 def test_partial_fit_errors_and_missing_classes():
     X, y = load("iris")
     with pytest.raises(ValueError, match="classes must be passed"):

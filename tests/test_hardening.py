@@ -404,3 +404,67 @@ def test_dask_worker_errors_are_one_line_without_a_traceback(tmp_path, rng):
     assert result.returncode == 1
     assert result.stderr.startswith("cecore score: error: Target 7 is out of bounds")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_weight_and_bias_files_that_are_not_arrays(scored_files, capsys, tmp_path):
+    _, _, d = scored_files
+    os.mkfifo(d / "fifo.npy")  # reading it would block forever
+    (d / "zeros.npy").write_bytes(bytes(100))
+    for option, path, message in (("--weight", "fifo.npy", "is not a regular file"),
+                                  ("--weight", "zeros.npy", "is not a readable .npy array")):
+        code, out, err = _score([str(d / "x.npy"), str(d / "t.npy"), option, str(d / path)],
+                                capsys)
+        assert code == 1 and message in err and err.count("\n") == 1, err
+    with pytest.raises(ValueError, match="is not a regular file"):
+        batch.score(d / "x.npy", d / "t.npy", unembedding=np.ones((7, 7), np.float32),
+                    bias=d / "fifo.npy")
+
+
+def test_npy_header_with_a_negative_dimension(tmp_path, capsys):
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (-5, 10), }"
+    header += " " * (118 - len(header)) + "\n"
+    (tmp_path / "neg.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little")
+                                       + header.encode())
+    np.save(tmp_path / "t.npy", np.zeros(5, np.int64))
+    code, _, err = _score([str(tmp_path / "neg.npy"), str(tmp_path / "t.npy")], capsys)
+    assert code == 1 and "declares the shape (-5, 10)" in err
+
+
+def test_result_to_a_full_disk_or_a_closed_pipe(scored_files):
+    _, _, d = scored_files
+    cmd = [sys.executable, "-m", "cecore.cli", "score", str(d / "x.npy"), str(d / "t.npy")]
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert p.returncode == 1 and "cannot write the result" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = subprocess.Popen(cmd + ["--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the result is printed
+    assert p.wait() in (0, 141) and b"Traceback" not in p.stderr.read()
+
+
+def test_sigterm_removes_the_partial_per_row_file(tmp_path):
+    import signal
+    import time
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((200000, 50)).astype(np.float32))
+    np.save(tmp_path / "t.npy", rng.integers(0, 50, 200000))
+    (tmp_path / "out").mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "cecore.cli", "score", str(tmp_path / "x.npy"),
+                          str(tmp_path / "t.npy"), "--memory-budget", "1B", "--per-row-out",
+                          str(tmp_path / "out" / "o.npy")], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not os.listdir(tmp_path / "out") and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the temporary file exists
+    assert os.listdir(tmp_path / "out"), "the command did not start writing"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_demo_rejects_bad_options():
+    for option, value in (("-C", "0"), ("-C", "nan"), ("--tol", "-1"), ("--tol", "inf")):
+        p = subprocess.run([sys.executable, "-m", "cecore.cli", "demo", option, value],
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and "must be a finite number > 0" in p.stderr
+        assert "Traceback" not in p.stderr

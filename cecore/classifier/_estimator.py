@@ -6,6 +6,7 @@ The estimator validates, encodes labels, weights samples, builds a
 for :meth:`~SoftmaxClassifier.partial_fit`) and sets the ``*_`` attributes.
 """
 
+import copy
 from functools import partial
 from numbers import Integral, Real
 
@@ -244,6 +245,23 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : SoftmaxClassifier
         """
+        # A call that raises leaves the estimator as it was: otherwise a failed first call
+        # (say all-zero sample weights) left zero coefficients that predicted, and classes
+        # that a corrected retry could not change.
+        saved = copy.deepcopy({name: self.__dict__[name] for name in self._PARTIAL_FIT_STATE
+                               if name in self.__dict__})
+        try:
+            return self._partial_fit(X, y, classes, sample_weight)
+        except BaseException:
+            for name in self._PARTIAL_FIT_STATE:
+                self.__dict__.pop(name, None)
+            self.__dict__.update(saved)
+            raise
+
+    _PARTIAL_FIT_STATE = ("_adagrad", "classes_", "coef_", "intercept_", "n_iter_",
+                          "loss_curve_", "n_features_in_", "feature_names_in_")
+
+    def _partial_fit(self, X, y, classes, sample_weight):
         state = getattr(self, "_adagrad", None)
         first_call = state is None
         if first_call:
