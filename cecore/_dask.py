@@ -100,7 +100,8 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
     seconds = time.perf_counter() - start_time
     nbytes = x.shape[0] * x.shape[1] * x.dtype.itemsize
     n_classes = x.shape[1] if unembedding is None else unembedding.shape[0]
-    return make_result(sums, opts, seconds, nbytes, rows, n_classes)
+    return make_result(sums, opts, seconds, nbytes, rows, n_classes,
+                       loss_dtype=x.dtype if unembedding is None else opts.dtype)
 
 
 def _in_order(parts, client, dask):
@@ -165,7 +166,12 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
                            options.get("label_smoothing", 0.0), options.get("backend", "auto"),
                            n_threads, options.get("top_k", 5), options.get("n_bins", 15),
                            options.get("unembedding"), bias)
-    rows = _rows_per_chunk(chunk_rows(parse_size(memory_budget), x_src, t_src, opts))
+    budget_rows = chunk_rows(parse_size(memory_budget), x_src, t_src, opts)
+    rows = _rows_per_chunk(budget_rows)
+    if rows > budget_rows:
+        warnings.warn(f"on Dask a task scores whole blocks of {REDUCE_BLOCK} rows (what keeps "
+                      f"the sums bit for bit): about {rows / budget_rows:.1f}x --memory-budget "
+                      "per worker", RuntimeWarning, stacklevel=2)
     _, da = _import_dask()
     x = da.from_array(x_src, chunks=(rows, -1), asarray=False)
     t = da.from_array(t_src, chunks=(rows,) + (-1,) * (t_src.ndim - 1), asarray=False)

@@ -287,9 +287,12 @@ def score_chunk(x, t, opts, sums):
     return loss
 
 
-def make_result(sums, opts, seconds, nbytes, chunk_rows, n_classes, per_row_out=None):
-    """The :class:`ScoreResult` of accumulated ``sums``."""
-    report = sums.report(opts.dtype)
+def make_result(sums, opts, seconds, nbytes, chunk_rows, n_classes, per_row_out=None,
+                loss_dtype=None):
+    """The :class:`ScoreResult` of accumulated ``sums``; ``mean_loss`` rounded to
+    ``loss_dtype`` (the logits' dtype, float16 included, as :func:`cecore.cross_entropy`
+    returns it; default: the compute dtype)."""
+    report = sums.report(opts.dtype if loss_dtype is None else loss_dtype)
     return ScoreResult(
         **report, seconds=seconds,
         rows_per_second=report["rows"] / seconds if seconds else float("inf"),
@@ -315,7 +318,11 @@ def chunk_rows(memory_budget, x_src, t_src, opts, per_row=False):
         row += opts.dtype.itemsize * n_classes  # the converted copy of the chunk
     if opts.proba and t_src.dtype != opts.dtype:
         row += opts.dtype.itemsize * n_classes
-    row += 8 * 6 + (8 if per_row else 0)  # loss, argmax, int64 targets, weights, masks
+    # O(rows) arrays of score_chunk and ReportSums.add at once: int64 targets and their
+    # copies and masks, loss, (entropy, max p, Brier), (rank, top-1), the np.where copies,
+    # confidences and bins: about 20 float64s per row (measured: 2.4x the budget on
+    # 20e6 x 2 logits when 6 were counted).
+    row += 8 * 20 + (8 if per_row else 0)
     if isinstance(t_src, StreamedArray) or isinstance(x_src, StreamedArray):
         row *= 2  # the decompression buffer is resident while the kernel runs
     return max(1, min(x_src.shape[0], parse_size(memory_budget) // row))
@@ -414,7 +421,8 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
                 bar.update(stop - start)
         seconds = time.perf_counter() - start_time
         nbytes = n_rows * x_src.shape[1] * x_src.dtype.itemsize  # the bytes read
-        return make_result(sums, opts, seconds, nbytes, chunk, n_classes, per_row_out)
+        return make_result(sums, opts, seconds, nbytes, chunk, n_classes, per_row_out,
+                           out_dtype)
     finally:
         for src in sources:
             if src is not None:

@@ -468,3 +468,34 @@ def test_demo_rejects_bad_options():
                            capture_output=True, text=True)
         assert p.returncode == 2 and "must be a finite number > 0" in p.stderr
         assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("bins", ["0", "10001", "100000000"])
+def test_ece_bins_out_of_range_is_refused_at_once(scored_files, capsys, bins):
+    _, _, d = scored_files
+    code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--ece-bins", bins], capsys)
+    assert code == 1 and "n_bins must be an int in [1, 10000]" in err
+
+
+def test_memory_budget_holds_for_narrow_logits(tmp_path):
+    """Two classes: the per-row arrays outweigh the logits (the chunks were sized as if
+    they did not: 440 MB at a 200MB budget). Peak RSS of a child above its baseline."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((20_000_000, 2)).astype(np.float32))
+    np.save(tmp_path / "t.npy", rng.integers(0, 2, 20_000_000))
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from cecore.batch import score
+        score(np.zeros((10, 2), np.float32), np.zeros(10, int))  # imports, kernels
+        def status(field):
+            for line in open("/proc/self/status"):
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        open("/proc/self/clear_refs", "w").write("5")  # high-water mark := current RSS
+        base = status("VmRSS")
+        score("{tmp_path / 'x.npy'}", "{tmp_path / 't.npy'}", memory_budget="200MB")
+        print(status("VmHWM") - base)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert 0 < int(out) < 220e6, out

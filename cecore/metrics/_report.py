@@ -86,6 +86,9 @@ def confidence_bins(max_p, n_bins):
     return np.clip(np.searchsorted(edges, max_p, side="right") - 1, 0, n_bins)
 
 
+MAX_BINS = 10_000  # of the calibration error: far more than its estimate can resolve
+
+
 class ReportSums:
     """Exact running sums behind the loss and the metrics, fed block by block in row order.
 
@@ -101,8 +104,10 @@ class ReportSums:
     def __init__(self, proba, top_k=5, n_bins=15, defer_weights=False):
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-        if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-            raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
+        if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or \
+                not 1 <= n_bins <= MAX_BINS:
+            # The bins' sums are kept per block of rows: 1e8 bins took minutes and GBs.
+            raise ValueError(f"n_bins must be an int in [1, {MAX_BINS}], got {n_bins!r}")
         self.proba, self.top_k, self.n_bins = proba, int(top_k), int(n_bins)
         self.sums = {name: _reduce.BlockSum() for name in self._SUMS}
         self.confidence = _reduce.BinnedBlockSum(n_bins + 1)
