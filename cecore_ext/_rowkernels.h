@@ -236,7 +236,8 @@ CEC_INLINE double cec_log_sum(double s) {
  *   grad = gs w ((1 - y) - lw sigmoid(-x))
  * float64 (cec_bce_elem_f64): log1p(z) = log(u) + (z - (u - 1)) / u, u = 1 + z; the first
  * two terms of the loss are summed before log1p(z) is added (for y = 0 and x << 0 they
- * cancel exactly, x - x, and log1p(z) is the whole loss).
+ * cancel exactly, x - x, and log1p(z) is the whole loss); the gradient is regrouped as in
+ * float32.
  * float32 (cec_bce_elem_f32): everything in float32, 8 or 16 lanes per vector (the float64
  * assembly of the loss took half the instructions of the loop). So that float32 does not
  * cancel where float64 did, the terms are regrouped per sign of x:
@@ -294,8 +295,8 @@ CEC_INLINE void cec_bce_elem_f64(double x, double y, double w, double pw, double
     const double l1p = cec_log_sum(u) + (z - (u - 1.0)) * inv;
     const double lw = 1.0 + (pw - 1.0) * y;
     *loss = w * CEC_FMA(lw, l1p, CEC_FMA(1.0 - y, x, lw * (-x > 0.0 ? -x : 0.0)));
-    if (want_grad)
-        *g = gs * w * ((1.0 - y) - lw * ((x >= 0 ? z : 1.0) * inv));
+    if (want_grad)  /* regrouped as in float32 (see above) */
+        *g = gs * w * ((x >= 0 ? (1.0 - y) - pw * y * z : (1.0 - y) * z - pw * y) * inv);
 }
 
 /* The CEC_LANES partial sums of cec_add_lanes, combined pairwise in a fixed order. */

@@ -226,6 +226,27 @@ def test_bce_empty_like_torch(backend, shape, reduction):
     assert grad.shape == shape
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_small_gradients_keep_their_relative_accuracy(backend, dtype):
+    """y = 0 and x << 0 (or y = 1 and x >> 0): the gradient sigmoid(x) - y is tiny. As
+    (1 - y) - sigmoid(-x) it cancelled to 0 from about |x| > 17 (float32) or 37 (float64);
+    regrouped per sign of x it keeps its relative accuracy. Oracle: the float64 sigmoid
+    written without cancellation for each sign."""
+    top = 80 if dtype == np.float32 else 700
+    x = np.concatenate([np.linspace(-top, -1, 501), np.linspace(1, top, 501)]).astype(dtype)
+    y = (x > 0).astype(dtype)
+    for pw in (1.0, 3.0):
+        _, grad = cecore.binary_cross_entropy_with_logits(
+            x, y, reduction="sum", pos_weight=np.full(x.shape, pw), return_grad=True,
+            backend=backend)
+        x64 = x.astype(np.float64)
+        e = np.exp(-np.abs(x64))  # sigmoid(x) - y = e / (1 + e) for x < 0 (y = 0), and
+        expected = np.where(x64 < 0, e, -pw * e) / (1 + e)  # -pw (1 - sigmoid(x)) for y = 1
+        tiny = np.abs(expected) < np.finfo(dtype).tiny / np.finfo(dtype).eps
+        rtol = 1e-6 if dtype == np.float32 else 1e-14
+        np.testing.assert_allclose(grad[~tiny], expected[~tiny], rtol=rtol, atol=0)
+
+
 def test_bce_extreme_logits(backend):
     x = np.array([-1000.0, -50.0, -1e-8, 0.0, 1e-8, 50.0, 1000.0, np.inf, -np.inf, np.nan])
     y = np.array([0.0, 1.0, 0.5, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])

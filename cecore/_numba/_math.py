@@ -215,35 +215,37 @@ _F32_LOG1P_SERIES = tuple(np.float32(1.0 / k) for k in range(15, 2, -2))  # 1/15
 
 
 def _bce_f32(x, y, w, pw, gs, z):
-    """Binary cross-entropy on one float32 logit ``x`` given ``z = exp(-|x|)`` (see
-    cec_bce_values in cecore_ext/_rowkernels.h): log1p(z) = 2 atanh(s), s = z / (2 + z)
-    in [0, 1/3], odd series to s**15, in float32; then in float64
-    loss = w ((1 - y) x + lw max(-x, 0)) + w lw log1p(z) (the first two terms cancel
-    exactly for y = 0, x << 0), grad = gs w ((1 - y) - lw sigmoid(-x))."""
+    """Binary cross-entropy on one float32 logit ``x`` given ``z = exp(-|x|)``, all in
+    float32, as cec_bce_elem_f32 in cecore_ext/_rowkernels.h (which explains the
+    regrouping): log1p(z) = 2 atanh(s), s = z / (2 + z) in [0, 1/3], odd series to s**15;
+    loss = w (a + lw log1p(z)) with a = x >= 0 ? (1 - y) x : -pw y x (+ (x - x), torch's
+    NaN at -inf), grad = gs w (x >= 0 ? (1 - y) - pw y z : (1 - y) z - pw y) / (1 + z).
+    Returns both as float64."""
     c15, c13, c11, c9, c7, c5, c3 = _F32_LOG1P_SERIES
     sv = z / (_F32_TWO + z)
     s2 = sv * sv
     p = (((((c15 * s2 + c13) * s2 + c11) * s2 + c9) * s2 + c7) * s2 + c5) * s2 + c3
     l1p = _F32_TWO * sv + _F32_TWO * sv * (s2 * p)
-    sig = (z if x >= _F32_ZERO else _F32_ONE) / (_F32_ONE + z)
-    return _bce_combine(np.float64(x), y, w, pw, gs, np.float64(l1p), np.float64(sig))
+    wf, pwf = np.float32(w), np.float32(pw)
+    ny, pwy = _F32_ONE - y, pwf * y
+    lw = _F32_ONE + (pwf - _F32_ONE) * y
+    a = ny * x if x >= _F32_ZERO else (x - x) - pwy * x
+    num = ny - pwy * z if x >= _F32_ZERO else ny * z - pwy
+    grad = np.float32(gs * w) * (num / (_F32_ONE + z))
+    return np.float64(wf * (lw * l1p + a)), np.float64(grad)
 
 
 def _bce_f64(x, y, w, pw, gs, z):
-    """:func:`_bce_f32` for a float64 logit: log1p(z) = log(u) + (z - (u - 1)) / u,
-    u = 1 + z, in float64."""
+    """:func:`_bce_f32` for a float64 logit, in float64 (cec_bce_elem_f64):
+    log1p(z) = log(u) + (z - (u - 1)) / u, u = 1 + z; the loss's first two terms summed
+    before log1p(z) is added (they cancel exactly for y = 0, x << 0)."""
     u = 1.0 + z
     inv = 1.0 / u
     l1p = _log_sum(u) + (z - (u - 1.0)) * inv
-    sig = (z if x >= 0.0 else 1.0) * inv
-    return _bce_combine(x, y, w, pw, gs, l1p, sig)
-
-
-def _bce_combine_py(xv, y, w, pw, gs, l1p, sig):
-    yv = np.float64(y)
-    lw = 1.0 + (pw - 1.0) * yv
-    loss = w * (((1.0 - yv) * xv + lw * (-xv if -xv > 0.0 else 0.0)) + lw * l1p)
-    return loss, gs * w * ((1.0 - yv) - lw * sig)
+    lw = 1.0 + (pw - 1.0) * y
+    loss = w * (((1.0 - y) * x + lw * (-x if -x > 0.0 else 0.0)) + lw * l1p)
+    num = (1.0 - y) - pw * y * z if x >= 0.0 else (1.0 - y) * z - pw * y
+    return loss, gs * w * (num * inv)
 
 
 # Compiled without "reassoc", like the exp: reassociated, the loss's sum could lose the
@@ -252,7 +254,6 @@ def _bce_combine_py(xv, y, w, pw, gs, l1p, sig):
 # happen here: 2 + z, 1 + z >= 1) instead of a check that raises ZeroDivisionError,
 # which kept LLVM from vectorising the row loop.
 _NO_REASSOC = {"contract", "nsz", "arcp"}
-_bce_combine = njit(fastmath=_NO_REASSOC, cache=True)(_bce_combine_py)
 _bce_jit = {
     types.float32: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f32),
     types.float64: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f64),
