@@ -230,7 +230,7 @@ def _bce_f32(x, y, w, pw, gs, z):
     ny, pwy = _F32_ONE - y, pwf * y
     lw = _F32_ONE + (pwf - _F32_ONE) * y
     a = ny * x if x >= _F32_ZERO else (x - x) - pwy * x
-    num = ny - pwy * z if x >= _F32_ZERO else ny * z - pwy
+    num = ny * (_F32_ONE if x >= _F32_ZERO else z) - pwy * (z if x >= _F32_ZERO else _F32_ONE)
     grad = np.float32(gs * w) * (num / (_F32_ONE + z))
     return np.float64(wf * (lw * l1p + a)), np.float64(grad)
 
@@ -241,10 +241,15 @@ def _bce_f64(x, y, w, pw, gs, z):
     before log1p(z) is added (they cancel exactly for y = 0, x << 0)."""
     u = 1.0 + z
     inv = 1.0 / u
-    l1p = _log_sum(u) + (z - (u - 1.0)) * inv
+    return _bce_combine(x, y, w, pw, gs, _log_sum(u) + (z - (u - 1.0)) * inv, z, inv)
+
+
+def _bce_combine_py(x, y, w, pw, gs, l1p, z, inv):
     lw = 1.0 + (pw - 1.0) * y
     loss = w * (((1.0 - y) * x + lw * (-x if -x > 0.0 else 0.0)) + lw * l1p)
-    num = (1.0 - y) - pw * y * z if x >= 0.0 else (1.0 - y) * z - pw * y
+    # (1 - y) - pw y z for x >= 0, (1 - y) z - pw y below, as products of selected
+    # factors: a select between the two expressions kept the loop scalar (166 -> 790 ms).
+    num = (1.0 - y) * (1.0 if x >= 0.0 else z) - pw * y * (z if x >= 0.0 else 1.0)
     return loss, gs * w * (num * inv)
 
 
@@ -254,6 +259,7 @@ def _bce_f64(x, y, w, pw, gs, z):
 # happen here: 2 + z, 1 + z >= 1) instead of a check that raises ZeroDivisionError,
 # which kept LLVM from vectorising the row loop.
 _NO_REASSOC = {"contract", "nsz", "arcp"}
+_bce_combine = njit(fastmath=_NO_REASSOC, cache=True)(_bce_combine_py)
 _bce_jit = {
     types.float32: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f32),
     types.float64: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f64),
