@@ -207,3 +207,15 @@ def test_label_smoothing_scorer_matches_torch(iris, from_logits, binary):
     assert scorer(model, X, y) == pytest.approx(-expected, rel=1e-10)
     with pytest.raises(ValueError, match="label_smoothing"):
         make_cross_entropy_scorer(label_smoothing=1.5)
+
+
+@pytest.mark.parametrize("options", [{"from_logits": True}, {"label_smoothing": 0.1}])
+def test_scorer_sample_weight_of_the_wrong_length(iris, options):
+    from cecore.metrics import make_cross_entropy_scorer
+
+    X, y = iris
+    clf = SoftmaxClassifier().fit(X, y)
+    scorer = make_cross_entropy_scorer(**options)
+    with pytest.raises(ValueError, match=r"sample_weight has shape \(149,\), expected \(150,\)"):
+        scorer(clf, X, y, sample_weight=np.ones(len(y) - 1))
+    assert scorer(clf, X, y, sample_weight=np.ones(len(y))) == scorer(clf, X, y)

@@ -55,6 +55,11 @@ class _CrossEntropyScorer:
             raise ValueError("cross-entropy scorers need 1-D class labels")
         loss = cross_entropy(logits, target, reduction="none",
                              label_smoothing=self.label_smoothing)
+        if sample_weight is not None:  # np.average's own error names no length
+            sample_weight = np.asarray(sample_weight, dtype=np.float64)
+            if sample_weight.shape != loss.shape:
+                raise ValueError(f"sample_weight has shape {sample_weight.shape}, expected "
+                                 f"{loss.shape} (one weight per sample)")
         return _weighted_mean(loss.astype(np.float64), sample_weight, True)
 
 
