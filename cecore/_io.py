@@ -23,6 +23,8 @@ import zipfile
 
 import numpy as np
 
+from ._validation import _to_numpy
+
 __all__ = ["MappedArray", "StreamedArray", "InMemoryArray", "open_array", "as_source",
            "source_path", "check_output_path", "atomic_npy"]
 
@@ -137,7 +139,7 @@ class InMemoryArray:
     """An array already in memory (or a ``np.memmap``), scored by the same chunked loop."""
 
     def __init__(self, array):
-        self.array = np.asarray(array)
+        self.array = _to_numpy(array)  # a tensor that requires grad, bfloat16 included
         self.dtype, self.shape, self.ndim = self.array.dtype, self.array.shape, self.array.ndim
 
     def rows(self, start, stop):
@@ -271,8 +273,10 @@ def as_source(obj):
     """A reader for ``obj``: a path (see :func:`open_array`), a reader, or an array."""
     if isinstance(obj, (MappedArray, StreamedArray, InMemoryArray)):
         return obj
-    if isinstance(obj, (str, os.PathLike)):
-        return open_array(obj)
+    if isinstance(obj, (str, os.PathLike, bytes)):
+        return open_array(os.fsdecode(obj))
+    if obj is None:
+        raise TypeError("expected an array or the path of a .npy/.npz file, got None")
     return InMemoryArray(obj)
 
 

@@ -387,6 +387,9 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
     -------
     ScoreResult
     """
+    if logits is None or target is None:
+        raise TypeError("score needs the logits (or hidden states) and the targets: an array "
+                        "or the path of a .npy/.npz file each, got None")
     sources = []
     try:
         for spec in (logits, target, unembedding):

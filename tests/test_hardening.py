@@ -499,3 +499,15 @@ def test_memory_budget_holds_for_narrow_logits(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert 0 < int(out) < 220e6, out
+
+
+def test_score_takes_tensors_that_require_grad_bytes_paths_and_rejects_none(tmp_path):
+    x = torch.randn(50, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 4, (50,))
+    assert batch.score(x, t).mean_loss == cecore.cross_entropy(x.detach().numpy(), t.numpy())
+    with pytest.raises(TypeError, match="got None"):
+        batch.score(x, None)
+    np.save(tmp_path / "x.npy", x.detach().numpy())
+    np.save(tmp_path / "t.npy", t.numpy())
+    assert batch.score(os.fsencode(tmp_path / "x.npy"), os.fsencode(tmp_path / "t.npy")
+                       ).mean_loss == cecore.cross_entropy(x.detach().numpy(), t.numpy())
