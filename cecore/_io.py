@@ -305,9 +305,10 @@ def check_output_path(path, inputs=()):
     """Where a new ``.npy`` at ``path`` goes, refusing what would destroy data.
 
     Symlinks are followed, as ``np.save`` follows them: the file they point to is
-    replaced and the link stays. An existing target must be a regular file (not a FIFO,
-    device or directory) and must not be one of ``inputs`` (compared by device and inode,
-    so hard links and other spellings of the same path count).
+    replaced and the link stays. An existing target must be a regular ``.npy`` file (or
+    empty; not a FIFO, device, directory or any other file) and must not be one of
+    ``inputs`` (compared by device and inode, so hard links and other spellings of the
+    same path count) nor memory-mapped by this process.
 
     Returns
     -------
@@ -325,6 +326,13 @@ def check_output_path(path, inputs=()):
         return real, 0o666 & ~_umask()
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path} exists and is not a regular file: refusing to replace it")
+    if st.st_size > 0:  # an empty file holds nothing to lose
+        with open(real, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            # per-row losses only replace an earlier .npy: a typo must not cost a config file
+            raise ValueError(f"{path} exists and is not a .npy file: refusing to replace it "
+                             "(remove it first if that is what you want)")
     for other in inputs:
         if other is None:
             continue

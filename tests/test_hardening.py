@@ -511,3 +511,21 @@ def test_score_takes_tensors_that_require_grad_bytes_paths_and_rejects_none(tmp_
     np.save(tmp_path / "t.npy", t.numpy())
     assert batch.score(os.fsencode(tmp_path / "x.npy"), os.fsencode(tmp_path / "t.npy")
                        ).mean_loss == cecore.cross_entropy(x.detach().numpy(), t.numpy())
+
+
+def test_per_row_out_only_replaces_an_earlier_npy_file(scored_files, capsys):
+    x, t, d = scored_files
+    (d / "config.txt").write_text("keep me\n")  # say, a mistyped path to a config file
+    code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out",
+                           str(d / "config.txt")], capsys)
+    assert code == 1 and "is not a .npy file" in err and err.count("\n") == 1
+    assert (d / "config.txt").read_text() == "keep me\n"
+    for name in ("old.npy", "empty.npy"):
+        if name == "old.npy":
+            np.save(d / name, np.zeros(3))
+        else:
+            (d / name).touch()
+        code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out",
+                               str(d / name)], capsys)
+        assert code == 0, err
+        np.testing.assert_array_equal(np.load(d / name), cecore.cross_entropy(x, t, reduction="none"))
