@@ -380,6 +380,7 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
     real, mode = check_output_path(path, inputs)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real), prefix=f".{os.path.basename(real)}.",
                                suffix=".tmp")
+    PENDING.add(tmp)
     written = [0]
     try:
         with os.fdopen(fd, "wb") as f:
@@ -402,3 +403,16 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        PENDING.discard(tmp)
+
+
+# Temporary files of atomic_npy being written, for a signal handler that must end the
+# process at once (see cecore.cli) to remove.
+PENDING = set()
+
+
+def remove_pending():
+    for tmp in list(PENDING):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

@@ -224,8 +224,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        # `kill` ends the command as Ctrl-C does: through Python, so that a per-row file
-        # being written is removed (the default action left its temporary file behind).
+        # `kill` removes a per-row file being written (the default action left its
+        # temporary file behind).
         signal.signal(signal.SIGTERM, _terminated)
     try:
         return args._run(args)
@@ -237,7 +237,14 @@ def main(argv=None):
 
 
 def _terminated(signum, frame):
-    raise SystemExit(128 + signum)
+    """SIGTERM: remove the temporary per-row file and exit with 128 + signum at once. Not by
+    raising SystemExit: landing in library code (Numba compiling a kernel, say) it could be
+    caught and turned into another error."""
+    from ._io import remove_pending
+
+    remove_pending()
+    print("cecore: terminated", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":

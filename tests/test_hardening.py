@@ -458,7 +458,8 @@ def test_sigterm_removes_the_partial_per_row_file(tmp_path):
         time.sleep(0.05)  # until the temporary file exists
     assert os.listdir(tmp_path / "out"), "the command did not start writing"
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    code = p.wait(timeout=60)
+    assert code == 128 + signal.SIGTERM, p.stderr.read()
     assert os.listdir(tmp_path / "out") == []
 
 
