@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 
 from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK
-from ._io import MappedArray, as_source, open_array
+from ._io import MappedArray, as_source, load_small, open_array
 from .batch import chunk_rows, make_result, parse_size, prepare_options, score_chunk
 from .metrics._report import ReportSums
 
@@ -83,7 +83,7 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
     if unembedding is not None:
         unembedding = as_source(unembedding)
         if isinstance(bias, (str, os.PathLike)):
-            bias = np.load(bias, allow_pickle=False)
+            bias = load_small(bias, "bias")
     opts = prepare_options(x.shape, x.dtype, t.shape, t.dtype, input_kind, weight,
                            ignore_index, label_smoothing, backend, n_threads, top_k, n_bins,
                            unembedding, bias)
@@ -159,7 +159,7 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
         options["unembedding"] = sources[2]
     bias = options.get("bias")
     if isinstance(bias, (str, os.PathLike)):
-        options["bias"] = bias = np.load(bias, allow_pickle=False)
+        options["bias"] = bias = load_small(bias, "bias")
     opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype,
                            options.get("input_kind", "logits"), options.get("weight"),
                            options.get("ignore_index", -100),

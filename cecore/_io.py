@@ -326,13 +326,6 @@ def check_output_path(path, inputs=()):
         return real, 0o666 & ~_umask()
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path} exists and is not a regular file: refusing to replace it")
-    if st.st_size > 0:  # an empty file holds nothing to lose
-        with open(real, "rb") as f:
-            magic = f.read(6)
-        if magic != b"\x93NUMPY":
-            # per-row losses only replace an earlier .npy: a typo must not cost a config file
-            raise ValueError(f"{path} exists and is not a .npy file: refusing to replace it "
-                             "(remove it first if that is what you want)")
     for other in inputs:
         if other is None:
             continue
@@ -345,6 +338,13 @@ def check_output_path(path, inputs=()):
     if _mapped_here(st):
         raise ValueError(f"{path} is memory-mapped by this process (an input array read from "
                          "it?): refusing to replace it")
+    if st.st_size > 0:  # an empty file holds nothing to lose
+        with open(real, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            # per-row losses only replace an earlier .npy: a typo must not cost a config file
+            raise ValueError(f"{path} exists and is not a .npy file: refusing to replace it "
+                             "(remove it first if that is what you want)")
     return real, stat.S_IMODE(st.st_mode)
 
 

@@ -211,7 +211,8 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
     V.n_threads(n_threads)  # likewise; resolved per chunk where it runs
     ReportSums(proba, top_k, n_bins)  # checks top_k and n_bins
     return ScoreOptions(input_kind, proba, V.class_weight(weight, n_classes),
-                        V.check_ignore_index(ignore_index), V.check_label_smoothing(label_smoothing), backend,
+                        V.check_ignore_index(ignore_index),
+                        V.check_label_smoothing(label_smoothing), backend,
                         n_threads, V.compute_dtype(np.dtype(x_dtype).newbyteorder("=")),
                         int(top_k), int(n_bins), head)
 

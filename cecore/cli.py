@@ -83,7 +83,8 @@ def _score_parser(parser):
     parser.add_argument("--top-k", type=int, default=5, metavar="K",
                         help="k of the top-k accuracy (default: 5)")
     parser.add_argument("--ece-bins", type=int, default=15, metavar="N",
-                        help="confidence bins of the expected calibration error, 1 to 10000 (default: 15)")
+                        help="confidence bins of the expected calibration error, 1 to "
+                        "10000 (default: 15)")
     # Every metric now comes from the loss pass itself; kept for one release as a no-op.
     parser.add_argument("--no-accuracy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None,

@@ -224,9 +224,8 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     get_backend(backend)
     out_dtype, dtype = x.dtype, V.compute_dtype(x.dtype)
     n_classes = x.shape[class_axis]
-    ignore_index = V.check_ignore_index(ignore_index)
     t_raw = V._to_numpy(target)
-    t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)
+    t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)  # checks ignore_index too
     x3, fortran = V.canonical(x, class_axis, dtype)
     positions = (x3.shape[0], x3.shape[2])
     t2 = t2.reshape(positions)

@@ -264,11 +264,12 @@ class _DifferentiableOnce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *_):
-        raise RuntimeError(
-            "cecore.torch losses are differentiable once: their gradient has no gradient of "
-            "its own (second derivatives, Hessians, gradient penalties). Use the loss from "
-            "torch.nn.functional for this computation."
-        )
+        raise RuntimeError(_ONCE_MESSAGE)
+
+
+_ONCE_MESSAGE = ("cecore.torch losses are differentiable once: their gradient has no gradient "
+                 "of its own (second derivatives, Hessians, gradient penalties). Use the loss "
+                 "from torch.nn.functional for this computation.")
 
 
 def _once(grads, sources):
@@ -277,7 +278,7 @@ def _once(grads, sources):
     tensors they are the gradients of; if one is gone, nothing could reach it: raise now."""
     alive = [ref() for ref in sources]
     if any(t is None for t in alive):
-        _DifferentiableOnce.backward(None)
+        raise RuntimeError(_ONCE_MESSAGE)
     return [None if g is None else _DifferentiableOnce.apply(g.detach(), *alive)
             for g in grads]
 

@@ -230,6 +230,19 @@ CEC_INLINE double cec_log_sum(double s) {
     return s < INFINITY ? r : s;
 }
 
+/* a * b + c, as one FMA where the build has them. gcc fuses a multiply and an add on its
+ * own (-ffp-contract=fast), but where two products are summed it picks one of them to fuse,
+ * and may pick differently in two loops that inline the same code: the loss of a call with
+ * a gradient and of a loss-only call would differ in the last bit. Without FMA
+ * instructions nothing is fused, so the plain expression is as deterministic. */
+#ifdef __FMA__
+#define CEC_FMAF(a, b, c) fmaf((a), (b), (c))
+#define CEC_FMA(a, b, c) fma((a), (b), (c))
+#else
+#define CEC_FMAF(a, b, c) ((a) * (b) + (c))
+#define CEC_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
 /* Binary cross-entropy of one element (see cec_bce_values), per type. With
  * z = exp(-|x|) in [0, 1] and lw = 1 + (pw - 1) y:
  *   loss = w ((1 - y) x + lw max(-x, 0) + lw log1p(z))
@@ -249,19 +262,6 @@ CEC_INLINE double cec_log_sum(double s) {
  * s**15 (truncation < 2e-9 relative; no range reduction, as 1 + z is in [1, 2]).
  * (x - x), 0 or NaN, keeps torch's NaN for x = -inf, where (1 - y) x + lw (-x) is
  * -inf + inf. NaN propagates. */
-/* a * b + c, as one FMA where the build has them. gcc fuses a multiply and an add on its
- * own (-ffp-contract=fast), but where two products are summed it picks one of them to fuse,
- * and may pick differently in two loops that inline the same code: the loss of a call with
- * a gradient and of a loss-only call would differ in the last bit. Without FMA
- * instructions nothing is fused, so the plain expression is as deterministic. */
-#ifdef __FMA__
-#define CEC_FMAF(a, b, c) fmaf((a), (b), (c))
-#define CEC_FMA(a, b, c) fma((a), (b), (c))
-#else
-#define CEC_FMAF(a, b, c) ((a) * (b) + (c))
-#define CEC_FMA(a, b, c) ((a) * (b) + (c))
-#endif
-
 CEC_INLINE void cec_bce_elem_f32(float x, float y, double w, double pw, double gs,
                                  double *loss, float *g, const int want_grad) {
     const float ax = x < 0 ? -x : x;

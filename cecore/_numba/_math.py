@@ -248,7 +248,8 @@ def _bce_combine_py(x, y, w, pw, gs, l1p, z, inv):
     lw = 1.0 + (pw - 1.0) * y
     loss = w * (((1.0 - y) * x + lw * (-x if -x > 0.0 else 0.0)) + lw * l1p)
     # (1 - y) - pw y z for x >= 0, (1 - y) z - pw y below, as products of selected
-    # factors: a select between the two expressions kept the loop scalar (166 -> 790 ms).
+    # factors: a select between the two expressions kept the loop scalar (bench_ab.py,
+    # float64 65536 x 1000 loss: 4.7x the time of this form).
     num = (1.0 - y) * (1.0 if x >= 0.0 else z) - pw * y * (z if x >= 0.0 else 1.0)
     return loss, gs * w * (num * inv)
 

