@@ -16,7 +16,10 @@ reads the logits once.
 the loss needs are taken class by class (``sum_c w[c] * (lse - x[c])``, never
 ``sum(w) * lse - sum(w * x)``), so infinite class weights give torch's ``inf``, and the
 label-smoothing terms enter only when ``label_smoothing > 0``, so a NaN weight affects
-only the rows that use it.
+only the rows that use it. Each ``lse - x[c]`` is formed as ``(m - x[c]) + log(s)``
+(``m`` the max, ``s`` the sum of ``exp(x - m)``), as torch forms it: ``m + log(s)``
+first rounds ``log(s)`` away for logits of large magnitude (an ulp of 1e15 is 0.125).
+Log-softmax likewise is ``(x - m) - log(s)``.
 
 ``softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale, loss_out, grad_out, n_threads)``
     Softmax cross-entropy with class-index targets (torch semantics, including

@@ -533,13 +533,15 @@ CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
 
 /* sum_c w[c] * (lse - x[c]) in float64: the label-smoothing part of the loss. Summed
  * class by class, not as sum(w) * lse - sum(w * x): with an infinite weight that would
- * be inf - inf = NaN where torch's answer is inf. */
-CEC_INLINE double CEC_FN(cec_row_wdev)(const T *x, const double *w, double lse,
+ * be inf - inf = NaN where torch's answer is inf. Every lse - x[c] of the kernels is
+ * formed as (m - x[c]) + log(s): m + log(s) first would round log(s) away for logits of
+ * large magnitude (at 1e15, an ulp is 0.125; at 1e30 the loss became 0). */
+CEC_INLINE double CEC_FN(cec_row_wdev)(const T *x, const double *w, T m, double log_s,
                                        ptrdiff_t n) {
     double s = 0.0;
     CEC_SIMD_SUM(s)
     for (ptrdiff_t c = 0; c < n; c++)
-        s += w[c] * (lse - (double)x[c]);
+        s += w[c] * (((double)m - (double)x[c]) + log_s);
     return s;
 }
 
@@ -570,13 +572,13 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
         }
         return 0.0;
     }
-    const double lse = (double)m + log(s);
+    const double log_s = log(s);
     const double w_t = w[t];
-    double loss = (1.0 - eps) * w_t * (lse - x_t);
+    double loss = (1.0 - eps) * w_t * (((double)m - x_t) + log_s);
     /* The smoothing terms only when eps > 0: 0 * w_total would turn a NaN weight of
      * a class that is not the target into a NaN gradient for every row (torch: none). */
     if (eps > 0.0)
-        loss += smooth * CEC_FN(cec_row_wdev)(x, w, lse, n);
+        loss += smooth * CEC_FN(cec_row_wdev)(x, w, m, log_s, n);
     if (g) {
         const double w_sum = eps > 0.0 ? (1.0 - eps) * w_t + smooth * w_total : w_t;
         const T coef = (T)(gs * w_sum / s);
@@ -609,10 +611,10 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     const T m = CEC_FN(cec_row_max_count)(x, n, xt, &above);
     double ex, e2;
     const double s = CEC_FN(cec_row_sumexp_impl)(x, m, NULL, n, &ex, &e2);
-    const double lse = (double)m + log(s);
-    double loss = (1.0 - eps) * w[t] * (lse - (double)x[t]);
+    const double log_s = log(s);
+    double loss = (1.0 - eps) * w[t] * (((double)m - (double)x[t]) + log_s);
     if (eps > 0.0)
-        loss += smooth * CEC_FN(cec_row_wdev)(x, w, lse, n);
+        loss += smooth * CEC_FN(cec_row_wdev)(x, w, m, log_s, n);
     if (!(s < INFINITY)) {
         stats[0] = stats[1] = stats[2] = NAN;
         rank[0] = n;
@@ -620,7 +622,7 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
         return loss;
     }
     const double e_t = (double)EXP(x[t] - m);
-    stats[0] = log(s) - ex / s;
+    stats[0] = log_s - ex / s;
     stats[1] = 1.0 / s;
     stats[2] = e2 / (s * s) - 2.0 * e_t / s + 1.0;
     if (above == 0) {  /* only then can an earlier tie take the top spot */
@@ -639,7 +641,7 @@ CEC_KERNEL double CEC_FN(cec_proba_row)(const T *x, const T *q, ptrdiff_t n,
     const double smooth = eps / (double)n;
     const T m = CEC_FN(cec_row_max)(x, n);
     const double s = CEC_FN(cec_row_sumexp)(x, m, g, n);
-    const double lse = (double)m + log(s);
+    const double log_s = log(s);
     /* Summed class by class (see cec_row_wdev), so that an infinite weight gives torch's
      * inf rather than inf - inf. */
     double wq = 0.0, loss = 0.0;
@@ -647,7 +649,7 @@ CEC_KERNEL double CEC_FN(cec_proba_row)(const T *x, const T *q, ptrdiff_t n,
     for (ptrdiff_t c = 0; c < n; c++) {
         const double v = w[c] * ((1.0 - eps) * (double)q[c] + smooth);
         wq += v;
-        loss += v * (lse - (double)x[c]);
+        loss += v * (((double)m - (double)x[c]) + log_s);
     }
     if (g) {
         const T coef = (T)(gs * wq / s);
@@ -660,15 +662,16 @@ CEC_KERNEL double CEC_FN(cec_proba_row)(const T *x, const T *q, ptrdiff_t n,
     return loss;
 }
 
-/* out = softmax(x) or log_softmax(x) of one row. */
+/* out = softmax(x) or log_softmax(x) of one row; log_softmax as (x - m) - log(s), like
+ * the losses (see cec_row_wdev). */
 CEC_KERNEL void CEC_FN(cec_softmax_row)(const T *x, ptrdiff_t n, int log_, T *out) {
     const T m = CEC_FN(cec_row_max)(x, n);
     if (log_) {
         const double s = CEC_FN(cec_row_sumexp)(x, m, NULL, n);
-        const T shift = (T)((double)m + log(s));
+        const T log_s = (T)log(s);
         CEC_SIMD
         for (ptrdiff_t c = 0; c < n; c++)
-            out[c] = x[c] - shift;
+            out[c] = (x[c] - m) - log_s;
     } else {
         const double s = CEC_FN(cec_row_sumexp)(x, m, out, n);
         const T inv = (T)(1.0 / s);
@@ -734,10 +737,11 @@ CEC_KERNEL void CEC_FN(cec_log_loss_rows)(const T *p, ptrdiff_t rows, ptrdiff_t 
  * stride = S and j < width <= CEC_TILE. Per-position outputs (loss, target, grad_scale)
  * are contiguous runs of `width` values. Scratch lives on the stack (a few KB). */
 
-/* m[j] = max_c x[c, j] and s[j] = sum_c exp(x[c, j] - m[j]); exp stored in e if given. */
+/* m[j] = max_c x[c, j], s[j] = sum_c exp(x[c, j] - m[j]) and log_s[j] = log(s[j]); exp
+ * stored in e if given. */
 CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                             ptrdiff_t width, T *m, double *s, T *e,
-                                            double *lse) {
+                                            double *log_s) {
     for (ptrdiff_t j = 0; j < width; j++) {
         m[j] = x[j];
         s[j] = 0.0;
@@ -762,7 +766,7 @@ CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t s
     }
     CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++)
-        lse[j] = (double)m[j] + cec_log_sum(s[j]);
+        log_s[j] = cec_log_sum(s[j]);
 }
 
 CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
@@ -771,7 +775,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
                                        double w_total, double eps, const double *gs,
                                        double *loss, T *g) {
     T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE], sub[CEC_TILE];
-    double s[CEC_TILE], lse[CEC_TILE], wdev[CEC_TILE], x_t[CEC_TILE], w_t[CEC_TILE];
+    double s[CEC_TILE], log_s[CEC_TILE], wdev[CEC_TILE], x_t[CEC_TILE], w_t[CEC_TILE];
     const double smooth = eps / (double)n;
     /* The targets' logits and weights first (without label smoothing g may be x, see
      * cec_index_row). Per-position steps are branch-free selects (an ignored position
@@ -784,7 +788,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
         x_t[j] = ok ? (double)x[t * stride + j] : 0.0;
         w_t[j] = ok ? w[t] : 0.0;
     }
-    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, lse);
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, log_s);
     if (eps > 0.0) {  /* sum_c w[c] * (lse - x[c]) per position, see cec_row_wdev */
         for (ptrdiff_t j = 0; j < width; j++)
             wdev[j] = 0.0;
@@ -793,7 +797,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
             const double wc = w[c];
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)
-                wdev[j] += wc * (lse[j] - (double)xc[j]);
+                wdev[j] += wc * (((double)m[j] - (double)xc[j]) + log_s[j]);
         }
     }
     /* An ignored position: loss 0, gradient 0 or NaN as in cec_index_row. */
@@ -801,7 +805,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
     CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {
         const int ok = target[j] != ignore_index;
-        const double l = (1.0 - eps) * w_t[j] * (lse[j] - x_t[j]);
+        const double l = (1.0 - eps) * w_t[j] * (((double)m[j] - x_t[j]) + log_s[j]);
         loss[j] = ok ? (eps > 0.0 ? l + smooth * wdev[j] : l) : 0.0;
         const double w_sum = eps > 0.0 ? (1.0 - eps) * w_t[j] + smooth * w_total : w_t[j];
         coef[j] = ok ? (T)(gs[j] * w_sum / s[j]) : (T)(s[j] * 0.0 + zero_w);
@@ -834,9 +838,9 @@ CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
                                        ptrdiff_t stride, ptrdiff_t width, const double *w,
                                        double eps, const double *gs, double *loss, T *g) {
     T m[CEC_TILE];
-    double s[CEC_TILE], lse[CEC_TILE], wq[CEC_TILE], coef[CEC_TILE];
+    double s[CEC_TILE], log_s[CEC_TILE], wq[CEC_TILE], coef[CEC_TILE];
     const double smooth = eps / (double)n;
-    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, lse);
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, log_s);
     for (ptrdiff_t j = 0; j < width; j++) {
         wq[j] = 0.0;
         loss[j] = 0.0;
@@ -848,7 +852,7 @@ CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
         for (ptrdiff_t j = 0; j < width; j++) {
             const double v = wc * ((1.0 - eps) * (double)qc[j] + smooth);
             wq[j] += v;
-            loss[j] += v * (lse[j] - (double)xc[j]);
+            loss[j] += v * (((double)m[j] - (double)xc[j]) + log_s[j]);
         }
     }
     for (ptrdiff_t j = 0; j < width; j++)
@@ -870,17 +874,17 @@ CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
 CEC_KERNEL void CEC_FN(cec_softmax_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                          ptrdiff_t width, int log_, T *out) {
     T m[CEC_TILE], shift[CEC_TILE];
-    double s[CEC_TILE], lse[CEC_TILE];
-    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, log_ ? NULL : out, lse);
+    double s[CEC_TILE], log_s[CEC_TILE];
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, log_ ? NULL : out, log_s);
     for (ptrdiff_t j = 0; j < width; j++)
-        shift[j] = (T)(log_ ? lse[j] : 1.0 / s[j]);
+        shift[j] = (T)(log_ ? log_s[j] : 1.0 / s[j]);
     for (ptrdiff_t c = 0; c < n; c++) {
         const T *xc = x + c * stride;
         T *oc = out + c * stride;
         if (log_) {
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)
-                oc[j] = xc[j] - shift[j];
+                oc[j] = (xc[j] - m[j]) - shift[j];
         } else {
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)
@@ -892,11 +896,11 @@ CEC_KERNEL void CEC_FN(cec_softmax_tile)(const T *x, ptrdiff_t n, ptrdiff_t stri
 CEC_KERNEL void CEC_FN(cec_logsumexp_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                            ptrdiff_t width, double *out) {
     T m[CEC_TILE];
-    double s[CEC_TILE], lse[CEC_TILE];
-    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, NULL, lse);
+    double s[CEC_TILE], log_s[CEC_TILE];
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, NULL, log_s);
     for (ptrdiff_t j = 0; j < width; j++)
         out[j] = isinf(m[j]) ? CEC_FN(cec_infinite_lse)(x + j, n, stride, m[j])
-                             : lse[j];
+                             : (double)m[j] + log_s[j];
 }
 
 /* ====================================================== binary cross-entropy */

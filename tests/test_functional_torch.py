@@ -416,6 +416,32 @@ def test_nonfinite_logits(backend):
                                           backend=backend), expected, xx.dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [1e6, 1e15, -1e15, 1e30])
+def test_logits_of_large_magnitude(backend, rng, dtype, offset):
+    # Logits a few ulps apart around a large offset (some rows all equal): the loss is
+    # formed as (max - x_t) + log(sum), as torch forms it; max + log(sum) first rounded
+    # log(sum) away (1.125 for log(3) at 1e15 in float32, 0 at 1e30).
+    x = (dtype(offset) + np.spacing(dtype(offset)) * rng.integers(-3, 4, (8, 5))).astype(dtype)
+    x[:2] = dtype(offset)
+    target = rng.integers(0, 5, 8)
+    x3, t3 = np.repeat(x[:, :, None], 3, axis=2), np.repeat(target[:, None], 3, axis=1)
+    proba = random_proba_target(rng, x.shape, dtype)
+    for xx, tt in ((x, target), (x3, t3), (x, proba)):
+        for kw in (dict(reduction="none"), dict(reduction="mean", label_smoothing=0.2,
+                                                  weight=rng.uniform(0.5, 2.0, 5))):
+            expected = torch_cross_entropy(xx, tt, **kw)
+            result = cecore.cross_entropy(xx, tt, return_grad=True, backend=backend, **kw)
+            check_result(result, expected, dtype)
+        xt = torch.from_numpy(xx)
+        assert_close(cecore.log_softmax(xx, axis=1, backend=backend),
+                     torch.log_softmax(xt, 1).numpy(), dtype)
+        assert_close(cecore.logsumexp(xx, axis=1, backend=backend),
+                     torch.logsumexp(xt.double(), 1).numpy(), dtype)
+    report = cecore.metrics.classification_report_from_logits(x, target, backend=backend)
+    assert_close(report["loss"], torch_cross_entropy(x, target)[0], dtype)
+
+
 # -------------------------------------------------------------------------- classes
 def test_loss_classes(backend, rng):
     x = rng.standard_normal((10, 4, 3))

@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange
 
 from .._config import ROWS_PER_TASK, SUM_BLOCK, TILE
-from ._math import _bce, _cast_like, _exp_nonpos, _log_sum, _prefetch, _row_max
+from ._math import _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch, _row_max
 from ._runtime import helper, jit
 
 
@@ -75,12 +75,14 @@ def _row_sumexp_in_place(x, m):
 
 
 @helper
-def _row_wdev(x, weight, lse):
+def _row_wdev(x, weight, m, log_s):
     """sum_c weight[c] * (lse - x[c]) in float64, class by class: as sum(w) * lse -
-    sum(w * x) an infinite weight would give inf - inf = NaN where torch gives inf."""
+    sum(w * x) an infinite weight would give inf - inf = NaN where torch gives inf.
+    Every lse - x[c] of the kernels is formed as (m - x[c]) + log(s): m + log(s) first
+    would round log(s) away for logits of large magnitude (an ulp of 1e15 is 0.125)."""
     s = 0.0
     for c in range(x.shape[0]):
-        s += weight[c] * (lse - np.float64(x[c]))
+        s += weight[c] * _dev(np.float64(m), np.float64(x[c]), log_s)
     return s
 
 
@@ -106,11 +108,11 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad, in_place
         for c in range(n_classes):
             g[c] = g[c] * zero
         return 0.0
-    lse = np.float64(m) + np.log(s)
+    log_s = np.log(s)
     w_t = weight[t]
-    loss = (1.0 - eps) * w_t * (lse - x_t)
+    loss = (1.0 - eps) * w_t * _dev(np.float64(m), x_t, log_s)
     if eps > 0.0:
-        loss += smooth * _row_wdev(row, weight, lse)
+        loss += smooth * _row_wdev(row, weight, m, log_s)
     if not want_grad:
         return loss
     # The smoothing terms only when eps > 0: 0 * w_total would turn a NaN weight of a
@@ -219,10 +221,10 @@ def _scores_rows(x, target, weight, w_total, ignore_index, eps, loss_out, stats_
             row = x[i]
             m = _row_max(row)
             s = _row_sumexp(row, m, e)
-            lse = np.float64(m) + np.log(s)
-            loss = (1.0 - eps) * weight[t] * (lse - row[t])
+            log_s = np.log(s)
+            loss = (1.0 - eps) * weight[t] * _dev(np.float64(m), np.float64(row[t]), log_s)
             if eps > 0.0:
-                loss += smooth * _row_wdev(row, weight, lse)
+                loss += smooth * _row_wdev(row, weight, m, log_s)
             loss_out[i] = loss
             _row_scores(row, t, m, s, e, stats_out[i], rank_out[i])
 
@@ -241,17 +243,17 @@ def _tile_max(x, base, stride, n_classes, width, m, s):
 
 
 @helper
-def _tile_lse(m, s, lse, width):
+def _tile_log_sum(s, log_s, width):
     for j in range(width):
-        lse[j] = np.float64(m[j]) + _log_sum(s[j])
+        log_s[j] = _log_sum(s[j])
 
 
 @helper
-def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_buf, lse):
+def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_buf, log_s):
     """Per position j < width of a tile: m[j] = max_c x[base + c*stride + j] and
     s[j] = sum_c exp(x[...] - m[j]) (float64), storing the exps in ``e_out`` (same
     indexing as ``x``) when ``store``, else in the scratch row ``e_buf``, and
-    lse[j] = m[j] + log(s[j]). Inner loops run along j over 0-based slices: contiguous,
+    log_s[j] = log(s[j]). Inner loops run along j over 0-based slices: contiguous,
     vectorised (see _row_sumexp)."""
     _tile_max(x, base, stride, n_classes, width, m, s)
     # exp and the float64 accumulation are separate loops: fused, the float64 adds would
@@ -263,11 +265,11 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
             ec[j] = _exp_nonpos(xc[j] - m[j])
         for j in range(width):
             s[j] += ec[j]
-    _tile_lse(m, s, lse, width)
+    _tile_log_sum(s, log_s, width)
 
 
 @helper
-def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, lse):
+def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s):
     """:func:`_tile_max_sumexp` ``(g, ..., e_out=g, store=True)`` with one array: the exps
     go over the logits they come from. The same loops, so the same sums bit for bit; as
     one array, LLVM sees each exp written where it was read, instead of two arguments
@@ -279,13 +281,13 @@ def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, lse):
             gc[j] = _exp_nonpos(gc[j] - m[j])
         for j in range(width):
             s[j] += gc[j]
-    _tile_lse(m, s, lse, width)
+    _tile_log_sum(s, log_s, width)
 
 
 @helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
-                ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s, lse,
-                coef, shift):
+                ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s,
+                log_s, coef, shift):
     """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions;
     ``in_place``: ``g`` is ``x`` itself (no label smoothing)."""
     smooth = eps / n_classes
@@ -297,9 +299,9 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
         t = tgt[j]
         shift[j] = x[base + t * stride + j] if t != ignore_index else 0
     if in_place:
-        _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, lse)
+        _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s)
     else:
-        _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef, lse)
+        _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef, log_s)
     for j in range(width):
         t = tgt[j]
         if t == ignore_index:
@@ -309,11 +311,12 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
             shift[j] = 0
             continue
         w_t = weight[t]
-        loss = (1.0 - eps) * w_t * (lse[j] - np.float64(shift[j]))
+        m_j = np.float64(m[j])
+        loss = (1.0 - eps) * w_t * _dev(m_j, np.float64(shift[j]), log_s[j])
         if eps > 0.0:  # class by class, see _row_wdev
             wdev = 0.0
             for c in range(n_classes):
-                wdev += weight[c] * (lse[j] - x[base + c * stride + j])
+                wdev += weight[c] * _dev(m_j, np.float64(x[base + c * stride + j]), log_s[j])
             loss += smooth * wdev
         loss_out[pos0 + j] = loss
         w_sum = (1.0 - eps) * w_t + smooth * w_total if eps > 0.0 else w_t
@@ -352,7 +355,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     for tile in prange(n_tiles):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
-        lse = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
         coef = np.empty(TILE, dtype=x.dtype)
         shift = np.empty(TILE, dtype=x.dtype)
         if transpose:
@@ -367,7 +370,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                     xtc[j] = block[j * n_classes + c]
             _index_tile(xt, 0, TILE, n_classes, width, target, r0, weight, w_total,
                         ignore_index, eps, grad_scale, loss_out, gt, want_grad, False,
-                        m, s, lse, coef, shift)
+                        m, s, log_s, coef, shift)
             if want_grad:
                 gblock = grad_out[r0 * n_classes:(r0 + width) * n_classes]
                 for c in range(n_classes):
@@ -380,7 +383,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
             width = min(TILE, n_pos - s0)
             _index_tile(x, n * n_classes * n_pos + s0, n_pos, n_classes, width, target,
                         n * n_pos + s0, weight, w_total, ignore_index, eps, grad_scale,
-                        loss_out, grad_out, want_grad, False, m, s, lse, coef, shift)
+                        loss_out, grad_out, want_grad, False, m, s, log_s, coef, shift)
 
 
 def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad_scale,
@@ -394,7 +397,7 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
     for tile in prange(n_samples * tiles_per_sample):
         m = np.empty(TILE, dtype=grad.dtype)
         s = np.empty(TILE, dtype=np.float64)
-        lse = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
         coef = np.empty(TILE, dtype=grad.dtype)
         shift = np.empty(TILE, dtype=grad.dtype)
         n = tile // tiles_per_sample
@@ -402,7 +405,7 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
         width = min(TILE, n_pos - s0)
         _index_tile(grad, n * n_classes * n_pos + s0, n_pos, n_classes, width, target,
                     n * n_pos + s0, weight, w_total, ignore_index, eps, grad_scale,
-                    loss_out, grad, True, True, m, s, lse, coef, shift)
+                    loss_out, grad, True, True, m, s, log_s, coef, shift)
 
 
 # --------------------------------------------------------- class-probability targets
@@ -414,14 +417,14 @@ def _proba_row(row, q, weight, eps, gs, g, want_grad):
     smooth = eps / n_classes
     m = _row_max(row)
     s = _row_sumexp(row, m, g)
-    lse = np.float64(m) + np.log(s)
+    log_s = np.log(s)
     # Summed class by class (see _row_wdev): an infinite weight gives torch's inf.
     wq = 0.0
     loss = 0.0
     for c in range(n_classes):
         qc = weight[c] * ((1.0 - eps) * q[c] + smooth)
         wq += qc
-        loss += qc * (lse - row[c])
+        loss += qc * _dev(np.float64(m), np.float64(row[c]), log_s)
     if not want_grad:
         return loss
     coef = _cast_like(gs * wq / s, m)
@@ -453,9 +456,9 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out,
         base, pos0 = n * n_classes * n_pos + s0, n * n_pos + s0
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
-        lse = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
         _tile_max_sumexp(x, base, n_pos, n_classes, width, m, s, grad_out, want_grad,
-                         np.empty(TILE, dtype=x.dtype), lse)
+                         np.empty(TILE, dtype=x.dtype), log_s)
         wq = np.zeros(TILE, dtype=np.float64)
         loss = np.zeros(TILE, dtype=np.float64)
         for c in range(n_classes):  # class by class, see _proba_row
@@ -463,7 +466,7 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out,
             for j in range(width):
                 qc = weight[c] * ((1.0 - eps) * target[off + j] + smooth)
                 wq[j] += qc
-                loss[j] += qc * (lse[j] - x[off + j])
+                loss[j] += qc * _dev(np.float64(m[j]), np.float64(x[off + j]), log_s[j])
         coef = np.empty(TILE, dtype=np.float64)
         for j in range(width):
             loss_out[pos0 + j] = loss[j]
@@ -485,10 +488,10 @@ def _softmax_rows(x, log, out):
         o = out[i]
         m = _row_max(row)
         s = _row_sumexp(row, m, o)  # for log, o is overwritten below
-        if log:
-            shift = _cast_like(np.float64(m) + np.log(s), m)
+        if log:  # (x - m) - log(s), see _row_wdev
+            log_s = _cast_like(np.log(s), m)
             for c in range(row.shape[0]):
-                o[c] = row[c] - shift
+                o[c] = -_dev(m, row[c], log_s)
         else:
             inv = _cast_like(1.0 / s, m)
             for c in range(row.shape[0]):
@@ -504,16 +507,16 @@ def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos):
         base = n * n_classes * n_pos + s0
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
-        lse = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
         shift = np.empty(TILE, dtype=x.dtype)
-        _tile_max_sumexp(x, base, n_pos, n_classes, width, m, s, out, not log, shift, lse)
+        _tile_max_sumexp(x, base, n_pos, n_classes, width, m, s, out, not log, shift, log_s)
         for j in range(width):
-            shift[j] = lse[j] if log else 1.0 / s[j]
+            shift[j] = log_s[j] if log else 1.0 / s[j]
         for c in range(n_classes):
             off = base + c * n_pos
             if log:
                 for j in range(width):
-                    out[off + j] = x[off + j] - shift[j]
+                    out[off + j] = -_dev(m[j], x[off + j], shift[j])
             else:
                 for j in range(width):
                     out[off + j] = out[off + j] * shift[j]
@@ -550,15 +553,16 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos):
         width = min(TILE, n_pos - s0)
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
-        lse = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
         _tile_max_sumexp(x, n * n_classes * n_pos + s0, n_pos, n_classes, width, m, s,
-                         np.empty(0, dtype=x.dtype), False, np.empty(TILE, dtype=x.dtype), lse)
+                         np.empty(0, dtype=x.dtype), False, np.empty(TILE, dtype=x.dtype),
+                         log_s)
         base = n * n_classes * n_pos + s0
         for j in range(width):
             if np.isinf(m[j]):
                 out[n * n_pos + s0 + j] = _infinite_lse(x, base + j, n_pos, n_classes, m[j])
             else:
-                out[n * n_pos + s0 + j] = lse[j]
+                out[n * n_pos + s0 + j] = np.float64(m[j]) + log_s[j]
 
 
 # ------------------------------------------------------------------ binary (sigmoid)

@@ -66,6 +66,25 @@ def _pow2_of_magic(typingctx, t):
 
 
 @intrinsic
+def _dev(typingctx, m, x, log_s):
+    """lse - x as (m - x) + log_s (see _row_wdev in _kernels.py), without "reassoc": with
+    it LLVM forms m + log_s, the loop invariant, and the rounding this order avoids comes
+    back. An intrinsic, not a function compiled without "reassoc": a call in a loop that
+    sums is only inlined when the kernel's module is linked, and LLVM then vectorises
+    that sum separately, perhaps differently, in the serial and the parallel kernel. The
+    instructions carry flags ("nsz"), so Numba's fastmath pass, which flags only
+    instructions without any, leaves them as they are."""
+    if not (m == x == log_s and m in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a, b, c = args
+        return builder.fadd(builder.fsub(a, b, flags=("nsz",)), c, flags=("nsz",))
+
+    return m(m, x, log_s), codegen
+
+
+@intrinsic
 def _prefetch(typingctx, arr, index):
     """Ask the CPU to fetch the cache line of ``arr``'s element ``index`` (an address
     computation only: an index past the end is harmless)."""
