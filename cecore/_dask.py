@@ -5,21 +5,23 @@ Dask is imported only when one of these functions runs, so cecore works without 
 
 Rows are rechunked to multiples of ``REDUCE_BLOCK`` so that every chunk but the last
 holds whole reduction blocks: a worker scores its chunk with the engine's
-:func:`cecore.batch.score_chunk` and returns the block sums and counts of
-:meth:`cecore.metrics._report.ReportSums.partials`, which are exactly the blocks the
-in-memory computation makes; the client adds them in row order.
+:func:`cecore.batch.score_chunk`, in pieces that fit the memory budget, and returns the
+block sums and counts of :meth:`cecore.metrics._report.ReportSums.partials`, which are
+exactly the blocks the in-memory computation makes; the client adds them in row order.
 """
 
 import contextlib
 import logging
 import os
+import time
 import warnings
 
 import numpy as np
 
 from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK
 from ._io import MappedArray, as_source, load_small, open_array
-from .batch import chunk_rows, make_result, parse_size, prepare_options, score_chunk
+from .batch import chunk_rows as chunk_rows_for_budget
+from .batch import make_result, parse_size, prepare_options, score_chunk
 from .metrics._report import ReportSums
 
 __all__ = ["score_dask", "score_files"]
@@ -34,10 +36,24 @@ def _import_dask():
     return dask, da
 
 
-def _score_block(x, t, opts):
-    """Worker side: score one chunk; return its block sums and counts (small)."""
+def _score_block(x, t, start, stop, opts, piece_rows):
+    """Worker side: score rows ``start:stop`` of ``x`` and ``t`` in pieces of at most
+    ``piece_rows`` rows; return their block sums and counts (small).
+
+    ``x`` and ``t`` are a chunk in memory, or file readers (:mod:`cecore._io`), whose
+    pages each piece maps and then drops, so that a task holds about one piece however
+    many rows it scores. Block sums carry over from piece to piece
+    (:class:`cecore.metrics._report.ReportSums`), so the pieces do not change a bit.
+    """
     sums = ReportSums(opts.proba, opts.top_k, opts.n_bins, defer_weights=True)
-    score_chunk(np.asarray(x), np.asarray(t), opts, sums)
+    for r0 in range(start, stop, piece_rows) if stop > start else (start,):
+        r1 = min(stop, r0 + piece_rows)
+        if hasattr(x, "release"):
+            score_chunk(x.rows(r0, r1), t.rows(r0, r1), opts, sums)
+            x.release(r0, r1)
+            t.release(r0, r1)
+        else:
+            score_chunk(np.asarray(x[r0:r1]), np.asarray(t[r0:r1]), opts, sums)
     return sums.partials()
 
 
@@ -47,7 +63,8 @@ def _rows_per_chunk(rows):
 
 def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index=-100,
                label_smoothing=0.0, backend="auto", n_threads=None, top_k=5, n_bins=15,
-               client=None, chunk_rows=None, unembedding=None, bias=None, accuracy=None):
+               client=None, chunk_rows=None, memory_budget=DEFAULT_MEMORY_BUDGET,
+               unembedding=None, bias=None, accuracy=None):
     """Score Dask arrays chunk by chunk on the workers; same result as :func:`cecore.batch.score`.
 
     Parameters
@@ -69,14 +86,16 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
     chunk_rows : int, optional
         Rows per task, rounded to a multiple of ``REDUCE_BLOCK``; defaults to the logits'
         first row chunk, rounded the same way.
+    memory_budget : int or str, default='512MB'
+        What a task scores at once: it goes through its chunk in pieces sized as
+        :func:`cecore.batch.score` sizes its chunks (the chunk itself, which Dask hands
+        to the task, is on top of this).
 
     Returns
     -------
     ScoreResult
         ``mean_loss`` equals ``cecore.cross_entropy`` on the whole array in memory, bit for bit.
     """
-    import time
-
     dask, da = _import_dask()
     x = logits if isinstance(logits, da.Array) else da.from_array(logits, chunks=(REDUCE_BLOCK, -1))
     t = target if isinstance(target, da.Array) else da.from_array(target, chunks=(REDUCE_BLOCK,) + (-1,) * (np.ndim(target) - 1))
@@ -90,18 +109,24 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
     rows = _rows_per_chunk(chunk_rows or (x.chunks[0][0] if x.chunks[0] else REDUCE_BLOCK))
     x = x.rechunk({0: rows, 1: -1})
     t = t.rechunk({0: rows} | ({1: -1} if t.ndim == 2 else {}))
+    piece_rows = chunk_rows_for_budget(parse_size(memory_budget), x, t, opts)
     task = dask.delayed(_score_block, pure=True)
-    parts = [task(xb, tb, opts) for xb, tb in zip(x.to_delayed().ravel(), t.to_delayed().ravel())]
+    parts = [task(xb, tb, 0, n, opts, piece_rows)
+             for xb, tb, n in zip(x.to_delayed().ravel(), t.to_delayed().ravel(), x.chunks[0])]
+    return _combine(parts, client, dask, opts, x.shape, x.dtype, rows, unembedding)
 
+
+def _combine(parts, client, dask, opts, shape, dtype, rows, unembedding):
+    """The :class:`cecore.batch.ScoreResult` of the tasks ``parts``, summed in row order."""
     start_time = time.perf_counter()
     sums = opts.new_sums()
     for partials in _in_order(parts, client, dask):
         sums.add_partials(partials)
     seconds = time.perf_counter() - start_time
-    nbytes = x.shape[0] * x.shape[1] * x.dtype.itemsize
-    n_classes = x.shape[1] if unembedding is None else unembedding.shape[0]
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    n_classes = shape[1] if unembedding is None else unembedding.shape[0]
     return make_result(sums, opts, seconds, nbytes, rows, n_classes,
-                       loss_dtype=x.dtype if unembedding is None else opts.dtype)
+                       loss_dtype=dtype if unembedding is None else opts.dtype)
 
 
 def _in_order(parts, client, dask):
@@ -141,7 +166,7 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
     """``cecore score --dask local`` / ``--scheduler ADDRESS``: score files on a Dask cluster.
 
     Each worker memory-maps the files itself (they must be visible at the same path on
-    every worker); ``memory_budget`` sizes the chunks one task reads.
+    every worker); ``memory_budget`` sizes the pieces a task reads at once.
     """
     if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
         raise ValueError(f"the number of Dask workers must be an int >= 1, got {n_workers!r}")
@@ -166,19 +191,24 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
                            options.get("label_smoothing", 0.0), options.get("backend", "auto"),
                            n_threads, options.get("top_k", 5), options.get("n_bins", 15),
                            options.get("unembedding"), bias)
-    budget_rows = chunk_rows(parse_size(memory_budget), x_src, t_src, opts)
-    rows = _rows_per_chunk(budget_rows)
-    if rows > budget_rows:
-        warnings.warn(f"on Dask a task scores whole blocks of {REDUCE_BLOCK} rows (what keeps "
-                      f"the sums bit for bit): about {rows / budget_rows:.1f}x --memory-budget "
-                      "per worker", RuntimeWarning, stacklevel=2)
-    _, da = _import_dask()
-    x = da.from_array(x_src, chunks=(rows, -1), asarray=False)
-    t = da.from_array(t_src, chunks=(rows,) + (-1,) * (t_src.ndim - 1), asarray=False)
-    kwargs = dict(options, n_threads=n_threads, chunk_rows=rows)
+    piece_rows = chunk_rows_for_budget(parse_size(memory_budget), x_src, t_src, opts)
+    rows = _rows_per_chunk(piece_rows)
+    dask, _ = _import_dask()
+    # Tasks get the readers (they pickle as paths) and their row ranges, not chunks of
+    # data: a worker then maps and drops one budget-sized piece at a time, even when
+    # the task's whole blocks of REDUCE_BLOCK rows are many times the budget.
+    task = dask.delayed(_score_block, pure=True)
+    n_rows = x_src.shape[0]
+    parts = [task(x_src, t_src, r0, min(n_rows, r0 + rows), opts, piece_rows)
+             for r0 in range(0, n_rows, rows) or (0,)]
+
+    def run(client):
+        return _combine(parts, client, dask, opts, x_src.shape, x_src.dtype, rows,
+                        options.get("unembedding"))
+
     if scheduler:
         with Client(scheduler) as client, _quiet_logs():
-            return score_dask(x, t, client=client, **kwargs)
+            return run(client)
     with warnings.catch_warnings(), _quiet_logs():
         # The scheduler's HTTP endpoint (health checks; no dashboard) falls back to another
         # loopback port when 8787 is taken: nothing for the user to act on.
@@ -186,4 +216,4 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                           host="127.0.0.1", dashboard_address=None,
                           silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
-            return score_dask(x, t, client=client, **kwargs)
+            return run(client)
