@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK
+from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK, cpus_available
 from ._io import MappedArray, as_source, load_small, open_array
 from .batch import chunk_rows as chunk_rows_for_budget
 from .batch import make_result, parse_size, prepare_options, score_chunk
@@ -170,6 +170,14 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
     """
     if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
         raise ValueError(f"the number of Dask workers must be an int >= 1, got {n_workers!r}")
+    if scheduler is not None and not str(scheduler).strip():
+        raise ValueError("the Dask scheduler address is empty; expected e.g. tcp://host:8786")
+    if scheduler is None and n_workers > cpus_available():
+        # Each worker is a process of its own (about 150 MB before any work): 10**5 of
+        # them would take the machine down, and more than the CPUs only wait on each other.
+        warnings.warn(f"{n_workers} Dask workers is more than the {cpus_available()} CPUs "
+                      f"available; starting {cpus_available()}", RuntimeWarning, stacklevel=2)
+        n_workers = cpus_available()
     _import_dask()
     from distributed import Client, LocalCluster
 

@@ -143,7 +143,7 @@ def _score_run(args):
     options = dict(input_kind=args.input_kind, weight=weight, ignore_index=args.ignore_index,
                    label_smoothing=args.label_smoothing, backend=args.backend,
                    top_k=args.top_k, n_bins=args.ece_bins, **head)
-    if args.dask or args.scheduler:
+    if args.dask or args.scheduler is not None:
         if args.per_row_out:
             raise ValueError("--per-row-out is not supported with --dask/--scheduler")
         from . import _dask

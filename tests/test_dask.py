@@ -153,3 +153,28 @@ def test_worker_memory_follows_the_budget(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.split()[-1]) < 400, out.stdout
+
+
+def test_cli_empty_scheduler_and_absurd_workers(rng, tmp_path, capsys, monkeypatch):
+    np.save(tmp_path / "x.npy", rng.standard_normal((50, 3)))
+    np.save(tmp_path / "t.npy", rng.integers(0, 3, 50))
+    args = ["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json"]
+    # an empty address was taken as "no scheduler" and scored locally
+    assert main(args + ["--scheduler", ""]) == 1
+    assert "scheduler address is empty" in capsys.readouterr().err
+    # 10**5 worker processes: started as many as the CPUs, with a warning
+    started = []
+    monkeypatch.setattr(_dask, "cpus_available", lambda: 2)
+    import distributed
+
+    class Cluster(distributed.LocalCluster):
+        def __init__(self, n_workers, **kw):
+            started.append(n_workers)
+            super().__init__(n_workers=n_workers, **kw)
+
+    monkeypatch.setattr(distributed, "LocalCluster", Cluster)
+    assert main(args + ["--dask", "local", "--workers", "100000"]) == 0
+    out, err = capsys.readouterr()
+    assert started == [2] and "100000 Dask workers is more than the 2 CPUs" in err
+    assert json.loads(out)["mean_loss"] == cecore.cross_entropy(np.load(tmp_path / "x.npy"),
+                                                                 np.load(tmp_path / "t.npy"))
