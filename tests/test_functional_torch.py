@@ -442,6 +442,21 @@ def test_logits_of_large_magnitude(backend, rng, dtype, offset):
     assert_close(report["loss"], torch_cross_entropy(x, target)[0], dtype)
 
 
+def test_saturated_rows_have_a_zero_target_gradient(backend):
+    # p_t = 1 to float64 precision: the target's gradient gs * w_t * (p_t - 1) is below
+    # 1e-40, and 0 in torch. Numba fused gs * w_t into the subtraction (an FMA) and gave
+    # the product's rounding error, 1e-17, which linear_cross_entropy multiplies by the
+    # activations.
+    x = np.array([[100.0, 0.0, -5.0], [0.0, 200.0, 1.0], [3.0, -400.0, 1000.0]])
+    t, w = np.array([0, 1, 2]), np.array([0.3, 1.7, 2.9])
+    for xx, tt in ((x, t), (np.repeat(x[:, :, None], 2, axis=2), np.repeat(t[:, None], 2, axis=1))):
+        _, e_grad = torch_cross_entropy(xx, tt, weight=w)
+        for n_threads in (1, 2):
+            _, grad = cecore.cross_entropy(xx, tt, weight=w, return_grad=True, backend=backend,
+                                           n_threads=n_threads)
+            np.testing.assert_allclose(grad, e_grad, rtol=1e-15, atol=1e-40)
+
+
 # -------------------------------------------------------------------------- classes
 def test_loss_classes(backend, rng):
     x = rng.standard_normal((10, 4, 3))

@@ -20,7 +20,9 @@ import numpy as np
 from numba import prange
 
 from .._config import ROWS_PER_TASK, SUM_BLOCK, TILE
-from ._math import _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch, _row_max
+from ._math import (
+    _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch, _rounded_product, _row_max,
+)
 from ._runtime import helper, jit
 
 
@@ -126,7 +128,7 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad, in_place
     else:
         for c in range(n_classes):
             g[c] = g[c] * coef
-    g[t] -= _cast_like(gs * (1.0 - eps) * w_t, m)
+    g[t] -= _cast_like(_rounded_product(gs * (1.0 - eps), w_t), m)
     return loss
 
 
@@ -336,7 +338,8 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     for j in range(width):
         t = tgt[j]
         if t != ignore_index:
-            g[base + t * stride + j] -= _cast_like(gsc[j] * (1.0 - eps) * weight[t], m[0])
+            g[base + t * stride + j] -= _cast_like(
+                _rounded_product(gsc[j] * (1.0 - eps), weight[t]), m[0])
 
 
 def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,

@@ -85,6 +85,22 @@ def _dev(typingctx, m, x, log_s):
 
 
 @intrinsic
+def _rounded_product(typingctx, a, b):
+    """a * b rounded, never fused into a following add: "contract" turned the target's
+    gradient term p_t * coef - gs * w_t into an FMA that keeps the product exact, so a
+    saturated row's gradient came out as the product's rounding error (1e-17, not 0 as
+    coef, the same product rounded, gives in Cython and torch). Flagged "nsz" only, so
+    Numba's fastmath pass leaves it alone (see _dev)."""
+    if not (a == b and a in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fmul(args[0], args[1], flags=("nsz",))
+
+    return a(a, b), codegen
+
+
+@intrinsic
 def _prefetch(typingctx, arr, index):
     """Ask the CPU to fetch the cache line of ``arr``'s element ``index`` (an address
     computation only: an index past the end is harmless)."""
