@@ -137,7 +137,8 @@ class LinearHead:
 class ScoreOptions:
     """Validated options shared by every chunk; picklable, so Dask workers get a copy.
 
-    Made by :func:`prepare_options`; ``dtype`` is the dtype the kernels compute in.
+    Made by :func:`prepare_options`; ``dtype`` is the dtype the kernels compute in,
+    ``loss_dtype`` that of the losses reported (:func:`cecore.cross_entropy`'s).
     ``n_threads`` is the caller's request (None: the default): each chunk resolves it
     with :func:`cecore._config.resolve_n_threads` where it runs, so a Dask worker uses
     its own machine's policy (distributed starts workers with ``OMP_NUM_THREADS=1``).
@@ -154,6 +155,7 @@ class ScoreOptions:
     top_k: int
     n_bins: int
     head: LinearHead = None
+    loss_dtype: np.dtype = None
 
     def new_sums(self):
         """Empty :class:`cecore.metrics._report.ReportSums` for these options."""
@@ -210,11 +212,17 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
     get_backend(backend)  # fail now, not on the first chunk
     V.n_threads(n_threads)  # likewise; resolved per chunk where it runs
     ReportSums(proba, top_k, n_bins)  # checks top_k and n_bins
+    # As cecore.cross_entropy: probabilities of a wider dtype promote the computation and
+    # the loss; hidden states give logits of the compute dtype.
+    loss_dtype = np.dtype(x_dtype).newbyteorder("=")
+    if proba:
+        loss_dtype = np.promote_types(loss_dtype, np.dtype(t_dtype).newbyteorder("="))
+    dtype = V.compute_dtype(loss_dtype)
     return ScoreOptions(input_kind, proba, V.class_weight(weight, n_classes),
                         V.check_ignore_index(ignore_index),
                         V.check_label_smoothing(label_smoothing), backend,
-                        n_threads, V.compute_dtype(np.dtype(x_dtype).newbyteorder("=")),
-                        int(top_k), int(n_bins), head)
+                        n_threads, dtype, int(top_k), int(n_bins), head,
+                        dtype if head is not None else loss_dtype)
 
 
 def _linear_head(h_shape, h_dtype, unembedding, bias, input_kind):
@@ -405,7 +413,7 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
         n_rows = x_src.shape[0]
         n_classes = x_src.shape[1] if w_src is None else w_src.shape[0]
         chunk = chunk_rows(memory_budget, x_src, t_src, opts, per_row_out is not None)
-        out_dtype = opts.dtype if w_src is not None else x_src.dtype
+        out_dtype = opts.loss_dtype
         sums = opts.new_sums()
         inputs = [source_path(src) for src in sources if src is not None] + list(protect)
         writer = (atomic_npy(per_row_out, n_rows, out_dtype, inputs) if per_row_out is not None

@@ -137,7 +137,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     Returns
     -------
     loss : scalar or ndarray of the input's dtype
-        Shape () for 'mean'/'sum', the target's (class-index) shape for 'none'.
+        Shape () for 'mean'/'sum', the target's (class-index) shape for 'none'. As in
+        torch, probabilities of a wider dtype than the input's promote the computation
+        and the loss (float32 logits, float64 probabilities: a float64 loss, a float32
+        gradient).
     grad : ndarray of the input's shape and dtype
         Only when ``return_grad=True`` or ``grad_out`` is given (then it is ``grad_out``).
 
@@ -166,8 +169,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             )
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported with class-probability targets")
+        t_raw = V.float_input(t_raw, "target")
+        out_dtype, dtype = V.promoted_dtypes(out_dtype, t_raw)
         x3, fortran = V.canonical(x, class_axis, dtype)
-        t3 = V.canonical_like(V.float_input(t_raw, "target"), x3, fortran)
+        t3 = V.canonical_like(t_raw, x3, fortran)
         # torch divides by numel / C: the number of positions, or 0 / 0 without classes.
         denominator = np.float64(x3.shape[0] * x3.shape[2]) if n_classes else np.float64("nan")
     else:
@@ -275,7 +280,9 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     stably for any ``x``. ``weight`` and ``pos_weight`` broadcast against the input
     (``pos_weight`` usually of shape (C,) for the last dimension). 'mean' divides by the
     number of elements. Returns the loss, and the gradient with ``return_grad=True`` or
-    into ``grad_out`` (C-contiguous, the input's shape and dtype; may be the input).
+    into ``grad_out`` (C-contiguous, the input's shape and dtype; may be the input). As in
+    torch, a target of a wider dtype than the input's promotes the computation and the
+    loss; the gradient keeps the input's dtype.
     """
     x = V.float_input(input)
     reduction = V.check_reduction(reduction)
@@ -289,8 +296,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
             f"target must be floating point (probabilities in [0, 1]), got dtype {t.dtype}; "
             "cast it, e.g. target.astype(input.dtype)"
         )
-    out_dtype = x.dtype
-    dtype = V.compute_dtype(x.dtype)
+    out_dtype, dtype = V.promoted_dtypes(x.dtype, V.float_input(t, "target"))
     shape = x.shape
     last = shape[-1] if shape else 1
     n_rows = math.prod(shape[:-1])  # (not reshape(-1, last): ambiguous when last is 0)

@@ -210,16 +210,26 @@ def _fused(function, grad, *args, **kwargs):
     return function(*args, grad_out=grad.numpy(), **kwargs)[0]
 
 
-def _outputs(loss, grad, input):
-    """The operator's ``(loss, grad)`` tensors in the input's dtype (grad empty when None)."""
-    loss = torch.from_numpy(np.asarray(loss)).to(input.dtype)
+def _loss_dtype(input, target):
+    """torch's loss dtype: the input's, or a floating-point target's where that is wider
+    (float32 logits, float64 probabilities: a float64 loss)."""
+    if target.is_floating_point():
+        return torch.promote_types(input.dtype, target.dtype)
+    return input.dtype
+
+
+def _outputs(loss, grad, input, target):
+    """The operator's ``(loss, grad)`` tensors: the loss in :func:`_loss_dtype`, the
+    gradient in the input's dtype (empty when None)."""
+    loss = torch.from_numpy(np.asarray(loss)).to(_loss_dtype(input, target))
     if grad is None:
         return loss, torch.empty(0, dtype=input.dtype)
     return loss, grad.to(input.dtype)
 
 
-def _fake_outputs(input, loss_shape, with_grad):
-    return input.new_empty(loss_shape), input.new_empty(input.shape if with_grad else (0,))
+def _fake_outputs(input, target, loss_shape, with_grad):
+    return (input.new_empty(loss_shape, dtype=_loss_dtype(input, target)),
+            input.new_empty(input.shape if with_grad else (0,)))
 
 
 def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None):
@@ -373,13 +383,13 @@ def _cross_entropy_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
         _raise_torch_error(error, TF.cross_entropy, input.detach(), target, weight,
                            ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
-    return _outputs(loss, grad, input)
+    return _outputs(loss, grad, input, target)
 
 
 @_cross_entropy_op.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, with_grad, backend,
       n_threads):
-    return _fake_outputs(input, V.loss_shape(input.shape) if reduction == "none" else (),
+    return _fake_outputs(input, target, V.loss_shape(input.shape) if reduction == "none" else (),
                          with_grad)
 
 
@@ -395,12 +405,12 @@ def _nll_loss_op(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore
     except (ValueError, TypeError, IndexError) as error:
         _raise_torch_error(error, TF.nll_loss, input.detach(), target, weight,
                            ignore_index=ignore_index, reduction=reduction)
-    return _outputs(loss, grad, input)
+    return _outputs(loss, grad, input, target)
 
 
 @_nll_loss_op.register_fake
 def _(input, target, weight, ignore_index, reduction, with_grad, backend, n_threads):
-    return _fake_outputs(input, V.loss_shape(input.shape) if reduction == "none" else (),
+    return _fake_outputs(input, target, V.loss_shape(input.shape) if reduction == "none" else (),
                          with_grad)
 
 
@@ -418,12 +428,12 @@ def _bce_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
     except (ValueError, TypeError, IndexError) as error:
         _raise_torch_error(error, TF.binary_cross_entropy_with_logits, input.detach(), target,
                            weight, reduction=reduction, pos_weight=pos_weight)
-    return _outputs(loss, grad, input)
+    return _outputs(loss, grad, input, target)
 
 
 @_bce_op.register_fake
 def _(input, target, weight, pos_weight, reduction, with_grad, backend, n_threads):
-    return _fake_outputs(input, input.shape if reduction == "none" else (), with_grad)
+    return _fake_outputs(input, target, input.shape if reduction == "none" else (), with_grad)
 
 
 _register_autograd(_cross_entropy_op, reduction_arg=4, per_element=False)

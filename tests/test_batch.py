@@ -69,7 +69,7 @@ def test_index_targets_equal_in_memory_bitwise(tmp_path, rng, backend, dtype, op
 def test_probability_targets_equal_in_memory_bitwise(tmp_path, rng, backend, dtype):
     n_classes = 9
     x = _logits(rng, N_ROWS, n_classes, dtype)
-    p = random_proba_target(rng, (N_ROWS, n_classes), np.float64)  # cast per chunk to x's dtype
+    p = random_proba_target(rng, (N_ROWS, n_classes), np.float64)  # promotes float32 x, as cross_entropy
     w = rng.random(n_classes) + 0.5
     result = batch.score(_save(tmp_path, "x.npy", x), _save(tmp_path, "p.npy", p), weight=w,
                          label_smoothing=0.05, memory_budget="200KB", backend=backend)

@@ -457,6 +457,31 @@ def test_saturated_rows_have_a_zero_target_gradient(backend):
             np.testing.assert_allclose(grad, e_grad, rtol=1e-15, atol=1e-40)
 
 
+@pytest.mark.parametrize("x_dtype,t_dtype", [(np.float32, np.float64), (np.float16, np.float32),
+                                             (np.float16, np.float64)])
+def test_wider_float_targets_promote_like_torch(backend, rng, x_dtype, t_dtype):
+    # torch returns a loss of the wider dtype (the gradient keeps the input's dtype);
+    # cecore computed in the input's dtype and returned a float32 loss. (torch's
+    # log_softmax stays in float32 before the product with float64 probabilities, so
+    # the oracle for the values is torch on float64 logits.)
+    x = (2 * rng.standard_normal((6, 5))).astype(x_dtype)
+    for fn, ref, target in ((cecore.cross_entropy, TF.cross_entropy,
+                             random_proba_target(rng, x.shape, t_dtype)),
+                            (cecore.binary_cross_entropy_with_logits,
+                             TF.binary_cross_entropy_with_logits, rng.random(x.shape).astype(t_dtype))):
+        if x_dtype != np.float16:
+            assert ref(torch.from_numpy(x), torch.from_numpy(target)).numpy().dtype == t_dtype
+        xg = torch.from_numpy(x.astype(t_dtype)).requires_grad_(True)
+        expected = ref(xg, torch.from_numpy(target))
+        expected.backward()
+        for grad_out in (None, np.empty_like(x)):
+            loss, grad = fn(x, target, return_grad=True, grad_out=grad_out, backend=backend)
+            assert loss.dtype == t_dtype and grad.dtype == x_dtype
+            assert grad_out is None or grad is grad_out
+            assert_close(loss, expected.detach().numpy(), t_dtype)
+            assert_close(grad, xg.grad.numpy().astype(x_dtype), x_dtype)
+
+
 # -------------------------------------------------------------------------- classes
 def test_loss_classes(backend, rng):
     x = rng.standard_normal((10, 4, 3))

@@ -228,6 +228,30 @@ def test_half_inputs_computed_in_float32(gen, dtype, rtol):
                  rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_wider_float_targets_promote_the_loss(gen, dtype, reduction):
+    # As torch: float64 probabilities make a float64 loss; the gradient keeps the input's
+    # dtype. (Values against torch on float64 logits: torch keeps log_softmax in the
+    # input's dtype before the product with the probabilities.)
+    x = (2 * torch.randn(6, 5, generator=gen)).to(dtype)
+    p = torch.softmax(torch.randn(6, 5, generator=gen, dtype=torch.float64), dim=1)
+    for ours, ref in ((ct.cross_entropy, TF.cross_entropy),
+                      (ct.binary_cross_entropy_with_logits, TF.binary_cross_entropy_with_logits)):
+        x_ours = x.clone().requires_grad_()
+        with no_fallback():
+            loss = ours(x_ours, p, reduction=reduction)
+        loss.sum().backward()
+        assert loss.dtype == ref(x, p, reduction=reduction).dtype == torch.float64
+        assert x_ours.grad.dtype == dtype
+        x64 = x.double().requires_grad_()
+        expected = ref(x64, p, reduction=reduction)
+        expected.sum().backward()
+        assert_close(loss.detach().numpy(), expected.detach().numpy(), np.float64)
+        assert_close(x_ours.grad.float().numpy(), x64.grad.to(dtype).float().numpy(), np.float32,
+                     rtol=1e-2 if dtype != torch.float32 else None)
+
+
 @pytest.mark.parametrize("reduction,grad_output", [("mean", None), ("mean", 2.5), ("none", "random")])
 def test_zero_copy(gen, monkeypatch, reduction, grad_output):
     # The kernels read the input tensor's memory, and the gradient they write into a
@@ -605,6 +629,11 @@ def test_opcheck():
         (torch.ops.cecore.nll_loss.default, (x, t, w, -100, "none", True, "auto", None)),
         (torch.ops.cecore.binary_cross_entropy_with_logits.default,
          (x, y, None, w[:, None], "mean", True, "auto", None)),
+        # wider probabilities: a float64 loss from float32 logits (the fake must agree)
+        (torch.ops.cecore.cross_entropy.default, (x, p.double(), None, -100, "none", 0.0, True,
+                                                  "auto", None)),
+        (torch.ops.cecore.binary_cross_entropy_with_logits.default,
+         (x, y.double(), None, None, "mean", True, "auto", None)),
     ]
     h = torch.randn(6, 3, generator=gen, requires_grad=True)
     lw = torch.randn(5, 3, generator=gen, requires_grad=True)

@@ -236,9 +236,13 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
         raise ValueError("ignore_index is not supported with class-probability targets")
     eps = V.check_label_smoothing(label_smoothing)
     w = V.class_weight(weight, n_classes)
-    dtype = V.compute_dtype(x.dtype)
+    loss_dtype = x.dtype
+    if proba:  # wider probabilities promote, as in cecore.cross_entropy
+        t_raw = V.float_input(t_raw, "target")
+        loss_dtype, _ = V.promoted_dtypes(x.dtype, t_raw)
+    dtype = V.compute_dtype(loss_dtype)
     x2 = np.ascontiguousarray(x, dtype=dtype)
-    t = (np.ascontiguousarray(V.float_input(t_raw, "target"), dtype=dtype) if proba else
+    t = (np.ascontiguousarray(t_raw, dtype=dtype) if proba else
          V.index_target(t_raw, x.shape, n_classes, ignore_index).reshape(-1))
     kernels = get_backend(backend)
     threads = V.n_threads(n_threads, x.size)
@@ -246,7 +250,7 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     loss, stats, rank = block_scores(kernels, x2, t, proba, w, int(ignore_index), eps,
                                      threads)
     sums.add(loss, None if proba else w[t[t != ignore_index]], stats, rank)
-    report = sums.report(x.dtype if x.dtype != np.float16 else np.dtype(np.float16))
+    report = sums.report(loss_dtype)
     report["loss"] = report.pop("mean_loss")
     for key in ("loss_sum", "denominator", "rows_ignored"):
         report.pop(key)
