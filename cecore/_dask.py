@@ -54,7 +54,7 @@ def _score_block(x, t, start, stop, opts, piece_rows):
             t.release(r0, r1)
         else:
             score_chunk(np.asarray(x[r0:r1]), np.asarray(t[r0:r1]), opts, sums)
-    return sums.partials()
+    return sums.partials(uniform_weights=bool(np.all(opts.weight == 1.0)))
 
 
 def _rows_per_chunk(rows):

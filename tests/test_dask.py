@@ -178,3 +178,23 @@ def test_cli_empty_scheduler_and_absurd_workers(rng, tmp_path, capsys, monkeypat
     assert started == [2] and "100000 Dask workers is more than the 2 CPUs" in err
     assert json.loads(out)["mean_loss"] == cecore.cross_entropy(np.load(tmp_path / "x.npy"),
                                                                  np.load(tmp_path / "t.npy"))
+
+
+def test_weighted_mean_bitwise_when_a_task_has_only_unit_weights(client):
+    # The second task's targets all have class weight 1, the others' do not. It sent them
+    # as a bare count, which the client's weight sum grouped into other blocks than the
+    # in-memory sum (the first task has ignored rows, so the blocks of non-ignored rows
+    # do not follow the tasks): the last bit of the mean moved (seed 11; found by a
+    # hostile review).
+    n = 3 * REDUCE_BLOCK + 100
+    for seed in (10, 11):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((n, 3))
+        t = np.empty(n, np.int64)
+        t[:REDUCE_BLOCK] = rng.integers(1, 3, REDUCE_BLOCK)
+        t[:REDUCE_BLOCK:rng.integers(5, 50)] = -100
+        t[REDUCE_BLOCK:2 * REDUCE_BLOCK] = 0
+        t[2 * REDUCE_BLOCK:] = rng.integers(1, 3, n - 2 * REDUCE_BLOCK)
+        w = np.array([1.0, rng.uniform(0.01, 5), rng.uniform(0.01, 5)])
+        r = _dask.score_dask(x, t, weight=w, client=client)
+        assert r.mean_loss == cecore.cross_entropy(x, t, weight=w), seed

@@ -141,12 +141,15 @@ class ReportSums:
             self.confidence.add(bins, conf)
             self.bin_correct += np.bincount(bins[correct], minlength=self.n_bins + 1)
 
-    def partials(self):
+    def partials(self, uniform_weights=False):
         """This object's sums as block partials and counts (small, picklable), made with
         ``defer_weights=True``: the weights of the non-ignored targets come as they are,
-        or as their count when they are all 1 (an exact sum)."""
+        or as their count when every class weight is 1 (``uniform_weights``: then the
+        sum is an integer, exact in any grouping). Weights that are only 1 in these rows
+        must come as they are: the client's blocks of the sum do not follow the tasks, and
+        a count would change its rounding."""
         weights = np.concatenate(self._weights) if self._weights else np.empty(0)
-        if np.all(weights == 1.0):
+        if uniform_weights:
             weights = float(weights.size)
         sums = {name: s.partials() for name, s in self.sums.items() if name != "weight"}
         return sums, weights, self.confidence.partials(), self.counts.copy(), self.bin_correct.copy()
