@@ -31,11 +31,19 @@ __all__ = ["MappedArray", "StreamedArray", "InMemoryArray", "open_array", "as_so
 _PAGE = mmap.PAGESIZE
 
 
+def _identity(st):
+    """What tells one version of a file from another: device, inode, size, mtime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class MappedArray:
     """A C-ordered array stored in a file at a byte offset, read through a memory map.
 
-    It pickles as its path and layout (the map is reopened where it is unpickled), so
-    Dask workers read their own rows of the file. Indexing (``a[i:j]``) returns a copy;
+    It pickles as its absolute path and layout (the map is reopened where it is
+    unpickled), so Dask workers read their own rows of the file. The file is mapped only
+    if it is still the one whose header was read (same inode, size and modification
+    time): a file replaced in between, e.g. while a Dask cluster starts, would otherwise
+    be read with the old header's dtype and shape. Indexing (``a[i:j]``) returns a copy;
     :meth:`rows` and :meth:`release` are the zero-copy pair used for streaming.
     """
 
@@ -44,15 +52,19 @@ class MappedArray:
         self.dtype, self.shape = np.dtype(dtype), tuple(int(n) for n in shape)
         self.ndim = len(self.shape)
         self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        self._identity = _identity(os.stat(self.path))
+        self._abspath = os.path.abspath(self.path)  # as the opener's working directory has it
         self._map = None
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_map"} | {"_map": None}
+        # Absolute: a worker's working directory is not the client's (a relative path
+        # there named another file, or none).
+        return {k: v for k, v in self.__dict__.items() if k != "_map"} | {
+            "_map": None, "path": self._abspath}
 
     def __dask_tokenize__(self):
-        stat = os.stat(self.path)
-        return ("cecore.MappedArray", self.path, self.offset, str(self.dtype), self.shape,
-                stat.st_mtime_ns, stat.st_size)
+        return ("cecore.MappedArray", self._abspath, self.offset, str(self.dtype), self.shape,
+                self._identity)
 
     def _mapped(self):
         if self._map is None:
@@ -60,6 +72,9 @@ class MappedArray:
             # read-only buffer make np.argmax copy the whole chunk, and make Numba compile
             # a second, read-only specialisation of every kernel.
             with open(self.path, "rb") as f:
+                if _identity(os.fstat(f.fileno())) != self._identity:
+                    raise ValueError(f"{self.path} changed after its header was read (it "
+                                     "was replaced or rewritten): score it again")
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             if hasattr(mmap, "MADV_SEQUENTIAL"):  # more read-ahead when the file is cold
                 self._map.madvise(mmap.MADV_SEQUENTIAL)

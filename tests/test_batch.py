@@ -174,6 +174,31 @@ def test_in_memory_and_memmap_inputs(tmp_path, rng):
         cecore.cross_entropy(x, t)
 
 
+def test_file_replaced_after_its_header_was_read(tmp_path, rng, monkeypatch):
+    # Dask workers map a file by path a second or two after the client read its header;
+    # a file replaced in between (here float32 -> float64) was read with the old dtype: a
+    # wrong mean loss, exit 0 (found by a hostile review).
+    import pickle
+
+    from cecore._io import open_array
+
+    x = rng.standard_normal((50, 4))
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    source = open_array(tmp_path / "x.npy")
+    np.save(tmp_path / "new.npy", x)
+    os.replace(tmp_path / "new.npy", tmp_path / "x.npy")
+    for src in (source, pickle.loads(pickle.dumps(source))):
+        with pytest.raises(ValueError, match="changed after its header was read"):
+            src.rows(0, 10)
+    # a worker resolves paths in its own working directory: they travel absolute
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        relative = open_array("x.npy")
+    moved = pickle.loads(pickle.dumps(relative))
+    assert moved.path == str(tmp_path / "x.npy")
+    np.testing.assert_array_equal(moved.rows(0, 50), x)
+
+
 def test_block_sum_matches_fixed_sum_for_any_chunking(rng):
     values = rng.standard_normal(5 * REDUCE_BLOCK + 77) * 10.0 ** rng.integers(-8, 8, 5 * REDUCE_BLOCK + 77)
     expected = _reduce.fixed_sum(values)
