@@ -127,3 +127,11 @@ class BinnedBlockSum:
     def totals(self):
         parts = self.partials()
         return np.array([combine(parts[:, b]) for b in range(self.n_bins)])
+
+
+def mean(total, denominator):
+    """``total / denominator`` in float64, NaN when the denominator is 0 whatever the total:
+    torch's weighted mean with label smoothing divides its NLL part (0 / 0) and its
+    smoothing part (> 0 / 0) by the targets' summed weight, and NaN + inf is NaN."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.float64(total) / denominator if denominator != 0 else np.float64("nan")

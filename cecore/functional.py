@@ -92,9 +92,9 @@ def _reduce_loss(loss_out, reduction, denominator, out_shape, dtype):
 def _reduced(total, reduction, denominator, dtype):
     """'sum' or 'mean' of a loss whose fixed-block sum is ``total``."""
     if reduction == "mean":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            total = np.float64(total) / denominator
+        total = _reduce.mean(total, denominator)
     return dtype.type(total)
+
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",

@@ -392,9 +392,18 @@ def test_zero_class_weights(backend, rng):
     target = np.array([0, 0, 1, 1, 0, 1])
     weight = np.array([0.0, 0.0, 2.0])
     for reduction in REDUCTIONS:
-        expected = torch_cross_entropy(x, target, weight=weight, reduction=reduction)
-        check_result(cecore.cross_entropy(x, target, weight=weight, reduction=reduction,
-                                          return_grad=True, backend=backend), expected, np.float64)
+        # with label smoothing too: the smoothing terms are > 0, and their mean over a zero
+        # weight sum was inf where torch gives nan (its NLL part is 0 / 0)
+        for eps in (0.0, 0.1):
+            expected = torch_cross_entropy(x, target, weight=weight, reduction=reduction,
+                                           label_smoothing=eps)
+            check_result(cecore.cross_entropy(x, target, weight=weight, reduction=reduction,
+                                              label_smoothing=eps, return_grad=True,
+                                              backend=backend), expected, np.float64)
+    report = cecore.metrics.classification_report_from_logits(x, target, weight=weight,
+                                                               label_smoothing=0.1,
+                                                               backend=backend)
+    assert np.isnan(report["loss"])
 
 
 def test_nonfinite_logits(backend):

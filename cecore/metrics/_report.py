@@ -178,7 +178,7 @@ class ReportSums:
         # the denominators of cecore.cross_entropy's mean, computed the same way
         denominator = np.float64(rows if self.proba else self.sums["weight"].total())
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf perplexity
-            mean_loss = float(dtype.type(np.float64(loss_sum) / denominator))
+            mean_loss = float(dtype.type(_reduce.mean(loss_sum, denominator)))
 
             def mean(total):
                 return float(np.float64(total) / scored) if scored else float("nan")
