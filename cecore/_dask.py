@@ -20,6 +20,7 @@ import numpy as np
 
 from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK, cpus_available
 from ._io import MappedArray, as_source, load_small, open_array
+from ._validation import _to_numpy
 from .batch import chunk_rows as chunk_rows_for_budget
 from .batch import make_result, parse_size, prepare_options, score_chunk
 from .metrics._report import ReportSums
@@ -46,14 +47,17 @@ def _score_block(x, t, start, stop, opts, piece_rows):
     (:class:`cecore.metrics._report.ReportSums`), so the pieces do not change a bit.
     """
     sums = ReportSums(opts.proba, opts.top_k, opts.n_bins, defer_weights=True)
-    for r0 in range(start, stop, piece_rows) if stop > start else (start,):
-        r1 = min(stop, r0 + piece_rows)
-        if hasattr(x, "release"):
-            score_chunk(x.rows(r0, r1), t.rows(r0, r1), opts, sums)
-            x.release(r0, r1)
-            t.release(r0, r1)
-        else:
-            score_chunk(np.asarray(x[r0:r1]), np.asarray(t[r0:r1]), opts, sums)
+    with warnings.catch_warnings():
+        # The client warned once already; every task on every worker would print it again.
+        warnings.filterwarnings("ignore", r"n_threads=\d+ is more than", RuntimeWarning)
+        for r0 in range(start, stop, piece_rows) if stop > start else (start,):
+            r1 = min(stop, r0 + piece_rows)
+            if hasattr(x, "release"):
+                score_chunk(x.rows(r0, r1), t.rows(r0, r1), opts, sums)
+                x.release(r0, r1)
+                t.release(r0, r1)
+            else:
+                score_chunk(np.asarray(x[r0:r1]), np.asarray(t[r0:r1]), opts, sums)
     return sums.partials(uniform_weights=bool(np.all(opts.weight == 1.0)))
 
 
@@ -97,8 +101,15 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
         ``mean_loss`` equals ``cecore.cross_entropy`` on the whole array in memory, bit for bit.
     """
     dask, da = _import_dask()
-    x = logits if isinstance(logits, da.Array) else da.from_array(logits, chunks=(REDUCE_BLOCK, -1))
-    t = target if isinstance(target, da.Array) else da.from_array(target, chunks=(REDUCE_BLOCK,) + (-1,) * (np.ndim(target) - 1))
+    # (any other array-like, a torch tensor included, as the functional API reads it)
+    x = logits if isinstance(logits, da.Array) else \
+        da.from_array(_to_numpy(logits), chunks=(REDUCE_BLOCK, -1))
+    t = target if isinstance(target, da.Array) else \
+        da.from_array(_to_numpy(target), chunks=(REDUCE_BLOCK,) + (-1,) * (np.ndim(target) - 1))
+    for name, a in (("logits", x), ("target", t)):
+        if any(np.isnan(n) for n in a.shape):
+            raise ValueError(f"the {name}' dask array has chunks of unknown size (from a "
+                             "filter or a dataframe): call .compute_chunk_sizes() on it first")
     if unembedding is not None:
         unembedding = as_source(unembedding)
         if isinstance(bias, (str, os.PathLike)):
@@ -167,10 +178,14 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
     Each worker memory-maps the files itself (they must be visible at the same path on
     every worker); ``memory_budget`` sizes the pieces a task reads at once.
     """
-    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+    if isinstance(n_workers, bool) or not isinstance(n_workers, (int, np.integer)) or \
+            n_workers < 1:
         raise ValueError(f"the number of Dask workers must be an int >= 1, got {n_workers!r}")
-    if scheduler is not None and not str(scheduler).strip():
-        raise ValueError("the Dask scheduler address is empty; expected e.g. tcp://host:8786")
+    n_workers = int(n_workers)
+    if scheduler is not None:
+        scheduler = str(scheduler).strip()
+        if not scheduler:
+            raise ValueError("the Dask scheduler address is empty; expected e.g. tcp://host:8786")
     if scheduler is None and n_workers > cpus_available():
         # Each worker is a process of its own (about 150 MB before any work): 10**5 of
         # them would take the machine down, and more than the CPUs only wait on each other.

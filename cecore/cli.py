@@ -95,7 +95,7 @@ def _score_parser(parser):
     dask = parser.add_mutually_exclusive_group()
     dask.add_argument("--dask", choices=("local",), help="score on a local Dask cluster started for this run")
     dask.add_argument("--scheduler", metavar="ADDRESS", help="score on the Dask cluster at ADDRESS (files must be visible to its workers)")
-    parser.add_argument("--workers", type=int, default=2,
+    parser.add_argument("--workers", type=int, default=None,
                         help="worker processes for --dask local (default: 2)")
 
 
@@ -143,13 +143,16 @@ def _score_run(args):
     options = dict(input_kind=args.input_kind, weight=weight, ignore_index=args.ignore_index,
                    label_smoothing=args.label_smoothing, backend=args.backend,
                    top_k=args.top_k, n_bins=args.ece_bins, **head)
+    if args.workers is not None and not args.dask:
+        raise ValueError("--workers is for --dask local (a --scheduler's cluster has its own)")
     if args.dask or args.scheduler is not None:
         if args.per_row_out:
             raise ValueError("--per-row-out is not supported with --dask/--scheduler")
         from . import _dask
 
         return _dask.score_files(source, target, scheduler=args.scheduler,
-                                 n_workers=args.workers, memory_budget=args.memory_budget,
+                                 n_workers=2 if args.workers is None else args.workers,
+                                 memory_budget=args.memory_budget,
                                  n_threads=args.threads, **options)
     progress = not args.quiet and sys.stderr.isatty()
     weight_file = args.weight if args.weight and os.path.exists(args.weight) else None

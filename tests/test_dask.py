@@ -162,6 +162,9 @@ def test_cli_empty_scheduler_and_absurd_workers(rng, tmp_path, capsys, monkeypat
     # an empty address was taken as "no scheduler" and scored locally
     assert main(args + ["--scheduler", ""]) == 1
     assert "scheduler address is empty" in capsys.readouterr().err
+    # --workers without --dask local was ignored, even --workers -3
+    assert main(args + ["--workers", "-3"]) == 1
+    assert "--workers is for --dask local" in capsys.readouterr().err
     # 10**5 worker processes: started as many as the CPUs, with a warning
     started = []
     monkeypatch.setattr(_dask, "cpus_available", lambda: 2)
@@ -198,3 +201,16 @@ def test_weighted_mean_bitwise_when_a_task_has_only_unit_weights(client):
         w = np.array([1.0, rng.uniform(0.01, 5), rng.uniform(0.01, 5)])
         r = _dask.score_dask(x, t, weight=w, client=client)
         assert r.mean_loss == cecore.cross_entropy(x, t, weight=w), seed
+
+
+def test_score_dask_other_inputs(client, rng):
+    # torch tensors as the functional API reads them (da.from_array rejected them); a dask
+    # array of unknown length is a clear error (it was "logits have nan rows")
+    import torch
+    x, t = torch.randn(300, 5, generator=torch.Generator().manual_seed(0)), torch.arange(300) % 5
+    r = _dask.score_dask(x, t, client=client)
+    assert r.mean_loss == cecore.cross_entropy(x.numpy(), t.numpy())
+    xd = da.from_array(rng.random((100, 5)), chunks=50)
+    xd = xd[xd[:, 0] > 0.5]
+    with pytest.raises(ValueError, match="unknown size.*compute_chunk_sizes"):
+        _dask.score_dask(xd, np.zeros(50, np.int64), client=client)
