@@ -126,6 +126,9 @@ def grad_out_array(grad_out, x, fortran):
                         "pass a float32 buffer")
     g = _to_numpy(grad_out)
     if g.dtype != x.dtype:
+        if g.dtype.newbyteorder("=") == x.dtype:  # the same type, the other byte order
+            raise TypeError(f"grad_out must be a {x.dtype} array in this machine's byte order "
+                            f"(the kernels write native values), got byte order {g.dtype.str!r}")
         raise TypeError(f"grad_out must have the input's dtype {x.dtype}, got {g.dtype}")
     if g.shape != x.shape:
         raise ValueError(f"grad_out must have the input's shape {x.shape}, got {g.shape}")

@@ -92,6 +92,7 @@ def test_loss_classes_take_grad_out(backend, rng):
 @pytest.mark.parametrize("bad, error, message", [
     (lambda x: np.empty((x.shape[0] + 1, x.shape[1]), x.dtype), ValueError, "shape"),
     (lambda x: np.empty(x.shape, np.float32), TypeError, "dtype"),
+    (lambda x: np.empty(x.shape, x.dtype.newbyteorder("S")), TypeError, "byte order"),
     (lambda x: np.empty(x.shape[::-1], x.dtype).T, ValueError, "C-contiguous"),
     (lambda x: np.empty((x.shape[0], 2 * x.shape[1]), x.dtype)[:, ::2], ValueError, "contiguous"),
     (lambda x: np.lib.stride_tricks.as_strided(np.empty(x.shape, x.dtype), writeable=False),
