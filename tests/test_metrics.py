@@ -216,6 +216,59 @@ def test_scorer_sample_weight_of_the_wrong_length(iris, options):
     X, y = iris
     clf = SoftmaxClassifier().fit(X, y)
     scorer = make_cross_entropy_scorer(**options)
-    with pytest.raises(ValueError, match=r"sample_weight has shape \(149,\), expected \(150,\)"):
-        scorer(clf, X, y, sample_weight=np.ones(len(y) - 1))
+    # scikit-learn's checks and messages, as neg_log_loss_scorer gives them (all-NaN
+    # weights scored nan, all-zero ones raised ZeroDivisionError)
+    for bad, message in ((np.ones(len(y) - 1), "inconsistent numbers of samples"),
+                         (np.full(len(y), np.nan), "sample_weight contains NaN"),
+                         (np.zeros(len(y)), "at least one non-zero")):
+        for s in (scorer, neg_log_loss_scorer):
+            with pytest.raises(ValueError, match=message):
+                s(clf, X, y, sample_weight=bad)
     assert scorer(clf, X, y, sample_weight=np.ones(len(y))) == scorer(clf, X, y)
+
+
+def test_scorers_refuse_what_is_not_the_classes_probabilities(iris):
+    from sklearn.svm import SVC
+
+    X, y = iris
+    # one decision column per pair of classes: the scorer gave a score, not an error
+    ovo = SVC(decision_function_shape="ovo").fit(X, np.arange(len(y)) % 4)
+    for options in ({"from_logits": True}, {"from_logits": True, "label_smoothing": 0.1}):
+        with pytest.raises(ValueError, match="6 columns for 4 classes_"):
+            make_cross_entropy_scorer(**options)(ovo, X, np.arange(len(y)) % 4)
+
+    class Unnormalised:  # rows that do not sum to one: smoothing renormalised them silently
+        classes_ = np.array([0, 1, 2])
+
+        def predict_proba(self, X):
+            return np.tile([0.5, 0.3, 0.5], (len(X), 1))
+
+    for scorer in (neg_log_loss_scorer, make_cross_entropy_scorer(label_smoothing=0.1)):
+        with pytest.warns(UserWarning, match="do not sum to one"):
+            scorer(Unnormalised(), X, y)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        make_cross_entropy_scorer(label_smoothing=True)
+
+
+def test_scorers_take_sample_weight_through_metadata_routing(iris):
+    import sklearn
+    from sklearn.exceptions import UnsetMetadataPassedError
+    from sklearn.model_selection import KFold, cross_validate
+
+    X, y = iris
+    w = np.random.default_rng(0).uniform(0.1, 3.0, len(y))
+    cv = KFold(3, shuffle=True, random_state=0)
+    with sklearn.config_context(enable_metadata_routing=True):
+        est = SoftmaxClassifier().set_fit_request(sample_weight=True)
+        for scorer in (make_cross_entropy_scorer(), make_cross_entropy_scorer(from_logits=True)):
+            # unset: scikit-learn's error asking for set_score_request (the weights were
+            # silently left out of the score)
+            with pytest.raises(UnsetMetadataPassedError):
+                cross_validate(est, X, y, cv=cv, scoring=scorer, params={"sample_weight": w})
+            scores = cross_validate(est, X, y, cv=cv, scoring=scorer.set_score_request(
+                sample_weight=True), params={"sample_weight": w})["test_score"]
+            for score, (train, test) in zip(scores, cv.split(X)):
+                fitted = SoftmaxClassifier().fit(X[train], y[train], sample_weight=w[train])
+                assert score == scorer(fitted, X[test], y[test], sample_weight=w[test])
+    with pytest.raises(RuntimeError, match="metadata routing"):
+        make_cross_entropy_scorer().set_score_request(sample_weight=True)

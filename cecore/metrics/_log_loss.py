@@ -230,6 +230,12 @@ def log_loss_from_logits(y_true, logits, *, normalize=True, sample_weight=None, 
     """
     if not isinstance(normalize, (bool, np.bool_)):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
+    return _logits_loss(y_true, logits, sample_weight, labels, normalize)
+
+
+def _logits_loss(y_true, logits, sample_weight, labels, normalize, label_smoothing=0.0):
+    """:func:`log_loss_from_logits`, with ``label_smoothing`` (the scorers' too): the
+    checks of logits, labels and weights in one place."""
     logits = check_array(logits, ensure_2d=False, dtype=[np.float64, np.float32])
     check_consistent_length(logits, y_true, sample_weight)
     if sample_weight is not None:
@@ -242,9 +248,11 @@ def log_loss_from_logits(y_true, logits, *, normalize=True, sample_weight=None, 
         raise ValueError(
             f"y_true has {classes.shape[0]} classes ({classes}) but the logits have "
             f"{n_columns} columns; pass all the classes through labels=")
-    if logits.ndim == 1:
+    if logits.ndim == 1 and not label_smoothing:
         loss = binary_cross_entropy_with_logits(logits, (target == 1).astype(logits.dtype),
                                                 reduction="none")
     else:
-        loss = cross_entropy(logits, target, reduction="none")
+        if logits.ndim == 1:  # the logits of (classes[0], classes[1])
+            logits = np.column_stack([np.zeros_like(logits), logits])
+        loss = cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
     return _weighted_mean(loss.astype(np.float64), sample_weight, normalize)

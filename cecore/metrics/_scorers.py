@@ -4,9 +4,7 @@ import numbers
 
 import numpy as np
 
-from ..functional import cross_entropy
-from ._labels import _encode
-from ._log_loss import _weighted_mean, log_loss
+from ._log_loss import _logits_loss, log_loss
 
 __all__ = ["make_cross_entropy_scorer", "neg_log_loss_scorer"]
 
@@ -19,10 +17,12 @@ class _CrossEntropyScorer:
     """
 
     def __init__(self, label_smoothing=0.0, from_logits=False):
-        if not (isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0):
+        if isinstance(label_smoothing, (bool, np.bool_)) or not (
+                isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0):
             raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
         self.from_logits = bool(from_logits)
+        self._sample_weight_request = None  # metadata routing: see set_score_request
 
     def __repr__(self):
         if not self.label_smoothing and not self.from_logits:
@@ -33,13 +33,19 @@ class _CrossEntropyScorer:
     def __call__(self, estimator, X, y_true, sample_weight=None):
         classes = estimator.classes_
         if self.from_logits:
-            logits = np.asarray(estimator.decision_function(X))
-            if logits.ndim == 1:  # binary: the logits of (classes_[0], classes_[1])
-                logits = np.column_stack([np.zeros_like(logits), logits])
-            return -self._loss(y_true, logits, classes, sample_weight)
+            logits = estimator.decision_function(X)
+            if np.ndim(logits) == 2 and np.shape(logits)[1] != len(classes):
+                # e.g. SVC(decision_function_shape='ovo'): one column per pair of classes
+                raise ValueError(f"decision_function gives {np.shape(logits)[1]} columns for "
+                                 f"{len(classes)} classes_: they are not logits of the classes")
+            return -_logits_loss(y_true, logits, sample_weight, classes, True,
+                                 self.label_smoothing)
         proba = np.asarray(estimator.predict_proba(X))
+        # log_loss checks the probabilities (values, sums, shape) and the weights with
+        # scikit-learn's errors and warnings; without smoothing it is the score.
+        loss = log_loss(y_true, proba, sample_weight=sample_weight, labels=classes)
         if not self.label_smoothing:
-            return -log_loss(y_true, proba, sample_weight=sample_weight, labels=classes)
+            return -loss
         # Smoothed cross-entropy needs every log-probability: take them in place in
         # predict_proba's fresh output (clipped as log_loss clips), then the kernel's
         # log-softmax of log-probabilities that sum to one changes nothing.
@@ -47,20 +53,30 @@ class _CrossEntropyScorer:
         eps = np.finfo(proba.dtype).eps
         np.clip(proba, eps, 1 - eps, out=proba)
         np.log(proba, out=proba)
-        return -self._loss(y_true, proba, classes, sample_weight)
+        return -_logits_loss(y_true, proba, sample_weight, classes, True, self.label_smoothing)
 
-    def _loss(self, y_true, logits, classes, sample_weight):
-        target, indicator, _ = _encode(y_true, classes)
-        if indicator is not None:
-            raise ValueError("cross-entropy scorers need 1-D class labels")
-        loss = cross_entropy(logits, target, reduction="none",
-                             label_smoothing=self.label_smoothing)
-        if sample_weight is not None:  # np.average's own error names no length
-            sample_weight = np.asarray(sample_weight, dtype=np.float64)
-            if sample_weight.shape != loss.shape:
-                raise ValueError(f"sample_weight has shape {sample_weight.shape}, expected "
-                                 f"{loss.shape} (one weight per sample)")
-        return _weighted_mean(loss.astype(np.float64), sample_weight, True)
+    def set_score_request(self, *, sample_weight=None):
+        """Request ``sample_weight`` under scikit-learn's metadata routing, as its own
+        scorers' ``set_score_request`` does (``True``, ``False``, ``None`` or an alias).
+
+        Without it, weights routed to a scorer raise scikit-learn's error that asks for
+        this call, instead of being silently left out of the score.
+        """
+        import sklearn
+
+        if not sklearn.get_config()["enable_metadata_routing"]:
+            raise RuntimeError("This method is only available when metadata routing is "
+                               "enabled: sklearn.set_config(enable_metadata_routing=True)")
+        self._sample_weight_request = sample_weight
+        return self
+
+    def get_metadata_routing(self):
+        """The scorer's metadata request (see :meth:`set_score_request`)."""
+        from sklearn.utils.metadata_routing import MetadataRequest
+
+        request = MetadataRequest(owner=self)
+        request.score.add_request(param="sample_weight", alias=self._sample_weight_request)
+        return request
 
 
 def make_cross_entropy_scorer(*, label_smoothing=0.0, from_logits=False):
