@@ -427,6 +427,38 @@ def test_a_failed_partial_fit_changes_nothing():
     assert state() == before
 
 
+def test_a_failed_fit_changes_nothing():
+    # fit set classes_ before it failed: the old coef_ then went with the new classes_
+    # (predict gave stale labels or raised IndexError). Found by a hostile review.
+    X, y = load("iris")
+    clf = SoftmaxClassifier().fit(X, y)
+
+    def state():
+        return {name: pickle.dumps(value) for name, value in sorted(vars(clf).items())}
+
+    before = state()
+    for params, y_new, error in (({"n_threads": True}, y % 2, TypeError),
+                                 ({"class_weight": {0: 0, 1: 0}}, y % 2, ValueError)):
+        with pytest.raises(error):
+            clf.set_params(**params).fit(X, y_new)
+        clf.set_params(n_threads=None, class_weight=None)
+        assert {k: v for k, v in state().items() if k not in ("n_threads", "class_weight")} == \
+            {k: v for k, v in before.items() if k not in ("n_threads", "class_weight")}
+        np.testing.assert_array_equal(clf.predict(X), SoftmaxClassifier().fit(X, y).predict(X))
+
+
+def test_zero_iterations_and_zero_tol_like_logistic_regression():
+    # LogisticRegression takes max_iter=0 and tol=0 (a grid may hold them); cecore refused
+    X, y = load("iris")
+    for params in ({"max_iter": 0}, {"tol": 0.0, "max_iter": 30}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            ours = SoftmaxClassifier(**params).fit(X, y)
+            theirs = LogisticRegression(**params).fit(X, y)
+        assert ours.n_iter_ == theirs.n_iter_[0]
+        np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-6)
+
+
 def test_partial_fit_errors_and_missing_classes():
     X, y = load("iris")
     with pytest.raises(ValueError, match="classes must be passed"):

@@ -114,8 +114,9 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         "C": [Interval(Real, 0, None, closed="right")],
         "fit_intercept": ["boolean"],
         "class_weight": [dict, StrOptions({"balanced"}), None],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0, None, closed="neither")],
+        # As LogisticRegression's (0 iterations, tol 0: a grid may hold them)
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
         "warm_start": ["boolean"],
         "verbose": ["verbose"],
         "n_threads": [None, Interval(Integral, 1, None, closed="left"), Options(Integral, {-1})],
@@ -176,6 +177,9 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : SoftmaxClassifier
         """
+        return self._as_it_was_on_error(self._fit, X, y, sample_weight)
+
+    def _fit(self, X, y, sample_weight):
         previous = (self.classes_, self.coef_, self.intercept_) if (
             self.warm_start and hasattr(self, "coef_")) else None
         X, y = validate_data(self, X, y, accept_sparse="csr",
@@ -208,11 +212,14 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         params = np.zeros(objective.n_params)
         if previous is not None and np.array_equal(previous[0], classes) \
                 and previous[1].shape[1] == n_features:
-            params = pack(previous[1], previous[2], self.fit_intercept)
+            params = pack(previous[1], previous[2], self.fit_intercept).astype(np.float64)
 
         params, self.n_iter_, self.loss_curve_ = lbfgs(
             objective, params, max_iter=self.max_iter, tol=self.tol, verbose=self.verbose)
-        self.coef_, self.intercept_ = coef_intercept(params, n_outputs, self.fit_intercept)
+        # In the data's dtype, as LogisticRegression stores them: predictions then follow
+        # NumPy's promotion as its do (float32 data and model: float32 probabilities).
+        self.coef_, self.intercept_ = (
+            a.astype(X.dtype) for a in coef_intercept(params, n_outputs, self.fit_intercept))
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -245,28 +252,34 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : SoftmaxClassifier
         """
-        # A call that raises leaves the estimator as it was: otherwise a failed first call
-        # (say all-zero sample weights) left zero coefficients that predicted, and classes
-        # that a corrected retry could not change.
-        # The copy is of O(coefficients) values (about 1 % of a call on 256 x 10000 rows);
-        # loss_curve_, which grows with every call, is only cut back to its length.
-        saved = copy.deepcopy({name: self.__dict__[name] for name in self._PARTIAL_FIT_STATE
+        return self._as_it_was_on_error(self._partial_fit, X, y, classes, sample_weight)
+
+    _FITTED_STATE = ("_adagrad", "classes_", "coef_", "intercept_", "n_iter_",
+                     "n_features_in_", "feature_names_in_")
+
+    def _as_it_was_on_error(self, method, *args):
+        """``method(*args)``; if it raises, the estimator is left as it was before.
+
+        Otherwise a failed call left a mix: a failed first partial_fit (say all-zero
+        sample weights) zero coefficients that predicted, and classes that a corrected
+        retry could not change; a failed fit the new ``classes_`` with the old ``coef_``.
+        The copy is of O(coefficients) values (about 1 % of a partial_fit call on 256 x
+        10000 rows); loss_curve_, which grows with every partial_fit, is only cut back.
+        """
+        saved = copy.deepcopy({name: self.__dict__[name] for name in self._FITTED_STATE
                                if name in self.__dict__})
         curve = getattr(self, "loss_curve_", None)
         curve_length = None if curve is None else len(curve)
         try:
-            return self._partial_fit(X, y, classes, sample_weight)
+            return method(*args)
         except BaseException:
-            for name in self._PARTIAL_FIT_STATE + ("loss_curve_",):
+            for name in self._FITTED_STATE + ("loss_curve_",):
                 self.__dict__.pop(name, None)
             self.__dict__.update(saved)
             if curve is not None:
                 del curve[curve_length:]
                 self.loss_curve_ = curve
             raise
-
-    _PARTIAL_FIT_STATE = ("_adagrad", "classes_", "coef_", "intercept_", "n_iter_",
-                          "n_features_in_", "feature_names_in_")
 
     def _partial_fit(self, X, y, classes, sample_weight):
         state = getattr(self, "_adagrad", None)
@@ -340,8 +353,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32],
                           reset=False)
-        scores = np.asarray(X @ self.coef_.T.astype(X.dtype, copy=False))
-        scores += self.intercept_.astype(X.dtype, copy=False)
+        scores = np.asarray(X @ self.coef_.T)  # NumPy's promotion, as LogisticRegression
+        scores += self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
     def _class_logits(self, X):

@@ -66,7 +66,8 @@ def lbfgs(objective, params, *, max_iter, tol, verbose):
             f"iteration(s) (status={result.status}): {result.message}. Increase "
             "max_iter or scale the data (e.g. with StandardScaler).",
             ConvergenceWarning)
-    return result.x, int(result.nit), loss_curve
+    # SciPy takes one iteration with maxiter=0; scikit-learn reports min(nit, max_iter).
+    return result.x, min(int(result.nit), max_iter), loss_curve
 
 
 @dataclass
