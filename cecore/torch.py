@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _config
@@ -105,8 +106,8 @@ def _fallback_reason(inputs, others):
     its weight and bias), ``others`` the target and the optional weights (None when absent).
     """
     # torch.func transforms cannot run the operators' autograd (torch generates it as an
-    # autograd.Function without setup_context). torch.compile traces through transforms
-    # itself: the check is skipped there.
+    # autograd.Function without setup_context). Under torch.compile the check is skipped (it
+    # must not break the graph); torch.compile of a transform fails there, with or without it.
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return "torch.func transforms (grad, vmap, ...) are active"
     inputs = [t for t in inputs if t is not None]
@@ -121,7 +122,21 @@ def _fallback_reason(inputs, others):
             return "an input is not a contiguous (dense, row-major) tensor"
     if any(t.requires_grad for t in others):
         return "the target or a class weight requires grad (cecore differentiates the input only)"
+    if _forward_ad._current_level >= 0 and any(
+            _forward_ad.unpack_dual(t).tangent is not None for t in inputs + others):
+        # the operators have no forward-mode derivative: the tangent was silently dropped
+        return "forward-mode AD (a dual tensor; cecore's operators have no jvp)"
     return None
+
+
+def _autocast(*tensors):
+    """``tensors`` as CPU autocast gives them to these losses: float16/bfloat16 as float32
+    (torch computes and returns the loss in float32 there, whatever the autocast dtype;
+    a half loss overflowed where torch's did not, and GradScaler's scaled grad_output
+    with it). Outside autocast, as they are."""
+    if not torch.is_autocast_enabled("cpu"):
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype in _HALF_DTYPES else t for t in tensors)
 
 
 def _all_tensors(*args):
@@ -252,6 +267,8 @@ def _raise_torch_error(error, torch_function, *args, **kwargs):
     code that catches torch's errors must keep working. Where torch accepts the
     arguments, cecore's error stands.
     """
+    if torch_function is None:  # nothing of torch's to compare with
+        raise error
     try:
         torch_function(*args, **kwargs)
     except Exception as torch_error:
@@ -260,17 +277,21 @@ def _raise_torch_error(error, torch_function, *args, **kwargs):
 
 
 # ------------------------------------------------------------------------- autograd
-class _DifferentiableOnce(torch.autograd.Function):
-    """Identity on ``grad`` whose backward raises: the gradient it wraps has no gradient of
-    its own. ``sources`` (the tensors ``grad`` is the gradient with respect to) only put it
-    on the graph's paths to them: autograd runs a node's backward only when it lies on a
-    path to the tensors being differentiated (``torch.autograd.grad(..., inputs)``,
-    ``torch.autograd.functional.hessian``); hanging off a fresh leaf, it was pruned and the
-    second derivative silently came out as zero."""
+class _SecondOrderGuard(torch.autograd.Function):
+    """A 0-d zero that depends on ``sources`` (the tensors a gradient is taken with respect
+    to) and whose backward raises: added to a gradient computed under create_graph=True,
+    it puts a node on the graph's paths to the sources only. A second derivative with
+    respect to them (Hessians, gradient penalties) reaches it and raises; autograd runs a
+    node only on a path to the tensors being differentiated, so hanging off a fresh leaf
+    it was pruned and the second derivative came out as zero. The gradient stays
+    differentiable with respect to ``grad_output``, of which it is a linear function:
+    the double-backward trick for Jacobian-vector products
+    (``torch.autograd.functional.jvp``) gets the right answer, where a detached gradient
+    gave 0."""
 
     @staticmethod
-    def forward(ctx, grad, *sources):
-        return grad.view_as(grad)
+    def forward(ctx, *sources):
+        return sources[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, *_):
@@ -283,14 +304,14 @@ _ONCE_MESSAGE = ("cecore.torch losses are differentiable once: their gradient ha
 
 
 def _once(grads, sources):
-    """``grads`` (computed under create_graph=True) wrapped so that differentiating them
-    again raises (see :class:`_DifferentiableOnce`). ``sources`` are weak references to the
-    tensors they are the gradients of; if one is gone, nothing could reach it: raise now."""
+    """``grads`` (computed under create_graph=True, linear in grad_output) with a
+    :class:`_SecondOrderGuard` of ``sources`` added, weak references to the tensors they are
+    the gradients of; if one is gone, nothing could reach it: raise now."""
     alive = [ref() for ref in sources]
     if any(t is None for t in alive):
         raise RuntimeError(_ONCE_MESSAGE)
-    return [None if g is None else _DifferentiableOnce.apply(g.detach(), *alive)
-            for g in grads]
+    guard = _SecondOrderGuard.apply(*alive)
+    return [None if g is None else g + guard.to(g.dtype) for g in grads]
 
 
 def _scaled(ctx, grad, grad_output):
@@ -305,15 +326,24 @@ def _scaled(ctx, grad, grad_output):
     a retained graph, or torch tracing the backward: torch.compile, opcheck, make_fx) a new
     tensor is returned.
     """
+    # Out of place where grad_output may be more than a plain tensor: traced (a subclass,
+    # a dispatch mode, compiling), batched (functorch's vmap), or differentiable
+    # (create_graph=True: the product must stay on the graph).
     traced = (type(grad_output) is not Tensor or is_in_torch_dispatch_mode()
-              or torch.compiler.is_compiling())
+              or torch.compiler.is_compiling() or torch.is_grad_enabled()
+              or torch._C._functorch.is_batchedtensor(grad_output))
     reusable = (getattr(ctx, "gradient_disowned", False)
                 and not torch._C._autograd._get_current_graph_task_keep_graph())
     if traced or not reusable:
         return grad * grad_output
-    if grad_output.numel() == 1 and grad_output.item() == 1:
-        return grad
-    return grad.mul_(grad_output)
+    try:
+        if grad_output.numel() == 1 and grad_output.item() == 1:
+            return grad
+        return grad.mul_(grad_output)
+    except RuntimeError:
+        # A grad_output batched by autograd.grad(is_grads_batched=True) looks like a plain
+        # tensor, but .item() and in-place ops on it fail (before anything is written).
+        return grad * grad_output
 
 
 def _disown_gradient(loss):
@@ -323,7 +353,10 @@ def _disown_gradient(loss):
     its memory. (``loss.grad_fn`` is the autograd context of the operator's backward.)
     """
     if not torch.compiler.is_compiling() and loss.grad_fn is not None:
-        loss.grad_fn.gradient_disowned = True
+        try:
+            loss.grad_fn.gradient_disowned = True
+        except AttributeError:  # a tensor subclass's node (AliasBackward0...): not reused
+            pass
 
 
 def _register_autograd(op, reduction_arg, per_element):
@@ -546,6 +579,14 @@ def _linear_backward(ctx, grad_output, *_):
     if grad_output is None:
         return (None,) * 4 + nones
     if ctx.recompute:
+        if torch.is_grad_enabled() and grad_output.requires_grad:
+            # The gradients come from an operator with no autograd of its own: their
+            # derivative with respect to grad_output (the double-backward trick for JVPs)
+            # would be silently 0.
+            raise RuntimeError("cecore.torch.linear_cross_entropy(reduction='none') cannot "
+                               "differentiate its gradient with respect to grad_output "
+                               "(a Jacobian-vector product); use reduction='sum' or torch's "
+                               "function")
         with torch.no_grad():  # the backward operator has no autograd of its own
             grads = _linear_ce_backward_op(grad_output, *ctx.saved_tensors, *ctx.options)
     elif not ctx.has_grad:
@@ -592,6 +633,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         _warn_fallback("cross_entropy", reason)
         return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                 reduction=reduction, label_smoothing=label_smoothing)
+    input, target, weight = _autocast(input, target, weight)
     ignore_index, label_smoothing = _scalars(
         lambda: TF.cross_entropy(input.detach(), target, weight, ignore_index=ignore_index,
                                  reduction=reduction, label_smoothing=label_smoothing),
@@ -616,6 +658,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     if reason is not None:
         _warn_fallback("nll_loss", reason)
         return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
+    input, weight = _autocast(input, weight)
     ignore_index, _ = _scalars(
         lambda: TF.nll_loss(input.detach(), target, weight, ignore_index=ignore_index,
                             reduction=reduction), ignore_index, n_threads=n_threads)
@@ -643,6 +686,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
         _warn_fallback("binary_cross_entropy_with_logits", reason)
         return TF.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
                                                    pos_weight=pos_weight)
+    input, target, weight, pos_weight = _autocast(input, target, weight, pos_weight)
     _scalars(None, n_threads=n_threads)
     loss, _ = _bce_op(input, target, weight, pos_weight, reduction, _with_grad(input),
                       backend, n_threads)
@@ -686,6 +730,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if reason is not None:
         _warn_fallback("linear_cross_entropy", reason)
         return with_torch()
+    input, linear_weight, linear_bias, weight = _autocast(input, linear_weight, linear_bias,
+                                                          weight)
     with_grad = (reduction != "none" and torch.is_grad_enabled()
                  and any(t is not None and t.requires_grad
                          for t in (input, linear_weight, linear_bias)))

@@ -397,6 +397,104 @@ def test_hessians_and_hvps_raise_instead_of_returning_zeros(gen, loss):
             torch.autograd.grad(g.pow(2).sum(), a, allow_unused=True)
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll_loss", "bce", "linear_input",
+                                  "linear_weight"])
+def test_jvp_by_double_backward_matches_torch(gen, loss):
+    # torch.autograd.functional.jvp differentiates the gradient with respect to
+    # grad_output, of which it is linear: first-order information. The gradient was
+    # detached from grad_output, and the JVP came out as a silent 0 (hostile review).
+    target = _index_target(gen, (4,), 5)
+    h = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    y = torch.rand(4, 5, generator=gen, dtype=torch.float64)
+    ours, theirs, at = {
+        "cross_entropy": (lambda a: ct.cross_entropy(a, target, reduction="none"),
+                          lambda a: TF.cross_entropy(a, target, reduction="none"), h @ w.T),
+        "nll_loss": (lambda a: ct.nll_loss(a, target), lambda a: TF.nll_loss(a, target), h @ w.T),
+        "bce": (lambda a: ct.binary_cross_entropy_with_logits(a, y),
+                lambda a: TF.binary_cross_entropy_with_logits(a, y), h @ w.T),
+        "linear_input": (lambda a: ct.linear_cross_entropy(a, w, target),
+                         lambda a: TF.cross_entropy(a @ w.T, target), h),
+        "linear_weight": (lambda a: ct.linear_cross_entropy(h, a, target, reduction="sum"),
+                          lambda a: TF.cross_entropy(h @ a.T, target, reduction="sum"), w),
+    }[loss]
+    v = torch.randn(at.shape, generator=gen, dtype=torch.float64)
+    with no_fallback():
+        got = torch.autograd.functional.jvp(ours, at, v)[1]
+    expected = torch.autograd.functional.jvp(theirs, at, v)[1]
+    assert_close(got.numpy(), expected.numpy(), np.float64)
+    assert got.abs().max() > 0
+    # the 'none' linear loss recomputes its gradient in an operator of its own: it says so
+    with no_fallback(), pytest.raises(RuntimeError, match="with respect to grad_output"):
+        torch.autograd.functional.jvp(
+            lambda a: ct.linear_cross_entropy(a, w, target, reduction="none"), h, h)
+
+
+def test_forward_mode_ad_goes_to_torch(gen):
+    # the operators have no jvp: the tangent was silently dropped (None, zero Jacobians)
+    from torch.autograd import forward_ad as fwAD
+
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    t = _index_target(gen, (5,), 4)
+    v = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.warns(ct.CecoreFallbackWarning, match="forward-mode"):
+        tangent = fwAD.unpack_dual(ct.cross_entropy(fwAD.make_dual(x, v), t)).tangent
+    with fwAD.dual_level():
+        expected = fwAD.unpack_dual(TF.cross_entropy(fwAD.make_dual(x, v), t)).tangent
+    assert tangent is not None and torch.allclose(tangent, expected)
+
+
+def test_batched_backward_and_tensor_subclasses(gen):
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    t = _index_target(gen, (5,), 4)
+    for reduction, grad_outputs in (("none", torch.eye(5, dtype=torch.float64)),
+                                    ("mean", torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with no_fallback():  # .item() / mul_ on a batched grad_output raised
+            (got,) = torch.autograd.grad(ct.cross_entropy(a, t, reduction=reduction), a,
+                                         grad_outputs, is_grads_batched=True)
+        (expected,) = torch.autograd.grad(TF.cross_entropy(b, t, reduction=reduction), b,
+                                          grad_outputs, is_grads_batched=True)
+        assert_close(got.numpy(), expected.numpy(), np.float64)
+
+    class Sub(torch.Tensor):
+        pass
+
+    a = x.clone().requires_grad_()
+    loss = ct.cross_entropy(a, t.as_subclass(Sub))  # raised AttributeError (AliasBackward0)
+    loss.backward()
+    b = x.clone().requires_grad_()
+    TF.cross_entropy(b, t).backward()
+    assert_close(a.grad.numpy(), b.grad.numpy(), np.float64)
+    with pytest.raises(TypeError, match="n_threads must be None or an int"):  # was NoneType
+        ct.binary_cross_entropy_with_logits(x, torch.rand(5, 4, dtype=torch.float64),
+                                            n_threads=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_computes_the_loss_in_float32_like_torch(gen, dtype):
+    # torch returns these losses in float32 under CPU autocast; cecore's came back in the
+    # autocast dtype, where a sum overflowed float16 (inf) and GradScaler's scale with it
+    lin = torch.nn.Linear(4, 10)
+    X = torch.randn(3000, 4, generator=gen) * 30
+    Y = _index_target(gen, (3000,), 10)
+    y01 = torch.rand(3000, 10, generator=gen)
+    W = torch.randn(10, 4, generator=gen)
+    for ours, theirs in ((lambda h: ct.cross_entropy(h, Y, reduction="sum"),
+                          lambda h: TF.cross_entropy(h, Y, reduction="sum")),
+                         (lambda h: ct.nll_loss(h, Y), lambda h: TF.nll_loss(h, Y)),
+                         (lambda h: ct.binary_cross_entropy_with_logits(h, y01),
+                          lambda h: TF.binary_cross_entropy_with_logits(h, y01)),
+                         (lambda h: ct.linear_cross_entropy(X.to(dtype), W.to(dtype), Y),
+                          lambda h: TF.linear_cross_entropy(X.to(dtype), W.to(dtype), Y))):
+        with torch.autocast("cpu", dtype=dtype), no_fallback():
+            got = ours(lin(X))
+            expected = theirs(lin(X))
+        assert got.dtype == expected.dtype == torch.float32
+        # (torch sums 3000 losses of up to ~1e3 in float32, cecore in float64)
+        assert torch.isfinite(got) and torch.allclose(got, expected, rtol=1e-4)
+
+
 def test_no_grad_computes_loss_only(gen, monkeypatch):
     calls = []
     real = ct._fused
