@@ -359,13 +359,34 @@ def _disown_gradient(loss):
             pass
 
 
-def _register_autograd(op, reduction_arg, per_element):
+def _versions(tensors):
+    """What :func:`_check_versions` compares: each tensor (weakly) and its version counter."""
+    return [(weakref.ref(t), t._version) for t in tensors if isinstance(t, Tensor)]
+
+
+def _check_versions(versions):
+    """Raise torch's error if a tensor was modified in place since the forward pass.
+
+    The gradient was computed in the forward pass, so it is the right one for the loss
+    returned; but torch's own functions save these tensors and raise, and that error is
+    how an ``optimizer.step()`` or an in-place edit before ``backward()`` is caught."""
+    for ref, version in versions:
+        t = ref()
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: {tuple(t.shape)} tensor is at version {t._version}; "
+                f"expected version {version} (as torch's own loss checks)")
+
+
+def _register_autograd(op, reduction_arg, per_element, watched):
     """Backward of ``op``: the forward's gradient (saved) scaled by ``grad_output``.
 
     ``reduction_arg`` is the position of ``reduction`` in the op's arguments. With
     reduction='none', ``grad_output`` has the loss's shape: the input's (``per_element``,
     binary cross-entropy) or the input's without the class axis 1 (unbatched input has no
-    batch axis and a 0-d loss).
+    batch axis and a 0-d loss). ``watched``: the positions of the arguments that torch's
+    own function saves, whose in-place modification before backward raises there.
     """
 
     def setup_context(ctx, inputs, output):
@@ -382,6 +403,7 @@ def _register_autograd(op, reduction_arg, per_element):
         ctx.has_grad = grad.numel() == input.numel()
         ctx.class_axis = (1 if inputs[reduction_arg] == "none" and not per_element
                           and input.dim() > 1 else None)
+        ctx.versions = _versions([inputs[i] for i in watched])
 
     def backward(ctx, grad_output, _):
         (grad,) = ctx.saved_tensors
@@ -390,6 +412,7 @@ def _register_autograd(op, reduction_arg, per_element):
             return (None,) + nones
         if not ctx.has_grad:
             raise RuntimeError(f"{op._qualname} was called with with_grad=False: no gradient")
+        _check_versions(ctx.versions)
         if ctx.class_axis is not None:
             grad_output = grad_output.unsqueeze(ctx.class_axis)
         result = _scaled(ctx, grad, grad_output)
@@ -469,9 +492,10 @@ def _(input, target, weight, pos_weight, reduction, with_grad, backend, n_thread
     return _fake_outputs(input, target, input.shape if reduction == "none" else (), with_grad)
 
 
-_register_autograd(_cross_entropy_op, reduction_arg=4, per_element=False)
-_register_autograd(_nll_loss_op, reduction_arg=4, per_element=False)
-_register_autograd(_bce_op, reduction_arg=4, per_element=True)
+# watched: what torch's functions save (cross_entropy's backward needs no logits)
+_register_autograd(_cross_entropy_op, reduction_arg=4, per_element=False, watched=(1, 2))
+_register_autograd(_nll_loss_op, reduction_arg=4, per_element=False, watched=(0, 1, 2))
+_register_autograd(_bce_op, reduction_arg=4, per_element=True, watched=(0, 1, 2, 3))
 
 
 # Linear cross-entropy: the loss of input @ linear_weight.T + linear_bias, whose N x V
@@ -567,6 +591,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.has_grad = with_grad
     ctx.source_refs = [weakref.ref(t) for t in (input, linear_weight, linear_bias)
                        if t is not None]
+    ctx.versions = _versions((input, linear_weight, target, linear_bias, weight))
     if ctx.recompute:
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
         ctx.options = (ignore_index, label_smoothing, chunk_size, backend, n_threads)
@@ -578,6 +603,7 @@ def _linear_backward(ctx, grad_output, *_):
     nones = (None,) * 8  # target, weight and the non-tensor arguments
     if grad_output is None:
         return (None,) * 4 + nones
+    _check_versions(ctx.versions)
     if ctx.recompute:
         if torch.is_grad_enabled() and grad_output.requires_grad:
             # The gradients come from an operator with no autograd of its own: their

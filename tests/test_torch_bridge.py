@@ -495,6 +495,45 @@ def test_autocast_computes_the_loss_in_float32_like_torch(gen, dtype):
         assert torch.isfinite(got) and torch.allclose(got, expected, rtol=1e-4)
 
 
+def test_in_place_modification_before_backward_raises_where_torch_raises(gen):
+    # torch's losses save these tensors and raise at backward if one was modified in
+    # place (how an optimizer.step() before backward() is caught); cecore's gradient comes
+    # from the forward pass, and nothing was raised.
+    def run(module, case):
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        z = x * 1
+        t, q, y = torch.tensor([0, 1, 2, 0]), torch.softmax(torch.randn(4, 3), 1), torch.rand(4, 3)
+        w, lw = torch.rand(3) + 0.5, torch.randn(3, 3, requires_grad=True)
+        f = {"ce": lambda: module.cross_entropy(z, t, weight=w),
+             "ce_proba": lambda: module.cross_entropy(z, q),
+             "nll": lambda: module.nll_loss(z, t, weight=w),
+             "bce": lambda: module.binary_cross_entropy_with_logits(z, y, weight=w, pos_weight=w),
+             "linear": lambda: module.linear_cross_entropy(z, lw, t, weight=w)}[case[0]]
+        loss = f()
+        with torch.no_grad():
+            {"input": z, "target": t, "weight": w, "proba": q, "y": y, "lw": lw}[case[1]].add_(1)
+        try:
+            loss.backward()
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+            return True
+        return False
+
+    linear_ce = lambda z, lw, t, weight: TF.cross_entropy(z @ lw.T, t, weight=weight)  # noqa: E731
+
+    class Torch:
+        cross_entropy, nll_loss = TF.cross_entropy, TF.nll_loss
+        binary_cross_entropy_with_logits = TF.binary_cross_entropy_with_logits
+        linear_cross_entropy = staticmethod(linear_ce)
+
+    cases = [("ce", "input"), ("ce", "target"), ("ce", "weight"), ("ce_proba", "proba"),
+             ("nll", "input"), ("nll", "target"), ("bce", "input"), ("bce", "y"),
+             ("bce", "weight"), ("linear", "input"), ("linear", "lw"), ("linear", "target")]
+    with no_fallback():
+        for case in cases:
+            assert run(ct, case) == run(Torch, case), case
+
+
 def test_no_grad_computes_loss_only(gen, monkeypatch):
     calls = []
     real = ct._fused
