@@ -51,6 +51,7 @@ longer exists (nothing could then differentiate the gradient it returns).
 """
 
 import ctypes
+import numbers
 import mmap
 import sys
 import warnings
@@ -247,14 +248,22 @@ def _fake_outputs(input, target, loss_shape, with_grad):
             input.new_empty(input.shape if with_grad else (0,)))
 
 
-def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None):
-    """``(ignore_index, label_smoothing)`` checked as cecore checks them, before the
-    operator's schema would coerce them (1.5 to 1, "0.1" to 0.1, True to 1): where they are
-    wrong, the error ``torch_call()`` raises (see :func:`_raise_torch_error`)."""
+def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None,
+             backend="auto"):
+    """``(ignore_index, label_smoothing, n_threads)`` checked as cecore checks them, before
+    the operator's schema would coerce them (1.5 to 1, "0.1" to 0.1, True to 1) or fail
+    with its own message: where they are wrong, the error ``torch_call()`` raises (see
+    :func:`_raise_torch_error`). ``n_threads`` beyond int32 is capped there (cecore caps
+    it at the CPUs, with a warning); ``backend`` must be a string (its value is checked
+    where the kernels are chosen)."""
     try:
-        if isinstance(n_threads, bool):
-            raise TypeError("n_threads must be None or an int, got bool")
-        return V.check_ignore_index(ignore_index), V.check_label_smoothing(label_smoothing)
+        if n_threads is not None and (isinstance(n_threads, bool)
+                                      or not isinstance(n_threads, numbers.Integral)):
+            raise TypeError(f"n_threads must be None or an int, got {type(n_threads).__name__}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be 'auto', 'cython' or 'numba', got {backend!r}")
+        return (V.check_ignore_index(ignore_index), V.check_label_smoothing(label_smoothing),
+                None if n_threads is None else min(int(n_threads), 2**31 - 1))
     except (TypeError, ValueError) as error:
         _raise_torch_error(error, torch_call)
 
@@ -660,10 +669,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                 reduction=reduction, label_smoothing=label_smoothing)
     input, target, weight = _autocast(input, target, weight)
-    ignore_index, label_smoothing = _scalars(
+    ignore_index, label_smoothing, n_threads = _scalars(
         lambda: TF.cross_entropy(input.detach(), target, weight, ignore_index=ignore_index,
                                  reduction=reduction, label_smoothing=label_smoothing),
-        ignore_index, label_smoothing, n_threads)
+        ignore_index, label_smoothing, n_threads, backend)
     loss, _ = _cross_entropy_op(input, target, weight, ignore_index, reduction,
                                 label_smoothing, _with_grad(input), backend, n_threads)
     _disown_gradient(loss)
@@ -685,9 +694,10 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
         _warn_fallback("nll_loss", reason)
         return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
     input, weight = _autocast(input, weight)
-    ignore_index, _ = _scalars(
+    ignore_index, _, n_threads = _scalars(
         lambda: TF.nll_loss(input.detach(), target, weight, ignore_index=ignore_index,
-                            reduction=reduction), ignore_index, n_threads=n_threads)
+                            reduction=reduction), ignore_index, n_threads=n_threads,
+        backend=backend)
     loss, _ = _nll_loss_op(input, target, weight, ignore_index, reduction,
                            _with_grad(input), backend, n_threads)
     _disown_gradient(loss)
@@ -713,7 +723,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
         return TF.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
                                                    pos_weight=pos_weight)
     input, target, weight, pos_weight = _autocast(input, target, weight, pos_weight)
-    _scalars(None, n_threads=n_threads)
+    _, _, n_threads = _scalars(None, n_threads=n_threads, backend=backend)
     loss, _ = _bce_op(input, target, weight, pos_weight, reduction, _with_grad(input),
                       backend, n_threads)
     _disown_gradient(loss)
@@ -761,8 +771,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     with_grad = (reduction != "none" and torch.is_grad_enabled()
                  and any(t is not None and t.requires_grad
                          for t in (input, linear_weight, linear_bias)))
-    ignore_index, label_smoothing = _scalars(
-        with_torch, -100 if ignore_index is None else ignore_index, label_smoothing, n_threads)
+    ignore_index, label_smoothing, n_threads = _scalars(
+        with_torch, -100 if ignore_index is None else ignore_index, label_smoothing, n_threads,
+        backend)
+    chunk_size = _L._check_chunk_size(chunk_size)  # before the schema reads True as 1
+    chunk_size = None if chunk_size is None else min(chunk_size, 2**31 - 1)  # (int64 schema)
     loss, *_ = _linear_ce_op(input, linear_weight, target, linear_bias, weight, ignore_index,
                              reduction, label_smoothing, with_grad, chunk_size, backend,
                              n_threads)

@@ -534,6 +534,27 @@ def test_in_place_modification_before_backward_raises_where_torch_raises(gen):
             assert run(ct, case) == run(Torch, case), case
 
 
+def test_option_types_checked_before_the_operator_schema(gen):
+    # the schema read chunk_size=True as 1 and gave its own RuntimeErrors for 1.5, "4",
+    # 2**70 and backend=None
+    x = torch.randn(4, 3, generator=gen, requires_grad=True)
+    t, w = _index_target(gen, (4,), 5), torch.randn(5, 3, generator=gen)
+    calls = (lambda **kw: ct.cross_entropy(x @ w.T, t, **kw),
+             lambda **kw: ct.binary_cross_entropy_with_logits(x, torch.rand(4, 3), **kw),
+             lambda **kw: ct.linear_cross_entropy(x, w, t, **kw))
+    for call in calls:
+        for kw in ({"n_threads": 1.5}, {"n_threads": "4"}, {"backend": None}):
+            with pytest.raises(TypeError, match="n_threads|backend"):
+                call(**kw)
+        with pytest.warns(RuntimeWarning, match="more than"):  # capped, as cecore caps it
+            call(n_threads=2**70)
+    for chunk_size, error in ((True, TypeError), (1.5, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="chunk_size"):
+            ct.linear_cross_entropy(x, w, t, chunk_size=chunk_size)
+    expected = ct.linear_cross_entropy(x, w, t)
+    assert ct.linear_cross_entropy(x, w, t, chunk_size=2**70) == expected
+
+
 def test_no_grad_computes_loss_only(gen, monkeypatch):
     calls = []
     real = ct._fused
