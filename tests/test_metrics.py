@@ -44,6 +44,9 @@ CASES = {
     "labels vs columns": ([0, 2], [[.2, .8], [.1, .9]], dict(labels=[0, 1, 2])),
     "classes vs columns": ([0, 2, 1], [[.2, .8], [.1, .9], [.5, .5]]),
     "bool labels": (np.array([True, False]), [[.5, .5], [.4, .6]]),
+    # accepted by the fast path before (hostile review): scikit-learn raises for both
+    "bytes labels": ([b"a", b"b"], [[.5, .5], [.4, .6]]),
+    "floats beyond int64": ([1e20, 0.0], [[.5, .5], [.4, .6]]),
     "sample_weight length": ([0, 1], [[.5, .5], [.5, .5]], dict(sample_weight=[1, 2, 3])),
     "zero sample_weight": ([0, 1], [[.5, .5], [.5, .5]], dict(sample_weight=[0, 0])),
     "sample_weight": ([0, 1, 1], P2, dict(sample_weight=[1, 2, 0.5])),

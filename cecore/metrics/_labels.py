@@ -12,6 +12,8 @@ def _as_labels(y_true):
 
     The fast path takes 1-D labels of a bool, integer, string or integral float dtype:
     for those scikit-learn's ``type_of_target`` is always 'binary' or 'multiclass'.
+    (Bytes, and floats that do not survive a cast to int64, such as 1e20, go to the slow
+    path, which raises scikit-learn's errors for them.)
     """
     if hasattr(y_true, "to_numpy") and getattr(y_true, "ndim", 1) == 1:  # pandas
         y_true = y_true.to_numpy()
@@ -26,10 +28,12 @@ def _as_labels(y_true):
         return None
     if y is None or y.ndim != 1 or y.size == 0:
         return None
-    if y.dtype.kind in "biuUS":
+    if y.dtype.kind in "biuU":
         return y
-    if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-        return y
+    if y.dtype.kind == "f" and np.all(np.isfinite(y)):
+        with np.errstate(invalid="ignore"):  # as type_of_target tests it
+            if np.all(y == y.astype(np.int64)):
+                return y
     return None
 
 
