@@ -459,6 +459,17 @@ def test_zero_iterations_and_zero_tol_like_logistic_regression():
         np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-6)
 
 
+def test_vanishing_C_gives_finite_coefficients():
+    # C * sum(weights) underflowed, the penalty 1 / (C * sum) was inf and inf * 0 made the
+    # coefficients NaN in partial_fit (hostile review); fit gives LogisticRegression's zeros
+    X, y = load("iris")
+    clf = SoftmaxClassifier(C=1e-320).partial_fit(X, y, classes=[0, 1, 2])
+    assert np.isfinite(clf.coef_).all() and np.isfinite(clf.predict_proba(X)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        np.testing.assert_array_equal(SoftmaxClassifier(C=1e-320).fit(X, y).coef_, 0.0)
+
+
 def test_partial_fit_errors_and_missing_classes():
     X, y = load("iris")
     with pytest.raises(ValueError, match="classes must be passed"):

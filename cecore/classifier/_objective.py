@@ -92,7 +92,11 @@ class LinearObjective:
         self.n_threads = n_threads
         sw_sum = float(np.sum(sample_weight))
         penalty_weight = sw_sum if penalty_weight is None else penalty_weight
-        self.l2 = 1.0 / (C * penalty_weight)
+        # 1 / (C * sum s), finite: for a C of 1e-320 (or subnormal weights) the product
+        # underflows and the penalty was inf, whose gradient inf * 0 made NaN coefficients
+        # in partial_fit (fit stopped at its start). 1e300 pins W at 0 all the same.
+        denominator = C * penalty_weight
+        self.l2 = 1.0 / denominator if denominator > 1e-300 else 1e300
         self.grad_scale = np.ascontiguousarray(sample_weight / sw_sum, dtype=np.float64)
         if n_outputs == 1:
             self.target = y_enc.astype(X.dtype)
