@@ -168,10 +168,10 @@ def available_backends():
 def show_config(file=None):
     """Print which backends load, with their threads, tunables and build flags; return it
     as a dict."""
-    tunables = {name: getattr(_config, name) for name in (
-        "SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "ROWS_PER_TASK", "REDUCE_BLOCK",
-        "MIN_ELEMENTS_PER_THREAD", "SERIAL_FIT_WORK", "LOG_LOSS_ROW_BLOCK",
-        "DEFAULT_MEMORY_BUDGET", "PROBA_BLOCK_BYTES", "LANES")}
+    # every tunable of _config: its upper-case int and str settings (not the name tuples)
+    tunables = {name: value for name, value in vars(_config).items()
+                if name.isupper() and not name.startswith("_")
+                and isinstance(value, (int, str))}
     info = {"default_n_threads": _config.default_n_threads(), "tunables": tunables,
             "backends": {}}
     for name in BACKENDS:

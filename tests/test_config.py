@@ -110,3 +110,15 @@ def test_limit_blas_covers_scipys_blas_loaded_later():
     # SciPy ships its own OpenBLAS next to NumPy's; both are held to one thread
     assert int(out[0]) >= 1 and out[1].strip() == "[1]"
 
+
+
+def test_info_prints_every_tunable():
+    # the README says `cecore info` prints every tunable; it listed 12 of the 20
+    import io
+
+    import cecore
+
+    shown = cecore.show_config(file=io.StringIO())["tunables"]
+    expected = {name for name, value in vars(_config).items()
+                if name.isupper() and not name.startswith("_") and isinstance(value, (int, str))}
+    assert set(shown) == expected and {"LINEAR_CHUNK_BYTES", "FIT_BLOCK_BYTES"} <= expected
