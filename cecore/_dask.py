@@ -108,7 +108,7 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
         da.from_array(_to_numpy(target), chunks=(REDUCE_BLOCK,) + (-1,) * (np.ndim(target) - 1))
     for name, a in (("logits", x), ("target", t)):
         if any(np.isnan(n) for n in a.shape):
-            raise ValueError(f"the {name}' dask array has chunks of unknown size (from a "
+            raise ValueError(f"{name}: a dask array with chunks of unknown size (from a "
                              "filter or a dataframe): call .compute_chunk_sizes() on it first")
     if unembedding is not None:
         unembedding = as_source(unembedding)
