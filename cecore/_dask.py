@@ -136,7 +136,7 @@ def _combine(parts, client, dask, opts, shape, dtype, rows, unembedding):
     seconds = time.perf_counter() - start_time
     nbytes = shape[0] * shape[1] * dtype.itemsize
     n_classes = shape[1] if unembedding is None else unembedding.shape[0]
-    return make_result(sums, opts, seconds, nbytes, rows, n_classes, loss_dtype=opts.loss_dtype)
+    return make_result(sums, opts, seconds, nbytes, rows, n_classes)
 
 
 def _in_order(parts, client, dask):

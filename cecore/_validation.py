@@ -68,12 +68,12 @@ def compute_dtype(dtype):
     return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
 
 
-def promoted_dtypes(x_dtype, target):
-    """``(out_dtype, compute_dtype)`` for logits of ``x_dtype`` and a floating-point
-    ``target`` (probabilities, already checked by :func:`float_input`): as torch, the
-    wider of the two (float32 logits with float64 probabilities give a float64 loss; the
-    gradient keeps the logits' dtype)."""
-    out = np.promote_types(x_dtype, target.dtype)
+def promoted_dtypes(x_dtype, t_dtype):
+    """``(out_dtype, compute_dtype)`` for logits of ``x_dtype`` and floating-point targets
+    of ``t_dtype`` (probabilities): as torch, the wider of the two (float32 logits with
+    float64 probabilities give a float64 loss; the gradient keeps the logits' dtype), in
+    this machine's byte order."""
+    out = np.promote_types(np.dtype(x_dtype).newbyteorder("="), np.dtype(t_dtype).newbyteorder("="))
     return out, compute_dtype(out)
 
 

@@ -214,10 +214,7 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
     ReportSums(proba, top_k, n_bins)  # checks top_k and n_bins
     # As cecore.cross_entropy: probabilities of a wider dtype promote the computation and
     # the loss; hidden states give logits of the compute dtype.
-    loss_dtype = np.dtype(x_dtype).newbyteorder("=")
-    if proba:
-        loss_dtype = np.promote_types(loss_dtype, np.dtype(t_dtype).newbyteorder("="))
-    dtype = V.compute_dtype(loss_dtype)
+    loss_dtype, dtype = V.promoted_dtypes(x_dtype, t_dtype if proba else x_dtype)
     return ScoreOptions(input_kind, proba, V.class_weight(weight, n_classes),
                         V.check_ignore_index(ignore_index),
                         V.check_label_smoothing(label_smoothing), backend,
@@ -296,12 +293,10 @@ def score_chunk(x, t, opts, sums):
     return loss
 
 
-def make_result(sums, opts, seconds, nbytes, chunk_rows, n_classes, per_row_out=None,
-                loss_dtype=None):
+def make_result(sums, opts, seconds, nbytes, chunk_rows, n_classes, per_row_out=None):
     """The :class:`ScoreResult` of accumulated ``sums``; ``mean_loss`` rounded to
-    ``loss_dtype`` (the logits' dtype, float16 included, as :func:`cecore.cross_entropy`
-    returns it; default: the compute dtype)."""
-    report = sums.report(opts.dtype if loss_dtype is None else loss_dtype)
+    ``opts.loss_dtype``, as :func:`cecore.cross_entropy` returns it."""
+    report = sums.report(opts.loss_dtype)
     return ScoreResult(
         **report, seconds=seconds,
         rows_per_second=report["rows"] / seconds if seconds else float("inf"),
@@ -433,8 +428,7 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
                 bar.update(stop - start)
         seconds = time.perf_counter() - start_time
         nbytes = n_rows * x_src.shape[1] * x_src.dtype.itemsize  # the bytes read
-        return make_result(sums, opts, seconds, nbytes, chunk, n_classes, per_row_out,
-                           out_dtype)
+        return make_result(sums, opts, seconds, nbytes, chunk, n_classes, per_row_out)
     finally:
         for src in sources:
             if src is not None:

@@ -170,7 +170,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported with class-probability targets")
         t_raw = V.float_input(t_raw, "target")
-        out_dtype, dtype = V.promoted_dtypes(out_dtype, t_raw)
+        out_dtype, dtype = V.promoted_dtypes(out_dtype, t_raw.dtype)
         x3, fortran = V.canonical(x, class_axis, dtype)
         t3 = V.canonical_like(t_raw, x3, fortran)
         # torch divides by numel / C: the number of positions, or 0 / 0 without classes.
@@ -296,7 +296,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
             f"target must be floating point (probabilities in [0, 1]), got dtype {t.dtype}; "
             "cast it, e.g. target.astype(input.dtype)"
         )
-    out_dtype, dtype = V.promoted_dtypes(x.dtype, V.float_input(t, "target"))
+    out_dtype, dtype = V.promoted_dtypes(x.dtype, V.float_input(t, "target").dtype)
     shape = x.shape
     last = shape[-1] if shape else 1
     n_rows = math.prod(shape[:-1])  # (not reshape(-1, last): ambiguous when last is 0)

@@ -243,6 +243,13 @@ CEC_INLINE double cec_log_sum(double s) {
 #define CEC_FMA(a, b, c) ((a) * (b) + (c))
 #endif
 
+/* lse - x, as every kernel forms it: (m - x) + log(s), torch's order (Numba: _dev). With
+ * m + log(s) first, log(s) was rounded to m's ulp for logits of large magnitude (at 1e15
+ * an ulp is 0.125; at 1e30 the loss became 0). */
+CEC_INLINE double cec_dev(double m, double x, double log_s) {
+    return (m - x) + log_s;
+}
+
 /* Binary cross-entropy of one element (see cec_bce_values), per type. With
  * z = exp(-|x|) in [0, 1] and lw = 1 + (pw - 1) y:
  *   loss = w ((1 - y) x + lw max(-x, 0) + lw log1p(z))
@@ -533,15 +540,13 @@ CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
 
 /* sum_c w[c] * (lse - x[c]) in float64: the label-smoothing part of the loss. Summed
  * class by class, not as sum(w) * lse - sum(w * x): with an infinite weight that would
- * be inf - inf = NaN where torch's answer is inf. Every lse - x[c] of the kernels is
- * formed as (m - x[c]) + log(s): m + log(s) first would round log(s) away for logits of
- * large magnitude (at 1e15, an ulp is 0.125; at 1e30 the loss became 0). */
+ * be inf - inf = NaN where torch's answer is inf. */
 CEC_INLINE double CEC_FN(cec_row_wdev)(const T *x, const double *w, T m, double log_s,
                                        ptrdiff_t n) {
     double s = 0.0;
     CEC_SIMD_SUM(s)
     for (ptrdiff_t c = 0; c < n; c++)
-        s += w[c] * (((double)m - (double)x[c]) + log_s);
+        s += w[c] * cec_dev(m, x[c], log_s);
     return s;
 }
 
@@ -574,7 +579,7 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     }
     const double log_s = log(s);
     const double w_t = w[t];
-    double loss = (1.0 - eps) * w_t * (((double)m - x_t) + log_s);
+    double loss = (1.0 - eps) * w_t * cec_dev(m, x_t, log_s);
     /* The smoothing terms only when eps > 0: 0 * w_total would turn a NaN weight of
      * a class that is not the target into a NaN gradient for every row (torch: none). */
     if (eps > 0.0)
@@ -612,7 +617,7 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     double ex, e2;
     const double s = CEC_FN(cec_row_sumexp_impl)(x, m, NULL, n, &ex, &e2);
     const double log_s = log(s);
-    double loss = (1.0 - eps) * w[t] * (((double)m - (double)x[t]) + log_s);
+    double loss = (1.0 - eps) * w[t] * cec_dev(m, x[t], log_s);
     if (eps > 0.0)
         loss += smooth * CEC_FN(cec_row_wdev)(x, w, m, log_s, n);
     if (!(s < INFINITY)) {
@@ -649,7 +654,7 @@ CEC_KERNEL double CEC_FN(cec_proba_row)(const T *x, const T *q, ptrdiff_t n,
     for (ptrdiff_t c = 0; c < n; c++) {
         const double v = w[c] * ((1.0 - eps) * (double)q[c] + smooth);
         wq += v;
-        loss += v * (((double)m - (double)x[c]) + log_s);
+        loss += v * cec_dev(m, x[c], log_s);
     }
     if (g) {
         const T coef = (T)(gs * wq / s);
@@ -797,7 +802,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
             const double wc = w[c];
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)
-                wdev[j] += wc * (((double)m[j] - (double)xc[j]) + log_s[j]);
+                wdev[j] += wc * cec_dev(m[j], xc[j], log_s[j]);
         }
     }
     /* An ignored position: loss 0, gradient 0 or NaN as in cec_index_row. */
@@ -805,7 +810,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
     CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {
         const int ok = target[j] != ignore_index;
-        const double l = (1.0 - eps) * w_t[j] * (((double)m[j] - x_t[j]) + log_s[j]);
+        const double l = (1.0 - eps) * w_t[j] * cec_dev(m[j], x_t[j], log_s[j]);
         loss[j] = ok ? (eps > 0.0 ? l + smooth * wdev[j] : l) : 0.0;
         const double w_sum = eps > 0.0 ? (1.0 - eps) * w_t[j] + smooth * w_total : w_t[j];
         coef[j] = ok ? (T)(gs[j] * w_sum / s[j]) : (T)(s[j] * 0.0 + zero_w);
@@ -852,7 +857,7 @@ CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
         for (ptrdiff_t j = 0; j < width; j++) {
             const double v = wc * ((1.0 - eps) * (double)qc[j] + smooth);
             wq[j] += v;
-            loss[j] += v * (((double)m[j] - (double)xc[j]) + log_s[j]);
+            loss[j] += v * cec_dev(m[j], xc[j], log_s[j]);
         }
     }
     for (ptrdiff_t j = 0; j < width; j++)

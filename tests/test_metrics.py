@@ -249,7 +249,7 @@ def test_scorers_refuse_what_is_not_the_classes_probabilities(iris):
     for scorer in (neg_log_loss_scorer, make_cross_entropy_scorer(label_smoothing=0.1)):
         with pytest.warns(UserWarning, match="do not sum to one"):
             scorer(Unnormalised(), X, y)
-    with pytest.raises(ValueError, match="label_smoothing"):
+    with pytest.raises(TypeError, match="label_smoothing"):  # as every other label_smoothing
         make_cross_entropy_scorer(label_smoothing=True)
 
 

@@ -242,7 +242,7 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     loss_dtype = x.dtype
     if proba:  # wider probabilities promote, as in cecore.cross_entropy
         t_raw = V.float_input(t_raw, "target")
-        loss_dtype, _ = V.promoted_dtypes(x.dtype, t_raw)
+        loss_dtype, _ = V.promoted_dtypes(x.dtype, t_raw.dtype)
     dtype = V.compute_dtype(loss_dtype)
     x2 = np.ascontiguousarray(x, dtype=dtype)
     t = (np.ascontiguousarray(t_raw, dtype=dtype) if proba else

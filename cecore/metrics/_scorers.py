@@ -1,9 +1,8 @@
 """Cross-entropy scorers for scikit-learn's ``scoring=``."""
 
-import numbers
-
 import numpy as np
 
+from .. import _validation as V
 from ._log_loss import _logits_loss, log_loss
 
 __all__ = ["make_cross_entropy_scorer", "neg_log_loss_scorer"]
@@ -17,10 +16,7 @@ class _CrossEntropyScorer:
     """
 
     def __init__(self, label_smoothing=0.0, from_logits=False):
-        if isinstance(label_smoothing, (bool, np.bool_)) or not (
-                isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0):
-            raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = V.check_label_smoothing(label_smoothing)
         self.from_logits = bool(from_logits)
         self._sample_weight_request = None  # metadata routing: see set_score_request
 
