@@ -121,6 +121,7 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad, in_place
     # class that is not the target into a NaN gradient for every row (torch: none).
     w_sum = (1.0 - eps) * w_t + smooth * w_total if eps > 0.0 else w_t
     coef = _cast_like(gs * w_sum / s, m)
+    sub = _cast_like(_rounded_product(gs * (1.0 - eps), w_t), m)
     if eps > 0.0:
         shift = gs * smooth
         for c in range(n_classes):
@@ -128,7 +129,7 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad, in_place
     else:
         for c in range(n_classes):
             g[c] = g[c] * coef
-    g[t] -= _cast_like(_rounded_product(gs * (1.0 - eps), w_t), m)
+    g[t] -= sub
     return loss
 
 
