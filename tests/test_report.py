@@ -142,6 +142,23 @@ def test_probability_targets_get_loss_entropy_and_brier_only(backend, rng):
     assert r["loss"] == float(cecore.cross_entropy(x, q, backend=backend))
 
 
+@pytest.mark.parametrize("bad", [[np.nan, 0.0], [-np.inf, -np.inf], [np.inf, 0.0]])
+def test_probability_targets_undefined_rows_make_entropy_nan(backend, tmp_path, bad):
+    # Entropy took 0 log 0 = 0 by testing p > 0, which a NaN probability fails too: the
+    # row counted as entropy 0 and the mean came out finite, while loss and Brier were NaN.
+    x = np.array([bad, [1.0, 0.0]])
+    q = np.array([[1.0, 0.0], [1.0, 0.0]])
+    r = classification_report_from_logits(x, q, backend=backend)
+    assert np.isnan(r["mean_entropy"]) and np.isnan(r["brier"]) and np.isnan(r["loss"])
+    assert np.isnan(batch.score(x, q, backend=backend).mean_entropy)
+
+
+def test_bad_ignore_index_is_a_type_error_with_probability_targets():
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        classification_report_from_logits(np.zeros((2, 3)), np.full((2, 3), 1 / 3),
+                                          ignore_index=None)
+
+
 def test_streamed_in_memory_and_one_row_chunks_agree_bitwise(tmp_path, rng, backend):
     x = rng.standard_normal((20000, 12)).astype(np.float32)
     t = rng.integers(0, 12, 20000)

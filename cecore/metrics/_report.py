@@ -73,7 +73,8 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
                         n_threads)
         p64 = p[:b - a].astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            stats[a:b, 0] = -np.where(p64 > 0, p64 * np.log(p64), 0.0).sum(axis=1)
+            # 0 log 0 = 0; a NaN probability (a row whose softmax is undefined) stays NaN
+            stats[a:b, 0] = -np.where(p64 == 0, 0.0, p64 * np.log(p64)).sum(axis=1)
         stats[a:b, 2] = ((p64 - t[a:b]) ** 2).sum(axis=1)
     stats[:, 1] = np.nan
     return loss, stats, None
@@ -235,6 +236,7 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     if proba and t_raw.dtype.kind != "f":
         raise TypeError(f"a target of the logits' shape {x.shape} holds class probabilities "
                         f"and must be floating point, got dtype {t_raw.dtype}")
+    ignore_index = V.check_ignore_index(ignore_index)
     if proba and ignore_index >= 0:
         raise ValueError("ignore_index is not supported with class-probability targets")
     eps = V.check_label_smoothing(label_smoothing)
@@ -250,7 +252,7 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     kernels = get_backend(backend)
     threads = V.n_threads(n_threads, x.size)
     sums = ReportSums(proba, top_k, n_bins)
-    loss, stats, rank = block_scores(kernels, x2, t, proba, w, int(ignore_index), eps,
+    loss, stats, rank = block_scores(kernels, x2, t, proba, w, ignore_index, eps,
                                      threads)
     sums.add(loss, None if proba else w[t[t != ignore_index]], stats, rank)
     report = sums.report(loss_dtype)
