@@ -407,6 +407,42 @@ def test_partial_fit_balanced_with_a_class_of_zero_weight():
     np.testing.assert_allclose(weighted.intercept_, removed.intercept_, rtol=1e-10, atol=1e-12)
 
 
+def test_partial_fit_weighs_batches_by_their_weight_and_rows():
+    # Each batch was divided by its own weight sum, so all batches pulled alike: weights
+    # that differ between batches cancelled out (a: 0.50 where the weighted optimum is
+    # 0.83), and the one-row remainder of a chunk counted as a full batch (b: 0.48 where
+    # the optimum is 0.004). The oracle is LogisticRegression on the same (weighted) rows.
+    rng = np.random.default_rng(0)
+    X = 0.01 * rng.standard_normal((200, 1))  # no signal: P(y=1) is the weighted rate
+    y = np.r_[np.arange(100) < 90, np.arange(100) < 10].astype(int)
+    sw = np.r_[np.full(100, 10.0), np.ones(100)]
+    stream = SoftmaxClassifier(C=1e6, batch_size=100, learning_rate=0.5, n_threads=1)
+    for _ in range(300):
+        stream.partial_fit(X, y, classes=[0, 1], sample_weight=sw)
+    oracle = LogisticRegression(C=1e6).fit(X, y, sample_weight=sw)
+    expected = oracle.predict_proba(X[:1])[0, 1]
+    assert expected > 0.8
+    assert abs(stream.predict_proba(X[:1])[0, 1] - expected) < 0.01
+
+    X = 0.01 * rng.standard_normal((257, 1))
+    y = np.r_[np.zeros(256, int), 1]
+    stream = SoftmaxClassifier(learning_rate=1.0, n_threads=1)  # batches of 256 and 1
+    for _ in range(300):
+        stream.partial_fit(X, y, classes=[0, 1])
+    # 300 passes: fit's C times 300 (see partial_fit's docstring)
+    expected = LogisticRegression(C=300).fit(X, y).predict_proba(X[:1])[0, 1]
+    assert expected < 0.01
+    assert abs(stream.predict_proba(X[:1])[0, 1] - expected) < 0.002
+
+
+def test_partial_fit_refuses_a_changed_fit_intercept():
+    X, y = load("iris")
+    clf = SoftmaxClassifier().partial_fit(X, y, classes=[0, 1, 2])
+    clf.set_params(fit_intercept=False)
+    with pytest.raises(ValueError, match="fit_intercept changed"):
+        clf.partial_fit(X, y)
+
+
 def test_a_failed_partial_fit_changes_nothing():
     from sklearn.exceptions import NotFittedError
     from sklearn.utils.validation import check_is_fitted
@@ -457,6 +493,9 @@ def test_zero_iterations_and_zero_tol_like_logistic_regression():
             theirs = LogisticRegression(**params).fit(X, y)
         assert ours.n_iter_ == theirs.n_iter_[0]
         np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-6)
+    # the warning counts the iterations as n_iter_ does (it said 1 for max_iter=0)
+    with pytest.warns(ConvergenceWarning, match="after 0 iteration"):
+        SoftmaxClassifier(max_iter=0).fit(X, y)
 
 
 def test_vanishing_C_gives_finite_coefficients():

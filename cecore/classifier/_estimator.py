@@ -102,8 +102,9 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         :meth:`partial_fit` so far.
     loss_curve_ : list of float
         The scaled objective (weighted mean loss plus ``||W||^2 / (2 C sum(s))``) after
-        each L-BFGS iteration; for :meth:`partial_fit`, the chunk objective before each
-        step. ``C * sum(s) * loss_curve_[-1]`` is the objective above.
+        each L-BFGS iteration of the last :meth:`fit` (empty if it took none, e.g. a warm
+        start at the optimum), where ``C * sum(s) * loss_curve_[-1]`` is the objective
+        above; for :meth:`partial_fit`, the batch objective before each step.
 
     See Also
     --------
@@ -227,18 +228,20 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         """Adagrad steps on one chunk of a stream; multinomial for three classes or more.
 
         The stream is treated as one growing data set: after chunks ``1..t`` the target
-        is :meth:`fit`'s solution on all of them. :meth:`fit`'s objective over chunks is
-        the sum of the chunk objectives ``C * sum_{i in chunk} s_i l_i +
-        (sum_chunk s / sum_all s) ||W||^2 / 2``; with ``sum_all s`` the running total of
-        the weights seen so far, each chunk is cut into batches of ``batch_size`` rows and
-        each batch takes one Adagrad step ``w -= learning_rate * g / sqrt(sum of past
-        g**2)`` on its scaled objective ``sum_batch s_i l_i / sum_batch s +
-        ||W||^2 / (2 C sum_seen s)`` (the scaling :meth:`fit` uses, whose gradient is
-        O(1)). Batch gradients are unbiased estimates of the gradient of the scaled
-        objective, and Adagrad's decaying steps converge towards its minimiser. Passing
+        is :meth:`fit`'s solution on all of them. Each chunk is cut into batches of
+        ``batch_size`` rows, and each batch takes one Adagrad step ``w -= learning_rate *
+        g / sqrt(sum of past g**2)``, ``g`` the gradient of its batch objective
+        ``sum_batch s_i l_i / (batch_size * s_mean) + (rows / batch_size) ||W||^2 /
+        (2 C S)`` with ``S`` the total weight seen so far and ``s_mean`` the mean weight
+        of a row so far. Over a pass these gradients add up to a multiple of the gradient
+        of :meth:`fit`'s scaled objective on all the data, so every row counts by its
+        weight wherever it falls: a short last batch or a batch of light rows moves the
+        model less. Adagrad's decaying steps converge towards the minimiser. Passing
         the same data again counts it again, as :meth:`fit` on the repeated rows would
         (i.e. ``C`` times the number of passes). First-order steps converge slowly on
-        ill-conditioned problems: use :meth:`fit` when the data fit in memory.
+        ill-conditioned problems: use :meth:`fit` when the data fit in memory. After
+        :meth:`fit`, a stream starts from its coefficients with a fresh Adagrad state, whose
+        first step moves every coefficient by about ``learning_rate``.
 
         Parameters
         ----------
@@ -325,6 +328,12 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         if self.class_weight is not None:
             sw *= self._class_weight(y, state.class_totals)[y_enc]
 
+        n_params = (X.shape[1] + int(self.fit_intercept)) * n_outputs
+        if state.sum_sq_grad is not None and state.sum_sq_grad.shape[0] != n_params:
+            raise ValueError(
+                f"fit_intercept changed to {self.fit_intercept} since the first call to "
+                "partial_fit: a stream keeps its parameters. Restart it on a new "
+                "estimator (sklearn.base.clone) or call fit.")
         n_threads = _config.resolve_n_threads(
             self.n_threads, min(self.batch_size, X.shape[0]) * n_outputs)
         params, losses = adagrad_steps(

@@ -60,14 +60,15 @@ def lbfgs(objective, params, *, max_iter, tol, verbose):
             objective.loss_gradient, params, method="L-BFGS-B", jac=True, callback=record,
             options={"maxiter": max_iter, "maxls": 50, "gtol": tol,
                      "ftol": 64 * np.finfo(float).eps})
+    # SciPy takes one iteration with maxiter=0; scikit-learn reports min(nit, max_iter).
+    n_iter = min(int(result.nit), max_iter)
     if not result.success:
         warnings.warn(
-            f"SoftmaxClassifier: L-BFGS failed to converge after {result.nit} "
+            f"SoftmaxClassifier: L-BFGS failed to converge after {n_iter} "
             f"iteration(s) (status={result.status}): {result.message}. Increase "
             "max_iter or scale the data (e.g. with StandardScaler).",
             ConvergenceWarning)
-    # SciPy takes one iteration with maxiter=0; scikit-learn reports min(nit, max_iter).
-    return result.x, min(int(result.nit), max_iter), loss_curve
+    return result.x, n_iter, loss_curve
 
 
 @dataclass
@@ -80,12 +81,15 @@ class AdagradState:
         Sums of the sample weights of each class so far (for ``class_weight='balanced'``).
     weight_seen : float
         Sum of the (class-weighted) sample weights so far: the penalty's weight.
+    rows_seen : int
+        Rows so far (``weight_seen / rows_seen`` is the mean weight of a row).
     sum_sq_grad : ndarray of shape (n_params,) or None
         Sum of the squared gradients of all steps so far; None before the first step.
     """
 
     class_totals: np.ndarray
     weight_seen: float = 0.0
+    rows_seen: int = 0
     sum_sq_grad: np.ndarray | None = None
 
 
@@ -93,9 +97,20 @@ def adagrad_steps(state, make_objective, X, y_enc, sample_weight, params, *, bat
                   learning_rate):
     """Adagrad steps on one chunk of a stream, one per ``batch_size`` rows.
 
-    Each batch takes the step ``w -= learning_rate * g / sqrt(sum of past g**2)`` with
-    ``g`` the gradient of ``make_objective(X_b, y_b, s_b, penalty_weight=sum_seen s)``;
-    batches of zero total weight are skipped.
+    Each batch ``B`` takes the step ``w -= learning_rate * g / sqrt(sum of past g**2)``
+    with ``g`` the gradient of its batch objective::
+
+        f_B = sum_B s_i l_i / (batch_size * s_mean) + |B| / batch_size * ||W||^2 / (2 C S)
+
+    where ``S`` is the total weight seen so far and ``s_mean = S / rows seen``. Over a
+    pass over the data these gradients add up to ``n_rows / batch_size`` times the
+    gradient of :class:`~cecore.classifier._objective.LinearObjective` on all of it, so a
+    batch counts by its weight and its rows: a short last batch of a chunk, or a batch of
+    light rows, takes a proportionally smaller step. (Each batch divided by its own
+    weight sum gave every batch the same pull: weights that differed between batches
+    cancelled out, and a one-row remainder counted as a full batch.) With equal weights
+    and full batches ``f_B`` is the batch's mean loss plus the penalty. Batches of zero
+    total weight take no step.
 
     Parameters
     ----------
@@ -115,18 +130,24 @@ def adagrad_steps(state, make_objective, X, y_enc, sample_weight, params, *, bat
     params : ndarray
         Parameters after the chunk.
     losses : list of float
-        The batch objective before each step.
+        The batch objective ``f_B`` before each step.
     """
     params = params.copy()
     losses = []
     state.weight_seen += float(sample_weight.sum())
+    state.rows_seen += X.shape[0]
     for start in range(0, X.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        if not sample_weight[rows].sum() > 0:
+        total, n_rows = float(sample_weight[rows].sum()), sample_weight[rows].shape[0]
+        if not (total > 0 and state.weight_seen > 0):
             continue
+        # LinearObjective's f = sum_B s l / total + ||W||^2 / (2 C P) times `scale` is f_B
+        # when P = total / n_rows * rows_seen (1 and rows_seen for full, equal batches).
+        scale = total * state.rows_seen / (batch_size * state.weight_seen)
         objective = make_objective(X[rows], y_enc[rows], sample_weight[rows],
-                                   penalty_weight=state.weight_seen)
+                                   penalty_weight=total / n_rows * state.rows_seen)
         value, grad = objective.loss_gradient(params)
+        value, grad = value * scale, grad * scale
         if state.sum_sq_grad is None:
             state.sum_sq_grad = np.zeros_like(grad)
         state.sum_sq_grad += grad * grad
