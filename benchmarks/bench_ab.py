@@ -66,7 +66,7 @@ def _new_kernels(builds):
     return kernels
 
 
-def _cases(rng):
+def _cases(rng, threads):
     for dt in (np.float32, np.float64):
         for n, c, s in CE_SHAPES:
             x = rng.standard_normal((n, c, s)).astype(dt)
@@ -74,7 +74,7 @@ def _cases(rng):
             loss, grad = np.empty((n, s)), np.empty_like(x)
             args = (x, t, np.ones(c), -100, 0.0, np.broadcast_to(1.0 / n, (n, s)), loss, grad)
             yield (f"{dt.__name__} {n}x{c}x{s} loss+grad reused",
-                   lambda k, a=args: k.softmax_ce_index(*a, 2), (loss, grad))
+                   lambda k, a=args: k.softmax_ce_index(*a, threads), (loss, grad))
         for n, c in SCORE_SHAPES:
             x = rng.standard_normal((n, c)).astype(dt)
             t = rng.integers(0, c, n)
@@ -82,10 +82,10 @@ def _cases(rng):
             zero = np.broadcast_to(0.0, (n, 1))
             yield (f"{dt.__name__} {n}x{c} loss only",
                    lambda k, a=(x[:, :, None], t[:, None], np.ones(c), -100, 0.0, zero,
-                                loss[:, None], None): k.softmax_ce_index(*a, 2), (loss,))
+                                loss[:, None], None): k.softmax_ce_index(*a, threads), (loss,))
             yield (f"{dt.__name__} {n}x{c} scores",
                    lambda k, a=(x, t, np.ones(c), -100, 0.0, loss, stats, rank):
-                   k.softmax_ce_scores(*a, 2), (loss, stats, rank))
+                   k.softmax_ce_scores(*a, threads), (loss, stats, rank))
         for n, c in BCE_SHAPES:
             x = rng.standard_normal((n, c)).astype(dt)
             y = (rng.random((n, c)) < 0.5).astype(dt)
@@ -93,11 +93,11 @@ def _cases(rng):
             loss = np.empty((n, c))
             args = (x, y, one, one, np.broadcast_to(0.0, (n, c)), loss, None)
             yield (f"{dt.__name__} {n}x{c} bce loss",
-                   lambda k, a=args: k.bce_logits(*a, 2), (loss,))
+                   lambda k, a=args: k.bce_logits(*a, threads), (loss,))
             grad = np.empty_like(x)
             args = (x, y, one, one, np.broadcast_to(1.0 / x.size, (n, c)), loss, grad)
             yield (f"{dt.__name__} {n}x{c} bce loss+grad reused",
-                   lambda k, a=args: k.bce_logits(*a, 2), (loss, grad))
+                   lambda k, a=args: k.bce_logits(*a, threads), (loss, grad))
 
 
 def main():
@@ -106,6 +106,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated: run the cases whose name contains one of these")
+    parser.add_argument("--threads", type=int, default=2, help="n_threads of every call (default 2)")
     parser.add_argument("--backends", default="", help="comma-separated, e.g. numba,cython-avx2")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cecore-ab-") as tmp:
@@ -115,7 +116,7 @@ def main():
             new = _new_kernels([k.split("-", 1)[1] for k in base if k.startswith("cython-")])
             rows, results = [], []
             chosen = [b for b in base if not args.backends or b in args.backends.split(",")]
-            for name, call, outputs in _cases(np.random.default_rng(0)):
+            for name, call, outputs in _cases(np.random.default_rng(0), args.threads):
                 if not any(part in name for part in args.only.split(",")):
                     continue
                 for backend in chosen:
@@ -141,7 +142,7 @@ def main():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(workdir / "tree")], check=False)
     print(format_table(["case", "backend", "base ms", "new ms", "new/base", "same bits"], rows))
-    info = machine_info(base=args.base)
+    info = machine_info(base=args.base, threads=args.threads)
     print(f"CPU: {info['cpu_model']}; saved {save_json({'machine': info, 'results': results}, 'ab.json')}")
 
 

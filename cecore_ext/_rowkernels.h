@@ -74,9 +74,25 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define CEC_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#define CEC_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
 #else
 #define CEC_PREFETCH(p) ((void)0)
+#define CEC_PREFETCH_W(p) ((void)0)
 #endif
+
+/* Ask for the cache lines of [p, p + bytes), to be read (write = 0) or written. The
+ * few-classes path asks for its next block of rows and of the gradient while it computes
+ * the current block: its transposes otherwise wait on memory, as the block's arithmetic
+ * (in L1) and its memory traffic do not overlap. */
+CEC_INLINE void cec_prefetch_range(const void *p, ptrdiff_t bytes, int write) {
+    const char *b = (const char *)p;
+    for (ptrdiff_t i = 0; i < bytes; i += 64) {
+        if (write)
+            CEC_PREFETCH_W(b + i);
+        else
+            CEC_PREFETCH(b + i);
+    }
+}
 
 /* CEC_LANES (cecore._config.LANES): independent accumulators of the row max and the row
  * sums. One accumulator per vector lane would make each pass wait on the latency of one
