@@ -182,20 +182,21 @@ def check_label_smoothing(label_smoothing):
     return eps
 
 
-def index_target(target, input_shape, n_classes, ignore_index):
+def index_target(target, input_shape, n_classes, ignore_index, probabilities=True):
     """Class-index targets as int64 of shape (N, S), range-checked.
 
     ``input_shape`` is the user's input shape: ``(C,)`` (unbatched, target 0-d) or
-    ``(N, C, d1, ..., dK)`` (target ``(N, d1, ..., dK)``).
+    ``(N, C, d1, ..., dK)`` (target ``(N, d1, ..., dK)``). ``probabilities``: whether
+    the caller also takes probability targets (the errors then point to them).
     """
     ignore_index = check_ignore_index(ignore_index)
     t = _to_numpy(target)
     if t.dtype.kind not in "iu":
         kind = "floating point" if t.dtype.kind == "f" else str(t.dtype)
+        hint = ("; probability targets must have the same shape as the input"
+                if probabilities else "")
         raise TypeError(
-            f"class-index targets must be integers, got {kind} (dtype {t.dtype}); "
-            "probability targets must have the same shape as the input"
-        )
+            f"class-index targets must be integers, got {kind} (dtype {t.dtype}){hint}")
     if len(input_shape) == 1:
         # torch's forward also takes a (1,) target here, but its backward then fails;
         # cecore accepts only the scalar, for the loss and the gradient alike.
@@ -209,7 +210,8 @@ def index_target(target, input_shape, n_classes, ignore_index):
         if t.ndim != len(expected):
             raise ValueError(
                 f"target of shape {t.shape} does not match input of shape {input_shape}: "
-                f"expected class indices of shape {expected} or probabilities of shape {input_shape}"
+                f"expected class indices of shape {expected}"
+                + (f" or probabilities of shape {input_shape}" if probabilities else "")
             )
         if t.shape[0] != expected[0]:
             raise ValueError(

@@ -230,14 +230,18 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     out_dtype, dtype = x.dtype, V.compute_dtype(x.dtype)
     n_classes = x.shape[class_axis]
     t_raw = V._to_numpy(target)
-    t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index)  # checks ignore_index too
+    # (checks ignore_index too; nll_loss takes no probability targets)
+    t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index, probabilities=False)
     x3, fortran = V.canonical(x, class_axis, dtype)
     positions = (x3.shape[0], x3.shape[2])
     t2 = t2.reshape(positions)
     keep = t2 != ignore_index
     safe_t = np.where(keep, t2, 0)
-    picked = np.take_along_axis(x3, safe_t[:, None, :], axis=1)[:, 0, :]
-    w_t = np.where(keep, w[safe_t], 0.0)
+    if n_classes:
+        picked = np.take_along_axis(x3, safe_t[:, None, :], axis=1)[:, 0, :]
+        w_t = np.where(keep, w[safe_t], 0.0)
+    else:  # every target is ignored (index_target checked it): nothing to pick
+        picked, w_t = np.zeros(positions, dtype), np.zeros(positions)
     loss_out = -w_t * picked.astype(np.float64)
     loss_out[~keep] = 0.0
     denominator = np.float64(_reduce.fixed_sum(w_t)) if reduction == "mean" else np.float64(1.0)
@@ -254,7 +258,9 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     # targets, picked_grad): the buffer may share memory with any input.
     grad3, gradient = _gradient_out(grad_out, x, x3, fortran)
     grad3[...] = 0
-    np.put_along_axis(grad3, safe_t[:, None, :], picked_grad[:, None, :].astype(dtype), axis=1)
+    if n_classes:
+        np.put_along_axis(grad3, safe_t[:, None, :], picked_grad[:, None, :].astype(dtype),
+                          axis=1)
     return loss, gradient()
 
 

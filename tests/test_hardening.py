@@ -335,6 +335,27 @@ def test_zero_classes_give_torchs_answers(backend):
     assert_close(loss, torch_cross_entropy(np.zeros((2, 3, 0)), np.zeros((2, 0), int))[0])
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none", "mean"])
+def test_nll_loss_with_zero_classes_gives_torchs_answers(backend, reduction):
+    # nll_loss picked class 0 of every (ignored) row: numpy's raw IndexError
+    for x, t in ((np.zeros((3, 0)), np.full(3, -100)), (np.zeros(0), np.array(-100))):
+        tx = torch.zeros(x.shape, dtype=torch.float64, requires_grad=True)
+        expected = torch.nn.functional.nll_loss(tx, torch.as_tensor(t), reduction=reduction)
+        expected.sum().backward()
+        loss, grad = cecore.nll_loss(x, t, reduction=reduction, return_grad=True,
+                                     backend=backend)
+        assert_close(loss, expected.detach().numpy())
+        assert grad.shape == x.shape
+
+
+def test_nll_loss_float_targets_are_not_sent_to_probabilities():
+    # the shared check told nll_loss users to pass probabilities, which it does not take
+    with pytest.raises(TypeError, match=r"must be integers, got floating point \(dtype float64\)$"):
+        cecore.nll_loss(np.zeros((2, 3)), np.full((2, 3), 1 / 3))
+    with pytest.raises(ValueError, match=r"expected class indices of shape \(2,\)$"):
+        cecore.nll_loss(np.zeros((2, 3)), np.zeros((2, 3), int))
+
+
 def test_cli_zero_classes_is_a_one_line_error(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((5, 0), np.float32))
     np.save(tmp_path / "t.npy", np.zeros(5, int))
