@@ -66,6 +66,10 @@ CASES = {
     "fortran": ([0, 1, 2], np.asfortranarray([[.2, .3, .5], [0, 1, 0], [.1, 0, .9]])),
     "strided": ([0, 1, 2], np.array([[.2, .3, .5, 9], [0, 1, 0, 9], [.1, 0, .9, 9]])[:, :3]),
     "float16": ([0, 1, 2], np.array([[.2, .3, .5], [0, 1, 0], [.1, 0, .9]], np.float16)),
+    # the fast path scored the data behind the mask (hostile review)
+    "masked labels": (np.ma.array([0, 1, 1], mask=[0, 0, 1]), P2),
+    "masked labels, nothing masked": (np.ma.array([0, 1, 1], mask=[0, 0, 0]), P2),
+    "column of labels": (np.array([[0], [1], [1]]), P2),
 }
 
 
@@ -144,6 +148,8 @@ def test_log_loss_from_logits_is_exact():
     np.testing.assert_allclose(log_loss_from_logits(yb, z), expected, rtol=1e-12)
     with pytest.raises(ValueError, match="columns"):
         log_loss_from_logits([0, 1, 2], logits[:3, :2])
+    # a column of labels, as log_loss takes it (it was "not a label indicator matrix")
+    assert log_loss_from_logits(y[:, None], logits) == log_loss_from_logits(y, logits)
 
 
 @pytest.fixture
@@ -249,6 +255,26 @@ def test_scorers_refuse_what_is_not_the_classes_probabilities(iris):
     for scorer in (neg_log_loss_scorer, make_cross_entropy_scorer(label_smoothing=0.1)):
         with pytest.warns(UserWarning, match="do not sum to one"):
             scorer(Unnormalised(), X, y)
+    # ... and the smoothed score took the log-softmax of log p, i.e. renormalised them:
+    # it jumped from -log_loss at 0 to another value for any smoothing > 0
+    nll = -np.log(np.array([0.5, 0.3, 0.5]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for eps in (1e-12, 0.1, 1.0):
+            expected = -np.mean((1 - eps) * nll[y] + eps * nll.mean())
+            score = make_cross_entropy_scorer(label_smoothing=eps)(Unnormalised(), X, y)
+            assert score == pytest.approx(expected, rel=1e-12)
+
+    # three classes, three pairs: as many columns as classes, still not logits
+    from sklearn.pipeline import make_pipeline
+
+    y3 = np.arange(len(y)) % 3
+    for ovo3 in (SVC(decision_function_shape="ovo").fit(X, y3),
+                 make_pipeline(StandardScaler(), SVC(decision_function_shape="ovo")).fit(X, y3)):
+        with pytest.raises(ValueError, match="one-vs-one"):
+            make_cross_entropy_scorer(from_logits=True)(ovo3, X, y3)
+    binary = SVC(decision_function_shape="ovo").fit(X, y3 > 0)  # one margin: a logit
+    assert np.isfinite(make_cross_entropy_scorer(from_logits=True)(binary, X, y3 > 0))
     with pytest.raises(TypeError, match="label_smoothing"):  # as every other label_smoothing
         make_cross_entropy_scorer(label_smoothing=True)
 

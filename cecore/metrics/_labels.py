@@ -17,6 +17,8 @@ def _as_labels(y_true):
     """
     if hasattr(y_true, "to_numpy") and getattr(y_true, "ndim", 1) == 1:  # pandas
         y_true = y_true.to_numpy()
+    if isinstance(y_true, np.ma.MaskedArray):
+        return None  # its data would be scored through the mask: scikit-learn's path
     if isinstance(y_true, np.ndarray):
         y = y_true
     elif isinstance(y_true, (list, tuple)):

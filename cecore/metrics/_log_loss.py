@@ -240,6 +240,8 @@ def _logits_loss(y_true, logits, sample_weight, labels, normalize, label_smoothi
     check_consistent_length(logits, y_true, sample_weight)
     if sample_weight is not None:
         _check_sample_weight(sample_weight, logits, force_float_dtype=False)
+    if np.ndim(y_true) == 2 and np.shape(y_true)[1] == 1:  # a column of labels, which
+        y_true = np.asarray(y_true).reshape(-1)           # log_loss takes as labels too
     target, indicator, classes = _encode(y_true, labels)
     if indicator is not None:
         raise ValueError("log_loss_from_logits needs 1-D class labels, not a label indicator matrix")

@@ -30,10 +30,14 @@ class _CrossEntropyScorer:
         classes = estimator.classes_
         if self.from_logits:
             logits = estimator.decision_function(X)
-            if np.ndim(logits) == 2 and np.shape(logits)[1] != len(classes):
-                # e.g. SVC(decision_function_shape='ovo'): one column per pair of classes
-                raise ValueError(f"decision_function gives {np.shape(logits)[1]} columns for "
-                                 f"{len(classes)} classes_: they are not logits of the classes")
+            if (len(classes) > 2 and _one_vs_one(estimator)) or (
+                    np.ndim(logits) == 2 and np.shape(logits)[1] != len(classes)):
+                # SVC(decision_function_shape='ovo'): one column per pair of classes, as
+                # many as the classes when there are three (two classes: one margin, a logit)
+                raise ValueError(
+                    f"decision_function gives {np.shape(logits)[-1]} columns for "
+                    f"{len(classes)} classes_ that are not logits of the classes (a "
+                    "one-vs-one decision_function_shape?)")
             return -_logits_loss(y_true, logits, sample_weight, classes, True,
                                  self.label_smoothing)
         proba = np.asarray(estimator.predict_proba(X))
@@ -42,14 +46,18 @@ class _CrossEntropyScorer:
         loss = log_loss(y_true, proba, sample_weight=sample_weight, labels=classes)
         if not self.label_smoothing:
             return -loss
-        # Smoothed cross-entropy needs every log-probability: take them in place in
-        # predict_proba's fresh output (clipped as log_loss clips), then the kernel's
-        # log-softmax of log-probabilities that sum to one changes nothing.
+        # Smoothed: (1 - eps) log_loss + eps * the mean over classes of -log p, both on the
+        # probabilities as given (clipped as log_loss clips). Rows that do not sum to one
+        # (log_loss warned) are not renormalised, so the score tends to -log_loss as eps
+        # goes to 0; for rows that sum to one this is torch's smoothed cross-entropy.
         proba = np.array(proba, dtype=np.float64 if proba.dtype != np.float32 else np.float32)
+        if proba.ndim == 1 or proba.shape[1] == 1:  # P(classes_[1]), as log_loss reads it
+            proba = np.column_stack([1 - proba.reshape(-1), proba.reshape(-1)])
         eps = np.finfo(proba.dtype).eps
         np.clip(proba, eps, 1 - eps, out=proba)
-        np.log(proba, out=proba)
-        return -_logits_loss(y_true, proba, sample_weight, classes, True, self.label_smoothing)
+        uniform = -np.log(proba).astype(np.float64).mean(axis=1)
+        return -((1 - self.label_smoothing) * loss +
+                 self.label_smoothing * float(np.average(uniform, weights=sample_weight)))
 
     def set_score_request(self, *, sample_weight=None):
         """Request ``sample_weight`` under scikit-learn's metadata routing, as its own
@@ -73,6 +81,14 @@ class _CrossEntropyScorer:
         request = MetadataRequest(owner=self)
         request.score.add_request(param="sample_weight", alias=self._sample_weight_request)
         return request
+
+
+def _one_vs_one(estimator):
+    """Whether ``decision_function`` gives one-vs-one margins: ``decision_function_shape``
+    'ovo' on the estimator or on the last step of a pipeline (nested ones too)."""
+    while hasattr(estimator, "steps"):
+        estimator = estimator.steps[-1][1]
+    return getattr(estimator, "decision_function_shape", None) == "ovo"
 
 
 def make_cross_entropy_scorer(*, label_smoothing=0.0, from_logits=False):
