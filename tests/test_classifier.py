@@ -364,6 +364,30 @@ def test_pipeline_gridsearch_clone_pickle_pandas():
     assert cross_val_score(SoftmaxClassifier(), StandardScaler().fit_transform(X), y, cv=3).mean() > 0.9
 
 
+def test_objective_memory_is_a_few_copies_of_the_coefficients():
+    # Each of the FIT_LANES lanes kept a scratch copy of coef_ for good and returned its own
+    # float64 gradient, all alive until the last lane was done: 2 * FIT_LANES + 1 copies
+    # (a helper measured 897 MB of peak RSS for 600 classes x 5000 features, against
+    # LogisticRegression's 566). On one thread a lane's copies now live only while it runs.
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((640, 2000)), np.arange(640) % 200
+    coef_bytes = 2001 * 200 * 8
+    tracemalloc.start()
+    try:
+        objective = LinearObjective(X, y, np.ones(640), 1.0, 200, fit_intercept=True,
+                                    backend="auto", n_threads=1)
+        assert len(objective._lanes) == 8
+        objective.loss_gradient(np.zeros(objective.n_params))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # about 6 now (the transposed weights, one lane's gradient and scratch, the running
+    # sum, the gradient returned and its penalty term); 18 before
+    assert peak < 8 * coef_bytes, peak / coef_bytes
+
+
 # -- partial_fit ----------------------------------------------------------------------------
 
 def test_partial_fit_converges_towards_fit_on_a_stream():
