@@ -149,7 +149,7 @@ class LinearObjective:
             # all first (taking each as it came cost 25 % of a small fit's evaluation, in
             # thread wake-ups). Each lane's scratch lives only while it runs: kept per lane,
             # scratch and gradients were 2 * FIT_LANES copies of coef_ (600 classes x 5000
-            # features: peak RSS 897 MB, LogisticRegression 566; now 623, 694 on 2 threads).
+            # features: peak RSS 897 MB, LogisticRegression 566; now 622, 740 on 2 threads).
             if self.n_threads == 1 or len(self._lanes) == 1:
                 parts = map(run, self._lanes)
             else:
