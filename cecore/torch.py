@@ -51,8 +51,9 @@ longer exists (nothing could then differentiate the gradient it returns).
 """
 
 import ctypes
-import numbers
+import math
 import mmap
+import numbers
 import sys
 import warnings
 import weakref
@@ -145,8 +146,10 @@ def _all_tensors(*args):
 
 
 def _with_grad(input):
-    """Whether the forward pass must also compute the input's gradient."""
-    return torch.is_grad_enabled() and input.requires_grad
+    """Whether the forward pass must also compute the input's gradient: always under
+    ``torch.jit.trace``, which records the value as a constant (a trace made with inputs
+    that need no gradient then raised at every backward)."""
+    return torch.jit.is_tracing() or (torch.is_grad_enabled() and input.requires_grad)
 
 
 # ----------------------------------------------------------- calling cecore.functional
@@ -314,13 +317,40 @@ _ONCE_MESSAGE = ("cecore.torch losses are differentiable once: their gradient ha
 
 def _once(grads, sources):
     """``grads`` (computed under create_graph=True, linear in grad_output) with a
-    :class:`_SecondOrderGuard` of ``sources`` added, weak references to the tensors they are
-    the gradients of; if one is gone, nothing could reach it: raise now."""
-    alive = [ref() for ref in sources]
+    :class:`_SecondOrderGuard` of ``sources`` added: the anchors of :func:`_anchors`, or
+    weak references to the tensors ``grads`` are the gradients of (an operator called
+    directly, or under torch.compile); if such a tensor is gone, nothing could reach it:
+    raise now."""
+    alive = [s() if isinstance(s, weakref.ref) else s for s in sources]
     if any(t is None for t in alive):
         raise RuntimeError(_ONCE_MESSAGE)
     guard = _SecondOrderGuard.apply(*alive)
     return [None if g is None else g + guard.to(g.dtype) for g in grads]
+
+
+def _traced(grad_output):
+    """Whether ``grad_output`` may be more than a plain tensor whose value can be read:
+    traced (a subclass, a dispatch mode, compiling), batched (functorch's vmap), or
+    differentiable (create_graph=True: products must stay on the graph)."""
+    return (type(grad_output) is not Tensor or is_in_torch_dispatch_mode()
+            or torch.compiler.is_compiling() or torch.is_grad_enabled()
+            or torch._C._functorch.is_batchedtensor(grad_output))
+
+
+def _skip_ignored(grad_output, target, ignore_index):
+    """``grad_output`` with 0 at the positions whose target is ``ignore_index``.
+
+    torch skips those positions, so their gradient is 0 (NaN where the softmax is)
+    whatever ``grad_output`` holds there; the saved gradient times an infinite or NaN
+    ``grad_output`` (the loss's ``sqrt`` or ``log`` at an ignored position, whose loss is
+    0) made it NaN. A finite scalar needs nothing (no pass over the positions then)."""
+    if grad_output.dim() == 0 and not _traced(grad_output):
+        try:
+            if math.isfinite(grad_output.item()):
+                return grad_output
+        except RuntimeError:  # batched by is_grads_batched: cannot be read
+            pass
+    return torch.where(target == ignore_index, 0, grad_output)
 
 
 def _scaled(ctx, grad, grad_output):
@@ -335,12 +365,7 @@ def _scaled(ctx, grad, grad_output):
     a retained graph, or torch tracing the backward: torch.compile, opcheck, make_fx) a new
     tensor is returned.
     """
-    # Out of place where grad_output may be more than a plain tensor: traced (a subclass,
-    # a dispatch mode, compiling), batched (functorch's vmap), or differentiable
-    # (create_graph=True: the product must stay on the graph).
-    traced = (type(grad_output) is not Tensor or is_in_torch_dispatch_mode()
-              or torch.compiler.is_compiling() or torch.is_grad_enabled()
-              or torch._C._functorch.is_batchedtensor(grad_output))
+    traced = _traced(grad_output)
     reusable = (getattr(ctx, "gradient_disowned", False)
                 and not torch._C._autograd._get_current_graph_task_keep_graph())
     if traced or not reusable:
@@ -355,8 +380,21 @@ def _scaled(ctx, grad, grad_output):
         return grad * grad_output
 
 
-def _disown_gradient(loss):
-    """Mark the gradient output of the operator that made ``loss`` as never seen by the caller.
+def _anchors(*tensors):
+    """For each tensor that requires grad, a tensor of no elements on its autograd graph
+    that does not keep its memory (``as_strided`` saves the geometry only): what
+    :func:`_once` hangs its guard on. Weak references to the tensors themselves were dead
+    whenever a tensor was a temporary (``x @ W``, an autocast copy, a reshaped weight),
+    and a JVP by double backward then raised. About 5 us per tensor."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return []
+    return [t.as_strided((0,), (1,)).clone() for t in tensors
+            if t is not None and t.requires_grad]
+
+
+def _disown_gradient(loss, anchors=()):
+    """Mark the gradient output of the operator that made ``loss`` as never seen by the
+    caller, and give its backward the ``anchors`` of the tensors it differentiates.
 
     The functions call the operators and drop that output, so :func:`_scaled` may reuse
     its memory. (``loss.grad_fn`` is the autograd context of the operator's backward.)
@@ -364,13 +402,25 @@ def _disown_gradient(loss):
     if not torch.compiler.is_compiling() and loss.grad_fn is not None:
         try:
             loss.grad_fn.gradient_disowned = True
+            if anchors:
+                loss.grad_fn.sources = list(anchors)
         except AttributeError:  # a tensor subclass's node (AliasBackward0...): not reused
             pass
 
 
 def _versions(tensors):
-    """What :func:`_check_versions` compares: each tensor (weakly) and its version counter."""
-    return [(weakref.ref(t), t._version) for t in tensors if isinstance(t, Tensor)]
+    """What :func:`_check_versions` compares: each tensor (weakly) and its version counter.
+
+    Inference tensors have no version counter: torch's own losses refuse to save them,
+    and so does this, with torch's message (which names the fix)."""
+    tensors = [t for t in tensors if isinstance(t, Tensor)]
+    if any(t.is_inference() for t in tensors):
+        raise RuntimeError(
+            "Inference tensors cannot be saved for backward. Please do not use Tensors created "
+            "in inference mode in computation tracked by autograd. To work around this, you "
+            "can make a clone to get a normal tensor and use it in autograd, or use "
+            "`torch.no_grad()` instead of `torch.inference_mode()`.")
+    return [(weakref.ref(t), t._version) for t in tensors]
 
 
 def _check_versions(versions):
@@ -388,7 +438,7 @@ def _check_versions(versions):
                 f"expected version {version} (as torch's own loss checks)")
 
 
-def _register_autograd(op, reduction_arg, per_element, watched):
+def _register_autograd(op, reduction_arg, per_element, watched, ignore_arg=None):
     """Backward of ``op``: the forward's gradient (saved) scaled by ``grad_output``.
 
     ``reduction_arg`` is the position of ``reduction`` in the op's arguments. With
@@ -396,6 +446,7 @@ def _register_autograd(op, reduction_arg, per_element, watched):
     binary cross-entropy) or the input's without the class axis 1 (unbatched input has no
     batch axis and a 0-d loss). ``watched``: the positions of the arguments that torch's
     own function saves, whose in-place modification before backward raises there.
+    ``ignore_arg``: the position of ``ignore_index`` (class-index targets, argument 1).
     """
 
     def setup_context(ctx, inputs, output):
@@ -410,9 +461,11 @@ def _register_autograd(op, reduction_arg, per_element, watched):
         ctx.save_for_backward(grad)
         ctx.n_inputs = len(inputs)
         ctx.has_grad = grad.numel() == input.numel()
-        ctx.class_axis = (1 if inputs[reduction_arg] == "none" and not per_element
-                          and input.dim() > 1 else None)
+        ctx.class_axis = 1 if not per_element and input.dim() > 1 else None
         ctx.versions = _versions([inputs[i] for i in watched])
+        target = inputs[1]
+        ctx.ignore = ((target, inputs[ignore_arg]) if ignore_arg is not None
+                      and not target.is_floating_point() else None)
 
     def backward(ctx, grad_output, _):
         (grad,) = ctx.saved_tensors
@@ -422,11 +475,13 @@ def _register_autograd(op, reduction_arg, per_element, watched):
         if not ctx.has_grad:
             raise RuntimeError(f"{op._qualname} was called with with_grad=False: no gradient")
         _check_versions(ctx.versions)
-        if ctx.class_axis is not None:
+        if ctx.ignore is not None:
+            grad_output = _skip_ignored(grad_output, *ctx.ignore)
+        if ctx.class_axis is not None and grad_output.dim():
             grad_output = grad_output.unsqueeze(ctx.class_axis)
         result = _scaled(ctx, grad, grad_output)
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
-            (result,) = _once([result], [ctx.input_ref])
+            (result,) = _once([result], getattr(ctx, "sources", None) or [ctx.input_ref])
         return (result,) + nones
 
     op.register_autograd(backward, setup_context=setup_context)
@@ -502,8 +557,10 @@ def _(input, target, weight, pos_weight, reduction, with_grad, backend, n_thread
 
 
 # watched: what torch's functions save (cross_entropy's backward needs no logits)
-_register_autograd(_cross_entropy_op, reduction_arg=4, per_element=False, watched=(1, 2))
-_register_autograd(_nll_loss_op, reduction_arg=4, per_element=False, watched=(0, 1, 2))
+_register_autograd(_cross_entropy_op, reduction_arg=4, per_element=False, watched=(1, 2),
+                   ignore_arg=3)
+_register_autograd(_nll_loss_op, reduction_arg=4, per_element=False, watched=(0, 1, 2),
+                   ignore_arg=3)
 _register_autograd(_bce_op, reduction_arg=4, per_element=True, watched=(0, 1, 2, 3))
 
 
@@ -534,7 +591,10 @@ def _linear_ce_op(input: Tensor, linear_weight: Tensor, target: Tensor,
         _raise_torch_error(error, TF.linear_cross_entropy, input.detach(),
                            linear_weight.detach(), target,
                            linear_bias=None if linear_bias is None else linear_bias.detach(),
-                           weight=weight, reduction=reduction, ignore_index=ignore_index,
+                           weight=weight, reduction=reduction,
+                           # torch's default (None) where cecore put its -100 in: given
+                           # -100, torch blames ignore_index for other errors
+                           ignore_index=None if ignore_index == -100 else ignore_index,
                            label_smoothing=label_smoothing)
     loss, grads = result if with_grad else (result, (None, None, None))
     return (torch.from_numpy(np.asarray(loss)).to(input.dtype),
@@ -600,7 +660,13 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.has_grad = with_grad
     ctx.source_refs = [weakref.ref(t) for t in (input, linear_weight, linear_bias)
                        if t is not None]
-    ctx.versions = _versions((input, linear_weight, target, linear_bias, weight))
+    if ctx.recompute:  # every input is saved for the second pass (torch checks them)
+        watched = (input, linear_weight, target, linear_bias, weight)
+    else:  # what torch's F.linear + cross_entropy save: never the bias, the input only
+        # for the weight's gradient, the weight only for the input's
+        watched = [target, weight] + [a for a, b in ((input, linear_weight),
+                                                     (linear_weight, input)) if b.requires_grad]
+    ctx.versions = _versions(watched)
     if ctx.recompute:
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
         ctx.options = (ignore_index, label_smoothing, chunk_size, backend, n_threads)
@@ -630,7 +696,7 @@ def _linear_backward(ctx, grad_output, *_):
     else:
         grads = [_scaled(ctx, g, grad_output) for g in ctx.saved_tensors]
     if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
-        grads = _once(grads, ctx.source_refs)
+        grads = _once(grads, getattr(ctx, "sources", None) or ctx.source_refs)
     grad_input, grad_linear_weight, grad_linear_bias = grads
     needs = ctx.needs_input_grad
     return (grad_input if needs[0] else None, grad_linear_weight if needs[1] else None, None,
@@ -675,7 +741,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         ignore_index, label_smoothing, n_threads, backend)
     loss, _ = _cross_entropy_op(input, target, weight, ignore_index, reduction,
                                 label_smoothing, _with_grad(input), backend, n_threads)
-    _disown_gradient(loss)
+    _disown_gradient(loss, _anchors(input))
     return loss
 
 
@@ -700,7 +766,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
         backend=backend)
     loss, _ = _nll_loss_op(input, target, weight, ignore_index, reduction,
                            _with_grad(input), backend, n_threads)
-    _disown_gradient(loss)
+    _disown_gradient(loss, _anchors(input))
     return loss
 
 
@@ -726,7 +792,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     _, _, n_threads = _scalars(None, n_threads=n_threads, backend=backend)
     loss, _ = _bce_op(input, target, weight, pos_weight, reduction, _with_grad(input),
                       backend, n_threads)
-    _disown_gradient(loss)
+    _disown_gradient(loss, _anchors(input))
     return loss
 
 
@@ -768,9 +834,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         return with_torch()
     input, linear_weight, linear_bias, weight = _autocast(input, linear_weight, linear_bias,
                                                           weight)
-    with_grad = (reduction != "none" and torch.is_grad_enabled()
-                 and any(t is not None and t.requires_grad
-                         for t in (input, linear_weight, linear_bias)))
+    with_grad = reduction != "none" and (torch.jit.is_tracing() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                        for t in (input, linear_weight, linear_bias))))
     ignore_index, label_smoothing, n_threads = _scalars(
         with_torch, -100 if ignore_index is None else ignore_index, label_smoothing, n_threads,
         backend)
@@ -779,7 +845,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     loss, *_ = _linear_ce_op(input, linear_weight, target, linear_bias, weight, ignore_index,
                              reduction, label_smoothing, with_grad, chunk_size, backend,
                              n_threads)
-    _disown_gradient(loss)
+    _disown_gradient(loss, _anchors(input, linear_weight, linear_bias))
     return loss
 
 

@@ -885,3 +885,106 @@ def test_dataloader_fork_workers():
         assert_close(grad.numpy(), x.grad.numpy(), np.float32)
         n_items += 1
     assert n_items == 4
+
+
+@pytest.mark.parametrize("loss", ["ce", "ce_smooth", "ce_kdim", "nll"])
+@pytest.mark.parametrize("upstream", ["sqrt", "inf_mean"])
+def test_ignored_positions_get_zero_gradient_whatever_grad_output(gen, loss, upstream):
+    # torch skips ignored positions; cecore multiplied their saved zero gradient by
+    # grad_output, and the loss's sqrt (infinite slope at an ignored loss of 0) or an
+    # infinite scalar made them NaN, which then spread into every parameter
+    shape, tshape = ((4, 5, 3), (4, 3)) if loss == "ce_kdim" else ((4, 5), (4,))
+    x0 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    t = _index_target(gen, tshape, 5)
+    t.view(-1)[1] = -100
+    kw = {"label_smoothing": 0.2} if loss == "ce_smooth" else {}
+    grads = []
+    for fn in ((ct.nll_loss, TF.nll_loss) if loss == "nll" else (ct.cross_entropy, TF.cross_entropy)):
+        x = x0.clone().requires_grad_()
+        if upstream == "sqrt":
+            fn(x, t, reduction="none", **kw).sqrt().sum().backward()
+        else:
+            fn(x, t, **kw).backward(torch.tensor(float("inf"), dtype=torch.float64))
+        grads.append(x.grad)
+    ours, theirs = grads
+    ignored = (t == -100).unsqueeze(1).expand(shape)
+    assert (ours[ignored] == 0).all() and (theirs[ignored] == 0).all()
+    if upstream == "sqrt":
+        assert_close(ours.numpy(), theirs.numpy(), np.float64)
+
+
+def test_jvp_through_temporaries_and_hessians_still_raise(gen):
+    # The guard that makes second derivatives raise was hung on a weak reference to the
+    # logits; a temporary (x @ W, a reshaped weight, an autocast copy) was gone by backward
+    # and a JVP raised "differentiable once" although it needs no second derivative.
+    h = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    t = _index_target(gen, (4,), 5)
+    v = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    module = ct.LinearCrossEntropyLoss(3, 5, dtype=torch.float64)
+    reference = torch.nn.LinearCrossEntropyLoss(3, 5, dtype=torch.float64)
+    reference.load_state_dict(module.state_dict())
+    for ours, theirs in ((lambda a: ct.cross_entropy(a @ w.T, t), lambda a: TF.cross_entropy(a @ w.T, t)),
+                         (lambda a: ct.nll_loss(torch.log_softmax(a @ w.T, 1), t),
+                          lambda a: TF.nll_loss(torch.log_softmax(a @ w.T, 1), t)),
+                         (lambda a: module(a, t), lambda a: reference(a, t))):
+        with no_fallback():
+            got = torch.autograd.functional.jvp(ours, h, v)[1]
+            with pytest.raises(RuntimeError, match="differentiable once"):
+                torch.autograd.functional.hessian(ours, h)
+        assert_close(got.numpy(), torch.autograd.functional.jvp(theirs, h, v)[1].numpy(),
+                     np.float64)
+
+
+def test_jit_trace_with_inputs_that_need_no_gradient(gen):
+    # the trace recorded with_grad=False as a constant: its losses then had no gradient
+    x = torch.randn(6, 4, generator=gen)
+    t = _index_target(gen, (6,), 4)
+    with no_fallback():
+        traced = torch.jit.trace(lambda a, b: ct.cross_entropy(a, b), (x, t))
+        a = x.clone().requires_grad_()
+        traced(a, t).backward()
+    b = x.clone().requires_grad_()
+    TF.cross_entropy(b, t).backward()
+    assert_close(a.grad.numpy(), b.grad.numpy(), np.float32)
+
+
+@pytest.mark.parametrize("case", ["bias", "input_frozen_weight", "weight_frozen_input"])
+def test_linear_in_place_checks_follow_what_torch_saves(gen, case):
+    # torch's linear saves the input only for the weight's gradient and the weight only
+    # for the input's, and never the bias: cecore raised in all three cases
+    def run(fn):
+        g = torch.Generator().manual_seed(0)
+        # "input_frozen_weight": the input is modified, the weight needs no gradient
+        h = torch.randn(4, 3, generator=g, dtype=torch.float64,
+                        requires_grad=case != "weight_frozen_input")
+        w = torch.randn(5, 3, generator=g, dtype=torch.float64,
+                        requires_grad=case != "input_frozen_weight")
+        b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+        t = torch.tensor([0, 1, 4, 2])
+        loss = fn(h, w, t, linear_bias=b)
+        with torch.no_grad():
+            {"bias": b, "input_frozen_weight": h, "weight_frozen_input": w}[case].add_(1)
+        loss.backward()
+        return [p.grad for p in (h, w, b) if p.requires_grad]
+
+    with no_fallback():
+        ours = run(ct.linear_cross_entropy)
+    theirs = run(TF.linear_cross_entropy)
+    for a, b in zip(ours, theirs):
+        assert_close(a.numpy(), b.numpy(), np.float64)
+
+
+def test_inference_tensors_and_integer_probability_shaped_targets_give_torchs_errors(gen):
+    with torch.inference_mode():
+        t = torch.tensor([1, 0])
+    x = torch.randn(2, 3, generator=gen, requires_grad=True)
+    for fn in (TF.cross_entropy, ct.cross_entropy):
+        with pytest.raises(RuntimeError, match="make a clone"):
+            fn(x, t)
+    # an integer target of shape (N, V): torch blames its dtype; cecore's -100 in place of
+    # torch's default ignore_index made torch blame ignore_index
+    h, w = torch.randn(2, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    for fn in (TF.linear_cross_entropy, ct.linear_cross_entropy):
+        with pytest.raises(RuntimeError, match="Expected floating point type for target"):
+            fn(h, w, torch.zeros(2, 4, dtype=torch.long))
