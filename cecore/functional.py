@@ -393,8 +393,13 @@ def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
 def perplexity(input, target, ignore_index=-100, *, weight=None, backend="auto", n_threads=None):
     """Perplexity ``exp(mean cross-entropy)`` of class-index targets, as a Python float.
 
-    Ignored targets are excluded from the mean (as language-model padding is).
+    Ignored targets are excluded from the mean (as language-model padding is). float16
+    logits give the exponential of the float32 mean (of a float16-rounded mean, it was up
+    to 0.4 % off for losses of 8 to 16).
     """
+    x = V._to_numpy(input)
+    if x.dtype == np.float16:  # computed in float32 anyway (no extra copy)
+        input = x.astype(np.float32)
     loss = cross_entropy(input, target, weight=weight, ignore_index=ignore_index,
                          reduction="mean", backend=backend, n_threads=n_threads)
     return float(np.exp(np.float64(loss)))

@@ -517,13 +517,16 @@ CEC_INLINE void CEC_FN(cec_moments)(const T *e, const T *x, T m, ptrdiff_t len,
 
 /* sum_c exp(x[c] - m) in float64; also stores exp(x[c] - m) in e[c] when e != NULL,
  * and with ex != NULL accumulates *ex = sum_c e_c (x_c - m) (classes with e_c = 0 add
- * nothing, as p log p -> 0) and *e2 = sum_c e_c**2 for softmax_ce_scores.
+ * nothing, as p log p -> 0) and *e2 = sum_{c != t} e_c**2 for softmax_ce_scores. The
+ * target's exp is left out of the block's moments (its entropy term is added in float64):
+ * in a confident row e_t ~ 1, and next to it the other squares rounded away in the
+ * block's float32 sums (Brier scores 1e-3 off where they were 1e-5).
  * Per block of CEC_SUM_BLOCK classes the exps are written (to e, or to scratch) by one loop
  * and summed in float64 by another: fused, the float64 adds would set the vector width
  * and halve the float32 exp's. The same two loops run with or without e (and ex), so
  * loss-only, loss+gradient and scoring calls sum in the same order. */
 CEC_INLINE double CEC_FN(cec_row_sumexp_impl)(const T *x, T m, T *e, ptrdiff_t n,
-                                              double *ex, double *e2) {
+                                              ptrdiff_t t, double *ex, double *e2) {
     T scratch[CEC_SUM_BLOCK];
     double acc[CEC_LANES] = {0.0}, a = 0.0, q = 0.0;
     for (ptrdiff_t b = 0; b < n; b += CEC_SUM_BLOCK) {
@@ -540,8 +543,18 @@ CEC_INLINE double CEC_FN(cec_row_sumexp_impl)(const T *x, T m, T *e, ptrdiff_t n
         for (ptrdiff_t c = 0; c < len; c++)
             dst[c] = EXP(xb[c] - m);
         CEC_FN(cec_add_lanes)(acc, dst, len);
-        if (ex)  /* the block's exps are still in L1 */
+        if (ex) {  /* the block's exps are still in L1 */
+            const int here = t >= b && t < b + len;
+            const T et = here ? dst[t - b] : (T)0;
+            if (here)
+                dst[t - b] = 0;
             CEC_FN(cec_moments)(dst, xb, m, len, &a, &q);
+            if (here) {
+                dst[t - b] = et;
+                if (et > 0)
+                    a += (double)et * (double)(xb[t - b] - m);
+            }
+        }
     }
     if (ex) {
         *ex = a;
@@ -551,7 +564,7 @@ CEC_INLINE double CEC_FN(cec_row_sumexp_impl)(const T *x, T m, T *e, ptrdiff_t n
 }
 
 CEC_INLINE double CEC_FN(cec_row_sumexp)(const T *x, T m, T *e, ptrdiff_t n) {
-    return CEC_FN(cec_row_sumexp_impl)(x, m, e, n, NULL, NULL);
+    return CEC_FN(cec_row_sumexp_impl)(x, m, e, n, -1, NULL, NULL);
 }
 
 /* sum_c w[c] * (lse - x[c]) in float64: the label-smoothing part of the loss. Summed
@@ -631,7 +644,7 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     int32_t above, tied_before = 0;
     const T m = CEC_FN(cec_row_max_count)(x, n, xt, &above);
     double ex, e2;
-    const double s = CEC_FN(cec_row_sumexp_impl)(x, m, NULL, n, &ex, &e2);
+    const double s = CEC_FN(cec_row_sumexp_impl)(x, m, NULL, n, t, &ex, &e2);
     const double log_s = log(s);
     double loss = (1.0 - eps) * w[t] * cec_dev(m, x[t], log_s);
     if (eps > 0.0)
@@ -645,7 +658,10 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     const double e_t = (double)EXP(x[t] - m);
     stats[0] = log_s - ex / s;
     stats[1] = 1.0 / s;
-    stats[2] = e2 / (s * s) - 2.0 * e_t / s + 1.0;
+    /* sum_{c != t} p_c**2 + (1 - p_t)**2, with 1 - p_t = (s - e_t) / s (exact enough in
+     * float64); e2 / s**2 - 2 p_t + 1 cancelled for confident rows */
+    const double rest = (s - e_t) / s;
+    stats[2] = e2 / (s * s) + rest * rest;
     if (above == 0) {  /* only then can an earlier tie take the top spot */
         CEC_SIMD_SUM(tied_before)
         for (ptrdiff_t c = 0; c < t; c++)

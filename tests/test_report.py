@@ -153,6 +153,27 @@ def test_probability_targets_undefined_rows_make_entropy_nan(backend, tmp_path, 
     assert np.isnan(batch.score(x, q, backend=backend).mean_entropy)
 
 
+@pytest.mark.parametrize("dtype, gap", [(np.float32, 12.0), (np.float32, 16.0), (np.float64, 30.0)])
+def test_brier_of_confident_rows_keeps_its_relative_accuracy(backend, dtype, gap):
+    # The kernels formed sum p**2 - 2 p_t + 1, with the sum of squares in the logits' type
+    # within blocks: next to p_t**2 ~ 1 the other squares rounded away, and the Brier
+    # score of confident rows came out 1e-3 (Cython) to 1e-2 (Numba) off, where it is 1e-6
+    # (hostile review). Reference: sum_{c != t} p_c**2 + (sum_{c != t} p_c)**2 in float64.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 1000)).astype(dtype)
+    t = rng.integers(0, 1000, 64)
+    x[np.arange(64), t] = gap + 3
+    x64 = x.astype(np.float64)
+    e = np.exp(x64 - x64.max(axis=1, keepdims=True))
+    p = e / e.sum(axis=1, keepdims=True)
+    others = p.copy()
+    others[np.arange(64), t] = 0
+    expected = ((others ** 2).sum(axis=1) + others.sum(axis=1) ** 2).mean()
+    r = classification_report_from_logits(x, t, backend=backend)
+    # (float64, gap 33: 1 - p_t = 5e-12 is s - e_t in float64, good to about 1e-5; it was 0)
+    np.testing.assert_allclose(r["brier"], expected, rtol=1e-5 if dtype == np.float32 else 1e-4)
+
+
 def test_bad_ignore_index_is_a_type_error_with_probability_targets():
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         classification_report_from_logits(np.zeros((2, 3)), np.full((2, 3), 1 / 3),

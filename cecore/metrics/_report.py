@@ -179,12 +179,15 @@ class ReportSums:
         # the denominators of cecore.cross_entropy's mean, computed the same way
         denominator = np.float64(rows if self.proba else self.sums["weight"].total())
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf perplexity
-            mean_loss = float(dtype.type(_reduce.mean(loss_sum, denominator)))
+            exact_mean = _reduce.mean(loss_sum, denominator)
+            mean_loss = float(dtype.type(exact_mean))
 
             def mean(total):
                 return float(np.float64(total) / scored) if scored else float("nan")
 
-            result = {"mean_loss": mean_loss, "perplexity": float(np.exp(np.float64(mean_loss))),
+            # perplexity from the float64 mean: exp of a float16-rounded loss of 8 to 16
+            # was up to 0.4 % off
+            result = {"mean_loss": mean_loss, "perplexity": float(np.exp(exact_mean)),
                       "accuracy": None, "top_k_accuracy": None,
                       "mean_entropy": mean(self.sums["entropy"].total()),
                       "ece": None, "brier": mean(self.sums["brier"].total()),
