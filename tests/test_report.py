@@ -174,6 +174,21 @@ def test_brier_of_confident_rows_keeps_its_relative_accuracy(backend, dtype, gap
     np.testing.assert_allclose(r["brier"], expected, rtol=1e-5 if dtype == np.float32 else 1e-4)
 
 
+def test_float16_perplexity_is_not_the_exp_of_a_float16_rounded_loss(backend):
+    # losses of 8 to 16 are rounded to float16 steps of 0.0078: their exp was 0.4 % off
+    rng = np.random.default_rng(0)
+    x = (4 * rng.standard_normal((300, 8000))).astype(np.float16)
+    t = rng.integers(0, 8000, 300)
+    x64 = x.astype(np.float64)
+    lse = np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1)) + x64.max(1)
+    expected = np.exp((lse - x64[np.arange(300), t]).mean())
+    r = classification_report_from_logits(x, t, backend=backend)
+    assert r["loss"] == float(cecore.cross_entropy(x, t, backend=backend))  # float16, as before
+    np.testing.assert_allclose(r["perplexity"], expected, rtol=2e-6)
+    np.testing.assert_allclose(cecore.perplexity(x, t, backend=backend), expected, rtol=2e-6)
+    assert batch.score(x, t, backend=backend).perplexity == r["perplexity"]
+
+
 def test_bad_ignore_index_is_a_type_error_with_probability_targets():
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         classification_report_from_logits(np.zeros((2, 3)), np.full((2, 3), 1 / 3),
