@@ -229,7 +229,11 @@ def open_array(spec):
     path, member = _split_member(spec)
     _check_regular(path)
     with open(path, "rb") as f:
-        if not zipfile.is_zipfile(f):
+        # the .npy magic first, as np.load: is_zipfile looks for a zip's end record in the
+        # last 64 kB, which a .npy's data can contain by chance
+        npy = f.read(6) == b"\x93NUMPY"
+        f.seek(0)
+        if npy or not zipfile.is_zipfile(f):
             if member is not None:
                 raise ValueError(f"{path} is not an .npz (zip) file")
             f.seek(0)
@@ -341,6 +345,10 @@ def check_output_path(path, inputs=()):
         return real, 0o666 & ~_umask()
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path} exists and is not a regular file: refusing to replace it")
+    if not os.access(real, os.W_OK):
+        # np.save would fail there; the atomic rename needs only the directory's permission
+        # and would have replaced a file its owner had made read-only
+        raise PermissionError(f"{path} exists and is not writable: refusing to replace it")
     for other in inputs:
         if other is None:
             continue

@@ -69,8 +69,8 @@ class ScoreResult:
     """What :func:`score` measured.
 
     ``mean_loss`` equals ``cecore.cross_entropy(logits, target, ...)`` on the whole array
-    in memory (same dtype, bit for bit); ``perplexity`` is the exponential of the mean
-    loss in float64, before that rounding (float16 logits). The metrics
+    in memory (same dtype, bit for bit); ``perplexity`` is ``cecore.perplexity``'s,
+    ``exp(mean_loss)`` (for float16 logits, of the float32 mean). The metrics
     (``accuracy``, ``top_k_accuracy``, ``mean_entropy``, ``ece``, ``brier``) are those of
     :func:`cecore.metrics.classification_report_from_logits`, over the rows whose target
     is not ignored; None where undefined (probability targets have no accuracy, top-k

@@ -287,3 +287,40 @@ def test_peak_rss_stays_within_budget(tmp_path):
     file_size = os.path.getsize(x_path)
     assert file_size > 7 * budget
     assert after - before < budget + 30 * 10**6, (before, after)  # slack: imports, thread stacks
+
+
+def test_a_npy_whose_data_looks_like_a_zip_end_record_is_a_npy(tmp_path, rng):
+    # is_zipfile scans the last 64 kB for a zip's end record; a .npy whose data held those
+    # bytes by chance was refused as a broken zip (hostile review). np.load reads the magic.
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    raw = bytearray(x.tobytes())
+    raw[-22:] = b"PK\x05\x06" + bytes(18)
+    x = np.frombuffer(bytes(raw), np.float32).reshape(64, 8)
+    t = rng.integers(0, 8, 64)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    r = batch.score(str(tmp_path / "x.npy"), str(tmp_path / "t.npy"))
+    assert r.mean_loss == float(cecore.cross_entropy(x, t))
+
+
+def test_per_row_out_refuses_a_file_it_may_not_write(tmp_path, rng, monkeypatch):
+    # the atomic rename needs only the directory's permission: a .npy its owner had made
+    # read-only was replaced where np.save fails (hostile review, as a non-root user)
+    import cecore._io as io
+
+    x = rng.standard_normal((10, 4))
+    t = rng.integers(0, 4, 10)
+    keep = tmp_path / "keep.npy"
+    np.save(keep, np.arange(3))
+    real_access = os.access
+    monkeypatch.setattr(io.os, "access", lambda p, mode: False if os.fspath(p) == str(keep)
+                        else real_access(p, mode))
+    with pytest.raises(PermissionError, match="not writable"):
+        batch.score(x, t, per_row_out=str(keep))
+    np.testing.assert_array_equal(np.load(keep), np.arange(3))
+
+
+def test_top_k_beyond_int64_does_not_count_undefined_rows(rng):
+    x = np.array([[np.nan, 0.0, 0.0], [0.0, 1.0, 2.0]])
+    for k in (3, 2**62, 2**63, 2**70):
+        assert batch.score(x, np.array([0, 2]), top_k=k).top_k_accuracy == 0.5

@@ -109,7 +109,9 @@ class ReportSums:
                 not 1 <= n_bins <= MAX_BINS:
             # The bins' sums are kept per block of rows: 1e8 bins took minutes and GBs.
             raise ValueError(f"n_bins must be an int in [1, {MAX_BINS}], got {n_bins!r}")
-        self.proba, self.top_k, self.n_bins = proba, int(top_k), int(n_bins)
+        # (capped: undefined rows have rank int64 max, which a k of 2**63 counted as hits;
+        # every k above the number of classes counts the same rows)
+        self.proba, self.top_k, self.n_bins = proba, min(int(top_k), 2**63 - 1), int(n_bins)
         self.sums = {name: _reduce.BlockSum() for name in self._SUMS}
         self.confidence = _reduce.BinnedBlockSum(n_bins + 1)
         # rows, rows ignored, top-1 correct, top-k correct; top-1 correct per bin
@@ -181,13 +183,14 @@ class ReportSums:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf perplexity
             exact_mean = _reduce.mean(loss_sum, denominator)
             mean_loss = float(dtype.type(exact_mean))
+            # exp of the mean in the compute dtype, as cecore.perplexity: for float16 logits
+            # the float32 mean (exp of a float16-rounded loss of 8 to 16 was 0.4 % off)
+            perplexity = float(np.exp(np.float64(V.compute_dtype(dtype).type(exact_mean))))
 
             def mean(total):
                 return float(np.float64(total) / scored) if scored else float("nan")
 
-            # perplexity from the float64 mean: exp of a float16-rounded loss of 8 to 16
-            # was up to 0.4 % off
-            result = {"mean_loss": mean_loss, "perplexity": float(np.exp(exact_mean)),
+            result = {"mean_loss": mean_loss, "perplexity": perplexity,
                       "accuracy": None, "top_k_accuracy": None,
                       "mean_entropy": mean(self.sums["entropy"].total()),
                       "ece": None, "brier": mean(self.sums["brier"].total()),
