@@ -7,6 +7,7 @@ fast and ``cecore score`` never imports scikit-learn.
 """
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -189,6 +190,9 @@ def _emit(text):
     """Print the result; a reader that went away (``| head``) ends the command quietly,
     as SIGPIPE would (exit 141), and a full disk or an encoding that cannot show a path is
     an error line, not a traceback."""
+    if sys.stdout is None:  # started with stdout closed (>&-): the result would be lost
+        print("cecore score: error: cannot write the result: stdout is closed", file=sys.stderr)
+        return 1
     try:
         try:
             print(text, flush=True)
@@ -197,8 +201,7 @@ def _emit(text):
             sys.stdout.buffer.write((text + "\n").encode(encoding, "backslashreplace"))
             sys.stdout.flush()
     except BrokenPipeError:
-        # Python would report the pipe again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         return 141
     except OSError as exc:
         print(f"cecore score: error: cannot write the result: {exc}", file=sys.stderr)
@@ -225,6 +228,8 @@ def main(argv=None):
         if name == chosen:
             configure(command)
             command.set_defaults(_run=run)
+    if sys.stderr is None:  # started with stderr closed (2>&-): messages go nowhere, as asked
+        sys.stderr = open(os.devnull, "w")
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -238,6 +243,22 @@ def main(argv=None):
             raise
         print(f"cecore {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `cecore info | head`: end quietly, as SIGPIPE would
+        _stdout_to_devnull()
+        return 141
+    except OSError as exc:  # demo and info print as they go: a full disk is an error line
+        if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EFBIG):
+            raise
+        _stdout_to_devnull()
+        print(f"cecore {args.command}: error: cannot write the output: {exc}", file=sys.stderr)
+        return 1
+
+
+def _stdout_to_devnull():
+    """Point stdout at /dev/null: Python would otherwise fail again when it flushes stdout
+    at exit, with a traceback-like message."""
+    if sys.stdout is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _terminated(signum, frame):

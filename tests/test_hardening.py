@@ -463,6 +463,23 @@ def test_result_to_a_full_disk_or_a_closed_pipe(scored_files):
     assert p.wait() in (0, 141) and b"Traceback" not in p.stderr.read()
 
 
+def test_closed_streams_and_info_to_a_full_disk(scored_files):
+    # (hostile review) stderr closed: 'NoneType' has no isatty, exit 1 and no scoring;
+    # stdout closed: exit 0 with the result thrown away; `cecore info` to a full disk or a
+    # closed pipe: tracebacks
+    _, _, d = scored_files
+    cmd = f"'{sys.executable}' -m cecore.cli score '{d / 'x.npy'}' '{d / 't.npy'}'"
+    p = subprocess.run(cmd + " 2>&-", shell=True, capture_output=True, text=True)
+    assert p.returncode == 0 and "mean loss" in p.stdout
+    p = subprocess.run(cmd + " >&-", shell=True, capture_output=True, text=True)
+    assert p.returncode == 1 and "stdout is closed" in p.stderr
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "cecore.cli", "info"], stdout=full,
+                           stderr=subprocess.PIPE, text=True)
+    assert p.returncode == 1 and "cannot write the output" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_sigterm_removes_the_partial_per_row_file(tmp_path):
     import signal
     import time
