@@ -56,6 +56,28 @@ def test_hidden_scoring_in_python_without_bias(lm, backend):
     assert r.n_classes == 300
 
 
+def test_big_endian_unembedding_is_converted_once(lm):
+    # matmul converted the whole big-endian matrix again for every chunk (a 61 MB weight:
+    # 6x slower, and a copy outside the budget each time; hostile review)
+    import pickle
+
+    from cecore._io import open_array
+
+    h, w, b, t, d = lm
+    np.save(d / "w_be.npy", w.astype(">f4"))
+    native = batch.score(str(d / "h.npy"), str(d / "t.npy"), unembedding=str(d / "w.npy"),
+                         memory_budget="100KB")
+    big = batch.score(str(d / "h.npy"), str(d / "t.npy"), unembedding=str(d / "w_be.npy"),
+                      memory_budget="100KB")
+    assert big.mean_loss == native.mean_loss and big.chunk_rows < 1500
+    head = batch.LinearHead(open_array(str(d / "w_be.npy")))
+    np.testing.assert_array_equal(head.logits(h[:10]), h[:10] @ w.T)
+    converted = head.__dict__["_native"]
+    head.logits(h[10:20])
+    assert head.__dict__["_native"] is converted  # not again
+    assert "_native" not in pickle.loads(pickle.dumps(head)).__dict__  # Dask gets the reader
+
+
 @pytest.mark.parametrize("case, message", [
     ("d", "must have shape (V, 48)"),
     ("dtype", "float32 or float64"),
