@@ -172,8 +172,8 @@ def _read_header(f, path):
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        elif version in ((2, 0), (3, 0)):  # 3.0: 2.0 with a UTF-8 header (np.save writes
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)  # it for such names)
         else:
             raise ValueError(f"unsupported format version {version}")
     except Exception as exc:  # noqa: BLE001 - a damaged header raises all kinds of errors
@@ -282,10 +282,16 @@ def load_small(path, what):
     errors that name it as ``what``."""
     _check_regular(path)
     try:
-        return np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise ValueError(f"{what} {path} is not a readable .npy array of numbers "
                          f"({type(exc).__name__})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):  # its one array (it was read as the names)
+        with loaded:
+            if len(loaded.files) != 1:
+                raise ValueError(f"{what} {path} holds arrays {loaded.files}: give one .npy")
+            return loaded[loaded.files[0]]
+    return loaded
 
 
 def as_source(obj):

@@ -324,3 +324,26 @@ def test_top_k_beyond_int64_does_not_count_undefined_rows(rng):
     x = np.array([[np.nan, 0.0, 0.0], [0.0, 1.0, 2.0]])
     for k in (3, 2**62, 2**63, 2**70):
         assert batch.score(x, np.array([0, 2]), top_k=k).top_k_accuracy == 0.5
+
+
+def test_npy_version_3_and_npz_class_weights(tmp_path, rng):
+    # (hostile review) a version-3.0 .npy, which np.load reads, was "damaged"; an .npz
+    # given as --weight was read as its member names ("got dtype <U1")
+    import numpy.lib.format as npy_format
+
+    from cecore.cli import main
+
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    t = rng.integers(0, 4, 20)
+    with open(tmp_path / "x.npy", "wb") as f:
+        npy_format.write_array(f, x, version=(3, 0))
+    np.save(tmp_path / "t.npy", t)
+    w = rng.random(4) + 0.5
+    np.savez(tmp_path / "w.npz", w)
+    r = batch.score(str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), weight=w)
+    assert r.mean_loss == float(cecore.cross_entropy(x, t, weight=w))
+    assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"),
+                 "--weight", str(tmp_path / "w.npz")]) == 0
+    np.savez(tmp_path / "w2.npz", a=w, b=w)
+    assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"),
+                 "--weight", str(tmp_path / "w2.npz")]) == 1
