@@ -407,8 +407,12 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
     no partial file behind, and the target is never one of ``inputs``.
     """
     real, mode = check_output_path(path, inputs)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real), prefix=f".{os.path.basename(real)}.",
-                               suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real),
+                                   prefix=f".{os.path.basename(real)}.", suffix=".tmp")
+    except OSError as exc:  # name the file asked for, not the hidden temporary one
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror} (in its "
+                                   "directory, where it is written first)") from None
     PENDING.add(tmp)
     written = [0]
     try:

@@ -347,3 +347,16 @@ def test_npy_version_3_and_npz_class_weights(tmp_path, rng):
     np.savez(tmp_path / "w2.npz", a=w, b=w)
     assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"),
                  "--weight", str(tmp_path / "w2.npz")]) == 1
+
+
+def test_unwritable_output_directory_names_the_output(tmp_path, rng, monkeypatch):
+    # the error named the hidden temporary file (".o.npy.kjeltq03.tmp"), not the path given
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".o.npy.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError, match=r"cannot write .*o\.npy: Permission denied"):
+        batch.score(rng.standard_normal((4, 3)), np.zeros(4, int),
+                    per_row_out=str(tmp_path / "o.npy"))
