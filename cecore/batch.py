@@ -130,7 +130,7 @@ class LinearHead:
         w = self.weight.rows(0, self.weight.shape[0])
         if not w.dtype.isnative:
             # converted once per process: matmul converted the whole matrix again for every
-            # chunk (a big-endian 61 MB weight: 6x slower, and a copy each time)
+            # chunk, a copy of the weight per chunk
             native = self.__dict__.get("_native")
             if native is None:
                 native = self.__dict__["_native"] = w.astype(w.dtype.newbyteorder("="))

@@ -146,10 +146,10 @@ class LinearObjective:
         with _config.limit_blas(1):
             # Lanes are added in lane order. On one thread each lane's gradient is added
             # and dropped before the next lane runs; with a pool the caller collects them
-            # all first (taking each as it came cost 25 % of a small fit's evaluation, in
-            # thread wake-ups). Each lane's scratch lives only while it runs: kept per lane,
-            # scratch and gradients were 2 * FIT_LANES copies of coef_ (600 classes x 5000
-            # features: peak RSS 897 MB, LogisticRegression 566; now 622, 740 on 2 threads).
+            # all first (taking each as it came woke the caller once per lane). Each lane's
+            # scratch lives only while it runs: kept per lane, scratch and gradients were
+            # 2 * FIT_LANES copies of coef_ alive at once (tests/test_classifier.py counts
+            # the copies with tracemalloc).
             if self.n_threads == 1 or len(self._lanes) == 1:
                 parts = map(run, self._lanes)
             else:

@@ -3,7 +3,7 @@
 import numpy as np
 
 from .. import _validation as V
-from ._log_loss import _logits_loss, log_loss
+from ._log_loss import _logits_loss, _weighted_mean, log_loss
 
 __all__ = ["make_cross_entropy_scorer", "neg_log_loss_scorer"]
 
@@ -55,9 +55,10 @@ class _CrossEntropyScorer:
             proba = np.column_stack([1 - proba.reshape(-1), proba.reshape(-1)])
         eps = np.finfo(proba.dtype).eps
         np.clip(proba, eps, 1 - eps, out=proba)
-        uniform = -np.log(proba).astype(np.float64).mean(axis=1)
+        np.log(proba, out=proba)  # in the copy: no other N x C temporary
+        uniform = -proba.mean(axis=1, dtype=np.float64)
         return -((1 - self.label_smoothing) * loss +
-                 self.label_smoothing * float(np.average(uniform, weights=sample_weight)))
+                 self.label_smoothing * _weighted_mean(uniform, sample_weight, True))
 
     def set_score_request(self, *, sample_weight=None):
         """Request ``sample_weight`` under scikit-learn's metadata routing, as its own
