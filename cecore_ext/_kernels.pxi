@@ -315,7 +315,8 @@ cdef void _index_small_c_item(Py_ssize_t k, const floating *x,
     if g != NULL:
         gt = xt + C * CEC_SMALL_C_ROWS
     # The next block (this thread's, under the static schedule) is on its way while this
-    # one is computed: 1e6 x 10 float32 with the gradient, one thread, 22 -> 18 ns per row.
+    # one is computed, so the transposes do not wait on memory (bench_ab.py and the C
+    # harness numbers: benchmarks/results/kernel_findings.md, sixth session).
     nxt = min(a.N - r0 - width, <Py_ssize_t>CEC_SMALL_C_ROWS) * C
     if nxt > 0:
         cec_prefetch_range(x + (r0 + width) * C, nxt * sizeof(floating), 0)
