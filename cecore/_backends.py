@@ -77,7 +77,10 @@ Log-softmax likewise is ``(x - m) - log(s)``.
 
     - input, target : const floating (R, L)
     - weight, pos_weight, grad_scale : const float64 (R, L), any strides (broadcast views)
-    - loss_out : float64 (R, L); grad_out : floating (R, L), or None for loss only
+    - loss_out : float64 (R, L) for the elementwise losses, or (ceil(R * L / B),) for
+      their sums over consecutive blocks of B = ``REDUCE_BLOCK`` positions of the
+      row-major stream (reduction 'mean' and 'sum'; each block summed in an order that
+      depends on the shape only); grad_out : floating (R, L), or None for loss only
 
 ``softmax(logits, log, out, n_threads)``
     ``out[n, :, s]`` = softmax (``log=False``) or log-softmax (``log=True``) of

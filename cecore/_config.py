@@ -14,7 +14,9 @@ import warnings
 AUTO_ORDER = ("cython", "numba")
 
 # Positions reduced per block by cecore._reduce. A fixed block makes sums independent of
-# thread counts and of how a stream is chunked (chunks are multiples of this).
+# thread counts and of how a stream is chunked (chunks are multiples of this). Also the
+# positions per work item of bce_logits, which sums each item's losses itself for
+# reduction 'mean' and 'sum'.
 REDUCE_BLOCK = 8192
 
 # Up to this many classes, 2-D class-index inputs use the "across rows" kernels: rows
@@ -46,12 +48,7 @@ ROWS_PER_TASK = 16
 LANES = 16
 
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
-C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES")
-
-# binary_cross_entropy_with_logits with reduction 'mean' or 'sum': bytes of the reused
-# float64 buffer that takes one chunk of rows' elementwise losses before they are summed
-# (about half an L2 cache per thread, so the sum reads them from cache).
-ELEMENTWISE_CHUNK_BYTES = 2 << 20
+C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES", "REDUCE_BLOCK")
 
 # Rows per block of log_loss's label-indicator path (bounds its temporaries).
 LOG_LOSS_ROW_BLOCK = 8192

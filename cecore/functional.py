@@ -13,7 +13,7 @@ import numpy as np
 from . import _reduce
 from . import _validation as V
 from ._backends import get_backend
-from ._config import ELEMENTWISE_CHUNK_BYTES
+from ._config import REDUCE_BLOCK
 
 __all__ = [
     "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
@@ -329,20 +329,11 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
         kernels.bce_logits(x2, t2, w2, pw2, scale, loss_out, grad2, threads)
         loss = _reduce_loss(loss_out, reduction, denominator, shape, out_dtype)
     else:
-        # Only the total is needed: rows go through the kernel in chunks, their float64
-        # losses into one reused buffer of about ELEMENTWISE_CHUNK_BYTES (in cache when
-        # summed), instead of an array twice the size of float32 logits, written to
-        # memory and read back. The block sums are the same, so the total is too.
-        total = _reduce.BlockSum()
-        rows = max(1, ELEMENTWISE_CHUNK_BYTES // (8 * max(last, 1)))
-        chunk = np.empty((min(rows, x2.shape[0]), last), dtype=np.float64)
-        for r0 in range(0, x2.shape[0], rows):
-            r = slice(r0, r0 + rows)
-            loss_chunk = chunk[:min(rows, x2.shape[0] - r0)]
-            kernels.bce_logits(x2[r], t2[r], w2[r], pw2[r], scale[r], loss_chunk,
-                               None if grad2 is None else grad2[r], threads)
-            total.add(loss_chunk)
-        loss = _reduced(total.total(), reduction, denominator, out_dtype)
+        # Only the total is needed: the kernel sums each block of REDUCE_BLOCK positions
+        # itself (in a fixed order), so no elementwise loss array is written or read back.
+        partials = np.empty(-(-x2.size // REDUCE_BLOCK), dtype=np.float64)
+        kernels.bce_logits(x2, t2, w2, pw2, scale, partials, grad2, threads)
+        loss = _reduced(_reduce.combine(partials), reduction, denominator, out_dtype)
     if not return_grad:
         return loss
     return loss, gradient()

@@ -32,6 +32,7 @@ cdef extern from "_rowkernels.h" nogil:
     enum: CEC_SMALL_C_ROWS
     enum: CEC_SUM_BLOCK
     enum: CEC_LANES
+    enum: CEC_REDUCE_BLOCK
     void cec_prefetch_range(const void *p, Py_ssize_t nbytes, int write)
     int cec_openmp_version()
     int cec_omp_max_threads()
@@ -92,6 +93,8 @@ cdef extern from "_rowkernels.h" nogil:
                          const double *pw, const double *gs, double *loss, float *g)
     void cec_bce_row_f64(const double *x, const double *y, Py_ssize_t n, const double *w,
                          const double *pw, const double *gs, double *loss, double *g)
+    void cec_add_lanes_f64(double *acc, const double *v, Py_ssize_t len)
+    double cec_sum_lanes(const double *acc)
 
 
 # ------------------------------------------------- one fused wrapper per C routine
@@ -478,9 +481,10 @@ def logsumexp(const floating[:, :, ::1] logits, double[:, ::1] out, int n_thread
 cdef struct BceArgs:
     const void *y  # floating targets
     Strided w, pw, gs
-    double *loss
+    double *loss  # (R * L) losses, or one sum per item (sums != 0)
     void *g  # floating gradient, or NULL for loss only
-    Py_ssize_t R, L, rows
+    Py_ssize_t R, L
+    int sums
 
 cdef inline const double *_run_of(Strided a, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t width,
                                   double *buf) noexcept nogil:
@@ -493,19 +497,28 @@ cdef inline const double *_run_of(Strided a, Py_ssize_t i, Py_ssize_t j0, Py_ssi
     return buf
 
 cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
-    """Rows [k * rows, ...), in blocks of CEC_TILE values. The float64 arguments go to the
-    vectorised C loop (cec_bce_row) as contiguous runs: read in place where a row is
-    contiguous, filled once for a broadcast scalar, gathered otherwise."""
+    """Positions [k * B, (k + 1) * B) of the row-major (R, L) stream, B = CEC_REDUCE_BLOCK:
+    items of positions, not of rows, so that one long row (a 1-D input) spreads over the
+    threads too. They go to the vectorised C loop (cec_bce_row) in runs of at most
+    CEC_TILE values within a row, with the float64 arguments as contiguous runs: read in
+    place where a row is contiguous, filled once per item for a broadcast scalar,
+    gathered otherwise. With ``sums``, the run's losses stay in L1 and are added to
+    CEC_LANES float64 partial sums, combined in a fixed order into the item's sum: the
+    order depends on the shape only, not on n_threads."""
     cdef const BceArgs *a = <const BceArgs *>ctx
-    cdef Py_ssize_t i, b, j0, width, L = a.L
+    cdef Py_ssize_t p, end, i, j0, width, L = a.L
     cdef const floating *y = <const floating *>a.y
     cdef floating *g = <floating *>a.g
     cdef double wb[CEC_TILE]
     cdef double pwb[CEC_TILE]
     cdef double gsb[CEC_TILE]
+    cdef double lb[CEC_TILE]
+    cdef double acc[CEC_LANES]
     cdef const double *w
     cdef const double *pw
     cdef const double *gs = gsb
+    cdef double *loss = lb
+    cdef int j
     # A broadcast scalar (strides (0, 0)): one fill serves the whole item.
     if a.w.s0 == 0 and a.w.s1 == 0:
         _gather(a.w, 0, 0, CEC_TILE, wb)
@@ -513,38 +526,53 @@ cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept n
         _gather(a.pw, 0, 0, CEC_TILE, pwb)
     if g != NULL and a.gs.s0 == 0 and a.gs.s1 == 0:
         _gather(a.gs, 0, 0, CEC_TILE, gsb)
-    for i in range(k * a.rows, min(a.R, (k + 1) * a.rows)):
-        for b in range(_n_tiles(L)):
-            j0 = b * CEC_TILE
-            width = min(<Py_ssize_t>CEC_TILE, L - j0)
-            w = _run_of(a.w, i, j0, width, wb)
-            pw = _run_of(a.pw, i, j0, width, pwb)
-            if g != NULL:
-                gs = _run_of(a.gs, i, j0, width, gsb)
-            _bce_row(x + i * L + j0, y + i * L + j0, width, w, pw, gs,
-                     a.loss + i * L + j0, g + i * L + j0 if g != NULL else NULL)
+    for j in range(CEC_LANES):
+        acc[j] = 0.0
+    p = k * CEC_REDUCE_BLOCK
+    end = min(a.R * L, p + CEC_REDUCE_BLOCK)
+    while p < end:
+        i = p // L
+        j0 = p - i * L
+        width = min(<Py_ssize_t>CEC_TILE, min(L - j0, end - p))
+        w = _run_of(a.w, i, j0, width, wb)
+        pw = _run_of(a.pw, i, j0, width, pwb)
+        if g != NULL:
+            gs = _run_of(a.gs, i, j0, width, gsb)
+        if not a.sums:
+            loss = a.loss + p
+        _bce_row(x + p, y + p, width, w, pw, gs, loss, g + p if g != NULL else NULL)
+        if a.sums:
+            cec_add_lanes_f64(acc, lb, width)
+        p += width
+    if a.sums:
+        a.loss[k] = cec_sum_lanes(acc)
 
 
 def bce_logits(const floating[:, ::1] input, const floating[:, ::1] target,
                const double[:, :] weight, const double[:, :] pos_weight,
-               const double[:, :] grad_scale, double[:, ::1] loss_out,
-               floating[:, ::1] grad_out, int n_threads):
+               const double[:, :] grad_scale, loss_out, floating[:, ::1] grad_out,
+               int n_threads):
     """Binary cross-entropy on logits, elementwise over ``(R, L)`` (see the contract)."""
     cdef Py_ssize_t R = input.shape[0], L = input.shape[1]
+    cdef Py_ssize_t n_items = (R * L + CEC_REDUCE_BLOCK - 1) // CEC_REDUCE_BLOCK
+    cdef double[::1] loss
     cdef BceArgs a
+    a.sums = loss_out.ndim == 1
+    loss = loss_out.reshape(-1)
+    if loss.shape[0] != (n_items if a.sums else R * L):
+        raise ValueError(f"loss_out must have shape {(n_items,)} or {(R, L)}, "
+                         f"got {loss_out.shape}")
     if R == 0 or L == 0:
         return
-    a.y, a.loss = &target[0, 0], &loss_out[0, 0]
+    a.y, a.loss = &target[0, 0], &loss[0]
     a.w, a.pw, a.gs = _strided(weight), _strided(pos_weight), _strided(grad_scale)
     a.g = NULL  # loss only
     if grad_out is not None:
         _check_grad(grad_out.shape, input.shape, 2)
         a.g = &grad_out[0, 0]
-    # Items of whole rows and at least CEC_TILE values: short rows, (R, 1) say, would
-    # otherwise cost a call per value.
-    a.R, a.L, a.rows = R, L, max(1, CEC_TILE // L)
+    a.R, a.L = R, L
     with nogil:
-        _run(_bce_item[floating], (R + a.rows - 1) // a.rows, &input[0, 0], &a, n_threads)
+        _run(_bce_item[floating], n_items, &input[0, 0], &a, n_threads)
 
 
 # ------------------------------------------------------------------ log_loss's pass
@@ -671,5 +699,6 @@ def build_info():
         "small_c_rows": CEC_SMALL_C_ROWS,
         "sum_block": CEC_SUM_BLOCK,
         "lanes": CEC_LANES,
+        "reduce_block": CEC_REDUCE_BLOCK,
         "exp": "range reduction + polynomial, vectorised with omp simd",
     }

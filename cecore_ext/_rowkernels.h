@@ -44,10 +44,11 @@
  * CEC_TILE: positions per tile (S > 1 path, and rows of the few-classes path);
  * CEC_SMALL_C: the most classes that take the few-classes path (the .pxi reads it);
  * CEC_SMALL_C_ROWS: rows per transposed block of that path (a tile of the tile kernels);
- * CEC_SUM_BLOCK: classes per block of a row's exp + sum pass (cec_row_sumexp). */
+ * CEC_SUM_BLOCK: classes per block of a row's exp + sum pass (cec_row_sumexp);
+ * CEC_REDUCE_BLOCK: positions per work item of bce_logits (the .pxi reads it). */
 #if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SMALL_C_ROWS) || \
-    !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES)
-#error "CEC_TILE, CEC_SMALL_C(_ROWS), CEC_SUM_BLOCK and CEC_LANES come from cecore/_config.py: build with setup.py"
+    !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES) || !defined(CEC_REDUCE_BLOCK)
+#error "CEC_TILE, CEC_SMALL_C(_ROWS), CEC_SUM_BLOCK, CEC_LANES and CEC_REDUCE_BLOCK come from cecore/_config.py: build with setup.py"
 #endif
 
 #if CEC_SMALL_C_ROWS > CEC_TILE

@@ -7,6 +7,7 @@ per-position grad_scale, read-only inputs, 1 and 2 threads, and non-finite logit
 log_loss's probability pass (counts and picks) against a naive reference.
 """
 
+import math
 import zlib
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from cecore import _numba as numba_kernels  # noqa: E402
 import cecore_ext as cython_kernels  # noqa: E402  (a backend that does not load fails)
+from cecore._config import REDUCE_BLOCK  # noqa: E402
 
 BACKENDS = {"numba": numba_kernels, "cython": cython_kernels}
 
@@ -211,9 +213,12 @@ def test_softmax_logsumexp_match_reference(backend, dtype, shape):
 # ------------------------------------------------------------------ binary (sigmoid)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (17, 3), (64, 129), (5, 700)])
+@pytest.mark.parametrize("shape", [(1, 1), (17, 3), (64, 129), (5, 700), (1001, 13),
+                                   (2, 9000)])
 @pytest.mark.parametrize("broadcast", ["views", "full", "strided"])
 def test_bce_matches_reference(backend, dtype, shape, broadcast):
+    # The kernels work in items of REDUCE_BLOCK positions; the last two shapes have items
+    # that start inside a row, and rows longer than an item.
     kernels = BACKENDS[backend]
     rng = np.random.default_rng(_seed((shape, broadcast, "b")))
     r, l = shape
@@ -229,6 +234,7 @@ def test_bce_matches_reference(backend, dtype, shape, broadcast):
         w, pw, gs = (rng.uniform(0.5, 2, (r, 2 * l))[:, ::2] for _ in range(3))
     _readonly(x, y)
     ref_loss, ref_grad = ref_bce(x, y, w, pw, gs)
+    outs = {}
     for n_threads in (1, 2):
         loss = np.full(shape, np.nan)
         grad = np.full(shape, np.nan, dtype=dtype)
@@ -238,6 +244,16 @@ def test_bce_matches_reference(backend, dtype, shape, broadcast):
         loss_only = np.full(shape, np.nan)
         kernels.bce_logits(x, y, w, pw, gs, loss_only, None, n_threads)
         np.testing.assert_array_equal(loss_only, loss)
+        # The block sums of 'mean' / 'sum', against exact sums of the reference's blocks.
+        flat = ref_loss.reshape(-1)
+        blocks = range(0, flat.size, REDUCE_BLOCK)
+        sums = np.full(len(blocks), np.nan)
+        kernels.bce_logits(x, y, w, pw, gs, sums, None, n_threads)
+        _assert_close(sums, np.array([math.fsum(flat[b:b + REDUCE_BLOCK]) for b in blocks]),
+                      dtype, "bce block sums")
+        outs[n_threads] = loss, grad, sums
+    for a, b in zip(outs[1], outs[2]):
+        np.testing.assert_array_equal(a, b)
 
 
 # ------------------------------------------------------------------------ memmaps

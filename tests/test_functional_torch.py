@@ -4,6 +4,9 @@ Each test computes torch's loss and ``input.grad`` (after ``loss.backward(grad_o
 on the same data and compares, for both backends.
 """
 
+import math
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
@@ -175,28 +178,46 @@ def test_bce_with_logits(backend, rng, dtype, reduction, shapes):
         check_result(result, expected, dtype)
 
 
-@pytest.mark.parametrize("chunk_bytes", [8, 8 * 13 * 5, 2 << 20])
-def test_bce_reduced_in_chunks_equals_the_sum_of_none(backend, rng, monkeypatch, chunk_bytes):
-    """'mean' and 'sum' run the rows through one reused buffer in chunks (the chunk sizes
-    here: one row, 5 rows, everything); the result must be the fixed-block sum of the
-    'none' losses bit for bit, and the gradient the same."""
-    import cecore.functional as F
-    monkeypatch.setattr(F, "ELEMENTWISE_CHUNK_BYTES", chunk_bytes)
-    x = 4 * rng.standard_normal((1001, 13))
-    y = rng.random((1001, 13))
-    w = rng.uniform(0.5, 2, 13)
-    total = cecore._reduce.fixed_sum(cecore.binary_cross_entropy_with_logits(
-        x, y, weight=w, reduction="none", backend=backend))
+@pytest.mark.parametrize("shape", [(1001, 13), (30000,), (2, 20000), (3, 1)])
+def test_bce_reduced_in_the_kernel_equals_the_sum_of_none(backend, rng, shape):
+    """'mean' and 'sum' are summed by the kernel, block by block of REDUCE_BLOCK positions
+    (blocks that span rows, a 1-D input of several blocks, rows longer than a block): the
+    result must be the exactly rounded sum of the 'none' losses to float64 precision,
+    the same for any n_threads, and the gradient that of 'none' with the same scale."""
+    x = 4 * rng.standard_normal(shape)
+    y = rng.random(shape)
+    w = rng.uniform(0.5, 2, shape[-1:])
+    none = cecore.binary_cross_entropy_with_logits(x, y, weight=w, reduction="none",
+                                                   backend=backend)
+    total = math.fsum(none.ravel().tolist())
     for reduction, expected, scale in (("sum", total, 1.0), ("mean", total / x.size, 1 / x.size)):
-        loss, grad = cecore.binary_cross_entropy_with_logits(
-            x, y, weight=w, reduction=reduction, return_grad=True, backend=backend)
-        assert loss == expected
-        # The same per-element gradient scale through reduction='none'.
+        results = [cecore.binary_cross_entropy_with_logits(
+            x, y, weight=w, reduction=reduction, return_grad=True, backend=backend,
+            n_threads=n) for n in (1, 2)]
+        (loss, grad), (loss2, grad2) = results
+        assert loss == loss2
+        np.testing.assert_array_equal(grad, grad2)
+        assert abs(loss - expected) <= 1e-14 * abs(expected)
         _, grad_none = cecore.binary_cross_entropy_with_logits(
             x, y, weight=w, reduction="none", return_grad=True,
             grad_output=np.full(x.shape, scale), backend=backend)
         np.testing.assert_array_equal(grad, grad_none)
         assert_close(grad, torch_bce(x, y, weight=w, reduction=reduction)[1], np.float64)
+
+
+def test_bce_mean_of_a_long_1d_input_allocates_no_elementwise_array(backend, rng):
+    """A 1-D input is one long row: 'mean' used to take its elementwise float64 losses
+    through a buffer of one whole row, twice the size of float32 logits."""
+    x = rng.standard_normal(1 << 20).astype(np.float32)
+    y = (x > 0).astype(np.float32)
+    cecore.binary_cross_entropy_with_logits(x, y, backend=backend)  # compile / warm up
+    tracemalloc.start()
+    try:
+        cecore.binary_cross_entropy_with_logits(x, y, backend=backend)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes / 8
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -108,8 +108,17 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
 
 
 def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out, n_threads):
-    _run("bce_rows", n_threads, _ro(input), _ro(target), _ro(weight), _ro(pos_weight),
-         _ro(grad_scale), loss_out, _grad(grad_out, input, input.shape))
+    r, l = input.shape
+    sums = loss_out.ndim == 1
+    n_items = -(-input.size // _config.REDUCE_BLOCK)
+    if loss_out.size != (n_items if sums else input.size):
+        raise ValueError(f"loss_out must have shape {(n_items,)} or {(r, l)}, "
+                         f"got {loss_out.shape}")
+    if input.size == 0:
+        return
+    _run("bce_blocks", n_threads, _ro(input.reshape(-1)), _ro(target.reshape(-1)),
+         _ro(weight), _ro(pos_weight), _ro(grad_scale), l, loss_out.reshape(-1),
+         _grad(grad_out, input, (-1,)), sums)
 
 
 def softmax(logits, log, out, n_threads):
@@ -157,4 +166,5 @@ def build_info():
         "tile": _config.TILE,
         "small_c": _config.SMALL_C,
         "sum_block": _config.SUM_BLOCK,
+        "reduce_block": _config.REDUCE_BLOCK,
     }

@@ -19,7 +19,7 @@ float64 (Numba compiles each per dtype).
 import numpy as np
 from numba import prange
 
-from .._config import ROWS_PER_TASK, SUM_BLOCK, TILE
+from .._config import LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE
 from ._math import (
     _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch, _rounded_product, _row_max,
 )
@@ -599,33 +599,94 @@ def _bce_row(x, y, weight, pos_weight, grad_scale, loss_out, g, want_grad):
             g[j] = grad
 
 
-def _bce_rows(x, y, weight, pos_weight, grad_scale, loss_out, grad_out):
-    """Rows in tasks of ROWS_PER_TASK. The float64 arguments may be broadcast views
-    (stride 0) or strided: each row of them is copied into contiguous scratch first, as
-    LLVM vectorises the row loop only over contiguous arrays (float32 4096 x 1000 with
-    broadcast views, timed side by side: 64-71 ms on the views, 26-35 ms with the
-    copies). An argument that is the same for every row (row stride 0, such as the
-    default weights or the gradient scale of 'mean') is copied once per task."""
-    n_rows, n = x.shape
+@helper
+def _fill_run(dst, a, i, j0, width):
+    """dst[:width] = a[i, j0:j0 + width] (LLVM vectorises the BCE loop only over
+    contiguous arrays; the float64 arguments are often broadcast or strided views)."""
+    for j in range(width):
+        dst[j] = a[i, j0 + j]
+
+
+@helper
+def _add_lanes(acc, v, width):
+    """acc[j % LANES] += v[j] for j < width (lane j receives the run's elements j,
+    j + LANES, ...), as cec_add_lanes."""
+    c = 0
+    while c + LANES <= width:
+        for j in range(LANES):
+            acc[j] += v[c + j]
+        c += LANES
+    for j in range(width - c):
+        acc[j] += v[c + j]
+
+
+@helper
+def _sum_lanes(acc):
+    """The LANES partial sums combined pairwise in a fixed order, as cec_sum_lanes."""
+    s = 0.0
+    for j in range(LANES // 2):
+        s += acc[j] + acc[j + LANES // 2]
+    return s
+
+
+@helper
+def _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_out, sums,
+              w, pw, gs, buf, acc):
+    """Positions [k * B, (k + 1) * B) of the flat row-major stream, B = REDUCE_BLOCK, in
+    runs of at most TILE values within a row (see _bce_block)."""
     want_grad = grad_out.shape[0] != 0
-    no_grad = np.empty(0, dtype=grad_out.dtype)
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        w = np.empty(n)
-        pw = np.empty(n)
-        gs = np.empty(n)
-        first = task * ROWS_PER_TASK
-        for i in range(first, min(n_rows, first + ROWS_PER_TASK)):
-            if i == first or weight.strides[0] != 0:
-                for j in range(n):
-                    w[j] = weight[i, j]
-            if i == first or pos_weight.strides[0] != 0:
-                for j in range(n):
-                    pw[j] = pos_weight[i, j]
-            if i == first or grad_scale.strides[0] != 0:
-                for j in range(n):
-                    gs[j] = grad_scale[i, j]
-            g = grad_out[i] if want_grad else no_grad
-            _bce_row(x[i], y[i], w, pw, gs, loss_out[i], g, want_grad)
+    # A broadcast scalar (strides (0, 0)) fills the whole scratch once per item; the
+    # other arguments are copied run by run.
+    scalar_w = weight.strides[0] == 0 and weight.strides[1] == 0
+    scalar_pw = pos_weight.strides[0] == 0 and pos_weight.strides[1] == 0
+    scalar_gs = grad_scale.strides[0] == 0 and grad_scale.strides[1] == 0
+    if scalar_w:
+        w[:] = weight[0, 0]
+    if scalar_pw:
+        pw[:] = pos_weight[0, 0]
+    if want_grad and scalar_gs:
+        gs[:] = grad_scale[0, 0]
+    p = k * REDUCE_BLOCK
+    end = min(x.shape[0], p + REDUCE_BLOCK)
+    while p < end:
+        i = p // n_cols
+        j0 = p - i * n_cols
+        width = min(TILE, n_cols - j0, end - p)
+        if not scalar_w:
+            _fill_run(w, weight, i, j0, width)
+        if not scalar_pw:
+            _fill_run(pw, pos_weight, i, j0, width)
+        if want_grad and not scalar_gs:
+            _fill_run(gs, grad_scale, i, j0, width)
+        out = buf[:width] if sums else loss_out[p:p + width]
+        g = grad_out[p:p + width] if want_grad else grad_out
+        _bce_row(x[p:p + width], y[p:p + width], w[:width], pw[:width], gs[:width], out, g,
+                 want_grad)
+        if sums:
+            _add_lanes(acc, buf, width)
+        p += width
+    if sums:
+        loss_out[k] = _sum_lanes(acc)
+
+
+def _bce_blocks(x, y, weight, pos_weight, grad_scale, n_cols, loss_out, grad_out, sums):
+    """binary cross-entropy over the flat (R * n_cols) stream ``x``, ``y`` (weights
+    (R, n_cols), any strides), in items of REDUCE_BLOCK positions, as the Cython
+    backend: items of positions rather than rows, so that a 1-D input spreads over the
+    threads too. ``loss_out`` takes the per-position losses, or with ``sums`` one sum per
+    item (the run's losses stay in a TILE scratch, summed in LANES partial sums in a
+    fixed order). A broadcast scalar is the same for every run: filled once per item
+    (float32 4096 x 1000, earlier row-by-row kernel: 64-71 ms reading the views, 26-35
+    ms copying them)."""
+    n_items = (x.shape[0] + REDUCE_BLOCK - 1) // REDUCE_BLOCK
+    for k in prange(n_items):
+        w = np.empty(TILE)
+        pw = np.empty(TILE)
+        gs = np.empty(TILE)
+        buf = np.empty(TILE)
+        acc = np.zeros(LANES)
+        _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_out, sums,
+                  w, pw, gs, buf, acc)
 
 
 def _log_loss_pass(proba, target, lo, hi, rtol, n_blocks, stats, picked):
@@ -672,6 +733,6 @@ KERNELS = {
         "proba_rows": _proba_rows, "proba_tiles": _proba_tiles,
         "softmax_rows": _softmax_rows, "softmax_tiles": _softmax_tiles,
         "logsumexp_rows": _logsumexp_rows, "logsumexp_tiles": _logsumexp_tiles,
-        "bce_rows": _bce_rows, "log_loss_pass": _log_loss_pass, "scores_rows": _scores_rows,
+        "bce_blocks": _bce_blocks, "log_loss_pass": _log_loss_pass, "scores_rows": _scores_rows,
     }.items()
 }
