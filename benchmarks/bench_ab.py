@@ -27,6 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, machine_info, median_time, save_json  # noqa: E402
 
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from cecore._config import REDUCE_BLOCK  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CE_SHAPES = [(65536, 1000, 1), (4096, 50257, 1), (1000000, 10, 1), (4, 21, 65536)]
 SCORE_SHAPES = [(65536, 1000), (4096, 50257)]  # softmax_ce_scores and its loss-only call
@@ -94,6 +97,10 @@ def _cases(rng, threads):
             args = (x, y, one, one, np.broadcast_to(0.0, (n, c)), loss, None)
             yield (f"{dt.__name__} {n}x{c} bce loss",
                    lambda k, a=args: k.bce_logits(*a, threads), (loss,))
+            sums = np.empty(-(-x.size // REDUCE_BLOCK))  # needs a base from 2989c4f on
+            args = (x, y, one, one, np.broadcast_to(0.0, (n, c)), sums, None)
+            yield (f"{dt.__name__} {n}x{c} bce block sums",
+                   lambda k, a=args: k.bce_logits(*a, threads), (sums,))
             grad = np.empty_like(x)
             args = (x, y, one, one, np.broadcast_to(1.0 / x.size, (n, c)), loss, grad)
             yield (f"{dt.__name__} {n}x{c} bce loss+grad reused",

@@ -93,6 +93,10 @@ cdef extern from "_rowkernels.h" nogil:
                          const double *pw, const double *gs, double *loss, float *g)
     void cec_bce_row_f64(const double *x, const double *y, Py_ssize_t n, const double *w,
                          const double *pw, const double *gs, double *loss, double *g)
+    void cec_bce_row_bcast_f32(const float *x, const float *y, Py_ssize_t n, double w,
+                               double pw, double gs, double *loss, float *g)
+    void cec_bce_row_bcast_f64(const double *x, const double *y, Py_ssize_t n, double w,
+                               double pw, double gs, double *loss, double *g)
     void cec_add_lanes_f64(double *acc, const double *v, Py_ssize_t len)
     double cec_sum_lanes(const double *acc)
 
@@ -141,6 +145,14 @@ cdef inline void _bce_row(const floating *x, const floating *y, Py_ssize_t n,
         cec_bce_row_f32(x, y, n, w, pw, gs, loss, g)
     else:
         cec_bce_row_f64(x, y, n, w, pw, gs, loss, g)
+
+cdef inline void _bce_row_bcast(const floating *x, const floating *y, Py_ssize_t n,
+                                double w, double pw, double gs, double *loss,
+                                floating *g) noexcept nogil:
+    if floating is float:
+        cec_bce_row_bcast_f32(x, y, n, w, pw, gs, loss, g)
+    else:
+        cec_bce_row_bcast_f64(x, y, n, w, pw, gs, loss, g)
 
 cdef inline void _transpose(const floating *src, Py_ssize_t sld, Py_ssize_t rows,
                             Py_ssize_t cols, floating *dst,
@@ -519,12 +531,16 @@ cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept n
     cdef const double *gs = gsb
     cdef double *loss = lb
     cdef int j
-    # A broadcast scalar (strides (0, 0)): one fill serves the whole item.
-    if a.w.s0 == 0 and a.w.s1 == 0:
+    # A broadcast scalar (strides (0, 0)): one fill serves the whole item; when all of
+    # them are, the runs go to the loop that takes them as scalars.
+    cdef bint bw = a.w.s0 == 0 and a.w.s1 == 0, bpw = a.pw.s0 == 0 and a.pw.s1 == 0
+    cdef bint bgs = g == NULL or (a.gs.s0 == 0 and a.gs.s1 == 0)
+    cdef bint scalars = bw and bpw and bgs
+    if bw:
         _gather(a.w, 0, 0, CEC_TILE, wb)
-    if a.pw.s0 == 0 and a.pw.s1 == 0:
+    if bpw:
         _gather(a.pw, 0, 0, CEC_TILE, pwb)
-    if g != NULL and a.gs.s0 == 0 and a.gs.s1 == 0:
+    if g != NULL and bgs:
         _gather(a.gs, 0, 0, CEC_TILE, gsb)
     for j in range(CEC_LANES):
         acc[j] = 0.0
@@ -534,13 +550,17 @@ cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept n
         i = p // L
         j0 = p - i * L
         width = min(<Py_ssize_t>CEC_TILE, min(L - j0, end - p))
-        w = _run_of(a.w, i, j0, width, wb)
-        pw = _run_of(a.pw, i, j0, width, pwb)
-        if g != NULL:
-            gs = _run_of(a.gs, i, j0, width, gsb)
         if not a.sums:
             loss = a.loss + p
-        _bce_row(x + p, y + p, width, w, pw, gs, loss, g + p if g != NULL else NULL)
+        if scalars:
+            _bce_row_bcast(x + p, y + p, width, wb[0], pwb[0], gsb[0] if g != NULL else 0.0,
+                           loss, g + p if g != NULL else NULL)
+        else:
+            w = _run_of(a.w, i, j0, width, wb)
+            pw = _run_of(a.pw, i, j0, width, pwb)
+            if g != NULL:
+                gs = _run_of(a.gs, i, j0, width, gsb)
+            _bce_row(x + p, y + p, width, w, pw, gs, loss, g + p if g != NULL else NULL)
         if a.sums:
             cec_add_lanes_f64(acc, lb, width)
         p += width

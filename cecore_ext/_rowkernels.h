@@ -970,6 +970,29 @@ CEC_KERNEL void CEC_FN(cec_bce_row)(const T *x, const T *y, ptrdiff_t n, const d
         CEC_FN(cec_bce_values)(x, y, n, w, pw, gs, loss, g, 0);
 }
 
+/* The same with one weight, pos_weight and gradient scale for all n values (the usual
+ * case: no weights, 'mean' or 'sum'): no float64 arguments are loaded and converted per
+ * element. The same arithmetic on the same values, so the same bits as cec_bce_row. */
+CEC_INLINE void CEC_FN(cec_bce_values_bcast)(const T *x, const T *y, ptrdiff_t n, double w,
+                                              double pw, double gs, double *loss, T *g,
+                                              const int want_grad) {
+    CEC_SIMD
+    for (ptrdiff_t j = 0; j < n; j++) {
+        T gj;
+        CEC_FN(cec_bce_elem)(x[j], y[j], w, pw, gs, loss + j, &gj, want_grad);
+        if (want_grad)
+            g[j] = gj;
+    }
+}
+
+CEC_KERNEL void CEC_FN(cec_bce_row_bcast)(const T *x, const T *y, ptrdiff_t n, double w,
+                                          double pw, double gs, double *loss, T *g) {
+    if (g)
+        CEC_FN(cec_bce_values_bcast)(x, y, n, w, pw, gs, loss, g, 1);
+    else
+        CEC_FN(cec_bce_values_bcast)(x, y, n, w, pw, gs, loss, g, 0);
+}
+
 #undef T
 #undef EXP
 

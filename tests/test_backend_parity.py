@@ -256,6 +256,31 @@ def test_bce_matches_reference(backend, dtype, shape, broadcast):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_broadcast_scalars_give_the_bits_of_full_arrays(backend, dtype):
+    # Scalar weights take their own loop (no float64 arrays read per element); it must
+    # give the bits that the same values as full arrays give, loss, gradient and sums.
+    kernels = BACKENDS[backend]
+    rng = np.random.default_rng(_seed((dtype, "bce scalars")))
+    shape = (700, 13)
+    x = (rng.standard_normal(shape) * 4).astype(dtype)
+    y = rng.random(shape).astype(dtype)
+    values = (1.5, 2.5, 1 / x.size)
+    results = []
+    for make in (lambda v: np.broadcast_to(np.float64(v), shape), lambda v: np.full(shape, v)):
+        w, pw, gs = (make(v) for v in values)
+        loss, grad = np.empty(shape), np.empty(shape, dtype)
+        kernels.bce_logits(x, y, w, pw, gs, loss, grad, 2)
+        sums = np.empty(-(-x.size // REDUCE_BLOCK))
+        kernels.bce_logits(x, y, w, pw, gs, sums, None, 2)
+        results.append((loss, grad, sums))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    _assert_close(results[0][0], ref_bce(x, y, *(np.full(shape, v) for v in values))[0],
+                  dtype, "bce loss")
+
+
 # ------------------------------------------------------------------------ memmaps
 def test_readonly_memmap_inputs(tmp_path):
     rng = np.random.default_rng(5)
