@@ -50,6 +50,11 @@ LANES = 16
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
 C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES", "REDUCE_BLOCK")
 
+# binary_cross_entropy_with_logits with reduction='none': positions per chunk of the
+# reused float64 buffer that takes the kernel's losses before they are cast to the loss's
+# dtype (float32 input), and of a grad_output array converted to float64 (2 MB).
+BCE_CHUNK = 1 << 18
+
 # Rows per block of log_loss's label-indicator path (bounds its temporaries).
 LOG_LOSS_ROW_BLOCK = 8192
 

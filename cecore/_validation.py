@@ -245,8 +245,9 @@ def loss_shape(input_shape):
     return tuple(input_shape[:1]) + tuple(input_shape[2:]) if len(input_shape) > 1 else ()
 
 
-def grad_output_array(grad_output, reduction, loss_shape):
-    """``grad_output`` as float64: a scalar for mean/sum, ``loss_shape`` for 'none'."""
+def grad_output_array(grad_output, reduction, loss_shape, convert=True):
+    """``grad_output`` as float64: a scalar for mean/sum, ``loss_shape`` for 'none' (in its
+    own numeric dtype with ``convert=False``, for callers that convert it piece by piece)."""
     if grad_output is None:
         return np.float64(1.0)
     g = _to_numpy(grad_output)
@@ -257,7 +258,7 @@ def grad_output_array(grad_output, reduction, loss_shape):
             raise ValueError(
                 f"grad_output must have the loss's shape {tuple(loss_shape)}, got {g.shape}"
             )
-        return np.asarray(g, dtype=np.float64)
+        return np.asarray(g, dtype=np.float64) if convert else g
     if g.shape != ():  # as torch's backward: the loss's shape exactly, no broadcasting
         raise ValueError(
             f"grad_output must be a scalar for reduction={reduction!r}, got shape {g.shape}"

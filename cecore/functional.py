@@ -13,7 +13,7 @@ import numpy as np
 from . import _reduce
 from . import _validation as V
 from ._backends import get_backend
-from ._config import REDUCE_BLOCK
+from ._config import BCE_CHUNK, REDUCE_BLOCK
 
 __all__ = [
     "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
@@ -312,9 +312,14 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     pw2 = _broadcast_2d(1.0 if pos_weight is None else pos_weight, shape, "pos_weight")
     denominator = np.float64(x.size)
     return_grad = return_grad or grad_out is not None
+    g_none = None  # reduction='none' with an array grad_output: (R, L), converted by chunks
     if return_grad:
-        g = V.grad_output_array(grad_output, reduction, shape)
-        scale = _grad_scale(g, reduction, denominator, x2.shape)
+        g = V.grad_output_array(grad_output, reduction, shape, convert=False)
+        if reduction == "none" and np.ndim(g):
+            g_none = g.reshape(x2.shape)
+            scale = g_none
+        else:
+            scale = _grad_scale(np.float64(g), reduction, denominator, x2.shape)
         # Elementwise: each gradient element is written after its inputs are read, so
         # the buffer may be the input or the target.
         x3, t3 = x2.reshape(x2.shape + (1,)), t2.reshape(t2.shape + (1,))
@@ -324,10 +329,33 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     else:
         scale = np.broadcast_to(np.float64(0.0), x2.shape)
         grad2 = None  # loss only
+    if g_none is None:
+        # The kernel's runs stop at the end of a row: with every operand viewable as one
+        # row, (N, 1) logits (a binary classifier's) are not one call per element.
+        rows = [_one_row(a) for a in (x2, t2, w2, pw2, scale)]
+        if all(r is not None for r in rows):
+            x2, t2, w2, pw2, scale = rows
+            grad2 = None if grad2 is None else grad2.reshape(rows[0].shape)
     if reduction == "none":
-        loss_out = np.empty(x2.shape, dtype=np.float64)
-        kernels.bce_logits(x2, t2, w2, pw2, scale, loss_out, grad2, threads)
-        loss = _reduce_loss(loss_out, reduction, denominator, shape, out_dtype)
+        # The losses in the loss's dtype; float64 from the kernel through a reused buffer of
+        # about BCE_CHUNK positions (a grad_output array converted the same way), so
+        # nothing of the input's size is made besides the result and the gradient.
+        loss = np.empty(x2.shape, dtype=out_dtype)
+        size = min(BCE_CHUNK, x2.size)
+        buf = None if out_dtype == np.float64 else np.empty(size)
+        g_buf = None if g_none is None else np.empty(size)
+        for r, c in _chunks(*x2.shape, BCE_CHUNK):
+            part = loss[r, c]
+            out = part if buf is None else buf[:part.size].reshape(part.shape)
+            gs = scale[r, c]
+            if g_none is not None:
+                gs = g_buf[:part.size].reshape(part.shape)
+                gs[...] = g_none[r, c]
+            kernels.bce_logits(x2[r, c], t2[r, c], w2[r, c], pw2[r, c], gs, out,
+                               None if grad2 is None else grad2[r, c], threads)
+            if buf is not None:
+                part[...] = out
+        loss = loss.reshape(shape)
     else:
         # Only the total is needed: the kernel sums each block of REDUCE_BLOCK positions
         # itself (in a fixed order), so no elementwise loss array is written or read back.
@@ -337,6 +365,32 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     if not return_grad:
         return loss
     return loss, gradient()
+
+
+def _one_row(a):
+    """The (R, L) array ``a`` viewed as one row (1, R * L) without a copy, or None when its
+    elements are not equally spaced in row-major order (a broadcast row, say)."""
+    r, n = a.shape
+    if r == 1 or a.flags.c_contiguous:
+        return a.reshape(1, r * n)
+    if n == 1 or a.strides[0] == a.strides[1] * n:  # equally spaced (stride 0: a scalar)
+        step = a.strides[0] if n == 1 else a.strides[1]
+        return np.lib.stride_tricks.as_strided(a, (1, r * n), (0, step),
+                                               writeable=a.flags.writeable)
+    return None
+
+
+def _chunks(n_rows, n_cols, size):
+    """(rows, columns) slices that cover an (n_rows, n_cols) array in pieces of at most
+    ``size`` elements (whole rows when a row fits, else pieces of one row)."""
+    if n_cols <= size:
+        step = max(1, size // max(n_cols, 1))
+        for r0 in range(0, n_rows, step):
+            yield slice(r0, r0 + step), slice(None)
+    else:
+        for i in range(n_rows):
+            for c0 in range(0, n_cols, size):
+                yield slice(i, i + 1), slice(c0, c0 + size)
 
 
 def _softmax_input(x, axis):

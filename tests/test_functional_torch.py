@@ -633,3 +633,73 @@ def test_bce_hypothesis(backend, shape, reduction, use_w, use_pw, seed):
         x, y, weight=w, reduction=reduction, pos_weight=pw, return_grad=True, grad_output=g,
         backend=backend)
     check_result(result, expected, np.float64)
+
+
+@pytest.mark.parametrize("chunk", [7, 30, 1 << 18])
+@pytest.mark.parametrize("shape", [(5, 3), (2, 20), (30,), (40, 1)])
+def test_bce_none_in_chunks(backend, rng, monkeypatch, chunk, shape):
+    """reduction='none' runs the kernel over chunks of positions (whole rows, or pieces of
+    one row) through a reused float64 buffer, converting an array grad_output chunk by
+    chunk: the loss and gradient are torch's, and the bits do not depend on the chunk."""
+    import cecore.functional as F
+    x = (4 * rng.standard_normal(shape)).astype(np.float32)
+    y = rng.random(shape).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    pw = rng.uniform(0.5, 2, shape[-1:])
+    expected = cecore.binary_cross_entropy_with_logits(
+        x, y, pos_weight=pw, reduction="none", grad_output=g, return_grad=True,
+        backend=backend)
+    monkeypatch.setattr(F, "BCE_CHUNK", chunk)
+    result = cecore.binary_cross_entropy_with_logits(
+        x, y, pos_weight=pw, reduction="none", grad_output=g, return_grad=True,
+        backend=backend)
+    for a, b in zip(result, expected):
+        assert a.dtype == np.float32 and a.shape == shape
+        np.testing.assert_array_equal(a, b)
+    check_result(result, torch_bce(x, y, pos_weight=pw, reduction="none", grad_output=g),
+                 np.float32)
+
+
+def test_bce_none_allocates_the_result_and_gradient_only(backend, rng):
+    """'none' used to make a float64 loss array (2x float32 logits) and cast it, and a
+    float64 copy of an array grad_output: 6x the input with the gradient."""
+    x = rng.standard_normal((2048, 1024)).astype(np.float32)
+    y = (x > 0).astype(np.float32)
+    g = np.ones_like(x)
+    call = lambda: cecore.binary_cross_entropy_with_logits(  # noqa: E731
+        x, y, reduction="none", grad_output=g, return_grad=True, backend=backend)
+    call()
+    tracemalloc.start()
+    try:
+        call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * x.nbytes + (5 << 20)  # loss + gradient + two 2 MB buffers
+
+
+@pytest.mark.parametrize("weights", ["none", "scalar pos_weight", "full weight",
+                                     "column pos_weight"])
+def test_bce_one_column_goes_to_the_kernel_as_one_row(backend, rng, monkeypatch, weights):
+    """(N, 1) logits (a binary classifier's) with operands that can be viewed as one row
+    go to the kernel as (1, N): its runs stop at the end of a row, so (N, 1) was one call
+    of the vector loop per element. Checked against torch either way."""
+    import cecore.functional as F
+    n = 5000
+    x = 4 * rng.standard_normal((n, 1))
+    y = rng.random((n, 1))
+    kw = {"none": {}, "scalar pos_weight": {"pos_weight": np.array([2.0])},
+          "full weight": {"weight": rng.uniform(0.5, 2, (n, 1))},
+          "column pos_weight": {"pos_weight": rng.uniform(0.5, 2, (n, 1))[::1]}}[weights]
+    kernels = F.get_backend(backend)
+    seen = []
+
+    class Spy:
+        def bce_logits(self, x, *args):
+            seen.append(x.shape)
+            return kernels.bce_logits(x, *args)
+
+    monkeypatch.setattr(F, "get_backend", lambda name: Spy())
+    result = cecore.binary_cross_entropy_with_logits(x, y, return_grad=True, **kw)
+    assert seen == [(1, n)]
+    check_result(result, torch_bce(x, y, **kw), np.float64)
