@@ -232,7 +232,9 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     t_raw = V._to_numpy(target)
     # (checks ignore_index too; nll_loss takes no probability targets)
     t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index, probabilities=False)
-    x3, fortran = V.canonical(x, class_axis, dtype)
+    # In the input's own type: the gather and the gradient's scatter need no float32
+    # copy of a float16 input (the picked values are exact in float64 either way).
+    x3, fortran = V.canonical(x, class_axis, x.dtype.newbyteorder("="))
     positions = (x3.shape[0], x3.shape[2])
     t2 = t2.reshape(positions)
     keep = t2 != ignore_index
