@@ -270,7 +270,9 @@ def test_scorers_refuse_what_is_not_the_classes_probabilities(iris):
 
     y3 = np.arange(len(y)) % 3
     for ovo3 in (SVC(decision_function_shape="ovo").fit(X, y3),
-                 make_pipeline(StandardScaler(), SVC(decision_function_shape="ovo")).fit(X, y3)):
+                 make_pipeline(StandardScaler(), SVC(decision_function_shape="ovo")).fit(X, y3),
+                 # a search forwards decision_function to its best estimator
+                 GridSearchCV(SVC(decision_function_shape="ovo"), {"C": [1.0]}, cv=2).fit(X, y3)):
         with pytest.raises(ValueError, match="one-vs-one"):
             make_cross_entropy_scorer(from_logits=True)(ovo3, X, y3)
     binary = SVC(decision_function_shape="ovo").fit(X, y3 > 0)  # one margin: a logit
@@ -301,3 +303,34 @@ def test_scorers_take_sample_weight_through_metadata_routing(iris):
                 assert score == scorer(fitted, X[test], y[test], sample_weight=w[test])
     with pytest.raises(RuntimeError, match="metadata routing"):
         make_cross_entropy_scorer().set_score_request(sample_weight=True)
+
+
+def test_labels_in_an_object_array_take_the_fast_path(iris):
+    """Strings in an object array are what a pandas string column gives (pandas >= 3):
+    log_loss_from_logits and the from_logits scorer took them for a label indicator
+    matrix and raised; log_loss took the slow path (an n x C one-hot)."""
+    import pandas as pd
+
+    X, y = iris
+    names = np.array(["setosa", "versicolor", "virginica"])  # np.str_ elements
+    labels = pd.Series(names[y]).astype(object)
+    logits = SoftmaxClassifier().fit(X, y).decision_function(X)
+    expected = sk_log_loss(names[y], np.exp(log_softmax(logits, axis=1)))
+    for y_true in (labels, labels.to_numpy(), labels.astype("category"),
+                   labels.astype("string")):
+        assert log_loss_from_logits(y_true, logits) == pytest.approx(expected, rel=1e-12)
+        assert log_loss(y_true, np.exp(log_softmax(logits, axis=1))) == pytest.approx(
+            expected, rel=1e-12)
+    scores = cross_val_score(SoftmaxClassifier(), X, labels, cv=3,
+                             scoring=make_cross_entropy_scorer(from_logits=True))
+    assert np.array_equal(scores, cross_val_score(
+        SoftmaxClassifier(), X, y, cv=3, scoring=make_cross_entropy_scorer(from_logits=True)))
+    many = np.array([f"class {i:03d}" for i in range(400)], dtype=object)[np.arange(20000) % 400]
+    proba = np.full((many.size, 400), 1 / 400)
+    tracemalloc.start()
+    try:
+        assert log_loss(many, proba) == pytest.approx(np.log(400), rel=1e-12)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < proba.nbytes / 8  # no n x C one-hot (as large as proba)

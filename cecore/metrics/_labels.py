@@ -10,7 +10,8 @@ from sklearn.preprocessing import LabelBinarizer
 def _as_labels(y_true):
     """``y_true`` as an ndarray, or None when only scikit-learn's slow path handles it.
 
-    The fast path takes 1-D labels of a bool, integer, string or integral float dtype:
+    The fast path takes 1-D labels of a bool, integer, string or integral float dtype, or
+    an object array of strings:
     for those scikit-learn's ``type_of_target`` is always 'binary' or 'multiclass'.
     (Bytes, and floats that do not survive a cast to int64, such as 1e20, go to the slow
     path, which raises scikit-learn's errors for them.)
@@ -30,6 +31,10 @@ def _as_labels(y_true):
         return None
     if y is None or y.ndim != 1 or y.size == 0:
         return None
+    if y.dtype.kind == "O" and all(isinstance(v, str) for v in y):
+        # Strings in an object array: what a pandas string column gives (pandas >= 3's
+        # str dtype, categoricals, object columns). They sort as NumPy's str dtype does.
+        y = y.astype(str)
     if y.dtype.kind in "biuU":
         return y
     if y.dtype.kind == "f" and np.all(np.isfinite(y)):

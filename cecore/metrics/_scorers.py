@@ -86,10 +86,18 @@ class _CrossEntropyScorer:
 
 def _one_vs_one(estimator):
     """Whether ``decision_function`` gives one-vs-one margins: ``decision_function_shape``
-    'ovo' on the estimator or on the last step of a pipeline (nested ones too)."""
-    while hasattr(estimator, "steps"):
-        estimator = estimator.steps[-1][1]
-    return getattr(estimator, "decision_function_shape", None) == "ovo"
+    'ovo' on the estimator, or on what a fitted wrapper forwards ``decision_function``
+    to: a pipeline's last step, a search's ``best_estimator_``, an ``estimator_``
+    (nested ones too)."""
+    while True:
+        if hasattr(estimator, "steps"):
+            estimator = estimator.steps[-1][1]
+        elif hasattr(estimator, "best_estimator_"):
+            estimator = estimator.best_estimator_
+        elif hasattr(estimator, "estimator_") and estimator.estimator_ is not estimator:
+            estimator = estimator.estimator_
+        else:
+            return getattr(estimator, "decision_function_shape", None) == "ovo"
 
 
 def make_cross_entropy_scorer(*, label_smoothing=0.0, from_logits=False):
