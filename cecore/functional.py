@@ -306,26 +306,33 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
         )
     out_dtype, dtype = V.promoted_dtypes(x.dtype, V.float_input(t, "target").dtype)
     shape = x.shape
-    last = shape[-1] if shape else 1
-    n_rows = math.prod(shape[:-1])  # (not reshape(-1, last): ambiguous when last is 0)
-    x2 = np.ascontiguousarray(x, dtype=dtype).reshape(n_rows, last)
-    t2 = np.ascontiguousarray(t, dtype=dtype).reshape(n_rows, last)
-    w2 = _broadcast_2d(1.0 if weight is None else weight, shape, "weight")
-    pw2 = _broadcast_2d(1.0 if pos_weight is None else pos_weight, shape, "pos_weight")
+    # Elementwise, so a Fortran-ordered 2-D input and target are computed as their
+    # C-ordered transposes (no copies), with everything else transposed alike; the loss
+    # and the gradient come back in Fortran order, as torch's keep the input's layout.
+    fortran = x.ndim == 2 and x.flags.f_contiguous and not x.flags.c_contiguous and \
+        t.flags.f_contiguous and grad_out is None
+    flip = (lambda a: a.T) if fortran else (lambda a: a)
+    work = shape[::-1] if fortran else shape
+    last = work[-1] if work else 1
+    n_rows = math.prod(work[:-1])  # (not reshape(-1, last): ambiguous when last is 0)
+    x2 = np.ascontiguousarray(flip(x), dtype=dtype).reshape(n_rows, last)
+    t2 = np.ascontiguousarray(flip(t), dtype=dtype).reshape(n_rows, last)
+    w2 = flip(_broadcast_2d(1.0 if weight is None else weight, shape, "weight"))
+    pw2 = flip(_broadcast_2d(1.0 if pos_weight is None else pos_weight, shape, "pos_weight"))
     denominator = np.float64(x.size)
     return_grad = return_grad or grad_out is not None
     g_none = None  # reduction='none' with an array grad_output: (R, L), converted by chunks
     if return_grad:
         g = V.grad_output_array(grad_output, reduction, shape, convert=False)
         if reduction == "none" and np.ndim(g):
-            g_none = g.reshape(x2.shape)
+            g_none = flip(g).reshape(x2.shape)
             scale = g_none
         else:
             scale = _grad_scale(np.float64(g), reduction, denominator, x2.shape)
         # Elementwise: each gradient element is written after its inputs are read, so
         # the buffer may be the input or the target.
         x3, t3 = x2.reshape(x2.shape + (1,)), t2.reshape(t2.shape + (1,))
-        grad2, gradient = _gradient_out(grad_out, x, x3, False, (x3, t3, w2, pw2, scale),
+        grad2, gradient = _gradient_out(grad_out, x, x3, fortran, (x3, t3, w2, pw2, scale),
                                         (x3, t3))
         grad2 = grad2.reshape(x2.shape)
     else:
@@ -357,7 +364,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
                                None if grad2 is None else grad2[r, c], threads)
             if buf is not None:
                 part[...] = out
-        loss = loss.reshape(shape)
+        loss = flip(loss.reshape(work))
     else:
         # Only the total is needed: the kernel sums each block of REDUCE_BLOCK positions
         # itself (in a fixed order), so no elementwise loss array is written or read back.

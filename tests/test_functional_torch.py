@@ -721,3 +721,28 @@ def test_nll_loss_of_float16_does_not_copy_the_input(rng):
     result = cecore.nll_loss(x, t, return_grad=True)
     assert result[1].dtype == np.float16
     check_result(result, torch_nll_loss(x, t), np.float16)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_bce_fortran_input_is_not_copied(backend, rng, reduction):
+    """A Fortran-ordered 2-D input and target (elementwise: any layout will do) were
+    copied to C order; they are computed as their transposes, weights too, and the loss
+    and gradient keep the input's layout, as torch's do."""
+    x = np.asfortranarray(4 * rng.standard_normal((3000, 70)).astype(np.float32))
+    y = np.asfortranarray(rng.random(x.shape).astype(np.float32))
+    kw = dict(weight=rng.uniform(0.5, 2, 70), pos_weight=rng.uniform(0.5, 2, (3000, 1)))
+    g = np.asfortranarray(rng.standard_normal(x.shape)) if reduction == "none" else None
+    result = cecore.binary_cross_entropy_with_logits(
+        x, y, reduction=reduction, grad_output=g, return_grad=True, backend=backend, **kw)
+    check_result(result, torch_bce(x, y, reduction=reduction, grad_output=g, **kw), np.float32)
+    assert result[1].flags.f_contiguous
+    if reduction == "none":
+        assert result[0].flags.f_contiguous
+    cecore.binary_cross_entropy_with_logits(x, y, backend=backend)
+    tracemalloc.start()
+    try:
+        cecore.binary_cross_entropy_with_logits(x, y, backend=backend)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes / 8
