@@ -13,6 +13,7 @@ exactly the blocks the in-memory computation makes; the client adds them in row 
 import contextlib
 import logging
 import os
+import threading
 import time
 import warnings
 
@@ -26,6 +27,44 @@ from .batch import make_result, parse_size, prepare_options, score_chunk
 from .metrics._report import ReportSums
 
 __all__ = ["score_dask", "score_files"]
+
+
+def _connect(client_class, address):
+    """A client of the scheduler at ``address``, or a ValueError within about the
+    connect timeout (``distributed.comm.timeouts.connect``, 30 s by default).
+
+    distributed bounds the TCP connect but not the handshake after it: a port that
+    accepts and never answers (the dashboard's HTTP port, a tunnel to something else)
+    made ``Client`` wait forever. So the client is made on a helper thread that is given
+    up after the timeout; and a scheduler with no workers would run nothing, so one
+    worker must join within the same time."""
+    import dask
+
+    timeout = dask.utils.parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
+    made = {}
+
+    def connect():
+        try:
+            made["client"] = client_class(address, timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            made["error"] = exc
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    if "error" in made:
+        raise made["error"]
+    if "client" not in made:
+        raise ValueError(f"no Dask scheduler answered at {address} within {timeout:g} s "
+                         "(is it a Dask scheduler's address, port 8786 by default?)")
+    client = made["client"]
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except (TimeoutError, OSError):
+        client.close()
+        raise ValueError(f"the Dask scheduler at {address} has no workers (none joined "
+                         f"within {timeout:g} s)") from None
+    return client
 
 
 def _import_dask():
@@ -229,7 +268,7 @@ def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DE
                         options.get("unembedding"))
 
     if scheduler:
-        with Client(scheduler) as client, _quiet_logs():
+        with _connect(Client, scheduler) as client, _quiet_logs():
             return run(client)
     with warnings.catch_warnings(), _quiet_logs():
         # The scheduler's HTTP endpoint (health checks; no dashboard) falls back to another

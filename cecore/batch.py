@@ -127,14 +127,14 @@ class LinearHead:
 
     def logits(self, hidden):
         """``hidden @ weight.T + bias`` (one BLAS product, NumPy's)."""
-        w = self.weight.rows(0, self.weight.shape[0])
-        if not w.dtype.isnative:
-            # converted once per process: matmul converted the whole matrix again for every
-            # chunk, a copy of the weight per chunk
-            native = self.__dict__.get("_native")
-            if native is None:
-                native = self.__dict__["_native"] = w.astype(w.dtype.newbyteorder("="))
-            w = native
+        w = self.__dict__.get("_native")
+        if w is None:
+            w = self.weight.rows(0, self.weight.shape[0])
+            # Kept once per process: a compressed .npz member can be read only once, front
+            # to back; and matmul converted a big-endian matrix again for every chunk.
+            if isinstance(self.weight, StreamedArray) or not w.dtype.isnative:
+                w = self.__dict__["_native"] = w.astype(w.dtype.newbyteorder("="),
+                                                        copy=False)
         out = np.matmul(hidden, w.T)
         if self.bias is not None:
             out += self.bias

@@ -214,3 +214,32 @@ def test_score_dask_other_inputs(client, rng):
     xd = xd[xd[:, 0] > 0.5]
     with pytest.raises(ValueError, match="unknown size.*compute_chunk_sizes"):
         _dask.score_dask(xd, np.zeros(50, np.int64), client=client)
+
+
+def test_cli_scheduler_that_never_answers_or_has_no_workers(rng, tmp_path, capsys):
+    """A port that accepts and never speaks Dask (an HTTP port, a tunnel to something
+    else) made `--scheduler` wait forever, and so did a scheduler without workers: both
+    are errors within about distributed's connect timeout."""
+    import socket
+    import time
+
+    import dask
+    import distributed
+
+    np.save(tmp_path / "x.npy", rng.standard_normal((50, 3)))
+    np.save(tmp_path / "t.npy", rng.integers(0, 3, 50))
+    args = ["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json"]
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)  # accepts connections (the kernel does), never answers
+            start = time.monotonic()
+            assert main(args + ["--scheduler", "tcp://127.0.0.1:%d" % silent.getsockname()[1]]) == 1
+            assert time.monotonic() - start < 30
+            assert "no Dask scheduler answered" in capsys.readouterr().err
+        with distributed.LocalCluster(n_workers=0, processes=False,
+                                      dashboard_address=None) as cluster:
+            start = time.monotonic()
+            assert main(args + ["--scheduler", cluster.scheduler_address]) == 1
+            assert time.monotonic() - start < 30
+            assert "has no workers" in capsys.readouterr().err

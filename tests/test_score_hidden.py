@@ -108,3 +108,20 @@ def test_hidden_bad_input_one_line_error(lm, capsys, case, message):
     assert code == 1 and err.startswith("cecore score: error: ") and err.count("\n") == 1
     assert message in err
     assert sorted(os.listdir(d)) == before
+
+
+def test_unembedding_from_a_compressed_npz_member_over_many_chunks(lm, capsys):
+    """A compressed .npz member can be read only once, front to back: the unembedding
+    was read again for every chunk, so any run of more than one chunk failed."""
+    h, w, b, t, d = lm
+    np.savez_compressed(d / "w.npz", w=w)
+    args = ["score", "--hidden", str(d / "h.npy"), "--bias", str(d / "b.npy"), str(d / "t.npy"),
+            "--json", "--memory-budget", "200KB", "--unembedding"]
+    assert main(args + [str(d / "w.npz")]) == 0
+    compressed = json.loads(capsys.readouterr().out)
+    assert main(args + [str(d / "w.npy")]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    for r in (compressed, plain):  # timings differ
+        for key in ("seconds", "rows_per_second", "gb_per_second"):
+            del r[key]
+    assert compressed["chunk_rows"] < 1500 and compressed == plain
