@@ -278,9 +278,18 @@ def _check_regular(path):
 
 
 def load_small(path, what):
-    """A small array (class weights, a bias) read whole from a ``.npy`` file, with one-line
-    errors that name it as ``what``."""
+    """A small array (class weights, a bias: 1-D) read whole from a ``.npy`` file, with
+    one-line errors that name it as ``what``. The header is checked first, so a large
+    file given by mistake (the logits, say) is refused before it is read into memory."""
     _check_regular(path)
+    try:
+        header = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        header = None  # not a plain .npy (an .npz, an empty array): the checks below
+    if isinstance(header, np.ndarray) and header.ndim != 1:
+        raise ValueError(f"{what} {path} holds an array of shape {header.shape}: "
+                         "expected a 1-D array")
+    del header
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:

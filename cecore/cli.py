@@ -231,11 +231,12 @@ def main(argv=None):
     if sys.stderr is None:  # started with stderr closed (2>&-): messages go nowhere, as asked
         sys.stderr = open(os.devnull, "w")
     args = parser.parse_args(argv)
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        # `kill` removes a per-row file being written (the default action left its
-        # temporary file behind).
-        signal.signal(signal.SIGTERM, _terminated)
+    if threading.current_thread() is threading.main_thread():
+        # `kill`, or a closed terminal or ssh session (SIGHUP), removes a per-row file
+        # being written (the default action left its temporary file behind).
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+                signal.signal(signum, _terminated)
     try:
         return args._run(args)
     except ValueError as exc:  # a bad CECORE_* setting, found when a backend loads
@@ -262,7 +263,7 @@ def _stdout_to_devnull():
 
 
 def _terminated(signum, frame):
-    """SIGTERM: remove the temporary per-row file and exit with 128 + signum at once. Not by
+    """SIGTERM, SIGHUP: remove the temporary per-row file and exit with 128 + signum at once. Not by
     raising SystemExit: landing in library code (Numba compiling a kernel, say) it could be
     caught and turned into another error."""
     from ._io import remove_pending

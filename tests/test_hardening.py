@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -441,6 +442,27 @@ def test_weight_and_bias_files_that_are_not_arrays(scored_files, capsys, tmp_pat
                     bias=d / "fifo.npy")
 
 
+def test_a_large_weight_or_bias_file_is_refused_before_it_is_read(scored_files, capsys):
+    """--weight x.npy (the logits, given by mistake) was read whole into memory and
+    refused only then: a 100 GB logits file would take the machine down first."""
+    _, _, d = scored_files
+    big = np.lib.format.open_memmap(d / "big.npy", "w+", np.float32, (20000, 5000))
+    del big  # a 400 MB file, all but its header unwritten (sparse)
+    for option in ("--weight", "--bias"):
+        extra = [] if option == "--weight" else [
+            "--hidden", str(d / "x.npy"), "--unembedding", str(d / "x.npy")]
+        tracemalloc.start()
+        try:
+            code, out, err = _score(
+                ([str(d / "x.npy")] if option == "--weight" else extra)
+                + [str(d / "t.npy"), option, str(d / "big.npy")], capsys)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert code == 1 and "holds an array of shape (20000, 5000)" in err, err
+        assert peak < 50 << 20
+
+
 def test_npy_header_with_a_negative_dimension(tmp_path, capsys):
     header = "{'descr': '<f4', 'fortran_order': False, 'shape': (-5, 10), }"
     header += " " * (118 - len(header)) + "\n"
@@ -480,9 +502,13 @@ def test_closed_streams_and_info_to_a_full_disk(scored_files):
     assert "Traceback" not in p.stderr
 
 
-def test_sigterm_removes_the_partial_per_row_file(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_removes_the_partial_per_row_file(tmp_path, signame):
+    # SIGHUP: a terminal or ssh session that closes (it left a hidden file behind)
     import signal
     import time
+
+    signum = getattr(signal, signame)
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.standard_normal((200000, 50)).astype(np.float32))
@@ -495,9 +521,9 @@ def test_sigterm_removes_the_partial_per_row_file(tmp_path):
     while not os.listdir(tmp_path / "out") and time.monotonic() < deadline:
         time.sleep(0.05)  # until the temporary file exists
     assert os.listdir(tmp_path / "out"), "the command did not start writing"
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(signum)
     code = p.wait(timeout=60)
-    assert code == 128 + signal.SIGTERM, p.stderr.read()
+    assert code == 128 + signum, p.stderr.read()
     assert os.listdir(tmp_path / "out") == []
 
 
