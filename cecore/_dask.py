@@ -210,13 +210,16 @@ def _quiet_logs():
         logger.setLevel(level)
 
 
-def score_files(logits, target, *, scheduler=None, n_workers=2, memory_budget=DEFAULT_MEMORY_BUDGET,
+def score_files(logits, target, *, scheduler=None, n_workers=None, memory_budget=DEFAULT_MEMORY_BUDGET,
                 n_threads=None, **options):
     """``cecore score --dask local`` / ``--scheduler ADDRESS``: score files on a Dask cluster.
 
     Each worker memory-maps the files itself (they must be visible at the same path on
-    every worker); ``memory_budget`` sizes the pieces a task reads at once.
+    every worker); ``memory_budget`` sizes the pieces a task reads at once. ``n_workers``
+    (local cluster only) defaults to 2, or the CPUs available if fewer.
     """
+    if n_workers is None:
+        n_workers = min(2, cpus_available())
     if isinstance(n_workers, bool) or not isinstance(n_workers, (int, np.integer)) or \
             n_workers < 1:
         raise ValueError(f"the number of Dask workers must be an int >= 1, got {n_workers!r}")

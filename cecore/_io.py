@@ -244,6 +244,9 @@ def open_array(spec):
             with zipfile.ZipFile(f) as zf:
                 names = [n for n in zf.namelist() if n.endswith(".npy")]
                 if member is None:
+                    if not names:
+                        raise ValueError(f"{path} is a zip file with no .npy arrays in it, "
+                                         "not an .npz of arrays")
                     if len(names) != 1:
                         raise ValueError(f"{path} holds arrays {[n[:-4] for n in names]}: "
                                          f"choose one with {path}:NAME")
@@ -272,6 +275,8 @@ def open_array(spec):
 def _check_regular(path):
     """A FIFO or device would block or never end; a directory is not an array."""
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise FileNotFoundError(f"{path}: a symbolic link to a missing file, or a loop")
         raise FileNotFoundError(f"{path}: no such file")
     if not os.path.isfile(path):
         raise ValueError(f"{path} is not a regular file")
@@ -349,6 +354,8 @@ def check_output_path(path, inputs=()):
     (real_path, mode) : the path to replace, and the permission bits the new file gets
         (the existing file's, else those ``open()`` would give under the umask).
     """
+    if not os.fspath(path):
+        raise ValueError("the output path is empty: give the path of a .npy file")
     if os.fspath(path).endswith(("/", os.sep)):
         raise ValueError(f"{path} names a directory: give the path of a .npy file")
     real = os.path.realpath(os.fspath(path))

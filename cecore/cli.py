@@ -129,7 +129,7 @@ def _inputs(args):
         if args.unembedding or args.bias:
             raise ValueError("--unembedding and --bias need --hidden")
         if len(given) != 2:
-            raise ValueError("expected LOGITS and TARGET")
+            raise ValueError("expected LOGITS and TARGET (see cecore score --help)")
         return given[0], given[1], {}
     if args.unembedding is None:
         raise ValueError("--hidden needs --unembedding W.npy")
@@ -152,7 +152,7 @@ def _score_run(args):
         from . import _dask
 
         return _dask.score_files(source, target, scheduler=args.scheduler,
-                                 n_workers=2 if args.workers is None else args.workers,
+                                 n_workers=args.workers,
                                  memory_budget=args.memory_budget,
                                  n_threads=args.threads, **options)
     progress = not args.quiet and sys.stderr.isatty()

@@ -243,3 +243,14 @@ def test_cli_scheduler_that_never_answers_or_has_no_workers(rng, tmp_path, capsy
             assert main(args + ["--scheduler", cluster.scheduler_address]) == 1
             assert time.monotonic() - start < 30
             assert "has no workers" in capsys.readouterr().err
+
+
+def test_cli_default_workers_on_one_cpu(rng, tmp_path, capsys, monkeypatch):
+    """--dask local without --workers on a 1-CPU machine warned that '2 Dask workers is
+    more than the 1 CPUs available', about a number the user never gave."""
+    np.save(tmp_path / "x.npy", rng.standard_normal((50, 3)))
+    np.save(tmp_path / "t.npy", rng.integers(0, 3, 50))
+    monkeypatch.setattr(_dask, "cpus_available", lambda: 1)
+    assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json",
+                 "--dask", "local"]) == 0
+    assert "more than" not in capsys.readouterr().err

@@ -594,3 +594,21 @@ def test_per_row_out_only_replaces_an_earlier_npy_file(scored_files, capsys):
                                str(d / name)], capsys)
         assert code == 0, err
         np.testing.assert_array_equal(np.load(d / name), cecore.cross_entropy(x, t, reduction="none"))
+
+
+def test_messages_for_odd_paths(scored_files, capsys, tmp_path):
+    """A zip with no arrays, an empty output path and a symlink loop were reported as
+    'holds arrays []: choose one', ' exists and is not a regular file' and 'no such file'."""
+    import zipfile
+
+    _, _, d = scored_files
+    with zipfile.ZipFile(tmp_path / "notes.zip", "w") as z:
+        z.writestr("readme.txt", "not an array")
+    os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
+    os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
+    for args, message in (
+            ([str(tmp_path / "notes.zip"), str(d / "t.npy")], "with no .npy arrays in it"),
+            ([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out", ""], "output path is empty"),
+            ([str(tmp_path / "loop_a"), str(d / "t.npy")], "a symbolic link to a missing file")):
+        code, out, err = _score(args, capsys)
+        assert code == 1 and message in err and err.count("\n") == 1, err
