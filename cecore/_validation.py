@@ -80,14 +80,17 @@ def promoted_dtypes(x_dtype, t_dtype):
 def canonical(x, axis, dtype):
     """View ``x`` as a C-contiguous ``(N, C, S)`` array of ``dtype`` with ``C = x.shape[axis]``.
 
-    Returns ``(x3, fortran)``. When ``x`` is a Fortran-ordered 2-D array with ``axis=1`` it
-    is viewed, without a copy, as ``(1, C, N)`` (the kernels' strided-class path) and
-    ``fortran`` is True; outputs must then be allocated in Fortran order too.
-    Only a non-contiguous or wrongly typed input is copied.
+    Returns ``(x3, fortran)``. A Fortran-ordered 2-D array is viewed without a copy
+    through its C-ordered transpose, and ``fortran`` is True (outputs must then be
+    allocated in Fortran order too, see :func:`empty_canonical`): with ``axis=1`` as
+    ``(1, C, N)`` (the kernels' strided-class path), with ``axis=0`` (softmax along
+    columns) as ``(N, C, 1)``, rows. Only a non-contiguous or wrongly typed input is copied.
     """
-    if x.ndim == 2 and axis == 1 and not x.flags.c_contiguous and x.flags.f_contiguous:
-        xt = np.asarray(x.T, dtype=dtype)  # (C, N), C-contiguous
-        return xt.reshape(1, x.shape[1], x.shape[0]), True
+    if x.ndim == 2 and not x.flags.c_contiguous and x.flags.f_contiguous:
+        xt = np.asarray(x.T, dtype=dtype)  # C-contiguous
+        if axis == 1:
+            return xt.reshape(1, x.shape[1], x.shape[0]), True
+        return xt.reshape(x.shape[1], x.shape[0], 1), True
     n = int(np.prod(x.shape[:axis], dtype=np.int64))
     s = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
     x3 = np.ascontiguousarray(x, dtype=dtype).reshape(n, x.shape[axis], s)

@@ -746,3 +746,24 @@ def test_bce_fortran_input_is_not_copied(backend, rng, reduction):
     finally:
         tracemalloc.stop()
     assert peak < x.nbytes / 8
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_softmax_family_of_a_fortran_array_reads_it_in_place(backend, rng, axis):
+    """A Fortran-ordered 2-D array along axis 0 was copied whole to C order (along axis 1
+    it was already read in place): both are its transpose's rows or columns."""
+    x = np.asfortranarray(3 * rng.standard_normal((700, 300)).astype(np.float32))
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    for fn, ref in ((cecore.softmax, torch.softmax), (cecore.log_softmax, torch.log_softmax)):
+        out = fn(x, axis=axis, backend=backend)
+        assert out.flags.f_contiguous
+        assert_close(out, ref(xt, axis).numpy(), np.float32)
+    lse = cecore.logsumexp(x, axis=axis, backend=backend)
+    assert_close(lse, torch.logsumexp(xt, axis).numpy(), np.float32)
+    tracemalloc.start()
+    try:
+        cecore.logsumexp(x, axis=axis, backend=backend)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes / 8
