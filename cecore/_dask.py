@@ -52,6 +52,9 @@ def _connect(client_class, address):
     thread = threading.Thread(target=connect, daemon=True)
     thread.start()
     thread.join(timeout + 5)
+    if isinstance(made.get("error"), (ValueError, TypeError)):  # e.g. inproc://, tls://
+        raise ValueError(f"cannot connect to a Dask scheduler at {address}: "
+                         f"{made['error']}") from None
     if "error" in made:
         raise made["error"]
     if "client" not in made:

@@ -113,6 +113,19 @@ class ScoreResult:
         return {k: json_value(v) for k, v in asdict(self).items()}
 
 
+def _same_data(a, b):
+    """Whether two file readers read the same array (the same file, and the same member
+    of an .npz): a float array of the logits' shape would pass as probability targets."""
+    key = {MappedArray: "offset", StreamedArray: "member"}
+    if type(a) is not type(b) or type(a) not in key:
+        return False
+    try:
+        same_file = os.path.samefile(a.path, b.path)
+    except OSError:
+        return False
+    return same_file and getattr(a, key[type(a)]) == getattr(b, key[type(b)])
+
+
 @dataclass
 class LinearHead:
     """The unembedding ``logits = hidden @ weight.T + bias`` of scoring from hidden states.
@@ -410,6 +423,9 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
         for spec in (logits, target, unembedding):
             sources.append(None if spec is None else as_source(spec))
         x_src, t_src, w_src = sources
+        if _same_data(x_src, t_src):
+            raise ValueError(f"the logits and the targets are the same array, {x_src.path}: "
+                             "give the targets' file as TARGET")
         if isinstance(bias, (str, os.PathLike)):
             protect = (*protect, bias)  # per_row_out must not replace it either
             bias = load_small(bias, "bias")

@@ -612,3 +612,16 @@ def test_messages_for_odd_paths(scored_files, capsys, tmp_path):
             ([str(tmp_path / "loop_a"), str(d / "t.npy")], "a symbolic link to a missing file")):
         code, out, err = _score(args, capsys)
         assert code == 1 and message in err and err.count("\n") == 1, err
+
+
+def test_logits_file_given_as_the_targets_too(scored_files, capsys, tmp_path):
+    """`cecore score x.npy x.npy` scored the logits as their own probability targets,
+    silently (mean loss -5.97, perplexity 0.0025); members of one .npz are fine."""
+    _, _, d = scored_files
+    x = np.load(d / "x.npy")
+    np.savez(tmp_path / "both.npz", logits=x, target=np.exp(x) / np.exp(x).sum(1, keepdims=True))
+    code, out, err = _score([str(d / "x.npy"), str(d / "x.npy")], capsys)
+    assert code == 1 and "the logits and the targets are the same array" in err
+    code, out, err = _score([f"{tmp_path / 'both.npz'}:logits", f"{tmp_path / 'both.npz'}:target"],
+                            capsys)
+    assert code == 0, err
