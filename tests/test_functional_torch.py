@@ -21,6 +21,19 @@ from oracle import (
     torch_cross_entropy, torch_nll_loss,
 )
 
+
+def _peak_memory(call):
+    """Peak NumPy memory (tracemalloc) of ``call()``, after a warm-up call (which may
+    compile a Numba kernel)."""
+    call()
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 REDUCTIONS = ["mean", "sum", "none"]
 DTYPES = [np.float32, np.float64]
 
@@ -210,13 +223,7 @@ def test_bce_mean_of_a_long_1d_input_allocates_no_elementwise_array(backend, rng
     through a buffer of one whole row, twice the size of float32 logits."""
     x = rng.standard_normal(1 << 20).astype(np.float32)
     y = (x > 0).astype(np.float32)
-    cecore.binary_cross_entropy_with_logits(x, y, backend=backend)  # compile / warm up
-    tracemalloc.start()
-    try:
-        cecore.binary_cross_entropy_with_logits(x, y, backend=backend)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _peak_memory(lambda: cecore.binary_cross_entropy_with_logits(x, y, backend=backend))
     assert peak < x.nbytes / 8
 
 
@@ -668,13 +675,7 @@ def test_bce_none_allocates_the_result_and_gradient_only(backend, rng):
     g = np.ones_like(x)
     call = lambda: cecore.binary_cross_entropy_with_logits(  # noqa: E731
         x, y, reduction="none", grad_output=g, return_grad=True, backend=backend)
-    call()
-    tracemalloc.start()
-    try:
-        call()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _peak_memory(call)
     assert peak < 2 * x.nbytes + (5 << 20)  # loss + gradient + two 2 MB buffers
 
 
@@ -710,13 +711,7 @@ def test_nll_loss_of_float16_does_not_copy_the_input(rng):
     float32 first (2x the input, and 1000x torch's time). Loss and gradient stay torch's."""
     x = rng.standard_normal((1024, 2048)).astype(np.float16)
     t = rng.integers(0, 2048, 1024)
-    cecore.nll_loss(x, t)
-    tracemalloc.start()
-    try:
-        cecore.nll_loss(x, t)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _peak_memory(lambda: cecore.nll_loss(x, t))
     assert peak < x.nbytes / 16
     result = cecore.nll_loss(x, t, return_grad=True)
     assert result[1].dtype == np.float16
@@ -738,13 +733,7 @@ def test_bce_fortran_input_is_not_copied(backend, rng, reduction):
     assert result[1].flags.f_contiguous
     if reduction == "none":
         assert result[0].flags.f_contiguous
-    cecore.binary_cross_entropy_with_logits(x, y, backend=backend)
-    tracemalloc.start()
-    try:
-        cecore.binary_cross_entropy_with_logits(x, y, backend=backend)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _peak_memory(lambda: cecore.binary_cross_entropy_with_logits(x, y, backend=backend))
     assert peak < x.nbytes / 8
 
 
@@ -760,10 +749,5 @@ def test_softmax_family_of_a_fortran_array_reads_it_in_place(backend, rng, axis)
         assert_close(out, ref(xt, axis).numpy(), np.float32)
     lse = cecore.logsumexp(x, axis=axis, backend=backend)
     assert_close(lse, torch.logsumexp(xt, axis).numpy(), np.float32)
-    tracemalloc.start()
-    try:
-        cecore.logsumexp(x, axis=axis, backend=backend)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = _peak_memory(lambda: cecore.logsumexp(x, axis=axis, backend=backend))
     assert peak < x.nbytes / 8
