@@ -516,7 +516,10 @@ def test_sigterm_removes_the_partial_per_row_file(tmp_path, signame):
     (tmp_path / "out").mkdir()
     p = subprocess.Popen([sys.executable, "-m", "cecore.cli", "score", str(tmp_path / "x.npy"),
                           str(tmp_path / "t.npy"), "--memory-budget", "1B", "--per-row-out",
-                          str(tmp_path / "out" / "o.npy")], stderr=subprocess.PIPE)
+                          str(tmp_path / "out" / "o.npy")], stderr=subprocess.PIPE,
+                         # as from a terminal: the signal's default action (under nohup,
+                         # as CI may run, SIGHUP is ignored, and cecore leaves it so)
+                         preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not os.listdir(tmp_path / "out") and time.monotonic() < deadline:
         time.sleep(0.05)  # until the temporary file exists
