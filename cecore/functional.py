@@ -338,13 +338,13 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     else:
         scale = np.broadcast_to(np.float64(0.0), x2.shape)
         grad2 = None  # loss only
-    if g_none is None:
-        # The kernel's runs stop at the end of a row: with every operand viewable as one
-        # row, (N, 1) logits (a binary classifier's) are not one call per element.
-        rows = [_one_row(a) for a in (x2, t2, w2, pw2, scale)]
-        if all(r is not None for r in rows):
-            x2, t2, w2, pw2, scale = rows
-            grad2 = None if grad2 is None else grad2.reshape(rows[0].shape)
+    # The kernel's runs stop at the end of a row: with every operand viewable as one row,
+    # (N, 1) logits (a binary classifier's) are not one call per element.
+    rows = [_one_row(a) for a in (x2, t2, w2, pw2, scale)]
+    if all(r is not None for r in rows):
+        x2, t2, w2, pw2, scale = rows
+        grad2 = None if grad2 is None else grad2.reshape(rows[0].shape)
+        g_none = None if g_none is None else scale
     if reduction == "none":
         # The losses in the loss's dtype; float64 from the kernel through a reused buffer of
         # about BCE_CHUNK positions (a grad_output array converted the same way), so

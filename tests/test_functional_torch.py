@@ -704,6 +704,13 @@ def test_bce_one_column_goes_to_the_kernel_as_one_row(backend, rng, monkeypatch,
     result = cecore.binary_cross_entropy_with_logits(x, y, return_grad=True, **kw)
     assert seen == [(1, n)]
     check_result(result, torch_bce(x, y, **kw), np.float64)
+    # 'none' with an array grad_output (converted chunk by chunk) too
+    g = rng.standard_normal((n, 1)).astype(np.float32)
+    seen.clear()
+    result = cecore.binary_cross_entropy_with_logits(x, y, reduction="none", grad_output=g,
+                                                     return_grad=True, **kw)
+    assert seen == [(1, n)]
+    check_result(result, torch_bce(x, y, reduction="none", grad_output=g, **kw), np.float64)
 
 
 def test_nll_loss_of_float16_does_not_copy_the_input(rng):

@@ -633,7 +633,7 @@ def _sum_lanes(acc):
 def _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_out, sums,
               w, pw, gs, buf, acc):
     """Positions [k * B, (k + 1) * B) of the flat row-major stream, B = REDUCE_BLOCK, in
-    runs of at most TILE values within a row (see _bce_block)."""
+    runs of at most TILE values within a row (see _bce_blocks)."""
     want_grad = grad_out.shape[0] != 0
     # A broadcast scalar (strides (0, 0)) fills the whole scratch once per item; the
     # other arguments are copied run by run.
