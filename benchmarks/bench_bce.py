@@ -25,9 +25,9 @@ from _common import format_table, machine_info, median_time, save_json  # noqa: 
 
 import cecore  # noqa: E402
 
-# (B * T, labels) multi-label shapes, and a 1-D input (one logit per example, as binary
-# classification gives): one long row, which the kernels split into blocks as well.
-SIZES = [(65536, 1000), (4096, 1000), (1 << 24,)]
+# (B * T, labels) multi-label shapes; a 1-D input and (N, 1) logits (one logit per
+# example, as binary classifiers give), which go to the kernels as one long row.
+SIZES = [(65536, 1000), (4096, 1000), (1 << 24,), (1 << 24, 1)]
 
 
 def reference(x, y):
