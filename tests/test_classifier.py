@@ -478,13 +478,10 @@ def test_a_failed_partial_fit_changes_nothing():
     with pytest.raises(NotFittedError):  # it predicted class 0 with zero coefficients
         check_is_fitted(clf)
     clf.partial_fit(X, y + 1, classes=[1, 2, 3])  # a retry may choose other classes
-    def state():
-        return {name: pickle.dumps(value) for name, value in sorted(vars(clf).items())}
-
-    before = state()
+    before = _state(clf)
     with pytest.raises(ValueError, match="non-zero"):
         clf.partial_fit(X, y + 1, sample_weight=np.zeros(len(y)))
-    assert state() == before
+    assert _state(clf) == before
 
 
 def test_a_failed_fit_changes_nothing():
@@ -493,16 +490,13 @@ def test_a_failed_fit_changes_nothing():
     X, y = load("iris")
     clf = SoftmaxClassifier().fit(X, y)
 
-    def state():
-        return {name: pickle.dumps(value) for name, value in sorted(vars(clf).items())}
-
-    before = state()
+    before = _state(clf)
     for params, y_new, error in (({"n_threads": True}, y % 2, TypeError),
                                  ({"class_weight": {0: 0, 1: 0}}, y % 2, ValueError)):
         with pytest.raises(error):
             clf.set_params(**params).fit(X, y_new)
         clf.set_params(n_threads=None, class_weight=None)
-        assert {k: v for k, v in state().items() if k not in ("n_threads", "class_weight")} == \
+        assert {k: v for k, v in _state(clf).items() if k not in ("n_threads", "class_weight")} == \
             {k: v for k, v in before.items() if k not in ("n_threads", "class_weight")}
         np.testing.assert_array_equal(clf.predict(X), SoftmaxClassifier().fit(X, y).predict(X))
 
@@ -531,6 +525,87 @@ def test_vanishing_C_gives_finite_coefficients():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         np.testing.assert_array_equal(SoftmaxClassifier(C=1e-320).fit(X, y).coef_, 0.0)
+
+
+def _state(clf):
+    """Everything an estimator holds, comparable (in a fixed order of names)."""
+    return {name: pickle.dumps(value) for name, value in sorted(vars(clf).items())}
+
+
+def test_partial_fit_extreme_C_and_learning_rate():
+    # Adagrad summed the squared gradients, which overflow from about 1e154: with a tiny C
+    # (whose penalty gradient is huge) every step after the first was 0 and the
+    # coefficients stayed at +-learning_rate (0.1; fit and LogisticRegression give 0),
+    # with a huge learning rate they became NaN; NumPy's RuntimeWarning was the only sign
+    # (hostile review).
+    X, y = load("iris")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clf = SoftmaxClassifier(C=1e-160)
+        for _ in range(3):
+            clf.partial_fit(X, y, classes=[0, 1, 2])
+        assert np.abs(clf.coef_).max() < 1e-9  # 1e-11 of the first step's 0.1
+        assert np.abs(LogisticRegression(C=1e-160).fit(X, y).coef_).max() < 1e-9
+        clf = SoftmaxClassifier(learning_rate=1e200)
+        for _ in range(3):
+            clf.partial_fit(X, y, classes=[0, 1, 2])
+        assert np.isfinite(clf.coef_).all() and np.isfinite(clf.predict_proba(X)).all()
+    # Steps that do overflow the coefficients are an error, and change nothing.
+    clf = SoftmaxClassifier(learning_rate=1e308).partial_fit(X, y, classes=[0, 1, 2])
+    before = _state(clf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's, on the way to the error
+        with pytest.raises(ValueError, match="overflowed"):
+            clf.partial_fit(X, y)
+    assert _state(clf) == before
+
+
+def test_negative_total_sample_weight_is_an_error():
+    # The penalty is scaled by 1 / (C * total weight): a negative total turned it into a
+    # reward, and fit returned zero coefficients without a word (hostile review).
+    X, y = load("iris")
+    sw = np.where(y == 0, -3.0, 1.0)  # sums to -50
+    with pytest.raises(ValueError, match="sum to -50"):
+        SoftmaxClassifier().fit(X, y, sample_weight=sw)
+    clf = SoftmaxClassifier().partial_fit(X, y, classes=[0, 1, 2])
+    before = _state(clf)
+    with pytest.raises(ValueError, match="so far in the stream"):
+        clf.partial_fit(X, y, sample_weight=np.where(y == 0, -10.0, 1.0))  # 150 - 550 < 0
+    assert _state(clf) == before
+    # Mixed signs with a positive total are weights like any other.
+    sw = np.ones(len(y))
+    sw[::10] = -0.2
+    ours = SoftmaxClassifier(tol=1e-10).fit(X, y, sample_weight=sw)
+    theirs = LogisticRegression(tol=1e-10, max_iter=10000).fit(X, y, sample_weight=sw)
+    np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=1e-4)
+
+
+def test_partial_fit_on_chunks_of_a_stream_of_many_classes_does_not_warn():
+    # check_classification_targets warns when more than half of a chunk's labels are
+    # distinct ("could be a regression problem"): every short chunk of a stream of many
+    # classes did, as SGDClassifier's and GaussianNB's partial_fit do not.
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 5)), rng.permutation(np.arange(64) % 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SoftmaxClassifier().partial_fit(X, y, classes=np.arange(50))
+    with pytest.raises(ValueError, match="Unknown label type"):
+        SoftmaxClassifier().partial_fit(X, y + 0.5, classes=np.arange(50) + 0.5)
+
+
+def test_partial_fit_keeps_float32_like_fit():
+    # partial_fit stored float64 coefficients for float32 data (fit and SGDClassifier keep
+    # float32); the stream itself goes on in float64, so it follows the float64 stream.
+    X, y = load("iris")
+    X32 = X.astype(np.float32)
+    a, b = SoftmaxClassifier(), SoftmaxClassifier()
+    for chunk in np.array_split(np.arange(len(y)), 10):
+        a.partial_fit(X32[chunk], y[chunk], classes=[0, 1, 2])
+        b.partial_fit(X32[chunk].astype(np.float64), y[chunk], classes=[0, 1, 2])
+    assert a.coef_.dtype == a.intercept_.dtype == np.float32
+    assert a.predict_proba(X32).dtype == np.float32
+    assert b.coef_.dtype == np.float64
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-5, atol=1e-6)
 
 
 def test_partial_fit_errors_and_missing_classes():

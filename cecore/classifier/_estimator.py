@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
-from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from .. import _config
@@ -39,6 +39,17 @@ def _balanced_class_weight(class_totals):
     weights = np.zeros_like(class_totals)
     weights[present] = class_totals.sum() / (np.count_nonzero(present) * class_totals[present])
     return weights
+
+
+def _check_weight_sum(total, where):
+    """The objective is the weighted mean loss plus a penalty scaled by the total weight
+    (``1 / (C * total)``): a negative total turns the penalty into a reward, and the
+    model would be meaningless (it was pinned at 0 without a word)."""
+    if total < 0:
+        raise ValueError(
+            f"the sample weights (times the class weights) sum to {total:g}{' ' + where if where else ''}: "
+            "SoftmaxClassifier minimises their weighted mean loss, which needs a "
+            "non-negative sum")
 
 
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
@@ -201,6 +212,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 raise ValueError(
                     f"every sample weighs zero after class_weight={self.class_weight!r}: at "
                     "least one sample of a class of nonzero weight is needed")
+        _check_weight_sum(float(sw.sum()), "")
 
         n_samples, n_features = X.shape
         n_outputs = self._n_outputs()
@@ -241,7 +253,11 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         (i.e. ``C`` times the number of passes). First-order steps converge slowly on
         ill-conditioned problems: use :meth:`fit` when the data fit in memory. After
         :meth:`fit`, a stream starts from its coefficients with a fresh Adagrad state, whose
-        first step moves every coefficient by about ``learning_rate``.
+        first step moves every coefficient by about ``learning_rate``. ``coef_`` and
+        ``intercept_`` are in the chunk's dtype, as :meth:`fit` stores them; the stream
+        itself goes on from float64 parameters. Sample weights that sum to a negative
+        number over the stream so far, or steps that overflow the coefficients, raise a
+        ``ValueError`` and leave the estimator as it was.
 
         Parameters
         ----------
@@ -307,7 +323,13 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         reset = first_call and not hasattr(self, "coef_")
         X, y = validate_data(self, X, y, accept_sparse="csr", dtype=[np.float64, np.float32],
                              order="C", reset=reset)
-        check_classification_targets(y)
+        # check_classification_targets without its "more than 50% unique classes" warning,
+        # which a short chunk of a stream of many classes sets off on every call.
+        y_type = type_of_target(y, input_name="y")
+        if y_type not in ("binary", "multiclass"):
+            raise ValueError(
+                f"Unknown label type: {y_type}. partial_fit expects discrete class labels "
+                "(binary or multiclass)")
         unknown = np.setdiff1d(np.unique(y), self.classes_)
         if unknown.size:
             raise ValueError(f"y contains labels {unknown!r} not in classes_={self.classes_!r}")
@@ -327,20 +349,24 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         state.class_totals += np.bincount(y_enc, weights=sw, minlength=len(self.classes_))
         if self.class_weight is not None:
             sw *= self._class_weight(y, state.class_totals)[y_enc]
+        _check_weight_sum(state.weight_seen + float(sw.sum()), "so far in the stream")
 
         n_params = (X.shape[1] + int(self.fit_intercept)) * n_outputs
-        if state.sum_sq_grad is not None and state.sum_sq_grad.shape[0] != n_params:
+        if state.grad_norm is not None and state.grad_norm.shape[0] != n_params:
             raise ValueError(
                 f"fit_intercept changed to {self.fit_intercept} since the first call to "
                 "partial_fit: a stream keeps its parameters. Restart it on a new "
                 "estimator (sklearn.base.clone) or call fit.")
         n_threads = _config.resolve_n_threads(
             self.n_threads, min(self.batch_size, X.shape[0]) * n_outputs)
+        params = state.params if state.params is not None else pack(
+            self.coef_, self.intercept_, self.fit_intercept).astype(np.float64)
         params, losses = adagrad_steps(
-            state, self._objective_factory(n_threads), X, y_enc, sw,
-            pack(self.coef_, self.intercept_, self.fit_intercept),
+            state, self._objective_factory(n_threads), X, y_enc, sw, params,
             batch_size=self.batch_size, learning_rate=self.learning_rate)
-        self.coef_, self.intercept_ = coef_intercept(params, n_outputs, self.fit_intercept)
+        # In the data's dtype, as fit stores them; the stream goes on from state.params.
+        self.coef_, self.intercept_ = (
+            a.astype(X.dtype) for a in coef_intercept(params, n_outputs, self.fit_intercept))
         self.loss_curve_ += losses
         self.n_iter_ += len(losses)
         return self

@@ -83,14 +83,20 @@ class AdagradState:
         Sum of the (class-weighted) sample weights so far: the penalty's weight.
     rows_seen : int
         Rows so far (``weight_seen / rows_seen`` is the mean weight of a row).
-    sum_sq_grad : ndarray of shape (n_params,) or None
-        Sum of the squared gradients of all steps so far; None before the first step.
+    grad_norm : ndarray of shape (n_params,) or None
+        Square root of the sum of the squared gradients of all steps so far, accumulated
+        with ``hypot`` (a sum of squares overflows from gradients of about 1e154, which
+        a tiny ``C`` gives); None before the first step.
+    params : ndarray of shape (n_params,) or None
+        The parameters after the last step, in float64 (``coef_`` of float32 data is
+        float32, which would round away the small late steps); None before it.
     """
 
     class_totals: np.ndarray
     weight_seen: float = 0.0
     rows_seen: int = 0
-    sum_sq_grad: np.ndarray | None = None
+    grad_norm: np.ndarray | None = None
+    params: np.ndarray | None = None
 
 
 def adagrad_steps(state, make_objective, X, y_enc, sample_weight, params, *, batch_size,
@@ -121,16 +127,22 @@ def adagrad_steps(state, make_objective, X, y_enc, sample_weight, params, *, bat
         :class:`~cecore.classifier._objective.LinearObjective` of the model.
     X, y_enc, sample_weight : the chunk
     params : ndarray
-        Parameters before the chunk; not modified.
+        Parameters before the chunk (float64); not modified.
     batch_size : int
     learning_rate : float
 
     Returns
     -------
     params : ndarray
-        Parameters after the chunk.
+        Parameters after the chunk (also kept in ``state.params``).
     losses : list of float
         The batch objective ``f_B`` before each step.
+
+    Raises
+    ------
+    ValueError
+        When a step made a parameter infinite or NaN (``state`` is then partly updated:
+        the caller restores it).
     """
     params = params.copy()
     losses = []
@@ -148,9 +160,15 @@ def adagrad_steps(state, make_objective, X, y_enc, sample_weight, params, *, bat
                                    penalty_weight=total / n_rows * state.rows_seen)
         value, grad = objective.loss_gradient(params)
         value, grad = value * scale, grad * scale
-        if state.sum_sq_grad is None:
-            state.sum_sq_grad = np.zeros_like(grad)
-        state.sum_sq_grad += grad * grad
-        params -= learning_rate * grad / (np.sqrt(state.sum_sq_grad) + 1e-12)
+        if state.grad_norm is None:
+            state.grad_norm = np.zeros_like(grad)
+        np.hypot(state.grad_norm, grad, out=state.grad_norm)
+        # grad / norm first: at most 1 in size, so a huge learning rate cannot overflow it
+        params -= learning_rate * (grad / (state.grad_norm + 1e-12))
         losses.append(value)
+    if not np.isfinite(params).all():
+        raise ValueError(
+            f"partial_fit: the coefficients overflowed (learning_rate={learning_rate!r}); "
+            "lower learning_rate or scale the data (e.g. with StandardScaler)")
+    state.params = params
     return params, losses
