@@ -91,14 +91,18 @@ _warned = set()
 
 def _warn_fallback(function_name, reason):
     # Once per process and reason: a training loop would otherwise warn at every step.
-    if reason in _warned:
+    # Not while torch.compile traces: Dynamo cannot trace warnings.warn, so under
+    # fullgraph=True every fallback failed to compile (unless it had warned in eager mode
+    # before); the eager call warns.
+    if reason in _warned or torch.compiler.is_compiling():
         return
-    _warned.add(reason)
     warnings.warn(
         f"cecore.torch.{function_name}: {reason}; computing with torch's own implementation "
         "(this warning is shown once per process)",
         CecoreFallbackWarning, stacklevel=3,
     )
+    # Only once shown: with warnings turned into errors, every fallback call raises.
+    _warned.add(reason)
 
 
 def _fallback_reason(inputs, others):

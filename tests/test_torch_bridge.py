@@ -590,6 +590,35 @@ def test_fallback_warns_once_and_matches_torch(gen):
         assert ct.cross_entropy(meta, target.to("meta"), reduction="none").shape == (6,)
 
 
+def test_fallback_warning_as_error_raises_every_time(gen):
+    # The reason was recorded as shown before warnings.warn raised: under "error" only the
+    # first fallback call failed, later ones fell back silently (hostile review).
+    x = torch.randn(4, 6, generator=gen).t()
+    target = _index_target(gen, (6,), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ct.CecoreFallbackWarning)
+        for _ in range(2):
+            with pytest.raises(ct.CecoreFallbackWarning, match="contiguous"):
+                ct.cross_entropy(x, target)
+
+
+def test_fallback_compiles_with_fullgraph(gen):
+    # (N, L, C) logits transposed to (N, C, L), the sequence-model pattern, are not
+    # contiguous and go to torch; its warning broke torch.compile(fullgraph=True) ("call
+    # to a function marked as skipped: warnings.warn") unless it had been shown in eager
+    # mode before (hostile review).
+    torch._dynamo.reset()
+    h = torch.randn(2, 6, 5, generator=gen, requires_grad=True)
+    t = _index_target(gen, (2, 6), 5)
+    compiled = torch.compile(lambda h, t: ct.cross_entropy(h.transpose(1, 2), t),
+                             fullgraph=True)
+    loss = compiled(h, t)
+    loss.backward()
+    expected = TF.cross_entropy(h.detach().transpose(1, 2), t)
+    assert_close(loss.detach().numpy(), expected.numpy(), np.float32)
+    assert ct._warned == set()  # nothing shown while compiling; an eager call warns
+
+
 def test_target_requiring_grad_goes_to_torch(gen):
     x = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     proba = torch.softmax(torch.randn(5, 4, generator=gen, dtype=torch.float64), 1).requires_grad_()
