@@ -31,7 +31,9 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from cecore._config import REDUCE_BLOCK  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CE_SHAPES = [(65536, 1000, 1), (4096, 50257, 1), (1000000, 10, 1), (4, 21, 65536)]
+CE_SHAPES = [(65536, 1000, 1), (4096, 50257, 1), (1000000, 10, 1), (4, 21, 65536),
+             # K-dim with few positions (the _config.KDIM_* paths)
+             (524288, 8, 2), (131072, 8, 8), (16384, 128, 4), (8192, 1000, 2), (40, 50257, 4)]
 SCORE_SHAPES = [(65536, 1000), (4096, 50257)]  # softmax_ce_scores and its loss-only call
 BCE_SHAPES = [(65536, 1000)]
 

@@ -34,6 +34,19 @@ SMALL_C_ROWS = 64
 # few classes): a tile's per-position scratch (a few arrays of TILE values) stays in L1.
 TILE = 256
 
+# K-dim inputs (N, C, S) whose S positions of a class take fewer bytes than a vector
+# register: tiles of S positions would run the loops over part of a vector. Up to
+# KDIM_BLOCK_MAX_BYTES (S * itemsize: float32 S <= 8, float64 S <= 4) and
+# KDIM_BLOCK_MAX_C classes, blocks of samples are transposed into one tile of positions
+# (as the few-classes path does with rows); up to KDIM_ROWS_MAX_BYTES (float32 S <= 4,
+# float64 S <= 2) of more classes, each sample's positions are transposed into rows for
+# the row kernel, in groups whose rows fit in KDIM_ROWS_GROUP_BYTES. Measured in
+# benchmarks/results/kernel_findings.md (eighth session).
+KDIM_BLOCK_MAX_BYTES = 32
+KDIM_BLOCK_MAX_C = 128
+KDIM_ROWS_MAX_BYTES = 16
+KDIM_ROWS_GROUP_BYTES = 1048576  # 1 MiB
+
 # Classes per block of a row's exp pass: the exps of a block are written by one loop and
 # summed in float64 by another (fused, the float64 adds would halve the float32 exp's
 # vector width); a block's exps stay in L1 between the two loops.
@@ -48,7 +61,9 @@ ROWS_PER_TASK = 16
 LANES = 16
 
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
-C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES", "REDUCE_BLOCK")
+C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES", "REDUCE_BLOCK",
+            "KDIM_BLOCK_MAX_BYTES", "KDIM_BLOCK_MAX_C", "KDIM_ROWS_MAX_BYTES",
+            "KDIM_ROWS_GROUP_BYTES")
 
 # binary_cross_entropy_with_logits with reduction='none': positions per chunk of the
 # reused float64 buffer that takes the kernel's losses before they are cast to the loss's

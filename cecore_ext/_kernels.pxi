@@ -33,6 +33,10 @@ cdef extern from "_rowkernels.h" nogil:
     enum: CEC_SUM_BLOCK
     enum: CEC_LANES
     enum: CEC_REDUCE_BLOCK
+    enum: CEC_KDIM_BLOCK_MAX_BYTES
+    enum: CEC_KDIM_BLOCK_MAX_C
+    enum: CEC_KDIM_ROWS_MAX_BYTES
+    enum: CEC_KDIM_ROWS_GROUP_BYTES
     void cec_prefetch_range(const void *p, Py_ssize_t nbytes, int write)
     int cec_openmp_version()
     int cec_omp_max_threads()
@@ -89,6 +93,14 @@ cdef extern from "_rowkernels.h" nogil:
                            Py_ssize_t cols, float *dst, Py_ssize_t dld)
     void cec_transpose_f64(const double *src, Py_ssize_t sld, Py_ssize_t rows,
                            Py_ssize_t cols, double *dst, Py_ssize_t dld)
+    void cec_transpose_granules_f32(const float *src, Py_ssize_t rows, Py_ssize_t cols,
+                                    Py_ssize_t S, float *dst, Py_ssize_t dld)
+    void cec_transpose_granules_f64(const double *src, Py_ssize_t rows, Py_ssize_t cols,
+                                    Py_ssize_t S, double *dst, Py_ssize_t dld)
+    void cec_untranspose_granules_f32(const float *src, Py_ssize_t sld, Py_ssize_t rows,
+                                      Py_ssize_t cols, Py_ssize_t S, float *dst)
+    void cec_untranspose_granules_f64(const double *src, Py_ssize_t sld, Py_ssize_t rows,
+                                      Py_ssize_t cols, Py_ssize_t S, double *dst)
     void cec_bce_row_f32(const float *x, const float *y, Py_ssize_t n, const double *w,
                          const double *pw, const double *gs, double *loss, float *g)
     void cec_bce_row_f64(const double *x, const double *y, Py_ssize_t n, const double *w,
@@ -161,6 +173,22 @@ cdef inline void _transpose(const floating *src, Py_ssize_t sld, Py_ssize_t rows
         cec_transpose_f32(src, sld, rows, cols, dst, dld)
     else:
         cec_transpose_f64(src, sld, rows, cols, dst, dld)
+
+cdef inline void _transpose_granules(const floating *src, Py_ssize_t rows, Py_ssize_t cols,
+                                     Py_ssize_t S, floating *dst,
+                                     Py_ssize_t dld) noexcept nogil:
+    if floating is float:
+        cec_transpose_granules_f32(src, rows, cols, S, dst, dld)
+    else:
+        cec_transpose_granules_f64(src, rows, cols, S, dst, dld)
+
+cdef inline void _untranspose_granules(const floating *src, Py_ssize_t sld, Py_ssize_t rows,
+                                       Py_ssize_t cols, Py_ssize_t S,
+                                       floating *dst) noexcept nogil:
+    if floating is float:
+        cec_untranspose_granules_f32(src, sld, rows, cols, S, dst)
+    else:
+        cec_untranspose_granules_f64(src, sld, rows, cols, S, dst)
 
 cdef inline void _log_loss_rows(const floating *p, Py_ssize_t rows, Py_ssize_t n,
                                 double tol, const int64_t *target, double lo, double hi,
@@ -282,6 +310,7 @@ cdef struct IndexArgs:
     Py_ssize_t N, C, S
     int64_t ignore_index
     double w_total, eps
+    Py_ssize_t group  # positions per group of _index_krows_item
 
 cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     """Row k (S == 1) or tile k (S > 1)."""
@@ -347,6 +376,78 @@ cdef void _index_small_c_item(Py_ssize_t k, const floating *x,
     free(xt)
 
 
+cdef void _index_kblock_item(Py_ssize_t k, const floating *x,
+                             const void *ctx) noexcept nogil:
+    """Samples [k * B, ...) of a K-dim input with few classes and few positions, B =
+    CEC_SMALL_C_ROWS // S: their B * S positions are transposed into one (C, B * S)
+    scratch tile, so that the tile kernel's loops run across B * S positions instead of
+    S. The tile kernel's arithmetic is per position, so the bits are the tile path's."""
+    cdef const IndexArgs *a = <const IndexArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, B = CEC_SMALL_C_ROWS // a.S
+    cdef Py_ssize_t n0 = k * B, nb = min(B, a.N - k * B), width, j, nxt
+    cdef double gsb[CEC_SMALL_C_ROWS]
+    cdef floating *g = <floating *>a.g
+    cdef floating *xt = <floating *>malloc(2 * C * B * S * sizeof(floating))
+    cdef floating *gt = NULL
+    if xt == NULL:  # out of memory: the tile path needs no scratch (one tile per sample)
+        for j in range(n0, n0 + nb):
+            _index_item(j, x, ctx)
+        return
+    width = nb * S
+    if g != NULL:
+        gt = xt + C * B * S
+    nxt = min(a.N - n0 - nb, B) * C * S  # the next block on its way (as _index_small_c_item)
+    if nxt > 0:
+        cec_prefetch_range(x + (n0 + nb) * C * S, nxt * sizeof(floating), 0)
+        if g != NULL:
+            cec_prefetch_range(g + (n0 + nb) * C * S, nxt * sizeof(floating), 1)
+    _transpose_granules(x + n0 * C * S, nb, C, S, xt, B * S)
+    for j in range(width):
+        gsb[j] = _at(a.gs, n0 + j // S, j % S)
+    _index_tile(<const floating *>xt, C, B * S, width, a.target + n0 * S, a.ignore_index,
+                a.w, a.w_total, a.eps, gsb, a.loss + n0 * S, gt)
+    if gt != NULL:
+        _untranspose_granules(gt, B * S, nb, C, S, g + n0 * C * S)
+    free(xt)
+
+cdef void _index_krows_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
+    """Sample k of a K-dim input with few positions and many classes: groups of G of its
+    positions are transposed into G rows of C classes, run through the row kernel, and
+    their gradient rows transposed back (the tile path would run its loops across S
+    positions only)."""
+    cdef const IndexArgs *a = <const IndexArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, G = a.group, s0, gw, j, p
+    cdef int64_t t
+    cdef floating *g = <floating *>a.g
+    cdef const floating *xs = x + k * C * S
+    cdef floating *xt = <floating *>malloc(2 * C * G * sizeof(floating))
+    cdef floating *gt = NULL
+    if xt == NULL:  # out of memory: the tile path needs no scratch
+        for j in range(k * _n_tiles(S), (k + 1) * _n_tiles(S)):
+            _index_item(j, x, ctx)
+        return
+    if g != NULL:
+        gt = xt + C * G
+    s0 = 0
+    while s0 < S:
+        gw = min(G, S - s0)
+        _transpose(xs + s0, S, C, gw, xt, C)
+        for j in range(gw):
+            p = k * S + s0 + j
+            t = a.target[p]
+            a.loss[p] = 0.0
+            if t == a.ignore_index:
+                if g == NULL:  # as _index_item: read only for torch's NaN gradient
+                    continue
+                t = -1
+            a.loss[p] = _index_row(xt + j * C, C, t, a.w, a.w_total, a.eps,
+                                   _at(a.gs, k, s0 + j), gt + j * C if g != NULL else NULL)
+        if g != NULL:
+            _transpose(gt, C, gw, C, g + k * C * S + s0, S)
+        s0 += gw
+    free(xt)
+
+
 def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] target,
                      const double[::1] weight, int64_t ignore_index, double label_smoothing,
                      const double[:, :] grad_scale, double[:, ::1] loss_out,
@@ -377,6 +478,17 @@ def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] tar
             _run(_index_small_c_item[floating],
                  (N + CEC_SMALL_C_ROWS - 1) // CEC_SMALL_C_ROWS, &logits[0, 0, 0], &a,
                  n_threads)
+        elif 1 < S and S * <Py_ssize_t>sizeof(floating) <= CEC_KDIM_BLOCK_MAX_BYTES \
+                and C <= CEC_KDIM_BLOCK_MAX_C:
+            # few positions of not too many classes (see cecore/_config.py)
+            _run(_index_kblock_item[floating],
+                 (N + CEC_SMALL_C_ROWS // S - 1) // (CEC_SMALL_C_ROWS // S),
+                 &logits[0, 0, 0], &a, n_threads)
+        elif 1 < S and S * <Py_ssize_t>sizeof(floating) <= CEC_KDIM_ROWS_MAX_BYTES:
+            # few positions of many classes
+            a.group = max(1, min(S, CEC_KDIM_ROWS_GROUP_BYTES
+                                    // (C * <Py_ssize_t>sizeof(floating))))
+            _run(_index_krows_item[floating], N, &logits[0, 0, 0], &a, n_threads)
         else:
             _run(_index_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
@@ -720,5 +832,9 @@ def build_info():
         "sum_block": CEC_SUM_BLOCK,
         "lanes": CEC_LANES,
         "reduce_block": CEC_REDUCE_BLOCK,
+        "kdim_block_max_bytes": CEC_KDIM_BLOCK_MAX_BYTES,
+        "kdim_block_max_c": CEC_KDIM_BLOCK_MAX_C,
+        "kdim_rows_max_bytes": CEC_KDIM_ROWS_MAX_BYTES,
+        "kdim_rows_group_bytes": CEC_KDIM_ROWS_GROUP_BYTES,
         "exp": "range reduction + polynomial, vectorised with omp simd",
     }

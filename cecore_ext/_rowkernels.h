@@ -45,10 +45,17 @@
  * CEC_SMALL_C: the most classes that take the few-classes path (the .pxi reads it);
  * CEC_SMALL_C_ROWS: rows per transposed block of that path (a tile of the tile kernels);
  * CEC_SUM_BLOCK: classes per block of a row's exp + sum pass (cec_row_sumexp);
- * CEC_REDUCE_BLOCK: positions per work item of bce_logits (the .pxi reads it). */
+ * CEC_REDUCE_BLOCK: positions per work item of bce_logits (the .pxi reads it);
+ * CEC_KDIM_*: which K-dim inputs with few positions take the transposing paths (the .pxi
+ * reads them). */
 #if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SMALL_C_ROWS) || \
-    !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES) || !defined(CEC_REDUCE_BLOCK)
-#error "CEC_TILE, CEC_SMALL_C(_ROWS), CEC_SUM_BLOCK, CEC_LANES and CEC_REDUCE_BLOCK come from cecore/_config.py: build with setup.py"
+    !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES) || !defined(CEC_REDUCE_BLOCK) || \
+    !defined(CEC_KDIM_BLOCK_MAX_BYTES) || !defined(CEC_KDIM_BLOCK_MAX_C) || \
+    !defined(CEC_KDIM_ROWS_MAX_BYTES) || !defined(CEC_KDIM_ROWS_GROUP_BYTES)
+#error "the CEC_* tunables come from cecore/_config.py (C_MACROS): build with setup.py"
+#endif
+#if CEC_KDIM_BLOCK_MAX_BYTES / 4 > CEC_SMALL_C_ROWS / 2
+#error "CEC_KDIM_BLOCK_MAX_BYTES must leave room for two float32 samples in a block of CEC_SMALL_C_ROWS positions"
 #endif
 
 #if CEC_SMALL_C_ROWS > CEC_TILE
@@ -466,6 +473,35 @@ CEC_INLINE void CEC_FN(cec_transpose)(const T *src, ptrdiff_t sld, ptrdiff_t row
         for (ptrdiff_t c = 0; c < cols; c++)
             dst[c * dld + j] = src[j * sld + c];
 }
+
+/* dst[c * dld + j * S + k] = src[(j * cols + c) * S + k] for j < rows, c < cols, k < S:
+ * a block of `rows` samples of a K-dim input, each a (cols, S) array (classes, positions),
+ * to (classes, rows * S positions) scratch, or back with cec_untranspose_granules. The
+ * common S get a constant inner loop, which gcc turns into whole-granule moves. */
+#define CEC_GRANULES(SRC_AT, DST_AT)                                                    \
+    switch (S) {                                                                        \
+    case 2: CEC_GRANULE_LOOP(2, SRC_AT, DST_AT); break;                                 \
+    case 4: CEC_GRANULE_LOOP(4, SRC_AT, DST_AT); break;                                 \
+    case 8: CEC_GRANULE_LOOP(8, SRC_AT, DST_AT); break;                                 \
+    default: CEC_GRANULE_LOOP(S, SRC_AT, DST_AT); break;                                \
+    }
+#define CEC_GRANULE_LOOP(W, SRC_AT, DST_AT)                                             \
+    for (ptrdiff_t j = 0; j < rows; j++)                                                \
+        for (ptrdiff_t c = 0; c < cols; c++)                                            \
+            for (ptrdiff_t k = 0; k < (W); k++)                                         \
+                DST_AT = SRC_AT
+
+CEC_INLINE void CEC_FN(cec_transpose_granules)(const T *src, ptrdiff_t rows, ptrdiff_t cols,
+                                               ptrdiff_t S, T *dst, ptrdiff_t dld) {
+    CEC_GRANULES(src[(j * cols + c) * S + k], dst[c * dld + j * S + k])
+}
+
+CEC_INLINE void CEC_FN(cec_untranspose_granules)(const T *src, ptrdiff_t sld, ptrdiff_t rows,
+                                                 ptrdiff_t cols, ptrdiff_t S, T *dst) {
+    CEC_GRANULES(src[c * sld + j * S + k], dst[(j * cols + c) * S + k])
+}
+#undef CEC_GRANULE_LOOP
+#undef CEC_GRANULES
 
 /* acc[c % CEC_LANES] += v[c] in float64 (v is a block of CEC_TILE values at most, so
  * lane j always receives the block's elements j, j + CEC_LANES, ...). */

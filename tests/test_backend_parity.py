@@ -118,13 +118,20 @@ def _run_proba(kernels, x, q, w, eps, gs, want_grad, n_threads):
 # and class counts that are not a multiple of the register transposes' 8 (or 4).
 SHAPES = [(7, 1, 1), (13, 3, 1), (33, 10, 1), (150, 17, 1), (9, 1000, 1),
           (3, 3, 300), (2, 10, 517), (2, 1, 40), (1, 1000, 260)]
+# K-dim inputs with few positions (_config.KDIM_*, which depend on S * itemsize): blocks
+# of samples transposed into one tile (several blocks, the last partial, S that divides
+# no block size), and positions transposed into rows of many classes ((2, 100000, 4)
+# float32 and (1, 140000, 2) run each sample in two groups of positions); the float64
+# cases of the larger S take the tile path.
+KDIM_SHAPES = [(70, 5, 3), (300, 7, 2), (45, 128, 8), (9, 1, 5), (5, 200, 3), (4, 129, 2),
+               (2, 100000, 4), (1, 140000, 2)]
 DTYPES = [np.float32, np.float64]
 
 
 # ----------------------------------------------------------------- class-index targets
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + KDIM_SHAPES)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("gs_kind", ["scalar", "rows", "full"])
 def test_index_matches_reference(backend, dtype, shape, eps, gs_kind):

@@ -29,6 +29,15 @@ CASES = {
                                {"weight": rng.random(5) + .5}),
     "kdim": lambda rng: (rng.standard_normal((3, 5, 4, 6)), rng.integers(0, 5, (3, 4, 6)),
                          {"label_smoothing": 0.2}),
+    # K-dim with few positions: blocks of samples transposed into scratch tiles, and
+    # positions transposed into rows of many classes (see cecore._config.KDIM_*).
+    "kdim_few_positions": lambda rng: (rng.standard_normal((90, 6, 3)),
+                                       np.where(rng.random((90, 3)) < .1, -100,
+                                                rng.integers(0, 6, (90, 3))), {}),
+    "kdim_few_positions_many_classes": lambda rng: (
+        rng.standard_normal((7, 300, 2)),
+        np.where(rng.random((7, 2)) < .2, -100, rng.integers(0, 300, (7, 2))),
+        {"weight": rng.random(300) + .5}),
     "none": lambda rng: (rng.standard_normal((40, 7)), rng.integers(0, 7, 40),
                          {"reduction": "none", "grad_output": rng.standard_normal(40)}),
 }

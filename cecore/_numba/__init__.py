@@ -62,18 +62,28 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
     # (see _row_sumexp_in_place); the few-classes path copies through scratch tiles.
     in_place = grad_out is not None and grad_out.size > 0 and \
         grad_out.ctypes.data == logits.ctypes.data
+    flat = (_ro(target.reshape(-1)), _ro(weight), w_total, int(ignore_index),
+            float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1))
     if s == 1 and c > _config.SMALL_C:
         _run("index_rows", n_threads, _ro(logits.reshape(n, c)), _ro(target.reshape(n)),
              _ro(weight), w_total, int(ignore_index), float(label_smoothing),
              _flat(grad_scale), loss_out.reshape(n), _grad(grad_out, logits, (n, c)), in_place)
-    elif s > 1 and in_place:
-        _run("index_tiles_in_place", n_threads, grad_out.reshape(-1), _ro(target.reshape(-1)),
-             _ro(weight), w_total, int(ignore_index), float(label_smoothing),
-             _flat(grad_scale), loss_out.reshape(-1), n, c, s)
+    elif s == 1 or (1 < s and s * logits.itemsize <= _config.KDIM_BLOCK_MAX_BYTES
+                    and c <= _config.KDIM_BLOCK_MAX_C):
+        # Few classes, or few positions of not too many classes: transposed blocks of
+        # samples (they read their logits into scratch first, so in place is safe too).
+        _run("index_tiles", n_threads, _ro(logits.reshape(-1)), *flat,
+             _grad(grad_out, logits, (-1,)), n, c, s, _config.TILE // s)
+    elif 1 < s and s * logits.itemsize <= _config.KDIM_ROWS_MAX_BYTES:
+        # few positions of many classes
+        group = max(1, min(s, _config.KDIM_ROWS_GROUP_BYTES // (c * logits.itemsize)))
+        _run("index_sample_rows", n_threads, _ro(logits.reshape(-1)), *flat,
+             _grad(grad_out, logits, (-1,)), n, c, s, group)
+    elif in_place:
+        _run("index_tiles_in_place", n_threads, grad_out.reshape(-1), *flat, n, c, s)
     else:
-        _run("index_tiles", n_threads, _ro(logits.reshape(-1)), _ro(target.reshape(-1)),
-             _ro(weight), w_total, int(ignore_index), float(label_smoothing),
-             _flat(grad_scale), loss_out.reshape(-1), _grad(grad_out, logits, (-1,)), n, c, s)
+        _run("index_tiles", n_threads, _ro(logits.reshape(-1)), *flat,
+             _grad(grad_out, logits, (-1,)), n, c, s, 0)
 
 
 def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out,
@@ -167,4 +177,6 @@ def build_info():
         "small_c": _config.SMALL_C,
         "sum_block": _config.SUM_BLOCK,
         "reduce_block": _config.REDUCE_BLOCK,
+        **{name.lower(): getattr(_config, name) for name in _config.C_MACROS
+           if name.startswith("KDIM_")},
     }

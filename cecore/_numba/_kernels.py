@@ -355,50 +355,88 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
 
 
 def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
-                 grad_out, n_samples, n_classes, n_pos):
-    """Tiled kernel on flat arrays.
+                 grad_out, n_samples, n_classes, n_pos, block):
+    """Tiled kernel on the flat (N, C, S) array.
 
-    ``n_pos > 1``: x is the flat (N, C, S) array and tiles run along S in place.
-    ``n_pos == 1``: x is a flat (N, C) array with few classes; each block of TILE rows
-    is transposed into a (C, TILE) scratch tile (and its gradient back), so that the
-    loops still run along positions instead of along rows shorter than a vector.
+    ``block == 0``: tiles run along S in place (TILE positions of one sample at a time).
+    ``block > 0``: each tile is ``block`` consecutive samples, ``block * S <= TILE``
+    positions, transposed into a (C, TILE) scratch tile (and its gradient back), so that
+    the loops run across ``block * S`` positions instead of ``S``: rows of few classes
+    (``S == 1``) would be shorter than a vector, and so are the tiles of few positions.
+    The tile's arithmetic is per position, so both give the same bits.
     """
     want_grad = grad_out.shape[0] != 0
-    transpose = n_pos == 1
     tiles_per_sample = (n_pos + TILE - 1) // TILE
-    n_tiles = (n_samples + TILE - 1) // TILE if transpose else n_samples * tiles_per_sample
+    n_tiles = (n_samples + block - 1) // block if block else n_samples * tiles_per_sample
+    sample_size = n_classes * n_pos
     for tile in prange(n_tiles):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
         coef = np.empty(TILE, dtype=x.dtype)
         shift = np.empty(TILE, dtype=x.dtype)
-        if transpose:
-            r0 = tile * TILE
-            width = min(TILE, n_samples - r0)
+        if block:
+            r0 = tile * block
+            n_rows = min(block, n_samples - r0)
+            width = n_rows * n_pos
             xt = np.empty(n_classes * TILE, dtype=x.dtype)
             gt = np.empty(n_classes * TILE if want_grad else 0, dtype=x.dtype)
-            block = x[r0 * n_classes:(r0 + width) * n_classes]
+            src = x[r0 * sample_size:(r0 + n_rows) * sample_size]
             for c in range(n_classes):
                 xtc = xt[c * TILE:c * TILE + width]
-                for j in range(width):
-                    xtc[j] = block[j * n_classes + c]
-            _index_tile(xt, 0, TILE, n_classes, width, target, r0, weight, w_total,
+                for j in range(n_rows):
+                    for k in range(n_pos):
+                        xtc[j * n_pos + k] = src[j * sample_size + c * n_pos + k]
+            _index_tile(xt, 0, TILE, n_classes, width, target, r0 * n_pos, weight, w_total,
                         ignore_index, eps, grad_scale, loss_out, gt, want_grad, False,
                         m, s, log_s, coef, shift)
             if want_grad:
-                gblock = grad_out[r0 * n_classes:(r0 + width) * n_classes]
+                dst = grad_out[r0 * sample_size:(r0 + n_rows) * sample_size]
                 for c in range(n_classes):
                     gtc = gt[c * TILE:c * TILE + width]
-                    for j in range(width):
-                        gblock[j * n_classes + c] = gtc[j]
+                    for j in range(n_rows):
+                        for k in range(n_pos):
+                            dst[j * sample_size + c * n_pos + k] = gtc[j * n_pos + k]
         else:
             n = tile // tiles_per_sample
             s0 = (tile % tiles_per_sample) * TILE
             width = min(TILE, n_pos - s0)
-            _index_tile(x, n * n_classes * n_pos + s0, n_pos, n_classes, width, target,
+            _index_tile(x, n * sample_size + s0, n_pos, n_classes, width, target,
                         n * n_pos + s0, weight, w_total, ignore_index, eps, grad_scale,
                         loss_out, grad_out, want_grad, False, m, s, log_s, coef, shift)
+
+
+def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
+                       grad_out, n_samples, n_classes, n_pos, group):
+    """K-dim input with few positions and many classes, on the flat (N, C, S) array: each
+    sample's positions, ``group`` at a time, are transposed into rows of C classes and run
+    through the row kernel, and their gradient rows transposed back (tiles of S positions
+    would run the loops across S values only)."""
+    want_grad = grad_out.shape[0] != 0
+    sample_size = n_classes * n_pos
+    for n in prange(n_samples):
+        xt = np.empty((group, n_classes), dtype=x.dtype)
+        gt = np.empty((group, n_classes), dtype=x.dtype)  # the gradient, or the exps
+        src = x[n * sample_size:(n + 1) * sample_size]
+        for s0 in range(0, n_pos, group):
+            gw = min(group, n_pos - s0)
+            for c in range(n_classes):
+                for j in range(gw):
+                    xt[j, c] = src[c * n_pos + s0 + j]
+            for j in range(gw):
+                p = n * n_pos + s0 + j
+                t = target[p]
+                ignored = t == ignore_index
+                loss_out[p] = 0.0
+                if ignored and not want_grad:
+                    continue  # as _index_rows: an ignored row is read only for the gradient
+                loss_out[p] = _index_row(xt[j], t, weight, w_total, eps, grad_scale[p],
+                                         gt[j], ignored, want_grad, False)
+            if want_grad:
+                dst = grad_out[n * sample_size:(n + 1) * sample_size]
+                for c in range(n_classes):
+                    for j in range(gw):
+                        dst[c * n_pos + s0 + j] = gt[j, c]
 
 
 def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad_scale,
@@ -729,7 +767,7 @@ KERNELS = {
     name: jit(fn)
     for name, fn in {
         "index_rows": _index_rows, "index_tiles": _index_tiles,
-        "index_tiles_in_place": _index_tiles_in_place,
+        "index_tiles_in_place": _index_tiles_in_place, "index_sample_rows": _index_sample_rows,
         "proba_rows": _proba_rows, "proba_tiles": _proba_tiles,
         "softmax_rows": _softmax_rows, "softmax_tiles": _softmax_tiles,
         "logsumexp_rows": _logsumexp_rows, "logsumexp_tiles": _logsumexp_tiles,
