@@ -6,8 +6,10 @@ Numba backend imports them, and ``show_config()`` prints them, so both backends 
 use the same values.
 """
 
+import contextlib
 import os
 import sys
+import threading
 import warnings
 
 # Backend tried first by backend="auto". Cython needs no JIT, so it starts fastest.
@@ -271,8 +273,12 @@ def fit_threads(n_threads, n_logits, work):
 
 _blas = None
 _blas_has_scipy = False
+_blas_lock = threading.Lock()
+_blas_users = 0  # calls inside limit_blas now, in any thread
+_blas_limiter = None  # the first of them's limit, which restores the original settings
 
 
+@contextlib.contextmanager
 def limit_blas(n_threads):
     """Context manager holding the BLAS libraries (NumPy's, SciPy's) to ``n_threads``.
 
@@ -280,11 +286,26 @@ def limit_blas(n_threads):
     libraries, which a fresh ``threadpool_limits`` would repeat on every call. It is made
     again once after SciPy's linear algebra (and its own OpenBLAS) has been loaded, so
     a controller made earlier never leaves SciPy's BLAS out.
+
+    The limits are process-wide. Calls that overlap in several threads share the first
+    one's limit, and the last to leave restores the settings from before the first: each
+    restoring what it saw on entry left BLAS at one thread when two calls crossed.
     """
-    global _blas, _blas_has_scipy
-    has_scipy = "scipy.linalg" in sys.modules
-    if _blas is None or (has_scipy and not _blas_has_scipy):
-        from threadpoolctl import ThreadpoolController
-        _blas = ThreadpoolController().select(user_api="blas")
-        _blas_has_scipy = has_scipy
-    return _blas.limit(limits=n_threads)
+    global _blas, _blas_has_scipy, _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            has_scipy = "scipy.linalg" in sys.modules
+            if _blas is None or (has_scipy and not _blas_has_scipy):
+                from threadpoolctl import ThreadpoolController
+                _blas = ThreadpoolController().select(user_api="blas")
+                _blas_has_scipy = has_scipy
+            _blas_limiter = _blas.limit(limits=n_threads)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None

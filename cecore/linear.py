@@ -236,7 +236,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     chunk_size = _check_chunk_size(chunk_size)
     kernels = get_backend(backend)
     n_rows = t.size
-    threads = V.n_threads(n_threads, n_rows * n_classes)
+    # BLAS by the products' multiply-adds, the kernel by its logits: the kernel's
+    # small-work rule alone held a (256, 20000) x (20000, 200) product to one thread.
+    blas_threads = V.n_threads(n_threads, n_rows * n_classes * max(1, n_features))
+    threads = blas_threads if n_threads is not None else V.n_threads(None, n_rows * n_classes)
     loss_shape = x.shape[:-1]
     g = V.grad_output_array(grad_output, reduction, loss_shape) if return_grad else None
 
@@ -271,7 +274,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     else:
         scale = np.broadcast_to(np.float64(0.0), (n_rows, 1))
 
-    with _config.limit_blas(threads):
+    # Non-finite hidden states or weights make NaN logits, which the loss gives as torch
+    # does; NumPy's "invalid value in matmul" warnings (FloatingPointError under
+    # np.errstate(invalid="raise")) would only leak out of the products.
+    with _config.limit_blas(blas_threads), np.errstate(invalid="ignore", over="ignore"):
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)
             n = stop - start

@@ -5,6 +5,8 @@ Oracles: torch's ``F.linear_cross_entropy`` with ``backward(grad_output)`` (the 
 the chunked pass must reproduce), and float64 central finite differences.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -201,6 +203,44 @@ def test_default_chunks_stay_within_the_memory_budget(backend, rng, monkeypatch)
     # (slack: the O(N) per-row losses and targets, and NumPy's small temporaries)
     assert peak < outputs + (2 << 20) + (1 << 19), (peak, outputs)
     assert_close(loss, expected, np.float32, rtol=1e-6)
+
+
+def test_non_finite_hidden_states_are_silent_and_match_torch(backend, rng):
+    # NaN logits from an inf hidden state are answers (torch's); NumPy's "invalid value
+    # in matmul" warnings leaked out of the internal products, and under
+    # np.errstate(invalid="raise") the call failed with FloatingPointError (hostile review).
+    x, w, b, t = _problem(rng, np.float64)
+    x[3, 1] = np.inf
+    w[0, 1] = 0.0  # inf * 0 in the product: the invalid operation NumPy reported
+    x[5, 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise"):
+            result = cecore.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none",
+                                                 return_grad=True, backend=backend)
+    expected = _torch(x, w, b, t, reduction="none")
+    assert_close(result[0], expected[0], np.float64)
+    for got, want in zip(result[1], expected[1]):
+        assert_close(got, want, np.float64)
+
+
+def test_products_get_threads_by_their_work(monkeypatch, rng):
+    # The kernel's small-work rule (one thread per 65536 logits) also limited BLAS: a
+    # (256 x 20000) @ (20000 x 200) product ran on one thread (hostile review). Pretend
+    # there are 8 CPUs and record the limits.
+    from cecore import _config
+    monkeypatch.setattr(_config, "default_n_threads", lambda: 8)
+    monkeypatch.setattr(_config, "cpus_available", lambda: 8)
+    seen = []
+    limit = _config.limit_blas
+    monkeypatch.setattr(_config, "limit_blas", lambda n: (seen.append(n), limit(1))[1])
+    x = rng.standard_normal((256, 20000)).astype(np.float32)
+    w = rng.standard_normal((200, 20000)).astype(np.float32)
+    cecore.linear_cross_entropy(x, w, rng.integers(0, 200, 256), return_grad=True)
+    assert seen == [8]
+    seen.clear()  # small products stay on one thread
+    cecore.linear_cross_entropy(x[:4, :10], w[:3, :10], np.zeros(4, int))
+    assert seen == [1]
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -109,3 +109,29 @@ def test_fork_after_parallel_kernels(backend):
         pool.join()
     assert child_threads == 1
     assert _same_bits(loss, expected[0]) and _same_bits(grad, expected[1])
+
+
+def test_overlapping_blas_limits_restore_the_settings_from_before():
+    # Calls in two threads whose BLAS limits cross (A enters, B enters, A leaves, B
+    # leaves): each restored what it saw on entry, so B put back A's limit and NumPy's
+    # BLAS stayed at one thread for the rest of the process (hostile review).
+    from threadpoolctl import ThreadpoolController
+
+    from cecore import _config
+    blas = ThreadpoolController().select(user_api="blas")
+
+    def limits():
+        return [lib["num_threads"] for lib in blas.info()]
+
+    with blas.limit(limits=3):  # the user's setting
+        a, b = _config.limit_blas(1), _config.limit_blas(1)
+        a.__enter__()
+        b.__enter__()
+        assert set(limits()) == {1}
+        a.__exit__(None, None, None)
+        assert set(limits()) == {1}  # B still runs
+        b.__exit__(None, None, None)
+        assert set(limits()) == {3}
+        with _config.limit_blas(2):  # and a lone call as before
+            assert set(limits()) == {2}
+        assert set(limits()) == {3}
