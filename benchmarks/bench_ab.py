@@ -9,8 +9,10 @@ objects), and its ``cecore`` package is copied as ``cecore_base`` so that its Nu
 compile next to the current ones. Rounds alternate base and new; each number is the median
 over rounds of per-round medians, and the ratio is new / base (below 1: faster now).
 Calls go through the kernel contract (``softmax_ce_index`` with the gradient into a reused
-buffer and loss-only, ``softmax_ce_scores``, ``bce_logits`` with the loss only and with the gradient), with the same arrays for both sides; results
-that differ between the two are reported, not hidden (a changed polynomial changes bits).
+buffer and loss-only, ``softmax_ce_proba``, ``softmax`` (log), ``logsumexp``,
+``softmax_ce_scores``, ``bce_logits`` with the loss only and with the gradient), with the
+same arrays for both sides; results that differ between the two are reported, not hidden
+(a changed polynomial changes bits).
 """
 
 import argparse
@@ -34,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CE_SHAPES = [(65536, 1000, 1), (4096, 50257, 1), (1000000, 10, 1), (4, 21, 65536),
              # K-dim with few positions (the _config.KDIM_* paths)
              (524288, 8, 2), (131072, 8, 8), (16384, 128, 4), (8192, 1000, 2), (40, 50257, 4)]
+# softmax_ce_proba, softmax and logsumexp: few classes, few positions (small and large C)
+OTHER_SHAPES = [(1048576, 8, 1), (524288, 8, 2), (8192, 1000, 2), (16384, 1000, 1)]
 SCORE_SHAPES = [(65536, 1000), (4096, 50257)]  # softmax_ce_scores and its loss-only call
 BCE_SHAPES = [(65536, 1000)]
 
@@ -80,6 +84,19 @@ def _cases(rng, threads):
             args = (x, t, np.ones(c), -100, 0.0, np.broadcast_to(1.0 / n, (n, s)), loss, grad)
             yield (f"{dt.__name__} {n}x{c}x{s} loss+grad reused",
                    lambda k, a=args: k.softmax_ce_index(*a, threads), (loss, grad))
+        for n, c, s in OTHER_SHAPES:
+            x = rng.standard_normal((n, c, s)).astype(dt)
+            q = rng.random((n, c, s)).astype(dt)
+            q /= q.sum(axis=1, keepdims=True)
+            loss, grad, out = np.empty((n, s)), np.empty_like(x), np.empty_like(x)
+            args = (x, q, np.ones(c), 0.0, np.broadcast_to(1.0 / n, (n, s)), loss, grad)
+            yield (f"{dt.__name__} {n}x{c}x{s} proba loss+grad reused",
+                   lambda k, a=args: k.softmax_ce_proba(*a, threads), (loss, grad))
+            yield (f"{dt.__name__} {n}x{c}x{s} log_softmax",
+                   lambda k, a=(x, True, out): k.softmax(*a, threads), (out,))
+            lse = np.empty((n, s))
+            yield (f"{dt.__name__} {n}x{c}x{s} logsumexp",
+                   lambda k, a=(x, lse): k.logsumexp(*a, threads), (lse,))
         for n, c in SCORE_SHAPES:
             x = rng.standard_normal((n, c)).astype(dt)
             t = rng.integers(0, c, n)

@@ -300,6 +300,73 @@ cdef inline Py_ssize_t _n_items(Py_ssize_t N, Py_ssize_t S) noexcept nogil:
     return N if S == 1 else N * _n_tiles(S)
 
 
+
+# ------------------------------------------- few classes or few positions: scratch tiles
+# Rows of few classes (S == 1, C <= CEC_SMALL_C) and K-dim inputs whose S positions of a
+# class take fewer bytes than a vector (cecore/_config.py, KDIM_*) would run the loops
+# over part of a vector. Blocks of samples are transposed into one (C, B * S) scratch
+# tile of positions for the tile kernels (whose arithmetic is per position, so the bits
+# are those of the tiles of the input itself); with more classes, each sample's positions
+# are transposed into rows for the row kernels.
+cdef struct Block:
+    Py_ssize_t n0, nb, width, ld  # samples [n0, n0 + nb): positions n0 * S + [0, width)
+
+cdef inline bint _use_blocks(Py_ssize_t C, Py_ssize_t S, Py_ssize_t itemsize) noexcept nogil:
+    if S == 1:
+        return C <= CEC_SMALL_C
+    return 1 < S and S * itemsize <= CEC_KDIM_BLOCK_MAX_BYTES and C <= CEC_KDIM_BLOCK_MAX_C
+
+cdef inline Py_ssize_t _rows_group(Py_ssize_t C, Py_ssize_t S,
+                                   Py_ssize_t itemsize) noexcept nogil:
+    """Positions per group of a sample transposed into rows, or 0: not that path."""
+    if S <= 1 or S * itemsize > CEC_KDIM_ROWS_MAX_BYTES or _use_blocks(C, S, itemsize):
+        return 0
+    return max(1, min(S, CEC_KDIM_ROWS_GROUP_BYTES // (C * itemsize)))
+
+cdef inline Py_ssize_t _n_blocks(Py_ssize_t N, Py_ssize_t S) noexcept nogil:
+    return (N + CEC_SMALL_C_ROWS // S - 1) // (CEC_SMALL_C_ROWS // S)
+
+cdef inline Block _block(Py_ssize_t k, Py_ssize_t N, Py_ssize_t S) noexcept nogil:
+    cdef Block b
+    cdef Py_ssize_t per = CEC_SMALL_C_ROWS // S
+    b.n0 = k * per
+    b.nb = min(per, N - b.n0)
+    b.width = b.nb * S
+    b.ld = per * S
+    return b
+
+cdef inline void _block_in(const floating *x, Block b, Py_ssize_t N, Py_ssize_t C,
+                           Py_ssize_t S, floating *xt, floating *g) noexcept nogil:
+    """Transpose block b of x into the tile xt; first ask for the next block (this
+    thread's, under the static schedule) and the gradient lines it will write, so the
+    transposes do not wait on memory (kernel_findings.md, sixth session)."""
+    cdef Py_ssize_t size = C * S, nxt = min(N - b.n0 - b.nb, b.nb) * size
+    if nxt > 0:
+        cec_prefetch_range(x + (b.n0 + b.nb) * size, nxt * sizeof(floating), 0)
+        if g != NULL:
+            cec_prefetch_range(g + (b.n0 + b.nb) * size, nxt * sizeof(floating), 1)
+    _transpose_granules(x + b.n0 * size, b.nb, C, S, xt, b.ld)
+
+cdef inline void _block_out(const floating *t, Block b, Py_ssize_t C, Py_ssize_t S,
+                            floating *out) noexcept nogil:
+    """The tile t back into block b of out."""
+    _untranspose_granules(t, b.ld, b.nb, C, S, out + b.n0 * C * S)
+
+cdef inline void _block_gs(Strided gs, Block b, Py_ssize_t S, double *out) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(b.width):
+        out[j] = _at(gs, b.n0 + j // S, j % S)
+
+cdef inline void _rows_in(const floating *x, Py_ssize_t k, Py_ssize_t C, Py_ssize_t S,
+                          Py_ssize_t s0, Py_ssize_t gw, floating *xt) noexcept nogil:
+    """Positions s0 + [0, gw) of sample k as gw rows of C classes in xt."""
+    _transpose(x + k * C * S + s0, S, C, gw, xt, C)
+
+cdef inline void _rows_out(const floating *rows, Py_ssize_t k, Py_ssize_t C, Py_ssize_t S,
+                           Py_ssize_t s0, Py_ssize_t gw, floating *out) noexcept nogil:
+    _transpose(rows, C, gw, C, out + k * C * S + s0, S)
+
+
 # ---------------------------------------------------------------- class-index targets
 cdef struct IndexArgs:
     const int64_t *target
@@ -310,7 +377,7 @@ cdef struct IndexArgs:
     Py_ssize_t N, C, S
     int64_t ignore_index
     double w_total, eps
-    Py_ssize_t group  # positions per group of _index_krows_item
+    Py_ssize_t group  # positions per group of _index_rows_item, 0: not that path
 
 cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     """Row k (S == 1) or tile k (S > 1)."""
@@ -339,99 +406,47 @@ cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept
                 a.w_total, a.eps, gsb, a.loss + tl.n * S + tl.s0,
                 g + off if g != NULL else NULL)
 
-cdef void _index_small_c_item(Py_ssize_t k, const floating *x,
-                              const void *ctx) noexcept nogil:
-    """Rows [k * CEC_SMALL_C_ROWS, ...) of a 2-D input with few classes, through a
-    transposed (C, CEC_SMALL_C_ROWS) scratch tile so that the vector loops run across
-    rows."""
+cdef void _index_block_item(Py_ssize_t k, const floating *x,
+                            const void *ctx) noexcept nogil:
+    """Block k of samples through a scratch tile (see Block)."""
     cdef const IndexArgs *a = <const IndexArgs *>ctx
-    cdef Py_ssize_t C = a.C, r0 = k * CEC_SMALL_C_ROWS
-    cdef Py_ssize_t width = min(<Py_ssize_t>CEC_SMALL_C_ROWS, a.N - r0)
-    cdef Py_ssize_t j, nxt
+    cdef Py_ssize_t C = a.C, S = a.S, j
+    cdef Block b = _block(k, a.N, S)
     cdef double gsb[CEC_SMALL_C_ROWS]
     cdef floating *g = <floating *>a.g
-    cdef floating *xt = <floating *>malloc(2 * C * CEC_SMALL_C_ROWS * sizeof(floating))
+    cdef floating *xt = <floating *>malloc(2 * C * b.ld * sizeof(floating))
     cdef floating *gt = NULL
-    if xt == NULL:  # out of memory: the row kernels need no scratch
-        for j in range(r0, r0 + width):
+    if xt == NULL:  # out of memory: the row and tile kernels need no scratch
+        for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
             _index_item(j, x, ctx)
         return
     if g != NULL:
-        gt = xt + C * CEC_SMALL_C_ROWS
-    # The next block (this thread's, under the static schedule) is on its way while this
-    # one is computed, so the transposes do not wait on memory (bench_ab.py and the C
-    # harness numbers: benchmarks/results/kernel_findings.md, sixth session).
-    nxt = min(a.N - r0 - width, <Py_ssize_t>CEC_SMALL_C_ROWS) * C
-    if nxt > 0:
-        cec_prefetch_range(x + (r0 + width) * C, nxt * sizeof(floating), 0)
-        if g != NULL:
-            cec_prefetch_range(g + (r0 + width) * C, nxt * sizeof(floating), 1)
-    _transpose(x + r0 * C, C, width, C, xt, CEC_SMALL_C_ROWS)
-    for j in range(width):
-        gsb[j] = _at(a.gs, r0 + j, 0)
-    _index_tile(<const floating *>xt, C, CEC_SMALL_C_ROWS, width, a.target + r0,
-                a.ignore_index, a.w, a.w_total, a.eps, gsb, a.loss + r0, gt)
+        gt = xt + C * b.ld
+    _block_in(x, b, a.N, C, S, xt, g)
+    _block_gs(a.gs, b, S, gsb)
+    _index_tile(<const floating *>xt, C, b.ld, b.width, a.target + b.n0 * S, a.ignore_index,
+                a.w, a.w_total, a.eps, gsb, a.loss + b.n0 * S, gt)
     if gt != NULL:
-        _transpose(gt, CEC_SMALL_C_ROWS, C, width, g + r0 * C, C)
+        _block_out(gt, b, C, S, g)
     free(xt)
 
-
-cdef void _index_kblock_item(Py_ssize_t k, const floating *x,
-                             const void *ctx) noexcept nogil:
-    """Samples [k * B, ...) of a K-dim input with few classes and few positions, B =
-    CEC_SMALL_C_ROWS // S: their B * S positions are transposed into one (C, B * S)
-    scratch tile, so that the tile kernel's loops run across B * S positions instead of
-    S. The tile kernel's arithmetic is per position, so the bits are the tile path's."""
+cdef void _index_rows_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
+    """Sample k, its positions transposed into rows, a.group at a time (see Block)."""
     cdef const IndexArgs *a = <const IndexArgs *>ctx
-    cdef Py_ssize_t C = a.C, S = a.S, B = CEC_SMALL_C_ROWS // a.S
-    cdef Py_ssize_t n0 = k * B, nb = min(B, a.N - k * B), width, j, nxt
-    cdef double gsb[CEC_SMALL_C_ROWS]
-    cdef floating *g = <floating *>a.g
-    cdef floating *xt = <floating *>malloc(2 * C * B * S * sizeof(floating))
-    cdef floating *gt = NULL
-    if xt == NULL:  # out of memory: the tile path needs no scratch (one tile per sample)
-        for j in range(n0, n0 + nb):
-            _index_item(j, x, ctx)
-        return
-    width = nb * S
-    if g != NULL:
-        gt = xt + C * B * S
-    nxt = min(a.N - n0 - nb, B) * C * S  # the next block on its way (as _index_small_c_item)
-    if nxt > 0:
-        cec_prefetch_range(x + (n0 + nb) * C * S, nxt * sizeof(floating), 0)
-        if g != NULL:
-            cec_prefetch_range(g + (n0 + nb) * C * S, nxt * sizeof(floating), 1)
-    _transpose_granules(x + n0 * C * S, nb, C, S, xt, B * S)
-    for j in range(width):
-        gsb[j] = _at(a.gs, n0 + j // S, j % S)
-    _index_tile(<const floating *>xt, C, B * S, width, a.target + n0 * S, a.ignore_index,
-                a.w, a.w_total, a.eps, gsb, a.loss + n0 * S, gt)
-    if gt != NULL:
-        _untranspose_granules(gt, B * S, nb, C, S, g + n0 * C * S)
-    free(xt)
-
-cdef void _index_krows_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
-    """Sample k of a K-dim input with few positions and many classes: groups of G of its
-    positions are transposed into G rows of C classes, run through the row kernel, and
-    their gradient rows transposed back (the tile path would run its loops across S
-    positions only)."""
-    cdef const IndexArgs *a = <const IndexArgs *>ctx
-    cdef Py_ssize_t C = a.C, S = a.S, G = a.group, s0, gw, j, p
+    cdef Py_ssize_t C = a.C, S = a.S, G = a.group, s0 = 0, gw, j, p
     cdef int64_t t
     cdef floating *g = <floating *>a.g
-    cdef const floating *xs = x + k * C * S
     cdef floating *xt = <floating *>malloc(2 * C * G * sizeof(floating))
     cdef floating *gt = NULL
-    if xt == NULL:  # out of memory: the tile path needs no scratch
+    if xt == NULL:  # out of memory: the tile kernels need no scratch
         for j in range(k * _n_tiles(S), (k + 1) * _n_tiles(S)):
             _index_item(j, x, ctx)
         return
     if g != NULL:
         gt = xt + C * G
-    s0 = 0
     while s0 < S:
         gw = min(G, S - s0)
-        _transpose(xs + s0, S, C, gw, xt, C)
+        _rows_in(x, k, C, S, s0, gw, xt)
         for j in range(gw):
             p = k * S + s0 + j
             t = a.target[p]
@@ -443,7 +458,7 @@ cdef void _index_krows_item(Py_ssize_t k, const floating *x, const void *ctx) no
             a.loss[p] = _index_row(xt + j * C, C, t, a.w, a.w_total, a.eps,
                                    _at(a.gs, k, s0 + j), gt + j * C if g != NULL else NULL)
         if g != NULL:
-            _transpose(gt, C, gw, C, g + k * C * S + s0, S)
+            _rows_out(gt, k, C, S, s0, gw, g)
         s0 += gw
     free(xt)
 
@@ -473,22 +488,13 @@ def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] tar
         a.g = &grad_out[0, 0, 0]
     a.N, a.C, a.S = N, C, S
     a.ignore_index, a.eps = ignore_index, label_smoothing
+    a.group = _rows_group(C, S, sizeof(floating))
     with nogil:
-        if S == 1 and C <= CEC_SMALL_C:
-            _run(_index_small_c_item[floating],
-                 (N + CEC_SMALL_C_ROWS - 1) // CEC_SMALL_C_ROWS, &logits[0, 0, 0], &a,
+        if _use_blocks(C, S, sizeof(floating)):
+            _run(_index_block_item[floating], _n_blocks(N, S), &logits[0, 0, 0], &a,
                  n_threads)
-        elif 1 < S and S * <Py_ssize_t>sizeof(floating) <= CEC_KDIM_BLOCK_MAX_BYTES \
-                and C <= CEC_KDIM_BLOCK_MAX_C:
-            # few positions of not too many classes (see cecore/_config.py)
-            _run(_index_kblock_item[floating],
-                 (N + CEC_SMALL_C_ROWS // S - 1) // (CEC_SMALL_C_ROWS // S),
-                 &logits[0, 0, 0], &a, n_threads)
-        elif 1 < S and S * <Py_ssize_t>sizeof(floating) <= CEC_KDIM_ROWS_MAX_BYTES:
-            # few positions of many classes
-            a.group = max(1, min(S, CEC_KDIM_ROWS_GROUP_BYTES
-                                    // (C * <Py_ssize_t>sizeof(floating))))
-            _run(_index_krows_item[floating], N, &logits[0, 0, 0], &a, n_threads)
+        elif a.group:
+            _run(_index_rows_item[floating], N, &logits[0, 0, 0], &a, n_threads)
         else:
             _run(_index_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
@@ -500,8 +506,9 @@ cdef struct ProbaArgs:
     Strided gs
     double *loss
     void *g  # floating gradient, or NULL for loss only
-    Py_ssize_t C, S
+    Py_ssize_t N, C, S
     double eps
+    Py_ssize_t group  # positions per group of _proba_rows_item, 0: not that path
 
 cdef void _proba_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     cdef const ProbaArgs *a = <const ProbaArgs *>ctx
@@ -519,6 +526,55 @@ cdef void _proba_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept
     _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
     _proba_tile(x + off, q + off, C, S, tl.width, a.w, a.eps, gsb,
                 a.loss + tl.n * S + tl.s0, g + off if g != NULL else NULL)
+
+
+cdef void _proba_block_item(Py_ssize_t k, const floating *x,
+                            const void *ctx) noexcept nogil:
+    """Block k of samples through scratch tiles (see Block)."""
+    cdef const ProbaArgs *a = <const ProbaArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, j
+    cdef Block b = _block(k, a.N, S)
+    cdef double gsb[CEC_SMALL_C_ROWS]
+    cdef floating *g = <floating *>a.g
+    cdef floating *xt = <floating *>malloc(3 * C * b.ld * sizeof(floating))
+    if xt == NULL:  # out of memory: the row and tile kernels need no scratch
+        for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
+            _proba_item(j, x, ctx)
+        return
+    _block_in(x, b, a.N, C, S, xt, g)
+    _block_in(<const floating *>a.q, b, a.N, C, S, xt + C * b.ld, NULL)
+    _block_gs(a.gs, b, S, gsb)
+    _proba_tile(<const floating *>xt, <const floating *>(xt + C * b.ld), C, b.ld, b.width,
+                a.w, a.eps, gsb, a.loss + b.n0 * S, xt + 2 * C * b.ld if g != NULL else NULL)
+    if g != NULL:
+        _block_out(xt + 2 * C * b.ld, b, C, S, g)
+    free(xt)
+
+cdef void _proba_rows_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
+    """Sample k, its positions transposed into rows, a.group at a time (see Block)."""
+    cdef const ProbaArgs *a = <const ProbaArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, G = a.group, s0 = 0, gw, j
+    cdef floating *g = <floating *>a.g
+    cdef floating *xt = <floating *>malloc(3 * C * G * sizeof(floating))
+    cdef floating *qt
+    cdef floating *gt
+    if xt == NULL:  # out of memory: the tile kernels need no scratch
+        for j in range(k * _n_tiles(S), (k + 1) * _n_tiles(S)):
+            _proba_item(j, x, ctx)
+        return
+    qt, gt = xt + C * G, xt + 2 * C * G
+    while s0 < S:
+        gw = min(G, S - s0)
+        _rows_in(x, k, C, S, s0, gw, xt)
+        _rows_in(<const floating *>a.q, k, C, S, s0, gw, qt)
+        for j in range(gw):
+            a.loss[k * S + s0 + j] = _proba_row(xt + j * C, qt + j * C, C, a.w, a.eps,
+                                                _at(a.gs, k, s0 + j),
+                                                gt + j * C if g != NULL else NULL)
+        if g != NULL:
+            _rows_out(gt, k, C, S, s0, gw, g)
+        s0 += gw
+    free(xt)
 
 
 def softmax_ce_proba(const floating[:, :, ::1] logits, const floating[:, :, ::1] target,
@@ -540,16 +596,24 @@ def softmax_ce_proba(const floating[:, :, ::1] logits, const floating[:, :, ::1]
     if grad_out is not None:
         _check_grad(grad_out.shape, logits.shape, 3)
         a.g = &grad_out[0, 0, 0]
-    a.C, a.S, a.eps = C, S, label_smoothing
+    a.N, a.C, a.S, a.eps = N, C, S, label_smoothing
+    a.group = _rows_group(C, S, sizeof(floating))
     with nogil:
-        _run(_proba_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
+        if _use_blocks(C, S, sizeof(floating)):
+            _run(_proba_block_item[floating], _n_blocks(N, S), &logits[0, 0, 0], &a,
+                 n_threads)
+        elif a.group:
+            _run(_proba_rows_item[floating], N, &logits[0, 0, 0], &a, n_threads)
+        else:
+            _run(_proba_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
 
 # ------------------------------------------------------------------ softmax, logsumexp
 cdef struct SoftmaxArgs:
     void *out  # floating (N, C, S), or float64 (N, S) for logsumexp
-    Py_ssize_t C, S
+    Py_ssize_t N, C, S
     int log_
+    Py_ssize_t group  # positions per group of the *_rows_item, 0: not that path
 
 cdef void _softmax_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
@@ -564,6 +628,44 @@ cdef void _softmax_item(Py_ssize_t k, const floating *x, const void *ctx) noexce
     _softmax_tile(x + off, C, S, tl.width, a.log_, out + off)
 
 
+cdef void _softmax_block_item(Py_ssize_t k, const floating *x,
+                              const void *ctx) noexcept nogil:
+    """Block k of samples through scratch tiles (see Block)."""
+    cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, j
+    cdef Block b = _block(k, a.N, S)
+    cdef floating *out = <floating *>a.out
+    cdef floating *xt = <floating *>malloc(2 * C * b.ld * sizeof(floating))
+    if xt == NULL:  # out of memory: the row and tile kernels need no scratch
+        for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
+            _softmax_item(j, x, ctx)
+        return
+    _block_in(x, b, a.N, C, S, xt, out)
+    _softmax_tile(<const floating *>xt, C, b.ld, b.width, a.log_, xt + C * b.ld)
+    _block_out(xt + C * b.ld, b, C, S, out)
+    free(xt)
+
+cdef void _softmax_rows_item(Py_ssize_t k, const floating *x,
+                             const void *ctx) noexcept nogil:
+    """Sample k, its positions transposed into rows, a.group at a time (see Block)."""
+    cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, G = a.group, s0 = 0, gw, j
+    cdef floating *out = <floating *>a.out
+    cdef floating *xt = <floating *>malloc(2 * C * G * sizeof(floating))
+    if xt == NULL:  # out of memory: the tile kernels need no scratch
+        for j in range(k * _n_tiles(S), (k + 1) * _n_tiles(S)):
+            _softmax_item(j, x, ctx)
+        return
+    while s0 < S:
+        gw = min(G, S - s0)
+        _rows_in(x, k, C, S, s0, gw, xt)
+        for j in range(gw):
+            _softmax_row(xt + j * C, C, a.log_, xt + (G + j) * C)
+        _rows_out(xt + G * C, k, C, S, s0, gw, out)
+        s0 += gw
+    free(xt)
+
+
 def softmax(const floating[:, :, ::1] logits, bint log, floating[:, :, ::1] out,
             int n_threads):
     """``out[n, :, s]`` = softmax or (``log=True``) log-softmax of ``logits[n, :, s]``."""
@@ -571,9 +673,16 @@ def softmax(const floating[:, :, ::1] logits, bint log, floating[:, :, ::1] out,
     cdef SoftmaxArgs a
     if N == 0 or C == 0 or S == 0:
         return
-    a.out, a.C, a.S, a.log_ = &out[0, 0, 0], C, S, log
+    a.out, a.N, a.C, a.S, a.log_ = &out[0, 0, 0], N, C, S, log
+    a.group = _rows_group(C, S, sizeof(floating))
     with nogil:
-        _run(_softmax_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
+        if _use_blocks(C, S, sizeof(floating)):
+            _run(_softmax_block_item[floating], _n_blocks(N, S), &logits[0, 0, 0], &a,
+                 n_threads)
+        elif a.group:
+            _run(_softmax_rows_item[floating], N, &logits[0, 0, 0], &a, n_threads)
+        else:
+            _run(_softmax_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
 
 cdef void _logsumexp_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
@@ -588,6 +697,40 @@ cdef void _logsumexp_item(Py_ssize_t k, const floating *x, const void *ctx) noex
     _logsumexp_tile(x + tl.n * C * S + tl.s0, C, S, tl.width, out + tl.n * S + tl.s0)
 
 
+cdef void _logsumexp_block_item(Py_ssize_t k, const floating *x,
+                                const void *ctx) noexcept nogil:
+    """Block k of samples through a scratch tile (see Block)."""
+    cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, j
+    cdef Block b = _block(k, a.N, S)
+    cdef floating *xt = <floating *>malloc(C * b.ld * sizeof(floating))
+    if xt == NULL:  # out of memory: the row and tile kernels need no scratch
+        for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
+            _logsumexp_item(j, x, ctx)
+        return
+    _block_in(x, b, a.N, C, S, xt, NULL)
+    _logsumexp_tile(<const floating *>xt, C, b.ld, b.width, <double *>a.out + b.n0 * S)
+    free(xt)
+
+cdef void _logsumexp_rows_item(Py_ssize_t k, const floating *x,
+                               const void *ctx) noexcept nogil:
+    """Sample k, its positions transposed into rows, a.group at a time (see Block)."""
+    cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
+    cdef Py_ssize_t C = a.C, S = a.S, G = a.group, s0 = 0, gw, j
+    cdef floating *xt = <floating *>malloc(C * G * sizeof(floating))
+    if xt == NULL:  # out of memory: the tile kernels need no scratch
+        for j in range(k * _n_tiles(S), (k + 1) * _n_tiles(S)):
+            _logsumexp_item(j, x, ctx)
+        return
+    while s0 < S:
+        gw = min(G, S - s0)
+        _rows_in(x, k, C, S, s0, gw, xt)
+        for j in range(gw):
+            (<double *>a.out)[k * S + s0 + j] = _logsumexp_row(xt + j * C, C)
+        s0 += gw
+    free(xt)
+
+
 def logsumexp(const floating[:, :, ::1] logits, double[:, ::1] out, int n_threads):
     """``out[n, s] = log(sum_c exp(logits[n, c, s]))`` (float64 ``out``)."""
     cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], S = logits.shape[2]
@@ -596,9 +739,16 @@ def logsumexp(const floating[:, :, ::1] logits, double[:, ::1] out, int n_thread
         out[:, :] = -INFINITY  # log of an empty sum
     if N == 0 or C == 0 or S == 0:
         return
-    a.out, a.C, a.S = &out[0, 0], C, S
+    a.out, a.N, a.C, a.S = &out[0, 0], N, C, S
+    a.group = _rows_group(C, S, sizeof(floating))
     with nogil:
-        _run(_logsumexp_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
+        if _use_blocks(C, S, sizeof(floating)):
+            _run(_logsumexp_block_item[floating], _n_blocks(N, S), &logits[0, 0, 0], &a,
+                 n_threads)
+        elif a.group:
+            _run(_logsumexp_rows_item[floating], N, &logits[0, 0, 0], &a, n_threads)
+        else:
+            _run(_logsumexp_item[floating], _n_items(N, S), &logits[0, 0, 0], &a, n_threads)
 
 
 # ------------------------------------------------------------------- binary (sigmoid)

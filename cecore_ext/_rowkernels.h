@@ -10,8 +10,10 @@
  *   tile path (S > 1) : CEC_TILE positions of one sample at a time; every inner loop
  *                       runs along the contiguous position axis, so it vectorises
  *                       although the class axis is strided (no transposed copy).
- *   few classes (S == 1, C <= CEC_SMALL_C): blocks of CEC_SMALL_C_ROWS rows are
- *                       transposed (cec_transpose) and run through the tile path.
+ *   few classes (S == 1, C <= CEC_SMALL_C) or few positions (K-dim, see CEC_KDIM_*):
+ *                       blocks of samples are transposed (cec_transpose_granules) into
+ *                       one tile of positions and run through the tile path; with many
+ *                       classes, a sample's positions are transposed into rows.
  *
  * Type-generic code: this header includes itself twice (the "X-macro" template idiom),
  * once with CEC_T = float and once with CEC_T = double, so each routine exists as
@@ -493,11 +495,19 @@ CEC_INLINE void CEC_FN(cec_transpose)(const T *src, ptrdiff_t sld, ptrdiff_t row
 
 CEC_INLINE void CEC_FN(cec_transpose_granules)(const T *src, ptrdiff_t rows, ptrdiff_t cols,
                                                ptrdiff_t S, T *dst, ptrdiff_t dld) {
+    if (S == 1) {  /* rows of few classes: the register transposes */
+        CEC_FN(cec_transpose)(src, cols, rows, cols, dst, dld);
+        return;
+    }
     CEC_GRANULES(src[(j * cols + c) * S + k], dst[c * dld + j * S + k])
 }
 
 CEC_INLINE void CEC_FN(cec_untranspose_granules)(const T *src, ptrdiff_t sld, ptrdiff_t rows,
                                                  ptrdiff_t cols, ptrdiff_t S, T *dst) {
+    if (S == 1) {
+        CEC_FN(cec_transpose)(src, sld, cols, rows, dst, cols);
+        return;
+    }
     CEC_GRANULES(src[c * sld + j * S + k], dst[(j * cols + c) * S + k])
 }
 #undef CEC_GRANULE_LOOP

@@ -163,7 +163,7 @@ def test_index_matches_reference(backend, dtype, shape, eps, gs_kind):
 # ---------------------------------------------------------- class-probability targets
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + KDIM_SHAPES)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("gs_kind", ["scalar", "full"])
 def test_proba_matches_reference(backend, dtype, shape, eps, gs_kind):
@@ -193,7 +193,7 @@ def test_proba_matches_reference(backend, dtype, shape, eps, gs_kind):
 # ---------------------------------------------------------------- softmax, logsumexp
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + KDIM_SHAPES)
 def test_softmax_logsumexp_match_reference(backend, dtype, shape):
     kernels = BACKENDS[backend]
     rng = np.random.default_rng(_seed((shape, "s")))

@@ -49,6 +49,20 @@ def _grad(grad_out, logits, shape):
 
 
 # ------------------------------------------------------------------ contract functions
+def _block(c, s, itemsize):
+    """Samples per transposed tile of the *_tiles kernels, or 0: tiles of the input itself.
+
+    Rows of few classes (s == 1, c <= SMALL_C), and K-dim inputs whose s positions of a
+    class take fewer bytes than a vector (see _config.KDIM_*), would run the tile loops
+    over part of a vector: blocks of samples are transposed into one tile of positions.
+    """
+    if s == 1:
+        return _config.TILE if c <= _config.SMALL_C else 0
+    if 1 < s and s * itemsize <= _config.KDIM_BLOCK_MAX_BYTES and c <= _config.KDIM_BLOCK_MAX_C:
+        return _config.TILE // s
+    return 0
+
+
 def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
                      loss_out, grad_out, n_threads):
     n, c, s = logits.shape
@@ -64,18 +78,17 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
         grad_out.ctypes.data == logits.ctypes.data
     flat = (_ro(target.reshape(-1)), _ro(weight), w_total, int(ignore_index),
             float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1))
-    if s == 1 and c > _config.SMALL_C:
+    block = _block(c, s, logits.itemsize)
+    if s == 1 and not block:
         _run("index_rows", n_threads, _ro(logits.reshape(n, c)), _ro(target.reshape(n)),
              _ro(weight), w_total, int(ignore_index), float(label_smoothing),
              _flat(grad_scale), loss_out.reshape(n), _grad(grad_out, logits, (n, c)), in_place)
-    elif s == 1 or (1 < s and s * logits.itemsize <= _config.KDIM_BLOCK_MAX_BYTES
-                    and c <= _config.KDIM_BLOCK_MAX_C):
-        # Few classes, or few positions of not too many classes: transposed blocks of
-        # samples (they read their logits into scratch first, so in place is safe too).
+    elif block:  # transposed blocks: they read into scratch first, so in place is safe too
         _run("index_tiles", n_threads, _ro(logits.reshape(-1)), *flat,
-             _grad(grad_out, logits, (-1,)), n, c, s, _config.TILE // s)
+             _grad(grad_out, logits, (-1,)), n, c, s, block)
     elif 1 < s and s * logits.itemsize <= _config.KDIM_ROWS_MAX_BYTES:
-        # few positions of many classes
+        # few positions of many classes: each sample's positions as rows for the row
+        # kernel (the Cython backend does this for every kernel, Numba for this one)
         group = max(1, min(s, _config.KDIM_ROWS_GROUP_BYTES // (c * logits.itemsize)))
         _run("index_sample_rows", n_threads, _ro(logits.reshape(-1)), *flat,
              _grad(grad_out, logits, (-1,)), n, c, s, group)
@@ -107,14 +120,15 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
     if c == 0:  # an empty sum; no gradient
         loss_out[...] = 0.0
         return
-    if s == 1:
+    block = _block(c, s, logits.itemsize)
+    if s == 1 and not block:
         _run("proba_rows", n_threads, _ro(logits.reshape(n, c)), _ro(target.reshape(n, c)),
              _ro(weight), float(label_smoothing), _flat(grad_scale), loss_out.reshape(n),
              _grad(grad_out, logits, (n, c)))
     else:
         _run("proba_tiles", n_threads, _ro(logits.reshape(-1)), _ro(target.reshape(-1)),
              _ro(weight), float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1),
-             _grad(grad_out, logits, (-1,)), n, c, s)
+             _grad(grad_out, logits, (-1,)), n, c, s, block)
 
 
 def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out, n_threads):
@@ -135,12 +149,13 @@ def softmax(logits, log, out, n_threads):
     n, c, s = logits.shape
     if c == 0:  # nothing to write
         return
-    if s == 1:
+    block = _block(c, s, logits.itemsize)
+    if s == 1 and not block:
         _run("softmax_rows", n_threads, _ro(logits.reshape(n, c)), bool(log),
              out.reshape(n, c))
     else:
         _run("softmax_tiles", n_threads, _ro(logits.reshape(-1)), bool(log), out.reshape(-1),
-             n, c, s)
+             n, c, s, block)
 
 
 def logsumexp(logits, out, n_threads):
@@ -148,10 +163,12 @@ def logsumexp(logits, out, n_threads):
     if c == 0:  # log of an empty sum
         out[...] = -np.inf
         return
-    if s == 1:
+    block = _block(c, s, logits.itemsize)
+    if s == 1 and not block:
         _run("logsumexp_rows", n_threads, _ro(logits.reshape(n, c)), out.reshape(n))
     else:
-        _run("logsumexp_tiles", n_threads, _ro(logits.reshape(-1)), out.reshape(-1), n, c, s)
+        _run("logsumexp_tiles", n_threads, _ro(logits.reshape(-1)), out.reshape(-1), n, c, s,
+             block)
 
 
 def log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads):

@@ -299,6 +299,31 @@ def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s):
 
 
 @helper
+def _to_tile(src, r0, n_rows, n_classes, n_pos, dst):
+    """Samples r0 + [0, n_rows) of the flat (N, C, S) ``src`` into the (C, TILE) scratch
+    tile ``dst``, positions along its rows: dst[c * TILE + j * S + k] = src[r0 + j, c, k]."""
+    size = n_classes * n_pos
+    block = src[r0 * size:(r0 + n_rows) * size]
+    for c in range(n_classes):
+        row = dst[c * TILE:c * TILE + n_rows * n_pos]
+        for j in range(n_rows):
+            for k in range(n_pos):
+                row[j * n_pos + k] = block[j * size + c * n_pos + k]
+
+
+@helper
+def _from_tile(src, r0, n_rows, n_classes, n_pos, dst):
+    """The inverse of :func:`_to_tile`: the tile ``src`` into samples r0 + [0, n_rows)."""
+    size = n_classes * n_pos
+    block = dst[r0 * size:(r0 + n_rows) * size]
+    for c in range(n_classes):
+        row = src[c * TILE:c * TILE + n_rows * n_pos]
+        for j in range(n_rows):
+            for k in range(n_pos):
+                block[j * size + c * n_pos + k] = row[j * n_pos + k]
+
+
+@helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
                 ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s,
                 log_s, coef, shift):
@@ -378,25 +403,14 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
         if block:
             r0 = tile * block
             n_rows = min(block, n_samples - r0)
-            width = n_rows * n_pos
             xt = np.empty(n_classes * TILE, dtype=x.dtype)
             gt = np.empty(n_classes * TILE if want_grad else 0, dtype=x.dtype)
-            src = x[r0 * sample_size:(r0 + n_rows) * sample_size]
-            for c in range(n_classes):
-                xtc = xt[c * TILE:c * TILE + width]
-                for j in range(n_rows):
-                    for k in range(n_pos):
-                        xtc[j * n_pos + k] = src[j * sample_size + c * n_pos + k]
-            _index_tile(xt, 0, TILE, n_classes, width, target, r0 * n_pos, weight, w_total,
-                        ignore_index, eps, grad_scale, loss_out, gt, want_grad, False,
+            _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
+            _index_tile(xt, 0, TILE, n_classes, n_rows * n_pos, target, r0 * n_pos, weight,
+                        w_total, ignore_index, eps, grad_scale, loss_out, gt, want_grad, False,
                         m, s, log_s, coef, shift)
             if want_grad:
-                dst = grad_out[r0 * sample_size:(r0 + n_rows) * sample_size]
-                for c in range(n_classes):
-                    gtc = gt[c * TILE:c * TILE + width]
-                    for j in range(n_rows):
-                        for k in range(n_pos):
-                            dst[j * sample_size + c * n_pos + k] = gtc[j * n_pos + k]
+                _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
         else:
             n = tile // tiles_per_sample
             s0 = (tile % tiles_per_sample) * TILE
@@ -497,40 +511,62 @@ def _proba_rows(x, target, weight, eps, grad_scale, loss_out, grad_out):
             loss_out[i] = _proba_row(x[i], target[i], weight, eps, grad_scale[i], g, want_grad)
 
 
-def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out,
-                 n_samples, n_classes, n_pos):
-    want_grad = grad_out.shape[0] != 0
+@helper
+def _proba_tile(x, q, base, stride, n_classes, width, weight, eps, grad_scale, pos0, loss_out,
+                g, want_grad):
+    """Loss (and gradient into ``g``, indexed like ``x`` and ``q``) of one tile of
+    positions with probability targets."""
     smooth = eps / n_classes
-    tiles_per_sample = (n_pos + TILE - 1) // TILE
-    for tile in prange(n_samples * tiles_per_sample):
-        n = tile // tiles_per_sample
-        s0 = (tile % tiles_per_sample) * TILE
-        width = min(TILE, n_pos - s0)
-        base, pos0 = n * n_classes * n_pos + s0, n * n_pos + s0
-        m = np.empty(TILE, dtype=x.dtype)
-        s = np.empty(TILE, dtype=np.float64)
-        log_s = np.empty(TILE, dtype=np.float64)
-        _tile_max_sumexp(x, base, n_pos, n_classes, width, m, s, grad_out, want_grad,
-                         np.empty(TILE, dtype=x.dtype), log_s)
-        wq = np.zeros(TILE, dtype=np.float64)
-        loss = np.zeros(TILE, dtype=np.float64)
-        for c in range(n_classes):  # class by class, see _proba_row
-            off = base + c * n_pos
-            for j in range(width):
-                qc = weight[c] * ((1.0 - eps) * target[off + j] + smooth)
-                wq[j] += qc
-                loss[j] += qc * _dev(np.float64(m[j]), np.float64(x[off + j]), log_s[j])
-        coef = np.empty(TILE, dtype=np.float64)
+    m = np.empty(TILE, dtype=x.dtype)
+    s = np.empty(TILE, dtype=np.float64)
+    log_s = np.empty(TILE, dtype=np.float64)
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad,
+                     np.empty(TILE, dtype=x.dtype), log_s)
+    wq = np.zeros(TILE, dtype=np.float64)
+    loss = np.zeros(TILE, dtype=np.float64)
+    for c in range(n_classes):  # class by class, see _proba_row
+        off = base + c * stride
         for j in range(width):
-            loss_out[pos0 + j] = loss[j]
-            coef[j] = grad_scale[pos0 + j] * wq[j] / s[j]
-        if want_grad:
-            for c in range(n_classes):
-                off = base + c * n_pos
-                for j in range(width):
-                    qc = weight[c] * ((1.0 - eps) * target[off + j] + smooth)
-                    grad_out[off + j] = _cast_like(
-                        grad_out[off + j] * coef[j] - grad_scale[pos0 + j] * qc, m[0])
+            qc = weight[c] * ((1.0 - eps) * q[off + j] + smooth)
+            wq[j] += qc
+            loss[j] += qc * _dev(np.float64(m[j]), np.float64(x[off + j]), log_s[j])
+    coef = np.empty(TILE, dtype=np.float64)
+    for j in range(width):
+        loss_out[pos0 + j] = loss[j]
+        coef[j] = grad_scale[pos0 + j] * wq[j] / s[j]
+    if want_grad:
+        for c in range(n_classes):
+            off = base + c * stride
+            for j in range(width):
+                qc = weight[c] * ((1.0 - eps) * q[off + j] + smooth)
+                g[off + j] = _cast_like(g[off + j] * coef[j] - grad_scale[pos0 + j] * qc, m[0])
+
+
+def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_samples,
+                 n_classes, n_pos, block):
+    """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
+    want_grad = grad_out.shape[0] != 0
+    tiles_per_sample = (n_pos + TILE - 1) // TILE
+    n_tiles = (n_samples + block - 1) // block if block else n_samples * tiles_per_sample
+    for tile in prange(n_tiles):
+        if block:
+            r0 = tile * block
+            n_rows = min(block, n_samples - r0)
+            xt = np.empty(n_classes * TILE, dtype=x.dtype)
+            qt = np.empty(n_classes * TILE, dtype=x.dtype)
+            gt = np.empty(n_classes * TILE if want_grad else 0, dtype=x.dtype)
+            _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
+            _to_tile(target, r0, n_rows, n_classes, n_pos, qt)
+            _proba_tile(xt, qt, 0, TILE, n_classes, n_rows * n_pos, weight, eps, grad_scale,
+                        r0 * n_pos, loss_out, gt, want_grad)
+            if want_grad:
+                _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
+        else:
+            n = tile // tiles_per_sample
+            s0 = (tile % tiles_per_sample) * TILE
+            _proba_tile(x, target, n * n_classes * n_pos + s0, n_pos, n_classes,
+                        min(TILE, n_pos - s0), weight, eps, grad_scale, n * n_pos + s0,
+                        loss_out, grad_out, want_grad)
 
 
 # --------------------------------------------------------------- softmax, logsumexp
@@ -551,28 +587,44 @@ def _softmax_rows(x, log, out):
                 o[c] = o[c] * inv
 
 
-def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos):
+@helper
+def _softmax_tile(x, base, stride, n_classes, width, log, out):
+    """Softmax or log-softmax of one tile of positions into ``out`` (indexed like ``x``)."""
+    m = np.empty(TILE, dtype=x.dtype)
+    s = np.empty(TILE, dtype=np.float64)
+    log_s = np.empty(TILE, dtype=np.float64)
+    shift = np.empty(TILE, dtype=x.dtype)
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, out, not log, shift, log_s)
+    for j in range(width):
+        shift[j] = log_s[j] if log else 1.0 / s[j]
+    for c in range(n_classes):
+        off = base + c * stride
+        if log:
+            for j in range(width):
+                out[off + j] = -_dev(m[j], x[off + j], shift[j])
+        else:
+            for j in range(width):
+                out[off + j] = out[off + j] * shift[j]
+
+
+def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block):
+    """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     tiles_per_sample = (n_pos + TILE - 1) // TILE
-    for tile in prange(n_samples * tiles_per_sample):
-        n = tile // tiles_per_sample
-        s0 = (tile % tiles_per_sample) * TILE
-        width = min(TILE, n_pos - s0)
-        base = n * n_classes * n_pos + s0
-        m = np.empty(TILE, dtype=x.dtype)
-        s = np.empty(TILE, dtype=np.float64)
-        log_s = np.empty(TILE, dtype=np.float64)
-        shift = np.empty(TILE, dtype=x.dtype)
-        _tile_max_sumexp(x, base, n_pos, n_classes, width, m, s, out, not log, shift, log_s)
-        for j in range(width):
-            shift[j] = log_s[j] if log else 1.0 / s[j]
-        for c in range(n_classes):
-            off = base + c * n_pos
-            if log:
-                for j in range(width):
-                    out[off + j] = -_dev(m[j], x[off + j], shift[j])
-            else:
-                for j in range(width):
-                    out[off + j] = out[off + j] * shift[j]
+    n_tiles = (n_samples + block - 1) // block if block else n_samples * tiles_per_sample
+    for tile in prange(n_tiles):
+        if block:
+            r0 = tile * block
+            n_rows = min(block, n_samples - r0)
+            xt = np.empty(n_classes * TILE, dtype=x.dtype)
+            ot = np.empty(n_classes * TILE, dtype=x.dtype)
+            _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
+            _softmax_tile(xt, 0, TILE, n_classes, n_rows * n_pos, log, ot)
+            _from_tile(ot, r0, n_rows, n_classes, n_pos, out)
+        else:
+            n = tile // tiles_per_sample
+            s0 = (tile % tiles_per_sample) * TILE
+            _softmax_tile(x, n * n_classes * n_pos + s0, n_pos, n_classes,
+                          min(TILE, n_pos - s0), log, out)
 
 
 @helper
@@ -598,24 +650,37 @@ def _logsumexp_rows(x, out):
                 out[i] = np.float64(m) + np.log(_row_sumexp(x[i], m, scratch))
 
 
-def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos):
+@helper
+def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0):
+    """out[pos0 + j] = log-sum-exp of position j of one tile."""
+    m = np.empty(TILE, dtype=x.dtype)
+    s = np.empty(TILE, dtype=np.float64)
+    log_s = np.empty(TILE, dtype=np.float64)
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, np.empty(0, dtype=x.dtype),
+                     False, np.empty(TILE, dtype=x.dtype), log_s)
+    for j in range(width):
+        if np.isinf(m[j]):
+            out[pos0 + j] = _infinite_lse(x, base + j, stride, n_classes, m[j])
+        else:
+            out[pos0 + j] = np.float64(m[j]) + log_s[j]
+
+
+def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block):
+    """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     tiles_per_sample = (n_pos + TILE - 1) // TILE
-    for tile in prange(n_samples * tiles_per_sample):
-        n = tile // tiles_per_sample
-        s0 = (tile % tiles_per_sample) * TILE
-        width = min(TILE, n_pos - s0)
-        m = np.empty(TILE, dtype=x.dtype)
-        s = np.empty(TILE, dtype=np.float64)
-        log_s = np.empty(TILE, dtype=np.float64)
-        _tile_max_sumexp(x, n * n_classes * n_pos + s0, n_pos, n_classes, width, m, s,
-                         np.empty(0, dtype=x.dtype), False, np.empty(TILE, dtype=x.dtype),
-                         log_s)
-        base = n * n_classes * n_pos + s0
-        for j in range(width):
-            if np.isinf(m[j]):
-                out[n * n_pos + s0 + j] = _infinite_lse(x, base + j, n_pos, n_classes, m[j])
-            else:
-                out[n * n_pos + s0 + j] = np.float64(m[j]) + log_s[j]
+    n_tiles = (n_samples + block - 1) // block if block else n_samples * tiles_per_sample
+    for tile in prange(n_tiles):
+        if block:
+            r0 = tile * block
+            n_rows = min(block, n_samples - r0)
+            xt = np.empty(n_classes * TILE, dtype=x.dtype)
+            _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
+            _logsumexp_tile(xt, 0, TILE, n_classes, n_rows * n_pos, out, r0 * n_pos)
+        else:
+            n = tile // tiles_per_sample
+            s0 = (tile % tiles_per_sample) * TILE
+            _logsumexp_tile(x, n * n_classes * n_pos + s0, n_pos, n_classes,
+                            min(TILE, n_pos - s0), out, n * n_pos + s0)
 
 
 # ------------------------------------------------------------------ binary (sigmoid)
