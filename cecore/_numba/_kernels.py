@@ -299,6 +299,31 @@ def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s):
 
 
 @helper
+def _n_tiles(n_samples, n_pos, block):
+    """Tiles of a ``*_tiles`` kernel: blocks of ``block`` samples (transposed into scratch),
+    or, with ``block == 0``, runs of at most TILE positions of one sample."""
+    if block:
+        return (n_samples + block - 1) // block
+    return n_samples * ((n_pos + TILE - 1) // TILE)
+
+
+@helper
+def _block_span(tile, block, n_samples):
+    """First sample and number of samples of block ``tile``."""
+    r0 = tile * block
+    return r0, min(block, n_samples - r0)
+
+
+@helper
+def _run_span(tile, n_classes, n_pos):
+    """Run ``tile`` of positions: the flat offset of its first logit, its first position
+    and its width."""
+    per_sample = (n_pos + TILE - 1) // TILE
+    n, s0 = tile // per_sample, (tile % per_sample) * TILE
+    return n * n_classes * n_pos + s0, n * n_pos + s0, min(TILE, n_pos - s0)
+
+
+@helper
 def _to_tile(src, r0, n_rows, n_classes, n_pos, dst):
     """Samples r0 + [0, n_rows) of the flat (N, C, S) ``src`` into the (C, TILE) scratch
     tile ``dst``, positions along its rows: dst[c * TILE + j * S + k] = src[r0 + j, c, k]."""
@@ -391,9 +416,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     The tile's arithmetic is per position, so both give the same bits.
     """
     want_grad = grad_out.shape[0] != 0
-    tiles_per_sample = (n_pos + TILE - 1) // TILE
-    n_tiles = (n_samples + block - 1) // block if block else n_samples * tiles_per_sample
-    sample_size = n_classes * n_pos
+    n_tiles = _n_tiles(n_samples, n_pos, block)
     for tile in prange(n_tiles):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -401,8 +424,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
         coef = np.empty(TILE, dtype=x.dtype)
         shift = np.empty(TILE, dtype=x.dtype)
         if block:
-            r0 = tile * block
-            n_rows = min(block, n_samples - r0)
+            r0, n_rows = _block_span(tile, block, n_samples)
             xt = np.empty(n_classes * TILE, dtype=x.dtype)
             gt = np.empty(n_classes * TILE if want_grad else 0, dtype=x.dtype)
             _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
@@ -412,12 +434,10 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
             if want_grad:
                 _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
         else:
-            n = tile // tiles_per_sample
-            s0 = (tile % tiles_per_sample) * TILE
-            width = min(TILE, n_pos - s0)
-            _index_tile(x, n * sample_size + s0, n_pos, n_classes, width, target,
-                        n * n_pos + s0, weight, w_total, ignore_index, eps, grad_scale,
-                        loss_out, grad_out, want_grad, False, m, s, log_s, coef, shift)
+            base, pos0, width = _run_span(tile, n_classes, n_pos)
+            _index_tile(x, base, n_pos, n_classes, width, target, pos0, weight, w_total,
+                        ignore_index, eps, grad_scale, loss_out, grad_out, want_grad, False,
+                        m, s, log_s, coef, shift)
 
 
 def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
@@ -460,19 +480,17 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
     the exps go through :func:`_tile_max_sumexp_in_place`. Given two arguments that
     overlap, LLVM's runtime alias checks sent the tile loops to their scalar versions
     (4 x 21 x 256 x 256 float32: 22.9 ms in place against 8.8 ms into another buffer)."""
-    tiles_per_sample = (n_pos + TILE - 1) // TILE
-    for tile in prange(n_samples * tiles_per_sample):
+    n_tiles = _n_tiles(n_samples, n_pos, 0)
+    for tile in prange(n_tiles):
         m = np.empty(TILE, dtype=grad.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
         coef = np.empty(TILE, dtype=grad.dtype)
         shift = np.empty(TILE, dtype=grad.dtype)
-        n = tile // tiles_per_sample
-        s0 = (tile % tiles_per_sample) * TILE
-        width = min(TILE, n_pos - s0)
-        _index_tile(grad, n * n_classes * n_pos + s0, n_pos, n_classes, width, target,
-                    n * n_pos + s0, weight, w_total, ignore_index, eps, grad_scale,
-                    loss_out, grad, True, True, m, s, log_s, coef, shift)
+        base, pos0, width = _run_span(tile, n_classes, n_pos)
+        _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
+                    ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s, log_s,
+                    coef, shift)
 
 
 # --------------------------------------------------------- class-probability targets
@@ -546,12 +564,10 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
                  n_classes, n_pos, block):
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     want_grad = grad_out.shape[0] != 0
-    tiles_per_sample = (n_pos + TILE - 1) // TILE
-    n_tiles = (n_samples + block - 1) // block if block else n_samples * tiles_per_sample
+    n_tiles = _n_tiles(n_samples, n_pos, block)
     for tile in prange(n_tiles):
         if block:
-            r0 = tile * block
-            n_rows = min(block, n_samples - r0)
+            r0, n_rows = _block_span(tile, block, n_samples)
             xt = np.empty(n_classes * TILE, dtype=x.dtype)
             qt = np.empty(n_classes * TILE, dtype=x.dtype)
             gt = np.empty(n_classes * TILE if want_grad else 0, dtype=x.dtype)
@@ -562,11 +578,9 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
             if want_grad:
                 _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
         else:
-            n = tile // tiles_per_sample
-            s0 = (tile % tiles_per_sample) * TILE
-            _proba_tile(x, target, n * n_classes * n_pos + s0, n_pos, n_classes,
-                        min(TILE, n_pos - s0), weight, eps, grad_scale, n * n_pos + s0,
-                        loss_out, grad_out, want_grad)
+            base, pos0, width = _run_span(tile, n_classes, n_pos)
+            _proba_tile(x, target, base, n_pos, n_classes, width, weight, eps, grad_scale,
+                        pos0, loss_out, grad_out, want_grad)
 
 
 # --------------------------------------------------------------- softmax, logsumexp
@@ -609,22 +623,18 @@ def _softmax_tile(x, base, stride, n_classes, width, log, out):
 
 def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block):
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
-    tiles_per_sample = (n_pos + TILE - 1) // TILE
-    n_tiles = (n_samples + block - 1) // block if block else n_samples * tiles_per_sample
+    n_tiles = _n_tiles(n_samples, n_pos, block)
     for tile in prange(n_tiles):
         if block:
-            r0 = tile * block
-            n_rows = min(block, n_samples - r0)
+            r0, n_rows = _block_span(tile, block, n_samples)
             xt = np.empty(n_classes * TILE, dtype=x.dtype)
             ot = np.empty(n_classes * TILE, dtype=x.dtype)
             _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
             _softmax_tile(xt, 0, TILE, n_classes, n_rows * n_pos, log, ot)
             _from_tile(ot, r0, n_rows, n_classes, n_pos, out)
         else:
-            n = tile // tiles_per_sample
-            s0 = (tile % tiles_per_sample) * TILE
-            _softmax_tile(x, n * n_classes * n_pos + s0, n_pos, n_classes,
-                          min(TILE, n_pos - s0), log, out)
+            base, _, width = _run_span(tile, n_classes, n_pos)
+            _softmax_tile(x, base, n_pos, n_classes, width, log, out)
 
 
 @helper
@@ -667,20 +677,16 @@ def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0):
 
 def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block):
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
-    tiles_per_sample = (n_pos + TILE - 1) // TILE
-    n_tiles = (n_samples + block - 1) // block if block else n_samples * tiles_per_sample
+    n_tiles = _n_tiles(n_samples, n_pos, block)
     for tile in prange(n_tiles):
         if block:
-            r0 = tile * block
-            n_rows = min(block, n_samples - r0)
+            r0, n_rows = _block_span(tile, block, n_samples)
             xt = np.empty(n_classes * TILE, dtype=x.dtype)
             _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
             _logsumexp_tile(xt, 0, TILE, n_classes, n_rows * n_pos, out, r0 * n_pos)
         else:
-            n = tile // tiles_per_sample
-            s0 = (tile % tiles_per_sample) * TILE
-            _logsumexp_tile(x, n * n_classes * n_pos + s0, n_pos, n_classes,
-                            min(TILE, n_pos - s0), out, n * n_pos + s0)
+            base, pos0, width = _run_span(tile, n_classes, n_pos)
+            _logsumexp_tile(x, base, n_pos, n_classes, width, out, pos0)
 
 
 # ------------------------------------------------------------------ binary (sigmoid)
