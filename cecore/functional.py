@@ -267,6 +267,8 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
         return loss
     g = V.grad_output_array(grad_output, reduction, loss_shape, convert=False)
     g = g.reshape(positions) if np.ndim(g) else g
+    # A second pass over the chunks ('mean' needed the total weight first; the chunk's
+    # targets are gathered again rather than kept, which would be O(positions) memory).
     # The gradient reads the targets, the weights and grad_output, not the input: a buffer
     # over the input is safe, one over the others gets a temporary (see _gradient_out).
     grad3, gradient = _gradient_out(grad_out, x, x3, fortran,
