@@ -243,16 +243,22 @@ def _loss_dtype(input, target):
 
 def _outputs(loss, grad, input, target):
     """The operator's ``(loss, grad)`` tensors: the loss in :func:`_loss_dtype`, the
-    gradient in the input's dtype (empty when None)."""
+    gradient in the dtype it was computed in (empty when None): float32 for half inputs,
+    so that backward scales it by ``grad_output`` before rounding it to the input's dtype
+    (rounded first, a loss-scaled float16 gradient lost its small entries to zero)."""
     loss = torch.from_numpy(np.asarray(loss)).to(_loss_dtype(input, target))
     if grad is None:
-        return loss, torch.empty(0, dtype=input.dtype)
-    return loss, grad.to(input.dtype)
+        return loss, torch.empty(0, dtype=_grad_dtype(input))
+    return loss, grad
+
+
+def _grad_dtype(input):
+    return torch.float32 if input.dtype in _HALF_DTYPES else input.dtype
 
 
 def _fake_outputs(input, target, loss_shape, with_grad):
     return (input.new_empty(loss_shape, dtype=_loss_dtype(input, target)),
-            input.new_empty(input.shape if with_grad else (0,)))
+            input.new_empty(input.shape if with_grad else (0,), dtype=_grad_dtype(input)))
 
 
 def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None,
@@ -465,6 +471,7 @@ def _register_autograd(op, reduction_arg, per_element, watched, ignore_arg=None)
         ctx.save_for_backward(grad)
         ctx.n_inputs = len(inputs)
         ctx.has_grad = grad.numel() == input.numel()
+        ctx.input_dtype = input.dtype  # the saved gradient is float32 for half inputs
         ctx.class_axis = 1 if not per_element and input.dim() > 1 else None
         ctx.versions = _versions([inputs[i] for i in watched])
         target = inputs[1]
@@ -483,7 +490,7 @@ def _register_autograd(op, reduction_arg, per_element, watched, ignore_arg=None)
             grad_output = _skip_ignored(grad_output, *ctx.ignore)
         if ctx.class_axis is not None and grad_output.dim():
             grad_output = grad_output.unsqueeze(ctx.class_axis)
-        result = _scaled(ctx, grad, grad_output)
+        result = _scaled(ctx, grad, grad_output).to(ctx.input_dtype)
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
             (result,) = _once([result], getattr(ctx, "sources", None) or [ctx.input_ref])
         return (result,) + nones

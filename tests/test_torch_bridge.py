@@ -228,6 +228,27 @@ def test_half_inputs_computed_in_float32(gen, dtype, rtol):
                  rtol=rtol)
 
 
+def test_float16_gradient_is_scaled_before_it_is_rounded(gen):
+    # A float16 model without autocast, its loss scaled by 1024 (as loss scaling does): the
+    # gradient was rounded to float16 at grad_output = 1 and then scaled, so 20 % of its
+    # entries underflowed to 0 (torch: 23 of 1e6) and its error was 7x torch's (hostile
+    # review). The oracle is the float64 gradient of the same float16 logits.
+    x = (2 * torch.randn(20000, 50, generator=gen)).half()
+    target = _index_target(gen, (20000,), 50)
+    reference = x.double().requires_grad_()
+    TF.cross_entropy(reference, target).backward(torch.tensor(1024.0, dtype=torch.float64))
+    errors, zeros = [], []
+    for loss_fn in (ct.cross_entropy, TF.cross_entropy):
+        leaf = x.clone().requires_grad_()
+        with no_fallback():
+            loss_fn(leaf, target).backward(torch.tensor(1024.0, dtype=torch.float16))
+        assert leaf.grad.dtype == torch.float16
+        g = leaf.grad.double()
+        errors.append(((g - reference.grad).norm() / reference.grad.norm()).item())
+        zeros.append(int((g == 0).sum()))
+    assert errors[0] <= 1.5 * errors[1] and zeros[0] <= zeros[1] + 100, (errors, zeros)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_wider_float_targets_promote_the_loss(gen, dtype, reduction):
