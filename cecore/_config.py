@@ -72,6 +72,10 @@ C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES", "REDUCE_BLO
 # dtype (float32 input), and of a grad_output array converted to float64 (2 MB).
 BCE_CHUNK = 1 << 18
 
+# nll_loss: positions per chunk of its gathers and of its gradient's scatter (a few
+# temporaries of 8 bytes per position each: about 3 MB).
+NLL_CHUNK = 1 << 16
+
 # Rows per block of log_loss's label-indicator path (bounds its temporaries).
 LOG_LOSS_ROW_BLOCK = 8192
 

@@ -13,7 +13,7 @@ import numpy as np
 from . import _reduce
 from . import _validation as V
 from ._backends import get_backend
-from ._config import BCE_CHUNK, REDUCE_BLOCK
+from ._config import BCE_CHUNK, NLL_CHUNK, REDUCE_BLOCK
 
 __all__ = [
     "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
@@ -244,7 +244,7 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     loss = np.empty(positions, out_dtype) if reduction == "none" else None
     loss_sum, weight_sum = _reduce.BlockSum(), _reduce.BlockSum()
     flat = x3.reshape(-1)  # canonical arrays are C-contiguous: a view
-    for rows, cols in _position_chunks(*positions):
+    for rows, cols in _chunks(*positions, NLL_CHUNK):
         keep, safe_t, w_t = _nll_targets(t2[rows, cols], w, ignore_index, n_classes)
         picked = flat.take(_flat_index(safe_t, rows, cols, x3.shape)) \
             if n_classes else np.zeros(safe_t.shape, dtype)
@@ -274,7 +274,7 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     grad3, gradient = _gradient_out(grad_out, x, x3, fortran,
                                     operands=(t2, w) + ((g,) if np.ndim(g) else ()),
                                     in_place=(x3,))
-    for rows, cols in _position_chunks(*positions):
+    for rows, cols in _chunks(*positions, NLL_CHUNK):
         keep, safe_t, w_t = _nll_targets(t2[rows, cols], w, ignore_index, n_classes)
         scale = _grad_scale(g[rows, cols] if np.ndim(g) else g, reduction, denominator,
                             safe_t.shape)
@@ -288,19 +288,6 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
         if n_classes:
             grad3.reshape(-1)[_flat_index(safe_t, rows, cols, x3.shape)] = picked_grad
     return loss, gradient()
-
-
-def _position_chunks(n, s, size=1 << 16):
-    """``(rows, cols)`` slices of an (N, S) array of positions, about ``size`` positions
-    each, in row-major order: whole rows when S is small, pieces of one row otherwise."""
-    if s >= size:
-        for i in range(n):
-            for j in range(0, s, size):
-                yield slice(i, i + 1), slice(j, j + size)
-    else:
-        step = max(1, size // max(s, 1))
-        for i in range(0, n, step):
-            yield slice(i, i + step), slice(None)
 
 
 def _flat_index(t, rows, cols, shape):

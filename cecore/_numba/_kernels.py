@@ -7,8 +7,10 @@ float64 (Numba compiles each per dtype).
 * K-dim inputs (``S > 1``) go tile by tile (``*_tiles``): a tile is ``TILE`` positions
   of one sample; every inner loop runs along the contiguous position axis, so it
   vectorises although the class axis is strided (no transposed copy). 2-D inputs with
-  at most ``SMALL_C`` classes (rows shorter than a vector) use the same tile code on
-  blocks of TILE rows transposed into an O(C * TILE) scratch tile.
+  at most ``SMALL_C`` classes (rows shorter than a vector), and K-dim inputs with few
+  positions (``_config.KDIM_*``), use the same tile code on blocks of samples transposed
+  into an O(C * TILE) scratch tile (``_to_tile``/``_from_tile``); softmax_ce_index with
+  few positions of many classes transposes each sample's positions into rows.
 * Every loop that reduces (sums over classes) lives in a ``@helper`` function, which
   Numba compiles and LLVM vectorises once, before both copies of a kernel inline it:
   the serial and the parallel kernel then sum in the same order and agree bit for bit.
