@@ -17,6 +17,9 @@ same tensors:
     model, embedding -> linear -> cross-entropy over a 50257-token vocabulary, built twice
     with the same parameters: cecore's loss module against torch's (sizes are
     tokens x embedding dim x vocabulary).
+``nll``
+    Forward + backward of ``nll_loss`` of log-probabilities (a leaf tensor), cecore.torch
+    against torch: few classes and many rows, where cecore's NumPy gather is weakest.
 ``overhead``
     The bridge against cecore called directly on NumPy views of the same memory
     (``cecore.cross_entropy(x, t, return_grad=True)``, a new gradient array per call as
@@ -26,7 +29,8 @@ same tensors:
 Timings are medians of interleaved rounds: each round calls every competitor once, in an
 order rotated from round to round, so a busy phase of a shared machine hits all of them.
 Before timing, the competitors' losses and gradients are checked against each other.
-Results go to ``benchmarks/results/torch.json`` (``torch_quick.json`` with ``--quick``).
+Results go to ``benchmarks/results/torch.json`` (``torch_quick.json`` with ``--quick``,
+``torch_<sections>.json`` with ``--sections`` naming only some of them).
 """
 
 import argparse
@@ -45,9 +49,9 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a so
 import _common as C  # noqa: E402
 
 FULL = {"loss": ["65536x1000", "4096x50257"], "step": ["2048x256x50257"],
-        "overhead": ["1024x1000", "65536x1000", "4096x50257"]}
+        "nll": ["2000000x3", "4096x1000"], "overhead": ["1024x1000", "65536x1000", "4096x50257"]}
 QUICK = {"loss": ["8192x1000", "256x50257"], "step": ["256x64x50257"],
-         "overhead": ["1024x1000", "8192x1000"]}
+         "nll": ["200000x3", "1024x1000"], "overhead": ["1024x1000", "8192x1000"]}
 NOTES = []
 
 
@@ -142,6 +146,36 @@ def bench_loss(size, threads, repeat, records):
     return {"section": "loss", "size": size, "speedup_vs_torch": speedup}
 
 
+def bench_nll(size, threads, repeat, records):
+    import torch
+    import torch.nn.functional as F
+
+    import cecore.torch as ct
+
+    n, c = parse(size)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.log_softmax(2 * torch.randn(n, c, generator=gen), 1).requires_grad_()
+    t = torch.randint(0, c, (n,), generator=gen)
+
+    def run(loss_fn, **kw):
+        def call():
+            x.grad = None
+            loss_fn(x, t, **kw).backward()
+        return call
+
+    with_torch, with_cecore = run(F.nll_loss), run(ct.nll_loss, n_threads=threads)
+    with_torch()
+    expected_grad = x.grad
+    with_cecore()
+    assert_close(f"nll_loss {size}", ct.nll_loss(x, t), F.nll_loss(x, t).detach())
+    assert_close(f"nll_loss gradient {size}", x.grad, expected_grad)
+    medians, times = interleaved_medians({"torch": with_torch, "cecore.torch": with_cecore}, repeat)
+    speedup = record(records, "nll", size, medians, times, "torch", "cecore.torch")
+    print(f"  nll  {size:>14s}: torch {medians['torch'] * 1e3:9.1f} ms  cecore.torch "
+          f"{medians['cecore.torch'] * 1e3:9.1f} ms  speed-up {speedup:.2f}x", flush=True)
+    return {"section": "nll", "size": size, "speedup_vs_torch": speedup}
+
+
 def bench_step(size, threads, repeat, records):
     import torch
 
@@ -215,7 +249,8 @@ def bench_overhead(size, threads, repeat, records):
     return {"section": "overhead", "size": size, "overhead": ratio - 1}
 
 
-SECTIONS = {"loss": bench_loss, "step": bench_step, "overhead": bench_overhead}
+SECTIONS = {"loss": bench_loss, "step": bench_step, "nll": bench_nll,
+            "overhead": bench_overhead}
 
 
 def main(argv=None):
@@ -248,7 +283,7 @@ def main(argv=None):
             summary.append(SECTIONS[section](size, args.threads, repeat, records))
             gc.collect()
 
-    note("loss and step: speed-up = torch's median time / cecore.torch's (> 1: cecore faster)")
+    note("loss, step and nll: speed-up = torch's median time / cecore.torch's (> 1: cecore faster)")
     note("overhead = cecore.torch's median time / cecore on NumPy views with return_grad=True "
          "- 1 (the same kernel and a new gradient buffer each; the difference is autograd, the "
          "custom operator and wrapping)")
@@ -272,7 +307,9 @@ def main(argv=None):
     data = {"settings": {"threads": args.threads, "repeat": repeat, "warmup": 1,
                          "quick": args.quick, "dtype": "float32", "sizes": sizes},
             "summary": summary, "results": records, "notes": NOTES, "machine": machine}
-    print(f"\nsaved {C.save_json(data, 'torch_quick.json' if args.quick else 'torch.json')}")
+    name = ("torch_quick.json" if args.quick else "torch.json" if args.sections == list(SECTIONS)
+            else f"torch_{'_'.join(args.sections)}.json")
+    print(f"\nsaved {C.save_json(data, name)}")
     return 0
 
 
