@@ -7,6 +7,7 @@ in-memory functions for the streamed results.
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -239,6 +240,37 @@ def test_numba_cache_stays_outside_the_installed_package(tmp_path):
     assert result.returncode == 0, result.stderr
     assert any(f.endswith(".nbi") for _, _, fs in os.walk(tmp_path / "mine") for f in fs)
     assert package_files() - before == set()
+
+
+def test_numba_cache_is_not_reused_after_a_helper_module_changes(tmp_path):
+    # A kernel inlines the helpers of _math.py. Numba keys its cache by the kernel's own
+    # file, so a change to _math.py alone (an upgrade, an edit) kept loading kernels
+    # compiled from the old code. A copy of the package (mtimes kept) is run, its exp
+    # changed in _math.py only, and run again on the same cache: the second run must
+    # compute with the new exp (a stale kernel gives the first run's bits).
+    copy = tmp_path / "src"
+    shutil.copytree(PACKAGE, copy / "cecore", ignore=shutil.ignore_patterns("__pycache__"))
+    code = """
+        import numpy as np, cecore
+        assert cecore.__file__.startswith({root!r}), cecore.__file__
+        x = np.linspace(-3, 3, 40, dtype=np.float32).reshape(4, 10)
+        print(cecore.logsumexp(x, axis=1, backend="numba", n_threads=1).tobytes().hex())
+    """.format(root=str(copy))
+
+    def run(cache):
+        env = dict(os.environ, PYTHONPATH=str(copy), NUMBA_CACHE_DIR=str(cache))
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=copy,
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    before = run(tmp_path / "cache")
+    math_py = copy / "cecore" / "_numba" / "_math.py"
+    text = math_py.read_text()
+    assert "4.9999994040e-1" in text  # the exp polynomial's last coefficient
+    math_py.write_text(text.replace("4.9999994040e-1", "5.9999994040e-1"))
+    after = run(tmp_path / "cache")
+    assert after != before
 
 
 # ------------------------------------------------------------------ threads

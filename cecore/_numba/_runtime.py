@@ -6,6 +6,7 @@ Nothing here knows what a kernel computes; :mod:`cecore._numba._kernels` uses
 :func:`launch`.
 """
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -34,6 +35,17 @@ class _CacheLocator(caching.UserWideCacheLocator):
         self._lineno = py_func.__code__.co_firstlineno
         self._cache_path = os.path.join(cache_dir, self.get_suitable_cache_subpath(py_file))
 
+    def get_source_stamp(self):
+        """The cache entries' key: every source the compiled code depends on.
+
+        Numba keys an entry by the modification time and size of the function's own
+        file only, but a kernel inlines the helpers of ``_math.py`` and freezes the
+        constants of ``_config.py``: with a change to those files alone (an upgrade, an
+        edit), Numba would go on loading kernels built from the old code, and a
+        specialisation compiled afresh beside them would compute with the new code.
+        """
+        return _sources_digest()
+
     @classmethod
     def from_function(cls, py_func, py_file):
         if not os.path.abspath(py_file).startswith(cls._package_dir):
@@ -50,6 +62,25 @@ class _CacheLocator(caching.UserWideCacheLocator):
                 continue
             return self
         return None
+
+
+_digest = None
+
+
+def _sources_digest():
+    """SHA-256 of the Numba backend's sources and of ``cecore/_config.py``, read once."""
+    global _digest
+    if _digest is None:
+        package = os.path.dirname(_CacheLocator._package_dir.rstrip(os.sep))
+        paths = [os.path.join(package, "_config.py")] + sorted(
+            os.path.join(package, "_numba", name)
+            for name in os.listdir(os.path.join(package, "_numba")) if name.endswith(".py"))
+        h = hashlib.sha256()
+        for path in paths:
+            with open(path, "rb") as f:
+                h.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+        _digest = h.hexdigest()
+    return _digest
 
 
 # Consulted before Numba's own locators (the first that accepts a function wins).
