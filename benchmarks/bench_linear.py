@@ -19,6 +19,10 @@ reduction='mean'. Competitors, all on ``--threads`` threads, in this one process
   then ``loss.backward()``; "loss" runs under ``torch.no_grad()``;
 * ``torch-chunked``: the same with ``options=LinearCrossEntropyOptions()``.
 
+Mode "frozen W" is fine-tuning below a frozen unembedding: the loss and the input's
+gradient only (cecore: ``needs_grad=(True, False, False)``; torch: a ``linear_weight``
+without ``requires_grad``; the floor ``2 gemms``: ``L = X @ W.T`` and ``L @ W``).
+
 Times are medians over ``--repeat`` interleaved rounds (each round calls every
 competitor once, in turn, after one warm-up round), because the machine is shared.
 Before timing, cecore's loss and gradients are checked against torch's.
@@ -55,7 +59,7 @@ import _common as C  # noqa: E402
 
 FULL_SHAPES = ["2048x768x50257", "8192x256x50257"]
 QUICK_SHAPES = ["512x256x8192", "256x128x50257"]
-MODES = ("loss", "loss+grads")
+MODES = ("loss", "loss+grads", "frozen W")
 NOTES = []
 
 
@@ -94,20 +98,24 @@ def competitors(x, w, t, threads, names=None, chunk_sizes=()):
 
     out["gemm"] = {"loss": lambda: x @ w.T}
     out["3 gemms"] = {"loss+grads": three_gemms}
+    out["2 gemms"] = {"frozen W": lambda: (x @ w.T) @ w}
     for backend in cecore.available_backends():
         for rows in (None, *chunk_sizes):
             def loss(backend=backend, rows=rows):
                 return cecore.linear_cross_entropy(x, w, t, chunk_size=rows, backend=backend,
                                                    n_threads=threads)
 
-            def loss_grads(backend=backend, rows=rows):
+            def loss_grads(backend=backend, rows=rows, needs=None):
                 return cecore.linear_cross_entropy(x, w, t, return_grad=True, chunk_size=rows,
-                                                   backend=backend, n_threads=threads)
+                                                   needs_grad=needs, backend=backend,
+                                                   n_threads=threads)
             name = f"cecore-{backend}" + ("" if rows is None else f"-chunk{rows}")
-            out[name] = {"loss": loss, "loss+grads": loss_grads}
+            out[name] = {"loss": loss, "loss+grads": loss_grads,
+                         "frozen W": lambda f=loss_grads: f(needs=(True, False, False))}
 
     xt = torch.from_numpy(x).requires_grad_(True)  # shares x's memory
     wt = torch.from_numpy(w).requires_grad_(True)
+    w_frozen = torch.from_numpy(w)
     tt = torch.from_numpy(t)
     for name, options in (("torch", None), ("torch-chunked", LinearCrossEntropyOptions())):
         def loss(options=options):
@@ -119,7 +127,13 @@ def competitors(x, w, t, threads, names=None, chunk_sizes=()):
             result = F.linear_cross_entropy(xt, wt, tt, options=options)
             result.backward()
             return result.detach(), xt.grad, wt.grad
-        out[name] = {"loss": loss, "loss+grads": loss_grads}
+
+        def loss_grad_input(options=options):
+            xt.grad = None
+            result = F.linear_cross_entropy(xt, w_frozen, tt, options=options)
+            result.backward()
+            return result.detach(), xt.grad
+        out[name] = {"loss": loss, "loss+grads": loss_grads, "frozen W": loss_grad_input}
     if names is not None:
         out = {k: v for k, v in out.items() if k in names}
     return out
@@ -131,6 +145,10 @@ def check(comps, dtype):
     rtol = 1e-4 if dtype == np.float32 else 1e-9
     for name in [n for n in comps if n.startswith("cecore")]:
         loss, (gx, gw, _) = comps[name]["loss+grads"]()
+        frozen_loss, (frozen_gx, none_w, _) = comps[name]["frozen W"]()
+        if none_w is not None or not np.allclose(frozen_gx, gx, rtol=rtol, atol=0) \
+                or not np.isclose(frozen_loss, loss, rtol=rtol):
+            raise AssertionError(f"{name}: the frozen-W call differs from the full one")
         loss_only = comps[name]["loss"]()
         bad = []
         for label, value in (("loss", loss), ("loss-only", loss_only)):
@@ -285,17 +303,24 @@ def summarize(records, names):
                  "loss_vs_gemm": _ratio(_get(r, ce, "loss"), _get(r, "gemm", "loss")),
                  "torch_over_cecore": _ratio(_get(r, "torch", "loss+grads"), lg),
                  "torch_chunked_over_cecore": _ratio(_get(r, "torch-chunked", "loss+grads"), lg),
+                 "frozen_vs_2_gemms": _ratio(_get(r, ce, "frozen W"), _get(r, "2 gemms", "frozen W")),
+                 "frozen_vs_all_grads": _ratio(_get(r, ce, "frozen W"), lg),
+                 "torch_frozen_over_cecore": _ratio(_get(r, "torch", "frozen W"),
+                                                    _get(r, ce, "frozen W")),
                  "rss_vs_torch": _ratio(ce_rss, t_rss),
                  "working_rss_vs_torch": _ratio(ce_rss and ce_rss - out, t_rss and t_rss - out)}
             summary.append(s)
             rows.append([shape, ce] + ["-" if s[k] is None else f"{s[k]:.2f}" for k in
                                        ("vs_3_gemms", "loss_vs_gemm", "torch_over_cecore",
                                         "torch_chunked_over_cecore", "rss_vs_torch",
-                                        "working_rss_vs_torch")])
+                                        "working_rss_vs_torch", "frozen_vs_2_gemms",
+                                        "frozen_vs_all_grads", "torch_frozen_over_cecore")])
     print("\nratios (targets: loss+grads / 3 gemms <= 1.15; loss / gemm <= 1.1; torch / cecore > 1;"
-          "\npeak extra memory / torch's <= 0.125, with and without the outputs)")
+          "\npeak extra memory / torch's <= 0.125, with and without the outputs;"
+          "\nfrozen W: its time / 2 gemms, / cecore's loss+grads, torch's frozen W / cecore's)")
     print(C.format_table(["shape", "cecore", "lg/3gemm", "loss/gemm", "torch/ce",
-                          "chunked/ce", "rss/torch", "working/torch"], rows))
+                          "chunked/ce", "rss/torch", "working/torch", "frz/2gemm",
+                          "frz/all", "torch frz/ce"], rows))
     return summary
 
 

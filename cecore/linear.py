@@ -150,6 +150,17 @@ def _check_chunk_size(chunk_size):
     return int(chunk_size)
 
 
+def _check_needs_grad(needs_grad, has_bias):
+    """``(input, linear_weight, linear_bias)`` flags of the gradients to compute."""
+    if needs_grad is None:
+        return True, True, has_bias
+    flags = tuple(needs_grad) if isinstance(needs_grad, (tuple, list)) else None
+    if flags is None or len(flags) != 3 or not all(isinstance(f, (bool, np.bool_)) for f in flags):
+        raise TypeError("needs_grad must be a tuple of three bools (input, linear_weight, "
+                        f"linear_bias), got {needs_grad!r}")
+    return bool(flags[0]), bool(flags[1]), bool(flags[2]) and has_bias
+
+
 def _add_weight_grad(grad_weight, grad, x, block):
     """``grad_weight += grad.T @ x`` through ``block``, a few vocabulary rows at a time.
 
@@ -166,8 +177,8 @@ def _add_weight_grad(grad_weight, grad, x, block):
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=-100, label_smoothing=0.0,
-                         return_grad=False, grad_output=None, chunk_size=None,
-                         backend="auto", n_threads=None):
+                         return_grad=False, grad_output=None, needs_grad=None,
+                         chunk_size=None, backend="auto", n_threads=None):
     """Cross-entropy of a linear layer's logits, as ``torch.nn.functional.linear_cross_entropy``.
 
     Computes ``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` (see
@@ -197,6 +208,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     grad_output : array-like, optional
         Upstream gradient: a scalar for 'mean'/'sum', the loss's shape for 'none'.
         Defaults to ones.
+    needs_grad : tuple of 3 bools, optional
+        Which of ``(grad_input, grad_linear_weight, grad_linear_bias)`` to compute with
+        ``return_grad=True`` (default: all); the others are returned as None and their
+        products are skipped. A frozen ``linear_weight`` (fine-tuning below a fixed
+        unembedding) saves one of the three N x V x D products.
     chunk_size : int, optional
         Rows per chunk. By default chosen from V, the dtype, the CPU's last-level cache and
         a memory budget (``cecore._config.LINEAR_CHUNK_BYTES``, 128 MiB of buffers).
@@ -213,7 +229,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     (grad_input, grad_linear_weight, grad_linear_bias) : tuple of ndarrays
         Only when ``return_grad=True``: what torch leaves in the three ``.grad`` fields after
         ``loss.backward(grad_output)``, of the shapes and dtype of the operands;
-        ``grad_linear_bias`` is None without ``linear_bias``.
+        ``grad_linear_bias`` is None without ``linear_bias``, and each is None where
+        ``needs_grad`` says so.
 
     Notes
     -----
@@ -234,6 +251,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     reduction = V.check_reduction(reduction)
     eps = V.check_label_smoothing(label_smoothing)
     chunk_size = _check_chunk_size(chunk_size)
+    need_x, need_w, need_b = _check_needs_grad(needs_grad, b is not None)
     kernels = get_backend(backend)
     n_rows = t.size
     # BLAS by the products' multiply-adds, the kernel by its logits: the kernel's
@@ -242,6 +260,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     threads = blas_threads if n_threads is not None else V.n_threads(None, n_rows * n_classes)
     loss_shape = x.shape[:-1]
     g = V.grad_output_array(grad_output, reduction, loss_shape) if return_grad else None
+    wants_grad, return_grad = return_grad, return_grad and (need_x or need_w or need_b)
 
     x2 = _blas_layout(x.reshape(n_rows, n_features))
     w = _blas_layout(w)
@@ -263,12 +282,14 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if return_grad:
         scale = _grad_scale(g, reduction, denominator, (n_rows, 1))
         grad_buf = logits_buf if over_logits else np.empty_like(logits_buf)
-        grad_x = np.empty((n_rows, n_features), dtype)
-        grad_w = np.empty(w.shape, dtype) if n_rows else np.zeros(w.shape, dtype)
-        grad_b = None if b is None else np.zeros(n_classes, np.float64)
-        ones = None if b is None else np.ones(rows, dtype)
+        grad_x = np.empty((n_rows, n_features), dtype) if need_x else None
+        grad_w = None
+        if need_w:
+            grad_w = np.empty(w.shape, dtype) if n_rows else np.zeros(w.shape, dtype)
+        grad_b = np.zeros(n_classes, np.float64) if need_b else None
+        ones = np.ones(rows, dtype) if need_b else None
         block = None
-        if n_rows > rows:  # grad_linear_weight accumulates over chunks through this block
+        if need_w and n_rows > rows:  # grad_linear_weight accumulates over chunks here
             block_rows = _config.LINEAR_ACCUMULATE_BYTES // max(1, n_features * dtype.itemsize)
             block = np.empty((max(1, min(block_rows, n_classes)), n_features), dtype)
     else:
@@ -293,10 +314,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                 None if grad is None else grad.reshape(n, n_classes, 1), threads)
             if grad is None:
                 continue
-            np.matmul(grad, w, out=grad_x[start:stop])
-            if start == 0:
+            if need_x:
+                np.matmul(grad, w, out=grad_x[start:stop])
+            if need_w and start == 0:
                 np.matmul(grad.T, xc, out=grad_w)
-            else:
+            elif need_w:
                 _add_weight_grad(grad_w, grad, xc, block)
             if grad_b is not None:
                 # The chunk's column sums are one BLAS product (float32 for float32 input,
@@ -305,6 +327,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 
     loss = _reduce_loss(loss_rows, reduction, denominator, loss_shape, dtype)
     if not return_grad:
-        return loss
-    grads = (grad_x.reshape(x.shape), grad_w, None if grad_b is None else grad_b.astype(dtype))
+        return (loss, (None, None, None)) if wants_grad else loss
+    grads = (None if grad_x is None else grad_x.reshape(x.shape), grad_w,
+             None if grad_b is None else grad_b.astype(dtype))
     return loss, grads

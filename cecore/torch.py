@@ -583,21 +583,22 @@ _register_autograd(_bce_op, reduction_arg=4, per_element=True, watched=(0, 1, 2,
 @torch.library.custom_op("cecore::linear_cross_entropy", mutates_args=(), device_types="cpu")
 def _linear_ce_op(input: Tensor, linear_weight: Tensor, target: Tensor,
                   linear_bias: Optional[Tensor], weight: Optional[Tensor], ignore_index: int,
-                  reduction: str, label_smoothing: float, with_grad: bool,
+                  reduction: str, label_smoothing: float, grad_mask: int,
                   chunk_size: Optional[int], backend: str,
                   n_threads: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad_input, grad_linear_weight, grad_linear_bias)`` of :func:`cecore.linear_cross_entropy`.
 
-    Gradients for grad_output = 1; each is empty without ``with_grad`` (and the bias's
-    without ``linear_bias``).
+    Gradients for grad_output = 1 of the operands that ``grad_mask`` names (see
+    :func:`_grad_mask`); the others are empty (the bias's also without ``linear_bias``).
     """
     x = _numpy(input)
     try:
         result = _L.linear_cross_entropy(
             x, _numpy(linear_weight), _numpy(target), linear_bias=_numpy(linear_bias),
             weight=_numpy(weight), reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, return_grad=with_grad, chunk_size=chunk_size,
-            backend=backend, n_threads=_threads(n_threads, _n_logits(x, linear_weight)))
+            label_smoothing=label_smoothing, return_grad=grad_mask != 0,
+            needs_grad=_grad_flags(grad_mask), chunk_size=chunk_size, backend=backend,
+            n_threads=_threads(n_threads, _n_logits(x, linear_weight)))
     except (ValueError, TypeError, IndexError) as error:
         _raise_torch_error(error, TF.linear_cross_entropy, input.detach(),
                            linear_weight.detach(), target,
@@ -607,9 +608,30 @@ def _linear_ce_op(input: Tensor, linear_weight: Tensor, target: Tensor,
                            # -100, torch blames ignore_index for other errors
                            ignore_index=None if ignore_index == -100 else ignore_index,
                            label_smoothing=label_smoothing)
-    loss, grads = result if with_grad else (result, (None, None, None))
+    loss, grads = result if grad_mask else (result, (None, None, None))
     return (torch.from_numpy(np.asarray(loss)).to(input.dtype),
             *(_tensor(g, input.dtype) for g in grads))
+
+
+def _grad_mask(*operands):
+    """Bit k set: the k-th of (input, linear_weight, linear_bias) needs its gradient.
+
+    Forward computes only those (a frozen unembedding skips the N x V x D product of its
+    own gradient); under jit tracing, where requires_grad is not final, all three.
+    """
+    if torch.jit.is_tracing():
+        return 7
+    if not torch.is_grad_enabled():
+        return 0
+    return _grad_mask_of(*(t is not None and t.requires_grad for t in operands))
+
+
+def _grad_mask_of(*flags):
+    return sum(1 << k for k, flag in enumerate(flags) if flag)
+
+
+def _grad_flags(grad_mask):
+    return tuple(bool(grad_mask >> k & 1) for k in range(3))
 
 
 def _n_logits(x, linear_weight):
@@ -624,17 +646,17 @@ def _tensor(array, dtype):
 
 @_linear_ce_op.register_fake
 def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-      label_smoothing, with_grad, chunk_size, backend, n_threads):
+      label_smoothing, grad_mask, chunk_size, backend, n_threads):
     loss = input.new_empty(input.shape[:-1] if reduction == "none" else ())
-    return (loss, *_fake_linear_grads(input, linear_weight, linear_bias, with_grad))
+    return (loss, *_fake_linear_grads(input, linear_weight, linear_bias, grad_mask))
 
 
-def _fake_linear_grads(input, linear_weight, linear_bias, with_grad):
-    def empty(t, present=True):
-        return t.new_empty(t.shape if with_grad and present else (0,))
-
-    return (empty(input), empty(linear_weight),
-            empty(linear_weight[:, 0], present=linear_bias is not None))
+def _fake_linear_grads(input, linear_weight, linear_bias, grad_mask):
+    need_x, need_w, need_b = _grad_flags(grad_mask)
+    return (input.new_empty(input.shape if need_x else (0,)),
+            linear_weight.new_empty(linear_weight.shape if need_w else (0,)),
+            linear_weight.new_empty(linear_weight.shape[:1] if need_b and linear_bias is not None
+                                    else (0,)))
 
 
 @torch.library.custom_op("cecore::linear_cross_entropy_backward", mutates_args=(),
@@ -643,32 +665,34 @@ def _linear_ce_backward_op(grad_output: Tensor, input: Tensor, linear_weight: Te
                            target: Tensor, linear_bias: Optional[Tensor],
                            weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
                            chunk_size: Optional[int], backend: str,
-                           n_threads: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """The three gradients of the unreduced (reduction='none') linear cross-entropy."""
+                           n_threads: Optional[int],
+                           grad_mask: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients that ``grad_mask`` names of the unreduced (reduction='none') linear
+    cross-entropy (the others empty)."""
     x = _numpy(input)
     _, grads = _L.linear_cross_entropy(
         x, _numpy(linear_weight), _numpy(target), linear_bias=_numpy(linear_bias),
         weight=_numpy(weight), reduction="none", ignore_index=ignore_index,
         label_smoothing=label_smoothing, return_grad=True, grad_output=_numpy(grad_output),
-        chunk_size=chunk_size, backend=backend,
+        needs_grad=_grad_flags(grad_mask), chunk_size=chunk_size, backend=backend,
         n_threads=_threads(n_threads, _n_logits(x, linear_weight)))
     return tuple(_tensor(g, input.dtype) for g in grads)
 
 
 @_linear_ce_backward_op.register_fake
 def _(grad_output, input, linear_weight, target, linear_bias, weight, ignore_index,
-      label_smoothing, chunk_size, backend, n_threads):
-    return _fake_linear_grads(input, linear_weight, linear_bias, True)
+      label_smoothing, chunk_size, backend, n_threads, grad_mask):
+    return _fake_linear_grads(input, linear_weight, linear_bias, grad_mask)
 
 
 def _linear_setup_context(ctx, inputs, output):
     (input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-     label_smoothing, with_grad, chunk_size, backend, n_threads) = inputs
+     label_smoothing, grad_mask, chunk_size, backend, n_threads) = inputs
     grads = output[1:]
     ctx.mark_non_differentiable(*grads)
     ctx.set_materialize_grads(False)  # no zeros for the gradient outputs' gradients
     ctx.recompute = reduction == "none"
-    ctx.has_grad = with_grad
+    ctx.grad_mask = grad_mask
     ctx.source_refs = [weakref.ref(t) for t in (input, linear_weight, linear_bias)
                        if t is not None]
     if ctx.recompute:  # every input is saved for the second pass (torch checks them)
@@ -699,12 +723,18 @@ def _linear_backward(ctx, grad_output, *_):
                                "differentiate its gradient with respect to grad_output "
                                "(a Jacobian-vector product); use reduction='sum' or torch's "
                                "function")
+        needs = ctx.needs_input_grad
         with torch.no_grad():  # the backward operator has no autograd of its own
-            grads = _linear_ce_backward_op(grad_output, *ctx.saved_tensors, *ctx.options)
-    elif not ctx.has_grad:
-        raise RuntimeError("cecore::linear_cross_entropy was called with with_grad=False: "
-                           "no gradient")
+            grads = _linear_ce_backward_op(grad_output, *ctx.saved_tensors, *ctx.options,
+                                           _grad_mask_of(needs[0], needs[1], needs[3]))
     else:
+        computed = _grad_flags(ctx.grad_mask)
+        for name, need, have in zip(("input", "linear_weight", "linear_bias"),
+                                    ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:4],
+                                    computed):
+            if need and not have:
+                raise RuntimeError(f"cecore::linear_cross_entropy was called with "
+                                   f"grad_mask={ctx.grad_mask}, without the gradient of {name}")
         grads = [_scaled(ctx, g, grad_output) for g in ctx.saved_tensors]
     if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
         grads = _once(grads, getattr(ctx, "sources", None) or ctx.source_refs)
@@ -845,16 +875,14 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         return with_torch()
     input, linear_weight, linear_bias, weight = _autocast(input, linear_weight, linear_bias,
                                                           weight)
-    with_grad = reduction != "none" and (torch.jit.is_tracing() or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                        for t in (input, linear_weight, linear_bias))))
+    grad_mask = 0 if reduction == "none" else _grad_mask(input, linear_weight, linear_bias)
     ignore_index, label_smoothing, n_threads = _scalars(
         with_torch, -100 if ignore_index is None else ignore_index, label_smoothing, n_threads,
         backend)
     chunk_size = _L._check_chunk_size(chunk_size)  # before the schema reads True as 1
     chunk_size = None if chunk_size is None else min(chunk_size, 2**31 - 1)  # (int64 schema)
     loss, *_ = _linear_ce_op(input, linear_weight, target, linear_bias, weight, ignore_index,
-                             reduction, label_smoothing, with_grad, chunk_size, backend,
+                             reduction, label_smoothing, grad_mask, chunk_size, backend,
                              n_threads)
     _disown_gradient(loss, _anchors(input, linear_weight, linear_bias))
     return loss

@@ -300,6 +300,9 @@ BAD = [
     ((X, W, T), {"reduction": "none", "return_grad": True, "grad_output": np.ones(3)},
      ValueError, r"grad_output"),
     ((X, W, T), {"n_threads": 0}, ValueError, r"n_threads"),
+    ((X, W, T), {"return_grad": True, "needs_grad": (True, False)}, TypeError, r"needs_grad"),
+    ((X, W, T), {"return_grad": True, "needs_grad": "input"}, TypeError, r"needs_grad"),
+    ((X, W, T), {"return_grad": True, "needs_grad": (1, 0, 0)}, TypeError, r"needs_grad"),
     ((X, W, T), {"backend": "fortran"}, ValueError, r"backend"),
 ]
 
@@ -316,6 +319,35 @@ def test_bad_input(backend, monkeypatch, args, kwargs, exc, match):
         cecore.linear_cross_entropy(*args, **kwargs)
     for a, c in zip(args, copies):
         np.testing.assert_array_equal(a, c)  # inputs untouched
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True),
+                                   (False, False, True), (False, False, False)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_needs_grad_computes_only_the_gradients_asked_for(backend, rng, needs, reduction,
+                                                          monkeypatch):
+    # A frozen unembedding (fine-tuning below it) needs no grad_linear_weight: its product
+    # is skipped, and the gradients that are computed are torch's.
+    x, w, b, t = _problem(rng, np.float64, p_ignore=0.2)
+    g = _grad_output(rng, reduction, (N,))
+    products = []
+    real_add = cecore.linear._add_weight_grad
+    monkeypatch.setattr(cecore.linear, "_add_weight_grad",
+                        lambda *a: products.append(1) or real_add(*a))
+    loss, grads = cecore.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction,
+                                              return_grad=True, grad_output=g, needs_grad=needs,
+                                              chunk_size=7, backend=backend)
+    e_loss, e_grads = _torch(x, w, b, t, grad_output=g, reduction=reduction)
+    _check((loss, grads), (e_loss, tuple(e if n else None for e, n in zip(e_grads, needs))),
+           np.float64)
+    assert bool(products) == needs[1]  # grad_linear_weight accumulated over chunks or not
+    # without a bias, its flag asks for nothing
+    _, grads = cecore.linear_cross_entropy(x, w, t, return_grad=True, needs_grad=needs,
+                                           backend=backend)
+    assert grads[2] is None and (grads[0] is None) != needs[0]
+    # needs_grad has no effect without return_grad
+    assert cecore.linear_cross_entropy(x, w, t, needs_grad=needs, backend=backend) == \
+        cecore.linear_cross_entropy(x, w, t, backend=backend)
 
 
 def test_torch_rejects_the_same_shapes():

@@ -731,6 +731,42 @@ def test_linear_cross_entropy_unbatched(gen, reduction):
                        operands, _grad_output(gen, (), reduction, torch.float64))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("trainable", [(True, False, False), (False, True, True),
+                                       (False, False, True), (True, True, False)])
+def test_linear_cross_entropy_computes_no_gradient_of_frozen_operands(gen, reduction,
+                                                                      trainable, monkeypatch):
+    # Fine-tuning below a frozen unembedding: the weight's N x V x D gradient product is
+    # not computed (cecore's numpy function is asked for the other gradients only), and
+    # the gradients that are computed are torch's.
+    x, w, b = _linear_operands(gen, torch.float64)
+    target = _index_target(gen, (11,), 7, -100, p_ignore=0.2)
+    asked = []
+    real = ct._L.linear_cross_entropy
+    monkeypatch.setattr(ct._L, "linear_cross_entropy",
+                        lambda *a, **kw: asked.append(kw.get("needs_grad")) or real(*a, **kw))
+    g = _grad_output(gen, (11,), reduction, torch.float64)
+    grads = []
+    for f in (ct.linear_cross_entropy, TF.linear_cross_entropy):
+        leaves = [a.detach().clone().requires_grad_(r) for a, r in zip((x, w, b), trainable)]
+        with no_fallback():
+            f(leaves[0], leaves[1], target, linear_bias=leaves[2],
+              reduction=reduction).backward(g)
+        grads.append([a.grad for a in leaves])
+    for ours, torchs, r in zip(*grads, trainable):
+        assert (ours is None) == (torchs is None) == (not r)
+        if r:
+            assert_close(ours.numpy(), torchs.numpy(), np.float64)
+    # forward ('mean') or the backward pass ('none') computed exactly the trainable ones
+    assert asked[-1] == trainable
+    # the operator called directly with a mask that leaves out a gradient backward needs
+    h, lw = x.detach().requires_grad_(), w.detach().requires_grad_()
+    loss = torch.ops.cecore.linear_cross_entropy(h, lw, target, None, None, -100, "sum", 0.0,
+                                                 1, None, "auto", None)[0]
+    with pytest.raises(RuntimeError, match="grad_mask=1, without the gradient of linear_weight"):
+        loss.backward()
+
+
 def test_linear_cross_entropy_half_computed_in_float32(gen):
     x, w, b = (a.half() for a in _linear_operands(gen, torch.float32))
     target = _index_target(gen, (11,), 7)
@@ -848,12 +884,18 @@ def test_opcheck():
     lt = _index_target(gen, (6,), 5, p_ignore=0.3)
     cases += [
         (torch.ops.cecore.linear_cross_entropy.default,
-         (h, lw, lt, w.requires_grad_(), None, -100, "mean", 0.1, True, 4, "auto", None)),
+         (h, lw, lt, w.requires_grad_(), None, -100, "mean", 0.1, 7, 4, "auto", None)),
         (torch.ops.cecore.linear_cross_entropy.default,
-         (h, lw, lt, None, w, -100, "none", 0.0, False, None, "auto", None)),
+         (h, lw, lt, None, w, -100, "none", 0.0, 0, None, "auto", None)),
+        # only the input's gradient (a frozen linear_weight)
+        (torch.ops.cecore.linear_cross_entropy.default,
+         (h, lw.detach(), lt, None, None, -100, "sum", 0.0, 1, None, "auto", None)),
         (torch.ops.cecore.linear_cross_entropy_backward.default,
          (torch.randn(6, generator=gen), h.detach(), lw.detach(), lt, None, w.detach(), -100,
-          0.0, 2, "auto", None)),
+          0.0, 2, "auto", None, 7)),
+        (torch.ops.cecore.linear_cross_entropy_backward.default,
+         (torch.randn(6, generator=gen), h.detach(), lw.detach(), lt, None, w.detach(), -100,
+          0.0, 2, "auto", None, 2)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
