@@ -248,6 +248,15 @@ def loss_shape(input_shape):
     return tuple(input_shape[:1]) + tuple(input_shape[2:]) if len(input_shape) > 1 else ()
 
 
+def check_grad_output_use(grad_output, return_grad):
+    """A ``grad_output`` only scales a gradient: given without one being asked for, the
+    call would return the loss alone, which ``loss, grad = ...`` with reduction='none'
+    unpacks as two rows of losses without an error."""
+    if grad_output is not None and not return_grad:
+        raise ValueError("grad_output scales the gradient, and no gradient was asked for: "
+                         "pass return_grad=True (or grad_out=) with it")
+
+
 def grad_output_array(grad_output, reduction, loss_shape, convert=True):
     """``grad_output`` as float64: a scalar for mean/sum, ``loss_shape`` for 'none' (in its
     own numeric dtype with ``convert=False``, for callers that convert it piece by piece)."""

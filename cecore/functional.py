@@ -123,7 +123,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         Also return the gradient of ``sum(grad_output * loss)`` with respect to ``input``.
     grad_output : array-like, optional
         Upstream gradient: a scalar for 'mean'/'sum', the loss's shape for 'none'
-        (exactly, as torch's ``backward``). Defaults to ones.
+        (exactly, as torch's ``backward``). Defaults to ones. Only with a gradient
+        (``return_grad=True`` or ``grad_out``); alone it raises ValueError.
     grad_out : ndarray, optional
         Array of the input's shape and dtype, writeable and C-contiguous (or
         Fortran-contiguous for Fortran-ordered input), that receives the gradient and is
@@ -150,6 +151,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     ``(1 - eps) w[t] (lse - x[t]) + eps / C * sum_c w[c] (lse - x[c])``; with
     probabilities ``q = (1 - eps) p + eps / C`` it is ``sum_c w[c] q[c] (lse - x[c])``.
     """
+    V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
     x, class_axis, w = V.class_input(input, weight)
     reduction = V.check_reduction(reduction)
     eps = V.check_label_smoothing(label_smoothing)
@@ -223,6 +225,7 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     is needed: ``backend`` and ``n_threads`` are validated and accepted for a uniform
     signature.
     """
+    V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
     x, class_axis, w = V.class_input(input, weight)
     reduction = V.check_reduction(reduction)
     V.n_threads(n_threads)
@@ -344,6 +347,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     torch, a target of a wider dtype than the input's promotes the computation and the
     loss; the gradient keeps the input's dtype.
     """
+    V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
     x = V.float_input(input)
     reduction = V.check_reduction(reduction)
     threads = V.n_threads(n_threads, x.size)

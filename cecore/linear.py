@@ -207,7 +207,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         Also return the gradients of ``sum(grad_output * loss)``.
     grad_output : array-like, optional
         Upstream gradient: a scalar for 'mean'/'sum', the loss's shape for 'none'.
-        Defaults to ones.
+        Defaults to ones. Only with ``return_grad=True``; alone it raises ValueError.
     needs_grad : tuple of 3 bools, optional
         Which of ``(grad_input, grad_linear_weight, grad_linear_bias)`` to compute with
         ``return_grad=True`` (default: all); the others are returned as None and their
@@ -241,6 +241,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     kernel's sums, the loss reduction and ``grad_linear_bias`` accumulate in float64.
     """
     # Everything is checked before any buffer is allocated or any product runs.
+    V.check_grad_output_use(grad_output, return_grad)
     x, w, b = _operands(input, linear_weight, linear_bias)
     n_classes, n_features = w.shape
     if ignore_index is None:

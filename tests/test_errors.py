@@ -168,3 +168,21 @@ def test_scorer_from_logits_must_be_a_bool():
 
     with pytest.raises(TypeError, match="from_logits must be a bool"):
         make_cross_entropy_scorer(from_logits="no")
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
+                                  "linear_cross_entropy"])
+def test_grad_output_without_a_gradient_is_refused(backend, name):
+    # Ignored before: loss, grad = cross_entropy(x, t, reduction='none', grad_output=g)
+    # (return_grad forgotten) unpacked two rows of losses as "loss" and "grad".
+    x2 = X[:2]
+    args = (x2, np.eye(3), np.array([0, 2])) if name == "linear_cross_entropy" else \
+        (x2, P[:2] if name.startswith("binary") else T[:2])
+    g = np.ones((2, 3) if name.startswith("binary") else 2)
+    fn = getattr(cecore, name)
+    with pytest.raises(ValueError, match="grad_output scales the gradient"):
+        loss, grad = fn(*args, reduction="none", grad_output=g, backend=backend)
+    with pytest.raises(ValueError, match="grad_output scales the gradient"):
+        fn(*args, grad_output="junk", backend=backend)
+    loss, grad = fn(*args, reduction="none", grad_output=g, return_grad=True, backend=backend)
+    assert loss.shape == g.shape
