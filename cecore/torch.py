@@ -609,8 +609,9 @@ def _linear_ce_op(input: Tensor, linear_weight: Tensor, target: Tensor,
                            ignore_index=None if ignore_index == -100 else ignore_index,
                            label_smoothing=label_smoothing)
     loss, grads = result if grad_mask else (result, (None, None, None))
+    # float32 gradients for half operands, rounded by backward after scaling (see _outputs)
     return (torch.from_numpy(np.asarray(loss)).to(input.dtype),
-            *(_tensor(g, input.dtype) for g in grads))
+            *(_tensor(g, _grad_dtype(input)) for g in grads))
 
 
 def _grad_mask(*operands):
@@ -648,15 +649,16 @@ def _tensor(array, dtype):
 def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
       label_smoothing, grad_mask, chunk_size, backend, n_threads):
     loss = input.new_empty(input.shape[:-1] if reduction == "none" else ())
-    return (loss, *_fake_linear_grads(input, linear_weight, linear_bias, grad_mask))
+    return (loss, *_fake_linear_grads(input, linear_weight, linear_bias, grad_mask,
+                                      _grad_dtype(input)))
 
 
-def _fake_linear_grads(input, linear_weight, linear_bias, grad_mask):
+def _fake_linear_grads(input, linear_weight, linear_bias, grad_mask, dtype):
     need_x, need_w, need_b = _grad_flags(grad_mask)
-    return (input.new_empty(input.shape if need_x else (0,)),
-            linear_weight.new_empty(linear_weight.shape if need_w else (0,)),
-            linear_weight.new_empty(linear_weight.shape[:1] if need_b and linear_bias is not None
-                                    else (0,)))
+    return (input.new_empty(input.shape if need_x else (0,), dtype=dtype),
+            input.new_empty(linear_weight.shape if need_w else (0,), dtype=dtype),
+            input.new_empty(linear_weight.shape[:1] if need_b and linear_bias is not None
+                            else (0,), dtype=dtype))
 
 
 @torch.library.custom_op("cecore::linear_cross_entropy_backward", mutates_args=(),
@@ -682,7 +684,7 @@ def _linear_ce_backward_op(grad_output: Tensor, input: Tensor, linear_weight: Te
 @_linear_ce_backward_op.register_fake
 def _(grad_output, input, linear_weight, target, linear_bias, weight, ignore_index,
       label_smoothing, chunk_size, backend, n_threads, grad_mask):
-    return _fake_linear_grads(input, linear_weight, linear_bias, grad_mask)
+    return _fake_linear_grads(input, linear_weight, linear_bias, grad_mask, input.dtype)
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -693,6 +695,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zeros for the gradient outputs' gradients
     ctx.recompute = reduction == "none"
     ctx.grad_mask = grad_mask
+    ctx.input_dtype = input.dtype  # the saved gradients are float32 for half operands
     ctx.source_refs = [weakref.ref(t) for t in (input, linear_weight, linear_bias)
                        if t is not None]
     if ctx.recompute:  # every input is saved for the second pass (torch checks them)
@@ -735,7 +738,7 @@ def _linear_backward(ctx, grad_output, *_):
             if need and not have:
                 raise RuntimeError(f"cecore::linear_cross_entropy was called with "
                                    f"grad_mask={ctx.grad_mask}, without the gradient of {name}")
-        grads = [_scaled(ctx, g, grad_output) for g in ctx.saved_tensors]
+        grads = [_scaled(ctx, g, grad_output).to(ctx.input_dtype) for g in ctx.saved_tensors]
     if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
         grads = _once(grads, getattr(ctx, "sources", None) or ctx.source_refs)
     grad_input, grad_linear_weight, grad_linear_bias = grads
@@ -872,6 +875,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         reason = _fallback_reason((input, linear_weight, linear_bias), (target, weight))
     if reason is not None:
         _warn_fallback("linear_cross_entropy", reason)
+        return with_torch()
+    if not torch.is_autocast_enabled("cpu") and len(
+            {t.dtype for t in (input, linear_weight, linear_bias) if t is not None}) > 1:
+        # torch's products refuse mixed dtypes outside autocast; half operands computed in
+        # float32 beside a float32 one went through, and every gradient came back in the
+        # input's dtype (a float32 weight's gradient rounded to bfloat16)
         return with_torch()
     input, linear_weight, linear_bias, weight = _autocast(input, linear_weight, linear_bias,
                                                           weight)

@@ -249,6 +249,29 @@ def test_float16_gradient_is_scaled_before_it_is_rounded(gen):
     assert errors[0] <= 1.5 * errors[1] and zeros[0] <= zeros[1] + 100, (errors, zeros)
 
 
+def test_float16_linear_gradients_are_scaled_before_they_are_rounded(gen):
+    # The same for the linear loss (hostile review: 264 of 131072 input-gradient entries
+    # flushed to 0 at loss scale 32768, torch none, and 4x torch's error). Oracle: the
+    # float64 gradients of the same float16 operands.
+    n, d, v = 8192, 16, 64
+    h = torch.randn(n, d, generator=gen).half()
+    w = (0.1 * torch.randn(v, d, generator=gen)).half()
+    target = _index_target(gen, (n,), v)
+    scale = 32768.0
+    ref = [h.double().requires_grad_(), w.double().requires_grad_()]
+    TF.linear_cross_entropy(*ref, target).backward(torch.tensor(scale, dtype=torch.float64))
+    errors, zeros = [], []
+    for loss_fn in (ct.linear_cross_entropy, TF.linear_cross_entropy):
+        leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+        with no_fallback():
+            loss_fn(*leaves, target).backward(torch.tensor(scale, dtype=torch.float16))
+        assert all(a.grad.dtype == torch.float16 for a in leaves)
+        errors.append([((a.grad.double() - r.grad).norm() / r.grad.norm()).item()
+                       for a, r in zip(leaves, ref)])
+        zeros.append(int((leaves[0].grad == 0).sum()))
+    assert all(e <= 1.5 * t for e, t in zip(*errors)) and zeros[0] <= zeros[1], (errors, zeros)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_wider_float_targets_promote_the_loss(gen, dtype, reduction):
@@ -784,6 +807,28 @@ def test_linear_cross_entropy_half_computed_in_float32(gen):
         assert ours.grad.dtype == torch.float16
         assert_close(ours.grad.float().numpy(), theirs.grad.half().float().numpy(), np.float32,
                      rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32, None),
+                                    (torch.float32, torch.bfloat16, None),
+                                    (torch.float32, torch.float32, torch.float16)])
+def test_linear_cross_entropy_mixed_dtypes_refused_as_torch(gen, dtypes):
+    # Half operands are computed in float32: beside a float32 one they went through where
+    # torch refuses, and the float32 weight's gradient came back rounded to bfloat16.
+    x, w, b = _linear_operands(gen, torch.float32)
+    x, w = x.to(dtypes[0]).requires_grad_(), w.to(dtypes[1]).requires_grad_()
+    b = None if dtypes[2] is None else b.to(dtypes[2])
+    target = _index_target(gen, (11,), 7)
+    with pytest.raises(RuntimeError) as theirs:
+        TF.linear_cross_entropy(x, w, target, linear_bias=b)
+    with pytest.raises(RuntimeError) as ours:
+        ct.linear_cross_entropy(x, w, target, linear_bias=b)
+    assert str(ours.value) == str(theirs.value)
+    # under autocast torch casts them alike: so does cecore
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = TF.linear_cross_entropy(x, w, target, linear_bias=b)
+        loss = ct.linear_cross_entropy(x, w, target, linear_bias=b)
+    assert loss.dtype == expected.dtype == torch.float32
 
 
 def test_linear_cross_entropy_zero_copy(gen, monkeypatch):
