@@ -21,6 +21,11 @@ AUTO_ORDER = ("cython", "numba")
 # reduction 'mean' and 'sum'.
 REDUCE_BLOCK = 8192
 
+# Bytes of per-block, per-bin partial sums a BinnedBlockSum keeps (the calibration
+# error's bins) before it replaces them by their exact sums: a stream's memory must not
+# grow with its rows.
+BINNED_PARTIALS_BYTES = 8 << 20
+
 # Up to this many classes, 2-D class-index inputs use the "across rows" kernels: rows
 # that short do not fill a vector register, so blocks of rows are transposed and the
 # loops run across rows.

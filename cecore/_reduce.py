@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ._config import REDUCE_BLOCK
+from ._config import BINNED_PARTIALS_BYTES, REDUCE_BLOCK
 
 
 def block_sums(values):
@@ -89,7 +89,9 @@ class BinnedBlockSum:
     Each block of ``REDUCE_BLOCK`` consecutive pairs (counted from the start of the
     stream, whatever the chunking) is reduced to per-bin partial sums, and the totals
     are the exactly rounded sums of those partials: the result depends only on the
-    stream, as :class:`BlockSum`'s does.
+    stream, as :class:`BlockSum`'s does. Once the partials kept take more than
+    ``BINNED_PARTIALS_BYTES``, each bin's are replaced by a few floats whose sum is
+    exactly theirs (:func:`_exact_terms`), which changes no total.
     """
 
     def __init__(self, n_bins):
@@ -110,8 +112,19 @@ class BinnedBlockSum:
         values = np.concatenate([self._values, np.asarray(values, np.float64).reshape(-1)])
         n_full = values.size // REDUCE_BLOCK * REDUCE_BLOCK
         if n_full:
-            self._partials.append(self._block_partials(bins[:n_full], values[:n_full]))
+            self._keep(self._block_partials(bins[:n_full], values[:n_full]))
         self._bins, self._values = bins[n_full:].copy(), values[n_full:].copy()
+
+    def _keep(self, partials):
+        self._partials.append(partials)
+        rows = sum(len(p) for p in self._partials)
+        if rows > 1 and rows * self.n_bins * 8 > BINNED_PARTIALS_BYTES:
+            kept = np.concatenate(self._partials)
+            terms = [_exact_terms(kept[:, b]) for b in range(self.n_bins)]
+            compact = np.zeros((max(map(len, terms)), self.n_bins))
+            for b, t in enumerate(terms):
+                compact[:len(t), b] = t
+            self._partials = [compact]
 
     def partials(self):
         """Per-block partials (n_blocks, n_bins) of the pairs added so far, tail included."""
@@ -122,11 +135,28 @@ class BinnedBlockSum:
 
     def add_partials(self, partials):
         """Add per-block partials computed elsewhere (e.g. on a Dask worker)."""
-        self._partials.append(np.asarray(partials, np.float64).reshape(-1, self.n_bins))
+        self._keep(np.asarray(partials, np.float64).reshape(-1, self.n_bins))
 
     def totals(self):
         parts = self.partials()
         return np.array([combine(parts[:, b]) for b in range(self.n_bins)])
+
+
+def _exact_terms(values):
+    """Floats whose exact sum is the exact sum of ``values`` (finite float64): each term is
+    the correctly rounded remainder of the ones before (``math.fsum``), until nothing
+    remains. A sum of doubles is a multiple of 2**-1074 below 2**1024, so a few terms
+    suffice (at most about 40, usually 1 to 3); ``combine`` of them is ``combine(values)``.
+    Non-finite values are kept as they are."""
+    values = np.asarray(values, np.float64)
+    if not np.isfinite(values).all():
+        return values
+    listed, terms = values.tolist(), []
+    while True:
+        rest = math.fsum(listed + [-t for t in terms])
+        if rest == 0.0:
+            return terms
+        terms.append(rest)
 
 
 def mean(total, denominator):

@@ -5,6 +5,7 @@ bit for bit, since both reduce in the same fixed blocks), torch (semantics), a n
 argmax (accuracy), and the process's own peak RSS (memory bound).
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -209,6 +210,32 @@ def test_block_sum_matches_fixed_sum_for_any_chunking(rng):
             acc.add(piece)
         assert acc.total() == expected
     assert _reduce.BlockSum().total() == 0.0
+
+
+def test_binned_block_sum_memory_is_bounded_and_its_totals_unchanged(rng, monkeypatch):
+    # The calibration bins' per-block partials grew with the stream (hostile review:
+    # --ece-bins 10000 over 20M rows held 400 MB whatever --memory-budget said). Past
+    # BINNED_PARTIALS_BYTES they are replaced by their exact sums: totals bit for bit
+    # those of the partials kept whole (independent oracle: math.fsum of every block's
+    # per-bin sum), for values over 16 decades and chunks of any length.
+    n_bins, n = 40, 60 * REDUCE_BLOCK + 123
+    bins = rng.integers(0, n_bins, n)
+    values = rng.random(n) * 10.0 ** rng.integers(-8, 8, n)
+    block = np.arange(n) // REDUCE_BLOCK
+    expected = [math.fsum(np.bincount(block[bins == b], weights=values[bins == b],
+                                      minlength=block[-1] + 1).tolist()) for b in range(n_bins)]
+    monkeypatch.setattr(_reduce, "BINNED_PARTIALS_BYTES", 8 * n_bins * 5)  # 5 blocks' worth
+    acc, largest = _reduce.BinnedBlockSum(n_bins), 0
+    cuts = np.sort(rng.integers(0, n, 30))
+    for b, v in zip(np.split(bins, cuts), np.split(values, cuts)):
+        acc.add(b, v)
+        largest = max(largest, sum(len(p) for p in acc._partials))
+    assert acc.totals().tolist() == expected
+    assert largest <= 25  # the budget, one chunk's blocks and the exact sums (61 blocks kept)
+    # the partials handed on (to a Dask client) add up to the same totals
+    client = _reduce.BinnedBlockSum(n_bins)
+    client.add_partials(acc.partials())
+    assert client.totals().tolist() == expected
 
 
 @pytest.mark.parametrize("text, expected", [
