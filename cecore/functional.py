@@ -252,7 +252,8 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
         picked = flat.take(_flat_index(safe_t, rows, cols, x3.shape)) \
             if n_classes else np.zeros(safe_t.shape, dtype)
         chunk = picked.astype(np.float64)
-        chunk *= -w_t
+        with np.errstate(invalid="ignore"):  # -inf * a zero weight: NaN, as torch, silently
+            chunk *= -w_t
         if keep is not None:
             chunk[~keep] = 0.0
         if loss is not None:
@@ -366,7 +367,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     # C-ordered transposes (no copies), with everything else transposed alike; the loss
     # and the gradient come back in Fortran order, as torch's keep the input's layout.
     fortran = x.ndim == 2 and x.flags.f_contiguous and not x.flags.c_contiguous and \
-        t.flags.f_contiguous and grad_out is None
+        t.flags.f_contiguous and (grad_out is None or V._to_numpy(grad_out).flags.f_contiguous)
     flip = (lambda a: a.T) if fortran else (lambda a: a)
     work = shape[::-1] if fortran else shape
     last = work[-1] if work else 1
@@ -463,18 +464,21 @@ def _softmax_input(x, axis):
     if x.dtype.kind in "biu":
         x = x.astype(np.float64)
     x = V.float_input(x, "x")
-    if x.ndim == 0:
-        raise ValueError("x must have at least one dimension")
+    if x.ndim == 0:  # as torch: a scalar is one class along axis 0 (or -1)
+        V.normalize_axis(axis, 1)
+        return x.reshape(1), 0
     return x, V.normalize_axis(axis, x.ndim)
 
 
 def _softmax(x, axis, log, backend, n_threads):
+    shape = np.shape(x)
     x, axis = _softmax_input(x, axis)
     dtype = V.compute_dtype(x.dtype)
     x3, fortran = V.canonical(x, axis, dtype)
     out, out3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
     get_backend(backend).softmax(x3, log, out3, V.n_threads(n_threads, x.size))
-    return out.astype(x.dtype, copy=False)
+    with np.errstate(over="ignore"):  # float16 log-probabilities below -65504: -inf
+        return out.astype(x.dtype, copy=False).reshape(shape)
 
 
 def log_softmax(x, axis=-1, *, backend="auto", n_threads=None):
@@ -501,9 +505,11 @@ def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
 
 
 def perplexity(input, target, ignore_index=-100, *, weight=None, backend="auto", n_threads=None):
-    """Perplexity ``exp(mean cross-entropy)`` of class-index targets, as a Python float.
+    """Perplexity ``exp(mean cross-entropy)``, as a Python float.
 
-    Ignored targets are excluded from the mean (as language-model padding is). float16
+    Targets as :func:`cross_entropy`'s: class indices, or class probabilities of the
+    input's shape (the exponential of the mean soft cross-entropy). Ignored targets are
+    excluded from the mean (as language-model padding is). float16
     logits give the exponential of the float32 mean (of a float16-rounded mean, it was up
     to 0.4 % off for losses of 8 to 16).
     """

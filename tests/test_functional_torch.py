@@ -317,6 +317,38 @@ def test_softmax_extremes(backend):
     assert_close(cecore.logsumexp(x3, axis=1, backend=backend), torch.logsumexp(xt3, 1).numpy())
 
 
+@pytest.mark.parametrize("axis", [0, -1])
+def test_softmax_family_of_a_scalar_as_torch(backend, axis):
+    # torch takes a 0-d tensor as one class along dim 0 or -1; cecore raised ValueError
+    for value in (3.0, -np.inf, np.nan):
+        x = np.float64(value)
+        for fn, ref in ((cecore.softmax, torch.softmax), (cecore.log_softmax, torch.log_softmax),
+                        (cecore.logsumexp, torch.logsumexp)):
+            out = fn(x, axis=axis, backend=backend)
+            expected = ref(torch.tensor(value, dtype=torch.float64), axis).numpy()
+            assert out.shape == () and out.dtype == np.float64
+            assert_close(out, expected)
+    with pytest.raises(ValueError, match="axis 1 is out of bounds"):
+        cecore.softmax(np.float64(1.0), axis=1, backend=backend)
+
+
+def test_no_numpy_warnings_where_torch_is_silent(backend, recwarn):
+    # A -inf log-probability of a class of weight 0 (its loss -inf * 0 = NaN, as torch), and
+    # float16 log-probabilities below -65504 (-inf, as torch): NumPy's RuntimeWarnings
+    # leaked, errors for code run with warnings as errors.
+    lp = np.array([[-np.inf, -0.7, -0.7], [-1.6, -1.2, -0.7]])
+    t, w = np.array([0, 2]), np.array([0.0, 1.0, 1.0])
+    loss = cecore.nll_loss(lp, t, weight=w, reduction="sum", backend=backend)
+    expected = TF.nll_loss(torch.tensor(lp), torch.tensor(t), weight=torch.tensor(w),
+                           reduction="sum").item()
+    assert np.isnan(loss) and np.isnan(expected)
+    x = np.array([60000, -60000], np.float16)
+    out = cecore.log_softmax(x, backend=backend)
+    assert_close(out, torch.log_softmax(torch.from_numpy(x).float(), 0).half().numpy(), np.float16)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], \
+        [str(w.message) for w in recwarn]
+
+
 def test_softmax_integer_input_is_float64(backend):
     x = np.arange(12).reshape(3, 4)
     out = cecore.log_softmax(x, backend=backend)
