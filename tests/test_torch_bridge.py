@@ -123,6 +123,24 @@ def test_cross_entropy_ignore_index(gen, ignore_index, reduction):
                 x, _grad_output(gen, (20,), reduction, torch.float64))
 
 
+def test_zero_dim_tensor_scalars_as_torch(gen):
+    # torch takes a 0-d integer tensor as ignore_index and a 0-d floating-point one as
+    # label_smoothing; cecore raised TypeError (hostile review)
+    x = torch.randn(20, 4, generator=gen, dtype=torch.float64)
+    target = _index_target(gen, (20,), 4, 2, p_ignore=0.3)
+    for loss in ("ce", "nll", "module"):
+        kw = dict(ignore_index=torch.tensor(2))
+        if loss != "nll":
+            kw["label_smoothing"] = torch.tensor(0.1, dtype=torch.float64)
+        ours, theirs = {"ce": (ct.cross_entropy, TF.cross_entropy),
+                        "nll": (ct.nll_loss, TF.nll_loss),
+                        "module": (lambda *a, **k: ct.CrossEntropyLoss(**k)(*a),
+                                   lambda *a, **k: torch.nn.CrossEntropyLoss(**k)(*a))}[loss]
+        with no_fallback():
+            compare(lambda x: ours(x, target, **kw), lambda x: theirs(x, target, **kw), x,
+                    _grad_output(gen, (20,), "mean", torch.float64))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("use_weight", [False, True])
