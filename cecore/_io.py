@@ -203,12 +203,19 @@ def _zip_data_offset(f, info):
 
 
 def _split_member(spec):
-    """``"a.npz:logits"`` -> ``("a.npz", "logits")``; any other path -> ``(path, None)``."""
+    """``"a.npz:logits"`` -> ``("a.npz", "logits")``; any other path -> ``(path, None)``.
+
+    The file is the first ``.npz`` before a colon that exists (else the first ``.npz``
+    before a colon), so member names may hold colons (``"a.npz:x:y"`` is member ``x:y``).
+    """
     spec = os.fspath(spec)
-    head, sep, member = spec.rpartition(":")
-    if sep and head.lower().endswith(".npz") and not os.path.exists(spec):
-        return head, member
-    return spec, None
+    if os.path.exists(spec):
+        return spec, None
+    cuts = [i for i, ch in enumerate(spec) if ch == ":" and spec[:i].lower().endswith(".npz")]
+    for i in cuts:
+        if os.path.isfile(spec[:i]):
+            return spec[:i], spec[i + 1:]
+    return (spec[:cuts[0]], spec[cuts[0] + 1:]) if cuts else (spec, None)
 
 
 def open_array(spec):

@@ -164,6 +164,11 @@ def test_npz_members_mapped_or_streamed(tmp_path, rng):
         batch.open_array(stored)
     with pytest.raises(ValueError, match="no array 'nope'"):
         batch.open_array(f"{stored}:nope")
+    # member names with colons (split at the last colon before, "no such file")
+    coloned = tmp_path / "c:d.npz"
+    np.savez(coloned, **{"a:b": x, "t": t})
+    assert np.array_equal(batch.open_array(f"{coloned}:a:b").rows(0, N_ROWS), x)
+    assert batch.score(f"{coloned}:a:b", f"{coloned}:t").mean_loss == expected
 
 
 def test_in_memory_and_memmap_inputs(tmp_path, rng):
