@@ -19,7 +19,7 @@ from sklearn.utils._param_validation import Hidden, validate_params
 from sklearn.utils.validation import _assert_all_finite, _check_sample_weight
 
 from .._backends import get_backend
-from .._config import LOG_LOSS_ROW_BLOCK, resolve_n_threads
+from .._config import LOG_LOSS_ROW_BLOCK, PROBA_BLOCK_BYTES, resolve_n_threads
 from ..functional import binary_cross_entropy_with_logits, cross_entropy
 from ._labels import _encode
 
@@ -107,7 +107,7 @@ def log_loss(y_true, y_proba=None, *, normalize=True, sample_weight=None, labels
         # One column holds the positive class's probability, as a 1-D y_proba does
         # (scikit-learn appends 1 - p before anything else looks at the columns).
         proba = proba[:, 0]
-    if dtype == np.float16:  # Numba has no float16: check and pick in float32
+    if dtype == np.float16 and proba.ndim == 1:  # Numba has no float16: in float32
         proba = proba.astype(np.float32)
 
     # Labels are encoded before the pass over y_proba so that the pass also picks each
@@ -129,12 +129,7 @@ def log_loss(y_true, y_proba=None, *, normalize=True, sample_weight=None, labels
         # below is raised, after scikit-learn's earlier checks).
         pick = (target is not None and target.shape[0] == proba.shape[0]
                 and classes.shape[0] == proba.shape[1])
-        proba = np.ascontiguousarray(proba)
-        stats = np.empty(3)
-        picked = np.empty(proba.shape[0], dtype=proba.dtype) if pick else None
-        get_backend("auto").log_loss_pass(
-            proba, target.astype(np.int64, copy=False) if pick else None, lo, hi,
-            math.sqrt(eps), stats, picked, resolve_n_threads(None, proba.size))
+        stats, picked = _checked_pass(proba, target if pick else None, lo, hi, eps)
         if pick:
             # In the input's precision, as scikit-learn computes, so the values are the
             # same to the last bit (float16 was picked in float32: exact, then rounded).
@@ -179,6 +174,36 @@ def log_loss(y_true, y_proba=None, *, normalize=True, sample_weight=None, labels
     elif indicator is not None:
         loss = _loss_indicator(proba, indicator, lo, hi)
     return _weighted_mean(loss, sample_weight, normalize)
+
+
+def _checked_pass(proba, target, lo, hi, eps):
+    """``stats`` and the picked probabilities of the backends' ``log_loss_pass`` over
+    ``proba`` (2-D). A C-contiguous float32/float64 array is read in place, in one call;
+    any other (Fortran-ordered, as ``DataFrame.to_numpy()`` gives, strided, float16, which
+    Numba does not have) through a reused C-contiguous buffer of about
+    ``PROBA_BLOCK_BYTES``: no copy of the whole array. The counts are exact integers, so
+    blocks add up to the one-call result."""
+    n, c = proba.shape
+    work = np.float32 if proba.dtype == np.float16 else proba.dtype
+    in_place = proba.flags.c_contiguous and proba.dtype == work
+    step = n if in_place else max(1, PROBA_BLOCK_BYTES // max(1, c * np.dtype(work).itemsize))
+    stats = np.zeros(3)
+    picked = None if target is None else np.empty(n, dtype=work)
+    t = None if target is None else target.astype(np.int64, copy=False)
+    buf = None if in_place else np.empty((min(step, n), c), dtype=work)
+    part = np.empty(3)
+    kernels, rtol = get_backend("auto"), math.sqrt(eps)
+    for start in range(0, n, step) if n else [0]:
+        rows = slice(start, start + step)
+        block = proba[rows]
+        if not in_place:
+            block = buf[:block.shape[0]]
+            np.copyto(block, proba[rows], casting="unsafe")
+        kernels.log_loss_pass(block, None if t is None else t[rows], lo, hi, rtol, part,
+                              None if picked is None else picked[rows],
+                              resolve_n_threads(None, block.size))
+        stats += part
+    return stats, picked
 
 
 def _stats_1d(p):
