@@ -127,7 +127,9 @@ class BinnedBlockSum:
             self._partials = [compact]
 
     def partials(self):
-        """Per-block partials (n_blocks, n_bins) of the pairs added so far, tail included."""
+        """Partials (rows, n_bins) of the pairs added so far, tail included: each bin's
+        column adds up exactly to the sum of its blocks' partials (rows are blocks until
+        they are compacted)."""
         parts = list(self._partials)
         if self._values.size:
             parts.append(self._block_partials(self._bins, self._values))
@@ -147,13 +149,15 @@ def _exact_terms(values):
     the correctly rounded remainder of the ones before (``math.fsum``), until nothing
     remains. A sum of doubles is a multiple of 2**-1074 below 2**1024, so a few terms
     suffice (at most about 40, usually 1 to 3); ``combine`` of them is ``combine(values)``.
-    Non-finite values are kept as they are."""
+    Non-finite values are kept once each (+inf, -inf, NaN), beside the finite ones' terms:
+    ``combine`` gives what it gave for all of them (fsum raises for inf + -inf)."""
     values = np.asarray(values, np.float64)
-    if not np.isfinite(values).all():
-        return values
-    listed, terms = values.tolist(), []
+    finite = np.isfinite(values)
+    special = [v for v in (np.inf, -np.inf) if (values == v).any()]
+    special += [np.nan] if np.isnan(values).any() else []
+    listed, terms = values[finite].tolist(), list(special)
     while True:
-        rest = math.fsum(listed + [-t for t in terms])
+        rest = math.fsum(listed + [-t for t in terms[len(special):]])
         if rest == 0.0:
             return terms
         terms.append(rest)

@@ -344,7 +344,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     stably for any ``x``. ``weight`` and ``pos_weight`` broadcast against the input
     (``pos_weight`` usually of shape (C,) for the last dimension). 'mean' divides by the
     number of elements. Returns the loss, and the gradient with ``return_grad=True`` or
-    into ``grad_out`` (C-contiguous, the input's shape and dtype; may be the input). As in
+    into ``grad_out`` (the input's shape and dtype, C-contiguous, or Fortran-contiguous when
+    the input and the target are Fortran-ordered 2-D arrays; may be the input). As in
     torch, a target of a wider dtype than the input's promotes the computation and the
     loss; the gradient keeps the input's dtype.
     """

@@ -269,14 +269,14 @@ def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None,
     :func:`_raise_torch_error`). ``n_threads`` beyond int32 is capped there (cecore caps
     it at the CPUs, with a warning); ``backend`` must be a string (its value is checked
     where the kernels are chosen)."""
-    # torch takes 0-d tensors for these (an integer ignore_index, a floating-point
-    # label_smoothing), as Python numbers
+    # torch takes 0-d tensors for these (an integer ignore_index, any non-bool
+    # label_smoothing that does not require grad), as Python numbers
     if isinstance(ignore_index, Tensor) and ignore_index.dim() == 0 and \
             not ignore_index.is_floating_point() and ignore_index.dtype != torch.bool:
         ignore_index = int(ignore_index.item())
     if isinstance(label_smoothing, Tensor) and label_smoothing.dim() == 0 and \
-            label_smoothing.is_floating_point():
-        label_smoothing = float(label_smoothing.item())
+            label_smoothing.dtype != torch.bool and not label_smoothing.requires_grad:
+        label_smoothing = float(label_smoothing.item())  # (torch refuses one that requires grad)
     try:
         if n_threads is not None and (isinstance(n_threads, bool)
                                       or not isinstance(n_threads, numbers.Integral)):

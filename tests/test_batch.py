@@ -241,6 +241,15 @@ def test_binned_block_sum_memory_is_bounded_and_its_totals_unchanged(rng, monkey
     client = _reduce.BinnedBlockSum(n_bins)
     client.add_partials(acc.partials())
     assert client.totals().tolist() == expected
+    # a non-finite partial is kept once, beside the exact terms of the rest: compaction
+    # goes on (it stopped, and every later block re-summed all rows kept), same totals
+    acc = _reduce.BinnedBlockSum(n_bins)
+    acc.add_partials(np.where(np.arange(n_bins) == 3, np.inf, 1.0)[None])
+    for b, v in zip(np.split(bins, cuts), np.split(values, cuts)):
+        acc.add(b, v)
+    assert sum(len(p) for p in acc._partials) <= 25
+    assert acc.totals()[3] == np.inf
+    assert acc.totals()[:3].tolist() == [math.fsum([e, 1.0]) for e in expected[:3]]
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -124,8 +124,9 @@ def test_cross_entropy_ignore_index(gen, ignore_index, reduction):
 
 
 def test_zero_dim_tensor_scalars_as_torch(gen):
-    # torch takes a 0-d integer tensor as ignore_index and a 0-d floating-point one as
-    # label_smoothing; cecore raised TypeError (hostile review)
+    # torch takes a 0-d integer tensor as ignore_index and a 0-d tensor (floating or
+    # integer, not requiring grad) as label_smoothing; cecore raised TypeError (hostile
+    # review)
     x = torch.randn(20, 4, generator=gen, dtype=torch.float64)
     target = _index_target(gen, (20,), 4, 2, p_ignore=0.3)
     for loss in ("ce", "nll", "module"):
@@ -139,6 +140,16 @@ def test_zero_dim_tensor_scalars_as_torch(gen):
         with no_fallback():
             compare(lambda x: ours(x, target, **kw), lambda x: theirs(x, target, **kw), x,
                     _grad_output(gen, (20,), "mean", torch.float64))
+    for smoothing in (torch.tensor(0), torch.tensor(1)):
+        with no_fallback():
+            compare(lambda x: ct.cross_entropy(x, target, label_smoothing=smoothing),
+                    lambda x: TF.cross_entropy(x, target, label_smoothing=smoothing), x,
+                    _grad_output(gen, (20,), "mean", torch.float64))
+    trainable = torch.tensor(0.1, requires_grad=True)
+    with pytest.raises(TypeError) as theirs:
+        TF.cross_entropy(x, target, label_smoothing=trainable)
+    with pytest.raises(TypeError) as ours:
+        ct.cross_entropy(x, target, label_smoothing=trainable)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
