@@ -116,6 +116,7 @@ class BinnedBlockSum:
         self._bins, self._values = bins[n_full:].copy(), values[n_full:].copy()
 
     def _keep(self, partials):
+        """Store rows of partials, compacting all rows kept once they pass the budget."""
         self._partials.append(partials)
         rows = sum(len(p) for p in self._partials)
         if rows > 1 and rows * self.n_bins * 8 > BINNED_PARTIALS_BYTES:

@@ -636,10 +636,12 @@ def _grad_mask(*operands):
 
 
 def _grad_mask_of(*flags):
+    """The bit mask of :func:`_grad_mask` from its flags."""
     return sum(1 << k for k, flag in enumerate(flags) if flag)
 
 
 def _grad_flags(grad_mask):
+    """The (input, linear_weight, linear_bias) flags of a bit mask."""
     return tuple(bool(grad_mask >> k & 1) for k in range(3))
 
 
