@@ -224,23 +224,30 @@ def index_target(target, input_shape, n_classes, ignore_index, probabilities=Tru
             raise ValueError(
                 f"target spatial shape {t.shape[1:]} does not match input spatial shape {expected[1:]}"
             )
-    if t.size:
-        lo, hi = t.min(), t.max()
-        if lo < 0 or hi >= n_classes:
-            bad = t[((t < 0) | (t >= n_classes)) & (t != ignore_index)]
-            if bad.size:
-                raise IndexError(
-                    f"Target {bad.flat[0]} is out of bounds: expected class indices in "
-                    f"[0, {n_classes}) or ignore_index ({ignore_index})"
-                )
-    if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
-        raise IndexError("Target is out of bounds for int64")
+    if t.size and not all_class_indices(t, n_classes):
+        bad = t[((t < 0) | (t >= n_classes)) & (t != ignore_index)]
+        if bad.size:
+            raise IndexError(
+                f"Target {bad.flat[0]} is out of bounds: expected class indices in "
+                f"[0, {n_classes}) or ignore_index ({ignore_index})"
+            )
     # Explicit (N, S): reshape(N, -1) cannot infer S when N == 0.
     if len(input_shape) == 1:
         positions = (1, 1)
     else:
         positions = (input_shape[0], int(np.prod(input_shape[2:], dtype=np.int64)))
     return np.ascontiguousarray(t, dtype=np.int64).reshape(positions)
+
+
+def all_class_indices(t, n_classes):
+    """Whether every value of the non-empty integer array ``t`` is in ``[0, n_classes)``.
+
+    One pass: viewed as unsigned integers of the same width, negative values are larger
+    than any class count, so the unsigned maximum alone decides (a min and a max were
+    two passes over the targets, on one thread, before every kernel call).
+    """
+    u = t.view(t.dtype.str.replace("i", "u")) if t.dtype.kind == "i" else t
+    return int(u.max()) < n_classes
 
 
 def loss_shape(input_shape):

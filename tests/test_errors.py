@@ -85,6 +85,23 @@ def test_bad_input_like_torch(backend, name, x, target, kwargs, exc, match):
         getattr(cecore, name)(x, target, backend=backend, return_grad=True, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", ["i1", "u1", ">i2", "<u2", "i4", ">u4", "i8", ">i8", "u8"])
+def test_target_range_every_integer_type(backend, dtype):
+    # The range check reads the targets as unsigned integers of their width (one pass):
+    # the extremes of every type and byte order, and the first value past each end.
+    info = np.iinfo(np.dtype(dtype))
+    for bad in sorted({info.min, info.max, 3} | ({-1} if info.min < 0 else set())):
+        if bad < info.min or bad > info.max or 0 <= bad < 3:
+            continue
+        target = np.array([0, 1, bad, 2], dtype=dtype)
+        with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+            cecore.cross_entropy(X, target, backend=backend)
+        if bad < 2**63:  # ignore_index fits int64: then the value is skipped
+            loss = cecore.cross_entropy(X, target, ignore_index=int(bad), backend=backend)
+            expected = TF.cross_entropy(torch.from_numpy(X), torch.tensor([0, 1, -100, 2]))
+            np.testing.assert_allclose(loss, expected.item(), rtol=1e-12)
+
+
 @pytest.mark.parametrize("label_smoothing", [-0.1, 1.0001, float("nan")])
 def test_label_smoothing_outside_unit_interval(backend, label_smoothing):
     # torch 2.13 accepts some negative values silently; cecore always rejects them.

@@ -104,6 +104,25 @@ def test_adversarial_rows(backend):
     assert r["accuracy"] == reference(x, t)["accuracy"] * 6 / 7  # the NaN row is wrong
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_confidences_exactly_on_bin_edges(backend, dtype):
+    # k tied classes and the rest -inf: a confidence of exactly 1/k. 1/5 = 3/15 is an edge
+    # that torch's float32 linspace rounds up (0.2000000179): with float64 edges it opens
+    # bin 3, as k / n_bins <= conf says, and does not join the 1/7 rows of bin 2.
+    rows, t = [], []
+    for k, targets in ((7, [6, 6, 6, 6]), (5, [0, 6, 0, 6]), (3, [0, 6, 0, 6]), (2, [0, 6, 0, 6])):
+        row = np.full(7, -np.inf)
+        row[:k] = 1.5
+        rows += [row] * 4
+        t += targets  # the first of the tied classes is right, the others wrong
+    x, t = np.array(rows, dtype), np.array(t)
+    report = classification_report_from_logits(x, t, backend=backend)
+    _check(report, reference(x, t), rtol=1e-12)
+    assert report["ece"] == pytest.approx(
+        np.mean([abs(0 - 1 / 7), abs(0.5 - 1 / 5), abs(0.5 - 1 / 3), abs(0.5 - 1 / 2)]),
+        rel=1e-12)
+
+
 def test_undefined_rows_miss_the_top_k_even_when_k_exceeds_the_classes(backend):
     # NaN, +inf and all -inf rows have no prediction: wrong for every k (the kernels give
     # them rank C, which a top_k above C counted as a hit).

@@ -15,9 +15,11 @@ Definitions (over the rows whose target is not ignored; ``p = softmax(logits)``)
 - ``top_k_accuracy``: fewer than ``k`` classes have a larger logit than the target's;
 - ``mean_entropy``: mean of ``-sum_c p_c log p_c``;
 - ``ece``: top-label expected calibration error with ``n_bins`` equal-width confidence
-  bins and the L1 norm, as torchmetrics' ``CalibrationError(norm='l1')`` bins it
+  bins and the L1 norm, as torchmetrics' ``CalibrationError(norm='l1')`` defines it
   (confidence ``max_c p_c`` falls in bin ``k`` when ``k / n_bins <= conf < (k + 1) /
-  n_bins``; a confidence of exactly 1 has a bin of its own);
+  n_bins``, edges in float64; a confidence of exactly 1 has a bin of its own).
+  torchmetrics' edges are float32 (``torch.linspace``): some round up by an ulp, so a
+  confidence exactly on such an edge (0.2 = 3/15, say) falls one bin lower there;
 - ``brier``: mean of ``sum_c (p_c - y_c)**2``, ``y`` the one-hot (or probability) target.
 
 For probability targets only the loss, ``mean_entropy`` and ``brier`` are defined; the
@@ -81,8 +83,8 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
 
 
 def confidence_bins(max_p, n_bins):
-    """torchmetrics' binning: ``searchsorted(linspace(0, 1, n_bins + 1), conf, 'right') - 1``
-    (bin ``n_bins`` holds confidences of exactly 1)."""
+    """torchmetrics' binning, ``searchsorted(linspace(0, 1, n_bins + 1), conf, 'right') - 1``,
+    with float64 edges (bin ``n_bins`` holds confidences of exactly 1)."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     return np.clip(np.searchsorted(edges, max_p, side="right") - 1, 0, n_bins)
 
