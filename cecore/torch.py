@@ -368,7 +368,9 @@ def _skip_ignored(grad_output, target, ignore_index):
                 return grad_output
         except RuntimeError:  # batched by is_grads_batched: cannot be read
             pass
-    return torch.where(target == ignore_index, 0, grad_output)
+    # Compared in int64: torch compares a narrow target with a Python int in the target's
+    # own dtype, so -100 would pick out class 156 of a uint8 target.
+    return torch.where(target.to(torch.int64) == ignore_index, 0, grad_output)
 
 
 def _scaled(ctx, grad, grad_output):

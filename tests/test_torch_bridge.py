@@ -1079,6 +1079,32 @@ def test_ignored_positions_get_zero_gradient_whatever_grad_output(gen, loss, ups
         assert_close(ours.numpy(), theirs.numpy(), np.float64)
 
 
+@pytest.mark.parametrize("dtype, ignore_index, cls", [(torch.uint8, -100, 156),
+                                                       (torch.int16, 65538, 2)])
+@pytest.mark.parametrize("loss", ["ce", "nll"])
+def test_narrow_targets_do_not_match_a_wrapped_ignore_index(gen, dtype, ignore_index, cls,
+                                                            loss):
+    # The ignored positions were found by comparing the target with ignore_index in the
+    # target's dtype, where torch wraps -100 to 156 in uint8 (65538 to 2 in int16): every
+    # position of that class got a zero gradient, while the loss stayed right. That mask
+    # runs with reduction='none', and for 'mean' under create_graph or torch.compile.
+    C = 200
+    t = torch.tensor([cls, 3, cls, 5], dtype=dtype)
+    x0 = torch.randn(4, C, generator=gen, dtype=torch.float64)
+    ours_fn, theirs_fn = (ct.nll_loss, TF.nll_loss) if loss == "nll" else \
+        (ct.cross_entropy, TF.cross_entropy)
+    prep = (lambda a: torch.log_softmax(a, 1)) if loss == "nll" else (lambda a: a)
+    for kw, upstream in (({"reduction": "none"}, torch.ones(4, dtype=torch.float64)),
+                         ({}, None)):
+        x = x0.clone().requires_grad_()
+        ours = torch.autograd.grad(ours_fn(prep(x), t, ignore_index=ignore_index, **kw), x,
+                                   upstream, create_graph=not kw)[0]
+        x = x0.clone().requires_grad_()
+        theirs = torch.autograd.grad(theirs_fn(prep(x), t.long(), **kw), x, upstream)[0]
+        assert ours[0].abs().sum() > 0
+        assert_close(ours.detach().numpy(), theirs.numpy(), np.float64)
+
+
 def test_jvp_through_temporaries_and_hessians_still_raise(gen):
     # The guard that makes second derivatives raise was hung on a weak reference to the
     # logits; a temporary (x @ W, a reshaped weight, an autocast copy) was gone by backward
