@@ -189,6 +189,9 @@ def _read_header(f, path):
             f"{path}: the array is stored in Fortran order, so its rows are not contiguous; "
             "re-save it with np.save(path, np.ascontiguousarray(a))"
         )
+    if dtype.subdtype is not None:  # ('<f4', (6,)) of shape (50,): NumPy reads (50, 6) f4
+        dtype, inner = dtype.subdtype
+        shape = tuple(shape) + inner
     return shape, dtype
 
 
@@ -290,18 +293,23 @@ def _check_regular(path):
 
 
 def load_small(path, what):
-    """A small array (class weights, a bias: 1-D) read whole from a ``.npy`` file, with
-    one-line errors that name it as ``what``. The header is checked first, so a large
-    file given by mistake (the logits, say) is refused before it is read into memory."""
+    """A small 1-D array (class weights, a bias) from a ``.npy`` file, with one-line errors
+    that name it as ``what``.
+
+    A plain ``.npy`` comes back memory-mapped, not read: its length is checked against
+    the classes by the caller, so a large file given by mistake (the logits, say) is
+    refused before it is read into memory (a 2 GB file was read whole, then refused).
+    """
     _check_regular(path)
     try:
-        header = np.load(path, mmap_mode="r", allow_pickle=False)
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError):
-        header = None  # not a plain .npy (an .npz, an empty array): the checks below
-    if isinstance(header, np.ndarray) and header.ndim != 1:
-        raise ValueError(f"{what} {path} holds an array of shape {header.shape}: "
-                         "expected a 1-D array")
-    del header
+        mapped = None  # not a plain .npy (an .npz, an empty array): read below
+    if isinstance(mapped, np.ndarray):
+        if mapped.ndim != 1:
+            raise ValueError(f"{what} {path} holds an array of shape {mapped.shape}: "
+                             "expected a 1-D array")
+        return mapped
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -365,6 +373,16 @@ def check_output_path(path, inputs=()):
         raise ValueError("the output path is empty: give the path of a .npy file")
     if os.fspath(path).endswith(("/", os.sep)):
         raise ValueError(f"{path} names a directory: give the path of a .npy file")
+    for fd, name in ((0, "input"), (1, "output"), (2, "error")):
+        # /dev/stdout and the like: replacing the file behind it would lose what the
+        # command prints there (a pipe has no directory to write a file beside it)
+        try:
+            same = os.path.samestat(os.stat(path), os.fstat(fd))
+        except OSError:  # no such file yet, or that stream is closed
+            same = False
+        if same:
+            raise ValueError(f"{path} is this process's standard {name}: give the path of "
+                             "a .npy file")
     real = os.path.realpath(os.fspath(path))
     try:
         st = os.stat(real)
@@ -446,14 +464,20 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
             np.lib.format.write_array_header_1_0(f, header)
 
             def write(values):
-                np.ascontiguousarray(values, dtype=dtype).tofile(f)
+                try:
+                    np.ascontiguousarray(values, dtype=dtype).tofile(f)
+                except OSError as exc:
+                    raise _write_error(path, exc) from None
                 written[0] += len(values)
 
             yield write
             if written[0] != n_rows:
                 raise RuntimeError(f"wrote {written[0]} of {n_rows} per-row losses")
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise _write_error(path, exc) from None
         os.replace(tmp, real)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -461,6 +485,15 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
         raise
     finally:
         PENDING.discard(tmp)
+
+
+def _write_error(path, exc):
+    """An OSError naming the file asked for (not its hidden temporary) and the cause.
+    NumPy's ``tofile`` reports a short write without an errno ("N requested and M
+    written"), which a full disk gives."""
+    if exc.errno:
+        return OSError(exc.errno, f"cannot write {path}: {exc.strerror}")
+    return OSError(f"cannot write {path}: {exc} (is the disk full?)")
 
 
 # Temporary files of atomic_npy being written, for a signal handler that must end the

@@ -261,9 +261,10 @@ def _linear_head(h_shape, h_dtype, unembedding, bias, input_kind):
         raise TypeError(f"hidden states and unembedding must both be float32 or float64, "
                         f"got {h_dtype} and {unembedding.dtype}")
     if bias is not None:
+        if np.shape(bias) != (unembedding.shape[0],):  # before float_input may copy it
+            raise ValueError(f"bias must have shape ({unembedding.shape[0]},), "
+                             f"got {np.shape(bias)}")
         bias = V.float_input(bias, "bias")
-        if bias.shape != (unembedding.shape[0],):
-            raise ValueError(f"bias must have shape ({unembedding.shape[0]},), got {bias.shape}")
         if bias.dtype != h_dtype:
             raise TypeError(f"bias must have the hidden states' dtype {h_dtype}, got {bias.dtype}")
     return LinearHead(unembedding, bias), (h_shape[0], unembedding.shape[0])

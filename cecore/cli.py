@@ -169,6 +169,11 @@ def _score(args):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # what Python hides by default stays hidden: a library's unclosed socket (Dask
+            # with its dashboard's port taken) is no warning about the scoring
+            for category in (ResourceWarning, DeprecationWarning, PendingDeprecationWarning,
+                             ImportWarning):
+                warnings.simplefilter("ignore", category)
             result = _score_run(args)
         # one line each, like the errors; a warning raised for every chunk shows once
         for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught):

@@ -119,3 +119,126 @@ def test_subprocess_error_and_success(files, tmp_path):
     assert good.returncode == 0, good.stderr
     assert good.stderr == ""  # piped: no progress bar
     assert np.float32(json.loads(good.stdout)["mean_loss"]) == cecore.cross_entropy(x, t)
+
+
+@pytest.mark.parametrize("option", ["--weight", "--bias"])
+def test_a_huge_weight_or_bias_file_is_refused_before_it_is_read(tmp_path, option):
+    # A (100_000_000,) float64 file (sparse: 800 MB that take no disk) given as the class
+    # weights or the bias was read whole, then refused for its length; its header says
+    # enough. Peak memory of a fresh process stays far below the file's size.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((50, 6)).astype(np.float32))
+    np.save(tmp_path / "h.npy", rng.standard_normal((50, 4)).astype(np.float32))
+    np.save(tmp_path / "w.npy", rng.standard_normal((6, 4)).astype(np.float32))
+    np.save(tmp_path / "t.npy", rng.integers(0, 6, 50))
+    big = tmp_path / "big.npy"
+    with open(big, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f8", "fortran_order": False, "shape": (100_000_000,)})
+        f.truncate(f.tell() + 8 * 100_000_000)
+    if option == "--weight":
+        args = [tmp_path / "x.npy", tmp_path / "t.npy", "--weight", big]
+        message = "weight should be defined either for all 6 classes"
+    else:
+        args = ["--hidden", tmp_path / "h.npy", tmp_path / "t.npy",
+                "--unembedding", tmp_path / "w.npy", "--bias", big]
+        message = "bias must have shape (6,), got (100000000,)"
+    script = ("import sys\nfrom cecore.cli import main\ncode = main(sys.argv[1:])\n"
+              "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+              "print(code, int(hwm.split()[1]) * 1024)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", script, "score", *map(str, args)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    code, peak = map(int, out.stdout.split())
+    assert code == 1 and message in out.stderr, out.stderr
+    assert peak < 400 * 10**6, peak  # the interpreter, NumPy and cecore: ~100 MB
+
+
+def test_a_full_disk_names_the_per_row_file(tmp_path):
+    # A short write of the per-row losses (a full disk; here a file-size limit) came out as
+    # "OSError: 2782608 requested and 262112 written", naming neither file nor cause.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((20000, 3)).astype(np.float32))
+    np.save(tmp_path / "t.npy", rng.integers(0, 3, 20000))
+    out_path = tmp_path / "out" / "rows.npy"
+    out_path.parent.mkdir()
+    script = ("import resource, signal, sys\nfrom cecore.cli import main\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", script, "score", str(tmp_path / "x.npy"),
+                          str(tmp_path / "t.npy"), "--per-row-out", str(out_path), "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1
+    assert f"cannot write {out_path}: " in out.stderr, out.stderr
+    assert list(out_path.parent.iterdir()) == []  # no partial file, no temporary
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_per_row_out_on_the_commands_own_output_is_refused(tmp_path, stream):
+    # --per-row-out /dev/stdout with stdout sent to a file replaced that file with the
+    # .npy, and the summary printed to the old one was lost (exit 0); into a pipe it
+    # failed with "No such file or directory".
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((50, 3)).astype(np.float32))
+    np.save(tmp_path / "t.npy", rng.integers(0, 3, 50))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-c", "import sys\nfrom cecore.cli import main\n"
+           "sys.exit(main(sys.argv[1:]))\n", "score", str(tmp_path / "x.npy"),
+           str(tmp_path / "t.npy"), "--json", "--per-row-out", f"/dev/{stream}"]
+    with open(tmp_path / "captured", "w") as f:
+        out = subprocess.run(cmd, stdout=f if stream == "stdout" else subprocess.PIPE,
+                             stderr=f if stream == "stderr" else subprocess.PIPE, text=True,
+                             env=env, timeout=300)
+    captured = (tmp_path / "captured").read_text()
+    message = f"/dev/{stream} is this process's standard " + \
+        {"stdout": "output", "stderr": "error"}[stream]
+    assert out.returncode == 1
+    assert message in (captured if stream == "stderr" else out.stderr)
+    pipe = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert pipe.returncode == 1 and "is this process's standard" in pipe.stderr
+
+
+def test_only_warnings_python_shows_by_default_are_reprinted(monkeypatch, capsys):
+    # With Dask's dashboard port taken, every --dask local run printed "cecore score:
+    # warning: unclosed <socket.socket ...>": the command recorded every warning, a
+    # library's ResourceWarning included, and reprinted it as its own.
+    import types
+    import warnings
+
+    from cecore import cli
+
+    def run(args):
+        warnings.warn("unclosed <socket.socket fd=6>", ResourceWarning)
+        warnings.warn("a library's deprecation", DeprecationWarning)
+        warnings.warn("n_threads=64 is more than the 2 CPUs available", UserWarning)
+        return types.SimpleNamespace(to_dict=lambda: {"mean_loss": 1.0})
+
+    monkeypatch.setattr(cli, "_score_run", run)
+    assert main(["score", "x.npy", "t.npy", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"mean_loss": 1.0}
+    assert "warning: n_threads=64" in captured.err
+    assert "socket" not in captured.err and "deprecation" not in captured.err
+
+
+def test_a_subarray_dtype_is_read_as_numpy_maps_it(tmp_path, capsys):
+    # A header with descr ('<f4', (6,)) and shape (50,) is a (50, 6) float32 array to
+    # np.load(mmap_mode='r'); cecore said "logits must have shape (rows, classes), got
+    # shape (50,)".
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 6)).astype(np.float32)
+    t = rng.integers(0, 6, 50)
+    np.save(tmp_path / "t.npy", t)
+    header = "{'descr': ('<f4', (6,)), 'fortran_order': False, 'shape': (50,), }"
+    header += " " * (63 - (10 + len(header)) % 64) + "\n"  # padded to 64 bytes with magic
+    with open(tmp_path / "sub.npy", "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
+        f.write(x.tobytes())
+    assert np.load(tmp_path / "sub.npy", mmap_mode="r").shape == (50, 6)
+    assert main(["score", str(tmp_path / "sub.npy"), str(tmp_path / "t.npy"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean_loss"] == float(cecore.cross_entropy(x, t))
