@@ -373,16 +373,22 @@ def check_output_path(path, inputs=()):
         raise ValueError("the output path is empty: give the path of a .npy file")
     if os.fspath(path).endswith(("/", os.sep)):
         raise ValueError(f"{path} names a directory: give the path of a .npy file")
-    for fd, name in ((0, "input"), (1, "output"), (2, "error")):
-        # /dev/stdout and the like: replacing the file behind it would lose what the
-        # command prints there (a pipe has no directory to write a file beside it)
-        try:
-            same = os.path.samestat(os.stat(path), os.fstat(fd))
-        except OSError:  # no such file yet, or that stream is closed
-            same = False
-        if same:
-            raise ValueError(f"{path} is this process's standard {name}: give the path of "
-                             "a .npy file")
+    # /dev/stdout and the like, when the stream is a file or a pipe: replacing the file
+    # would lose what the command prints there, and a pipe has no directory to write a
+    # file beside it. (A terminal or /dev/null is refused below as not a regular file.)
+    try:
+        target = os.stat(path)
+    except OSError:
+        target = None
+    if target is not None and (stat.S_ISREG(target.st_mode) or stat.S_ISFIFO(target.st_mode)):
+        for fd, name in ((1, "output"), (2, "error"), (0, "input")):
+            try:
+                same = os.path.samestat(target, os.fstat(fd))
+            except OSError:  # that stream is closed
+                same = False
+            if same:
+                raise ValueError(f"{path} is this process's standard {name}: give the path "
+                                 "of a .npy file")
     real = os.path.realpath(os.fspath(path))
     try:
         st = os.stat(real)
@@ -493,7 +499,7 @@ def _write_error(path, exc):
     written"), which a full disk gives."""
     if exc.errno:
         return OSError(exc.errno, f"cannot write {path}: {exc.strerror}")
-    return OSError(f"cannot write {path}: {exc} (is the disk full?)")
+    return OSError(f"cannot write {path}: {exc} (a full disk, or a file-size limit?)")
 
 
 # Temporary files of atomic_npy being written, for a signal handler that must end the

@@ -263,7 +263,7 @@ def _linear_head(h_shape, h_dtype, unembedding, bias, input_kind):
     if bias is not None:
         if np.shape(bias) != (unembedding.shape[0],):  # before float_input may copy it
             raise ValueError(f"bias must have shape ({unembedding.shape[0]},), "
-                             f"got {np.shape(bias)}")
+                             f"got {tuple(np.shape(bias))}")
         bias = V.float_input(bias, "bias")
         if bias.dtype != h_dtype:
             raise TypeError(f"bias must have the hidden states' dtype {h_dtype}, got {bias.dtype}")

@@ -163,7 +163,10 @@ def test_a_full_disk_names_the_per_row_file(tmp_path):
     np.save(tmp_path / "t.npy", rng.integers(0, 3, 20000))
     out_path = tmp_path / "out" / "rows.npy"
     out_path.parent.mkdir()
-    script = ("import resource, signal, sys\nfrom cecore.cli import main\n"
+    script = ("import resource, signal, sys\nimport numpy as np, cecore\n"
+              "from cecore.cli import main\n"
+              # the backend first: Numba's cache files would meet the limit before the losses
+              "cecore.cross_entropy(np.zeros((2, 3), np.float32), np.zeros(2, np.int64))\n"
               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
               "sys.exit(main(sys.argv[1:]))\n")
@@ -201,6 +204,11 @@ def test_per_row_out_on_the_commands_own_output_is_refused(tmp_path, stream):
     assert message in (captured if stream == "stderr" else out.stderr)
     pipe = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert pipe.returncode == 1 and "is this process's standard" in pipe.stderr
+    # /dev/null as stdin (cron, CI) and as the output: not "standard input", a device
+    cmd[-1] = "/dev/null"
+    null = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert null.returncode == 1 and "exists and is not a regular file" in null.stderr
 
 
 def test_only_warnings_python_shows_by_default_are_reprinted(monkeypatch, capsys):
