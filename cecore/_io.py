@@ -373,29 +373,25 @@ def check_output_path(path, inputs=()):
         raise ValueError("the output path is empty: give the path of a .npy file")
     if os.fspath(path).endswith(("/", os.sep)):
         raise ValueError(f"{path} names a directory: give the path of a .npy file")
-    # /dev/stdout and the like, when the stream is a file or a pipe: replacing the file
-    # would lose what the command prints there, and a pipe has no directory to write a
-    # file beside it. (A terminal or /dev/null is refused below as not a regular file.)
+    real = os.path.realpath(os.fspath(path))
     try:
-        target = os.stat(path)
-    except OSError:
-        target = None
-    if target is not None and (stat.S_ISREG(target.st_mode) or stat.S_ISFIFO(target.st_mode)):
+        st = os.stat(path)  # through symlinks, to what realpath names (or to a pipe)
+    except FileNotFoundError:
+        if not os.path.isdir(os.path.dirname(real)):
+            raise FileNotFoundError(f"{path}: its directory does not exist") from None
+        return real, 0o666 & ~_umask()
+    if stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        # /dev/stdout and the like: replacing the file would lose what the command prints
+        # there, and a pipe has no directory to write a file beside it (a terminal or
+        # /dev/null is refused just below, as not a regular file)
         for fd, name in ((1, "output"), (2, "error"), (0, "input")):
             try:
-                same = os.path.samestat(target, os.fstat(fd))
+                same = os.path.samestat(st, os.fstat(fd))
             except OSError:  # that stream is closed
                 same = False
             if same:
                 raise ValueError(f"{path} is this process's standard {name}: give the path "
                                  "of a .npy file")
-    real = os.path.realpath(os.fspath(path))
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        if not os.path.isdir(os.path.dirname(real)):
-            raise FileNotFoundError(f"{path}: its directory does not exist") from None
-        return real, 0o666 & ~_umask()
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path} exists and is not a regular file: refusing to replace it")
     if not os.access(real, os.W_OK):

@@ -4,12 +4,24 @@ Every expected value in the suite is computed here by torch (float64, or float32
 float32/float16 input) or by another independent oracle inside the test itself.
 """
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as TF
 
+import cecore
+
 # Both backends always: a backend that does not load fails its tests, it never skips.
 BACKENDS = ["numba", "cython"]
+
+def subprocess_env():
+    """The environment for a child Python that must import this cecore (the checkout's,
+    not an installed one): its folder first on PYTHONPATH."""
+    root = os.path.dirname(os.path.dirname(cecore.__file__))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
+
 
 RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 2e-5, np.dtype(np.float16): 2e-3}
 

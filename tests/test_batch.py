@@ -17,7 +17,8 @@ import pytest
 import cecore
 from cecore import _reduce, batch
 from cecore._config import REDUCE_BLOCK
-from oracle import assert_close, random_index_target, random_proba_target, torch_cross_entropy, torch_nll_loss
+from oracle import (assert_close, random_index_target, random_proba_target, subprocess_env,
+                    torch_cross_entropy, torch_nll_loss)
 
 # More rows than two reduction blocks, so that chunks straddle block boundaries.
 N_ROWS = 2 * REDUCE_BLOCK + 1234
@@ -318,8 +319,7 @@ def test_peak_rss_stays_within_budget(tmp_path):
         r = batch.score({str(x_path)!r}, {str(t_path)!r}, memory_budget={budget})
         print(before, hwm(), r.rows)
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
+    env = subprocess_env()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr

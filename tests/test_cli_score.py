@@ -13,7 +13,7 @@ import pytest
 
 import cecore
 from cecore.cli import main
-from oracle import random_index_target
+from oracle import random_index_target, subprocess_env
 
 
 @pytest.fixture
@@ -105,10 +105,20 @@ def _save(tmp_path, name, array):
     return str(path)
 
 
+def _score_in_child(args, before="", after="sys.exit(code)", **run_kwargs):
+    """Run ``cecore score ARGS`` through ``cli.main`` in a fresh Python, with the code
+    ``before`` it (limits, a warm-up) and ``after`` it (``code`` is its exit code)."""
+    script = (f"import sys\n{before}\nfrom cecore.cli import main\n"
+              f"code = main(sys.argv[1:])\n{after}\n")
+    if "stdout" not in run_kwargs and "stderr" not in run_kwargs:
+        run_kwargs["capture_output"] = True
+    return subprocess.run([sys.executable, "-c", script, "score", *map(str, args)], text=True,
+                          env=subprocess_env(), timeout=300, **run_kwargs)
+
+
 def test_subprocess_error_and_success(files, tmp_path):
     x, t, xp, tp = files
-    root = os.path.dirname(os.path.dirname(cecore.__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env = subprocess_env()
     bad = subprocess.run([sys.executable, "-m", "cecore.cli", "score", str(tmp_path / "nope.npy"), tp],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1
@@ -143,13 +153,8 @@ def test_a_huge_weight_or_bias_file_is_refused_before_it_is_read(tmp_path, optio
         args = ["--hidden", tmp_path / "h.npy", tmp_path / "t.npy",
                 "--unembedding", tmp_path / "w.npy", "--bias", big]
         message = "bias must have shape (6,), got (100000000,)"
-    script = ("import sys\nfrom cecore.cli import main\ncode = main(sys.argv[1:])\n"
-              "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-              "print(code, int(hwm.split()[1]) * 1024)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-c", script, "score", *map(str, args)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = _score_in_child(args, after="hwm = [l for l in open('/proc/self/status') "
+                          "if l.startswith('VmHWM')][0]\nprint(code, int(hwm.split()[1]) * 1024)")
     code, peak = map(int, out.stdout.split())
     assert code == 1 and message in out.stderr, out.stderr
     assert peak < 400 * 10**6, peak  # the interpreter, NumPy and cecore: ~100 MB
@@ -163,18 +168,13 @@ def test_a_full_disk_names_the_per_row_file(tmp_path):
     np.save(tmp_path / "t.npy", rng.integers(0, 3, 20000))
     out_path = tmp_path / "out" / "rows.npy"
     out_path.parent.mkdir()
-    script = ("import resource, signal, sys\nimport numpy as np, cecore\n"
-              "from cecore.cli import main\n"
-              # the backend first: Numba's cache files would meet the limit before the losses
-              "cecore.cross_entropy(np.zeros((2, 3), np.float32), np.zeros(2, np.int64))\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-c", script, "score", str(tmp_path / "x.npy"),
-                          str(tmp_path / "t.npy"), "--per-row-out", str(out_path), "--quiet"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = _score_in_child(
+        [tmp_path / "x.npy", tmp_path / "t.npy", "--per-row-out", out_path, "--quiet"],
+        # the backend first: Numba's cache files would meet the limit before the losses
+        before="import resource, signal, numpy as np, cecore\n"
+               "cecore.cross_entropy(np.zeros((2, 3), np.float32), np.zeros(2, np.int64))\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))")
     assert out.returncode == 1
     assert f"cannot write {out_path}: " in out.stderr, out.stderr
     assert list(out_path.parent.iterdir()) == []  # no partial file, no temporary
@@ -188,26 +188,19 @@ def test_per_row_out_on_the_commands_own_output_is_refused(tmp_path, stream):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.standard_normal((50, 3)).astype(np.float32))
     np.save(tmp_path / "t.npy", rng.integers(0, 3, 50))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-c", "import sys\nfrom cecore.cli import main\n"
-           "sys.exit(main(sys.argv[1:]))\n", "score", str(tmp_path / "x.npy"),
-           str(tmp_path / "t.npy"), "--json", "--per-row-out", f"/dev/{stream}"]
+    args = [tmp_path / "x.npy", tmp_path / "t.npy", "--json", "--per-row-out", f"/dev/{stream}"]
     with open(tmp_path / "captured", "w") as f:
-        out = subprocess.run(cmd, stdout=f if stream == "stdout" else subprocess.PIPE,
-                             stderr=f if stream == "stderr" else subprocess.PIPE, text=True,
-                             env=env, timeout=300)
+        out = _score_in_child(args, stdout=f if stream == "stdout" else subprocess.PIPE,
+                              stderr=f if stream == "stderr" else subprocess.PIPE)
     captured = (tmp_path / "captured").read_text()
     message = f"/dev/{stream} is this process's standard " + \
         {"stdout": "output", "stderr": "error"}[stream]
     assert out.returncode == 1
     assert message in (captured if stream == "stderr" else out.stderr)
-    pipe = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    pipe = _score_in_child(args)
     assert pipe.returncode == 1 and "is this process's standard" in pipe.stderr
     # /dev/null as stdin (cron, CI) and as the output: not "standard input", a device
-    cmd[-1] = "/dev/null"
-    null = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          env=env, timeout=300)
+    null = _score_in_child(args[:-1] + ["/dev/null"], stdin=subprocess.DEVNULL)
     assert null.returncode == 1 and "exists and is not a regular file" in null.stderr
 
 

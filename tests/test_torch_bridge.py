@@ -19,7 +19,7 @@ import torch.nn.functional as TF
 
 import cecore
 import cecore.torch as ct
-from oracle import BACKENDS, assert_close
+from oracle import BACKENDS, assert_close, subprocess_env
 
 REDUCTIONS = ["mean", "sum", "none"]
 DTYPES = [torch.float32, torch.float64]
@@ -84,8 +84,7 @@ def test_import_cecore_does_not_import_torch():
             "assert not [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
             "import cecore.torch\n"
             "assert 'torch' in sys.modules\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        os.path.dirname(os.path.dirname(cecore.__file__)), os.environ.get("PYTHONPATH")])))
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -36,8 +36,8 @@ def _block_bounds(b, n):
     An index from a signed start (``start + c``) makes Numba wrap negative indices on
     every access, which stopped LLVM vectorising (3x slower); slices per block avoided
     that, but each cost an array structure with reference counting. Unsigned indices need
-    neither (same sums; one thread, rows of 1000 float32 out of cache: max + exp + sum
-    1.06-1.25 -> 0.87-0.94 ns per element, see kernel_findings.md).
+    neither (same sums; ``bench_ab.py`` against slices, float32: 0.83-0.93 of the time,
+    ``benchmarks/results/ab_numba_rows.json``).
     """
     return np.uint64(b * SUM_BLOCK), np.uint64(min(n, (b + 1) * SUM_BLOCK))
 
