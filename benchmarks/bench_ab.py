@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, machine_info, median_time, save_json  # noqa: E402
 
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from cecore._config import REDUCE_BLOCK  # noqa: E402
+from cecore._config import REDUCE_BLOCK, SMALL_C  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CE_SHAPES = [(65536, 1000, 1), (4096, 50257, 1), (1000000, 10, 1), (4, 21, 65536),
@@ -84,6 +84,10 @@ def _cases(rng, threads):
             args = (x, t, np.ones(c), -100, 0.0, np.broadcast_to(1.0 / n, (n, s)), loss, grad)
             yield (f"{dt.__name__} {n}x{c}x{s} loss+grad reused",
                    lambda k, a=args: k.softmax_ce_index(*a, threads), (loss, grad))
+            if c <= SMALL_C:  # the few-classes path reads less without a gradient
+                yield (f"{dt.__name__} {n}x{c}x{s} loss only",
+                       lambda k, a=args[:-1] + (None,): k.softmax_ce_index(*a, threads),
+                       (loss,))
         for n, c, s in OTHER_SHAPES:
             x = rng.standard_normal((n, c, s)).astype(dt)
             q = rng.random((n, c, s)).astype(dt)

@@ -354,11 +354,32 @@ cdef inline void _block_out(const floating *t, Block b, Py_ssize_t C, Py_ssize_t
 
 cdef inline void _block_gs(Strided gs, Block b, Py_ssize_t S, double *out) noexcept nogil:
     """grad_scale of block b's positions (two loops: a division per position, j // S,
-    cost the 2-D few-classes path 10-50 %)."""
+    cost the 2-D few-classes path 10-50 %; with S == 1 one loop: an inner loop of one
+    iteration cost 15 instructions per row, callgrind)."""
     cdef Py_ssize_t i, k
+    if S == 1:
+        for i in range(b.nb):
+            out[i] = _at(gs, b.n0 + i, 0)
+        return
     for i in range(b.nb):
         for k in range(S):
             out[i * S + k] = _at(gs, b.n0 + i, k)
+
+# A block item's scratch tiles: on its stack when they fit in BLOCK_STACK values (the 2-D
+# few-classes path, 32 KB in float64 at most; malloc and free per block of 64 rows cost
+# 9 instructions per row), else from malloc (K-dim blocks of up to KDIM_BLOCK_MAX_C
+# classes). NULL: out of memory.
+cdef enum:
+    BLOCK_STACK = 2 * CEC_SMALL_C * CEC_SMALL_C_ROWS
+
+cdef inline floating *_scratch(Py_ssize_t n, floating *stack) noexcept nogil:
+    if n <= BLOCK_STACK:
+        return stack
+    return <floating *>malloc(n * sizeof(floating))
+
+cdef inline void _release(floating *p, floating *stack) noexcept nogil:
+    if p != stack:
+        free(p)
 
 cdef inline void _rows_in(const floating *x, Py_ssize_t k, Py_ssize_t C, Py_ssize_t S,
                           Py_ssize_t s0, Py_ssize_t gw, floating *xt) noexcept nogil:
@@ -404,7 +425,8 @@ cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept
         return
     tl = _tile(k, S)
     off = tl.n * C * S + tl.s0
-    _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
+    if g != NULL:  # the loss does not read it
+        _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
     _index_tile(x + off, C, S, tl.width, a.target + tl.n * S + tl.s0, a.ignore_index, a.w,
                 a.w_total, a.eps, gsb, a.loss + tl.n * S + tl.s0,
                 g + off if g != NULL else NULL)
@@ -417,7 +439,8 @@ cdef void _index_block_item(Py_ssize_t k, const floating *x,
     cdef Block b = _block(k, a.N, S)
     cdef double gsb[CEC_SMALL_C_ROWS]
     cdef floating *g = <floating *>a.g
-    cdef floating *xt = <floating *>malloc(2 * C * b.ld * sizeof(floating))
+    cdef floating stack[BLOCK_STACK]
+    cdef floating *xt = _scratch(2 * C * b.ld, stack)
     cdef floating *gt = NULL
     if xt == NULL:  # out of memory: the row and tile kernels need no scratch
         for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
@@ -425,13 +448,13 @@ cdef void _index_block_item(Py_ssize_t k, const floating *x,
         return
     if g != NULL:
         gt = xt + C * b.ld
+        _block_gs(a.gs, b, S, gsb)  # the loss does not read it
     _block_in(x, b, a.N, C, S, xt, g)
-    _block_gs(a.gs, b, S, gsb)
     _index_tile(<const floating *>xt, C, b.ld, b.width, a.target + b.n0 * S, a.ignore_index,
                 a.w, a.w_total, a.eps, gsb, a.loss + b.n0 * S, gt)
     if gt != NULL:
         _block_out(gt, b, C, S, g)
-    free(xt)
+    _release(xt, stack)
 
 cdef void _index_rows_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     """Sample k, its positions transposed into rows, a.group at a time (see Block)."""
@@ -526,7 +549,8 @@ cdef void _proba_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept
         return
     tl = _tile(k, S)
     off = tl.n * C * S + tl.s0
-    _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
+    if g != NULL:  # the loss does not read it
+        _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
     _proba_tile(x + off, q + off, C, S, tl.width, a.w, a.eps, gsb,
                 a.loss + tl.n * S + tl.s0, g + off if g != NULL else NULL)
 
@@ -539,19 +563,21 @@ cdef void _proba_block_item(Py_ssize_t k, const floating *x,
     cdef Block b = _block(k, a.N, S)
     cdef double gsb[CEC_SMALL_C_ROWS]
     cdef floating *g = <floating *>a.g
-    cdef floating *xt = <floating *>malloc(3 * C * b.ld * sizeof(floating))
+    cdef floating stack[BLOCK_STACK]
+    cdef floating *xt = _scratch(3 * C * b.ld, stack)
     if xt == NULL:  # out of memory: the row and tile kernels need no scratch
         for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
             _proba_item(j, x, ctx)
         return
     _block_in(x, b, a.N, C, S, xt, g)
     _block_in(<const floating *>a.q, b, a.N, C, S, xt + C * b.ld, NULL)
-    _block_gs(a.gs, b, S, gsb)
+    if g != NULL:
+        _block_gs(a.gs, b, S, gsb)  # the loss does not read it
     _proba_tile(<const floating *>xt, <const floating *>(xt + C * b.ld), C, b.ld, b.width,
                 a.w, a.eps, gsb, a.loss + b.n0 * S, xt + 2 * C * b.ld if g != NULL else NULL)
     if g != NULL:
         _block_out(xt + 2 * C * b.ld, b, C, S, g)
-    free(xt)
+    _release(xt, stack)
 
 cdef void _proba_rows_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     """Sample k, its positions transposed into rows, a.group at a time (see Block)."""
@@ -638,7 +664,8 @@ cdef void _softmax_block_item(Py_ssize_t k, const floating *x,
     cdef Py_ssize_t C = a.C, S = a.S, j
     cdef Block b = _block(k, a.N, S)
     cdef floating *out = <floating *>a.out
-    cdef floating *xt = <floating *>malloc(2 * C * b.ld * sizeof(floating))
+    cdef floating stack[BLOCK_STACK]
+    cdef floating *xt = _scratch(2 * C * b.ld, stack)
     if xt == NULL:  # out of memory: the row and tile kernels need no scratch
         for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
             _softmax_item(j, x, ctx)
@@ -646,7 +673,7 @@ cdef void _softmax_block_item(Py_ssize_t k, const floating *x,
     _block_in(x, b, a.N, C, S, xt, out)
     _softmax_tile(<const floating *>xt, C, b.ld, b.width, a.log_, xt + C * b.ld)
     _block_out(xt + C * b.ld, b, C, S, out)
-    free(xt)
+    _release(xt, stack)
 
 cdef void _softmax_rows_item(Py_ssize_t k, const floating *x,
                              const void *ctx) noexcept nogil:
@@ -706,14 +733,15 @@ cdef void _logsumexp_block_item(Py_ssize_t k, const floating *x,
     cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
     cdef Py_ssize_t C = a.C, S = a.S, j
     cdef Block b = _block(k, a.N, S)
-    cdef floating *xt = <floating *>malloc(C * b.ld * sizeof(floating))
+    cdef floating stack[BLOCK_STACK]
+    cdef floating *xt = _scratch(C * b.ld, stack)
     if xt == NULL:  # out of memory: the row and tile kernels need no scratch
         for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
             _logsumexp_item(j, x, ctx)
         return
     _block_in(x, b, a.N, C, S, xt, NULL)
     _logsumexp_tile(<const floating *>xt, C, b.ld, b.width, <double *>a.out + b.n0 * S)
-    free(xt)
+    _release(xt, stack)
 
 cdef void _logsumexp_rows_item(Py_ssize_t k, const floating *x,
                                const void *ctx) noexcept nogil:

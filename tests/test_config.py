@@ -67,6 +67,39 @@ def test_every_runnable_build_matches_a_float64_reference(variant, dtype):
         np.testing.assert_allclose(grad[..., 0], p, rtol=rtol, atol=4 * np.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("variant", _RUNNABLE)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_build_transposes_few_classes_right(variant, dtype):
+    # The few-classes path transposes blocks of rows with register blocks of 8 x 8 floats
+    # (4 x 4 doubles) in the AVX2 and AVX-512 builds; where C or a block's rows are not a
+    # multiple of that, the last register block overlaps the one before it, and below it
+    # the copies go element by element. Every C of that path, and row counts around the
+    # block sizes, against the float64 softmax and gradient, also written over the logits.
+    module = importlib.import_module(f"cecore_ext._kernels_{variant}")
+    rng = np.random.default_rng(1)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12  # a wrong copy is off by O(1)
+    rows = _config.SMALL_C_ROWS
+    for c in range(1, _config.SMALL_C + 1):
+        for n in (1, 3, 4, 5, 8, 9, 12, rows - 1, rows + 5, 2 * rows + 9):
+            x = (rng.standard_normal((n, c, 1)) * 3).astype(dtype)
+            t = rng.integers(0, c, (n, 1))
+            x64 = x[..., 0].astype(np.float64)
+            p = np.exp(x64 - logsumexp(x64, axis=1, keepdims=True))
+            out = np.full_like(x, np.nan)
+            module.softmax(x, False, out, 2)
+            np.testing.assert_allclose(out[..., 0], p, rtol=rtol, atol=1e-30,
+                                       err_msg=f"softmax, C={c}, N={n}")
+            p[np.arange(n), t[:, 0]] -= 1
+            loss = np.empty((n, 1))
+            for grad in (np.full_like(x, np.nan), x.copy()):  # another buffer, in place
+                src = grad if grad[0, 0, 0] == x[0, 0, 0] else x
+                module.softmax_ce_index(src, t, np.ones(c), -100, 0.0,
+                                        np.broadcast_to(1.0, (n, 1)), loss, grad, 2)
+                np.testing.assert_allclose(grad[..., 0], p, rtol=rtol,
+                                           atol=4 * np.finfo(dtype).eps,
+                                           err_msg=f"gradient, C={c}, N={n}")
+
+
 def test_cecore_simd_caps_the_build():
     code = "import cecore_ext; print(cecore_ext.build_info()['variant'])"
     for cap in _RUNNABLE:
