@@ -21,7 +21,7 @@ float64 (Numba compiles each per dtype).
 import numpy as np
 from numba import prange
 
-from .._config import LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE
+from .._config import LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE, TILES_PER_TASK
 from ._math import (
     _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch, _rounded_product, _row_max,
 )
@@ -319,6 +319,19 @@ def _n_tiles(n_samples, n_pos, block):
 
 
 @helper
+def _n_tasks(n_tiles):
+    """Parallel tasks of a ``*_tiles`` kernel: TILES_PER_TASK tiles each, which share
+    the task's scratch arrays."""
+    return (n_tiles + TILES_PER_TASK - 1) // TILES_PER_TASK
+
+
+@helper
+def _task_tiles(task, n_tiles):
+    """The tiles of ``task``: a range."""
+    return range(task * TILES_PER_TASK, min(n_tiles, (task + 1) * TILES_PER_TASK))
+
+
+@helper
 def _block_span(tile, block, n_samples):
     """First sample and number of samples of block ``tile``."""
     r0 = tile * block
@@ -440,27 +453,28 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     """
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    for tile in prange(n_tiles):
+    for task in prange(_n_tasks(n_tiles)):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
         coef = np.empty(TILE, dtype=x.dtype)
         shift = np.empty(TILE, dtype=x.dtype)
-        if block:
-            r0, n_rows = _block_span(tile, block, n_samples)
-            xt = np.empty(n_classes * TILE, dtype=x.dtype)
-            gt = np.empty(n_classes * TILE if want_grad else 0, dtype=x.dtype)
-            _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
-            _index_tile(xt, 0, TILE, n_classes, n_rows * n_pos, target, r0 * n_pos, weight,
-                        w_total, ignore_index, eps, grad_scale, loss_out, gt, want_grad, False,
-                        m, s, log_s, coef, shift)
-            if want_grad:
-                _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
-        else:
-            base, pos0, width = _run_span(tile, n_classes, n_pos)
-            _index_tile(x, base, n_pos, n_classes, width, target, pos0, weight, w_total,
-                        ignore_index, eps, grad_scale, loss_out, grad_out, want_grad, False,
-                        m, s, log_s, coef, shift)
+        xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
+        gt = np.empty(n_classes * TILE if block and want_grad else 0, dtype=x.dtype)
+        for tile in _task_tiles(task, n_tiles):
+            if block:
+                r0, n_rows = _block_span(tile, block, n_samples)
+                _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
+                _index_tile(xt, 0, TILE, n_classes, n_rows * n_pos, target, r0 * n_pos,
+                            weight, w_total, ignore_index, eps, grad_scale, loss_out, gt,
+                            want_grad, False, m, s, log_s, coef, shift)
+                if want_grad:
+                    _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
+            else:
+                base, pos0, width = _run_span(tile, n_classes, n_pos)
+                _index_tile(x, base, n_pos, n_classes, width, target, pos0, weight, w_total,
+                            ignore_index, eps, grad_scale, loss_out, grad_out, want_grad,
+                            False, m, s, log_s, coef, shift)
 
 
 def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
@@ -504,16 +518,17 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
     overlap, LLVM's runtime alias checks sent the tile loops to their scalar versions
     (4 x 21 x 256 x 256 float32: 22.9 ms in place against 8.8 ms into another buffer)."""
     n_tiles = _n_tiles(n_samples, n_pos, 0)
-    for tile in prange(n_tiles):
+    for task in prange(_n_tasks(n_tiles)):
         m = np.empty(TILE, dtype=grad.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
         coef = np.empty(TILE, dtype=grad.dtype)
         shift = np.empty(TILE, dtype=grad.dtype)
-        base, pos0, width = _run_span(tile, n_classes, n_pos)
-        _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
-                    ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s, log_s,
-                    coef, shift)
+        for tile in _task_tiles(task, n_tiles):
+            base, pos0, width = _run_span(tile, n_classes, n_pos)
+            _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
+                        ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s,
+                        log_s, coef, shift)
 
 
 # --------------------------------------------------------- class-probability targets
@@ -554,24 +569,20 @@ def _proba_rows(x, target, weight, eps, grad_scale, loss_out, grad_out):
 
 @helper
 def _proba_tile(x, q, base, stride, n_classes, width, weight, eps, grad_scale, pos0, loss_out,
-                g, want_grad):
+                g, want_grad, m, s, log_s, e_buf, wq, loss, coef):
     """Loss (and gradient into ``g``, indexed like ``x`` and ``q``) of one tile of
-    positions with probability targets."""
+    positions with probability targets; ``m`` to ``coef``: the task's scratch."""
     smooth = eps / n_classes
-    m = np.empty(TILE, dtype=x.dtype)
-    s = np.empty(TILE, dtype=np.float64)
-    log_s = np.empty(TILE, dtype=np.float64)
-    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad,
-                     np.empty(TILE, dtype=x.dtype), log_s)
-    wq = np.zeros(TILE, dtype=np.float64)
-    loss = np.zeros(TILE, dtype=np.float64)
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, e_buf, log_s)
+    for j in range(width):
+        wq[j] = 0.0
+        loss[j] = 0.0
     for c in range(n_classes):  # class by class, see _proba_row
         off = base + c * stride
         for j in range(width):
             qc = weight[c] * ((1.0 - eps) * q[off + j] + smooth)
             wq[j] += qc
             loss[j] += qc * _dev(np.float64(m[j]), np.float64(x[off + j]), log_s[j])
-    coef = np.empty(TILE, dtype=np.float64)
     for j in range(width):
         loss_out[pos0 + j] = loss[j]
         coef[j] = grad_scale[pos0 + j] * wq[j] / s[j]
@@ -588,22 +599,32 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    for tile in prange(n_tiles):
-        if block:
-            r0, n_rows = _block_span(tile, block, n_samples)
-            xt = np.empty(n_classes * TILE, dtype=x.dtype)
-            qt = np.empty(n_classes * TILE, dtype=x.dtype)
-            gt = np.empty(n_classes * TILE if want_grad else 0, dtype=x.dtype)
-            _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
-            _to_tile(target, r0, n_rows, n_classes, n_pos, qt)
-            _proba_tile(xt, qt, 0, TILE, n_classes, n_rows * n_pos, weight, eps, grad_scale,
-                        r0 * n_pos, loss_out, gt, want_grad)
-            if want_grad:
-                _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
-        else:
-            base, pos0, width = _run_span(tile, n_classes, n_pos)
-            _proba_tile(x, target, base, n_pos, n_classes, width, weight, eps, grad_scale,
-                        pos0, loss_out, grad_out, want_grad)
+    for task in prange(_n_tasks(n_tiles)):
+        m = np.empty(TILE, dtype=x.dtype)
+        e_buf = np.empty(TILE, dtype=x.dtype)
+        s = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
+        wq = np.empty(TILE, dtype=np.float64)
+        loss = np.empty(TILE, dtype=np.float64)
+        coef = np.empty(TILE, dtype=np.float64)
+        xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
+        qt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
+        gt = np.empty(n_classes * TILE if block and want_grad else 0, dtype=x.dtype)
+        for tile in _task_tiles(task, n_tiles):
+            if block:
+                r0, n_rows = _block_span(tile, block, n_samples)
+                _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
+                _to_tile(target, r0, n_rows, n_classes, n_pos, qt)
+                _proba_tile(xt, qt, 0, TILE, n_classes, n_rows * n_pos, weight, eps,
+                            grad_scale, r0 * n_pos, loss_out, gt, want_grad, m, s, log_s,
+                            e_buf, wq, loss, coef)
+                if want_grad:
+                    _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
+            else:
+                base, pos0, width = _run_span(tile, n_classes, n_pos)
+                _proba_tile(x, target, base, n_pos, n_classes, width, weight, eps, grad_scale,
+                            pos0, loss_out, grad_out, want_grad, m, s, log_s, e_buf, wq, loss,
+                            coef)
 
 
 # --------------------------------------------------------------- softmax, logsumexp
@@ -625,12 +646,9 @@ def _softmax_rows(x, log, out):
 
 
 @helper
-def _softmax_tile(x, base, stride, n_classes, width, log, out):
-    """Softmax or log-softmax of one tile of positions into ``out`` (indexed like ``x``)."""
-    m = np.empty(TILE, dtype=x.dtype)
-    s = np.empty(TILE, dtype=np.float64)
-    log_s = np.empty(TILE, dtype=np.float64)
-    shift = np.empty(TILE, dtype=x.dtype)
+def _softmax_tile(x, base, stride, n_classes, width, log, out, m, s, log_s, shift):
+    """Softmax or log-softmax of one tile of positions into ``out`` (indexed like ``x``);
+    ``m`` to ``shift``: the task's scratch."""
     _tile_max_sumexp(x, base, stride, n_classes, width, m, s, out, not log, shift, log_s)
     for j in range(width):
         shift[j] = log_s[j] if log else 1.0 / s[j]
@@ -647,17 +665,23 @@ def _softmax_tile(x, base, stride, n_classes, width, log, out):
 def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block):
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    for tile in prange(n_tiles):
-        if block:
-            r0, n_rows = _block_span(tile, block, n_samples)
-            xt = np.empty(n_classes * TILE, dtype=x.dtype)
-            ot = np.empty(n_classes * TILE, dtype=x.dtype)
-            _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
-            _softmax_tile(xt, 0, TILE, n_classes, n_rows * n_pos, log, ot)
-            _from_tile(ot, r0, n_rows, n_classes, n_pos, out)
-        else:
-            base, _, width = _run_span(tile, n_classes, n_pos)
-            _softmax_tile(x, base, n_pos, n_classes, width, log, out)
+    for task in prange(_n_tasks(n_tiles)):
+        m = np.empty(TILE, dtype=x.dtype)
+        shift = np.empty(TILE, dtype=x.dtype)
+        s = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
+        xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
+        ot = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
+        for tile in _task_tiles(task, n_tiles):
+            if block:
+                r0, n_rows = _block_span(tile, block, n_samples)
+                _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
+                _softmax_tile(xt, 0, TILE, n_classes, n_rows * n_pos, log, ot, m, s, log_s,
+                              shift)
+                _from_tile(ot, r0, n_rows, n_classes, n_pos, out)
+            else:
+                base, _, width = _run_span(tile, n_classes, n_pos)
+                _softmax_tile(x, base, n_pos, n_classes, width, log, out, m, s, log_s, shift)
 
 
 @helper
@@ -684,13 +708,10 @@ def _logsumexp_rows(x, out):
 
 
 @helper
-def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0):
-    """out[pos0 + j] = log-sum-exp of position j of one tile."""
-    m = np.empty(TILE, dtype=x.dtype)
-    s = np.empty(TILE, dtype=np.float64)
-    log_s = np.empty(TILE, dtype=np.float64)
-    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, np.empty(0, dtype=x.dtype),
-                     False, np.empty(TILE, dtype=x.dtype), log_s)
+def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0, m, s, log_s, e_buf):
+    """out[pos0 + j] = log-sum-exp of position j of one tile; ``m`` to ``e_buf``: the
+    task's scratch."""
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_buf, False, e_buf, log_s)
     for j in range(width):
         if np.isinf(m[j]):
             out[pos0 + j] = _infinite_lse(x, base + j, stride, n_classes, m[j])
@@ -701,15 +722,22 @@ def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0):
 def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block):
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    for tile in prange(n_tiles):
-        if block:
-            r0, n_rows = _block_span(tile, block, n_samples)
-            xt = np.empty(n_classes * TILE, dtype=x.dtype)
-            _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
-            _logsumexp_tile(xt, 0, TILE, n_classes, n_rows * n_pos, out, r0 * n_pos)
-        else:
-            base, pos0, width = _run_span(tile, n_classes, n_pos)
-            _logsumexp_tile(x, base, n_pos, n_classes, width, out, pos0)
+    for task in prange(_n_tasks(n_tiles)):
+        m = np.empty(TILE, dtype=x.dtype)
+        e_buf = np.empty(TILE, dtype=x.dtype)
+        s = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
+        xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
+        for tile in _task_tiles(task, n_tiles):
+            if block:
+                r0, n_rows = _block_span(tile, block, n_samples)
+                _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
+                _logsumexp_tile(xt, 0, TILE, n_classes, n_rows * n_pos, out, r0 * n_pos, m, s,
+                                log_s, e_buf)
+            else:
+                base, pos0, width = _run_span(tile, n_classes, n_pos)
+                _logsumexp_tile(x, base, n_pos, n_classes, width, out, pos0, m, s, log_s,
+                                e_buf)
 
 
 # ------------------------------------------------------------------ binary (sigmoid)
