@@ -21,7 +21,9 @@ float64 (Numba compiles each per dtype).
 import numpy as np
 from numba import prange
 
-from .._config import LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE, TILES_PER_TASK
+from .._config import (
+    KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE, TILES_PER_TASK,
+)
 from ._math import (
     _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch, _rounded_product, _row_max,
 )
@@ -319,16 +321,18 @@ def _n_tiles(n_samples, n_pos, block):
 
 
 @helper
-def _n_tasks(n_tiles):
-    """Parallel tasks of a ``*_tiles`` kernel: TILES_PER_TASK tiles each, which share
-    the task's scratch arrays."""
-    return (n_tiles + TILES_PER_TASK - 1) // TILES_PER_TASK
+def _tiles_per_task(n_classes):
+    """Tiles per parallel task of a ``*_tiles`` kernel; a task's tiles share its scratch
+    arrays. TILES_PER_TASK for tiles of few classes, whose allocations cost as much as a
+    fifth of their arithmetic; one for more classes, where they cost little and a few
+    tiles of many classes should still spread over the threads."""
+    return TILES_PER_TASK if n_classes <= KDIM_BLOCK_MAX_C else 1
 
 
 @helper
-def _task_tiles(task, n_tiles):
+def _task_tiles(task, per_task, n_tiles):
     """The tiles of ``task``: a range."""
-    return range(task * TILES_PER_TASK, min(n_tiles, (task + 1) * TILES_PER_TASK))
+    return range(task * per_task, min(n_tiles, (task + 1) * per_task))
 
 
 @helper
@@ -453,7 +457,8 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     """
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    for task in prange(_n_tasks(n_tiles)):
+    per_task = _tiles_per_task(n_classes)
+    for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
@@ -461,7 +466,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
         shift = np.empty(TILE, dtype=x.dtype)
         xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         gt = np.empty(n_classes * TILE if block and want_grad else 0, dtype=x.dtype)
-        for tile in _task_tiles(task, n_tiles):
+        for tile in _task_tiles(task, per_task, n_tiles):
             if block:
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
@@ -518,13 +523,14 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
     overlap, LLVM's runtime alias checks sent the tile loops to their scalar versions
     (4 x 21 x 256 x 256 float32: 22.9 ms in place against 8.8 ms into another buffer)."""
     n_tiles = _n_tiles(n_samples, n_pos, 0)
-    for task in prange(_n_tasks(n_tiles)):
+    per_task = _tiles_per_task(n_classes)
+    for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=grad.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
         coef = np.empty(TILE, dtype=grad.dtype)
         shift = np.empty(TILE, dtype=grad.dtype)
-        for tile in _task_tiles(task, n_tiles):
+        for tile in _task_tiles(task, per_task, n_tiles):
             base, pos0, width = _run_span(tile, n_classes, n_pos)
             _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
                         ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s,
@@ -599,7 +605,8 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    for task in prange(_n_tasks(n_tiles)):
+    per_task = _tiles_per_task(n_classes)
+    for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -610,7 +617,7 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
         xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         qt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         gt = np.empty(n_classes * TILE if block and want_grad else 0, dtype=x.dtype)
-        for tile in _task_tiles(task, n_tiles):
+        for tile in _task_tiles(task, per_task, n_tiles):
             if block:
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
@@ -665,14 +672,15 @@ def _softmax_tile(x, base, stride, n_classes, width, log, out, m, s, log_s, shif
 def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block):
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    for task in prange(_n_tasks(n_tiles)):
+    per_task = _tiles_per_task(n_classes)
+    for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         shift = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
         xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         ot = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
-        for tile in _task_tiles(task, n_tiles):
+        for tile in _task_tiles(task, per_task, n_tiles):
             if block:
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
@@ -722,13 +730,14 @@ def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0, m, s, log_s, e
 def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block):
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    for task in prange(_n_tasks(n_tiles)):
+    per_task = _tiles_per_task(n_classes)
+    for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
         xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
-        for tile in _task_tiles(task, n_tiles):
+        for tile in _task_tiles(task, per_task, n_tiles):
             if block:
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
