@@ -67,6 +67,20 @@ def test_every_runnable_build_matches_a_float64_reference(variant, dtype):
         np.testing.assert_allclose(grad[..., 0], p, rtol=rtol, atol=4 * np.finfo(dtype).eps)
 
 
+def _guarded(shape, dtype, fill=np.nan):
+    """An array of ``shape`` inside a larger one whose cells around it hold a sentinel,
+    and a function that asserts they still do (a copy past the block would not show in
+    the array itself)."""
+    size = int(np.prod(shape))
+    buf = np.full(size + 128, -7.0, dtype=dtype)
+    a = buf[64:64 + size].reshape(shape)
+    a[...] = fill
+
+    def intact():
+        assert (buf[:64] == -7.0).all() and (buf[64 + size:] == -7.0).all(), "wrote past"
+    return a, intact
+
+
 @pytest.mark.parametrize("variant", _RUNNABLE)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_build_transposes_few_classes_right(variant, dtype):
@@ -74,30 +88,40 @@ def test_every_build_transposes_few_classes_right(variant, dtype):
     # (4 x 4 doubles) in the AVX2 and AVX-512 builds; where C or a block's rows are not a
     # multiple of that, the last register block overlaps the one before it, and below it
     # the copies go element by element. Every C of that path, and row counts around the
-    # block sizes, against the float64 softmax and gradient, also written over the logits.
+    # block sizes, against the float64 softmax, loss and gradient (also written over the
+    # logits), on 1 and 2 threads, with sentinels around every output.
     module = importlib.import_module(f"cecore_ext._kernels_{variant}")
     rng = np.random.default_rng(1)
     rtol = 1e-5 if dtype == np.float32 else 1e-12  # a wrong copy is off by O(1)
+    atol = 4 * np.finfo(dtype).eps
     rows = _config.SMALL_C_ROWS
     for c in range(1, _config.SMALL_C + 1):
         for n in (1, 3, 4, 5, 8, 9, 12, rows - 1, rows + 5, 2 * rows + 9):
+            n_threads = 1 + (c + n) % 2
             x = (rng.standard_normal((n, c, 1)) * 3).astype(dtype)
             t = rng.integers(0, c, (n, 1))
             x64 = x[..., 0].astype(np.float64)
-            p = np.exp(x64 - logsumexp(x64, axis=1, keepdims=True))
-            out = np.full_like(x, np.nan)
-            module.softmax(x, False, out, 2)
+            lse = logsumexp(x64, axis=1)
+            p = np.exp(x64 - lse[:, None])
+            where = f"C={c}, N={n}, {n_threads} thread(s)"
+            out, intact = _guarded(x.shape, dtype)
+            module.softmax(x, False, out, n_threads)
+            intact()
             np.testing.assert_allclose(out[..., 0], p, rtol=rtol, atol=1e-30,
-                                       err_msg=f"softmax, C={c}, N={n}")
+                                       err_msg=f"softmax, {where}")
             p[np.arange(n), t[:, 0]] -= 1
-            loss = np.empty((n, 1))
-            for grad in (np.full_like(x, np.nan), x.copy()):  # another buffer, in place
-                src = grad if grad[0, 0, 0] == x[0, 0, 0] else x
-                module.softmax_ce_index(src, t, np.ones(c), -100, 0.0,
-                                        np.broadcast_to(1.0, (n, 1)), loss, grad, 2)
-                np.testing.assert_allclose(grad[..., 0], p, rtol=rtol,
-                                           atol=4 * np.finfo(dtype).eps,
-                                           err_msg=f"gradient, C={c}, N={n}")
+            for in_place in (False, True):
+                grad, intact = _guarded(x.shape, dtype, x if in_place else np.nan)
+                loss, loss_intact = _guarded((n, 1), np.float64)
+                module.softmax_ce_index(grad if in_place else x, t, np.ones(c), -100, 0.0,
+                                        np.broadcast_to(1.0, (n, 1)), loss, grad, n_threads)
+                intact()
+                loss_intact()
+                np.testing.assert_allclose(grad[..., 0], p, rtol=rtol, atol=atol,
+                                           err_msg=f"gradient, in place {in_place}, {where}")
+                np.testing.assert_allclose(loss[:, 0], lse - x64[np.arange(n), t[:, 0]],
+                                           rtol=rtol, atol=8 * np.finfo(dtype).eps * 3 * 6,
+                                           err_msg=f"loss, {where}")
 
 
 def test_cecore_simd_caps_the_build():

@@ -321,12 +321,14 @@ def _n_tiles(n_samples, n_pos, block):
 
 
 @helper
-def _tiles_per_task(n_classes):
+def _tiles_per_task(n_classes, n_tiles):
     """Tiles per parallel task of a ``*_tiles`` kernel; a task's tiles share its scratch
-    arrays. TILES_PER_TASK for tiles of few classes, whose allocations cost as much as a
-    fifth of their arithmetic; one for more classes, where they cost little and a few
-    tiles of many classes should still spread over the threads."""
-    return TILES_PER_TASK if n_classes <= KDIM_BLOCK_MAX_C else 1
+    arrays. TILES_PER_TASK for many tiles of few classes, whose allocations cost as much
+    as a fifth of their arithmetic; else one, so that a few tiles still spread over the
+    threads (with more classes the allocations cost little)."""
+    if n_classes <= KDIM_BLOCK_MAX_C and n_tiles >= 8 * TILES_PER_TASK:
+        return TILES_PER_TASK
+    return 1
 
 
 @helper
@@ -457,7 +459,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     """
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    per_task = _tiles_per_task(n_classes)
+    per_task = _tiles_per_task(n_classes, n_tiles)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -523,7 +525,7 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
     overlap, LLVM's runtime alias checks sent the tile loops to their scalar versions
     (4 x 21 x 256 x 256 float32: 22.9 ms in place against 8.8 ms into another buffer)."""
     n_tiles = _n_tiles(n_samples, n_pos, 0)
-    per_task = _tiles_per_task(n_classes)
+    per_task = _tiles_per_task(n_classes, n_tiles)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=grad.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -605,7 +607,7 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    per_task = _tiles_per_task(n_classes)
+    per_task = _tiles_per_task(n_classes, n_tiles)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)
@@ -672,7 +674,7 @@ def _softmax_tile(x, base, stride, n_classes, width, log, out, m, s, log_s, shif
 def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block):
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    per_task = _tiles_per_task(n_classes)
+    per_task = _tiles_per_task(n_classes, n_tiles)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         shift = np.empty(TILE, dtype=x.dtype)
@@ -730,7 +732,7 @@ def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0, m, s, log_s, e
 def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block):
     """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    per_task = _tiles_per_task(n_classes)
+    per_task = _tiles_per_task(n_classes, n_tiles)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)
