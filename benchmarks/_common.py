@@ -75,14 +75,27 @@ def copy_bandwidth(nbytes=256 * 2**20, repeat=7):
 
 
 def _cpu_model():
+    """The CPU's model name, with its family, model number and widest vector extension:
+    a hypervisor may show only "AMD EPYC", which is a Zen 3 (family 25, model 1, AVX2)
+    or a Zen 4 (family 25, model 17, AVX-512), and the kernels differ by 2x between them."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or platform.processor() or "unknown"
+    flags = fields.get("flags", "").split()
+    simd = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                           ("sse4_2", "SSE4.2")) if flag in flags), None)
+    details = [f"family {fields['cpu family']}" if "cpu family" in fields else None,
+               f"model {fields['model']}" if "model" in fields else None, simd]
+    details = ", ".join(d for d in details if d)
+    return f"{name} ({details})" if details else name
 
 
 def _version(module_name):
