@@ -291,24 +291,26 @@ CEC_INLINE double cec_dev(double m, double x, double log_s) {
  *   (1 - y) - lw sigmoid(-x)  = (x >= 0 ? (1 - y) - pw y z : (1 - y) z - pw y) / (1 + z)
  * which for y in [0, 1] and pw >= 0 are sums of terms of one sign, and for y = 0 or 1
  * keep a tiny gradient's relative accuracy (1 - sigmoid(-x) rounded it to 0 before).
- * log1p(z) = 2 atanh(s), s = z / (2 + z) in [0, 1/3], the odd series of cec_log_sum to
- * s**15 (truncation < 2e-9 relative; no range reduction, as 1 + z is in [1, 2]).
+ * log1p(z) = z + z**2 Q(z), Q a degree-8 Chebyshev interpolant of (log1p(z) - z) / z**2
+ * on [0, 1] (mpmath; 2.3e-8 relative, 1.1e-7 with float32 coefficients and FMAs, against
+ * 2.1e-7 for the 2 atanh(z / (2 + z)) series before): no division, which on these CPUs
+ * costs as much as the rest of the polynomial (bench_ab.py, kernel_findings.md).
  * (x - x), 0 or NaN, keeps torch's NaN for x = -inf, where (1 - y) x + lw (-x) is
  * -inf + inf. NaN propagates. */
 CEC_INLINE void cec_bce_elem_f32(float x, float y, double w, double pw, double gs,
                                  double *loss, float *g, const int want_grad) {
     const float ax = x < 0 ? -x : x;
     const float z = cec_exp_f32(-ax);
-    const float sv = z / (2.0f + z);
-    const float s2 = sv * sv;
-    float p = 1.0f / 15.0f;
-    p = p * s2 + 1.0f / 13.0f;
-    p = p * s2 + 1.0f / 11.0f;
-    p = p * s2 + 1.0f / 9.0f;
-    p = p * s2 + 1.0f / 7.0f;
-    p = p * s2 + 1.0f / 5.0f;
-    p = p * s2 + 1.0f / 3.0f;
-    const float l1p = 2.0f * sv + 2.0f * sv * (s2 * p);
+    float p = -4.466211423e-03f;
+    p = CEC_FMAF(p, z, 2.522405423e-02f);
+    p = CEC_FMAF(p, z, -6.675772369e-02f);
+    p = CEC_FMAF(p, z, 1.156184524e-01f);
+    p = CEC_FMAF(p, z, -1.584756523e-01f);
+    p = CEC_FMAF(p, z, 1.985410601e-01f);
+    p = CEC_FMAF(p, z, -2.498652637e-01f);
+    p = CEC_FMAF(p, z, 3.333284259e-01f);
+    p = CEC_FMAF(p, z, -4.999999702e-01f);
+    const float l1p = CEC_FMAF(z * z, p, z);
     const float wf = (float)w, pwf = (float)pw, ny = 1.0f - y, pwy = pwf * y;
     const float lw = 1.0f + (pwf - 1.0f) * y;
     const float a = x >= 0 ? ny * x : (x - x) - pwy * x;

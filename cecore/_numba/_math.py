@@ -245,22 +245,23 @@ _log_sum = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
                 cache=True)(_log_sum_py)
 
 
-_F32_TWO = np.float32(2.0)
-_F32_LOG1P_SERIES = tuple(np.float32(1.0 / k) for k in range(15, 2, -2))  # 1/15 .. 1/3
+# log1p(z) = z + z**2 Q(z) on [0, 1]: Q's coefficients, highest degree first (see
+# cec_bce_elem_f32 in cecore_ext/_rowkernels.h)
+_F32_LOG1P_Q = tuple(np.float32(c) for c in (
+    -4.466211423e-03, 2.522405423e-02, -6.675772369e-02, 1.156184524e-01, -1.584756523e-01,
+    1.985410601e-01, -2.498652637e-01, 3.333284259e-01, -4.999999702e-01))
 
 
 def _bce_f32(x, y, w, pw, gs, z):
     """Binary cross-entropy on one float32 logit ``x`` given ``z = exp(-|x|)``, all in
     float32, as cec_bce_elem_f32 in cecore_ext/_rowkernels.h (which explains the
-    regrouping): log1p(z) = 2 atanh(s), s = z / (2 + z) in [0, 1/3], odd series to s**15;
+    regrouping): log1p(z) = z + z**2 Q(z), Q a polynomial of degree 8 (no division);
     loss = w (a + lw log1p(z)) with a = x >= 0 ? (1 - y) x : -pw y x (+ (x - x), torch's
     NaN at -inf), grad = gs w (x >= 0 ? (1 - y) - pw y z : (1 - y) z - pw y) / (1 + z).
     Returns both as float64."""
-    c15, c13, c11, c9, c7, c5, c3 = _F32_LOG1P_SERIES
-    sv = z / (_F32_TWO + z)
-    s2 = sv * sv
-    p = (((((c15 * s2 + c13) * s2 + c11) * s2 + c9) * s2 + c7) * s2 + c5) * s2 + c3
-    l1p = _F32_TWO * sv + _F32_TWO * sv * (s2 * p)
+    q8, q7, q6, q5, q4, q3, q2, q1, q0 = _F32_LOG1P_Q
+    p = (((((((q8 * z + q7) * z + q6) * z + q5) * z + q4) * z + q3) * z + q2) * z + q1) * z + q0
+    l1p = (z * z) * p + z
     wf, pwf = np.float32(w), np.float32(pw)
     ny, pwy = _F32_ONE - y, pwf * y
     lw = _F32_ONE + (pwf - _F32_ONE) * y
