@@ -89,9 +89,11 @@ def _cpu_model():
     except OSError:
         pass
     name = fields.get("model name") or platform.processor() or "unknown"
-    flags = fields.get("flags", "").split()
-    simd = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
-                                           ("sse4_2", "SSE4.2")) if flag in flags), None)
+    from cecore_ext import _cpu_features  # the flags that pick cecore's build
+
+    features = _cpu_features()
+    simd = next((label for flag, label in (("AVX512F", "AVX-512"), ("AVX2", "AVX2"),
+                                           ("SSE42", "SSE4.2")) if features.get(flag)), None)
     details = [f"family {fields['cpu family']}" if "cpu family" in fields else None,
                f"model {fields['model']}" if "model" in fields else None, simd]
     details = ", ".join(d for d in details if d)

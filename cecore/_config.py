@@ -74,10 +74,18 @@ TILES_PER_TASK = 8
 # AVX2 vectors of doubles. (The Numba kernels leave this to LLVM.)
 LANES = 16
 
+# On AMD CPUs the Cython few-classes blocks prefetch the next block only when a block's
+# row of classes takes at least this many bytes (elsewhere always). Zen 4, bench_ab.py,
+# without / with the prefetch: 1e6 x 10 float32 loss + gradient 0.70-1.03, probability
+# targets (524288, 8, 2) 0.56-0.83, but 128 classes of (16384, 128, 4) 1.02-1.24; on a
+# Sapphire Rapids the prefetch took the path to 0.77-0.93 (kernel_findings.md, sixth and
+# twelfth sessions).
+PREFETCH_MIN_ROW_BYTES_AMD = 256
+
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
 C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES", "REDUCE_BLOCK",
             "KDIM_BLOCK_MAX_BYTES", "KDIM_BLOCK_MAX_C", "KDIM_ROWS_MAX_BYTES",
-            "KDIM_ROWS_GROUP_BYTES")
+            "KDIM_ROWS_GROUP_BYTES", "PREFETCH_MIN_ROW_BYTES_AMD")
 
 # binary_cross_entropy_with_logits with reduction='none': positions per chunk of the
 # reused float64 buffer that takes the kernel's losses before they are cast to the loss's

@@ -37,8 +37,9 @@ cdef extern from "_rowkernels.h" nogil:
     enum: CEC_KDIM_BLOCK_MAX_C
     enum: CEC_KDIM_ROWS_MAX_BYTES
     enum: CEC_KDIM_ROWS_GROUP_BYTES
+    enum: CEC_PREFETCH_MIN_ROW_BYTES_AMD
     void cec_prefetch_range(const void *p, Py_ssize_t nbytes, int write)
-    int cec_block_prefetch()
+    Py_ssize_t cec_prefetch_min_row_bytes()
     int cec_openmp_version()
     int cec_omp_max_threads()
     const char *cec_variant()
@@ -336,22 +337,18 @@ cdef inline Block _block(Py_ssize_t k, Py_ssize_t N, Py_ssize_t S) noexcept nogi
     b.ld = per * S
     return b
 
-# Whether _block_in prefetches every block: not on AMD CPUs (cec_block_prefetch in
-# _rowkernels.h), where it pays only for blocks of at least 64 rows of PREFETCH_ROW_BYTES
-# (Zen 4, bench_ab.py: 10 classes 0.55-0.94 of the time without it; 128 classes of a
-# K-dim input, 32 KB blocks, 1.02-1.24 without it).
-cdef int _BLOCK_PREFETCH = cec_block_prefetch()
-cdef enum:
-    PREFETCH_ROW_BYTES = 256
+# _block_in prefetches for rows of at least this many bytes: 0 except on AMD CPUs
+# (cec_prefetch_min_row_bytes; PREFETCH_MIN_ROW_BYTES_AMD in cecore/_config.py).
+cdef Py_ssize_t _PREFETCH_MIN_ROW_BYTES = cec_prefetch_min_row_bytes()
 
 cdef inline void _block_in(const floating *x, Block b, Py_ssize_t N, Py_ssize_t C,
                            Py_ssize_t S, floating *xt, floating *g) noexcept nogil:
-    """Transpose block b of x into the tile xt; first, where it pays (_BLOCK_PREFETCH),
-    ask for the next block (this thread's, under the static schedule) and the gradient
+    """Transpose block b of x into the tile xt; first, where it pays
+    (_PREFETCH_MIN_ROW_BYTES), ask for the next block (this thread's, under the static schedule) and the gradient
     lines it will write, so the transposes do not wait on memory (kernel_findings.md,
     sixth and twelfth sessions)."""
     cdef Py_ssize_t size = C * S, nxt = min(N - b.n0 - b.nb, b.nb) * size
-    if nxt > 0 and (_BLOCK_PREFETCH or C * sizeof(floating) >= PREFETCH_ROW_BYTES):
+    if nxt > 0 and C * <Py_ssize_t>sizeof(floating) >= _PREFETCH_MIN_ROW_BYTES:
         cec_prefetch_range(x + (b.n0 + b.nb) * size, nxt * sizeof(floating), 0)
         if g != NULL:
             cec_prefetch_range(g + (b.n0 + b.nb) * size, nxt * sizeof(floating), 1)
@@ -1027,6 +1024,7 @@ def build_info():
         "kdim_block_max_c": CEC_KDIM_BLOCK_MAX_C,
         "kdim_rows_max_bytes": CEC_KDIM_ROWS_MAX_BYTES,
         "kdim_rows_group_bytes": CEC_KDIM_ROWS_GROUP_BYTES,
+        "prefetch_min_row_bytes_amd": CEC_PREFETCH_MIN_ROW_BYTES_AMD,
         "exp": "range reduction + polynomial, vectorised with omp simd",
-        "block_prefetch": bool(_BLOCK_PREFETCH),
+        "block_prefetch_min_row_bytes": _PREFETCH_MIN_ROW_BYTES,
     }

@@ -49,11 +49,13 @@
  * CEC_SUM_BLOCK: classes per block of a row's exp + sum pass (cec_row_sumexp);
  * CEC_REDUCE_BLOCK: positions per work item of bce_logits (the .pxi reads it);
  * CEC_KDIM_*: which K-dim inputs with few positions take the transposing paths (the .pxi
- * reads them). */
+ * reads them);
+ * CEC_PREFETCH_MIN_ROW_BYTES_AMD: see cec_prefetch_min_row_bytes. */
 #if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SMALL_C_ROWS) || \
     !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES) || !defined(CEC_REDUCE_BLOCK) || \
     !defined(CEC_KDIM_BLOCK_MAX_BYTES) || !defined(CEC_KDIM_BLOCK_MAX_C) || \
-    !defined(CEC_KDIM_ROWS_MAX_BYTES) || !defined(CEC_KDIM_ROWS_GROUP_BYTES)
+    !defined(CEC_KDIM_ROWS_MAX_BYTES) || !defined(CEC_KDIM_ROWS_GROUP_BYTES) || \
+    !defined(CEC_PREFETCH_MIN_ROW_BYTES_AMD)
 #error "the CEC_* tunables come from cecore/_config.py (C_MACROS): build with setup.py"
 #endif
 #if CEC_KDIM_BLOCK_MAX_BYTES / 4 > CEC_SMALL_C_ROWS / 2
@@ -90,26 +92,24 @@
 #define CEC_PREFETCH_W(p) ((void)0)
 #endif
 
+/* The least bytes per row of a few-classes block for which that block prefetches the
+ * next one: 0 (always) except on AMD CPUs, CEC_PREFETCH_MIN_ROW_BYTES_AMD there (measured
+ * in cecore/_config.py: on a Zen 4 small blocks ran faster without it; in a cpu-clock
+ * profile 88% of the block driver's samples sat on its prefetch loops). From the CPU's
+ * vendor, once, at import (the .pxi calls it from its top level). */
+CEC_INLINE ptrdiff_t cec_prefetch_min_row_bytes(void) {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") ? CEC_PREFETCH_MIN_ROW_BYTES_AMD : 0;
+#else
+    return 0;
+#endif
+}
+
 /* Ask for the cache lines of [p, p + bytes), to be read (write = 0) or written. The
  * few-classes path asks for its next block of rows and of the gradient while it computes
  * the current block: its transposes otherwise wait on memory, as the block's arithmetic
  * (in L1) and its memory traffic do not overlap. */
-/* Whether to: on an Intel Sapphire Rapids it took the few-classes path from 1 to
- * 0.77-0.93 of its time; on an AMD Zen 4, asking took it from 1 to 1.02-1.28 (the
- * prefetches stalled on a full miss queue, 88% of the block driver's samples in a
- * cpu-clock profile: AMD's own prefetchers follow the sequential block reads).
- * Decided once, at import (cec_block_prefetch is called from the module's top level),
- * from the CPU's vendor: on anything but AMD the prefetch stays; on AMD it stays for
- * blocks of many classes only (PREFETCH_ROW_BYTES in _kernels.pxi). */
-CEC_INLINE int cec_block_prefetch(void) {
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-    __builtin_cpu_init();
-    return !__builtin_cpu_is("amd");
-#else
-    return 1;
-#endif
-}
-
 CEC_INLINE void cec_prefetch_range(const void *p, ptrdiff_t bytes, int write) {
     const char *b = (const char *)p;
     for (ptrdiff_t i = 0; i < bytes; i += 64) {
@@ -309,8 +309,8 @@ CEC_INLINE double cec_dev(double m, double x, double log_s) {
  * keep a tiny gradient's relative accuracy (1 - sigmoid(-x) rounded it to 0 before).
  * log1p(z) = z + z**2 Q(z), Q a degree-8 Chebyshev interpolant of (log1p(z) - z) / z**2
  * on [0, 1] (mpmath; 2.3e-8 relative, 1.1e-7 with float32 coefficients and FMAs, against
- * 2.1e-7 for the 2 atanh(z / (2 + z)) series before): no division, which on these CPUs
- * costs as much as the rest of the polynomial (bench_ab.py, kernel_findings.md).
+ * 2.1e-7 for the 2 atanh(z / (2 + z)) series before), without its division: 0.87-1.00
+ * of the time with the arrays in cache (bench_ab.py, Zen 4; kernel_findings.md).
  * (x - x), 0 or NaN, keeps torch's NaN for x = -inf, where (1 - y) x + lw (-x) is
  * -inf + inf. NaN propagates. */
 CEC_INLINE void cec_bce_elem_f32(float x, float y, double w, double pw, double gs,

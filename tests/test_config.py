@@ -26,10 +26,11 @@ def test_backends_report_the_config_tunables():
     # The loaded Cython build (AVX2 or baseline), the baseline build, and Numba.
     assert _tunables(cecore_ext.build_info()) == expected
     assert _tunables(_kernels_base.build_info()) == expected
-    # LANES and SMALL_C_ROWS shape only the C loops (LLVM chooses the Numba kernels'
-    # accumulators; Numba's few-classes blocks are TILE rows, it measured no faster with
-    # fewer)
-    numba_names = [n for n in _config.C_MACROS if n not in ("LANES", "SMALL_C_ROWS")]
+    # LANES, SMALL_C_ROWS and PREFETCH_MIN_ROW_BYTES_AMD shape only the C loops (LLVM
+    # chooses the Numba kernels' accumulators; Numba's few-classes blocks are TILE rows,
+    # it measured no faster with fewer, nor with a prefetch)
+    numba_names = [n for n in _config.C_MACROS
+                   if n not in ("LANES", "SMALL_C_ROWS", "PREFETCH_MIN_ROW_BYTES_AMD")]
     assert _tunables(numba_backend.build_info(), numba_names) == {
         name: expected[name] for name in numba_names}
 
@@ -93,13 +94,16 @@ def _cpu_vendor():
 @pytest.mark.parametrize("variant", _RUNNABLE)
 def test_block_prefetch_follows_the_cpu_vendor(variant):
     # The few-classes blocks prefetch their successor except on AMD CPUs, where that was
-    # measured to slow them down (cec_block_prefetch, from the compiler's cpuid builtins).
+    # measured to slow small blocks down (cec_prefetch_min_row_bytes, from the compiler's
+    # cpuid builtins; /proc/cpuinfo is the independent check).
     info = importlib.import_module(f"cecore_ext._kernels_{variant}").build_info()
+    amd = _config.PREFETCH_MIN_ROW_BYTES_AMD
     vendor = _cpu_vendor()
     if vendor is None:  # no /proc/cpuinfo to check it against
-        assert isinstance(info["block_prefetch"], bool)
+        assert info["block_prefetch_min_row_bytes"] in (0, amd)
     else:
-        assert info["block_prefetch"] == (vendor != "AuthenticAMD"), vendor
+        expected = amd if vendor == "AuthenticAMD" else 0
+        assert info["block_prefetch_min_row_bytes"] == expected, vendor
 
 
 @pytest.mark.parametrize("variant", _RUNNABLE)
