@@ -82,10 +82,18 @@ LANES = 16
 # twelfth sessions).
 PREFETCH_MIN_ROW_BYTES_AMD = 256
 
+# The Cython few-classes blocks write an output (gradient, softmax) of at least this many
+# bytes, other than their input, with non-temporal stores: it is larger than the last-level
+# cache of the CPUs seen here (32 MB per Zen 3 / Zen 4 CCD), so it would not stay in cache,
+# and a normal store first reads the line it writes. Zen 4, same bits, streaming / normal:
+# 1e6 x 10 loss + gradient 0.86-0.93 (float64 and float32, AVX-512 and AVX2 builds),
+# (200000, 32) 0.74-0.97 (kernel_findings.md, thirteenth session).
+STREAM_MIN_BYTES = 33554432  # 32 MiB
+
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
 C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES", "REDUCE_BLOCK",
             "KDIM_BLOCK_MAX_BYTES", "KDIM_BLOCK_MAX_C", "KDIM_ROWS_MAX_BYTES",
-            "KDIM_ROWS_GROUP_BYTES", "PREFETCH_MIN_ROW_BYTES_AMD")
+            "KDIM_ROWS_GROUP_BYTES", "PREFETCH_MIN_ROW_BYTES_AMD", "STREAM_MIN_BYTES")
 
 # binary_cross_entropy_with_logits with reduction='none': positions per chunk of the
 # reused float64 buffer that takes the kernel's losses before they are cast to the loss's

@@ -20,7 +20,7 @@
 
 import numpy as np
 
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from cython cimport floating
 from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
@@ -38,8 +38,10 @@ cdef extern from "_rowkernels.h" nogil:
     enum: CEC_KDIM_ROWS_MAX_BYTES
     enum: CEC_KDIM_ROWS_GROUP_BYTES
     enum: CEC_PREFETCH_MIN_ROW_BYTES_AMD
+    enum: CEC_STREAM_MIN_BYTES
     void cec_prefetch_range(const void *p, Py_ssize_t nbytes, int write)
     Py_ssize_t cec_prefetch_min_row_bytes()
+    void cec_stream_fence()
     int cec_openmp_version()
     int cec_omp_max_threads()
     const char *cec_variant()
@@ -99,6 +101,8 @@ cdef extern from "_rowkernels.h" nogil:
                                     Py_ssize_t S, float *dst, Py_ssize_t dld)
     void cec_transpose_granules_f64(const double *src, Py_ssize_t rows, Py_ssize_t cols,
                                     Py_ssize_t S, double *dst, Py_ssize_t dld)
+    void cec_stream_copy_f32(const float *src, float *dst, Py_ssize_t n)
+    void cec_stream_copy_f64(const double *src, double *dst, Py_ssize_t n)
     void cec_untranspose_granules_f32(const float *src, Py_ssize_t sld, Py_ssize_t rows,
                                       Py_ssize_t cols, Py_ssize_t S, float *dst)
     void cec_untranspose_granules_f64(const double *src, Py_ssize_t sld, Py_ssize_t rows,
@@ -245,9 +249,12 @@ cdef void _run(void (*item)(Py_ssize_t, const floating *, const void *) noexcept
     if n_threads == 1:  # no OpenMP region at all (see Design)
         for k in range(n_items):
             item(k, x, ctx)
+        cec_stream_fence()
     else:
-        for k in prange(n_items, num_threads=n_threads, schedule="static"):
-            item(k, x, ctx)
+        with parallel(num_threads=n_threads):
+            for k in prange(n_items, schedule="static"):
+                item(k, x, ctx)
+            cec_stream_fence()  # each thread's non-temporal stores, before its results are read
 
 
 # ------------------------------------------------------------------------- helpers
@@ -354,10 +361,25 @@ cdef inline void _block_in(const floating *x, Block b, Py_ssize_t N, Py_ssize_t 
             cec_prefetch_range(g + (b.n0 + b.nb) * size, nxt * sizeof(floating), 1)
     _transpose_granules(x + b.n0 * size, b.nb, C, S, xt, b.ld)
 
+cdef inline bint _streams(const void *out, const void *x, Py_ssize_t nbytes) noexcept:
+    """Whether the few-classes blocks write ``out`` (nbytes) with non-temporal stores: when
+    it is another array than the input x and too large to stay in cache anyway
+    (CEC_STREAM_MIN_BYTES), so that its lines are not read from memory before they are
+    overwritten (write-allocate). Over x itself the lines are in cache already."""
+    return out != NULL and out != x and nbytes >= CEC_STREAM_MIN_BYTES
+
 cdef inline void _block_out(const floating *t, Block b, Py_ssize_t C, Py_ssize_t S,
-                            floating *out) noexcept nogil:
-    """The tile t back into block b of out."""
-    _untranspose_granules(t, b.ld, b.nb, C, S, out + b.n0 * C * S)
+                            floating *out, floating *staging) noexcept nogil:
+    """The tile t back into block b of out; with ``staging`` (C * b.nb * S values, the
+    block's input tile, no longer needed), through it and non-temporal stores (_streams)."""
+    if staging == NULL:
+        _untranspose_granules(t, b.ld, b.nb, C, S, out + b.n0 * C * S)
+        return
+    _untranspose_granules(t, b.ld, b.nb, C, S, staging)
+    if floating is float:
+        cec_stream_copy_f32(staging, out + b.n0 * C * S, b.nb * C * S)
+    else:
+        cec_stream_copy_f64(staging, out + b.n0 * C * S, b.nb * C * S)
 
 cdef inline void _block_gs(Strided gs, Block b, Py_ssize_t S, double *out) noexcept nogil:
     """grad_scale of block b's positions (two loops: a division per position, j // S,
@@ -409,6 +431,7 @@ cdef struct IndexArgs:
     int64_t ignore_index
     double w_total, eps
     Py_ssize_t group  # positions per group of _index_rows_item, 0: not that path
+    bint stream  # the few-classes blocks write the gradient with non-temporal stores (_streams)
 
 cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     """Row k (S == 1) or tile k (S > 1)."""
@@ -456,11 +479,11 @@ cdef void _index_block_item(Py_ssize_t k, const floating *x,
     if g != NULL:
         gt = xt + C * b.ld
         _block_gs(a.gs, b, S, gsb)  # the loss does not read it
-    _block_in(x, b, a.N, C, S, xt, g)
+    _block_in(x, b, a.N, C, S, xt, NULL if a.stream else g)  # streamed: not into cache
     _index_tile(<const floating *>xt, C, b.ld, b.width, a.target + b.n0 * S, a.ignore_index,
                 a.w, a.w_total, a.eps, gsb, a.loss + b.n0 * S, gt)
     if gt != NULL:
-        _block_out(gt, b, C, S, g)
+        _block_out(gt, b, C, S, g, xt if a.stream else NULL)
     _release(xt, stack)
 
 cdef void _index_rows_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
@@ -522,6 +545,7 @@ def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] tar
     a.N, a.C, a.S = N, C, S
     a.ignore_index, a.eps = ignore_index, label_smoothing
     a.group = _rows_group(C, S, sizeof(floating))
+    a.stream = _streams(a.g, &logits[0, 0, 0], N * C * S * sizeof(floating))
     with nogil:
         if _use_blocks(C, S, sizeof(floating)):
             _run(_index_block_item[floating], _n_blocks(N, S), &logits[0, 0, 0], &a,
@@ -542,6 +566,7 @@ cdef struct ProbaArgs:
     Py_ssize_t N, C, S
     double eps
     Py_ssize_t group  # positions per group of _proba_rows_item, 0: not that path
+    bint stream  # as IndexArgs.stream
 
 cdef void _proba_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     cdef const ProbaArgs *a = <const ProbaArgs *>ctx
@@ -576,14 +601,14 @@ cdef void _proba_block_item(Py_ssize_t k, const floating *x,
         for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
             _proba_item(j, x, ctx)
         return
-    _block_in(x, b, a.N, C, S, xt, g)
+    _block_in(x, b, a.N, C, S, xt, NULL if a.stream else g)  # streamed: not into cache
     _block_in(<const floating *>a.q, b, a.N, C, S, xt + C * b.ld, NULL)
     if g != NULL:
         _block_gs(a.gs, b, S, gsb)  # the loss does not read it
     _proba_tile(<const floating *>xt, <const floating *>(xt + C * b.ld), C, b.ld, b.width,
                 a.w, a.eps, gsb, a.loss + b.n0 * S, xt + 2 * C * b.ld if g != NULL else NULL)
     if g != NULL:
-        _block_out(xt + 2 * C * b.ld, b, C, S, g)
+        _block_out(xt + 2 * C * b.ld, b, C, S, g, xt if a.stream else NULL)
     _release(xt, stack)
 
 cdef void _proba_rows_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
@@ -633,6 +658,7 @@ def softmax_ce_proba(const floating[:, :, ::1] logits, const floating[:, :, ::1]
         _check_grad(grad_out.shape, logits.shape, 3)
         a.g = &grad_out[0, 0, 0]
     a.N, a.C, a.S, a.eps = N, C, S, label_smoothing
+    a.stream = _streams(a.g, &logits[0, 0, 0], N * C * S * sizeof(floating))
     a.group = _rows_group(C, S, sizeof(floating))
     with nogil:
         if _use_blocks(C, S, sizeof(floating)):
@@ -650,6 +676,7 @@ cdef struct SoftmaxArgs:
     Py_ssize_t N, C, S
     int log_
     Py_ssize_t group  # positions per group of the *_rows_item, 0: not that path
+    bint stream  # as IndexArgs.stream
 
 cdef void _softmax_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
@@ -677,9 +704,9 @@ cdef void _softmax_block_item(Py_ssize_t k, const floating *x,
         for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
             _softmax_item(j, x, ctx)
         return
-    _block_in(x, b, a.N, C, S, xt, out)
+    _block_in(x, b, a.N, C, S, xt, NULL if a.stream else out)
     _softmax_tile(<const floating *>xt, C, b.ld, b.width, a.log_, xt + C * b.ld)
-    _block_out(xt + C * b.ld, b, C, S, out)
+    _block_out(xt + C * b.ld, b, C, S, out, xt if a.stream else NULL)
     _release(xt, stack)
 
 cdef void _softmax_rows_item(Py_ssize_t k, const floating *x,
@@ -711,6 +738,7 @@ def softmax(const floating[:, :, ::1] logits, bint log, floating[:, :, ::1] out,
     if N == 0 or C == 0 or S == 0:
         return
     a.out, a.N, a.C, a.S, a.log_ = &out[0, 0, 0], N, C, S, log
+    a.stream = _streams(a.out, &logits[0, 0, 0], N * C * S * sizeof(floating))
     a.group = _rows_group(C, S, sizeof(floating))
     with nogil:
         if _use_blocks(C, S, sizeof(floating)):
@@ -1025,6 +1053,7 @@ def build_info():
         "kdim_rows_max_bytes": CEC_KDIM_ROWS_MAX_BYTES,
         "kdim_rows_group_bytes": CEC_KDIM_ROWS_GROUP_BYTES,
         "prefetch_min_row_bytes_amd": CEC_PREFETCH_MIN_ROW_BYTES_AMD,
+        "stream_min_bytes": CEC_STREAM_MIN_BYTES,
         "exp": "range reduction + polynomial, vectorised with omp simd",
         "block_prefetch_min_row_bytes": _PREFETCH_MIN_ROW_BYTES,
     }
