@@ -625,8 +625,8 @@ CEC_INLINE void CEC_FN(cec_add_lanes)(double *acc, const T *v, ptrdiff_t len) {
  * over the classes with e_c > 0 (p log p -> 0 for the others) and *e2 += sum_c e_c**2,
  * and with acc != NULL also cec_add_lanes(acc, e, len) (inlined with a constant acc, the
  * sum disappears where it is not asked for): in the same loop, each exp is loaded once
- * (bench_ab, Zen 4, float32 scoring kernel, one loop / two: 0.92-0.98 at 65536 x 1000 and
- * 4096 x 50257, both builds, same bits).
+ * (bench_ab, Zen 4, scoring kernel, one loop / two, four runs: 0.86-1.04 at 65536 x 1000
+ * and 4096 x 50257, both builds, same bits: a few percent at most, within the noise).
  * CEC_LANES sums in the logits' type (for float32, CEC_SUM_BLOCK / CEC_LANES terms each,
  * about 1e-7 relative; float64 per element doubled the kernel's time), added in float64 in
  * a fixed order. x is read whether or not e_c > 0: read only under the condition, gcc
