@@ -41,6 +41,7 @@ cdef extern from "_rowkernels.h" nogil:
     enum: CEC_STREAM_MIN_BYTES
     void cec_prefetch_range(const void *p, Py_ssize_t nbytes, int write)
     Py_ssize_t cec_prefetch_min_row_bytes()
+    void cec_stream_copy(const void *src, void *dst, Py_ssize_t nbytes)
     void cec_stream_fence()
     int cec_openmp_version()
     int cec_omp_max_threads()
@@ -101,8 +102,6 @@ cdef extern from "_rowkernels.h" nogil:
                                     Py_ssize_t S, float *dst, Py_ssize_t dld)
     void cec_transpose_granules_f64(const double *src, Py_ssize_t rows, Py_ssize_t cols,
                                     Py_ssize_t S, double *dst, Py_ssize_t dld)
-    void cec_stream_copy_f32(const float *src, float *dst, Py_ssize_t n)
-    void cec_stream_copy_f64(const double *src, double *dst, Py_ssize_t n)
     void cec_untranspose_granules_f32(const float *src, Py_ssize_t sld, Py_ssize_t rows,
                                       Py_ssize_t cols, Py_ssize_t S, float *dst)
     void cec_untranspose_granules_f64(const double *src, Py_ssize_t sld, Py_ssize_t rows,
@@ -351,9 +350,9 @@ cdef Py_ssize_t _PREFETCH_MIN_ROW_BYTES = cec_prefetch_min_row_bytes()
 cdef inline void _block_in(const floating *x, Block b, Py_ssize_t N, Py_ssize_t C,
                            Py_ssize_t S, floating *xt, floating *g) noexcept nogil:
     """Transpose block b of x into the tile xt; first, where it pays
-    (_PREFETCH_MIN_ROW_BYTES), ask for the next block (this thread's, under the static schedule) and the gradient
-    lines it will write, so the transposes do not wait on memory (kernel_findings.md,
-    sixth and twelfth sessions)."""
+    (_PREFETCH_MIN_ROW_BYTES), ask for the next block (this thread's, under the static
+    schedule) and the gradient lines it will write (g; NULL when they are streamed), so
+    the transposes do not wait on memory (kernel_findings.md, sixth and twelfth sessions)."""
     cdef Py_ssize_t size = C * S, nxt = min(N - b.n0 - b.nb, b.nb) * size
     if nxt > 0 and C * <Py_ssize_t>sizeof(floating) >= _PREFETCH_MIN_ROW_BYTES:
         cec_prefetch_range(x + (b.n0 + b.nb) * size, nxt * sizeof(floating), 0)
@@ -376,10 +375,7 @@ cdef inline void _block_out(const floating *t, Block b, Py_ssize_t C, Py_ssize_t
         _untranspose_granules(t, b.ld, b.nb, C, S, out + b.n0 * C * S)
         return
     _untranspose_granules(t, b.ld, b.nb, C, S, staging)
-    if floating is float:
-        cec_stream_copy_f32(staging, out + b.n0 * C * S, b.nb * C * S)
-    else:
-        cec_stream_copy_f64(staging, out + b.n0 * C * S, b.nb * C * S)
+    cec_stream_copy(staging, out + b.n0 * C * S, b.nb * C * S * sizeof(floating))
 
 cdef inline void _block_gs(Strided gs, Block b, Py_ssize_t S, double *out) noexcept nogil:
     """grad_scale of block b's positions (two loops: a division per position, j // S,

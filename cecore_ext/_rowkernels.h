@@ -407,48 +407,36 @@ CEC_INLINE void cec_tr_block_f64(const double *src, ptrdiff_t sld, double *dst,
 #endif
 
 /* ------------------------------------------ non-temporal stores of a gradient block
- * One 64-byte line of dst from src with non-temporal stores (dst 64-byte aligned): the
- * line goes to memory without being read first (a normal store reads it: write-allocate).
- * For the few-classes blocks' outputs larger than the cache (CEC_STREAM_MIN_BYTES, the
- * .pxi's _streams); over the input itself the lines are in cache and normal stores were
- * faster (Zen 4, 1e6 x 10 float64 in place: 24.7 ms with them, 28 ms streamed, 1 thread).
- * cec_stream_fence (each thread, at the end of a kernel) orders them before the results
- * are read. */
+ * dst[0:nbytes] = src[0:nbytes], dst's whole 64-byte lines with non-temporal stores (the
+ * line goes to memory without being read first; a normal store reads it: write-allocate),
+ * the partial lines at its ends with memcpy. For the few-classes blocks' outputs larger
+ * than the cache (CEC_STREAM_MIN_BYTES; the .pxi's _streams says which). 16-byte integer
+ * stores in every build: they move bytes, so one function serves both types and any
+ * alignment of the elements. cec_stream_fence (each thread, at the end of a kernel)
+ * orders them before the results are read. */
 #if defined(__SSE2__)
 #include <emmintrin.h>
-#define CEC_HAVE_STREAM 1
-#if defined(__AVX512F__)
-#include <immintrin.h>
-CEC_INLINE void cec_stream_line_f32(float *dst, const float *src) {
-    _mm512_stream_ps(dst, _mm512_loadu_ps(src));
-}
-CEC_INLINE void cec_stream_line_f64(double *dst, const double *src) {
-    _mm512_stream_pd(dst, _mm512_loadu_pd(src));
-}
-#elif defined(__AVX__)
-#include <immintrin.h>
-CEC_INLINE void cec_stream_line_f32(float *dst, const float *src) {
-    _mm256_stream_ps(dst, _mm256_loadu_ps(src));
-    _mm256_stream_ps(dst + 8, _mm256_loadu_ps(src + 8));
-}
-CEC_INLINE void cec_stream_line_f64(double *dst, const double *src) {
-    _mm256_stream_pd(dst, _mm256_loadu_pd(src));
-    _mm256_stream_pd(dst + 4, _mm256_loadu_pd(src + 4));
-}
-#else
-CEC_INLINE void cec_stream_line_f32(float *dst, const float *src) {
-    for (int i = 0; i < 16; i += 4)
-        _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-}
-CEC_INLINE void cec_stream_line_f64(double *dst, const double *src) {
-    for (int i = 0; i < 8; i += 2)
-        _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
-}
 #endif
-CEC_INLINE void cec_stream_fence(void) { _mm_sfence(); }
-#else
-CEC_INLINE void cec_stream_fence(void) {}
+CEC_INLINE void cec_stream_copy(const void *src, void *dst, ptrdiff_t nbytes) {
+    const char *s = (const char *)src;
+    char *d = (char *)dst;
+#if defined(__SSE2__)
+    ptrdiff_t head = (ptrdiff_t)((64 - (uintptr_t)d % 64) % 64);
+    head = head < nbytes ? head : nbytes;
+    memcpy(d, s, (size_t)head);
+    d += head, s += head, nbytes -= head;
+    for (; nbytes >= 64; nbytes -= 64, d += 64, s += 64)
+        for (int i = 0; i < 64; i += 16)
+            _mm_stream_si128((__m128i *)(d + i), _mm_loadu_si128((const __m128i *)(s + i)));
 #endif
+    memcpy(d, s, (size_t)nbytes);
+}
+
+CEC_INLINE void cec_stream_fence(void) {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
 
 /* ------------------------------------------------- instantiate the type template */
 #define CEC_TEMPLATE_PASS
@@ -587,26 +575,6 @@ CEC_INLINE void CEC_FN(cec_untranspose_granules)(const T *src, ptrdiff_t sld, pt
 }
 #undef CEC_GRANULE_LOOP
 #undef CEC_GRANULES
-
-/* dst[i] = src[i] for i < n, dst's whole 64-byte lines with non-temporal stores (where
- * the build has them), the partial lines at its ends with normal ones. */
-CEC_INLINE void CEC_FN(cec_stream_copy)(const T *src, T *dst, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-#ifdef CEC_HAVE_STREAM
-    const uintptr_t a = (uintptr_t)dst;
-    const ptrdiff_t per = 64 / (ptrdiff_t)sizeof(T);
-    if (a % sizeof(T) == 0) {
-        ptrdiff_t head = (ptrdiff_t)((64 - a % 64) % 64) / (ptrdiff_t)sizeof(T);
-        head = head < n ? head : n;
-        for (; i < head; i++)
-            dst[i] = src[i];
-        for (; i + per <= n; i += per)
-            CEC_FN(cec_stream_line)(dst + i, src + i);
-    }
-#endif
-    for (; i < n; i++)
-        dst[i] = src[i];
-}
 
 /* acc[c % CEC_LANES] += v[c] in float64 (v is a block of CEC_TILE values at most, so
  * lane j always receives the block's elements j, j + CEC_LANES, ...). */
