@@ -108,20 +108,24 @@ def test_block_prefetch_follows_the_cpu_vendor(variant):
         assert info["block_prefetch_min_row_bytes"] == expected, vendor
 
 
-@pytest.mark.parametrize("variant", _RUNNABLE)
+@pytest.mark.parametrize("variant", _RUNNABLE + ["numba"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_build_transposes_few_classes_right(variant, dtype):
     # The few-classes path transposes blocks of rows with register blocks of 8 x 8 floats
-    # (4 x 4 doubles) in the AVX2 and AVX-512 builds; where C or a block's rows are not a
-    # multiple of that, the last register block overlaps the one before it, and below it
-    # the copies go element by element. Every C of that path, and row counts around the
-    # block sizes, against the float64 softmax, loss and gradient (also written over the
-    # logits), on 1 and 2 threads, with sentinels around every output.
-    module = importlib.import_module(f"cecore_ext._kernels_{variant}")
+    # (4 x 4 doubles) in the AVX2 and AVX-512 builds and in Numba (_tr_block, any CPU);
+    # where C or a block's rows are not a multiple of that, the last register block
+    # overlaps the one before it, and below it the copies go element by element. Every C
+    # of that path, and row counts around the register and row block sizes (SMALL_C_ROWS
+    # rows in Cython, TILE in Numba), against the float64 softmax, loss and gradient (also
+    # written over the logits), on 1 and 2 threads, with sentinels around every output.
+    if variant == "numba":
+        module, rows = numba_backend, _config.TILE
+    else:
+        module = importlib.import_module(f"cecore_ext._kernels_{variant}")
+        rows = _config.SMALL_C_ROWS
     rng = np.random.default_rng(1)
     rtol = 1e-5 if dtype == np.float32 else 1e-12  # a wrong copy is off by O(1)
     atol = 4 * np.finfo(dtype).eps
-    rows = _config.SMALL_C_ROWS
     for c in range(1, _config.SMALL_C + 1):
         for n in (1, 3, 4, 5, 8, 9, 12, rows - 1, rows + 5, 2 * rows + 9):
             n_threads = 1 + (c + n) % 2

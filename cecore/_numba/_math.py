@@ -121,6 +121,63 @@ def _prefetch(typingctx, arr, index):
     return types.void(arr, index), codegen
 
 
+def _shuffle(builder, a, b, mask):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), len(mask)),
+                                                    list(mask)))
+
+
+@intrinsic
+def _tr_block(typingctx, src, s0, sld, dst, d0, dld):
+    """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j, c < v, v = 32 // itemsize:
+    an 8 x 8 float32 (4 x 4 float64) block transposed in registers, as cec_tr_block in
+    cecore_ext/_rowkernels.h (unpack pairs, then pairs of pairs, then 128-bit halves).
+    Written as the strided copy it is, LLVM keeps the few-classes transposes scalar (one
+    element per load and store). Generic LLVM vectors: without AVX the backend splits
+    them, and the copy is the same everywhere. No bounds checks: the caller's loops keep
+    the block inside both arrays."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+            and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)):
+        return None
+    f32 = src.dtype == types.float32
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        src_p, dst_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
+                        for k in (0, 3))
+        s0_, sld_, d0_, dld_ = (context.cast(builder, args[k], signature.args[k], types.int64)
+                                for k in (1, 2, 4, 5))
+        vty = ir.VectorType(ir.FloatType() if f32 else ir.DoubleType(), 8 if f32 else 4)
+
+        def at(base, start, step, k):
+            p = builder.gep(base, [builder.add(start, builder.mul(step, i64(k)))])
+            return builder.bitcast(p, vty.as_pointer())
+
+        r = [builder.load(at(src_p, s0_, sld_, j), align=1) for j in range(vty.count)]
+        if f32:
+            lo, hi = (0, 8, 1, 9, 4, 12, 5, 13), (2, 10, 3, 11, 6, 14, 7, 15)
+            t = [_shuffle(builder, r[k - k % 2], r[k - k % 2 + 1], hi if k % 2 else lo)
+                 for k in range(8)]
+            lo, hi = (0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15)
+            u = []
+            for k in (0, 4):
+                u += [_shuffle(builder, t[k], t[k + 2], lo), _shuffle(builder, t[k], t[k + 2], hi),
+                      _shuffle(builder, t[k + 1], t[k + 3], lo),
+                      _shuffle(builder, t[k + 1], t[k + 3], hi)]
+            out = [_shuffle(builder, u[i % 4], u[i % 4 + 4],
+                            (0, 1, 2, 3, 8, 9, 10, 11) if i < 4 else (4, 5, 6, 7, 12, 13, 14, 15))
+                   for i in range(8)]
+        else:
+            t = [_shuffle(builder, r[k - k % 2], r[k - k % 2 + 1], (1, 5, 3, 7) if k % 2 else
+                          (0, 4, 2, 6)) for k in range(4)]
+            out = [_shuffle(builder, t[i % 2], t[i % 2 + 2], (2, 3, 6, 7) if i >= 2 else
+                            (0, 1, 4, 5)) for i in range(4)]
+        for c in range(vty.count):
+            builder.store(out[c], at(dst_p, d0_, dld_, c), align=1)
+        return context.get_dummy_value()
+
+    return types.void(src, s0, sld, dst, d0, dld), codegen
+
+
 # exp(x) = 2**k * P(r), k = round(x / ln 2), r = x - k ln 2 (Cody-Waite split of ln 2),
 # as cec_exp_f32/f64 in cecore_ext/_rowkernels.h. Inputs are x - max, so <= 0: x is
 # clamped from below so that r stays finite and 2**k normal or 0, and k comes from the
