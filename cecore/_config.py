@@ -82,13 +82,15 @@ LANES = 16
 # twelfth sessions).
 PREFETCH_MIN_ROW_BYTES_AMD = 256
 
-# The Cython few-classes blocks write an output (gradient, softmax) of at least this many
-# bytes, other than their input, with non-temporal stores: it is larger than the last-level
+# The few-classes blocks write an output (gradient, softmax) of at least this many bytes,
+# other than their input, with non-temporal stores: it is larger than the last-level
 # cache of the CPUs seen here (32 MB per Zen 3 / Zen 4 CCD), so it would not stay in cache,
 # and a normal store first reads the line it writes. Zen 4, bench_ab.py against the commit
-# before (results/ab_stream_zen4.json, same bits), new / old: 1e6 x 10 loss + gradient
-# float64 0.82-0.87, float32 0.92-0.96, (524288, 8, 2) 0.88-0.98 (AVX2 and AVX-512 builds;
-# kernel_findings.md, thirteenth session).
+# before (same bits), new / old: Cython (results/ab_stream_zen4.json) 1e6 x 10 loss +
+# gradient float64 0.82-0.87, float32 0.92-0.96, (524288, 8, 2) 0.88-0.98 (AVX2 and
+# AVX-512 builds); Numba (results/ab_numba_stream_zen4*.json) 1e6 x 10 0.91-0.95,
+# log-softmax (1048576, 8) 0.79-0.90 (kernel_findings.md, thirteenth and fourteenth
+# sessions).
 STREAM_MIN_BYTES = 33554432  # 32 MiB
 
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).

@@ -26,13 +26,11 @@ def test_backends_report_the_config_tunables():
     # The loaded Cython build (AVX2 or baseline), the baseline build, and Numba.
     assert _tunables(cecore_ext.build_info()) == expected
     assert _tunables(_kernels_base.build_info()) == expected
-    # LANES, SMALL_C_ROWS, PREFETCH_MIN_ROW_BYTES_AMD and STREAM_MIN_BYTES shape only the
-    # C loops (LLVM chooses the Numba kernels' accumulators; Numba's few-classes blocks
-    # are TILE rows, it measured no faster with fewer, nor with a prefetch; it has no
-    # non-temporal stores)
+    # LANES, SMALL_C_ROWS and PREFETCH_MIN_ROW_BYTES_AMD shape only the C loops (LLVM
+    # chooses the Numba kernels' accumulators; Numba's few-classes blocks are TILE rows,
+    # it measured no faster with fewer, nor with a prefetch)
     numba_names = [n for n in _config.C_MACROS
-                   if n not in ("LANES", "SMALL_C_ROWS", "PREFETCH_MIN_ROW_BYTES_AMD",
-                                "STREAM_MIN_BYTES")]
+                   if n not in ("LANES", "SMALL_C_ROWS", "PREFETCH_MIN_ROW_BYTES_AMD")]
     assert _tunables(numba_backend.build_info(), numba_names) == {
         name: expected[name] for name in numba_names}
 

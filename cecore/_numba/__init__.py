@@ -48,6 +48,16 @@ def _grad(grad_out, logits, shape):
     return grad_out.reshape(shape)
 
 
+def _streams(out, logits):
+    """Whether the few-classes blocks write ``out`` with non-temporal stores (as the Cython
+    backend decides): it is another array than the logits, too large to stay in cache
+    anyway (_config.STREAM_MIN_BYTES), so that its lines are not read from memory before
+    they are overwritten, and aligned to its itemsize (whole cache lines then start at an
+    element). Over the logits themselves the lines are in cache already."""
+    return (out is not None and out.nbytes >= _config.STREAM_MIN_BYTES
+            and out.ctypes.data != logits.ctypes.data and out.flags.aligned)
+
+
 # ------------------------------------------------------------------ contract functions
 def _block(c, s, itemsize):
     """Samples per transposed tile of the *_tiles kernels, or 0: tiles of the input itself.
@@ -85,7 +95,7 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
              _flat(grad_scale), loss_out.reshape(n), _grad(grad_out, logits, (n, c)), in_place)
     elif block:  # transposed blocks: they read into scratch first, so in place is safe too
         _run("index_tiles", n_threads, _ro(logits.reshape(-1)), *flat,
-             _grad(grad_out, logits, (-1,)), n, c, s, block)
+             _grad(grad_out, logits, (-1,)), n, c, s, block, _streams(grad_out, logits))
     elif 1 < s and s * logits.itemsize <= _config.KDIM_ROWS_MAX_BYTES:
         # few positions of many classes: each sample's positions as rows for the row
         # kernel (the Cython backend does this for every kernel, Numba for this one)
@@ -96,7 +106,7 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
         _run("index_tiles_in_place", n_threads, grad_out.reshape(-1), *flat, n, c, s)
     else:
         _run("index_tiles", n_threads, _ro(logits.reshape(-1)), *flat,
-             _grad(grad_out, logits, (-1,)), n, c, s, 0)
+             _grad(grad_out, logits, (-1,)), n, c, s, 0, False)
 
 
 def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out,
@@ -128,7 +138,8 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
     else:
         _run("proba_tiles", n_threads, _ro(logits.reshape(-1)), _ro(target.reshape(-1)),
              _ro(weight), float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1),
-             _grad(grad_out, logits, (-1,)), n, c, s, block)
+             _grad(grad_out, logits, (-1,)), n, c, s, block,
+             bool(block) and _streams(grad_out, logits))
 
 
 def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out, n_threads):
@@ -155,7 +166,7 @@ def softmax(logits, log, out, n_threads):
              out.reshape(n, c))
     else:
         _run("softmax_tiles", n_threads, _ro(logits.reshape(-1)), bool(log), out.reshape(-1),
-             n, c, s, block)
+             n, c, s, block, bool(block) and _streams(out, logits))
 
 
 def logsumexp(logits, out, n_threads):
@@ -194,6 +205,7 @@ def build_info():
         "small_c": _config.SMALL_C,
         "sum_block": _config.SUM_BLOCK,
         "reduce_block": _config.REDUCE_BLOCK,
+        "stream_min_bytes": _config.STREAM_MIN_BYTES,
         **{name.lower(): getattr(_config, name) for name in _config.C_MACROS
            if name.startswith("KDIM_")},
     }

@@ -25,8 +25,8 @@ from .._config import (
     KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE, TILES_PER_TASK,
 )
 from ._math import (
-    _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch, _rounded_product, _row_max,
-    _tr_block,
+    _address, _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch, _rounded_product,
+    _row_max, _store_fence, _stream_line, _tr_block,
 )
 from ._runtime import helper, jit
 
@@ -390,18 +390,50 @@ def _to_tile(src, r0, n_rows, n_classes, n_pos, dst):
 
 
 @helper
-def _from_tile(src, r0, n_rows, n_classes, n_pos, dst):
-    """The inverse of :func:`_to_tile`: the tile ``src`` into samples r0 + [0, n_rows)."""
+def _from_tile(src, r0, n_rows, n_classes, n_pos, dst, staging):
+    """The inverse of :func:`_to_tile`: the tile ``src`` into samples r0 + [0, n_rows).
+    With a ``staging`` array (not empty: the block's input tile, no longer needed), through
+    it and non-temporal stores (:func:`_stream_copy`)."""
+    size = n_classes * n_pos
+    if staging.shape[0]:
+        _untile(src, n_rows, n_classes, n_pos, staging, 0)
+        _stream_copy(staging, n_rows * size, dst, r0 * size)
+    else:
+        _untile(src, n_rows, n_classes, n_pos, dst, r0 * size)
+
+
+@helper
+def _untile(src, n_rows, n_classes, n_pos, dst, d0):
+    """dst[d0 + (j * C + c) * S + k] = src[c * TILE + j * S + k] (see :func:`_from_tile`)."""
     size = n_classes * n_pos
     if n_pos == 1:
-        _transpose(src, 0, TILE, n_classes, n_rows, dst, r0 * size, n_classes)
+        _transpose(src, 0, TILE, n_classes, n_rows, dst, d0, n_classes)
         return
-    block = dst[r0 * size:(r0 + n_rows) * size]
+    block = dst[d0:d0 + n_rows * size]
     for c in range(n_classes):
         row = src[c * TILE:c * TILE + n_rows * n_pos]
         for j in range(n_rows):
             for k in range(n_pos):
                 block[j * size + c * n_pos + k] = row[j * n_pos + k]
+
+
+@helper
+def _stream_copy(src, n, dst, d0):
+    """dst[d0:d0 + n] = src[:n], dst's whole 64-byte lines with non-temporal stores, the
+    partial lines at the ends with normal ones. For the few-classes blocks' outputs that
+    are larger than the cache (_config.STREAM_MIN_BYTES; the contract functions in
+    ``__init__`` say which): a normal store first reads the line it overwrites. The
+    kernel's task then ends with _store_fence. dst must be aligned to its itemsize."""
+    per_line = 64 // dst.itemsize
+    head = min(n, (64 - _address(dst, d0) % 64) % 64 // dst.itemsize)
+    for i in range(head):
+        dst[d0 + i] = src[i]
+    i = head
+    while i + per_line <= n:
+        _stream_line(src, i, dst, d0 + i)
+        i += per_line
+    for k in range(i, n):
+        dst[d0 + k] = src[k]
 
 
 @helper
@@ -467,7 +499,7 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
 
 
 def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
-                 grad_out, n_samples, n_classes, n_pos, block):
+                 grad_out, n_samples, n_classes, n_pos, block, stream):
     """Tiled kernel on the flat (N, C, S) array.
 
     ``block == 0``: tiles run along S in place (TILE positions of one sample at a time).
@@ -475,7 +507,8 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     positions, transposed into a (C, TILE) scratch tile (and its gradient back), so that
     the loops run across ``block * S`` positions instead of ``S``: rows of few classes
     (``S == 1``) would be shorter than a vector, and so are the tiles of few positions.
-    The tile's arithmetic is per position, so both give the same bits.
+    The tile's arithmetic is per position, so both give the same bits. ``stream``: the
+    blocks write ``grad_out`` with non-temporal stores (see :func:`_stream_copy`).
     """
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
@@ -490,6 +523,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
         w_t = np.empty(TILE, dtype=np.float64)
         xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         gt = np.empty(n_classes * TILE if block and want_grad else 0, dtype=x.dtype)
+        staging = xt if stream else xt[:0]  # the input tile, once a block is done
         for tile in _task_tiles(task, per_task, n_tiles):
             if block:
                 r0, n_rows = _block_span(tile, block, n_samples)
@@ -498,12 +532,14 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                             weight, w_total, ignore_index, eps, grad_scale, loss_out, gt,
                             want_grad, False, m, s, log_s, coef, shift, sub, w_t)
                 if want_grad:
-                    _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
+                    _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out, staging)
             else:
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _index_tile(x, base, n_pos, n_classes, width, target, pos0, weight, w_total,
                             ignore_index, eps, grad_scale, loss_out, grad_out, want_grad,
                             False, m, s, log_s, coef, shift, sub, w_t)
+        if stream:
+            _store_fence()
 
 
 def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
@@ -627,8 +663,9 @@ def _proba_tile(x, q, base, stride, n_classes, width, weight, eps, grad_scale, p
 
 
 def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_samples,
-                 n_classes, n_pos, block):
-    """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
+                 n_classes, n_pos, block, stream):
+    """Tiled kernel on flat (N, C, S) arrays; ``block`` and ``stream`` as for
+    :func:`_index_tiles`."""
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles)
@@ -643,6 +680,7 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
         xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         qt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         gt = np.empty(n_classes * TILE if block and want_grad else 0, dtype=x.dtype)
+        staging = xt if stream else xt[:0]
         for tile in _task_tiles(task, per_task, n_tiles):
             if block:
                 r0, n_rows = _block_span(tile, block, n_samples)
@@ -652,12 +690,14 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
                             grad_scale, r0 * n_pos, loss_out, gt, want_grad, m, s, log_s,
                             e_buf, wq, loss, coef)
                 if want_grad:
-                    _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out)
+                    _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out, staging)
             else:
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _proba_tile(x, target, base, n_pos, n_classes, width, weight, eps, grad_scale,
                             pos0, loss_out, grad_out, want_grad, m, s, log_s, e_buf, wq, loss,
                             coef)
+        if stream:
+            _store_fence()
 
 
 # --------------------------------------------------------------- softmax, logsumexp
@@ -695,8 +735,9 @@ def _softmax_tile(x, base, stride, n_classes, width, log, out, m, s, log_s, shif
                 out[off + j] = out[off + j] * shift[j]
 
 
-def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block):
-    """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
+def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block, stream):
+    """Tiled kernel on flat (N, C, S) arrays; ``block`` and ``stream`` (into ``out``) as
+    for :func:`_index_tiles`."""
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles)
     for task in prange((n_tiles + per_task - 1) // per_task):
@@ -706,16 +747,19 @@ def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block):
         log_s = np.empty(TILE, dtype=np.float64)
         xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         ot = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
+        staging = xt if stream else xt[:0]
         for tile in _task_tiles(task, per_task, n_tiles):
             if block:
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
                 _softmax_tile(xt, 0, TILE, n_classes, n_rows * n_pos, log, ot, m, s, log_s,
                               shift)
-                _from_tile(ot, r0, n_rows, n_classes, n_pos, out)
+                _from_tile(ot, r0, n_rows, n_classes, n_pos, out, staging)
             else:
                 base, _, width = _run_span(tile, n_classes, n_pos)
                 _softmax_tile(x, base, n_pos, n_classes, width, log, out, m, s, log_s, shift)
+        if stream:
+            _store_fence()
 
 
 @helper

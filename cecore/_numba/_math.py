@@ -6,6 +6,8 @@ reduction + polynomial + exponent-bits exp that LLVM vectorises. Its argument is
 ``x - max`` (so ``<= 0`` or NaN); NaN propagates and very negative values give 0.
 """
 
+import platform
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -176,6 +178,66 @@ def _tr_block(typingctx, src, s0, sld, dst, d0, dld):
         return context.get_dummy_value()
 
     return types.void(src, s0, sld, dst, d0, dld), codegen
+
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@intrinsic
+def _address(typingctx, arr, index):
+    """The address of ``arr[index]``, as an int64 (a uint64 would turn arithmetic with
+    Numba's int64 into float64)."""
+    if not isinstance(arr, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(builder.gep(data, [args[1]]), ir.IntType(64))
+
+    return types.int64(arr, index), codegen
+
+
+@intrinsic
+def _stream_line(typingctx, src, s0, dst, d0):
+    """dst[d0:d0 + 64 // itemsize] = src[s0:...]: one whole 64-byte line of dst (the caller
+    makes sure one starts at dst[d0]) with a non-temporal store, which sends the line to
+    memory without first reading it (write-allocate) as a normal store does. One LLVM
+    vector store flagged !nontemporal (vmovntps zmm, or two ymm without AVX-512);
+    _store_fence orders these stores before the results are read."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+            and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)):
+        return None
+    f32 = src.dtype == types.float32
+
+    def codegen(context, builder, signature, args):
+        vty = ir.VectorType(ir.FloatType() if f32 else ir.DoubleType(), 16 if f32 else 8)
+        src_p, dst_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
+                        for k in (0, 2))
+        value = builder.load(builder.bitcast(builder.gep(src_p, [args[1]]), vty.as_pointer()),
+                             align=1)
+        store = builder.store(value, builder.bitcast(builder.gep(dst_p, [args[3]]),
+                                                     vty.as_pointer()), align=64)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+
+    return types.void(src, s0, dst, d0), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """Orders this thread's non-temporal stores before anything after it (the end of the
+    parallel loop): sfence on x86. Not LLVM's seq_cst fence, which x86 lowers to a locked
+    instruction that orders normal stores only."""
+    def codegen(context, builder, signature, args):
+        if _X86:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(fn, [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 # exp(x) = 2**k * P(r), k = round(x / ln 2), r = x - k ln 2 (Cody-Waite split of ln 2),
