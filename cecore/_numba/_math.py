@@ -202,7 +202,8 @@ def _stream_line(typingctx, src, s0, dst, d0):
     """dst[d0:d0 + 64 // itemsize] = src[s0:...]: one whole 64-byte line of dst (the caller
     makes sure one starts at dst[d0]) with a non-temporal store, which sends the line to
     memory without first reading it (write-allocate) as a normal store does. One LLVM
-    vector store flagged !nontemporal (vmovntps zmm, or two ymm without AVX-512);
+    vector store flagged !nontemporal (one vmovntdq zmm on this Zen 4, two ymm stores
+    without AVX-512);
     _store_fence orders these stores before the results are read."""
     if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
             and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)):
@@ -226,8 +227,8 @@ def _stream_line(typingctx, src, s0, dst, d0):
 @intrinsic
 def _store_fence(typingctx):
     """Orders this thread's non-temporal stores before anything after it (the end of the
-    parallel loop): sfence on x86. Not LLVM's seq_cst fence, which x86 lowers to a locked
-    instruction that orders normal stores only."""
+    parallel loop): sfence on x86, as the Cython backend's cec_stream_fence (the x86
+    instruction that orders non-temporal stores); elsewhere LLVM's seq_cst fence."""
     def codegen(context, builder, signature, args):
         if _X86:
             fn = cgutils.get_or_insert_function(
