@@ -396,8 +396,8 @@ def _from_tile(src, r0, n_rows, n_classes, n_pos, dst, staging):
     it and non-temporal stores (:func:`_stream_copy`)."""
     size = n_classes * n_pos
     stream = staging.shape[0] != 0
-    # One call for both ways: each call site is another inlined copy of the transposes
-    # (with two, compiling _index_tiles took 15.5 s instead of 13.1 on the Zen 4).
+    # One call for both ways: each call site is another inlined copy of the transposes,
+    # which the kernels' compile time pays for (results/startup_zen4_*.json).
     _untile(src, n_rows, n_classes, n_pos, staging if stream else dst,
             0 if stream else r0 * size)
     if stream:
@@ -450,9 +450,10 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     gsc = grad_scale[pos0:pos0 + width]
     loss = loss_out[pos0:pos0 + width]
     # Per position, the steps are branch-free selects (an ignored position reads class 0)
-    # so that they vectorise (one 10-class float32 tile in L1, loss only: 1.9 -> 1.5 us,
-    # as Cython's cec_index_tile). The targets' logits first, held in
-    # `shift` until the loss is formed: without label smoothing g may be x itself.
+    # so that they vectorise, as in Cython's cec_index_tile (with the register transposes,
+    # bench_ab 1e6 x 10 float32 loss only 0.79-0.85 of the time before:
+    # results/ab_numba_transpose_zen4.json). The targets' logits first, held in `shift`
+    # until the loss is formed: without label smoothing g may be x itself.
     for j in range(width):
         ok = tgt[j] != ignore_index
         t = tgt[j] if ok else 0
