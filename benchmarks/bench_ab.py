@@ -35,9 +35,11 @@ from cecore._config import REDUCE_BLOCK, SMALL_C  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CE_SHAPES = [(65536, 1000, 1), (4096, 50257, 1), (1000000, 10, 1), (4, 21, 65536),
              # K-dim with few positions (the _config.KDIM_* paths)
-             (524288, 8, 2), (131072, 8, 8), (16384, 128, 4), (8192, 1000, 2), (40, 50257, 4)]
+             (524288, 8, 2), (131072, 8, 8), (16384, 128, 4), (8192, 1000, 2), (40, 50257, 4),
+             (65536, 10, 1)]  # the last in cache (L2/L3), where compute shows
 # softmax_ce_proba, softmax and logsumexp: few classes, few positions (small and large C)
-OTHER_SHAPES = [(1048576, 8, 1), (524288, 8, 2), (8192, 1000, 2), (16384, 1000, 1)]
+OTHER_SHAPES = [(1048576, 8, 1), (524288, 8, 2), (8192, 1000, 2), (16384, 1000, 1),
+                (65536, 8, 1)]
 SCORE_SHAPES = [(65536, 1000), (4096, 50257)]  # softmax_ce_scores and its loss-only call
 BCE_SHAPES = [(65536, 1000), (4096, 1000)]  # the second in cache
 
@@ -128,6 +130,10 @@ def _cases(rng, threads):
             args = (x, y, one, one, np.broadcast_to(1.0 / x.size, (n, c)), loss, grad)
             yield (f"{dt.__name__} {n}x{c} bce loss+grad reused",
                    lambda k, a=args: k.bce_logits(*a, threads), (loss, grad))
+            # 'mean' or 'sum' with the gradient, as binary_cross_entropy_with_logits calls it
+            args = (x, y, one, one, np.broadcast_to(1.0 / x.size, (n, c)), sums, grad)
+            yield (f"{dt.__name__} {n}x{c} bce sums+grad reused",
+                   lambda k, a=args: k.bce_logits(*a, threads), (sums, grad))
 
 
 def main():

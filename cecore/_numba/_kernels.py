@@ -439,15 +439,25 @@ def _stream_copy(src, n, dst, d0):
 
 
 @helper
+def _fill_scales(run, grad_scale, pos0, width):
+    """run[:width] = grad_scale[pos0:pos0 + width]: the tile's gradient scales as a
+    contiguous run. For 'mean' and 'sum' grad_scale is a stride-0 view (see _flat), and
+    LLVM keeps loops that read it with an unknown stride scalar (the per-position
+    coefficients, and the probability targets' gradient loop over every class)."""
+    for j in range(width):
+        run[j] = grad_scale[pos0 + j]
+
+
+@helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
                 ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s,
-                log_s, coef, shift, sub, w_t):
+                log_s, coef, shift, sub, w_t, gs_run):
     """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions;
-    ``in_place``: ``g`` is ``x`` itself (no label smoothing). ``m`` to ``w_t``: scratch
-    of TILE values (``s``, ``log_s`` and ``w_t`` float64, the others of x's type)."""
+    ``in_place``: ``g`` is ``x`` itself (no label smoothing). ``m`` to ``gs_run``: scratch
+    of TILE values (``s``, ``log_s``, ``w_t`` and ``gs_run`` float64, the others of x's
+    type)."""
     smooth = eps / n_classes
     tgt = target[pos0:pos0 + width]
-    gsc = grad_scale[pos0:pos0 + width]
     loss = loss_out[pos0:pos0 + width]
     # Per position, the steps are branch-free selects (an ignored position reads class 0)
     # so that they vectorise, as in Cython's cec_index_tile (with the register transposes,
@@ -480,12 +490,15 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     # An ignored position: gradient e * (s * 0), 0 or NaN where the softmax is NaN, as
     # torch gives (see _index_row).
     zero_w = w_total * 0.0 if eps > 0.0 else 0.0
+    _fill_scales(gs_run, grad_scale, pos0, width)
     for j in range(width):
         ok = tgt[j] != ignore_index
         w_sum = (1.0 - eps) * w_t[j] + smooth * w_total if eps > 0.0 else w_t[j]
-        coef[j] = _cast_like(gsc[j] * w_sum / s[j] if ok else s[j] * 0.0 + zero_w, m[0])
-        shift[j] = _cast_like(gsc[j] * smooth if ok else 0.0, m[0])
-        sub[j] = _cast_like(_rounded_product(gsc[j] * (1.0 - eps), w_t[j]), m[0])
+        # Both sides computed, then selected: a division under a condition stays scalar.
+        q, sh = gs_run[j] * w_sum / s[j], gs_run[j] * smooth
+        coef[j] = _cast_like(q if ok else s[j] * 0.0 + zero_w, m[0])
+        shift[j] = _cast_like(sh if ok else 0.0, m[0])
+        sub[j] = _cast_like(_rounded_product(gs_run[j] * (1.0 - eps), w_t[j]), m[0])
     for c in range(n_classes):
         gc = g[base + c * stride:base + c * stride + width]
         if eps > 0.0:
@@ -524,6 +537,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
         shift = np.empty(TILE, dtype=x.dtype)
         sub = np.empty(TILE, dtype=x.dtype)
         w_t = np.empty(TILE, dtype=np.float64)
+        gs_run = np.empty(TILE, dtype=np.float64)
         xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         gt = np.empty(n_classes * TILE if block and want_grad else 0, dtype=x.dtype)
         staging = xt if stream else xt[:0]  # the input tile, once a block is done
@@ -533,14 +547,14 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
                 _index_tile(xt, 0, TILE, n_classes, n_rows * n_pos, target, r0 * n_pos,
                             weight, w_total, ignore_index, eps, grad_scale, loss_out, gt,
-                            want_grad, False, m, s, log_s, coef, shift, sub, w_t)
+                            want_grad, False, m, s, log_s, coef, shift, sub, w_t, gs_run)
                 if want_grad:
                     _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out, staging)
             else:
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _index_tile(x, base, n_pos, n_classes, width, target, pos0, weight, w_total,
                             ignore_index, eps, grad_scale, loss_out, grad_out, want_grad,
-                            False, m, s, log_s, coef, shift, sub, w_t)
+                            False, m, s, log_s, coef, shift, sub, w_t, gs_run)
         if stream:
             _store_fence()
 
@@ -595,11 +609,12 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
         shift = np.empty(TILE, dtype=grad.dtype)
         sub = np.empty(TILE, dtype=grad.dtype)
         w_t = np.empty(TILE, dtype=np.float64)
+        gs_run = np.empty(TILE, dtype=np.float64)
         for tile in _task_tiles(task, per_task, n_tiles):
             base, pos0, width = _run_span(tile, n_classes, n_pos)
             _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
                         ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s,
-                        log_s, coef, shift, sub, w_t)
+                        log_s, coef, shift, sub, w_t, gs_run)
 
 
 # --------------------------------------------------------- class-probability targets
@@ -640,9 +655,9 @@ def _proba_rows(x, target, weight, eps, grad_scale, loss_out, grad_out):
 
 @helper
 def _proba_tile(x, q, base, stride, n_classes, width, weight, eps, grad_scale, pos0, loss_out,
-                g, want_grad, m, s, log_s, e_buf, wq, loss, coef):
+                g, want_grad, m, s, log_s, e_buf, wq, loss, coef, gs_run):
     """Loss (and gradient into ``g``, indexed like ``x`` and ``q``) of one tile of
-    positions with probability targets; ``m`` to ``coef``: the task's scratch."""
+    positions with probability targets; ``m`` to ``gs_run``: the task's scratch."""
     smooth = eps / n_classes
     _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, e_buf, log_s)
     for j in range(width):
@@ -656,13 +671,15 @@ def _proba_tile(x, q, base, stride, n_classes, width, weight, eps, grad_scale, p
             loss[j] += qc * _dev(np.float64(m[j]), np.float64(x[off + j]), log_s[j])
     for j in range(width):
         loss_out[pos0 + j] = loss[j]
-        coef[j] = grad_scale[pos0 + j] * wq[j] / s[j]
     if want_grad:
+        _fill_scales(gs_run, grad_scale, pos0, width)
+        for j in range(width):
+            coef[j] = gs_run[j] * wq[j] / s[j]
         for c in range(n_classes):
             off = base + c * stride
             for j in range(width):
                 qc = weight[c] * ((1.0 - eps) * q[off + j] + smooth)
-                g[off + j] = _cast_like(g[off + j] * coef[j] - grad_scale[pos0 + j] * qc, m[0])
+                g[off + j] = _cast_like(g[off + j] * coef[j] - gs_run[j] * qc, m[0])
 
 
 def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_samples,
@@ -680,6 +697,7 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
         wq = np.empty(TILE, dtype=np.float64)
         loss = np.empty(TILE, dtype=np.float64)
         coef = np.empty(TILE, dtype=np.float64)
+        gs_run = np.empty(TILE, dtype=np.float64)
         xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         qt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
         gt = np.empty(n_classes * TILE if block and want_grad else 0, dtype=x.dtype)
@@ -691,14 +709,14 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
                 _to_tile(target, r0, n_rows, n_classes, n_pos, qt)
                 _proba_tile(xt, qt, 0, TILE, n_classes, n_rows * n_pos, weight, eps,
                             grad_scale, r0 * n_pos, loss_out, gt, want_grad, m, s, log_s,
-                            e_buf, wq, loss, coef)
+                            e_buf, wq, loss, coef, gs_run)
                 if want_grad:
                     _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out, staging)
             else:
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _proba_tile(x, target, base, n_pos, n_classes, width, weight, eps, grad_scale,
                             pos0, loss_out, grad_out, want_grad, m, s, log_s, e_buf, wq, loss,
-                            coef)
+                            coef, gs_run)
         if stream:
             _store_fence()
 

@@ -111,7 +111,10 @@ def jit(fn):
 
 # A function compiled once and inlined by both copies of every kernel that calls it: every
 # loop that reduces lives in one, so serial and parallel kernels sum in the same order.
-helper = njit(fastmath=FASTMATH, cache=True)
+# error_model="numpy": a float division by zero gives inf or NaN, as in NumPy, instead of
+# Python's check and ZeroDivisionError, a branch that kept the tiles' per-position loops
+# (one division each) scalar.
+helper = njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 
 
 # Numba's "workqueue" layer aborts the process when two Python threads launch parallel
