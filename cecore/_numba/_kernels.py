@@ -25,8 +25,8 @@ from .._config import (
     KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE, TILES_PER_TASK,
 )
 from ._math import (
-    _address, _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch, _rounded_product,
-    _row_max, _store_fence, _stream_line, _tr_block,
+    _add_vector, _address, _at, _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch,
+    _rounded_product, _row_max, _store_fence, _stream_line, _tr_block,
 )
 from ._runtime import helper, jit
 
@@ -852,7 +852,7 @@ def _bce_row(x, y, weight, pos_weight, grad_scale, loss_out, g, want_grad):
     for j in range(x.shape[0]):
         loss_out[j] = _exp_nonpos(-x[j] if x[j] > 0 else x[j])
     for j in range(x.shape[0]):
-        loss, grad = _bce(x[j], y[j], weight[j], pos_weight[j], grad_scale[j],
+        loss, grad = _bce(x[j], y[j], _at(weight, j), _at(pos_weight, j), _at(grad_scale, j),
                           _cast_like(loss_out[j], x[j]))
         loss_out[j] = loss
         if want_grad:
@@ -870,11 +870,10 @@ def _fill_run(dst, a, i, j0, width):
 @helper
 def _add_lanes(acc, v, width):
     """acc[j % LANES] += v[j] for j < width (lane j receives the run's elements j,
-    j + LANES, ...), as cec_add_lanes."""
+    j + LANES, ...), as cec_add_lanes; acc has LANES elements."""
     c = 0
     while c + LANES <= width:
-        for j in range(LANES):
-            acc[j] += v[c + j]
+        _add_vector(acc, v, c)
         c += LANES
     for j in range(width - c):
         acc[j] += v[c + j]
@@ -896,16 +895,21 @@ def _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_ou
     runs of at most TILE values within a row (see _bce_blocks)."""
     want_grad = grad_out.shape[0] != 0
     # A broadcast scalar (strides (0, 0)) fills the whole scratch once per item; the
-    # other arguments are copied run by run.
+    # other arguments are copied run by run. When all of them are broadcast (the
+    # defaults), the runs take them as scalars, as the Cython backend's cec_bce_row_bcast:
+    # no float64 arguments loaded and converted per element (same values, same bits).
     scalar_w = weight.strides[0] == 0 and weight.strides[1] == 0
     scalar_pw = pos_weight.strides[0] == 0 and pos_weight.strides[1] == 0
     scalar_gs = grad_scale.strides[0] == 0 and grad_scale.strides[1] == 0
+    scalars = scalar_w and scalar_pw and (scalar_gs or not want_grad)
+    w0, pw0 = weight[0, 0], pos_weight[0, 0]
+    gs0 = grad_scale[0, 0] if want_grad else 0.0
     if scalar_w:
-        w[:] = weight[0, 0]
+        w[:] = w0
     if scalar_pw:
-        pw[:] = pos_weight[0, 0]
+        pw[:] = pw0
     if want_grad and scalar_gs:
-        gs[:] = grad_scale[0, 0]
+        gs[:] = gs0
     p = k * REDUCE_BLOCK
     end = min(x.shape[0], p + REDUCE_BLOCK)
     while p < end:
@@ -920,8 +924,11 @@ def _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_ou
             _fill_run(gs, grad_scale, i, j0, width)
         out = buf[:width] if sums else loss_out[p:p + width]
         g = grad_out[p:p + width] if want_grad else grad_out
-        _bce_row(x[p:p + width], y[p:p + width], w[:width], pw[:width], gs[:width], out, g,
-                 want_grad)
+        if scalars:
+            _bce_row(x[p:p + width], y[p:p + width], w0, pw0, gs0, out, g, want_grad)
+        else:
+            _bce_row(x[p:p + width], y[p:p + width], w[:width], pw[:width], gs[:width], out,
+                     g, want_grad)
         if sums:
             _add_lanes(acc, buf, width)
         p += width

@@ -14,6 +14,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from .._config import LANES
+
 # Imported first for its side effect: it registers cecore's cache locator, which a
 # dispatcher consults when it is made, so the njit(cache=True) below must come after it
 # (otherwise they would be cached inside the installed package).
@@ -126,6 +128,32 @@ def _prefetch(typingctx, arr, index):
 def _shuffle(builder, a, b, mask):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), len(mask)),
                                                     list(mask)))
+
+
+@intrinsic
+def _add_vector(typingctx, acc, v, start):
+    """acc[:n] += v[start:start + n] with n = acc.shape[0] known when compiling (LANES):
+    one LLVM vector add. Each lane adds the same two values as acc[j] += v[start + j],
+    so the sums are the same bits; written as that loop, LLVM kept it scalar (acc and v
+    might overlap: a store and a reload per element). acc must be a 1-D float64 array of
+    exactly n elements (the caller allocates it), v must hold start + n."""
+    if not (isinstance(acc, types.Array) and isinstance(v, types.Array)
+            and acc.dtype == v.dtype == types.float64 and isinstance(start, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        vty = ir.VectorType(ir.DoubleType(), LANES)
+        acc_p, v_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
+                      for k in (0, 1))
+        first = context.cast(builder, args[2], signature.args[2], types.int64)
+        acc_v = builder.bitcast(acc_p, vty.as_pointer())
+        total = builder.fadd(builder.load(acc_v, align=8),
+                             builder.load(builder.bitcast(builder.gep(v_p, [first]),
+                                                          vty.as_pointer()), align=8))
+        builder.store(total, acc_v, align=8)
+        return context.get_dummy_value()
+
+    return types.void(acc, v, start), codegen
 
 
 @intrinsic
@@ -469,6 +497,21 @@ def _ol_row_max(x):
                 m = key if key > m else m
             return _bits_to_float(m ^ ((m >> 63) & 0x7FFFFFFFFFFFFFFF))
         return impl
+    return None
+
+
+def _at(a, j):
+    """``a[j]`` for an array, ``a`` itself for a scalar: one loop serves arguments given
+    per element and broadcast ones."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_at)
+def _ol_at(a, j):
+    if isinstance(a, types.Array):
+        return lambda a, j: a[j]
+    if isinstance(a, types.Number):
+        return lambda a, j: a
     return None
 
 
