@@ -132,11 +132,10 @@ def _shuffle(builder, a, b, mask):
 
 @intrinsic
 def _add_vector(typingctx, acc, v, start):
-    """acc[:n] += v[start:start + n] with n = acc.shape[0] known when compiling (LANES):
-    one LLVM vector add. Each lane adds the same two values as acc[j] += v[start + j],
-    so the sums are the same bits; written as that loop, LLVM kept it scalar (acc and v
-    might overlap: a store and a reload per element). acc must be a 1-D float64 array of
-    exactly n elements (the caller allocates it), v must hold start + n."""
+    """acc[:LANES] += v[start:start + LANES] as one LLVM vector add. Each lane adds the
+    same two values as acc[j] += v[start + j], so the sums are the same bits; written as
+    that loop, LLVM kept it scalar (acc and v might overlap: a store and a reload per
+    element). No bounds checks: acc must hold LANES float64 values, v start + LANES."""
     if not (isinstance(acc, types.Array) and isinstance(v, types.Array)
             and acc.dtype == v.dtype == types.float64 and isinstance(start, types.Integer)):
         return None
