@@ -271,8 +271,8 @@ def test_outputs_larger_than_the_cache_are_the_same_bits(rng, kind, dtype, backe
     of a cache line (partial lines at both ends of every block) and, in Cython (which
     streams bytes), into one that is not even aligned to its itemsize. Numba stores such
     an output normally: that choice is checked on its own, as every call with an
-    unaligned array compiles another specialisation of each kernel (about 40 s of a
-    fresh-cache suite)."""
+    unaligned array compiles another specialisation of each kernel (six more here; see
+    kernel_findings.md, fourteenth session, for the suite's time with a fresh cache)."""
     from cecore import _config
     n_classes = 10
     rows = _config.STREAM_MIN_BYTES // (n_classes * np.dtype(dtype).itemsize) + 7

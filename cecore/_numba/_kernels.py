@@ -439,13 +439,15 @@ def _stream_copy(src, n, dst, d0):
 
 
 @helper
-def _fill_scales(run, grad_scale, pos0, width):
-    """run[:width] = grad_scale[pos0:pos0 + width]: the tile's gradient scales as a
-    contiguous run. For 'mean' and 'sum' grad_scale is a stride-0 view (see _flat), and
-    LLVM keeps loops that read it with an unknown stride scalar (the per-position
-    coefficients, and the probability targets' gradient loop over every class)."""
+def _fill_run(dst, a, start, width):
+    """dst[:width] = a[start:start + width], ``a`` a 1-D view of any stride: a contiguous
+    run. LLVM vectorises loops only over contiguous arrays, and the float64 arguments are
+    often broadcast (stride 0) or strided views: BCE's weights, and the tiles' gradient
+    scales (a stride-0 view for 'mean' and 'sum', see _flat), on which the per-position
+    coefficients and the probability targets' gradient loop over every class stayed
+    scalar."""
     for j in range(width):
-        run[j] = grad_scale[pos0 + j]
+        dst[j] = a[start + j]
 
 
 @helper
@@ -490,7 +492,7 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     # An ignored position: gradient e * (s * 0), 0 or NaN where the softmax is NaN, as
     # torch gives (see _index_row).
     zero_w = w_total * 0.0 if eps > 0.0 else 0.0
-    _fill_scales(gs_run, grad_scale, pos0, width)
+    _fill_run(gs_run, grad_scale, pos0, width)
     for j in range(width):
         ok = tgt[j] != ignore_index
         w_sum = (1.0 - eps) * w_t[j] + smooth * w_total if eps > 0.0 else w_t[j]
@@ -672,7 +674,7 @@ def _proba_tile(x, q, base, stride, n_classes, width, weight, eps, grad_scale, p
     for j in range(width):
         loss_out[pos0 + j] = loss[j]
     if want_grad:
-        _fill_scales(gs_run, grad_scale, pos0, width)
+        _fill_run(gs_run, grad_scale, pos0, width)
         for j in range(width):
             coef[j] = gs_run[j] * wq[j] / s[j]
         for c in range(n_classes):
@@ -860,14 +862,6 @@ def _bce_row(x, y, weight, pos_weight, grad_scale, loss_out, g, want_grad):
 
 
 @helper
-def _fill_run(dst, a, i, j0, width):
-    """dst[:width] = a[i, j0:j0 + width] (LLVM vectorises the BCE loop only over
-    contiguous arrays; the float64 arguments are often broadcast or strided views)."""
-    for j in range(width):
-        dst[j] = a[i, j0 + j]
-
-
-@helper
 def _add_lanes(acc, v, width):
     """acc[j % LANES] += v[j] for j < width (lane j receives the run's elements j,
     j + LANES, ...), as cec_add_lanes; acc has LANES elements."""
@@ -917,11 +911,11 @@ def _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_ou
         j0 = p - i * n_cols
         width = min(TILE, n_cols - j0, end - p)
         if not scalar_w:
-            _fill_run(w, weight, i, j0, width)
+            _fill_run(w, weight[i], j0, width)
         if not scalar_pw:
-            _fill_run(pw, pos_weight, i, j0, width)
+            _fill_run(pw, pos_weight[i], j0, width)
         if want_grad and not scalar_gs:
-            _fill_run(gs, grad_scale, i, j0, width)
+            _fill_run(gs, grad_scale[i], j0, width)
         out = buf[:width] if sums else loss_out[p:p + width]
         g = grad_out[p:p + width] if want_grad else grad_out
         if scalars:
