@@ -278,15 +278,21 @@ def test_bce_small_gradients_keep_their_relative_accuracy(backend, dtype):
         np.testing.assert_allclose(grad[~tiny], expected[~tiny], rtol=rtol, atol=0)
 
 
-def test_bce_extreme_logits(backend):
-    x = np.array([-1000.0, -50.0, -1e-8, 0.0, 1e-8, 50.0, 1000.0, np.inf, -np.inf, np.nan])
-    y = np.array([0.0, 1.0, 0.5, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_extreme_logits(backend, dtype):
+    # Infinite logits with every kind of target: torch's NaN where (1 - y) x and
+    # pos_weight y max(-x, 0) are inf - inf or 0 inf, its inf elsewhere.
+    x = np.array([-1000.0, -50.0, -1e-8, 0.0, 1e-8, 50.0, 1000.0, np.inf, -np.inf, np.nan,
+                  np.inf, np.inf, -np.inf, -np.inf], dtype=dtype)
+    y = np.array([0.0, 1.0, 0.5, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 1.0, 0.5],
+                 dtype=dtype)
+    pos_weight = np.full(x.size, 3.0, dtype=dtype)
     for reduction in ("none", "sum"):
-        expected = torch_bce(x, y, reduction=reduction, pos_weight=np.full(10, 3.0))
+        expected = torch_bce(x, y, reduction=reduction, pos_weight=pos_weight)
         result = cecore.binary_cross_entropy_with_logits(
-            x, y, reduction=reduction, pos_weight=np.full(10, 3.0), return_grad=True,
+            x, y, reduction=reduction, pos_weight=pos_weight, return_grad=True,
             backend=backend)
-        check_result(result, expected, np.float64)
+        check_result(result, expected, dtype)
 
 
 # ------------------------------------------------------------ softmax family, perplexity
