@@ -114,6 +114,10 @@ cdef extern from "_rowkernels.h" nogil:
                                double pw, double gs, double *loss, float *g)
     void cec_bce_row_bcast_f64(const double *x, const double *y, Py_ssize_t n, double w,
                                double pw, double gs, double *loss, double *g)
+    void cec_bce_sums_bcast_f32(const float *x, const float *y, Py_ssize_t n, double w,
+                                double pw, double gs, double *acc, float *g)
+    void cec_bce_sums_bcast_f64(const double *x, const double *y, Py_ssize_t n, double w,
+                                double pw, double gs, double *acc, double *g)
     void cec_add_lanes_f64(double *acc, const double *v, Py_ssize_t len)
     double cec_sum_lanes(const double *acc)
 
@@ -170,6 +174,14 @@ cdef inline void _bce_row_bcast(const floating *x, const floating *y, Py_ssize_t
         cec_bce_row_bcast_f32(x, y, n, w, pw, gs, loss, g)
     else:
         cec_bce_row_bcast_f64(x, y, n, w, pw, gs, loss, g)
+
+cdef inline void _bce_sums_bcast(const floating *x, const floating *y, Py_ssize_t n,
+                                 double w, double pw, double gs, double *acc,
+                                 floating *g) noexcept nogil:
+    if floating is float:
+        cec_bce_sums_bcast_f32(x, y, n, w, pw, gs, acc, g)
+    else:
+        cec_bce_sums_bcast_f64(x, y, n, w, pw, gs, acc, g)
 
 cdef inline void _transpose(const floating *src, Py_ssize_t sld, Py_ssize_t rows,
                             Py_ssize_t cols, floating *dst,
@@ -838,9 +850,10 @@ cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept n
     threads too. They go to the vectorised C loop (cec_bce_row) in runs of at most
     CEC_TILE values within a row, with the float64 arguments as contiguous runs: read in
     place where a row is contiguous, filled once per item for a broadcast scalar,
-    gathered otherwise. With ``sums``, the run's losses stay in L1 and are added to
-    CEC_LANES float64 partial sums, combined in a fixed order into the item's sum: the
-    order depends on the shape only, not on n_threads."""
+    gathered otherwise. With ``sums``, the losses are added to CEC_LANES float64 partial
+    sums (in the loop itself when all arguments are broadcast, cec_bce_sums_bcast; else
+    from the run's losses, still in L1), combined in a fixed order into the item's sum:
+    the order depends on the shape only, not on n_threads."""
     cdef const BceArgs *a = <const BceArgs *>ctx
     cdef Py_ssize_t p, end, i, j0, width, L = a.L
     cdef const floating *y = <const floating *>a.y
@@ -876,7 +889,10 @@ cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept n
         width = min(<Py_ssize_t>CEC_TILE, min(L - j0, end - p))
         if not a.sums:
             loss = a.loss + p
-        if scalars:
+        if scalars and a.sums:  # the losses go straight to the lanes (same bits)
+            _bce_sums_bcast(x + p, y + p, width, wb[0], pwb[0], gsb[0] if g != NULL else 0.0,
+                            acc, g + p if g != NULL else NULL)
+        elif scalars:
             _bce_row_bcast(x + p, y + p, width, wb[0], pwb[0], gsb[0] if g != NULL else 0.0,
                            loss, g + p if g != NULL else NULL)
         else:
@@ -885,8 +901,8 @@ cdef void _bce_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept n
             if g != NULL:
                 gs = _run_of(a.gs, i, j0, width, gsb)
             _bce_row(x + p, y + p, width, w, pw, gs, loss, g + p if g != NULL else NULL)
-        if a.sums:
-            cec_add_lanes_f64(acc, lb, width)
+            if a.sums:
+                cec_add_lanes_f64(acc, lb, width)
         p += width
     if a.sums:
         a.loss[k] = cec_sum_lanes(acc)

@@ -1116,6 +1116,43 @@ CEC_KERNEL void CEC_FN(cec_bce_row_bcast)(const T *x, const T *y, ptrdiff_t n, d
         CEC_FN(cec_bce_values_bcast)(x, y, n, w, pw, gs, loss, g, 0);
 }
 
+/* For a reduced loss ('mean', 'sum'; the .pxi's sums) with broadcast arguments:
+ * cec_bce_values_bcast with each loss added to acc[j % CEC_LANES] as it is made, instead
+ * of stored to a run of losses and read back by cec_add_lanes (the same lanes in the same
+ * order, so the same bits): 0.93-0.95 of the time in a C harness on the Zen 4. */
+CEC_INLINE void CEC_FN(cec_bce_sums_values_bcast)(const T *x, const T *y, ptrdiff_t n,
+                                                   double w, double pw, double gs,
+                                                   double *acc, T *g, const int want_grad) {
+    ptrdiff_t c = 0;
+    for (; c + CEC_LANES <= n; c += CEC_LANES) {
+        CEC_SIMD
+        for (int j = 0; j < CEC_LANES; j++) {
+            double lj;
+            T gj;
+            CEC_FN(cec_bce_elem)(x[c + j], y[c + j], w, pw, gs, &lj, &gj, want_grad);
+            if (want_grad)
+                g[c + j] = gj;
+            acc[j] += lj;
+        }
+    }
+    for (int j = 0; c + j < n; j++) {
+        double lj;
+        T gj;
+        CEC_FN(cec_bce_elem)(x[c + j], y[c + j], w, pw, gs, &lj, &gj, want_grad);
+        if (want_grad)
+            g[c + j] = gj;
+        acc[j] += lj;
+    }
+}
+
+CEC_KERNEL void CEC_FN(cec_bce_sums_bcast)(const T *x, const T *y, ptrdiff_t n, double w,
+                                           double pw, double gs, double *acc, T *g) {
+    if (g)
+        CEC_FN(cec_bce_sums_values_bcast)(x, y, n, w, pw, gs, acc, g, 1);
+    else
+        CEC_FN(cec_bce_sums_values_bcast)(x, y, n, w, pw, gs, acc, g, 0);
+}
+
 #undef T
 #undef EXP
 
