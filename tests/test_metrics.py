@@ -175,6 +175,24 @@ def test_log_loss_from_logits_is_exact():
     assert log_loss_from_logits(y[:, None], logits) == log_loss_from_logits(y, logits)
 
 
+def test_labels_ending_in_nul_are_refused():
+    """NumPy's str dtype drops trailing NULs, so "a" and "a\\0" would be one class.
+    scikit-learn's LabelBinarizer keeps both in classes_ but encodes "a\\0" as a row of
+    zeros, and its log_loss scores those rows as a loss of 0: a silent wrong answer that
+    a clear error replaces here."""
+    names = np.array(["a", "a\0", "b"], dtype=object)
+    y = np.array([0, 1, 2, 1])
+    proba = np.full((4, 3), 1 / 3)
+    assert sk_log_loss(names[y], proba) < np.log(3) * 0.6  # the zero rows (the oracle's bug)
+    for y_true in (names[y], list(names[y]), tuple(names[y]), pd.Series(names[y])):
+        for score in (lambda t: log_loss(t, proba),
+                      lambda t: log_loss_from_logits(t, np.log(proba))):
+            with pytest.raises(ValueError, match="ends in a NUL character"):
+                score(y_true)
+    # the same strings without the NUL are scored as before
+    assert log_loss(["a", "b", "c"], proba[:3]) == pytest.approx(np.log(3), rel=1e-15)
+
+
 @pytest.fixture
 def iris():
     X, y = load_iris(return_X_y=True)

@@ -31,6 +31,8 @@ def _as_labels(y_true):
         return None
     if y is None or y.ndim != 1 or y.size == 0:
         return None
+    if y.dtype.kind == "U" and y is not y_true or y.dtype.kind == "O":
+        _refuse_trailing_nul(y_true)
     if y.dtype.kind == "O" and all(isinstance(v, str) for v in y):
         # Strings in an object array: what a pandas string column gives (pandas >= 3's
         # str dtype, categoricals, object columns). They sort as NumPy's str dtype does.
@@ -42,6 +44,18 @@ def _as_labels(y_true):
             if np.all(y == y.astype(np.int64)):
                 return y
     return None
+
+
+def _refuse_trailing_nul(values):
+    """A ValueError for a string label ending in NUL: NumPy's str dtype drops trailing
+    NULs, so "a" and "a\\0" would silently become one class (scikit-learn's
+    ``LabelBinarizer`` encodes the second as a row of zeros, which ``log_loss`` scores as
+    a loss of 0)."""
+    for v in values:
+        if isinstance(v, str) and v.endswith("\0"):
+            raise ValueError(f"label {v!r} ends in a NUL character; NumPy's str dtype "
+                             "drops those, so it cannot be told from "
+                             f"{v.rstrip(chr(0))!r}. Strip or replace the NULs.")
 
 
 def _encode(y_true, labels, pending=None):

@@ -53,7 +53,9 @@ def log_loss(y_true, y_proba=None, *, normalize=True, sample_weight=None, labels
     Same signature, values, clipping, warnings and errors as scikit-learn 1.9's
     ``log_loss``, in O(n_samples) extra memory: scikit-learn builds an n_samples x
     n_classes one-hot matrix and clipped copies of ``y_proba``; this reads ``y_proba``
-    once to check it and then only each row's true-class probability.
+    once to check it and then only each row's true-class probability. One difference:
+    a string label ending in a NUL character raises a ``ValueError`` (NumPy's str dtype
+    drops trailing NULs; scikit-learn scores such rows as a loss of 0).
 
     Parameters
     ----------
