@@ -1119,7 +1119,9 @@ CEC_KERNEL void CEC_FN(cec_bce_row_bcast)(const T *x, const T *y, ptrdiff_t n, d
 /* For a reduced loss ('mean', 'sum'; the .pxi's sums) with broadcast arguments:
  * cec_bce_values_bcast with each loss added to acc[j % CEC_LANES] as it is made, instead
  * of stored to a run of losses and read back by cec_add_lanes (the same lanes in the same
- * order, so the same bits): 0.93-0.95 of the time in a C harness on the Zen 4. */
+ * order, so the same bits): 0.93-0.95 of the time in a C harness on the Zen 4. The body
+ * is written twice, as in cec_add_lanes: factored into a helper for up to CEC_LANES
+ * values, gcc kept the helper out of line and called it once per 16 values. */
 CEC_INLINE void CEC_FN(cec_bce_sums_values_bcast)(const T *x, const T *y, ptrdiff_t n,
                                                    double w, double pw, double gs,
                                                    double *acc, T *g, const int want_grad) {
