@@ -31,7 +31,7 @@ def _as_labels(y_true):
         return None
     if y is None or y.ndim != 1 or y.size == 0:
         return None
-    if y.dtype.kind == "U" and y is not y_true or y.dtype.kind == "O":
+    if (y.dtype.kind == "U" and y is not y_true) or y.dtype.kind == "O":  # from Python str
         _refuse_trailing_nul(y_true)
     if y.dtype.kind == "O" and all(isinstance(v, str) for v in y):
         # Strings in an object array: what a pandas string column gives (pandas >= 3's
