@@ -321,8 +321,9 @@ CEC_INLINE void cec_bce_elem_f32(float x, float y, double w, double pw, double g
     const float lw = 1.0f + (pwf - 1.0f) * y;
     /* Every select on the sign of x first, side by side: with the gradient's select
      * after the loss, gcc threaded the two and duplicated the loss's FMA and float64
-     * conversion into both branches (a C harness, one thread, in L2: 1.11 -> 0.86 ns
-     * per value with the gradient; kernel_findings.md, sixteenth session). */
+     * conversion into both branches. bench_ab.py, Zen 4, float32 loss + gradient, new /
+     * old: one thread in cache avx2 0.76-0.77, avx512 0.89-0.91; two threads from memory
+     * avx2 0.82-0.94, avx512 0.95-0.96 (results/ab_bce_select_zen4{,_1thread}.json). */
     const int pos = x >= 0;
     const float a = pos ? ny * x : CEC_FMAF(-pwy, x, x - x);
     const float c = pos ? ny : -pwy, d = pos ? -pwy : ny;  /* numerator c + d z */
@@ -1120,9 +1121,12 @@ CEC_KERNEL void CEC_FN(cec_bce_row_bcast)(const T *x, const T *y, ptrdiff_t n, d
 /* For a reduced loss ('mean', 'sum'; the .pxi's sums) with broadcast arguments:
  * cec_bce_values_bcast with each loss added to acc[j % CEC_LANES] as it is made, instead
  * of stored to a run of losses and read back by cec_add_lanes (the same lanes in the same
- * order, so the same bits): 0.93-0.95 of the time in a C harness on the Zen 4. The body
- * is written twice, as in cec_add_lanes: factored into a helper for up to CEC_LANES
- * values, gcc kept the helper out of line and called it once per 16 values. */
+ * order, so the same bits). bench_ab.py, Zen 4, float32, new / old: avx512 0.87-0.92
+ * (two threads, from memory) and 0.81-0.97 (one thread); avx2 0.80-1.20, noise
+ * (results/ab_bce_fused_sums_zen4{,_1thread}.json). The body is written twice, as in
+ * cec_add_lanes: factored into a helper for up to CEC_LANES values, gcc kept the helper
+ * out of line and called it once per 16 values; as one loop over blocks whose last is
+ * shorter, it ran 1.36x slower (kernel_findings.md, sixteenth session). */
 CEC_INLINE void CEC_FN(cec_bce_sums_values_bcast)(const T *x, const T *y, ptrdiff_t n,
                                                    double w, double pw, double gs,
                                                    double *acc, T *g, const int want_grad) {
