@@ -42,6 +42,36 @@ def median_time(fn, repeat, warmup=1):
     return statistics.median(times), times
 
 
+def paired_ratios(fn, ref, repeat, warmup=1, pause=0.03):
+    """Per-pair time ratios ``fn / ref`` of ``repeat`` pairs: the two calls alternate, each
+    timed alone, after ``warmup`` untimed calls of each.
+
+    Timed in blocks (:func:`median_time`), two competitors can land in different phases
+    of a shared machine (this one's speed moved by 1.5x within minutes); calls that
+    alternate share them, so the median of the pairs' ratios is the steadier comparison.
+    Each call starts ``pause`` seconds after the previous one ended: an OpenMP runtime's
+    workers spin for milliseconds after a parallel region (libgomp's GOMP_SPINCOUNT), and
+    back to back, the other library's call would share the cores with them (seen: calls of
+    about 1 ms ran up to 2x slower right after the other's).
+    """
+    time.sleep(0.3)
+    for _ in range(warmup):
+        fn()
+        ref()
+    ratios = []
+    for _ in range(repeat):
+        gc.collect()
+        time.sleep(pause)
+        start = time.perf_counter()
+        fn()
+        took = time.perf_counter() - start
+        time.sleep(pause)
+        start = time.perf_counter()
+        ref()
+        ratios.append(took / (time.perf_counter() - start))
+    return ratios
+
+
 def traced_peak_bytes(fn):
     """Peak bytes allocated through tracemalloc while ``fn()`` runs, beyond what was live before.
 

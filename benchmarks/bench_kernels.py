@@ -12,9 +12,11 @@ fresh array). cecore also runs "loss+grad reused" (``grad_out=`` a buffer alloca
 and "loss+grad in place" (``grad_out=`` the logits themselves). Two yardsticks run beside
 them on the same array: "exp" is ``torch.exp(x, out=buf)`` (read, one exp per element,
 write: the least a fused loss+grad must do) and "copy" is ``np.copyto(buf, x)``.
-Each timing is the median of ``--repeat`` calls after a warm-up call. Before any timing,
-every competitor's loss and gradient are checked against a float64 NumPy reference, so a
-fast but wrong kernel stops the run instead of being reported.
+Each timing is the median of ``--repeat`` calls after a warm-up call; the gradient-into-a-
+buffer modes are also alternated call by call with the exp pass, and the median of those
+pairs' ratios reported (steadier on a shared machine than two medians taken apart).
+Before any timing, every competitor's loss and gradient are checked against a float64
+NumPy reference, so a fast but wrong kernel stops the run instead of being reported.
 
 Results go to ``benchmarks/results/kernels.json`` and ``kernels.png`` (``kernels_quick.*``
 with ``--quick``).
@@ -462,6 +464,7 @@ def run(args):
                            if "peak_extra_mb" in rec else "")
                     print(f"  {mode:9s} {comp.name:14s} {seconds * 1e3:10.2f} ms{extra}{mem}",
                           flush=True)
+            records += paired_with_exp(prepared, shape, dtype, repeat)
             del prepared, x, t
             gc.collect()
 
@@ -481,6 +484,27 @@ def run(args):
             "competitors": names, "results": records, "notes": NOTES}
 
 
+def paired_with_exp(prepared, shape, dtype, repeat):
+    """Each cecore gradient-into-a-buffer mode alternated call by call with the exp pass
+    (:func:`_common.paired_ratios`): the median and range of the pairs' time ratios."""
+    exp = next((fns for comp, fns in prepared if comp.name == "exp"), None)
+    if exp is None:
+        return []
+    records = []
+    for mode in ("loss+grad reused", "loss+grad in place"):
+        for comp, fns in prepared:
+            if not comp.name.startswith("cecore") or mode not in fns:
+                continue
+            ratios = C.paired_ratios(fns[mode], exp[mode], repeat)
+            q10, q50, q90 = np.percentile(ratios, [10, 50, 90])
+            records.append({"shape": list(shape), "dtype": dtype.name, "mode": mode,
+                            "competitor": comp.name, "paired_exp_ratio": q50,
+                            "paired_exp_ratios": ratios})
+            print(f"  paired with exp, {mode}: {comp.name:14s} {q50:.2f}x the exp pass "
+                  f"(10-90%: {q10:.2f}-{q90:.2f}, {repeat} pairs)", flush=True)
+    return records
+
+
 # ---------------------------------------------------------------------- reporting
 def _ratio(a, b):
     return f"{a / b:.2f}" if a and b else "-"
@@ -488,10 +512,10 @@ def _ratio(a, b):
 
 def print_tables(data):
     names = data["competitors"]
-    by_key = {}
+    by_key, paired = {}, {}
     for r in data["results"]:
         key = ("x".join(map(str, r["shape"])), r["dtype"], r["mode"])
-        by_key.setdefault(key, {})[r["competitor"]] = r
+        (paired if "paired_exp_ratio" in r else by_key).setdefault(key, {})[r["competitor"]] = r
     # "cecore" in the single-backend ratios is the default backend ("auto" prefers Cython)
     main = next((n for n in ("cecore-cython", "cecore-numba") if n in names), None)
     ratio_cols = [("torch/cy", "torch", "cecore-cython"), ("torch/nb", "torch", "cecore-numba"),
@@ -513,6 +537,15 @@ def print_tables(data):
     print("\nmedian time per call (ms); ratios > 1 mean cecore is faster; "
           f"'ce' = {main}; copy bandwidth {data['copy_bandwidth_gbs']:.2f} GB/s")
     print(C.format_table(header, rows))
+
+    if paired:
+        cecores = [n for n in names if n.startswith("cecore")]
+        rows = [[shape, dtype, mode] + [f"{recs[n]['paired_exp_ratio']:.2f}" if n in recs else "-"
+                                        for n in cecores]
+                for (shape, dtype, mode), recs in paired.items()]
+        print("\ncecore / exp pass, alternated call by call (median of the pairs' ratios; "
+              "below 1 means cecore is faster than one exp pass)")
+        print(C.format_table(["shape", "dtype", "mode"] + cecores, rows))
 
     mem_names = [n for n in names if n not in ("torch", "jax", "exp", "copy")]
     header = ["shape", "dtype", "mode", "grad MB"] + [f"{n} MB" for n in mem_names]
