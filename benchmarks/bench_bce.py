@@ -8,8 +8,10 @@ targets (reduction='mean'): cecore's loss only, and loss + gradient into a reuse
 (``grad_out=``); torch's ``F.binary_cross_entropy_with_logits`` forward + backward; and
 the yardstick of issue 9, one ``torch.exp(x, out=buf)`` pass over the same array. Rounds
 alternate the competitors; each number is the median over rounds of per-round medians,
-and ratios are to the exp pass of the same run. Before timing, every competitor's loss
-and gradient are checked against a float64 NumPy reference written without cancellation.
+and ratios are to the exp pass of the same run; cecore's calls are also alternated one by
+one with the exp pass ("paired / exp", the median of the pairs' ratios). Before timing,
+every competitor's loss and gradient are checked against a float64 NumPy reference
+written without cancellation.
 """
 
 import argparse
@@ -21,13 +23,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
-from _common import format_table, machine_info, median_time, save_json  # noqa: E402
+from _common import (format_table, machine_info, median_time, paired_ratios,  # noqa: E402
+                     save_json)
 
 import cecore  # noqa: E402
 
 # (B * T, labels) multi-label shapes; a 1-D input and (N, 1) logits (one logit per
 # example, as binary classifiers give), which go to the kernels as one long row.
 SIZES = [(65536, 1000), (4096, 1000), (1 << 24,), (1 << 24, 1)]
+BACKENDS = ("cython", "numba")
+# "paired / exp": the median ratio of calls alternated one by one with the exp pass
+# (_common.paired_ratios), steadier on a shared machine than the ratio of two medians.
+HEADER = ["dtype", "shape", "competitor", "ms", "/ exp", "paired / exp"]
 
 
 def reference(x, y):
@@ -61,7 +68,7 @@ def main():
                 return loss
 
             competitors = {"exp": lambda: torch.exp(xt, out=bt), "torch fwd+bwd": torch_fwd_bwd}
-            for backend in ("cython", "numba"):
+            for backend in BACKENDS:
                 competitors[f"{backend} loss"] = (
                     lambda b=backend: cecore.binary_cross_entropy_with_logits(x, y, backend=b))
                 competitors[f"{backend} loss+grad reused"] = (
@@ -81,14 +88,18 @@ def main():
                 for name, fn in competitors.items():
                     times[name].append(median_time(fn, args.repeat)[0] * 1e3)
             ms = {name: float(np.median(v)) for name, v in times.items()}
+            paired = {name: float(np.median(paired_ratios(fn, competitors["exp"],
+                                                          args.repeat * args.rounds)))
+                      for name, fn in competitors.items() if name.split()[0] in BACKENDS}
             results.append(dict(dtype=np.dtype(dtype).name, shape=list(shape), ms=ms,
-                                per_round_ms=times))
+                                per_round_ms=times, paired_exp_ratio=paired))
             for name, t in ms.items():
                 rows.append([np.dtype(dtype).name, "x".join(map(str, shape)), name, f"{t:.1f}",
-                             f"{t / ms['exp']:.2f}x"])
-            print(format_table(["dtype", "shape", "competitor", "ms", "/ exp"], rows[-len(ms):]),
-                  flush=True)
+                             f"{t / ms['exp']:.2f}x",
+                             f"{paired[name]:.2f}x" if name in paired else "-"])
+            print(format_table(HEADER, rows[-len(ms):]), flush=True)
     info = machine_info(threads=2, repeat=args.repeat, rounds=args.rounds)
+    print(format_table(HEADER, rows))
     path = save_json({"machine": info, "results": results}, "bce.json")
     print(f"CPU: {info['cpu_model']}; saved {path}")
 
