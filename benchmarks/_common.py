@@ -49,11 +49,11 @@ def paired_ratios(fn, ref, repeat, warmup=1, pause=0.03):
     Timed in blocks (:func:`median_time`), two competitors can land in different phases
     of a shared machine (this one's speed moved by 1.5x within minutes); calls that
     alternate share them, so the median of the pairs' ratios is the steadier comparison.
-    Each call starts ``pause`` seconds after the previous one ended: an OpenMP runtime's
-    workers spin for milliseconds after a parallel region (libgomp's GOMP_SPINCOUNT), and
-    back to back, the other library's call would share the cores with them (seen at
-    100000 x 10, calls of 1-3 ms: back to back, cecore / exp came out 0.44-0.61 where the
-    medians taken apart gave 0.63-0.91).
+    Each call starts ``pause`` seconds after the previous one ended, a precaution: an
+    OpenMP runtime's workers spin for milliseconds after a parallel region (libgomp's
+    GOMP_SPINCOUNT), and back to back the other library's call could share the cores with
+    them (for calls of 10 ms at 1e6 x 10 no such slowdown was measured; kernel_findings.md,
+    seventeenth session).
     """
     time.sleep(0.3)
     for _ in range(warmup):
