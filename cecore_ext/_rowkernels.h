@@ -122,6 +122,18 @@ CEC_INLINE void cec_prefetch_range(const void *p, ptrdiff_t bytes, int write) {
     }
 }
 
+/* How far ahead (bytes) cec_bce_sums_values_bcast asks for x's and y's cache lines,
+ * one block's lines at a time, between its blocks' arithmetic. Without it the loop,
+ * bound by its arithmetic, also waited on memory (it reads two streams where an exp
+ * pass reads one). Zen 4, bench_ab.py against b48d098 (same bits), float32 'mean' with
+ * the gradient, new / old: two threads 0.92-0.97 (AVX-512 build), 0.96-1.00 (AVX2), one
+ * thread 0.88-1.04; float64, whose loop has more arithmetic per byte, 0.92-1.05
+ * (results/ab_bce_pf_zen4{,_1thread}.json). A C harness of the loop, float32 2^24
+ * values: 0.73-0.96 on arrays that streamed slowly, 0.93-1.02 on others (kernel_findings.md,
+ * eighteenth session). The same requests made for a whole run before its loop were up to
+ * 1.1x slower than none. */
+#define CEC_BCE_AHEAD 2048
+
 /* CEC_LANES (cecore._config.LANES): independent accumulators of the row max and the row
  * sums. One accumulator per vector lane would make each pass wait on the latency of one
  * add (3-4 cycles on Zen 3 and Sapphire Rapids) per vector; CEC_LANES of them, kept in a
@@ -1132,6 +1144,11 @@ CEC_INLINE void CEC_FN(cec_bce_sums_values_bcast)(const T *x, const T *y, ptrdif
                                                    double *acc, T *g, const int want_grad) {
     ptrdiff_t c = 0;
     for (; c + CEC_LANES <= n; c += CEC_LANES) {
+        /* The lines of x and y CEC_BCE_AHEAD bytes on (past the end: harmless). */
+        for (ptrdiff_t i = 0; i < CEC_LANES * (ptrdiff_t)sizeof(T); i += 64) {
+            CEC_PREFETCH((const char *)(x + c) + CEC_BCE_AHEAD + i);
+            CEC_PREFETCH((const char *)(y + c) + CEC_BCE_AHEAD + i);
+        }
         CEC_SIMD
         for (int j = 0; j < CEC_LANES; j++) {
             double lj;
