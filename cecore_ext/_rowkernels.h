@@ -130,8 +130,8 @@ CEC_INLINE void cec_prefetch_range(const void *p, ptrdiff_t bytes, int write) {
  * thread 0.88-1.04; float64, whose loop has more arithmetic per byte, 0.92-1.05
  * (results/ab_bce_pf_zen4{,_1thread}.json). A C harness of the loop, float32 2^24
  * values: 0.73-0.96 on arrays that streamed slowly, 0.93-1.02 on others (kernel_findings.md,
- * eighteenth session). The same requests made for a whole run before its loop were up to
- * 1.1x slower than none. */
+ * eighteenth session). The same requests made for a whole run before its loop took
+ * 0.96-1.42 of the time without any. */
 #define CEC_BCE_AHEAD 2048
 
 /* CEC_LANES (cecore._config.LANES): independent accumulators of the row max and the row
