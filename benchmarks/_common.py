@@ -49,11 +49,11 @@ def paired_ratios(fn, ref, repeat, warmup=1, pause=0.03):
     Timed in blocks (:func:`median_time`), two competitors can land in different phases
     of a shared machine (this one's speed moved by 1.5x within minutes); calls that
     alternate share them, so the median of the pairs' ratios is the steadier comparison.
-    Each call starts ``pause`` seconds after the previous one ended, a precaution: an
-    OpenMP runtime's workers spin for milliseconds after a parallel region (libgomp's
-    GOMP_SPINCOUNT), and back to back the other library's call could share the cores with
-    them (for calls of 10 ms at 1e6 x 10 no such slowdown was measured; kernel_findings.md,
-    seventeenth session).
+    The pairs start 0.3 s after the call, and each call ``pause`` seconds after the
+    previous one ended, a precaution: an OpenMP runtime's workers spin for milliseconds
+    after a parallel region (libgomp's GOMP_SPINCOUNT), and back to back the other
+    library's call could share the cores with them (for calls of 10 ms at 1e6 x 10 no such
+    slowdown was measured; kernel_findings.md, seventeenth session).
     """
     time.sleep(0.3)
     for _ in range(warmup):
@@ -138,8 +138,18 @@ def _version(module_name):
         return f"unavailable ({type(exc).__name__})"
 
 
+def _cecore_build():
+    """The Cython build cecore_ext loaded ('avx512', 'avx2' or 'base'; CECORE_SIMD can
+    choose a narrower one), or why there is none."""
+    try:
+        return importlib.import_module("cecore_ext").build_info()["variant"]
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
+
+
 def machine_info(**extra):
-    """CPU model, core counts, memory and library versions, for the JSON results."""
+    """CPU model, core counts, memory, library versions and the loaded Cython build, for
+    the JSON results."""
     try:
         mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -157,6 +167,7 @@ def machine_info(**extra):
         "python": sys.version.split()[0],
         "versions": {name: _version(name) for name in
                      ("numpy", "numba", "torch", "sklearn", "jax", "cecore")},
+        "cecore_build": _cecore_build(),
         **extra,
     }
 

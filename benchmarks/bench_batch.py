@@ -138,7 +138,8 @@ def main():
         median_streamed = float(np.median(streamed))
         median_bare = float(np.median(streamed_bare))
         ratio, ratio_bare = median_streamed / in_memory, median_bare / in_memory
-        print(f"CPU: {machine_info()['cpu_model']}")
+        info = machine_info()
+        print(f"CPU: {info['cpu_model']}; Cython build: {info['cecore_build']}")
         print(f"in-memory cross_entropy (loss only) on {args.slice_rows} rows: {in_memory:.3f} GB/s")
         print(f"first run (page cache cold, not counted): {cold[0]['gb_per_second']:.3f} GB/s")
         print(f"streamed, every metric (budget {args.budget}): {median_streamed:.3f} GB/s "
@@ -151,7 +152,7 @@ def main():
         print(f"peak RSS of the scoring process: {peak / 1e6:.0f} MB (file {size / 1e6:.0f} MB)")
         print(f"mean loss {result['mean_loss']:.6f}")
         path = save_json({
-            "machine": machine_info(), "rows": args.rows, "classes": args.classes,
+            "machine": info, "rows": args.rows, "classes": args.classes,
             "file_bytes": size, "memory_budget": args.budget, "backend": args.backend,
             "cold_cache_gb_per_s": cold[0]["gb_per_second"], "streamed_gb_per_s": streamed,
             "in_memory_gb_per_s": in_memory, "streamed_loss_only_gb_per_s": streamed_bare,
