@@ -67,6 +67,9 @@
 #if CEC_SMALL_C_ROWS > CEC_TILE
 #error "CEC_SMALL_C_ROWS must not exceed CEC_TILE (its blocks are tiles of the tile kernels)"
 #endif
+#if CEC_TILE % CEC_LANES
+#error "CEC_TILE must be a multiple of CEC_LANES (cec_bce_sums_values_bcast's chunks keep the lanes)"
+#endif
 
 #if defined(_MSC_VER)
 #define CEC_INLINE static __inline
@@ -326,9 +329,10 @@ CEC_INLINE double cec_dev(double m, double x, double log_s) {
  * 2.1e-7 for the 2 atanh(z / (2 + z)) series before), without its division: 0.87-1.00
  * of the time with the arrays in cache (bench_ab.py, Zen 4; kernel_findings.md).
  * (x - x), 0 or NaN, keeps torch's NaN for x = -inf, where (1 - y) x + lw (-x) is
- * -inf + inf. NaN propagates. */
-CEC_INLINE void cec_bce_elem_f32(float x, float y, double w, double pw, double gs,
-                                 double *loss, float *g, const int want_grad) {
+ * -inf + inf. NaN propagates.
+ * Both take z = exp(-|x|) from a loop of its own (cec_bce_exps): see cec_bce_values. */
+CEC_INLINE void cec_bce_elem_f32(float x, float y, float z, double w, double pw,
+                                 double gs, double *loss, float *g, const int want_grad) {
     const float wf = (float)w, pwf = (float)pw, ny = 1.0f - y, pwy = pwf * y;
     const float lw = 1.0f + (pwf - 1.0f) * y;
     /* Every select on the sign of x first, side by side: with the gradient's select
@@ -339,7 +343,6 @@ CEC_INLINE void cec_bce_elem_f32(float x, float y, double w, double pw, double g
     const int pos = x >= 0;
     const float a = pos ? ny * x : CEC_FMAF(-pwy, x, x - x);
     const float c = pos ? ny : -pwy, d = pos ? -pwy : ny;  /* numerator c + d z */
-    const float z = cec_exp_f32(pos ? -x : x);
     float p = -4.466211423e-03f;
     p = CEC_FMAF(p, z, 2.522405423e-02f);
     p = CEC_FMAF(p, z, -6.675772369e-02f);
@@ -355,10 +358,8 @@ CEC_INLINE void cec_bce_elem_f32(float x, float y, double w, double pw, double g
         *g = (float)(gs * w) * (CEC_FMAF(d, z, c) / (1.0f + z));
 }
 
-CEC_INLINE void cec_bce_elem_f64(double x, double y, double w, double pw, double gs,
-                                 double *loss, double *g, const int want_grad) {
-    const double ax = x < 0 ? -x : x;
-    const double z = cec_exp_f64(-ax);
+CEC_INLINE void cec_bce_elem_f64(double x, double y, double z, double w, double pw,
+                                 double gs, double *loss, double *g, const int want_grad) {
     const double u = 1.0 + z;
     const double inv = 1.0 / u;
     const double l1p = cec_log_sum(u) + (z - (u - 1.0)) * inv;
@@ -1080,20 +1081,38 @@ CEC_KERNEL void CEC_FN(cec_logsumexp_tile)(const T *x, ptrdiff_t n, ptrdiff_t st
 
 /* ====================================================== binary cross-entropy */
 
+/* z = exp(-|x|) for n <= CEC_TILE values, in a loop of its own before the loop that
+ * uses it. With the exp inlined into that loop (log1p, selects, the gradient's division),
+ * gcc's vectorised loop ran far slower: a C harness of cec_bce_sums_bcast (one thread,
+ * 65536 values in L2, Zen 4, ns per value, one loop / two) float32 with the gradient
+ * 0.83 / 0.72 (AVX-512 build), 1.31 / 0.90 (AVX2), loss only 0.72 / 0.57 and 1.17 / 0.79;
+ * float64 2.94 / 2.05 and 5.04 / 3.08, loss only 2.51 / 1.84 and 4.23 / 2.74; same bits
+ * (kernel_findings.md, nineteenth session). */
+CEC_INLINE void CEC_FN(cec_bce_exps)(const T *x, ptrdiff_t n, T *z) {
+    CEC_SIMD
+    for (ptrdiff_t j = 0; j < n; j++)
+        z[j] = EXP(x[j] >= 0 ? -x[j] : x[j]);
+}
+
 /* Elementwise binary cross-entropy on logits over n values (see bce_logits in
- * cecore/_backends.py and cec_bce_elem_f32 / _f64); w, pw and gs are contiguous float64
- * runs of n values. */
+ * cecore/_backends.py and cec_bce_elem_f32 / _f64), in chunks of CEC_TILE (the runs
+ * _bce_item passes are one chunk); w, pw and gs are contiguous float64 runs of n values. */
 CEC_INLINE void CEC_FN(cec_bce_values)(const T *x, const T *y, ptrdiff_t n,
                                         const double *w, const double *pw,
                                         const double *gs, double *loss, T *g,
                                         const int want_grad) {
-    CEC_SIMD
-    for (ptrdiff_t j = 0; j < n; j++) {
-        T gj;
-        CEC_FN(cec_bce_elem)(x[j], y[j], w[j], pw[j], want_grad ? gs[j] : 0.0, loss + j,
-                             &gj, want_grad);
-        if (want_grad)
-            g[j] = gj;
+    T z[CEC_TILE];
+    for (ptrdiff_t c = 0; c < n; c += CEC_TILE) {
+        const ptrdiff_t m = n - c < CEC_TILE ? n - c : CEC_TILE;
+        CEC_FN(cec_bce_exps)(x + c, m, z);
+        CEC_SIMD
+        for (ptrdiff_t j = 0; j < m; j++) {
+            T gj;
+            CEC_FN(cec_bce_elem)(x[c + j], y[c + j], z[j], w[c + j], pw[c + j],
+                                 want_grad ? gs[c + j] : 0.0, loss + c + j, &gj, want_grad);
+            if (want_grad)
+                g[c + j] = gj;
+        }
     }
 }
 
@@ -1113,12 +1132,18 @@ CEC_KERNEL void CEC_FN(cec_bce_row)(const T *x, const T *y, ptrdiff_t n, const d
 CEC_INLINE void CEC_FN(cec_bce_values_bcast)(const T *x, const T *y, ptrdiff_t n, double w,
                                               double pw, double gs, double *loss, T *g,
                                               const int want_grad) {
-    CEC_SIMD
-    for (ptrdiff_t j = 0; j < n; j++) {
-        T gj;
-        CEC_FN(cec_bce_elem)(x[j], y[j], w, pw, gs, loss + j, &gj, want_grad);
-        if (want_grad)
-            g[j] = gj;
+    T z[CEC_TILE];
+    for (ptrdiff_t c = 0; c < n; c += CEC_TILE) {
+        const ptrdiff_t m = n - c < CEC_TILE ? n - c : CEC_TILE;
+        CEC_FN(cec_bce_exps)(x + c, m, z);
+        CEC_SIMD
+        for (ptrdiff_t j = 0; j < m; j++) {
+            T gj;
+            CEC_FN(cec_bce_elem)(x[c + j], y[c + j], z[j], w, pw, gs, loss + c + j, &gj,
+                                 want_grad);
+            if (want_grad)
+                g[c + j] = gj;
+        }
     }
 }
 
@@ -1133,39 +1158,47 @@ CEC_KERNEL void CEC_FN(cec_bce_row_bcast)(const T *x, const T *y, ptrdiff_t n, d
 /* For a reduced loss ('mean', 'sum'; the .pxi's sums) with broadcast arguments:
  * cec_bce_values_bcast with each loss added to acc[j % CEC_LANES] as it is made, instead
  * of stored to a run of losses and read back by cec_add_lanes (the same lanes in the same
- * order, so the same bits). bench_ab.py, Zen 4, float32, new / old: avx512 0.87-0.92
- * (two threads, from memory) and 0.81-0.97 (one thread); avx2 0.80-1.20, noise
- * (results/ab_bce_fused_sums_zen4{,_1thread}.json). The body is written twice, as in
- * cec_add_lanes: factored into a helper for up to CEC_LANES values, gcc kept the helper
- * out of line and called it once per 16 values; as one loop over blocks whose last is
- * shorter, it ran 1.36x slower (kernel_findings.md, sixteenth session). */
+ * order, so the same bits: a chunk starts at a multiple of CEC_LANES). bench_ab.py, Zen 4,
+ * float32, new / old: avx512 0.87-0.92 (two threads, from memory) and 0.81-0.97 (one
+ * thread); avx2 0.80-1.20, noise (results/ab_bce_fused_sums_zen4{,_1thread}.json). The
+ * body is written twice, as in cec_add_lanes: factored into a helper for up to CEC_LANES
+ * values, gcc kept the helper out of line and called it once per 16 values; as one loop
+ * over blocks whose last is shorter, it ran 1.36x slower (kernel_findings.md, sixteenth
+ * session). */
 CEC_INLINE void CEC_FN(cec_bce_sums_values_bcast)(const T *x, const T *y, ptrdiff_t n,
                                                    double w, double pw, double gs,
                                                    double *acc, T *g, const int want_grad) {
-    ptrdiff_t c = 0;
-    for (; c + CEC_LANES <= n; c += CEC_LANES) {
-        /* The lines of x and y CEC_BCE_AHEAD bytes on (past the end: harmless). */
-        for (ptrdiff_t i = 0; i < CEC_LANES * (ptrdiff_t)sizeof(T); i += 64) {
-            CEC_PREFETCH((const char *)(x + c) + CEC_BCE_AHEAD + i);
-            CEC_PREFETCH((const char *)(y + c) + CEC_BCE_AHEAD + i);
+    T z[CEC_TILE];
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += CEC_TILE) {
+        const ptrdiff_t end = n - c0 < CEC_TILE ? n : c0 + CEC_TILE;
+        ptrdiff_t c = c0;
+        CEC_FN(cec_bce_exps)(x + c0, end - c0, z);
+        for (; c + CEC_LANES <= end; c += CEC_LANES) {
+            /* The lines of x and y CEC_BCE_AHEAD bytes on (past the end: harmless). */
+            for (ptrdiff_t i = 0; i < CEC_LANES * (ptrdiff_t)sizeof(T); i += 64) {
+                CEC_PREFETCH((const char *)(x + c) + CEC_BCE_AHEAD + i);
+                CEC_PREFETCH((const char *)(y + c) + CEC_BCE_AHEAD + i);
+            }
+            CEC_SIMD
+            for (int j = 0; j < CEC_LANES; j++) {
+                double lj;
+                T gj;
+                CEC_FN(cec_bce_elem)(x[c + j], y[c + j], z[c - c0 + j], w, pw, gs, &lj, &gj,
+                                     want_grad);
+                if (want_grad)
+                    g[c + j] = gj;
+                acc[j] += lj;
+            }
         }
-        CEC_SIMD
-        for (int j = 0; j < CEC_LANES; j++) {
+        for (int j = 0; c + j < end; j++) {  /* the last chunk's last values */
             double lj;
             T gj;
-            CEC_FN(cec_bce_elem)(x[c + j], y[c + j], w, pw, gs, &lj, &gj, want_grad);
+            CEC_FN(cec_bce_elem)(x[c + j], y[c + j], z[c - c0 + j], w, pw, gs, &lj, &gj,
+                                 want_grad);
             if (want_grad)
                 g[c + j] = gj;
             acc[j] += lj;
         }
-    }
-    for (int j = 0; c + j < n; j++) {
-        double lj;
-        T gj;
-        CEC_FN(cec_bce_elem)(x[c + j], y[c + j], w, pw, gs, &lj, &gj, want_grad);
-        if (want_grad)
-            g[c + j] = gj;
-        acc[j] += lj;
     }
 }
 
