@@ -1096,11 +1096,16 @@ CEC_INLINE void CEC_FN(cec_bce_exps)(const T *x, ptrdiff_t n, T *z) {
 
 /* Elementwise binary cross-entropy on logits over n values (see bce_logits in
  * cecore/_backends.py and cec_bce_elem_f32 / _f64), in chunks of CEC_TILE (the runs
- * _bce_item passes are one chunk); w, pw and gs are contiguous float64 runs of n values. */
+ * _bce_item passes are one chunk). w, pw and gs are contiguous float64 runs of n values,
+ * or with bcast one value each for all n (the usual case: no weights, 'mean' or 'sum'):
+ * inlined with a constant bcast, that loop loads and converts no float64 argument per
+ * element, and computes the same bits. */
 CEC_INLINE void CEC_FN(cec_bce_values)(const T *x, const T *y, ptrdiff_t n,
                                         const double *w, const double *pw,
                                         const double *gs, double *loss, T *g,
-                                        const int want_grad) {
+                                        const int want_grad, const int bcast) {
+    const double w0 = bcast ? w[0] : 0.0, pw0 = bcast ? pw[0] : 0.0;
+    const double gs0 = bcast && want_grad ? gs[0] : 0.0;
     T z[CEC_TILE];
     for (ptrdiff_t c = 0; c < n; c += CEC_TILE) {
         const ptrdiff_t m = n - c < CEC_TILE ? n - c : CEC_TILE;
@@ -1108,8 +1113,10 @@ CEC_INLINE void CEC_FN(cec_bce_values)(const T *x, const T *y, ptrdiff_t n,
         CEC_SIMD
         for (ptrdiff_t j = 0; j < m; j++) {
             T gj;
-            CEC_FN(cec_bce_elem)(x[c + j], y[c + j], z[j], w[c + j], pw[c + j],
-                                 want_grad ? gs[c + j] : 0.0, loss + c + j, &gj, want_grad);
+            CEC_FN(cec_bce_elem)(x[c + j], y[c + j], z[j], bcast ? w0 : w[c + j],
+                                 bcast ? pw0 : pw[c + j],
+                                 bcast ? gs0 : want_grad ? gs[c + j] : 0.0, loss + c + j,
+                                 &gj, want_grad);
             if (want_grad)
                 g[c + j] = gj;
         }
@@ -1121,42 +1128,21 @@ CEC_KERNEL void CEC_FN(cec_bce_row)(const T *x, const T *y, ptrdiff_t n, const d
                                     const double *pw, const double *gs, double *loss,
                                     T *g) {
     if (g)
-        CEC_FN(cec_bce_values)(x, y, n, w, pw, gs, loss, g, 1);
+        CEC_FN(cec_bce_values)(x, y, n, w, pw, gs, loss, g, 1, 0);
     else
-        CEC_FN(cec_bce_values)(x, y, n, w, pw, gs, loss, g, 0);
-}
-
-/* The same with one weight, pos_weight and gradient scale for all n values (the usual
- * case: no weights, 'mean' or 'sum'): no float64 arguments are loaded and converted per
- * element. The same arithmetic on the same values, so the same bits as cec_bce_row. */
-CEC_INLINE void CEC_FN(cec_bce_values_bcast)(const T *x, const T *y, ptrdiff_t n, double w,
-                                              double pw, double gs, double *loss, T *g,
-                                              const int want_grad) {
-    T z[CEC_TILE];
-    for (ptrdiff_t c = 0; c < n; c += CEC_TILE) {
-        const ptrdiff_t m = n - c < CEC_TILE ? n - c : CEC_TILE;
-        CEC_FN(cec_bce_exps)(x + c, m, z);
-        CEC_SIMD
-        for (ptrdiff_t j = 0; j < m; j++) {
-            T gj;
-            CEC_FN(cec_bce_elem)(x[c + j], y[c + j], z[j], w, pw, gs, loss + c + j, &gj,
-                                 want_grad);
-            if (want_grad)
-                g[c + j] = gj;
-        }
-    }
+        CEC_FN(cec_bce_values)(x, y, n, w, pw, gs, loss, g, 0, 0);
 }
 
 CEC_KERNEL void CEC_FN(cec_bce_row_bcast)(const T *x, const T *y, ptrdiff_t n, double w,
                                           double pw, double gs, double *loss, T *g) {
     if (g)
-        CEC_FN(cec_bce_values_bcast)(x, y, n, w, pw, gs, loss, g, 1);
+        CEC_FN(cec_bce_values)(x, y, n, &w, &pw, &gs, loss, g, 1, 1);
     else
-        CEC_FN(cec_bce_values_bcast)(x, y, n, w, pw, gs, loss, g, 0);
+        CEC_FN(cec_bce_values)(x, y, n, &w, &pw, &gs, loss, g, 0, 1);
 }
 
 /* For a reduced loss ('mean', 'sum'; the .pxi's sums) with broadcast arguments:
- * cec_bce_values_bcast with each loss added to acc[j % CEC_LANES] as it is made, instead
+ * cec_bce_values (bcast) with each loss added to acc[j % CEC_LANES] as it is made, instead
  * of stored to a run of losses and read back by cec_add_lanes (the same lanes in the same
  * order, so the same bits: a chunk starts at a multiple of CEC_LANES). bench_ab.py, Zen 4,
  * float32, new / old: avx512 0.87-0.92 (two threads, from memory) and 0.81-0.97 (one
