@@ -1152,10 +1152,10 @@ CEC_KERNEL void CEC_FN(cec_bce_row_bcast)(const T *x, const T *y, ptrdiff_t n, d
  * order, so the same bits: a chunk starts at a multiple of CEC_LANES). bench_ab.py, Zen 4,
  * float32, new / old: avx512 0.87-0.92 (two threads, from memory) and 0.81-0.97 (one
  * thread); avx2 0.80-1.20, noise (results/ab_bce_fused_sums_zen4{,_1thread}.json). The
- * body is written twice, as in cec_add_lanes: factored into a helper for up to CEC_LANES
- * values, gcc kept the helper out of line and called it once per 16 values; as one loop
- * over blocks whose last is shorter, it ran 1.36x slower (kernel_findings.md, sixteenth
- * session). */
+ * blocks of CEC_LANES are a loop of their own, and a run's last values (fewer) go through
+ * cec_bce_values: as one loop over blocks whose last is shorter it ran 1.36x slower, and
+ * a helper for up to CEC_LANES values called per block stayed out of line
+ * (kernel_findings.md, sixteenth session). */
 CEC_INLINE void CEC_FN(cec_bce_sums_values_bcast)(const T *x, const T *y, ptrdiff_t n,
                                                    double w, double pw, double gs,
                                                    double *acc, T *g, const int want_grad) {
@@ -1181,14 +1181,12 @@ CEC_INLINE void CEC_FN(cec_bce_sums_values_bcast)(const T *x, const T *y, ptrdif
                 acc[j] += lj;
             }
         }
-        for (int j = 0; c + j < end; j++) {  /* the last chunk's last values */
-            double lj;
-            T gj;
-            CEC_FN(cec_bce_elem)(x[c + j], y[c + j], z[c - c0 + j], w, pw, gs, &lj, &gj,
-                                 want_grad);
-            if (want_grad)
-                g[c + j] = gj;
-            acc[j] += lj;
+        if (c < end) {  /* the last chunk's last values, fewer than CEC_LANES */
+            double lt[CEC_LANES];
+            CEC_FN(cec_bce_values)(x + c, y + c, end - c, &w, &pw, &gs, lt,
+                                   want_grad ? g + c : g, want_grad, 1);
+            for (int j = 0; j < end - c; j++)
+                acc[j] += lt[j];
         }
     }
 }
