@@ -25,7 +25,7 @@ from .._config import (
     KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE, TILES_PER_TASK,
 )
 from ._math import (
-    _add_vector, _address, _at, _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch,
+    _add_blocks, _address, _at, _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch,
     _rounded_product, _row_max, _store_fence, _stream_line, _tr_block,
 )
 from ._runtime import helper, jit
@@ -866,10 +866,8 @@ def _bce_row(x, y, weight, pos_weight, grad_scale, loss_out, g, want_grad, z):
 def _add_lanes(acc, v, width):
     """acc[j % LANES] += v[j] for j < width (lane j receives the run's elements j,
     j + LANES, ...), as cec_add_lanes; acc has LANES elements."""
-    c = 0
-    while c + LANES <= width:
-        _add_vector(acc, v, c)
-        c += LANES
+    c = width // LANES * LANES
+    _add_blocks(acc, v, width // LANES)
     for j in range(width - c):
         acc[j] += v[c + j]
 

@@ -131,28 +131,34 @@ def _shuffle(builder, a, b, mask):
 
 
 @intrinsic
-def _add_vector(typingctx, acc, v, start):
-    """acc[:LANES] += v[start:start + LANES] as one LLVM vector add. Each lane adds the
-    same two values as acc[j] += v[start + j], so the sums are the same bits; written as
-    that loop, LLVM kept it scalar (acc and v might overlap: a store and a reload per
-    element). No bounds checks: acc must hold LANES float64 values, v start + LANES."""
+def _add_blocks(typingctx, acc, v, n_blocks):
+    """acc[:LANES] += v[b * LANES:(b + 1) * LANES] for b < n_blocks, in that order, as
+    LLVM vector adds. Each lane adds the same values in the same order as acc[j] +=
+    v[b * LANES + j], so the sums are the same bits; written as that loop, LLVM kept it
+    scalar (acc and v might overlap: a store and a reload per element), and as one
+    vector add per block it still stored acc and loaded it back for the next. No bounds
+    checks: acc must hold LANES float64 values, v n_blocks * LANES."""
     if not (isinstance(acc, types.Array) and isinstance(v, types.Array)
-            and acc.dtype == v.dtype == types.float64 and isinstance(start, types.Integer)):
+            and acc.dtype == v.dtype == types.float64 and isinstance(n_blocks, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
         vty = ir.VectorType(ir.DoubleType(), LANES)
         acc_p, v_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
                       for k in (0, 1))
-        first = context.cast(builder, args[2], signature.args[2], types.int64)
+        count = context.cast(builder, args[2], signature.args[2], types.int64)
         acc_v = builder.bitcast(acc_p, vty.as_pointer())
-        total = builder.fadd(builder.load(acc_v, align=8),
-                             builder.load(builder.bitcast(builder.gep(v_p, [first]),
-                                                          vty.as_pointer()), align=8))
-        builder.store(total, acc_v, align=8)
+        # the running sum in a local (a register after LLVM's mem2reg)
+        total = cgutils.alloca_once_value(builder, builder.load(acc_v, align=8))
+        with cgutils.for_range(builder, count) as loop:
+            first = builder.mul(loop.index, ir.Constant(loop.index.type, LANES))
+            block = builder.bitcast(builder.gep(v_p, [first]), vty.as_pointer())
+            builder.store(builder.fadd(builder.load(total), builder.load(block, align=8)),
+                          total)
+        builder.store(builder.load(total), acc_v, align=8)
         return context.get_dummy_value()
 
-    return types.void(acc, v, start), codegen
+    return types.void(acc, v, n_blocks), codegen
 
 
 @intrinsic
