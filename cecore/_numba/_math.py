@@ -136,14 +136,17 @@ def _add_blocks(typingctx, acc, v, n_blocks):
     LLVM vector adds. Each lane adds the same values in the same order as acc[j] +=
     v[b * LANES + j], so the sums are the same bits; written as that loop, LLVM kept it
     scalar (acc and v might overlap: a store and a reload per element), and as one
-    vector add per block it still stored acc and loaded it back for the next. No bounds
-    checks: acc must hold LANES float64 values, v n_blocks * LANES."""
+    vector add per block it still stored acc and loaded it back for the next. v is
+    float64 or float32 (each value widened, exactly). No bounds checks: acc must hold
+    LANES float64 values, v n_blocks * LANES."""
     if not (isinstance(acc, types.Array) and isinstance(v, types.Array)
-            and acc.dtype == v.dtype == types.float64 and isinstance(n_blocks, types.Integer)):
+            and acc.dtype == types.float64 and v.dtype in (types.float32, types.float64)
+            and isinstance(n_blocks, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
         vty = ir.VectorType(ir.DoubleType(), LANES)
+        ity = ir.VectorType(context.get_value_type(signature.args[1].dtype), LANES)
         acc_p, v_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
                       for k in (0, 1))
         count = context.cast(builder, args[2], signature.args[2], types.int64)
@@ -152,9 +155,11 @@ def _add_blocks(typingctx, acc, v, n_blocks):
         total = cgutils.alloca_once_value(builder, builder.load(acc_v, align=8))
         with cgutils.for_range(builder, count) as loop:
             first = builder.mul(loop.index, ir.Constant(loop.index.type, LANES))
-            block = builder.bitcast(builder.gep(v_p, [first]), vty.as_pointer())
-            builder.store(builder.fadd(builder.load(total), builder.load(block, align=8)),
-                          total)
+            block = builder.load(builder.bitcast(builder.gep(v_p, [first]), ity.as_pointer()),
+                                 align=4)
+            if ity != vty:
+                block = builder.fpext(block, vty)
+            builder.store(builder.fadd(builder.load(total), block), total)
         builder.store(builder.load(total), acc_v, align=8)
         return context.get_dummy_value()
 
