@@ -151,7 +151,9 @@ def _add_blocks(typingctx, acc, v, n_blocks):
                       for k in (0, 1))
         count = context.cast(builder, args[2], signature.args[2], types.int64)
         acc_v = builder.bitcast(acc_p, vty.as_pointer())
-        # the running sum in a local (a register after LLVM's mem2reg)
+        # the running sum in a local (a register after LLVM's mem2reg); its adds are
+        # flagged "nsz" only, so that Numba's fastmath pass cannot add "reassoc" (see
+        # _dev) and the blocks stay added in order
         total = cgutils.alloca_once_value(builder, builder.load(acc_v, align=8))
         with cgutils.for_range(builder, count) as loop:
             first = builder.mul(loop.index, ir.Constant(loop.index.type, LANES))
@@ -159,7 +161,7 @@ def _add_blocks(typingctx, acc, v, n_blocks):
                                  align=4)
             if ity != vty:
                 block = builder.fpext(block, vty)
-            builder.store(builder.fadd(builder.load(total), block), total)
+            builder.store(builder.fadd(builder.load(total), block, flags=("nsz",)), total)
         builder.store(builder.load(total), acc_v, align=8)
         return context.get_dummy_value()
 
