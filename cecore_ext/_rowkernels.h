@@ -1163,7 +1163,8 @@ CEC_INLINE void CEC_FN(cec_bce_sums_values_bcast)(const T *x, const T *y, ptrdif
     for (ptrdiff_t c0 = 0; c0 < n; c0 += CEC_TILE) {
         const ptrdiff_t end = n - c0 < CEC_TILE ? n : c0 + CEC_TILE;
         ptrdiff_t c = c0;
-        CEC_FN(cec_bce_exps)(x + c0, end - c0, z);
+        /* the blocks' exps; the last values' are cec_bce_values's own */
+        CEC_FN(cec_bce_exps)(x + c0, (end - c0) / CEC_LANES * CEC_LANES, z);
         for (; c + CEC_LANES <= end; c += CEC_LANES) {
             /* The lines of x and y CEC_BCE_AHEAD bytes on (past the end: harmless). */
             for (ptrdiff_t i = 0; i < CEC_LANES * (ptrdiff_t)sizeof(T); i += 64) {
