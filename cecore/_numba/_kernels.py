@@ -866,8 +866,9 @@ def _bce_row(x, y, weight, pos_weight, grad_scale, loss_out, g, want_grad, z):
 def _add_lanes(acc, v, width):
     """acc[j % LANES] += v[j] for j < width (lane j receives the run's elements j,
     j + LANES, ...), as cec_add_lanes; acc has LANES elements."""
-    c = width // LANES * LANES
-    _add_blocks(acc, v, width // LANES)
+    n_blocks = width // LANES
+    _add_blocks(acc, v, n_blocks)
+    c = n_blocks * LANES
     for j in range(width - c):
         acc[j] += v[c + j]
 
