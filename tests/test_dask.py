@@ -103,9 +103,11 @@ def test_dask_hidden_states_equal_in_memory(client, rng):
                          unembedding=w, client=client)
     from cecore import batch
     expected = batch.score(h, t, unembedding=w)
-    assert r.mean_loss == expected.mean_loss
-    for key in ("accuracy", "top_k_accuracy", "mean_entropy", "ece", "brier"):
-        assert getattr(r, key) == getattr(expected, key), key
+    # To rounding, not bit for bit (README): BLAS's last bits depend on how many rows it
+    # multiplies (OpenBLAS 0.3.31 on an AMD Zen 5: 8192-row and 6000-row products differ).
+    for key in ("mean_loss", "accuracy", "top_k_accuracy", "mean_entropy", "ece", "brier"):
+        np.testing.assert_allclose(getattr(r, key), getattr(expected, key), rtol=1e-5,
+                                   atol=1e-7, err_msg=key)
 
 
 @pytest.mark.parametrize("on_files", [False, True])
