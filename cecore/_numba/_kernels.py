@@ -451,6 +451,14 @@ def _fill_run(dst, a, start, width):
 
 
 @helper
+def _fill_row_run(dst, a, i, start, width):
+    """dst[:width] = a[i, start:start + width], ``a`` a 2-D array of any strides (as
+    _fill_run, without a slice's reference counting)."""
+    for j in range(width):
+        dst[j] = a[i, start + j]
+
+
+@helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
                 ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s,
                 log_s, coef, shift, sub, w_t, gs_run):
@@ -844,22 +852,28 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block):
 
 # ------------------------------------------------------------------ binary (sigmoid)
 @helper
-def _bce_row(x, y, weight, pos_weight, grad_scale, loss_out, g, want_grad, z):
-    """One row of binary cross-entropy on logits, vectorisable (as cec_bce_row in
-    cecore_ext/_rowkernels.h; the formulas are in :func:`._math._bce_f32`).
+def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_grad, z):
+    """Binary cross-entropy on logits of ``x[p:p + n]`` and ``y[p:p + n]``, the losses to
+    ``loss_out[lo:lo + n]`` and the gradient to ``g[p:p + n]``; ``weight``, ``pos_weight``
+    and ``grad_scale`` are scalars or runs indexed from 0. Vectorisable (as cec_bce_row in
+    cecore_ext/_rowkernels.h; the formulas are in :func:`._math._bce_f32`). ``p``, ``n``
+    and ``lo`` are unsigned (see _block_bounds), offsets rather than slices: each slice is
+    an array whose reference count Numba updates (atomically, and on the caller's array),
+    several per run of 256 values.
 
     Two loops: exp(-|x|) first, parked in ``z`` (scratch of x's type), then the rest. As
     one loop calling exp and log per element, the float64 case was too large for LLVM to
     inline and stayed scalar (measured, one row of 1000 in L1: 46 -> 8 ns per element;
     float32, one loop: 1.16-1.29x slower, kernel_findings.md)."""
-    for j in range(x.shape[0]):
-        z[j] = _exp_nonpos(-x[j] if x[j] > 0 else x[j])
-    for j in range(x.shape[0]):
-        loss, grad = _bce(x[j], y[j], _at(weight, j), _at(pos_weight, j), _at(grad_scale, j),
-                          z[j])
-        loss_out[j] = loss
+    for j in range(n):
+        v = x[p + j]
+        z[j] = _exp_nonpos(-v if v > 0 else v)
+    for j in range(n):
+        loss, grad = _bce(x[p + j], y[p + j], _at(weight, j), _at(pos_weight, j),
+                          _at(grad_scale, j), z[j])
+        loss_out[lo + j] = loss
         if want_grad:
-            g[j] = grad
+            g[p + j] = grad
 
 
 @helper
@@ -904,32 +918,31 @@ def _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_ou
         pw[:] = pw0
     if want_grad and scalar_gs:
         gs[:] = gs0
-    p = k * REDUCE_BLOCK
-    end = min(x.shape[0], p + REDUCE_BLOCK)
+    zero = np.uint64(0)
+    p = np.uint64(k * REDUCE_BLOCK)
+    end = np.uint64(min(x.shape[0], k * REDUCE_BLOCK + REDUCE_BLOCK))
+    cols = np.uint64(n_cols)
     while p < end:
-        i = p // n_cols
-        j0 = p - i * n_cols
-        width = min(TILE, n_cols - j0, end - p)
+        i = p // cols
+        j0 = p - i * cols
+        width = min(np.uint64(TILE), cols - j0, end - p)
         if not scalar_w:
-            _fill_run(w, weight[i], j0, width)
+            _fill_row_run(w, weight, i, j0, width)
         if not scalar_pw:
-            _fill_run(pw, pos_weight[i], j0, width)
+            _fill_row_run(pw, pos_weight, i, j0, width)
         if want_grad and not scalar_gs:
-            _fill_run(gs, grad_scale[i], j0, width)
-        xr, yr = x[p:p + width], y[p:p + width]
-        g = grad_out[p:p + width] if want_grad else grad_out
+            _fill_row_run(gs, grad_scale, i, j0, width)
         # The summed losses stay in x's type until _add_lanes widens them (the same
         # values: a float32 loss is a float32 product), so that LLVM vectorises the
         # float32 loop at 16 lanes, not at the 8 of a float64 store.
         if sums and scalars:
-            _bce_row(xr, yr, w0, pw0, gs0, buf[:width], g, want_grad, z)
+            _bce_row(x, y, p, width, w0, pw0, gs0, buf, zero, grad_out, want_grad, z)
         elif sums:
-            _bce_row(xr, yr, w[:width], pw[:width], gs[:width], buf[:width], g, want_grad, z)
+            _bce_row(x, y, p, width, w, pw, gs, buf, zero, grad_out, want_grad, z)
         elif scalars:
-            _bce_row(xr, yr, w0, pw0, gs0, loss_out[p:p + width], g, want_grad, z)
+            _bce_row(x, y, p, width, w0, pw0, gs0, loss_out, p, grad_out, want_grad, z)
         else:
-            _bce_row(xr, yr, w[:width], pw[:width], gs[:width], loss_out[p:p + width], g,
-                     want_grad, z)
+            _bce_row(x, y, p, width, w, pw, gs, loss_out, p, grad_out, want_grad, z)
         if sums:
             _add_lanes(acc, buf, width)
         p += width
