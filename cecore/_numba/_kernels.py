@@ -26,7 +26,7 @@ from .._config import (
 )
 from ._math import (
     _add_blocks, _address, _at, _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _prefetch,
-    _rounded_product, _row_max, _store_fence, _stream_line, _tr_block,
+    _rounded_product, _row_max, _store_fence, _stream_line, _tr_block, _view,
 )
 from ._runtime import helper, jit
 
@@ -260,12 +260,12 @@ def _scores_rows(x, target, weight, w_total, ignore_index, eps, loss_out, stats_
 @helper
 def _tile_max(x, base, stride, n_classes, width, m, s):
     """m[j] = max_c x[base + c*stride + j] for j < width, and s[j] = 0."""
-    x0 = x[base:base + width]
+    x0 = _view(x, base, base + width)
     for j in range(width):
         m[j] = x0[j]
         s[j] = 0.0
     for c in range(1, n_classes):
-        xc = x[base + c * stride:base + c * stride + width]
+        xc = _view(x, base + c * stride, base + c * stride + width)
         for j in range(width):
             m[j] = xc[j] if xc[j] > m[j] else m[j]
 
@@ -287,8 +287,9 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
     # exp and the float64 accumulation are separate loops: fused, the float64 adds would
     # set the vector width and halve the float32 exp's throughput.
     for c in range(n_classes):
-        xc = x[base + c * stride:base + c * stride + width]
-        ec = e_out[base + c * stride:base + c * stride + width] if store else e_buf[:width]
+        xc = _view(x, base + c * stride, base + c * stride + width)
+        ec = (_view(e_out, base + c * stride, base + c * stride + width) if store
+              else _view(e_buf, 0, width))
         for j in range(width):
             ec[j] = _exp_nonpos(xc[j] - m[j])
         for j in range(width):
@@ -304,7 +305,7 @@ def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s):
     that overlap, on which its runtime alias checks choose the scalar loops."""
     _tile_max(g, base, stride, n_classes, width, m, s)
     for c in range(n_classes):
-        gc = g[base + c * stride:base + c * stride + width]
+        gc = _view(g, base + c * stride, base + c * stride + width)
         for j in range(width):
             gc[j] = _exp_nonpos(gc[j] - m[j])
         for j in range(width):
@@ -381,9 +382,9 @@ def _to_tile(src, r0, n_rows, n_classes, n_pos, dst):
     if n_pos == 1:  # 2-D rows of few classes
         _transpose(src, r0 * size, n_classes, n_rows, n_classes, dst, 0, TILE)
         return
-    block = src[r0 * size:(r0 + n_rows) * size]
+    block = _view(src, r0 * size, (r0 + n_rows) * size)
     for c in range(n_classes):
-        row = dst[c * TILE:c * TILE + n_rows * n_pos]
+        row = _view(dst, c * TILE, c * TILE + n_rows * n_pos)
         for j in range(n_rows):
             for k in range(n_pos):
                 row[j * n_pos + k] = block[j * size + c * n_pos + k]
@@ -411,9 +412,9 @@ def _untile(src, n_rows, n_classes, n_pos, dst, d0):
     if n_pos == 1:
         _transpose(src, 0, TILE, n_classes, n_rows, dst, d0, n_classes)
         return
-    block = dst[d0:d0 + n_rows * size]
+    block = _view(dst, d0, d0 + n_rows * size)
     for c in range(n_classes):
-        row = src[c * TILE:c * TILE + n_rows * n_pos]
+        row = _view(src, c * TILE, c * TILE + n_rows * n_pos)
         for j in range(n_rows):
             for k in range(n_pos):
                 block[j * size + c * n_pos + k] = row[j * n_pos + k]
@@ -467,8 +468,8 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     of TILE values (``s``, ``log_s``, ``w_t`` and ``gs_run`` float64, the others of x's
     type)."""
     smooth = eps / n_classes
-    tgt = target[pos0:pos0 + width]
-    loss = loss_out[pos0:pos0 + width]
+    tgt = _view(target, pos0, pos0 + width)
+    loss = _view(loss_out, pos0, pos0 + width)
     # Per position, the steps are branch-free selects (an ignored position reads class 0)
     # so that they vectorise, as in Cython's cec_index_tile (with the register transposes,
     # bench_ab 1e6 x 10 float32 loss only 0.79-0.85 of the time before:
@@ -487,7 +488,7 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
         loss[:] = 0.0
         for c in range(n_classes):
             w_c = weight[c]
-            xc = x[base + c * stride:base + c * stride + width]
+            xc = _view(x, base + c * stride, base + c * stride + width)
             for j in range(width):
                 loss[j] += w_c * _dev(np.float64(m[j]), np.float64(xc[j]), log_s[j])
     for j in range(width):
@@ -510,7 +511,7 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
         shift[j] = _cast_like(sh if ok else 0.0, m[0])
         sub[j] = _cast_like(_rounded_product(gs_run[j] * (1.0 - eps), w_t[j]), m[0])
     for c in range(n_classes):
-        gc = g[base + c * stride:base + c * stride + width]
+        gc = _view(g, base + c * stride, base + c * stride + width)
         if eps > 0.0:
             w_c = _cast_like(weight[c], m[0])
             for j in range(width):
@@ -580,7 +581,7 @@ def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale
     for n in prange(n_samples):
         xt = np.empty((group, n_classes), dtype=x.dtype)
         gt = np.empty((group, n_classes), dtype=x.dtype)  # the gradient, or the exps
-        src = x[n * sample_size:(n + 1) * sample_size]
+        src = _view(x, n * sample_size, (n + 1) * sample_size)
         for s0 in range(0, n_pos, group):
             gw = min(group, n_pos - s0)
             for c in range(n_classes):
@@ -596,7 +597,7 @@ def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale
                 loss_out[p] = _index_row(xt[j], t, weight, w_total, eps, grad_scale[p],
                                          gt[j], ignored, want_grad, False)
             if want_grad:
-                dst = grad_out[n * sample_size:(n + 1) * sample_size]
+                dst = _view(grad_out, n * sample_size, (n + 1) * sample_size)
                 for c in range(n_classes):
                     for j in range(gw):
                         dst[c * n_pos + s0 + j] = gt[j, c]

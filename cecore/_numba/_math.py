@@ -13,6 +13,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
+from numba.np.arrayobj import populate_array
 
 from .._config import LANES
 
@@ -221,6 +222,32 @@ def _tr_block(typingctx, src, s0, sld, dst, d0, dld):
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@intrinsic
+def _view(typingctx, arr, start, stop):
+    """``arr[start:stop]`` of a 1-D contiguous array, as a view that holds no reference.
+
+    Numba counts a slice's references: making one and dropping it are two calls that
+    atomically update the counter of ``arr``'s memory (shared by every thread that reads
+    ``arr``), and the tile and BCE loops took a slice per class or run. This view has no
+    memory owner (a null meminfo), so there is nothing to count; it must not outlive
+    ``arr``, and ``0 <= start <= stop <= len(arr)`` is the caller's to keep (no clipping,
+    no bounds checks)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
+            and isinstance(start, types.Integer) and isinstance(stop, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(arr)(context, builder, args[0])
+        lo, hi = (context.cast(builder, args[k], signature.args[k], types.intp)
+                  for k in (1, 2))
+        out = context.make_array(arr)(context, builder)
+        populate_array(out, data=builder.gep(src.data, [lo]), shape=[builder.sub(hi, lo)],
+                       strides=[src.itemsize], itemsize=src.itemsize, meminfo=None)
+        return out._getvalue()
+
+    return arr(arr, start, stop), codegen
 
 
 @intrinsic
