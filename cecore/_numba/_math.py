@@ -230,10 +230,10 @@ def _view(typingctx, arr, start, stop):
 
     Numba counts a slice's references: making one and dropping it are two calls that
     atomically update the counter of ``arr``'s memory (shared by every thread that reads
-    ``arr``), and the tile and BCE loops took a slice per class or run. This view has no
-    memory owner (a null meminfo), so there is nothing to count; it must not outlive
-    ``arr``, and ``0 <= start <= stop <= len(arr)`` is the caller's to keep (no clipping,
-    no bounds checks)."""
+    ``arr``), and the tile loops took a slice per class (BCE's runs take offsets instead,
+    see _bce_row). This view has no memory owner (a null meminfo), so there is nothing to
+    count; it must not outlive ``arr``, and ``0 <= start <= stop <= len(arr)`` is the
+    caller's to keep (no clipping, no bounds checks)."""
     if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
             and isinstance(start, types.Integer) and isinstance(stop, types.Integer)):
         return None
