@@ -135,6 +135,11 @@ def _cases(rng, threads):
             args = (x, y, one, one, np.broadcast_to(1.0 / x.size, (n, c)), sums, grad)
             yield (f"{dt.__name__} {n}x{c} bce sums+grad reused",
                    lambda k, a=args: k.bce_logits(*a, threads), (sums, grad))
+            # a per-label pos_weight (strides (0, 8)): the runs that fill float64 arguments
+            pw = np.broadcast_to(np.linspace(0.5, 2.0, c), (n, c))
+            args = (x, y, one, pw, np.broadcast_to(1.0 / x.size, (n, c)), sums, grad)
+            yield (f"{dt.__name__} {n}x{c} bce pos_weight sums+grad reused",
+                   lambda k, a=args: k.bce_logits(*a, threads), (sums, grad))
 
 
 def main():

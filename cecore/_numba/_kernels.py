@@ -281,7 +281,7 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
     """Per position j < width of a tile: m[j] = max_c x[base + c*stride + j] and
     s[j] = sum_c exp(x[...] - m[j]) (float64), storing the exps in ``e_out`` (same
     indexing as ``x``) when ``store``, else in the scratch row ``e_buf``, and
-    log_s[j] = log(s[j]). Inner loops run along j over 0-based slices: contiguous,
+    log_s[j] = log(s[j]). Inner loops run along j over 0-based views: contiguous,
     vectorised (see _row_sumexp)."""
     _tile_max(x, base, stride, n_classes, width, m, s)
     # exp and the float64 accumulation are separate loops: fused, the float64 adds would
