@@ -49,25 +49,14 @@ def _float_to_bits(typingctx, value):
     return None
 
 
-@intrinsic
-def _pow2_of_magic(typingctx, t):
+def _pow2_codegen(builder, t, width, add, shift, fty):
     """2**k from ``t = x / ln2 + magic`` (magic = 1.5 * 2**23, or 2**52 for float64),
     whose low mantissa bits hold k = round(x / ln2): the float with exponent bits
     ``bits(t) - bits(magic) + bias``, computed in the float's own integer width (Numba's
     own int32 arithmetic would widen to int64 and halve the vector width)."""
-    if t == types.float32:
-        width, add, shift, fty = 32, 127 - 0x4B400000, 23, ir.FloatType()
-    elif t == types.float64:
-        width, add, shift, fty = 64, 1023 - 0x4338000000000000, 52, ir.DoubleType()
-    else:
-        return None
-
-    def codegen(context, builder, signature, args):
-        ity = ir.IntType(width)
-        bits = builder.add(builder.bitcast(args[0], ity), ir.Constant(ity, add))
-        return builder.bitcast(builder.shl(bits, ir.Constant(ity, shift)), fty)
-
-    return t(t), codegen
+    ity = ir.IntType(width)
+    bits = builder.add(builder.bitcast(t, ity), ir.Constant(ity, add))
+    return builder.bitcast(builder.shl(bits, ir.Constant(ity, shift)), fty)
 
 
 @intrinsic
@@ -334,17 +323,6 @@ _F32_ONE = np.float32(1.0)
 _F32_ZERO = np.float32(0.0)
 
 
-def _exp_nonpos_f32(x):
-    p0, p1, p2, p3, p4 = _F32_P
-    x = _F32_MIN_X if x < _F32_MIN_X else x
-    t = x * _F32_LOG2E + _F32_MAGIC
-    k = t - _F32_MAGIC
-    r = x - k * _F32_LN2_HI - k * _F32_LN2_LO
-    p = (((p0 * r + p1) * r + p2) * r + p3) * r + p4
-    p = p * r * r + r + _F32_ONE
-    return p * _pow2_of_magic(t)
-
-
 # float64: P(r) = 1 + r + r**2 Q(r), Q of degree 9, a Chebyshev fit of (exp(r) - 1 - r) / r**2
 # on |r| <= ln2/2 (mpmath, 50 digits): relative error 1.7e-17 (0.15 ulp) with these double
 # coefficients, two FMAs fewer than a degree-13 Taylor polynomial; exp(x < -708.4)
@@ -360,39 +338,61 @@ _F64_Q = (2.510038549551032e-08, 2.7620088445409746e-07, 2.7557268459997064e-06,
           0.5000000000000001)
 
 
-def _exp_nonpos_f64(x):
-    q9, q8, q7, q6, q5, q4, q3, q2, q1, q0 = _F64_Q
-    x = _F64_MIN_X if x < _F64_MIN_X else x
-    t = x * _F64_LOG2E + _F64_MAGIC
-    k = t - _F64_MAGIC
-    r = x - k * _F64_LN2_HI - k * _F64_LN2_LO
-    p = ((((((((q9 * r + q8) * r + q7) * r + q6) * r + q5) * r + q4) * r + q3) * r + q2) * r
-         + q1) * r + q0
-    p = p * r * r + r + 1.0
-    return p * _pow2_of_magic(t)
-
-
-def _exp_nonpos(x):
-    """exp(x) for x <= 0 (or NaN), vectorisable."""
-    raise NotImplementedError  # only callable from jitted code
-
-
-# The exp functions are compiled on their own, without "reassoc": inlined into a caller
-# they would take its flags, and reassociation lets LLVM fold x - k*LN2_HI - k*LN2_LO into
-# x - k*LN2, undoing the exact range reduction (seen: 100 ulp errors in float64). LLVM
-# still inlines them, keeping each instruction's own flags, and vectorises the caller.
-_exp_nonpos_jit = {
-    types.float32: njit(fastmath={"contract", "nsz", "arcp"}, cache=True)(_exp_nonpos_f32),
-    types.float64: njit(fastmath={"contract", "nsz", "arcp"}, cache=True)(_exp_nonpos_f64),
+# (bits of 2**k, clamp, magic, log2(e), ln2 hi, ln2 lo, Q highest degree first) by type
+_EXP_CONSTS = {
+    types.float32: ((32, 127 - 0x4B400000, 23), _F32_MIN_X, _F32_MAGIC, _F32_LOG2E,
+                    _F32_LN2_HI, _F32_LN2_LO, _F32_P),
+    types.float64: ((64, 1023 - 0x4338000000000000, 52), _F64_MIN_X, _F64_MAGIC,
+                    _F64_LOG2E, _F64_LN2_HI, _F64_LN2_LO, _F64_Q),
 }
 
 
-@overload(_exp_nonpos)
-def _ol_exp_nonpos(x):
-    if x in _exp_nonpos_jit:
-        exp = _exp_nonpos_jit[x]
-        return lambda x: exp(x)
-    return None
+@intrinsic
+def _exp_nonpos(typingctx, x):
+    """exp(x) for x <= 0 (or NaN), vectorisable: with ``x = max(x, MIN_X)``,
+    ``t = x * LOG2E + MAGIC``, ``k = t - MAGIC``, ``r = (x - k * LN2_HI) - k * LN2_LO``,
+    ``exp(x) = (((Q(r) * r) * r + r) + 1) * 2**k`` (Q by Horner's rule).
+
+    Emitted as LLVM instructions in the caller, each flagged "contract", "nsz" and "arcp"
+    (not "reassoc", which lets LLVM fold the two-part ln2 back into one and undo the exact
+    range reduction: seen, 100 ulp errors in float64); Numba's fastmath pass flags only
+    instructions without flags, so the caller's "reassoc" does not reach them. Not a
+    function compiled on its own: LLVM inlined such a call or not depending on the size of
+    the function around it, and a loop whose exp stayed a call stayed scalar (9x slower,
+    kernel_findings.md)."""
+    if x not in _EXP_CONSTS:
+        return None
+    pow2, min_x, magic, log2e, ln2_hi, ln2_lo, q = _EXP_CONSTS[x]
+    fty = ir.FloatType() if x == types.float32 else ir.DoubleType()
+
+    def codegen(context, builder, signature, args):
+        flags = ("contract", "nsz", "arcp")
+
+        def const(v):
+            return ir.Constant(fty, float(v))
+
+        def mul(a, b):
+            return builder.fmul(a, b, flags=flags)
+
+        def add(a, b):
+            return builder.fadd(a, b, flags=flags)
+
+        def sub(a, b):
+            return builder.fsub(a, b, flags=flags)
+
+        v = args[0]
+        v = builder.select(builder.fcmp_ordered("<", v, const(min_x), flags=flags),
+                           const(min_x), v)
+        t = add(mul(v, const(log2e)), const(magic))
+        k = sub(t, const(magic))
+        r = sub(sub(v, mul(k, const(ln2_hi))), mul(k, const(ln2_lo)))
+        p = const(q[0])
+        for c in q[1:]:
+            p = add(mul(p, r), const(c))
+        p = add(add(mul(mul(p, r), r), r), const(1.0))
+        return mul(p, _pow2_codegen(builder, t, *pow2, fty))
+
+    return x(x), codegen
 
 
 _LOG_SERIES = tuple(1.0 / k for k in range(19, 2, -2))  # 1/19, 1/17, ..., 1/3
@@ -425,7 +425,7 @@ def _log_sum_py(s):
     return r if s < np.inf else s
 
 
-# Compiled on its own, without "reassoc", like the exp (see _exp_nonpos_jit), and with
+# Compiled on its own, without "reassoc" (see _exp_nonpos), and with
 # error_model="numpy": Python's model checks the division for zero (2 + f >= 1.29 here)
 # and raises, and that branch kept every loop calling it scalar.
 _log_sum = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
