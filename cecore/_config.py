@@ -93,10 +93,21 @@ PREFETCH_MIN_ROW_BYTES_AMD = 256
 # sessions).
 STREAM_MIN_BYTES = 33554432  # 32 MiB
 
+# How far ahead (bytes) the BCE loops of both backends ask for the lines of x and y, one
+# block of LANES values at a time between blocks of arithmetic (cec_bce_sums_values_bcast,
+# _bce_row): without it the loops, bound by their arithmetic, also waited on memory (two
+# input streams where an exp pass reads one). Cython, Zen 4 (bench_ab.py, float32 'mean'
+# with the gradient, new / old): 0.88-1.04 (results/ab_bce_pf_zen4*.json); Numba, Zen 5,
+# one thread: 0.77-0.94 float32, 0.87-1.00 float64 (results/ab_numba_bce_pf_blocks_zen5*.json;
+# the same requests made for a whole run before its loop took 1.14-1.42 of the time
+# without any, in both backends).
+BCE_AHEAD = 2048
+
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).
 C_MACROS = ("SMALL_C", "SMALL_C_ROWS", "TILE", "SUM_BLOCK", "LANES", "REDUCE_BLOCK",
             "KDIM_BLOCK_MAX_BYTES", "KDIM_BLOCK_MAX_C", "KDIM_ROWS_MAX_BYTES",
-            "KDIM_ROWS_GROUP_BYTES", "PREFETCH_MIN_ROW_BYTES_AMD", "STREAM_MIN_BYTES")
+            "KDIM_ROWS_GROUP_BYTES", "PREFETCH_MIN_ROW_BYTES_AMD", "STREAM_MIN_BYTES",
+            "BCE_AHEAD")
 
 # binary_cross_entropy_with_logits with reduction='none': positions per chunk of the
 # reused float64 buffer that takes the kernel's losses before they are cast to the loss's

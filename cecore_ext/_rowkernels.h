@@ -51,13 +51,15 @@
  * CEC_KDIM_*: which K-dim inputs with few positions take the transposing paths (the .pxi
  * reads them);
  * CEC_PREFETCH_MIN_ROW_BYTES_AMD: see cec_prefetch_min_row_bytes;
+ * CEC_BCE_AHEAD: how far ahead the BCE loop asks for its inputs' lines (cecore/_config.py);
  * CEC_STREAM_MIN_BYTES: which outputs the few-classes blocks write with non-temporal
  * stores (the .pxi reads it; see cec_stream_copy). */
 #if !defined(CEC_TILE) || !defined(CEC_SMALL_C) || !defined(CEC_SMALL_C_ROWS) || \
     !defined(CEC_SUM_BLOCK) || !defined(CEC_LANES) || !defined(CEC_REDUCE_BLOCK) || \
     !defined(CEC_KDIM_BLOCK_MAX_BYTES) || !defined(CEC_KDIM_BLOCK_MAX_C) || \
     !defined(CEC_KDIM_ROWS_MAX_BYTES) || !defined(CEC_KDIM_ROWS_GROUP_BYTES) || \
-    !defined(CEC_PREFETCH_MIN_ROW_BYTES_AMD) || !defined(CEC_STREAM_MIN_BYTES)
+    !defined(CEC_PREFETCH_MIN_ROW_BYTES_AMD) || !defined(CEC_STREAM_MIN_BYTES) || \
+    !defined(CEC_BCE_AHEAD)
 #error "the CEC_* tunables come from cecore/_config.py (C_MACROS): build with setup.py"
 #endif
 #if CEC_KDIM_BLOCK_MAX_BYTES / 4 > CEC_SMALL_C_ROWS / 2
@@ -129,18 +131,6 @@ CEC_INLINE void cec_prefetch_range(const void *p, ptrdiff_t bytes, int write) {
             CEC_PREFETCH(b + i);
     }
 }
-
-/* How far ahead (bytes) cec_bce_sums_values_bcast asks for x's and y's cache lines,
- * one block's lines at a time, between its blocks' arithmetic. Without it the loop,
- * bound by its arithmetic, also waited on memory (it reads two streams where an exp
- * pass reads one). Zen 4, bench_ab.py against b48d098 (same bits), float32 'mean' with
- * the gradient, new / old: two threads 0.92-0.97 (AVX-512 build), 0.96-1.00 (AVX2), one
- * thread 0.88-1.04; float64, whose loop has more arithmetic per byte, 0.92-1.05
- * (results/ab_bce_pf_zen4{,_1thread}.json). A C harness of the loop, float32 2^24
- * values: 0.73-0.96 on arrays that streamed slowly, 0.93-1.02 on others (kernel_findings.md,
- * eighteenth session). The same requests made for a whole run before its loop took
- * 0.96-1.42 of the time without any. */
-#define CEC_BCE_AHEAD 2048
 
 /* CEC_LANES (cecore._config.LANES): independent accumulators of the row max and the row
  * sums. One accumulator per vector lane would make each pass wait on the latency of one

@@ -564,3 +564,17 @@ def _ol_cast_like(value, like):
     if like == types.float32:
         return lambda value, like: np.float32(value)
     return lambda value, like: np.float64(value)
+
+
+def _per_line(a):
+    """How many of ``a``'s elements a 64-byte cache line holds, as a compile-time
+    constant (``a.itemsize`` is read from the array at run time)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_per_line)
+def _ol_per_line(a):
+    if isinstance(a, types.Array):
+        n = 64 * 8 // a.dtype.bitwidth
+        return lambda a: n
+    return None
