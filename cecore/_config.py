@@ -96,11 +96,11 @@ STREAM_MIN_BYTES = 33554432  # 32 MiB
 # How far ahead (bytes) the BCE loops of both backends ask for the lines of x and y, one
 # block of LANES values at a time between blocks of arithmetic (cec_bce_sums_values_bcast,
 # _bce_row): without it the loops, bound by their arithmetic, also waited on memory (two
-# input streams where an exp pass reads one). Cython, Zen 4 (bench_ab.py, float32 'mean'
-# with the gradient, new / old): 0.88-1.04 (results/ab_bce_pf_zen4*.json); Numba, Zen 5,
-# one thread: 0.77-0.94 float32, 0.87-1.00 float64 (results/ab_numba_bce_pf_blocks_zen5*.json;
-# the same requests made for a whole run before its loop took 1.14-1.42 of the time
-# without any, in both backends).
+# input streams where an exp pass reads one). bench_ab.py, new / old: Cython, Zen 4,
+# float32 'mean' with the gradient, two threads 0.92-1.00, one thread 0.88-1.04
+# (results/ab_bce_pf_zen4*.json); Numba, Zen 5, one thread, every BCE case, float32
+# 0.77-0.94, float64 0.87-1.00 (results/ab_numba_bce_pf_blocks_zen5*.json). The same requests made as one burst per
+# run took 0.96-1.42 (Cython) and 1.14-1.38 (Numba) of the time without any.
 BCE_AHEAD = 2048
 
 # Kernel tunables passed to the C compiler as CEC_<NAME> macros (see setup.py).

@@ -303,7 +303,7 @@ def _store_fence(typingctx):
 # "magic number" trick (x / ln2 + 1.5 * 2**23 rounds to an integer and leaves k in the
 # low mantissa bits), which costs one subtraction where floor() and a float -> int
 # conversion cost four instructions (float32 exp loop 0.75 -> 0.63 ns per element).
-# NaN propagates through r and P; no "nnan" or "reassoc" may touch these functions
+# NaN propagates through r and P; no "nnan" or "reassoc" may touch these instructions
 # (reassociated, t - magic would fold back to x / ln2).
 #
 # float32: P(r) = 1 + r + r**2 Q(r), Q of degree 4 fitted minimax to the relative error on
@@ -425,7 +425,8 @@ def _log_sum_py(s):
     return r if s < np.inf else s
 
 
-# Compiled on its own, without "reassoc" (see _exp_nonpos), and with
+# Compiled on its own, without "reassoc" (which would undo its exact steps, as it would
+# the exp's range reduction), and with
 # error_model="numpy": Python's model checks the division for zero (2 + f >= 1.29 here)
 # and raises, and that branch kept every loop calling it scalar.
 _log_sum = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
