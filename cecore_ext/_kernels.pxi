@@ -39,6 +39,7 @@ cdef extern from "_rowkernels.h" nogil:
     enum: CEC_KDIM_ROWS_GROUP_BYTES
     enum: CEC_PREFETCH_MIN_ROW_BYTES_AMD
     enum: CEC_STREAM_MIN_BYTES
+    enum: CEC_BCE_AHEAD
     void cec_prefetch_range(const void *p, Py_ssize_t nbytes, int write)
     Py_ssize_t cec_prefetch_min_row_bytes()
     void cec_stream_copy(const void *src, void *dst, Py_ssize_t nbytes)
@@ -1068,6 +1069,7 @@ def build_info():
         "kdim_rows_group_bytes": CEC_KDIM_ROWS_GROUP_BYTES,
         "prefetch_min_row_bytes_amd": CEC_PREFETCH_MIN_ROW_BYTES_AMD,
         "stream_min_bytes": CEC_STREAM_MIN_BYTES,
+        "bce_ahead": CEC_BCE_AHEAD,
         "exp": "range reduction + polynomial, vectorised with omp simd",
         "block_prefetch_min_row_bytes": _PREFETCH_MIN_ROW_BYTES,
     }

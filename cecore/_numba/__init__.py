@@ -206,6 +206,7 @@ def build_info():
         "sum_block": _config.SUM_BLOCK,
         "reduce_block": _config.REDUCE_BLOCK,
         "stream_min_bytes": _config.STREAM_MIN_BYTES,
+        "bce_ahead": _config.BCE_AHEAD,
         **{name.lower(): getattr(_config, name) for name in _config.C_MACROS
            if name.startswith("KDIM_")},
     }
