@@ -455,7 +455,7 @@ def _fill_run(dst, a, start, width):
 @helper
 def _fill_row_run(dst, a, i, start, width):
     """dst[:width] = a[i, start:start + width], ``a`` a 2-D array of any strides (as
-    _fill_run, without a slice's reference counting)."""
+    _fill_run, by 2-D index rather than through a row slice)."""
     for j in range(width):
         dst[j] = a[i, start + j]
 
@@ -859,9 +859,9 @@ def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_g
     ``loss_out[lo:lo + n]`` and the gradient to ``g[p:p + n]``; ``weight``, ``pos_weight``
     and ``grad_scale`` are scalars or runs indexed from 0. Vectorisable (as cec_bce_row in
     cecore_ext/_rowkernels.h; the formulas are in :func:`._math._bce_f32`). ``p``, ``n``
-    and ``lo`` are unsigned (see _block_bounds), offsets rather than slices: each slice is
-    an array whose reference count Numba updates (atomically, and on the caller's array),
-    several per run of 256 values.
+    and ``lo`` are unsigned (see _block_bounds), offsets rather than slices (each slice
+    updated the caller's array's reference count atomically, several per run of 256
+    values, until the helpers were compiled without reference counting).
 
     Two loops: exp(-|x|) first, parked in ``z`` (scratch of x's type), then the rest. As
     one loop calling exp and log per element, the float64 case was too large for LLVM to

@@ -114,7 +114,15 @@ def jit(fn):
 # error_model="numpy": a float division by zero gives inf or NaN, as in NumPy, instead of
 # Python's check and ZeroDivisionError, a branch that kept the tiles' per-position loops
 # (one division each) scalar.
-helper = njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+# _nrt=False: no reference counting. A function that receives an array counts a reference
+# on entry and drops it on exit (and one per slice it takes): atomic updates of a counter
+# that every thread using the array shares, and an atomic update first waits for the
+# thread's earlier stores, non-temporal ones included, to leave the core. Called per tile
+# of 256 rows of few classes, the counting took 18 % of that kernel's samples, one thread
+# (bench_ab.py: median 0.89 of the time on one thread, 0.96 on two, same bits;
+# benchmarks/results/kernel_findings.md, twenty-fourth session). Helpers only work on
+# arrays their kernel holds for the call; Numba refuses to compile an allocation here.
+helper = njit(fastmath=FASTMATH, cache=True, error_model="numpy", _nrt=False)
 
 
 # Numba's "workqueue" layer aborts the process when two Python threads launch parallel
