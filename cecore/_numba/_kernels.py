@@ -278,12 +278,19 @@ def _tile_log_sum(s, log_s, width):
 
 
 @helper
-def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_buf, log_s):
+def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_buf, log_s,
+                     src, nxt):
     """Per position j < width of a tile: m[j] = max_c x[base + c*stride + j] and
     s[j] = sum_c exp(x[...] - m[j]) (float64), storing the exps in ``e_out`` (same
     indexing as ``x``) when ``store``, else in the scratch row ``e_buf``, and
     log_s[j] = log(s[j]). Inner loops run along j over 0-based views: contiguous,
-    vectorised (see _row_sumexp)."""
+    vectorised (see _row_sumexp).
+
+    ``nxt >= 0`` (a transposed block): ``src[nxt:nxt + n_classes * width]`` holds the
+    next block, whose lines each class's exp loop asks for, a class's share at a time
+    (past the end of ``src``, harmless). The block's transpose otherwise waits on memory,
+    as the arithmetic in between runs from L1; asked for in one burst, the lines cost as
+    much (kernel_findings.md, fifteenth and twenty-fourth sessions)."""
     _tile_max(x, base, stride, n_classes, width, m, s)
     # exp and the float64 accumulation are separate loops: fused, the float64 adds would
     # set the vector width and halve the float32 exp's throughput.
@@ -291,6 +298,9 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
         xc = _view(x, base + c * stride, base + c * stride + width)
         ec = (_view(e_out, base + c * stride, base + c * stride + width) if store
               else _view(e_buf, 0, width))
+        if nxt >= 0:
+            for i in range(nxt + c * width, nxt + (c + 1) * width, 64 // x.itemsize):
+                _prefetch(src, i)
         for j in range(width):
             ec[j] = _exp_nonpos(xc[j] - m[j])
         for j in range(width):
@@ -463,11 +473,11 @@ def _fill_row_run(dst, a, i, start, width):
 @helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
                 ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s,
-                log_s, coef, shift, sub, w_t, gs_run):
+                log_s, coef, shift, sub, w_t, gs_run, src, nxt):
     """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions;
     ``in_place``: ``g`` is ``x`` itself (no label smoothing). ``m`` to ``gs_run``: scratch
     of TILE values (``s``, ``log_s``, ``w_t`` and ``gs_run`` float64, the others of x's
-    type)."""
+    type); ``src`` and ``nxt`` as for _tile_max_sumexp (the in-place path asks for none)."""
     smooth = eps / n_classes
     tgt = _view(target, pos0, pos0 + width)
     loss = _view(loss_out, pos0, pos0 + width)
@@ -484,7 +494,8 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     if in_place:
         _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s)
     else:
-        _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef, log_s)
+        _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef, log_s,
+                         src, nxt)
     if eps > 0.0:  # sum_c weight[c] * (lse - x[c]) per position (see _row_wdev), in `loss`
         loss[:] = 0.0
         for c in range(n_classes):
@@ -559,14 +570,15 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
                 _index_tile(xt, 0, TILE, n_classes, n_rows * n_pos, target, r0 * n_pos,
                             weight, w_total, ignore_index, eps, grad_scale, loss_out, gt,
-                            want_grad, False, m, s, log_s, coef, shift, sub, w_t, gs_run)
+                            want_grad, False, m, s, log_s, coef, shift, sub, w_t, gs_run,
+                            x, (r0 + n_rows) * n_classes * n_pos)
                 if want_grad:
                     _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out, staging)
             else:
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _index_tile(x, base, n_pos, n_classes, width, target, pos0, weight, w_total,
                             ignore_index, eps, grad_scale, loss_out, grad_out, want_grad,
-                            False, m, s, log_s, coef, shift, sub, w_t, gs_run)
+                            False, m, s, log_s, coef, shift, sub, w_t, gs_run, x, -1)
         if stream:
             _store_fence()
 
@@ -626,7 +638,7 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
             base, pos0, width = _run_span(tile, n_classes, n_pos)
             _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
                         ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s,
-                        log_s, coef, shift, sub, w_t, gs_run)
+                        log_s, coef, shift, sub, w_t, gs_run, grad, -1)
 
 
 # --------------------------------------------------------- class-probability targets
@@ -671,7 +683,7 @@ def _proba_tile(x, q, base, stride, n_classes, width, weight, eps, grad_scale, p
     """Loss (and gradient into ``g``, indexed like ``x`` and ``q``) of one tile of
     positions with probability targets; ``m`` to ``gs_run``: the task's scratch."""
     smooth = eps / n_classes
-    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, e_buf, log_s)
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, e_buf, log_s, x, -1)
     for j in range(width):
         wq[j] = 0.0
         loss[j] = 0.0
@@ -752,10 +764,12 @@ def _softmax_rows(x, log, out):
 
 
 @helper
-def _softmax_tile(x, base, stride, n_classes, width, log, out, m, s, log_s, shift):
+def _softmax_tile(x, base, stride, n_classes, width, log, out, m, s, log_s, shift, src,
+                  nxt):
     """Softmax or log-softmax of one tile of positions into ``out`` (indexed like ``x``);
-    ``m`` to ``shift``: the task's scratch."""
-    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, out, not log, shift, log_s)
+    ``m`` to ``shift``: the task's scratch; ``src`` and ``nxt`` as for _tile_max_sumexp."""
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, out, not log, shift, log_s,
+                     src, nxt)
     for j in range(width):
         shift[j] = log_s[j] if log else 1.0 / s[j]
     for c in range(n_classes):
@@ -786,11 +800,12 @@ def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block, stream):
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
                 _softmax_tile(xt, 0, TILE, n_classes, n_rows * n_pos, log, ot, m, s, log_s,
-                              shift)
+                              shift, x, (r0 + n_rows) * n_classes * n_pos)
                 _from_tile(ot, r0, n_rows, n_classes, n_pos, out, staging)
             else:
                 base, _, width = _run_span(tile, n_classes, n_pos)
-                _softmax_tile(x, base, n_pos, n_classes, width, log, out, m, s, log_s, shift)
+                _softmax_tile(x, base, n_pos, n_classes, width, log, out, m, s, log_s, shift,
+                              x, -1)
         if stream:
             _store_fence()
 
@@ -819,10 +834,12 @@ def _logsumexp_rows(x, out):
 
 
 @helper
-def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0, m, s, log_s, e_buf):
+def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0, m, s, log_s, e_buf, src,
+                    nxt):
     """out[pos0 + j] = log-sum-exp of position j of one tile; ``m`` to ``e_buf``: the
-    task's scratch."""
-    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_buf, False, e_buf, log_s)
+    task's scratch; ``src`` and ``nxt`` as for _tile_max_sumexp."""
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_buf, False, e_buf, log_s,
+                     src, nxt)
     for j in range(width):
         if np.isinf(m[j]):
             out[pos0 + j] = _infinite_lse(x, base + j, stride, n_classes, m[j])
@@ -845,11 +862,11 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block):
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
                 _logsumexp_tile(xt, 0, TILE, n_classes, n_rows * n_pos, out, r0 * n_pos, m, s,
-                                log_s, e_buf)
+                                log_s, e_buf, x, (r0 + n_rows) * n_classes * n_pos)
             else:
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _logsumexp_tile(x, base, n_pos, n_classes, width, out, pos0, m, s, log_s,
-                                e_buf)
+                                e_buf, x, -1)
 
 
 # ------------------------------------------------------------------ binary (sigmoid)
