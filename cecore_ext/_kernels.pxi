@@ -76,11 +76,11 @@ cdef extern from "_rowkernels.h" nogil:
     void cec_index_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                             const double *w, double w_total, double eps, const double *gs,
-                            double *loss, float *g)
+                            double *loss, float *g, const float *next)
     void cec_index_tile_f64(const double *x, Py_ssize_t n, Py_ssize_t stride,
                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                             const double *w, double w_total, double eps, const double *gs,
-                            double *loss, double *g)
+                            double *loss, double *g, const double *next)
     void cec_proba_tile_f32(const float *x, const float *q, Py_ssize_t n,
                             Py_ssize_t stride, Py_ssize_t width, const double *w,
                             double eps, const double *gs, double *loss, float *g)
@@ -88,13 +88,15 @@ cdef extern from "_rowkernels.h" nogil:
                             Py_ssize_t stride, Py_ssize_t width, const double *w,
                             double eps, const double *gs, double *loss, double *g)
     void cec_softmax_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
-                              Py_ssize_t width, int log_, float *out)
+                              Py_ssize_t width, int log_, float *out,
+                              const float *next)
     void cec_softmax_tile_f64(const double *x, Py_ssize_t n, Py_ssize_t stride,
-                              Py_ssize_t width, int log_, double *out)
+                              Py_ssize_t width, int log_, double *out,
+                              const double *next)
     void cec_logsumexp_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
-                                Py_ssize_t width, double *out)
+                                Py_ssize_t width, double *out, const float *next)
     void cec_logsumexp_tile_f64(const double *x, Py_ssize_t n, Py_ssize_t stride,
-                                Py_ssize_t width, double *out)
+                                Py_ssize_t width, double *out, const double *next)
     void cec_transpose_f32(const float *src, Py_ssize_t sld, Py_ssize_t rows,
                            Py_ssize_t cols, float *dst, Py_ssize_t dld)
     void cec_transpose_f64(const double *src, Py_ssize_t sld, Py_ssize_t rows,
@@ -219,13 +221,14 @@ cdef inline void _log_loss_rows(const floating *p, Py_ssize_t rows, Py_ssize_t n
 cdef inline void _index_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
                              Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                              const double *w, double w_total, double eps, const double *gs,
-                             double *loss, floating *g) noexcept nogil:
+                             double *loss, floating *g,
+                             const floating *nxt) noexcept nogil:
     if floating is float:
         cec_index_tile_f32(x, n, stride, width, target, ignore_index, w, w_total, eps, gs,
-                           loss, g)
+                           loss, g, nxt)
     else:
         cec_index_tile_f64(x, n, stride, width, target, ignore_index, w, w_total, eps, gs,
-                           loss, g)
+                           loss, g, nxt)
 
 cdef inline void _proba_tile(const floating *x, const floating *q, Py_ssize_t n,
                              Py_ssize_t stride, Py_ssize_t width, const double *w,
@@ -237,18 +240,20 @@ cdef inline void _proba_tile(const floating *x, const floating *q, Py_ssize_t n,
         cec_proba_tile_f64(x, q, n, stride, width, w, eps, gs, loss, g)
 
 cdef inline void _softmax_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
-                               Py_ssize_t width, int log_, floating *out) noexcept nogil:
+                               Py_ssize_t width, int log_, floating *out,
+                               const floating *nxt) noexcept nogil:
     if floating is float:
-        cec_softmax_tile_f32(x, n, stride, width, log_, out)
+        cec_softmax_tile_f32(x, n, stride, width, log_, out, nxt)
     else:
-        cec_softmax_tile_f64(x, n, stride, width, log_, out)
+        cec_softmax_tile_f64(x, n, stride, width, log_, out, nxt)
 
 cdef inline void _logsumexp_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
-                                 Py_ssize_t width, double *out) noexcept nogil:
+                                 Py_ssize_t width, double *out,
+                                 const floating *nxt) noexcept nogil:
     if floating is float:
-        cec_logsumexp_tile_f32(x, n, stride, width, out)
+        cec_logsumexp_tile_f32(x, n, stride, width, out, nxt)
     else:
-        cec_logsumexp_tile_f64(x, n, stride, width, out)
+        cec_logsumexp_tile_f64(x, n, stride, width, out, nxt)
 
 
 # -------------------------------------------------------------------------- driver
@@ -360,18 +365,25 @@ cdef inline Block _block(Py_ssize_t k, Py_ssize_t N, Py_ssize_t S) noexcept nogi
 # (cec_prefetch_min_row_bytes; PREFETCH_MIN_ROW_BYTES_AMD in cecore/_config.py).
 cdef Py_ssize_t _PREFETCH_MIN_ROW_BYTES = cec_prefetch_min_row_bytes()
 
-cdef inline void _block_in(const floating *x, Block b, Py_ssize_t N, Py_ssize_t C,
-                           Py_ssize_t S, floating *xt, floating *g) noexcept nogil:
-    """Transpose block b of x into the tile xt; first, where it pays
-    (_PREFETCH_MIN_ROW_BYTES), ask for the next block (this thread's, under the static
-    schedule) and the gradient lines it will write (g; NULL when they are streamed), so
-    the transposes do not wait on memory (kernel_findings.md, sixth and twelfth sessions)."""
+cdef inline const floating *_block_in(const floating *x, Block b, Py_ssize_t N,
+                                     Py_ssize_t C, Py_ssize_t S, floating *xt,
+                                     floating *g) noexcept nogil:
+    """Transpose block b of x into the tile xt, so that the transposes do not wait on
+    memory asking for the next block (this thread's, under the static schedule) first:
+    where it pays (_PREFETCH_MIN_ROW_BYTES) here, in one burst with the gradient lines it
+    will write (g; NULL when they are streamed), and return NULL; elsewhere return the
+    next block, for the tile kernel to ask for while it computes (cec_tile_max_sumexp;
+    kernel_findings.md, sixth, twelfth and twenty-fourth sessions). NULL after the last."""
     cdef Py_ssize_t size = C * S, nxt = min(N - b.n0 - b.nb, b.nb) * size
+    cdef const floating *spread = NULL
     if nxt > 0 and C * <Py_ssize_t>sizeof(floating) >= _PREFETCH_MIN_ROW_BYTES:
         cec_prefetch_range(x + (b.n0 + b.nb) * size, nxt * sizeof(floating), 0)
         if g != NULL:
             cec_prefetch_range(g + (b.n0 + b.nb) * size, nxt * sizeof(floating), 1)
+    elif nxt > 0:
+        spread = x + (b.n0 + b.nb) * size
     _transpose_granules(x + b.n0 * size, b.nb, C, S, xt, b.ld)
+    return spread
 
 cdef inline bint _streams(const void *out, const void *x, Py_ssize_t nbytes) noexcept:
     """Whether the few-classes blocks write ``out`` (nbytes) with non-temporal stores: when
@@ -468,7 +480,7 @@ cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept
         _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
     _index_tile(x + off, C, S, tl.width, a.target + tl.n * S + tl.s0, a.ignore_index, a.w,
                 a.w_total, a.eps, gsb, a.loss + tl.n * S + tl.s0,
-                g + off if g != NULL else NULL)
+                g + off if g != NULL else NULL, NULL)
 
 cdef void _index_block_item(Py_ssize_t k, const floating *x,
                             const void *ctx) noexcept nogil:
@@ -478,6 +490,7 @@ cdef void _index_block_item(Py_ssize_t k, const floating *x,
     cdef Block b = _block(k, a.N, S)
     cdef double gsb[CEC_SMALL_C_ROWS]
     cdef floating *g = <floating *>a.g
+    cdef const floating *nxt
     cdef floating stack[BLOCK_STACK]
     cdef floating *xt = _scratch(2 * C * b.ld, stack)
     cdef floating *gt = NULL
@@ -488,9 +501,9 @@ cdef void _index_block_item(Py_ssize_t k, const floating *x,
     if g != NULL:
         gt = xt + C * b.ld
         _block_gs(a.gs, b, S, gsb)  # the loss does not read it
-    _block_in(x, b, a.N, C, S, xt, NULL if a.stream else g)  # streamed: not into cache
+    nxt = _block_in(x, b, a.N, C, S, xt, NULL if a.stream else g)  # streamed: not cached
     _index_tile(<const floating *>xt, C, b.ld, b.width, a.target + b.n0 * S, a.ignore_index,
-                a.w, a.w_total, a.eps, gsb, a.loss + b.n0 * S, gt)
+                a.w, a.w_total, a.eps, gsb, a.loss + b.n0 * S, gt, nxt)
     if gt != NULL:
         _block_out(gt, b, C, S, g, xt if a.stream else NULL)
     _release(xt, stack)
@@ -697,7 +710,7 @@ cdef void _softmax_item(Py_ssize_t k, const floating *x, const void *ctx) noexce
         return
     tl = _tile(k, S)
     off = tl.n * C * S + tl.s0
-    _softmax_tile(x + off, C, S, tl.width, a.log_, out + off)
+    _softmax_tile(x + off, C, S, tl.width, a.log_, out + off, NULL)
 
 
 cdef void _softmax_block_item(Py_ssize_t k, const floating *x,
@@ -707,14 +720,15 @@ cdef void _softmax_block_item(Py_ssize_t k, const floating *x,
     cdef Py_ssize_t C = a.C, S = a.S, j
     cdef Block b = _block(k, a.N, S)
     cdef floating *out = <floating *>a.out
+    cdef const floating *nxt
     cdef floating stack[BLOCK_STACK]
     cdef floating *xt = _scratch(2 * C * b.ld, stack)
     if xt == NULL:  # out of memory: the row and tile kernels need no scratch
         for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
             _softmax_item(j, x, ctx)
         return
-    _block_in(x, b, a.N, C, S, xt, NULL if a.stream else out)
-    _softmax_tile(<const floating *>xt, C, b.ld, b.width, a.log_, xt + C * b.ld)
+    nxt = _block_in(x, b, a.N, C, S, xt, NULL if a.stream else out)
+    _softmax_tile(<const floating *>xt, C, b.ld, b.width, a.log_, xt + C * b.ld, nxt)
     _block_out(xt + C * b.ld, b, C, S, out, xt if a.stream else NULL)
     _release(xt, stack)
 
@@ -768,7 +782,8 @@ cdef void _logsumexp_item(Py_ssize_t k, const floating *x, const void *ctx) noex
         out[k] = _logsumexp_row(x + k * C, C)
         return
     tl = _tile(k, S)
-    _logsumexp_tile(x + tl.n * C * S + tl.s0, C, S, tl.width, out + tl.n * S + tl.s0)
+    _logsumexp_tile(x + tl.n * C * S + tl.s0, C, S, tl.width, out + tl.n * S + tl.s0,
+                    NULL)
 
 
 cdef void _logsumexp_block_item(Py_ssize_t k, const floating *x,
@@ -777,14 +792,15 @@ cdef void _logsumexp_block_item(Py_ssize_t k, const floating *x,
     cdef const SoftmaxArgs *a = <const SoftmaxArgs *>ctx
     cdef Py_ssize_t C = a.C, S = a.S, j
     cdef Block b = _block(k, a.N, S)
+    cdef const floating *nxt
     cdef floating stack[BLOCK_STACK]
     cdef floating *xt = _scratch(C * b.ld, stack)
     if xt == NULL:  # out of memory: the row and tile kernels need no scratch
         for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
             _logsumexp_item(j, x, ctx)
         return
-    _block_in(x, b, a.N, C, S, xt, NULL)
-    _logsumexp_tile(<const floating *>xt, C, b.ld, b.width, <double *>a.out + b.n0 * S)
+    nxt = _block_in(x, b, a.N, C, S, xt, NULL)
+    _logsumexp_tile(<const floating *>xt, C, b.ld, b.width, <double *>a.out + b.n0 * S, nxt)
     _release(xt, stack)
 
 cdef void _logsumexp_rows_item(Py_ssize_t k, const floating *x,

@@ -905,10 +905,14 @@ CEC_KERNEL void CEC_FN(cec_log_loss_rows)(const T *p, ptrdiff_t rows, ptrdiff_t 
  * are contiguous runs of `width` values. Scratch lives on the stack (a few KB). */
 
 /* m[j] = max_c x[c, j], s[j] = sum_c exp(x[c, j] - m[j]) and log_s[j] = log(s[j]); exp
- * stored in e if given. */
+ * stored in e if given. With `next` (a transposed block's successor, n * width values
+ * from there), each class's exp loop first asks for that class's share of its lines:
+ * spread over the tile's arithmetic, which runs from L1, the requests overlap it, where
+ * one burst of them before the block's transpose costs as much as the misses it saves
+ * (kernel_findings.md, twenty-fourth session). Past the end of the array: harmless. */
 CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                             ptrdiff_t width, T *m, double *s, T *e,
-                                            double *log_s) {
+                                            double *log_s, const T *next) {
     for (ptrdiff_t j = 0; j < width; j++) {
         m[j] = x[j];
         s[j] = 0.0;
@@ -924,6 +928,9 @@ CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t s
     for (ptrdiff_t c = 0; c < n; c++) {
         const T *xc = x + c * stride;
         T *ec = e ? e + c * stride : scratch;
+        if (next)
+            for (ptrdiff_t j = c * width; j < (c + 1) * width; j += 64 / (ptrdiff_t)sizeof(T))
+                CEC_PREFETCH(next + j);
         CEC_SIMD
         for (ptrdiff_t j = 0; j < width; j++)
             ec[j] = EXP(xc[j] - m[j]);
@@ -940,7 +947,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
                                        ptrdiff_t width, const int64_t *target,
                                        int64_t ignore_index, const double *w,
                                        double w_total, double eps, const double *gs,
-                                       double *loss, T *g) {
+                                       double *loss, T *g, const T *next) {
     T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE], sub[CEC_TILE];
     double s[CEC_TILE], log_s[CEC_TILE], wdev[CEC_TILE], x_t[CEC_TILE], w_t[CEC_TILE];
     const double smooth = eps / (double)n;
@@ -955,7 +962,7 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
         x_t[j] = ok ? (double)x[t * stride + j] : 0.0;
         w_t[j] = ok ? w[t] : 0.0;
     }
-    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, log_s);
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, log_s, next);
     if (eps > 0.0) {  /* sum_c w[c] * (lse - x[c]) per position, see cec_row_wdev */
         for (ptrdiff_t j = 0; j < width; j++)
             wdev[j] = 0.0;
@@ -1011,7 +1018,7 @@ CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
     T m[CEC_TILE];
     double s[CEC_TILE], log_s[CEC_TILE], wq[CEC_TILE], coef[CEC_TILE];
     const double smooth = eps / (double)n;
-    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, log_s);
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, log_s, NULL);
     for (ptrdiff_t j = 0; j < width; j++) {
         wq[j] = 0.0;
         loss[j] = 0.0;
@@ -1043,10 +1050,12 @@ CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
 }
 
 CEC_KERNEL void CEC_FN(cec_softmax_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
-                                         ptrdiff_t width, int log_, T *out) {
+                                         ptrdiff_t width, int log_, T *out,
+                                         const T *next) {
     T m[CEC_TILE], shift[CEC_TILE];
     double s[CEC_TILE], log_s[CEC_TILE];
-    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, log_ ? NULL : out, log_s);
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, log_ ? NULL : out, log_s,
+                                next);
     for (ptrdiff_t j = 0; j < width; j++)
         shift[j] = (T)(log_ ? log_s[j] : 1.0 / s[j]);
     for (ptrdiff_t c = 0; c < n; c++) {
@@ -1065,10 +1074,10 @@ CEC_KERNEL void CEC_FN(cec_softmax_tile)(const T *x, ptrdiff_t n, ptrdiff_t stri
 }
 
 CEC_KERNEL void CEC_FN(cec_logsumexp_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
-                                           ptrdiff_t width, double *out) {
+                                           ptrdiff_t width, double *out, const T *next) {
     T m[CEC_TILE];
     double s[CEC_TILE], log_s[CEC_TILE];
-    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, NULL, log_s);
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, NULL, log_s, next);
     for (ptrdiff_t j = 0; j < width; j++)
         out[j] = isinf(m[j]) ? CEC_FN(cec_infinite_lse)(x + j, n, stride, m[j])
                              : (double)m[j] + log_s[j];
