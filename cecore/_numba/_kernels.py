@@ -460,7 +460,7 @@ def _fill_run(dst, a, start, width):
     scalar. A stride-0 ``a`` is one value stored ``width`` times: its copy loop stays
     scalar too (an index computation per value), 7 % of the time of a tile of 10 classes
     (kernel_findings.md, twenty-fourth session)."""
-    if a.strides[0] == 0:
+    if a.strides[0] == 0 and width > 0:  # (a stride-0 view may hold no element)
         v = a[start]
         for j in range(width):
             dst[j] = v
