@@ -368,19 +368,21 @@ cdef Py_ssize_t _PREFETCH_MIN_ROW_BYTES = cec_prefetch_min_row_bytes()
 cdef inline const floating *_block_in(const floating *x, Block b, Py_ssize_t N,
                                      Py_ssize_t C, Py_ssize_t S, floating *xt,
                                      floating *g) noexcept nogil:
-    """Transpose block b of x into the tile xt, so that the transposes do not wait on
-    memory asking for the next block (this thread's, under the static schedule) first:
-    where it pays (_PREFETCH_MIN_ROW_BYTES) here, in one burst with the gradient lines it
-    will write (g; NULL when they are streamed), and return NULL; elsewhere return the
-    next block, for the tile kernel to ask for while it computes (cec_tile_max_sumexp;
-    kernel_findings.md, sixth, twelfth and twenty-fourth sessions). NULL after the last."""
-    cdef Py_ssize_t size = C * S, nxt = min(N - b.n0 - b.nb, b.nb) * size
+    """Transpose block b of x into the tile xt. The next block (this thread's, under the
+    static schedule) is asked for ahead, so that its transpose does not wait on memory:
+    where it pays (_PREFETCH_MIN_ROW_BYTES), here, in one burst, with the gradient lines
+    it will write (g; NULL when they are streamed); elsewhere by the tile kernel, a class
+    at a time while it computes (cec_tile_max_sumexp), for which the next block is
+    returned when it is as long as this one (the tile kernel asks for that many lines).
+    NULL otherwise (kernel_findings.md, sixth, twelfth and twenty-fourth sessions)."""
+    cdef Py_ssize_t size = C * S, n_next = min(N - b.n0 - b.nb, b.nb)
     cdef const floating *spread = NULL
-    if nxt > 0 and C * <Py_ssize_t>sizeof(floating) >= _PREFETCH_MIN_ROW_BYTES:
-        cec_prefetch_range(x + (b.n0 + b.nb) * size, nxt * sizeof(floating), 0)
+    if n_next > 0 and C * <Py_ssize_t>sizeof(floating) >= _PREFETCH_MIN_ROW_BYTES:
+        cec_prefetch_range(x + (b.n0 + b.nb) * size, n_next * size * sizeof(floating), 0)
         if g != NULL:
-            cec_prefetch_range(g + (b.n0 + b.nb) * size, nxt * sizeof(floating), 1)
-    elif nxt > 0:
+            cec_prefetch_range(g + (b.n0 + b.nb) * size, n_next * size * sizeof(floating),
+                               1)
+    elif n_next == b.nb:
         spread = x + (b.n0 + b.nb) * size
     _transpose_granules(x + b.n0 * size, b.nb, C, S, xt, b.ld)
     return spread
@@ -623,6 +625,7 @@ cdef void _proba_block_item(Py_ssize_t k, const floating *x,
         for j in range(b.n0 * _n_tiles(S), (b.n0 + b.nb) * _n_tiles(S)):
             _proba_item(j, x, ctx)
         return
+    # The next block is not asked for during the tile (q would need its lines too).
     _block_in(x, b, a.N, C, S, xt, NULL if a.stream else g)  # streamed: not into cache
     _block_in(<const floating *>a.q, b, a.N, C, S, xt + C * b.ld, NULL)
     if g != NULL:

@@ -908,8 +908,8 @@ CEC_KERNEL void CEC_FN(cec_log_loss_rows)(const T *p, ptrdiff_t rows, ptrdiff_t 
  * stored in e if given. With `next` (a transposed block's successor, n * width values
  * from there), each class's exp loop first asks for that class's share of its lines:
  * spread over the tile's arithmetic, which runs from L1, the requests overlap it, where
- * one burst of them before the block's transpose costs as much as the misses it saves
- * (kernel_findings.md, twenty-fourth session). Past the end of the array: harmless. */
+ * on AMD one burst of them before the block's transpose cost more than it saved
+ * (kernel_findings.md, twelfth and twenty-fourth sessions). */
 CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                             ptrdiff_t width, T *m, double *s, T *e,
                                             double *log_s, const T *next) {

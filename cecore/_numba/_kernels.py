@@ -453,13 +453,12 @@ def _stream_copy(src, n, dst, d0):
 @helper
 def _fill_run(dst, a, start, width):
     """dst[:width] = a[start:start + width], ``a`` a 1-D view of any stride: a contiguous
-    run. LLVM vectorises loops only over contiguous arrays, and the float64 arguments are
-    often broadcast (stride 0) or strided views: BCE's weights, and the tiles' gradient
-    scales (a stride-0 view for 'mean' and 'sum', see _flat), on which the per-position
-    coefficients and the probability targets' gradient loop over every class stayed
-    scalar. A stride-0 ``a`` is one value stored ``width`` times: its copy loop stays
-    scalar too (an index computation per value), 7 % of the time of a tile of 10 classes
-    (kernel_findings.md, twenty-fourth session)."""
+    run. LLVM vectorises loops only over contiguous arrays, and the tiles' gradient
+    scales are often broadcast (a stride-0 view for 'mean' and 'sum', see _flat) or
+    strided views, on which the per-position coefficients and the probability targets'
+    gradient loop over every class stayed scalar. A stride-0 ``a`` is one value stored
+    ``width`` times: its copy loop stays scalar too (an index computation per value), 7 %
+    of the time of a tile of 10 classes (kernel_findings.md, twenty-fourth session)."""
     if a.strides[0] == 0 and width > 0:  # (a stride-0 view may hold no element)
         v = a[start]
         for j in range(width):
@@ -690,7 +689,8 @@ def _proba_tile(x, q, base, stride, n_classes, width, weight, eps, grad_scale, p
     """Loss (and gradient into ``g``, indexed like ``x`` and ``q``) of one tile of
     positions with probability targets; ``m`` to ``gs_run``: the task's scratch."""
     smooth = eps / n_classes
-    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, e_buf, log_s, x, -1)
+    _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, e_buf, log_s, x,
+                     -1)
     for j in range(width):
         wq[j] = 0.0
         loss[j] = 0.0

@@ -220,10 +220,10 @@ def _view(typingctx, arr, start, stop):
     In a kernel's own body Numba counts a slice's references: making one and dropping it
     are two calls that atomically update the counter of ``arr``'s memory (shared by every
     thread that reads ``arr``). This view has no memory owner (a null meminfo), so there
-    is nothing to count. (The helpers, which took a slice per class of a tile, used it
-    for that before they were compiled without reference counting at all, see
-    ``_runtime.helper``.) It must not outlive ``arr``, and ``0 <= start <= stop <=
-    len(arr)`` is the caller's to keep (no clipping, no bounds checks)."""
+    is nothing to count. (The helpers, compiled without reference counting, see
+    ``_runtime.helper``, use it for its lack of clipping and index checks.) It must not
+    outlive ``arr``, and ``0 <= start <= stop <= len(arr)`` is the caller's to keep (no
+    clipping, no bounds checks)."""
     if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
             and isinstance(start, types.Integer) and isinstance(stop, types.Integer)):
         return None
