@@ -477,6 +477,21 @@ def _fill_row_run(dst, a, i, start, width):
 
 
 @helper
+def _gather_targets(x, base, stride, tgt, ignore_index, weight, shift, w_t, width):
+    """shift[j] = x[base + t * stride + j] and w_t[j] = weight[t], t = tgt[j] (class 0
+    and weight 0 at an ignored position): _index_tile's gather, scalar. On its own, with
+    unsigned indices: inside _index_tile each access wrapped its signed index and
+    reloaded its array's pointer from the stack."""
+    ub, us = np.uint64(base), np.uint64(stride)
+    for j in range(width):
+        t = tgt[j]
+        ok = t != ignore_index
+        u = np.uint64(t) if ok else np.uint64(0)
+        shift[j] = x[ub + u * us + np.uint64(j)]
+        w_t[j] = weight[u] if ok else 0.0
+
+
+@helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
                 ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s,
                 log_s, coef, shift, sub, w_t, gs_run, src, nxt):
@@ -492,11 +507,7 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     # bench_ab 1e6 x 10 float32 loss only 0.79-0.85 of the time before:
     # results/ab_numba_transpose_zen4.json). The targets' logits first, held in `shift`
     # until the loss is formed: without label smoothing g may be x itself.
-    for j in range(width):
-        ok = tgt[j] != ignore_index
-        t = tgt[j] if ok else 0
-        shift[j] = x[base + t * stride + j]
-        w_t[j] = weight[t] if ok else 0.0
+    _gather_targets(x, base, stride, tgt, ignore_index, weight, shift, w_t, width)
     if in_place:
         _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s)
     else:
