@@ -929,8 +929,7 @@ CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t s
         const T *xc = x + c * stride;
         T *ec = e ? e + c * stride : scratch;
         if (next)
-            for (ptrdiff_t j = c * width; j < (c + 1) * width; j += 64 / (ptrdiff_t)sizeof(T))
-                CEC_PREFETCH(next + j);
+            cec_prefetch_range(next + c * width, width * (ptrdiff_t)sizeof(T), 0);
         CEC_SIMD
         for (ptrdiff_t j = 0; j < width; j++)
             ec[j] = EXP(xc[j] - m[j]);

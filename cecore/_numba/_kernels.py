@@ -299,7 +299,7 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
         ec = (_view(e_out, base + c * stride, base + c * stride + width) if store
               else _view(e_buf, 0, width))
         if nxt >= 0:
-            for i in range(nxt + c * width, nxt + (c + 1) * width, 64 // x.itemsize):
+            for i in range(nxt + c * width, nxt + (c + 1) * width, _per_line(src)):
                 _prefetch(src, i)
         for j in range(width):
             ec[j] = _exp_nonpos(xc[j] - m[j])
