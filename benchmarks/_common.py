@@ -147,9 +147,33 @@ def _cecore_build():
         return f"unavailable ({type(exc).__name__})"
 
 
+def _numba_target():
+    """The CPU Numba compiles for and its widest vector extension: NUMBA_CPU_NAME alone
+    keeps the host's features (AVX-512 included), so the name does not say it."""
+    try:
+        from numba.core.registry import cpu_target
+
+        _, name, features = cpu_target.target_context.codegen().magic_tuple()
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
+    simd = next((label for flag, label in (("+avx512f", "AVX-512"), ("+avx2", "AVX2"))
+                 if flag in features.split(",")), "no AVX2")
+    return f"{name}, {simd}"
+
+
+def _torch_capability():
+    """The vector kernels torch dispatches to (ATEN_CPU_CAPABILITY can narrow them)."""
+    try:
+        import torch
+
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
+
+
 def machine_info(**extra):
-    """CPU model, core counts, memory, library versions and the loaded Cython build, for
-    the JSON results."""
+    """CPU model, core counts, memory, library versions, the loaded Cython build and the
+    code Numba and torch run (see avx2_code.py), for the JSON results."""
     try:
         mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -168,8 +192,16 @@ def machine_info(**extra):
         "versions": {name: _version(name) for name in
                      ("numpy", "numba", "torch", "sklearn", "jax", "cecore")},
         "cecore_build": _cecore_build(),
+        "numba_target": _numba_target(),
+        "torch_capability": _torch_capability(),
         **extra,
     }
+
+
+def describe(info):
+    """One line for a table's caption: the CPU and the code each competitor ran on it."""
+    return (f"CPU: {info['cpu_model']}; code: cecore build {info['cecore_build']}, Numba "
+            f"{info['numba_target']}, torch {info['torch_capability']}")
 
 
 def save_json(data, name):

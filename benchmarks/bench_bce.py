@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
-from _common import (format_table, machine_info, median_time, paired_ratios,  # noqa: E402
-                     save_json)
+from _common import (describe, format_table, machine_info, median_time,  # noqa: E402
+                     paired_ratios, save_json)
 
 import cecore  # noqa: E402
 
@@ -101,7 +101,7 @@ def main():
     info = machine_info(threads=2, repeat=args.repeat, rounds=args.rounds)
     print(format_table(HEADER, rows))
     path = save_json({"machine": info, "results": results}, "bce.json")
-    print(f"CPU: {info['cpu_model']}; saved {path}")
+    print(f"{describe(info)}; saved {path}")
 
 
 if __name__ == "__main__":

@@ -534,7 +534,7 @@ def print_tables(data):
             r = recs.get(n, {})
             row += [f"{r['gbs']:.2f}", f"{r['frac_copy']:.0%}"] if "gbs" in r else ["-", "-"]
         rows.append(row)
-    print(f"\nCPU: {data['machine']['cpu_model']}")
+    print(f"\n{C.describe(data['machine'])}")
     print("median time per call (ms); ratios > 1 mean cecore is faster; "
           f"'ce' = {main}; copy bandwidth {data['copy_bandwidth_gbs']:.2f} GB/s")
     print(C.format_table(header, rows))
