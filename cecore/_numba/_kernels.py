@@ -26,8 +26,8 @@ from .._config import (
     TILES_PER_TASK,
 )
 from ._math import (
-    _add_blocks, _address, _at, _bce, _cast_like, _dev, _exp_nonpos, _log_sum, _per_line,
-    _prefetch, _rounded_product, _row_max, _store_fence, _stream_line, _tr_block, _view,
+    _add_blocks, _address, _at, _bce, _cast_like, _dev, _exp_consts, _exp_nonpos, _log_sum,
+    _per_line, _prefetch, _rounded_product, _row_max, _store_fence, _stream_line, _tr_block, _view,
 )
 from ._runtime import helper, jit
 
@@ -58,6 +58,7 @@ def _row_sumexp(x, m, e_out):
     """
     n = x.shape[0]
     line = 64 // x.itemsize
+    k = _exp_consts(x)
     s = 0.0
     for b in range((n + SUM_BLOCK - 1) // SUM_BLOCK):
         lo, hi = _block_bounds(b, n)
@@ -66,7 +67,7 @@ def _row_sumexp(x, m, e_out):
         for i in range(lo, hi, line):
             _prefetch(x, n + i)
         for c in range(lo, hi):
-            e_out[c] = _exp_nonpos(x[c] - m)
+            e_out[c] = _exp_nonpos(x[c] - m, k)
         for c in range(lo, hi):
             s += e_out[c]
     return s
@@ -80,13 +81,14 @@ def _row_sumexp_in_place(x, m):
     the sum is the same bit for bit."""
     n = x.shape[0]
     line = 64 // x.itemsize
+    k = _exp_consts(x)
     s = 0.0
     for b in range((n + SUM_BLOCK - 1) // SUM_BLOCK):
         lo, hi = _block_bounds(b, n)
         for i in range(lo, hi, line):
             _prefetch(x, n + i)
         for c in range(lo, hi):
-            x[c] = _exp_nonpos(x[c] - m)
+            x[c] = _exp_nonpos(x[c] - m, k)
         for c in range(lo, hi):
             s += x[c]
     return s
@@ -294,6 +296,7 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
     _tile_max(x, base, stride, n_classes, width, m, s)
     # exp and the float64 accumulation are separate loops: fused, the float64 adds would
     # set the vector width and halve the float32 exp's throughput.
+    k = _exp_consts(x)
     for c in range(n_classes):
         xc = _view(x, base + c * stride, base + c * stride + width)
         ec = (_view(e_out, base + c * stride, base + c * stride + width) if store
@@ -302,7 +305,7 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
             for i in range(nxt + c * width, nxt + (c + 1) * width, _per_line(src)):
                 _prefetch(src, i)
         for j in range(width):
-            ec[j] = _exp_nonpos(xc[j] - m[j])
+            ec[j] = _exp_nonpos(xc[j] - m[j], k)
         for j in range(width):
             s[j] += ec[j]
     _tile_log_sum(s, log_s, width)
@@ -315,10 +318,11 @@ def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s):
     one array, LLVM sees each exp written where it was read, instead of two arguments
     that overlap, on which its runtime alias checks choose the scalar loops."""
     _tile_max(g, base, stride, n_classes, width, m, s)
+    k = _exp_consts(g)
     for c in range(n_classes):
         gc = _view(g, base + c * stride, base + c * stride + width)
         for j in range(width):
-            gc[j] = _exp_nonpos(gc[j] - m[j])
+            gc[j] = _exp_nonpos(gc[j] - m[j], k)
         for j in range(width):
             s[j] += gc[j]
     _tile_log_sum(s, log_s, width)
@@ -907,6 +911,7 @@ def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_g
     run, the requests let the loop's arithmetic overlap the memory it waits for."""
     per_line = _per_line(x)
     ahead = np.uint64(BCE_AHEAD // 64 * per_line)
+    k = _exp_consts(x)
     n_blocks = n // np.uint64(LANES)
     for b in range(n_blocks):
         q = b * np.uint64(LANES)
@@ -916,10 +921,10 @@ def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_g
             _prefetch(y, at)
         for j in range(q, q + np.uint64(LANES)):
             v = x[p + j]
-            z[j] = _exp_nonpos(-v if v > 0 else v)
+            z[j] = _exp_nonpos(-v if v > 0 else v, k)
     for j in range(n_blocks * np.uint64(LANES), n):
         v = x[p + j]
-        z[j] = _exp_nonpos(-v if v > 0 else v)
+        z[j] = _exp_nonpos(-v if v > 0 else v, k)
     for j in range(n):
         loss, grad = _bce(x[p + j], y[p + j], _at(weight, j), _at(pos_weight, j),
                           _at(grad_scale, j), z[j])

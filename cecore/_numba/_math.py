@@ -348,11 +348,57 @@ _EXP_CONSTS = {
 }
 
 
+def _exp_operands(ty):
+    """The exp's multiplicative constants for float type ``ty``: log2(e), ln2 hi and lo,
+    then Q highest degree first (what :func:`_exp_consts` loads)."""
+    _, _, _, log2e, ln2_hi, ln2_lo, q = _EXP_CONSTS[ty]
+    return (log2e, ln2_hi, ln2_lo) + tuple(q)
+
+
 @intrinsic
-def _exp_nonpos(typingctx, x):
-    """exp(x) for x <= 0 (or NaN), vectorisable: with ``x = max(x, MIN_X)``,
-    ``t = x * LOG2E + MAGIC``, ``k = t - MAGIC``, ``r = (x - k * LN2_HI) - k * LN2_LO``,
-    ``exp(x) = (((Q(r) * r) * r + r) + 1) * 2**k`` (Q by Horner's rule).
+def _exp_consts(typingctx, arr):
+    """The exp's multiplicative constants for the dtype of the array ``arr``, as a tuple
+    of values loaded from a writable global: call it once per function, before its
+    loops, and pass the tuple to every :func:`_exp_nonpos`.
+
+    Why not plain constants: Numba compiles with LLVM's large code model, where a
+    constant-pool operand needs its address in a register and cannot be folded into an
+    FMA, and with AVX2's 16 vector registers too few for the exp's constants, LLVM
+    reloaded every one of them in the loop (an address, a broadcast and the FMA: 50
+    instructions per 4 doubles). Loaded values are not constants to LLVM: it keeps them
+    in registers or spills them once, and folds the reloads (32 instructions; AVX2 exp
+    loop 1.11 -> 0.89 ns per double, AVX-512 0.56 -> 0.51; the same bits). The global is
+    "linkonce_odr", not internal: LLVM would turn an internal global that is never
+    written into a constant and fold the loads back (kernel_findings.md, twenty-fifth
+    session)."""
+    if not isinstance(arr, types.Array) or arr.dtype not in _EXP_CONSTS:
+        return None
+    ty = arr.dtype
+    vals = _exp_operands(ty)
+    fty = ir.FloatType() if ty == types.float32 else ir.DoubleType()
+
+    def codegen(context, builder, signature, args):
+        aty = ir.ArrayType(fty, len(vals))
+        name = f"cecore_exp_operands_{ty}"
+        gv = builder.module.globals.get(name)
+        if gv is None:
+            gv = ir.GlobalVariable(builder.module, aty, name)
+            gv.linkage = "linkonce_odr"
+            gv.initializer = ir.Constant(aty, [float(v) for v in vals])
+        i32 = ir.IntType(32)
+        loaded = [builder.load(builder.gep(gv, [ir.Constant(i32, 0), ir.Constant(i32, i)]))
+                  for i in range(len(vals))]
+        return context.make_tuple(builder, signature.return_type, loaded)
+
+    return types.UniTuple(ty, len(vals))(arr), codegen
+
+
+@intrinsic
+def _exp_nonpos(typingctx, x, k):
+    """exp(x) for x <= 0 (or NaN), vectorisable, given ``k = _exp_consts(array of x's
+    type)``: with ``x = max(x, MIN_X)``, ``t = x * LOG2E + MAGIC``, ``n = t - MAGIC``,
+    ``r = (x - n * LN2_HI) - n * LN2_LO``, ``exp(x) = (((Q(r) * r) * r + r) + 1) * 2**n``
+    (Q by Horner's rule; LOG2E, LN2_HI, LN2_LO and Q's coefficients from ``k``).
 
     Emitted as LLVM instructions in the caller, each flagged "contract", "nsz" and "arcp"
     (not "reassoc", which lets LLVM fold the two-part ln2 back into one and undo the exact
@@ -361,9 +407,9 @@ def _exp_nonpos(typingctx, x):
     function compiled on its own: LLVM inlined such a call or not depending on the size of
     the function around it, and a loop whose exp stayed a call stayed scalar (9x slower,
     kernel_findings.md)."""
-    if x not in _EXP_CONSTS:
+    if x not in _EXP_CONSTS or k != types.UniTuple(x, len(_exp_operands(x))):
         return None
-    pow2, min_x, magic, log2e, ln2_hi, ln2_lo, q = _EXP_CONSTS[x]
+    pow2, min_x, magic, _, _, _, _ = _EXP_CONSTS[x]
     fty = ir.FloatType() if x == types.float32 else ir.DoubleType()
 
     def codegen(context, builder, signature, args):
@@ -381,19 +427,21 @@ def _exp_nonpos(typingctx, x):
         def sub(a, b):
             return builder.fsub(a, b, flags=flags)
 
-        v = args[0]
+        v, ops = args
+        log2e, ln2_hi, ln2_lo, *q = [builder.extract_value(ops, i)
+                                     for i in range(len(signature.args[1]))]
         v = builder.select(builder.fcmp_ordered("<", v, const(min_x), flags=flags),
                            const(min_x), v)
-        t = add(mul(v, const(log2e)), const(magic))
-        k = sub(t, const(magic))
-        r = sub(sub(v, mul(k, const(ln2_hi))), mul(k, const(ln2_lo)))
-        p = const(q[0])
+        t = add(mul(v, log2e), const(magic))
+        n = sub(t, const(magic))
+        r = sub(sub(v, mul(n, ln2_hi)), mul(n, ln2_lo))
+        p = q[0]
         for c in q[1:]:
-            p = add(mul(p, r), const(c))
+            p = add(mul(p, r), c)
         p = add(add(mul(mul(p, r), r), r), const(1.0))
         return mul(p, _pow2_codegen(builder, t, *pow2, fty))
 
-    return x(x), codegen
+    return x(x, k), codegen
 
 
 _LOG_SERIES = tuple(1.0 / k for k in range(19, 2, -2))  # 1/19, 1/17, ..., 1/3
