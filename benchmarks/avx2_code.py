@@ -40,7 +40,10 @@ def avx2_code_env(environ=os.environ):
 def main(argv):
     if not argv:
         sys.exit(__doc__)
-    sys.exit(subprocess.call(argv, env=avx2_code_env()))
+    try:
+        sys.exit(subprocess.call(argv, env=avx2_code_env()))
+    except OSError as exc:  # the command is missing or not executable
+        sys.exit(f"avx2_code.py: cannot run {argv[0]!r}: {exc.strerror}")
 
 
 if __name__ == "__main__":
