@@ -339,20 +339,17 @@ _F64_Q = (2.510038549551032e-08, 2.7620088445409746e-07, 2.7557268459997064e-06,
           0.5000000000000001)
 
 
-# (bits of 2**k, clamp, magic, log2(e), ln2 hi, ln2 lo, Q highest degree first) by type
-_EXP_CONSTS = {
-    types.float32: ((32, 127 - 0x4B400000, 23), _F32_MIN_X, _F32_MAGIC, _F32_LOG2E,
-                    _F32_LN2_HI, _F32_LN2_LO, _F32_P),
-    types.float64: ((64, 1023 - 0x4338000000000000, 52), _F64_MIN_X, _F64_MAGIC,
-                    _F64_LOG2E, _F64_LN2_HI, _F64_LN2_LO, _F64_Q),
+# By type: what the exp emits as immediates (bits of 2**k, clamp, magic) ...
+_EXP_IMMEDIATES = {
+    types.float32: ((32, 127 - 0x4B400000, 23), _F32_MIN_X, _F32_MAGIC),
+    types.float64: ((64, 1023 - 0x4338000000000000, 52), _F64_MIN_X, _F64_MAGIC),
 }
-
-
-def _exp_operands(ty):
-    """The exp's multiplicative constants for float type ``ty``: log2(e), ln2 hi and lo,
-    then Q highest degree first (what :func:`_exp_consts` loads)."""
-    _, _, _, log2e, ln2_hi, ln2_lo, q = _EXP_CONSTS[ty]
-    return (log2e, ln2_hi, ln2_lo) + tuple(q)
+# ... and the multiplicative constants it takes from _exp_consts: log2(e), ln2 hi and lo,
+# then Q highest degree first.
+_EXP_OPERANDS = {
+    types.float32: (_F32_LOG2E, _F32_LN2_HI, _F32_LN2_LO) + _F32_P,
+    types.float64: (_F64_LOG2E, _F64_LN2_HI, _F64_LN2_LO) + _F64_Q,
+}
 
 
 @intrinsic
@@ -366,15 +363,15 @@ def _exp_consts(typingctx, arr):
     FMA, and with AVX2's 16 vector registers too few for the exp's constants, LLVM
     reloaded every one of them in the loop (an address, a broadcast and the FMA: 50
     instructions per 4 doubles). Loaded values are not constants to LLVM: it keeps them
-    in registers or spills them once, and folds the reloads (32 instructions; AVX2 exp
-    loop 1.11 -> 0.89 ns per double, AVX-512 0.56 -> 0.51; the same bits). The global is
+    in registers or spills them once, and folds the reloads (32 instructions; the same
+    bits; benchmarks/results/ab_numba_exp_consts_zen5*.json). The global is
     "linkonce_odr", not internal: LLVM would turn an internal global that is never
     written into a constant and fold the loads back (kernel_findings.md, twenty-fifth
     session)."""
-    if not isinstance(arr, types.Array) or arr.dtype not in _EXP_CONSTS:
+    if not isinstance(arr, types.Array) or arr.dtype not in _EXP_OPERANDS:
         return None
     ty = arr.dtype
-    vals = _exp_operands(ty)
+    vals = _EXP_OPERANDS[ty]
     fty = ir.FloatType() if ty == types.float32 else ir.DoubleType()
 
     def codegen(context, builder, signature, args):
@@ -407,9 +404,9 @@ def _exp_nonpos(typingctx, x, k):
     function compiled on its own: LLVM inlined such a call or not depending on the size of
     the function around it, and a loop whose exp stayed a call stayed scalar (9x slower,
     kernel_findings.md)."""
-    if x not in _EXP_CONSTS or k != types.UniTuple(x, len(_exp_operands(x))):
+    if x not in _EXP_IMMEDIATES or k != types.UniTuple(x, len(_EXP_OPERANDS[x])):
         return None
-    pow2, min_x, magic, _, _, _, _ = _EXP_CONSTS[x]
+    pow2, min_x, magic = _EXP_IMMEDIATES[x]
     fty = ir.FloatType() if x == types.float32 else ir.DoubleType()
 
     def codegen(context, builder, signature, args):
