@@ -479,6 +479,29 @@ _log_sum = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
                 cache=True)(_log_sum_py)
 
 
+_LOG1P_SERIES = tuple(1.0 / k for k in range(21, 2, -2))  # 1/21, 1/19, ..., 1/3
+
+
+def _log1p_unit_py(z):
+    """log1p(z) for z = exp(-|x|) in [0, 1] (NaN passes), vectorisable, as
+    cec_log1p_unit in cecore_ext/_rowkernels.h: 1 + z = 2**e (1 + f) with f exact,
+    f = z below 1/2 and (z - 1) / 2 above; log(1 + f) = 2 atanh(s), s = f / (2 + f),
+    |s| <= 0.2, by its odd series to s**21."""
+    c21, c19, c17, c15, c13, c11, c9, c7, c5, c3 = _LOG1P_SERIES
+    big = z >= 0.5
+    f = 0.5 * (z - 1.0) if big else z
+    e = 1.0 if big else 0.0
+    s = f / (2.0 + f)
+    s2 = s * s
+    p = (((((((((c21 * s2 + c19) * s2 + c17) * s2 + c15) * s2 + c13) * s2 + c11) * s2 + c9)
+           * s2 + c7) * s2 + c5) * s2 + c3)
+    return e * _LN2_HI + ((2.0 * s + 2.0 * s * (s2 * p)) + e * _LN2_LO)
+
+
+_log1p_unit = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
+                   cache=True)(_log1p_unit_py)
+
+
 # log1p(z) = z + z**2 Q(z) on [0, 1]: Q's coefficients, highest degree first (see
 # cec_bce_elem_f32 in cecore_ext/_rowkernels.h)
 _F32_LOG1P_Q = tuple(np.float32(c) for c in (
@@ -506,31 +529,23 @@ def _bce_f32(x, y, w, pw, gs, z):
 
 
 def _bce_f64(x, y, w, pw, gs, z):
-    """:func:`_bce_f32` for a float64 logit, in float64 (cec_bce_elem_f64):
-    log1p(z) = log(u) + (z - (u - 1)) / u, u = 1 + z; the loss's first two terms summed
-    before log1p(z) is added (they cancel exactly for y = 0, x << 0)."""
-    u = 1.0 + z
-    inv = 1.0 / u
-    return _bce_combine(x, y, w, pw, gs, _log_sum(u) + (z - (u - 1.0)) * inv, z, inv)
-
-
-def _bce_combine_py(x, y, w, pw, gs, l1p, z, inv):
+    """:func:`_bce_f32` for a float64 logit, in float64 (cec_bce_elem_f64), log1p(z) by
+    :func:`_log1p_unit`; the loss's first two terms summed before log1p(z) is added (they
+    cancel exactly for y = 0, x << 0)."""
     lw = 1.0 + (pw - 1.0) * y
-    loss = w * (((1.0 - y) * x + lw * (-x if -x > 0.0 else 0.0)) + lw * l1p)
+    loss = w * (((1.0 - y) * x + lw * (-x if -x > 0.0 else 0.0)) + lw * _log1p_unit(z))
     # (1 - y) - pw y z for x >= 0, (1 - y) z - pw y below, as products of selected
     # factors: a select between the two expressions kept the loop scalar (bench_ab.py,
     # float64 65536 x 1000 loss: 4.7x the time of this form).
     num = (1.0 - y) * (1.0 if x >= 0.0 else z) - pw * y * (z if x >= 0.0 else 1.0)
-    return loss, gs * w * (num * inv)
+    return loss, gs * w * (num / (1.0 + z))
 
 
 # Compiled without "reassoc", like the exp: reassociated, the loss's sum could lose the
-# exact cancellation of its first two terms, and log1p's correction z - (u - 1) would
-# fold to 0. error_model="numpy": a float division by zero gives inf or NaN (it cannot
-# happen here: 2 + z, 1 + z >= 1) instead of a check that raises ZeroDivisionError,
-# which kept LLVM from vectorising the row loop.
+# exact cancellation of its first two terms. error_model="numpy": a float division by
+# zero gives inf or NaN (it cannot happen here: 1 + z >= 1) instead of a check that
+# raises ZeroDivisionError, which kept LLVM from vectorising the row loop.
 _NO_REASSOC = {"contract", "nsz", "arcp"}
-_bce_combine = njit(fastmath=_NO_REASSOC, cache=True)(_bce_combine_py)
 _bce_jit = {
     types.float32: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f32),
     types.float64: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f64),
