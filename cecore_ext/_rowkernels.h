@@ -334,10 +334,9 @@ CEC_INLINE double cec_dev(double m, double x, double log_s) {
  * z = exp(-|x|) in [0, 1] and lw = 1 + (pw - 1) y:
  *   loss = w ((1 - y) x + lw max(-x, 0) + lw log1p(z))
  *   grad = gs w ((1 - y) - lw sigmoid(-x))
- * float64 (cec_bce_elem_f64): log1p(z) by cec_log1p_unit; the first
- * two terms of the loss are summed before log1p(z) is added (for y = 0 and x << 0 they
- * cancel exactly, x - x, and log1p(z) is the whole loss); the gradient is regrouped as in
- * float32.
+ * float64 (cec_bce_elem_f64): log1p(z) by cec_log1p_unit; the first two terms of the loss
+ * are summed before log1p(z) is added (for y = 0 and x << 0 they cancel exactly, x - x,
+ * and log1p(z) is the whole loss); the gradient is regrouped as in float32.
  * float32 (cec_bce_elem_f32): everything in float32, 8 or 16 lanes per vector (the float64
  * assembly of the loss took half the instructions of the loop). So that float32 does not
  * cancel where float64 did, the terms are regrouped per sign of x:

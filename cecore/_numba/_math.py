@@ -479,7 +479,7 @@ _log_sum = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
                 cache=True)(_log_sum_py)
 
 
-_LOG1P_SERIES = tuple(1.0 / k for k in range(21, 2, -2))  # 1/21, 1/19, ..., 1/3
+_LOG1P_SERIES = (1.0 / 21,) + _LOG_SERIES  # one term more: |s| <= 0.2 here, < 0.172 there
 
 
 def _log1p_unit_py(z):
