@@ -247,11 +247,30 @@ CEC_INLINE double cec_exp_f64(double x) {
     return p * scale;
 }
 
+/* e ln2 + log(1 + f) for |f| small enough that |s| <= 0.2, s = f / (2 + f) (f in
+ * [-0.29, 0.5]): log(1 + f) = 2 atanh(s), whose odd series to s**21 is exact to < 2e-17
+ * relative; ln2 in two parts, so that e ln2 is exact. The tail of both logs below. */
+CEC_INLINE double cec_log_reduced(double e, double f) {
+    const double s = f / (2.0 + f);
+    const double s2 = s * s;
+    double p = 1.0 / 21.0;
+    p = p * s2 + 1.0 / 19.0;
+    p = p * s2 + 1.0 / 17.0;
+    p = p * s2 + 1.0 / 15.0;
+    p = p * s2 + 1.0 / 13.0;
+    p = p * s2 + 1.0 / 11.0;
+    p = p * s2 + 1.0 / 9.0;
+    p = p * s2 + 1.0 / 7.0;
+    p = p * s2 + 1.0 / 5.0;
+    p = p * s2 + 1.0 / 3.0;
+    return e * 6.93147180369123816490e-01
+           + ((2.0 * s + 2.0 * s * (s2 * p)) + e * 1.90821492927058770002e-10);
+}
+
 /* log(s) for the float64 sums of exps (s >= 1: the largest term is exp(0)), in one
  * straight line of arithmetic so that the tile kernels' per-position logs vectorise (a
  * libm call per position cost more than the rest for 10 classes). s = 2**e * a with
- * a in [sqrt(1/2), sqrt(2)); log(a) = 2 atanh(z), z = (a - 1) / (a + 1), |z| < 0.172,
- * whose odd series to z**19 is exact to < 1e-17. NaN and +inf pass through. */
+ * a in [sqrt(1/2), sqrt(2)), f = a - 1 exact. NaN and +inf pass through. */
 CEC_INLINE double cec_log_sum(double s) {
     uint64_t bits;
     memcpy(&bits, &s, sizeof bits);
@@ -267,20 +286,7 @@ CEC_INLINE double cec_log_sum(double s) {
     const int big = a > 1.4142135623730951;
     a = big ? 0.5 * a : a;
     e = big ? e + 1.0 : e;
-    const double f = a - 1.0;                   /* exact */
-    const double z = f / (2.0 + f);
-    const double z2 = z * z;
-    double p = 1.0 / 19.0;
-    p = p * z2 + 1.0 / 17.0;
-    p = p * z2 + 1.0 / 15.0;
-    p = p * z2 + 1.0 / 13.0;
-    p = p * z2 + 1.0 / 11.0;
-    p = p * z2 + 1.0 / 9.0;
-    p = p * z2 + 1.0 / 7.0;
-    p = p * z2 + 1.0 / 5.0;
-    p = p * z2 + 1.0 / 3.0;
-    const double log_a = 2.0 * z + 2.0 * z * (z2 * p);
-    const double r = e * 6.93147180369123816490e-01 + (log_a + e * 1.90821492927058770002e-10);
+    const double r = cec_log_reduced(e, a - 1.0);
     return s < INFINITY ? r : s;
 }
 
@@ -299,28 +305,12 @@ CEC_INLINE double cec_log_sum(double s) {
 
 /* log1p(z) for z = exp(-|x|) in [0, 1] (NaN passes), for the float64 binary
  * cross-entropy: 1 + z = 2**e (1 + f) with f exact and no exponent bits to take apart,
- * f = z (e = 0) below 1/2 and f = (z - 1) / 2 (e = 1; z - 1 is exact for z >= 1/2) above;
- * log(1 + f) = 2 atanh(s), s = f / (2 + f), |s| <= 0.2, whose odd series to s**21 is exact
- * to < 2e-17. Through cec_log_sum(1 + z) the rounding of 1 + z had to be put back, with
- * a second division, and the exponent taken from the bits. */
+ * f = z (e = 0) below 1/2 and f = (z - 1) / 2 (e = 1; z - 1 is exact for z >= 1/2) above.
+ * Through cec_log_sum(1 + z) the rounding of 1 + z had to be put back, with a second
+ * division, and the exponent taken from the bits. */
 CEC_INLINE double cec_log1p_unit(double z) {
     const int big = z >= 0.5;
-    const double f = big ? 0.5 * (z - 1.0) : z;
-    const double e = big ? 1.0 : 0.0;
-    const double s = f / (2.0 + f);
-    const double s2 = s * s;
-    double p = 1.0 / 21.0;
-    p = p * s2 + 1.0 / 19.0;
-    p = p * s2 + 1.0 / 17.0;
-    p = p * s2 + 1.0 / 15.0;
-    p = p * s2 + 1.0 / 13.0;
-    p = p * s2 + 1.0 / 11.0;
-    p = p * s2 + 1.0 / 9.0;
-    p = p * s2 + 1.0 / 7.0;
-    p = p * s2 + 1.0 / 5.0;
-    p = p * s2 + 1.0 / 3.0;
-    return e * 6.93147180369123816490e-01
-           + ((2.0 * s + 2.0 * s * (s2 * p)) + e * 1.90821492927058770002e-10);
+    return cec_log_reduced(big ? 1.0 : 0.0, big ? 0.5 * (z - 1.0) : z);
 }
 
 /* lse - x, as every kernel forms it: (m - x) + log(s), torch's order (Numba: _dev). With

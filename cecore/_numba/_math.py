@@ -441,56 +441,21 @@ def _exp_nonpos(typingctx, x, k):
     return x(x, k), codegen
 
 
-_LOG_SERIES = tuple(1.0 / k for k in range(19, 2, -2))  # 1/19, 1/17, ..., 1/3
+_LOG_SERIES = tuple(1.0 / k for k in range(21, 2, -2))  # 1/21, 1/19, ..., 1/3
 _LN2_HI = 6.93147180369123816490e-01
 _LN2_LO = 1.90821492927058770002e-10
+# Compiled without "reassoc" (which would undo their exact steps, as it would the exp's
+# range reduction), and with error_model="numpy": Python's model checks the division for
+# zero (2 + f >= 1.7 here) and raises, and that branch kept every loop calling it scalar.
+_LOG_FLAGS = dict(fastmath={"contract", "nsz", "arcp"}, error_model="numpy", cache=True)
 
 
-def _log_sum_py(s):
-    """log(s) for the float64 sums of exps (s >= 1), vectorisable; NaN and +inf pass.
-
-    s = 2**e * a with a in [sqrt(1/2), sqrt(2)); log(a) = 2 atanh(z), z = (a-1)/(a+1),
-    |z| < 0.172, whose odd series to z**19 is exact to < 1e-17 (measured 0.73 ulp).
-    The tile kernels take one log per position: a libm call each cost more than the
-    rest of the work for 10 classes.
-    """
-    c19, c17, c15, c13, c11, c9, c7, c5, c3 = _LOG_SERIES
-    bits = _float_to_bits(s)
-    # exponent as a double without an int64 -> double conversion (none on AVX2)
-    e = _bits_to_float((bits >> 52) | 0x4330000000000000) - (4503599627370496.0 + 1023.0)
-    a = _bits_to_float((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
-    big = a > 1.4142135623730951
-    a = 0.5 * a if big else a
-    e = e + 1.0 if big else e
-    f = a - 1.0
-    z = f / (2.0 + f)
-    z2 = z * z
-    p = ((((((((c19 * z2 + c17) * z2 + c15) * z2 + c13) * z2 + c11) * z2 + c9) * z2 + c7)
-          * z2 + c5) * z2 + c3)
-    r = e * _LN2_HI + ((2.0 * z + 2.0 * z * (z2 * p)) + e * _LN2_LO)
-    return r if s < np.inf else s
-
-
-# Compiled on its own, without "reassoc" (which would undo its exact steps, as it would
-# the exp's range reduction), and with
-# error_model="numpy": Python's model checks the division for zero (2 + f >= 1.29 here)
-# and raises, and that branch kept every loop calling it scalar.
-_log_sum = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
-                cache=True)(_log_sum_py)
-
-
-_LOG1P_SERIES = (1.0 / 21,) + _LOG_SERIES  # one term more: |s| <= 0.2 here, < 0.172 there
-
-
-def _log1p_unit_py(z):
-    """log1p(z) for z = exp(-|x|) in [0, 1] (NaN passes), vectorisable, as
-    cec_log1p_unit in cecore_ext/_rowkernels.h: 1 + z = 2**e (1 + f) with f exact,
-    f = z below 1/2 and (z - 1) / 2 above; log(1 + f) = 2 atanh(s), s = f / (2 + f),
-    |s| <= 0.2, by its odd series to s**21."""
-    c21, c19, c17, c15, c13, c11, c9, c7, c5, c3 = _LOG1P_SERIES
-    big = z >= 0.5
-    f = 0.5 * (z - 1.0) if big else z
-    e = 1.0 if big else 0.0
+@njit(inline="always", **_LOG_FLAGS)
+def _log_reduced(e, f):
+    """e ln2 + log(1 + f) for f in [-0.29, 0.5], as cec_log_reduced: log(1 + f) = 2 atanh(s),
+    s = f / (2 + f), |s| <= 0.2, by its odd series to s**21 (exact to < 2e-17); ln2 in two
+    parts. Inlined by Numba into both logs below, whatever LLVM would decide."""
+    c21, c19, c17, c15, c13, c11, c9, c7, c5, c3 = _LOG_SERIES
     s = f / (2.0 + f)
     s2 = s * s
     p = (((((((((c21 * s2 + c19) * s2 + c17) * s2 + c15) * s2 + c13) * s2 + c11) * s2 + c9)
@@ -498,8 +463,32 @@ def _log1p_unit_py(z):
     return e * _LN2_HI + ((2.0 * s + 2.0 * s * (s2 * p)) + e * _LN2_LO)
 
 
-_log1p_unit = njit(fastmath={"contract", "nsz", "arcp"}, error_model="numpy",
-                   cache=True)(_log1p_unit_py)
+@njit(**_LOG_FLAGS)
+def _log_sum(s):
+    """log(s) for the float64 sums of exps (s >= 1), vectorisable; NaN and +inf pass.
+
+    s = 2**e * a with a in [sqrt(1/2), sqrt(2)), f = a - 1 exact. The tile kernels take
+    one log per position: a libm call each cost more than the rest of the work for 10
+    classes.
+    """
+    bits = _float_to_bits(s)
+    # exponent as a double without an int64 -> double conversion (none on AVX2)
+    e = _bits_to_float((bits >> 52) | 0x4330000000000000) - (4503599627370496.0 + 1023.0)
+    a = _bits_to_float((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)
+    big = a > 1.4142135623730951
+    a = 0.5 * a if big else a
+    e = e + 1.0 if big else e
+    r = _log_reduced(e, a - 1.0)
+    return r if s < np.inf else s
+
+
+@njit(**_LOG_FLAGS)
+def _log1p_unit(z):
+    """log1p(z) for z = exp(-|x|) in [0, 1] (NaN passes), vectorisable, as
+    cec_log1p_unit in cecore_ext/_rowkernels.h: 1 + z = 2**e (1 + f) with f exact,
+    f = z below 1/2 and (z - 1) / 2 above."""
+    big = z >= 0.5
+    return _log_reduced(1.0 if big else 0.0, 0.5 * (z - 1.0) if big else z)
 
 
 # log1p(z) = z + z**2 Q(z) on [0, 1]: Q's coefficients, highest degree first (see
