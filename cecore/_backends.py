@@ -135,8 +135,11 @@ def _load(name):
                 import cecore_ext as module
             else:
                 from . import _numba as module
-        except ValueError:  # a bad setting (CECORE_SIMD): the user must see it
-            raise
+        except ValueError as exc:
+            if str(exc).startswith("CECORE_"):  # a bad setting of ours: the user must see it
+                raise
+            _errors[name] = f"{type(exc).__name__}: {exc}"  # e.g. NUMBA_NUM_THREADS=0
+            return None
         except Exception as exc:  # an unbuilt extension or a broken numba install
             _errors[name] = f"{type(exc).__name__}: {exc}"
             return None

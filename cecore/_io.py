@@ -459,15 +459,24 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
     PENDING.add(tmp)
     written = [0]
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb", buffering=0) as f:  # unbuffered: no write error deferred to close
             os.fchmod(f.fileno(), mode)  # mkstemp makes 0600 files
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                       "fortran_order": False, "shape": (n_rows,)}
             np.lib.format.write_array_header_1_0(f, header)
+            size = f.tell() + n_rows * np.dtype(dtype).itemsize  # when complete
 
             def write(values):
+                # Not ndarray.tofile: its buffered fwrite can fail (a full disk, a
+                # file-size limit) without an error, and a short file was installed.
+                values = np.ascontiguousarray(values, dtype=dtype)
+                data = memoryview(values.reshape(-1)).cast("B")
                 try:
-                    np.ascontiguousarray(values, dtype=dtype).tofile(f)
+                    while data:  # a raw file: a write may be short
+                        n = f.write(data)
+                        if not n:
+                            raise OSError(f"{len(data)} bytes not written")
+                        data = data[n:]
                 except OSError as exc:
                     raise _write_error(path, exc) from None
                 written[0] += len(values)
@@ -476,10 +485,12 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
             if written[0] != n_rows:
                 raise RuntimeError(f"wrote {written[0]} of {n_rows} per-row losses")
             try:
-                f.flush()
                 os.fsync(f.fileno())
             except OSError as exc:
                 raise _write_error(path, exc) from None
+            if os.fstat(f.fileno()).st_size != size:  # whatever the cause: never install it
+                raise OSError(f"cannot write {path}: {os.fstat(f.fileno()).st_size} of "
+                              f"{size} bytes written")
         os.replace(tmp, real)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -490,9 +501,7 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
 
 
 def _write_error(path, exc):
-    """An OSError naming the file asked for (not its hidden temporary) and the cause.
-    NumPy's ``tofile`` reports a short write without an errno ("N requested and M
-    written"), which a full disk gives."""
+    """An OSError naming the file asked for (not its hidden temporary) and the cause."""
     if exc.errno:
         return OSError(exc.errno, f"cannot write {path}: {exc.strerror}")
     return OSError(f"cannot write {path}: {exc} (a full disk, or a file-size limit?)")

@@ -117,6 +117,8 @@ def _same_data(a, b):
     """Whether two file readers read the same array (the same file, and the same member
     of an .npz): a float array of the logits' shape would pass as probability targets."""
     key = {MappedArray: "offset", StreamedArray: "member"}
+    if isinstance(a, InMemoryArray) and isinstance(b, InMemoryArray):
+        return np.may_share_memory(a.array, b.array)
     if type(a) is not type(b) or type(a) not in key:
         return False
     try:
@@ -239,7 +241,10 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
     # As cecore.cross_entropy: probabilities of a wider dtype promote the computation and
     # the loss; hidden states give logits of the compute dtype.
     loss_dtype, dtype = V.promoted_dtypes(x_dtype, t_dtype if proba else x_dtype)
-    return ScoreOptions(input_kind, proba, V.class_weight(weight, n_classes),
+    # No rows, no kernel call: a header declaring 3e8 classes and no data must not make
+    # a 2.4 GB vector of ones (a given weight is still checked against n_classes).
+    n_weights = n_classes if n_rows or weight is not None else 0
+    return ScoreOptions(input_kind, proba, V.class_weight(weight, n_weights),
                         V.check_ignore_index(ignore_index),
                         V.check_label_smoothing(label_smoothing), backend,
                         n_threads, dtype, int(top_k), int(n_bins), head,
@@ -424,9 +429,12 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
         for spec in (logits, target, unembedding):
             sources.append(None if spec is None else as_source(spec))
         x_src, t_src, w_src = sources
+        if bias is not None and w_src is None:
+            raise ValueError("bias is the unembedding's: give unembedding too (or no bias)")
         if _same_data(x_src, t_src):
-            raise ValueError(f"the logits and the targets are the same array, {x_src.path}: "
-                             "give the targets' file as TARGET")
+            where = getattr(x_src, "path", "in memory")
+            raise ValueError(f"the logits and the targets are the same array ({where}): "
+                             "give the targets' file or array as TARGET")
         if isinstance(bias, (str, os.PathLike)):
             protect = (*protect, bias)  # per_row_out must not replace it either
             bias = load_small(bias, "bias")

@@ -180,6 +180,29 @@ def test_a_full_disk_names_the_per_row_file(tmp_path):
     assert list(out_path.parent.iterdir()) == []  # no partial file, no temporary
 
 
+def test_a_full_disk_in_small_chunks_keeps_the_old_per_row_file(tmp_path):
+    # With chunks whose losses fit in stdio's buffer, ndarray.tofile's failed writes
+    # went unreported: exit 0, and a good file was replaced by a truncated one whose
+    # header promised 20000 rows.
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((20000, 4)))
+    np.save(tmp_path / "t.npy", rng.integers(0, 4, 20000))
+    out_path = tmp_path / "out" / "rows.npy"
+    out_path.parent.mkdir()
+    np.save(out_path, np.arange(3.0))
+    out = _score_in_child(
+        [tmp_path / "x.npy", tmp_path / "t.npy", "--per-row-out", out_path, "--quiet",
+         "--memory-budget", "50KB"],
+        before="import resource, signal, numpy as np, cecore\n"
+               "cecore.cross_entropy(np.zeros((2, 3), np.float32), np.zeros(2, np.int64))\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (40960, 40960))")
+    assert out.returncode == 1
+    assert f"cannot write {out_path}: " in out.stderr, out.stderr
+    assert list(out_path.parent.iterdir()) == [out_path]  # no temporary left
+    np.testing.assert_array_equal(np.load(out_path), np.arange(3.0))  # the old file, intact
+
+
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
 def test_per_row_out_on_the_commands_own_output_is_refused(tmp_path, stream):
     # --per-row-out /dev/stdout with stdout sent to a file replaced that file with the

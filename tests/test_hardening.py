@@ -24,7 +24,7 @@ import cecore
 from cecore import batch
 from cecore.cli import main
 from cecore.metrics import log_loss
-from oracle import assert_close, check_result, torch_cross_entropy
+from oracle import assert_close, check_result, subprocess_env, torch_cross_entropy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cecore.__file__)))
 PACKAGE = os.path.dirname(os.path.abspath(cecore.__file__))
@@ -661,3 +661,48 @@ def test_logits_file_given_as_the_targets_too(scored_files, capsys, tmp_path):
     code, out, err = _score([f"{tmp_path / 'both.npz'}:logits", f"{tmp_path / 'both.npz'}:target"],
                             capsys)
     assert code == 0, err
+
+
+def test_info_with_a_bad_numba_setting():
+    # NUMBA_NUM_THREADS=0 made `cecore info` (and show_config) end in a traceback, with
+    # nothing printed, Cython's backend included: a ValueError from importing Numba was
+    # taken for a bad CECORE_SIMD.
+    env = {**subprocess_env(), "NUMBA_NUM_THREADS": "0"}
+    out = subprocess.run([sys.executable, "-m", "cecore.cli", "info"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "cython: available=True" in out.stdout
+    assert "numba: available=False, error=ValueError: Number of threads" in out.stdout
+
+
+def test_no_rows_of_a_huge_declared_class_count(tmp_path):
+    # A 128-byte .npy declaring (0, 3e8) made `cecore score` fill a 2.4 GB vector of class
+    # weights (6.8 s) before finding nothing to score.
+    with open(tmp_path / "x.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (0, 3 * 10**8)})
+    np.save(tmp_path / "t.npy", np.zeros(0, np.int64))
+    tracemalloc.start()
+    try:
+        result = batch.score(tmp_path / "x.npy", tmp_path / "t.npy")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.rows == 0 and np.isnan(result.mean_loss) and result.n_classes == 3 * 10**8
+    assert peak < 10**7, peak
+    with pytest.raises(ValueError, match="for all 300000000 classes"):
+        batch.score(tmp_path / "x.npy", tmp_path / "t.npy", weight=np.ones(3))
+
+
+def test_score_in_memory_misuse():
+    # Both were silent: a bias without its unembedding was dropped (the command line
+    # refuses it), and the logits passed as their own targets were scored as
+    # probabilities (mean loss -85.75).
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    with pytest.raises(ValueError, match="bias is the unembedding's"):
+        batch.score(x, np.zeros(5, np.int64), bias=np.zeros(3))
+    for target in (x, x[:, :], np.asarray(x)):
+        with pytest.raises(ValueError, match="the logits and the targets are the same array"):
+            batch.score(x, target)
+    p = np.full((5, 3), 1 / 3)
+    assert batch.score(x, p).mean_loss == pytest.approx(cecore.cross_entropy(x, p))
