@@ -117,6 +117,12 @@ def grad_out_array(grad_out, x, fortran):
     ``grad_out`` must be an array (or CPU tensor) of the input ``x``'s shape and dtype,
     writeable, and C-contiguous (or Fortran-contiguous when ``x`` is a Fortran-ordered
     2-D array, the layout the kernels then write). Returns it as an ndarray.
+
+    A tensor is written through that ndarray, which autograd does not see: one that
+    requires grad is refused (torch refuses in-place writes to such a leaf), and any other
+    has its version counter bumped here, so that a backward which saved it raises
+    torch's "modified by an inplace operation" instead of using the overwritten values
+    (bumped once the checks pass; a later error leaves it bumped, never unbumped).
     """
     is_tensor = type(grad_out).__module__.split(".")[0] == "torch"
     if not (isinstance(grad_out, np.ndarray) or is_tensor) or isinstance(grad_out, np.matrix):
@@ -124,6 +130,9 @@ def grad_out_array(grad_out, x, fortran):
             f"grad_out must be a NumPy array or a CPU torch tensor to write the gradient into, "
             f"got {type(grad_out).__name__}"
         )
+    if is_tensor and grad_out.requires_grad:
+        raise ValueError("grad_out is a tensor that requires grad, and autograd would not see "
+                         "the gradient written into it: pass grad_out.detach() or an array")
     if is_tensor and str(grad_out.dtype) == "torch.bfloat16":
         raise TypeError("grad_out of dtype torch.bfloat16 cannot be written as a NumPy array: "
                         "pass a float32 buffer")
@@ -140,6 +149,10 @@ def grad_out_array(grad_out, x, fortran):
     if not (g.flags.c_contiguous or (fortran and g.flags.f_contiguous)):
         expected = "C- or Fortran-contiguous" if fortran else "C-contiguous"
         raise ValueError(f"grad_out must be {expected} (the layout the gradient is written in)")
+    if is_tensor:
+        import torch  # imported already: grad_out is one of its tensors
+
+        torch.autograd.graph.increment_version(grad_out)
     return g
 
 

@@ -143,13 +143,18 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         and the loss (float32 logits, float64 probabilities: a float64 loss, a float32
         gradient).
     grad : ndarray of the input's shape and dtype
-        Only when ``return_grad=True`` or ``grad_out`` is given (then it is ``grad_out``).
+        Only when ``return_grad=True`` or ``grad_out`` is given (then it is ``grad_out``;
+        for a CPU tensor, a NumPy view of it: see Notes).
 
     Notes
     -----
     With class indices ``t`` and ``lse = log(sum_c exp(x_c))`` the loss at a position is
     ``(1 - eps) w[t] (lse - x[t]) + eps / C * sum_c w[c] (lse - x[c])``; with
     probabilities ``q = (1 - eps) p + eps / C`` it is ``sum_c w[c] q[c] (lse - x[c])``.
+
+    ``grad_out`` may be a CPU torch tensor that does not require grad: the gradient is
+    written into its memory and returned as a NumPy view of it, and its version counter is
+    bumped, so that autograd refuses a backward that saved it before it was overwritten.
     """
     V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
     x, class_axis, w = V.class_input(input, weight)

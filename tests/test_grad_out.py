@@ -160,6 +160,29 @@ def test_bfloat16_tensor_grad_out_is_a_type_error(backend):
                              backend=backend)
 
 
+def test_tensor_grad_out_is_seen_by_autograd(backend):
+    # A tensor grad_out was written through a NumPy view behind autograd's back: a
+    # backward that had saved it used the overwritten values (no error), and a leaf that
+    # requires grad was filled in place, which torch refuses.
+    x = np.array([[1.0, 2.0, 0.5], [0.5, 1.5, 2.5]])
+    t = np.array([1, 2])
+    a = torch.ones(2, 3, dtype=torch.float64, requires_grad=True)
+    buf = torch.full((2, 3), 3.0, dtype=torch.float64)
+    y = (a * buf).sum()  # autograd saves buf
+    loss, grad = cecore.cross_entropy(x, t, grad_out=buf, backend=backend)
+    assert np.shares_memory(grad, buf.numpy())
+    check_result((loss, buf.numpy()), torch_cross_entropy(x, t), x.dtype)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    leaf = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        cecore.cross_entropy(x, t, grad_out=leaf, backend=backend)
+    assert not leaf.detach().any()  # nothing written
+    # Its detached view is accepted (and shares the leaf's version counter).
+    cecore.cross_entropy(x, t, grad_out=leaf.detach(), backend=backend)
+    np.testing.assert_array_equal(leaf.detach().numpy(), buf.numpy())
+
+
 def _overlapping(rng, shape):
     """Logits and a buffer viewing the same memory shifted by one element."""
     buf = rng.standard_normal(int(np.prod(shape)) + 1)
