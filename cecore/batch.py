@@ -25,6 +25,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def parse_size(size):
         unit = match.group(2).upper() if match else None
         if unit not in _UNITS:
             raise ValueError(f"invalid memory size {size!r}: expected e.g. 512MB, 2GiB or a number of bytes")
-        value = int(float(match.group(1)) * _UNITS[unit])
+        value = int(Fraction(match.group(1)) * _UNITS[unit])  # exact: no float overflow
     if value <= 0:
         raise ValueError(f"memory size must be positive, got {size!r}")
     return value

@@ -255,7 +255,8 @@ def test_binned_block_sum_memory_is_bounded_and_its_totals_unchanged(rng, monkey
 
 @pytest.mark.parametrize("text, expected", [
     ("512MB", 512 * 10**6), ("2GiB", 2 * 2**30), ("1.5G", 1_500_000_000), ("4096", 4096),
-    (100, 100), ("64 kib", 65536),
+    (100, 100), ("64 kib", 65536), ("0.1KB", 100),
+    ("9" * 400, int("9" * 400)),  # went through a float: "cannot convert float infinity"
 ])
 def test_parse_size(text, expected):
     assert batch.parse_size(text) == expected
