@@ -229,6 +229,12 @@ def test_numba_cache_stays_outside_the_installed_package(tmp_path):
                  and d.py_func.__module__.startswith("cecore")
                  and hasattr(d._cache, "_cache_path")]
         assert paths and not [p for p in paths if p.startswith(package)], paths
+        # and each writes its data files under names of their own (see the next test)
+        from cecore._numba._runtime import _KeyedCacheFile
+        files = [type(d._cache._cache_file) for d in gc.get_objects()
+                 if isinstance(d, numba.core.dispatcher.Dispatcher)
+                 and d.py_func.__module__.startswith("cecore") and hasattr(d._cache, "_cache_file")]
+        assert files and set(files) == {_KeyedCacheFile}, set(files)
     """
     result = _python(code, env=env)
     assert result.returncode == 0, result.stderr
@@ -241,6 +247,30 @@ def test_numba_cache_stays_outside_the_installed_package(tmp_path):
     assert result.returncode == 0, result.stderr
     assert any(f.endswith(".nbi") for _, _, fs in os.walk(tmp_path / "mine") for f in fs)
     assert package_files() - before == set()
+
+
+def test_numba_cache_writers_in_two_processes_keep_their_own_code(tmp_path):
+    # Numba names a new data file by the first number its copy of the index lacks. Two
+    # processes compiling different specialisations at once (here: B read the index
+    # before A wrote it, and A's data write landed last) took the same number, and B's
+    # entry then loaded A's code (numba#4807); after three processes had filled one
+    # cache at once, the serial and parallel kernels' gradients were 1 ulp apart.
+    from cecore._numba._runtime import _KeyedCacheFile
+
+    a = _KeyedCacheFile(str(tmp_path), "kernel-10.py311", "stamp")
+    b = _KeyedCacheFile(str(tmp_path), "kernel-10.py311", "stamp")
+    delayed = []
+    a._save_data = lambda name, data: delayed.append((name, data))
+    a.save(("sig A", "cpu"), "code A")
+    b._load_index = lambda: {}  # its view of the index, from before A's save
+    b.save(("sig B", "cpu"), "code B")
+    for name, data in delayed:  # A's data write, last
+        _KeyedCacheFile._save_data(a, name, data)
+    reader = _KeyedCacheFile(str(tmp_path), "kernel-10.py311", "stamp")
+    assert reader.load(("sig B", "cpu")) == "code B"
+    assert reader.load(("sig A", "cpu")) in (None, "code A")  # dropped: compiled again
+    reader.save(("sig A", "cpu"), "code A")
+    assert (reader.load(("sig A", "cpu")), reader.load(("sig B", "cpu"))) == ("code A", "code B")
 
 
 def test_numba_cache_is_not_reused_after_a_helper_module_changes(tmp_path):

@@ -10,17 +10,16 @@ import platform
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
 
 from .._config import LANES
 
-# Imported first for its side effect: it registers cecore's cache locator, which a
-# dispatcher consults when it is made, so the njit(cache=True) below must come after it
-# (otherwise they would be cached inside the installed package).
-from ._runtime import _CacheLocator  # noqa: F401
+# Importing it registers cecore's cache locator, which a dispatcher consults when it is
+# made (else the cached functions below would be cached inside the installed package).
+from ._runtime import cached_njit
 
 
 def _bitcast_codegen(llty):
@@ -447,10 +446,10 @@ _LN2_LO = 1.90821492927058770002e-10
 # Compiled without "reassoc" (which would undo their exact steps, as it would the exp's
 # range reduction), and with error_model="numpy": Python's model checks the division for
 # zero (2 + f >= 1.7 here) and raises, and that branch kept every loop calling it scalar.
-_LOG_FLAGS = dict(fastmath={"contract", "nsz", "arcp"}, error_model="numpy", cache=True)
+_LOG_FLAGS = dict(fastmath={"contract", "nsz", "arcp"}, error_model="numpy")
 
 
-@njit(inline="always", **_LOG_FLAGS)
+@cached_njit(inline="always", **_LOG_FLAGS)
 def _log_reduced(e, f):
     """e ln2 + log(1 + f) for f in [-0.29, 0.5], as cec_log_reduced: log(1 + f) = 2 atanh(s),
     s = f / (2 + f), |s| <= 0.2, by its odd series to s**21 (exact to < 2e-17); ln2 in two
@@ -463,7 +462,7 @@ def _log_reduced(e, f):
     return e * _LN2_HI + ((2.0 * s + 2.0 * s * (s2 * p)) + e * _LN2_LO)
 
 
-@njit(**_LOG_FLAGS)
+@cached_njit(**_LOG_FLAGS)
 def _log_sum(s):
     """log(s) for the float64 sums of exps (s >= 1), vectorisable; NaN and +inf pass.
 
@@ -482,7 +481,7 @@ def _log_sum(s):
     return r if s < np.inf else s
 
 
-@njit(**_LOG_FLAGS)
+@cached_njit(**_LOG_FLAGS)
 def _log1p_unit(z):
     """log1p(z) for z = exp(-|x|) in [0, 1] (NaN passes), vectorisable, as
     cec_log1p_unit in cecore_ext/_rowkernels.h: 1 + z = 2**e (1 + f) with f exact,
@@ -536,8 +535,8 @@ def _bce_f64(x, y, w, pw, gs, z):
 # raises ZeroDivisionError, which kept LLVM from vectorising the row loop.
 _NO_REASSOC = {"contract", "nsz", "arcp"}
 _bce_jit = {
-    types.float32: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f32),
-    types.float64: njit(fastmath=_NO_REASSOC, error_model="numpy", cache=True)(_bce_f64),
+    types.float32: cached_njit(fastmath=_NO_REASSOC, error_model="numpy")(_bce_f32),
+    types.float64: cached_njit(fastmath=_NO_REASSOC, error_model="numpy")(_bce_f64),
 }
 
 

@@ -87,6 +87,40 @@ def _sources_digest():
 caching.CacheImpl._locator_classes.insert(0, _CacheLocator)
 
 
+class _KeyedCacheFile(caching.IndexDataCacheFile):
+    """Numba's index and data files, with each data file named after its entry's key.
+
+    Numba names a new entry's data file by the first number its copy of the index does
+    not use. Two processes that compile different specialisations of one function at
+    once (Dask workers, joblib, two scripts) can pick the same number: the later data
+    write wins, and the index then points one key at the other's code (numba#4807). Seen
+    here as gradients 1 ulp apart between the serial and the parallel kernel after three
+    processes had filled one cache concurrently; it can as well be code for other array
+    types. Named after the key, a file only ever holds that key's code, written whole
+    (Numba writes to a temporary and renames), before the index names it; concurrent
+    writers can at worst drop each other's index entries, which costs a recompilation.
+    """
+
+    def save(self, key, data):
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+        name = f"{self._index_name[:-len('.nbi')]}.{digest}.nbc"
+        self._save_data(name, data)
+        overloads = self._load_index()
+        if overloads.get(key) != name:
+            overloads[key] = name
+            self._save_index(overloads)
+
+
+def cached_njit(*args, **options):
+    """``numba.njit(..., cache=True)`` with the cache's data files named by key
+    (:class:`_KeyedCacheFile`); every cached cecore function is made by it."""
+    def decorate(fn):
+        dispatcher = njit(*args, cache=True, **options)(fn)
+        dispatcher._cache._cache_file.__class__ = _KeyedCacheFile
+        return dispatcher
+    return decorate
+
+
 # Reassociation lets LLVM vectorise the sums; no "nnan"/"ninf": NaN and inf logits must
 # follow IEEE rules to give torch's answers.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -104,8 +138,8 @@ def jit(fn):
     serial_fn.__qualname__ = fn.__qualname__ + "_serial"
     # nogil: kernels touch no Python object, and callers may run them on several Python
     # threads at once (SoftmaxClassifier's row blocks, Dask's threaded workers).
-    parallel = njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)(fn)
-    serial = njit(parallel=False, fastmath=FASTMATH, cache=True, nogil=True)(serial_fn)
+    parallel = cached_njit(parallel=True, fastmath=FASTMATH, nogil=True)(fn)
+    serial = cached_njit(parallel=False, fastmath=FASTMATH, nogil=True)(serial_fn)
     return parallel, serial
 
 
@@ -122,7 +156,7 @@ def jit(fn):
 # (bench_ab.py: median 0.89 of the time on one thread, 0.96 on two, same bits;
 # benchmarks/results/kernel_findings.md, twenty-fourth session). Helpers only work on
 # arrays their kernel holds for the call; Numba refuses to compile an allocation here.
-helper = njit(fastmath=FASTMATH, cache=True, error_model="numpy", _nrt=False)
+helper = cached_njit(fastmath=FASTMATH, error_model="numpy", _nrt=False)
 
 
 # Numba's "workqueue" layer aborts the process when two Python threads launch parallel
