@@ -10,6 +10,8 @@
    and both throughputs (medians).
 3. Times ``cecore.cross_entropy(x, t)`` (loss only) on a slice of the same array that fits
    in memory, and prints streamed / in-memory throughput (medians).
+4. Times the two kernels' calls alone over the same mapped chunks, in this process
+   (:func:`kernel_split`): the scoring kernel's share of the streamed ratio.
 Deletes the files at the end. Usage: ``python benchmarks/bench_batch.py [--rows N]``.
 """
 
@@ -19,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -96,6 +99,49 @@ def score_subprocess(x_path, t_path, budget, backend, extra=()):
     return json.loads(out.stdout), int(out.stderr.split()[-1])
 
 
+def kernel_split(x_path, t_path, budget, backend, rounds=7):
+    """Seconds of the kernel calls alone and of the page releases, loss-only
+    ``softmax_ce_index`` against ``softmax_ce_scores``, over the same mapped chunks of the
+    file in this process, alternated (medians of ``rounds``): how much of the streamed
+    ratio is the scoring kernel's extra work."""
+    from cecore import _io
+    from cecore._backends import get_backend
+    from cecore.batch import chunk_rows, prepare_options
+
+    x, t = _io.open_array(x_path), _io.open_array(t_path)
+    opts = prepare_options(x.shape, x.dtype, t.shape, t.dtype, backend=backend)
+    step, kernels, w = chunk_rows(budget, x, t, opts), get_backend(backend), np.ones(x.shape[1])
+
+    def run(scores):
+        kernel = release = 0.0
+        for a in range(0, x.shape[0], step):
+            b = min(x.shape[0], a + step)
+            xc, tc, n = x.rows(a, b), np.ascontiguousarray(t.rows(a, b), np.int64), b - a
+            loss = np.empty(n)
+            start = time.perf_counter()
+            if scores:
+                kernels.softmax_ce_scores(xc, tc, w, -100, 0.0, loss, np.empty((n, 3)),
+                                          np.empty((n, 2), np.int64), 2)
+            else:
+                kernels.softmax_ce_index(xc.reshape(n, -1, 1), tc.reshape(n, 1), w, -100, 0.0,
+                                         np.broadcast_to(0.0, (n, 1)), loss.reshape(n, 1),
+                                         None, 2)
+            mid = time.perf_counter()
+            x.release(a, b)
+            t.release(a, b)
+            kernel, release = kernel + mid - start, release + time.perf_counter() - mid
+        return kernel, release
+
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for scores in (False, True):
+            times[scores].append(run(scores))
+    x.close()
+    t.close()
+    return {("scores" if k else "loss_only"): np.median(np.array(v), axis=0).tolist()
+            for k, v in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20480)
@@ -149,6 +195,12 @@ def main():
         paired = [a / b for a, b in zip(streamed, streamed_bare)]  # run i of each side
         print(f"every metric / loss only: {median_streamed / median_bare:.2f} (target >= 0.9); "
               f"median of the {len(paired)} paired runs' ratios {np.median(paired):.2f}")
+        split = kernel_split(x_path, t_path, args.budget, args.backend)
+        (k_loss, r_loss), (k_scores, r_scores) = split["loss_only"], split["scores"]
+        print(f"kernel calls alone over the same chunks (this process, medians): loss only "
+              f"{k_loss:.3f} s, scoring {k_scores:.3f} s ({k_scores / k_loss:.2f}x); with the "
+              f"page releases ({r_loss:.3f} / {r_scores:.3f} s) every metric / loss only "
+              f"{(k_loss + r_loss) / (k_scores + r_scores):.2f}")
         print(f"peak RSS of the scoring process: {peak / 1e6:.0f} MB (file {size / 1e6:.0f} MB)")
         print(f"mean loss {result['mean_loss']:.6f}")
         path = save_json({
@@ -159,7 +211,7 @@ def main():
             "ratio": ratio, "ratio_loss_only": ratio_bare,
             "metrics_over_loss_only": median_streamed / median_bare,
             "metrics_over_loss_only_paired": paired, "peak_rss_bytes": peak,
-            "chunk_rows": result["chunk_rows"],
+            "chunk_rows": result["chunk_rows"], "kernel_and_release_seconds": split,
         }, "bench_batch.json")
         print(f"saved {path}")
     finally:
