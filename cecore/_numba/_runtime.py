@@ -93,12 +93,11 @@ class _KeyedCacheFile(caching.IndexDataCacheFile):
     Numba names a new entry's data file by the first number its copy of the index does
     not use. Two processes that compile different specialisations of one function at
     once (Dask workers, joblib, two scripts) can pick the same number: the later data
-    write wins, and the index then points one key at the other's code (numba#4807). Seen
-    here as gradients 1 ulp apart between the serial and the parallel kernel after three
-    processes had filled one cache concurrently; it can as well be code for other array
-    types. Named after the key, a file only ever holds that key's code, written whole
-    (Numba writes to a temporary and renames), before the index names it; concurrent
-    writers can at worst drop each other's index entries, which costs a recompilation.
+    write wins, and the index then points one key at the other's code (numba#4807): code
+    for other array types, wrong results or a crash. Named after the key, a file only
+    ever holds that key's code, written whole (Numba writes to a temporary and renames)
+    before the index names it; concurrent writers can at worst drop each other's index
+    entries, which costs a recompilation.
     """
 
     def save(self, key, data):
