@@ -705,6 +705,20 @@ def test_info_with_a_bad_numba_setting():
     assert "numba: available=False, error=ValueError: Number of threads" in out.stdout
 
 
+def test_numba_disable_jit_leaves_the_cython_backend():
+    # Under NUMBA_DISABLE_JIT=1 the Numba backend loaded and every call failed with
+    # "<intrinsic _view> is not usable in pure-python".
+    code = ("import numpy as np, cecore\n"
+            "print(cecore.available_backends())\n"
+            "print(cecore.cross_entropy(np.zeros((2, 3)), np.zeros(2, np.int64)))\n"
+            "cecore.cross_entropy(np.zeros((2, 3)), np.zeros(2, np.int64), backend='numba')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**subprocess_env(), "NUMBA_DISABLE_JIT": "1"}, timeout=120)
+    assert out.stdout.split("\n")[:2] == ["['cython']", repr(float(np.log(3)))], out
+    assert "RuntimeError: the 'numba' backend is unavailable: ImportError: NUMBA_DISABLE_JIT" \
+        in out.stderr
+
+
 def test_no_rows_of_a_huge_declared_class_count(tmp_path):
     # A 128-byte .npy declaring (0, 3e8) made `cecore score` fill a 2.4 GB vector of class
     # weights (6.8 s) before finding nothing to score.

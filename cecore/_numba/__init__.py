@@ -9,6 +9,9 @@ kernels of :mod:`._kernels` (row or tile variant, flat views) and launch them wi
 import numba
 import numpy as np
 
+if numba.config.DISABLE_JIT:  # the kernels are built from intrinsics, which need the JIT
+    raise ImportError("NUMBA_DISABLE_JIT is set: the Numba backend needs compiled kernels")
+
 from .. import _config
 from ._kernels import KERNELS
 from ._runtime import launch, threading_layer

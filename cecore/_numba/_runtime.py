@@ -115,7 +115,9 @@ def cached_njit(*args, **options):
     (:class:`_KeyedCacheFile`); every cached cecore function is made by it."""
     def decorate(fn):
         dispatcher = njit(*args, cache=True, **options)(fn)
-        dispatcher._cache._cache_file.__class__ = _KeyedCacheFile
+        cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+        if cache_file is not None:  # not under NUMBA_DISABLE_JIT=1 (a plain function)
+            cache_file.__class__ = _KeyedCacheFile
         return dispatcher
     return decorate
 
