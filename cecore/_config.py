@@ -194,7 +194,7 @@ def cpus_available():
 def _env_threads():
     for var in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         value = os.environ.get(var, "").split(",")[0].strip()
-        if value.isdigit() and int(value) > 0:
+        if value.isascii() and value.isdigit() and int(value) > 0:  # not "²": int() refuses it
             return var, int(value)
     return None, None
 

@@ -705,6 +705,20 @@ def test_info_with_a_bad_numba_setting():
     assert "numba: available=False, error=ValueError: Number of threads" in out.stdout
 
 
+@pytest.mark.parametrize("var", ["CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"])
+@pytest.mark.parametrize("value", ["\u00b2", "0", "-1", "abc", "1e3", ""])
+def test_odd_thread_variables_are_ignored(monkeypatch, var, value):
+    # "²" passed str.isdigit() and then crashed every call with n_threads=None in int().
+    from cecore import _config
+
+    for name in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(var, value)
+    assert _config._env_threads() == (None, None)
+    monkeypatch.setenv(var, "3")
+    assert _config._env_threads() == (var, 3)
+
+
 def test_numba_disable_jit_leaves_the_cython_backend():
     # Under NUMBA_DISABLE_JIT=1 the Numba backend loaded and every call failed with
     # "<intrinsic _view> is not usable in pure-python".
