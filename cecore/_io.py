@@ -488,9 +488,9 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
                 os.fsync(f.fileno())
             except OSError as exc:
                 raise _write_error(path, exc) from None
-            if os.fstat(f.fileno()).st_size != size:  # whatever the cause: never install it
-                raise OSError(f"cannot write {path}: {os.fstat(f.fileno()).st_size} of "
-                              f"{size} bytes written")
+            actual = os.fstat(f.fileno()).st_size
+            if actual != size:  # whatever the cause: never install a short file
+                raise OSError(f"cannot write {path}: {actual} of {size} bytes written")
         os.replace(tmp, real)
     except BaseException:
         with contextlib.suppress(OSError):

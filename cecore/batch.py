@@ -115,8 +115,9 @@ class ScoreResult:
 
 
 def _same_data(a, b):
-    """Whether two file readers read the same array (the same file, and the same member
-    of an .npz): a float array of the logits' shape would pass as probability targets."""
+    """Whether two readers read the same array (the same file and .npz member, or
+    overlapping memory): a float array of the logits' shape would pass as probability
+    targets."""
     key = {MappedArray: "offset", StreamedArray: "member"}
     if isinstance(a, InMemoryArray) and isinstance(b, InMemoryArray):
         return np.may_share_memory(a.array, b.array)

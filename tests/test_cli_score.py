@@ -160,6 +160,18 @@ def test_a_huge_weight_or_bias_file_is_refused_before_it_is_read(tmp_path, optio
     assert peak < 400 * 10**6, peak  # the interpreter, NumPy and cecore: ~100 MB
 
 
+def _score_under_file_size_limit(args, limit):
+    """``cecore score ARGS`` in a child whose files may not grow past ``limit`` bytes (a
+    full disk, as far as its writes can tell)."""
+    return _score_in_child(
+        args,
+        # the backend first: Numba's cache files would meet the limit before the losses
+        before="import resource, signal, numpy as np, cecore\n"
+               "cecore.cross_entropy(np.zeros((2, 3), np.float32), np.zeros(2, np.int64))\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))")
+
+
 def test_a_full_disk_names_the_per_row_file(tmp_path):
     # A short write of the per-row losses (a full disk; here a file-size limit) came out as
     # "OSError: 2782608 requested and 262112 written", naming neither file nor cause.
@@ -168,13 +180,8 @@ def test_a_full_disk_names_the_per_row_file(tmp_path):
     np.save(tmp_path / "t.npy", rng.integers(0, 3, 20000))
     out_path = tmp_path / "out" / "rows.npy"
     out_path.parent.mkdir()
-    out = _score_in_child(
-        [tmp_path / "x.npy", tmp_path / "t.npy", "--per-row-out", out_path, "--quiet"],
-        # the backend first: Numba's cache files would meet the limit before the losses
-        before="import resource, signal, numpy as np, cecore\n"
-               "cecore.cross_entropy(np.zeros((2, 3), np.float32), np.zeros(2, np.int64))\n"
-               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-               "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))")
+    out = _score_under_file_size_limit(
+        [tmp_path / "x.npy", tmp_path / "t.npy", "--per-row-out", out_path, "--quiet"], 65536)
     assert out.returncode == 1
     assert f"cannot write {out_path}: " in out.stderr, out.stderr
     assert list(out_path.parent.iterdir()) == []  # no partial file, no temporary
@@ -190,13 +197,9 @@ def test_a_full_disk_in_small_chunks_keeps_the_old_per_row_file(tmp_path):
     out_path = tmp_path / "out" / "rows.npy"
     out_path.parent.mkdir()
     np.save(out_path, np.arange(3.0))
-    out = _score_in_child(
+    out = _score_under_file_size_limit(
         [tmp_path / "x.npy", tmp_path / "t.npy", "--per-row-out", out_path, "--quiet",
-         "--memory-budget", "50KB"],
-        before="import resource, signal, numpy as np, cecore\n"
-               "cecore.cross_entropy(np.zeros((2, 3), np.float32), np.zeros(2, np.int64))\n"
-               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-               "resource.setrlimit(resource.RLIMIT_FSIZE, (40960, 40960))")
+         "--memory-budget", "50KB"], 40960)
     assert out.returncode == 1
     assert f"cannot write {out_path}: " in out.stderr, out.stderr
     assert list(out_path.parent.iterdir()) == [out_path]  # no temporary left
