@@ -1,5 +1,6 @@
 """Do Numba kernels loaded from the on-disk cache give the bits of the same kernels
-compiled in the process? (An open defect: kernel_findings.md, twenty-seventh session.)
+compiled in the process? (They did not before the twenty-eighth session: see
+kernel_findings.md; tests/test_threads.py checks the same two steps.)
 
 Three fresh processes share one new ``NUMBA_CACHE_DIR``: the first computes a float64
 loss + gradient with ``n_threads=1`` (compiling and caching the serial kernel); the

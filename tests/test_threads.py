@@ -2,6 +2,9 @@
 threads, and usable in a child process forked after the parent ran parallel kernels."""
 
 import multiprocessing
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import joblib  # a scikit-learn dependency
@@ -109,6 +112,33 @@ def test_fork_after_parallel_kernels(backend):
         pool.join()
     assert child_threads == 1
     assert _same_bits(loss, expected[0]) and _same_bits(grad, expected[1])
+
+
+_CACHE_CHILD = """
+import hashlib, sys, numpy as np, cecore
+rng = np.random.default_rng(5)
+x = rng.standard_normal((3000, 77)) * 3
+t = rng.integers(0, 77, 3000)
+for n in map(int, sys.argv[1:]):
+    loss, g = cecore.cross_entropy(x, t, return_grad=True, backend="numba", n_threads=n)
+    print(hashlib.sha256(np.float64(loss).tobytes() + g.tobytes()).hexdigest())
+"""
+
+
+def test_numba_kernels_from_the_cache_give_the_bits_of_fresh_ones(tmp_path):
+    """n_threads picks the serial or the parallel copy of a Numba kernel; a process may
+    load one from the on-disk cache and compile the other. They must still agree (they
+    gave float64 gradients 1 ulp apart: see _runtime.helper)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+
+    def run(*threads):
+        out = subprocess.run([sys.executable, "-c", _CACHE_CHILD, *threads], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    compiled = run("1")  # compiles the serial kernel and caches it
+    assert run("1", "2") == compiled * 2  # serial from the cache, parallel compiled
 
 
 def test_overlapping_blas_limits_restore_the_settings_from_before():

@@ -11,11 +11,16 @@ float64 (Numba compiles each per dtype).
   positions (``_config.KDIM_*``), use the same tile code on blocks of samples transposed
   into an O(C * TILE) scratch tile (``_to_tile``/``_from_tile``); softmax_ce_index with
   few positions of many classes transposes each sample's positions into rows.
-* Every loop that reduces (sums over classes) lives in a ``@helper`` function, which
-  Numba compiles and LLVM vectorises once, before both copies of a kernel inline it:
-  the serial and the parallel kernel then sum in the same order and agree bit for bit.
-  (A reduction written in a kernel's own body is vectorised separately in each copy,
-  possibly differently.)
+* Every loop that reduces (sums over classes) lives in a ``@helper`` function, compiled
+  without "reassoc" and summing in LANES explicit lanes (``_lanes``, ``_add_lanes``,
+  ``_sum_lanes``), so its order is fixed by the source: every compiled copy of it gives
+  the same bits, and the serial and parallel kernels agree bit for bit. Copies differ:
+  each kernel carries its own copy of the helpers it calls, optimised once more with
+  the kernel, and a kernel compiled in the process calls the helper's first copy
+  (loaded with the helper) while one loaded from Numba's cache calls its own. With
+  "reassoc" LLVM vectorised the copies' sums differently, and a process with one
+  kernel of a pair compiled and the other loaded from the cache gave float64 gradients
+  1 ulp apart for n_threads 1 and 2 (``benchmarks/numba_cache_bits.py``).
 """
 
 import numpy as np
@@ -26,8 +31,8 @@ from .._config import (
     TILES_PER_TASK,
 )
 from ._math import (
-    _add_blocks, _address, _at, _bce, _cast_like, _dev, _exp_consts, _exp_nonpos, _log_sum,
-    _per_line, _prefetch, _rounded_product, _row_max, _store_fence, _stream_line, _tr_block, _view,
+    _add_blocks, _add_moments, _address, _at, _bce, _cast_like, _dev, _exp_consts,
+    _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product, _row_max, _store_fence, _stream_line, _tr_block, _view,
 )
 from ._runtime import helper, jit
 
@@ -47,19 +52,42 @@ def _block_bounds(b, n):
 
 
 @helper
+def _add_lanes(acc, v, width):
+    """Adds v[:width] to the LANES float64 partial sums ``acc``: lane j receives the run's
+    elements j, j + LANES, ... in a fixed order (whole blocks of LANES by
+    :func:`_add_blocks`, then the rest one by one); the order is Numba's own, not
+    cec_add_lanes'."""
+    n_blocks = width // LANES
+    _add_blocks(acc, v, n_blocks)
+    c = n_blocks * LANES
+    for j in range(width - c):
+        acc[j] += v[c + j]
+
+
+@helper
+def _sum_lanes(acc):
+    """The LANES partial sums (float64, or the logits' type) combined pairwise in float64
+    in a fixed order."""
+    s = 0.0
+    for j in range(LANES // 2):
+        s += np.float64(acc[j]) + np.float64(acc[j + LANES // 2])
+    return s
+
+
+@helper
 def _row_sumexp(x, m, e_out):
     """sum_c exp(x[c] - m) in float64, writing exp(x[c] - m) to ``e_out``; ``x`` is a
     row of a C-contiguous 2-D array.
 
-    Per block of SUM_BLOCK classes one loop writes the exps and another sums them in
-    float64: fused, the float64 adds would set the vector width and halve the float32
-    exp's. The exps are always stored (to the gradient row, or to scratch for loss
-    only), so loss-only and loss+gradient calls sum in the same order.
+    Per block of SUM_BLOCK classes one loop writes the exps and another adds them to
+    float64 lanes: fused, the float64 adds would set the vector width and halve the
+    float32 exp's. The exps are always stored (to the gradient row, or to scratch for
+    loss only), so loss-only and loss+gradient calls sum in the same order.
     """
     n = x.shape[0]
     line = 64 // x.itemsize
     k = _exp_consts(x)
-    s = 0.0
+    acc = _lanes(0.0)
     for b in range((n + SUM_BLOCK - 1) // SUM_BLOCK):
         lo, hi = _block_bounds(b, n)
         # Rows are contiguous: fetch the next row's matching lines while this block
@@ -68,9 +96,8 @@ def _row_sumexp(x, m, e_out):
             _prefetch(x, n + i)
         for c in range(lo, hi):
             e_out[c] = _exp_nonpos(x[c] - m, k)
-        for c in range(lo, hi):
-            s += e_out[c]
-    return s
+        _add_lanes(acc, _view(e_out, lo, hi), np.int64(hi - lo))
+    return _sum_lanes(acc)
 
 
 @helper
@@ -82,16 +109,15 @@ def _row_sumexp_in_place(x, m):
     n = x.shape[0]
     line = 64 // x.itemsize
     k = _exp_consts(x)
-    s = 0.0
+    acc = _lanes(0.0)
     for b in range((n + SUM_BLOCK - 1) // SUM_BLOCK):
         lo, hi = _block_bounds(b, n)
         for i in range(lo, hi, line):
             _prefetch(x, n + i)
         for c in range(lo, hi):
             x[c] = _exp_nonpos(x[c] - m, k)
-        for c in range(lo, hi):
-            s += x[c]
-    return s
+        _add_lanes(acc, _view(x, lo, hi), np.int64(hi - lo))
+    return _sum_lanes(acc)
 
 
 @helper
@@ -100,10 +126,15 @@ def _row_wdev(x, weight, m, log_s):
     sum(w * x) an infinite weight would give inf - inf = NaN where torch gives inf.
     Every lse - x[c] of the kernels is formed as (m - x[c]) + log(s): m + log(s) first
     would round log(s) away for logits of large magnitude (an ulp of 1e15 is 0.125)."""
-    s = 0.0
-    for c in range(x.shape[0]):
-        s += weight[c] * _dev(np.float64(m), np.float64(x[c]), log_s)
-    return s
+    n = x.shape[0]
+    acc = _lanes(0.0)
+    full = n - n % LANES
+    for c0 in range(0, full, LANES):  # as in _row_scores
+        for j in range(LANES):
+            acc[j] += weight[c0 + j] * _dev(np.float64(m), np.float64(x[c0 + j]), log_s)
+    for j in range(n - full):
+        acc[j] += weight[full + j] * _dev(np.float64(m), np.float64(x[full + j]), log_s)
+    return _sum_lanes(acc)
 
 
 # ---------------------------------------------------------------- class-index targets
@@ -186,17 +217,16 @@ def _row_scores(row, t, m, s, e, stats, rank):
         rank[0] = n_classes
         rank[1] = 0
         return
-    # One pass over the row and its exps (both in cache): the moments in the logits'
-    # type within a block of SUM_BLOCK classes, in float64 across blocks (float64 per
-    # element doubled the scoring kernel's time), and the rank count, also in the
-    # logits' type within a block (exact: at most SUM_BLOCK): an integer count made
-    # LLVM widen every compare to int64 lanes, and the kernel took 1.40x its loss-only
-    # time instead of 1.11x without the count (2048 x 50257 float32).
-    ex = 0.0
-    e2 = 0.0
+    # Per block of SUM_BLOCK classes (in cache), the moments and the count in lanes of
+    # the logits' type (_add_moments), in float64 across blocks: float64 per element
+    # doubled the scoring kernel's time, and an integer count made LLVM widen every
+    # compare to int64 lanes (1.40x its loss-only time instead of 1.11x without the
+    # count, 2048 x 50257 float32). A block's count is exact (at most SUM_BLOCK).
     xt = row[t]
     zero = _cast_like(0.0, m)
     one = _cast_like(1.0, m)
+    ex = 0.0
+    e2 = 0.0
     above = 0
     # The target's exp is left out of the moments (its entropy term is added in float64):
     # in a confident row e_t ~ 1, and next to it the other squares rounded away in the
@@ -205,17 +235,20 @@ def _row_scores(row, t, m, s, e, stats, rank):
     e[t] = zero
     for b in range((n_classes + SUM_BLOCK - 1) // SUM_BLOCK):
         lo, hi = _block_bounds(b, n_classes)
-        ab = zero
-        qb = zero
-        nb = zero
-        for c in range(lo, hi):
-            v = e[c]
-            ab += v * (row[c] - m) if v > zero else zero
-            qb += v * v
-            nb += one if row[c] > xt else zero
-        ex += np.float64(ab)
-        e2 += np.float64(qb)
-        above += np.int64(nb)
+        ab = _lanes(m)
+        qb = _lanes(m)
+        nb = _lanes(m)
+        n_blocks = (hi - lo) // np.uint64(LANES)
+        _add_moments(e, row, lo, n_blocks, m, xt, ab, qb, nb)
+        rest = lo + n_blocks * np.uint64(LANES)
+        for j in range(hi - rest):
+            v = e[rest + j]
+            ab[j] += v * (row[rest + j] - m) if v > zero else zero
+            qb[j] += v * v
+            nb[j] += one if row[rest + j] > xt else zero
+        ex += _sum_lanes(ab)
+        e2 += _sum_lanes(qb)
+        above += np.int64(_sum_lanes(nb))
     e[t] = et
     if et > zero:
         ex += np.float64(et) * np.float64(xt - m)
@@ -672,13 +705,21 @@ def _proba_row(row, q, weight, eps, gs, g, want_grad):
     m = _row_max(row)
     s = _row_sumexp(row, m, g)
     log_s = np.log(s)
-    # Summed class by class (see _row_wdev): an infinite weight gives torch's inf.
-    wq = 0.0
-    loss = 0.0
-    for c in range(n_classes):
-        qc = weight[c] * ((1.0 - eps) * q[c] + smooth)
-        wq += qc
-        loss += qc * _dev(np.float64(m), np.float64(row[c]), log_s)
+    # Summed term by term (see _row_wdev): an infinite weight gives torch's inf.
+    wq_lanes = _lanes(0.0)
+    loss_lanes = _lanes(0.0)
+    full = n_classes - n_classes % LANES
+    for c0 in range(0, full, LANES):  # as in _row_scores
+        for j in range(LANES):
+            qc = weight[c0 + j] * ((1.0 - eps) * q[c0 + j] + smooth)
+            wq_lanes[j] += qc
+            loss_lanes[j] += qc * _dev(np.float64(m), np.float64(row[c0 + j]), log_s)
+    for j in range(n_classes - full):
+        qc = weight[full + j] * ((1.0 - eps) * q[full + j] + smooth)
+        wq_lanes[j] += qc
+        loss_lanes[j] += qc * _dev(np.float64(m), np.float64(row[full + j]), log_s)
+    wq = _sum_lanes(wq_lanes)
+    loss = _sum_lanes(loss_lanes)
     if not want_grad:
         return loss
     coef = _cast_like(gs * wq / s, m)
@@ -931,26 +972,6 @@ def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_g
         loss_out[lo + j] = loss
         if want_grad:
             g[p + j] = grad
-
-
-@helper
-def _add_lanes(acc, v, width):
-    """acc[j % LANES] += v[j] for j < width (lane j receives the run's elements j,
-    j + LANES, ...), as cec_add_lanes; acc has LANES elements."""
-    n_blocks = width // LANES
-    _add_blocks(acc, v, n_blocks)
-    c = n_blocks * LANES
-    for j in range(width - c):
-        acc[j] += v[c + j]
-
-
-@helper
-def _sum_lanes(acc):
-    """The LANES partial sums combined pairwise in a fixed order, as cec_sum_lanes."""
-    s = 0.0
-    for j in range(LANES // 2):
-        s += acc[j] + acc[j + LANES // 2]
-    return s
 
 
 @helper

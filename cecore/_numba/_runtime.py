@@ -122,9 +122,11 @@ def cached_njit(*args, **options):
     return decorate
 
 
-# Reassociation lets LLVM vectorise the sums; no "nnan"/"ninf": NaN and inf logits must
-# follow IEEE rules to give torch's answers.
+# No "nnan"/"ninf": NaN and inf logits must follow IEEE rules to give torch's answers.
+# "reassoc" for the kernels' own bodies (index arithmetic, no sums: see helper), none for
+# the helpers.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_HELPER_FASTMATH = FASTMATH - {"reassoc"}
 
 
 def jit(fn):
@@ -144,8 +146,14 @@ def jit(fn):
     return parallel, serial
 
 
-# A function compiled once and inlined by both copies of every kernel that calls it: every
-# loop that reduces lives in one, so serial and parallel kernels sum in the same order.
+# The functions every loop that reduces lives in, so that serial and parallel kernels sum
+# in the same order. Not "reassoc": each kernel carries its own copy of the helpers it
+# calls, optimised again with it, and which copy runs depends on whether the kernel was
+# compiled in the process (it calls the helper's first copy) or loaded from the on-disk
+# cache (its own); with "reassoc" LLVM vectorised the copies' sums differently (1-ulp
+# float64 gradients between n_threads 1 and 2 in a process that had compiled one kernel
+# of a pair and loaded the other; benchmarks/numba_cache_bits.py). Without it, sums are
+# written in explicit lanes (_kernels._lanes) and every copy gives the same bits.
 # error_model="numpy": a float division by zero gives inf or NaN, as in NumPy, instead of
 # Python's check and ZeroDivisionError, a branch that kept the tiles' per-position loops
 # (one division each) scalar.
@@ -157,7 +165,7 @@ def jit(fn):
 # (bench_ab.py: median 0.89 of the time on one thread, 0.96 on two, same bits;
 # benchmarks/results/kernel_findings.md, twenty-fourth session). Helpers only work on
 # arrays their kernel holds for the call; Numba refuses to compile an allocation here.
-helper = cached_njit(fastmath=FASTMATH, error_model="numpy", _nrt=False)
+helper = cached_njit(fastmath=_HELPER_FASTMATH, error_model="numpy", _nrt=False)
 
 
 # Numba's "workqueue" layer aborts the process when two Python threads launch parallel
