@@ -32,7 +32,8 @@ from .._config import (
 )
 from ._math import (
     _add_blocks, _add_moments, _address, _at, _bce, _cast_like, _dev, _exp_consts,
-    _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product, _row_max, _store_fence, _stream_line, _tr_block, _view,
+    _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product, _row_max,
+    _store_fence, _stream_line, _tr_block, _view,
 )
 from ._runtime import helper, jit
 
@@ -240,12 +241,12 @@ def _row_scores(row, t, m, s, e, stats, rank):
         nb = _lanes(m)
         n_blocks = (hi - lo) // np.uint64(LANES)
         _add_moments(e, row, lo, n_blocks, m, xt, ab, qb, nb)
-        rest = lo + n_blocks * np.uint64(LANES)
-        for j in range(hi - rest):
-            v = e[rest + j]
-            ab[j] += v * (row[rest + j] - m) if v > zero else zero
+        tail = lo + n_blocks * np.uint64(LANES)
+        for j in range(hi - tail):
+            v = e[tail + j]
+            ab[j] += v * (row[tail + j] - m) if v > zero else zero
             qb[j] += v * v
-            nb[j] += one if row[rest + j] > xt else zero
+            nb[j] += one if row[tail + j] > xt else zero
         ex += _sum_lanes(ab)
         e2 += _sum_lanes(qb)
         above += np.int64(_sum_lanes(nb))

@@ -311,7 +311,8 @@ def _lanes(typingctx, like):
         # alloca_once: in the entry block, so a call inside a loop reuses one buffer
         data = cgutils.alloca_once(builder, lty, size=LANES)
         for j in range(LANES):
-            builder.store(ir.Constant(lty, 0.0), builder.gep(data, [ir.Constant(ir.IntType(32), j)]))
+            builder.store(ir.Constant(lty, 0.0),
+                          builder.gep(data, [ir.Constant(ir.IntType(32), j)]))
         out = context.make_array(arrty)(context, builder)
         populate_array(out, data=data, shape=[context.get_constant(types.intp, LANES)],
                        strides=[context.get_constant(types.intp, itemsize)],
