@@ -31,7 +31,7 @@ from .._config import (
     TILES_PER_TASK,
 )
 from ._math import (
-    _add_blocks, _add_moments, _address, _at, _bce, _cast_like, _dev, _exp_consts,
+    _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _exp_consts,
     _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product, _row_max,
     _store_fence, _stream_line, _tr_block, _view,
 )
@@ -129,12 +129,11 @@ def _row_wdev(x, weight, m, log_s):
     would round log(s) away for logits of large magnitude (an ulp of 1e15 is 0.125)."""
     n = x.shape[0]
     acc = _lanes(0.0)
-    full = n - n % LANES
-    for c0 in range(0, full, LANES):  # as in _row_scores
-        for j in range(LANES):
-            acc[j] += weight[c0 + j] * _dev(np.float64(m), np.float64(x[c0 + j]), log_s)
-    for j in range(n - full):
-        acc[j] += weight[full + j] * _dev(np.float64(m), np.float64(x[full + j]), log_s)
+    n_blocks = n // LANES
+    _add_wdev(acc, weight, x, n_blocks, np.float64(m), log_s)
+    for j in range(n - n_blocks * LANES):
+        c = n_blocks * LANES + j
+        acc[j] += weight[c] * _dev(np.float64(m), np.float64(x[c]), log_s)
     return _sum_lanes(acc)
 
 

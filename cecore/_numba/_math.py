@@ -295,6 +295,51 @@ def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
 
 
 @intrinsic
+def _add_wdev(typingctx, acc, weight, x, n_blocks, m, log_s):
+    """For b < n_blocks, adds ``weight[i] * ((m - x[i]) + log_s)`` (as :func:`_dev`, in
+    float64) at i = b * LANES + j to ``acc[j]``, block after block, as LLVM vector
+    operations (see :func:`_add_moments`: as a loop over a stack array the sum took label
+    smoothing from 10 to 14.6 ms at 16384 x 1000 float32). No bounds checks."""
+    if not (isinstance(acc, types.Array) and acc.dtype == types.float64
+            and isinstance(weight, types.Array) and weight.dtype == types.float64
+            and isinstance(x, types.Array) and x.dtype in (types.float32, types.float64)
+            and weight.layout == x.layout == "C"
+            and isinstance(n_blocks, types.Integer) and m == log_s == types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        vty = ir.VectorType(ir.DoubleType(), LANES)
+        xty = ir.VectorType(context.get_value_type(x.dtype), LANES)
+        i64 = ir.IntType(64)
+        acc_p, w_p, x_p = (context.make_array(signature.args[i])(context, builder, args[i]).data
+                           for i in (0, 1, 2))
+        count = context.cast(builder, args[3], signature.args[3], types.int64)
+
+        def splat(value):
+            vec = builder.insert_element(ir.Constant(vty, ir.Undefined), value,
+                                         ir.Constant(ir.IntType(32), 0))
+            return _shuffle(builder, vec, vec, [0] * LANES)
+
+        m_v, log_v = splat(args[4]), splat(args[5])
+        acc_v = builder.bitcast(acc_p, vty.as_pointer())
+        total = cgutils.alloca_once_value(builder, builder.load(acc_v, align=8))
+        flags = ("nsz",)  # as _add_moments: no "reassoc" or "contract" added by Numba
+        with cgutils.for_range(builder, count) as loop:
+            i = builder.mul(loop.index, ir.Constant(i64, LANES))
+            w = builder.load(builder.bitcast(builder.gep(w_p, [i]), vty.as_pointer()), align=8)
+            xv = builder.load(builder.bitcast(builder.gep(x_p, [i]), xty.as_pointer()), align=4)
+            if xty != vty:
+                xv = builder.fpext(xv, vty)
+            dev = builder.fadd(builder.fsub(m_v, xv, flags=flags), log_v, flags=flags)
+            builder.store(builder.fadd(builder.load(total), builder.fmul(w, dev, flags=flags),
+                                       flags=flags), total)
+        builder.store(builder.load(total), acc_v, align=8)
+        return context.get_dummy_value()
+
+    return types.void(acc, weight, x, n_blocks, m, log_s), codegen
+
+
+@intrinsic
 def _lanes(typingctx, like):
     """LANES zeros of ``like``'s float type in an array on the stack of the function that
     calls it: partial sums for a helper, which cannot allocate (see ``_runtime.helper``).
