@@ -239,6 +239,13 @@ def _view(typingctx, arr, start, stop):
     return arr(arr, start, stop), codegen
 
 
+def _splat(builder, vty, value):
+    """A vector of type ``vty`` with ``value`` in every lane."""
+    vec = builder.insert_element(ir.Constant(vty, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))
+    return _shuffle(builder, vec, vec, [0] * vty.count)
+
+
 @intrinsic
 def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
     """For b < n_blocks, the LANES values at i = start + b * LANES + j (lane j) of the
@@ -264,12 +271,7 @@ def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
         first = context.cast(builder, args[2], signature.args[2], types.int64)
         count = context.cast(builder, args[3], signature.args[3], types.int64)
 
-        def splat(value):
-            vec = builder.insert_element(ir.Constant(vty, ir.Undefined), value,
-                                         ir.Constant(ir.IntType(32), 0))
-            return _shuffle(builder, vec, vec, [0] * LANES)
-
-        m_v, xt_v = splat(args[4]), splat(args[5])
+        m_v, xt_v = (_splat(builder, vty, args[k]) for k in (4, 5))
         zero = ir.Constant(vty, [0.0] * LANES)
         one = ir.Constant(vty, [1.0] * LANES)
         accs = [builder.bitcast(p, vty.as_pointer()) for p in (a_p, q_p, k_p)]
@@ -315,12 +317,7 @@ def _add_wdev(typingctx, acc, weight, x, n_blocks, m, log_s):
                            for i in (0, 1, 2))
         count = context.cast(builder, args[3], signature.args[3], types.int64)
 
-        def splat(value):
-            vec = builder.insert_element(ir.Constant(vty, ir.Undefined), value,
-                                         ir.Constant(ir.IntType(32), 0))
-            return _shuffle(builder, vec, vec, [0] * LANES)
-
-        m_v, log_v = splat(args[4]), splat(args[5])
+        m_v, log_v = (_splat(builder, vty, args[k]) for k in (4, 5))
         acc_v = builder.bitcast(acc_p, vty.as_pointer())
         total = cgutils.alloca_once_value(builder, builder.load(acc_v, align=8))
         flags = ("nsz",)  # as _add_moments: no "reassoc" or "contract" added by Numba
