@@ -55,9 +55,8 @@ def _block_bounds(b, n):
 @helper
 def _add_lanes(acc, v, width):
     """Adds v[:width] to the LANES float64 partial sums ``acc``: lane j receives the run's
-    elements j, j + LANES, ... in a fixed order (whole blocks of LANES by
-    :func:`_add_blocks`, then the rest one by one); the order is Numba's own, not
-    cec_add_lanes'."""
+    elements j, j + LANES, ... in order (whole blocks of LANES by :func:`_add_blocks`,
+    then the rest one by one), as cec_add_lanes."""
     n_blocks = width // LANES
     _add_blocks(acc, v, n_blocks)
     c = n_blocks * LANES
@@ -68,7 +67,7 @@ def _add_lanes(acc, v, width):
 @helper
 def _sum_lanes(acc):
     """The LANES partial sums (float64, or the logits' type) combined pairwise in float64
-    in a fixed order."""
+    in a fixed order, as cec_sum_lanes."""
     s = 0.0
     for j in range(LANES // 2):
         s += np.float64(acc[j]) + np.float64(acc[j + LANES // 2])

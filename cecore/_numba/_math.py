@@ -253,8 +253,9 @@ def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
     ``e_i**2`` to ``q[j]`` and 1 where ``x_i > xt`` to ``k[j]``, in the arrays' float
     type, block after block: the order is fixed here, so every compiled copy gives the
     same bits. As LLVM vector operations: written as loops without "reassoc" LLVM kept
-    the sums scalar, and through scratch and :func:`_add_blocks` they took the scoring
-    kernel from 1.05x to 1.6x its loss-only time. No bounds checks."""
+    the sums scalar (the scoring kernel 2.9x its former time), and through scratch and
+    :func:`_add_blocks` 1.6-1.9x (bench_ab.py, Zen 4; kernel_findings.md, twenty-eighth
+    session). No bounds checks."""
     arrays = (e, x, a, q, k)
     if not (all(isinstance(v, types.Array) and v.dtype == m for v in arrays)
             and isinstance(m, types.Float) and xt == m

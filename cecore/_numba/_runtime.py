@@ -153,7 +153,8 @@ def jit(fn):
 # cache (its own); with "reassoc" LLVM vectorised the copies' sums differently (1-ulp
 # float64 gradients between n_threads 1 and 2 in a process that had compiled one kernel
 # of a pair and loaded the other; benchmarks/numba_cache_bits.py). Without it, sums are
-# written in explicit lanes (_kernels._lanes) and every copy gives the same bits.
+# written in explicit lanes (_math._lanes, _add_moments, _add_wdev) and every copy gives
+# the same bits.
 # error_model="numpy": a float division by zero gives inf or NaN, as in NumPy, instead of
 # Python's check and ZeroDivisionError, a branch that kept the tiles' per-position loops
 # (one division each) scalar.
