@@ -923,7 +923,7 @@ CEC_KERNEL void CEC_FN(cec_log_loss_rows)(const T *p, ptrdiff_t rows, ptrdiff_t 
  * spread over the tile's arithmetic, which runs from L1, the requests overlap it, where
  * on AMD one burst of them before the block's transpose cost more than it saved
  * (kernel_findings.md, twelfth and twenty-fourth sessions). */
-CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+CEC_FORCE_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                             ptrdiff_t width, T *m, double *s, T *e,
                                             double *log_s, const T *next) {
     for (ptrdiff_t j = 0; j < width; j++) {
@@ -955,11 +955,11 @@ CEC_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdiff_t s
         log_s[j] = cec_log_sum(s[j]);
 }
 
-CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
-                                       ptrdiff_t width, const int64_t *target,
-                                       int64_t ignore_index, const double *w,
-                                       double w_total, double eps, const double *gs,
-                                       double *loss, T *g, const T *next) {
+CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                             ptrdiff_t width, const int64_t *target,
+                                             int64_t ignore_index, const double *w,
+                                             double w_total, double eps, const double *gs,
+                                             double *loss, T *g, const T *next) {
     T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE], sub[CEC_TILE];
     double s[CEC_TILE], log_s[CEC_TILE], wdev[CEC_TILE], x_t[CEC_TILE], w_t[CEC_TILE];
     const double smooth = eps / (double)n;
@@ -1022,6 +1022,23 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
         if (t != ignore_index)
             g[t * stride + j] -= sub[j];
     }
+}
+
+/* The few-classes path's full blocks (stride == width == CEC_SMALL_C_ROWS) get their
+ * own copy with those constants: every per-class loop then has a known trip count and
+ * gcc drops the remainder and peeling code it emits around each of them, which at 10
+ * classes cost 10-20 % of the call (kernel_findings.md, twenty-ninth session). */
+CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                       ptrdiff_t width, const int64_t *target,
+                                       int64_t ignore_index, const double *w,
+                                       double w_total, double eps, const double *gs,
+                                       double *loss, T *g, const T *next) {
+    if (stride == CEC_SMALL_C_ROWS && width == CEC_SMALL_C_ROWS)
+        CEC_FN(cec_index_tile_at)(x, n, CEC_SMALL_C_ROWS, CEC_SMALL_C_ROWS, target,
+                                  ignore_index, w, w_total, eps, gs, loss, g, next);
+    else
+        CEC_FN(cec_index_tile_at)(x, n, stride, width, target, ignore_index, w, w_total,
+                                  eps, gs, loss, g, next);
 }
 
 CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
