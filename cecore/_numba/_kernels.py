@@ -980,12 +980,18 @@ def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_g
     for j in range(n_blocks * np.uint64(LANES), n):
         v = x[p + j]
         z[j] = _exp_nonpos(-v if v > 0 else v, k)
-    for j in range(n):
-        loss, grad = _bce(x[p + j], y[p + j], _at(weight, j), _at(pos_weight, j),
-                          _at(grad_scale, j), z[j])
-        loss_out[lo + j] = loss
-        if want_grad:
+    # One loop per case: with `if want_grad` inside, LLVM vectorised the gradient's store
+    # as a masked store, which AMD CPUs run in microcode on AVX2 code (see _tile_max).
+    if want_grad:
+        for j in range(n):
+            loss, grad = _bce(x[p + j], y[p + j], _at(weight, j), _at(pos_weight, j),
+                              _at(grad_scale, j), z[j])
+            loss_out[lo + j] = loss
             g[p + j] = grad
+    else:
+        for j in range(n):
+            loss_out[lo + j] = _bce(x[p + j], y[p + j], _at(weight, j), _at(pos_weight, j),
+                                    _at(grad_scale, j), z[j])[0]
 
 
 @helper
