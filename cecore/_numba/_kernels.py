@@ -299,20 +299,21 @@ def _tile_max(x, base, stride, n_classes, width, m, s):
     Each step is Python's max(m, x), x if x > m else m, as Cython's tiles. The classes go
     two at a time: with one per loop, m[j] = max(m[j], x[j]) stores either x[j] or the
     value just loaded from m[j], and LLVM turns that into a masked store of x[j], which AMD
-    CPUs run in microcode (vmaskmovps on AVX2 code: this loop took 9x its AVX-512 time;
-    kernel_findings.md, twenty-ninth session). The first loop takes class 1 too where that
-    leaves an even number of classes."""
+    CPUs run in microcode (vmaskmovps on AVX2 code; in pairs, bench_ab.py on AVX2 code,
+    1e6 x 10 float32 loss + gradient 0.76x the time, same bits:
+    results/ab_numba_tile_max_pairs_avx2code_zen4.json)."""
     x0 = _view(x, base, base + width)
-    c0 = 2 - n_classes % 2
-    if c0 == 2:
+    if n_classes % 2 == 0:  # class 1 with class 0, so that an even number is left
         x1 = _view(x, base + stride, base + stride + width)
         for j in range(width):
             m[j] = max(x0[j], x1[j])
             s[j] = 0.0
+        c0 = 2
     else:
         for j in range(width):
             m[j] = x0[j]
             s[j] = 0.0
+        c0 = 1
     for c in range(c0, n_classes, 2):
         xa = _view(x, base + c * stride, base + c * stride + width)
         xb = _view(x, base + (c + 1) * stride, base + (c + 1) * stride + width)
@@ -981,7 +982,9 @@ def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_g
         v = x[p + j]
         z[j] = _exp_nonpos(-v if v > 0 else v, k)
     # One loop per case: with `if want_grad` inside, LLVM vectorised the gradient's store
-    # as a masked store, which AMD CPUs run in microcode on AVX2 code (see _tile_max).
+    # as a masked store, which AMD CPUs run in microcode on AVX2 code (see _tile_max;
+    # pos_weight cases 0.79-0.95x the time, same bits:
+    # results/ab_numba_bce_split_grad_avx2code_zen4.json).
     if want_grad:
         for j in range(n):
             loss, grad = _bce(x[p + j], y[p + j], _at(weight, j), _at(pos_weight, j),
