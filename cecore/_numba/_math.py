@@ -249,7 +249,7 @@ def _splat(builder, vty, value):
 @intrinsic
 def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
     """For b < n_blocks, the LANES values at i = start + b * LANES + j (lane j) of the
-    exps ``e`` and logits ``x`` add ``e_i (x_i - m)`` where ``e_i > 0`` to ``a[j]``,
+    exps ``e`` and logits ``x`` add ``e_i (x_i - m)`` (0 where ``e_i = 0``) to ``a[j]``,
     ``e_i**2`` to ``q[j]`` and 1 where ``x_i > xt`` to ``k[j]``, in the arrays' float
     type, block after block: the order is fixed here, so every compiled copy gives the
     same bits. As LLVM vector operations: written as loops without "reassoc" LLVM kept
@@ -273,6 +273,7 @@ def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
         count = context.cast(builder, args[3], signature.args[3], types.int64)
 
         m_v, xt_v = (_splat(builder, vty, args[k]) for k in (4, 5))
+        lo_v = _splat(builder, vty, builder.fadd(args[4], ir.Constant(fty, -1e30)))
         zero = ir.Constant(vty, [0.0] * LANES)
         one = ir.Constant(vty, [1.0] * LANES)
         accs = [builder.bitcast(p, vty.as_pointer()) for p in (a_p, q_p, k_p)]
@@ -284,8 +285,10 @@ def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
             i = builder.add(first, builder.mul(loop.index, ir.Constant(i64, LANES)))
             ev, xv = (builder.load(builder.bitcast(builder.gep(p, [i]), vty.as_pointer()),
                                    align=4) for p in (e_p, x_p))
-            dev = builder.fmul(ev, builder.fsub(xv, m_v, flags=flags), flags=flags)
-            terms = (builder.select(builder.fcmp_ordered(">", ev, zero), dev, zero),
+            # x clamped to m - 1e30 (one max): where e_i = 0 the term is then 0 * finite,
+            # where x_i = -inf it would be 0 * -inf = NaN; cheaper than a compare and select
+            xc = builder.select(builder.fcmp_ordered(">", xv, lo_v), xv, lo_v)
+            terms = (builder.fmul(ev, builder.fsub(xc, m_v, flags=flags), flags=flags),
                      builder.fmul(ev, ev, flags=flags),
                      builder.select(builder.fcmp_ordered(">", xv, xt_v), one, zero))
             for total, term in zip(totals, terms):
