@@ -105,6 +105,23 @@ def test_adversarial_rows(backend):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_minus_inf_and_huge_logits_in_whole_vectors(backend, rng, dtype):
+    # The entropy term e (x - m) of a -inf logit is 0, not 0 * -inf = NaN, also where the
+    # kernels take the logits a vector at a time (1000 classes, not only a short row's
+    # tail); near the dtype's largest values m - 1e30 rounds to m, which the kernels
+    # clamp the logits at.
+    x = (3 * rng.standard_normal((300, 1000))).astype(dtype)
+    x[rng.random(x.shape) < 0.3] = -np.inf
+    t = rng.integers(0, 1000, 300)
+    x[np.arange(300), t] = rng.standard_normal(300)
+    big = np.finfo(dtype).max / 4
+    x[:40] += dtype(big)
+    x[40:80] -= dtype(big)
+    report = classification_report_from_logits(x, t, top_k=3, backend=backend)
+    _check(report, reference(x, t, top_k=3), rtol=1e-6 if dtype == np.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_confidences_exactly_on_bin_edges(backend, dtype):
     # k tied classes and the rest -inf: a confidence of exactly 1/k. 1/5 = 3/15 is an edge
     # that torch's float32 linspace rounds up (0.2000000179): with float64 edges it opens
