@@ -418,6 +418,38 @@ CEC_INLINE void cec_tr_block_f32(const float *src, ptrdiff_t sld, float *dst,
     }
 }
 
+/* The last two of ten classes (C % 8 == 2): 8 rows x 2 columns of src to 2 rows x 8 of
+ * dst (cec_tr_8x2), and back (cec_tr_2x8). The overlapping 8 x 8 block moved 16 columns
+ * for 10 in 80 instructions per 8 rows, these 14: with the gradient's compare below,
+ * 1e6 x 10 float32 loss + gradient went from 1.47 to 1.30x one exp pass, one thread, in
+ * cache, AVX2 build on a Zen 4 (kernel_findings.md, thirty-first session). */
+CEC_INLINE void cec_tr_8x2_f32(const float *src, ptrdiff_t sld, float *dst, ptrdiff_t dld) {
+    __m128 a[4];  /* rows 2k and 2k + 1 */
+    for (int k = 0; k < 4; k++) {
+        a[k] = _mm_castpd_ps(_mm_load_sd((const double *)(src + 2 * k * sld)));
+        a[k] = _mm_loadh_pi(a[k], (const __m64 *)(src + (2 * k + 1) * sld));
+    }
+    const __m256 r0145 = _mm256_insertf128_ps(_mm256_castps128_ps256(a[0]), a[2], 1);
+    const __m256 r2367 = _mm256_insertf128_ps(_mm256_castps128_ps256(a[1]), a[3], 1);
+    _mm256_storeu_ps(dst, _mm256_shuffle_ps(r0145, r2367, 0x88));
+    _mm256_storeu_ps(dst + dld, _mm256_shuffle_ps(r0145, r2367, 0xDD));
+}
+
+CEC_INLINE void cec_tr_2x8_f32(const float *src, ptrdiff_t sld, float *dst, ptrdiff_t dld) {
+    const __m256 c0 = _mm256_loadu_ps(src), c1 = _mm256_loadu_ps(src + sld);
+    const __m256 lo = _mm256_unpacklo_ps(c0, c1), hi = _mm256_unpackhi_ps(c0, c1);
+    const __m128 r01 = _mm256_castps256_ps128(lo), r45 = _mm256_extractf128_ps(lo, 1);
+    const __m128 r23 = _mm256_castps256_ps128(hi), r67 = _mm256_extractf128_ps(hi, 1);
+    _mm_storel_pi((__m64 *)dst, r01);
+    _mm_storeh_pi((__m64 *)(dst + dld), r01);
+    _mm_storel_pi((__m64 *)(dst + 2 * dld), r23);
+    _mm_storeh_pi((__m64 *)(dst + 3 * dld), r23);
+    _mm_storel_pi((__m64 *)(dst + 4 * dld), r45);
+    _mm_storeh_pi((__m64 *)(dst + 5 * dld), r45);
+    _mm_storel_pi((__m64 *)(dst + 6 * dld), r67);
+    _mm_storeh_pi((__m64 *)(dst + 7 * dld), r67);
+}
+
 CEC_INLINE void cec_tr_block_f64(const double *src, ptrdiff_t sld, double *dst,
                                  ptrdiff_t dld) {
     const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + sld);
@@ -435,9 +467,9 @@ CEC_INLINE void cec_tr_block_f64(const double *src, ptrdiff_t sld, double *dst,
  * dst[0:nbytes] = src[0:nbytes], dst's whole 64-byte lines with non-temporal stores (the
  * line goes to memory without being read first; a normal store reads it: write-allocate),
  * the partial lines at its ends with memcpy. For the few-classes blocks' outputs larger
- * than the cache (CEC_STREAM_MIN_BYTES; the .pxi's _streams says which). 16-byte integer
- * stores in every build: they move bytes, so one function serves both types and any
- * alignment of the elements. cec_stream_fence (each thread, at the end of a kernel)
+ * than the cache (CEC_STREAM_MIN_BYTES; the .pxi's _streams says which). Integer stores
+ * of 16 bytes (32 in the AVX2 builds): they move bytes, so one function serves both
+ * types and any alignment of the elements. cec_stream_fence (each thread, at the end of a kernel)
  * orders them before the results are read. */
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -450,9 +482,15 @@ CEC_INLINE void cec_stream_copy(const void *src, void *dst, ptrdiff_t nbytes) {
     head = head < nbytes ? head : nbytes;
     memcpy(d, s, (size_t)head);
     d += head, s += head, nbytes -= head;
+#if defined(__AVX2__)  /* half the instructions */
+    for (; nbytes >= 64; nbytes -= 64, d += 64, s += 64)
+        for (int i = 0; i < 64; i += 32)
+            _mm256_stream_si256((__m256i *)(d + i), _mm256_loadu_si256((const __m256i *)(s + i)));
+#else
     for (; nbytes >= 64; nbytes -= 64, d += 64, s += 64)
         for (int i = 0; i < 64; i += 16)
             _mm_stream_si128((__m128i *)(d + i), _mm_loadu_si128((const __m128i *)(s + i)));
+#endif
 #endif
     memcpy(d, s, (size_t)nbytes);
 }
@@ -535,13 +573,34 @@ CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
  * build has them (cec_tr_block); where rows or cols is not a multiple of the block, the
  * last block overlaps the one before it and writes some values twice, the same values
  * (callgrind, AVX2, 10 float32 classes: 26 instructions per row with classes 8 and 9
- * copied element by element, 11 with the overlapping block).
+ * copied element by element, 11 with the overlapping block); float32 rows of C % 8 == 2
+ * classes (ten) take their last two with cec_tr_8x2 / cec_tr_2x8 instead.
  * Element by element only when a side is shorter than a block, the inner loop along the
  * longer side. Pure copies, so the results do not depend on the build. */
 CEC_INLINE void CEC_FN(cec_transpose)(const T *src, ptrdiff_t sld, ptrdiff_t rows,
                                       ptrdiff_t cols, T *dst, ptrdiff_t dld) {
 #ifdef CEC_HAVE_TR_BLOCK
     const ptrdiff_t v = 32 / (ptrdiff_t)sizeof(T);
+    if (sizeof(T) == 4 && rows >= v && cols > v && cols % v == 2) {  /* into a tile */
+        for (ptrdiff_t j0 = 0; j0 < rows; j0 += v) {
+            const ptrdiff_t j = j0 + v <= rows ? j0 : rows - v;
+            for (ptrdiff_t c = 0; c + v <= cols; c += v)
+                CEC_FN(cec_tr_block)(src + j * sld + c, sld, dst + c * dld + j, dld);
+            cec_tr_8x2_f32((const float *)(src + j * sld + cols - 2), sld,
+                           (float *)(dst + (cols - 2) * dld + j), dld);
+        }
+        return;
+    }
+    if (sizeof(T) == 4 && cols >= v && rows > v && rows % v == 2) {  /* out of a tile */
+        for (ptrdiff_t c0 = 0; c0 < cols; c0 += v) {
+            const ptrdiff_t c = c0 + v <= cols ? c0 : cols - v;
+            for (ptrdiff_t j = 0; j + v <= rows; j += v)
+                CEC_FN(cec_tr_block)(src + j * sld + c, sld, dst + c * dld + j, dld);
+            cec_tr_2x8_f32((const float *)(src + (rows - 2) * sld + c), sld,
+                           (float *)(dst + c * dld + rows - 2), dld);
+        }
+        return;
+    }
     if (rows >= v && cols >= v) {
         for (ptrdiff_t j0 = 0; j0 < rows; j0 += v) {
             const ptrdiff_t j = j0 + v <= rows ? j0 : rows - v;
@@ -971,6 +1030,7 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
                                                 const double *gs, double *loss, T *g,
                                                 const T *next) {
     T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE], sub[CEC_TILE];
+    int32_t tt[CEC_TILE];
     double s[CEC_TILE], log_s[CEC_TILE], wdev[CEC_TILE], x_t[CEC_TILE], w_t[CEC_TILE];
     const double smooth = eps / (double)n;
     /* The targets' logits and weights first (without label smoothing g may be x, see
@@ -983,6 +1043,7 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
         const int64_t t = ok ? target[j] : 0;
         x_t[j] = ok ? (double)x[t * stride + j] : 0.0;
         w_t[j] = ok ? w[t] : 0.0;
+        tt[j] = ok ? (int32_t)t : -1;  /* the class whose gradient gets -sub (n < 2**31) */
     }
     CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, log_s, next);
     if (eps > 0.0) {  /* sum_c w[c] * (lse - x[c]) per position, see cec_row_wdev */
@@ -1014,23 +1075,22 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
         shift[j] = ok ? (T)(gs[j] * smooth) : (T)0;
         sub[j] = (T)(gs[j] * (1.0 - eps) * w_t[j]);
     }
+    /* The target's -sub in the same loop, by a compare per vector: a scalar pass after
+     * it (g[t * stride + j] -= sub[j]) stored single values into vectors the transpose
+     * out then loaded (a failed store-to-load forwarding each), 5 % of the 1e6 x 10
+     * float32 call on an AVX2 build; same bits. */
     for (ptrdiff_t c = 0; c < n; c++) {
         T *gc = g + c * stride;
         const T wc = (T)w[c];
         if (eps > 0.0) {
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)
-                gc[j] = gc[j] * coef[j] - shift[j] * wc;
+                gc[j] = gc[j] * coef[j] - shift[j] * wc - (tt[j] == (int32_t)c ? sub[j] : (T)0);
         } else {
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)
-                gc[j] = gc[j] * coef[j];
+                gc[j] = gc[j] * coef[j] - (tt[j] == (int32_t)c ? sub[j] : (T)0);
         }
-    }
-    for (ptrdiff_t j = 0; j < width; j++) {
-        const int64_t t = target[j];
-        if (t != ignore_index)
-            g[t * stride + j] -= sub[j];
     }
 }
 
