@@ -419,10 +419,11 @@ CEC_INLINE void cec_tr_block_f32(const float *src, ptrdiff_t sld, float *dst,
 }
 
 /* The last two of ten classes (C % 8 == 2): 8 rows x 2 columns of src to 2 rows x 8 of
- * dst (cec_tr_8x2), and back (cec_tr_2x8). The overlapping 8 x 8 block moved 16 columns
- * for 10 in 80 instructions per 8 rows, these 14: with the gradient's compare below,
- * 1e6 x 10 float32 loss + gradient went from 1.47 to 1.30x one exp pass, one thread, in
- * cache, AVX2 build on a Zen 4 (kernel_findings.md, thirty-first session). */
+ * dst (cec_tr_8x2), and back (cec_tr_2x8), in 14 instructions per 8 rows where a
+ * second 8 x 8 block, overlapping the first by six classes, took 40: with the gradient's
+ * compare in cec_index_tile_at, float32 65536 x 10 (in cache) loss + gradient went from
+ * 1.47-1.52x one exp pass to 1.31-1.38x, one thread, AVX2 build on a Zen 4
+ * (kernel_findings.md, thirty-first session). */
 CEC_INLINE void cec_tr_8x2_f32(const float *src, ptrdiff_t sld, float *dst, ptrdiff_t dld) {
     __m128 a[4];  /* rows 2k and 2k + 1 */
     for (int k = 0; k < 4; k++) {
@@ -469,8 +470,8 @@ CEC_INLINE void cec_tr_block_f64(const double *src, ptrdiff_t sld, double *dst,
  * the partial lines at its ends with memcpy. For the few-classes blocks' outputs larger
  * than the cache (CEC_STREAM_MIN_BYTES; the .pxi's _streams says which). Integer stores
  * of 16 bytes (32 in the AVX2 builds): they move bytes, so one function serves both
- * types and any alignment of the elements. cec_stream_fence (each thread, at the end of a kernel)
- * orders them before the results are read. */
+ * types and any alignment of the elements. cec_stream_fence (each thread, at the end of
+ * a kernel) orders them before the results are read. */
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -485,7 +486,8 @@ CEC_INLINE void cec_stream_copy(const void *src, void *dst, ptrdiff_t nbytes) {
 #if defined(__AVX2__)  /* half the instructions */
     for (; nbytes >= 64; nbytes -= 64, d += 64, s += 64)
         for (int i = 0; i < 64; i += 32)
-            _mm256_stream_si256((__m256i *)(d + i), _mm256_loadu_si256((const __m256i *)(s + i)));
+            _mm256_stream_si256((__m256i *)(d + i),
+                                _mm256_loadu_si256((const __m256i *)(s + i)));
 #else
     for (; nbytes >= 64; nbytes -= 64, d += 64, s += 64)
         for (int i = 0; i < 64; i += 16)
@@ -1077,15 +1079,16 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
     }
     /* The target's -sub in the same loop, by a compare per vector: a scalar pass after
      * it (g[t * stride + j] -= sub[j]) stored single values into vectors the transpose
-     * out then loaded (a failed store-to-load forwarding each), 5 % of the 1e6 x 10
-     * float32 call on an AVX2 build; same bits. */
+     * out then loaded (a failed store-to-load forwarding each): float32 65536 x 10, one
+     * thread, AVX2 build, 1.47-1.52x one exp pass before, 1.40-1.47x after; same bits. */
     for (ptrdiff_t c = 0; c < n; c++) {
         T *gc = g + c * stride;
         const T wc = (T)w[c];
         if (eps > 0.0) {
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)
-                gc[j] = gc[j] * coef[j] - shift[j] * wc - (tt[j] == (int32_t)c ? sub[j] : (T)0);
+                gc[j] = gc[j] * coef[j] - shift[j] * wc
+                        - (tt[j] == (int32_t)c ? sub[j] : (T)0);
         } else {
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)
