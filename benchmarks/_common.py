@@ -171,6 +171,24 @@ def _torch_capability():
         return f"unavailable ({type(exc).__name__})"
 
 
+def kernel_backends():
+    """{'cython-<build>': module, 'numba': module}: every kernel build this CPU can run
+    (the repository's in-place builds, when it is on sys.path first), and Numba."""
+    import cecore_ext
+
+    features = cecore_ext._cpu_features()
+    kernels = {}
+    for name, needs in cecore_ext._VARIANTS:
+        if all(features.get(f) for f in needs):
+            try:
+                kernels[f"cython-{name}"] = importlib.import_module(
+                    f"cecore_ext._kernels_{name}")
+            except ImportError:  # not built here
+                pass
+    kernels["numba"] = importlib.import_module("cecore._numba")
+    return kernels
+
+
 def machine_info(**extra):
     """CPU model, core counts, memory, library versions, the loaded Cython build and the
     code Numba and torch run (see avx2_code.py), for the JSON results."""

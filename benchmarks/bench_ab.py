@@ -8,6 +8,10 @@ there; its Cython modules are loaded next to the working tree's (under their own
 objects), and its ``cecore`` package is copied as ``cecore_base`` so that its Numba kernels
 compile next to the current ones. Rounds alternate base and new; each number is the median
 over rounds of per-round medians, and the ratio is new / base (below 1: faster now).
+With ``--paired`` the two sides alternate call by call instead (``rounds * repeat``
+pairs) and the ratio is the median of the pairs' ratios: on a shared machine whose speed
+drifts within seconds, blocks of calls of one side land in different phases, where
+calls that alternate share them.
 Calls go through the kernel contract (``softmax_ce_index`` with the gradient into a reused
 buffer and loss-only, ``softmax_ce_proba``, ``softmax`` (log), ``logsumexp``,
 ``softmax_ce_scores``, ``bce_logits`` with the loss only and with the gradient), with the
@@ -17,6 +21,7 @@ same arrays for both sides; results that differ between the two are reported, no
 
 import argparse
 import importlib.machinery
+import time
 import importlib.util
 import shutil
 import subprocess
@@ -151,6 +156,8 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated: run the cases whose name contains one of these")
     parser.add_argument("--threads", type=int, default=2, help="n_threads of every call (default 2)")
     parser.add_argument("--backends", default="", help="comma-separated, e.g. numba,cython-avx2")
+    parser.add_argument("--paired", action="store_true",
+                        help="alternate base and new call by call; median of the pairs' ratios")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cecore-ab-") as tmp:
         workdir = Path(tmp)
@@ -165,15 +172,23 @@ def main():
                 for backend in chosen:
                     times = {"base": [], "new": []}
                     out = {}
-                    for _ in range(args.rounds):
+                    for side, kernels in (("base", base), ("new", new)):
+                        call(kernels[backend])  # compile, fault the pages in
+                        out[side] = [o.copy() for o in outputs]
+                    for _ in range(args.rounds * (args.repeat if args.paired else 1)):
                         for side, kernels in (("base", base), ("new", new)):
                             k = kernels[backend]
-                            times[side].append(median_time(lambda: call(k), args.repeat)[0] * 1e3)
-                            out[side] = [o.copy() for o in outputs]
+                            if args.paired:
+                                start = time.perf_counter()
+                                call(k)
+                                times[side].append((time.perf_counter() - start) * 1e3)
+                            else:
+                                times[side].append(median_time(lambda: call(k), args.repeat)[0] * 1e3)
                     ms = {side: float(np.median(v)) for side, v in times.items()}
                     same = all(np.array_equal(a, b, equal_nan=True)
                                for a, b in zip(out["base"], out["new"]))
-                    ratio = ms["new"] / ms["base"]
+                    ratio = (float(np.median(np.divide(times["new"], times["base"])))
+                             if args.paired else ms["new"] / ms["base"])
                     rows.append([name, backend, f"{ms['base']:.2f}", f"{ms['new']:.2f}",
                                  f"{ratio:.2f}", "yes" if same else "no"])
                     results.append({"case": name, "backend": backend, "ms": ms,
@@ -185,7 +200,7 @@ def main():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(workdir / "tree")], check=False)
     print(format_table(["case", "backend", "base ms", "new ms", "new/base", "same bits"], rows))
-    info = machine_info(base=args.base, threads=args.threads)
+    info = machine_info(base=args.base, threads=args.threads, paired=args.paired)
     print(f"CPU: {info['cpu_model']}; saved {save_json({'machine': info, 'results': results}, 'ab.json')}")
 
 

@@ -16,7 +16,6 @@ dilute the difference further (``bench_batch.py`` measures that).
 """
 
 import argparse
-import importlib
 import statistics
 import sys
 import time
@@ -25,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, machine_info, save_json  # noqa: E402
+from _common import format_table, kernel_backends, machine_info, save_json  # noqa: E402
 
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-import cecore_ext  # noqa: E402
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the in-place builds
 
 SHAPES = [(256, 1000), (32, 50257), (8192, 1000)]
 
@@ -52,28 +50,13 @@ def _paired(fn, ref, repeat):
     return ratios
 
 
-def _backends():
-    """{'cython-<build>': module, 'numba': module} for what this CPU can run."""
-    features = cecore_ext._cpu_features()
-    kernels = {}
-    for name, needs in cecore_ext._VARIANTS:
-        if all(features.get(f) for f in needs):
-            try:
-                kernels[f"cython-{name}"] = importlib.import_module(
-                    f"cecore_ext._kernels_{name}")
-            except ImportError:  # not built here
-                pass
-    kernels["numba"] = importlib.import_module("cecore._numba")
-    return kernels
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=30, help="pairs per cell")
     args = parser.parse_args()
     info = machine_info()
     rows, results = [], []
-    for backend, k in _backends().items():
+    for backend, k in kernel_backends().items():
         for n, c in SHAPES:
             for dt in (np.float32, np.float64):
                 rng = np.random.default_rng(0)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, machine_info, save_json  # noqa: E402
-from bench_scores_ratio import _backends  # noqa: E402
+from _common import format_table, kernel_backends, machine_info, save_json  # noqa: E402
+
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the in-place builds
 
 SHAPES = [(1000000, 10), (65536, 10)]
 
@@ -34,7 +35,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=41, help="iterations per cell")
     args = parser.parse_args()
     info = machine_info()
-    backends = _backends()
+    backends = kernel_backends()
     rows, results = [], []
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -420,10 +420,11 @@ CEC_INLINE void cec_tr_block_f32(const float *src, ptrdiff_t sld, float *dst,
 
 /* The last two of ten classes (C % 8 == 2): 8 rows x 2 columns of src to 2 rows x 8 of
  * dst (cec_tr_8x2), and back (cec_tr_2x8), in 14 instructions per 8 rows where a
- * second 8 x 8 block, overlapping the first by six classes, took 40: with the gradient's
- * compare in cec_index_tile_at, float32 65536 x 10 (in cache) loss + gradient went from
- * 1.47-1.52x one exp pass to 1.31-1.38x, one thread, AVX2 build on a Zen 4
- * (kernel_findings.md, thirty-first session). */
+ * second 8 x 8 block, overlapping the first by six classes, took 40. With the gradient's
+ * compare in cec_index_tile_at: bench_ab.py --paired against the commit before, Zen 4,
+ * float32 loss + gradient 0.92-0.94x the time at 65536 x 10 (in cache), 0.95-0.99x at
+ * 1e6 x 10, AVX2 build; 0.88-0.91x AVX-512 build; same bits
+ * (results/ab_cython_scatter_tr8x2_zen4_paired*.json). */
 CEC_INLINE void cec_tr_8x2_f32(const float *src, ptrdiff_t sld, float *dst, ptrdiff_t dld) {
     __m128 a[4];  /* rows 2k and 2k + 1 */
     for (int k = 0; k < 4; k++) {
@@ -1079,8 +1080,8 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
     }
     /* The target's -sub in the same loop, by a compare per vector: a scalar pass after
      * it (g[t * stride + j] -= sub[j]) stored single values into vectors the transpose
-     * out then loaded (a failed store-to-load forwarding each): float32 65536 x 10, one
-     * thread, AVX2 build, 1.47-1.52x one exp pass before, 1.40-1.47x after; same bits. */
+     * out then loaded (a failed store-to-load forwarding each); same bits. Measured
+     * with the 8 x 2 transposes (see cec_tr_8x2_f32). */
     for (ptrdiff_t c = 0; c < n; c++) {
         T *gc = g + c * stride;
         const T wc = (T)w[c];

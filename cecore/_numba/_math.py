@@ -286,7 +286,8 @@ def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
             ev, xv = (builder.load(builder.bitcast(builder.gep(p, [i]), vty.as_pointer()),
                                    align=4) for p in (e_p, x_p))
             # x clamped to m - 1e30 (one max): where e_i = 0 the term is then 0 * finite,
-            # where x_i = -inf it would be 0 * -inf = NaN; cheaper than a compare and select
+            # where x_i = -inf it would be 0 * -inf = NaN. As Cython's cec_moments, same
+            # bits as a select on e_i > 0 (no speed difference measured here)
             xc = builder.select(builder.fcmp_ordered(">", xv, lo_v), xv, lo_v)
             terms = (builder.fmul(ev, builder.fsub(xc, m_v, flags=flags), flags=flags),
                      builder.fmul(ev, ev, flags=flags),
