@@ -62,12 +62,6 @@ SUM_BLOCK = 256
 # Rows per parallel task in the Numba row kernels (amortises the per-task scratch row).
 ROWS_PER_TASK = 16
 
-# Tiles per parallel task in the Numba tile kernels with at most KDIM_BLOCK_MAX_C classes
-# and at least 8 tasks' worth of tiles (else one): a task's tiles share its scratch
-# arrays. Allocated per tile (up to ten arrays), they cost 3-25 % of the tile kernels'
-# time (bench_ab.py, results/ab_numba_tasks.json: 0.75-0.97 of the time with tasks, 0.60
-# for float64 (131072, 8, 8), whose tiles are S positions of one sample).
-TILES_PER_TASK = 8
 
 # Independent float64 accumulators of the C row max and row sums (combined in a fixed
 # order): one per vector lane would wait on one add's latency per vector. 16 = four

@@ -24,11 +24,10 @@ float64 (Numba compiles each per dtype).
 """
 
 import numpy as np
-from numba import prange
+from numba import get_num_threads, prange
 
 from .._config import (
     BCE_AHEAD, KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE,
-    TILES_PER_TASK,
 )
 from ._math import (
     _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _exp_consts,
@@ -388,11 +387,13 @@ def _n_tiles(n_samples, n_pos, block):
 @helper
 def _tiles_per_task(n_classes, n_tiles):
     """Tiles per parallel task of a ``*_tiles`` kernel; a task's tiles share its scratch
-    arrays. TILES_PER_TASK for many tiles of few classes, whose allocations cost as much
-    as a fifth of their arithmetic; else one, so that a few tiles still spread over the
-    threads (with more classes the allocations cost little)."""
-    if n_classes <= KDIM_BLOCK_MAX_C and n_tiles >= 8 * TILES_PER_TASK:
-        return TILES_PER_TASK
+    arrays. For few classes, whose allocations cost as much as a fifth of their
+    arithmetic, one task per thread: Numba splits a prange into equal parts per thread,
+    so more tasks balance nothing and each allocates again. Else one tile per task (with
+    more classes the allocations cost little)."""
+    if n_classes <= KDIM_BLOCK_MAX_C:
+        threads = get_num_threads()
+        return max(1, (n_tiles + threads - 1) // threads)
     return 1
 
 
