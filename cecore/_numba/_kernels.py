@@ -27,7 +27,7 @@ import numpy as np
 from numba import get_num_threads, prange
 
 from .._config import (
-    BCE_AHEAD, KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, SUM_BLOCK, TILE,
+    BCE_AHEAD, KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE,
 )
 from ._math import (
     _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _exp_consts,
@@ -38,15 +38,6 @@ from ._runtime import helper, jit
 
 
 # --------------------------------------------------------------------------- row passes
-@helper
-def _per_thread(n):
-    """Items per parallel task, for one task per thread: Numba splits a prange into equal
-    parts per thread, so more tasks would balance nothing, and each task allocates its
-    scratch arrays again."""
-    threads = get_num_threads()
-    return max(1, (n + threads - 1) // threads)
-
-
 @helper
 def _block_bounds(b, n):
     """Classes ``[lo, hi)`` of block ``b`` of a row of ``n``, as unsigned integers.
@@ -193,11 +184,10 @@ def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_
                 grad_out, in_place):
     n_rows, n_classes = x.shape
     want_grad = grad_out.shape[0] != 0
-    per = _per_thread(n_rows)
-    for task in prange((n_rows + per - 1) // per):
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         # Loss only: the exps go to a scratch row.
         scratch = np.empty(0 if want_grad else n_classes, dtype=x.dtype)
-        for i in range(task * per, min(n_rows, (task + 1) * per)):
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             t = target[i]
             ignored = t == ignore_index
             if ignored and not want_grad:
@@ -280,10 +270,9 @@ def _scores_rows(x, target, weight, w_total, ignore_index, eps, loss_out, stats_
     loss takes the very same steps, so it equals softmax_ce_index's bit for bit."""
     n_rows, n_classes = x.shape
     smooth = eps / n_classes
-    per = _per_thread(n_rows)
-    for task in prange((n_rows + per - 1) // per):
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         e = np.empty(n_classes, dtype=x.dtype)
-        for i in range(task * per, min(n_rows, (task + 1) * per)):
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             t = target[i]
             if t == ignore_index:  # not read, as in loss-only softmax_ce_index
                 loss_out[i] = 0.0
@@ -399,9 +388,13 @@ def _n_tiles(n_samples, n_pos, block):
 def _tiles_per_task(n_classes, n_tiles):
     """Tiles per parallel task of a ``*_tiles`` kernel; a task's tiles share its scratch
     arrays. For few classes, whose allocations cost as much as a fifth of their
-    arithmetic, one task per thread (_per_thread); else one tile per task (with more
-    classes the allocations cost little)."""
-    return _per_thread(n_tiles) if n_classes <= KDIM_BLOCK_MAX_C else 1
+    arithmetic, one task per thread: Numba splits a prange into equal parts per thread,
+    so more tasks balance nothing and each allocates again. Else one tile per task (with
+    more classes the allocations cost little)."""
+    if n_classes <= KDIM_BLOCK_MAX_C:
+        threads = get_num_threads()
+        return max(1, (n_tiles + threads - 1) // threads)
+    return 1
 
 
 @helper
@@ -755,10 +748,9 @@ def _proba_row(row, q, weight, eps, gs, g, want_grad):
 def _proba_rows(x, target, weight, eps, grad_scale, loss_out, grad_out):
     n_rows, n_classes = x.shape
     want_grad = grad_out.shape[0] != 0
-    per = _per_thread(n_rows)
-    for task in prange((n_rows + per - 1) // per):
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         scratch = np.empty(0 if want_grad else n_classes, dtype=x.dtype)
-        for i in range(task * per, min(n_rows, (task + 1) * per)):
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             g = grad_out[i] if want_grad else scratch
             loss_out[i] = _proba_row(x[i], target[i], weight, eps, grad_scale[i], g, want_grad)
 
@@ -910,10 +902,9 @@ def _infinite_lse(x, base, stride, n_classes, m):
 
 def _logsumexp_rows(x, out):
     n_rows, n_classes = x.shape
-    per = _per_thread(n_rows)
-    for task in prange((n_rows + per - 1) // per):
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         scratch = np.empty(n_classes, dtype=x.dtype)
-        for i in range(task * per, min(n_rows, (task + 1) * per)):
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             m = _row_max(x[i])
             if np.isinf(m):
                 out[i] = _infinite_lse(x[i], 0, 1, n_classes, m)
