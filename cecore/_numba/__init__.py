@@ -14,7 +14,7 @@ if numba.config.DISABLE_JIT:  # the kernels are built from intrinsics, which nee
 
 from .. import _config
 from ._kernels import KERNELS
-from ._runtime import launch, threading_layer
+from ._runtime import launch, threading_layer, threads_used
 
 
 def _run(name, n_threads, *args):
@@ -106,7 +106,8 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
              _flat(grad_scale), loss_out.reshape(n), _grad(grad_out, logits, (n, c)), in_place)
     elif block:  # transposed blocks: they read into scratch first, so in place is safe too
         _run("index_tiles", n_threads, _ro(logits.reshape(-1)), *flat,
-             _grad(grad_out, logits, (-1,)), n, c, s, block, _streams(grad_out, logits))
+             _grad(grad_out, logits, (-1,)), n, c, s, block, _streams(grad_out, logits),
+             threads_used(n_threads))
     elif 1 < s and s * logits.itemsize <= _config.KDIM_ROWS_MAX_BYTES:
         # few positions of many classes: each sample's positions as rows for the row
         # kernel (the Cython backend does this for every kernel, Numba for this one)
@@ -114,10 +115,11 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
         _run("index_sample_rows", n_threads, _ro(logits.reshape(-1)), *flat,
              _grad(grad_out, logits, (-1,)), n, c, s, group)
     elif in_place:
-        _run("index_tiles_in_place", n_threads, grad_out.reshape(-1), *flat, n, c, s)
+        _run("index_tiles_in_place", n_threads, grad_out.reshape(-1), *flat, n, c, s,
+             threads_used(n_threads))
     else:
         _run("index_tiles", n_threads, _ro(logits.reshape(-1)), *flat,
-             _grad(grad_out, logits, (-1,)), n, c, s, 0, False)
+             _grad(grad_out, logits, (-1,)), n, c, s, 0, False, threads_used(n_threads))
 
 
 def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out,
@@ -150,7 +152,7 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
         _run("proba_tiles", n_threads, _ro(logits.reshape(-1)), _ro(target.reshape(-1)),
              _ro(weight), float(label_smoothing), _flat(grad_scale), loss_out.reshape(-1),
              _grad(grad_out, logits, (-1,)), n, c, s, block,
-             bool(block) and _streams(grad_out, logits))
+             bool(block) and _streams(grad_out, logits), threads_used(n_threads))
 
 
 def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out, n_threads):
@@ -177,7 +179,7 @@ def softmax(logits, log, out, n_threads):
              out.reshape(n, c))
     else:
         _run("softmax_tiles", n_threads, _ro(logits.reshape(-1)), bool(log), out.reshape(-1),
-             n, c, s, block, bool(block) and _streams(out, logits))
+             n, c, s, block, bool(block) and _streams(out, logits), threads_used(n_threads))
 
 
 def logsumexp(logits, out, n_threads):
@@ -190,7 +192,7 @@ def logsumexp(logits, out, n_threads):
         _run("logsumexp_rows", n_threads, _ro(logits.reshape(n, c)), out.reshape(n))
     else:
         _run("logsumexp_tiles", n_threads, _ro(logits.reshape(-1)), out.reshape(-1), n, c, s,
-             block)
+             block, threads_used(n_threads))
 
 
 def log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads):

@@ -24,7 +24,7 @@ float64 (Numba compiles each per dtype).
 """
 
 import numpy as np
-from numba import get_num_threads, prange
+from numba import prange
 
 from .._config import (
     BCE_AHEAD, KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE,
@@ -385,14 +385,13 @@ def _n_tiles(n_samples, n_pos, block):
 
 
 @helper
-def _tiles_per_task(n_classes, n_tiles):
-    """Tiles per parallel task of a ``*_tiles`` kernel; a task's tiles share its scratch
-    arrays. For few classes, whose allocations cost as much as a fifth of their
-    arithmetic, one task per thread: Numba splits a prange into equal parts per thread,
-    so more tasks balance nothing and each allocates again. Else one tile per task (with
-    more classes the allocations cost little)."""
+def _tiles_per_task(n_classes, n_tiles, threads):
+    """Tiles per parallel task of a ``*_tiles`` kernel run on ``threads`` threads; a task's
+    tiles share its scratch arrays. For few classes, whose allocations cost as much as a
+    fifth of their arithmetic, one task per thread: Numba splits a prange into equal parts
+    per thread, so more tasks balance nothing and each allocates again. Else one tile per
+    task (with more classes the allocations cost little)."""
     if n_classes <= KDIM_BLOCK_MAX_C:
-        threads = get_num_threads()
         return max(1, (n_tiles + threads - 1) // threads)
     return 1
 
@@ -608,7 +607,7 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
 
 
 def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
-                 grad_out, n_samples, n_classes, n_pos, block, stream):
+                 grad_out, n_samples, n_classes, n_pos, block, stream, threads):
     """Tiled kernel on the flat (N, C, S) array.
 
     ``block == 0``: tiles run along S in place (TILE positions of one sample at a time).
@@ -618,10 +617,11 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     (``S == 1``) would be shorter than a vector, and so are the tiles of few positions.
     The tile's arithmetic is per position, so both give the same bits. ``stream``: the
     blocks write ``grad_out`` with non-temporal stores (see :func:`_stream_copy`).
+    ``threads``: the threads the kernel runs on (see :func:`_tiles_per_task`).
     """
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    per_task = _tiles_per_task(n_classes, n_tiles)
+    per_task = _tiles_per_task(n_classes, n_tiles, threads)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -687,14 +687,14 @@ def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale
 
 
 def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad_scale,
-                          loss_out, n_samples, n_classes, n_pos):
+                          loss_out, n_samples, n_classes, n_pos, threads):
     """:func:`_index_tiles` for K-dim logits (``n_pos > 1``) whose gradient is written over
     them (no label smoothing): ``grad`` holds the logits and receives the gradient, and
     the exps go through :func:`_tile_max_sumexp_in_place`. Given two arguments that
     overlap, LLVM's runtime alias checks sent the tile loops to their scalar versions
     (4 x 21 x 256 x 256 float32: 22.9 ms in place against 8.8 ms into another buffer)."""
     n_tiles = _n_tiles(n_samples, n_pos, 0)
-    per_task = _tiles_per_task(n_classes, n_tiles)
+    per_task = _tiles_per_task(n_classes, n_tiles, threads)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=grad.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -786,12 +786,12 @@ def _proba_tile(x, q, base, stride, n_classes, width, weight, eps, grad_scale, p
 
 
 def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_samples,
-                 n_classes, n_pos, block, stream):
-    """Tiled kernel on flat (N, C, S) arrays; ``block`` and ``stream`` as for
+                 n_classes, n_pos, block, stream, threads):
+    """Tiled kernel on flat (N, C, S) arrays; ``block``, ``stream`` and ``threads`` as for
     :func:`_index_tiles`."""
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    per_task = _tiles_per_task(n_classes, n_tiles)
+    per_task = _tiles_per_task(n_classes, n_tiles, threads)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)
@@ -861,11 +861,11 @@ def _softmax_tile(x, base, stride, n_classes, width, log, out, m, s, log_s, shif
                 out[off + j] = out[off + j] * shift[j]
 
 
-def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block, stream):
-    """Tiled kernel on flat (N, C, S) arrays; ``block`` and ``stream`` (into ``out``) as
-    for :func:`_index_tiles`."""
+def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block, stream, threads):
+    """Tiled kernel on flat (N, C, S) arrays; ``block``, ``stream`` (into ``out``) and
+    ``threads`` as for :func:`_index_tiles`."""
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    per_task = _tiles_per_task(n_classes, n_tiles)
+    per_task = _tiles_per_task(n_classes, n_tiles, threads)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         shift = np.empty(TILE, dtype=x.dtype)
@@ -926,10 +926,11 @@ def _logsumexp_tile(x, base, stride, n_classes, width, out, pos0, m, s, log_s, e
             out[pos0 + j] = np.float64(m[j]) + log_s[j]
 
 
-def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block):
-    """Tiled kernel on flat (N, C, S) arrays; ``block`` as for :func:`_index_tiles`."""
+def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block, threads):
+    """Tiled kernel on flat (N, C, S) arrays; ``block`` and ``threads`` as for
+    :func:`_index_tiles`."""
     n_tiles = _n_tiles(n_samples, n_pos, block)
-    per_task = _tiles_per_task(n_classes, n_tiles)
+    per_task = _tiles_per_task(n_classes, n_tiles, threads)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)

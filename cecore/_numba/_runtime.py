@@ -176,6 +176,13 @@ _launch_lock = threading.Lock()
 _layer = None
 
 
+def threads_used(n_threads):
+    """The threads :func:`launch` runs a kernel on (kernels that split their work per
+    thread take it as an argument: asked for inside a kernel, Numba's thread count is a
+    dynamic global, which keeps the kernel out of the on-disk cache)."""
+    return 1 if n_threads <= 1 else min(n_threads, numba.config.NUMBA_NUM_THREADS)
+
+
 def launch(kernel, n_threads, *args):
     """Run a ``(parallel, serial)`` pair made by :func:`jit` on ``n_threads`` threads.
 
@@ -187,9 +194,10 @@ def launch(kernel, n_threads, *args):
     """
     global _layer
     parallel, serial = kernel
-    if n_threads <= 1:
+    n_threads = threads_used(n_threads)
+    if n_threads == 1:
         return serial(*args)
-    numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n_threads)
     if _layer is None or _layer == "workqueue":
         with _launch_lock:
             result = parallel(*args)
