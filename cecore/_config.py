@@ -62,7 +62,6 @@ SUM_BLOCK = 256
 # Rows per parallel task in the Numba row kernels (amortises the per-task scratch row).
 ROWS_PER_TASK = 16
 
-
 # Independent float64 accumulators of the C row max and row sums (combined in a fixed
 # order): one per vector lane would wait on one add's latency per vector. 16 = four
 # AVX2 vectors of doubles. (The Numba kernels leave this to LLVM.)

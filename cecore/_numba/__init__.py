@@ -70,7 +70,7 @@ def _block(c, s, itemsize, two_inputs=False):
     over part of a vector: blocks of samples are transposed into one tile of positions.
     Float64 rows go by blocks of TILE / 2 rows, the bytes of a float32 block, so that the
     block's input and gradient tiles (2 x 20 KB at TILE rows of ten classes) stay in L1:
-    bench_ab.py, AVX2 code, 1e6 x 10 loss + gradient 0.88-0.94x the time, log_softmax
+    bench_ab.py, AVX2 code, 1e6 x 10 loss + gradient 0.84-0.94x the time, log_softmax
     and logsumexp of 1e6 x 8 0.90-0.93x, same bits. Not for probability targets
     (``two_inputs``), which read a second tile and ask for no lines ahead: 1.08-1.09x
     (results/ab_numba_f64_block_avx2code_zen4*.json).
