@@ -115,8 +115,10 @@ def _run_proba(kernels, x, q, w, eps, gs, want_grad, n_threads):
 
 
 # (150, 17, 1): few classes in several blocks of SMALL_C_ROWS rows, the last one partial,
-# and class counts that are not a multiple of the register transposes' 8 (or 4).
-SHAPES = [(7, 1, 1), (13, 3, 1), (33, 10, 1), (150, 17, 1), (9, 1000, 1),
+# and class counts that are not a multiple of the register transposes' 8 (or 4); (70, 26,
+# 1): C % 8 == 2 past one 8 x 8 block (float32 rows take their last two classes with the
+# 8 x 2 transposes).
+SHAPES = [(7, 1, 1), (13, 3, 1), (33, 10, 1), (150, 17, 1), (70, 26, 1), (9, 1000, 1),
           (3, 3, 300), (2, 10, 517), (2, 1, 40), (1, 1000, 260)]
 # K-dim inputs with few positions (_config.KDIM_*, which depend on S * itemsize): blocks
 # of samples transposed into one tile (several blocks, the last partial, S that divides

@@ -209,6 +209,66 @@ def _tr_block(typingctx, src, s0, sld, dst, d0, dld):
     return types.void(src, s0, sld, dst, d0, dld), codegen
 
 
+@intrinsic
+def _tr_8x2(typingctx, src, s0, sld, dst, d0, dld):
+    """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j < 8, c < 2: the last two of ten
+    classes (C % 8 == 2) of 8 rows into a tile, as cec_tr_8x2_f32 in
+    cecore_ext/_rowkernels.h, where a second 8 x 8 block overlapping the first by six
+    classes moved 64 values for 16. Called for float32 only; float64 arrays are typed too
+    (the caller's branch on the item size is not known when Numba types the call)."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+            and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        src_p, dst_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
+                        for k in (0, 3))
+        s0_, sld_, d0_, dld_ = (context.cast(builder, args[k], signature.args[k], types.int64)
+                                for k in (1, 2, 4, 5))
+        ety = context.get_value_type(signature.args[0].dtype)
+        pty = ir.VectorType(ety, 2)
+        rows = [builder.load(builder.bitcast(
+            builder.gep(src_p, [builder.add(s0_, builder.mul(sld_, i64(j)))]),
+            pty.as_pointer()), align=1) for j in range(8)]
+        quads = [_shuffle(builder, rows[k], rows[k + 1], (0, 1, 2, 3)) for k in (0, 2, 4, 6)]
+        halves = [_shuffle(builder, quads[k], quads[k + 1], tuple(range(8))) for k in (0, 2)]
+        for c in range(2):
+            col = _shuffle(builder, halves[0], halves[1], tuple(range(c, 16, 2)))
+            p = builder.gep(dst_p, [builder.add(d0_, builder.mul(dld_, i64(c)))])
+            builder.store(col, builder.bitcast(p, col.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(src, s0, sld, dst, d0, dld), codegen
+
+
+@intrinsic
+def _tr_2x8(typingctx, src, s0, sld, dst, d0, dld):
+    """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j < 2, c < 8: the inverse of
+    :func:`_tr_8x2` (classes 8 and 9 of a tile back into 8 rows), as cec_tr_2x8_f32."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+            and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        src_p, dst_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
+                        for k in (0, 3))
+        s0_, sld_, d0_, dld_ = (context.cast(builder, args[k], signature.args[k], types.int64)
+                                for k in (1, 2, 4, 5))
+        vty = ir.VectorType(context.get_value_type(signature.args[0].dtype), 8)
+        a, b = (builder.load(builder.bitcast(
+            builder.gep(src_p, [builder.add(s0_, builder.mul(sld_, i64(j)))]),
+            vty.as_pointer()), align=1) for j in range(2))
+        for c in range(8):
+            pair = _shuffle(builder, a, b, (c, c + 8))
+            p = builder.gep(dst_p, [builder.add(d0_, builder.mul(dld_, i64(c)))])
+            builder.store(pair, builder.bitcast(p, pair.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(src, s0, sld, dst, d0, dld), codegen
+
+
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
