@@ -180,6 +180,19 @@ CEC_INLINE const char *cec_variant(void) { return CEC_VARIANT; }
 CEC_INLINE const char *cec_compile_args(void) { return CEC_COMPILE_ARGS; }
 CEC_INLINE const char *cec_compiler(void) { return CEC_COMPILER; }
 
+/* a * b + c, as one FMA where the build has them. gcc fuses a multiply and an add on its
+ * own (-ffp-contract=fast), but where two products are summed it picks one of them to fuse,
+ * and may pick differently in two loops that inline the same code: the loss of a call with
+ * a gradient and of a loss-only call would differ in the last bit. Without FMA
+ * instructions nothing is fused, so the plain expression is as deterministic. */
+#ifdef __FMA__
+#define CEC_FMAF(a, b, c) fmaf((a), (b), (c))
+#define CEC_FMA(a, b, c) fma((a), (b), (c))
+#else
+#define CEC_FMAF(a, b, c) ((a) * (b) + (c))
+#define CEC_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
 /* ------------------------------------------------------------------------- exp
  * exp(x) for x <= 0 or NaN (the argument is always x - rowmax), as
  * exp(x) = 2**k * P(r), r = x - k ln2, with the constants of _numba_kernels.py:
@@ -208,14 +221,17 @@ CEC_INLINE float cec_exp_f32(float x) {
     p = p * r + 4.1668388993e-2f;
     p = p * r + 1.6666521132e-1f;
     p = p * r + 4.9999994040e-1f;
-    p = p * r * r + r + 1.0f;
+    p = p * r * r + r;                          /* P(r) - 1 */
     uint32_t tbits;
     memcpy(&tbits, &t, sizeof tbits);
     /* tbits - bits(magic) == k in [-127, 0]; biased exponent k + 127 in [0, 127]. */
     const uint32_t bits = (tbits - UINT32_C(0x4B400000) + 127u) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    /* (P(r) - 1) * 2**k + 2**k: the "+ 1" inside the last FMA, an operation fewer than
+     * (P(r)) * 2**k and the same bits (scaling by 2**k is exact) except where the result
+     * is subnormal (exp(x) < 2**-126, x below -87.3): rounded once there, not twice. */
+    return CEC_FMAF(p, scale, scale);
 }
 
 CEC_INLINE double cec_exp_f64(double x) {
@@ -237,14 +253,14 @@ CEC_INLINE double cec_exp_f64(double x) {
     p = p * r + 0.04166666666662413;
     p = p * r + 0.16666666666666669;
     p = p * r + 0.5000000000000001;
-    p = p * r * r + r + 1.0;
+    p = p * r * r + r;
     uint64_t tbits;
     memcpy(&tbits, &t, sizeof tbits);
     /* k in [-1023, 0]; biased exponent k + 1023 in [0, 1023]. */
     const uint64_t bits = (tbits - UINT64_C(0x4338000000000000) + 1023u) << 52;
     double scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return CEC_FMA(p, scale, scale);            /* as cec_exp_f32 */
 }
 
 /* e ln2 + log(1 + f) for |f| small enough that |s| <= 0.2, s = f / (2 + f) (f in
@@ -290,18 +306,6 @@ CEC_INLINE double cec_log_sum(double s) {
     return s < INFINITY ? r : s;
 }
 
-/* a * b + c, as one FMA where the build has them. gcc fuses a multiply and an add on its
- * own (-ffp-contract=fast), but where two products are summed it picks one of them to fuse,
- * and may pick differently in two loops that inline the same code: the loss of a call with
- * a gradient and of a loss-only call would differ in the last bit. Without FMA
- * instructions nothing is fused, so the plain expression is as deterministic. */
-#ifdef __FMA__
-#define CEC_FMAF(a, b, c) fmaf((a), (b), (c))
-#define CEC_FMA(a, b, c) fma((a), (b), (c))
-#else
-#define CEC_FMAF(a, b, c) ((a) * (b) + (c))
-#define CEC_FMA(a, b, c) ((a) * (b) + (c))
-#endif
 
 /* log1p(z) for z = exp(-|x|) in [0, 1] (NaN passes), for the float64 binary
  * cross-entropy: 1 + z = 2**e (1 + f) with f exact and no exponent bits to take apart,

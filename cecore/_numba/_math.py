@@ -583,8 +583,10 @@ def _exp_consts(typingctx, arr):
 def _exp_nonpos(typingctx, x, k):
     """exp(x) for x <= 0 (or NaN), vectorisable, given ``k = _exp_consts(array of x's
     type)``: with ``x = max(x, MIN_X)``, ``t = x * LOG2E + MAGIC``, ``n = t - MAGIC``,
-    ``r = (x - n * LN2_HI) - n * LN2_LO``, ``exp(x) = (((Q(r) * r) * r + r) + 1) * 2**n``
-    (Q by Horner's rule; LOG2E, LN2_HI, LN2_LO and Q's coefficients from ``k``).
+    ``r = (x - n * LN2_HI) - n * LN2_LO``, ``exp(x) = ((Q(r) * r) * r + r) * 2**n + 2**n``
+    (Q by Horner's rule; LOG2E, LN2_HI, LN2_LO and Q's coefficients from ``k``; the last
+    step one FMA, the same bits as (P(r)) * 2**n except for subnormal results, see
+    cec_exp_f32).
 
     Emitted as LLVM instructions in the caller, each flagged "contract", "nsz" and "arcp"
     (not "reassoc", which lets LLVM fold the two-part ln2 back into one and undo the exact
@@ -624,8 +626,9 @@ def _exp_nonpos(typingctx, x, k):
         p = q[0]
         for c in q[1:]:
             p = add(mul(p, r), c)
-        p = add(add(mul(mul(p, r), r), r), const(1.0))
-        return mul(p, _pow2_codegen(builder, t, *pow2, fty))
+        p = add(mul(mul(p, r), r), r)
+        scale = _pow2_codegen(builder, t, *pow2, fty)
+        return add(mul(p, scale), scale)  # the "+ 1" in an FMA, as cec_exp_f32
 
     return x(x, k), codegen
 
