@@ -157,116 +157,99 @@ def _add_blocks(typingctx, acc, v, n_blocks):
     return types.void(acc, v, n_blocks), codegen
 
 
-@intrinsic
-def _tr_block(typingctx, src, s0, sld, dst, d0, dld):
+def _block_copy(emit):
+    """An intrinsic ``f(src, s0, sld, dst, d0, dld)`` on 1-D float32 or float64 arrays that
+    moves a block of values in registers: ``emit(builder, ety, load, store)`` writes its
+    LLVM instructions, where ``load(j, vty)`` reads a vector of type ``vty`` at
+    ``src[s0 + j * sld]`` and ``store(c, v)`` writes ``v`` at ``dst[d0 + c * dld]`` (both
+    unaligned). Generic LLVM vectors: without AVX the backend splits them, and the copy is
+    the same everywhere. No bounds checks: the caller's loops keep the block inside both
+    arrays."""
+
+    def typer(typingctx, src, s0, sld, dst, d0, dld):
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
+                and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i64 = ir.IntType(64)
+            src_p, dst_p = (context.make_array(signature.args[k])(context, builder, args[k])
+                            .data for k in (0, 3))
+            s0_, sld_, d0_, dld_ = (context.cast(builder, args[k], signature.args[k],
+                                                 types.int64) for k in (1, 2, 4, 5))
+
+            def at(base, start, step, k, ty):
+                p = builder.gep(base, [builder.add(start, builder.mul(step, i64(k)))])
+                return builder.bitcast(p, ty.as_pointer())
+
+            def load(j, vty):
+                return builder.load(at(src_p, s0_, sld_, j, vty), align=1)
+
+            def store(c, v):
+                builder.store(v, at(dst_p, d0_, dld_, c, v.type), align=1)
+
+            emit(builder, context.get_value_type(signature.args[0].dtype), load, store)
+            return context.get_dummy_value()
+
+        return types.void(src, s0, sld, dst, d0, dld), codegen
+
+    typer.__name__, typer.__doc__ = emit.__name__, emit.__doc__
+    return intrinsic(typer)
+
+
+@_block_copy
+def _tr_block(builder, ety, load, store):
     """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j, c < v, v = 32 // itemsize:
     an 8 x 8 float32 (4 x 4 float64) block transposed in registers, as cec_tr_block in
     cecore_ext/_rowkernels.h (unpack pairs, then pairs of pairs, then 128-bit halves).
     Written as the strided copy it is, LLVM keeps the few-classes transposes scalar (one
-    element per load and store). Generic LLVM vectors: without AVX the backend splits
-    them, and the copy is the same everywhere. No bounds checks: the caller's loops keep
-    the block inside both arrays."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
-            and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)):
-        return None
-    f32 = src.dtype == types.float32
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        src_p, dst_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
-                        for k in (0, 3))
-        s0_, sld_, d0_, dld_ = (context.cast(builder, args[k], signature.args[k], types.int64)
-                                for k in (1, 2, 4, 5))
-        vty = ir.VectorType(ir.FloatType() if f32 else ir.DoubleType(), 8 if f32 else 4)
-
-        def at(base, start, step, k):
-            p = builder.gep(base, [builder.add(start, builder.mul(step, i64(k)))])
-            return builder.bitcast(p, vty.as_pointer())
-
-        r = [builder.load(at(src_p, s0_, sld_, j), align=1) for j in range(vty.count)]
-        if f32:
-            lo, hi = (0, 8, 1, 9, 4, 12, 5, 13), (2, 10, 3, 11, 6, 14, 7, 15)
-            t = [_shuffle(builder, r[k - k % 2], r[k - k % 2 + 1], hi if k % 2 else lo)
-                 for k in range(8)]
-            lo, hi = (0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15)
-            u = []
-            for k in (0, 4):
-                u += [_shuffle(builder, t[k], t[k + 2], lo), _shuffle(builder, t[k], t[k + 2], hi),
-                      _shuffle(builder, t[k + 1], t[k + 3], lo),
-                      _shuffle(builder, t[k + 1], t[k + 3], hi)]
-            out = [_shuffle(builder, u[i % 4], u[i % 4 + 4],
-                            (0, 1, 2, 3, 8, 9, 10, 11) if i < 4 else (4, 5, 6, 7, 12, 13, 14, 15))
-                   for i in range(8)]
-        else:
-            t = [_shuffle(builder, r[k - k % 2], r[k - k % 2 + 1], (1, 5, 3, 7) if k % 2 else
-                          (0, 4, 2, 6)) for k in range(4)]
-            out = [_shuffle(builder, t[i % 2], t[i % 2 + 2], (2, 3, 6, 7) if i >= 2 else
-                            (0, 1, 4, 5)) for i in range(4)]
-        for c in range(vty.count):
-            builder.store(out[c], at(dst_p, d0_, dld_, c), align=1)
-        return context.get_dummy_value()
-
-    return types.void(src, s0, sld, dst, d0, dld), codegen
+    element per load and store)."""
+    f32 = isinstance(ety, ir.FloatType)
+    vty = ir.VectorType(ety, 8 if f32 else 4)
+    r = [load(j, vty) for j in range(vty.count)]
+    if f32:
+        lo, hi = (0, 8, 1, 9, 4, 12, 5, 13), (2, 10, 3, 11, 6, 14, 7, 15)
+        t = [_shuffle(builder, r[k - k % 2], r[k - k % 2 + 1], hi if k % 2 else lo)
+             for k in range(8)]
+        lo, hi = (0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15)
+        u = []
+        for k in (0, 4):
+            u += [_shuffle(builder, t[k], t[k + 2], lo), _shuffle(builder, t[k], t[k + 2], hi),
+                  _shuffle(builder, t[k + 1], t[k + 3], lo),
+                  _shuffle(builder, t[k + 1], t[k + 3], hi)]
+        out = [_shuffle(builder, u[i % 4], u[i % 4 + 4],
+                        (0, 1, 2, 3, 8, 9, 10, 11) if i < 4 else (4, 5, 6, 7, 12, 13, 14, 15))
+               for i in range(8)]
+    else:
+        t = [_shuffle(builder, r[k - k % 2], r[k - k % 2 + 1], (1, 5, 3, 7) if k % 2 else
+                      (0, 4, 2, 6)) for k in range(4)]
+        out = [_shuffle(builder, t[i % 2], t[i % 2 + 2], (2, 3, 6, 7) if i >= 2 else
+                        (0, 1, 4, 5)) for i in range(4)]
+    for c in range(vty.count):
+        store(c, out[c])
 
 
-@intrinsic
-def _tr_8x2(typingctx, src, s0, sld, dst, d0, dld):
+@_block_copy
+def _tr_8x2(builder, ety, load, store):
     """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j < 8, c < 2: the last two of ten
     classes (C % 8 == 2) of 8 rows into a tile, as cec_tr_8x2_f32 in
     cecore_ext/_rowkernels.h, where a second 8 x 8 block overlapping the first by six
     classes moved 64 values for 16. Called for float32 only; float64 arrays are typed too
     (the caller's branch on the item size is not known when Numba types the call)."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
-            and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        src_p, dst_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
-                        for k in (0, 3))
-        s0_, sld_, d0_, dld_ = (context.cast(builder, args[k], signature.args[k], types.int64)
-                                for k in (1, 2, 4, 5))
-        ety = context.get_value_type(signature.args[0].dtype)
-        pty = ir.VectorType(ety, 2)
-        rows = [builder.load(builder.bitcast(
-            builder.gep(src_p, [builder.add(s0_, builder.mul(sld_, i64(j)))]),
-            pty.as_pointer()), align=1) for j in range(8)]
-        quads = [_shuffle(builder, rows[k], rows[k + 1], (0, 1, 2, 3)) for k in (0, 2, 4, 6)]
-        halves = [_shuffle(builder, quads[k], quads[k + 1], tuple(range(8))) for k in (0, 2)]
-        for c in range(2):
-            col = _shuffle(builder, halves[0], halves[1], tuple(range(c, 16, 2)))
-            p = builder.gep(dst_p, [builder.add(d0_, builder.mul(dld_, i64(c)))])
-            builder.store(col, builder.bitcast(p, col.type.as_pointer()), align=1)
-        return context.get_dummy_value()
-
-    return types.void(src, s0, sld, dst, d0, dld), codegen
+    rows = [load(j, ir.VectorType(ety, 2)) for j in range(8)]
+    quads = [_shuffle(builder, rows[k], rows[k + 1], (0, 1, 2, 3)) for k in (0, 2, 4, 6)]
+    halves = [_shuffle(builder, quads[k], quads[k + 1], tuple(range(8))) for k in (0, 2)]
+    for c in range(2):
+        store(c, _shuffle(builder, halves[0], halves[1], tuple(range(c, 16, 2))))
 
 
-@intrinsic
-def _tr_2x8(typingctx, src, s0, sld, dst, d0, dld):
+@_block_copy
+def _tr_2x8(builder, ety, load, store):
     """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j < 2, c < 8: the inverse of
     :func:`_tr_8x2` (classes 8 and 9 of a tile back into 8 rows), as cec_tr_2x8_f32."""
-    if not (isinstance(src, types.Array) and isinstance(dst, types.Array)
-            and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        src_p, dst_p = (context.make_array(signature.args[k])(context, builder, args[k]).data
-                        for k in (0, 3))
-        s0_, sld_, d0_, dld_ = (context.cast(builder, args[k], signature.args[k], types.int64)
-                                for k in (1, 2, 4, 5))
-        vty = ir.VectorType(context.get_value_type(signature.args[0].dtype), 8)
-        a, b = (builder.load(builder.bitcast(
-            builder.gep(src_p, [builder.add(s0_, builder.mul(sld_, i64(j)))]),
-            vty.as_pointer()), align=1) for j in range(2))
-        for c in range(8):
-            pair = _shuffle(builder, a, b, (c, c + 8))
-            p = builder.gep(dst_p, [builder.add(d0_, builder.mul(dld_, i64(c)))])
-            builder.store(pair, builder.bitcast(p, pair.type.as_pointer()), align=1)
-        return context.get_dummy_value()
-
-    return types.void(src, s0, sld, dst, d0, dld), codegen
+    a, b = (load(j, ir.VectorType(ety, 8)) for j in range(2))
+    for c in range(8):
+        store(c, _shuffle(builder, a, b, (c, c + 8)))
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
