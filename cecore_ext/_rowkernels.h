@@ -2,7 +2,7 @@
  *
  * Everything here is plain C on raw pointers; the Cython layer (_kernels.pxi) only
  * unpacks arrays, handles ignored targets and strided broadcast arguments, and runs
- * rows / tiles on OpenMP threads. The algorithms are those of cecore/_numba_kernels.py:
+ * rows / tiles on OpenMP threads. The algorithms are those of cecore/_numba/_kernels.py:
  *
  *   row path  (S == 1): max pass; exp + float64 sum pass that stores exp into the
  *                       gradient row; scale pass in place. The row stays in L1/L2
@@ -195,7 +195,7 @@ CEC_INLINE const char *cec_compiler(void) { return CEC_COMPILER; }
 
 /* ------------------------------------------------------------------------- exp
  * exp(x) for x <= 0 or NaN (the argument is always x - rowmax), as
- * exp(x) = 2**k * P(r), r = x - k ln2, with the constants of _numba_kernels.py:
+ * exp(x) = 2**k * P(r), r = x - k ln2, with the constants of cecore/_numba/_math.py:
  *  - x is first clamped from below (NaN passes: the comparison is false) so that r stays
  *    finite for -inf;
  *  - k = round(x / ln2) comes from the "magic number" trick: adding 1.5 * 2**23 (2**52
@@ -305,7 +305,6 @@ CEC_INLINE double cec_log_sum(double s) {
     const double r = cec_log_reduced(e, a - 1.0);
     return s < INFINITY ? r : s;
 }
-
 
 /* log1p(z) for z = exp(-|x|) in [0, 1] (NaN passes), for the float64 binary
  * cross-entropy: 1 + z = 2**e (1 + f) with f exact and no exponent bits to take apart,
