@@ -455,6 +455,30 @@ CEC_INLINE void cec_tr_2x8_f32(const float *src, ptrdiff_t sld, float *dst, ptrd
     _mm_storeh_pi((__m64 *)(dst + 7 * dld), r67);
 }
 
+/* The same for doubles, whose register block is 4 x 4: the last two of C % 4 == 2
+ * classes (six, ten) of 4 rows (cec_tr_4x2_f64) and back (cec_tr_2x4_f64), where a
+ * third 4 x 4 block overlapping the second by two classes moved 16 values for 8.
+ * bench_ab.py --paired, Zen 4, float64 1e6 x 10 and 65536 x 10 loss + gradient: AVX2
+ * build 0.97-0.99x the time, AVX-512 build 0.95-1.01x, same bits
+ * (results/ab_tr4x2_f64_avx2code_zen4*.json). */
+CEC_INLINE void cec_tr_4x2_f64(const double *src, ptrdiff_t sld, double *dst, ptrdiff_t dld) {
+    const __m256d r02 = _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(src)),
+                                             _mm_loadu_pd(src + 2 * sld), 1);
+    const __m256d r13 = _mm256_insertf128_pd(_mm256_castpd128_pd256(_mm_loadu_pd(src + sld)),
+                                             _mm_loadu_pd(src + 3 * sld), 1);
+    _mm256_storeu_pd(dst, _mm256_unpacklo_pd(r02, r13));
+    _mm256_storeu_pd(dst + dld, _mm256_unpackhi_pd(r02, r13));
+}
+
+CEC_INLINE void cec_tr_2x4_f64(const double *src, ptrdiff_t sld, double *dst, ptrdiff_t dld) {
+    const __m256d c0 = _mm256_loadu_pd(src), c1 = _mm256_loadu_pd(src + sld);
+    const __m256d lo = _mm256_unpacklo_pd(c0, c1), hi = _mm256_unpackhi_pd(c0, c1);
+    _mm_storeu_pd(dst, _mm256_castpd256_pd128(lo));
+    _mm_storeu_pd(dst + dld, _mm256_castpd256_pd128(hi));
+    _mm_storeu_pd(dst + 2 * dld, _mm256_extractf128_pd(lo, 1));
+    _mm_storeu_pd(dst + 3 * dld, _mm256_extractf128_pd(hi, 1));
+}
+
 CEC_INLINE void cec_tr_block_f64(const double *src, ptrdiff_t sld, double *dst,
                                  ptrdiff_t dld) {
     const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + sld);
@@ -579,31 +603,40 @@ CEC_INLINE T CEC_FN(cec_row_max)(const T *x, ptrdiff_t n) {
  * build has them (cec_tr_block); where rows or cols is not a multiple of the block, the
  * last block overlaps the one before it and writes some values twice, the same values
  * (callgrind, AVX2, 10 float32 classes: 26 instructions per row with classes 8 and 9
- * copied element by element, 11 with the overlapping block); float32 rows of C % 8 == 2
- * classes (ten) take their last two with cec_tr_8x2 / cec_tr_2x8 instead.
+ * copied element by element, 11 with the overlapping block); rows of C % 8 == 2 float32
+ * or C % 4 == 2 float64 classes (ten) take their last two with cec_tr_8x2 / cec_tr_2x8
+ * (cec_tr_4x2 / cec_tr_2x4) instead.
  * Element by element only when a side is shorter than a block, the inner loop along the
  * longer side. Pure copies, so the results do not depend on the build. */
 CEC_INLINE void CEC_FN(cec_transpose)(const T *src, ptrdiff_t sld, ptrdiff_t rows,
                                       ptrdiff_t cols, T *dst, ptrdiff_t dld) {
 #ifdef CEC_HAVE_TR_BLOCK
     const ptrdiff_t v = 32 / (ptrdiff_t)sizeof(T);
-    if (sizeof(T) == 4 && rows >= v && cols > v && cols % v == 2) {  /* into a tile */
+    if (rows >= v && cols > v && cols % v == 2) {  /* into a tile */
         for (ptrdiff_t j0 = 0; j0 < rows; j0 += v) {
             const ptrdiff_t j = j0 + v <= rows ? j0 : rows - v;
             for (ptrdiff_t c = 0; c + v <= cols; c += v)
                 CEC_FN(cec_tr_block)(src + j * sld + c, sld, dst + c * dld + j, dld);
-            cec_tr_8x2_f32((const float *)(src + j * sld + cols - 2), sld,
-                           (float *)(dst + (cols - 2) * dld + j), dld);
+            if (sizeof(T) == 4)
+                cec_tr_8x2_f32((const float *)(src + j * sld + cols - 2), sld,
+                               (float *)(dst + (cols - 2) * dld + j), dld);
+            else
+                cec_tr_4x2_f64((const double *)(src + j * sld + cols - 2), sld,
+                               (double *)(dst + (cols - 2) * dld + j), dld);
         }
         return;
     }
-    if (sizeof(T) == 4 && cols >= v && rows > v && rows % v == 2) {  /* out of a tile */
+    if (cols >= v && rows > v && rows % v == 2) {  /* out of a tile */
         for (ptrdiff_t c0 = 0; c0 < cols; c0 += v) {
             const ptrdiff_t c = c0 + v <= cols ? c0 : cols - v;
             for (ptrdiff_t j = 0; j + v <= rows; j += v)
                 CEC_FN(cec_tr_block)(src + j * sld + c, sld, dst + c * dld + j, dld);
-            cec_tr_2x8_f32((const float *)(src + (rows - 2) * sld + c), sld,
-                           (float *)(dst + c * dld + rows - 2), dld);
+            if (sizeof(T) == 4)
+                cec_tr_2x8_f32((const float *)(src + (rows - 2) * sld + c), sld,
+                               (float *)(dst + c * dld + rows - 2), dld);
+            else
+                cec_tr_2x4_f64((const double *)(src + (rows - 2) * sld + c), sld,
+                               (double *)(dst + c * dld + rows - 2), dld);
         }
         return;
     }

@@ -32,7 +32,7 @@ from .._config import (
 from ._math import (
     _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _exp_consts,
     _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product, _row_max,
-    _store_fence, _stream_line, _tr_2x8, _tr_8x2, _tr_block, _view,
+    _store_fence, _stream_line, _tr_2n, _tr_block, _tr_n2, _view,
 )
 from ._runtime import helper, jit
 
@@ -423,21 +423,24 @@ def _transpose(src, s0, sld, rows, cols, dst, d0, dld):
     """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j < rows, c < cols: rows of few
     classes to a (classes, rows) tile and back. By register blocks (_tr_block) where
     both sides are at least a block; where rows or cols is not a multiple of it, the last
-    block overlaps the one before and writes some values twice, the same values."""
+    block overlaps the one before and writes some values twice, the same values, except
+    for the last two of C % 8 == 2 float32 classes (_tr_n2, _tr_2n)."""
     v = 32 // src.itemsize
-    if v == 8 and rows >= v and cols > v and cols % v == 2:  # ten float32 classes in
+    # float32 only: for float64 (4 x 2 blocks) LLVM's code took 1.00-1.07x the time of the
+    # overlapping 4 x 4 block (results/ab_tr4x2_f64_avx2code_zen4*.json)
+    if v == 8 and rows >= v and cols > v and cols % v == 2:  # ten classes into a tile
         for j0 in range(0, rows, v):
             j = j0 if j0 + v <= rows else rows - v
             for c in range(0, cols - v + 1, v):
                 _tr_block(src, s0 + j * sld + c, sld, dst, d0 + c * dld + j, dld)
-            _tr_8x2(src, s0 + j * sld + cols - 2, sld, dst, d0 + (cols - 2) * dld + j, dld)
+            _tr_n2(src, s0 + j * sld + cols - 2, sld, dst, d0 + (cols - 2) * dld + j, dld)
         return
     if v == 8 and cols >= v and rows > v and rows % v == 2:  # and out
         for c0 in range(0, cols, v):
             c = c0 if c0 + v <= cols else cols - v
             for j in range(0, rows - v + 1, v):
                 _tr_block(src, s0 + j * sld + c, sld, dst, d0 + c * dld + j, dld)
-            _tr_2x8(src, s0 + (rows - 2) * sld + c, sld, dst, d0 + c * dld + rows - 2, dld)
+            _tr_2n(src, s0 + (rows - 2) * sld + c, sld, dst, d0 + c * dld + rows - 2, dld)
         return
     if rows >= v and cols >= v:
         for j0 in range(0, rows, v):

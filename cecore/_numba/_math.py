@@ -197,6 +197,11 @@ def _block_copy(emit):
     return intrinsic(typer)
 
 
+def _block_width(ety):
+    """Values of type ``ety`` in a 32-byte register block: 8 float32, 4 float64."""
+    return 8 if isinstance(ety, ir.FloatType) else 4
+
+
 @_block_copy
 def _tr_block(builder, ety, load, store):
     """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j, c < v, v = 32 // itemsize:
@@ -204,8 +209,8 @@ def _tr_block(builder, ety, load, store):
     cecore_ext/_rowkernels.h (unpack pairs, then pairs of pairs, then 128-bit halves).
     Written as the strided copy it is, LLVM keeps the few-classes transposes scalar (one
     element per load and store)."""
-    f32 = isinstance(ety, ir.FloatType)
-    vty = ir.VectorType(ety, 8 if f32 else 4)
+    vty = ir.VectorType(ety, _block_width(ety))
+    f32 = vty.count == 8
     r = [load(j, vty) for j in range(vty.count)]
     if f32:
         lo, hi = (0, 8, 1, 9, 4, 12, 5, 13), (2, 10, 3, 11, 6, 14, 7, 15)
@@ -230,26 +235,30 @@ def _tr_block(builder, ety, load, store):
 
 
 @_block_copy
-def _tr_8x2(builder, ety, load, store):
-    """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j < 8, c < 2: the last two of ten
-    classes (C % 8 == 2) of 8 rows into a tile, as cec_tr_8x2_f32 in
-    cecore_ext/_rowkernels.h, where a second 8 x 8 block overlapping the first by six
-    classes moved 64 values for 16. Called for float32 only; float64 arrays are typed too
-    (the caller's branch on the item size is not known when Numba types the call)."""
-    rows = [load(j, ir.VectorType(ety, 2)) for j in range(8)]
-    quads = [_shuffle(builder, rows[k], rows[k + 1], (0, 1, 2, 3)) for k in (0, 2, 4, 6)]
-    halves = [_shuffle(builder, quads[k], quads[k + 1], tuple(range(8))) for k in (0, 2)]
+def _tr_n2(builder, ety, load, store):
+    """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j < v, c < 2 (v as
+    :func:`_tr_block`): the last two of C % v == 2 classes (ten) of v rows into a tile, as
+    cec_tr_8x2_f32 / cec_tr_4x2_f64 in cecore_ext/_rowkernels.h, where a further block
+    overlapping the one before it by v - 2 classes moved v * v values for 2 v. The
+    kernels call it for float32 only (see _transpose)."""
+    v = _block_width(ety)
+    parts = [load(j, ir.VectorType(ety, 2)) for j in range(v)]
+    while len(parts) > 2:  # concatenated pairwise, down to two halves of v values
+        parts = [_shuffle(builder, parts[k], parts[k + 1], tuple(range(2 * parts[k].type.count)))
+                 for k in range(0, len(parts), 2)]
     for c in range(2):
-        store(c, _shuffle(builder, halves[0], halves[1], tuple(range(c, 16, 2))))
+        store(c, _shuffle(builder, parts[0], parts[1], tuple(range(c, 2 * v, 2))))
 
 
 @_block_copy
-def _tr_2x8(builder, ety, load, store):
-    """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j < 2, c < 8: the inverse of
-    :func:`_tr_8x2` (classes 8 and 9 of a tile back into 8 rows), as cec_tr_2x8_f32."""
-    a, b = (load(j, ir.VectorType(ety, 8)) for j in range(2))
-    for c in range(8):
-        store(c, _shuffle(builder, a, b, (c, c + 8)))
+def _tr_2n(builder, ety, load, store):
+    """dst[d0 + c * dld + j] = src[s0 + j * sld + c] for j < 2, c < v: the inverse of
+    :func:`_tr_n2` (the last two classes of a tile back into v rows), as cec_tr_2x8_f32 /
+    cec_tr_2x4_f64."""
+    v = _block_width(ety)
+    a, b = (load(j, ir.VectorType(ety, v)) for j in range(2))
+    for c in range(v):
+        store(c, _shuffle(builder, a, b, (c, c + v)))
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
