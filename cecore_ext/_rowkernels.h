@@ -230,7 +230,8 @@ CEC_INLINE float cec_exp_f32(float x) {
     memcpy(&scale, &bits, sizeof scale);
     /* (P(r) - 1) * 2**k + 2**k: the "+ 1" inside the last FMA, an operation fewer than
      * (P(r)) * 2**k and the same bits (scaling by 2**k is exact) except where the result
-     * is subnormal (exp(x) < 2**-126, x below -87.3): rounded once there, not twice. */
+     * is subnormal (exp(x) < 2**-126, x below -87.3): rounded once there, not twice.
+     * 0.95-1.01x the time on AVX2 code (results/ab_exp_fma_scale_avx2code_zen4.json). */
     return CEC_FMAF(p, scale, scale);
 }
 
