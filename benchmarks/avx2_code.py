@@ -10,7 +10,9 @@ and Numba compiled for ``znver3``. For Numba the CPU name is not enough:
 ``NUMBA_CPU_FEATURES`` is set too, to the host's features with every AVX-512 extension
 (and the other instructions a Zen 3 lacks) turned off. ``machine_info()`` records what
 each competitor ran (``numba_target``, ``torch_capability``, ``cecore_build``).
-A separate ``NUMBA_CACHE_DIR`` keeps these compilations apart from the host's.
+A separate ``NUMBA_CACHE_DIR`` keeps these compilations apart from the host's. JAX, when
+a benchmark runs it, gets ``--xla_cpu_max_isa=AVX2`` (without it XLA's 256-bit code still
+used AVX-512VL instructions: ``vscalef``, ``vpternlog``, mask registers).
 """
 import os
 import subprocess
@@ -33,6 +35,7 @@ def avx2_code_env(environ=os.environ):
     env = dict(environ)
     env.update(CECORE_SIMD="avx2", ATEN_CPU_CAPABILITY="avx2", NUMBA_CPU_NAME="znver3",
                NUMBA_CPU_FEATURES=flags)
+    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), "--xla_cpu_max_isa=AVX2"]))
     env.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cecore-numba-avx2"))
     return env
 
