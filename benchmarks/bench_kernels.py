@@ -14,7 +14,8 @@ them on the same array: "exp" is ``torch.exp(x, out=buf)`` (read, one exp per el
 write: the least a fused loss+grad must do) and "copy" is ``np.copyto(buf, x)``.
 Each timing is the median of ``--repeat`` calls after a warm-up call; the gradient-into-a-
 buffer modes are also alternated call by call with the exp pass, and the median of those
-pairs' ratios reported (steadier on a shared machine than two medians taken apart).
+pairs' ratios reported (steadier on a shared machine than two medians taken apart): at
+least ``--repeat`` pairs, more for short calls (about half a second of exp passes).
 Before any timing, every competitor's loss and gradient are checked against a float64
 NumPy reference, so a fast but wrong kernel stops the run instead of being reported.
 
@@ -26,6 +27,7 @@ import argparse
 import gc
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -484,6 +486,13 @@ def run(args):
             "competitors": names, "results": records, "notes": NOTES}
 
 
+# Pairs of the paired ratios: at least ``repeat``, and enough for about this many seconds
+# of exp passes (at most PAIRED_MAX_PAIRS). At 1e6 x 10 a call takes 5-15 ms, and with 11
+# pairs the same cell read 1.32x here and 1.10x in bench_small_c.py in the same hour.
+PAIRED_MIN_SECONDS = 0.5
+PAIRED_MAX_PAIRS = 101
+
+
 def paired_with_exp(prepared, shape, dtype, repeat):
     """Each cecore gradient-into-a-buffer mode alternated call by call with the exp pass
     (:func:`_common.paired_ratios`): the median and range of the pairs' time ratios."""
@@ -492,16 +501,22 @@ def paired_with_exp(prepared, shape, dtype, repeat):
         return []
     records = []
     for mode in ("loss+grad reused", "loss+grad in place"):
+        took = np.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            exp[mode]()
+            took = min(took, time.perf_counter() - start)
+        pairs = max(repeat, min(PAIRED_MAX_PAIRS, int(PAIRED_MIN_SECONDS / took)))
         for comp, fns in prepared:
             if not comp.name.startswith("cecore") or mode not in fns:
                 continue
-            ratios = C.paired_ratios(fns[mode], exp[mode], repeat)
+            ratios = C.paired_ratios(fns[mode], exp[mode], pairs)
             q10, q50, q90 = np.percentile(ratios, [10, 50, 90])
             records.append({"shape": list(shape), "dtype": dtype.name, "mode": mode,
                             "competitor": comp.name, "paired_exp_ratio": q50,
                             "paired_exp_ratios": ratios})
             print(f"  paired with exp, {mode}: {comp.name:14s} {q50:.2f}x the exp pass "
-                  f"(10-90%: {q10:.2f}-{q90:.2f}, {repeat} pairs)", flush=True)
+                  f"(10-90%: {q10:.2f}-{q90:.2f}, {pairs} pairs)", flush=True)
     return records
 
 
