@@ -506,7 +506,7 @@ def paired_with_exp(prepared, shape, dtype, repeat):
             start = time.perf_counter()
             exp[mode]()
             took = min(took, time.perf_counter() - start)
-        pairs = max(repeat, min(PAIRED_MAX_PAIRS, int(PAIRED_MIN_SECONDS / took)))
+        pairs = max(repeat, min(PAIRED_MAX_PAIRS, int(PAIRED_MIN_SECONDS / max(took, 1e-9))))
         for comp, fns in prepared:
             if not comp.name.startswith("cecore") or mode not in fns:
                 continue
