@@ -267,15 +267,20 @@ def test_bce_matches_reference(backend, dtype, shape, broadcast):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bce_broadcast_scalars_give_the_bits_of_full_arrays(backend, dtype):
-    # Scalar weights take their own loop (no float64 arrays read per element); it must
-    # give the bits that the same values as full arrays give, loss, gradient and sums.
+@pytest.mark.parametrize("w_pw", [(1.5, 2.5), (1.0, 1.0), (1.0, 2.5), (2.5, 1.0)])
+def test_bce_broadcast_scalars_give_the_bits_of_full_arrays(backend, dtype, w_pw):
+    # Scalar weights take their own loop (no float64 arrays read per element), and the
+    # Cython builds' sums one more for w = pw = 1 (no weights, the default); each must give
+    # the bits that the same values as full arrays give: loss, gradient and sums, with
+    # and without the gradient, NaN and infinite logits and targets included.
     kernels = BACKENDS[backend]
     rng = np.random.default_rng(_seed((dtype, "bce scalars")))
     shape = (700, 13)
     x = (rng.standard_normal(shape) * 4).astype(dtype)
     y = rng.random(shape).astype(dtype)
-    values = (1.5, 2.5, 1 / x.size)
+    x.flat[:4] = np.inf, -np.inf, np.nan, 0.0
+    y.flat[4:8] = np.inf, -np.inf, np.nan, 1.0
+    values = (*w_pw, 1 / x.size)
     results = []
     for make in (lambda v: np.broadcast_to(np.float64(v), shape), lambda v: np.full(shape, v)):
         w, pw, gs = (make(v) for v in values)
@@ -283,11 +288,16 @@ def test_bce_broadcast_scalars_give_the_bits_of_full_arrays(backend, dtype):
         kernels.bce_logits(x, y, w, pw, gs, loss, grad, 2)
         sums = np.empty(-(-x.size // REDUCE_BLOCK))
         kernels.bce_logits(x, y, w, pw, gs, sums, None, 2)
+        sums_g, grad_s = np.empty_like(sums), np.empty(shape, dtype)
+        kernels.bce_logits(x, y, w, pw, gs, sums_g, grad_s, 2)
+        np.testing.assert_array_equal(sums_g, sums)
+        np.testing.assert_array_equal(grad_s, grad)
         results.append((loss, grad, sums))
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
-    _assert_close(results[0][0], ref_bce(x, y, *(np.full(shape, v) for v in values))[0],
-                  dtype, "bce loss")
+    finite = slice(8, None)  # the reference past the special values
+    ref = ref_bce(*(a.ravel()[finite] for a in (x, y, *(np.full(shape, v) for v in values))))
+    _assert_close(results[0][0].ravel()[finite], ref[0], dtype, "bce loss")
 
 
 # ------------------------------------------------------------------------ memmaps
