@@ -114,10 +114,10 @@ def test_every_build_transposes_few_classes_right(variant, dtype):
     # where C or a block's rows are not a multiple of that, the last register block
     # overlaps the one before it (C % 8 == 2 float32 classes: 8 x 2 register blocks
     # instead; in Cython also C % 4 == 2 float64: 4 x 2), and below it the copies go
-    # element by element. Every C
-    # of that path, and row counts around the register and row block sizes (SMALL_C_ROWS
-    # rows in Cython, TILE in Numba), against the float64 softmax, loss and gradient (also
-    # written over the logits), on 1 and 2 threads, with sentinels around every output.
+    # element by element. Every C of that path, and row counts around the register and
+    # row block sizes (SMALL_C_ROWS rows in Cython, TILE in Numba), against the float64
+    # softmax, loss and gradient (also written over the logits), on 1 and 2 threads, with
+    # sentinels around every output.
     if variant == "numba":
         module, rows = numba_backend, _config.TILE
     else:
