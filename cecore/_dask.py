@@ -143,11 +143,17 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
         ``mean_loss`` equals ``cecore.cross_entropy`` on the whole array in memory, bit for bit.
     """
     dask, da = _import_dask()
-    # (any other array-like, a torch tensor included, as the functional API reads it)
-    x = logits if isinstance(logits, da.Array) else \
-        da.from_array(_to_numpy(logits), chunks=(REDUCE_BLOCK, -1))
-    t = target if isinstance(target, da.Array) else \
-        da.from_array(_to_numpy(target), chunks=(REDUCE_BLOCK,) + (-1,) * (np.ndim(target) - 1))
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(
+            chunk_rows, (int, np.integer)) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be an int >= 1 or None, got {chunk_rows!r}")
+
+    def as_dask(a):  # any other array-like, a torch tensor included, as the functional API
+        if isinstance(a, da.Array):
+            return a
+        a = _to_numpy(a)  # chunked by rows whatever its dimensions (checked below)
+        return da.from_array(a, chunks=(REDUCE_BLOCK,) + (-1,) * (a.ndim - 1) if a.ndim else ())
+
+    x, t = as_dask(logits), as_dask(target)
     for name, a in (("logits", x), ("target", t)):
         if any(np.isnan(n) for n in a.shape):
             raise ValueError(f"{name}: a dask array with chunks of unknown size (from a "

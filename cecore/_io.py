@@ -270,16 +270,34 @@ def open_array(spec):
                 if info.compress_type != zipfile.ZIP_STORED:
                     with zf.open(name) as stream:
                         shape, dtype = _read_header(stream, f"{path}:{name[:-4]}")
+                        header = stream.tell()
+                    # Checked before anything of the array's size is allocated (the
+                    # scorer's buffers follow the header's shape): against the member's
+                    # size as the zip directory records it and, for deflate, which
+                    # expands at most 1032-fold, against its compressed bytes, which a
+                    # lying directory cannot inflate past the file's length.
+                    size = info.file_size
+                    if info.compress_type == zipfile.ZIP_DEFLATED:
+                        packed = min(info.compress_size, os.fstat(f.fileno()).st_size)
+                        size = min(size, 1032 * packed + 64)
+                    _check_size(f"{path}:{name[:-4]}", header + dtype.itemsize * math.prod(shape),
+                                size)
                     return StreamedArray(path, name, dtype, shape)
                 start = _zip_data_offset(f, info)
             f.seek(start)
             shape, dtype = _read_header(f, f"{path}:{name[:-4]}")
             source = MappedArray(path, f.tell(), dtype, shape)
-            size = start + info.file_size
-    need = source.offset + source.dtype.itemsize * math.prod(source.shape)
-    if size < need:
-        raise ValueError(f"{path} is truncated: the array needs {need} bytes, the file has {size}")
+            # the directory's size, but never past the file's end (a directory can lie)
+            size = min(start + info.file_size, os.fstat(f.fileno()).st_size)
+            path = f"{path}:{name[:-4]}"
+    _check_size(path, source.offset + source.dtype.itemsize * math.prod(source.shape), size)
     return source
+
+
+def _check_size(what, need, size):
+    if size < need:
+        raise ValueError(f"{what} is truncated or damaged: the array needs {need} bytes, "
+                         f"the file holds {size}")
 
 
 def _check_regular(path):
@@ -293,34 +311,27 @@ def _check_regular(path):
 
 
 def load_small(path, what):
-    """A small 1-D array (class weights, a bias) from a ``.npy`` file, with one-line errors
-    that name it as ``what``.
+    """A small 1-D array (class weights, a bias) from a ``.npy`` file or an ``.npz`` of one
+    array, with one-line errors that name it as ``what``.
 
-    A plain ``.npy`` comes back memory-mapped, not read: its length is checked against
-    the classes by the caller, so a large file given by mistake (the logits, say) is
-    refused before it is read into memory (a 2 GB file was read whole, then refused).
+    Its header is read and checked as :func:`open_array` checks the logits', and a
+    ``.npy`` comes back memory-mapped, not read: its length is checked against the
+    classes by the caller, so a large file given by mistake (the logits, say) is refused
+    before it is read into memory (a 2 GB file was read whole, then refused).
     """
-    _check_regular(path)
     try:
-        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError):
-        mapped = None  # not a plain .npy (an .npz, an empty array): read below
-    if isinstance(mapped, np.ndarray):
-        if mapped.ndim != 1:
-            raise ValueError(f"{what} {path} holds an array of shape {mapped.shape}: "
+        source = open_array(path)
+    except ValueError as exc:
+        raise ValueError(f"{what} {exc}") from None
+    try:
+        if source.ndim != 1:
+            raise ValueError(f"{what} {path} holds an array of shape {source.shape}: "
                              "expected a 1-D array")
-        return mapped
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"{what} {path} is not a readable .npy array of numbers "
-                         f"({type(exc).__name__})") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):  # its one array (it was read as the names)
-        with loaded:
-            if len(loaded.files) != 1:
-                raise ValueError(f"{what} {path} holds arrays {loaded.files}: give one .npy")
-            return loaded[loaded.files[0]]
-    return loaded
+        values = source.rows(0, source.shape[0])
+        return values if isinstance(source, MappedArray) else values.copy()
+    finally:
+        if isinstance(source, StreamedArray):
+            source.close()
 
 
 def as_source(obj):

@@ -256,3 +256,17 @@ def test_cli_default_workers_on_one_cpu(rng, tmp_path, capsys, monkeypatch):
     assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json",
                  "--dask", "local"]) == 0
     assert "more than" not in capsys.readouterr().err
+
+
+def test_score_dask_checks_shapes_and_chunk_rows_first(client):
+    # 1-D and 3-D NumPy logits failed inside da.from_array ("Chunks do not add up to
+    # shape"), and chunk_rows=0, -5 or 2.5 were silently replaced by the default.
+    for x in (np.zeros(5, np.float32), np.zeros((4, 3, 2), np.float32)):
+        with pytest.raises(ValueError, match=r"logits must have shape \(rows, classes\)"):
+            _dask.score_dask(x, np.zeros(4, np.int64), client=client)
+    x, t = np.zeros((4, 3), np.float32), np.zeros(4, np.int64)
+    for rows in (0, -5, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="chunk_rows must be an int >= 1"):
+            _dask.score_dask(x, t, chunk_rows=rows, client=client)
+    assert _dask.score_dask(x, t, chunk_rows=np.int64(3), client=client).mean_loss == \
+        cecore.cross_entropy(x, t)

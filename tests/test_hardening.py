@@ -496,7 +496,7 @@ def test_weight_and_bias_files_that_are_not_arrays(scored_files, capsys, tmp_pat
     os.mkfifo(d / "fifo.npy")  # reading it would block forever
     (d / "zeros.npy").write_bytes(bytes(100))
     for option, path, message in (("--weight", "fifo.npy", "is not a regular file"),
-                                  ("--weight", "zeros.npy", "is not a readable .npy array")):
+                                  ("--weight", "zeros.npy", "is not a valid .npy/.npz array")):
         code, out, err = _score([str(d / "x.npy"), str(d / "t.npy"), option, str(d / path)],
                                 capsys)
         assert code == 1 and message in err and err.count("\n") == 1, err
@@ -764,3 +764,81 @@ def test_score_in_memory_misuse():
             batch.score(x, target)
     p = np.full((5, 3), 1 / 3)
     assert batch.score(x, p).mean_loss == pytest.approx(cecore.cross_entropy(x, p))
+
+
+def _npy_header(shape, descr="<f4"):
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False,
+                                               "shape": shape})
+    return buf.getvalue()
+
+
+def test_npz_members_whose_header_or_directory_lies_about_their_size(tmp_path, capsys):
+    # A 340-byte compressed .npz whose member declares (2, 10**8) took `cecore score` to
+    # 820 MB (class weights and a chunk buffer of the declared size) before it found the
+    # member truncated; a stored member whose zip directory overstates its size got
+    # NumPy's bare "buffer is smaller than requested size".
+    import zipfile
+    target = tmp_path / "t.npy"
+    np.save(target, np.zeros(2, np.int64))
+    with zipfile.ZipFile(tmp_path / "packed.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", _npy_header((2, 10**8)))
+    with zipfile.ZipFile(tmp_path / "stored.npz", "w", zipfile.ZIP_STORED) as z:
+        z.writestr("x.npy", _npy_header((1000, 5)) + bytes(100))
+    tracemalloc.start()
+    try:
+        for name in ("packed.npz", "stored.npz"):
+            code, out, err = _score([str(tmp_path / name), str(target)], capsys)
+            assert code == 1 and err.count("\n") == 1, err
+            assert f"{name}:x is truncated or damaged: the array needs" in err, err
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10**7, peak
+    # an honest compressed member still streams, and gives the in-memory result
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((600, 5)).astype(np.float32), rng.integers(0, 5, 600)
+    np.savez_compressed(tmp_path / "ok.npz", x=x, t=t)
+    streamed = batch.score(f"{tmp_path / 'ok.npz'}:x", f"{tmp_path / 'ok.npz'}:t")
+    assert streamed.mean_loss == cecore.cross_entropy(x, t)
+
+
+@pytest.mark.parametrize("option", ["--weight", "--bias"])
+def test_weight_and_bias_files_with_damaged_headers_name_the_option(scored_files, capsys,
+                                                                    option):
+    # A header Python cannot tokenize, or with a shape past C long, leaked the raw
+    # "('EOF in multi-line statement', (2, 0))" or "Python int too large to convert to
+    # C long", naming no file.
+    _, _, d = scored_files
+    (d / "tok.npy").write_bytes(b"\x93NUMPY\x01\x00\x46\x00{'descr': '<f8', 'fortran_order': "
+                                b"False, 'shape': ((3,), }" + b" " * 9 + b"\n")
+    (d / "huge.npy").write_bytes(_npy_header((10**30,), "<f8"))
+    np.save(d / "two_d.npy", np.ones((7, 1)))
+    extra = [] if option == "--weight" else [
+        "--hidden", str(d / "x.npy"), "--unembedding", str(d / "x.npy")]
+    first = [str(d / "x.npy")] if option == "--weight" else []
+    for path, message in (("tok.npy", "is not a valid .npy/.npz array"),
+                          ("huge.npy", "is truncated or damaged"),
+                          ("two_d.npy", "expected a 1-D array")):
+        code, out, err = _score([*first, str(d / "t.npy"), *extra, option, str(d / path)],
+                                capsys)
+        assert code == 1 and err.count("\n") == 1, err
+        assert message in err and (option if option == "--weight" else "bias") in err, err
+
+
+def test_score_takes_logits_and_targets_that_share_a_buffer_but_no_element():
+    # Fields of one record array, or interleaved views, were refused as "the same array"
+    # (np.may_share_memory compares bounds only).
+    rng = np.random.default_rng(0)
+    rec = np.zeros(500, [("x", "f4", (5,)), ("t", "i8")])
+    rec["x"], rec["t"] = rng.standard_normal((500, 5)), rng.integers(0, 5, 500)
+    assert batch.score(rec["x"], rec["t"]).mean_loss == cecore.cross_entropy(
+        np.ascontiguousarray(rec["x"]), rec["t"])
+    z = rng.random((500, 2, 5))
+    z[:, 1] /= z[:, 1].sum(axis=1, keepdims=True)
+    assert batch.score(z[:, 0], z[:, 1]).mean_loss == pytest.approx(
+        cecore.cross_entropy(z[:, 0], z[:, 1]), rel=1e-12)
+    with pytest.raises(ValueError, match="the logits and the targets are the same array"):
+        batch.score(z[:, 0], z[:, 0, :])
+
