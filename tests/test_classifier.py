@@ -572,6 +572,17 @@ def test_negative_total_sample_weight_is_an_error():
     with pytest.raises(ValueError, match="so far in the stream"):
         clf.partial_fit(X, y, sample_weight=np.where(y == 0, -10.0, 1.0))  # 150 - 550 < 0
     assert _state(clf) == before
+    # Signs that cancel exactly: the penalty's 1 / (C * 0) gave an all-zero model with
+    # NumPy's division warnings only (fit), or without a word (partial_fit).
+    sw = np.zeros(len(y))
+    sw[:2] = 1.0, -1.0
+    with pytest.raises(ValueError, match="sum to 0"):
+        SoftmaxClassifier().fit(X, y, sample_weight=sw)
+    with pytest.raises(ValueError, match="sum to 0 so far in the stream"):
+        SoftmaxClassifier().partial_fit(X, y, classes=[0, 1, 2], sample_weight=sw)
+    with pytest.raises(ValueError, match="sum to 0"):
+        SoftmaxClassifier(class_weight={0: 1.0, 1: -1.0, 2: 0.0}).fit(
+            X, y, sample_weight=np.ones(len(y)))
     # Mixed signs with a positive total are weights like any other.
     sw = np.ones(len(y))
     sw[::10] = -0.2

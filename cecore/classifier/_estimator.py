@@ -43,13 +43,14 @@ def _balanced_class_weight(class_totals):
 
 def _check_weight_sum(total, where):
     """The objective is the weighted mean loss plus a penalty scaled by the total weight
-    (``1 / (C * total)``): a negative total turns the penalty into a reward, and the
-    model would be meaningless (it was pinned at 0 without a word)."""
-    if total < 0:
+    (``1 / (C * total)``): a negative total turns the penalty into a reward, a zero one
+    divides by zero, and the model would be meaningless (it was pinned at 0 with only
+    NumPy's division warnings)."""
+    if not total > 0:
         raise ValueError(
             f"the sample weights (times the class weights) sum to {total:g}{' ' + where if where else ''}: "
             "SoftmaxClassifier minimises their weighted mean loss, which needs a "
-            "non-negative sum")
+            "positive sum")
 
 
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
@@ -255,8 +256,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         :meth:`fit`, a stream starts from its coefficients with a fresh Adagrad state, whose
         first step moves every coefficient by about ``learning_rate``. ``coef_`` and
         ``intercept_`` are in the chunk's dtype, as :meth:`fit` stores them; the stream
-        itself goes on from float64 parameters. Sample weights that sum to a negative
-        number over the stream so far, or steps that overflow the coefficients, raise a
+        itself goes on from float64 parameters. Sample weights that sum to zero or a
+        negative number over the stream so far, or steps that overflow the coefficients, raise a
         ``ValueError`` and leave the estimator as it was.
 
         Parameters
