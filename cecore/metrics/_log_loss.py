@@ -14,6 +14,7 @@ import math
 import warnings
 
 import numpy as np
+from sklearn.externals import array_api_extra as xpx
 from sklearn.utils import check_array, check_consistent_length
 from sklearn.utils._param_validation import Hidden, validate_params
 from sklearn.utils.validation import _assert_all_finite, _check_sample_weight
@@ -132,6 +133,8 @@ def log_loss(y_true, y_proba=None, *, normalize=True, sample_weight=None, labels
         pick = (target is not None and target.shape[0] == proba.shape[0]
                 and classes.shape[0] == proba.shape[1])
         stats, picked = _checked_pass(proba, target if pick else None, lo, hi, eps)
+        if stats[1]:  # some row is near or past the tolerance: decide as scikit-learn
+            stats[1] = _not_normalised(proba, eps)
         if pick:
             # In the input's precision, as scikit-learn computes, so the values are the
             # same to the last bit (float16 was picked in float32: exact, then rounded).
@@ -194,7 +197,7 @@ def _checked_pass(proba, target, lo, hi, eps):
     t = None if target is None else target.astype(np.int64, copy=False)
     buf = None if in_place else np.empty((min(step, n), c), dtype=work)
     part = np.empty(3)
-    kernels, rtol = get_backend("auto"), math.sqrt(eps)
+    kernels, rtol = get_backend("auto"), _fused_rtol(eps, proba.dtype, c)
     for start in range(0, n, step) if n else [0]:
         rows = slice(start, start + step)
         block = proba[rows]
@@ -206,6 +209,28 @@ def _checked_pass(proba, target, lo, hi, eps):
                               resolve_n_threads(None, block.size))
         stats += part
     return stats, picked
+
+
+def _fused_rtol(eps, dtype, n_columns):
+    """The fused pass's tolerance for a row sum: scikit-learn's ``sqrt(eps)`` less a bound
+    on how far its sum in the input's precision (NumPy's pairwise order; float16 summed in
+    float32, then rounded) can be from the pass's float64 sum, with a factor of 4 to
+    spare. A row the pass finds within it is within scikit-learn's; a row outside it is
+    checked again by :func:`_not_normalised`, which decides as scikit-learn does. (The
+    float64 sums alone decided, and float16 and float32 rows within an ulp or so of the
+    tolerance warned where scikit-learn did not, or the reverse.)"""
+    accumulate = np.finfo(np.float32 if dtype == np.float16 else dtype).eps
+    depth = 24 + math.log2(max(n_columns, 2))  # 16 per 8-lane block of 128, 3 + log2 merges
+    return math.sqrt(eps) - eps - 4 * depth * accumulate
+
+
+def _not_normalised(proba, eps):
+    """scikit-learn's test of its warning: row sums in ``proba``'s precision, compared
+    with 1 by ``array_api_extra.isclose`` at ``rtol=sqrt(eps)``. It reads ``proba`` once
+    more, only after the fused pass found rows near or past the tolerance (data that are
+    no probabilities, as a rule: softmax outputs are within a few ulps of 1)."""
+    sums = np.sum(proba, axis=1)
+    return int(not np.all(xpx.isclose(sums, sums.dtype.type(1), rtol=math.sqrt(eps))))
 
 
 def _stats_1d(p):
