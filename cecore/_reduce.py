@@ -27,15 +27,33 @@ def block_sums(values):
     """
     values = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
     n_full = values.size // REDUCE_BLOCK
-    head = values[: n_full * REDUCE_BLOCK].reshape(n_full, REDUCE_BLOCK).sum(axis=1)
-    if values.size > n_full * REDUCE_BLOCK:
-        head = np.append(head, values[n_full * REDUCE_BLOCK:].sum())
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN, as in torch
+        head = values[: n_full * REDUCE_BLOCK].reshape(n_full, REDUCE_BLOCK).sum(axis=1)
+        if values.size > n_full * REDUCE_BLOCK:
+            head = np.append(head, values[n_full * REDUCE_BLOCK:].sum())
     return head
 
 
 def combine(partials):
-    """Exactly rounded sum of block partials (order does not matter)."""
-    return math.fsum(np.asarray(partials, dtype=np.float64).reshape(-1).tolist())
+    """Exactly rounded sum of block partials (order does not matter).
+
+    Non-finite partials give IEEE arithmetic's answer (NaN for a NaN or for +inf with
+    -inf, else the infinity), and an exact sum beyond float64's range is an infinity:
+    ``math.fsum`` raises for both, and for partials that only pass the range on the way
+    (which are summed scaled down by 2**-64 here, exactly but for terms below 2**-958
+    next to a sum above 2**1024).
+    """
+    values = np.asarray(partials, dtype=np.float64).reshape(-1)
+    finite = np.isfinite(values)
+    if not finite.all():
+        with np.errstate(invalid="ignore"):
+            return float(values[~finite].sum())
+    try:
+        return math.fsum(values.tolist())
+    except OverflowError:
+        scaled = math.fsum((values * 2.0**-64).tolist())
+        with np.errstate(over="ignore"):
+            return float(np.float64(scaled) * 2.0**64)
 
 
 def fixed_sum(values):
@@ -158,7 +176,10 @@ def _exact_terms(values):
     special += [np.nan] if np.isnan(values).any() else []
     listed, terms = values[finite].tolist(), list(special)
     while True:
-        rest = math.fsum(listed + [-t for t in terms[len(special):]])
+        try:
+            rest = math.fsum(listed + [-t for t in terms[len(special):]])
+        except OverflowError:  # sums past float64's range on the way: kept as they are
+            return special + listed
         if rest == 0.0:
             return terms
         terms.append(rest)

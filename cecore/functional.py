@@ -6,6 +6,7 @@ per-position losses in a fixed order (:mod:`cecore._reduce`). With ``return_grad
 the loss and its gradient come from the same fused pass over the logits.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -20,13 +21,27 @@ __all__ = [
     "log_softmax", "softmax", "logsumexp", "perplexity",
 ]
 
+def ieee(function):
+    """``function`` run with NumPy's floating-point errors ignored.
+
+    Non-finite and overflowing values are results, as in torch (inf - inf is NaN, a
+    float64 total past float32's range is inf), and torch never warns about them. NumPy's
+    RuntimeWarnings from the casts, products and sums around the kernels (errors under
+    ``np.errstate(all="raise")`` or ``-W error``) leaked out of several of them.
+    """
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return function(*args, **kwargs)
+    return wrapper
+
+
 def _grad_scale(g, reduction, denominator, positions_shape):
     """Per-position gradient multiplier of shape ``positions_shape`` (broadcast when scalar)."""
     if reduction == "none" and np.ndim(g):
         return np.ascontiguousarray(g, dtype=np.float64).reshape(positions_shape)
     if reduction == "mean":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            g = g / denominator
+        g = g / denominator
     return np.broadcast_to(np.float64(g), positions_shape)
 
 
@@ -93,10 +108,11 @@ def _reduced(total, reduction, denominator, dtype):
     """'sum' or 'mean' of a loss whose fixed-block sum is ``total``."""
     if reduction == "mean":
         total = _reduce.mean(total, denominator)
-    return dtype.type(total)
+    return dtype.type(total)  # past float32's range: inf, as in torch
 
 
 
+@ieee
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, return_grad=False, grad_output=None,
                   grad_out=None, backend="auto", n_threads=None):
@@ -219,6 +235,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     return loss, gradient()
 
 
+@ieee
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
              return_grad=False, grad_output=None, grad_out=None, backend="auto",
              n_threads=None):
@@ -257,8 +274,7 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
         picked = flat.take(_flat_index(safe_t, rows, cols, x3.shape)) \
             if n_classes else np.zeros(safe_t.shape, dtype)
         chunk = picked.astype(np.float64)
-        with np.errstate(invalid="ignore"):  # -inf * a zero weight: NaN, as torch, silently
-            chunk *= -w_t
+        chunk *= -w_t  # -inf * a zero weight: NaN, as in torch
         if keep is not None:
             chunk[~keep] = 0.0
         if loss is not None:
@@ -287,8 +303,7 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
         keep, safe_t, w_t = _nll_targets(t2[rows, cols], w, ignore_index, n_classes)
         scale = _grad_scale(g[rows, cols] if np.ndim(g) else g, reduction, denominator,
                             safe_t.shape)
-        with np.errstate(invalid="ignore"):
-            picked_grad = -w_t * scale
+        picked_grad = -w_t * scale
         if keep is not None:
             # Ignored targets get exactly 0, even when 'mean' divided by a zero total
             # weight (as torch: its backward skips them, not multiplying by a zero weight).
@@ -340,6 +355,7 @@ def _broadcast_2d(a, shape, name):
     return b.reshape(math.prod(shape[:-1]), last)
 
 
+@ieee
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean",
                                      pos_weight=None, *, return_grad=False, grad_output=None,
                                      grad_out=None, backend="auto", n_threads=None):
@@ -483,10 +499,10 @@ def _softmax(x, axis, log, backend, n_threads):
     x3, fortran = V.canonical(x, axis, dtype)
     out, out3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
     get_backend(backend).softmax(x3, log, out3, V.n_threads(n_threads, x.size))
-    with np.errstate(over="ignore"):  # float16 log-probabilities below -65504: -inf
-        return out.astype(x.dtype, copy=False).reshape(shape)
+    return out.astype(x.dtype, copy=False).reshape(shape)  # float16 below -65504: -inf
 
 
+@ieee
 def log_softmax(x, axis=-1, *, backend="auto", n_threads=None):
     """Log of the softmax along ``axis``, computed as ``x - logsumexp(x)`` (never ``log(softmax)``).
 
@@ -495,11 +511,13 @@ def log_softmax(x, axis=-1, *, backend="auto", n_threads=None):
     return _softmax(x, axis, True, backend, n_threads)
 
 
+@ieee
 def softmax(x, axis=-1, *, backend="auto", n_threads=None):
     """Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``."""
     return _softmax(x, axis, False, backend, n_threads)
 
 
+@ieee
 def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
     """``log(sum(exp(x), axis))`` without overflow; the result drops ``axis``."""
     x, axis = _softmax_input(x, axis)
@@ -510,6 +528,7 @@ def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
     return out.reshape(x.shape[:axis] + x.shape[axis + 1:]).astype(x.dtype)
 
 
+@ieee
 def perplexity(input, target, ignore_index=-100, *, weight=None, backend="auto", n_threads=None):
     """Perplexity ``exp(mean cross-entropy)``, as a Python float.
 

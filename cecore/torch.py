@@ -295,12 +295,16 @@ def _raise_torch_error(error, torch_function, *args, **kwargs):
     cecore and torch reject the same bad arguments, not always with the same exception type
     (a weight of the wrong size is a ValueError in cecore, a RuntimeError in torch), and
     code that catches torch's errors must keep working. Where torch accepts the
-    arguments, cecore's error stands.
+    arguments, cecore's error stands, and so it does where torch fails to format its own
+    message (torch 2.13 raises UnicodeDecodeError for a uint8 target of 255 with
+    ``reduction='none'``, in place of its "out of bounds" IndexError).
     """
     if torch_function is None:  # nothing of torch's to compare with
         raise error
     try:
         torch_function(*args, **kwargs)
+    except UnicodeError:
+        raise error from None
     except Exception as torch_error:
         raise torch_error from error
     raise error

@@ -1179,3 +1179,13 @@ def test_inference_tensors_and_integer_probability_shaped_targets_give_torchs_er
     for fn in (TF.linear_cross_entropy, ct.linear_cross_entropy):
         with pytest.raises(RuntimeError, match="Expected floating point type for target"):
             fn(h, w, torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_out_of_range_uint8_target_raises_an_index_error(gen, reduction):
+    # The segmentation case without ignore_index=255: torch 2.13's own message fails to
+    # decode for reduction='none' (UnicodeDecodeError), and that was what cecore re-raised.
+    x = torch.randn(3, 5, generator=gen, requires_grad=True)
+    t = torch.tensor([0, 255, 1], dtype=torch.uint8)
+    with pytest.raises(IndexError, match="Target 255 is out of bounds"):
+        ct.cross_entropy(x, t, reduction=reduction)

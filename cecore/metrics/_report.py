@@ -74,10 +74,11 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
         kernels.softmax(x[a:b].reshape(b - a, c, 1), False, p[:b - a].reshape(b - a, c, 1),
                         n_threads)
         p64 = p[:b - a].astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # 0 log 0 = 0; a NaN probability (a row whose softmax is undefined) stays NaN
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            # 0 log 0 = 0; a NaN probability (a row whose softmax is undefined) stays NaN;
+            # targets of 1e308 or inf give an infinite Brier score, without a warning
             stats[a:b, 0] = -np.where(p64 == 0, 0.0, p64 * np.log(p64)).sum(axis=1)
-        stats[a:b, 2] = ((p64 - t[a:b]) ** 2).sum(axis=1)
+            stats[a:b, 2] = ((p64 - t[a:b]) ** 2).sum(axis=1)
     stats[:, 1] = np.nan
     return loss, stats, None
 
