@@ -270,7 +270,7 @@ def test_bce_matches_reference(backend, dtype, shape, broadcast):
 @pytest.mark.parametrize("w_pw", [(1.5, 2.5), (1.0, 1.0), (1.0, 2.5), (2.5, 1.0)])
 def test_bce_broadcast_scalars_give_the_bits_of_full_arrays(backend, dtype, w_pw):
     # Scalar weights take their own loop (no float64 arrays read per element), and the
-    # Cython builds' sums one more for w = pw = 1 (no weights, the default); each must give
+    # sums one more for w = pw = 1 (no weights, the default); each must give
     # the bits that the same values as full arrays give: loss, gradient and sums, with
     # and without the gradient, NaN and infinite logits and targets included.
     kernels = BACKENDS[backend]

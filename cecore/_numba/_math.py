@@ -775,8 +775,9 @@ def _ol_row_max(x):
 
 
 def _at(a, j):
-    """``a[j]`` for an array, ``a`` itself for a scalar: one loop serves arguments given
-    per element and broadcast ones."""
+    """``a[j]`` for an array, ``a`` itself for a scalar, 1.0 for None: one loop serves
+    arguments given per element, broadcast ones and absent weights (a constant 1 that
+    LLVM folds out of the products)."""
     raise NotImplementedError  # only callable from jitted code
 
 
@@ -786,6 +787,8 @@ def _ol_at(a, j):
         return lambda a, j: a[j]
     if isinstance(a, types.Number):
         return lambda a, j: a
+    if isinstance(a, types.NoneType):
+        return lambda a, j: 1.0
     return None
 
 
