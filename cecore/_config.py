@@ -192,29 +192,26 @@ def _env_threads():
     return None, None
 
 
-def _openmp_limit():
-    """``omp_get_max_threads()`` of the GNU OpenMP runtime if this process has loaded it.
-
-    It reflects ``OMP_NUM_THREADS`` and the limits threadpoolctl sets
-    (``threadpool_limits(n, user_api="openmp")`` calls ``omp_set_num_threads``). The
-    library is looked up, never loaded: before any OpenMP code is imported there is no
-    limit to honour.
+def _load_openmp():
+    """``omp_get_max_threads`` of the GNU OpenMP runtime (the one the Cython kernels link),
+    which it loads at import. Its value reflects ``OMP_NUM_THREADS`` and the limits
+    threadpoolctl sets (``threadpool_limits(n, user_api="openmp")`` calls
+    ``omp_set_num_threads``); but threadpoolctl limits only the runtimes loaded when its
+    block is entered, and the kernels are imported lazily, so a block around a process's
+    first call did not limit it until the runtime was loaded here. None where there is
+    no such runtime (not Linux, no GCC runtime).
     """
-    global _gomp
-    if _gomp is None:
-        try:
-            import ctypes
+    try:
+        import ctypes
 
-            lib = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
-            _gomp = lib.omp_get_max_threads
-            _gomp.restype = ctypes.c_int
-            _gomp.argtypes = []
-        except (OSError, AttributeError):  # not loaded (yet), or not Linux
-            return None
-    return int(_gomp())
+        get = ctypes.CDLL("libgomp.so.1", mode=ctypes.RTLD_GLOBAL).omp_get_max_threads
+    except (OSError, AttributeError):
+        return None
+    get.restype, get.argtypes = ctypes.c_int, []
+    return get
 
 
-_gomp = None
+_gomp = _load_openmp()
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -233,16 +230,17 @@ def default_n_threads():
 
     In order: 1 in a child created by ``fork``; ``CECORE_NUM_THREADS``; the OpenMP
     runtime's limit (``OMP_NUM_THREADS``, or a threadpoolctl ``threadpool_limits``
-    context); ``OMP_NUM_THREADS`` / ``NUMBA_NUM_THREADS`` when no OpenMP runtime is loaded;
-    else the CPUs available. Never more than the CPUs available.
+    context); ``NUMBA_NUM_THREADS``; else the CPUs available. Never more than the CPUs
+    available.
     """
     if _forked_child:
         return 1
     cpus = cpus_available()
     var, value = _env_threads()
-    if var != "CECORE_NUM_THREADS":
-        limit = _openmp_limit()
-        if limit is not None:
+    if var != "CECORE_NUM_THREADS" and _gomp is not None:
+        limit = int(_gomp())
+        # Unlimited, the runtime reports the CPUs: NUMBA_NUM_THREADS, if set, comes next.
+        if var != "NUMBA_NUM_THREADS" or limit != cpus:
             value = limit
     return max(1, min(cpus, value or cpus))
 

@@ -886,3 +886,35 @@ def test_reductions_of_non_finite_and_huge_losses_are_torchs_without_warnings(ba
     # what fsum gave for finite sums is unchanged: exactly rounded
     assert cecore._reduce.combine([1e308, 1e308, -1e308]) == 1e308
     assert cecore._reduce.combine([0.1] * 10) == 1.0
+
+
+@pytest.mark.parametrize("numba_threads", [None, "1"])
+def test_threadpool_limits_hold_from_the_first_call(numba_threads):
+    # threadpoolctl limits the OpenMP runtimes loaded when its block is entered; cecore's
+    # was loaded by the first kernel call, so a block around a fresh process's first
+    # calls did not limit them (2 threads inside threadpool_limits(1)). And
+    # NUMBA_NUM_THREADS applied only until the Cython kernels had loaded the runtime.
+    code = textwrap.dedent("""
+        import numpy as np, cecore
+        from threadpoolctl import threadpool_limits
+        from cecore._config import cpus_available, default_n_threads
+        seen = []
+        with threadpool_limits(1, user_api="openmp"):
+            seen.append(default_n_threads())
+            cecore.cross_entropy(np.zeros((4, 3), np.float32), np.zeros(4, int),
+                                 backend="cython")
+            seen.append(default_n_threads())
+        seen.append(default_n_threads())
+        print(seen, cpus_available())
+    """)
+    env = subprocess_env()
+    for name in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env.pop(name, None)
+    if numba_threads:
+        env["NUMBA_NUM_THREADS"] = numba_threads
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen, cpus = out.stdout.rsplit(" ", 1)
+    after = 1 if numba_threads else int(cpus)
+    assert seen == f"[1, 1, {after}]", out.stdout
