@@ -113,6 +113,7 @@ float64. Per-position results do not depend on
 reduced from ``loss_out`` in a fixed order is bitwise identical for any thread count.
 """
 
+import os
 import threading
 
 from . import _config
@@ -126,7 +127,20 @@ _errors = {}
 _lock = threading.Lock()
 
 
+def _new_lock():
+    # A child forked while another thread was loading a backend inherits the lock held,
+    # by a thread that does not exist in the child: every call there waited forever.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock)
+
+
 def _load(name):
+    if name in _loaded:
+        return _loaded[name]
     with _lock:
         if name in _loaded or name in _errors:
             return _loaded.get(name)

@@ -918,3 +918,30 @@ def test_threadpool_limits_hold_from_the_first_call(numba_threads):
     seen, cpus = out.stdout.rsplit(" ", 1)
     after = 1 if numba_threads else int(cpus)
     assert seen == f"[1, 1, {after}]", out.stdout
+
+
+def test_a_child_forked_while_a_backend_loads_does_not_hang():
+    # The backend registry's lock was held for the whole import of a backend (0.3 s for
+    # Numba); a child forked in that window inherited it held by a thread it does not
+    # have, and its first call waited forever. Here a thread holds the lock across fork.
+    code = textwrap.dedent("""
+        import os, threading, numpy as np, cecore
+        from cecore import _backends
+        held, done = threading.Event(), threading.Event()
+        def hold():
+            with _backends._lock:
+                held.set(); done.wait()
+        threading.Thread(target=hold).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            import signal
+            signal.alarm(30)  # a hung child must not outlive the test
+            loss = cecore.cross_entropy(np.zeros((4, 3)), np.zeros(4, int), backend="cython")
+            os._exit(0 if abs(loss - np.log(3)) < 1e-12 else 3)
+        done.set()
+        print(os.waitpid(pid, 0)[1])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr)  # 14: SIGALRM
