@@ -945,3 +945,24 @@ def test_a_child_forked_while_a_backend_loads_does_not_hang():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=subprocess_env(), timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr)  # 14: SIGALRM
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/dir"])
+def test_an_empty_or_relative_xdg_cache_home_is_ignored(tmp_path, xdg):
+    # XDG_CACHE_HOME="" put the Numba cache in ./cecore/numba, a folder that then
+    # shadowed the package (import cecore found a namespace package without
+    # cross_entropy). The XDG spec says to ignore empty and relative values.
+    from cecore._numba import _math
+
+    code = textwrap.dedent(f"""
+        from cecore._numba._runtime import _CacheLocator
+        import cecore._numba._math as m
+        print(_CacheLocator.from_function(m._bce_f64, {_math.__file__!r})._cache_path)
+    """)
+    env = {**subprocess_env(), "XDG_CACHE_HOME": xdg, "HOME": str(tmp_path / "home"),
+           "NUMBA_CACHE_DIR": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(str(tmp_path / "home" / ".cache" / "cecore" / "numba")), out.stdout
+    assert not (tmp_path / "cecore").exists() and not (tmp_path / "relative").exists()

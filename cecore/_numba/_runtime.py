@@ -51,6 +51,11 @@ class _CacheLocator(caching.UserWideCacheLocator):
         if not os.path.abspath(py_file).startswith(cls._package_dir):
             return None
         user = caching.AppDirs(appname="cecore", appauthor=False).user_cache_dir
+        if not os.path.isabs(user):
+            # XDG_CACHE_HOME set but empty or relative, which the XDG spec says to
+            # ignore: Numba's AppDirs made it ./cecore, a folder that then shadowed the
+            # package in the working directory (as a namespace package).
+            user = os.path.join(os.path.expanduser("~"), ".cache", "cecore")
         for cache_dir in (numba.config.CACHE_DIR, os.path.join(user, "numba"),
                           os.path.join(tempfile.gettempdir(), f"cecore-numba-{os.getuid()}")):
             if not cache_dir:
