@@ -236,6 +236,12 @@ def main(argv=None):
     if sys.stderr is None:  # started with stderr closed (2>&-): messages go nowhere, as asked
         sys.stderr = open(os.devnull, "w")
     args = parser.parse_args(argv)
+    if sys.stdout is None and args.command != "score":
+        # started with stdout closed (>&-): print() would drop everything and exit 0
+        # (score says so once it has its result, which --per-row-out may still keep)
+        print(f"cecore {args.command}: error: cannot write the output: stdout is closed",
+              file=sys.stderr)
+        return 1
     if threading.current_thread() is threading.main_thread():
         # `kill`, or a closed terminal or ssh session (SIGHUP), removes a per-row file
         # being written (the default action left its temporary file behind).

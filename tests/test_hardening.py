@@ -558,6 +558,10 @@ def test_closed_streams_and_info_to_a_full_disk(scored_files):
     assert p.returncode == 0 and "mean loss" in p.stdout
     p = subprocess.run(cmd + " >&-", shell=True, capture_output=True, text=True)
     assert p.returncode == 1 and "stdout is closed" in p.stderr
+    for command in ("info", "demo --datasets iris"):  # they exited 0, having printed nothing
+        p = subprocess.run(f"'{sys.executable}' -m cecore.cli {command} >&-", shell=True,
+                           capture_output=True, text=True)
+        assert p.returncode == 1 and "stdout is closed" in p.stderr, (command, p.stderr)
     with open("/dev/full", "w") as full:
         p = subprocess.run([sys.executable, "-m", "cecore.cli", "info"], stdout=full,
                            stderr=subprocess.PIPE, text=True)
