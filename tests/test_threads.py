@@ -165,3 +165,32 @@ def test_overlapping_blas_limits_restore_the_settings_from_before():
         with _config.limit_blas(2):  # and a lone call as before
             assert set(limits()) == {2}
         assert set(limits()) == {3}
+
+
+def test_blas_limit_holds_in_a_thread_that_does_not_control_openblas():
+    # threadpoolctl lets one thread of a process set OpenBLAS's limit and ignores the
+    # others: a fit in another thread (joblib's threading backend) ran its products on
+    # all CPUs beside its own kernel threads, 24x slower (concurrency review).
+    import threading
+
+    from threadpoolctl import ThreadpoolController
+
+    from cecore import _config
+    blas = ThreadpoolController().select(user_api="blas")
+
+    def limits():
+        return [lib["num_threads"] for lib in blas.info()]
+
+    with blas.limit(limits=2):  # this thread now controls OpenBLAS, and the setting is 2
+        seen = {}
+
+        def other_thread():
+            with _config.limit_blas(1):
+                seen["inside"] = limits()
+            seen["after"] = limits()
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert set(seen["inside"]) == {1}, seen
+        assert set(seen["after"]) == {2}, seen
