@@ -45,9 +45,9 @@ def _info(args):
 def _parse_weight(text):
     import numpy as np
 
-    if os.path.exists(text):
-        from ._io import load_small
+    from ._io import _split_member, load_small
 
+    if os.path.exists(text) or _split_member(text)[1] is not None:  # a file, or FILE.npz:NAME
         return load_small(text, "--weight")
     try:
         return np.array([float(v) for v in text.split(",")], dtype=np.float64)
@@ -73,7 +73,9 @@ def _score_parser(parser):
     parser.add_argument("--bias", metavar="b.npy", help="(V,) output bias for --hidden")
     parser.add_argument("--input-kind", choices=("logits", "log_probs", "probs"), default="logits",
                         help="what LOGITS holds (default: logits)")
-    parser.add_argument("--weight", metavar="FILE|W1,W2,...", help="class weights: a .npy file or a comma-separated list")
+    parser.add_argument("--weight", metavar="FILE|W1,W2,...",
+                        help="class weights: a .npy file, an .npz member (FILE.npz:NAME) "
+                             "or a comma-separated list")
     parser.add_argument("--ignore-index", type=int, default=-100, help="target value to skip (default: -100)")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="in [0, 1] (default: 0)")
     parser.add_argument("--memory-budget", default=_config.DEFAULT_MEMORY_BUDGET,

@@ -970,3 +970,18 @@ def test_an_empty_or_relative_xdg_cache_home_is_ignored(tmp_path, xdg):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(str(tmp_path / "home" / ".cache" / "cecore" / "numba")), out.stdout
     assert not (tmp_path / "cecore").exists() and not (tmp_path / "relative").exists()
+
+
+def test_weight_from_an_npz_member(scored_files, capsys):
+    # --weight FILE.npz:NAME was read as a list of numbers ("neither a file nor a
+    # comma-separated list"): the option tested os.path.exists before reading a file.
+    x, t, d = scored_files
+    w = np.linspace(0.5, 2, 7)
+    np.savez(d / "weights.npz", w=w, other=np.ones(3))
+    outs = []
+    for spec in (f"{d / 'weights.npz'}:w", ",".join(repr(float(v)) for v in w)):
+        code, out, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--weight", spec,
+                                 "--json"], capsys)
+        assert code == 0, err
+        outs.append(json.loads(out)["mean_loss"])
+    assert outs[0] == outs[1] == pytest.approx(cecore.cross_entropy(x, t, weight=w), rel=1e-6)
