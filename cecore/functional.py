@@ -21,7 +21,8 @@ __all__ = [
     "log_softmax", "softmax", "logsumexp", "perplexity",
 ]
 
-def ieee(function):
+
+def _ieee(function):
     """``function`` run with NumPy's floating-point errors ignored.
 
     Non-finite and overflowing values are results, as in torch (inf - inf is NaN, a
@@ -112,7 +113,7 @@ def _reduced(total, reduction, denominator, dtype):
 
 
 
-@ieee
+@_ieee
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, *, return_grad=False, grad_output=None,
                   grad_out=None, backend="auto", n_threads=None):
@@ -235,7 +236,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     return loss, gradient()
 
 
-@ieee
+@_ieee
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
              return_grad=False, grad_output=None, grad_out=None, backend="auto",
              n_threads=None):
@@ -355,7 +356,7 @@ def _broadcast_2d(a, shape, name):
     return b.reshape(math.prod(shape[:-1]), last)
 
 
-@ieee
+@_ieee
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean",
                                      pos_weight=None, *, return_grad=False, grad_output=None,
                                      grad_out=None, backend="auto", n_threads=None):
@@ -502,7 +503,7 @@ def _softmax(x, axis, log, backend, n_threads):
     return out.astype(x.dtype, copy=False).reshape(shape)  # float16 below -65504: -inf
 
 
-@ieee
+@_ieee
 def log_softmax(x, axis=-1, *, backend="auto", n_threads=None):
     """Log of the softmax along ``axis``, computed as ``x - logsumexp(x)`` (never ``log(softmax)``).
 
@@ -511,13 +512,13 @@ def log_softmax(x, axis=-1, *, backend="auto", n_threads=None):
     return _softmax(x, axis, True, backend, n_threads)
 
 
-@ieee
+@_ieee
 def softmax(x, axis=-1, *, backend="auto", n_threads=None):
     """Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``."""
     return _softmax(x, axis, False, backend, n_threads)
 
 
-@ieee
+@_ieee
 def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
     """``log(sum(exp(x), axis))`` without overflow; the result drops ``axis``."""
     x, axis = _softmax_input(x, axis)
@@ -528,7 +529,7 @@ def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
     return out.reshape(x.shape[:axis] + x.shape[axis + 1:]).astype(x.dtype)
 
 
-@ieee
+@_ieee
 def perplexity(input, target, ignore_index=-100, *, weight=None, backend="auto", n_threads=None):
     """Perplexity ``exp(mean cross-entropy)``, as a Python float.
 

@@ -19,7 +19,7 @@ import numpy as np
 from . import _config
 from . import _validation as V
 from ._backends import get_backend
-from .functional import _grad_scale, _index_denominator, _reduce_loss, ieee
+from .functional import _grad_scale, _ieee, _index_denominator, _reduce_loss
 
 __all__ = ["linear_cross_entropy"]
 
@@ -175,7 +175,7 @@ def _add_weight_grad(grad_weight, grad, x, block):
         grad_weight[start:stop] += part
 
 
-@ieee
+@_ieee
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=-100, label_smoothing=0.0,
                          return_grad=False, grad_output=None, needs_grad=None,
@@ -298,7 +298,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         scale = np.broadcast_to(np.float64(0.0), (n_rows, 1))
 
     # (Non-finite hidden states or weights make NaN logits, which the loss gives as torch
-    # does: the products' "invalid value in matmul" is one of the warnings @ieee drops.)
+    # does: the products' "invalid value in matmul" is one of the warnings @_ieee drops.)
     with _config.limit_blas(blas_threads):
         for start in range(0, n_rows, rows):
             stop = min(start + rows, n_rows)

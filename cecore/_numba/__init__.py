@@ -84,16 +84,22 @@ def _block(c, s, itemsize, two_inputs=False):
     return 0
 
 
+def _weight_total(weight):
+    """The class weights' sum, taken here: inside a parallel kernel, weight.sum() would
+    become a parallel reduction whose order depends on the thread count. inf - inf is
+    NaN, as in the C sum, without NumPy's warning (the kernels are called from the batch
+    scorer too, outside the functional API's error state)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(np.sum(weight))
+
+
 def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
                      loss_out, grad_out, n_threads):
     n, c, s = logits.shape
     if c == 0:  # an empty sum (validation left only ignored targets); no gradient
         loss_out[...] = 0.0
         return
-    # Summed here: inside a parallel kernel, weight.sum() would become a parallel
-    # reduction whose order depends on the thread count.
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, as in the C sum
-        w_total = float(np.sum(weight))
+    w_total = _weight_total(weight)
     # A gradient over the logits (the contract's in-place case) runs one-array loops
     # (see _row_sumexp_in_place); the few-classes path copies through scratch tiles.
     in_place = grad_out is not None and grad_out.size > 0 and \
@@ -129,10 +135,8 @@ def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, los
     # The loss must equal softmax_ce_index's bit for bit; with few classes that takes the
     # tile kernel (another summation order), run first on the same rows (still in cache).
     small = c <= _config.SMALL_C
-    with np.errstate(invalid="ignore", over="ignore"):
-        w_total = float(np.sum(weight))
     _run("scores_rows", n_threads, _ro(logits), _ro(target), _ro(weight),
-         w_total, int(ignore_index), float(label_smoothing),
+         _weight_total(weight), int(ignore_index), float(label_smoothing),
          np.empty(n) if small else loss_out, stats_out, rank_out)
     if small:
         softmax_ce_index(logits.reshape(n, c, 1), target.reshape(n, 1), weight, ignore_index,
