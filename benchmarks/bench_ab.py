@@ -12,6 +12,12 @@ With ``--paired`` the two sides alternate call by call instead (``rounds * repea
 pairs) and the ratio is the median of the pairs' ratios: on a shared machine whose speed
 drifts within seconds, blocks of calls of one side land in different phases, where
 calls that alternate share them.
+Both sides' Numba kernels are first compiled in a child process, so that the timed
+process loads them from the on-disk cache, as every process after a user's first does
+(``--no-warm``: compile them in the timed process). The two need not run the same code: a
+process that compiles a kernel runs the helpers' own copies, one that loads it the
+kernel's copies, optimised again with it (float64 BCE on AVX-512 code: up to 1.5x apart
+before ``_tile_scratch``; kernel_findings.md, thirty-fifth and thirty-sixth sessions).
 Calls go through the kernel contract (``softmax_ce_index`` with the gradient into a reused
 buffer and loss-only, ``softmax_ce_proba``, ``softmax`` (log), ``logsumexp``,
 ``softmax_ce_scores``, ``bce_logits`` with the loss only and with the gradient), with the
@@ -148,6 +154,17 @@ def _cases(rng, threads):
                    lambda k, a=args: k.bce_logits(*a, threads), (sums, grad))
 
 
+def _warm(args):
+    """Child of main(): call each chosen case once with both sides' Numba kernels, which
+    compiles them into the on-disk cache."""
+    sys.path.insert(0, args.warm_only)
+    sides = [importlib.import_module("cecore_base._numba"), _new_kernels([])["numba"]]
+    for name, call, _ in _cases(np.random.default_rng(0), args.threads):
+        if any(part in name for part in args.only.split(",")):
+            for kernels in sides:
+                call(kernels)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="git revision to compare against")
@@ -158,7 +175,13 @@ def main():
     parser.add_argument("--backends", default="", help="comma-separated, e.g. numba,cython-avx2")
     parser.add_argument("--paired", action="store_true",
                         help="alternate base and new call by call; median of the pairs' ratios")
+    parser.add_argument("--no-warm", dest="warm", action="store_false",
+                        help="compile the Numba kernels in the timed process")
+    parser.add_argument("--warm-only", metavar="PKG_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warm_only:
+        _warm(args)
+        return
     with tempfile.TemporaryDirectory(prefix="cecore-ab-") as tmp:
         workdir = Path(tmp)
         try:
@@ -166,6 +189,10 @@ def main():
             new = _new_kernels([k.split("-", 1)[1] for k in base if k.startswith("cython-")])
             rows, results = [], []
             chosen = [b for b in base if not args.backends or b in args.backends.split(",")]
+            if args.warm and "numba" in chosen:
+                subprocess.run([sys.executable, __file__, "--base", args.base, "--only",
+                                args.only, "--threads", str(args.threads),
+                                "--warm-only", str(workdir / "pkg")], check=True)
             for name, call, outputs in _cases(np.random.default_rng(0), args.threads):
                 if not any(part in name for part in args.only.split(",")):
                     continue

@@ -1,6 +1,7 @@
 """Is a Numba kernel as fast in the process that compiles it as in one that loads it from
-the on-disk cache? (Numba's float64 BCE with two threads was not: kernel_findings.md,
-thirty-fifth session.)
+the on-disk cache? (Numba's float64 BCE on AVX-512 code was not, up to 1.5x slower where
+it was compiled, until its exps' scratch moved to the stack: kernel_findings.md,
+thirty-fifth and thirty-sixth sessions.)
 
 Pairs of fresh processes share a new ``NUMBA_CACHE_DIR``: the first compiles the kernels
 (and caches them), the second loads them. Each times float64 binary cross-entropy sums

@@ -32,7 +32,7 @@ from .._config import (
 from ._math import (
     _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _exp_consts,
     _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product, _row_max,
-    _store_fence, _stream_line, _tr_2n, _tr_block, _tr_n2, _view,
+    _store_fence, _stream_line, _tile_scratch, _tr_2n, _tr_block, _tr_n2, _view,
 )
 from ._runtime import helper, jit
 
@@ -968,7 +968,7 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block, threads):
 
 # ------------------------------------------------------------------ binary (sigmoid)
 @helper
-def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_grad, z):
+def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_grad):
     """Binary cross-entropy on logits of ``x[p:p + n]`` and ``y[p:p + n]``, the losses to
     ``loss_out[lo:lo + n]`` and the gradient to ``g[p:p + n]``; ``weight``, ``pos_weight``
     and ``grad_scale`` are scalars or runs indexed from 0. Vectorisable (as cec_bce_row in
@@ -977,13 +977,16 @@ def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_g
     updated the caller's array's reference count atomically, several per run of 256
     values, until the helpers were compiled without reference counting).
 
-    Two loops: exp(-|x|) first, parked in ``z`` (scratch of x's type), then the rest. As
+    Two loops: exp(-|x|) first, parked in ``z`` (a stack scratch, _tile_scratch: a heap
+    scratch passed in made both loops check for overlap, and in the process that compiled
+    the kernel the float64 exps ran 1.5x slower on AVX-512 code), then the rest. As
     one loop calling exp and log per element, the float64 case was too large for LLVM to
     inline and stayed scalar (measured, one row of 1000 in L1: 46 -> 8 ns per element;
     float32, one loop: 1.16-1.29x slower, kernel_findings.md). The exps go in blocks of
     LANES values, each block first asking for the lines of x and y BCE_AHEAD bytes on (see
     _config.BCE_AHEAD; past the end, harmless): spread out this way, not as one burst per
     run, the requests let the loop's arithmetic overlap the memory it waits for."""
+    z = _tile_scratch(x)
     per_line = _per_line(x)
     ahead = np.uint64(BCE_AHEAD // 64 * per_line)
     k = _exp_consts(x)
@@ -1018,7 +1021,7 @@ def _bce_row(x, y, p, n, weight, pos_weight, grad_scale, loss_out, lo, g, want_g
 
 @helper
 def _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_out, sums,
-              w, pw, gs, buf, acc, z):
+              w, pw, gs, buf, acc):
     """Positions [k * B, (k + 1) * B) of the flat row-major stream, B = REDUCE_BLOCK, in
     runs of at most TILE values within a row (see _bce_blocks)."""
     want_grad = grad_out.shape[0] != 0
@@ -1063,15 +1066,15 @@ def _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_ou
         # values: a float32 loss is a float32 product), so that LLVM vectorises the
         # float32 loop at 16 lanes, not at the 8 of a float64 store.
         if sums and unweighted:
-            _bce_row(x, y, p, width, None, None, gs0, buf, zero, grad_out, want_grad, z)
+            _bce_row(x, y, p, width, None, None, gs0, buf, zero, grad_out, want_grad)
         elif sums and scalars:
-            _bce_row(x, y, p, width, w0, pw0, gs0, buf, zero, grad_out, want_grad, z)
+            _bce_row(x, y, p, width, w0, pw0, gs0, buf, zero, grad_out, want_grad)
         elif sums:
-            _bce_row(x, y, p, width, w, pw, gs, buf, zero, grad_out, want_grad, z)
+            _bce_row(x, y, p, width, w, pw, gs, buf, zero, grad_out, want_grad)
         elif scalars:
-            _bce_row(x, y, p, width, w0, pw0, gs0, loss_out, p, grad_out, want_grad, z)
+            _bce_row(x, y, p, width, w0, pw0, gs0, loss_out, p, grad_out, want_grad)
         else:
-            _bce_row(x, y, p, width, w, pw, gs, loss_out, p, grad_out, want_grad, z)
+            _bce_row(x, y, p, width, w, pw, gs, loss_out, p, grad_out, want_grad)
         if sums:
             _add_lanes(acc, buf, width)
         p += width
@@ -1094,10 +1097,9 @@ def _bce_blocks(x, y, weight, pos_weight, grad_scale, n_cols, loss_out, grad_out
         pw = np.empty(TILE)
         gs = np.empty(TILE)
         buf = np.empty(TILE, x.dtype)
-        z = np.empty(TILE, x.dtype)
         acc = np.zeros(LANES)
         _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_out, sums,
-                  w, pw, gs, buf, acc, z)
+                  w, pw, gs, buf, acc)
 
 
 def _log_loss_pass(proba, target, lo, hi, rtol, n_blocks, stats, picked):

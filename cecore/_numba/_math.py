@@ -15,7 +15,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
 
-from .._config import LANES
+from .._config import LANES, TILE
 
 # Importing it registers cecore's cache locator, which a dispatcher consults when it is
 # made (else the cached functions below would be cached inside the installed package).
@@ -289,6 +289,34 @@ def _view(typingctx, arr, start, stop):
         return out._getvalue()
 
     return arr(arr, start, stop), codegen
+
+
+@intrinsic
+def _tile_scratch(typingctx, like):
+    """A 1-D array of TILE values of ``like``'s type on the calling function's stack (an
+    ``alloca`` in its entry block), valid until that function returns. LLVM knows a
+    stack slot aliases none of the caller's arrays, so loops that read them and write it
+    need no runtime overlap checks, which a heap scratch passed in as an argument gets.
+    Those checks, run per block of LANES values, were removed only when a kernel's
+    module optimised its linked copy of the helper a second time: the helper's own copy,
+    which a process runs when it compiled the kernel itself, kept them (kernel_findings.md,
+    thirty-sixth session)."""
+    if not (isinstance(like, types.Array) and like.dtype in (types.float32, types.float64)):
+        return None
+    arr = types.Array(like.dtype, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        ety = context.get_data_type(like.dtype)
+        slot = cgutils.alloca_once(builder, ir.ArrayType(ety, TILE))
+        slot.align = 64  # whole cache lines, as the heap scratch it replaced
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(ety))
+        out = context.make_array(arr)(context, builder)
+        populate_array(out, data=builder.bitcast(slot, ety.as_pointer()),
+                       shape=[context.get_constant(types.intp, TILE)], strides=[itemsize],
+                       itemsize=itemsize, meminfo=None)
+        return out._getvalue()
+
+    return arr(like), codegen
 
 
 def _splat(builder, vty, value):
