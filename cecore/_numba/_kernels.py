@@ -1034,13 +1034,11 @@ def _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_ou
     scalar_gs = grad_scale.strides[0] == 0 and grad_scale.strides[1] == 0
     scalars = scalar_w and scalar_pw and (scalar_gs or not want_grad)
     w0, pw0 = weight[0, 0], pos_weight[0, 0]
-    # No weights at all (the default 'mean' or 'sum'): in float32 the weights go as None,
-    # constants 1 that LLVM folds out of the products, as cec_bce_sums_bcast does (same
-    # bits; 0.91-0.93x the time on Zen 4, AVX-512 and AVX2 code;
-    # results/ab_numba_bce_unweighted_*zen4.json). Float64 stays as it was: its A/B
-    # (0.98-1.08x) is within a per-process effect of up to 1.5x on that loop
-    # (kernel_findings.md, thirty-fifth session), so it shows no gain to keep.
-    unweighted = scalars and w0 == 1.0 and pw0 == 1.0 and x.itemsize == 4
+    # No weights at all (the default 'mean' or 'sum'): the weights go as None, constants
+    # 1 that LLVM folds out of the products, as cec_bce_sums_bcast does (same bits; Zen 4,
+    # AVX-512 and AVX2 code: float32 0.91-0.93x the time, float64 0.95-0.99x;
+    # results/ab_numba_bce_unweighted_*zen4.json, ab_numba_bce_f64_unweighted_*zen4.json).
+    unweighted = scalars and w0 == 1.0 and pw0 == 1.0
     gs0 = grad_scale[0, 0] if want_grad else 0.0
     if scalar_w:
         w[:] = w0
