@@ -2,8 +2,9 @@
 
 Oracles: a naive NumPy float64 reference written here (softmax, argmax, ranks, entropy,
 Brier), an ECE binned as torchmetrics' ``CalibrationError(norm='l1')`` bins
-(``torch.bucketize(conf, linspace(0, 1, n_bins + 1), right=True) - 1``, computed with
-torch), and cecore.cross_entropy for the loss (bit for bit).
+(``torch.bucketize(conf, edges, right=True) - 1``, computed with torch, the edges
+``k / n_bins`` in float64 as documented), and cecore.cross_entropy for the loss (bit for
+bit).
 """
 
 import json
@@ -34,8 +35,8 @@ def reference(x, t, top_k=5, n_bins=15, ignore_index=-100):
     correct = (np.argmax(x, axis=1) == t) & ~undefined
     rank = np.where(undefined, x.shape[1], (x > xt[:, None]).sum(axis=1))
     conf = torch.tensor(p.max(axis=1))
-    bins = torch.bucketize(conf, torch.linspace(0, 1, n_bins + 1, dtype=torch.float64),
-                           right=True) - 1
+    edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    bins = torch.bucketize(conf, edges, right=True) - 1
     ece = 0.0
     for b in range(n_bins + 1):
         sel = (bins == b).numpy()
@@ -138,6 +139,30 @@ def test_confidences_exactly_on_bin_edges(backend, dtype):
     assert report["ece"] == pytest.approx(
         np.mean([abs(0 - 1 / 7), abs(0.5 - 1 / 5), abs(0.5 - 1 / 3), abs(0.5 - 1 / 2)]),
         rel=1e-12)
+
+
+def test_bin_edges_are_k_over_n_bins():
+    # k / n_bins <= conf < (k + 1) / n_bins, as documented: a confidence of exactly
+    # k / n_bins opens bin k, for every bin count (np.linspace's edges were an ulp above
+    # k / n_bins for some k, 3/10 for one, and put such a confidence in bin k - 1).
+    from cecore.metrics._report import confidence_bins
+    for n_bins in range(1, 200):
+        k = np.arange(n_bins + 1)
+        np.testing.assert_array_equal(confidence_bins(k / n_bins, n_bins), k, str(n_bins))
+        below = np.nextafter(k[1:] / n_bins, 0)
+        np.testing.assert_array_equal(confidence_bins(below, n_bins), k[:-1], str(n_bins))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_confidence_on_an_edge_of_another_bin_count(backend, dtype):
+    # Three tied classes give a confidence of 1/3, the edge 11/33 of 33 bins, which
+    # np.linspace put an ulp higher; a right row at 1/3 and a wrong one at 0.35 share
+    # bin 11, as the reference bins them by the documented edges.
+    tied = np.array([0.5, 0.5, 0.5])
+    other = np.log([0.35, 0.33, 0.32])
+    x, t = np.array([tied, other], dtype), np.array([0, 1])
+    report = classification_report_from_logits(x, t, n_bins=33, backend=backend)
+    _check(report, reference(x, t, n_bins=33), rtol=1e-6)
 
 
 def test_undefined_rows_miss_the_top_k_even_when_k_exceeds_the_classes(backend):

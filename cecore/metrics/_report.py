@@ -85,8 +85,11 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
 
 def confidence_bins(max_p, n_bins):
     """torchmetrics' binning, ``searchsorted(linspace(0, 1, n_bins + 1), conf, 'right') - 1``,
-    with float64 edges (bin ``n_bins`` holds confidences of exactly 1)."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    with the edges ``k / n_bins`` rounded once to float64 (bin ``n_bins`` holds
+    confidences of exactly 1). Not ``np.linspace``, which computes ``k * (1 / n_bins)``:
+    an ulp above ``k / n_bins`` for some k (0.30000000000000004 for 3/10), so a confidence
+    exactly on such an edge fell one bin lower."""
+    edges = np.arange(n_bins + 1) / n_bins
     return np.clip(np.searchsorted(edges, max_p, side="right") - 1, 0, n_bins)
 
 
