@@ -14,7 +14,11 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 def _to_numpy(x):
-    """Array view of ``x``: ndarray subclasses, memmaps, lists and torch CPU tensors."""
+    """Array view of ``x``: ndarray subclasses, memmaps, lists and torch CPU tensors.
+    Masked arrays are refused: the kernels would read the values under the mask."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError("masked arrays are not supported (their masked values would be used "
+                        "as they are): pass a.filled(value), or index the unmasked entries")
     if isinstance(x, np.ndarray):
         return x
     if type(x).__module__.split(".")[0] == "torch":
@@ -125,7 +129,8 @@ def grad_out_array(grad_out, x, fortran):
     (bumped once the checks pass; a later error leaves it bumped, never unbumped).
     """
     is_tensor = type(grad_out).__module__.split(".")[0] == "torch"
-    if not (isinstance(grad_out, np.ndarray) or is_tensor) or isinstance(grad_out, np.matrix):
+    if (not (isinstance(grad_out, np.ndarray) or is_tensor)
+            or isinstance(grad_out, (np.matrix, np.ma.MaskedArray))):
         raise TypeError(
             f"grad_out must be a NumPy array or a CPU torch tensor to write the gradient into, "
             f"got {type(grad_out).__name__}"

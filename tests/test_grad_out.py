@@ -141,15 +141,38 @@ def test_bad_grad_out_is_rejected_before_anything_is_written(backend, rng, bad, 
 @pytest.mark.parametrize("bad", [
     lambda x: x.tolist(),                      # would be written into a temporary, lost
     lambda x: np.asmatrix(np.empty(x.shape, x.dtype)),
+    # its mask would hide entries of the gradient returned in it
+    lambda x: np.ma.array(np.zeros(x.shape, x.dtype), mask=np.eye(*x.shape, dtype=bool)),
 ])
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
 def test_grad_out_that_cannot_be_written_is_a_type_error(backend, rng, bad):
     x = rng.standard_normal((8, 5))
     t = rng.integers(0, 5, 8)
+    buf = bad(x)
     with pytest.raises(TypeError, match="grad_out must be a NumPy array"):
-        cecore.cross_entropy(x, t, grad_out=bad(x), backend=backend)
+        cecore.cross_entropy(x, t, grad_out=buf, backend=backend)
     with pytest.raises(TypeError, match="grad_out must be a NumPy array"):
-        cecore.nll_loss(x, t, grad_out=bad(x), backend=backend)
+        cecore.nll_loss(x, t, grad_out=buf, backend=backend)
+    with pytest.raises(TypeError, match="grad_out must be a NumPy array"):
+        cecore.binary_cross_entropy_with_logits(x, np.zeros_like(x), grad_out=buf,
+                                                backend=backend)
+    if isinstance(buf, np.ndarray):
+        assert not np.asarray(buf).any()  # nothing written
+
+
+@pytest.mark.parametrize("which", ["input", "target", "weight"])
+def test_masked_arrays_are_refused(backend, rng, which):
+    # The kernels read the values under a mask as if it were not there (a masked logit of
+    # 50 made the loss 48): refused rather than silently unmasked.
+    x = rng.standard_normal((8, 5))
+    args = {"input": x, "target": rng.integers(0, 5, 8), "weight": np.ones(5)}
+    args[which] = np.ma.array(args[which], mask=np.zeros(args[which].shape, bool))
+    with pytest.raises(TypeError, match="masked arrays are not supported"):
+        cecore.cross_entropy(**args, backend=backend)
+    with pytest.raises(TypeError, match="masked arrays are not supported"):
+        cecore.binary_cross_entropy_with_logits(
+            args["input"], np.ma.array(x) if which == "target" else np.zeros_like(x),
+            weight=args["weight"], backend=backend)
 
 
 def test_bfloat16_tensor_grad_out_is_a_type_error(backend):
