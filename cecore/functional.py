@@ -143,8 +143,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         (exactly, as torch's ``backward``). Defaults to ones. Only with a gradient
         (``return_grad=True`` or ``grad_out``); alone it raises ValueError.
     grad_out : ndarray, optional
-        Array of the input's shape and dtype, writeable and C-contiguous (or
-        Fortran-contiguous for Fortran-ordered input), that receives the gradient and is
+        Array of the input's shape and dtype in native byte order, writeable and
+        C-contiguous (or Fortran-contiguous for a Fortran-ordered 2-D input), that
+        receives the gradient and is
         returned as it: no new N x C allocation. ``grad_out=input`` overwrites the logits
         with their gradient (same bits as out of place). Implies ``return_grad=True``.
     backend : {'auto', 'cython', 'numba'}, default='auto'
@@ -366,8 +367,9 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     stably for any ``x``. ``weight`` and ``pos_weight`` broadcast against the input
     (``pos_weight`` usually of shape (C,) for the last dimension). 'mean' divides by the
     number of elements. Returns the loss, and the gradient with ``return_grad=True`` or
-    into ``grad_out`` (the input's shape and dtype, C-contiguous, or Fortran-contiguous when
-    the input and the target are Fortran-ordered 2-D arrays; may be the input). As in
+    into ``grad_out`` (the input's shape and dtype in native byte order, C-contiguous, or
+    Fortran-contiguous when the input and the target are Fortran-ordered 2-D arrays; may be
+    the input). As in
     torch, a target of a wider dtype than the input's promotes the computation and the
     loss; the gradient keeps the input's dtype.
     """
