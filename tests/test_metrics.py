@@ -373,6 +373,28 @@ def test_scorers_take_sample_weight_through_metadata_routing(iris):
         make_cross_entropy_scorer().set_score_request(sample_weight=True)
 
 
+def test_set_score_request_checks_the_alias_as_scikit_learn_does():
+    # An invalid alias was stored, and failed only inside a later search; scikit-learn's
+    # scorers (the oracle) refuse it at the call, and a call without it resets the request.
+    import sklearn
+    from sklearn.metrics import log_loss, make_scorer
+
+    with sklearn.config_context(enable_metadata_routing=True):
+        theirs = make_scorer(log_loss, response_method="predict_proba")
+        ours = make_cross_entropy_scorer()
+        for alias in (3, "not an identifier!", [1]):
+            with pytest.raises(ValueError) as expected:
+                theirs.set_score_request(sample_weight=alias)
+            with pytest.raises(ValueError) as got:
+                ours.set_score_request(sample_weight=alias)
+            assert str(got.value) == str(expected.value)
+        for scorer in (theirs, ours):
+            scorer.set_score_request(sample_weight="w")
+            assert scorer.get_metadata_routing().score.requests == {"sample_weight": "w"}
+            scorer.set_score_request()  # not requested (theirs drops the entry)
+            assert scorer.get_metadata_routing().score.requests.get("sample_weight") is None
+
+
 def test_labels_in_an_object_array_take_the_fast_path(iris):
     """Strings in an object array are what a pandas string column gives (pandas >= 3):
     log_loss_from_logits and the from_logits scorer took them for a label indicator

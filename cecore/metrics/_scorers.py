@@ -62,16 +62,21 @@ class _CrossEntropyScorer:
 
     def set_score_request(self, *, sample_weight=None):
         """Request ``sample_weight`` under scikit-learn's metadata routing, as its own
-        scorers' ``set_score_request`` does (``True``, ``False``, ``None`` or an alias).
+        scorers' ``set_score_request`` does (``True``, ``False``, ``None`` or an alias; as
+        theirs, a call without it resets the request). An invalid alias raises
+        scikit-learn's ValueError here, not later inside a search.
 
         Without it, weights routed to a scorer raise scikit-learn's error that asks for
         this call, instead of being silently left out of the score.
         """
         import sklearn
+        from sklearn.utils.metadata_routing import MetadataRequest
 
         if not sklearn.get_config()["enable_metadata_routing"]:
             raise RuntimeError("This method is only available when metadata routing is "
                                "enabled: sklearn.set_config(enable_metadata_routing=True)")
+        # scikit-learn's own check of the alias (a ValueError for 3, [1], "a b"...)
+        MetadataRequest(owner=self).score.add_request(param="sample_weight", alias=sample_weight)
         self._sample_weight_request = sample_weight
         return self
 
