@@ -424,3 +424,41 @@ def test_labels_in_an_object_array_take_the_fast_path(iris):
     finally:
         tracemalloc.stop()
     assert peak < proba.nbytes / 8  # no n x C one-hot (as large as proba)
+
+
+def test_log_loss_and_scorers_under_array_api_dispatch(monkeypatch):
+    # With scikit-learn's array API dispatch on, log_loss kept torch tensors through
+    # check_array and failed on NumPy's dtypes, and the scorers on a tensor classes_;
+    # scikit-learn's log_loss and 'neg_log_loss' (the oracles) work there.
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import get_scorer
+    from sklearn.metrics import log_loss as sk_log_loss
+
+    monkeypatch.setenv("SCIPY_ARRAY_API", "1")  # scikit-learn asks for it
+    rng = np.random.default_rng(0)
+    X = torch.tensor(rng.standard_normal((60, 4)))
+    y = torch.tensor(np.arange(60) % 3)
+    w = torch.tensor(rng.uniform(0.5, 2.0, 60))
+    with sklearn.config_context(array_api_dispatch=True):
+        est = LogisticRegression().fit(X, y)
+        p = est.predict_proba(X)
+        assert torch.is_tensor(p)
+        expected = sk_log_loss(y, p, sample_weight=w)
+        assert log_loss(y, p, sample_weight=w) == pytest.approx(expected, rel=1e-12)
+        assert log_loss(y.numpy(), p, sample_weight=w) == pytest.approx(expected, rel=1e-12)
+        assert log_loss_from_logits(y, torch.log(p), sample_weight=w) == pytest.approx(
+            expected, rel=1e-12)
+        assert neg_log_loss_scorer(est, X, y) == pytest.approx(
+            get_scorer("neg_log_loss")(est, X, y), rel=1e-12)
+        assert make_cross_entropy_scorer(from_logits=True)(est, X, y) == pytest.approx(
+            get_scorer("neg_log_loss")(est, X, y), rel=1e-9)
+
+
+def test_labels_in_a_tensor_are_labels():
+    # A 1-D tensor of labels went to scikit-learn's slow path, which made it a label
+    # indicator matrix: log_loss_from_logits refused it.
+    y = np.array([0, 1, 2, 1])
+    logits = np.log([[.7, .2, .1], [.1, .8, .1], [.2, .2, .6], [.3, .4, .3]])
+    assert log_loss_from_logits(torch.tensor(y), logits) == log_loss_from_logits(y, logits)
+    assert log_loss(torch.tensor(y), np.exp(logits)) == log_loss(y, np.exp(logits))

@@ -6,6 +6,8 @@ import warnings
 import numpy as np
 from sklearn.preprocessing import LabelBinarizer
 
+from .._validation import _to_numpy
+
 
 def _as_labels(y_true):
     """``y_true`` as an ndarray, or None when only scikit-learn's slow path handles it.
@@ -22,6 +24,8 @@ def _as_labels(y_true):
         return None  # its data would be scored through the mask: scikit-learn's path
     if isinstance(y_true, np.ndarray):
         y = y_true
+    elif hasattr(y_true, "__array__"):  # a torch tensor, say (it went to the slow path,
+        y = _to_numpy(y_true)            # which took 1-D labels for an indicator matrix)
     elif isinstance(y_true, (list, tuple)):
         y = np.asarray(y_true) if len(y_true) else None
         # numpy turns [1, "a"] into strings; scikit-learn refuses such mixed labels
@@ -73,6 +77,8 @@ def _encode(y_true, labels, pending=None):
     warning is appended to the list ``pending`` when one is given, else issued.
     """
     y = _as_labels(y_true)
+    if hasattr(labels, "__array__") and not isinstance(labels, np.ndarray):
+        labels = _to_numpy(labels)  # a tensor's == would not give NumPy's booleans
     lb = LabelBinarizer()
     if labels is not None:
         lb = lb.fit(labels)

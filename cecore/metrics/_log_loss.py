@@ -10,10 +10,12 @@ label indicator matrix or object labels) goes through scikit-learn's ``LabelBina
 where the one-hot matrix is scikit-learn's format anyway.
 """
 
+import functools
 import math
 import warnings
 
 import numpy as np
+import sklearn
 from sklearn.externals import array_api_extra as xpx
 from sklearn.utils import check_array, check_consistent_length
 from sklearn.utils._param_validation import Hidden, validate_params
@@ -25,6 +27,18 @@ from ..functional import binary_cross_entropy_with_logits, cross_entropy
 from ._labels import _encode
 
 __all__ = ["log_loss", "log_loss_from_logits"]
+
+
+def _on_numpy(fn):
+    """Run ``fn`` with scikit-learn's array API dispatch off: the losses are computed on
+    NumPy arrays (CPU torch tensors and other array-likes are read as such, as they are
+    when the dispatch is off), where with it on ``check_array`` kept a tensor and then
+    failed on NumPy's dtypes (scikit-learn's own ``log_loss`` works in that mode)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with sklearn.config_context(array_api_dispatch=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _weighted_mean(loss, sample_weight, normalize):
@@ -47,6 +61,7 @@ def _weighted_mean(loss, sample_weight, normalize):
     },
     prefer_skip_nested_validation=True,
 )
+@_on_numpy
 def log_loss(y_true, y_proba=None, *, normalize=True, sample_weight=None, labels=None,
              y_pred="deprecated"):
     """Log loss of predicted probabilities; a drop-in for ``sklearn.metrics.log_loss``.
@@ -285,6 +300,7 @@ def log_loss_from_logits(y_true, logits, *, normalize=True, sample_weight=None, 
     return _logits_loss(y_true, logits, sample_weight, labels, normalize)
 
 
+@_on_numpy
 def _logits_loss(y_true, logits, sample_weight, labels, normalize, label_smoothing=0.0):
     """:func:`log_loss_from_logits`, with ``label_smoothing`` (the scorers' too): the
     checks of logits, labels and weights in one place."""

@@ -3,7 +3,7 @@
 import numpy as np
 
 from .. import _validation as V
-from ._log_loss import _logits_loss, _weighted_mean, log_loss
+from ._log_loss import _logits_loss, _on_numpy, _weighted_mean, log_loss
 
 __all__ = ["make_cross_entropy_scorer", "neg_log_loss_scorer"]
 
@@ -27,7 +27,7 @@ class _CrossEntropyScorer:
                 f"from_logits={self.from_logits})")
 
     def __call__(self, estimator, X, y_true, sample_weight=None):
-        classes = estimator.classes_
+        classes = V._to_numpy(estimator.classes_)  # a tensor under array API dispatch
         if self.from_logits:
             logits = estimator.decision_function(X)
             if (len(classes) > 2 and _one_vs_one(estimator)) or (
@@ -40,7 +40,11 @@ class _CrossEntropyScorer:
                     "one-vs-one decision_function_shape?)")
             return -_logits_loss(y_true, logits, sample_weight, classes, True,
                                  self.label_smoothing)
-        proba = np.asarray(estimator.predict_proba(X))
+        return self._score_proba(estimator.predict_proba(X), y_true, sample_weight, classes)
+
+    @_on_numpy
+    def _score_proba(self, proba, y_true, sample_weight, classes):
+        proba = np.asarray(proba)
         # log_loss checks the probabilities (values, sums, shape) and the weights with
         # scikit-learn's errors and warnings; without smoothing it is the score.
         loss = log_loss(y_true, proba, sample_weight=sample_weight, labels=classes)
