@@ -361,6 +361,16 @@ def _traced(grad_output):
             or torch._C._functorch.is_batchedtensor(grad_output))
 
 
+def _finite_scalar(grad_output):
+    """Whether ``grad_output`` is a plain 0-d tensor holding a finite value."""
+    if grad_output.dim() == 0 and not _traced(grad_output):
+        try:
+            return math.isfinite(grad_output.item())
+        except RuntimeError:  # batched by is_grads_batched: cannot be read
+            pass
+    return False
+
+
 def _skip_ignored(grad_output, target, ignore_index):
     """``grad_output`` with 0 at the positions whose target is ``ignore_index``.
 
@@ -368,12 +378,8 @@ def _skip_ignored(grad_output, target, ignore_index):
     whatever ``grad_output`` holds there; the saved gradient times an infinite or NaN
     ``grad_output`` (the loss's ``sqrt`` or ``log`` at an ignored position, whose loss is
     0) made it NaN. A finite scalar needs nothing (no pass over the positions then)."""
-    if grad_output.dim() == 0 and not _traced(grad_output):
-        try:
-            if math.isfinite(grad_output.item()):
-                return grad_output
-        except RuntimeError:  # batched by is_grads_batched: cannot be read
-            pass
+    if _finite_scalar(grad_output):
+        return grad_output
     # Compared in int64: torch compares a narrow target with a Python int in the target's
     # own dtype, so -100 would pick out class 156 of a uint8 target.
     return torch.where(target.to(torch.int64) == ignore_index, 0, grad_output)
@@ -716,6 +722,8 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.input_dtype = input.dtype  # the saved gradients are float32 for half operands
     ctx.source_refs = [weakref.ref(t) for t in (input, linear_weight, linear_bias)
                        if t is not None]
+    # Ignored positions get a zero input gradient whatever grad_output holds (as torch).
+    ctx.ignore = (target, ignore_index) if ignore_index is not None else None
     if ctx.recompute:  # every input is saved for the second pass (torch checks them)
         watched = (input, linear_weight, target, linear_bias, weight)
     else:  # what torch's F.linear + cross_entropy save: never the bias, the input only
@@ -757,6 +765,13 @@ def _linear_backward(ctx, grad_output, *_):
                 raise RuntimeError(f"cecore::linear_cross_entropy was called with "
                                    f"grad_mask={ctx.grad_mask}, without the gradient of {name}")
         grads = [_scaled(ctx, g, grad_output).to(ctx.input_dtype) for g in ctx.saved_tensors]
+        if ctx.ignore is not None and computed[0]:
+            # A non-finite grad_output times the saved zeros of ignored rows made them NaN
+            # (the weight's and bias's gradients are sums over rows: not separable).
+            if not _finite_scalar(grad_output):
+                target, ignore_index = ctx.ignore
+                ignored = (target.to(torch.int64) == ignore_index).unsqueeze(-1)
+                grads[0] = torch.where(ignored, 0, grads[0])
     if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
         grads = _once(grads, getattr(ctx, "sources", None) or ctx.source_refs)
     grad_input, grad_linear_weight, grad_linear_bias = grads

@@ -1078,6 +1078,25 @@ def test_ignored_positions_get_zero_gradient_whatever_grad_output(gen, loss, ups
         assert_close(ours.numpy(), theirs.numpy(), np.float64)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [float("inf"), float("nan")])
+def test_linear_ignored_rows_get_zero_gradient_whatever_grad_output(gen, reduction, upstream):
+    # The linear loss's mean/sum backward scaled its saved gradients by grad_output, so an
+    # infinite or NaN one made the ignored rows' zeros NaN; torch gives 0 there.
+    x0 = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    t = _index_target(gen, (6,), 5)
+    t[[1, 4]] = -100
+    grads = []
+    for fn in (ct.linear_cross_entropy, TF.linear_cross_entropy):
+        x = x0.clone().requires_grad_()
+        fn(x, w, t, reduction=reduction).backward(torch.tensor(upstream, dtype=torch.float64))
+        grads.append(x.grad)
+    for grad in grads:
+        assert (grad[[1, 4]] == 0).all()
+        assert not torch.isfinite(grad[[0, 2, 3, 5]]).any()
+
+
 @pytest.mark.parametrize("dtype, ignore_index, cls", [(torch.uint8, -100, 156),
                                                        (torch.int16, 65538, 2)])
 @pytest.mark.parametrize("loss", ["ce", "nll"])
@@ -1189,3 +1208,4 @@ def test_out_of_range_uint8_target_raises_an_index_error(gen, reduction):
     t = torch.tensor([0, 255, 1], dtype=torch.uint8)
     with pytest.raises(IndexError, match="Target 255 is out of bounds"):
         ct.cross_entropy(x, t, reduction=reduction)
+
