@@ -303,6 +303,12 @@ def _raise_torch_error(error, torch_function, *args, **kwargs):
     """
     if torch_function is None:  # nothing of torch's to compare with
         raise error
+    if args and isinstance(args[0], Tensor):
+        # in the dtypes torch takes: cecore takes integer targets of any width and weights
+        # of any float dtype, and torch would blame those first ("expected target dtype
+        # to be Long") for an error elsewhere (a target out of range)
+        args = tuple(_torch_dtype(a, args[0]) for a in args)
+        kwargs = {k: _torch_dtype(a, args[0]) for k, a in kwargs.items()}
     try:
         torch_function(*args, **kwargs)
     except UnicodeError:
@@ -310,6 +316,18 @@ def _raise_torch_error(error, torch_function, *args, **kwargs):
     except Exception as torch_error:
         raise torch_error from error
     raise error
+
+
+def _torch_dtype(a, input):
+    """``a`` (an argument besides ``input``) in a dtype torch's losses take: int64 for an
+    integer tensor, ``input``'s dtype for a floating one."""
+    if not isinstance(a, Tensor) or a is input:
+        return a
+    if not (a.is_floating_point() or a.is_complex() or a.dtype == torch.bool):
+        return a.long()
+    if a.is_floating_point() and input.is_floating_point() and a.dtype != input.dtype:
+        return a.to(input.dtype)
+    return a
 
 
 # ------------------------------------------------------------------------- autograd

@@ -1209,3 +1209,30 @@ def test_out_of_range_uint8_target_raises_an_index_error(gen, reduction):
     with pytest.raises(IndexError, match="Target 255 is out of bounds"):
         ct.cross_entropy(x, t, reduction=reduction)
 
+
+@pytest.mark.parametrize("case", ["int32 target", "int8 target", "float64 weight", "nll int16",
+                                  "linear int8"])
+def test_out_of_range_target_error_with_dtypes_only_cecore_takes(gen, case):
+    # cecore takes integer targets of any width and weights of any float dtype; for a
+    # target out of range it replayed the call through torch, which blamed the dtype
+    # ("expected target dtype to be Long") instead. The oracle: torch's error for the
+    # same call in the dtypes it takes.
+    x = torch.randn(3, 5, generator=gen)
+    t = torch.tensor([1, 2, 7])
+    dtype = {"int32 target": torch.int32, "int8 target": torch.int8,
+             "nll int16": torch.int16, "linear int8": torch.int8}.get(case, torch.long)
+    weight = torch.ones(5, dtype=torch.float64) if case == "float64 weight" else None
+    if case == "linear int8":
+        h, w = torch.randn(3, 4, generator=gen), torch.randn(5, 4, generator=gen)
+        ours, theirs = (lambda: ct.linear_cross_entropy(h, w, t.to(dtype)),
+                        lambda: TF.linear_cross_entropy(h, w, t))
+    else:
+        ct_fn, tf_fn = ((ct.nll_loss, TF.nll_loss) if case.startswith("nll")
+                        else (ct.cross_entropy, TF.cross_entropy))
+        ours = lambda: ct_fn(x, t.to(dtype), weight)  # noqa: E731
+        theirs = lambda: tf_fn(x, t, None if weight is None else weight.float())  # noqa: E731
+    with pytest.raises(IndexError) as expected:
+        theirs()
+    with pytest.raises(IndexError) as got:
+        ours()
+    assert str(got.value) == str(expected.value)
