@@ -5,6 +5,7 @@ Each test is named after what it guards. Oracles: torch (semantics), scikit-lear
 in-memory functions for the streamed results.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -985,3 +986,91 @@ def test_weight_from_an_npz_member(scored_files, capsys):
         assert code == 0, err
         outs.append(json.loads(out)["mean_loss"])
     assert outs[0] == outs[1] == pytest.approx(cecore.cross_entropy(x, t, weight=w), rel=1e-6)
+
+
+_LSE = textwrap.dedent("""
+    import numpy as np, cecore
+    x = np.arange(80.0).reshape(2, 40)
+    for a in (x, x.astype(np.float32)):
+        print(repr(cecore.logsumexp(a, axis=1, backend="numba", n_threads=1).tolist()))
+""")
+
+
+def _run_lse(env, cwd=None):
+    return subprocess.run([sys.executable, "-c", _LSE], capture_output=True, text=True,
+                          env={**subprocess_env(), **env}, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("damage", ["empty index", "garbage data", "swapped data"])
+def test_a_damaged_numba_cache_entry_is_recompiled(tmp_path, damage):
+    # A truncated or garbage index or data file raised EOFError / UnpicklingError from
+    # the call in every later process (nothing repaired it), and data files swapped
+    # between two keys raised "can't unbox array". Now a miss: compiled and rewritten.
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    first = _run_lse(env)
+    assert first.returncode == 0, first.stderr
+    lse = f"{tmp_path}/cache/*/_kernels._logsumexp_rows_serial-*"
+    index, = glob.glob(lse + ".nbi")
+    data = sorted(glob.glob(lse + ".nbc"))
+    assert len(data) == 2
+    if damage == "empty index":
+        open(index, "w").close()
+    elif damage == "garbage data":
+        for path in data:
+            with open(path, "wb") as f:
+                f.write(os.urandom(100))
+    else:
+        os.rename(data[0], str(tmp_path / "swap"))
+        os.rename(data[1], data[0])
+        os.rename(str(tmp_path / "swap"), data[1])
+    for _ in range(2):  # the damaged process, then one that loads the rewritten entry
+        out = _run_lse(env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == first.stdout
+
+
+def test_an_unwritable_numba_cache_costs_the_cache_not_the_result(tmp_path):
+    # NUMBA_CACHE_DIR relative, then a chdir to where it cannot be made (a file is in
+    # the way): Numba let the OSError out of the kernel call, every time. Also what a full
+    # disk did.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "rc").write_text("in the way")
+    code = "import os, cecore._numba; os.chdir(os.environ['GO_TO'])\n" + _LSE
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**subprocess_env(), "NUMBA_CACHE_DIR": "rc",
+                              "GO_TO": str(tmp_path / "b")},
+                         cwd=tmp_path / "a", timeout=300)
+    assert out.returncode == 0, out.stderr
+    x = np.arange(80.0).reshape(2, 40)
+    m = x.max(axis=1)
+    reference = np.log(np.exp(x - m[:, None]).sum(axis=1)) + m  # naive float64
+    np.testing.assert_allclose(eval(out.stdout.splitlines()[0]), reference, rtol=1e-14)
+    assert out.stderr.count("cannot write its Numba cache") == 1, out.stderr
+
+
+def test_the_tmp_cache_is_used_only_when_private(tmp_path):
+    # The last-resort cache, <tmp>/cecore-numba-<uid>, has a guessable name: a directory
+    # someone else made there, writable by others, could hold pickles that run their
+    # code when loaded. Such a directory is not used; a new private one is.
+    tmp, home = tmp_path / "tmp", tmp_path / "home"
+    planted = tmp / f"cecore-numba-{os.getuid()}"
+    planted.mkdir(parents=True)
+    planted.chmod(0o777)
+    home.mkdir()
+    (home / ".cache").write_text("a file: no user cache")
+    code = _LSE + "from cecore._numba import _runtime\nprint(_runtime._tmp_dir)\n"
+    env = {**subprocess_env(), "HOME": str(home), "TMPDIR": str(tmp), "NUMBA_CACHE_DIR": ""}
+    env.pop("XDG_CACHE_HOME", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    used = out.stdout.splitlines()[-1]
+    assert os.path.dirname(used) == str(tmp) and used != str(planted)
+    assert os.stat(used).st_mode & 0o077 == 0
+    assert not any(planted.iterdir())
+    planted.chmod(0o700)  # private now: used
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == str(planted)

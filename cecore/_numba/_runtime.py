@@ -8,9 +8,11 @@ Nothing here knows what a kernel computes; :mod:`cecore._numba._kernels` uses
 
 import hashlib
 import os
+import stat
 import tempfile
 import threading
 import types as types_module
+import warnings
 
 import numba
 from numba import njit
@@ -24,8 +26,8 @@ class _CacheLocator(caching.UserWideCacheLocator):
     ``pip uninstall`` leaves those files behind, and an empty ``cecore`` folder then
     shadows the package as a namespace package. So cecore's kernels are cached in
     ``NUMBA_CACHE_DIR`` when it is set, else in the user's cache directory
-    (``~/.cache/cecore/numba`` on Linux), else in a temporary directory. Functions of
-    other modules keep Numba's own rules.
+    (``~/.cache/cecore/numba`` on Linux), else in a temporary directory (see
+    :func:`_private_tmp_dir`). Functions of other modules keep Numba's own rules.
     """
 
     _package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -46,6 +48,15 @@ class _CacheLocator(caching.UserWideCacheLocator):
         """
         return _sources_digest()
 
+    def ensure_cache_path(self):
+        """Numba calls this before every save: a directory that stopped being writable
+        (a full disk, a relative ``NUMBA_CACHE_DIR`` after a ``chdir``) must cost the
+        cache entry, not the computation (Numba lets the OSError out of the kernel call)."""
+        try:
+            super().ensure_cache_path()
+        except OSError as error:
+            _cannot_write(self._cache_path, error)
+
     @classmethod
     def from_function(cls, py_func, py_file):
         if not os.path.abspath(py_file).startswith(cls._package_dir):
@@ -56,17 +67,64 @@ class _CacheLocator(caching.UserWideCacheLocator):
             # ignore: Numba's AppDirs made it ./cecore, a folder that then shadowed the
             # package in the working directory (as a namespace package).
             user = os.path.join(os.path.expanduser("~"), ".cache", "cecore")
-        for cache_dir in (numba.config.CACHE_DIR, os.path.join(user, "numba"),
-                          os.path.join(tempfile.gettempdir(), f"cecore-numba-{os.getuid()}")):
+        for cache_dir in (numba.config.CACHE_DIR, os.path.join(user, "numba"), _private_tmp_dir):
+            if callable(cache_dir):  # made only when the others failed
+                cache_dir = cache_dir()
             if not cache_dir:
                 continue
             self = cls(py_func, py_file, cache_dir)
             try:
-                self.ensure_cache_path()
+                super(_CacheLocator, self).ensure_cache_path()
             except OSError:
                 continue
             return self
         return None
+
+
+_tmp_dir = None
+
+
+def _private_tmp_dir():
+    """The last resort for the cache: ``<tmp>/cecore-numba-<uid>`` when this user owns it
+    and no one else can write to it, else a new private directory for this process.
+
+    The name can be guessed, and a directory another local user made there could hold
+    pickles that run their code when loaded (or compiled code that computes wrong
+    results): it is used only if it is a real directory (not a link), owned by this user,
+    with no write permission for group or others, as ``tempfile.mkdtemp`` would make it."""
+    global _tmp_dir
+    if _tmp_dir is None:
+        path = os.path.join(tempfile.gettempdir(), f"cecore-numba-{os.getuid()}")
+        try:
+            os.mkdir(path, 0o700)
+        except OSError:
+            pass  # there already, or not makeable: checked below
+        try:
+            st = os.lstat(path)
+            trusted = (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                       and not st.st_mode & 0o022)
+        except OSError:
+            trusted = False
+        if not trusted:
+            try:
+                path = tempfile.mkdtemp(prefix="cecore-numba-")
+            except OSError:
+                path = ""
+        _tmp_dir = path
+    return _tmp_dir
+
+
+_unwritable = set()
+
+
+def _cannot_write(cache_path, error):
+    """Warn, once per cache directory, that compiled kernels are not being cached."""
+    root = os.path.dirname(cache_path)
+    if root not in _unwritable:
+        _unwritable.add(root)
+        warnings.warn(f"cecore cannot write its Numba cache in {root!r} "
+                      f"({error.strerror or error}): kernels compiled now are not cached",
+                      RuntimeWarning, stacklevel=2)
 
 
 _digest = None
@@ -103,16 +161,41 @@ class _KeyedCacheFile(caching.IndexDataCacheFile):
     ever holds that key's code, written whole (Numba writes to a temporary and renames)
     before the index names it; concurrent writers can at worst drop each other's index
     entries, which costs a recompilation.
+
+
+    Each data file also holds its key's digest, and an entry that cannot be read back
+    (a truncated, damaged or foreign file) is a miss: the kernel is compiled again and
+    the entry rewritten. A write that fails (a full disk) costs the entry only.
     """
 
+    @staticmethod
+    def _digest(key):
+        return hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+
+    def load(self, key):
+        try:
+            name = self._load_index().get(key)
+            if name is None:
+                return None
+            digest, data = self._load_data(name)
+        except Exception:  # any unpickling error: EOFError, UnpicklingError, TypeError...
+            return None
+        return data if digest == self._digest(key) else None
+
     def save(self, key, data):
-        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+        digest = self._digest(key)
         name = f"{self._index_name[:-len('.nbi')]}.{digest}.nbc"
-        self._save_data(name, data)
-        overloads = self._load_index()
-        if overloads.get(key) != name:
-            overloads[key] = name
-            self._save_index(overloads)
+        try:
+            self._save_data(name, (digest, data))
+            try:
+                overloads = self._load_index()
+            except Exception:  # damaged: rewritten with this entry
+                overloads = {}
+            if overloads.get(key) != name:
+                overloads[key] = name
+                self._save_index(overloads)
+        except OSError as error:
+            _cannot_write(self._cache_path, error)
 
 
 def cached_njit(*args, **options):
