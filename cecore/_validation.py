@@ -6,6 +6,8 @@ C-contiguous ``(N, C, S)`` array, int64 targets of shape ``(N, S)``, float64 wei
 
 import numbers
 
+import warnings
+
 import numpy as np
 
 from . import _config
@@ -33,6 +35,10 @@ def _to_numpy(x):
 
 
 def check_reduction(reduction):
+    if isinstance(reduction, str) and reduction == "elementwise_mean":  # torch's old name
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use "
+                      "reduction='mean' instead.", UserWarning, stacklevel=3)
+        return "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction!r} is not a valid value for reduction: expected 'none', 'mean' or 'sum'")
     return reduction

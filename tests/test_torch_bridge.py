@@ -1236,3 +1236,26 @@ def test_out_of_range_target_error_with_dtypes_only_cecore_takes(gen, case):
     with pytest.raises(IndexError) as got:
         ours()
     assert str(got.value) == str(expected.value)
+
+
+def test_elementwise_mean_is_torchs_deprecated_mean(gen):
+    # torch 2.13 still takes reduction='elementwise_mean' with a deprecation warning;
+    # cecore refused it.
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    t = torch.tensor([1, 2, 3, 0])
+    y = torch.rand(4, 5, generator=gen, dtype=torch.float64)
+    h, w = torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen,
+                                                                             dtype=torch.float64)
+    for ours, theirs, args in ((ct.cross_entropy, TF.cross_entropy, (x, t)),
+                               (ct.nll_loss, TF.nll_loss, (x, t)),
+                               (ct.binary_cross_entropy_with_logits,
+                                TF.binary_cross_entropy_with_logits, (x, y)),
+                               (ct.linear_cross_entropy, TF.linear_cross_entropy, (h, w, t)),
+                               (cecore.cross_entropy, TF.cross_entropy, (x, t))):
+        with pytest.warns(UserWarning, match="elementwise_mean' is deprecated"):
+            theirs(*args, reduction="elementwise_mean")
+        expected = theirs(*args, reduction="mean")
+        with pytest.warns(UserWarning, match="elementwise_mean' is deprecated"):
+            got = ours(*(a.numpy() if ours is cecore.cross_entropy else a for a in args),
+                       reduction="elementwise_mean")
+        assert_close(np.asarray(got), expected.numpy(), np.float64)
