@@ -271,9 +271,10 @@ def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None,
     :func:`_raise_torch_error`). ``n_threads`` beyond int32 is capped there (cecore caps
     it at the CPUs, with a warning); ``backend`` must be a string (its value is checked
     where the kernels are chosen)."""
-    # torch takes 0-d tensors for these (an integer ignore_index, any non-bool
-    # label_smoothing that does not require grad), as Python numbers
-    if isinstance(ignore_index, Tensor) and ignore_index.dim() == 0 and \
+    # torch takes one-element tensors for these (an integer ignore_index of any number
+    # of dimensions, a 0-d non-bool label_smoothing that does not require grad), as
+    # Python numbers
+    if isinstance(ignore_index, Tensor) and ignore_index.numel() == 1 and \
             not ignore_index.is_floating_point() and ignore_index.dtype != torch.bool:
         ignore_index = int(ignore_index.item())
     if isinstance(label_smoothing, Tensor) and label_smoothing.dim() == 0 and \

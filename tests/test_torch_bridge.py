@@ -1259,3 +1259,21 @@ def test_elementwise_mean_is_torchs_deprecated_mean(gen):
             got = ours(*(a.numpy() if ours is cecore.cross_entropy else a for a in args),
                        reduction="elementwise_mean")
         assert_close(np.asarray(got), expected.numpy(), np.float64)
+
+
+@pytest.mark.parametrize("ignore", [[2], [[2]], [2.0], [2, 3]])
+def test_ignore_index_as_a_tensor_as_torch_takes_it(gen, ignore):
+    # torch takes an integer tensor of one element, of any number of dimensions, for
+    # ignore_index; cecore took only 0-d ones. The oracle: torch's value or error.
+    x = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    t = torch.tensor([1, 2, 3])
+    for ours, theirs in ((ct.cross_entropy, TF.cross_entropy), (ct.nll_loss, TF.nll_loss)):
+        try:
+            expected = theirs(x, t, ignore_index=torch.tensor(ignore))
+        except TypeError as error:
+            with pytest.raises(TypeError) as got:
+                ours(x, t, ignore_index=torch.tensor(ignore))
+            assert str(got.value) == str(error)
+        else:
+            assert_close(ours(x, t, ignore_index=torch.tensor(ignore)).numpy(),
+                         expected.numpy(), np.float64)
