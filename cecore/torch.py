@@ -128,6 +128,8 @@ def _fallback_reason(inputs, others):
             return f"input dtype {t.dtype} (cecore computes float16/32/64 and bfloat16)"
         if t.layout != torch.strided or not t.is_contiguous():
             return "an input is not a contiguous (dense, row-major) tensor"
+    if any(t.layout != torch.strided for t in others):
+        return "the target or a weight is not a dense tensor"
     if any(t.requires_grad for t in others):
         return "the target or a class weight requires grad (cecore differentiates the input only)"
     if _forward_ad._current_level >= 0 and any(
