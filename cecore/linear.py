@@ -62,7 +62,7 @@ def _chunk_rows(n_rows, n_classes, itemsize, return_grad, over_logits):
        its products slowly.
     """
     n_buffers = 2 if return_grad and not over_logits else 1
-    row_bytes = n_buffers * n_classes * itemsize
+    row_bytes = max(1, n_buffers * n_classes * itemsize)  # (no classes: rows of nothing)
     budget = _config.LINEAR_CHUNK_BYTES - (_config.LINEAR_ACCUMULATE_BYTES if return_grad else 0)
     rows = max(_last_level_cache_bytes() // 2 // row_bytes, _config.LINEAR_MIN_CHUNK_ROWS)
     rows = max(1, min(rows, budget // row_bytes, n_rows))
@@ -106,9 +106,6 @@ def _operands(input, linear_weight, linear_bias):
             f"input of shape {x.shape} has {x.shape[-1]} features (its last dimension) but "
             f"linear_weight of shape {w.shape} expects {w.shape[1]}"
         )
-    if w.shape[0] == 0:
-        raise ValueError("linear_weight must have at least one row (one per class), got shape "
-                         f"{w.shape}")
     b = None
     if linear_bias is not None:
         b = _float_operand(linear_bias, "linear_bias")
