@@ -135,8 +135,10 @@ def grad_out_array(grad_out, x, fortran):
     (bumped once the checks pass; a later error leaves it bumped, never unbumped).
     """
     is_tensor = type(grad_out).__module__.split(".")[0] == "torch"
-    if (not (isinstance(grad_out, np.ndarray) or is_tensor)
-            or isinstance(grad_out, (np.matrix, np.ma.MaskedArray))):
+    if isinstance(grad_out, np.ma.MaskedArray):
+        raise TypeError("grad_out is a masked array, whose mask would hide entries of the "
+                        "gradient returned in it: pass a plain ndarray")
+    if not (isinstance(grad_out, np.ndarray) or is_tensor) or isinstance(grad_out, np.matrix):
         raise TypeError(
             f"grad_out must be a NumPy array or a CPU torch tensor to write the gradient into, "
             f"got {type(grad_out).__name__}"
