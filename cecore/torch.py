@@ -306,10 +306,12 @@ def _raise_torch_error(error, torch_function, *args, **kwargs):
     """
     if torch_function is None:  # nothing of torch's to compare with
         raise error
-    if args and isinstance(args[0], Tensor):
-        # in the dtypes torch takes: cecore takes integer targets of any width and weights
-        # of any float dtype, and torch would blame those first ("expected target dtype
-        # to be Long") for an error elsewhere (a target out of range)
+    if isinstance(error, IndexError) and args and isinstance(args[0], Tensor):
+        # A target out of range, which torch reports as an IndexError too, once the
+        # arguments are in dtypes it takes: cecore takes integer targets of any width and
+        # weights of any float dtype, which torch would blame first ("expected target
+        # dtype to be Long"). Other errors replay the arguments as given, so that a
+        # dtype torch refuses is named as the caller passed it.
         args = tuple(_torch_dtype(a, args[0]) for a in args)
         kwargs = {k: _torch_dtype(a, args[0]) for k, a in kwargs.items()}
     try:

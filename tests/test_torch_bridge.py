@@ -1288,3 +1288,28 @@ def test_a_sparse_target_falls_back_to_torch(gen):
     with pytest.warns(ct.CecoreFallbackWarning, match="not a dense tensor"):
         got = ct.cross_entropy(x, q)
     assert_close(got.numpy(), TF.cross_entropy(x, q).numpy(), np.float64)
+
+
+@pytest.mark.parametrize("case", ["float64 index target", "float16 index target",
+                                  "int32 probability-shaped target", "int16 bce target"])
+def test_dtype_errors_name_the_dtype_passed(gen, case):
+    # The replay through torch converted targets and weights to torch's dtypes for every
+    # error (to report a target out of range as torch does), so a dtype torch refuses
+    # came back named as the converted one ("got Float" for a float64 target).
+    x = torch.randn(3, 5, generator=gen)
+    ours, theirs, target = {
+        "float64 index target": (ct.cross_entropy, TF.cross_entropy,
+                                 torch.tensor([1.0, 2, 3], dtype=torch.float64)),
+        "float16 index target": (ct.nll_loss, TF.nll_loss,
+                                 torch.tensor([1.0, 2, 3], dtype=torch.float16)),
+        "int32 probability-shaped target": (ct.cross_entropy, TF.cross_entropy,
+                                            torch.zeros(3, 5, dtype=torch.int32)),
+        "int16 bce target": (ct.binary_cross_entropy_with_logits,
+                             TF.binary_cross_entropy_with_logits,
+                             torch.zeros(3, 5, dtype=torch.int16)),
+    }[case]
+    with pytest.raises(RuntimeError) as expected:
+        theirs(x, target)
+    with pytest.raises(RuntimeError) as got:
+        ours(x, target)
+    assert str(got.value) == str(expected.value)
