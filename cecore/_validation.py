@@ -5,6 +5,8 @@ C-contiguous ``(N, C, S)`` array, int64 targets of shape ``(N, S)``, float64 wei
 """
 
 import numbers
+import os
+import sys
 
 import warnings
 
@@ -34,10 +36,23 @@ def _to_numpy(x):
     return np.asarray(x)
 
 
+ELEMENTWISE_MEAN = ("reduction='elementwise_mean' is deprecated. Please use reduction='mean' "
+                    "instead.")  # torch's words for its old name of 'mean'
+
+
+def _caller_stacklevel():
+    """``stacklevel`` of the first frame outside cecore, for warnings about the caller's
+    arguments (the public functions are wrapped, and some call others)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_reduction(reduction):
-    if isinstance(reduction, str) and reduction == "elementwise_mean":  # torch's old name
-        warnings.warn("reduction='elementwise_mean' is deprecated. Please use "
-                      "reduction='mean' instead.", UserWarning, stacklevel=3)
+    if isinstance(reduction, str) and reduction == "elementwise_mean":
+        warnings.warn(ELEMENTWISE_MEAN, UserWarning, stacklevel=_caller_stacklevel())
         return "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction!r} is not a valid value for reduction: expected 'none', 'mean' or 'sum'")

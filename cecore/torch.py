@@ -91,6 +91,17 @@ class CecoreFallbackWarning(UserWarning):
 _warned = set()
 
 
+def _reduction(reduction):
+    """``reduction`` checked; torch's old 'elementwise_mean' is 'mean', with torch's
+    warning, which is left out while torch.compile traces (as in :func:`_warn_fallback`;
+    torch's own function compiles with it)."""
+    if isinstance(reduction, str) and reduction == "elementwise_mean":
+        if not torch.compiler.is_compiling():
+            warnings.warn(V.ELEMENTWISE_MEAN, UserWarning, stacklevel=3)
+        return "mean"
+    return V.check_reduction(reduction)
+
+
 def _warn_fallback(function_name, reason):
     # Once per process and reason: a training loop would otherwise warn at every step.
     # Not while torch.compile traces: Dynamo cannot trace warnings.warn, so under
@@ -825,7 +836,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     loss : Tensor
         Shape () for 'mean'/'sum', the target's (class-index) shape for 'none'.
     """
-    reduction = V.check_reduction(_legacy_reduction(size_average, reduce, reduction))
+    reduction = _reduction(_legacy_reduction(size_average, reduce, reduction))
     if not _all_tensors(input, target, weight):
         return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                 reduction=reduction, label_smoothing=label_smoothing)
@@ -852,7 +863,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     Log-probabilities of shape (C,), (N, C) or (N, C, d1, ..., dK) and class-index
     targets; otherwise as :func:`cross_entropy` (fallback, errors, differentiable once).
     """
-    reduction = V.check_reduction(_legacy_reduction(size_average, reduce, reduction))
+    reduction = _reduction(_legacy_reduction(size_average, reduce, reduction))
     if not _all_tensors(input, target, weight):
         return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
     reason = _fallback_reason((input,), (target, weight))
@@ -879,7 +890,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     pos_weight that requires grad goes to torch's function. Otherwise as
     :func:`cross_entropy` (fallback, errors, differentiable once).
     """
-    reduction = V.check_reduction(_legacy_reduction(size_average, reduce, reduction))
+    reduction = _reduction(_legacy_reduction(size_average, reduce, reduction))
     if not _all_tensors(input, target, weight, pos_weight):
         return TF.binary_cross_entropy_with_logits(input, target, weight, reduction=reduction,
                                                    pos_weight=pos_weight)
@@ -912,7 +923,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     recomputes the chunked pass with the real ``grad_output`` (the forward pass computes
     the loss only). Differentiable once.
     """
-    reduction = V.check_reduction(reduction)
+    reduction = _reduction(reduction)
 
     def with_torch():
         return TF.linear_cross_entropy(

@@ -1313,3 +1313,21 @@ def test_dtype_errors_name_the_dtype_passed(gen, case):
     with pytest.raises(RuntimeError) as got:
         ours(x, target)
     assert str(got.value) == str(expected.value)
+
+
+def test_elementwise_mean_warns_at_the_caller_and_compiles(gen):
+    # The warning pointed into cecore (the functions' wrapper), so the default filter
+    # showed it once for every call site; and under torch.compile(fullgraph=True) Dynamo
+    # could not trace it, where torch's own function compiles.
+    x = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    t = torch.tensor([1, 2, 3])
+    for call in (lambda: cecore.cross_entropy(x.numpy(), t.numpy(), reduction="elementwise_mean"),
+                 lambda: cecore.CrossEntropyLoss(reduction="elementwise_mean")(x.numpy(),
+                                                                                t.numpy()),
+                 lambda: ct.cross_entropy(x, t, reduction="elementwise_mean")):
+        with pytest.warns(UserWarning, match="elementwise_mean") as caught:
+            call()
+        assert caught[0].filename == __file__
+    compiled = torch.compile(lambda a, b: ct.cross_entropy(a, b, reduction="elementwise_mean"),
+                             fullgraph=True)
+    assert_close(compiled(x, t).numpy(), TF.cross_entropy(x, t).numpy(), np.float64)
