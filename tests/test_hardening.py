@@ -1051,26 +1051,42 @@ def test_an_unwritable_numba_cache_costs_the_cache_not_the_result(tmp_path):
 
 def test_the_tmp_cache_is_used_only_when_private(tmp_path):
     # The last-resort cache, <tmp>/cecore-numba-<uid>, has a guessable name: a directory
-    # someone else made there, writable by others, could hold pickles that run their
-    # code when loaded. Such a directory is not used; a new private one is.
+    # someone else made there, or one others can write to, could hold pickles that run
+    # their code when loaded. This user's own is emptied (unread) and made private;
+    # another user's is not used, a new private one is.
     tmp, home = tmp_path / "tmp", tmp_path / "home"
     planted = tmp / f"cecore-numba-{os.getuid()}"
-    planted.mkdir(parents=True)
+    (planted / "_numba_x").mkdir(parents=True)
+    (planted / "_numba_x" / "planted.nbi").write_bytes(b"not a pickle")
     planted.chmod(0o777)
     home.mkdir()
     (home / ".cache").write_text("a file: no user cache")
     code = _LSE + "from cecore._numba import _runtime\nprint(_runtime._tmp_dir)\n"
     env = {**subprocess_env(), "HOME": str(home), "TMPDIR": str(tmp), "NUMBA_CACHE_DIR": ""}
     env.pop("XDG_CACHE_HOME", None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    used = out.stdout.splitlines()[-1]
-    assert os.path.dirname(used) == str(tmp) and used != str(planted)
-    assert os.stat(used).st_mode & 0o077 == 0
-    assert not any(planted.iterdir())
-    planted.chmod(0o700)  # private now: used
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[-1] == str(planted)
+    for _ in range(2):  # emptied and made private, then used as it is
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[-1] == str(planted)
+        assert stat.S_IMODE(planted.stat().st_mode) == 0o700
+        assert not (planted / "_numba_x").exists() and any(planted.iterdir())
+
+
+def test_another_users_tmp_cache_is_not_used(tmp_path, monkeypatch):
+    # Made by this process's user, the directory belongs to "another user" once getuid
+    # says otherwise: left alone (not emptied, not used), and a new private one is made.
+    from cecore._numba import _runtime
+
+    other_uid = os.getuid() + 1
+    planted = tmp_path / f"cecore-numba-{other_uid}"
+    planted.mkdir()
+    (planted / "planted.nbi").write_bytes(b"not a pickle")
+    planted.chmod(0o777)
+    monkeypatch.setattr(_runtime.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(_runtime.os, "getuid", lambda: other_uid)
+    monkeypatch.setattr(_runtime, "_tmp_dir", None)
+    used = _runtime._private_tmp_dir()
+    assert os.path.dirname(used) == str(tmp_path) and used != str(planted)
+    assert stat.S_IMODE(os.stat(used).st_mode) == 0o700
+    assert (planted / "planted.nbi").exists() and stat.S_IMODE(planted.stat().st_mode) == 0o777

@@ -6,8 +6,10 @@ Nothing here knows what a kernel computes; :mod:`cecore._numba._kernels` uses
 :func:`launch`.
 """
 
+import atexit
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -91,7 +93,10 @@ def _private_tmp_dir():
     The name can be guessed, and a directory another local user made there could hold
     pickles that run their code when loaded (or compiled code that computes wrong
     results): it is used only if it is a real directory (not a link), owned by this user,
-    with no write permission for group or others, as ``tempfile.mkdtemp`` would make it."""
+    with no write permission for group or others, as ``tempfile.mkdtemp`` would make it.
+    One of this user's that others could write to (earlier cecore versions made it with
+    the umask's permissions) is emptied, unread, and made private. A directory made for
+    the process is removed at exit."""
     global _tmp_dir
     if _tmp_dir is None:
         path = os.path.join(tempfile.gettempdir(), f"cecore-numba-{os.getuid()}")
@@ -99,19 +104,42 @@ def _private_tmp_dir():
             os.mkdir(path, 0o700)
         except OSError:
             pass  # there already, or not makeable: checked below
-        try:
-            st = os.lstat(path)
-            trusted = (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
-                       and not st.st_mode & 0o022)
-        except OSError:
-            trusted = False
-        if not trusted:
+        if not (_trusted(path) or _made_private(path)):
             try:
                 path = tempfile.mkdtemp(prefix="cecore-numba-")
+                atexit.register(shutil.rmtree, path, ignore_errors=True)
             except OSError:
                 path = ""
         _tmp_dir = path
     return _tmp_dir
+
+
+def _made_private(path):
+    """Whether ``path``, a real directory of this user's that others could write to, was
+    made private (mode 0700) and emptied without reading anything in it."""
+    try:
+        st = os.lstat(path)
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()):
+            return False  # another user's, a link, or not there
+        os.chmod(path, 0o700)  # no one else can add entries from now on
+        for name in os.listdir(path):
+            entry = os.path.join(path, name)
+            if os.path.isdir(entry) and not os.path.islink(entry):
+                shutil.rmtree(entry)
+            else:
+                os.unlink(entry)
+    except OSError:
+        return False
+    return _trusted(path)
+
+
+def _trusted(path):
+    """Whether ``path`` is a real directory of this user's that no one else can write to."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 _unwritable = set()
