@@ -7,7 +7,6 @@ C-contiguous ``(N, C, S)`` array, int64 targets of shape ``(N, S)``, float64 wei
 import numbers
 import os
 import sys
-
 import warnings
 
 import numpy as np
@@ -43,7 +42,7 @@ ELEMENTWISE_MEAN = ("reduction='elementwise_mean' is deprecated. Please use redu
 def _caller_stacklevel():
     """``stacklevel`` of the first frame outside cecore, for warnings about the caller's
     arguments (the public functions are wrapped, and some call others)."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
