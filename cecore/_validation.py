@@ -35,8 +35,8 @@ def _to_numpy(x):
     return np.asarray(x)
 
 
-ELEMENTWISE_MEAN = ("reduction='elementwise_mean' is deprecated. Please use reduction='mean' "
-                    "instead.")  # torch's words for its old name of 'mean'
+_ELEMENTWISE_MEAN = ("reduction='elementwise_mean' is deprecated. Please use reduction='mean' "
+                     "instead.")  # torch's words
 
 
 def _caller_stacklevel():
@@ -49,9 +49,12 @@ def _caller_stacklevel():
     return level
 
 
-def check_reduction(reduction):
+def check_reduction(reduction, warn=True):
+    """``reduction`` checked; torch's old name 'elementwise_mean' is 'mean', with torch's
+    deprecation warning (``warn=False``: without it, as while torch.compile traces)."""
     if isinstance(reduction, str) and reduction == "elementwise_mean":
-        warnings.warn(ELEMENTWISE_MEAN, UserWarning, stacklevel=_caller_stacklevel())
+        if warn:
+            warnings.warn(_ELEMENTWISE_MEAN, UserWarning, stacklevel=_caller_stacklevel())
         return "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction!r} is not a valid value for reduction: expected 'none', 'mean' or 'sum'")

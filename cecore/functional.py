@@ -145,8 +145,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     grad_out : ndarray, optional
         Array of the input's shape and dtype in native byte order, writeable and
         C-contiguous (or Fortran-contiguous for a Fortran-ordered 2-D input), that
-        receives the gradient and is
-        returned as it: no new N x C allocation. ``grad_out=input`` overwrites the logits
+        receives the gradient and is returned as it: no new N x C allocation. ``grad_out=input`` overwrites the logits
         with their gradient (same bits as out of place). Implies ``return_grad=True``.
     backend : {'auto', 'cython', 'numba'}, default='auto'
     n_threads : int, optional
@@ -369,9 +368,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     number of elements. Returns the loss, and the gradient with ``return_grad=True`` or
     into ``grad_out`` (the input's shape and dtype in native byte order, C-contiguous, or
     Fortran-contiguous when the input and the target are Fortran-ordered 2-D arrays; may be
-    the input). As in
-    torch, a target of a wider dtype than the input's promotes the computation and the
-    loss; the gradient keeps the input's dtype.
+    the input). As in torch, a target of a wider dtype than the input's promotes the
+    computation and the loss; the gradient keeps the input's dtype.
     """
     V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
     x = V.float_input(input)

@@ -92,14 +92,10 @@ _warned = set()
 
 
 def _reduction(reduction):
-    """``reduction`` checked; torch's old 'elementwise_mean' is 'mean', with torch's
-    warning, which is left out while torch.compile traces (as in :func:`_warn_fallback`;
-    torch's own function compiles with it)."""
-    if isinstance(reduction, str) and reduction == "elementwise_mean":
-        if not torch.compiler.is_compiling():
-            warnings.warn(V.ELEMENTWISE_MEAN, UserWarning, stacklevel=3)
-        return "mean"
-    return V.check_reduction(reduction)
+    """``reduction`` checked, warning about 'elementwise_mean' except while torch.compile
+    traces (Dynamo cannot trace warnings.warn, see :func:`_warn_fallback`; torch's own
+    function compiles with it)."""
+    return V.check_reduction(reduction, warn=not torch.compiler.is_compiling())
 
 
 def _warn_fallback(function_name, reason):
@@ -414,9 +410,14 @@ def _skip_ignored(grad_output, target, ignore_index):
     0) made it NaN. A finite scalar needs nothing (no pass over the positions then)."""
     if _finite_scalar(grad_output):
         return grad_output
-    # Compared in int64: torch compares a narrow target with a Python int in the target's
-    # own dtype, so -100 would pick out class 156 of a uint8 target.
-    return torch.where(target.to(torch.int64) == ignore_index, 0, grad_output)
+    return torch.where(_ignored(target, ignore_index), 0, grad_output)
+
+
+def _ignored(target, ignore_index):
+    """The positions whose target is ``ignore_index``, compared in int64: torch compares a
+    narrow target with a Python int in the target's own dtype, so -100 would pick out
+    class 156 of a uint8 target."""
+    return target.to(torch.int64) == ignore_index
 
 
 def _scaled(ctx, grad, grad_output):
@@ -757,7 +758,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.source_refs = [weakref.ref(t) for t in (input, linear_weight, linear_bias)
                        if t is not None]
     # Ignored positions get a zero input gradient whatever grad_output holds (as torch).
-    ctx.ignore = (target, ignore_index) if ignore_index is not None else None
+    ctx.ignore = (target, ignore_index)
     if ctx.recompute:  # every input is saved for the second pass (torch checks them)
         watched = (input, linear_weight, target, linear_bias, weight)
     else:  # what torch's F.linear + cross_entropy save: never the bias, the input only
@@ -799,13 +800,11 @@ def _linear_backward(ctx, grad_output, *_):
                 raise RuntimeError(f"cecore::linear_cross_entropy was called with "
                                    f"grad_mask={ctx.grad_mask}, without the gradient of {name}")
         grads = [_scaled(ctx, g, grad_output).to(ctx.input_dtype) for g in ctx.saved_tensors]
-        if ctx.ignore is not None and computed[0]:
+        if computed[0]:
             # A non-finite grad_output times the saved zeros of ignored rows made them NaN
             # (the weight's and bias's gradients are sums over rows: not separable).
             if not _finite_scalar(grad_output):
-                target, ignore_index = ctx.ignore
-                ignored = (target.to(torch.int64) == ignore_index).unsqueeze(-1)
-                grads[0] = torch.where(ignored, 0, grads[0])
+                grads[0] = torch.where(_ignored(*ctx.ignore).unsqueeze(-1), 0, grads[0])
     if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
         grads = _once(grads, getattr(ctx, "sources", None) or ctx.source_refs)
     grad_input, grad_linear_weight, grad_linear_bias = grads

@@ -75,7 +75,7 @@ class _CacheLocator(caching.UserWideCacheLocator):
             if not cache_dir:
                 continue
             self = cls(py_func, py_file, cache_dir)
-            try:
+            try:  # Numba's check, which raises (this class's own only warns)
                 super(_CacheLocator, self).ensure_cache_path()
             except OSError:
                 continue
@@ -189,7 +189,6 @@ class _KeyedCacheFile(caching.IndexDataCacheFile):
     ever holds that key's code, written whole (Numba writes to a temporary and renames)
     before the index names it; concurrent writers can at worst drop each other's index
     entries, which costs a recompilation.
-
 
     Each data file also holds its key's digest, and an entry that cannot be read back
     (a truncated, damaged or foreign file) is a miss: the kernel is compiled again and
