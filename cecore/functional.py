@@ -105,6 +105,14 @@ def _reduce_loss(loss_out, reduction, denominator, out_shape, dtype):
     return _reduced(_reduce.fixed_sum(loss_out), reduction, denominator, dtype)
 
 
+def _index_loss(loss_out, reduction, denominator, out_shape, dtype, n_classes, eps):
+    """:func:`_reduce_loss` of class-index losses, with torch's answer for no classes."""
+    if not n_classes and eps > 0:
+        # torch scales the (empty) smoothing sum by eps / C = inf: NaN, whatever N is.
+        return np.full(out_shape if reduction == "none" else (), np.nan, dtype)[()]
+    return _reduce_loss(loss_out, reduction, denominator, out_shape, dtype)
+
+
 def _reduced(total, reduction, denominator, dtype):
     """'sum' or 'mean' of a loss whose fixed-block sum is ``total``."""
     if reduction == "mean":
@@ -226,11 +234,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         kernels.softmax_ce_index(x3, t2.reshape(positions), w, int(ignore_index), eps,
                                  scale, loss_out, grad3, threads)
 
-    if not n_classes and eps > 0 and not proba:
-        # torch scales the (empty) smoothing sum by eps / C = inf: NaN, whatever N is.
-        loss = np.full(loss_shape if reduction == "none" else (), np.nan, out_dtype)[()]
-    else:
+    if proba:
         loss = _reduce_loss(loss_out, reduction, denominator, loss_shape, out_dtype)
+    else:
+        loss = _index_loss(loss_out, reduction, denominator, loss_shape, out_dtype,
+                           n_classes, eps)
     if not return_grad:
         return loss
     return loss, gradient()

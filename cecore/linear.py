@@ -19,7 +19,7 @@ import numpy as np
 from . import _config
 from . import _validation as V
 from ._backends import get_backend
-from .functional import _grad_scale, _ieee, _index_denominator, _reduce_loss
+from .functional import _grad_scale, _ieee, _index_denominator, _index_loss
 
 __all__ = ["linear_cross_entropy"]
 
@@ -323,7 +323,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                 # as the other products); the totals over chunks are float64.
                 grad_b += ones[:n] @ grad
 
-    loss = _reduce_loss(loss_rows, reduction, denominator, loss_shape, dtype)
+    loss = _index_loss(loss_rows, reduction, denominator, loss_shape, dtype, n_classes, eps)
     if not return_grad:
         return (loss, (None, None, None)) if wants_grad else loss
     grads = (None if grad_x is None else grad_x.reshape(x.shape), grad_w,

@@ -376,20 +376,22 @@ def test_loss_class(backend, rng):
 @pytest.mark.parametrize("n_rows", [0, 3])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_no_classes_give_torchs_answers(backend, n_rows, reduction, bias):
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_no_classes_give_torchs_answers(backend, n_rows, reduction, bias, eps):
     # A (0, D) unembedding was refused ("at least one row"); torch gives NaN / 0 / empty
-    # losses and zero gradients when every target is ignored (and an IndexError else).
+    # losses and zero gradients when every target is ignored (and an IndexError else);
+    # with label smoothing NaN losses (eps / V = inf times an empty sum), as cross_entropy.
     h = torch.randn(n_rows, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(0, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(0, dtype=torch.float64, requires_grad=True) if bias else None
     t = torch.full((n_rows,), -100)
-    expected = TF.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction)
+    expected = TF.linear_cross_entropy(h, w, t, linear_bias=b, reduction=reduction,
+                                       label_smoothing=eps)
     grads = torch.autograd.grad(expected.sum(), [h, w] + ([b] if bias else []))
     loss, got = cecore.linear_cross_entropy(
         h.detach().numpy(), w.detach().numpy(), t.numpy(),
         linear_bias=None if b is None else b.detach().numpy(), reduction=reduction,
-        return_grad=True,
-        backend=backend)
+        label_smoothing=eps, return_grad=True, backend=backend)
     assert_close(np.asarray(loss), expected.detach().numpy(), np.float64)
     for ours, theirs in zip(got, grads):
         assert ours.shape == theirs.shape
