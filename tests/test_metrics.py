@@ -455,6 +455,26 @@ def test_log_loss_and_scorers_under_array_api_dispatch(monkeypatch):
             get_scorer("neg_log_loss")(est, X, y), rel=1e-9)
 
 
+def test_log_loss_of_float32_tensors_under_array_api_dispatch(monkeypatch):
+    # check_array with the dispatch off read a float32 tensor as float64: clipped at
+    # float64's epsilon (18.2 where scikit-learn gives 8.19) and rows that sum to one in
+    # float32 warned. scikit-learn's log_loss (the oracle) computes in the tensor's dtype.
+    import sklearn
+    from sklearn.metrics import log_loss as sk_log_loss
+
+    monkeypatch.setenv("SCIPY_ARRAY_API", "1")
+    y = torch.tensor([1, 0, 1, 0])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    p2 = torch.tensor(rng.dirichlet([1, 1, 1], 20), dtype=torch.float32)
+    y2 = torch.tensor(rng.integers(0, 3, 20))
+    with sklearn.config_context(array_api_dispatch=True), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for labels, proba in [(y, p), (y2, p2), (y2, p2.half())]:
+            assert log_loss(labels, proba) == pytest.approx(sk_log_loss(labels, proba),
+                                                            rel=1e-6)
+
+
 def test_labels_in_a_tensor_are_labels():
     # A 1-D tensor of labels went to scikit-learn's slow path, which made it a label
     # indicator matrix: log_loss_from_logits refused it.

@@ -31,14 +31,26 @@ __all__ = ["log_loss", "log_loss_from_logits"]
 
 def _on_numpy(fn):
     """Run ``fn`` with scikit-learn's array API dispatch off: the losses are computed on
-    NumPy arrays (CPU torch tensors and other array-likes are read as such, as they are
-    when the dispatch is off), where with it on ``check_array`` kept a tensor and then
-    failed on NumPy's dtypes (scikit-learn's own ``log_loss`` works in that mode)."""
+    NumPy arrays, where with it on ``check_array`` kept a tensor and then failed on
+    NumPy's dtypes (scikit-learn's own ``log_loss`` works in that mode). Under dispatch,
+    arrays of other namespaces (CPU torch tensors) are first made NumPy arrays of their
+    own dtype, as scikit-learn computes in it: with the dispatch off, ``check_array``
+    reads a float32 tensor as float64, which would clip at float64's epsilon."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if sklearn.get_config()["array_api_dispatch"]:
+            args = [_as_numpy(a) for a in args]
+            kwargs = {k: _as_numpy(v) for k, v in kwargs.items()}
         with sklearn.config_context(array_api_dispatch=False):
             return fn(*args, **kwargs)
     return wrapper
+
+
+def _as_numpy(a):
+    """An array of another array API namespace as a NumPy array of its dtype."""
+    if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
+        return np.asarray(a)
+    return a
 
 
 def _weighted_mean(loss, sample_weight, normalize):
