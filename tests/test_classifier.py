@@ -431,6 +431,23 @@ def test_partial_fit_balanced_with_a_class_of_zero_weight():
     np.testing.assert_allclose(weighted.intercept_, removed.intercept_, rtol=1e-10, atol=1e-12)
 
 
+def test_partial_fit_rows_of_zero_weight_count_nowhere():
+    # Rows of weight 0 were counted in the rows seen, which scales every batch's data
+    # term, while whole batches of them took no step and so no share of the penalty: the
+    # stream with them converged to fit with C doubled (hostile review). Now the same
+    # steps as without them; the other oracle is fit on the rows of nonzero weight.
+    X, y = load("iris")
+    Z = X[::-1] + 1.0
+    plain = SoftmaxClassifier(C=0.01, batch_size=50, learning_rate=0.5, n_threads=1)
+    padded = SoftmaxClassifier(C=0.01, batch_size=50, learning_rate=0.5, n_threads=1)
+    for _ in range(3):
+        plain.partial_fit(X, y, classes=[0, 1, 2])
+        padded.partial_fit(np.vstack([X, Z]), np.r_[y, y[::-1]], classes=[0, 1, 2],
+                           sample_weight=np.r_[np.ones(len(y)), np.zeros(len(y))])
+    np.testing.assert_array_equal(padded.coef_, plain.coef_)
+    np.testing.assert_array_equal(padded.intercept_, plain.intercept_)
+
+
 def test_partial_fit_weighs_batches_by_their_weight_and_rows():
     # Each batch was divided by its own weight sum, so all batches pulled alike: weights
     # that differ between batches cancelled out (a: 0.50 where the weighted optimum is

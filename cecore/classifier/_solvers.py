@@ -82,7 +82,8 @@ class AdagradState:
     weight_seen : float
         Sum of the (class-weighted) sample weights so far: the penalty's weight.
     rows_seen : int
-        Rows so far (``weight_seen / rows_seen`` is the mean weight of a row).
+        Rows of nonzero weight so far (``weight_seen / rows_seen`` is the mean weight of
+        a row).
     grad_norm : ndarray of shape (n_params,) or None
         Square root of the sum of the squared gradients of all steps so far, accumulated
         with ``hypot`` (a sum of squares overflows from gradients of about 1e154, which
@@ -108,7 +109,8 @@ def adagrad_steps(state, make_objective, X, y_enc, sample_weight, params, *, bat
 
         f_B = sum_B s_i l_i / (batch_size * s_mean) + |B| / batch_size * ||W||^2 / (2 C S)
 
-    where ``S`` is the total weight seen so far and ``s_mean = S / rows seen``. Over a
+    where ``S`` is the total weight seen so far, ``s_mean = S / rows seen`` and ``|B|``
+    the batch's rows, counting only rows of nonzero weight throughout. Over a
     pass over the data these gradients add up to ``n_rows / batch_size`` times the
     gradient of :class:`~cecore.classifier._objective.LinearObjective` on all of it, so a
     batch counts by its weight and its rows: a short last batch of a chunk, or a batch of
@@ -116,7 +118,10 @@ def adagrad_steps(state, make_objective, X, y_enc, sample_weight, params, *, bat
     weight sum gave every batch the same pull: weights that differed between batches
     cancelled out, and a one-row remainder counted as a full batch.) With equal weights
     and full batches ``f_B`` is the batch's mean loss plus the penalty. Batches of zero
-    total weight take no step.
+    total weight take no step. Rows of weight zero count nowhere, as in ``fit``: counted,
+    they scaled up the data term of every batch, and whole batches of them, which take no
+    step and so no share of the penalty, weakened the penalty (by 2x for a chunk of half
+    such rows at its end).
 
     Parameters
     ----------
@@ -147,10 +152,10 @@ def adagrad_steps(state, make_objective, X, y_enc, sample_weight, params, *, bat
     params = params.copy()
     losses = []
     state.weight_seen += float(sample_weight.sum())
-    state.rows_seen += X.shape[0]
+    state.rows_seen += np.count_nonzero(sample_weight)
     for start in range(0, X.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        total, n_rows = float(sample_weight[rows].sum()), sample_weight[rows].shape[0]
+        total, n_rows = float(sample_weight[rows].sum()), np.count_nonzero(sample_weight[rows])
         if not (total > 0 and state.weight_seen > 0):
             continue
         # LinearObjective's f = sum_B s l / total + ||W||^2 / (2 C P) times `scale` is f_B
