@@ -380,17 +380,25 @@ def check_output_path(path, inputs=()):
     (real_path, mode) : the path to replace, and the permission bits the new file gets
         (the existing file's, else those ``open()`` would give under the umask).
     """
-    if not os.fspath(path):
+    path = os.fsdecode(path)
+    if not path:
         raise ValueError("the output path is empty: give the path of a .npy file")
-    if os.fspath(path).endswith(("/", os.sep)):
+    if path.endswith(("/", os.sep)):
         raise ValueError(f"{path} names a directory: give the path of a .npy file")
-    real = os.path.realpath(os.fspath(path))
     try:
-        st = os.stat(path)  # through symlinks, to what realpath names (or to a pipe)
+        st = os.stat(path)  # through symlinks (or to a pipe)
     except FileNotFoundError:
-        if not os.path.isdir(os.path.dirname(real)):
+        if os.path.islink(path):  # a new file where the link points, as np.save makes
+            return check_output_path(os.path.join(os.path.dirname(path), os.readlink(path)),
+                                     inputs)
+        # The directory as spelled: realpath alone makes "missing/../input.npy" the input
+        # by collapsing "missing/.." as text, where the system finds no such directory.
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
             raise FileNotFoundError(f"{path}: its directory does not exist") from None
+        real = os.path.join(os.path.realpath(parent), os.path.basename(path))
         return real, 0o666 & ~_umask()
+    real = os.path.realpath(path)  # every part exists (a pipe's /proc link only to stat)
     if stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode):
         # /dev/stdout and the like: replacing the file would lose what the command prints
         # there, and a pipe has no directory to write a file beside it (a terminal or

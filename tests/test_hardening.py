@@ -116,6 +116,30 @@ def test_per_row_out_never_replaces_an_input(scored_files, capsys):
     assert _snapshot(d) == before  # nothing changed, nothing left behind
 
 
+def test_per_row_out_through_a_missing_directory_and_dotdot(scored_files, capsys):
+    # "missing/../x.npy" was taken as x.npy (os.path.realpath collapses "missing/.." as
+    # text) without any check: it replaced the input, or a read-only non-.npy file; the
+    # system finds no such directory, and neither should cecore.
+    _, _, d = scored_files
+    (d / "config.yaml").write_text("lr: 0.1\n")
+    os.chmod(d / "config.yaml", 0o444)
+    os.symlink("missing/../x.npy", d / "dangling.npy")
+    before = _snapshot(d)
+    for out in ("missing/../x.npy", "missing/../config.yaml", "missing/../new.npy",
+                "dangling.npy"):
+        code, stdout, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out",
+                                    str(d / out)], capsys)
+        assert code == 1 and stdout == "", out
+        assert "its directory does not exist" in err and err.count("\n") == 1, err
+    assert _snapshot(d) == before
+    os.mkdir(d / "sub")  # with the directory there, ".." is the parent again
+    code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--per-row-out",
+                           str(d / "sub/../x.npy")], capsys)
+    assert code == 1 and "refusing to overwrite an input" in err
+    batch.score(d / "x.npy", d / "t.npy", per_row_out=os.fsencode(d / "sub/../new.npy"))
+    assert np.load(d / "new.npy").shape == (300,)  # a bytes path, as the inputs take
+
+
 def test_per_row_out_never_replaces_the_bias_file(tmp_path, rng, capsys):
     np.save(tmp_path / "h.npy", rng.standard_normal((50, 4)).astype(np.float32))
     np.save(tmp_path / "W.npy", rng.standard_normal((10, 4)).astype(np.float32))
