@@ -142,6 +142,11 @@ class StreamedArray:
         self._next_row = stop
         return self._buffer[:nbytes].view(self.dtype).reshape((stop - start,) + self.shape[1:])
 
+    def __reduce__(self):
+        # A Dask worker's copy opens the member afresh (an open ZipFile does not pickle):
+        # decompressed once in each process that reads it.
+        return type(self), (self.path, self.member, self.dtype, self.shape)
+
     def release(self, start, stop):
         """Nothing to release: the buffer is reused for the next chunk."""
 

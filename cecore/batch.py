@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -134,6 +135,9 @@ def _same_data(a, b):
     return same_file and getattr(a, key[type(a)]) == getattr(b, key[type(b)])
 
 
+_HEAD_LOCK = threading.Lock()  # see LinearHead.logits
+
+
 @dataclass
 class LinearHead:
     """The unembedding ``logits = hidden @ weight.T + bias`` of scoring from hidden states.
@@ -150,16 +154,25 @@ class LinearHead:
         """``hidden @ weight.T + bias`` (one BLAS product, NumPy's)."""
         w = self.__dict__.get("_native")
         if w is None:
-            w = self.weight.rows(0, self.weight.shape[0])
-            # Kept once per process: a compressed .npz member can be read only once, front
-            # to back; and matmul converted a big-endian matrix again for every chunk.
-            if isinstance(self.weight, StreamedArray) or not w.dtype.isnative:
-                w = self.__dict__["_native"] = w.astype(w.dtype.newbyteorder("="),
-                                                        copy=False)
+            # Dask's threads share this head: one of them reads (a stream read by two at
+            # once failed its CRC check), the others wait for it.
+            with _HEAD_LOCK:
+                w = self.__dict__.get("_native")
+                if w is None:
+                    w = self._read_weight()
+        out = np.matmul(hidden, w.T)
         out = np.matmul(hidden, w.T)
         if self.bias is not None:
             out += self.bias
         return out
+
+    def _read_weight(self):
+        w = self.weight.rows(0, self.weight.shape[0])
+        # Kept once per process: a compressed .npz member can be read only once, front to
+        # back; and matmul converted a big-endian matrix again for every chunk.
+        if isinstance(self.weight, StreamedArray) or not w.dtype.isnative:
+            w = self.__dict__["_native"] = w.astype(w.dtype.newbyteorder("="), copy=False)
+        return w
 
     def __getstate__(self):  # a Dask worker gets the reader, not the converted copy
         return {k: v for k, v in self.__dict__.items() if k != "_native"}

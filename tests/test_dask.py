@@ -7,6 +7,7 @@ loopback only) serves the module.
 
 import json
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -108,6 +109,46 @@ def test_dask_hidden_states_equal_in_memory(client, rng):
     for key in ("mean_loss", "accuracy", "top_k_accuracy", "mean_entropy", "ece", "brier"):
         np.testing.assert_allclose(getattr(r, key), getattr(expected, key), rtol=1e-5,
                                    atol=1e-7, err_msg=key)
+
+
+def test_dask_hidden_states_with_a_compressed_unembedding(client, rng, tmp_path, monkeypatch):
+    # The unembedding in a compressed .npz member: on worker processes the reader did not
+    # pickle (an open ZipFile), and Dask's threads read its one stream at once (a "Bad
+    # CRC-32" on a valid file, intermittently). Oracle: the in-memory unembedding.
+    import threading
+    import time
+
+    from cecore import _io, batch
+    h = rng.standard_normal((N_ROWS, 16)).astype(np.float32)
+    w = (0.3 * rng.standard_normal((40, 16))).astype(np.float32)
+    t = random_index_target(rng, N_ROWS, 40, p_ignore=0.1)
+    np.savez_compressed(tmp_path / "w.npz", w=w)
+    expected = batch.score(h, t, unembedding=w)
+    hd, td = da.from_array(h, chunks=(6000, 16)), da.from_array(t, chunks=6000)
+    readers, lock = [], threading.Lock()
+    rows = _io.StreamedArray.rows
+
+    def slow_rows(self, start, stop):  # widens the window two threads would share
+        with lock:
+            readers.append(threading.get_ident())
+        time.sleep(0.05)
+        return rows(self, start, stop)
+
+    monkeypatch.setattr(_io.StreamedArray, "rows", slow_rows)
+
+    def no_client():
+        raise ValueError("No clients found")
+
+    monkeypatch.setattr("distributed.get_client", no_client)  # Dask's threaded scheduler
+    with dask.config.set(scheduler="threads", num_workers=4):
+        in_threads = _dask.score_dask(hd, td, unembedding=tmp_path / "w.npz")
+    assert len(readers) == 1  # read once, by one of the threads
+    monkeypatch.undo()
+    on_workers = _dask.score_dask(hd, td, unembedding=tmp_path / "w.npz", client=client)
+    for r in (in_threads, on_workers):
+        for key in ("mean_loss", "accuracy", "brier"):
+            np.testing.assert_allclose(getattr(r, key), getattr(expected, key), rtol=1e-5,
+                                       atol=1e-7, err_msg=key)
 
 
 @pytest.mark.parametrize("on_files", [False, True])
