@@ -243,6 +243,7 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
         if np.dtype(t_dtype).kind != "f":
             raise TypeError(f"a target of the logits' shape {tuple(x_shape)} holds class probabilities "
                             f"and must be floating point, got dtype {t_dtype}")
+        V.float_input(np.empty(0, t_dtype), "target")  # float128 as cross_entropy refuses it
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported with class-probability targets")
     else:

@@ -68,6 +68,8 @@ def _corrupt(tmp_path):
     ("range", "Target 12 is out of bounds"),
     ("int_logits", "floating point"),
     ("float_target", "integers"),
+    # was "No matching signature found", from the kernel
+    ("float128_proba", "target of dtype float128 is not supported"),
     ("weight", "weight should be defined"),
     ("weight_text", "neither a file nor"),
     ("budget", "invalid memory size"),
@@ -82,6 +84,7 @@ def test_bad_input_one_line_error(files, tmp_path, capsys, case, message):
         "range": [xp, _save(tmp_path, "t3", np.where(np.arange(t.size) == 19999, 12, t))],
         "int_logits": [_save(tmp_path, "xi", x.astype(np.int16)), tp],
         "float_target": [xp, _save(tmp_path, "tf", t.astype(np.float32))],
+        "float128_proba": [xp, _save(tmp_path, "tq", np.full(x.shape, 1 / 12, np.longdouble))],
         "weight": [xp, tp, "--weight", "1,2,3"],
         "weight_text": [xp, tp, "--weight", "heavy"],
         "budget": [xp, tp, "--memory-budget", "lots"],
