@@ -338,9 +338,32 @@ def score_chunk(x, t, opts, sums):
         t = V.index_target(t, (n_rows, n_classes), n_classes, opts.ignore_index).reshape(-1)
     loss, stats, rank = block_scores(kernels, x2, t, opts.proba, opts.weight,
                                      opts.ignore_index, opts.label_smoothing, n_threads)
+    if opts.proba and opts.input_kind != "logits":
+        _zero_log_zero(loss, x2, t, opts)
     valid_weight = None if opts.proba else opts.weight[t[t != opts.ignore_index]]
     sums.add(loss, valid_weight, stats, rank)
     return loss
+
+
+def _zero_log_zero(loss, log_p, q, opts):
+    """Rescore rows whose loss is NaN with 0 log 0 = 0 (probabilities or log-probabilities
+    against probability targets).
+
+    A class of probability 0 (log p = -inf, as float32 softmax outputs often hold) that the
+    target gives weight 0 made the kernel's term 0 * inf = NaN, as in torch's cross_entropy
+    of log p, and so the whole file's mean: for probabilities the term is 0, as in the
+    entropy. Only the NaN rows are read again, in float64; a row with a NaN probability, or
+    none above 0, stays NaN.
+    """
+    rows = np.flatnonzero(np.isnan(loss))
+    if not rows.size:
+        return
+    x = log_p[rows].astype(np.float64)
+    v = opts.weight * ((1.0 - opts.label_smoothing) * q[rows] + opts.label_smoothing / x.shape[1])
+    with np.errstate(all="ignore"):
+        m = x.max(axis=1, keepdims=True)
+        lse = m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+        loss[rows] = np.where(v == 0, 0.0, v * (lse - x)).sum(axis=1)
 
 
 def make_result(sums, opts, seconds, nbytes, chunk_rows, n_classes, per_row_out=None):
@@ -408,7 +431,9 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
         equal to ``ignore_index``; or class probabilities of shape (n_rows, n_classes).
     input_kind : {'logits', 'log_probs', 'probs'}, default='logits'
         What ``logits`` holds. Log-probabilities are scored as logits (softmax leaves
-        them unchanged); probabilities are scored through their logarithm.
+        them unchanged); probabilities are scored through their logarithm. For either,
+        against probability targets, a class of probability 0 whose target is 0 adds 0
+        to the loss (0 log 0 = 0), where ``cross_entropy`` of the logarithm gives NaN.
     weight : array-like of shape (n_classes,), optional
         Class weights, as in :func:`cecore.cross_entropy` (they weight the loss only).
     ignore_index : int, default=-100

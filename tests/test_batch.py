@@ -106,6 +106,45 @@ def test_log_probs_and_probs_inputs(tmp_path, rng, backend):
         batch.score(_save(tmp_path, "bad.npy", probs), str(tmp_path / "t.npy"), input_kind="probs")
 
 
+@pytest.mark.parametrize("kind", ["probs", "log_probs"])
+def test_probabilities_of_zero_against_probability_targets(tmp_path, rng, backend, kind):
+    # A class of probability 0 (float32 softmax underflows) whose target is 0 made the
+    # row's loss 0 * inf = NaN, and the file's mean loss null (hostile review). Oracle: a
+    # naive float64 -sum_c w_c q_c log p_c with 0 log 0 = 0.
+    n, c = 3000, 12
+    x = (40 * rng.standard_normal((n, c))).astype(np.float32)
+    probs = np.exp(x - x.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    probs[:, -1] = 0.0  # never predicted
+    assert (probs == 0).any(axis=1).all()
+    q = np.where((rng.random((n, c)) < 0.5) | (probs == 0), 0.0, rng.random((n, c)))
+    q[np.arange(n), probs.argmax(axis=1)] += 0.01  # no row without a target
+    q = (q / q.sum(axis=1, keepdims=True)).astype(np.float32)
+    w = rng.random(c) + 0.5
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inputs = probs if kind == "probs" else np.log(probs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_p = np.log(probs.astype(np.float64))
+        log_p -= np.log(probs.astype(np.float64).sum(axis=1, keepdims=True))
+        expected = -np.where(q > 0, w * q * log_p, 0.0).sum(axis=1)
+    assert np.isfinite(expected).all()
+    out = tmp_path / "rows.npy"
+    result = batch.score(_save(tmp_path, "p.npy", inputs), _save(tmp_path, "q.npy", q),
+                         weight=w, input_kind=kind, memory_budget="100KB",
+                         per_row_out=out, backend=backend)
+    np.testing.assert_allclose(np.load(out), expected, rtol=2e-5)
+    assert_close(result.mean_loss, expected.mean(), np.float32)
+    assert result.mean_loss == batch.score(inputs, q, weight=w, input_kind=kind,
+                                           backend=backend).mean_loss  # in memory
+    # A target on a class of probability 0 is an infinite loss; a NaN stays NaN.
+    q[0, -1], q[1, 0], probs[2, 3] = 0.5, 0.0, np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inputs = probs if kind == "probs" else np.log(probs)
+    batch.score(inputs, q, input_kind=kind, per_row_out=out, backend=backend)
+    rows = np.load(out)
+    assert rows[0] == np.inf and np.isfinite(rows[1]) and np.isnan(rows[2])
+
+
 def test_float16_logits(tmp_path, rng, backend):
     x = _logits(rng, 3000, 11, np.float16)
     t = random_index_target(rng, 3000, 11)
