@@ -285,12 +285,17 @@ def index_target(target, input_shape, n_classes, ignore_index, probabilities=Tru
 def all_class_indices(t, n_classes):
     """Whether every value of the non-empty integer array ``t`` is in ``[0, n_classes)``.
 
-    One pass: viewed as unsigned integers of the same width, negative values are larger
-    than any class count, so the unsigned maximum alone decides (a min and a max were
-    two passes over the targets, on one thread, before every kernel call).
+    One pass where it can: viewed as unsigned integers of the same width, negative values
+    are at least ``2**(bits - 1)``, so where no class index reaches that the unsigned
+    maximum alone decides (a min and a max were two passes over the targets, on one
+    thread, before every kernel call). Where one does (int8 targets of more than 128
+    classes), the minimum is checked too: the view alone passed -56 as 200 < 250.
     """
-    u = t.view(t.dtype.str.replace("i", "u")) if t.dtype.kind == "i" else t
-    return int(u.max()) < n_classes
+    if t.dtype.kind != "i":
+        return int(t.max()) < n_classes
+    if n_classes <= np.iinfo(t.dtype).max + 1:
+        return int(t.view(t.dtype.str.replace("i", "u")).max()) < n_classes
+    return int(t.min()) >= 0 and int(t.max()) < n_classes
 
 
 def loss_shape(input_shape):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as TF
 
 import cecore
+from cecore.metrics import classification_report_from_logits
 
 X = np.random.default_rng(0).standard_normal((4, 3))
 T = np.array([0, 1, 2, 1])
@@ -100,6 +101,34 @@ def test_target_range_every_integer_type(backend, dtype):
             loss = cecore.cross_entropy(X, target, ignore_index=int(bad), backend=backend)
             expected = TF.cross_entropy(torch.from_numpy(X), torch.tensor([0, 1, -100, 2]))
             np.testing.assert_allclose(loss, expected.item(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, n_classes", [("i1", 129), ("i1", 250), (">i2", 40000)])
+def test_negative_narrow_targets_of_many_classes(backend, dtype, n_classes):
+    # Read as unsigned, int8's -56 is 200: below 250 classes, so it passed the range check
+    # and reached the kernels, which read and wrote outside the arrays (wrong losses,
+    # garbage, a segfault with label smoothing; hostile review). torch: IndexError.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, n_classes, 3))
+    target = np.zeros((4, 3), dtype=dtype)
+    target[2, 1] = -(n_classes // 2) if n_classes < 256 else -30000
+    match = f"Target {target[2, 1]} is out of bounds"
+    with pytest.raises(IndexError, match=match):
+        TF.cross_entropy(torch.from_numpy(x), torch.from_numpy(target.astype(np.int64)))
+    for call in (
+            lambda: cecore.cross_entropy(x, target, label_smoothing=0.1, return_grad=True,
+                                         backend=backend),
+            lambda: cecore.nll_loss(x, target, return_grad=True, backend=backend),
+            lambda: cecore.linear_cross_entropy(rng.standard_normal((12, 2)),
+                                                rng.standard_normal((n_classes, 2)),
+                                                target.reshape(-1), backend=backend),
+            lambda: classification_report_from_logits(x[:, :, 0], target[:, 1])):
+        with pytest.raises(IndexError, match=match):
+            call()
+    target[2, 1] = -100  # the ignore_index, negative too, is still skipped
+    loss = cecore.cross_entropy(x, target, backend=backend)
+    np.testing.assert_allclose(loss, TF.cross_entropy(
+        torch.from_numpy(x), torch.from_numpy(target.astype(np.int64))).item(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("label_smoothing", [-0.1, 1.0001, float("nan")])
