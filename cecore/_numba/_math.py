@@ -743,10 +743,13 @@ def _bce_f64(x, y, w, pw, gs, z):
 
 
 # Compiled without "reassoc", like the exp: reassociated, the loss's sum could lose the
-# exact cancellation of its first two terms. error_model="numpy": a float division by
-# zero gives inf or NaN (it cannot happen here: 1 + z >= 1) instead of a check that
-# raises ZeroDivisionError, which kept LLVM from vectorising the row loop.
-_NO_REASSOC = {"contract", "nsz", "arcp"}
+# exact cancellation of its first two terms. Without "nsz" too: allowed to ignore the
+# sign of zero, the code LLVM made gave some of a gradient's exact zeros the sign -0.0 in
+# place (grad_out=input) and +0.0 out of place, or the other way round, so the two
+# differed in those bits (in-place loops are the versions for overlapping arrays). error_model="numpy": a
+# float division by zero gives inf or NaN (it cannot happen here: 1 + z >= 1) instead of
+# a check that raises ZeroDivisionError, which kept LLVM from vectorising the row loop.
+_NO_REASSOC = {"contract", "arcp"}
 _bce_jit = {
     types.float32: cached_njit(fastmath=_NO_REASSOC, error_model="numpy")(_bce_f32),
     types.float64: cached_njit(fastmath=_NO_REASSOC, error_model="numpy")(_bce_f64),
