@@ -22,6 +22,7 @@ only relaxed flag is ``-fno-trapping-math``, which leaves all results unchanged.
 """
 
 import ast
+import glob
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.sdist import sdist
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = os.path.join("cecore", "_config.py")
@@ -198,4 +200,15 @@ def _extensions():
     )
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
+class Sdist(sdist):
+    """sdist whose tests run: setuptools adds tests/test*.py by itself, not the modules
+    they import (conftest.py, oracle.py); without a MANIFEST.in, they are added here."""
+
+    def make_distribution(self):
+        have = set(self.filelist.files)
+        self.filelist.extend(f for f in sorted(glob.glob(os.path.join("tests", "*.py")))
+                             if f not in have)
+        super().make_distribution()
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt, "sdist": Sdist})
