@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -210,3 +211,13 @@ def test_info_prints_every_tunable():
     expected = {name for name, value in vars(_config).items()
                 if name.isupper() and not name.startswith("_") and isinstance(value, (int, str))}
     assert set(shown) == expected and {"LINEAR_CHUNK_BYTES", "FIT_BLOCK_BYTES"} <= expected
+
+
+def test_a_build_without_openmp_warns_where_it_is_seen():
+    # setup.py's warning about a compiler without OpenMP is hidden by pip (build output
+    # shows only with -v): the import repeats it (hostile review).
+    with pytest.warns(RuntimeWarning, match="built without OpenMP"):
+        cecore_ext._warn_if_serial({**cecore_ext.build_info(), "openmp": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cecore_ext._warn_if_serial({**cecore_ext.build_info(), "openmp": True})
