@@ -1114,3 +1114,22 @@ def test_another_users_tmp_cache_is_not_used(tmp_path, monkeypatch):
     assert os.path.dirname(used) == str(tmp_path) and used != str(planted)
     assert stat.S_IMODE(os.stat(used).st_mode) == 0o700
     assert (planted / "planted.nbi").exists() and stat.S_IMODE(planted.stat().st_mode) == 0o777
+
+
+def test_no_usable_temporary_directory_means_no_cache(monkeypatch):
+    # tempfile.gettempdir raises FileNotFoundError when no candidate is writable (a
+    # read-only /tmp, HOME and working directory): that escaped the cache locator and made
+    # the Numba backend unavailable (hostile review), where the last resort is no cache.
+    from cecore._numba import _runtime
+
+    def none_usable():
+        raise FileNotFoundError("No usable temporary directory found")
+
+    monkeypatch.setattr(_runtime.tempfile, "gettempdir", none_usable)
+    monkeypatch.setattr(_runtime, "_tmp_dir", None)
+    assert _runtime._private_tmp_dir() == ""
+    monkeypatch.setattr(_runtime.numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr(_runtime.caching, "AppDirs", lambda **kw: type(
+        "Dirs", (), {"user_cache_dir": "/proc/self/cannot-be-made"})())
+    assert _runtime._CacheLocator.from_function(
+        _runtime._sources_digest, _runtime.__file__) is None  # no cache, no exception

@@ -99,7 +99,12 @@ def _private_tmp_dir():
     the process is removed at exit."""
     global _tmp_dir
     if _tmp_dir is None:
-        path = os.path.join(tempfile.gettempdir(), f"cecore-numba-{os.getuid()}")
+        try:
+            tmp = tempfile.gettempdir()
+        except OSError:  # no usable temporary directory at all: no cache (Numba warns)
+            _tmp_dir = ""
+            return _tmp_dir
+        path = os.path.join(tmp, f"cecore-numba-{os.getuid()}")
         try:
             os.mkdir(path, 0o700)
         except OSError:
