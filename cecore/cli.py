@@ -245,9 +245,10 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     if threading.current_thread() is threading.main_thread():
-        # `kill`, or a closed terminal or ssh session (SIGHUP), removes a per-row file
-        # being written (the default action left its temporary file behind).
-        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        # `kill`, a closed terminal or ssh session (SIGHUP) or Ctrl-\ (SIGQUIT) removes a
+        # per-row file being written (the default action left its temporary file behind).
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None),
+                       getattr(signal, "SIGQUIT", None)):
             if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
                 signal.signal(signum, _terminated)
     try:
@@ -276,7 +277,7 @@ def _stdout_to_devnull():
 
 
 def _terminated(signum, frame):
-    """SIGTERM, SIGHUP: remove the temporary per-row file and exit with 128 + signum at once. Not by
+    """SIGTERM, SIGHUP, SIGQUIT: remove the temporary per-row file and exit with 128 + signum at once. Not by
     raising SystemExit: landing in library code (Numba compiling a kernel, say) it could be
     caught and turned into another error."""
     from ._io import remove_pending
