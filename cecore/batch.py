@@ -138,6 +138,17 @@ def _same_data(a, b):
 _HEAD_LOCK = threading.Lock()  # see LinearHead.logits
 
 
+def _new_head_lock():
+    # A child forked while another thread read a head's weight inherits the lock held by
+    # a thread it does not have: its first logits() waited forever (as _backends' lock).
+    global _HEAD_LOCK
+    _HEAD_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_head_lock)
+
+
 @dataclass
 class LinearHead:
     """The unembedding ``logits = hidden @ weight.T + bias`` of scoring from hidden states.
@@ -160,7 +171,6 @@ class LinearHead:
                 w = self.__dict__.get("_native")
                 if w is None:
                     w = self._read_weight()
-        out = np.matmul(hidden, w.T)
         out = np.matmul(hidden, w.T)
         if self.bias is not None:
             out += self.bias

@@ -976,6 +976,34 @@ def test_a_child_forked_while_a_backend_loads_does_not_hang():
     assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr)  # 14: SIGALRM
 
 
+def test_a_child_forked_while_a_head_reads_its_weight_does_not_hang(tmp_path):
+    # Scoring hidden states, one thread reads the unembedding under a lock while others
+    # wait; a child forked then inherited that lock held (review of the fix that added it).
+    np.savez_compressed(tmp_path / "w.npz", w=np.eye(3, dtype=np.float32))
+    code = textwrap.dedent(f"""
+        import os, threading, numpy as np
+        from cecore import batch, _io
+        held, done = threading.Event(), threading.Event()
+        def hold():
+            with batch._HEAD_LOCK:
+                held.set(); done.wait()
+        threading.Thread(target=hold).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            import signal
+            signal.alarm(30)  # a hung child must not outlive the test
+            head = batch.LinearHead(_io.open_array({str(tmp_path / "w.npz")!r}))
+            out = head.logits(np.ones((2, 3), np.float32))
+            os._exit(0 if out.tolist() == [[1, 1, 1], [1, 1, 1]] else 3)
+        done.set()
+        print(os.waitpid(pid, 0)[1])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr)  # 14: SIGALRM
+
+
 @pytest.mark.parametrize("xdg", ["", "relative/dir"])
 def test_an_empty_or_relative_xdg_cache_home_is_ignored(tmp_path, xdg):
     # XDG_CACHE_HOME="" put the Numba cache in ./cecore/numba, a folder that then

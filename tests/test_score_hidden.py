@@ -78,6 +78,26 @@ def test_big_endian_unembedding_is_converted_once(lm):
     assert "_native" not in pickle.loads(pickle.dumps(head)).__dict__  # Dask gets the reader
 
 
+def test_a_chunks_logits_are_one_product(lm, monkeypatch):
+    # An edit left the product written twice: every chunk paid for two (review).
+    h, w, b, t, d = lm
+    from cecore._io import open_array
+
+    calls = []
+    matmul = np.matmul
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return matmul(*args, **kwargs)
+
+    head = batch.LinearHead(open_array(str(d / "w.npy")), b)
+    monkeypatch.setattr(np, "matmul", counted)
+    out = head.logits(h[:10])
+    monkeypatch.undo()
+    assert calls == [(10, 48)]
+    np.testing.assert_allclose(out, h[:10] @ w.T + b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case, message", [
     ("d", "must have shape (V, 48)"),
     ("dtype", "float32 or float64"),
