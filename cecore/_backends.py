@@ -115,6 +115,7 @@ reduced from ``loss_out`` in a fixed order is bitwise identical for any thread c
 
 import os
 import threading
+import warnings
 
 from . import _config
 
@@ -158,7 +159,19 @@ def _load(name):
             _errors[name] = f"{type(exc).__name__}: {exc}"
             return None
         _loaded[name] = module
-        return module
+    if name == "cython":  # after the lock and the registry: under -W error it raises once
+        _warn_if_serial(module.build_info())
+    return module
+
+
+def _warn_if_serial(info):
+    """setup.py's warning that the compiler had no OpenMP, which pip hides (it shows a
+    build's output only with -v), repeated where it is seen: when the backend loads."""
+    if not info["openmp"]:
+        warnings.warn("cecore_ext was built without OpenMP (the C compiler did not take "
+                      "-fopenmp): the Cython kernels run on one thread whatever n_threads "
+                      "says. Reinstall with a compiler that supports OpenMP, or use "
+                      "backend='numba'.", RuntimeWarning, stacklevel=2)
 
 
 def get_backend(backend="auto"):

@@ -51,19 +51,7 @@ def _load():
     raise ImportError("no cecore_ext kernel build can run on this CPU")
 
 
-def _warn_if_serial(info):
-    """The build's warning that no OpenMP was found, which pip hides (it shows a build's
-    output only with -v), repeated where it is seen: at import."""
-    if not info["openmp"]:
-        import warnings
-        warnings.warn("cecore_ext was built without OpenMP (the C compiler did not take "
-                      "-fopenmp): the Cython kernels run on one thread whatever n_threads "
-                      "says. Reinstall with a compiler that supports OpenMP, or use "
-                      "backend='numba'.", RuntimeWarning, stacklevel=2)
-
-
 _impl = _load()
-_warn_if_serial(_impl.build_info())
 
 softmax_ce_index = _impl.softmax_ce_index
 softmax_ce_scores = _impl.softmax_ce_scores

@@ -213,11 +213,25 @@ def test_info_prints_every_tunable():
     assert set(shown) == expected and {"LINEAR_CHUNK_BYTES", "FIT_BLOCK_BYTES"} <= expected
 
 
-def test_a_build_without_openmp_warns_where_it_is_seen():
+def test_a_build_without_openmp_warns_where_it_is_seen(monkeypatch):
     # setup.py's warning about a compiler without OpenMP is hidden by pip (build output
-    # shows only with -v): the import repeats it (hostile review).
-    with pytest.warns(RuntimeWarning, match="built without OpenMP"):
-        cecore_ext._warn_if_serial({**cecore_ext.build_info(), "openmp": False})
+    # shows only with -v): loading the backend repeats it, once (hostile review). Under
+    # -W error it raises once and the backend still loads: at import it had made the
+    # backend unavailable, and "auto" went to Numba without a word.
+    from cecore import _backends
+
+    info = cecore_ext.build_info()
+    monkeypatch.setattr(cecore_ext, "build_info", lambda: {**info, "openmp": False})
+    monkeypatch.setattr(_backends, "_loaded", {})
+    monkeypatch.setattr(_backends, "_errors", {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cecore_ext._warn_if_serial({**cecore_ext.build_info(), "openmp": True})
+        with pytest.raises(RuntimeWarning, match="built without OpenMP"):
+            _backends.get_backend("cython")
+        assert _backends.get_backend("cython") is cecore_ext  # said once, then loaded
+        assert _backends.get_backend("auto") is cecore_ext
+    monkeypatch.setattr(_backends, "_loaded", {})
+    monkeypatch.setattr(cecore_ext, "build_info", lambda: info)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an OpenMP build says nothing
+        assert _backends.get_backend("cython") is cecore_ext
