@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _validation as V
 from ._backends import get_backend
-from ._config import DEFAULT_MEMORY_BUDGET
+from ._config import DEFAULT_MEMORY_BUDGET, PROBA_BLOCK_BYTES
 from ._io import (InMemoryArray, MappedArray, StreamedArray, as_source, atomic_npy,
                   load_small, open_array, source_path)
 from .metrics._report import ReportSums, block_scores
@@ -346,34 +346,37 @@ def score_chunk(x, t, opts, sums):
         t = np.ascontiguousarray(t, dtype=opts.dtype)
     else:
         t = V.index_target(t, (n_rows, n_classes), n_classes, opts.ignore_index).reshape(-1)
+    if opts.proba and opts.input_kind != "logits" and not opts.label_smoothing:
+        x2 = _zero_log_zero(x2, t, owned=opts.input_kind == "probs")
     loss, stats, rank = block_scores(kernels, x2, t, opts.proba, opts.weight,
                                      opts.ignore_index, opts.label_smoothing, n_threads)
-    if opts.proba and opts.input_kind != "logits":
-        _zero_log_zero(loss, x2, t, opts)
     valid_weight = None if opts.proba else opts.weight[t[t != opts.ignore_index]]
     sums.add(loss, valid_weight, stats, rank)
     return loss
 
 
-def _zero_log_zero(loss, log_p, q, opts):
-    """Rescore rows whose loss is NaN with 0 log 0 = 0 (probabilities or log-probabilities
-    against probability targets).
+def _zero_log_zero(log_p, q, owned):
+    """Log-probabilities against probability targets with 0 log 0 = 0: a class of
+    probability 0 (log p = -inf, as float32 softmax outputs often hold) that the target
+    gives 0 gets the lowest finite log-probability instead.
 
-    A class of probability 0 (log p = -inf, as float32 softmax outputs often hold) that the
-    target gives weight 0 made the kernel's term 0 * inf = NaN, as in torch's cross_entropy
-    of log p, and so the whole file's mean: for probabilities the term is 0, as in the
-    entropy. Only the NaN rows are read again, in float64; a row with a NaN probability, or
-    none above 0, stays NaN.
+    Its exp is 0 all the same, so the softmax and every metric stay as they were, and its
+    loss term is 0 * (finite) = 0, where with -inf it was 0 * inf = NaN (as in torch's
+    cross_entropy of log p) and made the file's mean NaN. A target above 0 on such a class
+    still gives an infinite loss. Without label smoothing only (with it every class has a
+    target above 0). ``log_p`` is written over where ``owned``, else copied if it must
+    change; the masks go a block of rows at a time (PROBA_BLOCK_BYTES, as block_scores).
     """
-    rows = np.flatnonzero(np.isnan(loss))
-    if not rows.size:
-        return
-    x = log_p[rows].astype(np.float64)
-    v = opts.weight * ((1.0 - opts.label_smoothing) * q[rows] + opts.label_smoothing / x.shape[1])
-    with np.errstate(all="ignore"):
-        m = x.max(axis=1, keepdims=True)
-        lse = m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
-        loss[rows] = np.where(v == 0, 0.0, v * (lse - x)).sum(axis=1)
+    lowest = np.finfo(log_p.dtype).min
+    step = max(1, PROBA_BLOCK_BYTES // max(1, log_p.shape[1]))
+    for a in range(0, log_p.shape[0], step):
+        hit = np.isneginf(log_p[a:a + step])
+        hit &= q[a:a + step] == 0
+        if hit.any():
+            if not owned:
+                log_p, owned = log_p.copy(), True
+            log_p[a:a + step][hit] = lowest
+    return log_p
 
 
 def make_result(sums, opts, seconds, nbytes, chunk_rows, n_classes, per_row_out=None):
