@@ -1144,20 +1144,30 @@ def test_another_users_tmp_cache_is_not_used(tmp_path, monkeypatch):
     assert (planted / "planted.nbi").exists() and stat.S_IMODE(planted.stat().st_mode) == 0o777
 
 
-def test_no_usable_temporary_directory_means_no_cache(monkeypatch):
+def test_no_usable_temporary_directory_means_no_cache():
     # tempfile.gettempdir raises FileNotFoundError when no candidate is writable (a
     # read-only /tmp, HOME and working directory): that escaped the cache locator and made
-    # the Numba backend unavailable (hostile review), where the last resort is no cache.
-    from cecore._numba import _runtime
-
-    def none_usable():
-        raise FileNotFoundError("No usable temporary directory found")
-
-    monkeypatch.setattr(_runtime.tempfile, "gettempdir", none_usable)
-    monkeypatch.setattr(_runtime, "_tmp_dir", None)
-    assert _runtime._private_tmp_dir() == ""
-    monkeypatch.setattr(_runtime.numba.config, "CACHE_DIR", "")
-    monkeypatch.setattr(_runtime.caching, "AppDirs", lambda **kw: type(
-        "Dirs", (), {"user_cache_dir": "/proc/self/cannot-be-made"})())
-    assert _runtime._CacheLocator.from_function(
-        _runtime._sources_digest, _runtime.__file__) is None  # no cache, no exception
+    # the Numba backend unavailable; and with no directory of cecore's, Numba's own
+    # locators decided, which on a read-only installation raise (hostile reviews). The
+    # kernels compile uncached, with a warning.
+    code = textwrap.dedent("""
+        import os, tempfile, warnings
+        os.environ.pop("NUMBA_CACHE_DIR", None)
+        os.environ["HOME"] = os.environ["XDG_CACHE_HOME"] = "/proc/self/no-home"
+        def none_usable():
+            raise FileNotFoundError("No usable temporary directory found")
+        tempfile.gettempdir = none_usable
+        from numba.core import caching  # a read-only installation: no __pycache__ either
+        caching.InTreeCacheLocator.from_function = classmethod(lambda cls, f, p: None)
+        import numpy as np, cecore
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print(cecore.logsumexp(np.zeros((2, 3)), backend="numba", n_threads=1)[0])
+        print(sum("cannot write its Numba cache" in str(w.message) for w in caught) >= 1)
+    """)
+    env = {k: v for k, v in subprocess_env().items() if k != "NUMBA_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    value, warned = out.stdout.split()
+    assert float(value) == pytest.approx(np.log(3)) and warned == "True"

@@ -69,6 +69,7 @@ class _CacheLocator(caching.UserWideCacheLocator):
             # ignore: Numba's AppDirs made it ./cecore, a folder that then shadowed the
             # package in the working directory (as a namespace package).
             user = os.path.join(os.path.expanduser("~"), ".cache", "cecore")
+        fallback = None
         for cache_dir in (numba.config.CACHE_DIR, os.path.join(user, "numba"), _private_tmp_dir):
             if callable(cache_dir):  # made only when the others failed
                 cache_dir = cache_dir()
@@ -78,9 +79,14 @@ class _CacheLocator(caching.UserWideCacheLocator):
             try:  # Numba's check, which raises (this class's own only warns)
                 super(_CacheLocator, self).ensure_cache_path()
             except OSError:
+                fallback = fallback or self
                 continue
             return self
-        return None
+        # Nowhere to write (read-only home, working directory and /tmp): the first choice
+        # all the same, so that kernels compile uncached with one warning per directory
+        # (ensure_cache_path, _KeyedCacheFile.save); with None, Numba's own locators
+        # decided, and on a read-only installation they raised at import.
+        return fallback
 
 
 _tmp_dir = None
@@ -101,7 +107,7 @@ def _private_tmp_dir():
     if _tmp_dir is None:
         try:
             tmp = tempfile.gettempdir()
-        except OSError:  # no usable temporary directory at all: no cache (Numba warns)
+        except OSError:  # no usable temporary directory at all (see from_function)
             _tmp_dir = ""
             return _tmp_dir
         path = os.path.join(tmp, f"cecore-numba-{os.getuid()}")
