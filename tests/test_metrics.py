@@ -473,6 +473,12 @@ def test_log_loss_of_float32_tensors_under_array_api_dispatch(monkeypatch):
         for labels, proba in [(y, p), (y2, p2), (y2, p2.half())]:
             assert log_loss(labels, proba) == pytest.approx(sk_log_loss(labels, proba),
                                                             rel=1e-6)
+    # bfloat16 (rows that do not sum to one, for either) and a tensor that requires grad
+    # (torch warns inside scikit-learn) were a TypeError and a RuntimeError
+    with sklearn.config_context(array_api_dispatch=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for proba in (p2.bfloat16(), p2.clone().requires_grad_(True)):
+            assert log_loss(y2, proba) == pytest.approx(sk_log_loss(y2, proba), rel=1e-6)
 
 
 def test_labels_in_a_tensor_are_labels():

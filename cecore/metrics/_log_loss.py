@@ -23,6 +23,7 @@ from sklearn.utils.validation import _assert_all_finite, _check_sample_weight
 
 from .._backends import get_backend
 from .._config import LOG_LOSS_ROW_BLOCK, PROBA_BLOCK_BYTES, resolve_n_threads
+from .._validation import _to_numpy
 from ..functional import binary_cross_entropy_with_logits, cross_entropy
 from ._labels import _encode
 
@@ -47,9 +48,10 @@ def _on_numpy(fn):
 
 
 def _as_numpy(a):
-    """An array of another array API namespace as a NumPy array of its dtype."""
+    """An array of another array API namespace as a NumPy array of its dtype (a torch
+    tensor that requires grad detached, bfloat16 as float32: see ``_to_numpy``)."""
     if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
-        return np.asarray(a)
+        return _to_numpy(a)
     return a
 
 
