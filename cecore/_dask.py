@@ -122,7 +122,8 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
     unembedding, bias : optional
         Score hidden states: as :func:`cecore.batch.score`. A reader of a file
         (:func:`cecore._io.open_array`) reaches the workers as its path and is
-        memory-mapped once by each; an array is sent to them.
+        memory-mapped once by each (a compressed ``.npz`` member is decompressed by each
+        task); an array is sent to them.
     n_threads : int, optional
         Kernel threads per task, resolved on the worker by cecore's thread policy (the
         default there is one thread: distributed starts its workers with

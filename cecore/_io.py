@@ -144,7 +144,7 @@ class StreamedArray:
 
     def __reduce__(self):
         # A Dask worker's copy opens the member afresh (an open ZipFile does not pickle):
-        # decompressed once in each process that reads it.
+        # decompressed again by each task that receives it (a .npy is memory-mapped).
         return type(self), (self.path, self.member, self.dtype, self.shape)
 
     def release(self, start, stop):
