@@ -17,7 +17,7 @@ from scipy.special import expit, log_softmax, logsumexp, softmax
 from sklearn import datasets
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -649,3 +649,9 @@ def test_partial_fit_errors_and_missing_classes():
         clf.partial_fit(X, y, classes=[0, 1])
     with pytest.raises(ValueError, match="features"):
         clf.partial_fit(X[:, :2], y)
+    # a NaN class was accepted (no row can hold it); SGDClassifier, the oracle, refuses it
+    nan_classes = [0.0, 1.0, 2.0, np.nan]
+    with pytest.raises(ValueError):
+        SGDClassifier().partial_fit(X, y.astype(float), classes=nan_classes)
+    with pytest.raises(ValueError, match="classes contains NaN"):
+        SoftmaxClassifier().partial_fit(X, y.astype(float), classes=nan_classes)

@@ -309,6 +309,10 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 raise ValueError("classes must be passed on the first call to partial_fit.")
             if classes is not None:
                 classes = np.unique(np.asarray(classes))
+                if classes.dtype.kind in "fc" and not np.isfinite(classes).all():
+                    # y can never hold a NaN (validate_data refuses it): a class no row
+                    # could have, as SGDClassifier refuses it
+                    raise ValueError(f"classes contains NaN or infinity: {classes!r}")
                 if len(classes) < 2:
                     raise ValueError(
                         f"partial_fit needs at least 2 classes, got classes={classes!r}")
