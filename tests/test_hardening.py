@@ -949,59 +949,49 @@ def test_threadpool_limits_hold_from_the_first_call(numba_threads):
     assert seen == f"[1, 1, {after}]", out.stdout
 
 
-def test_a_child_forked_while_a_backend_loads_does_not_hang():
-    # The backend registry's lock was held for the whole import of a backend (0.3 s for
-    # Numba); a child forked in that window inherited it held by a thread it does not
-    # have, and its first call waited forever. Here a thread holds the lock across fork.
+def _fork_while_held(lock, child):
+    """Run ``child`` (code that exits 0 when it computed the right answer) in a process
+    forked while another thread holds ``lock`` (an expression); True if the child exited
+    0, where a child that inherited the held lock waits until its alarm (SIGALRM)."""
     code = textwrap.dedent("""
-        import os, threading, numpy as np, cecore
-        from cecore import _backends
+        import os, signal, threading, numpy as np, cecore
+        from cecore import _backends, _io, batch
         held, done = threading.Event(), threading.Event()
         def hold():
-            with _backends._lock:
+            with {lock}:
                 held.set(); done.wait()
         threading.Thread(target=hold).start()
         held.wait()
         pid = os.fork()
         if pid == 0:
-            import signal
             signal.alarm(30)  # a hung child must not outlive the test
-            loss = cecore.cross_entropy(np.zeros((4, 3)), np.zeros(4, int), backend="cython")
-            os._exit(0 if abs(loss - np.log(3)) < 1e-12 else 3)
+            {child}
         done.set()
         print(os.waitpid(pid, 0)[1])
-    """)
+    """).format(lock=lock, child=child)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=subprocess_env(), timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr)  # 14: SIGALRM
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip() == "0"
+
+
+def test_a_child_forked_while_a_backend_loads_does_not_hang():
+    # The backend registry's lock was held for the whole import of a backend (0.3 s for
+    # Numba); a child forked in that window inherited it held by a thread it does not
+    # have, and its first call waited forever. Here a thread holds the lock across fork.
+    assert _fork_while_held("_backends._lock", (
+        "loss = cecore.cross_entropy(np.zeros((4, 3)), np.zeros(4, int), backend='cython'); "
+        "os._exit(0 if abs(loss - np.log(3)) < 1e-12 else 3)"))
 
 
 def test_a_child_forked_while_a_head_reads_its_weight_does_not_hang(tmp_path):
     # Scoring hidden states, one thread reads the unembedding under a lock while others
     # wait; a child forked then inherited that lock held (review of the fix that added it).
     np.savez_compressed(tmp_path / "w.npz", w=np.eye(3, dtype=np.float32))
-    code = textwrap.dedent(f"""
-        import os, threading, numpy as np
-        from cecore import batch, _io
-        held, done = threading.Event(), threading.Event()
-        def hold():
-            with batch._HEAD_LOCK:
-                held.set(); done.wait()
-        threading.Thread(target=hold).start()
-        held.wait()
-        pid = os.fork()
-        if pid == 0:
-            import signal
-            signal.alarm(30)  # a hung child must not outlive the test
-            head = batch.LinearHead(_io.open_array({str(tmp_path / "w.npz")!r}))
-            out = head.logits(np.ones((2, 3), np.float32))
-            os._exit(0 if out.tolist() == [[1, 1, 1], [1, 1, 1]] else 3)
-        done.set()
-        print(os.waitpid(pid, 0)[1])
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=subprocess_env(), timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "0", (out.stdout, out.stderr)  # 14: SIGALRM
+    assert _fork_while_held("batch._HEAD_LOCK", (
+        f"head = batch.LinearHead(_io.open_array({str(tmp_path / 'w.npz')!r})); "
+        "out = head.logits(np.ones((2, 3), np.float32)); "
+        "os._exit(0 if out.tolist() == [[1, 1, 1], [1, 1, 1]] else 3)"))
 
 
 @pytest.mark.parametrize("xdg", ["", "relative/dir"])
