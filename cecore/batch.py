@@ -363,15 +363,20 @@ def _zero_log_zero(log_p, q, owned):
     Its exp is 0 all the same, so the softmax and every metric stay as they were, and its
     loss term is 0 * (finite) = 0, where with -inf it was 0 * inf = NaN (as in torch's
     cross_entropy of log p) and made the file's mean NaN. A target above 0 on such a class
-    still gives an infinite loss. Without label smoothing only (with it every class has a
-    target above 0). ``log_p`` is written over where ``owned``, else copied if it must
-    change; the masks go a block of rows at a time (PROBA_BLOCK_BYTES, as block_scores).
+    still gives an infinite loss; a row with no probability above 0 keeps its NaN loss
+    and metrics. Without label smoothing only (with it every class has a target above 0).
+    ``log_p`` is written over where ``owned``, else copied if it must change; the masks go
+    a block of rows at a time (PROBA_BLOCK_BYTES, as block_scores).
     """
     lowest = np.finfo(log_p.dtype).min
     step = max(1, PROBA_BLOCK_BYTES // max(1, log_p.shape[1]))
     for a in range(0, log_p.shape[0], step):
-        hit = np.isneginf(log_p[a:a + step])
+        block = log_p[a:a + step]
+        hit = np.isneginf(block)
         hit &= q[a:a + step] == 0
+        # not in a row with no probability above 0 (or a NaN): that row's softmax stays
+        # undefined (NaN), where lowest values throughout would make it uniform
+        hit &= (block.max(axis=1) > -np.inf)[:, None]
         if hit.any():
             if not owned:
                 log_p, owned = log_p.copy(), True

@@ -136,13 +136,16 @@ def test_probabilities_of_zero_against_probability_targets(tmp_path, rng, backen
     assert_close(result.mean_loss, expected.mean(), np.float32)
     assert result.mean_loss == batch.score(inputs, q, weight=w, input_kind=kind,
                                            backend=backend).mean_loss  # in memory
-    # A target on a class of probability 0 is an infinite loss; a NaN stays NaN.
+    # A target on a class of probability 0 is an infinite loss; a NaN stays NaN, and so
+    # does a row without any probability above 0 (its softmax is undefined, not uniform).
     q[0, -1], q[1, 0], probs[2, 3] = 0.5, 0.0, np.nan
+    probs[3], q[3] = 0.0, 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
         inputs = probs if kind == "probs" else np.log(probs)
-    batch.score(inputs, q, input_kind=kind, per_row_out=out, backend=backend)
+    r = batch.score(inputs[:4], q[:4], input_kind=kind, per_row_out=out, backend=backend)
     rows = np.load(out)
-    assert rows[0] == np.inf and np.isfinite(rows[1]) and np.isnan(rows[2])
+    assert rows[0] == np.inf and np.isfinite(rows[1]) and np.isnan(rows[2:]).all()
+    assert np.isnan(r.mean_entropy)
 
 
 def test_float16_logits(tmp_path, rng, backend):
