@@ -1,7 +1,8 @@
 """Differential fuzzing against torch over the inputs that found the hardening defects.
 
 Hypothesis draws class weights with NaN, inf, 0 and negative values, zero classes and
-zero-size spatial dimensions, every integer target dtype, C-/Fortran-ordered and
+zero-size spatial dimensions, every integer target dtype (with more classes than the
+narrow ones hold, and targets out of range), C-/Fortran-ordered and
 big-endian logits, probability targets, and grad_output of every shape, broadcastable
 or not. torch (float64) is the oracle: either both raise, or both give the same loss and
 gradient (NaN where torch has NaN).
@@ -25,7 +26,8 @@ TARGET_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.
 @st.composite
 def problems(draw):
     n = draw(st.integers(0, 4))
-    c = draw(st.integers(0, 4))
+    # more classes than int8 or uint8 can count: narrow targets wrap around there
+    c = draw(st.one_of(st.integers(0, 4), st.sampled_from([129, 300])))
     # torch itself fails on zero classes with spatial dimensions ("size mismatch"):
     # cecore's answer there (empty sums) has no oracle, so it is not drawn.
     spatial = tuple(draw(st.lists(st.integers(0, 3), max_size=2 if c else 0)))
@@ -43,7 +45,8 @@ def problems(draw):
         ignore_index = draw(st.sampled_from([-100, 0, 1]))
         dtype = draw(st.sampled_from(TARGET_DTYPES))
         high = max(c, 1)
-        target = rng.integers(0, high, size=(n,) + spatial)
+        wide = 3 * draw(st.sampled_from([0, 0, 0, 1]))  # some targets out of range
+        target = rng.integers(-wide, high + wide, size=(n,) + spatial)
         if c == 0 or draw(st.booleans()):
             # ignore some (all, without classes); -100 only fits signed dtypes
             fill = ignore_index if ignore_index >= 0 or np.dtype(dtype).kind == "i" else 0
