@@ -267,6 +267,7 @@ def index_target(target, input_shape, n_classes, ignore_index, probabilities=Tru
             raise ValueError(
                 f"target spatial shape {t.shape[1:]} does not match input spatial shape {expected[1:]}"
             )
+    check_index_classes(n_classes)
     if t.size and not all_class_indices(t, n_classes):
         bad = t[((t < 0) | (t >= n_classes)) & (t != ignore_index)]
         if bad.size:
@@ -280,6 +281,14 @@ def index_target(target, input_shape, n_classes, ignore_index, probabilities=Tru
     else:
         positions = (input_shape[0], int(np.prod(input_shape[2:], dtype=np.int64)))
     return np.ascontiguousarray(t, dtype=np.int64).reshape(positions)
+
+
+def check_index_classes(n_classes):
+    """Class indices name at most 2**31 - 1 classes: the kernels count a target's rank and
+    name its class in int32 (vector-friendly), which more classes would overflow."""
+    if n_classes > 2**31 - 1:
+        raise ValueError(f"{n_classes} classes: at most 2**31 - 1 are supported with class "
+                         "indices")
 
 
 def all_class_indices(t, n_classes):

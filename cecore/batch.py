@@ -265,6 +265,7 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
                              f"{tuple(x_shape)}: expected ({n_rows},) or {tuple(x_shape)}")
         if t_shape[0] != n_rows:
             raise ValueError(f"logits have {n_rows} rows but target has {t_shape[0]}")
+        V.check_index_classes(n_classes)
     get_backend(backend)  # fail now, not on the first chunk
     V.n_threads(n_threads)  # likewise; resolved per chunk where it runs
     ReportSums(proba, top_k, n_bins)  # checks top_k and n_bins

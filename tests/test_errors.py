@@ -131,6 +131,33 @@ def test_negative_narrow_targets_of_many_classes(backend, dtype, n_classes):
         torch.from_numpy(x), torch.from_numpy(target.astype(np.int64))).item(), rtol=1e-12)
 
 
+def test_more_classes_than_int32_counts_are_refused_before_any_copy(backend):
+    # The kernels count a target's rank (softmax_ce_scores) and name its class (tile
+    # kernels) in int32: 2**31 classes would overflow them. A broadcast row of that many
+    # classes is refused before it is copied. (cross_entropy and nll_loss make their
+    # float64 unit class weights, 17 GB here, before the targets' check: that check, the
+    # same function, is called directly.)
+    import tracemalloc
+
+    from cecore import _validation, batch
+    x = np.broadcast_to(np.float32(0), (1, 2**31))
+    t = np.array([0])
+    calls = [lambda: _validation.index_target(t, x.shape, x.shape[1], -100),
+             lambda: classification_report_from_logits(x, t, backend=backend),
+             lambda: batch.score(x, t, backend=backend),
+             lambda: cecore.linear_cross_entropy(np.ones((1, 1), np.float32),
+                                                 np.broadcast_to(np.float32(1), (2**31, 1)),
+                                                 t, backend=backend)]
+    tracemalloc.start()
+    try:
+        for call in calls:
+            with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1"):
+                call()
+        assert tracemalloc.get_traced_memory()[1] < 64 * 2**20  # x would be 8.6 GB
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("label_smoothing", [-0.1, 1.0001, float("nan")])
 def test_label_smoothing_outside_unit_interval(backend, label_smoothing):
     # torch 2.13 accepts some negative values silently; cecore always rejects them.

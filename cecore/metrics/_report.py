@@ -252,15 +252,18 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     if proba and ignore_index >= 0:
         raise ValueError("ignore_index is not supported with class-probability targets")
     eps = V.check_label_smoothing(label_smoothing)
+    if not proba:
+        V.check_index_classes(n_classes)  # before the O(C) class weights
     w = V.class_weight(weight, n_classes)
     loss_dtype = x.dtype
     if proba:  # wider probabilities promote, as in cecore.cross_entropy
         t_raw = V.float_input(t_raw, "target")
         loss_dtype, _ = V.promoted_dtypes(x.dtype, t_raw.dtype)
     dtype = V.compute_dtype(loss_dtype)
-    x2 = np.ascontiguousarray(x, dtype=dtype)
+    # targets checked before the logits are copied (a bad one costs no copy)
     t = (np.ascontiguousarray(t_raw, dtype=dtype) if proba else
          V.index_target(t_raw, x.shape, n_classes, ignore_index).reshape(-1))
+    x2 = np.ascontiguousarray(x, dtype=dtype)
     kernels = get_backend(backend)
     threads = V.n_threads(n_threads, x.size)
     sums = ReportSums(proba, top_k, n_bins)
