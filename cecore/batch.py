@@ -376,8 +376,9 @@ def _zero_log_zero(log_p, q, owned):
         hit = np.isneginf(block)
         hit &= q[a:a + step] == 0
         # not in a row with no probability above 0 (or a NaN): that row's softmax stays
-        # undefined (NaN), where lowest values throughout would make it uniform
-        hit &= (block.max(axis=1) > -np.inf)[:, None]
+        # undefined (NaN), where lowest values throughout would make it uniform; nor in
+        # one whose largest value is the lowest itself, with which they would tie
+        hit &= (block.max(axis=1) > lowest)[:, None]
         if hit.any():
             if not owned:
                 log_p, owned = log_p.copy(), True

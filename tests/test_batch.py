@@ -146,6 +146,12 @@ def test_probabilities_of_zero_against_probability_targets(tmp_path, rng, backen
     rows = np.load(out)
     assert rows[0] == np.inf and np.isfinite(rows[1]) and np.isnan(rows[2:]).all()
     assert np.isnan(r.mean_entropy)
+    if kind == "log_probs":  # the lowest value as the largest: the -inf may not join it
+        low = np.finfo(np.float32).min
+        r = batch.score(np.array([[-np.inf, low, low]], np.float32),
+                        np.array([[0, 0.5, 0.5]], np.float32), input_kind=kind,
+                        backend=backend)
+        assert r.mean_entropy == pytest.approx(np.log(2)) and r.brier == 0
 
 
 def test_float16_logits(tmp_path, rng, backend):
