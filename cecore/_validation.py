@@ -75,18 +75,23 @@ def float_input(x, name="input"):
     return x
 
 
-def class_input(input, weight):
+def class_input(input, weight, target=None):
     """Logits with a class axis: ``(x, class_axis, weight)``.
 
     ``x`` is the float array (shape (C,), (N, C) or (N, C, d1, ...)), ``class_axis`` is 0
-    for unbatched input and 1 otherwise, ``weight`` the float64 class weights.
+    for unbatched input and 1 otherwise, ``weight`` the float64 class weights. With a
+    ``target`` (an array) of another shape than the input's, so class indices, the class
+    count is checked (:func:`check_index_classes`) before anything of O(C) is made.
     """
-    x = float_input(input)
+    x = _to_numpy(input)
     if x.ndim == 0:
         raise ValueError(
             "input must have a class dimension: expected shape (C,), (N, C) or (N, C, d1, ...)"
         )
     class_axis = 0 if x.ndim == 1 else 1
+    if target is not None and target.shape != x.shape:
+        check_index_classes(x.shape[class_axis])
+    x = float_input(x)
     return x, class_axis, class_weight(weight, x.shape[class_axis])
 
 

@@ -182,7 +182,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     bumped, so that autograd refuses a backward that saved it before it was overwritten.
     """
     V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
-    x, class_axis, w = V.class_input(input, weight)
+    t_raw = V._to_numpy(target)
+    x, class_axis, w = V.class_input(input, weight, t_raw)
     reduction = V.check_reduction(reduction)
     eps = V.check_label_smoothing(label_smoothing)
     ignore_index = V.check_ignore_index(ignore_index)
@@ -190,7 +191,6 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     kernels = get_backend(backend)
     out_dtype, dtype = x.dtype, V.compute_dtype(x.dtype)
     n_classes = x.shape[class_axis]
-    t_raw = V._to_numpy(target)
     proba = t_raw.shape == x.shape
 
     if proba:
@@ -257,13 +257,13 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     signature.
     """
     V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
-    x, class_axis, w = V.class_input(input, weight)
+    t_raw = V._to_numpy(target)
+    x, class_axis, w = V.class_input(input, weight, t_raw)
     reduction = V.check_reduction(reduction)
     V.n_threads(n_threads)
     get_backend(backend)
     out_dtype, dtype = x.dtype, V.compute_dtype(x.dtype)
     n_classes = x.shape[class_axis]
-    t_raw = V._to_numpy(target)
     # (checks ignore_index too; nll_loss takes no probability targets)
     t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index, probabilities=False)
     # In the input's own type: the gather and the gradient's scatter need no float32

@@ -134,16 +134,19 @@ def test_negative_narrow_targets_of_many_classes(backend, dtype, n_classes):
 def test_more_classes_than_int32_counts_are_refused_before_any_copy(backend):
     # The kernels count a target's rank (softmax_ce_scores) and name its class (tile
     # kernels) in int32: 2**31 classes would overflow them. A broadcast row of that many
-    # classes is refused before it is copied. (cross_entropy and nll_loss make their
-    # float64 unit class weights, 17 GB here, before the targets' check: that check, the
-    # same function, is called directly.)
+    # classes is refused before it is copied (8.6 GB, or converted from big-endian) and
+    # before the float64 unit class weights are made (17 GB; review).
     import tracemalloc
 
-    from cecore import _validation, batch
+    from cecore import batch
     x = np.broadcast_to(np.float32(0), (1, 2**31))
+    big = np.broadcast_to(np.array(0, ">f4"), (1, 2**31))
     t = np.array([0])
-    calls = [lambda: _validation.index_target(t, x.shape, x.shape[1], -100),
+    calls = [lambda: cecore.cross_entropy(x, t, backend=backend),
+             lambda: cecore.cross_entropy(big, t, backend=backend),
+             lambda: cecore.nll_loss(x, t, backend=backend),
              lambda: classification_report_from_logits(x, t, backend=backend),
+             lambda: classification_report_from_logits(big, t, backend=backend),
              lambda: batch.score(x, t, backend=backend),
              lambda: cecore.linear_cross_entropy(np.ones((1, 1), np.float32),
                                                  np.broadcast_to(np.float32(1), (2**31, 1)),

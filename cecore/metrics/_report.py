@@ -239,12 +239,15 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
         ``brier`` (floats, None where undefined: probability targets have no accuracy,
         top-k accuracy or ECE), ``rows``, ``rows_scored``.
     """
-    x = V.float_input(logits, "logits")
+    x = V._to_numpy(logits)
     if x.ndim != 2:
         raise ValueError(f"logits must have shape (n_samples, n_classes), got {x.shape}")
     n_classes = x.shape[1]
     t_raw = V._to_numpy(target)
     proba = t_raw.shape == x.shape
+    if not proba:
+        V.check_index_classes(n_classes)  # before anything of O(C) is made
+    x = V.float_input(x, "logits")
     if proba and t_raw.dtype.kind != "f":
         raise TypeError(f"a target of the logits' shape {x.shape} holds class probabilities "
                         f"and must be floating point, got dtype {t_raw.dtype}")
@@ -252,8 +255,6 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     if proba and ignore_index >= 0:
         raise ValueError("ignore_index is not supported with class-probability targets")
     eps = V.check_label_smoothing(label_smoothing)
-    if not proba:
-        V.check_index_classes(n_classes)  # before the O(C) class weights
     w = V.class_weight(weight, n_classes)
     loss_dtype = x.dtype
     if proba:  # wider probabilities promote, as in cecore.cross_entropy
