@@ -103,6 +103,10 @@ def _cases(rng, threads):
                 yield (f"{dt.__name__} {n}x{c}x{s} loss only",
                        lambda k, a=args[:-1] + (None,): k.softmax_ce_index(*a, threads),
                        (loss,))
+                # ... and takes other steps with label smoothing
+                smoothed = args[:4] + (0.1,) + args[5:]
+                yield (f"{dt.__name__} {n}x{c}x{s} smoothed loss+grad reused",
+                       lambda k, a=smoothed: k.softmax_ce_index(*a, threads), (loss, grad))
         for n, c, s in OTHER_SHAPES:
             x = rng.standard_normal((n, c, s)).astype(dt)
             q = rng.random((n, c, s)).astype(dt)

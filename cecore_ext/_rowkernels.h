@@ -34,6 +34,7 @@
 #ifndef CEC_ROWKERNELS_H
 #define CEC_ROWKERNELS_H
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -322,6 +323,26 @@ CEC_INLINE double cec_log1p_unit(double z) {
  * an ulp is 0.125; at 1e30 the loss became 0). */
 CEC_INLINE double cec_dev(double m, double x, double log_s) {
     return (m - x) + log_s;
+}
+
+/* The power of two 2**k nearest above the largest finite |w[c]| (k clamped so that 2**k
+ * and 2**-k are normal doubles; k = 0 without one). The tiles multiply the label-smoothing
+ * term's class weight and scale in T, one vector product per element: each is scaled by
+ * its power of two first, exactly, so that neither rounds to 0 or inf in float32 where
+ * their product does not (float64 weights of 1e-300 under 'mean', whose scale is then
+ * 1e299, gave 0 * inf = NaN gradients; float32 weights of 1e38 a subnormal scale). Where
+ * both are normal in T either way the product has the same bits (Numba: _weight_exponent). */
+CEC_INLINE int cec_weight_exponent(const double *w, ptrdiff_t n) {
+    double top = 0.0;
+    for (ptrdiff_t c = 0; c < n; c++) {
+        const double a = fabs(w[c]);
+        if (a > top && a <= DBL_MAX)
+            top = a;
+    }
+    int k = 0;
+    if (top > 0.0)
+        frexp(top, &k);
+    return k < -1000 ? -1000 : k > 1000 ? 1000 : k;
 }
 
 /* Binary cross-entropy of one element (see cec_bce_values), per type. With
@@ -1107,12 +1128,15 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
     if (!g)  /* gs is not set for loss only */
         return;
     const double zero_w = eps > 0.0 ? w_total * 0.0 : 0.0;
+    /* shift * w[c] in T, each scaled by a power of two (see cec_weight_exponent). */
+    const int k = eps > 0.0 ? cec_weight_exponent(w, n) : 0;
+    const double up = ldexp(1.0, k), down = ldexp(1.0, -k);
     CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {
         const int ok = target[j] != ignore_index;
         const double w_sum = eps > 0.0 ? (1.0 - eps) * w_t[j] + smooth * w_total : w_t[j];
         coef[j] = ok ? (T)(gs[j] * w_sum / s[j]) : (T)(s[j] * 0.0 + zero_w);
-        shift[j] = ok ? (T)(gs[j] * smooth) : (T)0;
+        shift[j] = ok ? (T)(gs[j] * smooth * up) : (T)0;
         sub[j] = (T)(gs[j] * (1.0 - eps) * w_t[j]);
     }
     /* The target's -sub in the same loop, by a compare per vector: a scalar pass after
@@ -1121,7 +1145,7 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
      * with the 8 x 2 transposes (see cec_tr_8x2_f32). */
     for (ptrdiff_t c = 0; c < n; c++) {
         T *gc = g + c * stride;
-        const T wc = (T)w[c];
+        const T wc = (T)(w[c] * down);
         if (eps > 0.0) {
             CEC_SIMD
             for (ptrdiff_t j = 0; j < width; j++)

@@ -401,6 +401,26 @@ def test_nan_and_inf_class_weights_give_torchs_loss_and_gradient(backend, case):
             assert_close(result[1], expected[1])
 
 
+@pytest.mark.parametrize("n_classes", [3, 300])  # tiles of positions, and rows
+@pytest.mark.parametrize("scale, dtype", [(1e-300, np.float64), (1e300, np.float64),
+                                          (1e-44, np.float32), (1e38, np.float32)])
+def test_label_smoothing_with_weights_beyond_float32s_range(backend, rng, n_classes, scale,
+                                                              dtype):
+    """float32 logits, label smoothing, and class weights whose 'mean' scale (1 / their
+    total) float32 cannot hold. The few-classes kernels multiplied the weight and that
+    scale in float32: 0 * inf = NaN gradients for float64 weights of 1e-300 and 1e300,
+    -inf for float32 weights of 1e-44. Oracle: torch in float64 (torch itself takes no
+    float64 weights with float32 logits)."""
+    x = rng.standard_normal((100, n_classes)).astype(np.float32)
+    target = rng.integers(0, n_classes, 100)
+    weight = (scale * rng.uniform(1, 2, n_classes)).astype(dtype)
+    result = cecore.cross_entropy(x, target, weight=weight, label_smoothing=0.1,
+                                  return_grad=True, backend=backend)
+    expected = torch_cross_entropy(x.astype(np.float64), target, weight=weight,
+                                   label_smoothing=0.1)
+    check_result(result, [e.astype(np.float32) for e in expected], np.float32)
+
+
 def test_zero_classes_give_torchs_answers(backend):
     x = np.zeros((3, 0))
     tx = torch.zeros((3, 0), dtype=torch.float64)

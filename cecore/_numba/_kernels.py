@@ -23,6 +23,8 @@ float64 (Numba compiles each per dtype).
   1 ulp apart for n_threads 1 and 2 (``benchmarks/numba_cache_bits.py``).
 """
 
+import math
+
 import numpy as np
 from numba import prange
 
@@ -561,6 +563,24 @@ def _gather_targets(x, base, stride, tgt, ignore_index, weight, shift, w_t, widt
 
 
 @helper
+def _weight_exponent(weight):
+    """k of the power of two 2**k nearest above the largest finite |weight[c]|, clamped
+    so that 2**k and 2**-k are normal doubles (0 without one). The tiles multiply the
+    label-smoothing term's class weight and scale in x's type, one vector product per
+    element: each is scaled by its power of two first, exactly, so that neither rounds to
+    0 or inf in float32 where their product does not (float64 weights of 1e-300 under
+    'mean', whose scale is then 1e299, gave 0 * inf = NaN). Where both are normal in
+    x's type either way the product has the same bits. As cec_weight_exponent."""
+    top = 0.0
+    for c in range(weight.shape[0]):
+        a = abs(weight[c])
+        if a > top and a <= 1.7976931348623157e308:
+            top = a
+    k = math.frexp(top)[1] if top > 0.0 else 0
+    return min(max(k, -1000), 1000)
+
+
+@helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
                 ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s,
                 log_s, coef, shift, sub, w_t, gs_run, src, nxt):
@@ -600,18 +620,21 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     # torch gives (see _index_row).
     zero_w = w_total * 0.0 if eps > 0.0 else 0.0
     _fill_run(gs_run, grad_scale, pos0, width)
+    # shift * w_c in x's type, each scaled by a power of two (see _weight_exponent).
+    k = _weight_exponent(weight) if eps > 0.0 else 0
+    up, down = math.ldexp(1.0, k), math.ldexp(1.0, -k)
     for j in range(width):
         ok = tgt[j] != ignore_index
         w_sum = (1.0 - eps) * w_t[j] + smooth * w_total if eps > 0.0 else w_t[j]
         # Both sides computed, then selected: a division under a condition stays scalar.
-        q, sh = gs_run[j] * w_sum / s[j], gs_run[j] * smooth
+        q, sh = gs_run[j] * w_sum / s[j], gs_run[j] * smooth * up
         coef[j] = _cast_like(q if ok else s[j] * 0.0 + zero_w, m[0])
         shift[j] = _cast_like(sh if ok else 0.0, m[0])
         sub[j] = _cast_like(_rounded_product(gs_run[j] * (1.0 - eps), w_t[j]), m[0])
     for c in range(n_classes):
         gc = _view(g, base + c * stride, base + c * stride + width)
         if eps > 0.0:
-            w_c = _cast_like(weight[c], m[0])
+            w_c = _cast_like(weight[c] * down, m[0])
             for j in range(width):
                 gc[j] = gc[j] * coef[j] - shift[j] * w_c
         else:
