@@ -286,7 +286,6 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         if need_w:
             grad_w = np.empty(w.shape, dtype) if n_rows else np.zeros(w.shape, dtype)
         grad_b = np.zeros(n_classes, np.float64) if need_b else None
-        ones = np.ones(rows, dtype) if need_b else None
         block = None
         if need_w and n_rows > rows:  # grad_linear_weight accumulates over chunks here
             block_rows = _config.LINEAR_ACCUMULATE_BYTES // max(1, n_features * dtype.itemsize)
@@ -319,9 +318,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             elif need_w:
                 _add_weight_grad(grad_w, grad, xc, block)
             if grad_b is not None:
-                # The chunk's column sums are one BLAS product (float32 for float32 input,
-                # as the other products); the totals over chunks are float64.
-                grad_b += ones[:n] @ grad
+                # Summed in float64: a BLAS product (ones @ grad) added a float32 chunk's
+                # rows one after another, 5.8e-5 relative error at 400000 x 10 where
+                # torch's cascade sum has 2e-8 (noise near an optimum, where the bias
+                # gradient is small next to its terms). About 7 ms per chunk of 4-13
+                # million values on a Zen 4, against 1 ms for the product.
+                grad_b += grad.sum(axis=0, dtype=np.float64)
 
     loss = _index_loss(loss_rows, reduction, denominator, loss_shape, dtype, n_classes, eps)
     if not return_grad:
