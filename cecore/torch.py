@@ -244,20 +244,25 @@ def _fused(function, grad, *args, **kwargs):
     return function(*args, grad_out=grad.numpy(), **kwargs)[0]
 
 
-def _loss_dtype(input, target):
+def _loss_dtype(input, target, class_weight=None):
     """torch's loss dtype: the input's, or a floating-point target's where that is wider
-    (float32 logits, float64 probabilities: a float64 loss)."""
-    if target.is_floating_point():
+    (float32 logits, float64 probabilities: a float64 loss), and with probabilities
+    ``cross_entropy``'s ``class_weight``'s where that is wider (torch multiplies the
+    log-probabilities by it; BCE's weights, which torch casts, are not passed)."""
+    if not target.is_floating_point():
+        return input.dtype
+    if class_weight is None:
         return torch.promote_types(input.dtype, target.dtype)
-    return input.dtype
+    return torch.promote_types(torch.promote_types(input.dtype, target.dtype),
+                               class_weight.dtype)
 
 
-def _outputs(loss, grad, input, target):
+def _outputs(loss, grad, input, target, class_weight=None):
     """The operator's ``(loss, grad)`` tensors: the loss in :func:`_loss_dtype`, the
     gradient in the dtype it was computed in (empty when None): float32 for half inputs,
     so that backward scales it by ``grad_output`` before rounding it to the input's dtype
     (rounded first, a loss-scaled float16 gradient lost its small entries to zero)."""
-    loss = torch.from_numpy(np.asarray(loss)).to(_loss_dtype(input, target))
+    loss = torch.from_numpy(np.asarray(loss)).to(_loss_dtype(input, target, class_weight))
     if grad is None:
         return loss, torch.empty(0, dtype=_grad_dtype(input))
     return loss, grad
@@ -267,8 +272,8 @@ def _grad_dtype(input):
     return torch.float32 if input.dtype in _HALF_DTYPES else input.dtype
 
 
-def _fake_outputs(input, target, loss_shape, with_grad):
-    return (input.new_empty(loss_shape, dtype=_loss_dtype(input, target)),
+def _fake_outputs(input, target, loss_shape, with_grad, class_weight=None):
+    return (input.new_empty(loss_shape, dtype=_loss_dtype(input, target, class_weight)),
             input.new_empty(input.shape if with_grad else (0,), dtype=_grad_dtype(input)))
 
 
@@ -453,7 +458,9 @@ def _anchors(*tensors):
     :func:`_once` hangs its guard on. Weak references to the tensors themselves were dead
     whenever a tensor was a temporary (``x @ W``, an autocast copy, a reshaped weight),
     and a JVP by double backward then raised. About 5 us per tensor."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    # Under torch.jit.trace the clones would be recorded, under names the trace's check
+    # run does not reproduce ("Graphs differed across invocations"): weak references then.
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return []
     return [t.as_strided((0,), (1,)).clone() for t in tensors
             if t is not None and t.requires_grad]
@@ -571,14 +578,14 @@ def _cross_entropy_op(input: Tensor, target: Tensor, weight: Optional[Tensor],
         _raise_torch_error(error, TF.cross_entropy, input.detach(), target, weight,
                            ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
-    return _outputs(loss, grad, input, target)
+    return _outputs(loss, grad, input, target, weight)
 
 
 @_cross_entropy_op.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, with_grad, backend,
       n_threads):
     return _fake_outputs(input, target, V.loss_shape(input.shape) if reduction == "none" else (),
-                         with_grad)
+                         with_grad, weight)
 
 
 @torch.library.custom_op("cecore::nll_loss", mutates_args=(), device_types="cpu")
@@ -964,6 +971,15 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 
 
 # -------------------------------------------------------------------------- modules
+# torch.fx.symbolic_trace records calls of these functions, the modules' below included,
+# as calls of cecore's: its proxies are not tensors, and the functions handed them to
+# torch's, which put torch's loss in the graph without a warning.
+for _name in ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
+              "linear_cross_entropy"):
+    torch.fx.wrap(_name)
+del _name
+
+
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` computed by :func:`cross_entropy`.
 

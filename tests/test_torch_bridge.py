@@ -1159,6 +1159,72 @@ def test_jit_trace_with_inputs_that_need_no_gradient(gen):
     assert_close(a.grad.numpy(), b.grad.numpy(), np.float32)
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll_loss", "bce"])
+def test_jit_trace_of_logits_that_are_an_intermediate(gen, loss):
+    # The anchors' clones were recorded under names the trace's check run did not
+    # reproduce: torch.jit.trace raised "Graphs differed across invocations" by default.
+    ours, theirs = {
+        "cross_entropy": (lambda a, w, t: ct.cross_entropy(a @ w, t),
+                          lambda a, w, t: TF.cross_entropy(a @ w, t)),
+        "nll_loss": (lambda a, w, t: ct.nll_loss((a @ w).log_softmax(1), t),
+                     lambda a, w, t: TF.nll_loss((a @ w).log_softmax(1), t)),
+        "bce": (lambda a, w, t: ct.binary_cross_entropy_with_logits(a @ w, t),
+                lambda a, w, t: TF.binary_cross_entropy_with_logits(a @ w, t)),
+    }[loss]
+    x = torch.randn(6, 4, generator=gen, requires_grad=True)
+    w = torch.randn(4, 4, generator=gen, requires_grad=True)
+    t = torch.rand(6, 4, generator=gen) if loss == "bce" else _index_target(gen, (6,), 4)
+    with no_fallback(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # jit.trace's own, in torch 2.13
+        traced = torch.jit.trace(ours, (x, w, t))
+        got = torch.autograd.grad(traced(x, w, t), (x, w))
+    expected = torch.autograd.grad(theirs(x, w, t), (x, w))
+    for a, b in zip(got, expected):
+        assert_close(a.numpy(), b.numpy(), np.float32)
+
+
+def test_fx_symbolic_trace_keeps_cecores_losses_in_the_graph(gen):
+    # FX's proxies are not tensors: the functions passed them to torch's loss, which then
+    # stood in the graph in cecore's place, without a warning
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 6)
+            self.ce = ct.CrossEntropyLoss(label_smoothing=0.1)
+            self.lce = ct.LinearCrossEntropyLoss(4, 6)
+
+        def forward(self, x, t):
+            logits = self.linear(x)
+            return (self.ce(logits, t) + ct.nll_loss(logits.log_softmax(1), t)
+                    + ct.binary_cross_entropy_with_logits(logits, logits.detach().sigmoid())
+                    + self.lce(x, t))
+
+    model = Model()
+    graph = torch.fx.symbolic_trace(model)
+    for name in ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
+                 "linear_cross_entropy"):
+        assert f"cecore_torch_{name}(" in graph.code
+    x = torch.randn(5, 4, generator=gen)
+    t = _index_target(gen, (5,), 6)
+    with no_fallback():
+        assert_close(graph(x, t).detach().numpy(), model(x, t).detach().numpy(), np.float32)
+
+
+def test_probabilities_with_a_wider_class_weight_give_torchs_loss_dtype(gen):
+    # torch multiplies the float32 log-probabilities by the float64 weight: a float64 loss
+    x = torch.randn(4, 5, generator=gen, requires_grad=True)
+    p = torch.rand(4, 5, generator=gen).softmax(1)
+    w = torch.rand(5, generator=gen, dtype=torch.float64)
+    for reduction in ("mean", "none"):
+        expected = TF.cross_entropy(x, p, weight=w, reduction=reduction)
+        for fn in (ct.cross_entropy, torch.compile(ct.cross_entropy, fullgraph=True)):
+            with no_fallback():
+                got = fn(x, p, weight=w, reduction=reduction)
+            assert got.dtype == expected.dtype == torch.float64
+            assert_close(got.detach().numpy(), expected.detach().numpy(), np.float32)
+            assert torch.autograd.grad(got.sum(), x)[0].dtype == torch.float32
+
+
 @pytest.mark.parametrize("case", ["bias", "input_frozen_weight", "weight_frozen_input"])
 def test_linear_in_place_checks_follow_what_torch_saves(gen, case):
     # torch's linear saves the input only for the weight's gradient and the weight only
