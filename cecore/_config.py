@@ -168,8 +168,15 @@ def _after_fork_in_child():
     # GNU OpenMP (used by the Cython backend and by Numba's "omp" layer) keeps a thread
     # pool that does not survive fork(): a parallel region in the child can hang. Like
     # torch, a forked child runs kernels on one thread, through the serial code paths.
-    global _forked_child
+    global _forked_child, _blas_lock, _blas_users
     _forked_child = True
+    # limit_blas's lock, held by another thread at the fork, stayed held in the child,
+    # where that thread is gone: its next fit waited forever. The limit those threads'
+    # calls set is undone, as the last of them would have undone it.
+    _blas_lock = threading.Lock()
+    if _blas_users:
+        _blas_users = 1
+        _leave_blas()
 
 
 if hasattr(os, "register_at_fork"):
@@ -370,9 +377,15 @@ def limit_blas(n_threads):
         yield
     finally:
         with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                for set_threads, previous in _blas_forced:
-                    set_threads(previous)
-                _blas_limiter.restore_original_limits()
-                _blas_limiter = None
+            _leave_blas()
+
+
+def _leave_blas():
+    """One call leaves :func:`limit_blas` (under its lock); the last restores the limits."""
+    global _blas_users, _blas_limiter
+    _blas_users -= 1
+    if _blas_users == 0:
+        for set_threads, previous in _blas_forced:
+            set_threads(previous)
+        _blas_limiter.restore_original_limits()
+        _blas_limiter = None

@@ -969,13 +969,15 @@ def test_threadpool_limits_hold_from_the_first_call(numba_threads):
     assert seen == f"[1, 1, {after}]", out.stdout
 
 
-def _fork_while_held(lock, child):
+def _fork_while_held(lock, child, setup=""):
     """Run ``child`` (code that exits 0 when it computed the right answer) in a process
-    forked while another thread holds ``lock`` (an expression); True if the child exited
-    0, where a child that inherited the held lock waits until its alarm (SIGALRM)."""
+    forked while another thread holds ``lock`` (an expression, run after ``setup``); True
+    if the child exited 0, where a child that inherited the held lock waits until its
+    alarm (SIGALRM)."""
     code = textwrap.dedent("""
         import os, signal, threading, numpy as np, cecore
-        from cecore import _backends, _io, batch
+        from cecore import _backends, _config, _io, batch
+        {setup}
         held, done = threading.Event(), threading.Event()
         def hold():
             with {lock}:
@@ -988,7 +990,7 @@ def _fork_while_held(lock, child):
             {child}
         done.set()
         print(os.waitpid(pid, 0)[1])
-    """).format(lock=lock, child=child)
+    """).format(lock=lock, child=child, setup=setup)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=subprocess_env(), timeout=120)
     assert out.returncode == 0, out.stderr
@@ -1012,6 +1014,29 @@ def test_a_child_forked_while_a_head_reads_its_weight_does_not_hang(tmp_path):
         f"head = batch.LinearHead(_io.open_array({str(tmp_path / 'w.npz')!r})); "
         "out = head.logits(np.ones((2, 3), np.float32)); "
         "os._exit(0 if out.tolist() == [[1, 1, 1], [1, 1, 1]] else 3)"))
+
+
+def test_a_child_forked_during_a_fits_blas_limit_does_not_hang():
+    # limit_blas's lock was not made anew after fork: a child forked while another thread
+    # held it (a fit entering or leaving its BLAS limit) waited forever in its own fit.
+    assert _fork_while_held("_config._blas_lock", (
+        "from sklearn.datasets import load_iris; "
+        "X, y = load_iris(return_X_y=True); "
+        "model = cecore.SoftmaxClassifier(max_iter=5).fit(X, y); "
+        "os._exit(0 if model.score(X, y) > 0.5 else 3)"))
+
+
+def test_a_child_forked_inside_a_blas_limit_gets_the_limits_from_before():
+    # Forked while another thread's call held BLAS to one thread, the child kept that
+    # limit for good: the count of calls inside limit_blas came with it, so none of the
+    # child's calls was the last to leave, which restores the limits.
+    assert _fork_while_held("_config.limit_blas(1)", (
+        "from threadpoolctl import threadpool_info; "
+        "after = [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']; "
+        "os._exit(0 if after == before and max(before) > 1 else 3)"),
+        setup=("from threadpoolctl import threadpool_info; "
+               "before = [i['num_threads'] for i in threadpool_info() "
+               "if i['user_api'] == 'blas']"))
 
 
 @pytest.mark.parametrize("xdg", ["", "relative/dir"])
