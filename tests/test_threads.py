@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import cecore
-from oracle import torch_cross_entropy, check_result
+from oracle import check_result, subprocess_env, torch_cross_entropy
 
 SHAPES = [(3000, 50), (300, 1000), (6, 7, 40, 30)]
 
@@ -194,3 +194,33 @@ def test_blas_limit_holds_in_a_thread_that_does_not_control_openblas():
         thread.join()
         assert set(seen["inside"]) == {1}, seen
         assert set(seen["after"]) == {2}, seen
+
+
+def test_numba_calls_leave_the_callers_thread_count_alone():
+    # Each launch set Numba's (thread-local) count to cecore's and left it there: the
+    # caller's own parallel Numba code then ran on cecore's threads.
+    import numba
+
+    previous = numba.get_num_threads()
+    x, target, _, _ = _problem((3000, 50))
+    try:
+        numba.set_num_threads(1)
+        cecore.cross_entropy(x, target, backend="numba", n_threads=2)
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(previous)
+
+
+def test_an_unloadable_numba_threading_layer_is_named_in_the_error():
+    # NUMBA_THREADING_LAYER=tbb without the tbb package: Numba's bare "No threading layer
+    # could be loaded." at the first call on two threads, which did not say why
+    code = ("import numpy as np, cecore\n"
+            "try:\n"
+            "    cecore.cross_entropy(np.zeros((3000, 50)), np.zeros(3000, int),"
+            " backend='numba', n_threads=2)\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    env = dict(subprocess_env(), NUMBA_THREADING_LAYER="no-such-layer")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert "NUMBA_THREADING_LAYER='no-such-layer'" in out.stdout, out.stdout + out.stderr

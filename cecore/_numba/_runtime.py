@@ -314,22 +314,34 @@ def launch(kernel, n_threads, *args):
 
     ``n_threads`` comes resolved by :func:`cecore._config.resolve_n_threads` (1 in a
     forked child, where OpenMP pools are unusable); one thread runs the serial copy,
-    which has no parallel region at all. Numba's thread count is set per call (it is
-    thread-local), and launches are serialised while the threading layer may be
-    "workqueue".
+    which has no parallel region at all. Numba's thread count is set for the call (it is
+    thread-local) and restored after it, and launches are serialised while the threading
+    layer may be "workqueue".
     """
     global _layer
     parallel, serial = kernel
     n_threads = threads_used(n_threads)
     if n_threads == 1:
         return serial(*args)
+    try:
+        # The caller's own count is put back: it is what the thread's other parallel
+        # Numba code uses, and a call left it at cecore's.
+        previous = numba.get_num_threads()  # (starts the threading layer)
+    except ValueError as error:  # Numba's "No threading layer could be loaded."
+        raise ValueError(
+            f"{error} NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER!r} names no layer "
+            "this Numba can load (tbb needs the tbb package); unset it, or pass n_threads=1 "
+            "or backend='cython'") from error
     numba.set_num_threads(n_threads)
-    if _layer is None or _layer == "workqueue":
-        with _launch_lock:
-            result = parallel(*args)
-            _layer = numba.threading_layer()
-            return result
-    return parallel(*args)
+    try:
+        if _layer is None or _layer == "workqueue":
+            with _launch_lock:
+                result = parallel(*args)
+                _layer = numba.threading_layer()
+                return result
+        return parallel(*args)
+    finally:
+        numba.set_num_threads(previous)
 
 
 def threading_layer():
