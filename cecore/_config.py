@@ -183,12 +183,23 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _affinity():
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:  # not on Linux
+        return None
+
+
 def cpus_available():
     """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
+    mask = _affinity()
+    if mask is None:
         return os.cpu_count() or 1
+    if mask == _MASK_SET_BY_GOMP:
+        # With OMP_PROC_BIND or OMP_PLACES set, loading the OpenMP runtime (below) pinned
+        # this thread to the first of its places: the mask from before is the process's.
+        mask = _MASK_BEFORE_GOMP
+    return max(1, len(mask))
 
 
 def _env_threads():
@@ -218,7 +229,9 @@ def _load_openmp():
     return get
 
 
+_MASK_BEFORE_GOMP = _affinity()
 _gomp = _load_openmp()
+_MASK_SET_BY_GOMP = _affinity() if _affinity() != _MASK_BEFORE_GOMP else None
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -224,3 +224,16 @@ def test_an_unloadable_numba_threading_layer_is_named_in_the_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300)
     assert "NUMBA_THREADING_LAYER='no-such-layer'" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("binding", [{"OMP_PROC_BIND": "true"}, {"OMP_PLACES": "cores"}])
+def test_openmp_thread_binding_does_not_cap_cecore_at_one_cpu(binding):
+    # With binding asked for, loading the OpenMP runtime at `import cecore` pins the main
+    # thread to one CPU; cecore read that mask as the CPUs available and capped every
+    # call, an explicit n_threads=2 included, at one thread
+    code = ("import os; before = len(os.sched_getaffinity(0)); import cecore; "
+            "print(before, cecore._config.cpus_available())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(subprocess_env(), **binding), timeout=300)
+    before, after = out.stdout.split()
+    assert before == after, out.stderr
