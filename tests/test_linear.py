@@ -296,7 +296,10 @@ BAD = [
     ((X, np.ones((5, 2, 3)), T), {}, ValueError, r"linear_weight must have shape \(V, D\)"),
     ((X, W.astype(np.float32), T), {}, TypeError, r"same dtype"),
     ((X.astype(np.float16), W.astype(np.float16), T), {}, TypeError, r"float16"),
-    ((X.astype(np.int64), W, T), {}, TypeError, r"input must be a floating point"),
+    # (one message for both: it named float16 among the accepted types for int64 input)
+    ((X.astype(np.int64), W, T), {}, TypeError, r"input must be float32 or float64 .* int64"),
+    ((X, W.astype(np.float16), T), {}, TypeError,
+     r"linear_weight must be float32 or float64 .* float16"),
     ((np.float64(1.0), W, T), {}, ValueError, r"feature dimension"),
     ((X, W, T), {"linear_bias": np.ones(4)}, ValueError, r"linear_bias must have shape \(5,\)"),
     ((X, W, T), {"linear_bias": np.ones(5, np.float32)}, TypeError, r"linear_bias .* same dtype"),
