@@ -50,6 +50,7 @@ cdef extern from "_rowkernels.h" nogil:
     const char *cec_compile_args()
     const char *cec_compiler()
 
+    double cec_weight_scale(const double *w, Py_ssize_t n)
     double cec_index_row_f32(const float *x, Py_ssize_t n, Py_ssize_t t, const double *w,
                              double w_total, double eps, double gs, float *g)
     double cec_index_row_f64(const double *x, Py_ssize_t n, Py_ssize_t t, const double *w,
@@ -75,12 +76,12 @@ cdef extern from "_rowkernels.h" nogil:
 
     void cec_index_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
-                            const double *w, double w_total, double eps, const double *gs,
-                            double *loss, float *g, const float *next)
+                            const double *w, double w_total, double w_scale, double eps,
+                            const double *gs, double *loss, float *g, const float *next)
     void cec_index_tile_f64(const double *x, Py_ssize_t n, Py_ssize_t stride,
                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
-                            const double *w, double w_total, double eps, const double *gs,
-                            double *loss, double *g, const double *next)
+                            const double *w, double w_total, double w_scale, double eps,
+                            const double *gs, double *loss, double *g, const double *next)
     void cec_proba_tile_f32(const float *x, const float *q, Py_ssize_t n,
                             Py_ssize_t stride, Py_ssize_t width, const double *w,
                             double eps, const double *gs, double *loss, float *g)
@@ -220,15 +221,15 @@ cdef inline void _log_loss_rows(const floating *p, Py_ssize_t rows, Py_ssize_t n
 
 cdef inline void _index_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
                              Py_ssize_t width, const int64_t *target, int64_t ignore_index,
-                             const double *w, double w_total, double eps, const double *gs,
-                             double *loss, floating *g,
+                             const double *w, double w_total, double w_scale, double eps,
+                             const double *gs, double *loss, floating *g,
                              const floating *nxt) noexcept nogil:
     if floating is float:
-        cec_index_tile_f32(x, n, stride, width, target, ignore_index, w, w_total, eps, gs,
-                           loss, g, nxt)
+        cec_index_tile_f32(x, n, stride, width, target, ignore_index, w, w_total, w_scale,
+                           eps, gs, loss, g, nxt)
     else:
-        cec_index_tile_f64(x, n, stride, width, target, ignore_index, w, w_total, eps, gs,
-                           loss, g, nxt)
+        cec_index_tile_f64(x, n, stride, width, target, ignore_index, w, w_total, w_scale,
+                           eps, gs, loss, g, nxt)
 
 cdef inline void _proba_tile(const floating *x, const floating *q, Py_ssize_t n,
                              Py_ssize_t stride, Py_ssize_t width, const double *w,
@@ -452,7 +453,7 @@ cdef struct IndexArgs:
     void *g  # floating gradient, or NULL for loss only
     Py_ssize_t N, C, S
     int64_t ignore_index
-    double w_total, eps
+    double w_total, w_scale, eps  # w_scale: see cec_weight_scale
     Py_ssize_t group  # positions per group of _index_rows_item, 0: not that path
     bint stream  # the few-classes blocks write the gradient with non-temporal stores (_streams)
 
@@ -481,7 +482,7 @@ cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept
     if g != NULL:  # the loss does not read it
         _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
     _index_tile(x + off, C, S, tl.width, a.target + tl.n * S + tl.s0, a.ignore_index, a.w,
-                a.w_total, a.eps, gsb, a.loss + tl.n * S + tl.s0,
+                a.w_total, a.w_scale, a.eps, gsb, a.loss + tl.n * S + tl.s0,
                 g + off if g != NULL else NULL, NULL)
 
 cdef void _index_block_item(Py_ssize_t k, const floating *x,
@@ -505,7 +506,7 @@ cdef void _index_block_item(Py_ssize_t k, const floating *x,
         _block_gs(a.gs, b, S, gsb)  # the loss does not read it
     nxt = _block_in(x, b, a.N, C, S, xt, NULL if a.stream else g)  # streamed: not cached
     _index_tile(<const floating *>xt, C, b.ld, b.width, a.target + b.n0 * S, a.ignore_index,
-                a.w, a.w_total, a.eps, gsb, a.loss + b.n0 * S, gt, nxt)
+                a.w, a.w_total, a.w_scale, a.eps, gsb, a.loss + b.n0 * S, gt, nxt)
     if gt != NULL:
         _block_out(gt, b, C, S, g, xt if a.stream else NULL)
     _release(xt, stack)
@@ -561,6 +562,7 @@ def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] tar
     a.w_total = 0.0
     for c in range(C):
         a.w_total += weight[c]
+    a.w_scale = cec_weight_scale(&weight[0], C)
     a.target, a.w, a.gs, a.loss = &target[0, 0], &weight[0], _strided(grad_scale), &loss_out[0, 0]
     a.g = NULL  # loss only
     if grad_out is not None:

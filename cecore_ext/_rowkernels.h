@@ -325,14 +325,16 @@ CEC_INLINE double cec_dev(double m, double x, double log_s) {
     return (m - x) + log_s;
 }
 
-/* The power of two 2**k nearest above the largest finite |w[c]| (k clamped so that 2**k
- * and 2**-k are normal doubles; k = 0 without one). The tiles multiply the label-smoothing
- * term's class weight and scale in T, one vector product per element: each is scaled by
- * its power of two first, exactly, so that neither rounds to 0 or inf in float32 where
- * their product does not (float64 weights of 1e-300 under 'mean', whose scale is then
- * 1e299, gave 0 * inf = NaN gradients; float32 weights of 1e38 a subnormal scale). Where
- * both are normal in T either way the product has the same bits (Numba: _weight_exponent). */
-CEC_INLINE int cec_weight_exponent(const double *w, ptrdiff_t n) {
+/* 2**k, the power of two with the largest finite |w[c]| in [2**k, 2**(k+1)) (k clamped so
+ * that 2**k and 2**-k are normal doubles; 1 without one, and for unit weights), computed
+ * once per call. The tiles multiply
+ * the label-smoothing term's class weight and scale in T, one vector product per
+ * element: each is scaled by this power of two first, exactly, so that neither rounds to
+ * 0 or inf in float32 where their product does not (float64 weights of 1e-300 under
+ * 'mean', whose scale is then 1e299, gave 0 * inf = NaN gradients; float32 weights of
+ * 1e38 a subnormal scale). Where both are normal in T either way the product has the
+ * same bits (Numba: _weight_scale). */
+CEC_INLINE double cec_weight_scale(const double *w, ptrdiff_t n) {
     double top = 0.0;
     for (ptrdiff_t c = 0; c < n; c++) {
         const double a = fabs(w[c]);
@@ -342,7 +344,8 @@ CEC_INLINE int cec_weight_exponent(const double *w, ptrdiff_t n) {
     int k = 0;
     if (top > 0.0)
         frexp(top, &k);
-    return k < -1000 ? -1000 : k > 1000 ? 1000 : k;
+    k -= 1;  /* frexp's fraction is in [0.5, 1) */
+    return ldexp(1.0, k < -1000 ? -1000 : k > 1000 ? 1000 : k);
 }
 
 /* Binary cross-entropy of one element (see cec_bce_values), per type. With
@@ -1087,7 +1090,7 @@ CEC_FORCE_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdi
 CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                                 ptrdiff_t width, const int64_t *target,
                                                 int64_t ignore_index, const double *w,
-                                                double w_total, double eps,
+                                                double w_total, double w_scale, double eps,
                                                 const double *gs, double *loss, T *g,
                                                 const T *next) {
     T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE], sub[CEC_TILE];
@@ -1128,15 +1131,14 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
     if (!g)  /* gs is not set for loss only */
         return;
     const double zero_w = eps > 0.0 ? w_total * 0.0 : 0.0;
-    /* shift * w[c] in T, each scaled by a power of two (see cec_weight_exponent). */
-    const int k = eps > 0.0 ? cec_weight_exponent(w, n) : 0;
-    const double up = ldexp(1.0, k), down = ldexp(1.0, -k);
+    /* exact, a power of two (cec_weight_scale); no division for weights in [1, 2) */
+    const double down = w_scale == 1.0 ? 1.0 : 1.0 / w_scale;
     CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {
         const int ok = target[j] != ignore_index;
         const double w_sum = eps > 0.0 ? (1.0 - eps) * w_t[j] + smooth * w_total : w_t[j];
         coef[j] = ok ? (T)(gs[j] * w_sum / s[j]) : (T)(s[j] * 0.0 + zero_w);
-        shift[j] = ok ? (T)(gs[j] * smooth * up) : (T)0;
+        shift[j] = ok ? (T)(gs[j] * smooth * w_scale) : (T)0;
         sub[j] = (T)(gs[j] * (1.0 - eps) * w_t[j]);
     }
     /* The target's -sub in the same loop, by a compare per vector: a scalar pass after
@@ -1167,14 +1169,14 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
 CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                        ptrdiff_t width, const int64_t *target,
                                        int64_t ignore_index, const double *w,
-                                       double w_total, double eps, const double *gs,
-                                       double *loss, T *g, const T *next) {
+                                       double w_total, double w_scale, double eps,
+                                       const double *gs, double *loss, T *g, const T *next) {
     if (stride == CEC_SMALL_C_ROWS && width == CEC_SMALL_C_ROWS)
         CEC_FN(cec_index_tile_at)(x, n, CEC_SMALL_C_ROWS, CEC_SMALL_C_ROWS, target,
-                                  ignore_index, w, w_total, eps, gs, loss, g, next);
+                                  ignore_index, w, w_total, w_scale, eps, gs, loss, g, next);
     else
         CEC_FN(cec_index_tile_at)(x, n, stride, width, target, ignore_index, w, w_total,
-                                  eps, gs, loss, g, next);
+                                  w_scale, eps, gs, loss, g, next);
 }
 
 CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,

@@ -563,31 +563,34 @@ def _gather_targets(x, base, stride, tgt, ignore_index, weight, shift, w_t, widt
 
 
 @helper
-def _weight_exponent(weight):
-    """k of the power of two 2**k nearest above the largest finite |weight[c]|, clamped
-    so that 2**k and 2**-k are normal doubles (0 without one). The tiles multiply the
-    label-smoothing term's class weight and scale in x's type, one vector product per
-    element: each is scaled by its power of two first, exactly, so that neither rounds to
-    0 or inf in float32 where their product does not (float64 weights of 1e-300 under
-    'mean', whose scale is then 1e299, gave 0 * inf = NaN). Where both are normal in
-    x's type either way the product has the same bits. As cec_weight_exponent."""
+def _weight_scale(weight):
+    """2**k, the power of two with the largest finite |weight[c]| in [2**k, 2**(k+1)) (k
+    clamped so that 2**k and 2**-k are normal doubles; 1 without one, and for unit
+    weights), computed once per call. The
+    tiles multiply the label-smoothing term's class weight and scale in x's type, one
+    vector product per element: each is scaled by this power of two first, exactly, so
+    that neither rounds to 0 or inf in float32 where their product does not (float64
+    weights of 1e-300 under 'mean', whose scale is then 1e299, gave 0 * inf = NaN). Where
+    both are normal in x's type either way the product has the same bits. As
+    cec_weight_scale."""
     top = 0.0
     for c in range(weight.shape[0]):
         a = abs(weight[c])
         if a > top and a <= 1.7976931348623157e308:
             top = a
-    k = math.frexp(top)[1] if top > 0.0 else 0
-    return min(max(k, -1000), 1000)
+    k = math.frexp(top)[1] - 1 if top > 0.0 else 0  # (frexp's fraction is in [0.5, 1))
+    return math.ldexp(1.0, min(max(k, -1000), 1000))
 
 
 @helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
-                ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place, m, s,
-                log_s, coef, shift, sub, w_t, gs_run, src, nxt):
+                w_scale, ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place,
+                m, s, log_s, coef, shift, sub, w_t, gs_run, src, nxt):
     """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions;
     ``in_place``: ``g`` is ``x`` itself (no label smoothing). ``m`` to ``gs_run``: scratch
     of TILE values (``s``, ``log_s``, ``w_t`` and ``gs_run`` float64, the others of x's
-    type); ``src`` and ``nxt`` as for _tile_max_sumexp (the in-place path asks for none)."""
+    type); ``src`` and ``nxt`` as for _tile_max_sumexp (the in-place path asks for none);
+    ``w_scale`` from :func:`_weight_scale`."""
     smooth = eps / n_classes
     tgt = _view(target, pos0, pos0 + width)
     loss = _view(loss_out, pos0, pos0 + width)
@@ -620,14 +623,13 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     # torch gives (see _index_row).
     zero_w = w_total * 0.0 if eps > 0.0 else 0.0
     _fill_run(gs_run, grad_scale, pos0, width)
-    # shift * w_c in x's type, each scaled by a power of two (see _weight_exponent).
-    k = _weight_exponent(weight) if eps > 0.0 else 0
-    up, down = math.ldexp(1.0, k), math.ldexp(1.0, -k)
+    # exact, a power of two (see _weight_scale); no division for weights in [1, 2)
+    down = 1.0 if w_scale == 1.0 else 1.0 / w_scale
     for j in range(width):
         ok = tgt[j] != ignore_index
         w_sum = (1.0 - eps) * w_t[j] + smooth * w_total if eps > 0.0 else w_t[j]
         # Both sides computed, then selected: a division under a condition stays scalar.
-        q, sh = gs_run[j] * w_sum / s[j], gs_run[j] * smooth * up
+        q, sh = gs_run[j] * w_sum / s[j], gs_run[j] * smooth * w_scale
         coef[j] = _cast_like(q if ok else s[j] * 0.0 + zero_w, m[0])
         shift[j] = _cast_like(sh if ok else 0.0, m[0])
         sub[j] = _cast_like(_rounded_product(gs_run[j] * (1.0 - eps), w_t[j]), m[0])
@@ -662,6 +664,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
+    w_scale = _weight_scale(weight)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -679,16 +682,17 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
                 _index_tile(xt, 0, TILE, n_classes, n_rows * n_pos, target, r0 * n_pos,
-                            weight, w_total, ignore_index, eps, grad_scale, loss_out, gt,
-                            want_grad, False, m, s, log_s, coef, shift, sub, w_t, gs_run,
-                            x, (r0 + n_rows) * n_classes * n_pos)
+                            weight, w_total, w_scale, ignore_index, eps, grad_scale,
+                            loss_out, gt, want_grad, False, m, s, log_s, coef, shift, sub,
+                            w_t, gs_run, x, (r0 + n_rows) * n_classes * n_pos)
                 if want_grad:
                     _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out, staging)
             else:
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _index_tile(x, base, n_pos, n_classes, width, target, pos0, weight, w_total,
-                            ignore_index, eps, grad_scale, loss_out, grad_out, want_grad,
-                            False, m, s, log_s, coef, shift, sub, w_t, gs_run, x, -1)
+                            w_scale, ignore_index, eps, grad_scale, loss_out, grad_out,
+                            want_grad, False, m, s, log_s, coef, shift, sub, w_t, gs_run,
+                            x, -1)
         if stream:
             _store_fence()
 
@@ -747,7 +751,7 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
         for tile in _task_tiles(task, per_task, n_tiles):
             base, pos0, width = _run_span(tile, n_classes, n_pos)
             _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
-                        ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s,
+                        1.0, ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s,
                         log_s, coef, shift, sub, w_t, gs_run, grad, -1)
 
 
@@ -832,6 +836,7 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
+    w_scale = _weight_scale(weight)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)
