@@ -171,11 +171,13 @@ def _after_fork_in_child():
     global _forked_child, _blas_lock, _blas_users
     _forked_child = True
     # limit_blas's lock, held by another thread at the fork, stayed held in the child,
-    # where that thread is gone: its next fit waited forever. The limit those threads'
-    # calls set is undone, as the last of them would have undone it.
+    # where that thread is gone: its next fit waited forever. The calls of the threads
+    # that are gone leave here; the limit is undone if none is left (as the last of them
+    # would have undone it), else the forking thread's own calls undo it as they leave.
     _blas_lock = threading.Lock()
-    if _blas_users:
-        _blas_users = 1
+    own = getattr(_blas_depth, "n", 0)
+    if _blas_users > own:
+        _blas_users = own + 1
         _leave_blas()
 
 
@@ -198,6 +200,8 @@ def cpus_available():
     if mask == _MASK_SET_BY_GOMP:
         # With OMP_PROC_BIND or OMP_PLACES set, loading the OpenMP runtime (below) pinned
         # this thread to the first of its places: the mask from before is the process's.
+        # (Not when torch or scikit-learn, whose own runtimes pin it too, came first; and
+        # a mask narrowed later to exactly that CPU is read as the one from before.)
         mask = _MASK_BEFORE_GOMP
     return max(1, len(mask))
 
@@ -332,6 +336,7 @@ _blas = None
 _blas_has_scipy = False
 _blas_lock = threading.Lock()
 _blas_users = 0  # calls inside limit_blas now, in any thread
+_blas_depth = threading.local()  # .n: calls inside limit_blas now, in this thread
 _blas_limiter = None  # the first of them's limit, which restores the original settings
 _blas_forced = []  # (setter, previous count) of the OpenBLAS limits set past threadpoolctl
 
@@ -386,9 +391,11 @@ def limit_blas(n_threads):
             _blas_limiter = _blas.limit(limits=n_threads)
             _blas_forced = _force_openblas(_blas, n_threads)
         _blas_users += 1
+    _blas_depth.n = getattr(_blas_depth, "n", 0) + 1
     try:
         yield
     finally:
+        _blas_depth.n -= 1
         with _blas_lock:
             _leave_blas()
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from cython.parallel cimport parallel, prange
 from cython cimport floating
+from libc.float cimport DBL_MAX, DBL_MIN, FLT_MAX, FLT_MIN
 from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
@@ -50,7 +51,7 @@ cdef extern from "_rowkernels.h" nogil:
     const char *cec_compile_args()
     const char *cec_compiler()
 
-    double cec_weight_scale(const double *w, Py_ssize_t n)
+    double cec_weight_scale(const double *w, Py_ssize_t n, double lo, double hi)
     double cec_index_row_f32(const float *x, Py_ssize_t n, Py_ssize_t t, const double *w,
                              double w_total, double eps, double gs, float *g)
     double cec_index_row_f64(const double *x, Py_ssize_t n, Py_ssize_t t, const double *w,
@@ -562,7 +563,10 @@ def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] tar
     a.w_total = 0.0
     for c in range(C):
         a.w_total += weight[c]
-    a.w_scale = cec_weight_scale(&weight[0], C)
+    if floating is float:
+        a.w_scale = cec_weight_scale(&weight[0], C, FLT_MIN, FLT_MAX)
+    else:
+        a.w_scale = cec_weight_scale(&weight[0], C, DBL_MIN, DBL_MAX)
     a.target, a.w, a.gs, a.loss = &target[0, 0], &weight[0], _strided(grad_scale), &loss_out[0, 0]
     a.g = NULL  # loss only
     if grad_out is not None:

@@ -325,25 +325,30 @@ CEC_INLINE double cec_dev(double m, double x, double log_s) {
     return (m - x) + log_s;
 }
 
-/* 2**k, the power of two with the largest finite |w[c]| in [2**k, 2**(k+1)) (k clamped so
- * that 2**k and 2**-k are normal doubles; 1 without one, and for unit weights), computed
- * once per call. The tiles multiply
- * the label-smoothing term's class weight and scale in T, one vector product per
- * element: each is scaled by this power of two first, exactly, so that neither rounds to
- * 0 or inf in float32 where their product does not (float64 weights of 1e-300 under
- * 'mean', whose scale is then 1e299, gave 0 * inf = NaN gradients; float32 weights of
- * 1e38 a subnormal scale). Where both are normal in T either way the product has the
- * same bits (Numba: _weight_scale). */
-CEC_INLINE double cec_weight_scale(const double *w, ptrdiff_t n) {
+/* The tiles multiply the label-smoothing term's class weight and scale in T, one vector
+ * product per element, each rounded to T first: where a weight is not a normal number of
+ * T (lo = T's smallest normal, hi = its largest), both are scaled by a power of two,
+ * exactly, so that neither rounds to 0 or inf where their product does not (float64
+ * weights of 1e-300 under 'mean', whose scale is then 1e299, gave 0 * inf = NaN
+ * gradients). Returns 1 when every finite non-zero weight is normal in T (the products
+ * are then the ones from before: scaling by the largest weight would flush a weight
+ * 2**126 times smaller to 0 in float32), else 2**k with the largest finite |w[c]| in
+ * [2**k, 2**(k+1)), k clamped so that 2**k and 2**-k are normal doubles. Computed once
+ * per call (Numba: _weight_scale). */
+CEC_INLINE double cec_weight_scale(const double *w, ptrdiff_t n, double lo, double hi) {
     double top = 0.0;
+    int outside = 0;
     for (ptrdiff_t c = 0; c < n; c++) {
         const double a = fabs(w[c]);
-        if (a > top && a <= DBL_MAX)
-            top = a;
+        if (a > 0.0 && a <= DBL_MAX) {
+            outside |= a < lo || a > hi;
+            top = a > top ? a : top;
+        }
     }
-    int k = 0;
-    if (top > 0.0)
-        frexp(top, &k);
+    if (!outside)
+        return 1.0;
+    int k;
+    frexp(top, &k);
     k -= 1;  /* frexp's fraction is in [0.5, 1) */
     return ldexp(1.0, k < -1000 ? -1000 : k > 1000 ? 1000 : k);
 }
@@ -1131,7 +1136,7 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
     if (!g)  /* gs is not set for loss only */
         return;
     const double zero_w = eps > 0.0 ? w_total * 0.0 : 0.0;
-    /* exact, a power of two (cec_weight_scale); no division for weights in [1, 2) */
+    /* exact, a power of two (cec_weight_scale); no division in the common case */
     const double down = w_scale == 1.0 ? 1.0 : 1.0 / w_scale;
     CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {

@@ -421,6 +421,23 @@ def test_label_smoothing_with_weights_beyond_float32s_range(backend, rng, n_clas
     check_result(result, [e.astype(np.float32) for e in expected], np.float32)
 
 
+@pytest.mark.parametrize("dtype, weight, logit", [(np.float32, [1e30, 1e-20, 1.0], -200.0),
+                                                   (np.float64, [1e300, 1e-300, 1.0], -800.0)])
+def test_label_smoothing_keeps_tiny_weights_next_to_huge_ones(backend, dtype, weight, logit):
+    # Weights that are all normal numbers of the input's type are not rescaled: scaled by
+    # the largest, a weight 2**126 times smaller (float32) became 0, and the gradient of
+    # a class whose probability underflowed, -eps / C * scale * weight, became 0 too.
+    x = np.zeros((4, 3), dtype)
+    x[:, 1] = logit
+    target, weight = np.array([0, 2, 0, 2]), np.array(weight)
+    _, grad = cecore.cross_entropy(x, target, weight=weight, label_smoothing=0.1,
+                                   reduction="sum", return_grad=True, backend=backend)
+    _, expected = torch_cross_entropy(x.astype(np.float64), target, weight=weight,
+                                      label_smoothing=0.1, reduction="sum")
+    assert (expected[:, 1] < 0).all()
+    np.testing.assert_allclose(grad[:, 1], expected[:, 1], rtol=1e-6)
+
+
 def test_zero_classes_give_torchs_answers(backend):
     x = np.zeros((3, 0))
     tx = torch.zeros((3, 0), dtype=torch.float64)
@@ -1030,13 +1047,34 @@ def test_a_child_forked_inside_a_blas_limit_gets_the_limits_from_before():
     # Forked while another thread's call held BLAS to one thread, the child kept that
     # limit for good: the count of calls inside limit_blas came with it, so none of the
     # child's calls was the last to leave, which restores the limits.
-    assert _fork_while_held("_config.limit_blas(1)", (
-        "from threadpoolctl import threadpool_info; "
-        "after = [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']; "
-        "os._exit(0 if after == before and max(before) > 1 else 3)"),
-        setup=("from threadpoolctl import threadpool_info; "
-               "before = [i['num_threads'] for i in threadpool_info() "
-               "if i['user_api'] == 'blas']"))
+    code = textwrap.dedent("""
+        import json, os, signal, threading
+        from threadpoolctl import threadpool_info
+        from cecore import _config
+        def blas():
+            return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        seen, held, done = {"before": blas()}, threading.Event(), threading.Event()
+        def hold():
+            with _config.limit_blas(1):
+                held.set(); done.wait()
+        threading.Thread(target=hold).start()
+        held.wait()
+        seen["inside"] = blas()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)
+            print(json.dumps({"child": blas()}), flush=True)
+            os._exit(0)
+        done.set()
+        seen["status"] = os.waitpid(pid, 0)[1]
+        print(json.dumps(seen))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = {k: v for line in out.stdout.splitlines() for k, v in json.loads(line).items()}
+    assert seen["status"] == 0 and set(seen["inside"]) == {1}, seen
+    assert seen["child"] == seen["before"], seen
 
 
 @pytest.mark.parametrize("xdg", ["", "relative/dir"])

@@ -212,8 +212,9 @@ def test_numba_calls_leave_the_callers_thread_count_alone():
 
 
 def test_an_unloadable_numba_threading_layer_is_named_in_the_error():
-    # NUMBA_THREADING_LAYER=tbb without the tbb package: Numba's bare "No threading layer
-    # could be loaded." at the first call on two threads, which did not say why
+    # A threading layer Numba cannot load (tbb without the tbb package, a misspelt name)
+    # failed at the first call on two threads with Numba's message alone, which does not
+    # name the variable that asked for it
     code = ("import numpy as np, cecore\n"
             "try:\n"
             "    cecore.cross_entropy(np.zeros((3000, 50)), np.zeros(3000, int),"

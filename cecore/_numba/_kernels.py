@@ -563,22 +563,31 @@ def _gather_targets(x, base, stride, tgt, ignore_index, weight, shift, w_t, widt
 
 
 @helper
-def _weight_scale(weight):
-    """2**k, the power of two with the largest finite |weight[c]| in [2**k, 2**(k+1)) (k
-    clamped so that 2**k and 2**-k are normal doubles; 1 without one, and for unit
-    weights), computed once per call. The
-    tiles multiply the label-smoothing term's class weight and scale in x's type, one
-    vector product per element: each is scaled by this power of two first, exactly, so
-    that neither rounds to 0 or inf in float32 where their product does not (float64
-    weights of 1e-300 under 'mean', whose scale is then 1e299, gave 0 * inf = NaN). Where
-    both are normal in x's type either way the product has the same bits. As
+def _weight_scale(weight, x):
+    """The tiles multiply the label-smoothing term's class weight and scale in x's type,
+    one vector product per element, each rounded to it first: where a weight is not a
+    normal number of x's type, both are scaled by a power of two, exactly, so that
+    neither rounds to 0 or inf where their product does not (float64 weights of 1e-300
+    under 'mean', whose scale is then 1e299, gave 0 * inf = NaN). Returns 1 when every
+    finite non-zero weight is normal in x's type (the products are then the ones from
+    before: scaling by the largest weight would flush a weight 2**126 times smaller to 0
+    in float32), else 2**k with the largest finite |weight[c]| in [2**k, 2**(k+1)), k
+    clamped so that 2**k and 2**-k are normal doubles. Computed once per call. As
     cec_weight_scale."""
+    if x.itemsize == 4:
+        lo, hi = 1.1754943508222875e-38, 3.4028234663852886e38
+    else:
+        lo, hi = 2.2250738585072014e-308, 1.7976931348623157e308
     top = 0.0
+    outside = False
     for c in range(weight.shape[0]):
         a = abs(weight[c])
-        if a > top and a <= 1.7976931348623157e308:
-            top = a
-    k = math.frexp(top)[1] - 1 if top > 0.0 else 0  # (frexp's fraction is in [0.5, 1))
+        if a > 0.0 and a <= 1.7976931348623157e308:
+            outside |= a < lo or a > hi
+            top = max(a, top)
+    if not outside:
+        return 1.0
+    k = math.frexp(top)[1] - 1  # (frexp's fraction is in [0.5, 1))
     return math.ldexp(1.0, min(max(k, -1000), 1000))
 
 
@@ -623,7 +632,7 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     # torch gives (see _index_row).
     zero_w = w_total * 0.0 if eps > 0.0 else 0.0
     _fill_run(gs_run, grad_scale, pos0, width)
-    # exact, a power of two (see _weight_scale); no division for weights in [1, 2)
+    # exact, a power of two (see _weight_scale); no division in the common case
     down = 1.0 if w_scale == 1.0 else 1.0 / w_scale
     for j in range(width):
         ok = tgt[j] != ignore_index
@@ -664,7 +673,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
-    w_scale = _weight_scale(weight)
+    w_scale = _weight_scale(weight, x)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -836,7 +845,6 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
     want_grad = grad_out.shape[0] != 0
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
-    w_scale = _weight_scale(weight)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)

@@ -329,7 +329,7 @@ def launch(kernel, n_threads, *args):
         previous = numba.get_num_threads()  # (starts the threading layer)
     except ValueError as error:  # Numba's "No threading layer could be loaded."
         raise ValueError(
-            f"{error} NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER!r} names no layer "
+            f"{error}\nNUMBA_THREADING_LAYER={numba.config.THREADING_LAYER!r} names no layer "
             "this Numba can load (tbb needs the tbb package); unset it, or pass n_threads=1 "
             "or backend='cython'") from error
     numba.set_num_threads(n_threads)
