@@ -235,7 +235,9 @@ def _load_openmp():
 
 _MASK_BEFORE_GOMP = _affinity()
 _gomp = _load_openmp()
-_MASK_SET_BY_GOMP = _affinity() if _affinity() != _MASK_BEFORE_GOMP else None
+_MASK_SET_BY_GOMP = _affinity()
+if _MASK_SET_BY_GOMP == _MASK_BEFORE_GOMP:
+    _MASK_SET_BY_GOMP = None  # (not pinned: the usual case)
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

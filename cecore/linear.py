@@ -72,8 +72,8 @@ def _chunk_rows(n_rows, n_classes, itemsize, return_grad, over_logits):
 
 def _float_operand(a, name):
     a = V._to_numpy(a)
-    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):  # (NumPy's own message
-        # named float16 as well, which the products then refused)
+    # Checked before float_input, whose message names float16 too, which BLAS lacks.
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
         raise TypeError(f"{name} must be float32 or float64 (NumPy has no float16 BLAS "
                         f"products), got dtype {a.dtype}")
     return V.float_input(a, name)
