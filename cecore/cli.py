@@ -277,9 +277,9 @@ def _stdout_to_devnull():
 
 
 def _terminated(signum, frame):
-    """SIGTERM, SIGHUP, SIGQUIT: remove the temporary per-row file and exit with 128 + signum at once. Not by
-    raising SystemExit: landing in library code (Numba compiling a kernel, say) it could be
-    caught and turned into another error."""
+    """SIGTERM, SIGHUP, SIGQUIT: remove the temporary per-row file and exit with 128 +
+    signum at once. Not by raising SystemExit: landing in library code (Numba compiling a
+    kernel, say) it could be caught and turned into another error."""
     from ._io import remove_pending
 
     remove_pending()

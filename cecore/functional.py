@@ -153,8 +153,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     grad_out : ndarray, optional
         Array of the input's shape and dtype in native byte order, writeable and
         C-contiguous (or Fortran-contiguous for a Fortran-ordered 2-D input), that
-        receives the gradient and is returned as it: no new N x C allocation. ``grad_out=input`` overwrites the logits
-        with their gradient (same bits as out of place). Implies ``return_grad=True``.
+        receives the gradient and is returned as it: no new N x C allocation.
+        ``grad_out=input`` overwrites the logits with their gradient (same bits as out of
+        place). Implies ``return_grad=True``.
     backend : {'auto', 'cython', 'numba'}, default='auto'
     n_threads : int, optional
         Threads for the kernel; defaults to :func:`cecore._config.default_n_threads`.

@@ -562,6 +562,11 @@ def _gather_targets(x, base, stride, tgt, ignore_index, weight, shift, w_t, widt
         w_t[j] = weight[u] if ok else 0.0
 
 
+# The normal numbers' range of each type, (smallest, largest): what _weight_scale reads.
+_NORMAL_F32 = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+_NORMAL_F64 = (float(np.finfo(np.float64).tiny), float(np.finfo(np.float64).max))
+
+
 @helper
 def _weight_scale(weight, x):
     """The tiles multiply the label-smoothing term's class weight and scale in x's type,
@@ -574,15 +579,12 @@ def _weight_scale(weight, x):
     in float32), else 2**k with the largest finite |weight[c]| in [2**k, 2**(k+1)), k
     clamped so that 2**k and 2**-k are normal doubles. Computed once per call. As
     cec_weight_scale."""
-    if x.itemsize == 4:
-        lo, hi = 1.1754943508222875e-38, 3.4028234663852886e38
-    else:
-        lo, hi = 2.2250738585072014e-308, 1.7976931348623157e308
+    lo, hi = _NORMAL_F32 if x.itemsize == 4 else _NORMAL_F64
     top = 0.0
     outside = False
     for c in range(weight.shape[0]):
         a = abs(weight[c])
-        if a > 0.0 and a <= 1.7976931348623157e308:
+        if a > 0.0 and a <= _NORMAL_F64[1]:
             outside |= a < lo or a > hi
             top = max(a, top)
     if not outside:
