@@ -245,10 +245,11 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     if threading.current_thread() is threading.main_thread():
-        # `kill`, a closed terminal or ssh session (SIGHUP) or Ctrl-\ (SIGQUIT) removes a
-        # per-row file being written (the default action left its temporary file behind).
-        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None),
-                       getattr(signal, "SIGQUIT", None)):
+        # `kill`, a closed terminal or ssh session (SIGHUP), Ctrl-\ (SIGQUIT), a CPU-time
+        # limit (SIGXCPU) or any other signal whose default action ends the process removes
+        # a per-row file being written (the default action left its temporary file behind).
+        for name in _TERMINATING_SIGNALS:
+            signum = getattr(signal, name, None)
             if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
                 signal.signal(signum, _terminated)
     try:
@@ -276,8 +277,14 @@ def _stdout_to_devnull():
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+# Signals whose default action ends the process and that Python leaves at that default
+# (it ignores SIGPIPE and SIGXFSZ and handles SIGINT itself).
+_TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                        "SIGVTALRM", "SIGPROF", "SIGXCPU", "SIGIO", "SIGPWR")
+
+
 def _terminated(signum, frame):
-    """SIGTERM, SIGHUP, SIGQUIT: remove the temporary per-row file and exit with 128 +
+    """A terminating signal (see _TERMINATING_SIGNALS): remove the temporary per-row file and exit with 128 +
     signum at once. Not by raising SystemExit: landing in library code (Numba compiling a
     kernel, say) it could be caught and turned into another error."""
     from ._io import remove_pending

@@ -631,9 +631,11 @@ def test_closed_streams_and_info_to_a_full_disk(scored_files):
     assert "Traceback" not in p.stderr
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGQUIT"])
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGALRM",
+                                     "SIGXCPU"])
 def test_sigterm_removes_the_partial_per_row_file(tmp_path, signame):
-    # SIGHUP: a terminal or ssh session that closes (it left a hidden file behind)
+    # SIGHUP: a terminal or ssh session that closes (it left a hidden file behind);
+    # SIGUSR1, SIGALRM and SIGXCPU (a CPU-time limit) left it too
     import signal
     import time
 
