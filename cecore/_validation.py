@@ -224,6 +224,20 @@ def check_ignore_index(ignore_index):
     return int(ignore_index)
 
 
+def check_proba_target(t_dtype, x_shape, ignore_index, name="input"):
+    """A target of the input's shape holds class probabilities: it must be floating point
+    (float16/32/64), and ``ignore_index`` (checked first, as for index targets) must not
+    be asked for. Returns the target's native dtype (:func:`float_input`'s)."""
+    ignore_index = check_ignore_index(ignore_index)
+    if np.dtype(t_dtype).kind != "f":
+        raise TypeError(f"a target of the {name}'s shape {tuple(x_shape)} holds class "
+                        f"probabilities and must be floating point, got dtype {t_dtype}")
+    t_dtype = float_input(np.empty(0, t_dtype), "target").dtype
+    if ignore_index >= 0:
+        raise ValueError("ignore_index is not supported with class-probability targets")
+    return t_dtype
+
+
 def check_label_smoothing(label_smoothing):
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")

@@ -250,12 +250,7 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
         raise ValueError(f"logits of shape {tuple(x_shape)} have no classes: nothing to score")
     proba = tuple(t_shape) == tuple(x_shape)
     if proba:
-        if np.dtype(t_dtype).kind != "f":
-            raise TypeError(f"a target of the logits' shape {tuple(x_shape)} holds class probabilities "
-                            f"and must be floating point, got dtype {t_dtype}")
-        V.float_input(np.empty(0, t_dtype), "target")  # float128 as cross_entropy refuses it
-        if ignore_index >= 0:
-            raise ValueError("ignore_index is not supported with class-probability targets")
+        V.check_proba_target(t_dtype, x_shape, ignore_index, "logits")
     else:
         if np.dtype(t_dtype).kind not in "iu":
             raise TypeError(f"class-index targets must be integers, got dtype {t_dtype} "

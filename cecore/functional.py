@@ -195,13 +195,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     proba = t_raw.shape == x.shape
 
     if proba:
-        if t_raw.dtype.kind != "f":
-            raise TypeError(
-                f"a target of the input's shape {x.shape} holds class probabilities and must be "
-                f"floating point, got dtype {t_raw.dtype}"
-            )
-        if ignore_index >= 0:
-            raise ValueError("ignore_index is not supported with class-probability targets")
+        V.check_proba_target(t_raw.dtype, x.shape, ignore_index)
         t_raw = V.float_input(t_raw, "target")
         out_dtype, dtype = V.promoted_dtypes(out_dtype, t_raw.dtype)
         x3, fortran = V.canonical(x, class_axis, dtype)

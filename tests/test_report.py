@@ -250,10 +250,14 @@ def test_float16_perplexity_is_not_the_exp_of_a_float16_rounded_loss(backend):
     assert batch.score(x, t, backend=backend).perplexity == r["perplexity"]
 
 
-def test_bad_ignore_index_is_a_type_error_with_probability_targets():
-    with pytest.raises(TypeError, match="ignore_index must be an int"):
-        classification_report_from_logits(np.zeros((2, 3)), np.full((2, 3), 1 / 3),
-                                          ignore_index=None)
+@pytest.mark.parametrize("ignore_index", [None, "a", 1.5])
+def test_bad_ignore_index_is_a_type_error_with_probability_targets(ignore_index):
+    # (review) batch.score compared ignore_index >= 0 before checking it: None and "a"
+    # raised Python's own TypeError, 1.5 "not supported with class-probability targets"
+    x, p = np.zeros((2, 3)), np.full((2, 3), 1 / 3)
+    for score in (classification_report_from_logits, batch.score, cecore.cross_entropy):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            score(x, p, ignore_index=ignore_index)
 
 
 def test_streamed_in_memory_and_one_row_chunks_agree_bitwise(tmp_path, rng, backend):

@@ -248,12 +248,9 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     if not proba:
         V.check_index_classes(n_classes)  # before anything of O(C) is made
     x = V.float_input(x, "logits")
-    if proba and t_raw.dtype.kind != "f":
-        raise TypeError(f"a target of the logits' shape {x.shape} holds class probabilities "
-                        f"and must be floating point, got dtype {t_raw.dtype}")
     ignore_index = V.check_ignore_index(ignore_index)
-    if proba and ignore_index >= 0:
-        raise ValueError("ignore_index is not supported with class-probability targets")
+    if proba:
+        V.check_proba_target(t_raw.dtype, x.shape, ignore_index, "logits")
     eps = V.check_label_smoothing(label_smoothing)
     w = V.class_weight(weight, n_classes)
     loss_dtype = x.dtype
