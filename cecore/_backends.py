@@ -3,9 +3,11 @@
 The kernel contract
 -------------------
 Every backend module (``cecore._numba`` and ``cecore_ext``) exposes exactly
-these seven functions. They never validate, never allocate anything of size N x C, and
-return ``None``: results go into the ``*_out`` arrays the caller passes. Everything above
-this module talks to kernels only through :func:`get_backend`.
+these seven functions (``KERNELS``). They never validate (the caller passes arrays of the
+shapes and dtypes below; the few size checks some wrappers make guard a raw-pointer write,
+and are no substitute), never allocate anything of size N x C, and return ``None``:
+results go into the ``*_out`` arrays the caller passes. Everything above this module talks
+to kernels only through :func:`get_backend`.
 
 Shapes use ``N`` (batch), ``C`` (classes), ``S`` (product of the spatial dims d1..dK, 1
 for plain ``(N, C)`` input). ``floating`` is float32 or float64, the same for every
@@ -150,12 +152,9 @@ def _load(name):
                 import cecore_ext as module
             else:
                 from . import _numba as module
-        except ValueError as exc:
-            if str(exc).startswith("CECORE_"):  # a bad setting of ours: the user must see it
-                raise
-            _errors[name] = f"{type(exc).__name__}: {exc}"  # e.g. NUMBA_NUM_THREADS=0
-            return None
-        except Exception as exc:  # an unbuilt extension or a broken numba install
+        except Exception as exc:  # an unbuilt extension, a broken numba, NUMBA_NUM_THREADS=0
+            if isinstance(exc, ValueError) and str(exc).startswith("CECORE_"):
+                raise  # a bad setting of ours: the user must see it
             _errors[name] = f"{type(exc).__name__}: {exc}"
             return None
         _loaded[name] = module

@@ -34,7 +34,7 @@ SMALL_C = 32
 # Rows per transposed block of the Cython few-classes path (C <= SMALL_C): a block's
 # scratch stays in L1, and short blocks keep the reads of the logits from memory
 # interleaved with the arithmetic (0-20% faster than TILE rows; the Numba kernels,
-# which transpose TILE rows, measured no faster with 64).
+# which transpose TILE float32 rows (TILE / 2 float64), measured no faster with 64).
 SMALL_C_ROWS = 64
 
 # Positions per tile of the tile kernels (K-dim input, and transposed blocks of rows of
@@ -241,12 +241,12 @@ if _MASK_SET_BY_GOMP == _MASK_BEFORE_GOMP:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _caller_stacklevel():
-    """``stacklevel`` for a warning that points at the first frame outside cecore."""
-    import sys
-
+def caller_stacklevel():
+    """``stacklevel`` of the first frame outside cecore, for warnings about the caller's
+    arguments (the public functions are wrapped, and some call others)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIR + os.sep):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -304,7 +304,7 @@ def resolve_n_threads(n_threads, n_elements=None):
         raise ValueError(f"n_threads must be None, -1 or an int >= 1, got {n_threads}")
     if n_threads > cpus:
         warnings.warn(f"n_threads={n_threads} is more than the {cpus} CPUs available; "
-                      f"using {cpus}", RuntimeWarning, stacklevel=_caller_stacklevel())
+                      f"using {cpus}", RuntimeWarning, stacklevel=caller_stacklevel())
         n_threads = cpus
     return 1 if _forked_child else n_threads
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK, cpus_available
 from ._io import MappedArray, as_source, load_small, open_array
+from . import _validation as V
 from ._validation import _to_numpy
 from .batch import chunk_rows as chunk_rows_for_budget
 from .batch import make_result, parse_size, prepare_options, score_chunk
@@ -144,9 +145,7 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
         ``mean_loss`` equals ``cecore.cross_entropy`` on the whole array in memory, bit for bit.
     """
     dask, da = _import_dask()
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(
-            chunk_rows, (int, np.integer)) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be an int >= 1 or None, got {chunk_rows!r}")
+    chunk_rows = V.check_int(chunk_rows, "chunk_rows", 1, allow_none=True)
 
     def as_dask(a):  # any other array-like, a torch tensor included, as the functional API
         if isinstance(a, da.Array):
@@ -230,10 +229,7 @@ def score_files(logits, target, *, scheduler=None, n_workers=None, memory_budget
     """
     if n_workers is None:
         n_workers = min(2, cpus_available())
-    if isinstance(n_workers, bool) or not isinstance(n_workers, (int, np.integer)) or \
-            n_workers < 1:
-        raise ValueError(f"the number of Dask workers must be an int >= 1, got {n_workers!r}")
-    n_workers = int(n_workers)
+    n_workers = V.check_int(n_workers, "the number of Dask workers", 1)
     if scheduler is not None:
         scheduler = str(scheduler).strip()
         if not scheduler:

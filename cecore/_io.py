@@ -43,8 +43,8 @@ class MappedArray:
     unpickled), so Dask workers read their own rows of the file. The file is mapped only
     if it is still the one whose header was read (same inode, size and modification
     time): a file replaced in between, e.g. while a Dask cluster starts, would otherwise
-    be read with the old header's dtype and shape. Indexing (``a[i:j]``) returns a copy;
-    :meth:`rows` and :meth:`release` are the zero-copy pair used for streaming.
+    be read with the old header's dtype and shape. :meth:`rows` and :meth:`release` are
+    the zero-copy pair used for streaming.
     """
 
     def __init__(self, path, offset, dtype, shape):
@@ -81,7 +81,8 @@ class MappedArray:
         return self._map
 
     def rows(self, start, stop):
-        """Rows ``start:stop`` as a read-only view of the mapped file (no copy)."""
+        """Rows ``start:stop`` as a view of the mapped file (no copy; the map is private,
+        so a write to the view would change this process's copy, never the file)."""
         count = (stop - start) * self._row_bytes // self.dtype.itemsize
         flat = np.frombuffer(self._mapped(), self.dtype, count, self.offset + start * self._row_bytes)
         return flat.reshape((stop - start,) + self.shape[1:])
@@ -94,14 +95,6 @@ class MappedArray:
         end = min(-(-(self.offset + stop * self._row_bytes) // _PAGE) * _PAGE, len(self._map))
         if end > begin:
             self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
-
-    def __getitem__(self, index):
-        index = index if isinstance(index, tuple) else (index,)
-        rows = index[0] if index else slice(None)
-        start, stop, step = rows.indices(self.shape[0]) if isinstance(rows, slice) else (None,) * 3
-        if step != 1:
-            return np.array(np.asarray(self.rows(0, self.shape[0]))[index])
-        return np.array(self.rows(start, max(start, stop))[(slice(None),) + index[1:]])
 
     def close(self):
         if self._map is not None:

@@ -5,8 +5,6 @@ C-contiguous ``(N, C, S)`` array, int64 targets of shape ``(N, S)``, float64 wei
 """
 
 import numbers
-import os
-import sys
 import warnings
 
 import numpy as np
@@ -30,7 +28,7 @@ def _to_numpy(x):
         if getattr(x, "device", None) is not None and x.device.type != "cpu":
             raise TypeError(f"expected a CPU tensor, got one on {x.device}")
         x = x.detach()
-        if x.dtype.is_floating_point and x.element_size() == 2 and str(x.dtype) == "torch.bfloat16":
+        if str(x.dtype) == "torch.bfloat16":
             x = x.float()
     return np.asarray(x)
 
@@ -39,22 +37,12 @@ _ELEMENTWISE_MEAN = ("reduction='elementwise_mean' is deprecated. Please use red
                      "instead.")  # torch's words
 
 
-def _caller_stacklevel():
-    """``stacklevel`` of the first frame outside cecore, for warnings about the caller's
-    arguments (the public functions are wrapped, and some call others)."""
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def check_reduction(reduction, warn=True):
     """``reduction`` checked; torch's old name 'elementwise_mean' is 'mean', with torch's
     deprecation warning (``warn=False``: without it, as while torch.compile traces)."""
     if isinstance(reduction, str) and reduction == "elementwise_mean":
         if warn:
-            warnings.warn(_ELEMENTWISE_MEAN, UserWarning, stacklevel=_caller_stacklevel())
+            warnings.warn(_ELEMENTWISE_MEAN, UserWarning, stacklevel=_config.caller_stacklevel())
         return "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction!r} is not a valid value for reduction: expected 'none', 'mean' or 'sum'")
@@ -222,6 +210,21 @@ def check_ignore_index(ignore_index):
     if not -2**63 <= int(ignore_index) < 2**63:
         raise ValueError(f"ignore_index {ignore_index} does not fit in int64")
     return int(ignore_index)
+
+
+def check_int(value, name, low, high=None, allow_none=False):
+    """``value`` as a Python int in ``[low, high]`` (``None`` passes through when
+    ``allow_none``): a ``TypeError`` for anything but an integer (a bool is not one), a
+    ``ValueError`` for an integer out of range."""
+    if value is None and allow_none:
+        return None
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+    expected = "None or " + expected if allow_none else expected
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
 
 
 def check_proba_target(t_dtype, x_shape, ignore_index, name="input"):

@@ -263,7 +263,7 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     t2 = V.index_target(t_raw, x.shape, n_classes, ignore_index, probabilities=False)
     # In the input's own type: the gather and the gradient's scatter need no float32
     # copy of a float16 input (the picked values are exact in float64 either way).
-    x3, fortran = V.canonical(x, class_axis, x.dtype.newbyteorder("="))
+    x3, fortran = V.canonical(x, class_axis, x.dtype)
     positions = (x3.shape[0], x3.shape[2])
     t2 = t2.reshape(positions)
     loss_shape = V.loss_shape(x.shape)
@@ -387,7 +387,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
             f"target must be floating point (probabilities in [0, 1]), got dtype {t.dtype}; "
             "cast it, e.g. target.astype(input.dtype)"
         )
-    out_dtype, dtype = V.promoted_dtypes(x.dtype, V.float_input(t, "target").dtype)
+    t = V.float_input(t, "target")  # native byte order: converted once, here
+    out_dtype, dtype = V.promoted_dtypes(x.dtype, t.dtype)
     shape = x.shape
     # Elementwise, so a Fortran-ordered 2-D input and target are computed as their
     # C-ordered transposes (no copies), with everything else transposed alike; the loss

@@ -11,7 +11,6 @@ kernels take turns, each with all ``n_threads`` threads.
 """
 
 import functools
-import numbers
 import os
 
 import numpy as np
@@ -136,15 +135,6 @@ def _index_target(target, input_shape, n_classes, ignore_index):
     return V.index_target(t, (t.size, n_classes), n_classes, ignore_index).reshape(-1)
 
 
-def _check_chunk_size(chunk_size):
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        raise TypeError(f"chunk_size must be None or an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or an int >= 1 (rows per chunk), got {chunk_size}")
-    return int(chunk_size)
-
 
 def _check_needs_grad(needs_grad, has_bias):
     """``(input, linear_weight, linear_bias)`` flags of the gradients to compute."""
@@ -248,7 +238,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     class_weight = V.class_weight(weight, n_classes)
     reduction = V.check_reduction(reduction)
     eps = V.check_label_smoothing(label_smoothing)
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = V.check_int(chunk_size, "chunk_size", 1, allow_none=True)
     need_x, need_w, need_b = _check_needs_grad(needs_grad, b is not None)
     kernels = get_backend(backend)
     n_rows = t.size

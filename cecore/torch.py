@@ -512,11 +512,10 @@ def _check_versions(versions):
                 f"expected version {version} (as torch's own loss checks)")
 
 
-def _register_autograd(op, reduction_arg, per_element, watched, ignore_arg=None):
+def _register_autograd(op, per_element, watched, ignore_arg=None):
     """Backward of ``op``: the forward's gradient (saved) scaled by ``grad_output``.
 
-    ``reduction_arg`` is the position of ``reduction`` in the op's arguments. With
-    reduction='none', ``grad_output`` has the loss's shape: the input's (``per_element``,
+    With reduction='none', ``grad_output`` has the loss's shape: the input's (``per_element``,
     binary cross-entropy) or the input's without the class axis 1 (unbatched input has no
     batch axis and a 0-d loss). ``watched``: the positions of the arguments that torch's
     own function saves, whose in-place modification before backward raises there.
@@ -632,11 +631,9 @@ def _(input, target, weight, pos_weight, reduction, with_grad, backend, n_thread
 
 
 # watched: what torch's functions save (cross_entropy's backward needs no logits)
-_register_autograd(_cross_entropy_op, reduction_arg=4, per_element=False, watched=(1, 2),
-                   ignore_arg=3)
-_register_autograd(_nll_loss_op, reduction_arg=4, per_element=False, watched=(0, 1, 2),
-                   ignore_arg=3)
-_register_autograd(_bce_op, reduction_arg=4, per_element=True, watched=(0, 1, 2, 3))
+_register_autograd(_cross_entropy_op, per_element=False, watched=(1, 2), ignore_arg=3)
+_register_autograd(_nll_loss_op, per_element=False, watched=(0, 1, 2), ignore_arg=3)
+_register_autograd(_bce_op, per_element=True, watched=(0, 1, 2, 3))
 
 
 # Linear cross-entropy: the loss of input @ linear_weight.T + linear_bias, whose N x V
@@ -961,7 +958,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     ignore_index, label_smoothing, n_threads = _scalars(
         with_torch, -100 if ignore_index is None else ignore_index, label_smoothing, n_threads,
         backend)
-    chunk_size = _L._check_chunk_size(chunk_size)  # before the schema reads True as 1
+    # before the schema reads True as 1
+    chunk_size = V.check_int(chunk_size, "chunk_size", 1, allow_none=True)
     chunk_size = None if chunk_size is None else min(chunk_size, 2**31 - 1)  # (int64 schema)
     loss, *_ = _linear_ce_op(input, linear_weight, target, linear_bias, weight, ignore_index,
                              reduction, label_smoothing, grad_mask, chunk_size, backend,

@@ -70,7 +70,8 @@ def build_info():
     dict
         ``variant`` ("avx512", "avx2" or "base"), ``openmp`` (bool), ``openmp_version`` (the
         ``_OPENMP`` date, 0 without OpenMP), ``max_threads``, ``compiler``,
-        ``compile_args``, the tunables ``tile``, ``small_c`` and ``sum_block`` (as
-        compiled), ``exp`` and ``simd_env`` (``CECORE_SIMD``).
+        ``compile_args``, the tunables as compiled (``tile``, ``small_c``, ``sum_block``,
+        ``lanes``, ``reduce_block`` and the block and prefetch sizes of
+        ``cecore/_config.py``), ``exp`` and ``simd_env`` (``CECORE_SIMD``).
     """
     return {**_impl.build_info(), "simd_env": os.environ.get("CECORE_SIMD", "auto")}

@@ -1,7 +1,8 @@
 # Cython backend of the kernel contract (see cecore/_backends.py).
 #
-# Included by _kernels_base.pyx and _kernels_avx2.pyx: one source, compiled once without
-# and once with AVX2+FMA flags (setup.py); cecore_ext/__init__.py picks one at import.
+# Included by _kernels_base.pyx, _kernels_avx2.pyx and _kernels_avx512.pyx: one source,
+# compiled three times, without SIMD flags, with AVX2+FMA and with AVX-512 (setup.py);
+# cecore_ext/__init__.py picks one at import.
 #
 # Design:
 # - The contract's functions take fused memoryviews: Cython picks the float32 or float64
@@ -963,12 +964,7 @@ def bce_logits(const floating[:, ::1] input, const floating[:, ::1] target,
         _run(_bce_item[floating], n_items, &input[0, 0], &a, n_threads)
 
 
-# ------------------------------------------------------------------ log_loss's pass
-# Values per item of log_loss_pass (a block of whole rows): enough work per item to
-# amortise a call, and enough items to spread over threads. The counts are exact sums, so
-# they do not depend on this or on n_threads.
-cdef enum: _LOG_LOSS_ITEM_VALUES = 1 << 16
-
+# ------------------------------------------------------------ per-row scores
 cdef struct ScoresArgs:
     const int64_t *target
     const double *w
@@ -1023,6 +1019,12 @@ def softmax_ce_scores(const floating[:, ::1] logits, const int64_t[::1] target,
                          ignore_index, label_smoothing, np.broadcast_to(0.0, (N, 1)),
                          np.asarray(loss_out).reshape(N, 1), None, n_threads)
 
+
+# ------------------------------------------------------------------ log_loss's pass
+# Values per item of log_loss_pass (a block of whole rows): enough work per item to
+# amortise a call, and enough items to spread over threads. The counts are exact sums, so
+# they do not depend on this or on n_threads.
+cdef enum: _LOG_LOSS_ITEM_VALUES = 1 << 16
 
 cdef struct LogLossArgs:
     const int64_t *target  # NULL: no pick

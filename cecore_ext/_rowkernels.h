@@ -17,7 +17,9 @@
  *
  * Type-generic code: this header includes itself twice (the "X-macro" template idiom),
  * once with CEC_T = float and once with CEC_T = double, so each routine exists as
- * name_f32 and name_f64 without a hand-written copy. Only exp differs per type.
+ * name_f32 and name_f64 without a hand-written copy. What differs per type is written
+ * once per type and reached through CEC_FN: the exp, the BCE element and the register
+ * transposes.
  *
  * Build notes:
  *  - No -ffast-math / -ffinite-math-only: NaN and inf logits must follow IEEE rules

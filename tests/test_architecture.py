@@ -122,3 +122,11 @@ def test_log_loss_with_the_default_backend_does_not_import_numba():
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_both_backends_implement_every_kernel_of_the_contract():
+    from cecore._backends import BACKENDS, KERNELS, get_backend
+
+    for name in BACKENDS:
+        module = get_backend(name)
+        assert [k for k in KERNELS if not callable(getattr(module, k, None))] == [], name

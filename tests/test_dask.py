@@ -306,8 +306,9 @@ def test_score_dask_checks_shapes_and_chunk_rows_first(client):
         with pytest.raises(ValueError, match=r"logits must have shape \(rows, classes\)"):
             _dask.score_dask(x, np.zeros(4, np.int64), client=client)
     x, t = np.zeros((4, 3), np.float32), np.zeros(4, np.int64)
-    for rows in (0, -5, 2.5, True, "8"):
-        with pytest.raises(ValueError, match="chunk_rows must be an int >= 1"):
+    for rows, error in ((0, ValueError), (-5, ValueError), (2.5, TypeError),
+                        (True, TypeError), ("8", TypeError)):
+        with pytest.raises(error, match="chunk_rows must be None or an int >= 1"):
             _dask.score_dask(x, t, chunk_rows=rows, client=client)
     assert _dask.score_dask(x, t, chunk_rows=np.int64(3), client=client).mean_loss == \
         cecore.cross_entropy(x, t)

@@ -250,6 +250,19 @@ def test_float16_perplexity_is_not_the_exp_of_a_float16_rounded_loss(backend):
     assert batch.score(x, t, backend=backend).perplexity == r["perplexity"]
 
 
+@pytest.mark.parametrize("kwargs, error", [
+    ({"top_k": 0}, ValueError), ({"top_k": "5"}, TypeError), ({"top_k": 2.0}, TypeError),
+    ({"top_k": True}, TypeError), ({"n_bins": 0}, ValueError), ({"n_bins": 10001}, ValueError),
+    ({"n_bins": 15.0}, TypeError)])
+def test_bad_top_k_and_bins_say_what_was_expected(kwargs, error):
+    # (review) a top_k or n_bins of the wrong type raised ValueError, where every other
+    # argument of the wrong type raises TypeError
+    name = next(iter(kwargs))
+    for score in (classification_report_from_logits, batch.score):
+        with pytest.raises(error, match=f"{name} must be an int"):
+            score(np.zeros((2, 3)), np.zeros(2, np.int64), **kwargs)
+
+
 @pytest.mark.parametrize("ignore_index", [None, "a", 1.5])
 def test_bad_ignore_index_is_a_type_error_with_probability_targets(ignore_index):
     # (review) batch.score compared ignore_index >= 0 before checking it: None and "a"

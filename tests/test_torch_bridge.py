@@ -6,7 +6,6 @@ and ``input.grad`` after ``backward(grad_output)``.
 
 import contextlib
 import copy
-import os
 import subprocess
 import sys
 import warnings
@@ -145,9 +144,9 @@ def test_zero_dim_tensor_scalars_as_torch(gen):
                     lambda x: TF.cross_entropy(x, target, label_smoothing=smoothing), x,
                     _grad_output(gen, (20,), "mean", torch.float64))
     trainable = torch.tensor(0.1, requires_grad=True)
-    with pytest.raises(TypeError) as theirs:
+    with pytest.raises(TypeError):
         TF.cross_entropy(x, target, label_smoothing=trainable)
-    with pytest.raises(TypeError) as ours:
+    with pytest.raises(TypeError):
         ct.cross_entropy(x, target, label_smoothing=trainable)
 
 

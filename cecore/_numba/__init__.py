@@ -136,7 +136,7 @@ def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, los
     # tile kernel (another summation order), run first on the same rows (still in cache).
     small = c <= _config.SMALL_C
     _run("scores_rows", n_threads, _ro(logits), _ro(target), _ro(weight),
-         _weight_total(weight), int(ignore_index), float(label_smoothing),
+         int(ignore_index), float(label_smoothing),
          np.empty(n) if small else loss_out, stats_out, rank_out)
     if small:
         softmax_ce_index(logits.reshape(n, c, 1), target.reshape(n, 1), weight, ignore_index,

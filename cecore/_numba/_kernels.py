@@ -266,8 +266,7 @@ def _row_scores(row, t, m, s, e, stats, rank):
     rank[1] = 1 if above == 0 and tied_before == 0 else 0
 
 
-def _scores_rows(x, target, weight, w_total, ignore_index, eps, loss_out, stats_out,
-                 rank_out):
+def _scores_rows(x, target, weight, ignore_index, eps, loss_out, stats_out, rank_out):
     """Loss-only :func:`_index_rows` plus the per-row metrics of :func:`_row_scores`; the
     loss takes the very same steps, so it equals softmax_ce_index's bit for bit."""
     n_rows, n_classes = x.shape

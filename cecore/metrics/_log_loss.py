@@ -263,7 +263,8 @@ def _not_normalised(proba, eps):
 
 
 def _stats_1d(p):
-    """``_row_stats`` of a positive-class vector, whose rows ``(1 - p, p)`` sum to one."""
+    """``log_loss_pass``'s ``stats_out`` for a positive-class vector (as 0/1 flags): its
+    rows ``(1 - p, p)`` sum to one, so none is unnormalised."""
     return int(p.max() > 1 or p.min() < 0), 0, int(not np.isfinite(p.sum()))
 
 

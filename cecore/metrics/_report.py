@@ -109,15 +109,12 @@ class ReportSums:
     _SUMS = ("loss", "weight", "entropy", "brier")
 
     def __init__(self, proba, top_k=5, n_bins=15, defer_weights=False):
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-        if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or \
-                not 1 <= n_bins <= MAX_BINS:
-            # The bins' sums are kept per block of rows: 1e8 bins took minutes and GBs.
-            raise ValueError(f"n_bins must be an int in [1, {MAX_BINS}], got {n_bins!r}")
+        top_k = V.check_int(top_k, "top_k", 1)
+        # (capped: the bins' sums are kept per block of rows: 1e8 bins took minutes and GBs)
+        n_bins = V.check_int(n_bins, "n_bins", 1, MAX_BINS)
         # (capped: undefined rows have rank int64 max, which a k of 2**63 counted as hits;
         # every k above the number of classes counts the same rows)
-        self.proba, self.top_k, self.n_bins = proba, min(int(top_k), 2**63 - 1), int(n_bins)
+        self.proba, self.top_k, self.n_bins = proba, min(top_k, 2**63 - 1), n_bins
         self.sums = {name: _reduce.BlockSum() for name in self._SUMS}
         self.confidence = _reduce.BinnedBlockSum(n_bins + 1)
         # rows, rows ignored, top-1 correct, top-k correct; top-1 correct per bin
