@@ -321,10 +321,29 @@ def test_bad_parameters_and_labels():
         SoftmaxClassifier().fit(X, y + 0.5)
     with pytest.raises(ValueError, match="weighs zero after class_weight"):
         SoftmaxClassifier(class_weight={0: 0, 1: 0, 2: 0}).fit(X, y)
-    with pytest.raises(ValueError, match="'n_threads' parameter"):
-        SoftmaxClassifier(n_threads=0).fit(X, y)
+    for n_threads in (0, True, 2.5):  # (True passed the constraint: a bare TypeError)
+        with pytest.raises(ValueError, match="'n_threads' parameter"):
+            SoftmaxClassifier(n_threads=n_threads).fit(X, y)
     with pytest.raises(ValueError, match="'batch_size' parameter"):
         SoftmaxClassifier(batch_size=0).partial_fit(X, y, classes=[0, 1, 2])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in matmul:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_binary_probabilities_of_an_overflowing_decision(dtype):
+    # (review) a decision of +inf gave [nan, nan]: the softmax of [0, inf] is inf - inf
+    X = np.array([[-1.0], [1.0], [-2.0], [2.0]], dtype)
+    y = [0, 1, 0, 1]
+    big = np.finfo(dtype).max
+    Xt = np.array([[big], [-big]], dtype)
+    ours = SoftmaxClassifier(C=10).fit(X, y)
+    theirs = LogisticRegression(C=10).fit(X, y)
+    assert np.array_equal(ours.decision_function(Xt), [np.inf, -np.inf])
+    # [[0, 1], [1, 0]]
+    np.testing.assert_array_equal(ours.predict_proba(Xt), theirs.predict_proba(Xt))
+    log_proba = ours.predict_log_proba(Xt)
+    assert np.array_equal(ours.predict(Xt), theirs.predict(Xt))
+    assert log_proba[0, 1] == 0 and log_proba[1, 0] == 0 and log_proba[0, 0] < -1e30
 
 
 def test_threads_resolved_once_and_passed_down(monkeypatch):

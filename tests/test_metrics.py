@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy.special import log_softmax
+from scipy.special import expit, log_softmax
 from sklearn.datasets import load_iris
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.model_selection import GridSearchCV, KFold, cross_val_score, cross_validate
@@ -200,6 +200,13 @@ def test_log_loss_from_logits_is_exact():
         log_loss_from_logits([0, 1, 2], logits[:3, :2])
     # a column of labels, as log_loss takes it (it was "not a label indicator matrix")
     assert log_loss_from_logits(y[:, None], logits) == log_loss_from_logits(y, logits)
+    # a column of logits is the positive class's, as log_loss reads a column of
+    # probabilities (it was "1 columns; pass all the classes through labels=")
+    assert log_loss_from_logits(yb, z[:, None]) == log_loss_from_logits(yb, z)
+    np.testing.assert_allclose(log_loss_from_logits(yb, z[:, None] / 50),  # nothing clipped
+                               sk_log_loss(yb, expit(z / 50)[:, None]), rtol=1e-12)
+    with pytest.raises(ValueError, match="3 classes.*2 columns; the logits need one column"):
+        log_loss_from_logits([0, 1, 2], logits[:3, :2], labels=[0, 1, 2])
 
 
 def test_labels_ending_in_nul_are_refused():
@@ -371,6 +378,21 @@ def test_scorers_take_sample_weight_through_metadata_routing(iris):
                 assert score == scorer(fitted, X[test], y[test], sample_weight=w[test])
     with pytest.raises(RuntimeError, match="metadata routing"):
         make_cross_entropy_scorer().set_score_request(sample_weight=True)
+
+
+def test_the_shared_scorer_is_never_changed_by_a_request():
+    # (review) neg_log_loss_scorer.set_score_request set the request on the module's one
+    # instance: every later use of it in the process weighted its score
+    import sklearn
+
+    with sklearn.config_context(enable_metadata_routing=True):
+        weighted = neg_log_loss_scorer.set_score_request(sample_weight=True)
+        assert weighted is not neg_log_loss_scorer and repr(weighted) == "neg_log_loss_scorer"
+        assert weighted.get_metadata_routing().score.requests == {"sample_weight": True}
+        assert neg_log_loss_scorer.get_metadata_routing().score.requests.get(
+            "sample_weight") is None
+        own = make_cross_entropy_scorer()
+        assert own.set_score_request(sample_weight=True) is own  # as scikit-learn's
 
 
 def test_set_score_request_checks_the_alias_as_scikit_learn_does():

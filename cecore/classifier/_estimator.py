@@ -13,7 +13,8 @@ from numbers import Integral, Real
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
-from sklearn.utils._param_validation import Interval, Options, StrOptions
+from sklearn.utils._param_validation import (Interval, InvalidParameterError, Options,
+                                            StrOptions)
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
@@ -152,6 +153,15 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         self.backend = backend
         self.learning_rate = learning_rate
         self.batch_size = batch_size
+
+    def _validate_params(self):
+        # Interval(Integral) takes a bool (True is 1), which cecore's n_threads refuses:
+        # rejected here, as any other bad parameter, not later by the kernels' TypeError
+        if isinstance(self.n_threads, bool):
+            raise InvalidParameterError(
+                f"The 'n_threads' parameter of {type(self).__name__} must be None, an int "
+                f"in the range [1, inf) or -1, not a bool. Got {self.n_threads!r} instead.")
+        super()._validate_params()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -401,6 +411,9 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         """One logit per class; for two classes ``[0, z]``, whose softmax is the sigmoid."""
         scores = self.decision_function(X)
         if scores.ndim == 1:
+            # z = +inf (X @ coef_ overflowed): the softmax of [0, inf] is inf - inf = NaN,
+            # where the sigmoid is 1. The largest float gives [0, 1]; NaN stays NaN.
+            scores = np.minimum(scores, np.finfo(scores.dtype).max)
             scores = np.column_stack([np.zeros_like(scores), scores])
         return scores
 

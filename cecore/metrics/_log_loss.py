@@ -300,9 +300,10 @@ def log_loss_from_logits(y_true, logits, *, normalize=True, sample_weight=None, 
     Parameters
     ----------
     y_true : array-like of shape (n_samples,)
-    logits : array-like of shape (n_samples, n_classes) or (n_samples,)
+    logits : array-like of shape (n_samples, n_classes), (n_samples,) or (n_samples, 1)
         Unnormalised log-probabilities, columns in the sorted order of the labels; a 1-D
-        array is the logit of the positive class (binary ``decision_function``).
+        array or a single column is the logit of the positive class (binary
+        ``decision_function``).
     normalize, sample_weight, labels
         As :func:`log_loss`.
 
@@ -320,6 +321,8 @@ def _logits_loss(y_true, logits, sample_weight, labels, normalize, label_smoothi
     """:func:`log_loss_from_logits`, with ``label_smoothing`` (the scorers' too): the
     checks of logits, labels and weights in one place."""
     logits = check_array(logits, ensure_2d=False, dtype=[np.float64, np.float32])
+    if logits.ndim == 2 and logits.shape[1] == 1:  # one column: the positive class's
+        logits = logits.reshape(-1)                 # logit, as log_loss reads a column
     check_consistent_length(logits, y_true, sample_weight)
     if sample_weight is not None:
         _check_sample_weight(sample_weight, logits, force_float_dtype=False)
@@ -330,9 +333,10 @@ def _logits_loss(y_true, logits, sample_weight, labels, normalize, label_smoothi
         raise ValueError("log_loss_from_logits needs 1-D class labels, not a label indicator matrix")
     n_columns = 2 if logits.ndim == 1 else logits.shape[1]
     if classes.shape[0] != n_columns:
-        raise ValueError(
-            f"y_true has {classes.shape[0]} classes ({classes}) but the logits have "
-            f"{n_columns} columns; pass all the classes through labels=")
+        hint = ("pass all the classes through labels=" if classes.shape[0] < n_columns
+                else "the logits need one column per class")
+        raise ValueError(f"y_true has {classes.shape[0]} classes ({classes}) but the logits "
+                         f"have {n_columns} columns; {hint}")
     if logits.ndim == 1 and not label_smoothing:
         loss = binary_cross_entropy_with_logits(logits, (target == 1).astype(logits.dtype),
                                                 reduction="none")

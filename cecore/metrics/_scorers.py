@@ -15,10 +15,11 @@ class _CrossEntropyScorer:
     scores normally (``sklearn.metrics.get_scorer('neg_log_loss')`` raises there).
     """
 
-    def __init__(self, label_smoothing=0.0, from_logits=False):
+    def __init__(self, label_smoothing=0.0, from_logits=False, shared=False):
         self.label_smoothing = V.check_label_smoothing(label_smoothing)
         self.from_logits = bool(from_logits)
         self._sample_weight_request = None  # metadata routing: see set_score_request
+        self._shared = shared  # the module's neg_log_loss_scorer: never changed
 
     def __repr__(self):
         if not self.label_smoothing and not self.from_logits:
@@ -72,6 +73,11 @@ class _CrossEntropyScorer:
 
         Without it, weights routed to a scorer raise scikit-learn's error that asks for
         this call, instead of being silently left out of the score.
+
+        Returns the scorer itself, except on the shared :data:`neg_log_loss_scorer`,
+        which returns a new scorer with the request and stays as it is (as
+        ``sklearn.metrics.get_scorer`` hands out copies): a request made in one place
+        would otherwise weight every later use of it in the process.
         """
         import sklearn
         from sklearn.utils.metadata_routing import MetadataRequest
@@ -81,8 +87,10 @@ class _CrossEntropyScorer:
                                "enabled: sklearn.set_config(enable_metadata_routing=True)")
         # scikit-learn's own check of the alias (a ValueError for 3, [1], "a b"...)
         MetadataRequest(owner=self).score.add_request(param="sample_weight", alias=sample_weight)
-        self._sample_weight_request = sample_weight
-        return self
+        scorer = _CrossEntropyScorer(self.label_smoothing, self.from_logits) if self._shared \
+            else self
+        scorer._sample_weight_request = sample_weight
+        return scorer
 
     def get_metadata_routing(self):
         """The scorer's metadata request (see :meth:`set_score_request`)."""
@@ -132,4 +140,4 @@ def make_cross_entropy_scorer(*, label_smoothing=0.0, from_logits=False):
 
 
 #: ``scoring=`` for minus :func:`log_loss` of ``predict_proba``, with ``labels=classes_``.
-neg_log_loss_scorer = _CrossEntropyScorer()
+neg_log_loss_scorer = _CrossEntropyScorer(shared=True)
