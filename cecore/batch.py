@@ -459,8 +459,8 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
     memory_budget : int or str, default='512MB'
         Bytes one chunk of rows may occupy (``"512MB"``, ``"2GiB"``, ...).
     per_row_out : str or path-like, optional
-        Write the per-row losses (the logits' dtype, 0 for ignored rows) to this ``.npy``
-        file, created atomically.
+        Write the per-row losses (in the loss's dtype: the logits', or the probability
+        targets' when wider; 0 for ignored rows) to this ``.npy`` file, created atomically.
     backend : {'auto', 'cython', 'numba'}, default='auto'
     n_threads : int, optional
     top_k : int, default=5

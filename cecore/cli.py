@@ -17,6 +17,7 @@ import warnings
 import zipfile
 
 from . import _config
+from ._backends import BACKENDS
 
 
 def _demo_parser(parser):
@@ -93,13 +94,14 @@ def _score_parser(parser):
     parser.add_argument("--threads", type=int, default=None,
                         help="kernel threads, at most the CPUs available (default: the "
                              "thread policy of cecore's functions: CECORE_NUM_THREADS, the "
-                             "OpenMP limit, else all CPUs available)")
-    parser.add_argument("--backend", choices=("auto", "cython", "numba"), default="auto")
+                             "OpenMP limit, NUMBA_NUM_THREADS, else all CPUs available)")
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto")
     dask = parser.add_mutually_exclusive_group()
     dask.add_argument("--dask", choices=("local",), help="score on a local Dask cluster started for this run")
     dask.add_argument("--scheduler", metavar="ADDRESS", help="score on the Dask cluster at ADDRESS (files must be visible to its workers)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes for --dask local (default: 2)")
+                        help="worker processes for --dask local (default: 2, or the CPUs "
+                             "available if fewer)")
 
 
 def _format_text(result):

@@ -14,6 +14,8 @@ import warnings
 
 import numpy as np
 
+from ._backends import BACKENDS
+
 DATASETS = ("digits", "breast_cancer")
 
 
@@ -24,7 +26,7 @@ def configure_parser(parser):
                         help="inverse regularisation strength (> 0)")
     parser.add_argument("--tol", type=_positive_float, default=1e-6,
                         help="L-BFGS tolerance of both models (> 0)")
-    parser.add_argument("--backend", default="auto", choices=("auto", "cython", "numba"))
+    parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
 
 
 def penalized_objective(X, y_index, coef, intercept, C):

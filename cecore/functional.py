@@ -158,8 +158,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         place). Implies ``return_grad=True``.
     backend : {'auto', 'cython', 'numba'}, default='auto'
     n_threads : int, optional
-        Threads for the kernel; defaults to :func:`cecore._config.default_n_threads`.
-        More than the CPUs available are capped at that number, with a warning.
+        Threads for the kernel; defaults to :func:`cecore._config.default_n_threads`,
+        with one thread per 65536 elements for smaller calls; -1 means all CPUs. More
+        than the CPUs available are capped at that number, with a warning.
 
     Returns
     -------
