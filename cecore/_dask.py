@@ -12,19 +12,18 @@ exactly the blocks the in-memory computation makes; the client adds them in row 
 
 import contextlib
 import logging
-import os
 import threading
 import time
 import warnings
 
 import numpy as np
 
-from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK, cpus_available
-from ._io import MappedArray, as_source, load_small, open_array
 from . import _validation as V
+from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK, cpus_available
+from ._io import MappedArray, as_source, open_array
 from ._validation import _to_numpy
 from .batch import chunk_rows as chunk_rows_for_budget
-from .batch import make_result, parse_size, prepare_options, score_chunk
+from .batch import make_result, prepare_options, score_chunk
 from .metrics._report import ReportSums
 
 __all__ = ["score_dask", "score_files"]
@@ -160,15 +159,13 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
                              "filter or a dataframe): call .compute_chunk_sizes() on it first")
     if unembedding is not None:
         unembedding = as_source(unembedding)
-        if isinstance(bias, (str, os.PathLike)):
-            bias = load_small(bias, "bias")
     opts = prepare_options(x.shape, x.dtype, t.shape, t.dtype, input_kind, weight,
                            ignore_index, label_smoothing, backend, n_threads, top_k, n_bins,
                            unembedding, bias)
     rows = _rows_per_chunk(chunk_rows or (x.chunks[0][0] if x.chunks[0] else REDUCE_BLOCK))
     x = x.rechunk({0: rows, 1: -1})
     t = t.rechunk({0: rows} | ({1: -1} if t.ndim == 2 else {}))
-    piece_rows = chunk_rows_for_budget(parse_size(memory_budget), x, t, opts)
+    piece_rows = chunk_rows_for_budget(memory_budget, x, t, opts)
     task = dask.delayed(_score_block, pure=True)
     parts = [task(xb, tb, 0, n, opts, piece_rows)
              for xb, tb, n in zip(x.to_delayed().ravel(), t.to_delayed().ravel(), x.chunks[0])]
@@ -240,7 +237,7 @@ def score_files(logits, target, *, scheduler=None, n_workers=None, memory_budget
         warnings.warn(f"{n_workers} Dask workers is more than the {cpus_available()} CPUs "
                       f"available; starting {cpus_available()}", RuntimeWarning, stacklevel=2)
         n_workers = cpus_available()
-    _import_dask()
+    dask, _ = _import_dask()
     from distributed import Client, LocalCluster
 
     specs = [logits, target] + ([options["unembedding"]] if options.get("unembedding") else [])
@@ -252,18 +249,10 @@ def score_files(logits, target, *, scheduler=None, n_workers=None, memory_budget
     x_src, t_src = sources[:2]
     if len(sources) == 3:
         options["unembedding"] = sources[2]
-    bias = options.get("bias")
-    if isinstance(bias, (str, os.PathLike)):
-        options["bias"] = bias = load_small(bias, "bias")
     opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype,
-                           options.get("input_kind", "logits"), options.get("weight"),
-                           options.get("ignore_index", -100),
-                           options.get("label_smoothing", 0.0), options.get("backend", "auto"),
-                           n_threads, options.get("top_k", 5), options.get("n_bins", 15),
-                           options.get("unembedding"), bias)
-    piece_rows = chunk_rows_for_budget(parse_size(memory_budget), x_src, t_src, opts)
+                           n_threads=n_threads, **options)
+    piece_rows = chunk_rows_for_budget(memory_budget, x_src, t_src, opts)
     rows = _rows_per_chunk(piece_rows)
-    dask, _ = _import_dask()
     # Tasks get the readers (they pickle as paths) and their row ranges, not chunks of
     # data: a worker then maps and drops one budget-sized piece at a time, even when
     # the task's whole blocks of REDUCE_BLOCK rows are many times the budget.

@@ -291,6 +291,8 @@ def _linear_head(h_shape, h_dtype, unembedding, bias, input_kind):
             or h_dtype == np.float16:
         raise TypeError(f"hidden states and unembedding must both be float32 or float64, "
                         f"got {h_dtype} and {unembedding.dtype}")
+    if isinstance(bias, (str, os.PathLike)):
+        bias = load_small(bias, "bias")
     if bias is not None:
         if np.shape(bias) != (unembedding.shape[0],):  # before float_input may copy it
             raise ValueError(f"bias must have shape ({unembedding.shape[0]},), "
@@ -499,7 +501,6 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
                              "give the targets' file or array as TARGET")
         if isinstance(bias, (str, os.PathLike)):
             protect = (*protect, bias)  # per_row_out must not replace it either
-            bias = load_small(bias, "bias")
         opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype, input_kind,
                                weight, ignore_index, label_smoothing, backend, n_threads,
                                top_k, n_bins, w_src, bias)
