@@ -619,6 +619,10 @@ def test_negative_total_sample_weight_is_an_error():
     with pytest.raises(ValueError, match="sum to 0"):
         SoftmaxClassifier(class_weight={0: 1.0, 1: -1.0, 2: 0.0}).fit(
             X, y, sample_weight=np.ones(len(y)))
+    # A total that overflows: the mean loss is NaN, and the model was all zeros with only
+    # "overflow encountered in reduce" (review)
+    with np.errstate(over="ignore"), pytest.raises(ValueError, match="sum to inf"):
+        SoftmaxClassifier().fit(X, y, sample_weight=np.full(len(y), 1e308))
     # Mixed signs with a positive total are weights like any other.
     sw = np.ones(len(y))
     sw[::10] = -0.2

@@ -45,13 +45,14 @@ def _balanced_class_weight(class_totals):
 def _check_weight_sum(total, where):
     """The objective is the weighted mean loss plus a penalty scaled by the total weight
     (``1 / (C * total)``): a negative total turns the penalty into a reward, a zero one
-    divides by zero, and the model would be meaningless (it was pinned at 0 with only
-    NumPy's division warnings)."""
-    if not total > 0:
+    divides by zero, an infinite one (weights near the largest float) makes the mean
+    loss NaN, and the model would be meaningless (it was pinned at 0 with only NumPy's
+    warnings)."""
+    if not 0 < total < np.inf:
         raise ValueError(
             f"the sample weights (times the class weights) sum to {total:g}{' ' + where if where else ''}: "
             "SoftmaxClassifier minimises their weighted mean loss, which needs a "
-            "positive sum")
+            "positive, finite sum (scale the weights down)")
 
 
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
