@@ -373,7 +373,8 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     into ``grad_out`` (the input's shape and dtype in native byte order, C-contiguous, or
     Fortran-contiguous when the input and the target are Fortran-ordered 2-D arrays; may be
     the input). As in torch, a target of a wider dtype than the input's promotes the
-    computation and the loss; the gradient keeps the input's dtype.
+    computation and the loss; the gradient keeps the input's dtype. (torch's loss takes
+    the target's dtype even when it is the narrower one; cecore's the wider one.)
     """
     V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
     x = V.float_input(input)

@@ -356,12 +356,13 @@ CEC_INLINE double cec_weight_scale(const double *w, ptrdiff_t n, double lo, doub
 }
 
 /* Binary cross-entropy of one element (see cec_bce_values), per type. With
- * z = exp(-|x|) in [0, 1] and lw = 1 + (pw - 1) y:
+ * z = exp(-|x|) in [0, 1] and lw = 1 + (pw - 1) y, computed as (1 - y) + pw y (as
+ * 1 + (pw - 1) y it cancels for y near 1 and pw << 1: 1.3e-5 relative error in float32
+ * at pw = 1e-3; torch's has it; for pw = 1 and y in [0, 1] both are exactly 1):
  *   loss = w ((1 - y) x + lw max(-x, 0) + lw log1p(z))
  *   grad = gs w ((1 - y) - lw sigmoid(-x))
- * float64 (cec_bce_elem_f64): log1p(z) by cec_log1p_unit; the first two terms of the loss
- * are summed before log1p(z) is added (for y = 0 and x << 0 they cancel exactly, x - x,
- * and log1p(z) is the whole loss); the gradient is regrouped as in float32.
+ * float64 (cec_bce_elem_f64): log1p(z) by cec_log1p_unit; the loss's first two terms and
+ * the gradient regrouped as in float32.
  * float32 (cec_bce_elem_f32): everything in float32, 8 or 16 lanes per vector (the float64
  * assembly of the loss took half the instructions of the loop). So that float32 does not
  * cancel where float64 did, the terms are regrouped per sign of x:
@@ -379,7 +380,7 @@ CEC_INLINE double cec_weight_scale(const double *w, ptrdiff_t n, double lo, doub
 CEC_INLINE void cec_bce_elem_f32(float x, float y, float z, double w, double pw,
                                  double gs, double *loss, float *g, const int want_grad) {
     const float wf = (float)w, pwf = (float)pw, ny = 1.0f - y, pwy = pwf * y;
-    const float lw = 1.0f + (pwf - 1.0f) * y;
+    const float lw = CEC_FMAF(pwf, y, ny);
     /* Every select on the sign of x first, side by side: with the gradient's select
      * after the loss, gcc threaded the two and duplicated the loss's FMA and float64
      * conversion into both branches. bench_ab.py, Zen 4, float32 loss + gradient, new /
@@ -406,8 +407,12 @@ CEC_INLINE void cec_bce_elem_f32(float x, float y, float z, double w, double pw,
 CEC_INLINE void cec_bce_elem_f64(double x, double y, double z, double w, double pw,
                                  double gs, double *loss, double *g, const int want_grad) {
     const double l1p = cec_log1p_unit(z);
-    const double lw = 1.0 + (pw - 1.0) * y;
-    *loss = w * CEC_FMA(lw, l1p, CEC_FMA(1.0 - y, x, lw * (-x > 0.0 ? -x : 0.0)));
+    const double ny = 1.0 - y, pwy = pw * y, lw = CEC_FMA(pw, y, ny);
+    /* regrouped as in float32: (1 - y) x + lw max(-x, 0), one rounding each, left the
+     * rounding error of lw (-x) where the two cancel (pos_weight 0 and x = -1e20: a loss
+     * of -5329) */
+    const double a = x >= 0 ? ny * x : CEC_FMA(-pwy, x, x - x);
+    *loss = w * CEC_FMA(lw, l1p, a);
     if (want_grad)  /* regrouped as in float32 (see above) */
         *g = gs * w * ((x >= 0 ? (1.0 - y) - pw * y * z : (1.0 - y) * z - pw * y) / (1.0 + z));
 }

@@ -244,6 +244,24 @@ def test_bce_small_losses_keep_their_relative_accuracy(backend, dtype):
     np.testing.assert_allclose(loss, expected, rtol=rtol, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_keeps_its_relative_accuracy_for_any_pos_weight(backend, dtype):
+    """(review) float64 summed (1 - y) x + lw max(-x, 0) as two rounded products, which
+    cancel for pos_weight 0 (lw = 1 - y): x = -1e20 gave a loss of -5329, x = -50 one of
+    -1.1e-15 (exact: 1.7e-22). Oracle: the same loss as a sum of non-negative terms,
+    (1 - y) softplus(x) + pw y softplus(-x), in float64 (np.logaddexp is exact to an ulp)."""
+    x = np.concatenate([-np.logspace(-3, 20, 200), np.logspace(-3, 20, 200)]).astype(dtype)
+    x, y = np.broadcast_arrays(x, np.linspace(0, 1, 9, dtype=dtype)[:, None])
+    for pw in (0.0, 1e-3, 0.5, 1.0, 3.0):
+        loss = cecore.binary_cross_entropy_with_logits(
+            x, y, reduction="none", pos_weight=np.array(pw, dtype), backend=backend)
+        x64, y64 = x.astype(np.float64), y.astype(np.float64)
+        expected = (1 - y64) * np.logaddexp(0, x64) + pw * y64 * np.logaddexp(0, -x64)
+        rtol = 1e-6 if dtype == np.float32 else 4e-15
+        np.testing.assert_allclose(loss, expected, rtol=rtol, atol=np.finfo(dtype).tiny,
+                                   err_msg=f"pw={pw}")  # (subnormal: absolute)
+
+
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 3), (2, 4, 0)])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_bce_empty_like_torch(backend, shape, reduction):

@@ -722,7 +722,7 @@ def _bce_f32(x, y, w, pw, gs, z):
     l1p = (z * z) * p + z
     wf, pwf = np.float32(w), np.float32(pw)
     ny, pwy = _F32_ONE - y, pwf * y
-    lw = _F32_ONE + (pwf - _F32_ONE) * y
+    lw = pwf * y + ny  # not 1 + (pw - 1) y, which cancels (cec_bce_elem_f32)
     a = ny * x if x >= _F32_ZERO else (x - x) - pwy * x
     num = ny * (_F32_ONE if x >= _F32_ZERO else z) - pwy * (z if x >= _F32_ZERO else _F32_ONE)
     grad = np.float32(gs * w) * (num / (_F32_ONE + z))
@@ -731,10 +731,12 @@ def _bce_f32(x, y, w, pw, gs, z):
 
 def _bce_f64(x, y, w, pw, gs, z):
     """:func:`_bce_f32` for a float64 logit, in float64 (cec_bce_elem_f64), log1p(z) by
-    :func:`_log1p_unit`; the loss's first two terms summed before log1p(z) is added (they
-    cancel exactly for y = 0, x << 0)."""
-    lw = 1.0 + (pw - 1.0) * y
-    loss = w * (((1.0 - y) * x + lw * (-x if -x > 0.0 else 0.0)) + lw * _log1p_unit(z))
+    :func:`_log1p_unit`; the loss's first two terms regrouped as in float32, as the
+    product of a selected factor and x (see num below)."""
+    pwy = pw * y
+    lw = pwy + (1.0 - y)
+    a = ((1.0 - y) if x >= 0.0 else -pwy) * x + (0.0 if x >= 0.0 else x - x)
+    loss = w * (lw * _log1p_unit(z) + a)
     # (1 - y) - pw y z for x >= 0, (1 - y) z - pw y below, as products of selected
     # factors: a select between the two expressions kept the loop scalar (bench_ab.py,
     # float64 65536 x 1000 loss: 4.7x the time of this form).
