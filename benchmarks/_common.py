@@ -4,6 +4,7 @@ The benchmarks are scripts, not tests: they time competitors side by side in one
 report medians (the machine is shared and noisy) and never assert a speed.
 """
 
+import contextlib
 import gc
 import importlib
 import json
@@ -17,7 +18,23 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The checkout these scripts sit in, before an installed cecore: a benchmark measures the
+# code beside it (the scripts import this module before cecore). Child processes the
+# scripts start get it through PYTHONPATH (child_env).
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
+
+def child_env(environ=os.environ):
+    """``environ`` with the checkout first on PYTHONPATH, for a script's child processes."""
+    path = environ.get("PYTHONPATH")
+    return {**environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+# Where runs are saved: an untracked folder, so that a run never replaces a committed
+# record (those in results/ are named after what they are and where they ran, e.g.
+# bce_zen4_avx2_code_adfddac.json: copy a run there under such a name to keep it).
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "runs"
 MB = 1e6
 GB = 1e9
 
@@ -34,12 +51,27 @@ def median_time(fn, repeat, warmup=1):
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeat):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    with _no_gc():
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return statistics.median(times), times
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """No garbage collection inside the timed calls: collected once before, then off.
+    (A gc.collect() before each call did the same at 0.12 s per call once torch and
+    scikit-learn were loaded: more than the calls themselves at small shapes.)"""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def paired_ratios(fn, ref, repeat, warmup=1, pause=0.03):
@@ -60,16 +92,16 @@ def paired_ratios(fn, ref, repeat, warmup=1, pause=0.03):
         fn()
         ref()
     ratios = []
-    for _ in range(repeat):
-        gc.collect()
-        time.sleep(pause)
-        start = time.perf_counter()
-        fn()
-        took = time.perf_counter() - start
-        time.sleep(pause)
-        start = time.perf_counter()
-        ref()
-        ratios.append(took / (time.perf_counter() - start))
+    with _no_gc():
+        for _ in range(repeat):
+            time.sleep(pause)
+            start = time.perf_counter()
+            fn()
+            took = time.perf_counter() - start
+            time.sleep(pause)
+            start = time.perf_counter()
+            ref()
+            ratios.append(took / (time.perf_counter() - start))
     return ratios
 
 
@@ -173,12 +205,15 @@ def _torch_capability():
 
 def kernel_backends():
     """{'cython-<build>': module, 'numba': module}: every kernel build this CPU can run
-    (the repository's in-place builds, when it is on sys.path first), and Numba."""
+    (the repository's in-place builds, when it is on sys.path first) up to the one
+    ``CECORE_SIMD`` caps the choice at (under avx2_code.py: no AVX-512 build), and Numba."""
     import cecore_ext
 
     features = cecore_ext._cpu_features()
+    names = [name for name, _ in cecore_ext._VARIANTS]
+    cap = os.environ.get("CECORE_SIMD", "auto").strip().lower() or "auto"
     kernels = {}
-    for name, needs in cecore_ext._VARIANTS:
+    for name, needs in cecore_ext._VARIANTS[0 if cap == "auto" else names.index(cap):]:
         if all(features.get(f) for f in needs):
             try:
                 kernels[f"cython-{name}"] = importlib.import_module(
@@ -223,7 +258,8 @@ def describe(info):
 
 
 def save_json(data, name):
-    """Write ``data`` to ``benchmarks/results/<name>`` and return the path."""
+    """Write ``data`` to ``benchmarks/results/runs/<name>`` (see RESULTS_DIR) and return
+    the path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / name
     with open(path, "w") as f:

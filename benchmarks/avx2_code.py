@@ -41,7 +41,7 @@ def avx2_code_env(environ=os.environ):
 
 
 def main(argv):
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         sys.exit(__doc__)
     try:
         sys.exit(subprocess.call(argv, env=avx2_code_env()))

@@ -1,7 +1,7 @@
 """A/B of the kernels: a git revision against the working tree, side by side in one process.
 
 Run: ``python benchmarks/bench_ab.py --base REV [--rounds 5]``. Writes
-``benchmarks/results/ab.json``.
+``benchmarks/results/runs/ab.json``.
 
 The base revision is checked out into a temporary git worktree and its extension built
 there; its Cython modules are loaded next to the working tree's (under their own module

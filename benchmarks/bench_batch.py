@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import GB, machine_info, median_time, save_json  # noqa: E402
+from _common import GB, child_env, machine_info, median_time, save_json  # noqa: E402
 
 import cecore  # noqa: E402
 
@@ -83,7 +83,7 @@ print(json.dumps({"gb_per_second": x.shape[0] * x.shape[1] * 4 / seconds / 1e9,
 
 def loss_only_subprocess(x_path, t_path, budget, backend):
     out = subprocess.run([sys.executable, "-c", _LOSS_ONLY_CHILD, x_path, t_path, budget,
-                          backend], capture_output=True, text=True, check=True)
+                          backend], capture_output=True, text=True, check=True, env=child_env())
     return json.loads(out.stdout)
 
 
@@ -95,7 +95,7 @@ def score_subprocess(x_path, t_path, budget, backend, extra=()):
     """
     cmd = [sys.executable, "-c", _CHILD, "score", x_path, t_path, "--json", "--quiet",
            "--memory-budget", budget, "--backend", backend, *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=child_env())
     return json.loads(out.stdout), int(out.stderr.split()[-1])
 
 
@@ -172,6 +172,11 @@ def main():
                                                              args.backend))]
             for run in pair[::1 if i % 2 == 0 else -1]:
                 run()
+        # both sides scored the same thing: the same mean loss (the same block sums; the
+        # score's is float32, the logits' dtype, as cross_entropy's)
+        losses = {r[0]["mean_loss"] for r in [cold, *runs]} | {
+            float(np.float32(r["mean_loss"])) for r in bare}
+        assert len(losses) == 1, f"the streams' mean losses differ: {sorted(losses)}"
         streamed = [r[0]["gb_per_second"] for r in runs]
         streamed_bare = [r["gb_per_second"] for r in bare]
         peak = max(r[1] for r in [cold, *runs])

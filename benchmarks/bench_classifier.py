@@ -6,7 +6,7 @@ through BLAS, cecore's through its row blocks). The fits alternate, sklearn then
 and each model's median is reported with its iterations and the objective
 ``C * sum_i l_i + ||W||^2 / 2`` it reached, evaluated by one NumPy function for both. Run:
 ``python benchmarks/bench_classifier.py [--repeat 3] [--large-repeat 3] [--skip-large]``;
-writes ``benchmarks/results/classifier.json``. Targets (issue 10): at least 3x faster than
+writes ``benchmarks/results/runs/classifier.json``. Targets (issue 10): at least 3x faster than
 LogisticRegression on ``make_classification(100_000, 100, n_informative=50,
 n_classes=20)`` and 2x on the same with 2 classes, to an objective no worse.
 """

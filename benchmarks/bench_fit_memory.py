@@ -1,6 +1,6 @@
 """Peak memory of a fit: SoftmaxClassifier vs LogisticRegression(lbfgs), side by side.
 
-Run: ``python benchmarks/bench_fit_memory.py``. Writes ``benchmarks/results/fit_memory.json``.
+Run: ``python benchmarks/bench_fit_memory.py``. Writes ``benchmarks/results/runs/fit_memory.json``.
 
 Each fit runs in a fresh process (so that one's peak does not hide the other's) on the
 same wide problem, where the model's own arrays dominate: 600 rows, 5000 features, 600
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, machine_info, save_json  # noqa: E402
+from _common import child_env, format_table, machine_info, save_json  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, warnings
@@ -40,12 +40,15 @@ print(json.dumps({"extra_mb": (peak - before) / 1024, "coef_mb": model.coef_.nby
 
 
 def main():
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help
     runs = [("LogisticRegression", "sklearn", 1), ("SoftmaxClassifier, 1 thread", "cecore", 1),
             ("SoftmaxClassifier, 2 threads", "cecore", 2)]
     results = {}
     for name, which, threads in runs:
         out = subprocess.run([sys.executable, "-c", CHILD, which, str(threads)], check=True,
-                             capture_output=True, text=True).stdout
+                             capture_output=True, text=True, env=child_env()).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
     base = results["LogisticRegression"]["extra_mb"]
     rows = [[name, f"{r['extra_mb']:.0f}", f"{r['extra_mb'] / base:.2f}x", f"{r['coef_mb']:.0f}"]

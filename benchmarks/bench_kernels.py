@@ -19,7 +19,7 @@ least ``--repeat`` pairs, more for short calls (about half a second of exp passe
 Before any timing, every competitor's loss and gradient are checked against a float64
 NumPy reference, so a fast but wrong kernel stops the run instead of being reported.
 
-Results go to ``benchmarks/results/kernels.json`` and ``kernels.png`` (``kernels_quick.*``
+Results go to ``benchmarks/results/runs/kernels.json`` and ``kernels.png`` (``kernels_quick.*``
 with ``--quick``).
 """
 
@@ -466,7 +466,9 @@ def run(args):
                            if "peak_extra_mb" in rec else "")
                     print(f"  {mode:9s} {comp.name:14s} {seconds * 1e3:10.2f} ms{extra}{mem}",
                           flush=True)
-            records += paired_with_exp(prepared, shape, dtype, repeat)
+            # --quick, a smoke test: `repeat` pairs, not seconds' worth of them
+            records += paired_with_exp(prepared, shape, dtype, repeat,
+                                       0.0 if args.quick else PAIRED_MIN_SECONDS)
             del prepared, x, t
             gc.collect()
 
@@ -493,9 +495,10 @@ PAIRED_MIN_SECONDS = 0.5
 PAIRED_MAX_PAIRS = 101
 
 
-def paired_with_exp(prepared, shape, dtype, repeat):
+def paired_with_exp(prepared, shape, dtype, repeat, min_seconds):
     """Each cecore gradient-into-a-buffer mode alternated call by call with the exp pass
-    (:func:`_common.paired_ratios`): the median and range of the pairs' time ratios."""
+    (:func:`_common.paired_ratios`), in at least ``repeat`` pairs and about
+    ``min_seconds`` of exp passes: the median and range of the pairs' time ratios."""
     exp = next((fns for comp, fns in prepared if comp.name == "exp"), None)
     if exp is None:
         return []
@@ -506,7 +509,7 @@ def paired_with_exp(prepared, shape, dtype, repeat):
             start = time.perf_counter()
             exp[mode]()
             took = min(took, time.perf_counter() - start)
-        pairs = max(repeat, min(PAIRED_MAX_PAIRS, int(PAIRED_MIN_SECONDS / max(took, 1e-9))))
+        pairs = max(repeat, min(PAIRED_MAX_PAIRS, int(min_seconds / max(took, 1e-9))))
         for comp, fns in prepared:
             if not comp.name.startswith("cecore") or mode not in fns:
                 continue

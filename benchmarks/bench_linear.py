@@ -36,7 +36,7 @@ include the call's outputs; "working" memory is the peak minus the outputs' byte
 
 The issue's targets are printed as ratios: cecore loss+grads <= 1.15 x 3 gemms, loss
 <= 1.1 x gemm, faster than torch and torch-chunked, peak extra memory <= 1/8 of torch's.
-Results go to ``benchmarks/results/linear.json`` (``linear_quick.json`` with --quick).
+Results go to ``benchmarks/results/runs/linear.json`` (``linear_quick.json`` with --quick).
 """
 
 import argparse
@@ -139,13 +139,23 @@ def competitors(x, w, t, threads, names=None, chunk_sizes=()):
     return out
 
 
+def _parts(result):
+    """``(loss, grad_input, grad_linear_weight or None)`` of a competitor's output, as
+    cecore (``(loss, (gx, gw, gb))``) or torch (``(loss, gx[, gw])``) returns it."""
+    loss, *rest = result
+    grads = rest[0] if isinstance(rest[0], tuple) else tuple(rest) + (None,)
+    return (np.asarray(loss), np.asarray(grads[0]),
+            None if grads[1] is None else np.asarray(grads[1]))
+
+
 def check(comps, dtype):
-    """cecore's loss and gradients against torch's default path on the benchmark data."""
-    ref_loss, ref_gx, ref_gw = (np.asarray(a) for a in comps["torch"]["loss+grads"]())
+    """Every competitor's loss and gradients (cecore's, torch's chunked path, each one's
+    frozen-W call) against torch's default path on the benchmark data."""
+    ref_loss, ref_gx, ref_gw = _parts(comps["torch"]["loss+grads"]())
     rtol = 1e-4 if dtype == np.float32 else 1e-9
-    for name in [n for n in comps if n.startswith("cecore")]:
-        loss, (gx, gw, _) = comps[name]["loss+grads"]()
-        frozen_loss, (frozen_gx, none_w, _) = comps[name]["frozen W"]()
+    for name in [n for n in comps if n.startswith(("cecore", "torch"))]:
+        loss, gx, gw = _parts(comps[name]["loss+grads"]())
+        frozen_loss, frozen_gx, none_w = _parts(comps[name]["frozen W"]())
         if none_w is not None or not np.allclose(frozen_gx, gx, rtol=rtol, atol=0) \
                 or not np.isclose(frozen_loss, loss, rtol=rtol):
             raise AssertionError(f"{name}: the frozen-W call differs from the full one")
@@ -338,7 +348,7 @@ def main(argv=None):
                         help="also time cecore with these chunk_size values")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="time only these competitors (e.g. gemm '3 gemms' cecore-cython)")
-    parser.add_argument("--output", help="results file name in benchmarks/results/ "
+    parser.add_argument("--output", help="results file name in benchmarks/results/runs/ "
                         "(default linear.json, linear_quick.json with --quick)")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -361,8 +371,13 @@ def main(argv=None):
     note(f"load average (1, 5, 15 min) before: {load_before}, after: {os.getloadavg()} "
          f"on {C.machine_info()['usable_cpus']} usable CPUs; other processes' threads slow "
          "down every multi-threaded call that has to wait for a descheduled thread")
+    whole = [r["shape"] for r in records
+             if any(rows >= r["shape"][0] for rows in r["default_chunk_rows"].values())]
     note("3 gemms materialise the N x V logits (as torch's default path does); cecore "
-         "never does. Times include allocating outputs.")
+         "makes them a chunk of rows at a time (default_chunk_rows)"
+         + (f", which at {whole} is all the rows: its default chunk is sized by memory, "
+            "and those logits are small" if whole else "")
+         + ". Times include allocating outputs.")
     data = {"settings": {"threads": args.threads, "repeat": args.repeat, "quick": args.quick,
                          "dtype": args.dtype},
             "machine": C.machine_info(

@@ -1,7 +1,7 @@
 """cecore.metrics.log_loss vs sklearn.metrics.log_loss: time (median) and peak extra memory.
 
 Run: ``python benchmarks/bench_log_loss.py [--repeat 3]``. Prints a table and writes
-``benchmarks/results/log_loss.json``. Target: >= 50x faster than scikit-learn at
+``benchmarks/results/runs/log_loss.json``. Target: >= 50x faster than scikit-learn at
 1e6 x 100 with O(n_samples) extra memory.
 """
 
@@ -31,7 +31,7 @@ def main():
         ours = log_loss(y, proba)
         theirs = sk_log_loss(y, proba)
         t_ce, _ = median_time(lambda: log_loss(y, proba), args.repeat)
-        t_sk, _ = median_time(lambda: sk_log_loss(y, proba), args.repeat, warmup=0)
+        t_sk, _ = median_time(lambda: sk_log_loss(y, proba), args.repeat)
         m_ce = traced_peak_bytes(lambda: log_loss(y, proba))
         m_sk = traced_peak_bytes(lambda: sk_log_loss(y, proba))
         results.append(dict(n_samples=n, n_classes=c, cecore_s=t_ce, sklearn_s=t_sk,
@@ -42,8 +42,9 @@ def main():
                      f"{abs(ours - theirs) / theirs:.1e}"])
     print(format_table(["shape", "sklearn s", "cecore s", "speedup", "sklearn peak MB",
                         "cecore peak MB", "input MB", "rel diff"], rows))
-    path = save_json({"machine": machine_info(), "results": results}, "log_loss.json")
-    print(f"saved {path}")
+    info = machine_info()
+    path = save_json({"machine": info, "results": results}, "log_loss.json")
+    print(f"CPU: {info['cpu_model']}; saved {path}")
 
 
 if __name__ == "__main__":

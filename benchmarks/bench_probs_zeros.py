@@ -1,7 +1,7 @@
 """``cecore score --input-kind probs`` against probability targets: what 0 log 0 = 0 costs.
 
 Run: ``python benchmarks/bench_probs_zeros.py [--repeat 9]``. Writes
-``benchmarks/results/probs_zeros.json``.
+``benchmarks/results/runs/probs_zeros.json``.
 
 ``batch.score`` of 4000 x 8000 float32 probabilities (one-hot probability targets, in
 memory, 2 threads) with ``batch._zero_log_zero`` as it is, against the same call with it

@@ -3,7 +3,7 @@ every-metric stream can reach at most.
 
 Run: ``python benchmarks/bench_scores_ratio.py [--repeat 30]`` (add
 ``python benchmarks/avx2_code.py`` in front for Numba's AVX2 code). Writes
-``benchmarks/results/scores_ratio.json``.
+``benchmarks/results/runs/scores_ratio.json``.
 
 For each backend the CPU can run (the Cython builds ``_kernels_avx512``, ``_kernels_avx2``
 and ``_kernels_base`` and Numba) it alternates ``softmax_ce_index`` without a gradient and

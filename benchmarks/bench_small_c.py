@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/bench_small_c.py [--repeat 41]`` (add
 ``python benchmarks/avx2_code.py`` in front for what a Zen 3 runs: torch's AVX2 exp,
-Numba's AVX2 code). Writes ``benchmarks/results/small_c.json``.
+Numba's AVX2 code). Writes ``benchmarks/results/runs/small_c.json``.
 
 Issue 9's small-C target is loss + gradient into a reused buffer at 1e6 x 10 within 1.25x
 one ``torch.exp(x, out=buf)`` pass. ``bench_kernels.py`` measures it for the loaded

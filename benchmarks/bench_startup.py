@@ -11,7 +11,7 @@ cache (a new, empty ``NUMBA_CACHE_DIR`` per run) and a warm one (the same direct
 filled by a previous run); and, for scale, ``import torch`` + a first ``F.cross_entropy``
 with ``backward()``. Inside each process the import and the first call are timed with
 ``time.perf_counter``; the whole process's wall time (interpreter start-up included) is
-timed from outside. Medians are printed and saved to ``benchmarks/results/startup.json``.
+timed from outside. Medians are printed and saved to ``benchmarks/results/runs/startup.json``.
 """
 
 import argparse
@@ -71,7 +71,8 @@ print(json.dumps({"import": t2 - t1, "first_call": t3 - t2}))
 def run_snippet(code, env):
     """Run ``code`` in a fresh interpreter; return its JSON timings plus the process wall time."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], env=C.child_env(env), capture_output=True,
+                          text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"snippet failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -99,7 +100,8 @@ def measure(label, code, runs, env_for_run):
 
 def backend_loads(backend, env):
     code = f"import cecore; cecore._backends.get_backend({backend!r})"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+    return subprocess.run([sys.executable, "-c", code], env=C.child_env(env),
+                          capture_output=True).returncode == 0
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_torch.py            # full run, a few minutes on 2 cores
     python benchmarks/bench_torch.py --quick    # smoke test with small shapes
 
-Three measurements, float32 on the CPU, with every competitor in this one process on the
+Four measurements, float32 on the CPU, with every competitor in this one process on the
 same tensors:
 
 ``loss``
@@ -29,7 +29,7 @@ same tensors:
 Timings are medians of interleaved rounds: each round calls every competitor once, in an
 order rotated from round to round, so a busy phase of a shared machine hits all of them.
 Before timing, the competitors' losses and gradients are checked against each other.
-Results go to ``benchmarks/results/torch.json`` (``torch_quick.json`` with ``--quick``,
+Results go to ``benchmarks/results/runs/torch.json`` (``torch_quick.json`` with ``--quick``,
 ``torch_<sections>.json`` with ``--sections`` naming only some of them).
 """
 

@@ -35,7 +35,10 @@ def main():
     args = parser.parse_args()
     disagree = False
     with tempfile.TemporaryDirectory(prefix="cecore_cache_bits_") as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        # the checkout beside this script first, before an installed cecore
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache,
+                   PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
         for step, threads in enumerate((["1"], ["1", "2"], ["1", "2"]), 1):
             out = subprocess.run([sys.executable, "-c", _CHILD, str(args.rows),
                                   str(args.classes), *threads],

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, machine_info  # noqa: E402
+from _common import child_env, format_table, machine_info  # noqa: E402
 
 _CHILD = """
 import json, sys, time
@@ -66,7 +66,7 @@ def main():
             runs = []
             for _ in ("compile", "load"):
                 out = subprocess.run([sys.executable, "-c", _CHILD, str(args.rows),
-                                      str(args.repeat)], env=env, capture_output=True,
+                                      str(args.repeat)], env=child_env(env), capture_output=True,
                                      text=True, check=True)
                 runs.append(json.loads(out.stdout))
         for case in runs[0]:
