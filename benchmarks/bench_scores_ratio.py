@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, kernel_backends, machine_info, save_json  # noqa: E402
+from _common import describe, format_table, kernel_backends, machine_info, save_json  # noqa: E402
 
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the in-place builds
 
@@ -74,13 +74,24 @@ def main():
                 def scores():
                     k.softmax_ce_scores(x, t, w, -100, 0.0, loss, stats, rank, 1)
 
+                # both calls checked against a float64 NumPy reference before timing
+                x64 = x.astype(np.float64)
+                lse = np.logaddexp.reduce(x64, axis=1)
+                p = np.exp(x64 - lse[:, None])
+                rtol = 1e-5 if dt == np.float32 else 1e-12
+                for fn in (loss_only, scores):
+                    loss.fill(np.nan)
+                    fn()
+                    np.testing.assert_allclose(loss, lse - x64[np.arange(n), t], rtol=rtol)
+                np.testing.assert_allclose(stats[:, 1], p.max(axis=1), rtol=rtol)
+                np.testing.assert_array_equal(rank[:, 0], (x > x[np.arange(n), t][:, None]).sum(1))
                 ratio = statistics.median(_paired(loss_only, scores, args.repeat))
                 case = f"{np.dtype(dt).name} {n}x{c}"
                 rows.append((case, backend, f"{ratio:.2f}"))
                 results.append({"case": case, "backend": backend,
                                 "loss_only_over_scores": ratio})
     print(format_table(("case", "backend", "loss-only / scores"), rows))
-    print(f"CPU: {info['cpu_model']}; one thread; median of {args.repeat} paired ratios")
+    print(f"{describe(info)}; one thread; median of {args.repeat} paired ratios")
     path = save_json({"machine": info, "results": results}, "scores_ratio.json")
     print(f"saved {path}")
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, kernel_backends, machine_info, save_json  # noqa: E402
+from _common import describe, format_table, kernel_backends, machine_info, save_json  # noqa: E402
 
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the in-place builds
 
@@ -56,8 +56,22 @@ def main():
                     calls[f"{name} loss+grad reused"] = (
                         lambda k=k: k.softmax_ce_index(x, t, w, -100, 0.0, gs, loss, grad,
                                                        threads))
-                for fn in calls.values():  # compile, fault the pages in
+                # every kernel checked against a float64 NumPy reference before it is
+                # timed (compiling it, and faulting the pages in)
+                x64 = x[:, :, 0].astype(np.float64)
+                lse = np.logaddexp.reduce(x64, axis=1)
+                ref_loss = lse - x64[np.arange(n), t[:, 0]]
+                ref_grad = np.exp(x64 - lse[:, None])
+                ref_grad[np.arange(n), t[:, 0]] -= 1
+                rtol = 1e-5 if dt == np.float32 else 1e-12
+                for key, fn in calls.items():
                     fn(), fn()
+                    if key != "exp":
+                        np.testing.assert_allclose(loss[:, 0], ref_loss, rtol=rtol, atol=rtol,
+                                                   err_msg=key)
+                    if key.endswith("grad reused"):
+                        np.testing.assert_allclose(grad[:, :, 0] * n, ref_grad, rtol=rtol,
+                                                   atol=rtol, err_msg=key)
                 times = {key: [] for key in calls}
                 reps = args.repeat if n * c >= 1e6 else 5 * args.repeat
                 for _ in range(reps):
@@ -75,7 +89,7 @@ def main():
                                      "ms": float(np.median(ts)),
                                      "exp_ms": float(np.median(exp_t))})
     print(format_table(("case", "kernel", "ms", "exp ms", "kernel / exp"), rows))
-    print(f"CPU: {info['cpu_model']}; medians of per-iteration ratios, {args.repeat} "
+    print(f"{describe(info)}; medians of per-iteration ratios, {args.repeat} "
           f"iterations out of cache, {5 * args.repeat} in cache")
     print(f"saved {save_json({'machine': info, 'results': results}, 'small_c.json')}")
 
