@@ -1,6 +1,6 @@
 """A/B of the kernels: a git revision against the working tree, side by side in one process.
 
-Run: ``python benchmarks/bench_ab.py --base REV [--rounds 5]``. Writes
+Run: ``python benchmarks/bench_ab.py --base REV [--rounds 5] [--only PARTS]``. Writes
 ``benchmarks/results/runs/ab.json``.
 
 The base revision is checked out into a temporary git worktree and its extension built
@@ -90,9 +90,19 @@ def _new_kernels(builds):
     return kernels
 
 
-def _cases(rng, threads):
+def _cases(rng, threads, only=""):
+    """``(name, call, outputs)`` of each case whose name contains one of the
+    comma-separated parts of ``only``; only those cases' arrays are made."""
+    parts = only.split(",")
+
+    def skip(prefix, *suffixes):
+        return not any(part in f"{prefix} {suffix}" for part in parts for suffix in suffixes)
+
     for dt in (np.float32, np.float64):
         for n, c, s in CE_SHAPES:
+            if skip(f"{dt.__name__} {n}x{c}x{s}", "loss+grad reused", "loss only",
+                    "smoothed loss+grad reused"):
+                continue
             x = rng.standard_normal((n, c, s)).astype(dt)
             t = rng.integers(0, c, (n, s))
             loss, grad = np.empty((n, s)), np.empty_like(x)
@@ -108,6 +118,9 @@ def _cases(rng, threads):
                 yield (f"{dt.__name__} {n}x{c}x{s} smoothed loss+grad reused",
                        lambda k, a=smoothed: k.softmax_ce_index(*a, threads), (loss, grad))
         for n, c, s in OTHER_SHAPES:
+            if skip(f"{dt.__name__} {n}x{c}x{s}", "proba loss+grad reused", "log_softmax",
+                    "logsumexp"):
+                continue
             x = rng.standard_normal((n, c, s)).astype(dt)
             q = rng.random((n, c, s)).astype(dt)
             q /= q.sum(axis=1, keepdims=True)
@@ -121,6 +134,8 @@ def _cases(rng, threads):
             yield (f"{dt.__name__} {n}x{c}x{s} logsumexp",
                    lambda k, a=(x, lse): k.logsumexp(*a, threads), (lse,))
         for n, c in SCORE_SHAPES:
+            if skip(f"{dt.__name__} {n}x{c}", "loss only", "scores"):
+                continue
             x = rng.standard_normal((n, c)).astype(dt)
             t = rng.integers(0, c, n)
             loss, stats, rank = np.empty(n), np.empty((n, 3)), np.empty((n, 2), np.int64)
@@ -132,6 +147,10 @@ def _cases(rng, threads):
                    lambda k, a=(x, t, np.ones(c), -100, 0.0, loss, stats, rank):
                    k.softmax_ce_scores(*a, threads), (loss, stats, rank))
         for n, c in BCE_SHAPES:
+            if skip(f"{dt.__name__} {n}x{c}", "bce loss", "bce block sums",
+                    "bce loss+grad reused", "bce sums+grad reused",
+                    "bce pos_weight sums+grad reused"):
+                continue
             x = rng.standard_normal((n, c)).astype(dt)
             y = (rng.random((n, c)) < 0.5).astype(dt)
             one = np.broadcast_to(1.0, (n, c))
@@ -163,7 +182,7 @@ def _warm(args):
     compiles them into the on-disk cache."""
     sys.path.insert(0, args.warm_only)
     sides = [importlib.import_module("cecore_base._numba"), _new_kernels([])["numba"]]
-    for name, call, _ in _cases(np.random.default_rng(0), args.threads):
+    for name, call, _ in _cases(np.random.default_rng(0), args.threads, args.only):
         if any(part in name for part in args.only.split(",")):
             for kernels in sides:
                 call(kernels)
@@ -197,7 +216,7 @@ def main():
                 subprocess.run([sys.executable, __file__, "--base", args.base, "--only",
                                 args.only, "--threads", str(args.threads),
                                 "--warm-only", str(workdir / "pkg")], check=True)
-            for name, call, outputs in _cases(np.random.default_rng(0), args.threads):
+            for name, call, outputs in _cases(np.random.default_rng(0), args.threads, args.only):
                 if not any(part in name for part in args.only.split(",")):
                     continue
                 for backend in chosen:
