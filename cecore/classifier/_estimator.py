@@ -7,6 +7,7 @@ for :meth:`~SoftmaxClassifier.partial_fit`) and sets the ``*_`` attributes.
 """
 
 import copy
+import warnings
 from functools import partial
 from numbers import Integral, Real
 
@@ -53,6 +54,16 @@ def _check_weight_sum(total, where):
             f"the sample weights (times the class weights) sum to {total:g}{' ' + where if where else ''}: "
             "SoftmaxClassifier minimises their weighted mean loss, which needs a "
             "positive, finite sum (scale the weights down)")
+
+
+def _sample_weight(sample_weight, X):
+    """scikit-learn's checked float64 copy of the sample weights, refusing all-zero ones as
+    scikit-learn >= 1.8 does itself (with 1.7, a chunk of zero weights was a partial_fit
+    step on nothing)."""
+    sw = _check_sample_weight(sample_weight, X, dtype=np.float64, copy=True)
+    if sw.size and not sw.any():
+        raise ValueError("Sample weights must contain at least one non-zero number.")
+    return sw
 
 
 class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
@@ -216,7 +227,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
                 f"data contains only one class: {classes[0]!r}")
         self.classes_ = classes
         self.__dict__.pop("_adagrad", None)  # a later partial_fit starts afresh
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, copy=True)
+        sw = _sample_weight(sample_weight, X)
         if self.class_weight is not None:
             class_totals = np.bincount(y_enc, weights=sw, minlength=len(classes))
             sw *= self._class_weight(y, class_totals)[y_enc]
@@ -340,8 +351,12 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y, accept_sparse="csr", dtype=[np.float64, np.float32],
                              order="C", reset=reset)
         # check_classification_targets without its "more than 50% unique classes" warning,
-        # which a short chunk of a stream of many classes sets off on every call.
-        y_type = type_of_target(y, input_name="y")
+        # which a short chunk of a stream of many classes sets off on every call
+        # (scikit-learn < 1.8 gives it from type_of_target itself).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The number of unique classes is greater than",
+                                    UserWarning)
+            y_type = type_of_target(y, input_name="y")
         if y_type not in ("binary", "multiclass"):
             raise ValueError(
                 f"Unknown label type: {y_type}. partial_fit expects discrete class labels "
@@ -359,7 +374,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             self.coef_ = np.zeros((n_outputs, X.shape[1]))
             self.intercept_ = np.zeros(n_outputs)
 
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, copy=True)
+        sw = _sample_weight(sample_weight, X)
         # A chunk's class frequencies are not the stream's: 'balanced' weights come from
         # the running (sample-weighted) class totals, which equal fit's after one pass.
         state.class_totals += np.bincount(y_enc, weights=sw, minlength=len(self.classes_))
