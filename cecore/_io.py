@@ -81,8 +81,9 @@ class MappedArray:
         return self._map
 
     def rows(self, start, stop):
-        """Rows ``start:stop`` as a view of the mapped file (no copy; the map is private,
-        so a write to the view would change this process's copy, never the file)."""
+        """Rows ``start:stop`` as a view of the mapped file (no copy; the map is
+        private, so a write to the view would change this process's copy, never the
+        file)."""
         count = (stop - start) * self._row_bytes // self.dtype.itemsize
         flat = np.frombuffer(self._mapped(), self.dtype, count, self.offset + start * self._row_bytes)
         return flat.reshape((stop - start,) + self.shape[1:])

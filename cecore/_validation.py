@@ -42,7 +42,8 @@ def check_reduction(reduction, warn=True):
     deprecation warning (``warn=False``: without it, as while torch.compile traces)."""
     if isinstance(reduction, str) and reduction == "elementwise_mean":
         if warn:
-            warnings.warn(_ELEMENTWISE_MEAN, UserWarning, stacklevel=_config.caller_stacklevel())
+            warnings.warn(_ELEMENTWISE_MEAN, UserWarning,
+                          stacklevel=_config.caller_stacklevel())
         return "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction!r} is not a valid value for reduction: expected 'none', 'mean' or 'sum'")
@@ -230,15 +231,14 @@ def check_int(value, name, low, high=None, allow_none=False):
 def check_proba_target(t_dtype, x_shape, ignore_index, name="input"):
     """A target of the input's shape holds class probabilities: it must be floating point
     (float16/32/64), and ``ignore_index`` (checked first, as for index targets) must not
-    be asked for. Returns the target's native dtype (:func:`float_input`'s)."""
+    be asked for."""
     ignore_index = check_ignore_index(ignore_index)
     if np.dtype(t_dtype).kind != "f":
         raise TypeError(f"a target of the {name}'s shape {tuple(x_shape)} holds class "
                         f"probabilities and must be floating point, got dtype {t_dtype}")
-    t_dtype = float_input(np.empty(0, t_dtype), "target").dtype
+    float_input(np.empty(0, t_dtype), "target")  # float128: refused as float_input does
     if ignore_index >= 0:
         raise ValueError("ignore_index is not supported with class-probability targets")
-    return t_dtype
 
 
 def check_label_smoothing(label_smoothing):

@@ -286,9 +286,9 @@ _TERMINATING_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "S
 
 
 def _terminated(signum, frame):
-    """A terminating signal (see _TERMINATING_SIGNALS): remove the temporary per-row file and exit with 128 +
-    signum at once. Not by raising SystemExit: landing in library code (Numba compiling a
-    kernel, say) it could be caught and turned into another error."""
+    """A terminating signal (see _TERMINATING_SIGNALS): remove the temporary per-row file
+    and exit with 128 + signum at once. Not by raising SystemExit: landing in library code
+    (Numba compiling a kernel, say) it could be caught and turned into another error."""
     from ._io import remove_pending
 
     remove_pending()
