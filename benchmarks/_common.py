@@ -125,6 +125,14 @@ def traced_peak_bytes(fn):
     return peak - before
 
 
+def softmax_ce_reference(x, t):
+    """Per-row cross-entropy of logits ``x`` (N, C) with class indices ``t`` (N,), and
+    the softmax, in float64: the reference a kernel is checked against before it is timed."""
+    x64 = np.asarray(x, dtype=np.float64)
+    lse = np.logaddexp.reduce(x64, axis=1)
+    return lse - x64[np.arange(len(t)), t], np.exp(x64 - lse[:, None])
+
+
 def copy_bandwidth(nbytes=256 * 2**20, repeat=7):
     """Memory copy bandwidth in bytes/s: ``2 * nbytes / median(np.copyto time)``.
 
@@ -210,10 +218,8 @@ def kernel_backends():
     import cecore_ext
 
     features = cecore_ext._cpu_features()
-    names = [name for name, _ in cecore_ext._VARIANTS]
-    cap = os.environ.get("CECORE_SIMD", "auto").strip().lower() or "auto"
     kernels = {}
-    for name, needs in cecore_ext._VARIANTS[0 if cap == "auto" else names.index(cap):]:
+    for name, needs in cecore_ext._capped_variants():
         if all(features.get(f) for f in needs):
             try:
                 kernels[f"cython-{name}"] = importlib.import_module(

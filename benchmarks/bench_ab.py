@@ -40,7 +40,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, machine_info, median_time, save_json  # noqa: E402
 
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from cecore._config import REDUCE_BLOCK, SMALL_C  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 from _common import (describe, format_table, machine_info, median_time,  # noqa: E402
                      paired_ratios, save_json)
 

@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 import _common as C  # noqa: E402
 

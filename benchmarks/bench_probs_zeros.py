@@ -23,7 +23,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, machine_info, paired_ratios, save_json  # noqa: E402
 
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from cecore import batch  # noqa: E402
 
 

@@ -44,7 +44,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
 import _common as C  # noqa: E402
 

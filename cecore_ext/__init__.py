@@ -28,16 +28,20 @@ def _cpu_features():
     return __cpu_features__
 
 
-def _load():
+def _capped_variants():
+    """The entries of ``_VARIANTS`` that ``CECORE_SIMD`` allows, most capable first."""
     names = [name for name, _ in _VARIANTS]
     cap = os.environ.get("CECORE_SIMD", "auto").strip().lower() or "auto"
     if cap != "auto" and cap not in names:
         # ValueError, not ImportError: a misspelt setting must not make backend="auto"
         # fall back to Numba without a word.
         raise ValueError(f"CECORE_SIMD must be 'auto' or one of {names}, got {cap!r}")
+    return _VARIANTS[0 if cap == "auto" else names.index(cap):]
+
+
+def _load():
     features = _cpu_features()
-    start = 0 if cap == "auto" else names.index(cap)
-    for name, needs in _VARIANTS[start:]:
+    for name, needs in _capped_variants():
         # Importing a SIMD build on a CPU without its instructions could die with SIGILL,
         # so it is only imported after the CPU check; the SIMD builds are absent on
         # non-x86 machines.
