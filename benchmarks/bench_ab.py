@@ -137,7 +137,7 @@ def _cases(rng, threads, only=""):
                 continue
             x = rng.standard_normal((n, c)).astype(dt)
             t = rng.integers(0, c, n)
-            loss, stats, rank = np.empty(n), np.empty((n, 3)), np.empty((n, 2), np.int64)
+            loss, stats, rank = np.empty(n), np.empty((n, 4)), np.empty((n, 2), np.int64)
             zero = np.broadcast_to(0.0, (n, 1))
             yield (f"{dt.__name__} {n}x{c} loss only",
                    lambda k, a=(x[:, :, None], t[:, None], np.ones(c), -100, 0.0, zero,

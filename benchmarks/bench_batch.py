@@ -120,7 +120,7 @@ def kernel_split(x_path, t_path, budget, backend, rounds=7):
             loss = np.empty(n)
             start = time.perf_counter()
             if scores:
-                kernels.softmax_ce_scores(xc, tc, w, -100, 0.0, loss, np.empty((n, 3)),
+                kernels.softmax_ce_scores(xc, tc, w, -100, 0.0, loss, np.empty((n, 4)),
                                           np.empty((n, 2), np.int64), 2)
             else:
                 kernels.softmax_ce_index(xc.reshape(n, -1, 1), tc.reshape(n, 1), w, -100, 0.0,

@@ -63,7 +63,7 @@ def main():
                 x = rng.standard_normal((n, c)).astype(dt)
                 t = rng.integers(0, c, n)
                 w = np.ones(c)
-                loss, stats = np.empty(n), np.empty((n, 3))
+                loss, stats = np.empty(n), np.empty((n, 4))
                 rank = np.empty((n, 2), np.int64)
                 zero = np.broadcast_to(0.0, (n, 1))
 

@@ -969,7 +969,7 @@ cdef struct ScoresArgs:
     const int64_t *target
     const double *w
     double *loss
-    double *stats  # (N, 3)
+    double *stats  # (N, 4)
     int64_t *rank  # (N, 2)
     Py_ssize_t C
     int64_t ignore_index
@@ -980,11 +980,11 @@ cdef void _scores_item(Py_ssize_t k, const floating *x, const void *ctx) noexcep
     cdef int64_t t = a.target[k]
     if t == a.ignore_index:  # not read, as in loss-only softmax_ce_index
         a.loss[k] = 0.0
-        a.stats[3 * k] = a.stats[3 * k + 1] = a.stats[3 * k + 2] = NAN
+        a.stats[4 * k] = a.stats[4 * k + 1] = a.stats[4 * k + 2] = a.stats[4 * k + 3] = NAN
         a.rank[2 * k] = -1
         a.rank[2 * k + 1] = 0
         return
-    a.loss[k] = _scores_row(x + k * a.C, a.C, t, a.w, a.eps, a.stats + 3 * k,
+    a.loss[k] = _scores_row(x + k * a.C, a.C, t, a.w, a.eps, a.stats + 4 * k,
                             a.rank + 2 * k)
 
 
@@ -997,8 +997,8 @@ def softmax_ce_scores(const floating[:, ::1] logits, const int64_t[::1] target,
     cdef ScoresArgs a
     # Not validation (the caller's job), only what keeps the writes inside the buffers.
     if target.shape[0] != N or loss_out.shape[0] != N or stats_out.shape[0] != N \
-            or stats_out.shape[1] != 3 or rank_out.shape[0] != N or rank_out.shape[1] != 2:
-        raise ValueError("softmax_ce_scores: outputs must have shapes (N,), (N, 3), (N, 2)")
+            or stats_out.shape[1] != 4 or rank_out.shape[0] != N or rank_out.shape[1] != 2:
+        raise ValueError("softmax_ce_scores: outputs must have shapes (N,), (N, 4), (N, 2)")
     if N == 0 or C == 0:
         return
     a.target, a.w, a.loss = &target[0], &weight[0], &loss_out[0]

@@ -917,11 +917,22 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     return loss;
 }
 
+/* An infinite max is the answer itself (as torch and scipy give), not inf - inf,
+ * unless a NaN is there too. Returns m, or NaN. Only runs for an infinite max. */
+CEC_INLINE double CEC_FN(cec_infinite_lse)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                           T m) {
+    for (ptrdiff_t c = 0; c < n; c++)
+        if (isnan(x[c * stride]))
+            return (double)x[c * stride];
+    return (double)m;
+}
+
 /* Loss-only cec_index_row (the same steps, so the same loss bit for bit) plus the row's
  * metrics (see softmax_ce_scores in cecore/_backends.py): stats = (entropy, max p,
- * Brier score), rank = (classes with a larger logit than the target's, 1 if the first
- * largest logit is the target's). Undefined softmax (NaN or +inf logits): NaN stats and
- * rank (n, 0). */
+ * Brier score, log-sum-exp), rank = (classes with a larger logit than the target's, 1 if
+ * the first largest logit is the target's). Undefined softmax (NaN or +inf logits): NaN
+ * entropy, max p and Brier score, and rank (n, 0); the log-sum-exp is cec_logsumexp_row's
+ * (+inf for a +inf logit, NaN for a NaN). */
 CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
                                          const double *w, double eps, double *stats,
                                          int64_t *rank) {
@@ -935,6 +946,7 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     double loss = (1.0 - eps) * w[t] * cec_dev(m, x[t], log_s);
     if (eps > 0.0)
         loss += smooth * CEC_FN(cec_row_wdev)(x, w, m, log_s, n);
+    stats[3] = isinf(m) ? CEC_FN(cec_infinite_lse)(x, n, 1, m) : (double)m + log_s;
     if (!(s < INFINITY)) {
         stats[0] = stats[1] = stats[2] = NAN;
         rank[0] = n;
@@ -1002,16 +1014,6 @@ CEC_KERNEL void CEC_FN(cec_softmax_row)(const T *x, ptrdiff_t n, int log_, T *ou
         for (ptrdiff_t c = 0; c < n; c++)
             out[c] = out[c] * inv;
     }
-}
-
-/* An infinite max is the answer itself (as torch and scipy give), not inf - inf,
- * unless a NaN is there too. Returns m, or NaN. Only runs for an infinite max. */
-CEC_INLINE double CEC_FN(cec_infinite_lse)(const T *x, ptrdiff_t n, ptrdiff_t stride,
-                                           T m) {
-    for (ptrdiff_t c = 0; c < n; c++)
-        if (isnan(x[c * stride]))
-            return (double)x[c * stride];
-    return (double)m;
 }
 
 CEC_KERNEL double CEC_FN(cec_logsumexp_row)(const T *x, ptrdiff_t n) {

@@ -54,6 +54,58 @@ def _check(report, expected, rtol=1e-9,
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_classes", [10, 1000])
+def test_scores_kernel_contract(backend, rng, dtype, n_classes):
+    """The contract's softmax_ce_scores itself: per row the loss (softmax_ce_index's, bit
+    for bit, on one thread and on two), the log-sum-exp, entropy, max p, Brier score and
+    rank against a float64 reference, and the same bits for any n_threads."""
+    from scipy.special import logsumexp
+
+    from cecore._backends import get_backend
+    n = 400
+    x = (3 * rng.standard_normal((n, n_classes))).astype(dtype)
+    t = rng.integers(0, n_classes, n)
+    x[1, 3] = np.inf
+    x[2] = -np.inf
+    x[3, 5] = np.nan
+    t[4] = -100
+    x[5, :4] = x[5].max() + 1  # ties at the max
+    w = rng.random(n_classes) + 0.5
+    kernels = get_backend(backend)
+    runs = []
+    for n_threads in (1, 2):
+        index_loss = np.empty((n, 1))
+        kernels.softmax_ce_index(x.reshape(n, n_classes, 1), t.reshape(n, 1), w, -100, 0.1,
+                                 np.broadcast_to(0.0, (n, 1)), index_loss, None, n_threads)
+        loss, stats, rank = np.empty(n), np.empty((n, 4)), np.empty((n, 2), np.int64)
+        kernels.softmax_ce_scores(x, t, w, -100, 0.1, loss, stats, rank, n_threads)
+        # (review) Numba's one-thread copy gave 1-ulp different losses with smoothing
+        assert loss.tobytes() == index_loss.tobytes(), n_threads
+        runs.append((loss.tobytes(), stats.tobytes(), rank.tobytes()))
+    assert runs[0] == runs[1]
+
+    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        lse = logsumexp(x64, axis=1)
+    assert lse[1] == np.inf and lse[2] == -np.inf and np.isnan(lse[3])
+    np.testing.assert_array_equal(stats[[1, 2, 3, 4], 3], [np.inf, -np.inf, np.nan, np.nan])
+    ok = np.ones(n, bool)
+    ok[1:5] = False
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(stats[ok, 3], lse[ok], rtol=tol)
+    p = np.exp(x64[ok] - lse[ok, None])
+    onehot = np.eye(n_classes)[t[ok]]
+    np.testing.assert_allclose(stats[ok, 0], -(p * np.log(p)).sum(axis=1), rtol=100 * tol)
+    np.testing.assert_allclose(stats[ok, 1], p.max(axis=1), rtol=tol)
+    np.testing.assert_allclose(stats[ok, 2], ((p - onehot) ** 2).sum(axis=1), rtol=100 * tol)
+    xt = x64[ok, t[ok]]
+    np.testing.assert_array_equal(rank[ok, 0], (x64[ok] > xt[:, None]).sum(axis=1))
+    np.testing.assert_array_equal(rank[ok, 1], np.argmax(x64[ok], axis=1) == t[ok])
+    assert np.isnan(stats[[1, 3, 4], :3]).all()
+    np.testing.assert_array_equal(rank[[1, 3, 4]], [[n_classes, 0], [n_classes, 0], [-1, 0]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n_classes", [7, 300])
 def test_metrics_match_a_numpy_reference(backend, rng, dtype, n_classes):
     x = (3 * rng.standard_normal((2000, n_classes))).astype(dtype)

@@ -139,6 +139,20 @@ def _row_wdev(x, weight, m, log_s):
 
 # ---------------------------------------------------------------- class-index targets
 @helper
+def _row_loss(row, x_t, w_t, weight, eps, m, s):
+    """The loss of a row whose target has logit ``x_t`` and weight ``w_t``, from its max
+    ``m`` and sum of exps ``s``. One helper for every row kernel: written out in the body
+    of the scoring kernel, whose own flags allow "reassoc", the label-smoothing sum was
+    compiled differently in its serial copy (1-ulp losses apart from softmax_ce_index's
+    at n_threads=1)."""
+    log_s = np.log(s)
+    loss = (1.0 - eps) * w_t * _dev(np.float64(m), x_t, log_s)
+    if eps > 0.0:
+        loss += eps / row.shape[0] * _row_wdev(row, weight, m, log_s)
+    return loss
+
+
+@helper
 def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad, in_place):
     """Loss of one row with class-index target ``t``; with ``want_grad``, the gradient
     (times gs) goes into ``g``, which otherwise is scratch for the exps. ``in_place``:
@@ -159,11 +173,8 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad, in_place
         for c in range(n_classes):
             g[c] = g[c] * zero
         return 0.0
-    log_s = np.log(s)
     w_t = weight[t]
-    loss = (1.0 - eps) * w_t * _dev(np.float64(m), x_t, log_s)
-    if eps > 0.0:
-        loss += smooth * _row_wdev(row, weight, m, log_s)
+    loss = _row_loss(row, x_t, w_t, weight, eps, m, s)
     if not want_grad:
         return loss
     # The smoothing terms only when eps > 0: 0 * w_total would turn a NaN weight of a
@@ -204,7 +215,7 @@ def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_
 def _row_scores(row, t, m, s, e, stats, rank):
     """Evaluation metrics of one row whose exps ``e = exp(row - m)`` sum to ``s``.
 
-    ``stats = (entropy of the softmax, max_c p_c, Brier score sum_c (p_c - [c == t])**2)``
+    ``stats[:3] = (entropy of the softmax, max_c p_c, Brier score sum_c (p_c - [c == t])**2)``
     (entropy as
     ``log s - sum_c e_c (x_c - m) / s``, where classes with ``e_c = 0`` add nothing, as
     ``p log p -> 0``); ``rank = (classes with a larger logit than the target's, 1 if the
@@ -270,25 +281,23 @@ def _scores_rows(x, target, weight, ignore_index, eps, loss_out, stats_out, rank
     """Loss-only :func:`_index_rows` plus the per-row metrics of :func:`_row_scores`; the
     loss takes the very same steps, so it equals softmax_ce_index's bit for bit."""
     n_rows, n_classes = x.shape
-    smooth = eps / n_classes
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         e = np.empty(n_classes, dtype=x.dtype)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             t = target[i]
             if t == ignore_index:  # not read, as in loss-only softmax_ce_index
                 loss_out[i] = 0.0
-                stats_out[i, 0] = stats_out[i, 1] = stats_out[i, 2] = np.nan
+                stats_out[i, 0] = stats_out[i, 1] = stats_out[i, 2] = stats_out[i, 3] = np.nan
                 rank_out[i, 0] = -1
                 rank_out[i, 1] = 0
                 continue
             row = x[i]
             m = _row_max(row)
             s = _row_sumexp(row, m, e)
-            log_s = np.log(s)
-            loss = (1.0 - eps) * weight[t] * _dev(np.float64(m), np.float64(row[t]), log_s)
-            if eps > 0.0:
-                loss += smooth * _row_wdev(row, weight, m, log_s)
-            loss_out[i] = loss
+            loss_out[i] = _row_loss(row, np.float64(row[t]), weight[t], weight, eps, m, s)
+            # the log-sum-exp as _logsumexp_rows gives it
+            stats_out[i, 3] = (_infinite_lse(row, 0, 1, n_classes, m) if np.isinf(m)
+                               else np.float64(m) + np.log(s))
             _row_scores(row, t, m, s, e, stats_out[i], rank_out[i])
 
 

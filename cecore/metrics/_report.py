@@ -40,14 +40,15 @@ __all__ = ["classification_report_from_logits"]
 def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
     """Per-row loss and metrics of a block of rows (2-D, compute dtype, C-contiguous).
 
-    Returns ``(loss, stats, rank)``: float64 (n,), float64 (n, 3) = ``(entropy, max_p,
-    brier)`` and int64 (n, 2) = ``(rank, top1)`` (rank -1 for ignored rows, and the
+    Returns ``(loss, stats, rank)``: float64 (n,), float64 (n, 4) = ``(entropy, max_p,
+    brier, lse)`` and int64 (n, 2) = ``(rank, top1)`` (rank -1 for ignored rows, and the
     largest int64 for rows whose softmax is undefined, so that they miss the top k for any
-    k); for probability targets ``rank`` is None and ``max_p`` NaN.
+    k); for probability targets ``rank`` is None, and ``max_p`` and ``lse`` NaN (the
+    report uses neither there).
     """
     n, c = x.shape
     loss = np.empty(n)
-    stats = np.empty((n, 3))
+    stats = np.empty((n, 4))
     if c == 0:  # no kernel call (they write nothing): every index target is ignored
         stats[:] = np.nan
         if proba:  # cross_entropy's mean divides by 0 / 0 here
@@ -79,7 +80,7 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
             # targets of 1e308 or inf give an infinite Brier score, without a warning
             stats[a:b, 0] = -np.where(p64 == 0, 0.0, p64 * np.log(p64)).sum(axis=1)
             stats[a:b, 2] = ((p64 - t[a:b]) ** 2).sum(axis=1)
-    stats[:, 1] = np.nan
+    stats[:, 1] = stats[:, 3] = np.nan
     return loss, stats, None
 
 
