@@ -51,7 +51,8 @@ CE_SHAPES = [(65536, 1000, 1), (4096, 50257, 1), (1000000, 10, 1), (4, 21, 65536
 OTHER_SHAPES = [(1048576, 8, 1), (524288, 8, 2), (8192, 1000, 2), (16384, 1000, 1),
                 (65536, 8, 1)]
 SCORE_SHAPES = [(65536, 1000), (4096, 50257),  # softmax_ce_scores and its loss-only call
-                (2048, 1000), (64, 50257)]  # the last two in cache (L3)
+                (2048, 1000), (64, 50257),  # these two in cache (L3)
+                (1000000, 10)]  # few classes: the tile kernels
 BCE_SHAPES = [(65536, 1000), (4096, 1000), (512, 1000),  # the last in cache (L3)
               (1, 1 << 24)]  # a 1-D input of 2^24 values, as the functional API passes it
 

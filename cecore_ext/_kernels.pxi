@@ -84,6 +84,14 @@ cdef extern from "_rowkernels.h" nogil:
                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                             const double *w, double w_total, double w_scale, double eps,
                             const double *gs, double *loss, double *g, const double *next)
+    void cec_scores_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
+                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
+                             const double *w, double eps, double *loss, double *stats,
+                             int64_t *rank, float *e, const float *next)
+    void cec_scores_tile_f64(const double *x, Py_ssize_t n, Py_ssize_t stride,
+                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
+                             const double *w, double eps, double *loss, double *stats,
+                             int64_t *rank, double *e, const double *next)
     void cec_proba_tile_f32(const float *x, const float *q, Py_ssize_t n,
                             Py_ssize_t stride, Py_ssize_t width, const double *w,
                             double eps, const double *gs, double *loss, float *g)
@@ -232,6 +240,17 @@ cdef inline void _index_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
     else:
         cec_index_tile_f64(x, n, stride, width, target, ignore_index, w, w_total, w_scale,
                            eps, gs, loss, g, nxt)
+
+cdef inline void _scores_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
+                              Py_ssize_t width, const int64_t *target, int64_t ignore_index,
+                              const double *w, double eps, double *loss, double *stats,
+                              int64_t *rank, floating *e, const floating *nxt) noexcept nogil:
+    if floating is float:
+        cec_scores_tile_f32(x, n, stride, width, target, ignore_index, w, eps, loss, stats,
+                            rank, e, nxt)
+    else:
+        cec_scores_tile_f64(x, n, stride, width, target, ignore_index, w, eps, loss, stats,
+                            rank, e, nxt)
 
 cdef inline void _proba_tile(const floating *x, const floating *q, Py_ssize_t n,
                              Py_ssize_t stride, Py_ssize_t width, const double *w,
@@ -971,7 +990,7 @@ cdef struct ScoresArgs:
     double *loss
     double *stats  # (N, 4)
     int64_t *rank  # (N, 2)
-    Py_ssize_t C
+    Py_ssize_t N, C
     int64_t ignore_index
     double eps
 
@@ -986,6 +1005,20 @@ cdef void _scores_item(Py_ssize_t k, const floating *x, const void *ctx) noexcep
         return
     a.loss[k] = _scores_row(x + k * a.C, a.C, t, a.w, a.eps, a.stats + 4 * k,
                             a.rank + 2 * k)
+
+cdef void _scores_block_item(Py_ssize_t k, const floating *x,
+                             const void *ctx) noexcept nogil:
+    """Block k of rows of few classes through a scratch tile (as _index_block_item: the
+    loss takes softmax_ce_index's steps); the tile kernel leaves the exps in the second
+    half of the scratch for the metrics."""
+    cdef const ScoresArgs *a = <const ScoresArgs *>ctx
+    cdef Py_ssize_t C = a.C
+    cdef Block b = _block(k, a.N, 1)
+    cdef floating stack[BLOCK_STACK]  # 2 * C * b.ld values: always enough here (S == 1)
+    cdef const floating *nxt = _block_in(x, b, a.N, C, 1, stack, NULL)
+    _scores_tile(<const floating *>stack, C, b.ld, b.width, a.target + b.n0, a.ignore_index,
+                 a.w, a.eps, a.loss + b.n0, a.stats + 4 * b.n0, a.rank + 2 * b.n0,
+                 stack + C * b.ld, nxt)
 
 
 def softmax_ce_scores(const floating[:, ::1] logits, const int64_t[::1] target,
@@ -1003,21 +1036,12 @@ def softmax_ce_scores(const floating[:, ::1] logits, const int64_t[::1] target,
         return
     a.target, a.w, a.loss = &target[0], &weight[0], &loss_out[0]
     a.stats, a.rank = &stats_out[0, 0], &rank_out[0, 0]
-    a.C, a.ignore_index, a.eps = C, ignore_index, label_smoothing
-    if C <= CEC_SMALL_C:
-        # softmax_ce_index computes rows this short with the tile kernel (another
-        # summation order): it gives the loss, on the same rows while they are in cache.
-        a.loss = <double *>malloc(N * sizeof(double))
-        if a.loss == NULL:
-            raise MemoryError()
+    a.N, a.C, a.ignore_index, a.eps = N, C, ignore_index, label_smoothing
     with nogil:
-        _run(_scores_item[floating], N, &logits[0, 0], &a, n_threads)
-    if C <= CEC_SMALL_C:
-        free(a.loss)
-        x = np.asarray(logits)
-        softmax_ce_index(x.reshape(N, C, 1), np.asarray(target).reshape(N, 1), weight,
-                         ignore_index, label_smoothing, np.broadcast_to(0.0, (N, 1)),
-                         np.asarray(loss_out).reshape(N, 1), None, n_threads)
+        if _use_blocks(C, 1, sizeof(floating)):
+            _run(_scores_block_item[floating], _n_blocks(N, 1), &logits[0, 0], &a, n_threads)
+        else:
+            _run(_scores_item[floating], N, &logits[0, 0], &a, n_threads)
 
 
 # ------------------------------------------------------------------ log_loss's pass

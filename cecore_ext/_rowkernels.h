@@ -1101,17 +1101,18 @@ CEC_FORCE_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdi
         log_s[j] = cec_log_sum(s[j]);
 }
 
-CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff_t stride,
-                                                ptrdiff_t width, const int64_t *target,
-                                                int64_t ignore_index, const double *w,
-                                                double w_total, double w_scale, double eps,
-                                                const double *gs, double *loss, T *g,
-                                                const T *next) {
-    T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE], sub[CEC_TILE];
-    int32_t tt[CEC_TILE];
-    double s[CEC_TILE], log_s[CEC_TILE], wdev[CEC_TILE], x_t[CEC_TILE], w_t[CEC_TILE];
+/* The loss of cec_index_tile_at and what its gradient (or cec_scores_tile) needs: per
+ * position the target's class tt (-1: ignored) and weight w_t, the max m, the sum of exps
+ * s and log_s = log(s); the exps go to e when given. */
+CEC_FORCE_INLINE void CEC_FN(cec_index_tile_loss)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                                  ptrdiff_t width, const int64_t *target,
+                                                  int64_t ignore_index, const double *w,
+                                                  double eps, double *loss, T *e,
+                                                  const T *next, T *m, double *s,
+                                                  double *log_s, double *w_t, int32_t *tt) {
+    double wdev[CEC_TILE], x_t[CEC_TILE];
     const double smooth = eps / (double)n;
-    /* The targets' logits and weights first (without label smoothing g may be x, see
+    /* The targets' logits and weights first (without label smoothing e may be x, see
      * cec_index_row). Per-position steps are branch-free selects (an ignored position
      * reads class 0) so that they vectorise: a scalar loop with a division per
      * position cost as much as the exps at 10 classes. */
@@ -1123,7 +1124,7 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
         w_t[j] = ok ? w[t] : 0.0;
         tt[j] = ok ? (int32_t)t : -1;  /* the class whose gradient gets -sub (n < 2**31) */
     }
-    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, g, log_s, next);
+    CEC_FN(cec_tile_max_sumexp)(x, n, stride, width, m, s, e, log_s, next);
     if (eps > 0.0) {  /* sum_c w[c] * (lse - x[c]) per position, see cec_row_wdev */
         for (ptrdiff_t j = 0; j < width; j++)
             wdev[j] = 0.0;
@@ -1142,6 +1143,20 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
         const double l = (1.0 - eps) * w_t[j] * cec_dev(m[j], x_t[j], log_s[j]);
         loss[j] = ok ? (eps > 0.0 ? l + smooth * wdev[j] : l) : 0.0;
     }
+}
+
+CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                                ptrdiff_t width, const int64_t *target,
+                                                int64_t ignore_index, const double *w,
+                                                double w_total, double w_scale, double eps,
+                                                const double *gs, double *loss, T *g,
+                                                const T *next) {
+    T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE], sub[CEC_TILE];
+    int32_t tt[CEC_TILE];
+    double s[CEC_TILE], log_s[CEC_TILE], w_t[CEC_TILE];
+    const double smooth = eps / (double)n;
+    CEC_FN(cec_index_tile_loss)(x, n, stride, width, target, ignore_index, w, eps, loss, g,
+                                next, m, s, log_s, w_t, tt);
     if (!g)  /* gs is not set for loss only */
         return;
     const double zero_w = eps > 0.0 ? w_total * 0.0 : 0.0;
@@ -1191,6 +1206,75 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
     else
         CEC_FN(cec_index_tile_at)(x, n, stride, width, target, ignore_index, w, w_total,
                                   w_scale, eps, gs, loss, g, next);
+}
+
+/* softmax_ce_scores for a transposed block of rows of few classes: the loss of
+ * cec_index_tile (the same steps, so softmax_ce_index's bits), then the metrics of
+ * cec_scores_row (stats 4 and rank 2 values per position) from the block's exps, left in
+ * e (n * stride values of scratch) and still in L1. As there, the moments are summed in
+ * the logits' type (at most CEC_SMALL_C terms per position, all of one sign), x clamped at
+ * m - 1e30 so that e_c = 0 adds 0 (see cec_moments), and the target's square left out. */
+CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                        ptrdiff_t width, const int64_t *target,
+                                        int64_t ignore_index, const double *w, double eps,
+                                        double *loss, double *stats, int64_t *rank, T *e,
+                                        const T *next) {
+    T m[CEC_TILE], xt[CEC_TILE], et[CEC_TILE], lo[CEC_TILE], a[CEC_TILE], q[CEC_TILE];
+    int32_t tt[CEC_TILE], above[CEC_TILE], before[CEC_TILE];
+    double s[CEC_TILE], log_s[CEC_TILE], w_t[CEC_TILE], inv[CEC_TILE], h[CEC_TILE],
+           b2[CEC_TILE];
+    CEC_FN(cec_index_tile_loss)(x, n, stride, width, target, ignore_index, w, eps, loss, e,
+                                next, m, s, log_s, w_t, tt);
+    for (ptrdiff_t j = 0; j < width; j++) {
+        const ptrdiff_t t = tt[j] < 0 ? 0 : tt[j];
+        xt[j] = x[t * stride + j];
+        et[j] = e[t * stride + j];
+        lo[j] = m[j] + (T)-1e30;
+        a[j] = q[j] = 0;
+        above[j] = before[j] = 0;
+    }
+    for (ptrdiff_t c = 0; c < n; c++) {
+        const T *xc = x + c * stride, *ec = e + c * stride;
+        CEC_SIMD
+        for (ptrdiff_t j = 0; j < width; j++) {
+            const T v = ec[j], xv = xc[j];
+            a[j] += v * ((xv > lo[j] ? xv : lo[j]) - m[j]);
+            q[j] += tt[j] == (int32_t)c ? (T)0 : v * v;
+            above[j] += xv > xt[j];
+            before[j] += (int32_t)c < tt[j] && xv == xt[j];
+        }
+    }
+    /* one division per position; sum_{c != t} p_c**2 + (1 - p_t)**2 as in cec_scores_row */
+    CEC_SIMD
+    for (ptrdiff_t j = 0; j < width; j++) {
+        const double r = 1.0 / s[j], rest = (s[j] - (double)et[j]) * r;
+        inv[j] = r;
+        h[j] = log_s[j] - (double)a[j] * r;
+        b2[j] = (double)q[j] * r * r + rest * rest;
+    }
+    for (ptrdiff_t j = 0; j < width; j++) {
+        double *st = stats + 4 * j;
+        int64_t *rk = rank + 2 * j;
+        if (tt[j] < 0) {  /* ignored, as _scores_item gives it */
+            st[0] = st[1] = st[2] = st[3] = NAN;
+            rk[0] = -1;
+            rk[1] = 0;
+            continue;
+        }
+        st[3] = isinf(m[j]) ? CEC_FN(cec_infinite_lse)(x + j, n, stride, m[j])
+                            : (double)m[j] + log_s[j];
+        if (!(s[j] < INFINITY)) {
+            st[0] = st[1] = st[2] = NAN;
+            rk[0] = n;
+            rk[1] = 0;
+            continue;
+        }
+        st[0] = h[j];
+        st[1] = inv[j];
+        st[2] = b2[j];
+        rk[0] = above[j];
+        rk[1] = above[j] == 0 && before[j] == 0;
+    }
 }
 
 CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
