@@ -49,7 +49,8 @@ def _grad_scale(g, reduction, denominator, positions_shape):
 def _gradient_out(grad_out, x, x3, fortran, operands=(), in_place=()):
     """Where the kernel writes the gradient, and a function that returns the user's gradient.
 
-    Without ``grad_out``: a new array in the layout of ``x``. With it: its canonical view,
+    Without ``grad_out``: a new array in the layout of ``x``, or ``x3`` itself where ``x3``
+    is a copy of ``x`` that may be overwritten (one of ``in_place``). With it: its canonical view,
     so the kernel writes straight into the caller's memory, if that is safe: the view
     shares no memory with the arrays the kernel reads (``operands``), except that it may
     be exactly one of ``in_place`` (the same elements in the same places: those kernels
@@ -60,6 +61,11 @@ def _gradient_out(grad_out, x, x3, fortran, operands=(), in_place=()):
     temporary that is then copied in.
     """
     if grad_out is None:
+        if any(x3 is a for a in in_place) and not np.may_share_memory(x3, x):
+            # x3 is this call's own copy (float16 logits in float32, a strided view made
+            # contiguous): the gradient overwrites it, no second array of its size
+            grad = x3.reshape(x.shape[::-1]).T if fortran else x3.reshape(x.shape)
+            return x3, lambda: grad.astype(x.dtype, copy=False)
         grad, grad3 = V.empty_canonical(x.shape, x3.shape, x3.dtype, fortran)
         return grad3, lambda: grad.astype(x.dtype, copy=False)
     g = V.grad_out_array(grad_out, x, fortran)
@@ -153,9 +159,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     grad_out : ndarray, optional
         Array of the input's shape and dtype in native byte order, writeable and
         C-contiguous (or Fortran-contiguous for a Fortran-ordered 2-D input), that
-        receives the gradient and is returned as it: no new N x C allocation.
-        ``grad_out=input`` overwrites the logits with their gradient (same bits as out of
-        place). Implies ``return_grad=True``.
+        receives the gradient and is returned as it: no new N x C allocation (but for
+        float16 input, computed in float32, and ``grad_out=input`` with label smoothing or
+        probability targets, whose kernels read the logits after writing the gradient:
+        those write a temporary first). ``grad_out=input`` overwrites the logits with their
+        gradient (same bits as out of place). Implies ``return_grad=True``.
     backend : {'auto', 'cython', 'numba'}, default='auto'
     n_threads : int, optional
         Threads for the kernel; defaults to :func:`cecore._config.default_n_threads`,

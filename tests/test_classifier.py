@@ -407,6 +407,38 @@ def test_objective_memory_is_a_few_copies_of_the_coefficients():
     assert peak < 8 * coef_bytes, peak / coef_bytes
 
 
+def test_sparse_objective_holds_one_array_of_logits():
+    # (review) the sparse pass held the logits and a second array of their size for the
+    # gradient; the gradient now overwrites them
+    import tracemalloc
+
+    import scipy.sparse as sp
+    rng = np.random.default_rng(0)
+    X = sp.random(20000, 200, density=0.05, format="csr", random_state=0)
+    for n_classes in (2, 50):
+        y = np.arange(20000) % n_classes
+        objective = LinearObjective(X, y, np.ones(20000), 1.0, n_classes,
+                                    fit_intercept=True, backend="auto", n_threads=1)
+        w = rng.standard_normal(objective.n_params) * 0.01
+        expected = objective.loss_gradient(w)
+        logits_bytes = 20000 * n_classes * 8
+        tracemalloc.start()
+        try:
+            value, grad = objective.loss_gradient(w)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert value == expected[0] and np.array_equal(grad, expected[1])
+        if n_classes > 2:  # (binary: one logit per row, and O(rows) arrays besides)
+            assert peak < 1.6 * logits_bytes, peak / logits_bytes
+        # against the dense pass, which computes by blocks of rows
+        dense = LinearObjective(X.toarray(), y, np.ones(20000), 1.0, n_classes,
+                                fit_intercept=True, backend="auto", n_threads=1)
+        d_value, d_grad = dense.loss_gradient(w)
+        np.testing.assert_allclose(value, d_value, rtol=1e-12)
+        np.testing.assert_allclose(grad, d_grad, rtol=1e-9, atol=1e-12)
+
+
 # -- partial_fit ----------------------------------------------------------------------------
 
 def test_partial_fit_converges_towards_fit_on_a_stream():

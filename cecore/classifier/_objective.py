@@ -191,14 +191,15 @@ class LinearObjective:
         logits = np.asarray(self.X @ W.astype(self.X.dtype, copy=False))
         if b is not None:
             logits += b.astype(self.X.dtype, copy=False)
+        # the gradient overwrites the logits: one array of their size, not two
         if self.n_outputs == 1:
             loss, g = binary_cross_entropy_with_logits(
-                logits[:, 0], self.target, reduction="none", return_grad=True,
+                logits[:, 0], self.target, reduction="none", grad_out=logits[:, 0],
                 grad_output=self.grad_scale, backend=self.backend, n_threads=self.n_threads)
             g = g[:, None]
         else:
             loss, g = cross_entropy(
-                logits, self.target, reduction="none", return_grad=True,
+                logits, self.target, reduction="none", grad_out=logits,
                 grad_output=self.grad_scale, backend=self.backend, n_threads=self.n_threads)
         value = float(np.dot(loss, self.grad_scale))
         return value, self.X.T @ g, g.sum(axis=0, dtype=np.float64)
