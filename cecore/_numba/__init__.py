@@ -132,16 +132,14 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
 def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out,
                       stats_out, rank_out, n_threads):
     n, c = logits.shape
-    # The loss must equal softmax_ce_index's bit for bit; with few classes that takes the
-    # tile kernel (another summation order), run first on the same rows (still in cache).
-    small = c <= _config.SMALL_C
-    _run("scores_rows", n_threads, _ro(logits), _ro(target), _ro(weight),
-         int(ignore_index), float(label_smoothing),
-         np.empty(n) if small else loss_out, stats_out, rank_out)
-    if small:
-        softmax_ce_index(logits.reshape(n, c, 1), target.reshape(n, 1), weight, ignore_index,
-                         label_smoothing, np.broadcast_to(0.0, (n, 1)),
-                         loss_out.reshape(n, 1), None, n_threads)
+    block = _block(c, 1, logits.itemsize)
+    if block:  # few classes: softmax_ce_index's tiles, which give its loss bit for bit
+        _run("scores_tiles", n_threads, _ro(logits.reshape(-1)), _ro(target), _ro(weight),
+             int(ignore_index), float(label_smoothing), loss_out, stats_out, rank_out, n, c,
+             block, threads_used(n_threads))
+    else:
+        _run("scores_rows", n_threads, _ro(logits), _ro(target), _ro(weight),
+             int(ignore_index), float(label_smoothing), loss_out, stats_out, rank_out)
 
 
 def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,

@@ -144,11 +144,12 @@ def _row_loss(row, x_t, w_t, weight, eps, m, s):
     ``m`` and sum of exps ``s``. One helper for every row kernel: written out in the body
     of the scoring kernel, whose own flags allow "reassoc", the label-smoothing sum was
     compiled differently in its serial copy (1-ulp losses apart from softmax_ce_index's
-    at n_threads=1)."""
+    at n_threads=1). Its products are rounded, never fused into the sum (see
+    :func:`_index_tile`)."""
     log_s = np.log(s)
-    loss = (1.0 - eps) * w_t * _dev(np.float64(m), x_t, log_s)
+    loss = _rounded_product((1.0 - eps) * w_t, _dev(np.float64(m), x_t, log_s))
     if eps > 0.0:
-        loss += eps / row.shape[0] * _row_wdev(row, weight, m, log_s)
+        loss += _rounded_product(eps / row.shape[0], _row_wdev(row, weight, m, log_s))
     return loss
 
 
@@ -605,7 +606,8 @@ def _weight_scale(weight, x):
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
                 w_scale, ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place,
                 m, s, log_s, coef, shift, sub, w_t, gs_run, src, nxt):
-    """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions;
+    """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions; a
+    ``g`` given without ``want_grad`` receives the exps (:func:`_scores_tiles`).
     ``in_place``: ``g`` is ``x`` itself (no label smoothing). ``m`` to ``gs_run``: scratch
     of TILE values (``s``, ``log_s``, ``w_t`` and ``gs_run`` float64, the others of x's
     type); ``src`` and ``nxt`` as for _tile_max_sumexp (the in-place path asks for none);
@@ -622,8 +624,8 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
     if in_place:
         _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s)
     else:
-        _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, want_grad, coef, log_s,
-                         src, nxt)
+        _tile_max_sumexp(x, base, stride, n_classes, width, m, s, g, g.shape[0] != 0, coef,
+                         log_s, src, nxt)
     if eps > 0.0:  # sum_c weight[c] * (lse - x[c]) per position (see _row_wdev), in `loss`
         loss[:] = 0.0
         for c in range(n_classes):
@@ -631,10 +633,14 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
             xc = _view(x, base + c * stride, base + c * stride + width)
             for j in range(width):
                 loss[j] += w_c * _dev(np.float64(m[j]), np.float64(xc[j]), log_s[j])
+    # Both products rounded, never fused into the sum: with "contract" LLVM fused one of
+    # them in one kernel's copy of this helper and not in another's (the scoring tiles'
+    # label-smoothing losses were 1 ulp off softmax_ce_index's in a fifth of the rows).
     for j in range(width):
-        l = (1.0 - eps) * w_t[j] * _dev(np.float64(m[j]), np.float64(shift[j]), log_s[j])
+        l = _rounded_product((1.0 - eps) * w_t[j],
+                             _dev(np.float64(m[j]), np.float64(shift[j]), log_s[j]))
         if eps > 0.0:
-            l += smooth * loss[j]
+            l += _rounded_product(smooth, loss[j])
         loss[j] = l if tgt[j] != ignore_index else 0.0
     if not want_grad:
         return
@@ -714,6 +720,91 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                             x, -1)
         if stream:
             _store_fence()
+
+
+@helper
+def _tile_scores(xt, et, n_classes, width, tgt, ignore_index, m, s, log_s, stats, rank,
+                 xtt, ett, lo, a, q, above, before):
+    """The metrics of :func:`_row_scores` for a transposed tile of rows (positions j <
+    width along rows of TILE), from its exps ``et`` and its ``m``, ``s`` and ``log_s``,
+    into ``stats`` and ``rank`` (the tile's rows of the outputs). As there, the moments
+    and counts are summed in the logits' type (here at most SMALL_C terms per row, all
+    of one sign), x clamped at m - 1e30 so that e = 0 adds 0, the target's square left
+    out. ``xtt`` to ``before``: scratch of TILE values of the logits' type."""
+    zero = _cast_like(0.0, m[0])
+    one = _cast_like(1.0, m[0])
+    for j in range(width):
+        tc = tgt[j] if tgt[j] != ignore_index else 0
+        xtt[j] = xt[tc * TILE + j]
+        ett[j] = et[tc * TILE + j]
+        lo[j] = m[j] + _cast_like(-1e30, m[0])
+        a[j] = zero
+        q[j] = zero
+        above[j] = zero
+        before[j] = zero
+    for c in range(n_classes):
+        xc = _view(xt, c * TILE, c * TILE + width)
+        ec = _view(et, c * TILE, c * TILE + width)
+        for j in range(width):
+            v = ec[j]
+            xv = xc[j]
+            # products rounded, never fused into the sums: LLVM fused them in the vector
+            # loop and not in the scalar one (one-row chunks gave other Brier scores)
+            a[j] += _rounded_product(v, (xv if xv > lo[j] else lo[j]) - m[j])
+            q[j] += zero if tgt[j] == c else _rounded_product(v, v)
+            above[j] += one if xv > xtt[j] else zero
+            before[j] += one if c < tgt[j] and xv == xtt[j] else zero
+    for j in range(width):
+        if tgt[j] == ignore_index:  # as _scores_rows
+            stats[j, 0] = stats[j, 1] = stats[j, 2] = stats[j, 3] = np.nan
+            rank[j, 0] = -1
+            rank[j, 1] = 0
+            continue
+        stats[j, 3] = (_infinite_lse(xt, j, TILE, n_classes, m[j]) if np.isinf(m[j])
+                       else np.float64(m[j]) + log_s[j])
+        if not s[j] < np.inf:
+            stats[j, 0] = stats[j, 1] = stats[j, 2] = np.nan
+            rank[j, 0] = n_classes
+            rank[j, 1] = 0
+            continue
+        r = 1.0 / s[j]
+        rest = (s[j] - np.float64(ett[j])) * r
+        stats[j, 0] = log_s[j] - np.float64(a[j]) * r
+        stats[j, 1] = r
+        stats[j, 2] = np.float64(q[j]) * r * r + rest * rest
+        rank[j, 0] = np.int64(above[j])
+        rank[j, 1] = 1 if above[j] == zero and before[j] == zero else 0
+
+
+def _scores_tiles(x, target, weight, ignore_index, eps, loss_out, stats_out, rank_out,
+                  n_samples, n_classes, block, threads):
+    """softmax_ce_scores for rows of few classes (the flat (N, C) logits): blocks of
+    ``block`` rows transposed into a scratch tile, as :func:`_index_tiles` runs them, the
+    loss by :func:`_index_tile` (its steps, so softmax_ce_index's bits) with the exps kept
+    in a second tile, then the metrics by :func:`_tile_scores` while both are in cache."""
+    n_tiles = _n_tiles(n_samples, 1, block)
+    per_task = _tiles_per_task(n_classes, n_tiles, threads)
+    no_scale = np.empty(0, dtype=np.float64)  # read only for a gradient
+    for task in prange((n_tiles + per_task - 1) // per_task):
+        m = np.empty(TILE, dtype=x.dtype)
+        s = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
+        w_t = np.empty(TILE, dtype=np.float64)
+        gs_run = np.empty(TILE, dtype=np.float64)
+        scratch = np.empty((10, TILE), dtype=x.dtype)  # of _index_tile, then _tile_scores
+        xt = np.empty(n_classes * TILE, dtype=x.dtype)
+        et = np.empty(n_classes * TILE, dtype=x.dtype)
+        for tile in _task_tiles(task, per_task, n_tiles):
+            r0, n_rows = _block_span(tile, block, n_samples)
+            _to_tile(x, r0, n_rows, n_classes, 1, xt)
+            _index_tile(xt, 0, TILE, n_classes, n_rows, target, r0, weight, 0.0, 1.0,
+                        ignore_index, eps, no_scale, loss_out, et, False, False, m, s, log_s,
+                        scratch[0], scratch[1], scratch[2], w_t, gs_run, x,
+                        (r0 + n_rows) * n_classes)
+            _tile_scores(xt, et, n_classes, n_rows, _view(target, r0, r0 + n_rows),
+                         ignore_index, m, s, log_s, stats_out[r0:r0 + n_rows],
+                         rank_out[r0:r0 + n_rows], scratch[3], scratch[4], scratch[5],
+                         scratch[6], scratch[7], scratch[8], scratch[9])
 
 
 def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
@@ -1185,7 +1276,7 @@ def _log_loss_pass(proba, target, lo, hi, rtol, n_blocks, stats, picked):
 KERNELS = {
     name: jit(fn)
     for name, fn in {
-        "index_rows": _index_rows, "index_tiles": _index_tiles,
+        "index_rows": _index_rows, "index_tiles": _index_tiles, "scores_tiles": _scores_tiles,
         "index_tiles_in_place": _index_tiles_in_place, "index_sample_rows": _index_sample_rows,
         "proba_rows": _proba_rows, "proba_tiles": _proba_tiles,
         "softmax_rows": _softmax_rows, "softmax_tiles": _softmax_tiles,
