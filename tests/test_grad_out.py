@@ -88,20 +88,48 @@ def test_bce_grad_out_fortran_order(backend, rng):
     assert_close(grad, xt.grad.numpy(), np.float64)
 
 
-@pytest.mark.parametrize("fn", ["nll_loss", "bce"])
-def test_grad_out_nll_and_bce_in_place(backend, rng, fn):
-    x = rng.standard_normal((25, 4)).astype(np.float32)
+NLL_BCE_CASES = {
+    "plain": ((25, 4), {}),
+    "weighted": ((25, 4), {"weight": True}),
+    "ignored": ((25, 4), {"ignored": True}),
+    "kdim": ((6, 4, 3, 5), {"weight": True, "ignored": True}),
+    "none": ((25, 4), {"reduction": "none"}),
+    "pos_weight": ((25, 4), {"pos_weight": True}),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fn, case", [(fn, case) for fn in ("nll_loss", "bce")
+                                      for case in sorted(NLL_BCE_CASES)
+                                      if fn == "bce" or case != "pos_weight"])
+def test_grad_out_nll_and_bce_in_place(backend, rng, fn, case, dtype):
+    shape, spec = NLL_BCE_CASES[case]
+    x = rng.standard_normal(shape).astype(dtype)
+    n_classes = shape[1]
+    options = {"backend": backend}
+    if spec.get("reduction"):
+        options.update(reduction="none", grad_output=rng.random(
+            x.shape if fn == "bce" else (shape[0],) + shape[2:]))
     if fn == "nll_loss":
-        call = lambda a, **kw: cecore.nll_loss(a, rng_t, backend=backend, **kw)  # noqa: E731
-        rng_t = rng.integers(0, 4, 25)
+        t = rng.integers(0, n_classes, (shape[0],) + shape[2:])
+        if spec.get("ignored"):
+            t[rng.random(t.shape) < 0.3] = -100
+        if spec.get("weight"):
+            options["weight"] = rng.random(n_classes) + 0.5
+        call = lambda a, **kw: cecore.nll_loss(a, t, **options, **kw)  # noqa: E731
     else:
-        y = rng.random((25, 4)).astype(np.float32)
+        y = rng.random(shape).astype(dtype)
+        if spec.get("weight"):
+            options["weight"] = rng.random(shape[-1]) + 0.5
+        if spec.get("pos_weight") or spec.get("ignored"):
+            options["pos_weight"] = rng.random(shape[-1]) * 3
         call = lambda a, **kw: cecore.binary_cross_entropy_with_logits(  # noqa: E731
-            a, y, backend=backend, **kw)
+            a, y, **options, **kw)
     loss, grad = call(x, return_grad=True)
     xi = x.copy()
     loss2, grad2 = call(xi, grad_out=xi)
-    assert grad2 is xi and grad2.tobytes() == grad.tobytes() and loss == loss2
+    assert grad2 is xi and grad2.tobytes() == grad.tobytes()
+    assert np.asarray(loss).tobytes() == np.asarray(loss2).tobytes()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -133,10 +161,18 @@ def test_bce_in_place_zeros_have_the_same_sign(backend, rng, dtype, reduction):
 def test_loss_classes_take_grad_out(backend, rng):
     x = rng.standard_normal((10, 3))
     t = rng.integers(0, 3, 10)
-    buf = np.empty_like(x)
-    loss, grad = cecore.CrossEntropyLoss(backend=backend).loss_and_grad(x, t, grad_out=buf)
-    assert grad is buf
-    assert grad.tobytes() == cecore.cross_entropy(x, t, return_grad=True, backend=backend)[1].tobytes()
+    y = rng.random((10, 3))
+    for loss_class, function, target in (
+            (cecore.CrossEntropyLoss, cecore.cross_entropy, t),
+            (cecore.NLLLoss, cecore.nll_loss, t),
+            (cecore.BCEWithLogitsLoss, cecore.binary_cross_entropy_with_logits, y)):
+        expected = function(x, target, return_grad=True, backend=backend)[1]
+        buf = np.empty_like(x)
+        loss, grad = loss_class(backend=backend).loss_and_grad(x, target, grad_out=buf)
+        assert grad is buf and grad.tobytes() == expected.tobytes(), loss_class
+        xi = x.copy()
+        assert loss_class(backend=backend).loss_and_grad(xi, target, grad_out=xi)[1] is xi
+        assert xi.tobytes() == expected.tobytes(), loss_class
 
 
 @pytest.mark.parametrize("bad, error, message", [

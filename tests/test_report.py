@@ -367,3 +367,46 @@ def test_cli_reports_every_metric_and_no_accuracy_is_a_no_op(tmp_path, rng, caps
     for bad in (["--top-k", "0"], ["--ece-bins", "0"]):
         assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), *bad]) == 1
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_top_k_defaults_to_5(tmp_path, rng, capsys):
+    x = rng.standard_normal((500, 12)).astype(np.float32)
+    t = rng.integers(0, 12, 500)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["top_k"] == 5
+    np.testing.assert_allclose(out["top_k_accuracy"], reference(x, t, top_k=5)["top_k_accuracy"],
+                               rtol=1e-12)
+    assert out["top_k_accuracy"] != reference(x, t, top_k=4)["top_k_accuracy"]
+
+
+def test_ece_counts_undefined_rows_at_confidence_zero(backend):
+    # As documented: a row whose softmax is undefined is wrong, at confidence 0, and stays
+    # in the denominator (torchmetrics would give NaN); the other means become NaN.
+    x = np.array([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [np.nan, 0.0, 0.0]])
+    t = np.array([0, 0, 1])
+    r = classification_report_from_logits(x, t, backend=backend)
+    p = np.exp(x[:2] - x[:2].max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    gaps = np.abs(np.array([1.0, 0.0]) - p.max(axis=1))  # the two rows fall in other bins
+    np.testing.assert_allclose(r["ece"], gaps.sum() / 3, rtol=1e-12)
+    assert np.isnan(r["mean_entropy"]) and np.isnan(r["brier"])
+    assert r["accuracy"] == 1 / 3
+
+
+def test_one_row_chunks_of_probability_targets_agree_bitwise(tmp_path, rng, backend):
+    x = rng.standard_normal((200, 9)).astype(np.float32)
+    q = rng.dirichlet(np.ones(9), 200).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "q.npy", q)
+    memory = classification_report_from_logits(x, q, backend=backend)
+    streamed = batch.score(str(tmp_path / "x.npy"), str(tmp_path / "q.npy"),
+                           memory_budget="1B", backend=backend)
+    assert streamed.chunk_rows == 1
+    assert streamed.mean_loss == memory["loss"] == cecore.cross_entropy(x, q, backend=backend)
+    for key in ("mean_entropy", "brier"):
+        assert getattr(streamed, key) == memory[key], key
+    for key in ("accuracy", "top_k_accuracy", "ece"):
+        assert getattr(streamed, key) is None and memory[key] is None

@@ -24,7 +24,8 @@ Definitions (over the rows whose target is not ignored; ``p = softmax(logits)``)
 
 For probability targets only the loss, ``mean_entropy`` and ``brier`` are defined; the
 others are None. Rows whose softmax is undefined (NaN or +inf logits) count as wrong and
-make the means they enter NaN.
+make the means they enter NaN (``mean_entropy``, ``brier``), except ``ece``, where they
+count at confidence 0 (torchmetrics' would be NaN).
 """
 
 import numpy as np
