@@ -293,6 +293,29 @@ def test_label_smoothing_scorer_matches_torch(iris, from_logits, binary):
         make_cross_entropy_scorer(label_smoothing=1.5)
 
 
+def test_label_smoothing_scorer_copies_no_probabilities():
+    # (review) the smoothed score copied the model's N x C probabilities to clip and log
+    # them: twice their size at the peak; now by blocks of rows
+    class Model:
+        classes_ = np.arange(200)
+
+        def predict_proba(self, X):
+            return np.full((len(X), 200), 1 / 200)
+
+    X, y = np.zeros((20000, 1)), np.arange(20000) % 200
+    scorer = make_cross_entropy_scorer(label_smoothing=0.1)
+    proba_bytes = 20000 * 200 * 8
+    scorer(Model(), X, y)
+    tracemalloc.start()
+    try:
+        score = scorer(Model(), X, y)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.3 * proba_bytes, peak / proba_bytes
+    assert score == pytest.approx(np.log(1 / 200), rel=1e-12)  # uniform: every term log C
+
+
 @pytest.mark.parametrize("options", [{"from_logits": True}, {"label_smoothing": 0.1}])
 def test_scorer_sample_weight_of_the_wrong_length(iris, options):
     from cecore.metrics import make_cross_entropy_scorer

@@ -3,6 +3,7 @@
 import numpy as np
 
 from .. import _validation as V
+from .._config import PROBA_BLOCK_BYTES
 from ._log_loss import _logits_loss, _on_numpy, _weighted_mean, log_loss
 
 __all__ = ["make_cross_entropy_scorer", "neg_log_loss_scorer"]
@@ -55,13 +56,19 @@ class _CrossEntropyScorer:
         # probabilities as given (clipped as log_loss clips). Rows that do not sum to one
         # (log_loss warned) are not renormalised, so the score tends to -log_loss as eps
         # goes to 0; for rows that sum to one this is torch's smoothed cross-entropy.
-        proba = np.array(proba, dtype=np.float64 if proba.dtype != np.float32 else np.float32)
+        dtype = np.float64 if proba.dtype != np.float32 else np.float32
         if proba.ndim == 1 or proba.shape[1] == 1:  # P(classes_[1]), as log_loss reads it
             proba = np.column_stack([1 - proba.reshape(-1), proba.reshape(-1)])
-        eps = np.finfo(proba.dtype).eps
-        np.clip(proba, eps, 1 - eps, out=proba)
-        np.log(proba, out=proba)  # in the copy: no other N x C temporary
-        uniform = -proba.mean(axis=1, dtype=np.float64)
+        eps = np.finfo(dtype).eps
+        # by blocks of rows through one small buffer: no copy of the N x C probabilities
+        # (each row's mean is its own reduction, so the blocks change no bit)
+        step = max(1, PROBA_BLOCK_BYTES // (8 * proba.shape[1]))
+        uniform = np.empty(proba.shape[0])
+        for a in range(0, proba.shape[0], step):
+            block = np.array(proba[a:a + step], dtype=dtype)
+            np.clip(block, eps, 1 - eps, out=block)
+            np.log(block, out=block)
+            uniform[a:a + step] = -block.mean(axis=1, dtype=np.float64)
         return -((1 - self.label_smoothing) * loss +
                  self.label_smoothing * _weighted_mean(uniform, sample_weight, True))
 
