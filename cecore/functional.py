@@ -14,7 +14,7 @@ import numpy as np
 from . import _reduce
 from . import _validation as V
 from ._backends import get_backend
-from ._config import BCE_CHUNK, NLL_CHUNK, REDUCE_BLOCK
+from ._config import BCE_CHUNK, NLL_CHUNK, PROBA_BLOCK_BYTES, REDUCE_BLOCK
 
 __all__ = [
     "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
@@ -511,10 +511,25 @@ def _softmax(x, axis, log, backend, n_threads):
     shape = np.shape(x)
     x, axis = _softmax_input(x, axis)
     dtype = V.compute_dtype(x.dtype)
+    kernels = get_backend(backend)
+    threads = V.n_threads(n_threads, x.size)
+    if x.dtype != dtype and axis > 0 and x.flags.c_contiguous:
+        # float16 (or big-endian) input: converted and computed a block of samples at a
+        # time, so that the float32 arrays are a block's, not two of the input's size
+        # (each sample's softmax is its own: the blocks change no bit)
+        out = np.empty(x.shape, x.dtype)
+        step = max(1, PROBA_BLOCK_BYTES // max(1, dtype.itemsize * x[0].size))
+        for a in range(0, x.shape[0], step):
+            block = x[a:a + step]
+            x3, fortran = V.canonical(block, axis, dtype)
+            o, o3 = V.empty_canonical(block.shape, x3.shape, dtype, fortran)
+            kernels.softmax(x3, log, o3, threads)
+            out[a:a + step] = o  # float16 below -65504: -inf
+        return out.reshape(shape)
     x3, fortran = V.canonical(x, axis, dtype)
     out, out3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
-    get_backend(backend).softmax(x3, log, out3, V.n_threads(n_threads, x.size))
-    return out.astype(x.dtype, copy=False).reshape(shape)  # float16 below -65504: -inf
+    kernels.softmax(x3, log, out3, threads)
+    return out.astype(x.dtype, copy=False).reshape(shape)
 
 
 @_ieee
