@@ -54,14 +54,16 @@ Log-softmax likewise is ``(x - m) - log(s)``.
         top1    = 1 if the first largest logit is x[t]
 
     - logits : const floating (N, C); target : const int64 (N,); weight : float64 (C,)
-    - loss_out : float64 (N,), equal bit for bit to ``softmax_ce_index``'s
+    - loss_out : float64 (N,), equal bit for bit to ``softmax_ce_index``'s (but for
+      the sign of a NaN, where a row holds +inf and NaN)
     - stats_out : float64 (N, 4), ``(entropy, max_p, brier, lse)``; the sums behind entropy
       and Brier score (``sum_c e_c (x_c - max)`` and ``sum_{c != t} e_c**2``) are taken in
       the logits' type within blocks of ``SUM_BLOCK`` classes and in float64 across
       blocks, the target's terms apart: Brier is ``sum_{c != t} p_c**2 + (1 - p_t)**2``
       with ``1 - p_t = (s - e_t) / s`` in float64 (no cancellation for confident rows)
     - rank_out : int64 (N, 2), ``(rank, top1)``
-    Ignored rows are not read: loss 0, stats NaN, rank ``(-1, 0)``. Rows whose softmax is
+    Ignored rows (not read by the row kernels; the few-classes tiles transpose them with
+    their block): loss 0, stats NaN, rank ``(-1, 0)``. Rows whose softmax is
     undefined (NaN or +inf logits): entropy, max_p and brier NaN, rank ``(C, 0)``; ``lse``
     is ``logsumexp``'s (+inf with a +inf logit, NaN with a NaN).
 

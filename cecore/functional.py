@@ -61,9 +61,10 @@ def _gradient_out(grad_out, x, x3, fortran, operands=(), in_place=()):
     temporary that is then copied in.
     """
     if grad_out is None:
-        if any(x3 is a for a in in_place) and not np.may_share_memory(x3, x):
+        if x3.size and any(x3 is a for a in in_place) and not np.may_share_memory(x3, x):
             # x3 is this call's own copy (float16 logits in float32, a strided view made
-            # contiguous): the gradient overwrites it, no second array of its size
+            # contiguous): the gradient overwrites it, no second array of its size.
+            # (may_share_memory is False for any empty array: those get a new one.)
             grad = x3.reshape(x.shape[::-1]).T if fortran else x3.reshape(x.shape)
             return x3, lambda: grad.astype(x.dtype, copy=False)
         grad, grad3 = V.empty_canonical(x.shape, x3.shape, x3.dtype, fortran)
@@ -514,11 +515,12 @@ def _softmax(x, axis, log, backend, n_threads):
     kernels = get_backend(backend)
     threads = V.n_threads(n_threads, x.size)
     if x.dtype != dtype and axis > 0 and x.flags.c_contiguous:
-        # float16 (or big-endian) input: converted and computed a block of samples at a
-        # time, so that the float32 arrays are a block's, not two of the input's size
-        # (each sample's softmax is its own: the blocks change no bit)
+        # float16 input: converted and computed a block of samples at a time, so that
+        # the float32 arrays are a block's, not two of the input's size (each sample's
+        # softmax is its own: the blocks change no bit)
         out = np.empty(x.shape, x.dtype)
-        step = max(1, PROBA_BLOCK_BYTES // max(1, dtype.itemsize * x[0].size))
+        sample = math.prod(x.shape[1:])
+        step = max(1, PROBA_BLOCK_BYTES // max(1, dtype.itemsize * sample))
         for a in range(0, x.shape[0], step):
             block = x[a:a + step]
             x3, fortran = V.canonical(block, axis, dtype)

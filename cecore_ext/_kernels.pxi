@@ -19,7 +19,6 @@
 #   long as it asks for one thread.
 # - Tunables are the CEC_* macros setup.py takes from cecore/_config.py.
 
-import numpy as np
 
 from cython.parallel cimport parallel, prange
 from cython cimport floating

@@ -50,6 +50,9 @@ def test_float16_softmax_is_computed_by_blocks(backend, rng, fn):
         result = f(xx, axis=axis, backend=backend)
         assert result.dtype == np.float16 and result.tobytes() == expected.tobytes()
         assert _peak_memory(lambda: f(xx, axis=axis, backend=backend)) < 1.5 * x.nbytes
+    for empty in (np.empty((0, 5), np.float16), np.empty((0, 3, 4), np.float16)):
+        for axis in (-1, 1):  # (review) x[0] of no rows raised IndexError
+            assert f(empty, axis=axis, backend=backend).shape == empty.shape
     ref = getattr(torch, fn)(torch.tensor(x, dtype=torch.float32), dim=-1).numpy()
     np.testing.assert_allclose(f(x, backend=backend), ref.astype(np.float16), rtol=1e-3,
                                atol=1e-7)

@@ -425,3 +425,20 @@ def test_outputs_larger_than_the_cache_are_the_same_bits(rng, kind, dtype, backe
     assert grad2 is shifted and grad3 is xi
     assert fresh.tobytes() == shifted.tobytes() == xi.tobytes() == one.tobytes() == odd.tobytes()
     assert loss == loss2 == loss3 == loss4 == loss5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_empty_read_only_input_gets_a_new_gradient(backend, dtype):
+    # (review) the gradient went into the caller's empty read-only array (may_share_memory
+    # is False for any empty array): the kernels refused the read-only buffer
+    x = np.empty((0, 5), dtype)
+    x.flags.writeable = False
+    t = np.empty(0, np.int64)
+    for call in (lambda: cecore.cross_entropy(x, t, return_grad=True, backend=backend),
+                 lambda: cecore.nll_loss(x, t, return_grad=True, backend=backend),
+                 lambda: cecore.binary_cross_entropy_with_logits(x, np.empty((0, 5), dtype),
+                                                                 return_grad=True,
+                                                                 backend=backend)):
+        grad = call()[1]
+        assert grad.shape == (0, 5) and grad.dtype == dtype and grad.flags.writeable
+        assert grad.base is not x and grad is not x

@@ -293,6 +293,29 @@ def test_label_smoothing_scorer_matches_torch(iris, from_logits, binary):
         make_cross_entropy_scorer(label_smoothing=1.5)
 
 
+def test_label_smoothing_scorer_of_float16_binary_probabilities():
+    # (review) 1 - p was computed in float16 before the conversion (-0.91421913 for
+    # -0.91423535): the uniform term is the float64 one of the same values
+    class Model:
+        classes_ = np.array([0, 1])
+
+        def __init__(self, proba):
+            self.proba = proba
+
+        def predict_proba(self, X):
+            return self.proba
+
+    rng = np.random.default_rng(0)
+    p16 = rng.uniform(0.01, 0.99, 500).astype(np.float16)
+    X, y = np.zeros((500, 1)), rng.integers(0, 2, 500)
+    scorer = make_cross_entropy_scorer(label_smoothing=0.2)
+    p = np.column_stack([1 - p16.astype(np.float64), p16.astype(np.float64)])
+    eps = np.finfo(np.float64).eps
+    uniform = -np.log(np.clip(p, eps, 1 - eps)).mean(axis=1)
+    expected = 0.8 * sk_log_loss(y, p16) + 0.2 * uniform.mean()
+    assert scorer(Model(p16), X, y) == pytest.approx(-expected, rel=1e-14)
+
+
 def test_label_smoothing_scorer_copies_no_probabilities():
     # (review) the smoothed score copied the model's N x C probabilities to clip and log
     # them: twice their size at the peak; now by blocks of rows

@@ -410,3 +410,15 @@ def test_one_row_chunks_of_probability_targets_agree_bitwise(tmp_path, rng, back
         assert getattr(streamed, key) == memory[key], key
     for key in ("accuracy", "top_k_accuracy", "ece"):
         assert getattr(streamed, key) is None and memory[key] is None
+
+
+def test_scores_kernel_refuses_outputs_of_the_wrong_shape(backend):
+    # (review) Numba's adapter checked nothing: an (N, 3) stats_out of the old contract
+    # was written past its end
+    from cecore._backends import get_backend
+    x, t = np.zeros((5, 3)), np.zeros(5, np.int64)
+    for stats, rank in ((np.empty((5, 3)), np.empty((5, 2), np.int64)),
+                        (np.empty((5, 4)), np.empty((4, 2), np.int64))):
+        with pytest.raises(ValueError, match=r"\(N, 4\)"):
+            get_backend(backend).softmax_ce_scores(x, t, np.ones(3), -100, 0.0, np.empty(5),
+                                                   stats, rank, 1)

@@ -132,6 +132,10 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
 def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out,
                       stats_out, rank_out, n_threads):
     n, c = logits.shape
+    # Not validation (the caller's job), only what keeps the writes inside the buffers.
+    if target.shape != (n,) or loss_out.shape != (n,) or stats_out.shape != (n, 4) \
+            or rank_out.shape != (n, 2):
+        raise ValueError("softmax_ce_scores: outputs must have shapes (N,), (N, 4), (N, 2)")
     block = _block(c, 1, logits.itemsize)
     if block:  # few classes: softmax_ce_index's tiles, which give its loss bit for bit
         _run("scores_tiles", n_threads, _ro(logits.reshape(-1)), _ro(target), _ro(weight),

@@ -58,7 +58,8 @@ class _CrossEntropyScorer:
         # goes to 0; for rows that sum to one this is torch's smoothed cross-entropy.
         dtype = np.float64 if proba.dtype != np.float32 else np.float32
         if proba.ndim == 1 or proba.shape[1] == 1:  # P(classes_[1]), as log_loss reads it
-            proba = np.column_stack([1 - proba.reshape(-1), proba.reshape(-1)])
+            p1 = proba.reshape(-1).astype(dtype)  # 1 - p in the computation's type
+            proba = np.column_stack([1 - p1, p1])
         eps = np.finfo(dtype).eps
         # by blocks of rows through one small buffer: no copy of the N x C probabilities
         # (each row's mean is its own reduction, so the blocks change no bit)
