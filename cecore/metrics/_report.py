@@ -91,8 +91,9 @@ def confidence_bins(max_p, n_bins):
     ``n_bins`` holds confidences of exactly 1). Not ``np.linspace``, which computes
     ``k * (1 / n_bins)``: an ulp above ``k / n_bins`` for some k (0.30000000000000004 for
     3/10), so a confidence exactly on such an edge fell one bin lower. ``floor(p * n_bins)``
-    is off by at most one bin, within an ulp of an edge; the edges decide there (2.5x
-    faster than ``searchsorted``, which took half of the report's own time at 2e6 rows)."""
+    is off by at most one bin, within an ulp of an edge; the edges decide there (20 ms for
+    2e6 confidences where ``searchsorted`` took 52 ms, about a third of the report's time
+    at 2e6 rows of ten classes; a one-off timing, Zen 4)."""
     b = np.multiply(max_p, n_bins).astype(np.intp)
     b -= max_p < b / n_bins
     b += max_p >= (b + 1) / n_bins
