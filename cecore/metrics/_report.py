@@ -67,20 +67,29 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads):
     kernels.softmax_ce_proba(x.reshape(n, c, 1), t.reshape(n, c, 1), weight, eps,
                              np.broadcast_to(0.0, (n, 1)), loss.reshape(n, 1), None,
                              n_threads)
-    # Entropy and Brier need every probability: blocks of rows through one reused
-    # softmax buffer of about PROBA_BLOCK_BYTES (no N x C temporary).
-    step = max(1, PROBA_BLOCK_BYTES // max(1, c * x.itemsize))
+    # Entropy and Brier need every probability: blocks of rows through reused buffers of
+    # about PROBA_BLOCK_BYTES each (the softmax, its float64 copy and one float64 work
+    # array; no N x C temporary, and no unbudgeted one: a block's temporaries of the
+    # plain expressions took 35 MB beside a stream's budget).
+    step = max(1, PROBA_BLOCK_BYTES // max(1, c * 8))
     p = np.empty((min(n, step), c), x.dtype)
+    p64, work = np.empty((2, min(n, step), c))
     for a in range(0, n, step):
         b = min(n, a + step)
-        kernels.softmax(x[a:b].reshape(b - a, c, 1), False, p[:b - a].reshape(b - a, c, 1),
+        pb, qb, wb = p[:b - a], p64[:b - a], work[:b - a]
+        kernels.softmax(x[a:b].reshape(b - a, c, 1), False, pb.reshape(b - a, c, 1),
                         n_threads)
-        p64 = p[:b - a].astype(np.float64)
+        qb[...] = pb
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             # 0 log 0 = 0; a NaN probability (a row whose softmax is undefined) stays NaN;
             # targets of 1e308 or inf give an infinite Brier score, without a warning
-            stats[a:b, 0] = -np.where(p64 == 0, 0.0, p64 * np.log(p64)).sum(axis=1)
-            stats[a:b, 2] = ((p64 - t[a:b]) ** 2).sum(axis=1)
+            np.log(qb, out=wb)
+            np.multiply(qb, wb, out=wb)
+            wb[qb == 0] = 0.0
+            stats[a:b, 0] = -wb.sum(axis=1)
+            np.subtract(qb, t[a:b], out=wb)
+            np.square(wb, out=wb)
+            stats[a:b, 2] = wb.sum(axis=1)
     stats[:, 1] = stats[:, 3] = np.nan
     return loss, stats, None
 
