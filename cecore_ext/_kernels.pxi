@@ -19,7 +19,6 @@
 #   long as it asks for one thread.
 # - Tunables are the CEC_* macros setup.py takes from cecore/_config.py.
 
-
 from cython.parallel cimport parallel, prange
 from cython cimport floating
 from libc.float cimport DBL_MAX, DBL_MIN, FLT_MAX, FLT_MIN

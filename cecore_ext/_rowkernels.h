@@ -917,6 +917,19 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     return loss;
 }
 
+/* stats[0:3] = (entropy, max p, Brier score) of a row from its sum of exps s (> 0,
+ * finite), log_s = log(s), ex = sum_c e_c (x_c - m), e2 = sum_{c != t} e_c**2 and the
+ * target's exp e_t: the Brier score as sum_{c != t} p_c**2 + (1 - p_t)**2 with
+ * 1 - p_t = (s - e_t) / s (exact enough in float64); e2 / s**2 - 2 p_t + 1 cancelled for
+ * confident rows. One function for the row and the tile kernels. */
+CEC_INLINE void CEC_FN(cec_scores_stats)(double s, double log_s, double ex, double e2,
+                                         double e_t, double *stats) {
+    const double rest = (s - e_t) / s;
+    stats[0] = log_s - ex / s;
+    stats[1] = 1.0 / s;
+    stats[2] = e2 / (s * s) + rest * rest;
+}
+
 /* An infinite max is the answer itself (as torch and scipy give), not inf - inf,
  * unless a NaN is there too. Returns m, or NaN. Only runs for an infinite max. */
 CEC_INLINE double CEC_FN(cec_infinite_lse)(const T *x, ptrdiff_t n, ptrdiff_t stride,
@@ -953,13 +966,7 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
         rank[1] = 0;
         return loss;
     }
-    const double e_t = (double)EXP(x[t] - m);
-    stats[0] = log_s - ex / s;
-    stats[1] = 1.0 / s;
-    /* sum_{c != t} p_c**2 + (1 - p_t)**2, with 1 - p_t = (s - e_t) / s (exact enough in
-     * float64); e2 / s**2 - 2 p_t + 1 cancelled for confident rows */
-    const double rest = (s - e_t) / s;
-    stats[2] = e2 / (s * s) + rest * rest;
+    CEC_FN(cec_scores_stats)(s, log_s, ex, e2, (double)EXP(x[t] - m), stats);
     if (above == 0) {  /* only then can an earlier tie take the top spot */
         CEC_SIMD_SUM(tied_before)
         for (ptrdiff_t c = 0; c < t; c++)
@@ -1221,8 +1228,7 @@ CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t strid
                                         const T *next) {
     T m[CEC_TILE], xt[CEC_TILE], et[CEC_TILE], lo[CEC_TILE], a[CEC_TILE], q[CEC_TILE];
     int32_t tt[CEC_TILE], above[CEC_TILE], before[CEC_TILE];
-    double s[CEC_TILE], log_s[CEC_TILE], w_t[CEC_TILE], inv[CEC_TILE], h[CEC_TILE],
-           b2[CEC_TILE];
+    double s[CEC_TILE], log_s[CEC_TILE], w_t[CEC_TILE];
     CEC_FN(cec_index_tile_loss)(x, n, stride, width, target, ignore_index, w, eps, loss, e,
                                 next, m, s, log_s, w_t, tt);
     for (ptrdiff_t j = 0; j < width; j++) {
@@ -1244,14 +1250,6 @@ CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t strid
             before[j] += (int32_t)c < tt[j] && xv == xt[j];
         }
     }
-    /* one division per position; sum_{c != t} p_c**2 + (1 - p_t)**2 as in cec_scores_row */
-    CEC_SIMD
-    for (ptrdiff_t j = 0; j < width; j++) {
-        const double r = 1.0 / s[j], rest = (s[j] - (double)et[j]) * r;
-        inv[j] = r;
-        h[j] = log_s[j] - (double)a[j] * r;
-        b2[j] = (double)q[j] * r * r + rest * rest;
-    }
     for (ptrdiff_t j = 0; j < width; j++) {
         double *st = stats + 4 * j;
         int64_t *rk = rank + 2 * j;
@@ -1269,9 +1267,8 @@ CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t strid
             rk[1] = 0;
             continue;
         }
-        st[0] = h[j];
-        st[1] = inv[j];
-        st[2] = b2[j];
+        CEC_FN(cec_scores_stats)(s[j], log_s[j], (double)a[j], (double)q[j], (double)et[j],
+                                 st);
         rk[0] = above[j];
         rk[1] = above[j] == 0 && before[j] == 0;
     }

@@ -213,6 +213,19 @@ def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_
 
 
 @helper
+def _scores_stats(s, log_s, ex, e2, et, stats):
+    """stats[:3] = (entropy, max p, Brier score) of a row from its sum of exps ``s`` (> 0,
+    finite), ``log_s = log(s)``, ``ex = sum_c e_c (x_c - m)``, ``e2 = sum_{c != t} e_c**2``
+    and the target's exp ``et`` (cec_scores_stats): the Brier score as
+    ``sum_{c != t} p_c**2 + (1 - p_t)**2`` with ``1 - p_t = (s - e_t) / s``;
+    ``e2 / s**2 - 2 p_t + 1`` cancelled for confident rows. For the row and tile kernels."""
+    rest = (s - et) / s
+    stats[0] = log_s - ex / s
+    stats[1] = 1.0 / s
+    stats[2] = e2 / (s * s) + rest * rest
+
+
+@helper
 def _row_scores(row, t, m, s, e, stats, rank):
     """Evaluation metrics of one row whose exps ``e = exp(row - m)`` sum to ``s``.
 
@@ -264,12 +277,7 @@ def _row_scores(row, t, m, s, e, stats, rank):
     e[t] = et
     if et > zero:
         ex += np.float64(et) * np.float64(xt - m)
-    stats[0] = np.log(s) - ex / s
-    stats[1] = 1.0 / s
-    # sum_{c != t} p_c**2 + (1 - p_t)**2 with 1 - p_t = (s - e_t) / s: e2 / s**2 - 2 p_t + 1
-    # cancelled for confident rows
-    rest = (s - np.float64(et)) / s
-    stats[2] = e2 / (s * s) + rest * rest
+    _scores_stats(s, np.log(s), ex, e2, np.float64(et), stats)
     tied_before = 0
     if above == 0:  # only then can an earlier tie take the top spot
         for c in range(t):
@@ -767,11 +775,8 @@ def _tile_scores(xt, et, n_classes, width, tgt, ignore_index, m, s, log_s, stats
             rank[j, 0] = n_classes
             rank[j, 1] = 0
             continue
-        r = 1.0 / s[j]
-        rest = (s[j] - np.float64(ett[j])) * r
-        stats[j, 0] = log_s[j] - np.float64(a[j]) * r
-        stats[j, 1] = r
-        stats[j, 2] = np.float64(q[j]) * r * r + rest * rest
+        _scores_stats(s[j], log_s[j], np.float64(a[j]), np.float64(q[j]), np.float64(ett[j]),
+                      stats[j])
         rank[j, 0] = np.int64(above[j])
         rank[j, 1] = 1 if above[j] == zero and before[j] == zero else 0
 
