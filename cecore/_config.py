@@ -133,6 +133,9 @@ DEFAULT_LLC_BYTES = 32 << 20
 # of the reused softmax buffer through which entropy and Brier score are computed.
 DEFAULT_MEMORY_BUDGET = "512MB"
 PROBA_BLOCK_BYTES = 4 << 20
+# Rows of per-row metrics at a time (scoring and classification_report_from_logits): a
+# multiple of REDUCE_BLOCK.
+REPORT_ROWS = 8 * REDUCE_BLOCK
 
 # With n_threads=None, a call gets one thread per this many logits (at least one):
 # below it, waking an OpenMP team costs more than the work (and far more on a busy

@@ -35,7 +35,7 @@ from ._backends import get_backend
 from ._config import DEFAULT_MEMORY_BUDGET, PROBA_BLOCK_BYTES
 from ._io import (InMemoryArray, MappedArray, StreamedArray, as_source, atomic_npy,
                   load_small, open_array, source_path)
-from .metrics._report import ReportSums, block_scores
+from .metrics._report import ReportSums, score_rows
 
 __all__ = ["score", "ScoreResult", "ScoreOptions", "prepare_options", "score_chunk",
            "make_result", "chunk_rows", "parse_size", "open_array",
@@ -307,7 +307,7 @@ def score_chunk(x, t, opts, sums):
     """Score one chunk of rows in memory and add it to ``sums``; return its per-row losses.
 
     Each row's loss and metrics come from one pass over it
-    (:func:`cecore.metrics._report.block_scores`); the O(rows) results are then reduced.
+    (:func:`cecore.metrics._report.score_rows`); the O(rows) results are then reduced.
 
     Parameters
     ----------
@@ -346,11 +346,8 @@ def score_chunk(x, t, opts, sums):
         t = V.index_target(t, (n_rows, n_classes), n_classes, opts.ignore_index).reshape(-1)
     if opts.proba and opts.input_kind != "logits" and not opts.label_smoothing:
         x2 = _zero_log_zero(x2, t, owned=opts.input_kind == "probs")
-    loss, stats, rank = block_scores(kernels, x2, t, opts.proba, opts.weight,
-                                     opts.ignore_index, opts.label_smoothing, n_threads)
-    valid_weight = None if opts.proba else opts.weight[t[t != opts.ignore_index]]
-    sums.add(loss, valid_weight, stats, rank)
-    return loss
+    return score_rows(kernels, x2, t, opts.proba, opts.weight, opts.ignore_index,
+                      opts.label_smoothing, n_threads, sums)
 
 
 def _zero_log_zero(log_p, q, owned):
@@ -364,7 +361,7 @@ def _zero_log_zero(log_p, q, owned):
     still gives an infinite loss; a row with no probability above 0 keeps its NaN loss
     and metrics. Without label smoothing only (with it every class has a target above 0).
     ``log_p`` is written over where ``owned``, else copied if it must change; the masks go
-    a block of rows at a time (PROBA_BLOCK_BYTES, as block_scores).
+    a block of rows at a time (PROBA_BLOCK_BYTES, as cecore.metrics._report.block_scores).
     """
     lowest = np.finfo(log_p.dtype).min
     step = max(1, PROBA_BLOCK_BYTES // max(1, log_p.shape[1]))
@@ -417,7 +414,9 @@ def chunk_rows(memory_budget, x_src, t_src, opts, per_row=False):
     # O(rows) arrays of score_chunk and ReportSums.add at once: int64 targets and their
     # copies and masks, loss, (entropy, max p, Brier), (rank, top-1), the np.where copies,
     # confidences and bins: about 20 float64s per row (measured: 2.4x the budget on
-    # 20e6 x 2 logits when 6 were counted).
+    # 20e6 x 2 logits when 6 were counted). Only the first few are per chunk row since the
+    # metrics go REPORT_ROWS rows at a time (score_rows), but a chunk of fewer rows, as
+    # many classes give, holds them all.
     row += 8 * 20 + (8 if per_row else 0)
     if isinstance(t_src, StreamedArray) or isinstance(x_src, StreamedArray):
         row *= 2  # the decompression buffer is resident while the kernel runs
