@@ -3,7 +3,7 @@
 The kernel contract
 -------------------
 Every backend module (``cecore._numba`` and ``cecore_ext``) exposes exactly
-these seven functions (``KERNELS``). They never validate (the caller passes arrays of the
+these eight functions (``KERNELS``). They never validate (the caller passes arrays of the
 shapes and dtypes below; the few size checks some wrappers make guard a raw-pointer write,
 and are no substitute), never allocate anything of size N x C, and return ``None``:
 results go into the ``*_out`` arrays the caller passes. Everything above this module talks
@@ -67,6 +67,28 @@ Log-softmax likewise is ``(x - m) - log(s)``.
     undefined (NaN or +inf logits): entropy, max_p and brier NaN, rank ``(C, 0)``; ``lse``
     is ``logsumexp``'s (+inf with a +inf logit, NaN with a NaN).
 
+``report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads)``
+    What the report's metrics add up, from ``softmax_ce_scores``' ``stats_out`` and
+    ``rank_out`` of N rows, for each block ``b`` of ``REDUCE_BLOCK`` consecutive rows (the
+    last may be shorter), over the block's rows in order. A row with ``rank < 0`` is
+    ignored: it is only counted. Every other row adds its entropy and Brier score; if its
+    ``max_p`` is not NaN (a defined softmax), also ``max_p`` to the sum of its
+    confidence bin ``k`` (``edges[k] <= max_p < edges[k + 1]``; bin ``n_bins`` holds
+    ``max_p == edges[n_bins]``), and its hits::
+
+        sums_out[b]   = (sum entropy, sum brier, sum max_p in bin 0, ..., in bin n_bins)
+        counts_out[b] = (ignored rows, top1 == 1, rank < top_k,
+                         top1 == 1 in bin 0, ..., in bin n_bins)
+
+    - stats : const float64 (N, 4), ``max_p`` in [0, 1] or NaN; rank : const int64 (N, 2)
+    - top_k : int >= 1
+    - edges : const float64 (n_bins + 1,), ``k / n_bins`` rounded once (``n_bins >= 1``);
+      passed in, not computed, so that no compiler's reciprocal moves an edge (Numba's
+      "arcp" made 3/5 ``3 * (1/5)``, an ulp above 0.6)
+    - sums_out : float64 (ceil(N / REDUCE_BLOCK), 3 + n_bins), each sum a plain float64
+      sum in row order (the same bits for any ``n_threads``)
+    - counts_out : int64 (ceil(N / REDUCE_BLOCK), 4 + n_bins)
+
 ``softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out, grad_out, n_threads)``
     Softmax cross-entropy with probability targets, ``q = (1 - eps) * target + eps / C``::
 
@@ -126,8 +148,8 @@ import warnings
 from . import _config
 
 BACKENDS = ("cython", "numba")
-KERNELS = ("softmax_ce_index", "softmax_ce_scores", "softmax_ce_proba", "bce_logits",
-           "softmax", "logsumexp", "log_loss_pass")
+KERNELS = ("softmax_ce_index", "softmax_ce_scores", "report_sums", "softmax_ce_proba",
+           "bce_logits", "softmax", "logsumexp", "log_loss_pass")
 
 _loaded = {}
 _errors = {}

@@ -88,7 +88,8 @@ def _score_block(x, t, start, stop, opts, piece_rows):
     many rows it scores. Block sums carry over from piece to piece
     (:class:`cecore.metrics._report.ReportSums`), so the pieces do not change a bit.
     """
-    sums = ReportSums(opts.proba, opts.top_k, opts.n_bins, defer_weights=True)
+    sums = ReportSums(opts.proba, opts.top_k, opts.n_bins, defer_weights=True,
+                      backend=opts.backend)
     with warnings.catch_warnings():
         # The client warned once already; every task on every worker would print it again.
         warnings.filterwarnings("ignore", r"n_threads=\d+ is more than", RuntimeWarning)

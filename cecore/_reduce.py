@@ -102,12 +102,11 @@ class BlockSum:
 
 
 class BinnedBlockSum:
-    """Per-bin deterministic sums of a stream of ``(bin, value)`` pairs, fed in chunks.
+    """Per-bin deterministic sums of per-block, per-bin partial sums, fed in row order.
 
-    Each block of ``REDUCE_BLOCK`` consecutive pairs (counted from the start of the
-    stream, whatever the chunking) is reduced to per-bin partial sums, and the totals
-    are the exactly rounded sums of those partials: the result depends only on the
-    stream, as :class:`BlockSum`'s does. Once the partials kept take more than
+    The partials (one row of ``n_bins`` sums per block of ``REDUCE_BLOCK`` rows, e.g. the
+    kernels' ``report_sums``) depend only on the stream, so the totals, the exactly
+    rounded sums of each bin's partials, do too. Once the partials kept take more than
     ``BINNED_PARTIALS_BYTES``, each bin's are replaced by a few floats whose sum is
     exactly theirs (:func:`_exact_terms`), which changes no total.
     """
@@ -115,27 +114,11 @@ class BinnedBlockSum:
     def __init__(self, n_bins):
         self.n_bins = n_bins
         self._partials = []
-        self._bins = np.empty(0, np.intp)
-        self._values = np.empty(0, np.float64)
 
-    def _block_partials(self, bins, values):
-        n_full = -(-values.size // REDUCE_BLOCK)
-        block = np.arange(values.size) // REDUCE_BLOCK
-        flat = np.bincount(block * self.n_bins + bins, weights=values,
-                           minlength=n_full * self.n_bins)
-        return flat.reshape(n_full, self.n_bins)
-
-    def add(self, bins, values):
-        bins = np.concatenate([self._bins, np.asarray(bins, np.intp).reshape(-1)])
-        values = np.concatenate([self._values, np.asarray(values, np.float64).reshape(-1)])
-        n_full = values.size // REDUCE_BLOCK * REDUCE_BLOCK
-        if n_full:
-            self._keep(self._block_partials(bins[:n_full], values[:n_full]))
-        self._bins, self._values = bins[n_full:].copy(), values[n_full:].copy()
-
-    def _keep(self, partials):
-        """Store rows of partials, compacting all rows kept once they pass the budget."""
-        self._partials.append(partials)
+    def add_partials(self, partials):
+        """Add per-block partials, (blocks, n_bins), computed by a kernel or elsewhere
+        (e.g. on a Dask worker); compact all rows kept once they pass the budget."""
+        self._partials.append(np.asarray(partials, np.float64).reshape(-1, self.n_bins))
         rows = sum(len(p) for p in self._partials)
         if rows > 1 and rows * self.n_bins * 8 > BINNED_PARTIALS_BYTES:
             kept = np.concatenate(self._partials)
@@ -146,17 +129,9 @@ class BinnedBlockSum:
             self._partials = [compact]
 
     def partials(self):
-        """Partials (rows, n_bins) of the pairs added so far, tail included: each bin's
-        column adds up exactly to the sum of its blocks' partials (rows are blocks until
-        they are compacted)."""
-        parts = list(self._partials)
-        if self._values.size:
-            parts.append(self._block_partials(self._bins, self._values))
-        return np.concatenate(parts) if parts else np.empty((0, self.n_bins))
-
-    def add_partials(self, partials):
-        """Add per-block partials computed elsewhere (e.g. on a Dask worker)."""
-        self._keep(np.asarray(partials, np.float64).reshape(-1, self.n_bins))
+        """Partials (rows, n_bins) added so far: each bin's column adds up exactly to the
+        sum of its blocks' partials (rows are blocks until they are compacted)."""
+        return np.concatenate(self._partials) if self._partials else np.empty((0, self.n_bins))
 
     def totals(self):
         parts = self.partials()

@@ -214,7 +214,7 @@ class ScoreOptions:
 
     def new_sums(self):
         """Empty :class:`cecore.metrics._report.ReportSums` for these options."""
-        return ReportSums(self.proba, self.top_k, self.n_bins)
+        return ReportSums(self.proba, self.top_k, self.n_bins, backend=self.backend)
 
 
 def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", weight=None,

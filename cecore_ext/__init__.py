@@ -59,6 +59,7 @@ _impl = _load()
 
 softmax_ce_index = _impl.softmax_ce_index
 softmax_ce_scores = _impl.softmax_ce_scores
+report_sums = _impl.report_sums
 softmax_ce_proba = _impl.softmax_ce_proba
 bce_logits = _impl.bce_logits
 softmax = _impl.softmax

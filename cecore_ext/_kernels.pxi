@@ -1042,6 +1042,74 @@ def softmax_ce_scores(const floating[:, ::1] logits, const int64_t[::1] target,
             _run(_scores_item[floating], N, &logits[0, 0], &a, n_threads)
 
 
+# ------------------------------------------------------------------ report sums
+cdef struct ReportArgs:
+    const int64_t *rank
+    const double *edges  # (n_bins + 1,)
+    double *sums  # (n_blocks, 3 + n_bins)
+    int64_t *counts  # (n_blocks, 4 + n_bins)
+    Py_ssize_t N
+    int64_t top_k, n_bins
+
+cdef void _report_block(Py_ssize_t b, const floating *stats, const void *ctx) noexcept nogil:
+    """Block b (REDUCE_BLOCK rows) of report_sums, in row order (see the contract)."""
+    cdef const ReportArgs *a = <const ReportArgs *>ctx
+    cdef Py_ssize_t i, end = min(a.N, (b + 1) * CEC_REDUCE_BLOCK)
+    cdef int64_t k, r
+    cdef double p, entropy = 0.0, brier = 0.0
+    cdef double *sums = a.sums + b * (3 + a.n_bins)  # entropy, Brier, confidence per bin
+    cdef int64_t *counts = a.counts + b * (4 + a.n_bins)  # ignored, top-1, top-k, per bin
+    for k in range(3 + a.n_bins):
+        sums[k] = 0.0
+    for k in range(4 + a.n_bins):
+        counts[k] = 0
+    for i in range(b * CEC_REDUCE_BLOCK, end):
+        r = a.rank[2 * i]
+        if r < 0:  # ignored
+            counts[0] += 1
+            continue
+        entropy += stats[4 * i]
+        brier += stats[4 * i + 2]
+        p = stats[4 * i + 1]
+        if not p == p:  # undefined softmax: NaN entropy and Brier, no hit, confidence 0
+            continue
+        # bin floor(p * n_bins) (0 <= p <= 1), moved by one where rounding crossed an edge
+        k = <int64_t>(p * a.n_bins)
+        if k > 0 and p < a.edges[k]:
+            k -= 1
+        elif k < a.n_bins and p >= a.edges[k + 1]:
+            k += 1
+        sums[2 + k] += p
+        if a.rank[2 * i + 1] == 1:
+            counts[1] += 1
+            counts[3 + k] += 1
+        counts[2] += r < a.top_k
+    sums[0] = entropy
+    sums[1] = brier
+
+
+def report_sums(const double[:, ::1] stats, const int64_t[:, ::1] rank, int64_t top_k,
+                const double[::1] edges, double[:, ::1] sums_out, int64_t[:, ::1] counts_out,
+                int n_threads):
+    """The block sums behind the report's metrics (see the contract)."""
+    cdef Py_ssize_t N = stats.shape[0], n_blocks = (N + CEC_REDUCE_BLOCK - 1) // CEC_REDUCE_BLOCK
+    cdef Py_ssize_t n_bins = edges.shape[0] - 1
+    cdef ReportArgs a
+    # Not validation (the caller's job), only what keeps the reads and writes inside.
+    if stats.shape[1] != 4 or rank.shape[0] != N or rank.shape[1] != 2 or n_bins < 1 \
+            or sums_out.shape[0] != n_blocks or sums_out.shape[1] != 3 + n_bins \
+            or counts_out.shape[0] != n_blocks or counts_out.shape[1] != 4 + n_bins:
+        raise ValueError("report_sums: stats (N, 4), rank (N, 2), edges (n_bins + 1,), "
+                         "sums_out (ceil(N / REDUCE_BLOCK), 3 + n_bins), counts_out "
+                         "(ceil(N / REDUCE_BLOCK), 4 + n_bins), n_bins >= 1")
+    if N == 0:
+        return
+    a.rank, a.edges, a.sums, a.counts = &rank[0, 0], &edges[0], &sums_out[0, 0], &counts_out[0, 0]
+    a.N, a.top_k, a.n_bins = N, top_k, n_bins
+    with nogil:
+        _run(_report_block[double], n_blocks, &stats[0, 0], &a, n_threads)
+
+
 # ------------------------------------------------------------------ log_loss's pass
 # Values per item of log_loss_pass (a block of whole rows): enough work per item to
 # amortise a call, and enough items to spread over threads. The counts are exact sums, so

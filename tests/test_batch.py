@@ -271,21 +271,22 @@ def test_binned_block_sum_memory_is_bounded_and_its_totals_unchanged(rng, monkey
     # --ece-bins 10000 over 20M rows held 400 MB whatever --memory-budget said). Past
     # BINNED_PARTIALS_BYTES they are replaced by their exact sums: totals bit for bit
     # those of the partials kept whole (independent oracle: math.fsum of every block's
-    # per-bin sum), for values over 16 decades and chunks of any length.
+    # per-bin sum), for values over 16 decades and partials arriving a few blocks at a time.
     n_bins, n = 40, 60 * REDUCE_BLOCK + 123
     bins = rng.integers(0, n_bins, n)
     values = rng.random(n) * 10.0 ** rng.integers(-8, 8, n)
     block = np.arange(n) // REDUCE_BLOCK
-    expected = [math.fsum(np.bincount(block[bins == b], weights=values[bins == b],
-                                      minlength=block[-1] + 1).tolist()) for b in range(n_bins)]
+    partials = np.stack([np.bincount(block[bins == b], weights=values[bins == b],
+                                     minlength=block[-1] + 1) for b in range(n_bins)], axis=1)
+    expected = [math.fsum(partials[:, b].tolist()) for b in range(n_bins)]
     monkeypatch.setattr(_reduce, "BINNED_PARTIALS_BYTES", 8 * n_bins * 5)  # 5 blocks' worth
     acc, largest = _reduce.BinnedBlockSum(n_bins), 0
-    cuts = np.sort(rng.integers(0, n, 30))
-    for b, v in zip(np.split(bins, cuts), np.split(values, cuts)):
-        acc.add(b, v)
+    cuts = np.unique(rng.integers(0, len(partials), 12))
+    for piece in np.split(partials, cuts):
+        acc.add_partials(piece)
         largest = max(largest, sum(len(p) for p in acc._partials))
     assert acc.totals().tolist() == expected
-    assert largest <= 25  # the budget, one chunk's blocks and the exact sums (61 blocks kept)
+    assert largest <= 25  # the budget, one piece's blocks and the exact sums (61 blocks kept)
     # the partials handed on (to a Dask client) add up to the same totals
     client = _reduce.BinnedBlockSum(n_bins)
     client.add_partials(acc.partials())
@@ -294,8 +295,8 @@ def test_binned_block_sum_memory_is_bounded_and_its_totals_unchanged(rng, monkey
     # goes on (it stopped, and every later block re-summed all rows kept), same totals
     acc = _reduce.BinnedBlockSum(n_bins)
     acc.add_partials(np.where(np.arange(n_bins) == 3, np.inf, 1.0)[None])
-    for b, v in zip(np.split(bins, cuts), np.split(values, cuts)):
-        acc.add(b, v)
+    for piece in np.split(partials, cuts):
+        acc.add_partials(piece)
     assert sum(len(p) for p in acc._partials) <= 25
     assert acc.totals()[3] == np.inf
     assert acc.totals()[:3].tolist() == [math.fsum([e, 1.0]) for e in expected[:3]]

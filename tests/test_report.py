@@ -229,25 +229,90 @@ def test_confidences_exactly_on_bin_edges(backend, dtype):
         rel=1e-12)
 
 
-def test_bin_edges_are_k_over_n_bins():
+def _bin_counts(backend, conf, n_bins):
+    """How many of the confidences ``conf`` the kernels' report_sums puts in each bin (as
+    rows of top-1 hits), and their sum per bin."""
+    from cecore._backends import get_backend
+    from cecore._config import REDUCE_BLOCK
+    stats = np.zeros((len(conf), 4))
+    stats[:, 1] = conf
+    rank = np.tile(np.array([0, 1], np.int64), (len(conf), 1))
+    n_blocks = -(-len(conf) // REDUCE_BLOCK)
+    sums = np.empty((n_blocks, 3 + n_bins))
+    counts = np.empty((n_blocks, 4 + n_bins), np.int64)
+    get_backend(backend).report_sums(stats, rank, 1, np.arange(n_bins + 1) / n_bins, sums,
+                                     counts, 2)
+    return counts[:, 3:].sum(axis=0), sums[:, 2:].sum(axis=0)
+
+
+def test_bin_edges_are_k_over_n_bins(backend):
     # k / n_bins <= conf < (k + 1) / n_bins, as documented: a confidence of exactly
     # k / n_bins opens bin k, for every bin count (np.linspace's edges were an ulp above
     # k / n_bins for some k, 3/10 for one, and put such a confidence in bin k - 1).
-    from cecore.metrics._report import confidence_bins
     for n_bins in range(1, 200):
         k = np.arange(n_bins + 1)
-        np.testing.assert_array_equal(confidence_bins(k / n_bins, n_bins), k, str(n_bins))
+        one_each = np.ones(n_bins + 1, np.int64)
+        np.testing.assert_array_equal(_bin_counts(backend, k / n_bins, n_bins)[0], one_each,
+                                      str(n_bins))
         below = np.nextafter(k[1:] / n_bins, 0)
-        np.testing.assert_array_equal(confidence_bins(below, n_bins), k[:-1], str(n_bins))
+        np.testing.assert_array_equal(_bin_counts(backend, below, n_bins)[0][:-1],
+                                      one_each[:-1], str(n_bins))
         above = np.nextafter(k[:-1] / n_bins, 1)
-        np.testing.assert_array_equal(confidence_bins(above, n_bins), k[:-1], str(n_bins))
+        np.testing.assert_array_equal(_bin_counts(backend, above, n_bins)[0][:-1],
+                                      one_each[:-1], str(n_bins))
     # anywhere in [0, 1], for bin counts up to the cap: searchsorted over those edges
     rng = np.random.default_rng(0)
     for n_bins in (1, 3, 15, 333, 9999, 10000):
         conf = np.concatenate([rng.random(100000), rng.random(1000) ** 20, [0.0, 1.0]])
         edges = np.arange(n_bins + 1) / n_bins
         expected = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins)
-        np.testing.assert_array_equal(confidence_bins(conf, n_bins), expected, str(n_bins))
+        counts, sums = _bin_counts(backend, conf, n_bins)
+        np.testing.assert_array_equal(counts, np.bincount(expected, minlength=n_bins + 1))
+        np.testing.assert_allclose(sums, np.bincount(expected, conf, minlength=n_bins + 1),
+                                   rtol=1e-12)
+
+
+def test_report_sums_kernel_contract(backend, rng):
+    # report_sums against a NumPy reference of its definition, block by block: ignored
+    # rows only counted, undefined rows (NaN max p) adding their NaN entropy and Brier
+    # and nothing else, hits per bin; the same bits for 1 and 2 threads.
+    from cecore._backends import get_backend
+    from cecore._config import REDUCE_BLOCK
+    n, n_bins, top_k = 2 * REDUCE_BLOCK + 100, 7, 3
+    stats = rng.random((n, 4))
+    rank = np.stack([rng.integers(-1, 6, n), rng.integers(0, 2, n)], axis=1)
+    undefined = rng.random(n) < 0.01
+    undefined[REDUCE_BLOCK + 5:] = False  # the last blocks' sums stay finite
+    stats[undefined, :3] = np.nan
+    rank[undefined] = [6, 0]
+    kernels = get_backend(backend)
+    n_blocks, edges = 3, np.arange(n_bins + 1) / n_bins
+    out = {}
+    for threads in (1, 2):
+        sums = np.full((n_blocks, 3 + n_bins), -1.0)
+        counts = np.full((n_blocks, 4 + n_bins), -1, np.int64)
+        kernels.report_sums(stats, rank, top_k, edges, sums, counts, threads)
+        out[threads] = sums, counts
+    np.testing.assert_array_equal(out[1][0], out[2][0])
+    np.testing.assert_array_equal(out[1][1], out[2][1])
+    sums, counts = out[2]
+    for b in range(n_blocks):
+        s = slice(b * REDUCE_BLOCK, min(n, (b + 1) * REDUCE_BLOCK))
+        st, rk, und = stats[s], rank[s], undefined[s]
+        kept = rk[:, 0] >= 0
+        hit = kept & ~und
+        bins = np.clip(np.searchsorted(edges, st[:, 1], "right") - 1, 0, n_bins)
+        top1 = hit & (rk[:, 1] == 1)
+        np.testing.assert_allclose(sums[b, :2], st[kept][:, [0, 2]].sum(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(sums[b, 2:], np.bincount(bins[hit], st[hit, 1],
+                                                            minlength=n_bins + 1), rtol=1e-12)
+        np.testing.assert_array_equal(counts[b], [
+            np.sum(~kept), top1.sum(), (hit & (rk[:, 0] < top_k)).sum(),
+            *np.bincount(bins[top1], minlength=n_bins + 1)])
+    assert np.isnan(sums[0, :2]).all() and np.isfinite(sums[2, :2]).all()
+    bad = np.empty((n_blocks - 1, 3 + n_bins))
+    with pytest.raises(ValueError, match="report_sums"):
+        kernels.report_sums(stats, rank, top_k, edges, bad, counts, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

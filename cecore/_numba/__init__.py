@@ -146,6 +146,20 @@ def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, los
              int(ignore_index), float(label_smoothing), loss_out, stats_out, rank_out)
 
 
+def report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads):
+    n_blocks, n_bins = -(-stats.shape[0] // _config.REDUCE_BLOCK), edges.shape[0] - 1
+    # Not validation (the caller's job), only what keeps the reads and writes inside.
+    if stats.shape[1:] != (4,) or rank.shape != (stats.shape[0], 2) or n_bins < 1 \
+            or sums_out.shape != (n_blocks, 3 + n_bins) \
+            or counts_out.shape != (n_blocks, 4 + n_bins):
+        raise ValueError("report_sums: stats (N, 4), rank (N, 2), edges (n_bins + 1,), "
+                         "sums_out (ceil(N / REDUCE_BLOCK), 3 + n_bins), counts_out "
+                         "(ceil(N / REDUCE_BLOCK), 4 + n_bins), n_bins >= 1")
+    if n_blocks:
+        _run("report_sums", n_threads, _ro(stats), _ro(rank), int(top_k), _ro(edges),
+             sums_out, counts_out)
+
+
 def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,
                      grad_out, n_threads):
     n, c, s = logits.shape

@@ -311,6 +311,51 @@ def _scores_rows(x, target, weight, ignore_index, eps, loss_out, stats_out, rank
 
 
 @helper
+def _report_block(stats, rank, top_k, edges, start, stop, sums, counts):
+    """Rows start:stop of report_sums, in row order, into sums and counts (one block's
+    rows of the contract's sums_out and counts_out)."""
+    n_bins = edges.shape[0] - 1
+    for k in range(3 + n_bins):
+        sums[k] = 0.0
+    for k in range(4 + n_bins):
+        counts[k] = 0
+    entropy = 0.0
+    brier = 0.0
+    for i in range(start, stop):
+        r = rank[i, 0]
+        if r < 0:  # ignored
+            counts[0] += 1
+            continue
+        entropy += stats[i, 0]
+        brier += stats[i, 2]
+        p = stats[i, 1]
+        if p != p:  # undefined softmax: NaN entropy and Brier, no hit, confidence 0
+            continue
+        # bin floor(p * n_bins) (0 <= p <= 1), moved by one where rounding crossed an edge
+        k = np.int64(p * n_bins)
+        if k > 0 and p < edges[k]:
+            k -= 1
+        elif k < n_bins and p >= edges[k + 1]:
+            k += 1
+        sums[2 + k] += p
+        if rank[i, 1] == 1:
+            counts[1] += 1
+            counts[3 + k] += 1
+        if r < top_k:
+            counts[2] += 1
+    sums[0] = entropy
+    sums[1] = brier
+
+
+def _report_sums(stats, rank, top_k, edges, sums_out, counts_out):
+    """report_sums: one block of REDUCE_BLOCK rows per task (see the contract)."""
+    n = stats.shape[0]
+    for b in prange(sums_out.shape[0]):
+        _report_block(stats, rank, top_k, edges, b * REDUCE_BLOCK,
+                      min(n, (b + 1) * REDUCE_BLOCK), sums_out[b], counts_out[b])
+
+
+@helper
 def _tile_max(x, base, stride, n_classes, width, m, s):
     """m[j] = max_c x[base + c*stride + j] for j < width, and s[j] = 0.
 
@@ -1287,5 +1332,6 @@ KERNELS = {
         "softmax_rows": _softmax_rows, "softmax_tiles": _softmax_tiles,
         "logsumexp_rows": _logsumexp_rows, "logsumexp_tiles": _logsumexp_tiles,
         "bce_blocks": _bce_blocks, "log_loss_pass": _log_loss_pass, "scores_rows": _scores_rows,
+        "report_sums": _report_sums,
     }.items()
 }

@@ -29,12 +29,14 @@ make the means they enter NaN (``mean_entropy``, ``brier``), except ``ece``, whe
 count at confidence 0 (torchmetrics' would be NaN).
 """
 
+import copy
+
 import numpy as np
 
 from .. import _reduce
 from .. import _validation as V
 from .._backends import get_backend
-from .._config import PROBA_BLOCK_BYTES, REPORT_ROWS
+from .._config import PROBA_BLOCK_BYTES, REDUCE_BLOCK, REPORT_ROWS
 
 __all__ = ["classification_report_from_logits"]
 
@@ -58,7 +60,8 @@ def score_rows(kernels, x, t, proba, weight, ignore_index, eps, n_threads, sums)
         tb = t[a:b]
         stats, rank = block_scores(kernels, x[a:b], tb, proba, weight, ignore_index, eps,
                                    n_threads, loss[a:b])
-        sums.add(loss[a:b], None if proba else weight[tb[tb != ignore_index]], stats, rank)
+        sums.add(loss[a:b], None if proba else weight[tb[tb != ignore_index]], stats, rank,
+                 n_threads)
     return loss
 
 
@@ -66,10 +69,9 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads, los
     """Per-row loss and metrics of a block of rows (2-D, compute dtype, C-contiguous).
 
     Writes the float64 losses to ``loss`` (n,) and returns ``(stats, rank)``: float64
-    (n, 4) = ``(entropy, max_p, brier, lse)`` and int64 (n, 2) = ``(rank, top1)`` (rank -1
-    for ignored rows, and the largest int64 for rows whose softmax is undefined, so that
-    they miss the top k for any k); for probability targets ``rank`` is None, and ``max_p``
-    and ``lse`` NaN (the report uses neither there).
+    (n, 4) = ``(entropy, max_p, brier, lse)`` and int64 (n, 2) = ``(rank, top1)``, as
+    ``softmax_ce_scores`` gives them; for probability targets ``rank`` is None, and
+    ``max_p`` and ``lse`` NaN (the report uses neither there).
     """
     n, c = x.shape
     stats = np.empty((n, 4))
@@ -84,8 +86,6 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads, los
         rank = np.empty((n, 2), np.int64)
         kernels.softmax_ce_scores(x, t, weight, ignore_index, eps, loss, stats, rank,
                                   n_threads)
-        # The kernels give such rows rank c: with top_k > c they would count as hits.
-        rank[rank[:, 0] == c, 0] = np.iinfo(np.int64).max
         return stats, rank
     kernels.softmax_ce_proba(x.reshape(n, c, 1), t.reshape(n, c, 1), weight, eps,
                              np.broadcast_to(0.0, (n, 1)), loss.reshape(n, 1), None,
@@ -117,21 +117,6 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads, los
     return stats, None
 
 
-def confidence_bins(max_p, n_bins):
-    """torchmetrics' binning, ``searchsorted(linspace(0, 1, n_bins + 1), conf, 'right') - 1``,
-    of confidences in [0, 1], with the edges ``k / n_bins`` rounded once to float64 (bin
-    ``n_bins`` holds confidences of exactly 1). Not ``np.linspace``, which computes
-    ``k * (1 / n_bins)``: an ulp above ``k / n_bins`` for some k (0.30000000000000004 for
-    3/10), so a confidence exactly on such an edge fell one bin lower. ``floor(p * n_bins)``
-    is off by at most one bin, within an ulp of an edge; the edges decide there (20 ms for
-    2e6 confidences where ``searchsorted`` took 52 ms, about a third of the report's time
-    at 2e6 rows of ten classes; a one-off timing, Zen 4)."""
-    b = np.multiply(max_p, n_bins).astype(np.intp)
-    b -= max_p < b / n_bins
-    b += max_p >= (b + 1) / n_bins
-    return np.clip(b, 0, n_bins, out=b)
-
-
 MAX_BINS = 10_000  # of the calibration error: far more than its estimate can resolve
 
 
@@ -143,48 +128,90 @@ class ReportSums:
     Dask worker scored which chunk: a worker sends :meth:`partials` of its rows (whole
     blocks of ``REDUCE_BLOCK``) and the client adds them with :meth:`add_partials`, in
     row order. The mean loss is computed as :func:`cecore.cross_entropy` computes it.
+    The metrics' block sums come from the kernels' ``report_sums``, one pass over the
+    per-row values (30 NumPy passes took more than the scoring kernel at ten classes);
+    rows short of a whole block wait for the next ones.
     """
 
     _SUMS = ("loss", "weight", "entropy", "brier")
 
-    def __init__(self, proba, top_k=5, n_bins=15, defer_weights=False):
+    def __init__(self, proba, top_k=5, n_bins=15, defer_weights=False, backend="auto"):
         top_k = V.check_int(top_k, "top_k", 1)
         # (capped: the bins' sums are kept per block of rows: 1e8 bins took minutes and GBs)
         n_bins = V.check_int(n_bins, "n_bins", 1, MAX_BINS)
-        # (capped: undefined rows have rank int64 max, which a k of 2**63 counted as hits;
-        # every k above the number of classes counts the same rows)
+        # (capped: every k above the number of classes counts the same rows)
         self.proba, self.top_k, self.n_bins = proba, min(top_k, 2**63 - 1), n_bins
+        # the edges k / n_bins, each rounded once to float64 (not np.linspace's
+        # k * (1 / n_bins), an ulp above k / n_bins for some k: 0.30000000000000004 for 3/10)
+        self.edges = np.arange(n_bins + 1) / n_bins
+        self.backend = backend
         self.sums = {name: _reduce.BlockSum() for name in self._SUMS}
         self.confidence = _reduce.BinnedBlockSum(n_bins + 1)
         # rows, rows ignored, top-1 correct, top-k correct; top-1 correct per bin
         self.counts = np.zeros(4, np.int64)
         self.bin_correct = np.zeros(n_bins + 1, np.int64)
+        # stats and rank of the rows after the last whole block
+        self._tail = (np.empty((0, 4)), np.empty((0, 2), np.int64))
         # The denominator's blocks run over the non-ignored rows only, so they do not
         # follow the chunks: a Dask worker keeps its weights for the client to sum.
         self._weights = [] if defer_weights else None
 
-    def add(self, loss, valid_weight, stats, rank):
+    def add(self, loss, valid_weight, stats, rank, n_threads=1):
         """Add a block's per-row ``loss``, the class weights of its non-ignored targets
         (None for probability targets) and ``stats``, ``rank`` from :func:`block_scores`."""
-        keep = np.ones(len(loss), bool) if rank is None else rank[:, 0] >= 0
         self.sums["loss"].add(loss)
         if valid_weight is not None and self._weights is not None:
             self._weights.append(valid_weight)
         elif valid_weight is not None:
             self.sums["weight"].add(valid_weight)
-        # Ignored rows enter the metric sums as 0, which changes no sum but keeps the
-        # blocks aligned with the rows of the stream.
-        self.sums["entropy"].add(np.where(keep, stats[:, 0], 0.0))
-        self.sums["brier"].add(np.where(keep, stats[:, 2], 0.0))
-        correct = np.zeros(len(loss), bool) if rank is None else rank[:, 1] == 1
-        self.counts += [len(loss), len(loss) - int(np.count_nonzero(keep)),
-                        int(np.count_nonzero(correct)),
-                        0 if rank is None else int(np.count_nonzero(keep & (rank[:, 0] < self.top_k)))]
-        if rank is not None:
-            conf = np.where(keep & np.isfinite(stats[:, 1]), stats[:, 1], 0.0)
-            bins = confidence_bins(conf, self.n_bins)
-            self.confidence.add(bins, conf)
-            self.bin_correct += np.bincount(bins[correct], minlength=self.n_bins + 1)
+        self.counts[0] += len(loss)
+        if rank is None:  # probability targets: every row is scored, max_p is NaN
+            rank = np.zeros((len(loss), 2), np.int64)
+        tail_stats, tail_rank = self._tail
+        if len(tail_stats):  # complete the pending block first
+            k = min(REDUCE_BLOCK - len(tail_stats), len(stats))
+            tail_stats = np.concatenate([tail_stats, stats[:k]])
+            tail_rank = np.concatenate([tail_rank, rank[:k]])
+            stats, rank = stats[k:], rank[k:]
+            if len(tail_stats) < REDUCE_BLOCK:
+                self._tail = tail_stats, tail_rank
+                return
+            self._add_blocks(*self._block_sums(tail_stats, tail_rank, n_threads))
+        whole = len(stats) // REDUCE_BLOCK * REDUCE_BLOCK
+        if whole:
+            self._add_blocks(*self._block_sums(stats[:whole], rank[:whole], n_threads))
+        self._tail = stats[whole:].copy(), rank[whole:].copy()
+
+    def _block_sums(self, stats, rank, n_threads=1):
+        """The kernels' ``report_sums`` of these rows, the first at a block's start."""
+        n_blocks = -(-len(stats) // REDUCE_BLOCK)
+        sums = np.empty((n_blocks, 3 + self.n_bins))
+        counts = np.empty((n_blocks, 4 + self.n_bins), np.int64)
+        get_backend(self.backend).report_sums(np.ascontiguousarray(stats),
+                                              np.ascontiguousarray(rank), self.top_k,
+                                              self.edges, sums, counts, n_threads)
+        return sums, counts
+
+    def _add_blocks(self, sums, counts):
+        self.sums["entropy"].add_partials(sums[:, 0])
+        self.sums["brier"].add_partials(sums[:, 1])
+        self.confidence.add_partials(sums[:, 2:])
+        self.counts[1:] += counts[:, :3].sum(axis=0)
+        self.bin_correct += counts[:, 3:].sum(axis=0)
+
+    def _finished(self):
+        """A copy of these sums with the rows after the last whole block added as a
+        block of their own (the last of the stream, or of a Dask worker's rows)."""
+        if not len(self._tail[0]):
+            return self
+        done = copy.copy(self)  # a new copy of what the tail's block changes
+        done.sums = {**self.sums, "entropy": copy.deepcopy(self.sums["entropy"]),
+                     "brier": copy.deepcopy(self.sums["brier"])}
+        done.confidence = copy.deepcopy(self.confidence)
+        done.counts, done.bin_correct = self.counts.copy(), self.bin_correct.copy()
+        done._add_blocks(*self._block_sums(*self._tail))
+        done._tail = (np.empty((0, 4)), np.empty((0, 2), np.int64))
+        return done
 
     def partials(self, uniform_weights=False):
         """This object's sums as block partials and counts (small, picklable), made with
@@ -193,11 +220,13 @@ class ReportSums:
         sum is an integer, exact in any grouping). Weights that are only 1 in these rows
         must come as they are: the client's blocks of the sum do not follow the tasks, and
         a count would change its rounding."""
-        weights = np.concatenate(self._weights) if self._weights else np.empty(0)
+        done = self._finished()
+        weights = np.concatenate(done._weights) if done._weights else np.empty(0)
         if uniform_weights:
             weights = float(weights.size)
-        sums = {name: s.partials() for name, s in self.sums.items() if name != "weight"}
-        return sums, weights, self.confidence.partials(), self.counts.copy(), self.bin_correct.copy()
+        sums = {name: s.partials() for name, s in done.sums.items() if name != "weight"}
+        return (sums, weights, done.confidence.partials(), done.counts.copy(),
+                done.bin_correct.copy())
 
     def add_partials(self, partials):
         """Add :meth:`partials` of the next rows, computed elsewhere."""
@@ -217,6 +246,7 @@ class ReportSums:
 
         ``mean_loss`` is rounded to ``dtype``, as :func:`cecore.cross_entropy` returns it.
         """
+        self = self._finished()
         rows, ignored, correct, top_k = (int(v) for v in self.counts)
         scored = rows - ignored
         loss_sum = self.sums["loss"].total()
@@ -300,7 +330,7 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     x2 = np.ascontiguousarray(x, dtype=dtype)
     kernels = get_backend(backend)
     threads = V.n_threads(n_threads, x.size)
-    sums = ReportSums(proba, top_k, n_bins)
+    sums = ReportSums(proba, top_k, n_bins, backend=backend)
     score_rows(kernels, x2, t, proba, w, ignore_index, eps, threads, sums)
     report = sums.report(loss_dtype)
     report["loss"] = report.pop("mean_loss")
