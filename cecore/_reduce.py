@@ -114,19 +114,22 @@ class BinnedBlockSum:
     def __init__(self, n_bins):
         self.n_bins = n_bins
         self._partials = []
+        # rows of self._partials, counted as they come (summing their lengths at every
+        # add took time quadratic in the blocks of a long stream)
+        self._rows = 0
 
     def add_partials(self, partials):
         """Add per-block partials, (blocks, n_bins), computed by a kernel or elsewhere
         (e.g. on a Dask worker); compact all rows kept once they pass the budget."""
         self._partials.append(np.asarray(partials, np.float64).reshape(-1, self.n_bins))
-        rows = sum(len(p) for p in self._partials)
-        if rows > 1 and rows * self.n_bins * 8 > BINNED_PARTIALS_BYTES:
+        self._rows += len(self._partials[-1])
+        if self._rows > 1 and self._rows * self.n_bins * 8 > BINNED_PARTIALS_BYTES:
             kept = np.concatenate(self._partials)
             terms = [_exact_terms(kept[:, b]) for b in range(self.n_bins)]
             compact = np.zeros((max(map(len, terms)), self.n_bins))
             for b, t in enumerate(terms):
                 compact[:len(t), b] = t
-            self._partials = [compact]
+            self._partials, self._rows = [compact], len(compact)
 
     def partials(self):
         """Partials (rows, n_bins) added so far: each bin's column adds up exactly to the
