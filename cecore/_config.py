@@ -134,8 +134,12 @@ DEFAULT_LLC_BYTES = 32 << 20
 DEFAULT_MEMORY_BUDGET = "512MB"
 PROBA_BLOCK_BYTES = 4 << 20
 # Rows of per-row metrics at a time (scoring and classification_report_from_logits): a
-# multiple of REDUCE_BLOCK.
-REPORT_ROWS = 8 * REDUCE_BLOCK
+# multiple of REDUCE_BLOCK. Their arrays take about 80 bytes a row (20 MB here); each
+# block is two kernel calls, two OpenMP regions, and on a machine whose cores are busy
+# with other work a region can wait a scheduler time slice for its second thread:
+# 65536 rows made a stream of 4e6 x 10 logits 3.4 s where one call per chunk took
+# 0.3-0.5 s (two busy processes beside it on the two cores).
+REPORT_ROWS = 32 * REDUCE_BLOCK
 
 # With n_threads=None, a call gets one thread per this many logits (at least one):
 # below it, waking an OpenMP team costs more than the work (and far more on a busy

@@ -241,7 +241,7 @@ def _bin_counts(backend, conf, n_bins):
     sums = np.empty((n_blocks, 3 + n_bins))
     counts = np.empty((n_blocks, 4 + n_bins), np.int64)
     get_backend(backend).report_sums(stats, rank, 1, np.arange(n_bins + 1) / n_bins, sums,
-                                     counts, 2)
+                                     counts, 1)
     return counts[:, 3:].sum(axis=0), sums[:, 2:].sum(axis=0)
 
 

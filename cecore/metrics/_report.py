@@ -187,9 +187,11 @@ class ReportSums:
         n_blocks = -(-len(stats) // REDUCE_BLOCK)
         sums = np.empty((n_blocks, 3 + self.n_bins))
         counts = np.empty((n_blocks, 4 + self.n_bins), np.int64)
+        # (one block, the one a chunk's first rows complete: no OpenMP region for it)
         get_backend(self.backend).report_sums(np.ascontiguousarray(stats),
                                               np.ascontiguousarray(rank), self.top_k,
-                                              self.edges, sums, counts, n_threads)
+                                              self.edges, sums, counts,
+                                              min(n_threads, n_blocks))
         return sums, counts
 
     def _add_blocks(self, sums, counts):
