@@ -72,7 +72,7 @@ Log-softmax likewise is ``(x - m) - log(s)``.
     ``rank_out`` of N rows, for each block ``b`` of ``REDUCE_BLOCK`` consecutive rows (the
     last may be shorter), over the block's rows in order. A row with ``rank < 0`` is
     ignored: it is only counted. Every other row adds its entropy and Brier score; if its
-    ``max_p`` is not NaN (a defined softmax), also ``max_p`` to the sum of its
+    ``max_p`` is in [0, 1] (not NaN: a defined softmax), also ``max_p`` to the sum of its
     confidence bin ``k`` (``edges[k] <= max_p < edges[k + 1]``; bin ``n_bins`` holds
     ``max_p == edges[n_bins]``), and its hits::
 
@@ -80,13 +80,15 @@ Log-softmax likewise is ``(x - m) - log(s)``.
         counts_out[b] = (ignored rows, top1 == 1, rank < top_k,
                          top1 == 1 in bin 0, ..., in bin n_bins)
 
-    - stats : const float64 (N, 4), ``max_p`` in [0, 1] or NaN; rank : const int64 (N, 2)
+    - stats : const float64 (N, 4); rank : const int64 (N, 2)
     - top_k : int >= 1
     - edges : const float64 (n_bins + 1,), ``k / n_bins`` rounded once (``n_bins >= 1``);
       passed in, not computed, so that no compiler's reciprocal moves an edge (Numba's
       "arcp" made 3/5 ``3 * (1/5)``, an ulp above 0.6)
-    - sums_out : float64 (ceil(N / REDUCE_BLOCK), 3 + n_bins), each sum a plain float64
-      sum in row order (the same bits for any ``n_threads``)
+    - sums_out : float64 (ceil(N / REDUCE_BLOCK), 3 + n_bins): entropy and Brier summed
+      in row order with Neumaier's compensation (within about an ulp of the exact sum;
+      an infinite or NaN sum as a plain sum gives it), the confidences plainly in row
+      order; the same bits for any ``n_threads``
     - counts_out : int64 (ceil(N / REDUCE_BLOCK), 4 + n_bins)
 
 ``softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out, grad_out, n_threads)``

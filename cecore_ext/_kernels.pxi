@@ -22,7 +22,7 @@
 from cython.parallel cimport parallel, prange
 from cython cimport floating
 from libc.float cimport DBL_MAX, DBL_MIN, FLT_MAX, FLT_MIN
-from libc.math cimport INFINITY, NAN
+from libc.math cimport INFINITY, NAN, fabs, isfinite
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 
@@ -1051,12 +1051,21 @@ cdef struct ReportArgs:
     Py_ssize_t N
     int64_t top_k, n_bins
 
+cdef inline void _add_compensated(double *sum, double *err, double v) noexcept nogil:
+    """Neumaier's sum: *sum + *err is the sum of the values added, to about one rounding."""
+    cdef double t = sum[0] + v
+    if fabs(sum[0]) >= fabs(v):
+        err[0] += (sum[0] - t) + v
+    else:
+        err[0] += (v - t) + sum[0]
+    sum[0] = t
+
 cdef void _report_block(Py_ssize_t b, const floating *stats, const void *ctx) noexcept nogil:
     """Block b (REDUCE_BLOCK rows) of report_sums, in row order (see the contract)."""
     cdef const ReportArgs *a = <const ReportArgs *>ctx
     cdef Py_ssize_t i, end = min(a.N, (b + 1) * CEC_REDUCE_BLOCK)
     cdef int64_t k, r
-    cdef double p, entropy = 0.0, brier = 0.0
+    cdef double p, entropy = 0.0, brier = 0.0, entropy_err = 0.0, brier_err = 0.0
     cdef double *sums = a.sums + b * (3 + a.n_bins)  # entropy, Brier, confidence per bin
     cdef int64_t *counts = a.counts + b * (4 + a.n_bins)  # ignored, top-1, top-k, per bin
     for k in range(3 + a.n_bins):
@@ -1068,11 +1077,11 @@ cdef void _report_block(Py_ssize_t b, const floating *stats, const void *ctx) no
         if r < 0:  # ignored
             counts[0] += 1
             continue
-        entropy += stats[4 * i]
-        brier += stats[4 * i + 2]
+        _add_compensated(&entropy, &entropy_err, stats[4 * i])
+        _add_compensated(&brier, &brier_err, stats[4 * i + 2])
         p = stats[4 * i + 1]
-        if not p == p:  # undefined softmax: NaN entropy and Brier, no hit, confidence 0
-            continue
+        if not (p >= 0.0 and p <= 1.0):  # NaN: undefined softmax (NaN entropy and Brier),
+            continue                     # no hit, confidence 0; never a bin out of range
         # bin floor(p * n_bins) (0 <= p <= 1), moved by one where rounding crossed an edge
         k = <int64_t>(p * a.n_bins)
         if k > 0 and p < a.edges[k]:
@@ -1084,8 +1093,9 @@ cdef void _report_block(Py_ssize_t b, const floating *stats, const void *ctx) no
             counts[1] += 1
             counts[3 + k] += 1
         counts[2] += r < a.top_k
-    sums[0] = entropy
-    sums[1] = brier
+    # (an infinite or NaN sum stays as it is: its error term is NaN)
+    sums[0] = entropy + entropy_err if isfinite(entropy) else entropy
+    sums[1] = brier + brier_err if isfinite(brier) else brier
 
 
 def report_sums(const double[:, ::1] stats, const int64_t[:, ::1] rank, int64_t top_k,

@@ -135,6 +135,25 @@ def test_rows_beyond_one_block_of_per_row_metrics(backend, rng):
     assert report["rows_scored"] == n - 6
 
 
+def test_a_report_in_the_middle_of_a_stream_changes_nothing(backend, rng):
+    # report() and partials() add the rows short of a whole block as a last block of
+    # their own, in a copy: rows added after them still complete that block.
+    from cecore._backends import get_backend
+    from cecore.metrics._report import ReportSums, score_rows
+    x = rng.standard_normal((30000, 5))
+    t = rng.integers(0, 5, 30000)
+    t[::7] = -100
+    expected = classification_report_from_logits(x, t, backend=backend)
+    sums, w = ReportSums(False, backend=backend), np.ones(5)
+    for a, b in ((0, 5000), (5000, 5001), (5001, 20000), (20000, 30000)):
+        score_rows(get_backend(backend), x[a:b], t[a:b], False, w, -100, 0.0, 2, sums)
+        sums.report(x.dtype)
+        sums.partials()
+    report = sums.report(x.dtype)
+    report["loss"] = report.pop("mean_loss")
+    assert {k: report[k] for k in expected} == expected
+
+
 def test_per_row_metrics_memory_does_not_grow_with_the_rows(backend, rng):
     # 2e6 rows of ten float32 classes took 228 MB beside 80 MB of logits when every
     # row's metrics were made at once; now the targets' int64 copy and the losses, 16
@@ -275,18 +294,31 @@ def test_bin_edges_are_k_over_n_bins(backend):
 def test_report_sums_kernel_contract(backend, rng):
     # report_sums against a NumPy reference of its definition, block by block: ignored
     # rows only counted, undefined rows (NaN max p) adding their NaN entropy and Brier
-    # and nothing else, hits per bin; the same bits for 1 and 2 threads.
+    # and nothing else, a max p outside [0, 1] taken as undefined (a bin of 1e12 * n_bins
+    # wrote far out of bounds), hits per bin, entropy and Brier within an ulp of the
+    # exact sum (math.fsum) and an infinite Brier score giving an infinite sum, not NaN;
+    # the same bits for 1 and 2 threads.
+    import math
+
     from cecore._backends import get_backend
     from cecore._config import REDUCE_BLOCK
-    n, n_bins, top_k = 2 * REDUCE_BLOCK + 100, 7, 3
-    stats = rng.random((n, 4))
+    n, n_bins, top_k = 3 * REDUCE_BLOCK + 100, 7, 3
+    stats = rng.random((n, 4)) * 10.0 ** rng.integers(-8, 3, (n, 1))
+    stats[:, 1] = rng.random(n)
     rank = np.stack([rng.integers(-1, 6, n), rng.integers(0, 2, n)], axis=1)
     undefined = rng.random(n) < 0.01
-    undefined[REDUCE_BLOCK + 5:] = False  # the last blocks' sums stay finite
+    undefined[REDUCE_BLOCK + 5:] = False  # the later blocks' sums stay finite
     stats[undefined, :3] = np.nan
     rank[undefined] = [6, 0]
+    outside = np.zeros(n, bool)
+    outside[REDUCE_BLOCK + 10:REDUCE_BLOCK + 14] = True
+    stats[outside, 1] = [1.5, -0.5, 1e12, np.inf]
+    rank[outside] = [0, 1]
+    infinite = 2 * REDUCE_BLOCK + 7
+    rank[infinite, 0] = 0
+    stats[infinite, 2] = np.inf
     kernels = get_backend(backend)
-    n_blocks, edges = 3, np.arange(n_bins + 1) / n_bins
+    n_blocks, edges = 4, np.arange(n_bins + 1) / n_bins
     out = {}
     for threads in (1, 2):
         sums = np.full((n_blocks, 3 + n_bins), -1.0)
@@ -298,18 +330,22 @@ def test_report_sums_kernel_contract(backend, rng):
     sums, counts = out[2]
     for b in range(n_blocks):
         s = slice(b * REDUCE_BLOCK, min(n, (b + 1) * REDUCE_BLOCK))
-        st, rk, und = stats[s], rank[s], undefined[s]
+        st, rk = stats[s], rank[s]
         kept = rk[:, 0] >= 0
-        hit = kept & ~und
+        hit = kept & ~undefined[s] & ~outside[s]
         bins = np.clip(np.searchsorted(edges, st[:, 1], "right") - 1, 0, n_bins)
         top1 = hit & (rk[:, 1] == 1)
-        np.testing.assert_allclose(sums[b, :2], st[kept][:, [0, 2]].sum(axis=0), rtol=1e-12)
+        if b in (1, 3):
+            for k, col in ((0, 0), (1, 2)):
+                exact = math.fsum(st[kept, col].tolist())
+                assert abs(sums[b, k] - exact) <= np.spacing(exact), (b, k)
         np.testing.assert_allclose(sums[b, 2:], np.bincount(bins[hit], st[hit, 1],
                                                             minlength=n_bins + 1), rtol=1e-12)
         np.testing.assert_array_equal(counts[b], [
             np.sum(~kept), top1.sum(), (hit & (rk[:, 0] < top_k)).sum(),
             *np.bincount(bins[top1], minlength=n_bins + 1)])
-    assert np.isnan(sums[0, :2]).all() and np.isfinite(sums[2, :2]).all()
+    assert np.isnan(sums[0, :2]).all()
+    assert np.isfinite(sums[2, 0]) and sums[2, 1] == np.inf
     bad = np.empty((n_blocks - 1, 3 + n_bins))
     with pytest.raises(ValueError, match="report_sums"):
         kernels.report_sums(stats, rank, top_k, edges, bad, counts, 1)

@@ -311,6 +311,18 @@ def _scores_rows(x, target, weight, ignore_index, eps, loss_out, stats_out, rank
 
 
 @helper
+def _add_compensated(total, err, v):
+    """Neumaier's sum: returns (total, err) with v added; total + err is the sum of the
+    values added, to about one rounding."""
+    t = total + v
+    if abs(total) >= abs(v):
+        err += (total - t) + v
+    else:
+        err += (v - t) + total
+    return t, err
+
+
+@helper
 def _report_block(stats, rank, top_k, edges, start, stop, sums, counts):
     """Rows start:stop of report_sums, in row order, into sums and counts (one block's
     rows of the contract's sums_out and counts_out)."""
@@ -319,18 +331,18 @@ def _report_block(stats, rank, top_k, edges, start, stop, sums, counts):
         sums[k] = 0.0
     for k in range(4 + n_bins):
         counts[k] = 0
-    entropy = 0.0
-    brier = 0.0
+    entropy = entropy_err = 0.0
+    brier = brier_err = 0.0
     for i in range(start, stop):
         r = rank[i, 0]
         if r < 0:  # ignored
             counts[0] += 1
             continue
-        entropy += stats[i, 0]
-        brier += stats[i, 2]
+        entropy, entropy_err = _add_compensated(entropy, entropy_err, stats[i, 0])
+        brier, brier_err = _add_compensated(brier, brier_err, stats[i, 2])
         p = stats[i, 1]
-        if p != p:  # undefined softmax: NaN entropy and Brier, no hit, confidence 0
-            continue
+        if not (p >= 0.0 and p <= 1.0):  # NaN: undefined softmax (NaN entropy and Brier),
+            continue                     # no hit, confidence 0; never a bin out of range
         # bin floor(p * n_bins) (0 <= p <= 1), moved by one where rounding crossed an edge
         k = np.int64(p * n_bins)
         if k > 0 and p < edges[k]:
@@ -343,8 +355,9 @@ def _report_block(stats, rank, top_k, edges, start, stop, sums, counts):
             counts[3 + k] += 1
         if r < top_k:
             counts[2] += 1
-    sums[0] = entropy
-    sums[1] = brier
+    # (an infinite or NaN sum stays as it is: its error term is NaN)
+    sums[0] = entropy + entropy_err if np.isfinite(entropy) else entropy
+    sums[1] = brier + brier_err if np.isfinite(brier) else brier
 
 
 def _report_sums(stats, rank, top_k, edges, sums_out, counts_out):

@@ -158,7 +158,8 @@ class ReportSums:
 
     def add(self, loss, valid_weight, stats, rank, n_threads=1):
         """Add a block's per-row ``loss``, the class weights of its non-ignored targets
-        (None for probability targets) and ``stats``, ``rank`` from :func:`block_scores`."""
+        (None for probability targets) and ``stats``, ``rank`` from :func:`block_scores`;
+        ``n_threads`` for the kernels' ``report_sums``."""
         self.sums["loss"].add(loss)
         if valid_weight is not None and self._weights is not None:
             self._weights.append(valid_weight)
