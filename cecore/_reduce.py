@@ -61,6 +61,37 @@ def fixed_sum(values):
     return combine(block_sums(values))
 
 
+def whole_blocks(tail, rows):
+    """Rows that arrive in chunks of any length, as whole blocks of ``REDUCE_BLOCK``.
+
+    Parameters
+    ----------
+    tail : tuple of arrays
+        The rows left over from before (fewer than a block; each array the same length).
+    rows : tuple of arrays
+        The next rows, one array per ``tail`` array.
+
+    Returns
+    -------
+    blocks : list of tuples of arrays
+        Rows in runs of whole blocks, in order, the first starting with ``tail``'s rows.
+    tail : tuple of arrays
+        The rows left over now (copies: they must not hold the chunk).
+    """
+    blocks = []
+    if len(tail[0]):  # complete the pending block first (no copy of the chunk)
+        k = min(REDUCE_BLOCK - len(tail[0]), len(rows[0]))
+        tail = tuple(np.concatenate([t, r[:k]]) for t, r in zip(tail, rows))
+        rows = tuple(r[k:] for r in rows)
+        if len(tail[0]) < REDUCE_BLOCK:
+            return blocks, tail
+        blocks.append(tail)
+    whole = len(rows[0]) // REDUCE_BLOCK * REDUCE_BLOCK
+    if whole:
+        blocks.append(tuple(r[:whole] for r in rows))
+    return blocks, tuple(r[whole:].copy() for r in rows)
+
+
 class BlockSum:
     """Deterministic sum of a stream of float64 values, fed in chunks of any length.
 
@@ -75,18 +106,8 @@ class BlockSum:
 
     def add(self, values):
         values = np.asarray(values, np.float64).reshape(-1)
-        if self._tail.size:  # complete the pending block first (no copy of the chunk)
-            k = min(REDUCE_BLOCK - self._tail.size, values.size)
-            self._tail = np.concatenate([self._tail, values[:k]])
-            values = values[k:]
-            if self._tail.size < REDUCE_BLOCK:
-                return
-            self._partials.append(block_sums(self._tail))
-            self._tail = np.empty(0, np.float64)
-        n_full = values.size // REDUCE_BLOCK * REDUCE_BLOCK
-        if n_full:
-            self._partials.append(block_sums(values[:n_full]))
-        self._tail = values[n_full:].copy()
+        blocks, (self._tail,) = whole_blocks((self._tail,), (values,))
+        self._partials += [block_sums(v) for (v,) in blocks]
 
     def add_partials(self, partials):
         """Add block sums computed elsewhere (e.g. on a Dask worker) for whole blocks."""

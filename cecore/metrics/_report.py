@@ -168,20 +168,9 @@ class ReportSums:
         self.counts[0] += len(loss)
         if rank is None:  # probability targets: every row is scored, max_p is NaN
             rank = np.zeros((len(loss), 2), np.int64)
-        tail_stats, tail_rank = self._tail
-        if len(tail_stats):  # complete the pending block first
-            k = min(REDUCE_BLOCK - len(tail_stats), len(stats))
-            tail_stats = np.concatenate([tail_stats, stats[:k]])
-            tail_rank = np.concatenate([tail_rank, rank[:k]])
-            stats, rank = stats[k:], rank[k:]
-            if len(tail_stats) < REDUCE_BLOCK:
-                self._tail = tail_stats, tail_rank
-                return
-            self._add_blocks(*self._block_sums(tail_stats, tail_rank, n_threads))
-        whole = len(stats) // REDUCE_BLOCK * REDUCE_BLOCK
-        if whole:
-            self._add_blocks(*self._block_sums(stats[:whole], rank[:whole], n_threads))
-        self._tail = stats[whole:].copy(), rank[whole:].copy()
+        blocks, self._tail = _reduce.whole_blocks(self._tail, (stats, rank))
+        for block_stats, block_rank in blocks:
+            self._add_blocks(*self._block_sums(block_stats, block_rank, n_threads))
 
     def _block_sums(self, stats, rank, n_threads=1):
         """The kernels' ``report_sums`` of these rows, the first at a block's start."""
