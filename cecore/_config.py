@@ -136,9 +136,10 @@ PROBA_BLOCK_BYTES = 4 << 20
 # Rows of per-row metrics at a time (scoring and classification_report_from_logits): a
 # multiple of REDUCE_BLOCK. Their arrays take about 80 bytes a row (20 MB here); each
 # block is two kernel calls, two OpenMP regions, and on a machine whose cores are busy
-# with other work a region can wait a scheduler time slice for its second thread:
-# 65536 rows made a stream of 4e6 x 10 logits 3.4 s where one call per chunk took
-# 0.3-0.5 s (two busy processes beside it on the two cores).
+# with other work a region can wait a scheduler time slice for its second thread.
+# benchmarks/bench_report_busy.py, 4e6 x 10 stream, quiet / beside two spinning
+# processes: 65536 rows 0.072 / 0.339 s, 262144 rows 0.062 / 0.216 s, one block per
+# chunk 0.105 / 0.171 s (and 228 MB of NumPy temporaries for 2e6 rows in memory).
 REPORT_ROWS = 32 * REDUCE_BLOCK
 
 # With n_threads=None, a call gets one thread per this many logits (at least one):

@@ -1093,7 +1093,7 @@ cdef void _report_block(Py_ssize_t b, const floating *stats, const void *ctx) no
             counts[1] += 1
             counts[3 + k] += 1
         counts[2] += r < a.top_k
-    # (an infinite or NaN sum stays as it is: its error term is NaN)
+    # (an infinite or NaN sum stays as it is: its error term is then NaN or infinite)
     sums[0] = entropy + entropy_err if isfinite(entropy) else entropy
     sums[1] = brier + brier_err if isfinite(brier) else brier
 

@@ -355,7 +355,7 @@ def _report_block(stats, rank, top_k, edges, start, stop, sums, counts):
             counts[3 + k] += 1
         if r < top_k:
             counts[2] += 1
-    # (an infinite or NaN sum stays as it is: its error term is NaN)
+    # (an infinite or NaN sum stays as it is: its error term is then NaN or infinite)
     sums[0] = entropy + entropy_err if np.isfinite(entropy) else entropy
     sums[1] = brier + brier_err if np.isfinite(brier) else brier
 
