@@ -133,6 +133,13 @@ DEFAULT_LLC_BYTES = 32 << 20
 # of the reused softmax buffer through which entropy and Brier score are computed.
 DEFAULT_MEMORY_BUDGET = "512MB"
 PROBA_BLOCK_BYTES = 4 << 20
+
+
+def block_rows(row_bytes):
+    """Rows per block of PROBA_BLOCK_BYTES for the NumPy passes that go a block of rows at
+    a time (a block's temporaries instead of the whole array's), at least one."""
+    return max(1, PROBA_BLOCK_BYTES // max(1, row_bytes))
+
 # Rows of per-row metrics at a time (scoring and classification_report_from_logits): a
 # multiple of REDUCE_BLOCK. Their arrays take about 80 bytes a row (20 MB here); each
 # block is two kernel calls, two OpenMP regions, and on a machine whose cores are busy

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _validation as V
 from ._backends import get_backend
-from ._config import DEFAULT_MEMORY_BUDGET, PROBA_BLOCK_BYTES
+from ._config import DEFAULT_MEMORY_BUDGET, block_rows
 from ._io import (InMemoryArray, MappedArray, StreamedArray, as_source, atomic_npy,
                   load_small, open_array, source_path)
 from .metrics._report import ReportSums, score_rows
@@ -364,7 +364,7 @@ def _zero_log_zero(log_p, q, owned):
     a block of rows at a time (PROBA_BLOCK_BYTES, as cecore.metrics._report.block_scores).
     """
     lowest = np.finfo(log_p.dtype).min
-    step = max(1, PROBA_BLOCK_BYTES // max(1, log_p.shape[1]))
+    step = block_rows(log_p.shape[1])  # of boolean masks
     for a in range(0, log_p.shape[0], step):
         block = log_p[a:a + step]
         if block.min() > -np.inf:  # no -inf (nor NaN): nothing to change, and the masks

@@ -14,7 +14,7 @@ import numpy as np
 from . import _reduce
 from . import _validation as V
 from ._backends import get_backend
-from ._config import BCE_CHUNK, NLL_CHUNK, PROBA_BLOCK_BYTES, REDUCE_BLOCK
+from ._config import BCE_CHUNK, NLL_CHUNK, REDUCE_BLOCK, block_rows
 
 __all__ = [
     "cross_entropy", "nll_loss", "binary_cross_entropy_with_logits",
@@ -520,7 +520,7 @@ def _softmax(x, axis, log, backend, n_threads):
         # softmax is its own: the blocks change no bit)
         out = np.empty(x.shape, x.dtype)
         sample = math.prod(x.shape[1:])
-        step = max(1, PROBA_BLOCK_BYTES // max(1, dtype.itemsize * sample))
+        step = block_rows(dtype.itemsize * sample)
         for a in range(0, x.shape[0], step):
             block = x[a:a + step]
             x3, fortran = V.canonical(block, axis, dtype)

@@ -22,7 +22,7 @@ from sklearn.utils._param_validation import Hidden, validate_params
 from sklearn.utils.validation import _assert_all_finite, _check_sample_weight
 
 from .._backends import get_backend
-from .._config import LOG_LOSS_ROW_BLOCK, PROBA_BLOCK_BYTES, resolve_n_threads
+from .._config import LOG_LOSS_ROW_BLOCK, block_rows, resolve_n_threads
 from .._validation import _to_numpy
 from ..functional import binary_cross_entropy_with_logits, cross_entropy
 from ._labels import _encode
@@ -220,7 +220,7 @@ def _checked_pass(proba, target, lo, hi, eps):
     n, c = proba.shape
     work = np.float32 if proba.dtype == np.float16 else proba.dtype
     in_place = proba.flags.c_contiguous and proba.dtype == work
-    step = n if in_place else max(1, PROBA_BLOCK_BYTES // max(1, c * np.dtype(work).itemsize))
+    step = n if in_place else block_rows(c * np.dtype(work).itemsize)
     stats = np.zeros(3)
     picked = None if target is None else np.empty(n, dtype=work)
     t = None if target is None else target.astype(np.int64, copy=False)

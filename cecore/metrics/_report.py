@@ -36,7 +36,7 @@ import numpy as np
 from .. import _reduce
 from .. import _validation as V
 from .._backends import get_backend
-from .._config import PROBA_BLOCK_BYTES, REDUCE_BLOCK, REPORT_ROWS
+from .._config import REDUCE_BLOCK, REPORT_ROWS, block_rows
 
 __all__ = ["classification_report_from_logits"]
 
@@ -94,7 +94,7 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads, los
     # about PROBA_BLOCK_BYTES each (the softmax, its float64 copy and one float64 work
     # array; no N x C temporary, and no unbudgeted one: a block's temporaries of the
     # plain expressions took 35 MB beside a stream's budget).
-    step = max(1, PROBA_BLOCK_BYTES // max(1, c * 8))
+    step = block_rows(c * 8)
     p = np.empty((min(n, step), c), x.dtype)
     p64, work = np.empty((2, min(n, step), c))
     for a in range(0, n, step):

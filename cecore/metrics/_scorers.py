@@ -3,7 +3,7 @@
 import numpy as np
 
 from .. import _validation as V
-from .._config import PROBA_BLOCK_BYTES
+from .._config import block_rows
 from ._log_loss import _logits_loss, _on_numpy, _weighted_mean, log_loss
 
 __all__ = ["make_cross_entropy_scorer", "neg_log_loss_scorer"]
@@ -61,9 +61,9 @@ class _CrossEntropyScorer:
             p1 = proba.reshape(-1).astype(dtype)  # 1 - p in the computation's type
             proba = np.column_stack([1 - p1, p1])
         eps = np.finfo(dtype).eps
-        # by blocks of rows through one small buffer: no copy of the N x C probabilities
-        # (each row's mean is its own reduction, so the blocks change no bit)
-        step = max(1, PROBA_BLOCK_BYTES // (8 * proba.shape[1]))
+        # a block of rows at a time: no copy of the N x C probabilities (each row's mean
+        # is its own reduction, so the blocks change no bit)
+        step = block_rows(8 * proba.shape[1])
         uniform = np.empty(proba.shape[0])
         for a in range(0, proba.shape[0], step):
             block = np.array(proba[a:a + step], dtype=dtype)
