@@ -24,7 +24,6 @@ from ._io import MappedArray, as_source, open_array
 from ._validation import _to_numpy
 from .batch import chunk_rows as chunk_rows_for_budget
 from .batch import make_result, prepare_options, score_chunk
-from .metrics._report import ReportSums
 
 __all__ = ["score_dask", "score_files"]
 
@@ -88,8 +87,7 @@ def _score_block(x, t, start, stop, opts, piece_rows):
     many rows it scores. Block sums carry over from piece to piece
     (:class:`cecore.metrics._report.ReportSums`), so the pieces do not change a bit.
     """
-    sums = ReportSums(opts.proba, opts.top_k, opts.n_bins, defer_weights=True,
-                      backend=opts.backend)
+    sums = opts.new_sums(defer_weights=True)
     with warnings.catch_warnings():
         # The client warned once already; every task on every worker would print it again.
         warnings.filterwarnings("ignore", r"n_threads=\d+ is more than", RuntimeWarning)
@@ -101,7 +99,7 @@ def _score_block(x, t, start, stop, opts, piece_rows):
                 t.release(r0, r1)
             else:
                 score_chunk(np.asarray(x[r0:r1]), np.asarray(t[r0:r1]), opts, sums)
-    return sums.partials(uniform_weights=bool(np.all(opts.weight == 1.0)))
+    return sums.partials()
 
 
 def _rows_per_chunk(rows):

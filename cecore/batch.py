@@ -212,9 +212,10 @@ class ScoreOptions:
     head: LinearHead = None
     loss_dtype: np.dtype = None
 
-    def new_sums(self):
+    def new_sums(self, defer_weights=False):
         """Empty :class:`cecore.metrics._report.ReportSums` for these options."""
-        return ReportSums(self.proba, self.top_k, self.n_bins, backend=self.backend)
+        return ReportSums(self.proba, self.top_k, self.n_bins, defer_weights, self.backend,
+                          uniform_weights=bool(np.all(self.weight == 1.0)))
 
 
 def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", weight=None,

@@ -54,39 +54,42 @@ def score_rows(kernels, x, t, proba, weight, ignore_index, eps, n_threads, sums)
     loss : ndarray of shape (n,), float64
         Per-row losses (0 for ignored rows).
     """
-    loss = np.empty(x.shape[0])
-    for a in range(0, x.shape[0], REPORT_ROWS):
-        b = min(x.shape[0], a + REPORT_ROWS)
+    n = x.shape[0]
+    loss = np.empty(n)
+    # one pair of per-row buffers for every block (fresh ones page-faulted each block)
+    stats, rank = np.empty((min(n, REPORT_ROWS), 4)), np.empty((min(n, REPORT_ROWS), 2), np.int64)
+    for a in range(0, n, REPORT_ROWS):
+        b = min(n, a + REPORT_ROWS)
         tb = t[a:b]
-        stats, rank = block_scores(kernels, x[a:b], tb, proba, weight, ignore_index, eps,
-                                   n_threads, loss[a:b])
-        sums.add(loss[a:b], None if proba else weight[tb[tb != ignore_index]], stats, rank,
-                 n_threads)
+        block_rank = block_scores(kernels, x[a:b], tb, proba, weight, ignore_index, eps,
+                                  n_threads, loss[a:b], stats[:b - a], rank[:b - a])
+        valid_weight = weight[tb[tb != ignore_index]] if sums.keeps_weights else None
+        sums.add(loss[a:b], valid_weight, stats[:b - a], block_rank, n_threads)
     return loss
 
 
-def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads, loss):
+def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads, loss, stats,
+                 rank):
     """Per-row loss and metrics of a block of rows (2-D, compute dtype, C-contiguous).
 
-    Writes the float64 losses to ``loss`` (n,) and returns ``(stats, rank)``: float64
-    (n, 4) = ``(entropy, max_p, brier, lse)`` and int64 (n, 2) = ``(rank, top1)``, as
-    ``softmax_ce_scores`` gives them; for probability targets ``rank`` is None, and
-    ``max_p`` and ``lse`` NaN (the report uses neither there).
+    Writes the float64 losses to ``loss`` (n,), ``stats`` (n, 4) = ``(entropy, max_p,
+    brier, lse)`` and, for class-index targets, ``rank`` (n, 2) = ``(rank, top1)``, as
+    ``softmax_ce_scores`` gives them; returns ``rank``, or None for probability targets
+    (then ``max_p`` and ``lse`` are NaN: the report uses neither there).
     """
     n, c = x.shape
-    stats = np.empty((n, 4))
     if c == 0:  # no kernel call (they write nothing): every index target is ignored
         stats[:] = np.nan
         if proba:  # cross_entropy's mean divides by 0 / 0 here
             loss[:] = np.nan
-            return stats, None
+            return None
         loss[:] = 0.0
-        return stats, np.tile(np.array([-1, 0], np.int64), (n, 1))
+        rank[:] = (-1, 0)
+        return rank
     if not proba:
-        rank = np.empty((n, 2), np.int64)
         kernels.softmax_ce_scores(x, t, weight, ignore_index, eps, loss, stats, rank,
                                   n_threads)
-        return stats, rank
+        return rank
     kernels.softmax_ce_proba(x.reshape(n, c, 1), t.reshape(n, c, 1), weight, eps,
                              np.broadcast_to(0.0, (n, 1)), loss.reshape(n, 1), None,
                              n_threads)
@@ -114,7 +117,7 @@ def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads, los
             np.square(wb, out=wb)
             stats[a:b, 2] = wb.sum(axis=1)
     stats[:, 1] = stats[:, 3] = np.nan
-    return stats, None
+    return None
 
 
 MAX_BINS = 10_000  # of the calibration error: far more than its estimate can resolve
@@ -135,7 +138,8 @@ class ReportSums:
 
     _SUMS = ("loss", "weight", "entropy", "brier")
 
-    def __init__(self, proba, top_k=5, n_bins=15, defer_weights=False, backend="auto"):
+    def __init__(self, proba, top_k=5, n_bins=15, defer_weights=False, backend="auto",
+                 uniform_weights=False):
         top_k = V.check_int(top_k, "top_k", 1)
         # (capped: the bins' sums are kept per block of rows: 1e8 bins took minutes and GBs)
         n_bins = V.check_int(n_bins, "n_bins", 1, MAX_BINS)
@@ -155,15 +159,20 @@ class ReportSums:
         # The denominator's blocks run over the non-ignored rows only, so they do not
         # follow the chunks: a Dask worker keeps its weights for the client to sum.
         self._weights = [] if defer_weights else None
+        # Every class weight 1: the denominator is the count of scored rows, an integer
+        # exact in any grouping, and no weights are gathered (a fifth of a ten-class
+        # stream's time went to gathering ones).
+        self.uniform_weights = uniform_weights
+        self.keeps_weights = not (proba or uniform_weights)
 
     def add(self, loss, valid_weight, stats, rank, n_threads=1):
         """Add a block's per-row ``loss``, the class weights of its non-ignored targets
-        (None for probability targets) and ``stats``, ``rank`` from :func:`block_scores`;
-        ``n_threads`` for the kernels' ``report_sums``."""
+        (None unless :attr:`keeps_weights`) and ``stats``, ``rank`` from
+        :func:`block_scores`; ``n_threads`` for the kernels' ``report_sums``."""
         self.sums["loss"].add(loss)
-        if valid_weight is not None and self._weights is not None:
+        if self.keeps_weights and self._weights is not None:
             self._weights.append(valid_weight)
-        elif valid_weight is not None:
+        elif self.keeps_weights:
             self.sums["weight"].add(valid_weight)
         self.counts[0] += len(loss)
         if rank is None:  # probability targets: every row is scored, max_p is NaN
@@ -205,17 +214,14 @@ class ReportSums:
         done._tail = (np.empty((0, 4)), np.empty((0, 2), np.int64))
         return done
 
-    def partials(self, uniform_weights=False):
+    def partials(self):
         """This object's sums as block partials and counts (small, picklable), made with
-        ``defer_weights=True``: the weights of the non-ignored targets come as they are,
-        or as their count when every class weight is 1 (``uniform_weights``: then the
-        sum is an integer, exact in any grouping). Weights that are only 1 in these rows
-        must come as they are: the client's blocks of the sum do not follow the tasks, and
-        a count would change its rounding."""
+        ``defer_weights=True``: the weights of the non-ignored targets come as they are
+        (none with ``uniform_weights``, where the counts give the denominator). Weights
+        that are only 1 in these rows must come as they are: the client's blocks of the
+        sum do not follow the tasks, and a count would change its rounding."""
         done = self._finished()
         weights = np.concatenate(done._weights) if done._weights else np.empty(0)
-        if uniform_weights:
-            weights = float(weights.size)
         sums = {name: s.partials() for name, s in done.sums.items() if name != "weight"}
         return (sums, weights, done.confidence.partials(), done.counts.copy(),
                 done.bin_correct.copy())
@@ -225,10 +231,7 @@ class ReportSums:
         sums, weights, confidence, counts, bin_correct = partials
         for name, values in sums.items():
             self.sums[name].add_partials(values)
-        if isinstance(weights, float):
-            self.sums["weight"].add_partials([weights])
-        else:
-            self.sums["weight"].add(weights)
+        self.sums["weight"].add(weights)
         self.confidence.add_partials(confidence)
         self.counts += counts
         self.bin_correct += bin_correct
@@ -243,7 +246,8 @@ class ReportSums:
         scored = rows - ignored
         loss_sum = self.sums["loss"].total()
         # the denominators of cecore.cross_entropy's mean, computed the same way
-        denominator = np.float64(rows if self.proba else self.sums["weight"].total())
+        denominator = np.float64(rows if self.proba else scored if self.uniform_weights
+                                 else self.sums["weight"].total())
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf perplexity
             exact_mean = _reduce.mean(loss_sum, denominator)
             mean_loss = float(dtype.type(exact_mean))
@@ -322,7 +326,8 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
     x2 = np.ascontiguousarray(x, dtype=dtype)
     kernels = get_backend(backend)
     threads = V.n_threads(n_threads, x.size)
-    sums = ReportSums(proba, top_k, n_bins, backend=backend)
+    sums = ReportSums(proba, top_k, n_bins, backend=backend,
+                      uniform_weights=bool(np.all(w == 1.0)))
     score_rows(kernels, x2, t, proba, w, ignore_index, eps, threads, sums)
     report = sums.report(loss_dtype)
     report["loss"] = report.pop("mean_loss")
