@@ -10,8 +10,9 @@
    and both throughputs (medians).
 3. Times ``cecore.cross_entropy(x, t)`` (loss only) on a slice of the same array that fits
    in memory, and prints streamed / in-memory throughput (medians).
-4. Times the two kernels' calls alone over the same mapped chunks, in this process
-   (:func:`kernel_split`): the scoring kernel's share of the streamed ratio.
+4. Times the loss-only kernel's calls and the scoring (``score_rows``: its kernels and
+   block sums) alone over the same mapped chunks, in this process (:func:`kernel_split`):
+   the scoring's share of the streamed ratio.
 Deletes the files at the end. Usage: ``python benchmarks/bench_batch.py [--rows N]``.
 """
 
@@ -100,13 +101,14 @@ def score_subprocess(x_path, t_path, budget, backend, extra=()):
 
 
 def kernel_split(x_path, t_path, budget, backend, rounds=7):
-    """Seconds of the kernel calls alone and of the page releases, loss-only
-    ``softmax_ce_index`` against ``softmax_ce_scores``, over the same mapped chunks of the
-    file in this process, alternated (medians of ``rounds``): how much of the streamed
-    ratio is the scoring kernel's extra work."""
+    """Seconds of the calls alone and of the page releases, loss-only ``softmax_ce_index``
+    against the stream's scoring (``score_rows``: its kernels and the block sums of the
+    metrics), over the same mapped chunks of the file in this process, alternated
+    (medians of ``rounds``): how much of the streamed ratio is the scoring's extra work."""
     from cecore import _io
     from cecore._backends import get_backend
     from cecore.batch import chunk_rows, prepare_options
+    from cecore.metrics._report import score_rows
 
     x, t = _io.open_array(x_path), _io.open_array(t_path)
     opts = prepare_options(x.shape, x.dtype, t.shape, t.dtype, backend=backend)
@@ -114,14 +116,14 @@ def kernel_split(x_path, t_path, budget, backend, rounds=7):
 
     def run(scores):
         kernel = release = 0.0
+        sums = opts.new_sums()
         for a in range(0, x.shape[0], step):
             b = min(x.shape[0], a + step)
             xc, tc, n = x.rows(a, b), np.ascontiguousarray(t.rows(a, b), np.int64), b - a
             loss = np.empty(n)
             start = time.perf_counter()
             if scores:
-                kernels.softmax_ce_scores(xc, tc, w, -100, 0.0, loss, np.empty((n, 4)),
-                                          np.empty((n, 2), np.int64), 2)
+                score_rows(kernels, xc, tc.reshape(-1), False, w, -100, 0.0, 2, sums)
             else:
                 kernels.softmax_ce_index(xc.reshape(n, -1, 1), tc.reshape(n, 1), w, -100, 0.0,
                                          np.broadcast_to(0.0, (n, 1)), loss.reshape(n, 1),
@@ -202,8 +204,8 @@ def main():
               f"median of the {len(paired)} paired runs' ratios {np.median(paired):.2f}")
         split = kernel_split(x_path, t_path, args.budget, args.backend)
         (k_loss, r_loss), (k_scores, r_scores) = split["loss_only"], split["scores"]
-        print(f"kernel calls alone over the same chunks (this process, medians): loss only "
-              f"{k_loss:.3f} s, scoring {k_scores:.3f} s ({k_scores / k_loss:.2f}x); with the "
+        print(f"calls alone over the same chunks (this process, medians): loss-only kernel "
+              f"{k_loss:.3f} s, scoring (score_rows) {k_scores:.3f} s ({k_scores / k_loss:.2f}x); with the "
               f"page releases ({r_loss:.3f} / {r_scores:.3f} s) every metric / loss only "
               f"{(k_loss + r_loss) / (k_scores + r_scores):.2f}")
         print(f"peak RSS of the scoring process: {peak / 1e6:.0f} MB (file {size / 1e6:.0f} MB)")

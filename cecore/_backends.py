@@ -3,7 +3,7 @@
 The kernel contract
 -------------------
 Every backend module (``cecore._numba`` and ``cecore_ext``) exposes exactly
-these eight functions (``KERNELS``). They never validate (the caller passes arrays of the
+these nine functions (``KERNELS``). They never validate (the caller passes arrays of the
 shapes and dtypes below; the few size checks some wrappers make guard a raw-pointer write,
 and are no substitute), never allocate anything of size N x C, and return ``None``:
 results go into the ``*_out`` arrays the caller passes. Everything above this module talks
@@ -91,6 +91,14 @@ Log-softmax likewise is ``(x - m) - log(s)``.
       order; the same bits for any ``n_threads``
     - counts_out : int64 (ceil(N / REDUCE_BLOCK), 4 + n_bins)
 
+``softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top_k, edges, loss_out, sums_out, counts_out, n_threads)``
+    ``softmax_ce_scores`` followed by ``report_sums`` of its ``stats_out`` and
+    ``rank_out``, without them: each block of ``REDUCE_BLOCK`` rows is scored and summed
+    a few rows at a time while they are in cache (at ten classes the per-row outputs,
+    48 bytes a row, cost more memory traffic than the logits). ``loss_out``, ``sums_out``
+    and ``counts_out`` are those two kernels' outputs bit for bit, for any
+    ``n_threads``; arguments as theirs, with ``C >= 1``.
+
 ``softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out, grad_out, n_threads)``
     Softmax cross-entropy with probability targets, ``q = (1 - eps) * target + eps / C``::
 
@@ -150,8 +158,8 @@ import warnings
 from . import _config
 
 BACKENDS = ("cython", "numba")
-KERNELS = ("softmax_ce_index", "softmax_ce_scores", "report_sums", "softmax_ce_proba",
-           "bce_logits", "softmax", "logsumexp", "log_loss_pass")
+KERNELS = ("softmax_ce_index", "softmax_ce_scores", "report_sums", "softmax_ce_report",
+           "softmax_ce_proba", "bce_logits", "softmax", "logsumexp", "log_loss_pass")
 
 _loaded = {}
 _errors = {}

@@ -140,13 +140,15 @@ def block_rows(row_bytes):
     a time (a block's temporaries instead of the whole array's), at least one."""
     return max(1, PROBA_BLOCK_BYTES // max(1, row_bytes))
 
-# Rows of per-row metrics at a time (scoring and classification_report_from_logits): a
-# multiple of REDUCE_BLOCK. Their arrays take about 80 bytes a row (20 MB here); each
-# block is two kernel calls, two OpenMP regions, and on a machine whose cores are busy
-# with other work a region can wait a scheduler time slice for its second thread.
-# benchmarks/bench_report_busy.py, 4e6 x 10 stream, quiet / beside two spinning
-# processes: 65536 rows 0.072 / 0.339 s, 262144 rows 0.062 / 0.216 s, one block per
-# chunk 0.105 / 0.171 s (and 228 MB of NumPy temporaries for 2e6 rows in memory).
+# Rows of per-row metrics at a time (probability targets, and the rows of class-index
+# targets short of a whole block, see cecore.metrics._report.score_rows): a multiple of
+# REDUCE_BLOCK. Their arrays take about 80 bytes a row (20 MB here); each block is two
+# kernel calls, two OpenMP regions, and on a machine whose cores are busy with other
+# work a region can wait a scheduler time slice for its second thread. Measured when
+# class-index targets went this way too (results/bench_report_busy*_zen4.json, 4e6 x 10
+# stream, quiet / beside two spinning processes): 65536 rows 0.072 / 0.339 s, 262144
+# rows 0.062 / 0.216 s, one block per chunk 0.105 / 0.171 s (and 228 MB of NumPy
+# temporaries for 2e6 rows in memory).
 REPORT_ROWS = 32 * REDUCE_BLOCK
 
 # With n_threads=None, a call gets one thread per this many logits (at least one):

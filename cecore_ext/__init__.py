@@ -9,8 +9,9 @@ runs), ``base`` loads the baseline build.
 
 import os
 
-__all__ = ["softmax_ce_index", "softmax_ce_scores", "softmax_ce_proba", "bce_logits",
-           "softmax", "logsumexp", "log_loss_pass", "build_info"]
+__all__ = ["softmax_ce_index", "softmax_ce_scores", "report_sums", "softmax_ce_report",
+           "softmax_ce_proba", "bce_logits", "softmax", "logsumexp", "log_loss_pass",
+           "build_info"]
 
 # From the most capable down; each with the CPU features it needs (NumPy's names).
 _VARIANTS = (
@@ -60,6 +61,7 @@ _impl = _load()
 softmax_ce_index = _impl.softmax_ce_index
 softmax_ce_scores = _impl.softmax_ce_scores
 report_sums = _impl.report_sums
+softmax_ce_report = _impl.softmax_ce_report
 softmax_ce_proba = _impl.softmax_ce_proba
 bce_logits = _impl.bce_logits
 softmax = _impl.softmax

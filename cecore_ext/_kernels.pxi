@@ -992,31 +992,39 @@ cdef struct ScoresArgs:
     int64_t ignore_index
     double eps
 
-cdef void _scores_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
-    cdef const ScoresArgs *a = <const ScoresArgs *>ctx
-    cdef int64_t t = a.target[k]
+cdef inline void _score_row_at(const ScoresArgs *a, const floating *x, Py_ssize_t i,
+                               double *stats, int64_t *rank) noexcept nogil:
+    """Row i: its loss to a.loss, its metrics to stats (4 values) and rank (2)."""
+    cdef int64_t t = a.target[i]
     if t == a.ignore_index:  # not read, as in loss-only softmax_ce_index
-        a.loss[k] = 0.0
-        a.stats[4 * k] = a.stats[4 * k + 1] = a.stats[4 * k + 2] = a.stats[4 * k + 3] = NAN
-        a.rank[2 * k] = -1
-        a.rank[2 * k + 1] = 0
+        a.loss[i] = 0.0
+        stats[0] = stats[1] = stats[2] = stats[3] = NAN
+        rank[0] = -1
+        rank[1] = 0
         return
-    a.loss[k] = _scores_row(x + k * a.C, a.C, t, a.w, a.eps, a.stats + 4 * k,
-                            a.rank + 2 * k)
+    a.loss[i] = _scores_row(x + i * a.C, a.C, t, a.w, a.eps, stats, rank)
 
-cdef void _scores_block_item(Py_ssize_t k, const floating *x,
-                             const void *ctx) noexcept nogil:
+cdef inline void _score_block_at(const ScoresArgs *a, const floating *x, Py_ssize_t k,
+                                 double *stats, int64_t *rank) noexcept nogil:
     """Block k of rows of few classes through a scratch tile (as _index_block_item: the
     loss takes softmax_ce_index's steps); the tile kernel leaves the exps in the second
-    half of the scratch for the metrics."""
-    cdef const ScoresArgs *a = <const ScoresArgs *>ctx
+    half of the scratch for the metrics, which go to stats and rank (the block's rows)."""
     cdef Py_ssize_t C = a.C
     cdef Block b = _block(k, a.N, 1)
     cdef floating stack[BLOCK_STACK]  # 2 * C * b.ld values: always enough here (S == 1)
     cdef const floating *nxt = _block_in(x, b, a.N, C, 1, stack, NULL)
     _scores_tile(<const floating *>stack, C, b.ld, b.width, a.target + b.n0, a.ignore_index,
-                 a.w, a.eps, a.loss + b.n0, a.stats + 4 * b.n0, a.rank + 2 * b.n0,
-                 stack + C * b.ld, nxt)
+                 a.w, a.eps, a.loss + b.n0, stats, rank, stack + C * b.ld, nxt)
+
+cdef void _scores_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
+    cdef const ScoresArgs *a = <const ScoresArgs *>ctx
+    _score_row_at(a, x, k, a.stats + 4 * k, a.rank + 2 * k)
+
+cdef void _scores_block_item(Py_ssize_t k, const floating *x,
+                             const void *ctx) noexcept nogil:
+    cdef const ScoresArgs *a = <const ScoresArgs *>ctx
+    cdef Py_ssize_t n0 = k * CEC_SMALL_C_ROWS
+    _score_block_at(a, x, k, a.stats + 4 * n0, a.rank + 2 * n0)
 
 
 def softmax_ce_scores(const floating[:, ::1] logits, const int64_t[::1] target,
@@ -1060,25 +1068,33 @@ cdef inline void _add_compensated(double *sum, double *err, double v) noexcept n
         err[0] += (v - t) + sum[0]
     sum[0] = t
 
-cdef void _report_block(Py_ssize_t b, const floating *stats, const void *ctx) noexcept nogil:
-    """Block b (REDUCE_BLOCK rows) of report_sums, in row order (see the contract)."""
-    cdef const ReportArgs *a = <const ReportArgs *>ctx
-    cdef Py_ssize_t i, end = min(a.N, (b + 1) * CEC_REDUCE_BLOCK)
-    cdef int64_t k, r
-    cdef double p, entropy = 0.0, brier = 0.0, entropy_err = 0.0, brier_err = 0.0
+cdef inline void _report_start(const ReportArgs *a, Py_ssize_t b, double *acc) noexcept nogil:
+    """Zero block b's rows of the outputs and its compensated sums acc (entropy, its error,
+    Brier, its error)."""
+    cdef Py_ssize_t k
+    for k in range(3 + a.n_bins):
+        a.sums[b * (3 + a.n_bins) + k] = 0.0
+    for k in range(4 + a.n_bins):
+        a.counts[b * (4 + a.n_bins) + k] = 0
+    for k in range(4):
+        acc[k] = 0.0
+
+cdef void _report_rows(const ReportArgs *a, Py_ssize_t b, const double *stats,
+                       const int64_t *rank, Py_ssize_t n, double *acc) noexcept nogil:
+    """The next n rows of block b, in row order (see the contract): stats (n, 4) and
+    rank (n, 2) as softmax_ce_scores gives them; acc as _report_start made it."""
+    cdef Py_ssize_t i
+    cdef int64_t k, r, hit
+    cdef double p
     cdef double *sums = a.sums + b * (3 + a.n_bins)  # entropy, Brier, confidence per bin
     cdef int64_t *counts = a.counts + b * (4 + a.n_bins)  # ignored, top-1, top-k, per bin
-    for k in range(3 + a.n_bins):
-        sums[k] = 0.0
-    for k in range(4 + a.n_bins):
-        counts[k] = 0
-    for i in range(b * CEC_REDUCE_BLOCK, end):
-        r = a.rank[2 * i]
+    for i in range(n):
+        r = rank[2 * i]
         if r < 0:  # ignored
             counts[0] += 1
             continue
-        _add_compensated(&entropy, &entropy_err, stats[4 * i])
-        _add_compensated(&brier, &brier_err, stats[4 * i + 2])
+        _add_compensated(&acc[0], &acc[1], stats[4 * i])
+        _add_compensated(&acc[2], &acc[3], stats[4 * i + 2])
         p = stats[4 * i + 1]
         if not (p >= 0.0 and p <= 1.0):  # NaN: undefined softmax (NaN entropy and Brier),
             continue                     # no hit, confidence 0; never a bin out of range
@@ -1089,13 +1105,28 @@ cdef void _report_block(Py_ssize_t b, const floating *stats, const void *ctx) no
         elif k < a.n_bins and p >= a.edges[k + 1]:
             k += 1
         sums[2 + k] += p
-        if a.rank[2 * i + 1] == 1:
-            counts[1] += 1
-            counts[3 + k] += 1
+        # (no branch on the hit: a model right half the time would mispredict it half
+        # the time)
+        hit = rank[2 * i + 1] == 1
+        counts[1] += hit
+        counts[3 + k] += hit
         counts[2] += r < a.top_k
+
+cdef inline void _report_finish(const ReportArgs *a, Py_ssize_t b,
+                                const double *acc) noexcept nogil:
     # (an infinite or NaN sum stays as it is: its error term is then NaN or infinite)
-    sums[0] = entropy + entropy_err if isfinite(entropy) else entropy
-    sums[1] = brier + brier_err if isfinite(brier) else brier
+    a.sums[b * (3 + a.n_bins)] = acc[0] + acc[1] if isfinite(acc[0]) else acc[0]
+    a.sums[b * (3 + a.n_bins) + 1] = acc[2] + acc[3] if isfinite(acc[2]) else acc[2]
+
+cdef void _report_block(Py_ssize_t b, const floating *stats, const void *ctx) noexcept nogil:
+    """Block b (REDUCE_BLOCK rows) of report_sums."""
+    cdef const ReportArgs *a = <const ReportArgs *>ctx
+    cdef Py_ssize_t i0 = b * CEC_REDUCE_BLOCK
+    cdef double acc[4]
+    _report_start(a, b, acc)
+    _report_rows(a, b, <const double *>stats + 4 * i0, a.rank + 2 * i0,
+                 min(a.N - i0, <Py_ssize_t>CEC_REDUCE_BLOCK), acc)
+    _report_finish(a, b, acc)
 
 
 def report_sums(const double[:, ::1] stats, const int64_t[:, ::1] rank, int64_t top_k,
@@ -1118,6 +1149,68 @@ def report_sums(const double[:, ::1] stats, const int64_t[:, ::1] rank, int64_t 
     a.N, a.top_k, a.n_bins = N, top_k, n_bins
     with nogil:
         _run(_report_block[double], n_blocks, &stats[0, 0], &a, n_threads)
+
+
+# ------------------------------------------------------- scores and their report sums
+cdef struct ScoresReportArgs:
+    ScoresArgs scores
+    ReportArgs report
+    bint blocks  # rows of few classes: through scratch tiles (_score_block_at)
+
+cdef void _scores_report_item(Py_ssize_t b, const floating *x,
+                              const void *ctx) noexcept nogil:
+    """Block b (REDUCE_BLOCK rows) of softmax_ce_report: CEC_SMALL_C_ROWS rows at a time,
+    scored as softmax_ce_scores scores them into scratch that stays in L1, then summed as
+    report_sums sums them (the per-row outputs, 48 bytes a row, took memory bandwidth
+    twice: written by one kernel, read back by the other)."""
+    cdef const ScoresReportArgs *a = <const ScoresReportArgs *>ctx
+    cdef double stats[4 * CEC_SMALL_C_ROWS]
+    cdef int64_t rank[2 * CEC_SMALL_C_ROWS]
+    cdef double acc[4]
+    cdef Py_ssize_t i, n, r0 = b * CEC_REDUCE_BLOCK
+    cdef Py_ssize_t end = min(a.scores.N, r0 + CEC_REDUCE_BLOCK)
+    _report_start(&a.report, b, acc)
+    while r0 < end:
+        n = min(end - r0, <Py_ssize_t>CEC_SMALL_C_ROWS)
+        if a.blocks:  # (REDUCE_BLOCK is a multiple of the blocks' CEC_SMALL_C_ROWS rows)
+            _score_block_at(&a.scores, x, r0 // CEC_SMALL_C_ROWS, stats, rank)
+        else:
+            for i in range(n):
+                _score_row_at(&a.scores, x, r0 + i, stats + 4 * i, rank + 2 * i)
+        _report_rows(&a.report, b, stats, rank, n, acc)
+        r0 += n
+    _report_finish(&a.report, b, acc)
+
+
+def softmax_ce_report(const floating[:, ::1] logits, const int64_t[::1] target,
+                      const double[::1] weight, int64_t ignore_index, double label_smoothing,
+                      int64_t top_k, const double[::1] edges, double[::1] loss_out,
+                      double[:, ::1] sums_out, int64_t[:, ::1] counts_out, int n_threads):
+    """softmax_ce_scores and report_sums of its per-row outputs, without them (see the
+    contract)."""
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
+    cdef Py_ssize_t n_blocks = (N + CEC_REDUCE_BLOCK - 1) // CEC_REDUCE_BLOCK
+    cdef Py_ssize_t n_bins = edges.shape[0] - 1
+    cdef ScoresReportArgs a
+    # Not validation (the caller's job), only what keeps the reads and writes inside.
+    if target.shape[0] != N or loss_out.shape[0] != N or C < 1 or n_bins < 1 \
+            or sums_out.shape[0] != n_blocks or sums_out.shape[1] != 3 + n_bins \
+            or counts_out.shape[0] != n_blocks or counts_out.shape[1] != 4 + n_bins:
+        raise ValueError("softmax_ce_report: logits (N, C >= 1), target and loss_out (N,), "
+                         "edges (n_bins + 1,), sums_out (ceil(N / REDUCE_BLOCK), 3 + "
+                         "n_bins), counts_out (ceil(N / REDUCE_BLOCK), 4 + n_bins), n_bins >= 1")
+    if N == 0:
+        return
+    a.scores.target, a.scores.w, a.scores.loss = &target[0], &weight[0], &loss_out[0]
+    a.scores.stats, a.scores.rank = NULL, NULL  # per row: scratch of the items
+    a.scores.N, a.scores.C = N, C
+    a.scores.ignore_index, a.scores.eps = ignore_index, label_smoothing
+    a.report.rank, a.report.edges = NULL, &edges[0]
+    a.report.sums, a.report.counts = &sums_out[0, 0], &counts_out[0, 0]
+    a.report.N, a.report.top_k, a.report.n_bins = N, top_k, n_bins
+    a.blocks = _use_blocks(C, 1, sizeof(floating))
+    with nogil:
+        _run(_scores_report_item[floating], n_blocks, &logits[0, 0], &a, n_threads)
 
 
 # ------------------------------------------------------------------ log_loss's pass

@@ -72,6 +72,9 @@
 #if CEC_SMALL_C_ROWS > CEC_TILE
 #error "CEC_SMALL_C_ROWS must not exceed CEC_TILE (its blocks are tiles of the tile kernels)"
 #endif
+#if CEC_REDUCE_BLOCK % CEC_SMALL_C_ROWS
+#error "CEC_REDUCE_BLOCK must be a multiple of CEC_SMALL_C_ROWS (softmax_ce_report's blocks of rows are whole tiles)"
+#endif
 #if CEC_TILE % CEC_LANES
 #error "CEC_TILE must be a multiple of CEC_LANES (cec_bce_sums_values_bcast's chunks keep the lanes)"
 #endif
@@ -917,17 +920,19 @@ CEC_KERNEL double CEC_FN(cec_index_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
     return loss;
 }
 
-/* stats[0:3] = (entropy, max p, Brier score) of a row from its sum of exps s (> 0,
- * finite), log_s = log(s), ex = sum_c e_c (x_c - m), e2 = sum_{c != t} e_c**2 and the
- * target's exp e_t: the Brier score as sum_{c != t} p_c**2 + (1 - p_t)**2 with
- * 1 - p_t = (s - e_t) / s (exact enough in float64); e2 / s**2 - 2 p_t + 1 cancelled for
- * confident rows. One function for the row and the tile kernels. */
-CEC_INLINE void CEC_FN(cec_scores_stats)(double s, double log_s, double ex, double e2,
-                                         double e_t, double *stats) {
+/* (entropy, max p, Brier score) of a row from its sum of exps s (> 0, finite),
+ * log_s = log(s), ex = sum_c e_c (x_c - m), e2 = sum_{c != t} e_c**2 and the target's exp
+ * e_t: the Brier score as sum_{c != t} p_c**2 + (1 - p_t)**2 with 1 - p_t = (s - e_t) / s
+ * (exact enough in float64); e2 / s**2 - 2 p_t + 1 cancelled for confident rows. One
+ * function for the row and the tile kernels (three outputs, not an array: the tile's
+ * loop of them vectorises only so). */
+CEC_FORCE_INLINE void CEC_FN(cec_scores_stats)(double s, double log_s, double ex,
+                                               double e2, double e_t, double *entropy,
+                                               double *max_p, double *brier) {
     const double rest = (s - e_t) / s;
-    stats[0] = log_s - ex / s;
-    stats[1] = 1.0 / s;
-    stats[2] = e2 / (s * s) + rest * rest;
+    *entropy = log_s - ex / s;
+    *max_p = 1.0 / s;
+    *brier = e2 / (s * s) + rest * rest;
 }
 
 /* An infinite max is the answer itself (as torch and scipy give), not inf - inf,
@@ -966,7 +971,8 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
         rank[1] = 0;
         return loss;
     }
-    CEC_FN(cec_scores_stats)(s, log_s, ex, e2, (double)EXP(x[t] - m), stats);
+    CEC_FN(cec_scores_stats)(s, log_s, ex, e2, (double)EXP(x[t] - m), &stats[0], &stats[1],
+                             &stats[2]);
     if (above == 0) {  /* only then can an earlier tie take the top spot */
         CEC_SIMD_SUM(tied_before)
         for (ptrdiff_t c = 0; c < t; c++)
@@ -1229,6 +1235,8 @@ CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t strid
     T m[CEC_TILE], xt[CEC_TILE], et[CEC_TILE], lo[CEC_TILE], a[CEC_TILE], q[CEC_TILE];
     int32_t tt[CEC_TILE], above[CEC_TILE], before[CEC_TILE];
     double s[CEC_TILE], log_s[CEC_TILE], w_t[CEC_TILE];
+    double entropy[CEC_TILE], max_p[CEC_TILE], brier[CEC_TILE], lse[CEC_TILE];
+    int32_t r0[CEC_TILE], r1[CEC_TILE];
     CEC_FN(cec_index_tile_loss)(x, n, stride, width, target, ignore_index, w, eps, loss, e,
                                 next, m, s, log_s, w_t, tt);
     for (ptrdiff_t j = 0; j < width; j++) {
@@ -1250,27 +1258,39 @@ CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t strid
             before[j] += (int32_t)c < tt[j] && xv == xt[j];
         }
     }
+    /* Branch-free selects, so that the float64 divisions vectorise (a scalar loop of
+     * four divisions and two branches per row was a quarter of softmax_ce_report's time
+     * at 10 classes, perf); then interleaved into stats and rank, as _scores_item gives
+     * them: an ignored position NaN stats and rank (-1, 0); an undefined softmax (s NaN
+     * or +inf) NaN entropy, max p and Brier, and rank (n, 0). */
+    CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {
-        double *st = stats + 4 * j;
-        int64_t *rk = rank + 2 * j;
-        if (tt[j] < 0) {  /* ignored, as _scores_item gives it */
-            st[0] = st[1] = st[2] = st[3] = NAN;
-            rk[0] = -1;
-            rk[1] = 0;
-            continue;
-        }
-        st[3] = isinf(m[j]) ? CEC_FN(cec_infinite_lse)(x + j, n, stride, m[j])
-                            : (double)m[j] + log_s[j];
-        if (!(s[j] < INFINITY)) {
-            st[0] = st[1] = st[2] = NAN;
-            rk[0] = n;
-            rk[1] = 0;
-            continue;
-        }
+        const int ok = tt[j] >= 0, fine = (tt[j] >= 0) & (s[j] < INFINITY);
+        double h, p, b;
         CEC_FN(cec_scores_stats)(s[j], log_s[j], (double)a[j], (double)q[j], (double)et[j],
-                                 st);
-        rk[0] = above[j];
-        rk[1] = above[j] == 0 && before[j] == 0;
+                                 &h, &p, &b);
+        entropy[j] = fine ? h : NAN;
+        max_p[j] = fine ? p : NAN;
+        brier[j] = fine ? b : NAN;
+        lse[j] = ok ? (double)m[j] + log_s[j] : NAN;
+    }
+    CEC_SIMD
+    for (ptrdiff_t j = 0; j < width; j++) {
+        const int fine = (tt[j] >= 0) & (s[j] < INFINITY);
+        r0[j] = fine ? above[j] : tt[j] >= 0 ? (int32_t)n : -1;
+        r1[j] = fine & (above[j] == 0) & (before[j] == 0);
+    }
+    for (ptrdiff_t j = 0; j < width; j++)
+        if (tt[j] >= 0 && isinf(m[j]))  /* rare: not inf - inf (see cec_infinite_lse) */
+            lse[j] = CEC_FN(cec_infinite_lse)(x + j, n, stride, m[j]);
+    CEC_SIMD
+    for (ptrdiff_t j = 0; j < width; j++) {
+        stats[4 * j] = entropy[j];
+        stats[4 * j + 1] = max_p[j];
+        stats[4 * j + 2] = brier[j];
+        stats[4 * j + 3] = lse[j];
+        rank[2 * j] = r0[j];
+        rank[2 * j + 1] = r1[j];
     }
 }
 

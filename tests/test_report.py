@@ -352,6 +352,48 @@ def test_report_sums_kernel_contract(backend, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_classes", [1, 10, 33, 300])
+def test_report_kernel_is_scores_then_report_sums(backend, rng, dtype, n_classes):
+    # softmax_ce_report must give what softmax_ce_scores followed by report_sums of its
+    # per-row outputs gives, bit for bit: the losses and every block's sums and counts,
+    # for the few-classes tiles and the row path, a last block of one row, ignored rows,
+    # NaN, +inf, all -inf and tied rows, label smoothing, 1 and 2 threads.
+    from cecore._backends import get_backend
+    from cecore._config import REDUCE_BLOCK
+    kernels = get_backend(backend)
+    n, n_bins, top_k = 2 * REDUCE_BLOCK + 1, 9, 2
+    x = (rng.standard_normal((n, n_classes)) * 4).astype(dtype)
+    x[5] = np.nan
+    x[6, 0] = np.inf
+    x[7] = -np.inf
+    x[8] = 1.5
+    t = rng.integers(0, n_classes, n)
+    t[::5] = -100
+    t[-1] = 0
+    w, edges = rng.uniform(0.5, 2.0, n_classes), np.arange(n_bins + 1) / n_bins
+    for eps in (0.0, 0.2):
+        loss = np.empty(n)
+        stats, rank = np.empty((n, 4)), np.empty((n, 2), np.int64)
+        kernels.softmax_ce_scores(x, t, w, -100, eps, loss, stats, rank, 2)
+        sums, counts = np.empty((3, 3 + n_bins)), np.empty((3, 4 + n_bins), np.int64)
+        kernels.report_sums(stats, rank, top_k, edges, sums, counts, 2)
+        for threads in (1, 2):
+            loss2 = np.full(n, -1.0)
+            sums2 = np.full((3, 3 + n_bins), -1.0)
+            counts2 = np.full((3, 4 + n_bins), -1, np.int64)
+            kernels.softmax_ce_report(x, t, w, -100, eps, top_k, edges, loss2, sums2,
+                                      counts2, threads)
+            assert loss2.tobytes() == loss.tobytes()
+            assert sums2.tobytes() == sums.tobytes()
+            np.testing.assert_array_equal(counts2, counts)
+    with pytest.raises(ValueError, match="softmax_ce_report"):
+        kernels.softmax_ce_report(x, t, w, -100, 0.0, top_k, edges, loss, sums[:2], counts, 1)
+    with pytest.raises(ValueError, match="softmax_ce_report"):
+        kernels.softmax_ce_report(x[:, :0], t, w, -100, 0.0, top_k, edges, loss, sums,
+                                  counts, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_confidence_on_an_edge_of_another_bin_count(backend, dtype):
     # Three tied classes give a confidence of 1/3, the edge 11/33 of 33 bins, which
     # np.linspace put an ulp higher; a right row at 1/3 and a wrong one at 0.35 share

@@ -160,6 +160,23 @@ def report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads):
              sums_out, counts_out)
 
 
+def softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top_k, edges,
+                      loss_out, sums_out, counts_out, n_threads):
+    (n, c), n_bins = logits.shape, edges.shape[0] - 1
+    n_blocks = -(-n // _config.REDUCE_BLOCK)
+    # Not validation (the caller's job), only what keeps the reads and writes inside.
+    if target.shape != (n,) or loss_out.shape != (n,) or c < 1 or n_bins < 1 \
+            or sums_out.shape != (n_blocks, 3 + n_bins) \
+            or counts_out.shape != (n_blocks, 4 + n_bins):
+        raise ValueError("softmax_ce_report: logits (N, C >= 1), target and loss_out (N,), "
+                         "edges (n_bins + 1,), sums_out (ceil(N / REDUCE_BLOCK), 3 + "
+                         "n_bins), counts_out (ceil(N / REDUCE_BLOCK), 4 + n_bins), n_bins >= 1")
+    if n_blocks:
+        _run("scores_report", n_threads, _ro(logits), _ro(target), _ro(weight),
+             int(ignore_index), float(label_smoothing), int(top_k), _ro(edges), loss_out,
+             sums_out, counts_out, _block(c, 1, logits.itemsize))
+
+
 def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,
                      grad_out, n_threads):
     n, c, s = logits.shape

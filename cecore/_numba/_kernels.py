@@ -286,6 +286,27 @@ def _row_scores(row, t, m, s, e, stats, rank):
     rank[1] = 1 if above == 0 and tied_before == 0 else 0
 
 
+@helper
+def _score_row(x, i, target, weight, ignore_index, eps, e, loss_out, stats, rank):
+    """Row ``i`` of :func:`_scores_rows`: its loss to ``loss_out[i]``, its metrics to
+    ``stats`` (4 values) and ``rank`` (2); ``e`` scratch of C values."""
+    t = target[i]
+    if t == ignore_index:  # not read, as in loss-only softmax_ce_index
+        loss_out[i] = 0.0
+        stats[0] = stats[1] = stats[2] = stats[3] = np.nan
+        rank[0] = -1
+        rank[1] = 0
+        return
+    row = x[i]
+    m = _row_max(row)
+    s = _row_sumexp(row, m, e)
+    loss_out[i] = _row_loss(row, np.float64(row[t]), weight[t], weight, eps, m, s)
+    # the log-sum-exp as _logsumexp_rows gives it
+    stats[3] = (_infinite_lse(row, 0, 1, row.shape[0], m) if np.isinf(m)
+                else np.float64(m) + np.log(s))
+    _row_scores(row, t, m, s, e, stats, rank)
+
+
 def _scores_rows(x, target, weight, ignore_index, eps, loss_out, stats_out, rank_out):
     """Loss-only :func:`_index_rows` plus the per-row metrics of :func:`_row_scores`; the
     loss takes the very same steps, so it equals softmax_ce_index's bit for bit."""
@@ -293,21 +314,8 @@ def _scores_rows(x, target, weight, ignore_index, eps, loss_out, stats_out, rank
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         e = np.empty(n_classes, dtype=x.dtype)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            t = target[i]
-            if t == ignore_index:  # not read, as in loss-only softmax_ce_index
-                loss_out[i] = 0.0
-                stats_out[i, 0] = stats_out[i, 1] = stats_out[i, 2] = stats_out[i, 3] = np.nan
-                rank_out[i, 0] = -1
-                rank_out[i, 1] = 0
-                continue
-            row = x[i]
-            m = _row_max(row)
-            s = _row_sumexp(row, m, e)
-            loss_out[i] = _row_loss(row, np.float64(row[t]), weight[t], weight, eps, m, s)
-            # the log-sum-exp as _logsumexp_rows gives it
-            stats_out[i, 3] = (_infinite_lse(row, 0, 1, n_classes, m) if np.isinf(m)
-                               else np.float64(m) + np.log(s))
-            _row_scores(row, t, m, s, e, stats_out[i], rank_out[i])
+            _score_row(x, i, target, weight, ignore_index, eps, e, loss_out, stats_out[i],
+                       rank_out[i])
 
 
 @helper
@@ -323,16 +331,20 @@ def _add_compensated(total, err, v):
 
 
 @helper
-def _report_block(stats, rank, top_k, edges, start, stop, sums, counts):
-    """Rows start:stop of report_sums, in row order, into sums and counts (one block's
-    rows of the contract's sums_out and counts_out)."""
+def _report_start(sums, counts, acc):
+    """Zero one block's rows of report_sums' outputs and its compensated sums ``acc``
+    (entropy, its error, Brier, its error)."""
+    sums[:] = 0.0
+    counts[:] = 0
+    acc[:] = 0.0
+
+
+@helper
+def _report_rows(stats, rank, top_k, edges, start, stop, sums, counts, acc):
+    """Rows start:stop of report_sums, in row order, into one block's sums and counts
+    (rows of the contract's sums_out and counts_out) and ``acc`` (:func:`_report_start`)."""
     n_bins = edges.shape[0] - 1
-    for k in range(3 + n_bins):
-        sums[k] = 0.0
-    for k in range(4 + n_bins):
-        counts[k] = 0
-    entropy = entropy_err = 0.0
-    brier = brier_err = 0.0
+    entropy, entropy_err, brier, brier_err = acc[0], acc[1], acc[2], acc[3]
     for i in range(start, stop):
         r = rank[i, 0]
         if r < 0:  # ignored
@@ -350,22 +362,31 @@ def _report_block(stats, rank, top_k, edges, start, stop, sums, counts):
         elif k < n_bins and p >= edges[k + 1]:
             k += 1
         sums[2 + k] += p
-        if rank[i, 1] == 1:
-            counts[1] += 1
-            counts[3 + k] += 1
-        if r < top_k:
-            counts[2] += 1
+        # (no branch on the hit: a model right half the time would mispredict it half
+        # the time)
+        hit = np.int64(rank[i, 1] == 1)
+        counts[1] += hit
+        counts[3 + k] += hit
+        counts[2] += np.int64(r < top_k)
+    acc[0], acc[1], acc[2], acc[3] = entropy, entropy_err, brier, brier_err
+
+
+@helper
+def _report_finish(sums, acc):
     # (an infinite or NaN sum stays as it is: its error term is then NaN or infinite)
-    sums[0] = entropy + entropy_err if np.isfinite(entropy) else entropy
-    sums[1] = brier + brier_err if np.isfinite(brier) else brier
+    sums[0] = acc[0] + acc[1] if np.isfinite(acc[0]) else acc[0]
+    sums[1] = acc[2] + acc[3] if np.isfinite(acc[2]) else acc[2]
 
 
 def _report_sums(stats, rank, top_k, edges, sums_out, counts_out):
     """report_sums: one block of REDUCE_BLOCK rows per task (see the contract)."""
     n = stats.shape[0]
     for b in prange(sums_out.shape[0]):
-        _report_block(stats, rank, top_k, edges, b * REDUCE_BLOCK,
-                      min(n, (b + 1) * REDUCE_BLOCK), sums_out[b], counts_out[b])
+        acc = np.empty(4)
+        _report_start(sums_out[b], counts_out[b], acc)
+        _report_rows(stats, rank, top_k, edges, b * REDUCE_BLOCK,
+                     min(n, (b + 1) * REDUCE_BLOCK), sums_out[b], counts_out[b], acc)
+        _report_finish(sums_out[b], acc)
 
 
 @helper
@@ -839,6 +860,21 @@ def _tile_scores(xt, et, n_classes, width, tgt, ignore_index, m, s, log_s, stats
         rank[j, 1] = 1 if above[j] == zero and before[j] == zero else 0
 
 
+@helper
+def _score_tile(x, r0, n_rows, n_classes, target, weight, ignore_index, eps, loss_out, stats,
+                rank, m, s, log_s, w_t, gs_run, scratch, xt, et, no_scale):
+    """Rows r0 + [0, n_rows) of :func:`_scores_tiles` (a block): their losses to
+    ``loss_out``, their metrics to ``stats`` and ``rank`` (the block's rows); the other
+    arguments are the task's scratch."""
+    _to_tile(x, r0, n_rows, n_classes, 1, xt)
+    _index_tile(xt, 0, TILE, n_classes, n_rows, target, r0, weight, 0.0, 1.0, ignore_index,
+                eps, no_scale, loss_out, et, False, False, m, s, log_s, scratch[0], scratch[1],
+                scratch[2], w_t, gs_run, x, (r0 + n_rows) * n_classes)
+    _tile_scores(xt, et, n_classes, n_rows, _view(target, r0, r0 + n_rows), ignore_index, m,
+                 s, log_s, stats, rank, scratch[3], scratch[4], scratch[5], scratch[6],
+                 scratch[7], scratch[8], scratch[9])
+
+
 def _scores_tiles(x, target, weight, ignore_index, eps, loss_out, stats_out, rank_out,
                   n_samples, n_classes, block, threads):
     """softmax_ce_scores for rows of few classes (the flat (N, C) logits): blocks of
@@ -859,15 +895,47 @@ def _scores_tiles(x, target, weight, ignore_index, eps, loss_out, stats_out, ran
         et = np.empty(n_classes * TILE, dtype=x.dtype)
         for tile in _task_tiles(task, per_task, n_tiles):
             r0, n_rows = _block_span(tile, block, n_samples)
-            _to_tile(x, r0, n_rows, n_classes, 1, xt)
-            _index_tile(xt, 0, TILE, n_classes, n_rows, target, r0, weight, 0.0, 1.0,
-                        ignore_index, eps, no_scale, loss_out, et, False, False, m, s, log_s,
-                        scratch[0], scratch[1], scratch[2], w_t, gs_run, x,
-                        (r0 + n_rows) * n_classes)
-            _tile_scores(xt, et, n_classes, n_rows, _view(target, r0, r0 + n_rows),
-                         ignore_index, m, s, log_s, stats_out[r0:r0 + n_rows],
-                         rank_out[r0:r0 + n_rows], scratch[3], scratch[4], scratch[5],
-                         scratch[6], scratch[7], scratch[8], scratch[9])
+            _score_tile(x, r0, n_rows, n_classes, target, weight, ignore_index, eps, loss_out,
+                        stats_out[r0:r0 + n_rows], rank_out[r0:r0 + n_rows], m, s, log_s, w_t,
+                        gs_run, scratch, xt, et, no_scale)
+
+
+def _scores_report(x, target, weight, ignore_index, eps, top_k, edges, loss_out, sums_out,
+                   counts_out, block):
+    """softmax_ce_report: one block of REDUCE_BLOCK rows per task, scored ``block`` rows
+    at a time (by :func:`_score_tile`, or row by row by :func:`_score_row` when ``block``
+    is 0: then 64 rows) into scratch that stays in cache, and summed as
+    :func:`_report_sums` sums (the per-row outputs are never written)."""
+    n_rows, n_classes = x.shape
+    flat = x.reshape(-1)
+    rows = block if block else 64
+    no_scale = np.empty(0, dtype=np.float64)
+    for b in prange(sums_out.shape[0]):
+        stats = np.empty((rows, 4))
+        rank = np.empty((rows, 2), dtype=np.int64)
+        acc = np.empty(4)
+        m = np.empty(TILE, dtype=x.dtype)
+        s = np.empty(TILE, dtype=np.float64)
+        log_s = np.empty(TILE, dtype=np.float64)
+        w_t = np.empty(TILE, dtype=np.float64)
+        gs_run = np.empty(TILE, dtype=np.float64)
+        scratch = np.empty((10, TILE) if block else (0, 0), dtype=x.dtype)
+        xt = np.empty(n_classes * TILE if block else 0, dtype=x.dtype)
+        et = np.empty(n_classes * TILE if block else n_classes, dtype=x.dtype)
+        _report_start(sums_out[b], counts_out[b], acc)
+        stop = min(n_rows, (b + 1) * REDUCE_BLOCK)
+        for r0 in range(b * REDUCE_BLOCK, stop, rows):  # (REDUCE_BLOCK is a multiple)
+            n = min(rows, stop - r0)
+            if block:
+                _score_tile(flat, r0, n, n_classes, target, weight, ignore_index, eps,
+                            loss_out, stats, rank, m, s, log_s, w_t, gs_run, scratch, xt, et,
+                            no_scale)
+            else:
+                for j in range(n):
+                    _score_row(x, r0 + j, target, weight, ignore_index, eps, et, loss_out,
+                               stats[j], rank[j])
+            _report_rows(stats, rank, top_k, edges, 0, n, sums_out[b], counts_out[b], acc)
+        _report_finish(sums_out[b], acc)
 
 
 def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
@@ -1345,6 +1413,6 @@ KERNELS = {
         "softmax_rows": _softmax_rows, "softmax_tiles": _softmax_tiles,
         "logsumexp_rows": _logsumexp_rows, "logsumexp_tiles": _logsumexp_tiles,
         "bce_blocks": _bce_blocks, "log_loss_pass": _log_loss_pass, "scores_rows": _scores_rows,
-        "report_sums": _report_sums,
+        "report_sums": _report_sums, "scores_report": _scores_report,
     }.items()
 }

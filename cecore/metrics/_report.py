@@ -1,12 +1,14 @@
 """Evaluation metrics of logits from the same pass as their cross-entropy.
 
-:func:`score_rows` runs the kernels over rows a block at a time (:func:`block_scores`):
-for class-index targets the contract's ``softmax_ce_scores``, which computes each row's
-loss together with its softmax entropy, top-label confidence, sum of squared
-probabilities and the target's rank while the row is in cache. :class:`ReportSums`
-accumulates those per-row values in row order with fixed-block sums (:mod:`cecore._reduce`),
-so the metrics are the same whether the rows arrive in one array, in chunks of a stream
-or from Dask workers.
+:func:`score_rows` runs the kernels over the rows: for class-index targets the contract's
+``softmax_ce_report``, which computes each row's loss together with its softmax entropy,
+top-label confidence, sum of squared probabilities and the target's rank while the row
+is in cache, and sums them per block of ``REDUCE_BLOCK`` rows; rows short of a whole
+block, and probability targets, through per-row metrics (``softmax_ce_scores``,
+:func:`block_scores`) that :class:`ReportSums` sums with the kernels' ``report_sums``, the
+same sums bit for bit. Every sum is a fixed-block sum (:mod:`cecore._reduce`) in row
+order, so the metrics are the same whether the rows arrive in one array, in chunks of a
+stream or from Dask workers.
 :func:`classification_report_from_logits` is the in-memory front end; ``cecore score``
 (:mod:`cecore.batch`) is the streaming one.
 
@@ -42,30 +44,55 @@ __all__ = ["classification_report_from_logits"]
 
 
 def score_rows(kernels, x, t, proba, weight, ignore_index, eps, n_threads, sums):
-    """Score rows into ``sums``, in row order, ``REPORT_ROWS`` at a time; return their losses.
+    """Score rows into ``sums``, in row order; return their losses.
 
     ``x`` (n, C) of the compute dtype, C-contiguous; ``t`` the flat int64 class indices or
-    the (n, C) probabilities of that dtype. Per-row metrics and their bookkeeping take
-    about 110 bytes a row, so blocks keep them in cache and bounded whatever n: 2e6 rows
-    of ten classes took 228 MB beside 80 MB of logits in one block.
+    the (n, C) probabilities of that dtype. Class-index targets from the first block
+    boundary of the stream in these rows to the last go through the kernels'
+    ``softmax_ce_report``, which sums each block's metrics without writing per-row ones
+    (at ten classes those outputs and their second read were most of the time); the
+    rows before and after (fewer than a block each) and probability targets through
+    per-row metrics, :func:`block_scores`, ``REPORT_ROWS`` at a time (about 110 bytes a
+    row with their bookkeeping: 2e6 rows of ten classes took 228 MB in one block).
 
     Returns
     -------
     loss : ndarray of shape (n,), float64
         Per-row losses (0 for ignored rows).
     """
-    n = x.shape[0]
+    n, c = x.shape
     loss = np.empty(n)
+    lo = hi = n
+    if not proba and c:
+        lo = min(n, sums.rows_to_block())
+        hi = lo + (n - lo) // REDUCE_BLOCK * REDUCE_BLOCK
+    if sums.keeps_weights:  # their own sum, in row order, a bounded piece at a time
+        for a in range(0, n, REPORT_ROWS):
+            tb = t[a:a + REPORT_ROWS]
+            sums.add_weights(weight[tb[tb != ignore_index]])
+    _score_per_row(kernels, x[:lo], t[:lo], proba, weight, ignore_index, eps, n_threads,
+                   loss[:lo], sums)
+    if lo < hi:
+        block_sums, block_counts = sums.new_blocks(hi - lo)
+        kernels.softmax_ce_report(x[lo:hi], t[lo:hi], weight, ignore_index, eps, sums.top_k,
+                                  sums.edges, loss[lo:hi], block_sums, block_counts,
+                                  min(n_threads, len(block_sums)))
+        sums.add_blocks(loss[lo:hi], block_sums, block_counts)
+    _score_per_row(kernels, x[hi:], t[hi:], proba, weight, ignore_index, eps, n_threads,
+                   loss[hi:], sums)
+    return loss
+
+
+def _score_per_row(kernels, x, t, proba, weight, ignore_index, eps, n_threads, loss, sums):
+    """:func:`score_rows` through per-row metrics, ``REPORT_ROWS`` at a time."""
+    n = x.shape[0]
     # one pair of per-row buffers for every block (fresh ones page-faulted each block)
     stats, rank = np.empty((min(n, REPORT_ROWS), 4)), np.empty((min(n, REPORT_ROWS), 2), np.int64)
     for a in range(0, n, REPORT_ROWS):
         b = min(n, a + REPORT_ROWS)
-        tb = t[a:b]
-        block_rank = block_scores(kernels, x[a:b], tb, proba, weight, ignore_index, eps,
+        block_rank = block_scores(kernels, x[a:b], t[a:b], proba, weight, ignore_index, eps,
                                   n_threads, loss[a:b], stats[:b - a], rank[:b - a])
-        valid_weight = weight[tb[tb != ignore_index]] if sums.keeps_weights else None
-        sums.add(loss[a:b], valid_weight, stats[:b - a], block_rank, n_threads)
-    return loss
+        sums.add(loss[a:b], stats[:b - a], block_rank, n_threads)
 
 
 def block_scores(kernels, x, t, proba, weight, ignore_index, eps, n_threads, loss, stats,
@@ -131,9 +158,10 @@ class ReportSums:
     Dask worker scored which chunk: a worker sends :meth:`partials` of its rows (whole
     blocks of ``REDUCE_BLOCK``) and the client adds them with :meth:`add_partials`, in
     row order. The mean loss is computed as :func:`cecore.cross_entropy` computes it.
-    The metrics' block sums come from the kernels' ``report_sums``, one pass over the
-    per-row values (30 NumPy passes took more than the scoring kernel at ten classes);
-    rows short of a whole block wait for the next ones.
+    The metrics' block sums come from the kernels: whole blocks' from
+    ``softmax_ce_report`` (:meth:`add_blocks`), per-row values' from ``report_sums``
+    (:meth:`add`; 30 NumPy passes took more than the scoring kernel at ten classes),
+    whose rows short of a whole block wait for the next ones.
     """
 
     _SUMS = ("loss", "weight", "entropy", "brier")
@@ -165,15 +193,18 @@ class ReportSums:
         self.uniform_weights = uniform_weights
         self.keeps_weights = not (proba or uniform_weights)
 
-    def add(self, loss, valid_weight, stats, rank, n_threads=1):
-        """Add a block's per-row ``loss``, the class weights of its non-ignored targets
-        (None unless :attr:`keeps_weights`) and ``stats``, ``rank`` from
+    def add_weights(self, valid_weight):
+        """Add the class weights of the next rows' non-ignored targets, in row order (only
+        when :attr:`keeps_weights`)."""
+        if self._weights is not None:
+            self._weights.append(valid_weight)
+        else:
+            self.sums["weight"].add(valid_weight)
+
+    def add(self, loss, stats, rank, n_threads=1):
+        """Add a block's per-row ``loss`` and ``stats``, ``rank`` from
         :func:`block_scores`; ``n_threads`` for the kernels' ``report_sums``."""
         self.sums["loss"].add(loss)
-        if self.keeps_weights and self._weights is not None:
-            self._weights.append(valid_weight)
-        elif self.keeps_weights:
-            self.sums["weight"].add(valid_weight)
         self.counts[0] += len(loss)
         if rank is None:  # probability targets: every row is scored, max_p is NaN
             rank = np.zeros((len(loss), 2), np.int64)
@@ -181,11 +212,30 @@ class ReportSums:
         for block_stats, block_rank in blocks:
             self._add_blocks(*self._block_sums(block_stats, block_rank, n_threads))
 
+    def rows_to_block(self):
+        """Rows still to come before the next one starts a block of ``REDUCE_BLOCK``."""
+        return -len(self._tail[0]) % REDUCE_BLOCK
+
+    def new_blocks(self, n_rows):
+        """Empty ``(sums, counts)`` for the block sums of n_rows (the kernels' ``sums_out``
+        and ``counts_out``)."""
+        n_blocks = -(-n_rows // REDUCE_BLOCK)
+        return (np.empty((n_blocks, 3 + self.n_bins)),
+                np.empty((n_blocks, 4 + self.n_bins), np.int64))
+
+    def add_blocks(self, loss, sums, counts):
+        """Add the per-row ``loss`` of whole blocks of rows and the kernels' block sums and
+        counts of them (``softmax_ce_report``); they must start a block."""
+        if self.rows_to_block():
+            raise ValueError("add_blocks: the rows must start a block")
+        self.sums["loss"].add(loss)
+        self.counts[0] += len(loss)
+        self._add_blocks(sums, counts)
+
     def _block_sums(self, stats, rank, n_threads=1):
         """The kernels' ``report_sums`` of these rows, the first at a block's start."""
-        n_blocks = -(-len(stats) // REDUCE_BLOCK)
-        sums = np.empty((n_blocks, 3 + self.n_bins))
-        counts = np.empty((n_blocks, 4 + self.n_bins), np.int64)
+        sums, counts = self.new_blocks(len(stats))
+        n_blocks = len(sums)
         # (one block, the one a chunk's first rows complete: no OpenMP region for it)
         get_backend(self.backend).report_sums(np.ascontiguousarray(stats),
                                               np.ascontiguousarray(rank), self.top_k,
