@@ -413,12 +413,12 @@ def chunk_rows(memory_budget, x_src, t_src, opts, per_row=False):
     if opts.proba and t_src.dtype != opts.dtype:
         row += opts.dtype.itemsize * n_classes
     # O(rows) arrays: 20 float64s per row, what a chunk held when its metrics were made
-    # at once (2.4x the budget on 20e6 x 2 logits when 6 were counted). Since the metrics
-    # go REPORT_ROWS rows at a time through the kernels' report_sums, a chunk holds about
-    # 3 per row (int64 targets, masks, loss; measured 25 bytes a row) and one block of
-    # rows about 8 per row (stats, ranks, weights): the count is conservative, and kept so
-    # that a small budget also covers a block's arrays and block_scores' buffers of
-    # probability targets (3 x PROBA_BLOCK_BYTES).
+    # at once (2.4x the budget on 20e6 x 2 logits when 6 were counted). Now a chunk holds
+    # about 3 per row (int64 targets, masks, loss; measured 25 bytes a row), the metrics
+    # of class-index targets none (softmax_ce_report sums them per block), and per-row
+    # metrics (probability targets, rows short of a block) REPORT_ROWS rows of about 8 at
+    # a time: the count is conservative, and kept so that a small budget also covers
+    # those and block_scores' buffers of probability targets (3 x PROBA_BLOCK_BYTES).
     row += 8 * 20 + (8 if per_row else 0)
     if isinstance(t_src, StreamedArray) or isinstance(x_src, StreamedArray):
         row *= 2  # the decompression buffer is resident while the kernel runs
