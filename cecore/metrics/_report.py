@@ -38,7 +38,7 @@ import numpy as np
 from .. import _reduce
 from .. import _validation as V
 from .._backends import get_backend
-from .._config import REDUCE_BLOCK, REPORT_ROWS, block_rows
+from .._config import REDUCE_BLOCK, REPORT_ROWS, SMALL_C, block_rows
 
 __all__ = ["classification_report_from_logits"]
 
@@ -47,13 +47,14 @@ def score_rows(kernels, x, t, proba, weight, ignore_index, eps, n_threads, sums)
     """Score rows into ``sums``, in row order; return their losses.
 
     ``x`` (n, C) of the compute dtype, C-contiguous; ``t`` the flat int64 class indices or
-    the (n, C) probabilities of that dtype. Class-index targets from the first block
-    boundary of the stream in these rows to the last go through the kernels'
-    ``softmax_ce_report``, which sums each block's metrics without writing per-row ones
-    (at ten classes those outputs and their second read were most of the time); the
-    rows before and after (fewer than a block each) and probability targets through
-    per-row metrics, :func:`block_scores`, ``REPORT_ROWS`` at a time (about 110 bytes a
-    row with their bookkeeping: 2e6 rows of ten classes took 228 MB in one block).
+    the (n, C) probabilities of that dtype. Class-index targets of at most ``SMALL_C``
+    classes, from the first block boundary of the stream in these rows to the last, go
+    through the kernels' ``softmax_ce_report``, which sums each block's metrics without
+    writing per-row ones (at ten classes those outputs and their second read were most
+    of the time); the rows before and after (fewer than a block each), probability
+    targets and rows of more classes through per-row metrics, :func:`block_scores`,
+    ``REPORT_ROWS`` at a time (about 110 bytes a row with their bookkeeping: 2e6 rows of
+    ten classes took 228 MB in one block).
 
     Returns
     -------
@@ -63,7 +64,11 @@ def score_rows(kernels, x, t, proba, weight, ignore_index, eps, n_threads, sums)
     n, c = x.shape
     loss = np.empty(n)
     lo = hi = n
-    if not proba and c:
+    # Only rows of few classes: there the per-row outputs weigh as much as the logits,
+    # and a block of REDUCE_BLOCK rows is little work. At 50257 classes a block is about
+    # 0.2 s of one thread (bench_batch.py's kernel time), too coarse to share among
+    # threads, and 48 bytes of outputs beside 200 KB of logits cost nothing.
+    if not proba and 0 < c <= SMALL_C:
         lo = min(n, sums.rows_to_block())
         hi = lo + (n - lo) // REDUCE_BLOCK * REDUCE_BLOCK
     if sums.keeps_weights:  # their own sum, in row order, a bounded piece at a time
