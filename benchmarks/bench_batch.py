@@ -120,14 +120,13 @@ def kernel_split(x_path, t_path, budget, backend, rounds=7):
         for a in range(0, x.shape[0], step):
             b = min(x.shape[0], a + step)
             xc, tc, n = x.rows(a, b), np.ascontiguousarray(t.rows(a, b), np.int64), b - a
-            loss = np.empty(n)
+            loss = None if scores else np.empty((n, 1))
             start = time.perf_counter()
             if scores:
                 score_rows(kernels, xc, tc.reshape(-1), False, w, -100, 0.0, 2, sums)
             else:
                 kernels.softmax_ce_index(xc.reshape(n, -1, 1), tc.reshape(n, 1), w, -100, 0.0,
-                                         np.broadcast_to(0.0, (n, 1)), loss.reshape(n, 1),
-                                         None, 2)
+                                         np.broadcast_to(0.0, (n, 1)), loss, None, 2)
             mid = time.perf_counter()
             x.release(a, b)
             t.release(a, b)

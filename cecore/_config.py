@@ -144,8 +144,9 @@ def block_rows(row_bytes):
 # targets short of a whole block, see cecore.metrics._report.score_rows): a multiple of
 # REDUCE_BLOCK. Their arrays take about 80 bytes a row (20 MB here); each block is two
 # kernel calls, two OpenMP regions, and on a machine whose cores are busy with other
-# work a region can wait a scheduler time slice for its second thread. Measured when
-# class-index targets went this way too (results/bench_report_busy*_zen4.json, 4e6 x 10
+# work a region can wait a scheduler time slice for its second thread. Chosen when
+# class-index targets went this way too, and not measured since for probability targets
+# (results/bench_report_busy*_zen4.json, 4e6 x 10
 # stream, quiet / beside two spinning processes): 65536 rows 0.072 / 0.339 s, 262144
 # rows 0.062 / 0.216 s, one block per chunk 0.105 / 0.171 s (and 228 MB of NumPy
 # temporaries for 2e6 rows in memory).

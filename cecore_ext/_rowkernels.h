@@ -1259,8 +1259,9 @@ CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t strid
         }
     }
     /* Branch-free selects, so that the float64 divisions vectorise (a scalar loop of
-     * four divisions and two branches per row was a quarter of softmax_ce_report's time
-     * at 10 classes, perf); then interleaved into stats and rank, as _scores_item gives
+     * four divisions and two branches per row took a quarter of this function's perf
+     * samples in softmax_ce_report at 10 classes; kernel_findings.md, forty-second
+     * session); then interleaved into stats and rank, as _scores_item gives
      * them: an ignored position NaN stats and rank (-1, 0); an undefined softmax (s NaN
      * or +inf) NaN entropy, max p and Brier, and rank (n, 0). */
     CEC_SIMD

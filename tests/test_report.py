@@ -118,14 +118,20 @@ def test_metrics_match_a_numpy_reference(backend, rng, dtype, n_classes):
     assert report["rows"] == 2000 and report["rows_scored"] == int((t != -100).sum())
 
 
-def test_rows_beyond_one_block_of_per_row_metrics(backend, rng):
-    # The per-row metrics go REPORT_ROWS at a time: ignored rows, all-tied rows and
-    # classes of probability 0 on both sides of each block edge, and a short last block.
-    from cecore._config import REPORT_ROWS
-    n = 2 * REPORT_ROWS + 5
-    x = rng.standard_normal((n, 4))
-    t = rng.integers(0, 4, n)
-    for edge in (REPORT_ROWS, 2 * REPORT_ROWS):
+@pytest.mark.parametrize("n_classes", [4, 40])
+def test_rows_beyond_one_block_of_per_row_metrics(backend, rng, monkeypatch, n_classes):
+    # Rows of more than SMALL_C classes go through per-row metrics REPORT_ROWS at a time,
+    # in buffers reused from block to block; rows of fewer through softmax_ce_report:
+    # ignored rows, all-tied rows and classes of probability 0 on both sides of each
+    # block edge, and a short last block.
+    from cecore._config import REDUCE_BLOCK
+    from cecore.metrics import _report
+    rows = 2 * REDUCE_BLOCK
+    monkeypatch.setattr(_report, "REPORT_ROWS", rows)
+    n = 2 * rows + 5
+    x = rng.standard_normal((n, n_classes))
+    t = rng.integers(0, n_classes, n)
+    for edge in (rows, 2 * rows):
         t[edge - 2:edge + 1] = -100
         x[edge + 1, :2] = -np.inf
         x[edge - 3] = 0.5
@@ -154,10 +160,13 @@ def test_a_report_in_the_middle_of_a_stream_changes_nothing(backend, rng):
     assert {k: report[k] for k in expected} == expected
 
 
-def test_per_row_metrics_memory_does_not_grow_with_the_rows(backend, rng):
+@pytest.mark.parametrize("n_bins", [15, 10_000])
+def test_per_row_metrics_memory_does_not_grow_with_the_rows(backend, rng, n_bins):
     # 2e6 rows of ten float32 classes took 228 MB beside 80 MB of logits when every
     # row's metrics were made at once; now the targets' int64 copy and the losses, 16
-    # bytes a row, and one block's metrics.
+    # bytes a row, and one block's metrics. The block sums of 1e4 bins (160 KB per
+    # REDUCE_BLOCK rows) are made REPORT_ROWS rows at a time too: for all the rows at
+    # once they took 20 bytes a row.
     import tracemalloc
 
     from cecore._config import REPORT_ROWS
@@ -166,11 +175,13 @@ def test_per_row_metrics_memory_does_not_grow_with_the_rows(backend, rng):
     classification_report_from_logits(x[:10], t[:10], backend=backend)  # compiled, loaded
     tracemalloc.start()
     try:
-        classification_report_from_logits(x, t, backend=backend)
+        classification_report_from_logits(x, t, n_bins=n_bins, backend=backend)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < x.nbytes / 2, (peak, x.nbytes)
+    # 16 bytes a row (int64 targets, float64 losses) and 40 MB for a block's arrays and
+    # the binned sums (52 MB in all at 1e4 bins; 80 MB with the block sums of all rows)
+    assert peak < 16 * len(x) + 40e6, (peak, x.nbytes)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
