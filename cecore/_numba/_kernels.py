@@ -32,9 +32,9 @@ from .._config import (
     BCE_AHEAD, KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE,
 )
 from ._math import (
-    _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _exp_consts,
-    _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product, _row_max,
-    _store_fence, _stream_line, _tile_scratch, _tr_2n, _tr_block, _tr_n2, _view,
+    _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _divided,
+    _exp_consts, _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product,
+    _row_max, _store_fence, _stream_line, _tile_scratch, _tr_2n, _tr_block, _tr_n2, _view,
 )
 from ._runtime import helper, jit
 
@@ -213,16 +213,16 @@ def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_
 
 
 @helper
-def _scores_stats(s, log_s, ex, e2, et, stats):
-    """stats[:3] = (entropy, max p, Brier score) of a row from its sum of exps ``s`` (> 0,
-    finite), ``log_s = log(s)``, ``ex = sum_c e_c (x_c - m)``, ``e2 = sum_{c != t} e_c**2``
-    and the target's exp ``et`` (cec_scores_stats): the Brier score as
+def _scores_stats(s, log_s, ex, e2, et):
+    """(entropy, max p, Brier score) of a row from its sum of exps ``s`` (> 0, finite),
+    ``log_s = log(s)``, ``ex = sum_c e_c (x_c - m)``, ``e2 = sum_{c != t} e_c**2`` and the
+    target's exp ``et`` (cec_scores_stats): the Brier score as
     ``sum_{c != t} p_c**2 + (1 - p_t)**2`` with ``1 - p_t = (s - e_t) / s``;
     ``e2 / s**2 - 2 p_t + 1`` cancelled for confident rows. For the row and tile kernels."""
-    rest = (s - et) / s
-    stats[0] = log_s - ex / s
-    stats[1] = 1.0 / s
-    stats[2] = e2 / (s * s) + rest * rest
+    rest = _divided(s - et, s)
+    # (no "arcp" reciprocal nor "contract" FMA: the same bits in every kernel's copy)
+    return (log_s - _divided(ex, s), _divided(1.0, s),
+            _divided(e2, _rounded_product(s, s)) + _rounded_product(rest, rest))
 
 
 @helper
@@ -277,7 +277,7 @@ def _row_scores(row, t, m, s, e, stats, rank):
     e[t] = et
     if et > zero:
         ex += np.float64(et) * np.float64(xt - m)
-    _scores_stats(s, np.log(s), ex, e2, np.float64(et), stats)
+    stats[0], stats[1], stats[2] = _scores_stats(s, np.log(s), ex, e2, np.float64(et))
     tied_before = 0
     if above == 0:  # only then can an earlier tie take the top spot
         for c in range(t):
@@ -841,23 +841,24 @@ def _tile_scores(xt, et, n_classes, width, tgt, ignore_index, m, s, log_s, stats
             q[j] += zero if tgt[j] == c else _rounded_product(v, v)
             above[j] += one if xv > xtt[j] else zero
             before[j] += one if c < tgt[j] and xv == xtt[j] else zero
+    # Branch-free selects, so that the float64 divisions vectorise (as cec_scores_tile);
+    # the rare infinite max after them (not inf - inf, see _infinite_lse). An ignored row
+    # gets NaN stats and rank (-1, 0) as _scores_rows gives it; an undefined softmax (s
+    # NaN or +inf) NaN entropy, max p and Brier, and rank (C, 0).
     for j in range(width):
-        if tgt[j] == ignore_index:  # as _scores_rows
-            stats[j, 0] = stats[j, 1] = stats[j, 2] = stats[j, 3] = np.nan
-            rank[j, 0] = -1
-            rank[j, 1] = 0
-            continue
-        stats[j, 3] = (_infinite_lse(xt, j, TILE, n_classes, m[j]) if np.isinf(m[j])
-                       else np.float64(m[j]) + log_s[j])
-        if not s[j] < np.inf:
-            stats[j, 0] = stats[j, 1] = stats[j, 2] = np.nan
-            rank[j, 0] = n_classes
-            rank[j, 1] = 0
-            continue
-        _scores_stats(s[j], log_s[j], np.float64(a[j]), np.float64(q[j]), np.float64(ett[j]),
-                      stats[j])
-        rank[j, 0] = np.int64(above[j])
-        rank[j, 1] = 1 if above[j] == zero and before[j] == zero else 0
+        ok = tgt[j] != ignore_index
+        fine = ok & (s[j] < np.inf)
+        h, mp, br = _scores_stats(s[j], log_s[j], np.float64(a[j]), np.float64(q[j]),
+                                  np.float64(ett[j]))
+        stats[j, 0] = h if fine else np.nan
+        stats[j, 1] = mp if fine else np.nan
+        stats[j, 2] = br if fine else np.nan
+        stats[j, 3] = np.float64(m[j]) + log_s[j] if ok else np.nan
+        rank[j, 0] = np.int64(above[j]) if fine else (np.int64(n_classes) if ok else -1)
+        rank[j, 1] = np.int64(fine & (above[j] == zero) & (before[j] == zero))
+    for j in range(width):
+        if tgt[j] != ignore_index and np.isinf(m[j]):
+            stats[j, 3] = _infinite_lse(xt, j, TILE, n_classes, m[j])
 
 
 @helper

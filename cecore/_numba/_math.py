@@ -94,6 +94,22 @@ def _rounded_product(typingctx, a, b):
 
 
 @intrinsic
+def _divided(typingctx, a, b):
+    """a / b, IEEE division, whatever the copy of the caller: "arcp" let LLVM turn the
+    divisions of a vectorised loop by the same s into products by 1 / s (1 ulp off),
+    and whether it does depends on where the helper is inlined, so two kernels that
+    must agree bit for bit (softmax_ce_report and softmax_ce_scores) could differ.
+    Flagged "nsz" only, as :func:`_rounded_product`."""
+    if not (a == b and a in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fdiv(args[0], args[1], flags=("nsz",))
+
+    return a(a, b), codegen
+
+
+@intrinsic
 def _prefetch(typingctx, arr, index):
     """Ask the CPU to fetch the cache line of ``arr``'s element ``index`` (an address
     computation only: an index past the end is harmless)."""
