@@ -10,7 +10,10 @@
    and both throughputs (medians).
 3. Times ``cecore.cross_entropy(x, t)`` (loss only) on a slice of the same array that fits
    in memory, and prints streamed / in-memory throughput (medians).
-4. Times the loss-only kernel's calls and the scoring (``score_rows``: its kernels and
+4. Alternates both streams in this process, where neither pays for a process start
+   (:func:`in_process_ratio`; the fresh processes' runs spread 1.0-2.5 GB/s at ten
+   classes on one machine), and prints the median of the paired ratios.
+5. Times the loss-only kernel's calls and the scoring (``score_rows``: its kernels and
    block sums) alone over the same mapped chunks, in this process (:func:`kernel_split`):
    the scoring's share of the streamed ratio.
 Deletes the files at the end. Usage: ``python benchmarks/bench_batch.py [--rows N]``.
@@ -53,33 +56,63 @@ sys.exit(code)
 """
 
 
-_LOSS_ONLY_CHILD = """
-import json, sys, time
-import numpy as np
-from cecore import _io, _reduce, _validation as V
-from cecore._backends import get_backend
-from cecore.batch import chunk_rows, prepare_options
+def loss_only_stream(x_path, t_path, budget, backend):
+    """The loss-only stream: the same chunks through the same kernels
+    (``softmax_ce_index`` without gradient, what ``cecore score`` did before it computed
+    the metrics). Returns its seconds, its throughput in GB/s and the mean loss."""
+    from cecore import _io, _reduce
+    from cecore import _validation as V
+    from cecore._backends import get_backend
+    from cecore.batch import chunk_rows, prepare_options
+
+    x, t = _io.open_array(x_path), _io.open_array(t_path)
+    opts = prepare_options(x.shape, x.dtype, t.shape, t.dtype, backend=backend)
+    rows = chunk_rows(budget, x, t, opts)
+    kernels, total = get_backend(backend), _reduce.BlockSum()
+    w = np.ones(x.shape[1])
+    start = time.perf_counter()
+    for a in range(0, x.shape[0], rows):
+        b = min(x.shape[0], a + rows)
+        xc = x.rows(a, b)
+        tc = V.index_target(t.rows(a, b), (b - a, x.shape[1]), x.shape[1], -100)
+        loss = np.empty((b - a, 1))
+        kernels.softmax_ce_index(xc.reshape(b - a, -1, 1), tc, w, -100, 0.0,
+                                 np.broadcast_to(0.0, (b - a, 1)), loss, None,
+                                 V.n_threads(None, xc.size))
+        total.add(loss)
+        x.release(a, b)
+        t.release(a, b)
+    seconds = time.perf_counter() - start
+    x.close()
+    t.close()
+    return seconds, x.shape[0] * x.shape[1] * 4 / seconds / GB, total.total() / x.shape[0]
+
+
+_LOSS_ONLY_CHILD = f"""
+import json, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from bench_batch import loss_only_stream
 x_path, t_path, budget, backend = sys.argv[1:]
-x, t = _io.open_array(x_path), _io.open_array(t_path)
-opts = prepare_options(x.shape, x.dtype, t.shape, t.dtype, backend=backend)
-rows = chunk_rows(budget, x, t, opts)
-kernels, total = get_backend(backend), _reduce.BlockSum()
-w = np.ones(x.shape[1])
-start = time.perf_counter()
-for a in range(0, x.shape[0], rows):
-    b = min(x.shape[0], a + rows)
-    xc, tc = x.rows(a, b), V.index_target(t.rows(a, b), (b - a, x.shape[1]), x.shape[1], -100)
-    loss = np.empty((b - a, 1))
-    kernels.softmax_ce_index(xc.reshape(b - a, -1, 1), tc, w, -100, 0.0,
-                             np.broadcast_to(0.0, (b - a, 1)), loss, None,
-                             V.n_threads(None, xc.size))
-    total.add(loss)
-    x.release(a, b)
-    t.release(a, b)
-seconds = time.perf_counter() - start
-print(json.dumps({"gb_per_second": x.shape[0] * x.shape[1] * 4 / seconds / 1e9,
-                  "mean_loss": total.total() / x.shape[0]}))
+_, gb_per_second, mean_loss = loss_only_stream(x_path, t_path, budget, backend)
+print(json.dumps({{"gb_per_second": gb_per_second, "mean_loss": mean_loss}}))
 """
+
+
+def in_process_ratio(x_path, t_path, budget, backend, rounds=15):
+    """Every metric / loss only, both streams alternated in this process (no process
+    start, page mapping or kernel loading in either): the median of the rounds' ratios
+    of throughput, and its range."""
+    from cecore import batch
+
+    def score():
+        return batch.score(x_path, t_path, memory_budget=budget, backend=backend).seconds
+
+    score(), loss_only_stream(x_path, t_path, budget, backend)  # kernels loaded
+    ratios = []
+    for _ in range(rounds):
+        metrics = score()
+        ratios.append(loss_only_stream(x_path, t_path, budget, backend)[0] / metrics)
+    return float(np.median(ratios)), min(ratios), max(ratios)
 
 
 def loss_only_subprocess(x_path, t_path, budget, backend):
@@ -207,6 +240,9 @@ def main():
               f"{k_loss:.3f} s, scoring (score_rows) {k_scores:.3f} s ({k_scores / k_loss:.2f}x); with the "
               f"page releases ({r_loss:.3f} / {r_scores:.3f} s) every metric / loss only "
               f"{(k_loss + r_loss) / (k_scores + r_scores):.2f}")
+        paired_here = in_process_ratio(x_path, t_path, args.budget, args.backend)
+        print(f"every metric / loss only, alternated in this process: {paired_here[0]:.2f} "
+              f"(rounds {paired_here[1]:.2f}-{paired_here[2]:.2f})")
         print(f"peak RSS of the scoring process: {peak / 1e6:.0f} MB (file {size / 1e6:.0f} MB)")
         print(f"mean loss {result['mean_loss']:.6f}")
         path = save_json({
@@ -218,6 +254,7 @@ def main():
             "metrics_over_loss_only": median_streamed / median_bare,
             "metrics_over_loss_only_paired": paired, "peak_rss_bytes": peak,
             "chunk_rows": result["chunk_rows"], "kernel_and_release_seconds": split,
+            "metrics_over_loss_only_in_process": paired_here,
         }, "bench_batch.json")
         print(f"saved {path}")
     finally:
