@@ -29,7 +29,8 @@ import numpy as np
 from numba import prange
 
 from .._config import (
-    BCE_AHEAD, KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SUM_BLOCK, TILE,
+    BCE_AHEAD, KDIM_BLOCK_MAX_C, LANES, REDUCE_BLOCK, ROWS_PER_TASK, SMALL_C_ROWS, SUM_BLOCK,
+    TILE,
 )
 from ._math import (
     _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _divided,
@@ -905,11 +906,11 @@ def _scores_report(x, target, weight, ignore_index, eps, top_k, edges, loss_out,
                    counts_out, block):
     """softmax_ce_report: one block of REDUCE_BLOCK rows per task, scored ``block`` rows
     at a time (by :func:`_score_tile`, or row by row by :func:`_score_row` when ``block``
-    is 0: then 64 rows) into scratch that stays in cache, and summed as
-    :func:`_report_sums` sums (the per-row outputs are never written)."""
+    is 0: then SMALL_C_ROWS rows, as Cython's) into scratch that stays in cache, and
+    summed as :func:`_report_sums` sums (the per-row outputs are never written)."""
     n_rows, n_classes = x.shape
     flat = x.reshape(-1)
-    rows = block if block else 64
+    rows = block if block else SMALL_C_ROWS
     no_scale = np.empty(0, dtype=np.float64)
     for b in prange(sums_out.shape[0]):
         stats = np.empty((rows, 4))

@@ -197,7 +197,11 @@ class ReportSums:
         # exact in any grouping, and no weights are gathered (cProfile of a ten-class
         # stream: 23 of its 134 ms in score_rows' own lines, mostly gathering ones).
         self.uniform_weights = uniform_weights
-        self.keeps_weights = not (proba or uniform_weights)
+
+    @property
+    def keeps_weights(self):
+        """Whether the denominator needs the weights of the non-ignored targets."""
+        return not (self.proba or self.uniform_weights)
 
     def add_weights(self, valid_weight):
         """Add the class weights of the next rows' non-ignored targets, in row order (only
