@@ -2,10 +2,11 @@
 
 The kernel contract
 -------------------
-Every backend module (``cecore._numba`` and ``cecore_ext``) exposes exactly
+Every backend module (``cecore._numba`` and ``cecore_ext.unchecked``) exposes exactly
 these nine functions (``KERNELS``). They never validate (the caller passes arrays of the
 shapes and dtypes below; the few size checks some wrappers make guard a raw-pointer write,
-and are no substitute), never allocate anything of size N x C, and return ``None``:
+and are no substitute; ``cecore_ext``'s own names are the same kernels with every
+argument checked, for other callers), never allocate anything of size N x C, and return ``None``:
 results go into the ``*_out`` arrays the caller passes. Everything above this module talks
 to kernels only through :func:`get_backend`.
 
@@ -122,7 +123,8 @@ Log-softmax likewise is ``(x - m) - log(s)``.
 
 ``softmax(logits, log, out, n_threads)``
     ``out[n, :, s]`` = softmax (``log=False``) or log-softmax (``log=True``) of
-    ``logits[n, :, s]``. logits : const floating (N, C, S); out : floating (N, C, S).
+    ``logits[n, :, s]``. logits : const floating (N, C, S); out : floating (N, C, S),
+    which may be ``logits`` itself (the estimator's probabilities, over its scores).
 
 ``logsumexp(logits, out, n_threads)``
     ``out[n, s] = log(sum_c exp(logits[n, c, s]))``; out : float64 (N, S).
@@ -185,7 +187,7 @@ def _load(name):
             return _loaded.get(name)
         try:
             if name == "cython":
-                import cecore_ext as module
+                from cecore_ext import unchecked as module
             else:
                 from . import _numba as module
         except Exception as exc:  # an unbuilt extension, a broken numba, NUMBA_NUM_THREADS=0

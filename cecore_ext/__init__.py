@@ -5,6 +5,12 @@ Three builds of one source exist: ``_kernels_avx512`` (AVX-512 F/DQ/VL/BW, x86-6
 target). The best one the running CPU supports is chosen at import. ``CECORE_SIMD`` caps
 the choice: ``avx2`` never loads the AVX-512 build (what an AVX2-only CPU such as Zen 3
 runs), ``base`` loads the baseline build.
+
+The kernels of the contract (:mod:`cecore._backends`) are this package's names; they
+check their arguments (shapes, class indices, ``n_threads``, overlapping outputs) and
+raise ``ValueError`` / ``IndexError`` rather than read or write outside an array.
+:mod:`cecore_ext.unchecked` has the same functions without the checks: what cecore
+calls, after validating its inputs once.
 """
 
 import os
@@ -58,27 +64,12 @@ def _load():
 
 _impl = _load()
 
-softmax_ce_index = _impl.softmax_ce_index
-softmax_ce_scores = _impl.softmax_ce_scores
-report_sums = _impl.report_sums
-softmax_ce_report = _impl.softmax_ce_report
-softmax_ce_proba = _impl.softmax_ce_proba
-bce_logits = _impl.bce_logits
-softmax = _impl.softmax
-logsumexp = _impl.logsumexp
-log_loss_pass = _impl.log_loss_pass
+# The package's names check their arguments (_checked); cecore, which validates its
+# inputs once above the registry, calls the compiled kernels themselves (unchecked).
+from . import unchecked  # noqa: E402
+from ._checked import (  # noqa: E402
+    bce_logits, log_loss_pass, logsumexp, report_sums, softmax, softmax_ce_index,
+    softmax_ce_proba, softmax_ce_report, softmax_ce_scores,
+)
 
-
-def build_info():
-    """Describe the loaded build: SIMD variant, OpenMP, compiler and its flags.
-
-    Returns
-    -------
-    dict
-        ``variant`` ("avx512", "avx2" or "base"), ``openmp`` (bool), ``openmp_version`` (the
-        ``_OPENMP`` date, 0 without OpenMP), ``max_threads``, ``compiler``,
-        ``compile_args``, the tunables as compiled (``tile``, ``small_c``, ``sum_block``,
-        ``lanes``, ``reduce_block`` and the block and prefetch sizes of
-        ``cecore/_config.py``), ``exp`` and ``simd_env`` (``CECORE_SIMD``).
-    """
-    return {**_impl.build_info(), "simd_env": os.environ.get("CECORE_SIMD", "auto")}
+build_info = unchecked.build_info

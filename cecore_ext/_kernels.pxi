@@ -1038,7 +1038,13 @@ def softmax_ce_scores(const floating[:, ::1] logits, const int64_t[::1] target,
     if target.shape[0] != N or loss_out.shape[0] != N or stats_out.shape[0] != N \
             or stats_out.shape[1] != 4 or rank_out.shape[0] != N or rank_out.shape[1] != 2:
         raise ValueError("softmax_ce_scores: outputs must have shapes (N,), (N, 4), (N, 2)")
-    if N == 0 or C == 0:
+    if N == 0:
+        return
+    if C == 0:  # no class to be: every row was ignored (as the contract's ignored rows)
+        loss_out[:] = 0.0
+        stats_out[:, :] = NAN
+        rank_out[:, 0] = -1
+        rank_out[:, 1] = 0
         return
     a.target, a.w, a.loss = &target[0], &weight[0], &loss_out[0]
     a.stats, a.rank = &stats_out[0, 0], &rank_out[0, 0]

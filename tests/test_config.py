@@ -221,17 +221,17 @@ def test_a_build_without_openmp_warns_where_it_is_seen(monkeypatch):
     from cecore import _backends
 
     info = cecore_ext.build_info()
-    monkeypatch.setattr(cecore_ext, "build_info", lambda: {**info, "openmp": False})
+    monkeypatch.setattr(cecore_ext.unchecked, "build_info", lambda: {**info, "openmp": False})
     monkeypatch.setattr(_backends, "_loaded", {})
     monkeypatch.setattr(_backends, "_errors", {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(RuntimeWarning, match="built without OpenMP"):
             _backends.get_backend("cython")
-        assert _backends.get_backend("cython") is cecore_ext  # said once, then loaded
-        assert _backends.get_backend("auto") is cecore_ext
+        assert _backends.get_backend("cython") is cecore_ext.unchecked  # said once, then loaded
+        assert _backends.get_backend("auto") is cecore_ext.unchecked
     monkeypatch.setattr(_backends, "_loaded", {})
-    monkeypatch.setattr(cecore_ext, "build_info", lambda: info)
+    monkeypatch.setattr(cecore_ext.unchecked, "build_info", lambda: info)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an OpenMP build says nothing
-        assert _backends.get_backend("cython") is cecore_ext
+        assert _backends.get_backend("cython") is cecore_ext.unchecked
