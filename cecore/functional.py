@@ -508,7 +508,10 @@ def _softmax_input(x, axis):
     return x, V.normalize_axis(axis, x.ndim)
 
 
-def _softmax(x, axis, log, backend, n_threads):
+def _softmax(x, axis, log, backend, n_threads, overwrite=False):
+    """softmax / log_softmax; ``overwrite=True`` (for an array of the caller's own, such
+    as the estimator's scores) writes over ``x`` where its canonical view is ``x`` itself,
+    halving the peak memory (scikit-learn's ``softmax(copy=False)``)."""
     shape = np.shape(x)
     x, axis = _softmax_input(x, axis)
     dtype = V.compute_dtype(x.dtype)
@@ -529,6 +532,9 @@ def _softmax(x, axis, log, backend, n_threads):
             out[a:a + step] = o  # float16 below -65504: -inf
         return out.reshape(shape)
     x3, fortran = V.canonical(x, axis, dtype)
+    if overwrite and x.dtype == dtype and np.may_share_memory(x3, x):
+        kernels.softmax(x3, log, x3, threads)  # the contract allows out is logits
+        return x.reshape(shape)
     out, out3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
     kernels.softmax(x3, log, out3, threads)
     return out.astype(x.dtype, copy=False).reshape(shape)
@@ -541,6 +547,13 @@ def log_softmax(x, axis=-1, *, backend="auto", n_threads=None):
     Integer input is computed in float64; float16 in float32 and returned as float16.
     """
     return _softmax(x, axis, True, backend, n_threads)
+
+
+@_ieee
+def softmax_over(scores, log, backend, n_threads):
+    """Softmax (or log-softmax) over axis 1 of an array the caller owns and gives up,
+    written over it where it can be (the estimator's probabilities, over its scores)."""
+    return _softmax(scores, 1, log, backend, n_threads, overwrite=True)
 
 
 @_ieee
@@ -557,7 +570,7 @@ def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
     x3, _ = V.canonical(x, axis, dtype)
     out = np.empty((x3.shape[0], x3.shape[2]), dtype=np.float64)
     get_backend(backend).logsumexp(x3, out, V.n_threads(n_threads, x.size))
-    return out.reshape(x.shape[:axis] + x.shape[axis + 1:]).astype(x.dtype)
+    return out.reshape(x.shape[:axis] + x.shape[axis + 1:]).astype(x.dtype, copy=False)
 
 
 @_ieee

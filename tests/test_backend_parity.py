@@ -211,6 +211,11 @@ def test_softmax_logsumexp_match_reference(backend, dtype, shape):
             kernels.softmax(x, log, out, n_threads)
             _assert_close(out, ref_logp if log else np.exp(ref_logp), dtype, f"log={log}")
             outs[n_threads, log] = out
+            # the contract's in-place case (the estimator's predict_proba): the same bits
+            # (Numba's log-softmax rows had written their exps over the logits it then read)
+            over = x.copy()
+            kernels.softmax(over, log, over, n_threads)
+            np.testing.assert_array_equal(over, out, err_msg=f"in place, log={log}")
         lse = np.full((n, s), np.nan)
         kernels.logsumexp(x, lse, n_threads)
         _assert_close(lse, ref_lse, dtype, "logsumexp")

@@ -216,7 +216,7 @@ def softmax(logits, log, out, n_threads):
     block = _block(c, s, logits.itemsize)
     if s == 1 and not block:
         _run("softmax_rows", n_threads, _ro(logits.reshape(n, c)), bool(log),
-             out.reshape(n, c))
+             out.reshape(n, c), out.ctypes.data == logits.ctypes.data)
     else:
         _run("softmax_tiles", n_threads, _ro(logits.reshape(-1)), bool(log), out.reshape(-1),
              n, c, s, block, bool(block) and _streams(out, logits), threads_used(n_threads))

@@ -1112,21 +1112,27 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
 
 
 # --------------------------------------------------------------- softmax, logsumexp
-def _softmax_rows(x, log, out):
-    n_rows = x.shape[0]
-    for i in prange(n_rows):
-        row = x[i]
-        o = out[i]
-        m = _row_max(row)
-        s = _row_sumexp(row, m, o)  # for log, o is overwritten below
-        if log:  # (x - m) - log(s), see _row_wdev
-            log_s = _cast_like(np.log(s), m)
-            for c in range(row.shape[0]):
-                o[c] = -_dev(m, row[c], log_s)
-        else:
-            inv = _cast_like(1.0 / s, m)
-            for c in range(row.shape[0]):
-                o[c] = o[c] * inv
+def _softmax_rows(x, log, out, in_place):
+    """Softmax or log-softmax of each row; ``in_place``: ``out`` is ``x`` itself (the
+    exps then go to a one-array loop, see _row_sumexp_in_place)."""
+    n_rows, n_classes = x.shape
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        # log-softmax reads each logit again after the sum: its exps go to a scratch row,
+        # not to ``out``, which may be ``x``
+        scratch = np.empty(n_classes if log else 0, dtype=x.dtype)
+        for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            row = x[i]
+            o = out[i]
+            m = _row_max(row)
+            if log:  # (x - m) - log(s), see _row_wdev
+                log_s = _cast_like(np.log(_row_sumexp(row, m, scratch)), m)
+                for c in range(n_classes):
+                    o[c] = -_dev(m, row[c], log_s)
+            else:
+                s = _row_sumexp_in_place(o, m) if in_place else _row_sumexp(row, m, o)
+                inv = _cast_like(1.0 / s, m)
+                for c in range(n_classes):
+                    o[c] = o[c] * inv
 
 
 @helper

@@ -22,7 +22,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from .. import _config
 from .._backends import BACKENDS
-from ..functional import log_softmax, softmax
+from ..functional import softmax_over
 from ._objective import LinearObjective, coef_intercept, pack
 from ._solvers import AdagradState, adagrad_steps, lbfgs
 
@@ -429,8 +429,9 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         if scores.ndim == 1:
             # z = +inf (X @ coef_ overflowed): the softmax of [0, inf] is inf - inf = NaN,
             # where the sigmoid is 1. The largest float gives [0, 1]; NaN stays NaN.
-            scores = np.minimum(scores, np.finfo(scores.dtype).max)
-            scores = np.column_stack([np.zeros_like(scores), scores])
+            logits = np.zeros((scores.shape[0], 2), dtype=scores.dtype)
+            np.minimum(scores, np.finfo(scores.dtype).max, out=logits[:, 1])
+            return logits
         return scores
 
     def predict(self, X):
@@ -451,8 +452,8 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         -------
         proba : ndarray of shape (n_samples, n_classes)
         """
-        return softmax(self._class_logits(X), axis=1, backend=self.backend,
-                       n_threads=self.n_threads)
+        # over the scores, which are this call's own: one (n_samples, n_classes) array
+        return softmax_over(self._class_logits(X), False, self.backend, self.n_threads)
 
     def predict_log_proba(self, X):
         """Log-probabilities computed as ``logits - logsumexp(logits)``, never ``log(p)``.
@@ -461,5 +462,4 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         -------
         log_proba : ndarray of shape (n_samples, n_classes)
         """
-        return log_softmax(self._class_logits(X), axis=1, backend=self.backend,
-                           n_threads=self.n_threads)
+        return softmax_over(self._class_logits(X), True, self.backend, self.n_threads)
