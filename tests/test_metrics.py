@@ -180,6 +180,25 @@ def test_memory_is_linear_in_samples_for_any_layout(layout):
     assert peak < 8 * n * 8 + (4 << 20)  # vectors and one block; a copy: 16 MB (float16: 8)
 
 
+def test_float16_logits_are_computed_in_float32():
+    # float16 logits were converted to float64 (four times their memory); float32 is
+    # exact for them, as the functional API computes them. Oracle: float64 log_softmax.
+    rng = np.random.default_rng(2)
+    logits = rng.normal(scale=3, size=(20000, 50)).astype(np.float16)
+    y = rng.integers(0, 50, size=20000)
+    log_loss_from_logits(y[:10], logits[:10], labels=np.arange(50))  # loads a backend
+    tracemalloc.start()
+    try:
+        loss = log_loss_from_logits(y, logits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.5 * logits.nbytes, peak / logits.nbytes  # the float32 copy is 2x
+    exact = -log_softmax(logits.astype(np.float64), axis=1)[np.arange(20000), y].mean()
+    np.testing.assert_allclose(loss, exact, rtol=2e-7)
+    assert loss == log_loss_from_logits(y, logits.astype(np.float32))
+
+
 def test_log_loss_from_logits_is_exact():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(300, 4))

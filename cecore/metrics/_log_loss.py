@@ -320,7 +320,11 @@ def log_loss_from_logits(y_true, logits, *, normalize=True, sample_weight=None, 
 def _logits_loss(y_true, logits, sample_weight, labels, normalize, label_smoothing=0.0):
     """:func:`log_loss_from_logits`, with ``label_smoothing`` (the scorers' too): the
     checks of logits, labels and weights in one place."""
-    logits = check_array(logits, ensure_2d=False, dtype=[np.float64, np.float32])
+    # float16 logits go to float32 (exact; the functional API computes them so too), not
+    # to float64, four times their memory; other dtypes (integers) to float64
+    half = getattr(logits, "dtype", None) == np.float16
+    logits = check_array(logits, ensure_2d=False,
+                         dtype=[np.float32, np.float64] if half else [np.float64, np.float32])
     if logits.ndim == 2 and logits.shape[1] == 1:  # one column: the positive class's
         logits = logits.reshape(-1)                 # logit, as log_loss reads a column
     check_consistent_length(logits, y_true, sample_weight)
