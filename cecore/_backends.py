@@ -5,8 +5,8 @@ The kernel contract
 Every backend module (``cecore._numba`` and ``cecore_ext.unchecked``) exposes exactly
 these nine functions (``KERNELS``). They never validate (the caller passes arrays of the
 shapes and dtypes below; the few size checks some wrappers make guard a raw-pointer write,
-and are no substitute; ``cecore_ext``'s own names are the same kernels with every
-argument checked, for other callers), never allocate anything of size N x C, and return ``None``:
+and are no substitute; ``cecore_ext``'s own names are the same kernels with their
+arguments checked, for other callers), never allocate anything of size N x C, and return ``None``:
 results go into the ``*_out`` arrays the caller passes. Everything above this module talks
 to kernels only through :func:`get_backend`.
 
@@ -119,7 +119,9 @@ Log-softmax likewise is ``(x - m) - log(s)``.
     - loss_out : float64 (R, L) for the elementwise losses, or (ceil(R * L / B),) for
       their sums over consecutive blocks of B = ``REDUCE_BLOCK`` positions of the
       row-major stream (reduction 'mean' and 'sum'; each block summed in an order that
-      depends on the shape only); grad_out : floating (R, L), or None for loss only
+      depends on the shape only); grad_out : floating (R, L), or None for loss only; it
+      may be ``input`` or ``target`` itself (each element is read before its gradient
+      is written)
 
 ``softmax(logits, log, out, n_threads)``
     ``out[n, :, s]`` = softmax (``log=False``) or log-softmax (``log=True``) of

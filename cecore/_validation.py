@@ -305,6 +305,14 @@ def index_target(target, input_shape, n_classes, ignore_index, probabilities=Tru
     return np.ascontiguousarray(t, dtype=np.int64).reshape(positions)
 
 
+def same_elements(a, b):
+    """Whether arrays ``a`` and ``b`` are the same elements in the same places (memory,
+    shape, strides and dtype): the one overlap of an output with an input that kernels
+    reading each element before writing it allow (an in-place gradient or softmax)."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.strides == b.strides and \
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+
+
 def check_index_classes(n_classes):
     """Class indices name at most 2**31 - 1 classes: the kernels count a target's rank and
     name its class in int32 (vector-friendly), which more classes would overflow."""

@@ -86,11 +86,9 @@ def _gradient_out(grad_out, x, x3, fortran, operands=(), in_place=()):
 
 
 def _same_elements(view, operand, in_place):
-    """Whether ``view`` is exactly ``operand`` (same memory, shape, strides, dtype) and that
-    operand may be overwritten in place."""
-    return any(operand is a for a in in_place) and view.dtype == operand.dtype and \
-        view.shape == operand.shape and view.strides == operand.strides and \
-        view.__array_interface__["data"][0] == operand.__array_interface__["data"][0]
+    """Whether ``view`` is exactly ``operand`` and that operand may be overwritten in
+    place."""
+    return any(operand is a for a in in_place) and V.same_elements(view, operand)
 
 
 def _index_denominator(target, weight, uniform, ignore_index, reduction):
@@ -510,8 +508,9 @@ def _softmax_input(x, axis):
 
 def _softmax(x, axis, log, backend, n_threads, overwrite=False):
     """softmax / log_softmax; ``overwrite=True`` (for an array of the caller's own, such
-    as the estimator's scores) writes over ``x`` where its canonical view is ``x`` itself,
-    halving the peak memory (scikit-learn's ``softmax(copy=False)``)."""
+    as the estimator's scores) writes over ``x`` where it is writeable and its canonical
+    view is ``x`` itself, halving the peak memory (scikit-learn's ``softmax(copy=False)``);
+    otherwise into a new array."""
     shape = np.shape(x)
     x, axis = _softmax_input(x, axis)
     dtype = V.compute_dtype(x.dtype)
@@ -532,8 +531,11 @@ def _softmax(x, axis, log, backend, n_threads, overwrite=False):
             out[a:a + step] = o  # float16 below -65504: -inf
         return out.reshape(shape)
     x3, fortran = V.canonical(x, axis, dtype)
-    if overwrite and x.dtype == dtype and np.may_share_memory(x3, x):
-        kernels.softmax(x3, log, x3, threads)  # the contract allows out is logits
+    if overwrite and x.flags.writeable and x3.ctypes.data == x.ctypes.data and \
+            x3.nbytes == x.nbytes:
+        # x3 is x itself, viewed (canonical copies everything else): each softmax line
+        # of x3 is one of x, and the contract lets the kernel write over its logits
+        kernels.softmax(x3, log, x3, threads)
         return x.reshape(shape)
     out, out3 = V.empty_canonical(x.shape, x3.shape, dtype, fortran)
     kernels.softmax(x3, log, out3, threads)
@@ -550,7 +552,7 @@ def log_softmax(x, axis=-1, *, backend="auto", n_threads=None):
 
 
 @_ieee
-def softmax_over(scores, log, backend, n_threads):
+def _softmax_over(scores, log, backend, n_threads):
     """Softmax (or log-softmax) over axis 1 of an array the caller owns and gives up,
     written over it where it can be (the estimator's probabilities, over its scores)."""
     return _softmax(scores, 1, log, backend, n_threads, overwrite=True)

@@ -7,8 +7,9 @@ the choice: ``avx2`` never loads the AVX-512 build (what an AVX2-only CPU such a
 runs), ``base`` loads the baseline build.
 
 The kernels of the contract (:mod:`cecore._backends`) are this package's names; they
-check their arguments (shapes, class indices, ``n_threads``, overlapping outputs) and
-raise ``ValueError`` / ``IndexError`` rather than read or write outside an array.
+check their arguments (types, dtypes, shapes, class indices, ``n_threads``, overlapping
+outputs) and raise ``TypeError`` / ``ValueError`` / ``IndexError`` rather than read or
+write outside an array.
 :mod:`cecore_ext.unchecked` has the same functions without the checks: what cecore
 calls, after validating its inputs once.
 """

@@ -6,25 +6,41 @@ contract in :mod:`cecore._backends` says: cecore validates every input once, abo
 registry, and calls them. A kernel handed a target outside ``[0, C)``, a loss buffer too
 short or a negative thread count by anyone else would read or write outside its arrays
 (a segfault, or libgomp aborting the process for 100000 threads).
-The functions here take the same arguments and check, before the kernel runs, everything
-whose violation could do that or give a silently wrong answer: each array's type, dtype,
-shape (against the logits'), C-contiguity and, for outputs, writeability; the class
-indices; the integer arguments (``ignore_index``, ``top_k``, ``n_threads`` up to the CPUs
-available), ``label_smoothing`` and the calibration ``edges``; and outputs that share
-memory with an input or with each other (only the contract's in-place cases may). They
-raise ``TypeError``, ``ValueError`` or (a class index) ``IndexError``, naming the argument
-and what was expected. What NumPy cannot see is the caller's to avoid: two memory maps
-of one file, or another thread changing an input while the kernel runs.
 
-The checks cost a pass over the targets; cecore itself calls the unchecked kernels."""
+The functions here take the same arguments and check, before the kernel runs, what
+could do that or give a silently wrong answer: each array's type, dtype, shape (against
+the logits'), C-contiguity and, for outputs, writeability; the class indices and their
+count; the integer arguments (``ignore_index``, ``top_k``, ``n_threads``: more than the
+CPUs available are capped with a warning, as cecore caps them), ``label_smoothing`` and
+the calibration ``edges``; and outputs that share memory with an input or with each
+other (only the contract's in-place cases may). They raise ``TypeError`` (a wrong type
+or dtype), ``ValueError`` or (a class index) ``IndexError``, naming the argument and
+what was expected; the scalar checks are cecore's own (:mod:`cecore._validation`).
+``lo``, ``hi`` and ``rtol`` of ``log_loss_pass`` are any floats. What NumPy cannot see
+is the caller's to avoid: two memory maps of one file, or another thread changing an
+input while the kernel runs.
+
+The checks cost a few passes over the targets; cecore itself calls the unchecked
+kernels.
+"""
 
 import numpy as np
 
-from . import unchecked as _raw
+from cecore import _config
+from cecore import _validation as V
 
+from . import unchecked as _raw
 
 _REDUCE_BLOCK = _raw.build_info()["reduce_block"]  # as compiled
 _FLOATS = (np.float32, np.float64)
+
+
+def _prefixed(kernel, check, *args):
+    """``check(*args)`` of cecore's validation, its error prefixed with the kernel."""
+    try:
+        return check(*args)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{kernel}: {exc}") from None
 
 
 def _array(kernel, name, a, shape, dtype, optional=False, contiguous=True, output=False):
@@ -34,11 +50,11 @@ def _array(kernel, name, a, shape, dtype, optional=False, contiguous=True, outpu
     but their messages do not name the argument."""
     if a is None and optional:
         return None
-    want = "(" + ", ".join("any" if s is None else str(s) for s in shape) + \
+    dims = "(" + ", ".join("any" if d is None else str(d) for d in shape) + \
         ("," if len(shape) == 1 else "") + ")"
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
     kind = " or ".join(np.dtype(d).name for d in dtypes)
-    expected = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} array of shape {want}" + \
+    expected = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} array of shape {dims}" + \
         (" or None" if optional else "")
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{kernel}: {name} must be {expected} (numpy), "
@@ -47,8 +63,8 @@ def _array(kernel, name, a, shape, dtype, optional=False, contiguous=True, outpu
                                    for got, want in zip(a.shape, shape)):
         raise ValueError(f"{kernel}: {name} must be {expected}, got shape {a.shape}")
     if a.dtype not in [np.dtype(d) for d in dtypes] or not a.dtype.isnative:
-        raise ValueError(f"{kernel}: {name} must be {expected} (native byte order), "
-                         f"got dtype {a.dtype.str}")
+        raise TypeError(f"{kernel}: {name} must be {expected} (native byte order), "
+                        f"got dtype {a.dtype.str}")
     if contiguous and not a.flags.c_contiguous:
         raise ValueError(f"{kernel}: {name} must be C-contiguous")
     if output and not a.flags.writeable:
@@ -56,61 +72,43 @@ def _array(kernel, name, a, shape, dtype, optional=False, contiguous=True, outpu
     return a
 
 
-def _int(kernel, name, value, low=None, high=None, why=""):
-    """An integer argument (not a bool; a float 2.5 would be truncated by the compiled
-    function, and 2.0**53 compares equal to 2**53 + 1 in NumPy)."""
-    low = np.iinfo(np.int64).min if low is None else low
-    high = np.iinfo(np.int64).max if high is None else high
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or not low <= value <= high:
-        raise ValueError(f"{kernel}: {name} must be an int from {low} to {high}{why}, "
-                         f"got {value!r}")
-    return int(value)
-
-
 def _threads(kernel, n_threads):
-    from cecore._config import cpus_available  # (cecore's own calls never come here)
-    cpus = cpus_available()
-    _int(kernel, "n_threads", n_threads, 1, cpus, " (the CPUs this process may use)")
-
-
-def _smoothing(kernel, label_smoothing):
-    if isinstance(label_smoothing, (bool, np.bool_)) or \
-            not isinstance(label_smoothing, (int, float, np.integer, np.floating)) or \
-            not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{kernel}: label_smoothing must be a float in [0, 1], "
-                         f"got {label_smoothing!r}")
+    """``n_threads`` as cecore resolves an explicit one: an int >= 1, more than the CPUs
+    available capped with a warning (libgomp aborted the process for 100000), 1 in a
+    forked child."""
+    _prefixed(kernel, V.check_int, n_threads, "n_threads", 1)
+    return _config.resolve_n_threads(n_threads)
 
 
 def _classes(kernel, target, n_classes, ignore_index=None):
-    """Every target in ``[0, n_classes)`` (or equal to ``ignore_index``)."""
-    bad = (target < 0) | (target >= n_classes)
+    """Every target in ``[0, n_classes)`` (or equal to ``ignore_index``); more than
+    2**31 - 1 classes are refused, as cecore refuses them (the kernels count in int32)."""
+    _prefixed(kernel, V.check_index_classes, n_classes)
+    kept = target if ignore_index is None else target[target != ignore_index]
+    if kept.size == 0 or V.all_class_indices(kept, n_classes):
+        return
+    bad = (target < 0) | (target >= n_classes)  # only now: where, for the message
     if ignore_index is not None:
         bad &= target != ignore_index
-    if bad.any():
-        where = np.unravel_index(np.argmax(bad), bad.shape)
-        also = "" if ignore_index is None else f" or equal to ignore_index ({ignore_index})"
-        raise IndexError(f"{kernel}: target[{', '.join(map(str, where))}] = "
-                         f"{target[where]} is not a class index in [0, {n_classes}){also}")
+    where = np.unravel_index(np.argmax(bad), bad.shape)
+    also = "" if ignore_index is None else f" or equal to ignore_index ({ignore_index})"
+    raise IndexError(f"{kernel}: target[{', '.join(map(str, where))}] = "
+                     f"{target[where]} is not a class index in [0, {n_classes}){also}")
 
 
 def _disjoint(kernel, outputs, inputs, in_place=(), rule=""):
     """No output shares memory with an input or another output, except the pairs
     ``(output, input)`` of ``in_place`` when they are the same elements. (Only what
-    NumPy can see: two memory maps of one file, or another thread writing an input
+    NumPy can see: two memory maps of one file, or another thread changing an input
     while the kernel runs, are the caller's to avoid.)"""
     named = [(n, a) for n, a in outputs.items() if a is not None]
     others = named + [(n, a) for n, a in inputs.items() if a is not None]
     for i, (name, out) in enumerate(named):
         for other, a in others[i + 1:]:
-            if not np.may_share_memory(out, a):
-                continue
-            if (name, other) in in_place and out.dtype == a.dtype and \
-                    out.shape == a.shape and out.strides == a.strides and \
-                    out.__array_interface__["data"][0] == a.__array_interface__["data"][0]:
-                continue
-            raise ValueError(f"{kernel}: {name} shares memory with {other}; an output must "
-                             "not overlap an input or another output" + rule)
+            if np.may_share_memory(out, a) and not (
+                    (name, other) in in_place and V.same_elements(out, a)):
+                raise ValueError(f"{kernel}: {name} shares memory with {other}; an output "
+                                 "must not overlap an input or another output" + rule)
 
 
 def _block_rows(n):
@@ -118,12 +116,13 @@ def _block_rows(n):
 
 
 def _index_targets(k, target, weight, ignore_index, label_smoothing, n_classes, shape):
-    """The class-index kernels' common arguments: target, weight, ignore_index and
-    label_smoothing."""
+    """The class-index kernels' common arguments: target, weight, ignore_index (an int:
+    a float 2.0**53 equals 2**53 + 1 in NumPy's comparison, and the compiled function
+    would truncate 2.5 to class 2) and label_smoothing."""
     t = _array(k, "target", target, shape, np.int64)
     w = _array(k, "weight", weight, (n_classes,), np.float64)
-    ignore_index = _int(k, "ignore_index", ignore_index)
-    _smoothing(k, label_smoothing)
+    ignore_index = _prefixed(k, V.check_ignore_index, ignore_index)
+    _prefixed(k, V.check_label_smoothing, label_smoothing)
     _classes(k, t, n_classes, ignore_index)
     return t, w
 
@@ -141,7 +140,7 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
     outputs = dict(loss_out=_array(k, "loss_out", loss_out, (N, S), np.float64, output=True),
                    grad_out=_array(k, "grad_out", grad_out, (N, C, S), x.dtype, optional=True,
                                    output=True))
-    _threads(k, n_threads)
+    n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(logits=x, target=t, weight=w, grad_scale=gs),
               in_place=[("grad_out", "logits")] if label_smoothing == 0 else [],
               rule=" (grad_out may be logits itself when label_smoothing == 0)")
@@ -160,7 +159,7 @@ def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, los
                    stats_out=_array(k, "stats_out", stats_out, (N, 4), np.float64,
                                     output=True),
                    rank_out=_array(k, "rank_out", rank_out, (N, 2), np.int64, output=True))
-    _threads(k, n_threads)
+    n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(logits=x, target=t, weight=w))
     _raw.softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing,
                            loss_out, stats_out, rank_out, n_threads)
@@ -168,7 +167,7 @@ def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, los
 
 def _report_args(k, n_rows, top_k, edges, sums_out, counts_out):
     """The report's arguments: top_k, edges and the block-sum outputs."""
-    _int(k, "top_k", top_k, 1)
+    _prefixed(k, V.check_int, top_k, "top_k", 1, 2**63 - 1)
     e = _array(k, "edges", edges, (None,), np.float64)
     n_bins = e.shape[0] - 1
     # the contract's edges, k / n_bins rounded once: any others would bin silently wrong
@@ -188,7 +187,7 @@ def report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads):
     s = _array(k, "stats", stats, (None, 4), np.float64)
     r = _array(k, "rank", rank, (s.shape[0], 2), np.int64)
     e, outputs = _report_args(k, s.shape[0], top_k, edges, sums_out, counts_out)
-    _threads(k, n_threads)
+    n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(stats=s, rank=r, edges=e))
     _raw.report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads)
 
@@ -204,7 +203,7 @@ def softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top
     t, w = _index_targets(k, target, weight, ignore_index, label_smoothing, C, (N,))
     e, outputs = _report_args(k, N, top_k, edges, sums_out, counts_out)
     outputs["loss_out"] = _array(k, "loss_out", loss_out, (N,), np.float64, output=True)
-    _threads(k, n_threads)
+    n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(logits=x, target=t, weight=w, edges=e))
     _raw.softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top_k,
                            edges, loss_out, sums_out, counts_out, n_threads)
@@ -223,8 +222,8 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
     outputs = dict(loss_out=_array(k, "loss_out", loss_out, (N, S), np.float64, output=True),
                    grad_out=_array(k, "grad_out", grad_out, (N, C, S), x.dtype, optional=True,
                                    output=True))
-    _smoothing(k, label_smoothing)
-    _threads(k, n_threads)
+    _prefixed(k, V.check_label_smoothing, label_smoothing)
+    n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, inputs)
     _raw.softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,
                           grad_out, n_threads)
@@ -246,7 +245,7 @@ def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out
                   (_block_rows(x.size),) if sums else x.shape, np.float64, output=True)
     outputs = dict(loss_out=loss, grad_out=_array(k, "grad_out", grad_out, x.shape, x.dtype,
                                                   optional=True, output=True))
-    _threads(k, n_threads)
+    n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, inputs, in_place=[("grad_out", "input"), ("grad_out", "target")],
               rule=" (grad_out may be input or target itself)")
     _raw.bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out,
@@ -258,10 +257,10 @@ def softmax(logits, log, out, n_threads):
     ``out`` may be ``logits`` itself."""
     k = "softmax"
     x = _array(k, "logits", logits, (None, None, None), _FLOATS)
-    if not isinstance(log, (bool, np.bool_)):
-        raise ValueError(f"{k}: log must be a bool, got {log!r}")
+    if not isinstance(log, (bool, np.bool_, int, np.integer)) or log not in (0, 1):
+        raise TypeError(f"{k}: log must be a bool, got {log!r}")
     o = _array(k, "out", out, x.shape, x.dtype, output=True)
-    _threads(k, n_threads)
+    n_threads = _threads(k, n_threads)
     _disjoint(k, dict(out=o), dict(logits=x), in_place=[("out", "logits")],
               rule=" (out may be logits itself)")
     _raw.softmax(logits, log, out, n_threads)
@@ -272,7 +271,7 @@ def logsumexp(logits, out, n_threads):
     k = "logsumexp"
     x = _array(k, "logits", logits, (None, None, None), _FLOATS)
     o = _array(k, "out", out, (x.shape[0], x.shape[2]), np.float64, output=True)
-    _threads(k, n_threads)
+    n_threads = _threads(k, n_threads)
     _disjoint(k, dict(out=o), dict(logits=x))
     _raw.logsumexp(logits, out, n_threads)
 
@@ -289,7 +288,7 @@ def log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads)
                                      optional=True, output=True))
     if (t is None) != (outputs["picked_out"] is None):
         raise ValueError(f"{k}: target and picked_out must both be None or both arrays")
-    _threads(k, n_threads)
+    n_threads = _threads(k, n_threads)
     if t is not None:
         _classes(k, t, C)
     _disjoint(k, outputs, dict(proba=p, target=t))

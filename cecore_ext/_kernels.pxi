@@ -964,6 +964,8 @@ def bce_logits(const floating[:, ::1] input, const floating[:, ::1] target,
     cdef double[::1] loss
     cdef BceArgs a
     a.sums = loss_out.ndim == 1
+    if not loss_out.flags.c_contiguous:  # reshape would copy, and the losses go there
+        raise ValueError("loss_out must be C-contiguous")
     loss = loss_out.reshape(-1)
     if loss.shape[0] != (n_items if a.sums else R * L):
         raise ValueError(f"loss_out must have shape {(n_items,)} or {(R, L)}, "

@@ -1017,8 +1017,8 @@ CEC_KERNEL void CEC_FN(cec_softmax_row)(const T *x, ptrdiff_t n, int log_, T *ou
     if (log_) {
         /* The exps go to out (overwritten below) unless out is x, which the last loop
          * reads: written while the exps are computed, out's lines are fetched in the
-         * shadow of that loop rather than by the last one's stores (which ran 1.4x
-         * slower: bench_ab). */
+         * shadow of that loop rather than by the last one's stores (which took 1.2-1.4x
+         * the time on the row path: bench_ab). */
         const double s = CEC_FN(cec_row_sumexp)(x, m, out != x ? out : NULL, n);
         const T log_s = (T)log(s);
         CEC_SIMD

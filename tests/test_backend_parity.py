@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from cecore import _numba as numba_kernels  # noqa: E402
-import cecore_ext as cython_kernels  # noqa: E402  (a backend that does not load fails)
+# what cecore calls (cecore_ext's own names check first); a backend that does not load fails
+from cecore_ext import unchecked as cython_kernels  # noqa: E402
 from cecore._config import REDUCE_BLOCK  # noqa: E402
 
 BACKENDS = {"numba": numba_kernels, "cython": cython_kernels}
@@ -190,6 +191,18 @@ def test_proba_matches_reference(backend, dtype, shape, eps, gs_kind):
     for want_grad in (True, False):
         np.testing.assert_array_equal(results[1, want_grad][0], results[2, want_grad][0])
         np.testing.assert_array_equal(results[1, want_grad][1], results[2, want_grad][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scores_of_no_classes_are_ignored_rows(backend):
+    # C == 0 leaves only ignored targets: the contract's ignored rows (the Cython kernel
+    # returned without writing; found by a hostile review)
+    loss, stats, rank = np.full(3, -1.0), np.full((3, 4), -1.0), np.full((3, 2), -7)
+    BACKENDS[backend].softmax_ce_scores(np.zeros((3, 0), np.float32), np.full(3, -100),
+                                        np.ones(0), -100, 0.0, loss, stats, rank, 1)
+    np.testing.assert_array_equal(loss, 0.0)
+    assert np.isnan(stats).all()
+    np.testing.assert_array_equal(rank, [[-1, 0]] * 3)
 
 
 # ---------------------------------------------------------------- softmax, logsumexp

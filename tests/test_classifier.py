@@ -730,7 +730,7 @@ def test_predict_proba_writes_over_its_scores(backend, n_classes):
     Xb = rng.standard_normal((20000, 5))
     logits = clf._class_logits(Xb)
     for method, log in (("predict_proba", False), ("predict_log_proba", True)):
-        getattr(clf, method)(Xb[:100])  # a first Numba call compiles or loads its kernel
+        getattr(clf, method)(Xb)  # a first Numba call compiles or loads its kernel
         tracemalloc.start()
         try:
             result = getattr(clf, method)(Xb)
@@ -745,3 +745,21 @@ def test_predict_proba_writes_over_its_scores(backend, n_classes):
         np.testing.assert_array_equal(
             result, (cecore.log_softmax if log else cecore.softmax)(logits, axis=1,
                                                                    backend=backend))
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided", "read-only"])
+def test_softmax_over_scores_writes_over_them_only_when_it_can(layout):
+    # C- and F-ordered scores are written over (each softmax line is one of theirs);
+    # strided and read-only ones get a new array and are left alone. Oracle: SciPy.
+    from cecore.functional import _softmax_over
+    base = np.random.default_rng(0).normal(size=(50, 14))
+    scores = {"C": base.copy(), "F": np.asfortranarray(base), "strided": base.copy()[:, ::2],
+              "read-only": base.copy()}[layout]
+    if layout == "read-only":
+        scores.flags.writeable = False
+    before = scores.copy()
+    out = _softmax_over(scores, True, "auto", None)
+    np.testing.assert_allclose(out, log_softmax(before, axis=1), rtol=1e-13)
+    assert np.shares_memory(out, scores) == (layout in ("C", "F"))
+    if layout not in ("C", "F"):
+        np.testing.assert_array_equal(scores, before)

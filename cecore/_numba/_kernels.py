@@ -1114,7 +1114,8 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
 # --------------------------------------------------------------- softmax, logsumexp
 def _softmax_rows(x, log, out, in_place):
     """Softmax or log-softmax of each row; ``in_place``: ``out`` is ``x`` itself (the
-    exps then go to a one-array loop, see _row_sumexp_in_place)."""
+    softmax's exps then go to a one-array loop, see _row_sumexp_in_place, and the
+    log-softmax's to a scratch row)."""
     n_rows, n_classes = x.shape
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         # log-softmax reads each logit again after the sum: over the logits themselves

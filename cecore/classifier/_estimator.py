@@ -22,7 +22,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from .. import _config
 from .._backends import BACKENDS
-from ..functional import softmax_over
+from ..functional import _softmax_over
 from ._objective import LinearObjective, coef_intercept, pack
 from ._solvers import AdagradState, adagrad_steps, lbfgs
 
@@ -453,7 +453,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         proba : ndarray of shape (n_samples, n_classes)
         """
         # over the scores, which are this call's own: one (n_samples, n_classes) array
-        return softmax_over(self._class_logits(X), False, self.backend, self.n_threads)
+        return _softmax_over(self._class_logits(X), False, self.backend, self.n_threads)
 
     def predict_log_proba(self, X):
         """Log-probabilities computed as ``logits - logsumexp(logits)``, never ``log(p)``.
@@ -462,4 +462,4 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         -------
         log_proba : ndarray of shape (n_samples, n_classes)
         """
-        return softmax_over(self._class_logits(X), True, self.backend, self.n_threads)
+        return _softmax_over(self._class_logits(X), True, self.backend, self.n_threads)

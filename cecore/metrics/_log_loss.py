@@ -322,7 +322,7 @@ def _logits_loss(y_true, logits, sample_weight, labels, normalize, label_smoothi
     checks of logits, labels and weights in one place."""
     # float16 logits go to float32 (exact; the functional API computes them so too), not
     # to float64, four times their memory; other dtypes (integers) to float64
-    half = getattr(logits, "dtype", None) == np.float16
+    half = str(getattr(logits, "dtype", "")) in ("float16", "torch.float16")
     logits = check_array(logits, ensure_2d=False,
                          dtype=[np.float32, np.float64] if half else [np.float64, np.float32])
     if logits.ndim == 2 and logits.shape[1] == 1:  # one column: the positive class's
