@@ -145,10 +145,15 @@ class BinnedBlockSum:
         self._partials.append(np.asarray(partials, np.float64).reshape(-1, self.n_bins))
         self._rows += len(self._partials[-1])
         if self._rows > 1 and self._rows * self.n_bins * 8 > BINNED_PARTIALS_BYTES:
-            kept = np.concatenate(self._partials)
-            terms = [_exact_terms(kept[:, b]) for b in range(self.n_bins)]
-            compact = np.zeros((max(map(len, terms)), self.n_bins))
-            for b, t in enumerate(terms):
+            kept = np.concatenate(self._partials).T  # a bin's partials contiguous
+            # Bins with no partial but zeros add nothing, and finite ones skip the checks
+            # for inf and NaN: bin by bin in Python, 10000 bins took 0.17 s a compaction.
+            used = np.flatnonzero(kept.any(axis=1))
+            finite = np.isfinite(kept[used]).all(axis=1)
+            terms = [_finite_terms(kept[b].tolist()) if ok else _exact_terms(kept[b])
+                     for b, ok in zip(used, finite)]
+            compact = np.zeros((max(map(len, terms), default=0), self.n_bins))
+            for b, t in zip(used, terms):
                 compact[:len(t), b] = t
             self._partials, self._rows = [compact], len(compact)
 
@@ -173,12 +178,17 @@ def _exact_terms(values):
     finite = np.isfinite(values)
     special = [v for v in (np.inf, -np.inf) if (values == v).any()]
     special += [np.nan] if np.isnan(values).any() else []
-    listed, terms = values[finite].tolist(), list(special)
+    return _finite_terms(values[finite].tolist(), special)
+
+
+def _finite_terms(listed, special=()):
+    """:func:`_exact_terms` of the finite floats ``listed``, after the ``special`` ones."""
+    terms = list(special)
     while True:
         try:
             rest = math.fsum(listed + [-t for t in terms[len(special):]])
         except OverflowError:  # sums past float64's range on the way: kept as they are
-            return special + listed
+            return list(special) + listed
         if rest == 0.0:
             return terms
         terms.append(rest)

@@ -300,6 +300,16 @@ def test_binned_block_sum_memory_is_bounded_and_its_totals_unchanged(rng, monkey
     assert sum(len(p) for p in acc._partials) <= 25
     assert acc.totals()[3] == np.inf
     assert acc.totals()[:3].tolist() == [math.fsum([e, 1.0]) for e in expected[:3]]
+    # bins with nothing in them (compaction skips them) and a NaN, compacted: the same
+    partials[:, 5] = 0.0
+    partials[7, 6] = np.nan
+    acc = _reduce.BinnedBlockSum(n_bins)
+    for piece in np.split(partials, cuts):
+        acc.add_partials(piece)
+    totals = acc.totals()
+    assert totals[5] == 0.0 and np.isnan(totals[6])
+    assert [totals[b] for b in range(n_bins) if b not in (5, 6)] == \
+        [expected[b] for b in range(n_bins) if b not in (5, 6)]
 
 
 @pytest.mark.parametrize("text, expected", [
