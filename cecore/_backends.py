@@ -6,8 +6,8 @@ Every backend module (``cecore._numba`` and ``cecore_ext.unchecked``) exposes ex
 these nine functions (``KERNELS``). They never validate (the caller passes arrays of the
 shapes and dtypes below; the few size checks some wrappers make guard a raw-pointer write,
 and are no substitute; ``cecore_ext``'s own names are the same kernels with their
-arguments checked, for other callers), never allocate anything of size N x C, and return ``None``:
-results go into the ``*_out`` arrays the caller passes. Everything above this module talks
+arguments checked, for other callers), never allocate anything of size N x C, and return
+``None``: results go into the ``*_out`` arrays the caller passes. Everything above this module talks
 to kernels only through :func:`get_backend`.
 
 Shapes use ``N`` (batch), ``C`` (classes), ``S`` (product of the spatial dims d1..dK, 1
