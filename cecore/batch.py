@@ -433,7 +433,8 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
 
     With ``unembedding``, ``logits`` holds hidden states ``(n_rows, d)`` and each chunk's
     logits are made by one BLAS product, ``hidden @ unembedding.T + bias``, then scored
-    the same way: the ``(n_rows, V)`` logits never exist at once.
+    the same way: only a chunk's logits exist at once, never the ``(n_rows, V)`` of a
+    stream larger than the chunks.
 
     The rows are read in chunks sized from ``memory_budget``; each block of a chunk goes
     once through the loss-only kernel that also yields the metrics. The mean equals

@@ -1,5 +1,5 @@
 """Fused linear cross-entropy: ``cross_entropy(input @ linear_weight.T + linear_bias, target)``
-without the N x V logits.
+a chunk of rows at a time, without the N x V logits of a batch larger than a chunk.
 
 The rows of ``input`` are processed in chunks. For each chunk one BLAS product writes the
 chunk's logits into a buffer that every chunk reuses; the backend's fused kernel
@@ -73,8 +73,8 @@ def _float_operand(a, name):
     a = V._to_numpy(a)
     # Checked before float_input, whose message names float16 too, which BLAS lacks.
     if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
-        raise TypeError(f"{name} must be float32 or float64 (NumPy has no float16 BLAS "
-                        f"products), got dtype {a.dtype}")
+        why = " (NumPy has no float16 BLAS products)" if a.dtype.kind == "f" else ""
+        raise TypeError(f"{name} must be float32 or float64{why}, got dtype {a.dtype}")
     return V.float_input(a, name)
 
 
@@ -169,8 +169,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     """Cross-entropy of a linear layer's logits, as ``torch.nn.functional.linear_cross_entropy``.
 
     Computes ``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` (see
-    :func:`cecore.cross_entropy`) a chunk of rows at a time, so the N x V logits never
-    exist; with ``return_grad=True`` the gradients come from the same pass.
+    :func:`cecore.cross_entropy`) a chunk of rows at a time, so only a chunk's logits
+    exist at once (see ``chunk_size``: by default at most ``LINEAR_CHUNK_BYTES``, and a
+    batch whose logits fit is one chunk); with ``return_grad=True`` the gradients come
+    from the same pass.
 
     Parameters
     ----------

@@ -636,8 +636,8 @@ _register_autograd(_nll_loss_op, per_element=False, watched=(0, 1, 2), ignore_ar
 _register_autograd(_bce_op, per_element=True, watched=(0, 1, 2, 3))
 
 
-# Linear cross-entropy: the loss of input @ linear_weight.T + linear_bias, whose N x V
-# logits never exist. With 'mean'/'sum' the forward pass computes the three gradients for
+# Linear cross-entropy: the loss of input @ linear_weight.T + linear_bias, a chunk of
+# rows at a time (only a chunk's logits exist at once, see linear._chunk_rows). With 'mean'/'sum' the forward pass computes the three gradients for
 # grad_output = 1 and backward scales them. With 'none' that is impossible: the weight's
 # gradient sums the rows, each with its own grad_output, so backward runs the chunked
 # pass again with the real grad_output (a second operator), from the saved inputs.

@@ -297,7 +297,7 @@ BAD = [
     ((X, W.astype(np.float32), T), {}, TypeError, r"same dtype"),
     ((X.astype(np.float16), W.astype(np.float16), T), {}, TypeError, r"float16"),
     # (one message for both: it named float16 among the accepted types for int64 input)
-    ((X.astype(np.int64), W, T), {}, TypeError, r"input must be float32 or float64 .* int64"),
+    ((X.astype(np.int64), W, T), {}, TypeError, r"input must be float32 or float64, got dtype int64"),
     ((X, W.astype(np.float16), T), {}, TypeError,
      r"linear_weight must be float32 or float64 .* float16"),
     ((np.float64(1.0), W, T), {}, ValueError, r"feature dimension"),
