@@ -146,12 +146,18 @@ def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, los
              int(ignore_index), float(label_smoothing), loss_out, stats_out, rank_out)
 
 
+def _block_sums_fit(n_rows, edges, sums_out, counts_out):
+    """Whether the report's block-sum outputs have the contract's shapes for ``n_rows``
+    rows (not validation, only what keeps the writes inside): their block count."""
+    n_blocks, n_bins = -(-n_rows // _config.REDUCE_BLOCK), edges.shape[0] - 1
+    fits = n_bins >= 1 and sums_out.shape == (n_blocks, 3 + n_bins) \
+        and counts_out.shape == (n_blocks, 4 + n_bins)
+    return fits, n_blocks
+
+
 def report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads):
-    n_blocks, n_bins = -(-stats.shape[0] // _config.REDUCE_BLOCK), edges.shape[0] - 1
-    # Not validation (the caller's job), only what keeps the reads and writes inside.
-    if stats.shape[1:] != (4,) or rank.shape != (stats.shape[0], 2) or n_bins < 1 \
-            or sums_out.shape != (n_blocks, 3 + n_bins) \
-            or counts_out.shape != (n_blocks, 4 + n_bins):
+    fits, n_blocks = _block_sums_fit(stats.shape[0], edges, sums_out, counts_out)
+    if not fits or stats.shape[1:] != (4,) or rank.shape != (stats.shape[0], 2):
         raise ValueError("report_sums: stats (N, 4), rank (N, 2), edges (n_bins + 1,), "
                          "sums_out (ceil(N / REDUCE_BLOCK), 3 + n_bins), counts_out "
                          "(ceil(N / REDUCE_BLOCK), 4 + n_bins), n_bins >= 1")
@@ -162,12 +168,9 @@ def report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads):
 
 def softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top_k, edges,
                       loss_out, sums_out, counts_out, n_threads):
-    (n, c), n_bins = logits.shape, edges.shape[0] - 1
-    n_blocks = -(-n // _config.REDUCE_BLOCK)
-    # Not validation (the caller's job), only what keeps the reads and writes inside.
-    if target.shape != (n,) or loss_out.shape != (n,) or c < 1 or n_bins < 1 \
-            or sums_out.shape != (n_blocks, 3 + n_bins) \
-            or counts_out.shape != (n_blocks, 4 + n_bins):
+    n, c = logits.shape
+    fits, n_blocks = _block_sums_fit(n, edges, sums_out, counts_out)
+    if not fits or target.shape != (n,) or loss_out.shape != (n,) or c < 1:
         raise ValueError("softmax_ce_report: logits (N, C >= 1), target and loss_out (N,), "
                          "edges (n_bins + 1,), sums_out (ceil(N / REDUCE_BLOCK), 3 + "
                          "n_bins), counts_out (ceil(N / REDUCE_BLOCK), 4 + n_bins), n_bins >= 1")
