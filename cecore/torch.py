@@ -323,7 +323,11 @@ def _raise_torch_error(error, torch_function, *args, **kwargs):
         # arguments are in dtypes it takes: cecore takes integer targets of any width and
         # weights of any float dtype, which torch would blame first ("expected target
         # dtype to be Long"). Other errors replay the arguments as given, so that a
-        # dtype torch refuses is named as the caller passed it.
+        # dtype torch refuses is named as the caller passed it. A uint64 target beyond
+        # int64 would be replayed wrapped (2**63 + 5 as -2**63 + 5): cecore's error names it.
+        if any(isinstance(a, Tensor) and a.dtype == torch.uint64
+               and bool((a.view(torch.int64) < 0).any()) for a in args):
+            raise error
         args = tuple(_torch_dtype(a, args[0]) for a in args)
         kwargs = {k: _torch_dtype(a, args[0]) for k, a in kwargs.items()}
     try:
@@ -472,10 +476,14 @@ def _disown_gradient(loss, anchors=()):
 
     The functions call the operators and drop that output, so :func:`_scaled` may reuse
     its memory. (``loss.grad_fn`` is the autograd context of the operator's backward.)
+    Not under ``torch.autograd.graph.saved_tensors_hooks``: the pack hook has seen the
+    saved gradient and may keep it (a debugging hook, an offload that packs by reference),
+    and would see it scaled.
     """
     if not torch.compiler.is_compiling() and loss.grad_fn is not None:
         try:
-            loss.grad_fn.gradient_disowned = True
+            hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+            loss.grad_fn.gradient_disowned = not hooked
             if anchors:
                 loss.grad_fn.sources = list(anchors)
         except AttributeError:  # a tensor subclass's node (AliasBackward0...): not reused
