@@ -134,7 +134,7 @@ def _cases(rng, threads, only=""):
             yield (f"{dt.__name__} {n}x{c}x{s} logsumexp",
                    lambda k, a=(x, lse): k.logsumexp(*a, threads), (lse,))
         for n, c in SCORE_SHAPES:
-            if skip(f"{dt.__name__} {n}x{c}", "loss only", "scores"):
+            if skip(f"{dt.__name__} {n}x{c}", "loss only", "scores", "report"):
                 continue
             x = rng.standard_normal((n, c)).astype(dt)
             t = rng.integers(0, c, n)
@@ -146,6 +146,13 @@ def _cases(rng, threads, only=""):
             yield (f"{dt.__name__} {n}x{c} scores",
                    lambda k, a=(x, t, np.ones(c), -100, 0.0, loss, stats, rank):
                    k.softmax_ce_scores(*a, threads), (loss, stats, rank))
+            # what `cecore score` calls for every metric: top-5, 15 bins (a base from c578542 on)
+            n_blocks = -(-n // REDUCE_BLOCK)
+            sums, counts = np.empty((n_blocks, 18)), np.empty((n_blocks, 19), np.int64)
+            yield (f"{dt.__name__} {n}x{c} report",
+                   lambda k, a=(x, t, np.ones(c), -100, 0.0, 5, np.arange(16) / 15, loss,
+                                sums, counts):
+                   k.softmax_ce_report(*a, threads), (loss, sums, counts))
         for n, c in BCE_SHAPES:
             if skip(f"{dt.__name__} {n}x{c}", "bce loss", "bce block sums",
                     "bce loss+grad reused", "bce sums+grad reused",
