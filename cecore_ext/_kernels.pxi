@@ -1096,13 +1096,17 @@ cdef void _report_rows(const ReportArgs *a, Py_ssize_t b, const double *stats,
     cdef double p
     cdef double *sums = a.sums + b * (3 + a.n_bins)  # entropy, Brier, confidence per bin
     cdef int64_t *counts = a.counts + b * (4 + a.n_bins)  # ignored, top-1, top-k, per bin
+    # In locals: through acc and counts, which the bins' stores may alias, every row's
+    # sums went through memory (a store and a forwarded load per row).
+    cdef double h = acc[0], h_err = acc[1], brier = acc[2], brier_err = acc[3]
+    cdef int64_t ignored = counts[0], top1 = counts[1], topk = counts[2]
     for i in range(n):
         r = rank[2 * i]
         if r < 0:  # ignored
-            counts[0] += 1
+            ignored += 1
             continue
-        _add_compensated(&acc[0], &acc[1], stats[4 * i])
-        _add_compensated(&acc[2], &acc[3], stats[4 * i + 2])
+        _add_compensated(&h, &h_err, stats[4 * i])
+        _add_compensated(&brier, &brier_err, stats[4 * i + 2])
         p = stats[4 * i + 1]
         if not (p >= 0.0 and p <= 1.0):  # NaN: undefined softmax (NaN entropy and Brier),
             continue                     # no hit, confidence 0; never a bin out of range
@@ -1116,9 +1120,11 @@ cdef void _report_rows(const ReportArgs *a, Py_ssize_t b, const double *stats,
         # (no branch on the hit: a model right half the time would mispredict it half
         # the time)
         hit = rank[2 * i + 1] == 1
-        counts[1] += hit
+        top1 += hit
         counts[3 + k] += hit
-        counts[2] += r < a.top_k
+        topk += r < a.top_k
+    acc[0], acc[1], acc[2], acc[3] = h, h_err, brier, brier_err
+    counts[0], counts[1], counts[2] = ignored, top1, topk
 
 cdef inline void _report_finish(const ReportArgs *a, Py_ssize_t b,
                                 const double *acc) noexcept nogil:
