@@ -195,6 +195,25 @@ def test_sparse_and_float32():
     assert abs(obj32 - obj64) <= 1e-3 * obj64
 
 
+@pytest.mark.parametrize("fit_dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int8, np.uint16,
+                                   np.int64, bool])
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # LogisticRegression's log
+def test_prediction_dtypes_follow_logistic_regression(fit_dtype, dtype):
+    # Predictions follow NumPy's promotion of X with the coefficients, as LogisticRegression's:
+    # float16 or int8 data on a float32 model gave float64 (X was cast to float64 first).
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 3)).astype(fit_dtype), np.arange(40) % 3
+    X_new = (rng.normal(size=(7, 3)) * 3).astype(dtype)
+    ours = SoftmaxClassifier().fit(X, y)
+    theirs = LogisticRegression().fit(X, y)
+    for method in ("decision_function", "predict_proba", "predict_log_proba"):
+        expected = getattr(theirs, method)(X_new)
+        got = getattr(ours, method)(X_new)
+        assert got.dtype == expected.dtype, (method, got.dtype, expected.dtype)
+        assert np.all(np.isfinite(got))
+
+
 @pytest.mark.parametrize("n_outputs", [1, 4])
 def test_objective_gradient_finite_differences(n_outputs):
     rng = np.random.default_rng(2)

@@ -417,9 +417,11 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             For two classes, the logit of ``classes_[1]``.
         """
         check_is_fitted(self)
-        X = validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32],
-                          reset=False)
-        scores = np.asarray(X @ self.coef_.T)  # NumPy's promotion, as LogisticRegression
+        # X in its own numeric dtype, then NumPy's promotion, as LogisticRegression: float16
+        # or int8 data on a float32 model give float32 scores (the coefficients are float32
+        # or float64, so the scores are too)
+        X = validate_data(self, X, accept_sparse="csr", dtype="numeric", reset=False)
+        scores = np.asarray(X @ self.coef_.T)
         scores += self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
