@@ -4,6 +4,7 @@ Kernels see only the canonical forms produced here: float32/float64 logits viewe
 C-contiguous ``(N, C, S)`` array, int64 targets of shape ``(N, S)``, float64 weights.
 """
 
+import functools
 import numbers
 import warnings
 
@@ -31,6 +32,35 @@ def _to_numpy(x):
         if str(x.dtype) == "torch.bfloat16":
             x = x.float()
     return np.asarray(x)
+
+
+def _on_numpy(fn):
+    """``fn`` run with scikit-learn's array API dispatch off: cecore computes on NumPy
+    arrays, where with it on ``check_array`` kept a tensor and then failed on NumPy's
+    dtypes (scikit-learn's own ``log_loss`` and ``LogisticRegression`` work in that mode).
+    Under dispatch, arrays of other namespaces (CPU torch tensors) are first made NumPy
+    arrays of their own dtype, as scikit-learn computes in it: with the dispatch off,
+    ``check_array`` reads a float32 tensor as float64, which would clip at float64's
+    epsilon. The results are NumPy's."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import sklearn  # (not at import: `import cecore` does not import scikit-learn)
+
+        if not sklearn.get_config()["array_api_dispatch"]:
+            return fn(*args, **kwargs)
+        args = [_as_numpy(a) for a in args]
+        kwargs = {k: _as_numpy(v) for k, v in kwargs.items()}
+        with sklearn.config_context(array_api_dispatch=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _as_numpy(a):
+    """An array of another array API namespace as a NumPy array of its dtype (a torch
+    tensor that requires grad detached, bfloat16 as float32: see ``_to_numpy``)."""
+    if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
+        return _to_numpy(a)
+    return a
 
 
 _ELEMENTWISE_MEAN = ("reduction='elementwise_mean' is deprecated. Please use reduction='mean' "

@@ -195,6 +195,31 @@ def test_sparse_and_float32():
     assert abs(obj32 - obj64) <= 1e-3 * obj64
 
 
+def test_torch_tensors_under_array_api_dispatch(monkeypatch):
+    # With scikit-learn's array API dispatch on, fit and predict_proba failed inside
+    # validate_data on NumPy's dtypes (LogisticRegression works there). cecore computes
+    # on NumPy: a CPU tensor gives what its NumPy array gives, as NumPy arrays.
+    import sklearn
+    torch = pytest.importorskip("torch")
+
+    monkeypatch.setenv("SCIPY_ARRAY_API", "1")  # scikit-learn asks for it
+    X, y = load("iris")
+    w = np.random.default_rng(0).uniform(0.5, 2.0, len(y))
+    expected = SoftmaxClassifier().fit(X, y, sample_weight=w)
+    stream = SoftmaxClassifier().partial_fit(X, y, classes=np.unique(y))
+    with sklearn.config_context(array_api_dispatch=True):
+        Xt, yt = torch.tensor(X), torch.tensor(y)
+        got = SoftmaxClassifier().fit(Xt, yt, sample_weight=torch.tensor(w))
+        np.testing.assert_array_equal(got.coef_, expected.coef_)
+        for method in ("decision_function", "predict", "predict_proba", "predict_log_proba"):
+            np.testing.assert_array_equal(getattr(got, method)(Xt),
+                                          getattr(expected, method)(X))
+        assert got.score(Xt, yt) == expected.score(X, y)
+        streamed = SoftmaxClassifier().partial_fit(Xt, yt, classes=torch.tensor(np.unique(y)))
+        np.testing.assert_array_equal(streamed.coef_, stream.coef_)
+        assert cross_val_score(SoftmaxClassifier(), Xt, yt, cv=3).shape == (3,)
+
+
 @pytest.mark.parametrize("fit_dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int8, np.uint16,
                                    np.int64, bool])

@@ -22,6 +22,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 
 from .. import _config
 from .._backends import BACKENDS
+from .._validation import _on_numpy
 from ..functional import _softmax_over
 from ._objective import LinearObjective, coef_intercept, pack
 from ._solvers import AdagradState, adagrad_steps, lbfgs
@@ -197,6 +198,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     # -- training ----------------------------------------------------------------------
 
+    @_on_numpy
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Minimise the penalised objective on ``(X, y)`` with L-BFGS-B.
@@ -258,6 +260,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             a.astype(X.dtype) for a in coef_intercept(params, n_outputs, self.fit_intercept))
         return self
 
+    @_on_numpy
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y, classes=None, sample_weight=None):
         """Adagrad steps on one chunk of a stream; multinomial for three classes or more.
@@ -404,6 +407,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
 
     # -- prediction --------------------------------------------------------------------
 
+    @_on_numpy
     def decision_function(self, X):
         """Logits ``X @ coef_.T + intercept_``: shape (n_samples,) for two classes.
 
@@ -436,6 +440,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
             return logits
         return scores
 
+    @_on_numpy
     def predict(self, X):
         """Most probable class of each sample.
 
@@ -447,6 +452,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         indices = (scores > 0).astype(np.intp) if scores.ndim == 1 else scores.argmax(axis=1)
         return self.classes_[indices]
 
+    @_on_numpy
     def predict_proba(self, X):
         """Class probabilities: the softmax of the logits (the sigmoid for two classes).
 
@@ -457,6 +463,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         # over the scores, which are this call's own: one (n_samples, n_classes) array
         return _softmax_over(self._class_logits(X), False, self.backend, self.n_threads)
 
+    @_on_numpy
     def predict_log_proba(self, X):
         """Log-probabilities computed as ``logits - logsumexp(logits)``, never ``log(p)``.
 
@@ -465,3 +472,7 @@ class SoftmaxClassifier(ClassifierMixin, BaseEstimator):
         log_proba : ndarray of shape (n_samples, n_classes)
         """
         return _softmax_over(self._class_logits(X), True, self.backend, self.n_threads)
+
+    # (the mean accuracy of NumPy predictions, also under array API dispatch, where the
+    # inherited method compared a tensor with them)
+    score = _on_numpy(ClassifierMixin.score)

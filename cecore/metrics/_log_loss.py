@@ -10,12 +10,10 @@ label indicator matrix or object labels) goes through scikit-learn's ``LabelBina
 where the one-hot matrix is scikit-learn's format anyway.
 """
 
-import functools
 import math
 import warnings
 
 import numpy as np
-import sklearn
 from sklearn.externals import array_api_extra as xpx
 from sklearn.utils import check_array, check_consistent_length
 from sklearn.utils._param_validation import Hidden, validate_params
@@ -23,36 +21,11 @@ from sklearn.utils.validation import _assert_all_finite, _check_sample_weight
 
 from .._backends import get_backend
 from .._config import LOG_LOSS_ROW_BLOCK, block_rows, resolve_n_threads
-from .._validation import _to_numpy
+from .._validation import _on_numpy, _to_numpy
 from ..functional import binary_cross_entropy_with_logits, cross_entropy
 from ._labels import _encode
 
 __all__ = ["log_loss", "log_loss_from_logits"]
-
-
-def _on_numpy(fn):
-    """Run ``fn`` with scikit-learn's array API dispatch off: the losses are computed on
-    NumPy arrays, where with it on ``check_array`` kept a tensor and then failed on
-    NumPy's dtypes (scikit-learn's own ``log_loss`` works in that mode). Under dispatch,
-    arrays of other namespaces (CPU torch tensors) are first made NumPy arrays of their
-    own dtype, as scikit-learn computes in it: with the dispatch off, ``check_array``
-    reads a float32 tensor as float64, which would clip at float64's epsilon."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if sklearn.get_config()["array_api_dispatch"]:
-            args = [_as_numpy(a) for a in args]
-            kwargs = {k: _as_numpy(v) for k, v in kwargs.items()}
-        with sklearn.config_context(array_api_dispatch=False):
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-def _as_numpy(a):
-    """An array of another array API namespace as a NumPy array of its dtype (a torch
-    tensor that requires grad detached, bfloat16 as float32: see ``_to_numpy``)."""
-    if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
-        return _to_numpy(a)
-    return a
 
 
 def _weighted_mean(loss, sample_weight, normalize):
