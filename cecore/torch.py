@@ -520,7 +520,7 @@ def _check_versions(versions):
                 f"expected version {version} (as torch's own loss checks)")
 
 
-def _register_autograd(op, per_element, watched, ignore_arg=None):
+def _register_autograd(op, per_element, watched, ignore_arg=None, sparse=False):
     """Backward of ``op``: the forward's gradient (saved) scaled by ``grad_output``.
 
     With reduction='none', ``grad_output`` has the loss's shape: the input's (``per_element``,
@@ -528,6 +528,9 @@ def _register_autograd(op, per_element, watched, ignore_arg=None):
     batch axis and a 0-d loss). ``watched``: the positions of the arguments that torch's
     own function saves, whose in-place modification before backward raises there.
     ``ignore_arg``: the position of ``ignore_index`` (class-index targets, argument 1).
+    ``sparse``: torch's backward writes the targets' entries only (nll_loss), so the
+    others stay 0 for an infinite or NaN ``grad_output``, where the saved zeros times it
+    were NaN. (A target of weight 0 stays 0 too, where torch writes -0 * inf = NaN.)
     """
 
     def setup_context(ctx, inputs, output):
@@ -561,7 +564,13 @@ def _register_autograd(op, per_element, watched, ignore_arg=None):
             grad_output = _skip_ignored(grad_output, *ctx.ignore)
         if ctx.class_axis is not None and grad_output.dim():
             grad_output = grad_output.unsqueeze(ctx.class_axis)
+        zeros = None
+        if sparse and not _finite_scalar(grad_output) and (
+                _traced(grad_output) or not bool(torch.isfinite(grad_output).all())):
+            zeros = grad == 0  # (before _scaled, which may scale grad in place)
         result = _scaled(ctx, grad, grad_output).to(ctx.input_dtype)
+        if zeros is not None:
+            result = torch.where(zeros, 0, result)
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
             (result,) = _once([result], getattr(ctx, "sources", None) or [ctx.input_ref])
         return (result,) + nones
@@ -640,7 +649,8 @@ def _(input, target, weight, pos_weight, reduction, with_grad, backend, n_thread
 
 # watched: what torch's functions save (cross_entropy's backward needs no logits)
 _register_autograd(_cross_entropy_op, per_element=False, watched=(1, 2), ignore_arg=3)
-_register_autograd(_nll_loss_op, per_element=False, watched=(0, 1, 2), ignore_arg=3)
+_register_autograd(_nll_loss_op, per_element=False, watched=(0, 1, 2), ignore_arg=3,
+                   sparse=True)
 _register_autograd(_bce_op, per_element=True, watched=(0, 1, 2, 3))
 
 
@@ -812,7 +822,14 @@ def _linear_backward(ctx, grad_output, *_):
                 raise RuntimeError(f"cecore::linear_cross_entropy was called with "
                                    f"grad_mask={ctx.grad_mask}, without the gradient of {name}")
         grads = [_scaled(ctx, g, grad_output).to(ctx.input_dtype) for g in ctx.saved_tensors]
-        if computed[0]:
+        if not _finite_scalar(grad_output) and not _traced(grad_output) \
+                and bool(_ignored(*ctx.ignore).all()):
+            # Every row ignored: torch's gradients are sums of zero rows, 0 whatever
+            # grad_output holds; the saved zeros times an infinite one were NaN. (Not
+            # while traced: a branch on the data, and a pass over the weight's gradient
+            # in every compiled backward, for this corner.)
+            grads = [torch.zeros_like(g) for g in grads]
+        elif computed[0]:
             # A non-finite grad_output times the saved zeros of ignored rows made them NaN
             # (the weight's and bias's gradients are sums over rows: not separable).
             if not _finite_scalar(grad_output):

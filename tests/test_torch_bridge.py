@@ -1122,6 +1122,48 @@ def test_linear_ignored_rows_get_zero_gradient_whatever_grad_output(gen, reducti
         assert not torch.isfinite(grad[[0, 2, 3, 5]]).any()
 
 
+@pytest.mark.parametrize("reduction, upstream", [("sum", float("inf")), ("mean", float("nan")),
+                                                  ("none", "nan_row"), ("none", "inf_row")])
+def test_nll_loss_non_targets_stay_zero_whatever_grad_output(gen, reduction, upstream):
+    # torch's nll_loss backward writes the targets' entries only; the saved zeros of the
+    # others times an infinite or NaN grad_output were NaN. Oracle: torch, bit for bit.
+    x0 = torch.log_softmax(torch.randn(5, 4, 2, generator=gen, dtype=torch.float64), 1)
+    t = _index_target(gen, (5, 2), 4)
+    t[2, 1] = -100
+    if isinstance(upstream, float):
+        g = torch.tensor(upstream, dtype=torch.float64)
+    else:
+        g = torch.ones(5, 2, dtype=torch.float64)
+        g[1, 0] = float("nan") if upstream == "nan_row" else float("inf")
+    grads = []
+    for fn in (ct.nll_loss, TF.nll_loss):
+        x = x0.clone().requires_grad_()
+        with no_fallback():
+            fn(x, t, reduction=reduction).backward(g)
+        grads.append(x.grad)
+    np.testing.assert_array_equal(grads[0].numpy(), grads[1].numpy())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [float("inf"), float("nan")])
+def test_linear_every_row_ignored_gives_zero_gradients_whatever_grad_output(gen, reduction,
+                                                                           upstream):
+    # The weight's and bias's gradients are sums over rows: all of them ignored, torch's
+    # are 0, and the saved zeros times an infinite or NaN grad_output were NaN.
+    x0, w0, b0 = (torch.randn(*s, generator=gen, dtype=torch.float64)
+                  for s in ((3, 2), (4, 2), (4,)))
+    t = torch.full((3,), -100)
+    grads = []
+    for fn in (ct.linear_cross_entropy, TF.linear_cross_entropy):
+        x, w, b = (a.clone().requires_grad_() for a in (x0, w0, b0))
+        with no_fallback():
+            fn(x, w, t, linear_bias=b, reduction=reduction).backward(
+                torch.tensor(upstream, dtype=torch.float64))
+        grads.append((x.grad, w.grad, b.grad))
+    for ours, theirs in zip(*grads):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+
+
 @pytest.mark.parametrize("dtype, ignore_index, cls", [(torch.uint8, -100, 156),
                                                        (torch.int16, 65538, 2)])
 @pytest.mark.parametrize("loss", ["ce", "nll"])
