@@ -23,7 +23,7 @@ from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK, cpus_available
 from ._io import MappedArray, as_source, open_array
 from ._validation import _to_numpy
 from .batch import chunk_rows as chunk_rows_for_budget
-from .batch import make_result, prepare_options, score_chunk
+from .batch import check_distinct, make_result, prepare_options, score_chunk
 
 __all__ = ["score_dask", "score_files"]
 
@@ -151,6 +151,12 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
         a = _to_numpy(a)  # chunked by rows whatever its dimensions (checked below)
         return da.from_array(a, chunks=(REDUCE_BLOCK,) + (-1,) * (a.ndim - 1) if a.ndim else ())
 
+    if isinstance(logits, da.Array) or isinstance(target, da.Array):
+        if getattr(logits, "name", None) == getattr(target, "name", 0):
+            raise ValueError("the logits and the targets are the same dask array: give the "
+                             "targets' array as target")
+    elif isinstance(logits, np.ndarray) and isinstance(target, np.ndarray):
+        check_distinct(as_source(logits), as_source(target))
     x, t = as_dask(logits), as_dask(target)
     for name, a in (("logits", x), ("target", t)):
         if any(np.isnan(n) for n in a.shape):
@@ -241,11 +247,12 @@ def score_files(logits, target, *, scheduler=None, n_workers=None, memory_budget
 
     specs = [logits, target] + ([options["unembedding"]] if options.get("unembedding") else [])
     sources = [open_array(spec) for spec in specs]
-    for source in sources:
+    for source in sources[:2]:  # (an unembedding is read whole, by each task: any kind)
         if not isinstance(source, MappedArray):
             raise ValueError(f"{source.path}: compressed .npz members cannot be read in parallel; "
                              "score them without --dask, or save them with np.save / np.savez")
     x_src, t_src = sources[:2]
+    check_distinct(x_src, t_src)
     if len(sources) == 3:
         options["unembedding"] = sources[2]
     opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype,

@@ -115,6 +115,14 @@ class ScoreResult:
         return {k: json_value(v) for k, v in asdict(self).items()}
 
 
+def check_distinct(x_src, t_src):
+    """Refuse logits and targets that are the same array (see :func:`_same_data`)."""
+    if _same_data(x_src, t_src):
+        where = getattr(x_src, "path", "in memory")
+        raise ValueError(f"the logits and the targets are the same array ({where}): "
+                         "give the targets' file or array as TARGET")
+
+
 def _same_data(a, b):
     """Whether two readers read the same array (the same file and .npz member, or
     overlapping memory): a float array of the logits' shape would pass as probability
@@ -497,10 +505,7 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
         x_src, t_src, w_src = sources
         if bias is not None and w_src is None:
             raise ValueError("bias is the unembedding's: give unembedding too (or no bias)")
-        if _same_data(x_src, t_src):
-            where = getattr(x_src, "path", "in memory")
-            raise ValueError(f"the logits and the targets are the same array ({where}): "
-                             "give the targets' file or array as TARGET")
+        check_distinct(x_src, t_src)
         if isinstance(bias, (str, os.PathLike)):
             protect = (*protect, bias)  # per_row_out must not replace it either
         opts = prepare_options(x_src.shape, x_src.dtype, t_src.shape, t_src.dtype, input_kind,

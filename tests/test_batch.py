@@ -254,6 +254,34 @@ def test_file_replaced_after_its_header_was_read(tmp_path, rng, monkeypatch):
     np.testing.assert_array_equal(moved.rows(0, 50), x)
 
 
+def test_a_workers_copy_of_the_file_at_the_same_path_is_read(tmp_path, rng):
+    # On a cluster each worker sees the file through its own host: a network mount or a
+    # copy at the same path, with that host's device and inode numbers (and timestamps
+    # perhaps kept to the second only). Every task failed with "changed after its header
+    # was read" (found by a hostile review). The process that read the header still
+    # refuses a replaced file.
+    import pickle
+    import shutil
+
+    from cecore._io import open_array
+
+    x = rng.standard_normal((50, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    source = open_array(tmp_path / "x.npy")
+    sent = pickle.dumps(source)
+    shutil.copy2(tmp_path / "x.npy", tmp_path / "copy.npy")  # another inode, same mtime
+    st = os.stat(tmp_path / "copy.npy")
+    os.utime(tmp_path / "copy.npy", ns=(st.st_atime_ns, st.st_mtime_ns // 10**9 * 10**9))
+    os.replace(tmp_path / "copy.npy", tmp_path / "x.npy")
+    np.testing.assert_array_equal(pickle.loads(sent).rows(0, 50), x)
+    with pytest.raises(ValueError, match="changed after its header was read"):
+        source.rows(0, 10)
+    # a rewrite of the same size a second later is another version, there too
+    os.utime(tmp_path / "x.npy", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="changed after its header was read"):
+        pickle.loads(sent).rows(0, 10)
+
+
 def test_block_sum_matches_fixed_sum_for_any_chunking(rng):
     values = rng.standard_normal(5 * REDUCE_BLOCK + 77) * 10.0 ** rng.integers(-8, 8, 5 * REDUCE_BLOCK + 77)
     expected = _reduce.fixed_sum(values)

@@ -96,6 +96,42 @@ def test_dask_rejects_compressed_npz(tmp_path, capsys):
     assert code == 1 and "compressed .npz members cannot be read in parallel" in err
 
 
+def test_dask_refuses_the_logits_as_their_own_targets(client, rng, tmp_path, capsys):
+    # Scoring without Dask refuses this; through Dask the logits were scored as their own
+    # probability targets (mean loss -80.1, exit 0; found by a hostile review).
+    x = rng.standard_normal((50, 4))
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "z.npz", x=x)
+    for args in ([str(tmp_path / "x.npy")] * 2, [f"{tmp_path / 'z.npz'}:x"] * 2):
+        code = main(["score", *args, "--scheduler", client.scheduler.address])
+        _, err = capsys.readouterr()
+        assert code == 1 and "the logits and the targets are the same array" in err, err
+    xd = da.from_array(x, chunks=(20, 4))
+    for logits, target in ((x, x), (x, x[:, :]), (xd, xd)):
+        with pytest.raises(ValueError, match="the logits and the targets are the same"):
+            _dask.score_dask(logits, target, client=client)
+
+
+def test_cli_dask_takes_a_compressed_unembedding(client, rng, tmp_path, capsys):
+    # The README says a compressed unembedding is decompressed by each task on Dask (as
+    # score_dask does); the command refused it with the logits' "cannot be read in
+    # parallel". Oracle: the in-memory score.
+    from cecore import batch
+    h = rng.standard_normal((300, 8)).astype(np.float32)
+    w = (0.3 * rng.standard_normal((12, 8))).astype(np.float32)
+    t = random_index_target(rng, 300, 12)
+    np.save(tmp_path / "h.npy", h)
+    np.save(tmp_path / "t.npy", t)
+    np.savez_compressed(tmp_path / "w.npz", w=w)
+    code = main(["score", "--hidden", str(tmp_path / "h.npy"), "--unembedding",
+                 str(tmp_path / "w.npz"), str(tmp_path / "t.npy"), "--json",
+                 "--scheduler", client.scheduler.address])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    np.testing.assert_allclose(json.loads(out)["mean_loss"],
+                               batch.score(h, t, unembedding=w).mean_loss, rtol=1e-6)
+
+
 def test_dask_hidden_states_equal_in_memory(client, rng):
     h = rng.standard_normal((N_ROWS, 16)).astype(np.float32)
     w = (0.3 * rng.standard_normal((40, 16))).astype(np.float32)
