@@ -220,15 +220,21 @@ def _zip_data_offset(f, info):
 def _split_member(spec):
     """``"a.npz:logits"`` -> ``("a.npz", "logits")``; any other path -> ``(path, None)``.
 
-    The file is the first ``.npz`` before a colon that exists (else the first ``.npz``
-    before a colon), so member names may hold colons (``"a.npz:x:y"`` is member ``x:y``).
+    The file is the first ``.npz`` before a colon that exists, else the first existing
+    zip file of another name before a colon (``np.savez`` to ``a.zip``), else the first
+    ``.npz`` before a colon; so member names may hold colons (``"a.npz:x:y"`` is member
+    ``x:y``).
     """
     spec = os.fspath(spec)
     if os.path.exists(spec):
         return spec, None
-    cuts = [i for i, ch in enumerate(spec) if ch == ":" and spec[:i].lower().endswith(".npz")]
+    colons = [i for i, ch in enumerate(spec) if ch == ":"]
+    cuts = [i for i in colons if spec[:i].lower().endswith(".npz")]
     for i in cuts:
         if os.path.isfile(spec[:i]):
+            return spec[:i], spec[i + 1:]
+    for i in colons:
+        if os.path.isfile(spec[:i]) and zipfile.is_zipfile(spec[:i]):
             return spec[:i], spec[i + 1:]
     return (spec[:cuts[0]], spec[cuts[0] + 1:]) if cuts else (spec, None)
 

@@ -218,6 +218,13 @@ def test_npz_members_mapped_or_streamed(tmp_path, rng):
     np.savez(coloned, **{"a:b": x, "t": t})
     assert np.array_equal(batch.open_array(f"{coloned}:a:b").rows(0, N_ROWS), x)
     assert batch.score(f"{coloned}:a:b", f"{coloned}:t").mean_loss == expected
+    # a zip of another name (np.savez to a .zip): "choose one with FILE:NAME" said the
+    # error, and FILE:NAME was then "no such file"
+    zipped = tmp_path / "arrays.zip"
+    os.replace(stored, zipped)
+    with pytest.raises(ValueError, match="choose one"):
+        batch.open_array(zipped)
+    assert batch.score(f"{zipped}:logits", f"{zipped}:target").mean_loss == expected
 
 
 def test_in_memory_and_memmap_inputs(tmp_path, rng):
