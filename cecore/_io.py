@@ -497,10 +497,13 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
     written = [0]
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:  # unbuffered: no write error deferred to close
-            os.fchmod(f.fileno(), mode)  # mkstemp makes 0600 files
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                       "fortran_order": False, "shape": (n_rows,)}
-            np.lib.format.write_array_header_1_0(f, header)
+            try:
+                os.fchmod(f.fileno(), mode)  # mkstemp makes 0600 files
+                np.lib.format.write_array_header_1_0(f, header)
+            except OSError as exc:  # a full disk: name the file, as the rows' writes do
+                raise _write_error(path, exc) from None
             size = f.tell() + n_rows * np.dtype(dtype).itemsize  # when complete
 
             def write(values):
@@ -528,7 +531,10 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
             actual = os.fstat(f.fileno()).st_size
             if actual != size:  # whatever the cause: never install a short file
                 raise OSError(f"cannot write {path}: {actual} of {size} bytes written")
-        os.replace(tmp, real)
+        try:
+            os.replace(tmp, real)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

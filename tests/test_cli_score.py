@@ -175,16 +175,18 @@ def _score_under_file_size_limit(args, limit):
                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))")
 
 
-def test_a_full_disk_names_the_per_row_file(tmp_path):
+@pytest.mark.parametrize("limit", [65536, 0])
+def test_a_full_disk_names_the_per_row_file(tmp_path, limit):
     # A short write of the per-row losses (a full disk; here a file-size limit) came out as
-    # "OSError: 2782608 requested and 262112 written", naming neither file nor cause.
+    # "OSError: 2782608 requested and 262112 written", naming neither file nor cause; a
+    # disk full before the header is written, as "[Errno 27] File too large".
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x.npy", rng.standard_normal((20000, 3)).astype(np.float32))
     np.save(tmp_path / "t.npy", rng.integers(0, 3, 20000))
     out_path = tmp_path / "out" / "rows.npy"
     out_path.parent.mkdir()
     out = _score_under_file_size_limit(
-        [tmp_path / "x.npy", tmp_path / "t.npy", "--per-row-out", out_path, "--quiet"], 65536)
+        [tmp_path / "x.npy", tmp_path / "t.npy", "--per-row-out", out_path, "--quiet"], limit)
     assert out.returncode == 1
     assert f"cannot write {out_path}: " in out.stderr, out.stderr
     assert list(out_path.parent.iterdir()) == []  # no partial file, no temporary
