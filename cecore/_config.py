@@ -229,7 +229,15 @@ def _env_threads():
         value = os.environ.get(var, "").split(",")[0].strip()
         if value.isascii() and value.isdigit() and int(value) > 0:  # not "²": int() refuses it
             return var, int(value)
+        if var == "CECORE_NUM_THREADS" and value and value not in _ignored_values:
+            # (the others are their runtimes' to judge, as libgomp and Numba do)
+            _ignored_values.add(value)
+            warnings.warn(f"CECORE_NUM_THREADS={value!r} is not a positive integer; ignored",
+                          RuntimeWarning, stacklevel=caller_stacklevel())
     return None, None
+
+
+_ignored_values = set()  # the CECORE_NUM_THREADS values warned about (once each)
 
 
 def _load_openmp():

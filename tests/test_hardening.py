@@ -777,12 +777,21 @@ def test_info_with_a_bad_numba_setting():
 @pytest.mark.parametrize("value", ["\u00b2", "0", "-1", "abc", "1e3", ""])
 def test_odd_thread_variables_are_ignored(monkeypatch, var, value):
     # "²" passed str.isdigit() and then crashed every call with n_threads=None in int().
+    # cecore's own variable, set to something else than a positive integer, is ignored
+    # with a warning (once per value); it was ignored silently.
     from cecore import _config
 
     for name in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_config, "_ignored_values", set())
     monkeypatch.setenv(var, value)
-    assert _config._env_threads() == (None, None)
+    if var == "CECORE_NUM_THREADS" and value:
+        with pytest.warns(RuntimeWarning, match="CECORE_NUM_THREADS=.* is not a positive "
+                                                "integer; ignored"):
+            assert _config._env_threads() == (None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _config._env_threads() == (None, None)
     monkeypatch.setenv(var, "3")
     assert _config._env_threads() == (var, 3)
 
