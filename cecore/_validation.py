@@ -5,6 +5,7 @@ C-contiguous ``(N, C, S)`` array, int64 targets of shape ``(N, S)``, float64 wei
 """
 
 import functools
+import math
 import numbers
 import warnings
 
@@ -274,7 +275,10 @@ def check_proba_target(t_dtype, x_shape, ignore_index, name="input"):
 def check_label_smoothing(label_smoothing):
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    eps = float(label_smoothing)
+    try:
+        eps = float(label_smoothing)
+    except OverflowError:  # an int beyond float's range
+        eps = math.inf
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     return eps
@@ -338,8 +342,10 @@ def index_target(target, input_shape, n_classes, ignore_index, probabilities=Tru
 def same_elements(a, b):
     """Whether arrays ``a`` and ``b`` are the same elements in the same places (memory,
     shape, strides and dtype): the one overlap of an output with an input that kernels
-    reading each element before writing it allow (an in-place gradient or softmax)."""
-    return a.dtype == b.dtype and a.shape == b.shape and a.strides == b.strides and \
+    reading each element before writing it allow (an in-place gradient or softmax). The
+    stride of an axis of length 1 is never stepped: any value places the same elements."""
+    return a.dtype == b.dtype and a.shape == b.shape and all(
+        sa == sb for sa, sb, n in zip(a.strides, b.strides, a.shape) if n > 1) and \
         a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
 

@@ -16,13 +16,17 @@ the calibration ``edges``; and outputs that share memory with an input or with e
 other (only the contract's in-place cases may). They raise ``TypeError`` (a wrong type
 or dtype), ``ValueError`` or (a class index) ``IndexError``, naming the argument and
 what was expected; the scalar checks are cecore's own (:mod:`cecore._validation`).
-``lo``, ``hi`` and ``rtol`` of ``log_loss_pass`` are any floats. What NumPy cannot see
+``lo``, ``hi`` and ``rtol`` of ``log_loss_pass`` are any real numbers. The compiled
+function is handed the arrays and values checked (plain ndarray views of subclasses;
+masked arrays are refused, their masked values would be read). What NumPy cannot see
 is the caller's to avoid: two memory maps of one file, or another thread changing an
 input while the kernel runs.
 
 The checks cost a few passes over the targets; cecore itself calls the unchecked
 kernels.
 """
+
+import numbers
 
 import numpy as np
 
@@ -41,13 +45,16 @@ def _prefixed(kernel, check, *args):
         return check(*args)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{kernel}: {exc}") from None
+    except OverflowError as exc:  # float(10**400)
+        raise ValueError(f"{kernel}: {exc}") from None
 
 
 def _array(kernel, name, a, shape, dtype, optional=False, contiguous=True, output=False):
     """``a`` as an array of ``shape`` (None entries: any size) and ``dtype`` (a dtype or
     a tuple of allowed ones), C-contiguous unless ``contiguous=False``, writeable if an
-    ``output``; None if ``optional``. The compiled functions check dtypes and layouts too,
-    but their messages do not name the argument."""
+    ``output``; None if ``optional``; a subclass as a plain ndarray view, which the
+    caller hands to the compiled function. The compiled functions check dtypes and
+    layouts too, but their messages do not name the argument."""
     if a is None and optional:
         return None
     dims = "(" + ", ".join("any" if d is None else str(d) for d in shape) + \
@@ -56,9 +63,13 @@ def _array(kernel, name, a, shape, dtype, optional=False, contiguous=True, outpu
     kind = " or ".join(np.dtype(d).name for d in dtypes)
     expected = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} array of shape {dims}" + \
         (" or None" if optional else "")
-    if not isinstance(a, np.ndarray):
+    if not isinstance(a, np.ndarray) or isinstance(a, np.ma.MaskedArray):
+        # (masked: the kernel would read the values under the mask)
         raise TypeError(f"{kernel}: {name} must be {expected} (numpy), "
                         f"got {type(a).__name__}")
+    # A subclass as a plain ndarray: its own methods (a max() that skips entries) must
+    # not decide the checks, and the kernel gets the array that was checked.
+    a = a.view(np.ndarray)
     if a.ndim != len(shape) or any(want is not None and got != want
                                    for got, want in zip(a.shape, shape)):
         raise ValueError(f"{kernel}: {name} must be {expected}, got shape {a.shape}")
@@ -76,7 +87,7 @@ def _threads(kernel, n_threads):
     """``n_threads`` as cecore resolves an explicit one: an int >= 1, more than the CPUs
     available capped with a warning (libgomp aborted the process for 100000), 1 in a
     forked child."""
-    _prefixed(kernel, V.check_int, n_threads, "n_threads", 1)
+    n_threads = _prefixed(kernel, V.check_int, n_threads, "n_threads", 1)
     return _config.resolve_n_threads(n_threads)
 
 
@@ -111,6 +122,13 @@ def _disjoint(kernel, outputs, inputs, in_place=(), rule=""):
                                  "must not overlap an input or another output" + rule)
 
 
+def _float(kernel, name, value):
+    """``value`` as a Python float: a real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{kernel}: {name} must be a float, got {value!r}")
+    return _prefixed(kernel, float, value)
+
+
 def _block_rows(n):
     return -(-n // _REDUCE_BLOCK)
 
@@ -122,9 +140,9 @@ def _index_targets(k, target, weight, ignore_index, label_smoothing, n_classes, 
     t = _array(k, "target", target, shape, np.int64)
     w = _array(k, "weight", weight, (n_classes,), np.float64)
     ignore_index = _prefixed(k, V.check_ignore_index, ignore_index)
-    _prefixed(k, V.check_label_smoothing, label_smoothing)
+    eps = _prefixed(k, V.check_label_smoothing, label_smoothing)
     _classes(k, t, n_classes, ignore_index)
-    return t, w
+    return t, w, ignore_index, eps
 
 
 def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale,
@@ -135,17 +153,17 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
     k = "softmax_ce_index"
     x = _array(k, "logits", logits, (None, None, None), _FLOATS)
     N, C, S = x.shape
-    t, w = _index_targets(k, target, weight, ignore_index, label_smoothing, C, (N, S))
+    t, w, ignore_index, eps = _index_targets(k, target, weight, ignore_index,
+                                             label_smoothing, C, (N, S))
     gs = _array(k, "grad_scale", grad_scale, (N, S), np.float64, contiguous=False)
     outputs = dict(loss_out=_array(k, "loss_out", loss_out, (N, S), np.float64, output=True),
                    grad_out=_array(k, "grad_out", grad_out, (N, C, S), x.dtype, optional=True,
                                    output=True))
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(logits=x, target=t, weight=w, grad_scale=gs),
-              in_place=[("grad_out", "logits")] if label_smoothing == 0 else [],
+              in_place=[("grad_out", "logits")] if eps == 0 else [],
               rule=" (grad_out may be logits itself when label_smoothing == 0)")
-    _raw.softmax_ce_index(logits, target, weight, ignore_index, label_smoothing,
-                          grad_scale, loss_out, grad_out, n_threads)
+    _raw.softmax_ce_index(x, t, w, ignore_index, eps, gs, *outputs.values(), n_threads)
 
 
 def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out,
@@ -154,20 +172,20 @@ def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, los
     k = "softmax_ce_scores"
     x = _array(k, "logits", logits, (None, None), _FLOATS)
     N, C = x.shape
-    t, w = _index_targets(k, target, weight, ignore_index, label_smoothing, C, (N,))
+    t, w, ignore_index, eps = _index_targets(k, target, weight, ignore_index,
+                                             label_smoothing, C, (N,))
     outputs = dict(loss_out=_array(k, "loss_out", loss_out, (N,), np.float64, output=True),
                    stats_out=_array(k, "stats_out", stats_out, (N, 4), np.float64,
                                     output=True),
                    rank_out=_array(k, "rank_out", rank_out, (N, 2), np.int64, output=True))
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(logits=x, target=t, weight=w))
-    _raw.softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing,
-                           loss_out, stats_out, rank_out, n_threads)
+    _raw.softmax_ce_scores(x, t, w, ignore_index, eps, *outputs.values(), n_threads)
 
 
 def _report_args(k, n_rows, top_k, edges, sums_out, counts_out):
-    """The report's arguments: top_k, edges and the block-sum outputs."""
-    _prefixed(k, V.check_int, top_k, "top_k", 1, 2**63 - 1)
+    """The report's arguments: top_k, edges and the block-sum outputs, checked."""
+    top_k = _prefixed(k, V.check_int, top_k, "top_k", 1, 2**63 - 1)
     e = _array(k, "edges", edges, (None,), np.float64)
     n_bins = e.shape[0] - 1
     # the contract's edges, k / n_bins rounded once: any others would bin silently wrong
@@ -175,7 +193,7 @@ def _report_args(k, n_rows, top_k, edges, sums_out, counts_out):
         raise ValueError(f"{k}: edges must be np.arange(n_bins + 1) / n_bins with "
                          f"n_bins >= 1, got {e!r}")
     rows = _block_rows(n_rows)  # one row of sums per REDUCE_BLOCK rows
-    return e, dict(sums_out=_array(k, "sums_out", sums_out, (rows, 3 + n_bins), np.float64,
+    return top_k, e, dict(sums_out=_array(k, "sums_out", sums_out, (rows, 3 + n_bins), np.float64,
                                    output=True),
                    counts_out=_array(k, "counts_out", counts_out, (rows, 4 + n_bins),
                                      np.int64, output=True))
@@ -186,10 +204,10 @@ def report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads):
     k = "report_sums"
     s = _array(k, "stats", stats, (None, 4), np.float64)
     r = _array(k, "rank", rank, (s.shape[0], 2), np.int64)
-    e, outputs = _report_args(k, s.shape[0], top_k, edges, sums_out, counts_out)
+    top_k, e, outputs = _report_args(k, s.shape[0], top_k, edges, sums_out, counts_out)
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(stats=s, rank=r, edges=e))
-    _raw.report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads)
+    _raw.report_sums(s, r, top_k, e, *outputs.values(), n_threads)
 
 
 def softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top_k, edges,
@@ -200,13 +218,15 @@ def softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top
     N, C = x.shape
     if C < 1:
         raise ValueError(f"{k}: logits must have at least one class (column), got {x.shape}")
-    t, w = _index_targets(k, target, weight, ignore_index, label_smoothing, C, (N,))
-    e, outputs = _report_args(k, N, top_k, edges, sums_out, counts_out)
-    outputs["loss_out"] = _array(k, "loss_out", loss_out, (N,), np.float64, output=True)
+    t, w, ignore_index, eps = _index_targets(k, target, weight, ignore_index,
+                                             label_smoothing, C, (N,))
+    top_k, e, outputs = _report_args(k, N, top_k, edges, sums_out, counts_out)
+    loss = outputs["loss_out"] = _array(k, "loss_out", loss_out, (N,), np.float64,
+                                        output=True)
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(logits=x, target=t, weight=w, edges=e))
-    _raw.softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top_k,
-                           edges, loss_out, sums_out, counts_out, n_threads)
+    _raw.softmax_ce_report(x, t, w, ignore_index, eps, top_k, e, loss, outputs["sums_out"],
+                           outputs["counts_out"], n_threads)
 
 
 def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,
@@ -222,11 +242,11 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
     outputs = dict(loss_out=_array(k, "loss_out", loss_out, (N, S), np.float64, output=True),
                    grad_out=_array(k, "grad_out", grad_out, (N, C, S), x.dtype, optional=True,
                                    output=True))
-    _prefixed(k, V.check_label_smoothing, label_smoothing)
+    eps = _prefixed(k, V.check_label_smoothing, label_smoothing)
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, inputs)
-    _raw.softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_out,
-                          grad_out, n_threads)
+    _raw.softmax_ce_proba(x, inputs["target"], inputs["weight"], eps, inputs["grad_scale"],
+                          *outputs.values(), n_threads)
 
 
 def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out,
@@ -248,8 +268,7 @@ def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, inputs, in_place=[("grad_out", "input"), ("grad_out", "target")],
               rule=" (grad_out may be input or target itself)")
-    _raw.bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out,
-                    n_threads)
+    _raw.bce_logits(*inputs.values(), *outputs.values(), n_threads)
 
 
 def softmax(logits, log, out, n_threads):
@@ -263,7 +282,7 @@ def softmax(logits, log, out, n_threads):
     n_threads = _threads(k, n_threads)
     _disjoint(k, dict(out=o), dict(logits=x), in_place=[("out", "logits")],
               rule=" (out may be logits itself)")
-    _raw.softmax(logits, log, out, n_threads)
+    _raw.softmax(x, bool(log), o, n_threads)
 
 
 def logsumexp(logits, out, n_threads):
@@ -273,7 +292,7 @@ def logsumexp(logits, out, n_threads):
     o = _array(k, "out", out, (x.shape[0], x.shape[2]), np.float64, output=True)
     n_threads = _threads(k, n_threads)
     _disjoint(k, dict(out=o), dict(logits=x))
-    _raw.logsumexp(logits, out, n_threads)
+    _raw.logsumexp(x, o, n_threads)
 
 
 def log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads):
@@ -288,8 +307,10 @@ def log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads)
                                      optional=True, output=True))
     if (t is None) != (outputs["picked_out"] is None):
         raise ValueError(f"{k}: target and picked_out must both be None or both arrays")
+    lo, hi, rtol = (_float(k, name, v) for name, v in (("lo", lo), ("hi", hi), ("rtol", rtol)))
     n_threads = _threads(k, n_threads)
     if t is not None:
         _classes(k, t, C)
     _disjoint(k, outputs, dict(proba=p, target=t))
-    _raw.log_loss_pass(proba, target, lo, hi, rtol, stats_out, picked_out, n_threads)
+    _raw.log_loss_pass(p, t, lo, hi, rtol, outputs["stats_out"], outputs["picked_out"],
+                       n_threads)

@@ -208,6 +208,18 @@ BAD = [
      r"target\[9\] = 7 is not a class index in \[0, 7\)$"),
     ("log_loss_pass", dict(picked_out=lambda a: None), ValueError, "both be None"),
     ("log_loss_pass", dict(stats_out=lambda a: np.empty(2)), ValueError, "stats_out"),
+    # a masked array's masked values are what the kernel reads, whatever max() says
+    # (a masked target of 10**12 segfaulted; found by a hostile review)
+    ("softmax_ce_scores", dict(target=lambda a: np.ma.array(_set(a["target"], (4,), 10**12),
+                                                            mask=np.arange(N) == 4)),
+     TypeError, "target must be an int64 array .* got MaskedArray"),
+    ("softmax_ce_index", dict(loss_out=lambda a: np.ma.array(a["loss_out"])), TypeError,
+     "loss_out must be .* got MaskedArray"),
+    ("softmax_ce_index", dict(label_smoothing=lambda a: 10**400), ValueError,
+     "label_smoothing must be between 0.0 and 1.0"),
+    ("log_loss_pass", dict(lo=lambda a: "a"), TypeError, "lo must be a float, got 'a'"),
+    ("log_loss_pass", dict(rtol=lambda a: None), TypeError, "rtol must be a float"),
+    ("log_loss_pass", dict(hi=lambda a: 10**400), ValueError, "log_loss_pass: int too large"),
 ]
 
 
@@ -341,3 +353,60 @@ def test_the_compiled_bce_refuses_a_loss_buffer_it_would_copy():
     with pytest.raises(ValueError, match="loss_out must be C-contiguous"):
         unchecked.bce_logits(**b)
     assert np.all(b["loss_out"] == -1)
+
+
+def test_what_the_kernel_gets_is_what_was_checked():
+    # The checks ran through an array subclass's own methods (a max() that skips
+    # entries) and a scalar subclass's __int__ / __float__, while the compiled function
+    # read the raw buffer and the value Cython reads: a target of 10**12 got through to
+    # a segfault, and label_smoothing=5 to negative losses (found by a hostile review).
+    class ZeroMax(np.ndarray):
+        def max(self, *args, **kwargs):
+            return 0
+
+    class SneakyInt(int):
+        def __int__(self):
+            return 10**12
+
+    class SneakyFloat(float):
+        def __float__(self):
+            return 0.0
+
+    a = _scores_args()
+    a["target"] = _set(a["target"], (4,), 10**12).view(ZeroMax)
+    before = _outputs(a)
+    with pytest.raises(IndexError, match=r"target\[4\] = 1000000000000"):
+        cecore_ext.softmax_ce_scores(**a)
+    _assert_untouched(a, before)
+    # the kernel is given the values the checks saw: 10**12 is then ignore_index
+    a = _scores_args()
+    a["target"], a["ignore_index"] = _set(a["target"], (4,), 10**12), SneakyInt(-100)
+    cecore_ext.softmax_ce_scores(**a)
+    assert a["loss_out"][4] == 0 and a["rank_out"][4, 0] == -1
+    a = _index_args()
+    ref = dict(a, label_smoothing=0.0, loss_out=np.empty((N, S)), grad_out=None)
+    unchecked.softmax_ce_index(**ref)
+    a.update(label_smoothing=SneakyFloat(5.0), grad_out=None)
+    cecore_ext.softmax_ce_index(**a)
+    np.testing.assert_array_equal(a["loss_out"], ref["loss_out"])
+    # other subclasses are their plain arrays
+    a, ref = _scores_args(), _scores_args()
+    a["logits"] = a["logits"].view(ZeroMax)
+    cecore_ext.softmax_ce_scores(**a)
+    unchecked.softmax_ce_scores(**ref)
+    np.testing.assert_array_equal(a["stats_out"], ref["stats_out"])
+
+
+def test_in_place_through_a_view_with_another_stride_on_a_length_one_axis():
+    # The same elements, but one view's length-1 axis has stride 0 (a[:, :, None]) and
+    # the other's 8 (a.reshape): refused as an overlap, though the step is never taken.
+    a = np.random.default_rng(5).standard_normal((N, C))
+    t = (np.arange(N) % C).reshape(N, 1)
+    ref_loss, ref_grad = np.empty((N, 1)), np.empty((N, C, 1))
+    unchecked.softmax_ce_index(a.copy()[:, :, None], t, np.ones(C), -100, 0.0,
+                               np.ones((N, 1)), ref_loss, ref_grad, 1)
+    loss = np.empty((N, 1))
+    cecore_ext.softmax_ce_index(a[:, :, None], t, np.ones(C), -100, 0.0, np.ones((N, 1)),
+                                loss, a.reshape(N, C, 1), 1)
+    np.testing.assert_array_equal(loss, ref_loss)
+    np.testing.assert_array_equal(a, ref_grad[:, :, 0])
