@@ -18,12 +18,15 @@ REDUCTIONS = ("none", "mean", "sum")
 
 def _to_numpy(x):
     """Array view of ``x``: ndarray subclasses, memmaps, lists and torch CPU tensors.
-    Masked arrays are refused: the kernels would read the values under the mask."""
+    Masked arrays are refused: the kernels would read the values under the mask. A
+    subclass is viewed as a plain ndarray (its ``.base`` is ``x``): the checks use
+    NumPy's methods, and a subclass's own (a ``max()`` that skips entries) would pass a
+    target the kernels then read out of bounds."""
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError("masked arrays are not supported (their masked values would be used "
                         "as they are): pass a.filled(value), or index the unmasked entries")
     if isinstance(x, np.ndarray):
-        return x
+        return x if type(x) is np.ndarray else x.view(np.ndarray)
     if type(x).__module__.split(".")[0] == "torch":
         # torch tensors expose the array protocol; a tensor that requires grad must be
         # detached first (no copy either way when it is a CPU tensor).
