@@ -56,8 +56,8 @@ class MappedArray:
     if it is still the one whose header was read (same inode, size and modification
     time; on a worker, where the path may be another host's copy or mount, size and
     modification time to the second): a file replaced in between, e.g. while a Dask
-    cluster starts, would otherwise be read with the old header's dtype and shape. :meth:`rows` and :meth:`release` are
-    the zero-copy pair used for streaming.
+    cluster starts, would otherwise be read with the old header's dtype and shape.
+    :meth:`rows` and :meth:`release` are the zero-copy pair used for streaming.
     """
 
     def __init__(self, path, offset, dtype, shape):

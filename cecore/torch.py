@@ -39,7 +39,7 @@ Errors are torch's: when cecore rejects an argument, the exception raised is the
 torch's own function raises for it (cecore's message chained as its cause); where torch
 would accept what cecore rejects, cecore's error is raised. cecore is more lenient in two
 ways (class-index targets of any integer dtype, not only int64/uint8; class weights of any
-float dtype) and stricter in two (unbatched input of shape (C,) needs a 0-d target:
+float dtype, where an integer one gets torch's error) and stricter in two (unbatched input of shape (C,) needs a 0-d target:
 torch's forward also takes shape (1,), but its backward then fails; ``label_smoothing``
 must be a float in [0, 1], where torch 2.13 also takes ``True``, as 1.0, and a negative or
 NaN value, which it ignores).
@@ -146,6 +146,14 @@ def _fallback_reason(inputs, others):
     return None
 
 
+def _integer_class_weight(weight, target):
+    """Whether ``weight`` is an integer (or bool) class weight of class-index targets,
+    which torch refuses ("expected scalar type Float but found Long"): the call goes to
+    torch for its error. (Probability targets and BCE take such weights, in torch too.)"""
+    return (weight is not None and not target.is_floating_point()
+            and not (weight.is_floating_point() or weight.is_complex()))
+
+
 def _autocast(*tensors):
     """``tensors`` as CPU autocast gives them to these losses: float16/bfloat16 as float32
     (torch computes and returns the loss in float32 there, whatever the autocast dtype;
@@ -162,9 +170,10 @@ def _all_tensors(*args):
 
 def _with_grad(input):
     """Whether the forward pass must also compute the input's gradient: always under
-    ``torch.jit.trace``, which records the value as a constant (a trace made with inputs
-    that need no gradient then raised at every backward)."""
-    return torch.jit.is_tracing() or (torch.is_grad_enabled() and input.requires_grad)
+    ``torch.jit.trace`` and ``torch.export``, which record the value as a constant (a
+    program traced or exported under ``no_grad`` then raised at every backward)."""
+    return (torch.jit.is_tracing() or torch.compiler.is_exporting()
+            or (torch.is_grad_enabled() and input.requires_grad))
 
 
 # ----------------------------------------------------------- calling cecore.functional
@@ -481,8 +490,9 @@ def _disown_gradient(loss, anchors=()):
     and would see it scaled.
     """
     if not torch.compiler.is_compiling() and loss.grad_fn is not None:
+        top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        hooked = top_hooks is None or top_hooks(False) is not None  # (unknown: as hooked)
         try:
-            hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
             loss.grad_fn.gradient_disowned = not hooked
             if anchors:
                 loss.grad_fn.sources = list(anchors)
@@ -491,7 +501,11 @@ def _disown_gradient(loss, anchors=()):
 
 
 def _versions(tensors):
-    """What :func:`_check_versions` compares: each tensor (weakly) and its version counter.
+    """What :func:`_check_versions` compares: each tensor and its version counter.
+
+    Held strongly, as torch's own functions save them (so the memory kept is theirs): a
+    weak reference to a view (``target.view(-1)``, ``weight[:]``) died after the forward,
+    and an in-place change of its base then went unnoticed, where torch raises.
 
     Inference tensors have no version counter: torch's own losses refuse to save them,
     and so does this, with torch's message (which names the fix)."""
@@ -502,7 +516,7 @@ def _versions(tensors):
             "in inference mode in computation tracked by autograd. To work around this, you "
             "can make a clone to get a normal tensor and use it in autograd, or use "
             "`torch.no_grad()` instead of `torch.inference_mode()`.")
-    return [(weakref.ref(t), t._version) for t in tensors]
+    return [(t, t._version) for t in tensors]
 
 
 def _check_versions(versions):
@@ -511,9 +525,8 @@ def _check_versions(versions):
     The gradient was computed in the forward pass, so it is the right one for the loss
     returned; but torch's own functions save these tensors and raise, and that error is
     how an ``optimizer.step()`` or an in-place edit before ``backward()`` is caught."""
-    for ref, version in versions:
-        t = ref()
-        if t is not None and t._version != version:
+    for t, version in versions:
+        if t._version != version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: {tuple(t.shape)} tensor is at version {t._version}; "
@@ -868,6 +881,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if not _all_tensors(input, target, weight):
         return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                 reduction=reduction, label_smoothing=label_smoothing)
+    if _integer_class_weight(weight, target):
+        return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
+                                reduction=reduction, label_smoothing=label_smoothing)
     reason = _fallback_reason((input,), (target, weight))
     if reason is not None:
         _warn_fallback("cross_entropy", reason)
@@ -893,6 +909,8 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     """
     reduction = _reduction(_legacy_reduction(size_average, reduce, reduction))
     if not _all_tensors(input, target, weight):
+        return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
+    if _integer_class_weight(weight, target):
         return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
     reason = _fallback_reason((input,), (target, weight))
     if reason is not None:
@@ -960,7 +978,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             options=options)
 
     if (not _all_tensors(input, linear_weight, target, linear_bias, weight)
-            or input.dim() not in (1, 2) or linear_weight.dim() < 2):
+            or input.dim() not in (1, 2) or linear_weight.dim() < 2
+            or _integer_class_weight(weight, target)):
         return with_torch()  # arguments torch rejects: its error
     if linear_weight.dim() > 2:
         reason = "a K-dimensional linear_weight (out_features)"
