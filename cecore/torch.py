@@ -501,11 +501,10 @@ def _disown_gradient(loss, anchors=()):
 
 
 def _versions(tensors):
-    """What :func:`_check_versions` compares: each tensor and its version counter.
-
-    Held strongly, as torch's own functions save them (so the memory kept is theirs): a
-    weak reference to a view (``target.view(-1)``, ``weight[:]``) died after the forward,
-    and an in-place change of its base then went unnoticed, where torch raises.
+    """What :func:`_check_versions` compares: each tensor (weakly: not kept alive) and its
+    version counter; for a view, its base, whose counter it shares (a weak reference to
+    the view itself, ``target.view(-1)`` or ``weight[:]``, died after the forward, and an
+    in-place change of the base then went unnoticed, where torch raises).
 
     Inference tensors have no version counter: torch's own losses refuse to save them,
     and so does this, with torch's message (which names the fix)."""
@@ -516,7 +515,8 @@ def _versions(tensors):
             "in inference mode in computation tracked by autograd. To work around this, you "
             "can make a clone to get a normal tensor and use it in autograd, or use "
             "`torch.no_grad()` instead of `torch.inference_mode()`.")
-    return [(t, t._version) for t in tensors]
+    roots = [t if t._base is None else t._base for t in tensors]
+    return [(weakref.ref(t), t._version) for t in roots]
 
 
 def _check_versions(versions):
@@ -525,8 +525,9 @@ def _check_versions(versions):
     The gradient was computed in the forward pass, so it is the right one for the loss
     returned; but torch's own functions save these tensors and raise, and that error is
     how an ``optimizer.step()`` or an in-place edit before ``backward()`` is caught."""
-    for t, version in versions:
-        if t._version != version:
+    for ref, version in versions:
+        t = ref()
+        if t is not None and t._version != version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: {tuple(t.shape)} tensor is at version {t._version}; "
