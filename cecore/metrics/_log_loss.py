@@ -21,7 +21,7 @@ from sklearn.utils.validation import _assert_all_finite, _check_sample_weight
 
 from .._backends import get_backend
 from .._config import LOG_LOSS_ROW_BLOCK, block_rows, resolve_n_threads
-from .._validation import _on_numpy, _to_numpy
+from .._validation import _on_numpy
 from ..functional import binary_cross_entropy_with_logits, cross_entropy
 from ._labels import _encode
 
