@@ -274,7 +274,7 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
     V.n_threads(n_threads)  # likewise; resolved per chunk where it runs
     ReportSums(proba, top_k, n_bins)  # checks top_k and n_bins
     # As cecore.cross_entropy: probabilities of a wider dtype promote the computation and
-    # the loss; hidden states give logits of the compute dtype.
+    # the loss; hidden states give logits of their own dtype, then promoted as logits.
     loss_dtype, dtype = V.promoted_dtypes(x_dtype, t_dtype if proba else x_dtype)
     # No rows, no kernel call: a header declaring 3e8 classes and no data must not make
     # a 2.4 GB vector of ones (a given weight is still checked against n_classes).
@@ -335,7 +335,10 @@ def score_chunk(x, t, opts, sums):
         Per-row losses (0 for ignored rows).
     """
     if opts.head is not None:
-        x = opts.head.logits(np.asarray(x, dtype=opts.dtype))
+        # in the hidden states' dtype, as torch's linear layer makes them: float64 targets
+        # promote the chunk's logits below, not the (V, d) unembedding (a float64 copy of
+        # it per chunk, outside the budget, 8x the time; found by a hostile review)
+        x = opts.head.logits(x)
     n_rows, n_classes = x.shape
     if opts.input_kind == "probs":
         with np.errstate(divide="ignore", invalid="raise"):
