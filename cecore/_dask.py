@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _validation as V
 from ._config import DEFAULT_MEMORY_BUDGET, REDUCE_BLOCK, cpus_available
-from ._io import MappedArray, as_source, open_array
+from ._io import InMemoryArray, MappedArray, as_source, open_array
 from ._validation import _to_numpy
 from .batch import chunk_rows as chunk_rows_for_budget
 from .batch import check_distinct, make_result, prepare_options, score_chunk
@@ -151,12 +151,14 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
         a = _to_numpy(a)  # chunked by rows whatever its dimensions (checked below)
         return da.from_array(a, chunks=(REDUCE_BLOCK,) + (-1,) * (a.ndim - 1) if a.ndim else ())
 
-    if isinstance(logits, da.Array) or isinstance(target, da.Array):
-        if getattr(logits, "name", None) == getattr(target, "name", 0):
-            raise ValueError("the logits and the targets are the same dask array: give the "
-                             "targets' array as target")
-    elif isinstance(logits, np.ndarray) and isinstance(target, np.ndarray):
-        check_distinct(as_source(logits), as_source(target))
+    # The same array passed twice is refused, as batch.score refuses it. (Dask names
+    # hash contents: equal but distinct arrays share one, so they are not compared.)
+    if logits is target and isinstance(logits, da.Array):
+        raise ValueError("the logits and the targets are the same dask array: give the "
+                         "targets' array as target")
+    logits, target = (a if isinstance(a, da.Array) else _to_numpy(a) for a in (logits, target))
+    if not isinstance(logits, da.Array) and not isinstance(target, da.Array):
+        check_distinct(InMemoryArray(logits), InMemoryArray(target))
     x, t = as_dask(logits), as_dask(target)
     for name, a in (("logits", x), ("target", t)):
         if any(np.isnan(n) for n in a.shape):

@@ -36,14 +36,25 @@ def _identity(st):
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _same_version(st, identity, here):
-    """Whether the file of stat ``st`` is the version of ``identity``. ``here``: in the
-    process that read the header. Elsewhere (a Dask worker) the file may be another
-    host's view of it: a network mount or a copy at the same path, whose device and inode
-    numbers are that host's and whose timestamps may be coarser; there, unless it is the
-    same inode, size and mtime to the second must match."""
+def _view_of_files():
+    """What tells this machine's view of the files from another's: the boot and the
+    mount namespace (a Dask worker of a local cluster shares both with the client; one
+    on another host, or in a container, does not). None where Linux's /proc is not."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip(), os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return None
+
+
+def _same_version(st, identity, view):
+    """Whether the file of stat ``st`` is the version of ``identity``, recorded where the
+    files look as ``view`` (:func:`_view_of_files`). Elsewhere (a Dask worker on another
+    host) the path may be a network mount or a copy, whose device and inode numbers are
+    that host's and whose timestamps may be coarser: there, size and mtime to the second
+    must match, unless it is the same inode."""
     now = _identity(st)
-    if here or now[:2] == identity[:2]:
+    if (view is not None and view == _view_of_files()) or now[:2] == identity[:2]:
         return now == identity
     return now[2] == identity[2] and now[3] // 10**9 == identity[3] // 10**9
 
@@ -54,8 +65,8 @@ class MappedArray:
     It pickles as its absolute path and layout (the map is reopened where it is
     unpickled), so Dask workers read their own rows of the file. The file is mapped only
     if it is still the one whose header was read (same inode, size and modification
-    time; on a worker, where the path may be another host's copy or mount, size and
-    modification time to the second): a file replaced in between, e.g. while a Dask
+    time; on a worker of another host, where the path may be a copy or a network mount,
+    size and modification time to the second): a file replaced in between, e.g. while a Dask
     cluster starts, would otherwise be read with the old header's dtype and shape.
     :meth:`rows` and :meth:`release` are the zero-copy pair used for streaming.
     """
@@ -67,13 +78,13 @@ class MappedArray:
         self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
         self._identity = _identity(os.stat(self.path))
         self._abspath = os.path.abspath(self.path)  # as the opener's working directory has it
-        self._map, self._here = None, True
+        self._map, self._view = None, _view_of_files()
 
     def __getstate__(self):
         # Absolute: a worker's working directory is not the client's (a relative path
         # there named another file, or none).
         return {k: v for k, v in self.__dict__.items() if k != "_map"} | {
-            "_map": None, "path": self._abspath, "_here": False}
+            "_map": None, "path": self._abspath}
 
     def __dask_tokenize__(self):
         return ("cecore.MappedArray", self._abspath, self.offset, str(self.dtype), self.shape,
@@ -85,7 +96,7 @@ class MappedArray:
             # read-only buffer make np.argmax copy the whole chunk, and make Numba compile
             # a second, read-only specialisation of every kernel.
             with open(self.path, "rb") as f:
-                if not _same_version(os.fstat(f.fileno()), self._identity, self._here):
+                if not _same_version(os.fstat(f.fileno()), self._identity, self._view):
                     raise ValueError(f"{self.path} changed after its header was read (it "
                                      "was replaced or rewritten): score it again")
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

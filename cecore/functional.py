@@ -70,17 +70,20 @@ def _gradient_out(grad_out, x, x3, fortran, operands=(), in_place=()):
         grad, grad3 = V.empty_canonical(x.shape, x3.shape, x3.dtype, fortran)
         return grad3, lambda: grad.astype(x.dtype, copy=False)
     g = V.grad_out_array(grad_out, x, fortran)
+    # the caller's own array is returned (a np.memmap stays one), a tensor's as the
+    # ndarray written through
+    result = grad_out if isinstance(grad_out, np.ndarray) else g
     if g.dtype == x3.dtype:
         view = (g.T if fortran else g).reshape(x3.shape)
         if view.flags.c_contiguous and (g.size == 0 or np.shares_memory(view, g)) and \
                 not any(np.may_share_memory(view, r) and not _same_elements(view, r, in_place)
                         for r in operands):
-            return view, lambda: g
+            return view, lambda: result
     tmp, tmp3 = V.empty_canonical(x.shape, x3.shape, x3.dtype, fortran)
 
     def finish():
         np.copyto(g, tmp, casting="same_kind")
-        return g
+        return result
 
     return tmp3, finish
 

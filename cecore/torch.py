@@ -534,6 +534,14 @@ def _check_versions(versions):
                 f"expected version {version} (as torch's own loss checks)")
 
 
+def _target_entries(shape, target, axis):
+    """A bool tensor of ``shape``, True at each position's target class along ``axis``
+    (an ignored position's mark, at a clamped class, holds a zero gradient anyway)."""
+    t = target.to(torch.int64).clamp(0, shape[axis] - 1)
+    index = t.unsqueeze(axis) if t.dim() else t.reshape(1)
+    return torch.zeros(shape, dtype=torch.bool).scatter_(axis, index, True)
+
+
 def _register_autograd(op, per_element, watched, ignore_arg=None, sparse=False):
     """Backward of ``op``: the forward's gradient (saved) scaled by ``grad_output``.
 
@@ -544,7 +552,7 @@ def _register_autograd(op, per_element, watched, ignore_arg=None, sparse=False):
     ``ignore_arg``: the position of ``ignore_index`` (class-index targets, argument 1).
     ``sparse``: torch's backward writes the targets' entries only (nll_loss), so the
     others stay 0 for an infinite or NaN ``grad_output``, where the saved zeros times it
-    were NaN. (A target of weight 0 stays 0 too, where torch writes -0 * inf = NaN.)
+    were NaN. (Not while traced: a branch on the data, for this corner.)
     """
 
     def setup_context(ctx, inputs, output):
@@ -578,13 +586,13 @@ def _register_autograd(op, per_element, watched, ignore_arg=None, sparse=False):
             grad_output = _skip_ignored(grad_output, *ctx.ignore)
         if ctx.class_axis is not None and grad_output.dim():
             grad_output = grad_output.unsqueeze(ctx.class_axis)
-        zeros = None
-        if sparse and not _finite_scalar(grad_output) and (
-                _traced(grad_output) or not bool(torch.isfinite(grad_output).all())):
-            zeros = grad == 0  # (before _scaled, which may scale grad in place)
+        targets = None
+        if sparse and grad.numel() and not _finite_scalar(grad_output) \
+                and not _traced(grad_output) and not bool(torch.isfinite(grad_output).all()):
+            targets = _target_entries(grad.shape, ctx.ignore[0], ctx.class_axis or 0)
         result = _scaled(ctx, grad, grad_output).to(ctx.input_dtype)
-        if zeros is not None:
-            result = torch.where(zeros, 0, result)
+        if targets is not None:
+            result = torch.where(targets, result, 0)
         if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
             (result,) = _once([result], getattr(ctx, "sources", None) or [ctx.input_ref])
         return (result,) + nones

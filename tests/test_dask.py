@@ -11,6 +11,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+import torch
 from distributed import Client, LocalCluster
 
 import cecore
@@ -107,9 +108,15 @@ def test_dask_refuses_the_logits_as_their_own_targets(client, rng, tmp_path, cap
         _, err = capsys.readouterr()
         assert code == 1 and "the logits and the targets are the same array" in err, err
     xd = da.from_array(x, chunks=(20, 4))
-    for logits, target in ((x, x), (x, x[:, :]), (xd, xd)):
+    xt = torch.from_numpy(x)
+    for logits, target in ((x, x), (x, x[:, :]), (xd, xd), (xt, xt)):
         with pytest.raises(ValueError, match="the logits and the targets are the same"):
             _dask.score_dask(logits, target, client=client)
+    # equal but distinct probabilities are scored (dask names them alike: content hashes)
+    p = np.full((50, 4), 0.25)
+    r = _dask.score_dask(da.from_array(p, chunks=(20, 4)), da.from_array(p.copy(),
+                         chunks=(20, 4)), input_kind="probs", client=client)
+    assert r.mean_loss == pytest.approx(np.log(4))
 
 
 def test_cli_dask_takes_a_compressed_unembedding(client, rng, tmp_path, capsys):

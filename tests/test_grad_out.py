@@ -247,7 +247,7 @@ def test_masked_arrays_are_refused(backend, rng, which):
             weight=args["weight"], backend=backend)
 
 
-def test_array_subclasses_are_checked_as_plain_arrays(backend):
+def test_array_subclasses_are_checked_as_plain_arrays(backend, tmp_path):
     # The target checks called the array's own methods: a subclass whose max() skips
     # entries (as a masked array's does) passed a target of 10**12, and the kernels read
     # far outside the logits (a segfault; found by a hostile review of cecore_ext).
@@ -265,6 +265,18 @@ def test_array_subclasses_are_checked_as_plain_arrays(backend):
                                                      backend=backend)):
         with pytest.raises(IndexError, match="Target 1000000000000 is out of bounds"):
             call()
+    # a subclass given as grad_out is the gradient returned (a memmap stays one)
+    g = np.empty((4, 5)).view(ZeroMax)
+    for fn in (cecore.cross_entropy, cecore.binary_cross_entropy_with_logits):
+        target = np.array([0, 1, 2, 3]) if fn is cecore.cross_entropy else np.zeros((4, 5))
+        _, grad = fn(x, target, grad_out=g, backend=backend)
+        assert grad is g
+    labels = np.array([0, 1, 2, 3])
+    mm = np.memmap(tmp_path / "g.bin", dtype=np.float64, mode="w+", shape=(4, 5))
+    _, grad = cecore.cross_entropy(x, labels, grad_out=mm, backend=backend)
+    assert grad is mm
+    np.testing.assert_array_equal(
+        mm, cecore.cross_entropy(x, labels, return_grad=True, backend=backend)[1])
     # and a subclass otherwise computes as its plain array
     good = np.array([0, 1, 2, 3])
     np.testing.assert_array_equal(cecore.cross_entropy(x.view(ZeroMax), good.view(ZeroMax),

@@ -345,8 +345,8 @@ def _report_rows(stats, rank, top_k, edges, start, stop, sums, counts, acc):
     """Rows start:stop of report_sums, in row order, into one block's sums and counts
     (rows of the contract's sums_out and counts_out) and ``acc`` (:func:`_report_start`)."""
     n_bins = edges.shape[0] - 1
-    # In locals: through acc and counts, which the bins' stores may alias, every row's
-    # sums would go through memory (a store and a forwarded load per row).
+    # The counts in locals too, not in counts_out's row, which the bins' stores may
+    # alias (a store and a forwarded load per row otherwise).
     entropy, entropy_err, brier, brier_err = acc[0], acc[1], acc[2], acc[3]
     ignored, top1, topk = counts[0], counts[1], counts[2]
     for i in range(start, stop):
