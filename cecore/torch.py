@@ -887,10 +887,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         Shape () for 'mean'/'sum', the target's (class-index) shape for 'none'.
     """
     reduction = _reduction(_legacy_reduction(size_average, reduce, reduction))
-    if not _all_tensors(input, target, weight):
-        return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
-                                reduction=reduction, label_smoothing=label_smoothing)
-    if _integer_class_weight(weight, target):
+    if not _all_tensors(input, target, weight) or _integer_class_weight(weight, target):
         return TF.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                 reduction=reduction, label_smoothing=label_smoothing)
     reason = _fallback_reason((input,), (target, weight))
@@ -917,9 +914,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
     targets; otherwise as :func:`cross_entropy` (fallback, errors, differentiable once).
     """
     reduction = _reduction(_legacy_reduction(size_average, reduce, reduction))
-    if not _all_tensors(input, target, weight):
-        return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
-    if _integer_class_weight(weight, target):
+    if not _all_tensors(input, target, weight) or _integer_class_weight(weight, target):
         return TF.nll_loss(input, target, weight, ignore_index=ignore_index, reduction=reduction)
     reason = _fallback_reason((input,), (target, weight))
     if reason is not None:

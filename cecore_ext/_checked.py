@@ -45,8 +45,6 @@ def _prefixed(kernel, check, *args):
         return check(*args)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{kernel}: {exc}") from None
-    except OverflowError as exc:  # float(10**400)
-        raise ValueError(f"{kernel}: {exc}") from None
 
 
 def _array(kernel, name, a, shape, dtype, optional=False, contiguous=True, output=False):
@@ -126,7 +124,10 @@ def _float(kernel, name, value):
     """``value`` as a Python float: a real number (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{kernel}: {name} must be a float, got {value!r}")
-    return _prefixed(kernel, float, value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"{kernel}: {name} is too large for a float: {value!r}") from None
 
 
 def _block_rows(n):
@@ -163,7 +164,8 @@ def softmax_ce_index(logits, target, weight, ignore_index, label_smoothing, grad
     _disjoint(k, outputs, dict(logits=x, target=t, weight=w, grad_scale=gs),
               in_place=[("grad_out", "logits")] if eps == 0 else [],
               rule=" (grad_out may be logits itself when label_smoothing == 0)")
-    _raw.softmax_ce_index(x, t, w, ignore_index, eps, gs, *outputs.values(), n_threads)
+    _raw.softmax_ce_index(x, t, w, ignore_index, eps, gs, outputs["loss_out"],
+                          outputs["grad_out"], n_threads)
 
 
 def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, loss_out,
@@ -180,7 +182,8 @@ def softmax_ce_scores(logits, target, weight, ignore_index, label_smoothing, los
                    rank_out=_array(k, "rank_out", rank_out, (N, 2), np.int64, output=True))
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(logits=x, target=t, weight=w))
-    _raw.softmax_ce_scores(x, t, w, ignore_index, eps, *outputs.values(), n_threads)
+    _raw.softmax_ce_scores(x, t, w, ignore_index, eps, outputs["loss_out"],
+                           outputs["stats_out"], outputs["rank_out"], n_threads)
 
 
 def _report_args(k, n_rows, top_k, edges, sums_out, counts_out):
@@ -207,7 +210,7 @@ def report_sums(stats, rank, top_k, edges, sums_out, counts_out, n_threads):
     top_k, e, outputs = _report_args(k, s.shape[0], top_k, edges, sums_out, counts_out)
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, dict(stats=s, rank=r, edges=e))
-    _raw.report_sums(s, r, top_k, e, *outputs.values(), n_threads)
+    _raw.report_sums(s, r, top_k, e, outputs["sums_out"], outputs["counts_out"], n_threads)
 
 
 def softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top_k, edges,
@@ -246,7 +249,7 @@ def softmax_ce_proba(logits, target, weight, label_smoothing, grad_scale, loss_o
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, inputs)
     _raw.softmax_ce_proba(x, inputs["target"], inputs["weight"], eps, inputs["grad_scale"],
-                          *outputs.values(), n_threads)
+                          outputs["loss_out"], outputs["grad_out"], n_threads)
 
 
 def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out,
@@ -268,7 +271,8 @@ def bce_logits(input, target, weight, pos_weight, grad_scale, loss_out, grad_out
     n_threads = _threads(k, n_threads)
     _disjoint(k, outputs, inputs, in_place=[("grad_out", "input"), ("grad_out", "target")],
               rule=" (grad_out may be input or target itself)")
-    _raw.bce_logits(*inputs.values(), *outputs.values(), n_threads)
+    _raw.bce_logits(x, inputs["target"], inputs["weight"], inputs["pos_weight"],
+                    inputs["grad_scale"], loss, outputs["grad_out"], n_threads)
 
 
 def softmax(logits, log, out, n_threads):

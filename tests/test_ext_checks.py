@@ -219,7 +219,8 @@ BAD = [
      "label_smoothing must be between 0.0 and 1.0"),
     ("log_loss_pass", dict(lo=lambda a: "a"), TypeError, "lo must be a float, got 'a'"),
     ("log_loss_pass", dict(rtol=lambda a: None), TypeError, "rtol must be a float"),
-    ("log_loss_pass", dict(hi=lambda a: 10**400), ValueError, "log_loss_pass: int too large"),
+    ("log_loss_pass", dict(hi=lambda a: 10**400), ValueError,
+     "log_loss_pass: hi is too large for a float"),
 ]
 
 
