@@ -345,14 +345,11 @@ def _report_rows(stats, rank, top_k, edges, start, stop, sums, counts, acc):
     """Rows start:stop of report_sums, in row order, into one block's sums and counts
     (rows of the contract's sums_out and counts_out) and ``acc`` (:func:`_report_start`)."""
     n_bins = edges.shape[0] - 1
-    # The counts in locals too, not in counts_out's row, which the bins' stores may
-    # alias (a store and a forwarded load per row otherwise).
     entropy, entropy_err, brier, brier_err = acc[0], acc[1], acc[2], acc[3]
-    ignored, top1, topk = counts[0], counts[1], counts[2]
     for i in range(start, stop):
         r = rank[i, 0]
         if r < 0:  # ignored
-            ignored += 1
+            counts[0] += 1
             continue
         entropy, entropy_err = _add_compensated(entropy, entropy_err, stats[i, 0])
         brier, brier_err = _add_compensated(brier, brier_err, stats[i, 2])
@@ -369,11 +366,10 @@ def _report_rows(stats, rank, top_k, edges, start, stop, sums, counts, acc):
         # (no branch on the hit: a model right half the time would mispredict it half
         # the time)
         hit = np.int64(rank[i, 1] == 1)
-        top1 += hit
+        counts[1] += hit
         counts[3 + k] += hit
-        topk += np.int64(r < top_k)
+        counts[2] += np.int64(r < top_k)
     acc[0], acc[1], acc[2], acc[3] = entropy, entropy_err, brier, brier_err
-    counts[0], counts[1], counts[2] = ignored, top1, topk
 
 
 @helper
