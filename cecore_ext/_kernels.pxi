@@ -51,6 +51,7 @@ cdef extern from "_rowkernels.h" nogil:
     const char *cec_compiler()
 
     double cec_weight_scale(const double *w, Py_ssize_t n, double lo, double hi)
+    int cec_shift_outside(double r, double lo, double hi)
     double cec_index_row_f32(const float *x, Py_ssize_t n, Py_ssize_t t, const double *w,
                              double w_total, double eps, double gs, float *g)
     double cec_index_row_f64(const double *x, Py_ssize_t n, Py_ssize_t t, const double *w,
@@ -77,11 +78,13 @@ cdef extern from "_rowkernels.h" nogil:
     void cec_index_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                             const double *w, double w_total, double w_scale, double eps,
-                            const double *gs, double *loss, float *g, const float *next)
+                            const double *gs, double *loss, float *g, const float *next,
+                            int check_shift)
     void cec_index_tile_f64(const double *x, Py_ssize_t n, Py_ssize_t stride,
                             Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                             const double *w, double w_total, double w_scale, double eps,
-                            const double *gs, double *loss, double *g, const double *next)
+                            const double *gs, double *loss, double *g, const double *next,
+                            int check_shift)
     void cec_scores_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
                              Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                              const double *w, double eps, double *loss, double *stats,
@@ -231,13 +234,13 @@ cdef inline void _index_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
                              Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                              const double *w, double w_total, double w_scale, double eps,
                              const double *gs, double *loss, floating *g,
-                             const floating *nxt) noexcept nogil:
+                             const floating *nxt, bint check_shift) noexcept nogil:
     if floating is float:
         cec_index_tile_f32(x, n, stride, width, target, ignore_index, w, w_total, w_scale,
-                           eps, gs, loss, g, nxt)
+                           eps, gs, loss, g, nxt, check_shift)
     else:
         cec_index_tile_f64(x, n, stride, width, target, ignore_index, w, w_total, w_scale,
-                           eps, gs, loss, g, nxt)
+                           eps, gs, loss, g, nxt, check_shift)
 
 cdef inline void _scores_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
                               Py_ssize_t width, const int64_t *target, int64_t ignore_index,
@@ -473,6 +476,7 @@ cdef struct IndexArgs:
     Py_ssize_t N, C, S
     int64_t ignore_index
     double w_total, w_scale, eps  # w_scale: see cec_weight_scale
+    bint check_shift  # the tiles check their smoothing shifts (see cec_index_tile_at)
     Py_ssize_t group  # positions per group of _index_rows_item, 0: not that path
     bint stream  # the few-classes blocks write the gradient with non-temporal stores (_streams)
 
@@ -502,7 +506,7 @@ cdef void _index_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept
         _gather(a.gs, tl.n, tl.s0, tl.width, gsb)
     _index_tile(x + off, C, S, tl.width, a.target + tl.n * S + tl.s0, a.ignore_index, a.w,
                 a.w_total, a.w_scale, a.eps, gsb, a.loss + tl.n * S + tl.s0,
-                g + off if g != NULL else NULL, NULL)
+                g + off if g != NULL else NULL, NULL, a.check_shift)
 
 cdef void _index_block_item(Py_ssize_t k, const floating *x,
                             const void *ctx) noexcept nogil:
@@ -525,7 +529,8 @@ cdef void _index_block_item(Py_ssize_t k, const floating *x,
         _block_gs(a.gs, b, S, gsb)  # the loss does not read it
     nxt = _block_in(x, b, a.N, C, S, xt, NULL if a.stream else g)  # streamed: not cached
     _index_tile(<const floating *>xt, C, b.ld, b.width, a.target + b.n0 * S, a.ignore_index,
-                a.w, a.w_total, a.w_scale, a.eps, gsb, a.loss + b.n0 * S, gt, nxt)
+                a.w, a.w_total, a.w_scale, a.eps, gsb, a.loss + b.n0 * S, gt, nxt,
+                a.check_shift)
     if gt != NULL:
         _block_out(gt, b, C, S, g, xt if a.stream else NULL)
     _release(xt, stack)
@@ -586,6 +591,12 @@ def softmax_ce_index(const floating[:, :, ::1] logits, const int64_t[:, ::1] tar
     else:
         a.w_scale = cec_weight_scale(&weight[0], C, DBL_MIN, DBL_MAX)
     a.target, a.w, a.gs, a.loss = &target[0, 0], &weight[0], _strided(grad_scale), &loss_out[0, 0]
+    # one broadcast grad_scale ('mean', 'sum'): whether its shift is outside the normal
+    # range is known here, and the tiles skip the check
+    a.check_shift = label_smoothing > 0 and (
+        a.gs.s0 != 0 or a.gs.s1 != 0 or a.gs.data == NULL or cec_shift_outside(
+            fabs(_at(a.gs, 0, 0) * (label_smoothing / C) * a.w_scale),
+            FLT_MIN if floating is float else DBL_MIN, FLT_MAX if floating is float else DBL_MAX))
     a.g = NULL  # loss only
     if grad_out is not None:
         _check_grad(grad_out.shape, logits.shape, 3)

@@ -330,6 +330,13 @@ CEC_INLINE double cec_dev(double m, double x, double log_s) {
     return (m - x) + log_s;
 }
 
+/* Whether a label-smoothing shift of magnitude r (|grad_scale * eps / C * w_scale|) needs
+ * cec_index_tile's float64 products: finite, non-zero, and outside [lo, hi], the normal
+ * range of the logits' type. The calls decide it once for a broadcast grad_scale. */
+CEC_INLINE int cec_shift_outside(double r, double lo, double hi) {
+    return r > 0.0 && r <= DBL_MAX && (r < lo || r > hi);
+}
+
 /* The tiles multiply the label-smoothing term's class weight and scale in T, one vector
  * product per element, each rounded to T first: where a weight is not a normal number of
  * T (lo = T's smallest normal, hi = its largest), both are scaled by a power of two,
@@ -1167,7 +1174,7 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
                                                 int64_t ignore_index, const double *w,
                                                 double w_total, double w_scale, double eps,
                                                 const double *gs, double *loss, T *g,
-                                                const T *next) {
+                                                const T *next, int check_shift) {
     T m[CEC_TILE], coef[CEC_TILE], shift[CEC_TILE], sub[CEC_TILE];
     int32_t tt[CEC_TILE];
     double s[CEC_TILE], log_s[CEC_TILE], w_t[CEC_TILE];
@@ -1187,10 +1194,41 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
         shift[j] = ok ? (T)(gs[j] * smooth * w_scale) : (T)0;
         sub[j] = (T)(gs[j] * (1.0 - eps) * w_t[j]);
     }
+    /* whether a shift is outside T's normal range (see the smoothing loop below), where
+     * the call could not tell (check_shift: grad_scale not one broadcast value, or that
+     * value's shift outside): the smallest and largest finite non-zero |shift| */
+    const double lo = sizeof(T) == 4 ? FLT_MIN : DBL_MIN, hi = sizeof(T) == 4 ? FLT_MAX : DBL_MAX;
+    double a_min = 1.0, a_max = 1.0;
+    if (eps > 0.0 && check_shift) {
+        CEC_PRAGMA(omp simd reduction(min:a_min) reduction(max:a_max))
+        for (ptrdiff_t j = 0; j < width; j++) {
+            const double r = fabs(gs[j] * smooth * w_scale);
+            const double a = tt[j] >= 0 && r > 0.0 && r <= DBL_MAX ? r : 1.0;
+            a_min = a < a_min ? a : a_min;
+            a_max = a > a_max ? a : a_max;
+        }
+    }
+    const int wide = a_min < lo || a_max > hi;
     /* The target's -sub in the same loop, by a compare per vector: a scalar pass after
      * it (g[t * stride + j] -= sub[j]) stored single values into vectors the transpose
      * out then loaded (a failed store-to-load forwarding each); same bits. Measured
      * with the 8 x 2 transposes (see cec_tr_8x2_f32). */
+    if (eps > 0.0 && wide) {
+        /* The smoothing term is two factors rounded to T, shift and wc; where a shift is
+         * outside T's normal range (float32 class weights of about 1e30 and up under
+         * 'mean': gs * eps / C underflows, and the term was lost; numerical review,
+         * forty-fourth session), the tile forms each product in double. Its own loop,
+         * so that the common one below is compiled as before. */
+        for (ptrdiff_t c = 0; c < n; c++) {
+            T *gc = g + c * stride;
+            const double wc64 = w[c] * down;
+            for (ptrdiff_t j = 0; j < width; j++) {
+                const T term = tt[j] >= 0 ? (T)(gs[j] * smooth * w_scale * wc64) : (T)0;
+                gc[j] = gc[j] * coef[j] - term - (tt[j] == (int32_t)c ? sub[j] : (T)0);
+            }
+        }
+        return;
+    }
     for (ptrdiff_t c = 0; c < n; c++) {
         T *gc = g + c * stride;
         const T wc = (T)(w[c] * down);
@@ -1216,13 +1254,15 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
                                        ptrdiff_t width, const int64_t *target,
                                        int64_t ignore_index, const double *w,
                                        double w_total, double w_scale, double eps,
-                                       const double *gs, double *loss, T *g, const T *next) {
+                                       const double *gs, double *loss, T *g, const T *next,
+                                       int check_shift) {
     if (stride == CEC_SMALL_C_ROWS && width == CEC_SMALL_C_ROWS)
         CEC_FN(cec_index_tile_at)(x, n, CEC_SMALL_C_ROWS, CEC_SMALL_C_ROWS, target,
-                                  ignore_index, w, w_total, w_scale, eps, gs, loss, g, next);
+                                  ignore_index, w, w_total, w_scale, eps, gs, loss, g, next,
+                                  check_shift);
     else
         CEC_FN(cec_index_tile_at)(x, n, stride, width, target, ignore_index, w, w_total,
-                                  w_scale, eps, gs, loss, g, next);
+                                  w_scale, eps, gs, loss, g, next, check_shift);
 }
 
 /* softmax_ce_scores for a transposed block of rows of few classes: the loss of

@@ -421,6 +421,30 @@ def test_label_smoothing_with_weights_beyond_float32s_range(backend, rng, n_clas
     check_result(result, [e.astype(np.float32) for e in expected], np.float32)
 
 
+@pytest.mark.parametrize("weight", [1e37, 1e38])
+@pytest.mark.parametrize("shape", [(20000, 4), (200, 4, 100)])  # rows, and K-dim positions
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_label_smoothing_with_huge_uniform_weights_under_mean(backend, rng, weight, shape,
+                                                              reduction):
+    # float32 logits of few classes: the tiles form the smoothing term of the gradient
+    # as two float32 factors, grad_scale * eps / C and the weight; under 'mean' the first
+    # is 1 / (N * weight) * eps / C, which underflowed, and the term was lost (9 % error
+    # in the worst row at 1e38; found by a numerical review). Uniform weights change
+    # nothing under 'mean': the oracle is the unweighted float64 gradient, row by row.
+    # 'none' with that mean's scale as a per-position grad_output (no broadcast value:
+    # each tile checks its positions) is the same gradient.
+    x = rng.standard_normal(shape).astype(np.float32)
+    target = rng.integers(0, 4, (shape[0],) + shape[2:])
+    _, expected = cecore.cross_entropy(x.astype(np.float64), target, label_smoothing=0.01,
+                                       return_grad=True, backend=backend)
+    upstream = None if reduction == "mean" else np.full(target.shape, 1 / (target.size * weight))
+    _, grad = cecore.cross_entropy(x, target, weight=np.full(4, weight), label_smoothing=0.01,
+                                   reduction=reduction, grad_output=upstream, return_grad=True,
+                                   backend=backend)
+    err = np.abs(grad - expected).max(axis=1) / np.abs(expected).max(axis=1)
+    assert err.max() < 1e-5, err.max()
+
+
 @pytest.mark.parametrize("dtype, weight, logit", [(np.float32, [1e30, 1e-20, 1.0], -200.0),
                                                    (np.float64, [1e300, 1e-300, 1.0], -800.0)])
 def test_label_smoothing_keeps_tiny_weights_next_to_huge_ones(backend, dtype, weight, logit):

@@ -665,6 +665,20 @@ _NORMAL_F64 = (float(np.finfo(np.float64).tiny), float(np.finfo(np.float64).max)
 
 
 @helper
+def _shift_check(grad_scale, smooth, w_scale, x):
+    """Whether _index_tile must check its label-smoothing shifts: with smoothing, unless
+    ``grad_scale`` is one broadcast value ('mean', 'sum') whose shift is a normal number
+    of x's type. As the Cython calls decide it (cec_shift_outside)."""
+    if smooth == 0.0 or grad_scale.shape[0] == 0:
+        return False
+    if grad_scale.strides[0] != 0:
+        return True
+    lo, hi = _NORMAL_F32 if x.itemsize == 4 else _NORMAL_F64
+    r = abs(grad_scale[0] * smooth * w_scale)
+    return r > 0.0 and r <= _NORMAL_F64[1] and (r < lo or r > hi)
+
+
+@helper
 def _weight_scale(weight, x):
     """The tiles multiply the label-smoothing term's class weight and scale in x's type,
     one vector product per element, each rounded to it first: where a weight is not a
@@ -692,14 +706,14 @@ def _weight_scale(weight, x):
 
 @helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
-                w_scale, ignore_index, eps, grad_scale, loss_out, g, want_grad, in_place,
-                m, s, log_s, coef, shift, sub, w_t, gs_run, src, nxt):
+                w_scale, check_shift, ignore_index, eps, grad_scale, loss_out, g, want_grad,
+                in_place, m, s, log_s, coef, shift, sub, w_t, gs_run, src, nxt):
     """Loss (and gradient into ``g``, indexed like ``x``) of one tile of positions; a
     ``g`` given without ``want_grad`` receives the exps (:func:`_scores_tiles`).
     ``in_place``: ``g`` is ``x`` itself (no label smoothing). ``m`` to ``gs_run``: scratch
     of TILE values (``s``, ``log_s``, ``w_t`` and ``gs_run`` float64, the others of x's
     type); ``src`` and ``nxt`` as for _tile_max_sumexp (the in-place path asks for none);
-    ``w_scale`` from :func:`_weight_scale`."""
+    ``w_scale`` from :func:`_weight_scale`, ``check_shift`` from :func:`_shift_check`."""
     smooth = eps / n_classes
     tgt = _view(target, pos0, pos0 + width)
     loss = _view(loss_out, pos0, pos0 + width)
@@ -746,15 +760,36 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
         coef[j] = _cast_like(q if ok else s[j] * 0.0 + zero_w, m[0])
         shift[j] = _cast_like(sh if ok else 0.0, m[0])
         sub[j] = _cast_like(_rounded_product(gs_run[j] * (1.0 - eps), w_t[j]), m[0])
-    for c in range(n_classes):
-        gc = _view(g, base + c * stride, base + c * stride + width)
-        if eps > 0.0:
-            w_c = _cast_like(weight[c] * down, m[0])
+    # Whether a shift is outside x's type's normal range: then the smoothing term, two
+    # factors rounded to x's type, is formed in float64 instead (float32 class weights of
+    # about 1e30 and up under 'mean': gs * eps / C underflowed and the term was lost;
+    # as cec_index_tile_at).
+    wide = False
+    if eps > 0.0 and check_shift:  # by the smallest and largest finite non-zero |shift|
+        lo, hi = _NORMAL_F32 if m.itemsize == 4 else _NORMAL_F64
+        a_min = a_max = 1.0
+        for j in range(width):
+            r = abs(gs_run[j] * smooth * w_scale)
+            a = r if tgt[j] != ignore_index and r > 0.0 and r <= _NORMAL_F64[1] else 1.0
+            a_min, a_max = min(a_min, a), max(a_max, a)
+        wide = a_min < lo or a_max > hi
+    if wide:  # a loop of its own, so that the common one below is compiled as before
+        for c in range(n_classes):
+            gc = _view(g, base + c * stride, base + c * stride + width)
+            w_c64 = weight[c] * down
             for j in range(width):
-                gc[j] = gc[j] * coef[j] - shift[j] * w_c
-        else:
-            for j in range(width):
-                gc[j] = gc[j] * coef[j]
+                term = gs_run[j] * smooth * w_scale * w_c64 if tgt[j] != ignore_index else 0.0
+                gc[j] = gc[j] * coef[j] - _cast_like(term, m[0])
+    else:
+        for c in range(n_classes):
+            gc = _view(g, base + c * stride, base + c * stride + width)
+            if eps > 0.0:
+                w_c = _cast_like(weight[c] * down, m[0])
+                for j in range(width):
+                    gc[j] = gc[j] * coef[j] - shift[j] * w_c
+            else:
+                for j in range(width):
+                    gc[j] = gc[j] * coef[j]
     for j in range(width):
         t = tgt[j]
         if t != ignore_index:
@@ -778,6 +813,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
     w_scale = _weight_scale(weight, x)
+    check_shift = _shift_check(grad_scale, eps / n_classes, w_scale, x)
     for task in prange((n_tiles + per_task - 1) // per_task):
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -795,7 +831,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
                 _index_tile(xt, 0, TILE, n_classes, n_rows * n_pos, target, r0 * n_pos,
-                            weight, w_total, w_scale, ignore_index, eps, grad_scale,
+                            weight, w_total, w_scale, check_shift, ignore_index, eps, grad_scale,
                             loss_out, gt, want_grad, False, m, s, log_s, coef, shift, sub,
                             w_t, gs_run, x, (r0 + n_rows) * n_classes * n_pos)
                 if want_grad:
@@ -803,7 +839,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
             else:
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _index_tile(x, base, n_pos, n_classes, width, target, pos0, weight, w_total,
-                            w_scale, ignore_index, eps, grad_scale, loss_out, grad_out,
+                            w_scale, check_shift, ignore_index, eps, grad_scale, loss_out, grad_out,
                             want_grad, False, m, s, log_s, coef, shift, sub, w_t, gs_run,
                             x, -1)
         if stream:
@@ -869,8 +905,8 @@ def _score_tile(x, r0, n_rows, n_classes, target, weight, ignore_index, eps, los
     ``loss_out``, their metrics to ``stats`` and ``rank`` (the block's rows); the other
     arguments are the task's scratch."""
     _to_tile(x, r0, n_rows, n_classes, 1, xt)
-    _index_tile(xt, 0, TILE, n_classes, n_rows, target, r0, weight, 0.0, 1.0, ignore_index,
-                eps, no_scale, loss_out, et, False, False, m, s, log_s, scratch[0], scratch[1],
+    _index_tile(xt, 0, TILE, n_classes, n_rows, target, r0, weight, 0.0, 1.0, False,
+                ignore_index, eps, no_scale, loss_out, et, False, False, m, s, log_s, scratch[0], scratch[1],
                 scratch[2], w_t, gs_run, x, (r0 + n_rows) * n_classes)
     _tile_scores(xt, et, n_classes, n_rows, _view(target, r0, r0 + n_rows), ignore_index, m,
                  s, log_s, stats, rank, scratch[3], scratch[4], scratch[5], scratch[6],
@@ -994,7 +1030,7 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
         for tile in _task_tiles(task, per_task, n_tiles):
             base, pos0, width = _run_span(tile, n_classes, n_pos)
             _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
-                        1.0, ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s,
+                        1.0, False, ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s,
                         log_s, coef, shift, sub, w_t, gs_run, grad, -1)
 
 
