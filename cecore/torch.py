@@ -39,10 +39,10 @@ Errors are torch's: when cecore rejects an argument, the exception raised is the
 torch's own function raises for it (cecore's message chained as its cause); where torch
 would accept what cecore rejects, cecore's error is raised. cecore is more lenient in two
 ways (class-index targets of any integer dtype, not only int64/uint8; class weights of any
-float dtype, where an integer one gets torch's error) and stricter in two (unbatched input of shape (C,) needs a 0-d target:
-torch's forward also takes shape (1,), but its backward then fails; ``label_smoothing``
-must be a float in [0, 1], where torch 2.13 also takes ``True``, as 1.0, and a negative or
-NaN value, which it ignores).
+float dtype, where an integer one gets torch's error) and stricter in two (unbatched
+input of shape (C,) needs a 0-d target: torch's forward also takes shape (1,), but its
+backward then fails; ``label_smoothing`` must be a float in [0, 1], where torch 2.13
+also takes ``True``, as 1.0, and a negative or NaN value, which it ignores).
 
 The losses are differentiable once. Backpropagating through their gradient (second
 derivatives: ``create_graph=True`` followed by another backward, Hessians, gradient

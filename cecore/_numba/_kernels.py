@@ -831,17 +831,17 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                 r0, n_rows = _block_span(tile, block, n_samples)
                 _to_tile(x, r0, n_rows, n_classes, n_pos, xt)
                 _index_tile(xt, 0, TILE, n_classes, n_rows * n_pos, target, r0 * n_pos,
-                            weight, w_total, w_scale, check_shift, ignore_index, eps, grad_scale,
-                            loss_out, gt, want_grad, False, m, s, log_s, coef, shift, sub,
-                            w_t, gs_run, x, (r0 + n_rows) * n_classes * n_pos)
+                            weight, w_total, w_scale, check_shift, ignore_index, eps,
+                            grad_scale, loss_out, gt, want_grad, False, m, s, log_s, coef,
+                            shift, sub, w_t, gs_run, x, (r0 + n_rows) * n_classes * n_pos)
                 if want_grad:
                     _from_tile(gt, r0, n_rows, n_classes, n_pos, grad_out, staging)
             else:
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _index_tile(x, base, n_pos, n_classes, width, target, pos0, weight, w_total,
-                            w_scale, check_shift, ignore_index, eps, grad_scale, loss_out, grad_out,
-                            want_grad, False, m, s, log_s, coef, shift, sub, w_t, gs_run,
-                            x, -1)
+                            w_scale, check_shift, ignore_index, eps, grad_scale, loss_out,
+                            grad_out, want_grad, False, m, s, log_s, coef, shift, sub, w_t,
+                            gs_run, x, -1)
         if stream:
             _store_fence()
 
@@ -906,8 +906,9 @@ def _score_tile(x, r0, n_rows, n_classes, target, weight, ignore_index, eps, los
     arguments are the task's scratch."""
     _to_tile(x, r0, n_rows, n_classes, 1, xt)
     _index_tile(xt, 0, TILE, n_classes, n_rows, target, r0, weight, 0.0, 1.0, False,
-                ignore_index, eps, no_scale, loss_out, et, False, False, m, s, log_s, scratch[0], scratch[1],
-                scratch[2], w_t, gs_run, x, (r0 + n_rows) * n_classes)
+                ignore_index, eps, no_scale, loss_out, et, False, False, m, s, log_s,
+                scratch[0], scratch[1], scratch[2], w_t, gs_run, x,
+                (r0 + n_rows) * n_classes)
     _tile_scores(xt, et, n_classes, n_rows, _view(target, r0, r0 + n_rows), ignore_index, m,
                  s, log_s, stats, rank, scratch[3], scratch[4], scratch[5], scratch[6],
                  scratch[7], scratch[8], scratch[9])
@@ -1030,8 +1031,8 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
         for tile in _task_tiles(task, per_task, n_tiles):
             base, pos0, width = _run_span(tile, n_classes, n_pos)
             _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
-                        1.0, False, ignore_index, eps, grad_scale, loss_out, grad, True, True, m, s,
-                        log_s, coef, shift, sub, w_t, gs_run, grad, -1)
+                        1.0, False, ignore_index, eps, grad_scale, loss_out, grad, True, True,
+                        m, s, log_s, coef, shift, sub, w_t, gs_run, grad, -1)
 
 
 # --------------------------------------------------------- class-probability targets
