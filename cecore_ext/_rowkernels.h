@@ -1169,6 +1169,27 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_loss)(const T *x, ptrdiff_t n, ptrdi
     }
 }
 
+/* The gradient loop of cec_index_tile_at where a label-smoothing shift is outside T's
+ * normal range: the term gs * eps / C * w_c was two factors rounded to T, and with
+ * float32 class weights of about 1e30 and up under 'mean' gs * eps / C underflowed and
+ * the term was lost (numerical review, forty-fourth session); here each product is
+ * formed in double and rounded once. A function of its own (not inlined), so that the
+ * tile's common loop is compiled as before (inlined, it cost 4-8 % even without
+ * smoothing). scale = eps / C * w_scale. */
+CEC_KERNEL void CEC_FN(cec_smooth_wide)(T *g, ptrdiff_t n, ptrdiff_t stride, ptrdiff_t width,
+                                        const int32_t *tt, const T *coef, const T *sub,
+                                        const double *gs, double scale, double down,
+                                        const double *w) {
+    for (ptrdiff_t c = 0; c < n; c++) {
+        T *gc = g + c * stride;
+        const double wc64 = w[c] * down;
+        for (ptrdiff_t j = 0; j < width; j++) {
+            const T term = tt[j] >= 0 ? (T)(gs[j] * scale * wc64) : (T)0;
+            gc[j] = gc[j] * coef[j] - term - (tt[j] == (int32_t)c ? sub[j] : (T)0);
+        }
+    }
+}
+
 CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                                 ptrdiff_t width, const int64_t *target,
                                                 int64_t ignore_index, const double *w,
@@ -1214,19 +1235,8 @@ CEC_FORCE_INLINE void CEC_FN(cec_index_tile_at)(const T *x, ptrdiff_t n, ptrdiff
      * out then loaded (a failed store-to-load forwarding each); same bits. Measured
      * with the 8 x 2 transposes (see cec_tr_8x2_f32). */
     if (eps > 0.0 && wide) {
-        /* The smoothing term is two factors rounded to T, shift and wc; where a shift is
-         * outside T's normal range (float32 class weights of about 1e30 and up under
-         * 'mean': gs * eps / C underflows, and the term was lost; numerical review,
-         * forty-fourth session), the tile forms each product in double. Its own loop,
-         * so that the common one below is compiled as before. */
-        for (ptrdiff_t c = 0; c < n; c++) {
-            T *gc = g + c * stride;
-            const double wc64 = w[c] * down;
-            for (ptrdiff_t j = 0; j < width; j++) {
-                const T term = tt[j] >= 0 ? (T)(gs[j] * smooth * w_scale * wc64) : (T)0;
-                gc[j] = gc[j] * coef[j] - term - (tt[j] == (int32_t)c ? sub[j] : (T)0);
-            }
-        }
+        CEC_FN(cec_smooth_wide)(g, n, stride, width, tt, coef, sub, gs, smooth * w_scale,
+                                down, w);
         return;
     }
     for (ptrdiff_t c = 0; c < n; c++) {

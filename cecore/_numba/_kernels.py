@@ -705,6 +705,21 @@ def _weight_scale(weight, x):
 
 
 @helper
+def _smooth_wide(g, base, stride, n_classes, width, tgt, ignore_index, coef, gs_run, scale,
+                 down, weight):
+    """The gradient loop of _index_tile where a label-smoothing shift is outside x's
+    type's normal range: each term gs * eps / C * w_c formed in float64 and rounded once
+    (as cec_smooth_wide; ``scale`` = eps / C * w_scale). The target's -sub follows in
+    _index_tile."""
+    for c in range(n_classes):
+        gc = _view(g, base + c * stride, base + c * stride + width)
+        w_c64 = weight[c] * down
+        for j in range(width):
+            term = gs_run[j] * scale * w_c64 if tgt[j] != ignore_index else 0.0
+            gc[j] = gc[j] * coef[j] - _cast_like(term, coef[0])
+
+
+@helper
 def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total,
                 w_scale, check_shift, ignore_index, eps, grad_scale, loss_out, g, want_grad,
                 in_place, m, s, log_s, coef, shift, sub, w_t, gs_run, src, nxt):
@@ -773,13 +788,9 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
             a = r if tgt[j] != ignore_index and r > 0.0 and r <= _NORMAL_F64[1] else 1.0
             a_min, a_max = min(a_min, a), max(a_max, a)
         wide = a_min < lo or a_max > hi
-    if wide:  # a loop of its own, so that the common one below is compiled as before
-        for c in range(n_classes):
-            gc = _view(g, base + c * stride, base + c * stride + width)
-            w_c64 = weight[c] * down
-            for j in range(width):
-                term = gs_run[j] * smooth * w_scale * w_c64 if tgt[j] != ignore_index else 0.0
-                gc[j] = gc[j] * coef[j] - _cast_like(term, m[0])
+    if wide:
+        _smooth_wide(g, base, stride, n_classes, width, tgt, ignore_index, coef, gs_run,
+                     smooth * w_scale, down, weight)
     else:
         for c in range(n_classes):
             gc = _view(g, base + c * stride, base + c * stride + width)
