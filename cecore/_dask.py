@@ -165,7 +165,7 @@ def score_dask(logits, target, *, input_kind="logits", weight=None, ignore_index
             raise ValueError(f"{name}: a dask array with chunks of unknown size (from a "
                              "filter or a dataframe): call .compute_chunk_sizes() on it first")
     if unembedding is not None:
-        unembedding = as_source(unembedding)
+        unembedding = as_source(unembedding, any_order=True)
     opts = prepare_options(x.shape, x.dtype, t.shape, t.dtype, input_kind, weight,
                            ignore_index, label_smoothing, backend, n_threads, top_k, n_bins,
                            unembedding, bias)

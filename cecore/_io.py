@@ -69,12 +69,14 @@ class MappedArray:
     size and modification time to the second): a file replaced in between, e.g. while a Dask
     cluster starts, would otherwise be read with the old header's dtype and shape.
     :meth:`rows` and :meth:`release` are the zero-copy pair used for streaming.
+    A Fortran-ordered array (``fortran=True``, an unembedding only) is read whole, as a
+    transposed view of the map.
     """
 
-    def __init__(self, path, offset, dtype, shape):
+    def __init__(self, path, offset, dtype, shape, fortran=False):
         self.path, self.offset = os.fspath(path), int(offset)
         self.dtype, self.shape = np.dtype(dtype), tuple(int(n) for n in shape)
-        self.ndim = len(self.shape)
+        self.ndim, self.fortran = len(self.shape), fortran
         self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
         self._identity = _identity(os.stat(self.path))
         self._abspath = os.path.abspath(self.path)  # as the opener's working directory has it
@@ -108,13 +110,17 @@ class MappedArray:
         """Rows ``start:stop`` as a view of the mapped file (no copy; the map is
         private, so a write to the view would change this process's copy, never the
         file)."""
+        if self.fortran:
+            _check_whole(self, start, stop)
+            return np.frombuffer(self._mapped(), self.dtype, math.prod(self.shape),
+                                 self.offset).reshape(self.shape[::-1]).T
         count = (stop - start) * self._row_bytes // self.dtype.itemsize
         flat = np.frombuffer(self._mapped(), self.dtype, count, self.offset + start * self._row_bytes)
         return flat.reshape((stop - start,) + self.shape[1:])
 
     def release(self, start, stop):
         """Drop the pages of rows ``start:stop`` from this process (they stay in the page cache)."""
-        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._map is None or self.fortran or not hasattr(mmap, "MADV_DONTNEED"):
             return
         begin = (self.offset + start * self._row_bytes) // _PAGE * _PAGE
         end = min(-(-(self.offset + stop * self._row_bytes) // _PAGE) * _PAGE, len(self._map))
@@ -131,20 +137,23 @@ class MappedArray:
 class StreamedArray:
     """A compressed ``.npz`` member, decompressed front to back into one reused buffer.
 
-    :meth:`rows` must be called with consecutive, increasing ranges (one pass).
+    :meth:`rows` must be called with consecutive, increasing ranges (one pass); a
+    Fortran-ordered array (``fortran=True``) with the whole range.
     """
 
-    def __init__(self, path, member, dtype, shape):
+    def __init__(self, path, member, dtype, shape, fortran=False):
         self.path, self.member = os.fspath(path), member
         self.dtype, self.shape = np.dtype(dtype), tuple(shape)
-        self.ndim = len(self.shape)
+        self.ndim, self.fortran = len(self.shape), fortran
         self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
         self._zip = zipfile.ZipFile(self.path)
         self._stream = self._zip.open(member)
-        _read_header(self._stream, self.path)
+        _read_header(self._stream, self.path, any_order=fortran)
         self._next_row, self._buffer = 0, None
 
     def rows(self, start, stop):
+        if self.fortran:
+            _check_whole(self, start, stop)
         if start != self._next_row:
             raise ValueError("a compressed .npz member can only be read once, front to back")
         nbytes = (stop - start) * self._row_bytes
@@ -158,12 +167,15 @@ class StreamedArray:
                 raise ValueError(f"{self.path}: member {self.member} is truncated")
             got += n
         self._next_row = stop
-        return self._buffer[:nbytes].view(self.dtype).reshape((stop - start,) + self.shape[1:])
+        flat = self._buffer[:nbytes].view(self.dtype)
+        if self.fortran:
+            return flat.reshape(self.shape[::-1]).T
+        return flat.reshape((stop - start,) + self.shape[1:])
 
     def __reduce__(self):
         # A Dask worker's copy opens the member afresh (an open ZipFile does not pickle):
         # decompressed again by each task that receives it (a .npy is memory-mapped).
-        return type(self), (self.path, self.member, self.dtype, self.shape)
+        return type(self), (self.path, self.member, self.dtype, self.shape, self.fortran)
 
     def release(self, start, stop):
         """Nothing to release: the buffer is reused for the next chunk."""
@@ -190,7 +202,16 @@ class InMemoryArray:
         pass
 
 
-def _read_header(f, path):
+def _check_whole(source, start, stop):
+    if (start, stop) != (0, source.shape[0]):
+        raise ValueError(f"{source.path}: a Fortran-ordered array is read whole, not rows "
+                         f"{start}:{stop}")
+
+
+def _read_header(f, path, any_order=False):
+    """``(shape, dtype, fortran)`` of the array whose ``.npy`` header starts at ``f``'s
+    position. Fortran order is refused for more than one dimension unless ``any_order``
+    (an unembedding, read whole): the rows of such an array are not contiguous."""
     try:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -207,15 +228,19 @@ def _read_header(f, path):
                          f"shape {shape}")
     if dtype.hasobject:
         raise ValueError(f"{path}: arrays of Python objects cannot be scored")
-    if fortran and len(shape) > 1:
+    fortran = bool(fortran) and len(shape) > 1
+    if fortran and not any_order:
         raise ValueError(
             f"{path}: the array is stored in Fortran order, so its rows are not contiguous; "
             "re-save it with np.save(path, np.ascontiguousarray(a))"
         )
     if dtype.subdtype is not None:  # ('<f4', (6,)) of shape (50,): NumPy reads (50, 6) f4
         dtype, inner = dtype.subdtype
+        if fortran:  # NumPy itself cannot read a Fortran-ordered array of such a dtype
+            raise ValueError(f"{path}: a Fortran-ordered array of dtype {dtype} with "
+                             f"subarray {inner} cannot be read")
         shape = tuple(shape) + inner
-    return shape, dtype
+    return shape, dtype, fortran
 
 
 def _zip_data_offset(f, info):
@@ -250,7 +275,7 @@ def _split_member(spec):
     return (spec[:cuts[0]], spec[cuts[0] + 1:]) if cuts else (spec, None)
 
 
-def open_array(spec):
+def open_array(spec, any_order=False):
     """Open an array on disk for streaming, without reading its data.
 
     Parameters
@@ -258,6 +283,9 @@ def open_array(spec):
     spec : str or path-like
         A ``.npy`` file; or a ``.npz`` file holding one array, or ``"file.npz:name"`` for
         its member ``name``.
+    any_order : bool, default=False
+        Accept a Fortran-ordered array (``np.save`` of a transposed matrix), to be read
+        whole: an unembedding. Streamed arrays must be C-ordered.
 
     Returns
     -------
@@ -276,8 +304,8 @@ def open_array(spec):
             if member is not None:
                 raise ValueError(f"{path} is not an .npz (zip) file")
             f.seek(0)
-            shape, dtype = _read_header(f, path)
-            source = MappedArray(path, f.tell(), dtype, shape)
+            shape, dtype, fortran = _read_header(f, path, any_order)
+            source = MappedArray(path, f.tell(), dtype, shape, fortran)
             size = os.fstat(f.fileno()).st_size
         else:
             with zipfile.ZipFile(f) as zf:
@@ -298,7 +326,8 @@ def open_array(spec):
                 info = zf.getinfo(name)
                 if info.compress_type != zipfile.ZIP_STORED:
                     with zf.open(name) as stream:
-                        shape, dtype = _read_header(stream, f"{path}:{name[:-4]}")
+                        shape, dtype, fortran = _read_header(stream, f"{path}:{name[:-4]}",
+                                                             any_order)
                         header = stream.tell()
                     # Checked before anything of the array's size is allocated (the
                     # scorer's buffers follow the header's shape): against the member's
@@ -311,11 +340,11 @@ def open_array(spec):
                         size = min(size, 1032 * packed + 64)
                     _check_size(f"{path}:{name[:-4]}", header + dtype.itemsize * math.prod(shape),
                                 size)
-                    return StreamedArray(path, name, dtype, shape)
+                    return StreamedArray(path, name, dtype, shape, fortran)
                 start = _zip_data_offset(f, info)
             f.seek(start)
-            shape, dtype = _read_header(f, f"{path}:{name[:-4]}")
-            source = MappedArray(path, f.tell(), dtype, shape)
+            shape, dtype, fortran = _read_header(f, f"{path}:{name[:-4]}", any_order)
+            source = MappedArray(path, f.tell(), dtype, shape, fortran)
             # the directory's size, but never past the file's end (a directory can lie)
             size = min(start + info.file_size, os.fstat(f.fileno()).st_size)
             path = f"{path}:{name[:-4]}"
@@ -363,12 +392,12 @@ def load_small(path, what):
             source.close()
 
 
-def as_source(obj):
+def as_source(obj, any_order=False):
     """A reader for ``obj``: a path (see :func:`open_array`), a reader, or an array."""
     if isinstance(obj, (MappedArray, StreamedArray, InMemoryArray)):
         return obj
     if isinstance(obj, (str, os.PathLike, bytes)):
-        return open_array(os.fsdecode(obj))
+        return open_array(os.fsdecode(obj), any_order)
     if obj is None:
         raise TypeError("expected an array or the path of a .npy/.npz file, got None")
     return InMemoryArray(obj)

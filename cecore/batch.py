@@ -506,8 +506,8 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
                         "or the path of a .npy/.npz file each, got None")
     sources = []
     try:
-        for spec in (logits, target, unembedding):
-            sources.append(None if spec is None else as_source(spec))
+        for spec, any_order in ((logits, False), (target, False), (unembedding, True)):
+            sources.append(None if spec is None else as_source(spec, any_order))
         x_src, t_src, w_src = sources
         if bias is not None and w_src is None:
             raise ValueError("bias is the unembedding's: give unembedding too (or no bias)")

@@ -139,6 +139,19 @@ def test_cli_dask_takes_a_compressed_unembedding(client, rng, tmp_path, capsys):
                                batch.score(h, t, unembedding=w).mean_loss, rtol=1e-6)
 
 
+def test_dask_takes_a_fortran_ordered_unembedding_file(client, rng, tmp_path):
+    # np.save of a transposed (d, V) kernel: the workers read it whole, transposed.
+    from cecore import batch
+    h = rng.standard_normal((300, 8)).astype(np.float32)
+    w = (0.3 * rng.standard_normal((12, 8))).astype(np.float32)
+    t = random_index_target(rng, 300, 12)
+    np.save(tmp_path / "w.npy", np.asfortranarray(w))
+    r = _dask.score_dask(da.from_array(h, chunks=(70, 8)), da.from_array(t, chunks=70),
+                         unembedding=str(tmp_path / "w.npy"), client=client)
+    np.testing.assert_allclose(r.mean_loss, batch.score(h, t, unembedding=w).mean_loss,
+                               rtol=1e-6)
+
+
 def test_dask_hidden_states_equal_in_memory(client, rng):
     h = rng.standard_normal((N_ROWS, 16)).astype(np.float32)
     w = (0.3 * rng.standard_normal((40, 16))).astype(np.float32)
