@@ -116,11 +116,15 @@ def test_random_probabilities(n_classes, dtype):
         np.testing.assert_allclose(log_loss(y, proba[:, 1]), sk_log_loss(y, proba[:, 1]), rtol=rtol)
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_sum_to_one_warning_at_the_tolerance_is_sklearns(dtype):
+def test_sum_to_one_warning_at_the_tolerance_is_sklearns(dtype, order):
     # Rows whose sum is within rounding of 1 +- sqrt(eps): the fused pass's float64 sums
     # alone decided, and float16 rows (604 of 3000) and float32 rows (2 of 3000) warned
-    # where scikit-learn did not, or the reverse (hostile review).
+    # where scikit-learn did not, or the reverse (hostile review). In Fortran order
+    # (DataFrame.to_numpy()) NumPy adds a row's columns one by one, further from the
+    # exact sum than its pairwise sum: the margin assumed the pairwise one, and such rows
+    # did not warn where scikit-learn did (a later hostile review).
     rng = np.random.default_rng(7)
     tolerance = 1e-8 + np.sqrt(np.finfo(dtype).eps)  # isclose's atol + rtol
     # sums within a few dozen of their rounding errors of the tolerance
@@ -129,7 +133,8 @@ def test_sum_to_one_warning_at_the_tolerance_is_sklearns(dtype):
     for trial in range(400):
         c = int(rng.choice([3, 4, 50, 300]))
         scale = 1 + rng.choice([-1, 1]) * tolerance * (1 + spread * rng.uniform(-1, 1))
-        proba = (rng.dirichlet(np.ones(c), size=2) * scale).astype(dtype)
+        proba = np.asarray((rng.dirichlet(np.ones(c), size=2) * scale).astype(dtype),
+                           order=order)
         y = rng.integers(0, c, 2)
         with warnings.catch_warnings(record=True) as theirs:
             warnings.simplefilter("always")
@@ -141,6 +146,23 @@ def test_sum_to_one_warning_at_the_tolerance_is_sklearns(dtype):
         assert got == expected
         warned[bool(theirs)] += 1
     assert min(warned.values()) > 50, warned  # both sides of the tolerance were tried
+
+
+@pytest.mark.parametrize("dtype, c, value", [(np.float32, 4063, 0.0002461991098243743),
+                                              (np.float16, 150, 0.00647)])
+def test_sum_to_one_warning_in_fortran_order_is_sklearns(dtype, c, value):
+    # Rows of equal values whose exact sums are inside the tolerance (1.000307 in float32,
+    # 0.97046 in float16) but whose column-by-column sums in NumPy are not (1.00036,
+    # 0.957): scikit-learn warns; cecore did not (a hostile review's repro).
+    proba = np.asfortranarray(np.full((2, c), value, dtype=dtype))
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        expected = sk_log_loss([0, 1], proba, labels=np.arange(c))
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        got = log_loss([0, 1], proba, labels=np.arange(c))
+    assert theirs and [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+    assert got == expected
 
 
 def test_memory_is_linear_in_samples():

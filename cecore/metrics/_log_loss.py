@@ -199,7 +199,7 @@ def _checked_pass(proba, target, lo, hi, eps):
     t = None if target is None else target.astype(np.int64, copy=False)
     buf = None if in_place else np.empty((min(step, n), c), dtype=work)
     part = np.empty(3)
-    kernels, rtol = get_backend("auto"), _fused_rtol(eps, proba.dtype, c)
+    kernels, rtol = get_backend("auto"), _fused_rtol(eps, proba)
     for start in range(0, n, step) if n else [0]:
         rows = slice(start, start + step)
         block = proba[rows]
@@ -213,16 +213,23 @@ def _checked_pass(proba, target, lo, hi, eps):
     return stats, picked
 
 
-def _fused_rtol(eps, dtype, n_columns):
+def _fused_rtol(eps, proba):
     """The fused pass's tolerance for a row sum: scikit-learn's ``sqrt(eps)`` less a bound
-    on how far its sum in the input's precision (NumPy's pairwise order; float16 summed in
-    float32, then rounded) can be from the pass's float64 sum, with a factor of 4 to
-    spare. A row the pass finds within it is within scikit-learn's; a row outside it is
-    checked again by :func:`_not_normalised`, which decides as scikit-learn does. (The
-    float64 sums alone decided, and float16 and float32 rows within an ulp or so of the
-    tolerance warned where scikit-learn did not, or the reverse.)"""
-    accumulate = np.finfo(np.float32 if dtype == np.float16 else dtype).eps
-    depth = 24 + math.log2(max(n_columns, 2))  # 16 per 8-lane block of 128, 3 + log2 merges
+    on how far its sum in the input's precision can be from the pass's float64 sum. A row
+    the pass finds within it is within scikit-learn's; a row outside it is checked again
+    by :func:`_not_normalised`, which decides as scikit-learn does. (The float64 sums
+    alone decided, and float16 and float32 rows within an ulp or so of the tolerance
+    warned where scikit-learn did not, or the reverse.) NumPy sums a row pairwise when
+    the row is its inner loop (float16 in float32, then rounded): a bound with a factor
+    of 4 to spare. When the rows are its outer loop (Fortran order, as
+    ``DataFrame.to_numpy()`` gives), it adds the columns one by one, rounding each
+    partial sum to the input's dtype: the bound of that order, ``(C - 1) eps / 2``, with
+    a factor of 2 (the tolerance may then be negative: every row is checked again)."""
+    n, c = proba.shape
+    if n > 1 and abs(proba.strides[1]) > abs(proba.strides[0]):
+        return math.sqrt(eps) - eps - c * np.finfo(proba.dtype).eps
+    accumulate = np.finfo(np.float32 if proba.dtype == np.float16 else proba.dtype).eps
+    depth = 24 + math.log2(max(c, 2))  # 16 per 8-lane block of 128, 3 + log2 merges
     return math.sqrt(eps) - eps - 4 * depth * accumulate
 
 
