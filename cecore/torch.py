@@ -402,21 +402,19 @@ def _once(grads, sources):
 
 def _traced(grad_output):
     """Whether ``grad_output`` may be more than a plain tensor whose value can be read:
-    traced (a subclass, a dispatch mode, compiling), batched (functorch's vmap), or
-    differentiable (create_graph=True: products must stay on the graph)."""
+    traced (a subclass, a dispatch mode, compiling), batched (functorch's vmap, or the
+    legacy batching of ``autograd.grad(..., is_grads_batched=True)``), or differentiable
+    (create_graph=True: products must stay on the graph)."""
     return (type(grad_output) is not Tensor or is_in_torch_dispatch_mode()
             or torch.compiler.is_compiling() or torch.is_grad_enabled()
-            or torch._C._functorch.is_batchedtensor(grad_output))
+            or torch._C._functorch.is_batchedtensor(grad_output)
+            or torch._C._functorch.is_legacy_batchedtensor(grad_output))
 
 
 def _finite_scalar(grad_output):
     """Whether ``grad_output`` is a plain 0-d tensor holding a finite value."""
-    if grad_output.dim() == 0 and not _traced(grad_output):
-        try:
-            return math.isfinite(grad_output.item())
-        except RuntimeError:  # batched by is_grads_batched: cannot be read
-            pass
-    return False
+    return (grad_output.dim() == 0 and not _traced(grad_output)
+            and math.isfinite(grad_output.item()))
 
 
 def _skip_ignored(grad_output, target, ignore_index):
@@ -552,7 +550,7 @@ def _register_autograd(op, per_element, watched, ignore_arg=None, sparse=False):
     ``ignore_arg``: the position of ``ignore_index`` (class-index targets, argument 1).
     ``sparse``: torch's backward writes the targets' entries only (nll_loss), so the
     others stay 0 for an infinite or NaN ``grad_output``, where the saved zeros times it
-    were NaN. (Not while traced: a branch on the data, for this corner.)
+    were NaN.
     """
 
     def setup_context(ctx, inputs, output):
@@ -587,8 +585,10 @@ def _register_autograd(op, per_element, watched, ignore_arg=None, sparse=False):
         if ctx.class_axis is not None and grad_output.dim():
             grad_output = grad_output.unsqueeze(ctx.class_axis)
         targets = None
-        if sparse and grad.numel() and not _finite_scalar(grad_output) \
-                and not _traced(grad_output) and not bool(torch.isfinite(grad_output).all()):
+        if sparse and grad.numel() and not _finite_scalar(grad_output) and (
+                _traced(grad_output) or not bool(torch.isfinite(grad_output).all())):
+            # traced or batched, the value cannot be read: always the select (which a
+            # compiled backward fuses with the scaling)
             targets = _target_entries(grad.shape, ctx.ignore[0], ctx.class_axis or 0)
         result = _scaled(ctx, grad, grad_output).to(ctx.input_dtype)
         if targets is not None:
@@ -844,18 +844,19 @@ def _linear_backward(ctx, grad_output, *_):
                 raise RuntimeError(f"cecore::linear_cross_entropy was called with "
                                    f"grad_mask={ctx.grad_mask}, without the gradient of {name}")
         grads = [_scaled(ctx, g, grad_output).to(ctx.input_dtype) for g in ctx.saved_tensors]
-        if not _finite_scalar(grad_output) and not _traced(grad_output) \
-                and bool(_ignored(*ctx.ignore).all()):
-            # Every row ignored: torch's gradients are sums of zero rows, 0 whatever
-            # grad_output holds; the saved zeros times an infinite one were NaN. (Not
-            # while traced: a branch on the data, and a pass over the weight's gradient
-            # in every compiled backward, for this corner.)
-            grads = [torch.zeros_like(g) for g in grads]
-        elif computed[0]:
-            # A non-finite grad_output times the saved zeros of ignored rows made them NaN
-            # (the weight's and bias's gradients are sums over rows: not separable).
-            if not _finite_scalar(grad_output):
-                grads[0] = torch.where(_ignored(*ctx.ignore).unsqueeze(-1), 0, grads[0])
+        if not _finite_scalar(grad_output):
+            # A non-finite grad_output times the saved zeros of ignored rows made them NaN.
+            # The weight's and bias's gradients are sums over rows, not separable, but
+            # with every row ignored torch's are sums of zero rows: 0 whatever grad_output
+            # holds.
+            ignored = _ignored(*ctx.ignore)
+            if _traced(grad_output):  # no branch on the data: selects (fused when compiled)
+                none_scored = ignored.all()
+                grads = [torch.where(none_scored, 0, g) for g in grads]
+            elif bool(ignored.all()):
+                grads = [torch.zeros_like(g) for g in grads]
+            if computed[0]:
+                grads[0] = torch.where(ignored.unsqueeze(-1), 0, grads[0])
     if torch.is_grad_enabled():  # create_graph=True: make a second backward fail loudly
         grads = _once(grads, getattr(ctx, "sources", None) or ctx.source_refs)
     grad_input, grad_linear_weight, grad_linear_bias = grads
