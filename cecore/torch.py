@@ -121,9 +121,10 @@ def _fallback_reason(inputs, others):
     its weight and bias), ``others`` the target and the optional weights (None when absent).
     """
     # torch.func transforms cannot run the operators' autograd (torch generates it as an
-    # autograd.Function without setup_context). Under torch.compile the check is skipped (it
-    # must not break the graph); torch.compile of a transform fails there, with or without it.
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+    # autograd.Function without setup_context). Dynamo evaluates this check while it
+    # traces, without a graph break: torch.compile of a transform (per-sample gradients:
+    # compile(vmap(grad(...)))) failed when it was skipped there.
+    if torch._C._are_functorch_transforms_active():
         return "torch.func transforms (grad, vmap, ...) are active"
     inputs = [t for t in inputs if t is not None]
     others = [t for t in others if t is not None]

@@ -694,6 +694,16 @@ def test_torch_func_transforms_use_torch(gen):
         grads = torch.func.vmap(torch.func.grad(lambda x: ct.cross_entropy(x, target)))(x)
     expected = torch.func.vmap(torch.func.grad(lambda x: TF.cross_entropy(x, target)))(x)
     assert_close(grads.numpy(), expected.numpy())
+    # compiled (per-sample gradients), fullgraph too: Dynamo failed on the operator under
+    # the transform, as the check was skipped while compiling (hostile review)
+    for fullgraph in (False, True):
+        torch._dynamo.reset()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ct.CecoreFallbackWarning)
+            grads = torch.compile(torch.func.vmap(torch.func.grad(
+                lambda x: ct.cross_entropy(x, target))), fullgraph=fullgraph)(x)
+        assert_close(grads.numpy(), expected.numpy())
+    torch._dynamo.reset()
 
 
 # -------------------------------------------------------------- fallback and errors
