@@ -506,7 +506,10 @@ def _versions(tensors):
     in-place change of the base then went unnoticed, where torch raises).
 
     Inference tensors have no version counter: torch's own losses refuse to save them,
-    and so does this, with torch's message (which names the fix)."""
+    and so does this, with torch's message (which names the fix). Under
+    ``torch.autograd.graph.allow_mutation_on_saved_tensors()`` torch clones a saved tensor
+    before it is modified, so its backward raises nothing: nothing is compared then (the
+    saved gradient is the original operands' anyway)."""
     tensors = [t for t in tensors if isinstance(t, Tensor)]
     if any(t.is_inference() for t in tensors):
         raise RuntimeError(
@@ -514,8 +517,22 @@ def _versions(tensors):
             "in inference mode in computation tracked by autograd. To work around this, you "
             "can make a clone to get a normal tensor and use it in autograd, or use "
             "`torch.no_grad()` instead of `torch.inference_mode()`.")
+    if _mutation_allowed():
+        return []
     roots = [t if t._base is None else t._base for t in tensors]
     return [(weakref.ref(t), t._version) for t in roots]
+
+
+def _mutation_allowed():
+    """Whether ``torch.autograd.graph.allow_mutation_on_saved_tensors()`` is active."""
+    return getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False)
+
+
+def _kept(target):
+    """The target, as the backward reads it (its ignored positions): a copy where torch
+    keeps the original of a saved tensor modified in place (:func:`_mutation_allowed`),
+    else the tensor itself (a change of it raises in :func:`_check_versions` first)."""
+    return target.clone() if _mutation_allowed() else target
 
 
 def _check_versions(versions):
@@ -570,7 +587,7 @@ def _register_autograd(op, per_element, watched, ignore_arg=None, sparse=False):
         ctx.class_axis = 1 if not per_element and input.dim() > 1 else None
         ctx.versions = _versions([inputs[i] for i in watched])
         target = inputs[1]
-        ctx.ignore = ((target, inputs[ignore_arg]) if ignore_arg is not None
+        ctx.ignore = ((_kept(target), inputs[ignore_arg]) if ignore_arg is not None
                       and not target.is_floating_point() else None)
 
     def backward(ctx, grad_output, _):
@@ -803,7 +820,7 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.source_refs = [weakref.ref(t) for t in (input, linear_weight, linear_bias)
                        if t is not None]
     # Ignored positions get a zero input gradient whatever grad_output holds (as torch).
-    ctx.ignore = (target, ignore_index)
+    ctx.ignore = (_kept(target), ignore_index)
     if ctx.recompute:  # every input is saved for the second pass (torch checks them)
         watched = (input, linear_weight, target, linear_bias, weight)
     else:  # what torch's F.linear + cross_entropy save: never the bias, the input only

@@ -608,20 +608,31 @@ def test_autocast_computes_the_loss_in_float32_like_torch(gen, dtype):
         assert torch.isfinite(got) and torch.allclose(got, expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize("views", [False, True])
-def test_in_place_modification_before_backward_raises_where_torch_raises(gen, views):
+@pytest.mark.parametrize("views, allowed", [(False, False), (True, False), (False, True)])
+def test_in_place_modification_before_backward_raises_where_torch_raises(gen, views, allowed):
     # torch's losses save these tensors and raise at backward if one was modified in
     # place (how an optimizer.step() before backward() is caught); cecore's gradient comes
     # from the forward pass, and nothing was raised. With views passed (target.view(-1),
     # weight[:]), cecore's weak references died after the forward and a change of the
-    # base went unnoticed (found by a hostile review).
+    # base went unnoticed (found by a hostile review). Under
+    # allow_mutation_on_saved_tensors() torch raises nothing (it keeps the originals), and
+    # cecore raised (a later hostile review): then the gradients are compared as well.
     v = (lambda a: a[:]) if views else (lambda a: a)  # noqa: E731
+    grads = {}
 
     def run(module, case):
-        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        if not allowed:
+            return run_in(module, case)
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            return run_in(module, case)
+
+    def run_in(module, case):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4, 3, generator=g, requires_grad=True)
         z = x * 1
-        t, q, y = torch.tensor([0, 1, 2, 0]), torch.softmax(torch.randn(4, 3), 1), torch.rand(4, 3)
-        w, lw = torch.rand(3) + 0.5, torch.randn(3, 3, requires_grad=True)
+        t, q = torch.tensor([0, 1, 2, 0]), torch.softmax(torch.randn(4, 3, generator=g), 1)
+        y, w = torch.rand(4, 3, generator=g), torch.rand(3, generator=g) + 0.5
+        lw = torch.randn(3, 3, generator=g, requires_grad=True)
         f = {"ce": lambda: module.cross_entropy(v(z), v(t), weight=v(w)),
              "ce_proba": lambda: module.cross_entropy(v(z), v(q)),
              "nll": lambda: module.nll_loss(v(z), v(t), weight=v(w)),
@@ -637,6 +648,7 @@ def test_in_place_modification_before_backward_raises_where_torch_raises(gen, vi
         except RuntimeError as error:
             assert "modified by an inplace operation" in str(error)
             return True
+        grads[module, case] = x.grad
         return False
 
     linear_ce = lambda z, lw, t, weight: TF.cross_entropy(z @ lw.T, t, weight=weight)  # noqa: E731
@@ -652,6 +664,10 @@ def test_in_place_modification_before_backward_raises_where_torch_raises(gen, vi
     with no_fallback():
         for case in cases:
             assert run(ct, case) == run(Torch, case), case
+            if (ct, case) in grads:
+                np.testing.assert_allclose(grads[ct, case].numpy(), grads[Torch, case].numpy(),
+                                           rtol=1e-5, atol=1e-7, err_msg=str(case))
+    assert not allowed or len(grads) == 2 * len(cases)
 
 
 def test_option_types_checked_before_the_operator_schema(gen):
