@@ -297,7 +297,7 @@ def default_n_threads():
     return max(1, min(cpus, value or cpus))
 
 
-def resolve_n_threads(n_threads, n_elements=None):
+def resolve_n_threads(n_threads, n_elements=None, warn=True):
     """Threads for one call: the one place every public entry point resolves them.
 
     Parameters
@@ -309,6 +309,9 @@ def resolve_n_threads(n_threads, n_elements=None):
         ``RuntimeWarning`` (OpenMP aborts the process when it cannot create threads).
     n_elements : int, optional
         Size of the work, for the small-work rule.
+    warn : bool, default=True
+        Whether capping warns: not for each chunk of a stream, whose request was checked
+        (and warned about) once before its first chunk.
 
     Returns
     -------
@@ -328,10 +331,10 @@ def resolve_n_threads(n_threads, n_elements=None):
         n_threads = cpus
     if n_threads < 1:
         raise ValueError(f"n_threads must be None, -1 or an int >= 1, got {n_threads}")
-    if n_threads > cpus:
+    if n_threads > cpus and warn:
         warnings.warn(f"n_threads={n_threads} is more than the {cpus} CPUs available; "
                       f"using {cpus}", RuntimeWarning, stacklevel=caller_stacklevel())
-        n_threads = cpus
+    n_threads = min(n_threads, cpus)
     return 1 if _forked_child else n_threads
 
 

@@ -295,6 +295,15 @@ def open_array(spec, any_order=False):
     """
     path, member = _split_member(spec)
     _check_regular(path)
+    try:
+        return _open_regular(path, member, any_order)
+    except OSError as exc:
+        if exc.filename is None:  # EIO of a failing disk: say which input it was
+            raise OSError(exc.errno, exc.strerror, path) from exc
+        raise
+
+
+def _open_regular(path, member, any_order):
     with open(path, "rb") as f:
         # the .npy magic first, as np.load: is_zipfile looks for a zip's end record in the
         # last 64 kB, which a .npy's data can contain by chance

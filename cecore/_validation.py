@@ -411,5 +411,5 @@ def grad_output_array(grad_output, reduction, loss_shape, convert=True):
     return np.float64(g)
 
 
-def n_threads(value, n_elements=None):
-    return _config.resolve_n_threads(value, n_elements)
+def n_threads(value, n_elements=None, warn=True):
+    return _config.resolve_n_threads(value, n_elements, warn)

@@ -62,7 +62,7 @@ def parse_size(size):
             raise ValueError(f"invalid memory size {size!r}: expected e.g. 512MB, 2GiB or a number of bytes")
         value = int(Fraction(match.group(1)) * _UNITS[unit])  # exact: no float overflow
     if value <= 0:
-        raise ValueError(f"memory size must be positive, got {size!r}")
+        raise ValueError(f"memory size must be at least 1 byte, got {size!r}")
     return value
 
 
@@ -352,7 +352,7 @@ def score_chunk(x, t, opts, sums):
         # is -log p[target] (nll_loss) when they are normalised, and stays right if not.
         x2 = np.ascontiguousarray(x, dtype=opts.dtype)
     kernels = get_backend(opts.backend)
-    n_threads = V.n_threads(opts.n_threads, x.size)
+    n_threads = V.n_threads(opts.n_threads, x.size, warn=False)  # warned once, before
     if opts.proba:
         t = np.ascontiguousarray(t, dtype=opts.dtype)
     else:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -359,10 +360,31 @@ def test_parse_size(text, expected):
     assert batch.parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "12XB", "-5MB", "0", "MB", True])
+@pytest.mark.parametrize("text", ["", "12XB", "-5MB", "0", "MB", True, "0.5"])
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="memory size"):
         batch.parse_size(text)
+
+
+def test_parse_size_names_the_least_budget():
+    # 0.5 bytes rounds to 0: "must be positive, got '0.5'" (hostile review)
+    with pytest.raises(ValueError, match="at least 1 byte, got '0.5'"):
+        batch.parse_size("0.5")
+
+
+def test_thread_cap_warns_once_per_run(tmp_path, rng):
+    # each chunk warned again, and the command's recorded warnings grew with the chunks
+    # (40000 one-row chunks: 20 MB outside the budget; hostile review)
+    from cecore._config import cpus_available
+    x = rng.standard_normal((3000, 2)).astype(np.float32)
+    t = rng.integers(0, 2, 3000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = batch.score(x, t, memory_budget=2000, n_threads=cpus_available() + 3)
+    assert r.chunk_rows < 100
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [
+        f"n_threads={cpus_available() + 3} is more than the {cpus_available()} CPUs "
+        f"available; using {cpus_available()}"]
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path, rng):
@@ -499,3 +521,18 @@ def test_unwritable_output_directory_names_the_output(tmp_path, rng, monkeypatch
     with pytest.raises(PermissionError, match=r"cannot write .*o\.npy: Permission denied"):
         batch.score(rng.standard_normal((4, 3)), np.zeros(4, int),
                     per_row_out=str(tmp_path / "o.npy"))
+
+
+def test_a_read_error_names_its_file(tmp_path, monkeypatch):
+    # EIO from a failing disk (or /proc/self/mem) came without a file name: "[Errno 5]
+    # Input/output error", and the user could not tell which input failed (hostile review)
+    from cecore import _io
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((3, 2), np.float32))
+
+    def failing(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_io, "_open_regular", failing)
+    with pytest.raises(OSError, match=r"Input/output error: '.*x\.npy'"):
+        _io.open_array(str(path))
