@@ -142,6 +142,11 @@ def _inputs(args):
     return args.hidden, given[0], {"unembedding": args.unembedding, "bias": args.bias}
 
 
+# Python parameters whose checks' messages begin with their name, and their options.
+_FLAGS = {"top_k": "--top-k", "n_bins": "--ece-bins", "label_smoothing": "--label-smoothing",
+          "ignore_index": "--ignore-index", "n_threads": "--threads"}
+
+
 def _score_run(args):
     source, target, head = _inputs(args)
     weight = None if args.weight is None else _parse_weight(args.weight)
@@ -189,6 +194,9 @@ def _score(args):
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, (OSError, zipfile.BadZipFile)) and not isinstance(exc, FileNotFoundError):
             message = f"{type(exc).__name__}: {message}" if not message.startswith("[") else message
+        name = message.split(" ", 1)[0]
+        if name in _FLAGS:  # the option the user typed, not the Python parameter
+            message = _FLAGS[name] + message[len(name):]
         print(f"cecore score: error: {message}", file=sys.stderr)
         return 1
     return _emit(json.dumps(result.to_dict(), indent=2, allow_nan=False) if args.json

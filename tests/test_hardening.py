@@ -697,7 +697,7 @@ def test_demo_rejects_bad_options():
 def test_ece_bins_out_of_range_is_refused_at_once(scored_files, capsys, bins):
     _, _, d = scored_files
     code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--ece-bins", bins], capsys)
-    assert code == 1 and "n_bins must be an int in [1, 10000]" in err
+    assert code == 1 and "--ece-bins must be an int in [1, 10000]" in err
 
 
 def test_memory_budget_holds_for_narrow_logits(tmp_path):

@@ -563,9 +563,11 @@ def test_cli_reports_every_metric_and_no_accuracy_is_a_no_op(tmp_path, rng, caps
     expected = classification_report_from_logits(x, t, top_k=3)
     for key in ("accuracy", "top_k_accuracy", "mean_entropy", "ece", "brier"):
         assert outs[0][key] == outs[1][key] == expected[key]
-    for bad in (["--top-k", "0"], ["--ece-bins", "0"]):
+    # the errors named the Python parameters (top_k, n_bins), not the options typed
+    for bad in (["--top-k", "0"], ["--ece-bins", "0"], ["--label-smoothing", "2"]):
         assert main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), *bad]) == 1
-        assert capsys.readouterr().err.count("\n") == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"cecore score: error: {bad[0]} must")
 
 
 def test_cli_top_k_defaults_to_5(tmp_path, rng, capsys):
