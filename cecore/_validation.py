@@ -268,7 +268,7 @@ def check_proba_target(t_dtype, x_shape, ignore_index, name="input"):
     be asked for."""
     ignore_index = check_ignore_index(ignore_index)
     if np.dtype(t_dtype).kind != "f":
-        raise TypeError(f"a target of the {name}'s shape {tuple(x_shape)} holds class "
+        raise TypeError(f"a target of the same shape as the {name} {tuple(x_shape)} holds class "
                         f"probabilities and must be floating point, got dtype {t_dtype}")
     float_input(np.empty(0, t_dtype), "target")  # float128: refused as float_input does
     if ignore_index >= 0:
