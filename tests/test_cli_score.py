@@ -73,7 +73,7 @@ def _corrupt(tmp_path):
     ("weight", "weight should be defined"),
     ("weight_text", "neither a file nor"),
     ("budget", "invalid memory size"),
-    ("smoothing", "label_smoothing"),
+    ("smoothing", "--label-smoothing must be"),
 ])
 def test_bad_input_one_line_error(files, tmp_path, capsys, case, message):
     x, t, xp, tp = files
