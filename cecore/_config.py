@@ -226,13 +226,15 @@ def cpus_available():
 
 def _env_threads():
     for var in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        value = os.environ.get(var, "").split(",")[0].strip()
+        raw = os.environ.get(var, "")
+        # OMP_NUM_THREADS may list one count per nesting level: the first is the outer one
+        value = (raw if var == "CECORE_NUM_THREADS" else raw.split(",")[0]).strip()
         if value.isascii() and value.isdigit() and int(value) > 0:  # not "²": int() refuses it
             return var, int(value)
-        if var == "CECORE_NUM_THREADS" and value and value not in _ignored_values:
+        if var == "CECORE_NUM_THREADS" and raw and raw not in _ignored_values:
             # (the others are their runtimes' to judge, as libgomp and Numba do)
-            _ignored_values.add(value)
-            warnings.warn(f"CECORE_NUM_THREADS={value!r} is not a positive integer; ignored",
+            _ignored_values.add(raw)
+            warnings.warn(f"CECORE_NUM_THREADS={raw!r} is not a positive integer; ignored",
                           RuntimeWarning, stacklevel=caller_stacklevel())
     return None, None
 

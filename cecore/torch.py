@@ -292,8 +292,8 @@ def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None,
     """``(ignore_index, label_smoothing, n_threads)`` checked as cecore checks them, before
     the operator's schema would coerce them (1.5 to 1, "0.1" to 0.1, True to 1) or fail
     with its own message: where they are wrong, the error ``torch_call()`` raises (see
-    :func:`_raise_torch_error`). ``n_threads`` beyond int32 is capped there (cecore caps
-    it at the CPUs, with a warning); ``backend`` must be a string (its value is checked
+    :func:`_raise_torch_error`). ``n_threads`` beyond the schema's int32 is capped at the
+    CPUs here, with cecore's warning; ``backend`` must be a string (its value is checked
     where the kernels are chosen)."""
     # torch takes one-element tensors for these (an integer ignore_index of any number
     # of dimensions, a 0-d non-bool label_smoothing that does not require grad), as
@@ -310,8 +310,10 @@ def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None,
             raise TypeError(f"n_threads must be None or an int, got {type(n_threads).__name__}")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be 'auto', 'cython' or 'numba', got {backend!r}")
+        if n_threads is not None and int(n_threads) >= 2**31:  # past the schema's int32:
+            n_threads = V.n_threads(n_threads)  # capped now, the warning naming the request
         return (V.check_ignore_index(ignore_index), V.check_label_smoothing(label_smoothing),
-                None if n_threads is None else min(int(n_threads), 2**31 - 1))
+                None if n_threads is None else int(n_threads))
     except (TypeError, ValueError) as error:
         _raise_torch_error(error, torch_call)
 

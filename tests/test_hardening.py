@@ -785,20 +785,25 @@ def test_logits_file_given_as_the_targets_too(scored_files, capsys, tmp_path):
     assert code == 0, err
 
 
-def test_info_with_a_bad_numba_setting():
+@pytest.mark.parametrize("value, error", [
+    ("0", "Number of threads"),
+    # Numba took it, and every parallel call raised "Invalid number of threads. This
+    # likely indicates a bug in Numba." (hostile review)
+    (str(2**31), f"NUMBA_NUM_THREADS={2**31} does not fit in a C int")])
+def test_info_with_a_bad_numba_setting(value, error):
     # NUMBA_NUM_THREADS=0 made `cecore info` (and show_config) end in a traceback, with
     # nothing printed, Cython's backend included: a ValueError from importing Numba was
     # taken for a bad CECORE_SIMD.
-    env = {**subprocess_env(), "NUMBA_NUM_THREADS": "0"}
+    env = {**subprocess_env(), "NUMBA_NUM_THREADS": value}
     out = subprocess.run([sys.executable, "-m", "cecore.cli", "info"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "cython: available=True" in out.stdout
-    assert "numba: available=False, error=ValueError: Number of threads" in out.stdout
+    assert f"numba: available=False, error=ValueError: {error}" in out.stdout
 
 
 @pytest.mark.parametrize("var", ["CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"])
-@pytest.mark.parametrize("value", ["\u00b2", "0", "-1", "abc", "1e3", ""])
+@pytest.mark.parametrize("value", ["\u00b2", "0", "-1", "abc", "1e3", "", " "])
 def test_odd_thread_variables_are_ignored(monkeypatch, var, value):
     # "²" passed str.isdigit() and then crashed every call with n_threads=None in int().
     # cecore's own variable, set to something else than a positive integer, is ignored
@@ -818,6 +823,23 @@ def test_odd_thread_variables_are_ignored(monkeypatch, var, value):
         assert _config._env_threads() == (None, None)
     monkeypatch.setenv(var, "3")
     assert _config._env_threads() == (var, 3)
+
+
+def test_only_omp_num_threads_is_a_list(monkeypatch):
+    # OMP_NUM_THREADS may list a count per nesting level ("4,2": 4 outside); cecore's
+    # own variable was read the same way, so "1,2" meant 1 and ",2" or " " were ignored
+    # without the warning the README promises (hostile review).
+    from cecore import _config
+
+    for name in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(_config, "_ignored_values", set())
+    monkeypatch.setenv("OMP_NUM_THREADS", "4,2")
+    assert _config._env_threads() == ("OMP_NUM_THREADS", 4)
+    for value in ("1,2", ",2"):
+        monkeypatch.setenv("CECORE_NUM_THREADS", value)
+        with pytest.warns(RuntimeWarning, match=f"CECORE_NUM_THREADS='{value}' is not"):
+            assert _config._env_threads() == ("OMP_NUM_THREADS", 4)
 
 
 def test_numba_disable_jit_leaves_the_cython_backend():

@@ -1592,3 +1592,19 @@ def test_elementwise_mean_warns_at_the_caller_and_compiles(gen):
     compiled = torch.compile(lambda a, b: ct.cross_entropy(a, b, reduction="elementwise_mean"),
                              fullgraph=True)
     assert_close(compiled(x, t).numpy(), TF.cross_entropy(x, t).numpy(), np.float64)
+
+
+@pytest.mark.parametrize("n_threads", [2**31, 2**63, 2**64])
+def test_huge_n_threads_warns_with_the_number_asked(gen, n_threads):
+    # capped to int32 for the operator's schema first, the warning said
+    # "n_threads=2147483647 is more than ..." (hostile review)
+    from cecore._config import cpus_available
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = _index_target(gen, (4,), 3)
+    with pytest.warns(RuntimeWarning, match=f"n_threads={n_threads} is more than the "
+                                            f"{cpus_available()} CPUs"):
+        loss = ct.cross_entropy(x, t, n_threads=n_threads)
+    loss.backward()
+    b = x.detach().clone().requires_grad_()
+    TF.cross_entropy(b, t).backward()
+    assert_close(x.grad.numpy(), b.grad.numpy(), np.float64)

@@ -11,6 +11,10 @@ import numpy as np
 
 if numba.config.DISABLE_JIT:  # the kernels are built from intrinsics, which need the JIT
     raise ImportError("NUMBA_DISABLE_JIT is set: the Numba backend needs compiled kernels")
+if numba.config.NUMBA_NUM_THREADS >= 2**31:  # Numba takes it, then fails at the first
+    # parallel launch: "Invalid number of threads. This likely indicates a bug in Numba."
+    raise ValueError(f"NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS} does not fit in a "
+                     "C int: unset it, or set it to the number of CPUs")
 
 from .. import _config
 from ._kernels import KERNELS
