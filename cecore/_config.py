@@ -228,7 +228,7 @@ def _env_threads():
     for var in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         raw = os.environ.get(var, "")
         # OMP_NUM_THREADS may list one count per nesting level: the first is the outer one
-        value = (raw if var == "CECORE_NUM_THREADS" else raw.split(",")[0]).strip()
+        value = (raw.split(",")[0] if var == "OMP_NUM_THREADS" else raw).strip()
         if value.isascii() and value.isdigit() and int(value) > 0:  # not "²": int() refuses it
             return var, int(value)
         if var == "CECORE_NUM_THREADS" and raw and raw not in _ignored_values:

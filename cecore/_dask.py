@@ -248,7 +248,7 @@ def score_files(logits, target, *, scheduler=None, n_workers=None, memory_budget
     from distributed import Client, LocalCluster
 
     specs = [logits, target] + ([options["unembedding"]] if options.get("unembedding") else [])
-    sources = [open_array(spec) for spec in specs]
+    sources = [open_array(spec, any_order=i == 2) for i, spec in enumerate(specs)]
     for source in sources[:2]:  # (an unembedding is read whole, by each task: any kind)
         if not isinstance(source, MappedArray):
             raise ValueError(f"{source.path}: compressed .npz members cannot be read in parallel; "

@@ -1,8 +1,9 @@
 """Arrays on disk for streaming, and the atomic ``.npy`` writer: the I/O of batch scoring.
 
-- **Reading.** A ``.npy`` file, or an uncompressed (``np.savez``) ``.npz`` member, is a
-  C-ordered array at a known byte offset, so it is memory-mapped and a chunk of rows is a
-  contiguous view handed to the kernel without a copy. Pages of a mapping that have been
+- **Reading.** A ``.npy`` file, or an uncompressed (``np.savez``) ``.npz`` member, is an
+  array at a known byte offset, so it is memory-mapped; C-ordered (streamed arrays must
+  be), a chunk of rows is a contiguous view handed to the kernel without a copy (a
+  Fortran-ordered unembedding is read whole, as a transposed view). Pages of a mapping that have been
   touched count toward the process's resident memory (RSS) until they are unmapped, so
   each chunk's pages are dropped with ``madvise(MADV_DONTNEED)`` once it is scored; the
   file stays in the page cache, which is not RSS. A compressed ``.npz`` member cannot be
@@ -162,7 +163,11 @@ class StreamedArray:
         view = memoryview(self._buffer)[:nbytes]
         got = 0
         while got < nbytes:
-            n = self._stream.readinto(view[got:])
+            try:
+                n = self._stream.readinto(view[got:])
+            except OSError as exc:
+                _name_file(exc, self.path)
+                raise
             if not n:
                 raise ValueError(f"{self.path}: member {self.member} is truncated")
             got += n
@@ -220,6 +225,9 @@ def _read_header(f, path, any_order=False):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)  # it for such names)
         else:
             raise ValueError(f"unsupported format version {version}")
+    except OSError as exc:  # EIO of a failing disk is no damaged header
+        _name_file(exc, path)
+        raise
     except Exception as exc:  # noqa: BLE001 - a damaged header raises all kinds of errors
         raise ValueError(f"{path} is not a valid .npy/.npz array: its header is damaged "
                          f"({type(exc).__name__}: {exc})") from None
@@ -298,9 +306,15 @@ def open_array(spec, any_order=False):
     try:
         return _open_regular(path, member, any_order)
     except OSError as exc:
-        if exc.filename is None:  # EIO of a failing disk: say which input it was
-            raise OSError(exc.errno, exc.strerror, path) from exc
+        _name_file(exc, path)
         raise
+
+
+def _name_file(exc, path):
+    """Give ``exc`` the file name ``path`` when it has none (EIO of a failing disk said
+    "[Errno 5] Input/output error", and not which input it was)."""
+    if exc.filename is None and exc.errno is not None:
+        exc.filename = path
 
 
 def _open_regular(path, member, any_order):

@@ -10,6 +10,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -145,6 +146,19 @@ def _inputs(args):
 # Python parameters whose checks' messages begin with their name, and their options.
 _FLAGS = {"top_k": "--top-k", "n_bins": "--ece-bins", "label_smoothing": "--label-smoothing",
           "ignore_index": "--ignore-index", "n_threads": "--threads"}
+# Their checks' messages: "top_k must be ...", "ignore_index 2**70 does not fit ...",
+# "n_threads=64 is more than ..." (a file named "top_k" must keep its name).
+_PARAMETER_MESSAGE = re.compile(r"(%s)(?= must be | -?\d+ does not fit |=\d+ is more than )"
+                                % "|".join(_FLAGS))
+
+
+def _options_named(message):
+    """``message`` with the Python parameter it begins with named as the option typed."""
+    match = _PARAMETER_MESSAGE.match(message)
+    if not match:
+        return message
+    rest = message[match.end():].replace("must be None, -1 or", "must be -1 or")
+    return _FLAGS[match.group(1)] + (" " + rest[1:] if rest.startswith("=") else rest)
 
 
 def _score_run(args):
@@ -186,7 +200,7 @@ def _score(args):
             result = _score_run(args)
         # one line each, like the errors; a warning raised for every chunk shows once
         for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught):
-            print(f"cecore score: warning: {message}", file=sys.stderr)
+            print(f"cecore score: warning: {_options_named(message)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("cecore score: interrupted", file=sys.stderr)
         return 130
@@ -194,10 +208,7 @@ def _score(args):
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, (OSError, zipfile.BadZipFile)) and not isinstance(exc, FileNotFoundError):
             message = f"{type(exc).__name__}: {message}" if not message.startswith("[") else message
-        name = message.split(" ", 1)[0]
-        if name in _FLAGS:  # the option the user typed, not the Python parameter
-            message = _FLAGS[name] + message[len(name):]
-        print(f"cecore score: error: {message}", file=sys.stderr)
+        print(f"cecore score: error: {_options_named(message)}", file=sys.stderr)
         return 1
     return _emit(json.dumps(result.to_dict(), indent=2, allow_nan=False) if args.json
                  else _format_text(result))

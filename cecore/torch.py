@@ -311,7 +311,10 @@ def _scalars(torch_call, ignore_index=-100, label_smoothing=0.0, n_threads=None,
         if not isinstance(backend, str):
             raise TypeError(f"backend must be 'auto', 'cython' or 'numba', got {backend!r}")
         if n_threads is not None and int(n_threads) >= 2**31:  # past the schema's int32:
-            n_threads = V.n_threads(n_threads)  # capped now, the warning naming the request
+            # capped now, the warning naming the request (Dynamo cannot trace the CPU
+            # count or a warning: compiled, capped to int32, and the operator warns)
+            n_threads = (2**31 - 1 if torch.compiler.is_compiling()
+                         else V.n_threads(n_threads))
         return (V.check_ignore_index(ignore_index), V.check_label_smoothing(label_smoothing),
                 None if n_threads is None else int(n_threads))
     except (TypeError, ValueError) as error:
@@ -403,15 +406,20 @@ def _once(grads, sources):
     return [None if g is None else g + guard.to(g.dtype) for g in grads]
 
 
-def _traced(grad_output):
-    """Whether ``grad_output`` may be more than a plain tensor whose value can be read:
-    traced (a subclass, a dispatch mode, compiling), batched (functorch's vmap, or the
-    legacy batching of ``autograd.grad(..., is_grads_batched=True)``), or differentiable
-    (create_graph=True: products must stay on the graph)."""
+def _opaque(grad_output):
+    """Whether the value of ``grad_output`` cannot be read: traced (a subclass, a dispatch
+    mode, compiling) or batched (functorch's vmap, or the legacy batching of
+    ``autograd.grad(..., is_grads_batched=True)``)."""
     return (type(grad_output) is not Tensor or is_in_torch_dispatch_mode()
-            or torch.compiler.is_compiling() or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
             or torch._C._functorch.is_batchedtensor(grad_output)
             or torch._C._functorch.is_legacy_batchedtensor(grad_output))
+
+
+def _traced(grad_output):
+    """Whether ``grad_output`` may be more than a plain tensor: :func:`_opaque`, or
+    differentiable (create_graph=True: products must stay on the graph)."""
+    return _opaque(grad_output) or torch.is_grad_enabled()
 
 
 def _finite_scalar(grad_output):
@@ -456,14 +464,9 @@ def _scaled(ctx, grad, grad_output):
                 and not torch._C._autograd._get_current_graph_task_keep_graph())
     if traced or not reusable:
         return grad * grad_output
-    try:
-        if grad_output.numel() == 1 and grad_output.item() == 1:
-            return grad
-        return grad.mul_(grad_output)
-    except RuntimeError:
-        # A grad_output batched by autograd.grad(is_grads_batched=True) looks like a plain
-        # tensor, but .item() and in-place ops on it fail (before anything is written).
-        return grad * grad_output
+    if grad_output.numel() == 1 and grad_output.item() == 1:
+        return grad
+    return grad.mul_(grad_output)
 
 
 def _anchors(*tensors):
@@ -554,10 +557,9 @@ def _check_versions(versions):
 
 def _target_entries(shape, target, axis):
     """A bool tensor of ``shape``, True at each position's target class along ``axis``
-    (an ignored position's mark, at a clamped class, holds a zero gradient anyway)."""
-    t = target.to(torch.int64).clamp(0, shape[axis] - 1)
-    index = t.unsqueeze(axis) if t.dim() else t.reshape(1)
-    return torch.zeros(shape, dtype=torch.bool).scatter_(axis, index, True)
+    (nowhere for an ignored position); a broadcast compare, which inductor fuses."""
+    classes = torch.arange(shape[axis]).view((-1,) + (1,) * (len(shape) - axis - 1))
+    return classes == target.to(torch.int64).unsqueeze(axis if target.dim() else 0)
 
 
 def _register_autograd(op, per_element, watched, ignore_arg=None, sparse=False):
@@ -606,9 +608,9 @@ def _register_autograd(op, per_element, watched, ignore_arg=None, sparse=False):
             grad_output = grad_output.unsqueeze(ctx.class_axis)
         targets = None
         if sparse and grad.numel() and not _finite_scalar(grad_output) and (
-                _traced(grad_output) or not bool(torch.isfinite(grad_output).all())):
-            # traced or batched, the value cannot be read: always the select (which a
-            # compiled backward fuses with the scaling)
+                _opaque(grad_output) or not bool(torch.isfinite(grad_output).all())):
+            # traced or batched, the value cannot be read: always the select (which
+            # inductor fuses with the scaling; aot_eager and the like pay its passes)
             targets = _target_entries(grad.shape, ctx.ignore[0], ctx.class_axis or 0)
         result = _scaled(ctx, grad, grad_output).to(ctx.input_dtype)
         if targets is not None:
@@ -870,7 +872,7 @@ def _linear_backward(ctx, grad_output, *_):
             # with every row ignored torch's are sums of zero rows: 0 whatever grad_output
             # holds.
             ignored = _ignored(*ctx.ignore)
-            if _traced(grad_output):  # no branch on the data: selects (fused when compiled)
+            if _opaque(grad_output):  # no branch on the data: selects (fused by inductor)
                 none_scored = ignored.all()
                 grads = [torch.where(none_scored, 0, g) for g in grads]
             elif bool(ignored.all()):

@@ -525,14 +525,24 @@ def test_unwritable_output_directory_names_the_output(tmp_path, rng, monkeypatch
 
 def test_a_read_error_names_its_file(tmp_path, monkeypatch):
     # EIO from a failing disk (or /proc/self/mem) came without a file name: "[Errno 5]
-    # Input/output error", and the user could not tell which input failed (hostile review)
+    # Input/output error", and the user could not tell which input failed; in a header it
+    # was called damage, and while decompressing it was not named either (hostile reviews)
     from cecore import _io
-    path = tmp_path / "x.npy"
+    path, packed = tmp_path / "x.npy", tmp_path / "x.npz"
     np.save(path, np.zeros((3, 2), np.float32))
+    np.savez_compressed(packed, x=np.zeros((3, 2), np.float32))
 
     def failing(*args):
         raise OSError(5, "Input/output error")
 
+    source = _io.open_array(str(packed))
+    monkeypatch.setattr(source._stream, "readinto", failing)
+    with pytest.raises(OSError, match=r"Input/output error: '.*x\.npz'"):
+        source.rows(0, 3)
+    source.close()
+    monkeypatch.setattr(np.lib.format, "read_magic", failing)
+    with pytest.raises(OSError, match=r"Input/output error: '.*x\.npy'"):
+        _io.open_array(str(path))
     monkeypatch.setattr(_io, "_open_regular", failing)
     with pytest.raises(OSError, match=r"Input/output error: '.*x\.npy'"):
         _io.open_array(str(path))

@@ -254,7 +254,7 @@ def test_only_warnings_python_shows_by_default_are_reprinted(monkeypatch, capsys
     assert main(["score", "x.npy", "t.npy", "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"mean_loss": 1.0}
-    assert "warning: n_threads=64" in captured.err
+    assert "warning: --threads 64" in captured.err
     assert "socket" not in captured.err and "deprecation" not in captured.err
 
 

@@ -152,6 +152,24 @@ def test_dask_takes_a_fortran_ordered_unembedding_file(client, rng, tmp_path):
                                rtol=1e-6)
 
 
+def test_cli_dask_takes_a_fortran_ordered_unembedding_file(client, rng, tmp_path, capsys):
+    # score_files opened the unembedding as a streamed array: "stored in Fortran order"
+    from cecore import batch
+    h = rng.standard_normal((300, 8)).astype(np.float32)
+    w = (0.3 * rng.standard_normal((12, 8))).astype(np.float32)
+    t = random_index_target(rng, 300, 12)
+    np.save(tmp_path / "h.npy", h)
+    np.save(tmp_path / "t.npy", t)
+    np.save(tmp_path / "w.npy", np.asfortranarray(w))
+    code = main(["score", "--hidden", str(tmp_path / "h.npy"), "--unembedding",
+                 str(tmp_path / "w.npy"), str(tmp_path / "t.npy"), "--json",
+                 "--scheduler", client.scheduler.address])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    np.testing.assert_allclose(json.loads(out)["mean_loss"],
+                               batch.score(h, t, unembedding=w).mean_loss, rtol=1e-6)
+
+
 def test_dask_hidden_states_equal_in_memory(client, rng):
     h = rng.standard_normal((N_ROWS, 16)).astype(np.float32)
     w = (0.3 * rng.standard_normal((40, 16))).astype(np.float32)

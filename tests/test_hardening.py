@@ -345,8 +345,21 @@ def test_cli_threads_above_the_cpus_warns_in_one_line(scored_files, capsys):
     code, out, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--threads", "40000",
                              "--json"], capsys)
     assert code == 0
-    assert err.startswith("cecore score: warning: ") and err.count("\n") == 1, err
+    assert err.startswith("cecore score: warning: --threads 40000 is more than the ")
+    assert err.count("\n") == 1, err
     assert np.float32(json.loads(out)["mean_loss"]) == cecore.cross_entropy(x, t)
+
+
+def test_cli_names_options_not_files(scored_files, capsys, tmp_path, monkeypatch):
+    # Messages beginning with a parameter's name were rewritten to name the option; a
+    # file named like a parameter was renamed too ("--top-k is not a valid .npy").
+    _, _, d = scored_files
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "top_k").write_bytes(b"garbage" * 20)
+    code, _, err = _score(["top_k", str(d / "t.npy")], capsys)
+    assert code == 1 and err.startswith("cecore score: error: top_k is not a valid .npy")
+    code, _, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--threads", "0"], capsys)
+    assert code == 1 and err == "cecore score: error: --threads must be -1 or an int >= 1, got 0\n"
 
 
 @pytest.mark.parametrize("workers", ["0", "-1"])
@@ -834,6 +847,8 @@ def test_only_omp_num_threads_is_a_list(monkeypatch):
     for name in ("CECORE_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(_config, "_ignored_values", set())
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1,2")  # Numba refuses it: skipped
+    assert _config._env_threads() == (None, None)
     monkeypatch.setenv("OMP_NUM_THREADS", "4,2")
     assert _config._env_threads() == ("OMP_NUM_THREADS", 4)
     for value in ("1,2", ",2"):
