@@ -119,55 +119,33 @@ def test_dask_refuses_the_logits_as_their_own_targets(client, rng, tmp_path, cap
     assert r.mean_loss == pytest.approx(np.log(4))
 
 
-def test_cli_dask_takes_a_compressed_unembedding(client, rng, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["compressed", "fortran"])
+def test_cli_dask_takes_any_unembedding_file(client, rng, tmp_path, capsys, kind):
     # The README says a compressed unembedding is decompressed by each task on Dask (as
     # score_dask does); the command refused it with the logits' "cannot be read in
-    # parallel". Oracle: the in-memory score.
+    # parallel". A Fortran-ordered one (np.save of a transposed (d, V) kernel), read whole
+    # and transposed, was refused as "stored in Fortran order". Oracle: in memory.
     from cecore import batch
     h = rng.standard_normal((300, 8)).astype(np.float32)
     w = (0.3 * rng.standard_normal((12, 8))).astype(np.float32)
     t = random_index_target(rng, 300, 12)
     np.save(tmp_path / "h.npy", h)
     np.save(tmp_path / "t.npy", t)
-    np.savez_compressed(tmp_path / "w.npz", w=w)
-    code = main(["score", "--hidden", str(tmp_path / "h.npy"), "--unembedding",
-                 str(tmp_path / "w.npz"), str(tmp_path / "t.npy"), "--json",
-                 "--scheduler", client.scheduler.address])
+    if kind == "compressed":
+        path = tmp_path / "w.npz"
+        np.savez_compressed(path, w=w)
+    else:
+        path = tmp_path / "w.npy"
+        np.save(path, np.asfortranarray(w))
+    code = main(["score", "--hidden", str(tmp_path / "h.npy"), "--unembedding", str(path),
+                 str(tmp_path / "t.npy"), "--json", "--scheduler", client.scheduler.address])
     out, err = capsys.readouterr()
     assert code == 0, err
-    np.testing.assert_allclose(json.loads(out)["mean_loss"],
-                               batch.score(h, t, unembedding=w).mean_loss, rtol=1e-6)
-
-
-def test_dask_takes_a_fortran_ordered_unembedding_file(client, rng, tmp_path):
-    # np.save of a transposed (d, V) kernel: the workers read it whole, transposed.
-    from cecore import batch
-    h = rng.standard_normal((300, 8)).astype(np.float32)
-    w = (0.3 * rng.standard_normal((12, 8))).astype(np.float32)
-    t = random_index_target(rng, 300, 12)
-    np.save(tmp_path / "w.npy", np.asfortranarray(w))
+    expected = batch.score(h, t, unembedding=w).mean_loss
+    np.testing.assert_allclose(json.loads(out)["mean_loss"], expected, rtol=1e-6)
     r = _dask.score_dask(da.from_array(h, chunks=(70, 8)), da.from_array(t, chunks=70),
-                         unembedding=str(tmp_path / "w.npy"), client=client)
-    np.testing.assert_allclose(r.mean_loss, batch.score(h, t, unembedding=w).mean_loss,
-                               rtol=1e-6)
-
-
-def test_cli_dask_takes_a_fortran_ordered_unembedding_file(client, rng, tmp_path, capsys):
-    # score_files opened the unembedding as a streamed array: "stored in Fortran order"
-    from cecore import batch
-    h = rng.standard_normal((300, 8)).astype(np.float32)
-    w = (0.3 * rng.standard_normal((12, 8))).astype(np.float32)
-    t = random_index_target(rng, 300, 12)
-    np.save(tmp_path / "h.npy", h)
-    np.save(tmp_path / "t.npy", t)
-    np.save(tmp_path / "w.npy", np.asfortranarray(w))
-    code = main(["score", "--hidden", str(tmp_path / "h.npy"), "--unembedding",
-                 str(tmp_path / "w.npy"), str(tmp_path / "t.npy"), "--json",
-                 "--scheduler", client.scheduler.address])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    np.testing.assert_allclose(json.loads(out)["mean_loss"],
-                               batch.score(h, t, unembedding=w).mean_loss, rtol=1e-6)
+                         unembedding=str(path), client=client)
+    np.testing.assert_allclose(r.mean_loss, expected, rtol=1e-6)
 
 
 def test_dask_hidden_states_equal_in_memory(client, rng):
