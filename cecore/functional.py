@@ -257,10 +257,24 @@ def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean", *,
     """Negative log-likelihood of log-probabilities, as ``torch.nn.functional.nll_loss``.
 
     ``loss = -weight[t] * input[n, t, ...]``; 'mean' divides by the summed weight of the
-    non-ignored targets. Parameters and returns as :func:`cross_entropy` (class-index
-    targets only; ``grad_out=input`` works in place). The loss is a gather, so no kernel
-    is needed: ``backend`` and ``n_threads`` are validated and accepted for a uniform
-    signature.
+    non-ignored targets. The loss is a gather, so no kernel is needed.
+
+    Parameters
+    ----------
+    input : array-like of shape (C,), (N, C) or (N, C, d1, ..., dK)
+        Log-probabilities (any values are taken as they are), float16/32/64.
+    target : array-like of shape (), (N,) or (N, d1, ..., dK)
+        Class indices, any integer dtype, each in ``[0, C)`` or equal to
+        ``ignore_index`` (no probability targets, as in torch).
+    weight, ignore_index, reduction, return_grad, grad_output, grad_out
+        As :func:`cross_entropy` (``grad_out=input`` works in place).
+    backend, n_threads
+        Validated and accepted for a uniform signature; unused.
+
+    Returns
+    -------
+    loss, grad
+        As :func:`cross_entropy`'s.
     """
     V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
     t_raw = V._to_numpy(target)
@@ -385,6 +399,29 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
     the input). As in torch, a target of a wider dtype than the input's promotes the
     computation and the loss; the gradient keeps the input's dtype. (torch's loss takes
     the target's dtype even when it is the narrower one; cecore's the wider one.)
+
+    Parameters
+    ----------
+    input : array-like
+        Logits of any shape, float16/32/64 (float16 computed in float32).
+    target : array-like of the input's shape
+        Floating point, usually probabilities in [0, 1] (other values are taken as they
+        are, as torch does).
+    weight : array-like, optional
+        Element weights, broadcast against the input.
+    reduction : {'mean', 'sum', 'none'}, default='mean'
+    pos_weight : array-like, optional
+        Weight of the positive term, broadcast against the input.
+    return_grad, grad_output, grad_out, backend, n_threads
+        As :func:`cross_entropy` (``grad_output``: a scalar for 'mean'/'sum', the
+        input's shape for 'none').
+
+    Returns
+    -------
+    loss : scalar or ndarray
+        Shape () for 'mean'/'sum', the input's for 'none'.
+    grad : ndarray of the input's shape and dtype
+        Only when ``return_grad=True`` or ``grad_out`` is given (then it is ``grad_out``).
     """
     V.check_grad_output_use(grad_output, return_grad or grad_out is not None)
     x = V.float_input(input)
@@ -549,7 +586,19 @@ def _softmax(x, axis, log, backend, n_threads, overwrite=False):
 def log_softmax(x, axis=-1, *, backend="auto", n_threads=None):
     """Log of the softmax along ``axis``, computed as ``x - logsumexp(x)`` (never ``log(softmax)``).
 
-    Integer input is computed in float64; float16 in float32 and returned as float16.
+    Parameters
+    ----------
+    x : array-like
+        Any shape with at least one dimension. Integer input is computed in float64;
+        float16 in float32 and returned as float16.
+    axis : int, default=-1
+        One axis (not None or a tuple).
+    backend, n_threads
+        As :func:`cross_entropy`.
+
+    Returns
+    -------
+    ndarray of ``x``'s shape (and float dtype)
     """
     return _softmax(x, axis, True, backend, n_threads)
 
@@ -563,13 +612,20 @@ def _softmax_over(scores, log, backend, n_threads):
 
 @_ieee
 def softmax(x, axis=-1, *, backend="auto", n_threads=None):
-    """Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``."""
+    """Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``.
+
+    Parameters and dtypes as :func:`log_softmax`'s.
+    """
     return _softmax(x, axis, False, backend, n_threads)
 
 
 @_ieee
 def logsumexp(x, axis=-1, *, backend="auto", n_threads=None):
-    """``log(sum(exp(x), axis))`` without overflow; the result drops ``axis``."""
+    """``log(sum(exp(x), axis))`` without overflow; the result drops ``axis``.
+
+    Parameters and dtypes as :func:`log_softmax`'s (``axis`` is one int: not None, unlike
+    ``scipy.special.logsumexp``).
+    """
     x, axis = _softmax_input(x, axis)
     dtype = V.compute_dtype(x.dtype)
     x3, _ = V.canonical(x, axis, dtype)
@@ -587,6 +643,15 @@ def perplexity(input, target, ignore_index=-100, *, weight=None, backend="auto",
     excluded from the mean (as language-model padding is). float16
     logits give the exponential of the float32 mean (of a float16-rounded mean, it was up
     to 0.4 % off for losses of 8 to 16).
+
+    Parameters
+    ----------
+    input, target, ignore_index, weight, backend, n_threads
+        As :func:`cross_entropy`'s ('mean' reduction: with ``weight``, the weighted mean).
+
+    Returns
+    -------
+    float
     """
     x = V._to_numpy(input)
     if x.dtype == np.float16:  # computed in float32 anyway (no extra copy)

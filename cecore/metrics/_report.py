@@ -350,8 +350,11 @@ def classification_report_from_logits(logits, target, *, top_k=5, n_bins=15, wei
         ``k`` of ``top_k_accuracy``.
     n_bins : int, default=15
         Equal-width confidence bins of the expected calibration error.
-    weight, ignore_index, label_smoothing, backend, n_threads
-        As :func:`cecore.cross_entropy` (they affect the loss only).
+    ignore_index : int, default=-100
+        Rows whose target equals it are left out of every metric (class-index targets).
+    weight, label_smoothing, backend, n_threads
+        As :func:`cecore.cross_entropy` (``weight`` and ``label_smoothing`` affect the
+        loss only).
 
     Returns
     -------
