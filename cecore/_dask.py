@@ -12,6 +12,7 @@ exactly the blocks the in-memory computation makes; the client adds them in row 
 
 import contextlib
 import logging
+import struct
 import threading
 import time
 import warnings
@@ -51,9 +52,11 @@ def _connect(client_class, address):
     thread = threading.Thread(target=connect, daemon=True)
     thread.start()
     thread.join(timeout + 5)
-    if isinstance(made.get("error"), (ValueError, TypeError)):  # e.g. inproc://, tls://
+    # ValueError, TypeError: e.g. inproc://, tls://; MemoryError, struct.error: a service
+    # that speaks first (SMTP, SSH) read as a Dask frame ("cannot allocate 6.78 EiB")
+    if isinstance(made.get("error"), (ValueError, TypeError, MemoryError, struct.error)):
         raise ValueError(f"cannot connect to a Dask scheduler at {address}: "
-                         f"{made['error']}") from None
+                         f"{type(made['error']).__name__}: {made['error']}") from None
     if "error" in made:
         raise made["error"]
     if "client" not in made:
@@ -213,14 +216,18 @@ def _in_order(parts, client, dask):
 @contextlib.contextmanager
 def _quiet_logs():
     """Distributed logs a failed task at ERROR level with a traceback; the command reports
-    the error itself in one line, so for the run only critical records get through."""
-    logger = logging.getLogger("distributed")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    the error itself in one line, so for the run only critical records get through
+    (``distributed.client`` has a level of its own: a lost scheduler printed its
+    reconnection attempts with tracebacks)."""
+    loggers = [logging.getLogger(name) for name in ("distributed", "distributed.client")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def score_files(logits, target, *, scheduler=None, n_workers=None, memory_budget=DEFAULT_MEMORY_BUDGET,

@@ -60,6 +60,17 @@ def _same_version(st, identity, view):
     return now[2] == identity[2] and now[3] // 10**9 == identity[3] // 10**9
 
 
+def _changed(path, view):
+    """The error for a file that is not the version whose header was read, where the
+    files look as ``view`` (:func:`_view_of_files`)."""
+    if view is not None and view != _view_of_files():  # a worker of another host
+        return ValueError(f"{path} here (a Dask worker's view of the files) is not the file "
+                          "whose header was read (its size or time differ): the workers must "
+                          "see the same files as the client")
+    return ValueError(f"{path} changed after its header was read (it was replaced or "
+                      "rewritten): score it again")
+
+
 class MappedArray:
     """A C-ordered array stored in a file at a byte offset, read through a memory map.
 
@@ -100,8 +111,7 @@ class MappedArray:
             # a second, read-only specialisation of every kernel.
             with open(self.path, "rb") as f:
                 if not _same_version(os.fstat(f.fileno()), self._identity, self._view):
-                    raise ValueError(f"{self.path} changed after its header was read (it "
-                                     "was replaced or rewritten): score it again")
+                    raise _changed(self.path, self._view)
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             if hasattr(mmap, "MADV_SEQUENTIAL"):  # more read-ahead when the file is cold
                 self._map.madvise(mmap.MADV_SEQUENTIAL)
@@ -139,24 +149,44 @@ class StreamedArray:
     """A compressed ``.npz`` member, decompressed front to back into one reused buffer.
 
     :meth:`rows` must be called with consecutive, increasing ranges (one pass); a
-    Fortran-ordered array (``fortran=True``) with the whole range.
+    Fortran-ordered array (``fortran=True``) with the whole range. The member is opened
+    at the first :meth:`rows`, not before: a copy unpickled where it is not read (a Dask
+    scheduler, which may not see the file) opens nothing. As :class:`MappedArray`, it
+    pickles as its absolute path, and reads only the file whose header was read (same
+    identity, and the same dtype and shape in the member's header).
     """
 
-    def __init__(self, path, member, dtype, shape, fortran=False):
+    def __init__(self, path, member, dtype, shape, fortran=False, _origin=None):
         self.path, self.member = os.fspath(path), member
         self.dtype, self.shape = np.dtype(dtype), tuple(shape)
         self.ndim, self.fortran = len(self.shape), fortran
         self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
-        self._zip = zipfile.ZipFile(self.path)
-        self._stream = self._zip.open(member)
-        _read_header(self._stream, self.path, any_order=fortran)
+        # (identity, view of the files, absolute path) where the header was read
+        self._origin = _origin or (_identity(os.stat(self.path)), _view_of_files(),
+                                   os.path.abspath(self.path))
+        self._zip = self._stream = None
         self._next_row, self._buffer = 0, None
+
+    def _open(self):
+        identity, view, _ = self._origin
+        changed = _changed(self.path, view)
+        with open(self.path, "rb") as f:
+            if not _same_version(os.fstat(f.fileno()), identity, view):
+                raise changed
+        self._zip = zipfile.ZipFile(self.path)
+        self._stream = self._zip.open(self.member)
+        if _read_header(self._stream, self.path, any_order=self.fortran) != (
+                self.shape, self.dtype, self.fortran):
+            self.close()
+            raise changed
 
     def rows(self, start, stop):
         if self.fortran:
             _check_whole(self, start, stop)
         if start != self._next_row:
             raise ValueError("a compressed .npz member can only be read once, front to back")
+        if self._stream is None:
+            self._open()
         nbytes = (stop - start) * self._row_bytes
         if self._buffer is None or self._buffer.nbytes < nbytes:
             self._buffer = np.empty(nbytes, np.uint8)
@@ -180,14 +210,18 @@ class StreamedArray:
     def __reduce__(self):
         # A Dask worker's copy opens the member afresh (an open ZipFile does not pickle):
         # decompressed again by each task that receives it (a .npy is memory-mapped).
-        return type(self), (self.path, self.member, self.dtype, self.shape, self.fortran)
+        # Absolute: a worker's working directory is not the client's.
+        return type(self), (self._origin[2], self.member, self.dtype, self.shape,
+                            self.fortran, self._origin)
 
     def release(self, start, stop):
         """Nothing to release: the buffer is reused for the next chunk."""
 
     def close(self):
-        self._stream.close()
-        self._zip.close()
+        if self._stream is not None:
+            self._stream.close()
+            self._zip.close()
+        self._zip = self._stream = None
 
 
 class InMemoryArray:

@@ -234,7 +234,9 @@ def class_weight(weight, n_classes):
             f"weight should be defined either for all {n_classes} classes or no classes, "
             f"but got weight of shape {w.shape}"
         )
-    return np.ascontiguousarray(w, dtype=np.float64)
+    # A copy, always: a weight file's map (cecore score --weight) would otherwise be read
+    # at every chunk, and a file rewritten during the run changed the weights midway.
+    return np.array(w, dtype=np.float64)
 
 
 def check_ignore_index(ignore_index):

@@ -306,7 +306,9 @@ def _linear_head(h_shape, h_dtype, unembedding, bias, input_kind):
         if np.shape(bias) != (unembedding.shape[0],):  # before float_input may copy it
             raise ValueError(f"bias must have shape ({unembedding.shape[0]},), "
                              f"got {tuple(np.shape(bias))}")
-        bias = V.float_input(bias, "bias")
+        # a copy: a bias file's map was read at every chunk (and pickled for Dask when
+        # the cluster had started), so a file rewritten meanwhile changed the bias midway
+        bias = V.float_input(bias, "bias").copy()
         if bias.dtype != h_dtype:
             raise TypeError(f"bias must have the hidden states' dtype {h_dtype}, got {bias.dtype}")
     return LinearHead(unembedding, bias), (h_shape[0], unembedding.shape[0])

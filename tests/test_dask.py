@@ -364,3 +364,24 @@ def test_score_dask_checks_shapes_and_chunk_rows_first(client):
             _dask.score_dask(x, t, chunk_rows=rows, client=client)
     assert _dask.score_dask(x, t, chunk_rows=np.int64(3), client=client).mean_loss == \
         cecore.cross_entropy(x, t)
+
+
+@pytest.mark.parametrize("error", [MemoryError("Unable to allocate 6.78 EiB"),
+                                   __import__("struct").error("unpack_from requires")])
+def test_a_service_that_speaks_first_is_no_scheduler(error):
+    # an SMTP or SSH banner read as a Dask frame: "Unable to allocate 6.78 EiB for an
+    # array", or a struct.error, reached the user as they were (hostile review)
+    def client_class(address, timeout):
+        raise error
+
+    with pytest.raises(ValueError, match="cannot connect to a Dask scheduler at tcp://x:25"):
+        _dask._connect(client_class, "tcp://x:25")
+
+
+def test_quiet_logs_covers_the_client_logger():
+    # distributed.client has a level of its own: a lost scheduler printed its reconnection
+    # attempts and a traceback around the one-line error (hostile review)
+    import logging
+    with _dask._quiet_logs():
+        assert logging.getLogger("distributed.client").getEffectiveLevel() == logging.CRITICAL
+        assert logging.getLogger("distributed").getEffectiveLevel() == logging.CRITICAL
