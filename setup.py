@@ -125,15 +125,18 @@ class BuildExt(build_ext):
             base_args.append("-fno-trapping-math")
         omp_compile, omp_link = (["/openmp"], []) if msvc else (["-fopenmp"], ["-fopenmp"])
 
-        if os.environ.get("CECORE_NO_OPENMP"):
-            openmp = False
-        else:
-            openmp = _compiles(cc, _PROBE_SOURCE, omp_compile, omp_link)
+        # "0", "false", "no", "off" or empty: not set (a value of 0 made a serial build,
+        # and the warnings blamed the compiler)
+        no_openmp = os.environ.get("CECORE_NO_OPENMP", "").strip().lower() not in (
+            "", "0", "false", "no", "off")
+        openmp = not no_openmp and _compiles(cc, _PROBE_SOURCE, omp_compile, omp_link)
         if openmp:
             compile_args, link_args = base_args + omp_compile, omp_link
         else:
-            msg = ("cecore: the C compiler does not support OpenMP (-fopenmp); building "
-                   "the Cython kernels single-threaded (n_threads is then ignored).")
+            why = ("CECORE_NO_OPENMP is set" if no_openmp else
+                   "the C compiler does not support OpenMP (-fopenmp)")
+            msg = (f"cecore: {why}; building the Cython kernels single-threaded "
+                   "(n_threads is then ignored).")
             warnings.warn(msg)
             print("WARNING: " + msg)
             compile_args, link_args = list(base_args), []

@@ -207,9 +207,10 @@ def _warn_if_serial(info):
     """setup.py's warning that the compiler had no OpenMP, which pip hides (it shows a
     build's output only with -v), repeated where it is seen: when the backend loads."""
     if not info["openmp"]:
-        warnings.warn("cecore_ext was built without OpenMP (the C compiler did not take "
-                      "-fopenmp): the Cython kernels run on one thread whatever n_threads "
-                      "says. Reinstall with a compiler that supports OpenMP, or use "
+        warnings.warn("cecore_ext was built without OpenMP (CECORE_NO_OPENMP was set at "
+                      "build time, or the C compiler did not take -fopenmp): the Cython "
+                      "kernels run on one thread whatever n_threads says. Reinstall without "
+                      "CECORE_NO_OPENMP, with a compiler that supports OpenMP, or use "
                       "backend='numba'.", RuntimeWarning, stacklevel=2)
 
 

@@ -240,7 +240,7 @@ def score_files(logits, target, *, scheduler=None, n_workers=None, memory_budget
     """
     if n_workers is None:
         n_workers = min(2, cpus_available())
-    n_workers = V.check_int(n_workers, "the number of Dask workers", 1)
+    n_workers = V.check_int(n_workers, "n_workers", 1)
     if scheduler is not None:
         scheduler = str(scheduler).strip()
         if not scheduler:

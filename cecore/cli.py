@@ -145,7 +145,7 @@ def _inputs(args):
 
 # Python parameters whose checks' messages begin with their name, and their options.
 _FLAGS = {"top_k": "--top-k", "n_bins": "--ece-bins", "label_smoothing": "--label-smoothing",
-          "ignore_index": "--ignore-index", "n_threads": "--threads"}
+          "ignore_index": "--ignore-index", "n_threads": "--threads", "n_workers": "--workers"}
 # Their checks' messages: "top_k must be ...", "ignore_index 2**70 does not fit ...",
 # "n_threads=64 is more than ..." (a file named "top_k" must keep its name).
 _PARAMETER_MESSAGE = re.compile(r"(%s)(?= must be | -?\d+ does not fit |=\d+ is more than )"
@@ -247,7 +247,8 @@ _COMMANDS = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="cecore", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(  # the docstring's line without its ``markup``
+        prog="cecore", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen command's options are built (they import its module).
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)

@@ -51,3 +51,45 @@ def test_float32_bce_mean_within_2e7_of_float64(backend, rng, shape):
     ref = ((1 - yd) * xd + np.logaddexp(0, -xd)).mean()
     assert got.dtype == np.float32
     assert abs(float(got) - ref) <= 2e-7 * abs(ref), (float(got), ref)
+
+
+@pytest.mark.parametrize("shape", [(64, 2), (64, 10), (16, 300), (4, 7, 33)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_float32_gradient_of_confident_rows(backend, rng, shape):
+    # The target's entry gs w_t (p_t - 1) was formed in float32 as e_t * coef - gs w_t,
+    # which cancels to float32's rounding of p_t: at a logit gap of 16 it was 6 % of the
+    # row's largest entry, and 0 from a gap of about 17.3 (as torch's float32; a review).
+    # Oracle: float64 on the same float32 logits. Row path, few-classes tiles, K-dim.
+    n, c = shape[0], shape[1]
+    x = rng.standard_normal(shape).astype(np.float32)
+    t = rng.integers(0, c, (n,) + shape[2:])
+    gaps = np.linspace(8.0, 30.0, n).reshape((n,) + (1,) * (len(shape) - 2))
+    np.put_along_axis(x, np.expand_dims(t, 1),
+                      np.expand_dims(x.max(axis=1), 1) + np.expand_dims(gaps, 1), axis=1)
+    w = rng.uniform(0.5, 2.0, c)
+    g_out = np.float32(3.0)
+    _, grad = cecore.cross_entropy(x, t, weight=w, reduction="sum", grad_output=g_out,
+                                   return_grad=True, backend=backend)
+    xd = np.moveaxis(x.astype(np.float64), 1, -1)
+    p = np.exp(xd - xd.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    onehot = np.moveaxis(np.eye(c)[t], -1, 1).astype(bool)
+    wt = np.expand_dims(w[t], 1)
+    p = np.moveaxis(p, -1, 1)
+    # p_t - 1 as minus the others' sum: 1 - p_t in float64 keeps only 1e-16 of it
+    ref = 3.0 * wt * np.where(onehot, -np.where(onehot, 0.0, p).sum(axis=1, keepdims=True), p)
+    scale = np.abs(ref).max(axis=1, keepdims=True)  # each row's largest entry
+    # Each exp's argument x_c - max is rounded to float32 first: an exp's relative error
+    # grows as |x_c - max| 2**-24 (6e-8 per unit of the gap), plus a few ulps, and the
+    # target's entry, minus the others' sum, inherits theirs; it is q (e_t - s) with s a
+    # float64 sum of about 1 (as torch's float64, whose p_t - 1 carries the same 1e-16):
+    # an absolute 2**-52 gs w_t more. (The old entry was off by 6 % of `scale` at a
+    # gap of 16, 100 % from 17.3.)
+    gap = (np.moveaxis(xd.max(axis=-1, keepdims=True), -1, 1) - x).max(axis=1, keepdims=True)
+    bound = (2.0**-21 + gap * 2.0**-23) * scale + 2.0**-50 * 3.0 * wt
+    assert (np.abs(grad - ref) <= bound).all(), (np.abs(grad - ref) / bound).max()
+    # in place: the same bits
+    xi = x.copy()
+    cecore.cross_entropy(xi, t, weight=w, reduction="sum", grad_output=g_out, grad_out=xi,
+                         backend=backend)
+    np.testing.assert_array_equal(xi, grad)

@@ -368,7 +368,7 @@ def test_dask_local_with_no_workers_is_a_bad_argument(scored_files, capsys, work
     code, out, err = _score([str(d / "x.npy"), str(d / "t.npy"), "--dask", "local",
                              "--workers", workers], capsys)
     assert code == 1 and out == ""
-    assert "number of Dask workers must be an int >= 1" in err and err.count("\n") == 1
+    assert "error: --workers must be an int >= 1" in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------ semantics vs torch

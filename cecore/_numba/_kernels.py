@@ -182,7 +182,8 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad, in_place
     # The smoothing terms only when eps > 0: 0 * w_total would turn a NaN weight of a
     # class that is not the target into a NaN gradient for every row (torch: none).
     w_sum = (1.0 - eps) * w_t + smooth * w_total if eps > 0.0 else w_t
-    coef = _cast_like(gs * w_sum / s, m)
+    q = gs * w_sum / s
+    coef = _cast_like(q, m)
     sub = _cast_like(_rounded_product(gs * (1.0 - eps), w_t), m)
     if eps > 0.0:
         shift = gs * smooth
@@ -191,7 +192,14 @@ def _index_row(row, t, weight, w_total, eps, gs, g, ignored, want_grad, in_place
     else:
         for c in range(n_classes):
             g[c] = g[c] * coef
-    g[t] -= sub
+    # Without smoothing, when the target holds the max (e_t = exp(0) = 1 exactly), its
+    # entry is q (1 - s) = gs w_t (p_t - 1), formed in float64: as e_t * coef - gs w_t in
+    # x's type it cancelled to the rounding of p_t (float32: 6 % of the row's largest
+    # entry at a logit gap of 16, 0 from 17.3; as cec_index_row). Otherwise p_t <= 1/2.
+    if eps == 0.0 and x_t == np.float64(m):
+        g[t] = _cast_like((1.0 - s) * q, m)
+    else:
+        g[t] -= sub
     return loss
 
 
@@ -772,9 +780,20 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
         w_sum = (1.0 - eps) * w_t[j] + smooth * w_total if eps > 0.0 else w_t[j]
         # Both sides computed, then selected: a division under a condition stays scalar.
         q, sh = gs_run[j] * w_sum / s[j], gs_run[j] * smooth * w_scale
+        sb = _rounded_product(gs_run[j] * (1.0 - eps), w_t[j])
         coef[j] = _cast_like(q if ok else s[j] * 0.0 + zero_w, m[0])
-        shift[j] = _cast_like(sh if ok else 0.0, m[0])
-        sub[j] = _cast_like(_rounded_product(gs_run[j] * (1.0 - eps), w_t[j]), m[0])
+        if eps > 0.0:
+            shift[j] = _cast_like(sh if ok else 0.0, m[0])
+            sub[j] = _cast_like(sb, m[0])
+        else:
+            # The target's entry is p * shift + sub, p = e_t * coef (as cec_index_tile_at's
+            # keep and add): where the target holds the max (its logit still in `shift`),
+            # 0 * p + q (1 - s), formed in float64 (see _index_row); elsewhere p - sub;
+            # 1 * p + 0 at an ignored position (whose target may name a class).
+            top = ok & (shift[j] == m[j])  # (no `and`: a branch stays scalar)
+            exact = (1.0 - s[j]) * q
+            shift[j] = _cast_like(0.0 if top else 1.0, m[0])
+            sub[j] = _cast_like(exact if top else (-sb if ok else 0.0), m[0])
     # Whether a shift is outside x's type's normal range: then the smoothing term, two
     # factors rounded to x's type, is formed in float64 instead (float32 class weights of
     # about 1e30 and up under 'mean': gs * eps / C underflowed and the term was lost;
@@ -800,11 +819,13 @@ def _index_tile(x, base, stride, n_classes, width, target, pos0, weight, w_total
                     gc[j] = gc[j] * coef[j] - shift[j] * w_c
             else:
                 for j in range(width):
-                    gc[j] = gc[j] * coef[j]
-    for j in range(width):
-        t = tgt[j]
-        if t != ignore_index:
-            g[base + t * stride + j] -= sub[j]
+                    p = gc[j] * coef[j]
+                    gc[j] = p * shift[j] + sub[j] if tgt[j] == c else p
+    if eps > 0.0:
+        for j in range(width):
+            t = tgt[j]
+            if t != ignore_index:
+                g[base + t * stride + j] -= sub[j]
 
 
 def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
