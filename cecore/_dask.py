@@ -208,9 +208,31 @@ def _in_order(parts, client, dask):
         return
     futures = client.compute(parts)
     for i, future in enumerate(futures):
-        yield future.result()
+        yield _result(future, client, dask)
         futures[i] = None  # let the worker forget a result once it is summed
         future.release()
+
+
+_POLL = 5.0  # seconds between looks at the cluster while a result is awaited
+
+
+def _result(future, client, dask):
+    """``future.result()``, or a ValueError once the cluster has had no worker for the
+    connect timeout: distributed waits for workers without end, so a run whose workers
+    all died (on a cluster of the user's, which nothing restarts) hung forever."""
+    patience = dask.utils.parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
+    alone_since = None
+    while True:
+        try:
+            return future.result(timeout=_POLL)
+        except TimeoutError:
+            if client.scheduler_info().get("workers"):
+                alone_since = None
+            elif alone_since is None:
+                alone_since = time.monotonic()
+            elif time.monotonic() - alone_since > patience:
+                raise ValueError(f"the Dask cluster has had no worker for {patience:g} s "
+                                 "(they died or left): start workers, then score again") from None
 
 
 @contextlib.contextmanager

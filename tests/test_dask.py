@@ -6,6 +6,7 @@ loopback only) serves the module.
 """
 
 import json
+import time
 
 import dask
 import dask.array as da
@@ -385,3 +386,24 @@ def test_quiet_logs_covers_the_client_logger():
     with _dask._quiet_logs():
         assert logging.getLogger("distributed.client").getEffectiveLevel() == logging.CRITICAL
         assert logging.getLogger("distributed").getEffectiveLevel() == logging.CRITICAL
+
+
+def test_a_cluster_without_workers_is_an_error_not_a_hang(monkeypatch):
+    # With --scheduler, a run whose workers all died waited forever: distributed waits
+    # for workers without end (hostile review). Fakes: a result that never comes, a
+    # cluster with no worker; the patience is the connect timeout.
+    class Never:
+        def result(self, timeout):
+            time.sleep(timeout)
+            raise TimeoutError
+
+    class Empty:
+        def scheduler_info(self):
+            return {"workers": {}}
+
+    monkeypatch.setattr(_dask, "_POLL", 0.01)
+    with dask.config.set({"distributed.comm.timeouts.connect": "0.1s"}):
+        start = time.monotonic()
+        with pytest.raises(ValueError, match="has had no worker for 0.1 s"):
+            _dask._result(Never(), Empty(), dask)
+    assert time.monotonic() - start < 5
