@@ -71,7 +71,28 @@ def _changed(path, view):
                       "rewritten): score it again")
 
 
-class MappedArray:
+class _OnDisk:
+    """The file an array reader was opened on, as its header was read: its identity,
+    absolute path (as the opener's working directory has it) and this machine's view of
+    the files. A reader pickles as that absolute path (a worker's working directory is
+    not the client's) and reads only that version of the file."""
+
+    def _record(self, path):
+        self.path = os.fspath(path)
+        self._identity = _identity(os.stat(self.path))
+        self._abspath, self._view = os.path.abspath(self.path), _view_of_files()
+
+    def _check(self, f):
+        """Raise unless the open file ``f`` is the version whose header was read."""
+        if not _same_version(os.fstat(f.fileno()), self._identity, self._view):
+            raise _changed(self.path, self._view)
+
+    def _state(self, *transient):
+        """``__dict__`` to pickle: ``transient`` attributes reset to None, the path absolute."""
+        return self.__dict__ | dict.fromkeys(transient) | {"path": self._abspath}
+
+
+class MappedArray(_OnDisk):
     """A C-ordered array stored in a file at a byte offset, read through a memory map.
 
     It pickles as its absolute path and layout (the map is reopened where it is
@@ -86,19 +107,15 @@ class MappedArray:
     """
 
     def __init__(self, path, offset, dtype, shape, fortran=False):
-        self.path, self.offset = os.fspath(path), int(offset)
+        self._record(path)
+        self.offset = int(offset)
         self.dtype, self.shape = np.dtype(dtype), tuple(int(n) for n in shape)
         self.ndim, self.fortran = len(self.shape), fortran
         self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
-        self._identity = _identity(os.stat(self.path))
-        self._abspath = os.path.abspath(self.path)  # as the opener's working directory has it
-        self._map, self._view = None, _view_of_files()
+        self._map = None
 
     def __getstate__(self):
-        # Absolute: a worker's working directory is not the client's (a relative path
-        # there named another file, or none).
-        return {k: v for k, v in self.__dict__.items() if k != "_map"} | {
-            "_map": None, "path": self._abspath}
+        return self._state("_map")
 
     def __dask_tokenize__(self):
         return ("cecore.MappedArray", self._abspath, self.offset, str(self.dtype), self.shape,
@@ -110,8 +127,7 @@ class MappedArray:
             # read-only buffer make np.argmax copy the whole chunk, and make Numba compile
             # a second, read-only specialisation of every kernel.
             with open(self.path, "rb") as f:
-                if not _same_version(os.fstat(f.fileno()), self._identity, self._view):
-                    raise _changed(self.path, self._view)
+                self._check(f)
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             if hasattr(mmap, "MADV_SEQUENTIAL"):  # more read-ahead when the file is cold
                 self._map.madvise(mmap.MADV_SEQUENTIAL)
@@ -145,7 +161,7 @@ class MappedArray:
             self._map = None
 
 
-class StreamedArray:
+class StreamedArray(_OnDisk):
     """A compressed ``.npz`` member, decompressed front to back into one reused buffer.
 
     :meth:`rows` must be called with consecutive, increasing ranges (one pass); a
@@ -156,29 +172,24 @@ class StreamedArray:
     identity, and the same dtype and shape in the member's header).
     """
 
-    def __init__(self, path, member, dtype, shape, fortran=False, _origin=None):
-        self.path, self.member = os.fspath(path), member
+    def __init__(self, path, member, dtype, shape, fortran=False):
+        self._record(path)
+        self.member = member
         self.dtype, self.shape = np.dtype(dtype), tuple(shape)
         self.ndim, self.fortran = len(self.shape), fortran
         self._row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
-        # (identity, view of the files, absolute path) where the header was read
-        self._origin = _origin or (_identity(os.stat(self.path)), _view_of_files(),
-                                   os.path.abspath(self.path))
         self._zip = self._stream = None
         self._next_row, self._buffer = 0, None
 
     def _open(self):
-        identity, view, _ = self._origin
-        changed = _changed(self.path, view)
         with open(self.path, "rb") as f:
-            if not _same_version(os.fstat(f.fileno()), identity, view):
-                raise changed
+            self._check(f)
         self._zip = zipfile.ZipFile(self.path)
         self._stream = self._zip.open(self.member)
         if _read_header(self._stream, self.path, any_order=self.fortran) != (
                 self.shape, self.dtype, self.fortran):
             self.close()
-            raise changed
+            raise _changed(self.path, self._view)
 
     def rows(self, start, stop):
         if self.fortran:
@@ -207,12 +218,10 @@ class StreamedArray:
             return flat.reshape(self.shape[::-1]).T
         return flat.reshape((stop - start,) + self.shape[1:])
 
-    def __reduce__(self):
+    def __getstate__(self):
         # A Dask worker's copy opens the member afresh (an open ZipFile does not pickle):
         # decompressed again by each task that receives it (a .npy is memory-mapped).
-        # Absolute: a worker's working directory is not the client's.
-        return type(self), (self._origin[2], self.member, self.dtype, self.shape,
-                            self.fortran, self._origin)
+        return self._state("_zip", "_stream", "_buffer") | {"_next_row": 0}
 
     def release(self, start, stop):
         """Nothing to release: the buffer is reused for the next chunk."""
