@@ -41,6 +41,37 @@ def test_float32_mean_loss_within_2e7_of_float64(backend, rng, shape, eps):
     assert abs(float(got) - ref) <= 2e-7 * abs(ref), (float(got), ref)
 
 
+def _ref_confident(x, t):
+    """Per-position float64 losses of targets that hold the max, as log1p of the others'
+    exps: log(sum) of 1 + tiny keeps only 1e-16 of the tiny part."""
+    x = np.moveaxis(x.astype(np.float64), 1, -1).reshape(-1, x.shape[1])
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    np.put_along_axis(e, t.reshape(-1, 1), 0.0, axis=1)
+    return np.log1p(e.sum(axis=1)), x
+
+
+@pytest.mark.parametrize("shape", [(1 << 16, 2), (1 << 16, 10), (4096, 1000), (4, 21, 64, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_float32_loss_of_confident_rows(backend, rng, shape):
+    # A model scored on its own predictions: the target holds each row's max, losses down
+    # to 1e-30. Each exp's argument x_c - max is rounded to float32 first (as in torch's
+    # float32), so a row's relative error grows with the gap, 2**-24 per unit, past 2e-7
+    # (measured up to 1.1e-6 here); the mean over many rows averages it (1e-9 measured).
+    x = (10 * rng.standard_normal(shape)).astype(np.float32)
+    t = x.argmax(axis=1)
+    ref, xd = _ref_confident(x, t)
+    got = cecore.cross_entropy(x, t, reduction="none", backend=backend)
+    mean = cecore.cross_entropy(x, t, backend=backend)
+    assert abs(float(mean) - ref.mean()) <= 2e-7 * ref.mean(), (float(mean), ref.mean())
+    # per row: the exps' argument and polynomial errors, the loss's float32 rounding, and
+    # an absolute 2**-53 for each add into the float64 sum once it holds the max's 1
+    # (so a loss of 1e-13 is 1e-3 off relative; torch's float32 gives 0 there)
+    gap = xd.max(axis=1) - xd.min(axis=1)
+    bound = (2.0**-22 + gap * 2.0**-24) * ref + shape[1] * 2.0**-53
+    err = np.abs(got.reshape(-1) - ref)  # (N, d1, ...) flattens in the oracle's order
+    assert (err <= bound).all(), (err / bound).max()
+
+
 @pytest.mark.parametrize("shape", [(1 << 22,), (4096, 1000), (1 << 20, 1), (5,)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_float32_bce_mean_within_2e7_of_float64(backend, rng, shape):
