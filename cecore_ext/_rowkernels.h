@@ -213,15 +213,11 @@ CEC_INLINE const char *cec_compiler(void) { return CEC_COMPILER; }
  *    behaviour) but P(r) is NaN, and so is the product.
  * One straight line of arithmetic: gcc vectorises it in full (an earlier version with
  * three selects made gcc evaluate the polynomial twice). */
-CEC_INLINE float cec_exp_f32(float x) {
-    const float magic = 12582912.0f;            /* 1.5 * 2**23 */
-    x = x < -88.0f ? -88.0f : x;
-    const float t = x * 1.44269504088896341f + magic;
-    const float k = t - magic;                  /* round(x / ln2), exactly */
-    /* Cody-Waite split of ln 2; P(r) = 1 + r + r**2 Q(r) with Q of degree 4, a
-     * minimax fit of the relative error on |r| <= ln2/2 (3.6e-9 with these float32
-     * coefficients, far below float32 rounding; one FMA less than a degree-5 Q). */
-    const float r = x - k * 0.693359375f - k * -2.12194440e-4f;
+/* P(r) 2**k from the reduced argument r and t = x / ln2 + magic (k in its low bits). */
+CEC_INLINE float cec_exp_tail_f32(float r, float t) {
+    /* P(r) = 1 + r + r**2 Q(r) with Q of degree 4, a minimax fit of the relative error
+     * on |r| <= ln2/2 (3.6e-9 with these float32 coefficients, far below float32
+     * rounding; one FMA less than a degree-5 Q). */
     float p = 1.3814540580e-3f;
     p = p * r + 8.3687454462e-3f;
     p = p * r + 4.1668388993e-2f;
@@ -239,6 +235,35 @@ CEC_INLINE float cec_exp_f32(float x) {
      * is subnormal (exp(x) < 2**-126, x below -87.3): rounded once there, not twice.
      * 0.95-1.01x the time on AVX2 code (results/ab_exp_fma_scale_avx2code_zen4.json). */
     return CEC_FMAF(p, scale, scale);
+}
+
+CEC_INLINE float cec_exp_f32(float x) {
+    const float magic = 12582912.0f;            /* 1.5 * 2**23 */
+    x = x < -88.0f ? -88.0f : x;
+    const float t = x * 1.44269504088896341f + magic;
+    const float k = t - magic;                  /* round(x / ln2), exactly */
+    /* Cody-Waite split of ln 2: k * LN2_HI is exact, and so is x minus it */
+    return cec_exp_tail_f32(x - k * 0.693359375f - k * -2.12194440e-4f, t);
+}
+
+/* exp(x - m) for x <= m, with x - m's float32 rounding error e put back into the reduced
+ * argument (TwoSum: d + e == x - m exactly), so that the exp is as accurate as for an
+ * exact argument: rounded, d cost the exp a relative |x - m| 2**-24, which a confident
+ * row's loss (the other classes' exps) kept. -e joins the low part of k ln2 in one FMA,
+ * whose rounding is far below r's own. Seven vector operations more than cec_exp_f32 of
+ * x - m (the TwoSum's five, a select, a subtraction): 1.03-1.10x the time of the float32
+ * kernels on this Xeon (results/ab_exp_twosum_xeon.json). */
+CEC_INLINE float cec_exp_diff_f32(float x, float m) {
+    const float magic = 12582912.0f;
+    float d = x - m;
+    const float bv = d - x, av = d - bv;
+    float lo = (av - x) + (bv + m);             /* -e */
+    const int low = d < -88.0f;                 /* (lo is NaN for d = -inf) */
+    d = low ? -88.0f : d;
+    lo = low ? 0.0f : lo;
+    const float t = d * 1.44269504088896341f + magic;
+    const float k = t - magic;
+    return cec_exp_tail_f32((d - k * 0.693359375f) - CEC_FMAF(k, -2.12194440e-4f, lo), t);
 }
 
 CEC_INLINE double cec_exp_f64(double x) {
@@ -269,6 +294,9 @@ CEC_INLINE double cec_exp_f64(double x) {
     memcpy(&scale, &bits, sizeof scale);
     return CEC_FMA(p, scale, scale);            /* as cec_exp_f32 */
 }
+
+/* float64's rounding of x - m costs its exp 2**-53 |x - m|: nothing to put back. */
+CEC_INLINE double cec_exp_diff_f64(double x, double m) { return cec_exp_f64(x - m); }
 
 /* e ln2 + log(1 + f) for |f| small enough that |s| <= 0.2, s = f / (2 + f) (f in
  * [-0.29, 0.5]): log(1 + f) = 2 atanh(s), whose odd series to s**21 is exact to < 2e-17
@@ -598,6 +626,7 @@ CEC_INLINE void cec_stream_fence(void) {
 
 #define T CEC_T
 #define EXP CEC_FN(cec_exp)
+#define EXP_DIFF CEC_FN(cec_exp_diff)
 
 /* =========================================================== row primitives */
 
@@ -837,7 +866,7 @@ CEC_INLINE double CEC_FN(cec_row_sumexp_impl)(const T *x, T m, T *e, ptrdiff_t n
             CEC_PREFETCH(xb + n + i);
         CEC_SIMD
         for (ptrdiff_t c = 0; c < len; c++)
-            dst[c] = EXP(xb[c] - m);
+            dst[c] = EXP_DIFF(xb[c], m);
         if (!ex) {
             CEC_FN(cec_add_lanes)(acc, dst, len);
         } else if (!(t >= b && t < b + len)) {  /* the block's exps are still in L1 */
@@ -986,7 +1015,7 @@ CEC_KERNEL double CEC_FN(cec_scores_row)(const T *x, ptrdiff_t n, ptrdiff_t t,
         rank[1] = 0;
         return loss;
     }
-    CEC_FN(cec_scores_stats)(s, log_s, ex, e2, (double)EXP(x[t] - m), &stats[0], &stats[1],
+    CEC_FN(cec_scores_stats)(s, log_s, ex, e2, (double)EXP_DIFF(x[t], m), &stats[0], &stats[1],
                              &stats[2]);
     if (above == 0) {  /* only then can an earlier tie take the top spot */
         CEC_SIMD_SUM(tied_before)
@@ -1123,7 +1152,7 @@ CEC_FORCE_INLINE void CEC_FN(cec_tile_max_sumexp)(const T *x, ptrdiff_t n, ptrdi
             cec_prefetch_range(next + c * width, width * (ptrdiff_t)sizeof(T), 0);
         CEC_SIMD
         for (ptrdiff_t j = 0; j < width; j++)
-            ec[j] = EXP(xc[j] - m[j]);
+            ec[j] = EXP_DIFF(xc[j], m[j]);
         CEC_SIMD
         for (ptrdiff_t j = 0; j < width; j++)
             s[j] += (double)ec[j];
@@ -1568,5 +1597,6 @@ CEC_KERNEL void CEC_FN(cec_bce_sums_bcast)(const T *x, const T *y, ptrdiff_t n, 
 
 #undef T
 #undef EXP
+#undef EXP_DIFF
 
 #endif /* CEC_TEMPLATE_PASS */

@@ -34,7 +34,7 @@ from .._config import (
 )
 from ._math import (
     _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _divided,
-    _exp_consts, _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product,
+    _exp_consts, _exp_diff, _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product,
     _row_max, _store_fence, _stream_line, _tile_scratch, _tr_2n, _tr_block, _tr_n2, _view,
 )
 from ._runtime import helper, jit
@@ -97,7 +97,7 @@ def _row_sumexp(x, m, e_out):
         for i in range(lo, hi, line):
             _prefetch(x, n + i)
         for c in range(lo, hi):
-            e_out[c] = _exp_nonpos(x[c] - m, k)
+            e_out[c] = _exp_diff(x[c], m, k)
         _add_lanes(acc, _view(e_out, lo, hi), np.int64(hi - lo))
     return _sum_lanes(acc)
 
@@ -117,7 +117,7 @@ def _row_sumexp_in_place(x, m):
         for i in range(lo, hi, line):
             _prefetch(x, n + i)
         for c in range(lo, hi):
-            x[c] = _exp_nonpos(x[c] - m, k)
+            x[c] = _exp_diff(x[c], m, k)
         _add_lanes(acc, _view(x, lo, hi), np.int64(hi - lo))
     return _sum_lanes(acc)
 
@@ -459,7 +459,7 @@ def _tile_max_sumexp(x, base, stride, n_classes, width, m, s, e_out, store, e_bu
             for i in range(nxt + c * width, nxt + (c + 1) * width, _per_line(src)):
                 _prefetch(src, i)
         for j in range(width):
-            ec[j] = _exp_nonpos(xc[j] - m[j], k)
+            ec[j] = _exp_diff(xc[j], m[j], k)
         for j in range(width):
             s[j] += ec[j]
     _tile_log_sum(s, log_s, width)
@@ -476,7 +476,7 @@ def _tile_max_sumexp_in_place(g, base, stride, n_classes, width, m, s, log_s):
     for c in range(n_classes):
         gc = _view(g, base + c * stride, base + c * stride + width)
         for j in range(width):
-            gc[j] = _exp_nonpos(gc[j] - m[j], k)
+            gc[j] = _exp_diff(gc[j], m[j], k)
         for j in range(width):
             s[j] += gc[j]
     _tile_log_sum(s, log_s, width)

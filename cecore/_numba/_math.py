@@ -4,6 +4,8 @@ log and row max that the kernels are built from.
 ``math.exp`` keeps Numba loops scalar (~0.1 G exp/s). ``_exp_nonpos`` is a range
 reduction + polynomial + exponent-bits exp that LLVM vectorises. Its argument is always
 ``x - max`` (so ``<= 0`` or NaN); NaN propagates and very negative values give 0.
+``_exp_diff(x, max)`` is the softmax's: in float32 it puts the rounding error of
+``x - max`` back into the reduced argument.
 """
 
 import platform
@@ -615,6 +617,47 @@ def _exp_consts(typingctx, arr):
     return types.UniTuple(ty, len(vals))(arr), codegen
 
 
+def _exp_codegen(builder, fty, v, lo, ops):
+    """The instructions of :func:`_exp_nonpos`, of ``exp(v - lo)`` for ``lo`` a correction
+    of v's rounding (or None), from the tuple ``ops`` of :func:`_exp_consts`."""
+    pow2, min_x, magic = _EXP_IMMEDIATES[types.float32 if fty == ir.FloatType()
+                                         else types.float64]
+    flags = ("contract", "nsz", "arcp")
+
+    def const(val):
+        return ir.Constant(fty, float(val))
+
+    def mul(a, b):
+        return builder.fmul(a, b, flags=flags)
+
+    def add(a, b):
+        return builder.fadd(a, b, flags=flags)
+
+    def sub(a, b):
+        return builder.fsub(a, b, flags=flags)
+
+    log2e, ln2_hi, ln2_lo, *q = [builder.extract_value(ops, i)
+                                 for i in range(len(ops.type.elements))]
+    low = builder.fcmp_ordered("<", v, const(min_x), flags=flags)
+    v = builder.select(low, const(min_x), v)
+    t = add(mul(v, log2e), const(magic))
+    n = sub(t, const(magic))
+    low_part = mul(n, ln2_lo)
+    if lo is not None:  # one FMA with the low part; none where v was clamped (lo NaN at -inf)
+        low_part = add(low_part, builder.select(low, const(0.0), lo))
+    r = sub(sub(v, mul(n, ln2_hi)), low_part)
+    p = q[0]
+    for c in q[1:]:
+        p = add(mul(p, r), c)
+    p = add(mul(mul(p, r), r), r)
+    scale = _pow2_codegen(builder, t, *pow2, fty)
+    return add(mul(p, scale), scale)  # the "+ 1" in an FMA, as cec_exp_f32
+
+
+def _float_type(ty):
+    return ir.FloatType() if ty == types.float32 else ir.DoubleType()
+
+
 @intrinsic
 def _exp_nonpos(typingctx, x, k):
     """exp(x) for x <= 0 (or NaN), vectorisable, given ``k = _exp_consts(array of x's
@@ -633,40 +676,39 @@ def _exp_nonpos(typingctx, x, k):
     kernel_findings.md)."""
     if x not in _EXP_IMMEDIATES or k != types.UniTuple(x, len(_EXP_OPERANDS[x])):
         return None
-    pow2, min_x, magic = _EXP_IMMEDIATES[x]
-    fty = ir.FloatType() if x == types.float32 else ir.DoubleType()
 
     def codegen(context, builder, signature, args):
-        flags = ("contract", "nsz", "arcp")
-
-        def const(v):
-            return ir.Constant(fty, float(v))
-
-        def mul(a, b):
-            return builder.fmul(a, b, flags=flags)
-
-        def add(a, b):
-            return builder.fadd(a, b, flags=flags)
-
-        def sub(a, b):
-            return builder.fsub(a, b, flags=flags)
-
-        v, ops = args
-        log2e, ln2_hi, ln2_lo, *q = [builder.extract_value(ops, i)
-                                     for i in range(len(signature.args[1]))]
-        v = builder.select(builder.fcmp_ordered("<", v, const(min_x), flags=flags),
-                           const(min_x), v)
-        t = add(mul(v, log2e), const(magic))
-        n = sub(t, const(magic))
-        r = sub(sub(v, mul(n, ln2_hi)), mul(n, ln2_lo))
-        p = q[0]
-        for c in q[1:]:
-            p = add(mul(p, r), c)
-        p = add(mul(mul(p, r), r), r)
-        scale = _pow2_codegen(builder, t, *pow2, fty)
-        return add(mul(p, scale), scale)  # the "+ 1" in an FMA, as cec_exp_f32
+        return _exp_codegen(builder, _float_type(x), args[0], None, args[1])
 
     return x(x, k), codegen
+
+
+@intrinsic
+def _exp_diff(typingctx, x, m, k):
+    """exp(x - m) for x <= m, as :func:`_exp_nonpos` of x - m; in float32 with the
+    subtraction's rounding error e put back into the reduced argument (TwoSum: d + e
+    equals x - m exactly; -e joins the low part of k ln2 in one FMA), as
+    cec_exp_diff_f32: rounded, d cost the exp a relative |x - m| 2**-24, which a confident
+    row's loss (the other classes' exps) kept. float64's rounding costs 2**-53 |x - m|:
+    nothing to put back. The TwoSum's instructions carry flags ("arcp"), so that no
+    fastmath pass can flag them "reassoc" and fold e to 0."""
+    if (x not in _EXP_IMMEDIATES or m != x
+            or k != types.UniTuple(x, len(_EXP_OPERANDS[x]))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v, top, ops = args
+        flags = ("arcp",)
+        d = builder.fsub(v, top, flags=flags)
+        lo = None
+        if x == types.float32:
+            bv = builder.fsub(d, v, flags=flags)
+            av = builder.fsub(d, bv, flags=flags)
+            lo = builder.fadd(builder.fsub(av, v, flags=flags),
+                              builder.fadd(bv, top, flags=flags), flags=flags)  # -e
+        return _exp_codegen(builder, _float_type(x), d, lo, ops)
+
+    return x(x, m, k), codegen
 
 
 _LOG_SERIES = tuple(1.0 / k for k in range(21, 2, -2))  # 1/21, 1/19, ..., 1/3
