@@ -22,13 +22,14 @@ DATASETS = ("digits", "breast_cancer")
 def configure_parser(parser):
     parser.add_argument("--datasets", nargs="+", choices=("digits", "breast_cancer", "iris", "wine"),
                         default=list(DATASETS),
-                        help="built-in scikit-learn data sets to use (default: digits "
-                             "breast_cancer)")
+                        help="built-in scikit-learn data sets to use (default: "
+                             f"{' '.join(DATASETS)})")
     parser.add_argument("-C", type=_positive_float, default=1.0,
-                        help="inverse regularisation strength (> 0; default: 1.0)")
+                        help="inverse regularisation strength (> 0; default: %(default)s)")
     parser.add_argument("--tol", type=_positive_float, default=1e-6,
-                        help="L-BFGS tolerance of both models (> 0; default: 1e-6, tighter "
-                             "than the estimators' default 1e-4: the demo compares optima)")
+                        help="L-BFGS tolerance of both models (> 0; default: %(default)s, "
+                             "tighter than the estimators' default 1e-4: the demo compares "
+                             "optima)")
     parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
 
 
