@@ -252,7 +252,9 @@ CEC_INLINE float cec_exp_f32(float x) {
  * row's loss (the other classes' exps) kept. -e joins the low part of k ln2 in one FMA,
  * whose rounding is far below r's own. Seven vector operations more than cec_exp_f32 of
  * x - m (the TwoSum's five, a select, a subtraction): 1.03-1.10x the time of the float32
- * kernels on this Xeon (results/ab_exp_twosum_xeon.json). */
+ * kernels on this Xeon (results/ab_exp_twosum_xeon.json). cec_exp_f32 keeps its own
+ * reduction: through this one with e = -0, gcc did not fold fma(k, LN2_LO, -0) into the
+ * old fused step, and BCE's bits changed (kernel_findings.md, forty-sixth session). */
 CEC_INLINE float cec_exp_diff_f32(float x, float m) {
     const float magic = 12582912.0f;
     float d = x - m;
