@@ -1107,10 +1107,14 @@ cdef void _report_rows(const ReportArgs *a, Py_ssize_t b, const double *stats,
     cdef double p
     cdef double *sums = a.sums + b * (3 + a.n_bins)  # entropy, Brier, confidence per bin
     cdef int64_t *counts = a.counts + b * (4 + a.n_bins)  # ignored, top-1, top-k, per bin
-    # In locals: through acc and counts, which the bins' stores may alias, every row's
-    # sums went through memory (a store and a forwarded load per row).
+    # In locals: through acc, counts and a, which the bins' stores may alias, every row's
+    # sums went through memory (a store and a forwarded load per row) and every row
+    # loaded a's fields again.
     cdef double h = acc[0], h_err = acc[1], brier = acc[2], brier_err = acc[3]
     cdef int64_t ignored = counts[0], top1 = counts[1], topk = counts[2]
+    cdef int64_t n_bins = a.n_bins, top_k = a.top_k
+    cdef double bins = <double>a.n_bins
+    cdef const double *edges = a.edges
     for i in range(n):
         r = rank[2 * i]
         if r < 0:  # ignored
@@ -1122,10 +1126,10 @@ cdef void _report_rows(const ReportArgs *a, Py_ssize_t b, const double *stats,
         if not (p >= 0.0 and p <= 1.0):  # NaN: undefined softmax (NaN entropy and Brier),
             continue                     # no hit, confidence 0; never a bin out of range
         # bin floor(p * n_bins) (0 <= p <= 1), moved by one where rounding crossed an edge
-        k = <int64_t>(p * a.n_bins)
-        if k > 0 and p < a.edges[k]:
+        k = <int64_t>(p * bins)
+        if k > 0 and p < edges[k]:
             k -= 1
-        elif k < a.n_bins and p >= a.edges[k + 1]:
+        elif k < n_bins and p >= edges[k + 1]:
             k += 1
         sums[2 + k] += p
         # (no branch on the hit: a model right half the time would mispredict it half
@@ -1133,7 +1137,7 @@ cdef void _report_rows(const ReportArgs *a, Py_ssize_t b, const double *stats,
         hit = rank[2 * i + 1] == 1
         top1 += hit
         counts[3 + k] += hit
-        topk += r < a.top_k
+        topk += r < top_k
     acc[0], acc[1], acc[2], acc[3] = h, h_err, brier, brier_err
     counts[0], counts[1], counts[2] = ignored, top1, topk
 

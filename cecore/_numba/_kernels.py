@@ -35,7 +35,8 @@ from .._config import (
 from ._math import (
     _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _divided,
     _exp_consts, _exp_diff, _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product,
-    _row_max, _store_fence, _stream_line, _tile_scratch, _tr_2n, _tr_block, _tr_n2, _view,
+    _row_max, _square_scale, _store_fence, _stream_line, _tile_scratch, _tr_2n, _tr_block,
+    _tr_n2, _view,
 )
 from ._runtime import helper, jit
 
@@ -228,10 +229,12 @@ def _scores_stats(s, log_s, ex, e2, et):
     target's exp ``et`` (cec_scores_stats): the Brier score as
     ``sum_{c != t} p_c**2 + (1 - p_t)**2`` with ``1 - p_t = (s - e_t) / s``;
     ``e2 / s**2 - 2 p_t + 1`` cancelled for confident rows. For the row and tile kernels."""
-    rest = _divided(s - et, s)
-    # (no "arcp" reciprocal nor "contract" FMA: the same bits in every kernel's copy)
-    return (log_s - _divided(ex, s), _divided(1.0, s),
-            _divided(e2, _rounded_product(s, s)) + _rounded_product(rest, rest))
+    # One division and products by its reciprocal (as cec_scores_stats), and no "arcp"
+    # reciprocal nor "contract" FMA: the same bits in every kernel's copy
+    r = _divided(1.0, s)
+    rest = _rounded_product(s - et, r)
+    return (log_s - _rounded_product(ex, r), r,
+            _rounded_product(_rounded_product(e2, r), r) + _rounded_product(rest, rest))
 
 
 @helper
@@ -260,7 +263,8 @@ def _row_scores(row, t, m, s, e, stats, rank):
     zero = _cast_like(0.0, m)
     one = _cast_like(1.0, m)
     ex = 0.0
-    e2 = 0.0
+    e2 = 0.0  # scaled by sq**2 (see _SQUARE_SCALE)
+    sq = _square_scale(m)
     above = 0
     # The target's exp is left out of the moments (its entropy term is added in float64):
     # in a confident row e_t ~ 1, and next to it the other squares rounded away in the
@@ -278,7 +282,7 @@ def _row_scores(row, t, m, s, e, stats, rank):
         for j in range(hi - tail):
             v = e[tail + j]
             ab[j] += v * (row[tail + j] - m) if v > zero else zero
-            qb[j] += v * v
+            qb[j] += _rounded_product(v * sq, v * sq)
             nb[j] += one if row[tail + j] > xt else zero
         ex += _sum_lanes(ab)
         e2 += _sum_lanes(qb)
@@ -286,6 +290,7 @@ def _row_scores(row, t, m, s, e, stats, rank):
     e[t] = et
     if et > zero:
         ex += np.float64(et) * np.float64(xt - m)
+    e2 *= 1.0 / (np.float64(sq) * np.float64(sq))
     stats[0], stats[1], stats[2] = _scores_stats(s, np.log(s), ex, e2, np.float64(et))
     tied_before = 0
     if above == 0:  # only then can an earlier tie take the top spot
@@ -889,6 +894,8 @@ def _tile_scores(xt, et, n_classes, width, tgt, ignore_index, m, s, log_s, stats
     out. ``xtt`` to ``before``: scratch of TILE values of the logits' type."""
     zero = _cast_like(0.0, m[0])
     one = _cast_like(1.0, m[0])
+    sq = _square_scale(m[0])  # q: squares scaled by sq**2 (see _SQUARE_SCALE)
+    unscale = 1.0 / (np.float64(sq) * np.float64(sq))
     for j in range(width):
         tc = tgt[j] if tgt[j] != ignore_index else 0
         xtt[j] = xt[tc * TILE + j]
@@ -907,7 +914,7 @@ def _tile_scores(xt, et, n_classes, width, tgt, ignore_index, m, s, log_s, stats
             # products rounded, never fused into the sums: LLVM fused them in the vector
             # loop and not in the scalar one (one-row chunks gave other Brier scores)
             a[j] += _rounded_product(v, (xv if xv > lo[j] else lo[j]) - m[j])
-            q[j] += zero if tgt[j] == c else _rounded_product(v, v)
+            q[j] += zero if tgt[j] == c else _rounded_product(v * sq, v * sq)
             above[j] += one if xv > xtt[j] else zero
             before[j] += one if c < tgt[j] and xv == xtt[j] else zero
     # Branch-free selects, so that the float64 divisions vectorise (as cec_scores_tile);
@@ -917,8 +924,8 @@ def _tile_scores(xt, et, n_classes, width, tgt, ignore_index, m, s, log_s, stats
     for j in range(width):
         ok = tgt[j] != ignore_index
         fine = ok & (s[j] < np.inf)
-        h, mp, br = _scores_stats(s[j], log_s[j], np.float64(a[j]), np.float64(q[j]),
-                                  np.float64(ett[j]))
+        h, mp, br = _scores_stats(s[j], log_s[j], np.float64(a[j]),
+                                  np.float64(q[j]) * unscale, np.float64(ett[j]))
         stats[j, 0] = h if fine else np.nan
         stats[j, 1] = mp if fine else np.nan
         stats[j, 2] = br if fine else np.nan

@@ -348,12 +348,12 @@ def _splat(builder, vty, value):
 def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
     """For b < n_blocks, the LANES values at i = start + b * LANES + j (lane j) of the
     exps ``e`` and logits ``x`` add ``e_i (x_i - m)`` (0 where ``e_i = 0``) to ``a[j]``,
-    ``e_i**2`` to ``q[j]`` and 1 where ``x_i > xt`` to ``k[j]``, in the arrays' float
-    type, block after block: the order is fixed here, so every compiled copy gives the
-    same bits. As LLVM vector operations: written as loops without "reassoc" LLVM kept
-    the sums scalar (the scoring kernel 2.9x its former time), and through scratch and
-    :func:`_add_blocks` 1.6-1.9x (bench_ab.py, Zen 4; kernel_findings.md, twenty-eighth
-    session). No bounds checks."""
+    ``(e_i SQ)**2`` to ``q[j]`` (see ``_SQUARE_SCALE``) and 1 where ``x_i > xt`` to
+    ``k[j]``, in the arrays' float type, block after block: the order is fixed here, so
+    every compiled copy gives the same bits. As LLVM vector operations: written as loops
+    without "reassoc" LLVM kept the sums scalar (the scoring kernel 2.9x its former time),
+    and through scratch and :func:`_add_blocks` 1.6-1.9x (bench_ab.py, Zen 4;
+    kernel_findings.md, twenty-eighth session). No bounds checks."""
     arrays = (e, x, a, q, k)
     if not (all(isinstance(v, types.Array) and v.dtype == m for v in arrays)
             and isinstance(m, types.Float) and xt == m
@@ -372,6 +372,7 @@ def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
 
         m_v, xt_v = (_splat(builder, vty, args[k]) for k in (4, 5))
         lo_v = _splat(builder, vty, builder.fadd(args[4], ir.Constant(fty, -1e30)))
+        sq_v = ir.Constant(vty, [_SQUARE_SCALE[m]] * LANES)
         zero = ir.Constant(vty, [0.0] * LANES)
         one = ir.Constant(vty, [1.0] * LANES)
         accs = [builder.bitcast(p, vty.as_pointer()) for p in (a_p, q_p, k_p)]
@@ -388,7 +389,7 @@ def _add_moments(typingctx, e, x, start, n_blocks, m, xt, a, q, k):
             # bits as a select on e_i > 0 (no speed difference measured here)
             xc = builder.select(builder.fcmp_ordered(">", xv, lo_v), xv, lo_v)
             terms = (builder.fmul(ev, builder.fsub(xc, m_v, flags=flags), flags=flags),
-                     builder.fmul(ev, ev, flags=flags),
+                     builder.fmul(*[builder.fmul(ev, sq_v, flags=flags)] * 2, flags=flags),
                      builder.select(builder.fcmp_ordered(">", xv, xt_v), one, zero))
             for total, term in zip(totals, terms):
                 builder.store(builder.fadd(builder.load(total), term, flags=flags), total)
@@ -882,6 +883,28 @@ def _ol_at(a, j):
         return lambda a, j: a
     if isinstance(a, types.NoneType):
         return lambda a, j: 1.0
+    return None
+
+
+# The squares of exps e in (0, 1] are summed as (e SQ)**2 and the sum multiplied by
+# SQ**-2 in float64 (exact: powers of two): a plain e**2 is subnormal from e < 1.1e-19
+# (float32: x - m < -43.7), and a subnormal result costs a microcode assist of about a
+# hundred cycles (see SQ in cecore_ext/_rowkernels.h, which uses the same constants).
+_SQUARE_SCALE = {types.float32: 2.0 ** 60, types.float64: 2.0 ** 480}
+
+
+def _square_scale(like):
+    """SQ above for the float type of ``like``."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_square_scale)
+def _ol_square_scale(like):
+    if like in _SQUARE_SCALE:
+        sq = _SQUARE_SCALE[like]
+        if like == types.float32:
+            return lambda like: np.float32(sq)
+        return lambda like: np.float64(sq)
     return None
 
 
