@@ -14,7 +14,9 @@ Shapes use ``N`` (batch), ``C`` (classes), ``S`` (product of the spatial dims d1
 for plain ``(N, C)`` input). ``floating`` is float32 or float64, the same for every
 ``floating`` argument of one call. Unless said otherwise arrays are C-contiguous.
 ``n_threads`` is an ``int >= 1``. ``grad_out=None`` means "loss only": the kernel then
-reads the logits once.
+reads the logits once. On x86 the kernels run with flush-to-zero on each of their threads
+and restore the caller's mode after: results below the type's normal range are 0, never
+subnormal numbers (each of which costs a microcode assist); inputs are read as they are.
 ``C`` may be 0: losses are then empty sums (0) and ``logsumexp`` is ``-inf``. Sums that
 the loss needs are taken class by class (``sum_c w[c] * (lse - x[c])``, never
 ``sum(w) * lse - sum(w * x)``), so infinite class weights give torch's ``inf``, and the

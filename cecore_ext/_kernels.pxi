@@ -44,6 +44,8 @@ cdef extern from "_rowkernels.h" nogil:
     Py_ssize_t cec_prefetch_min_row_bytes()
     void cec_stream_copy(const void *src, void *dst, Py_ssize_t nbytes)
     void cec_stream_fence()
+    unsigned int cec_ftz_begin()
+    void cec_ftz_end(unsigned int old)
     int cec_openmp_version()
     int cec_omp_max_threads()
     const char *cec_variant()
@@ -286,15 +288,21 @@ cdef void _run(void (*item)(Py_ssize_t, const floating *, const void *) noexcept
     """``item(k, x, ctx)`` for k in range(n_items): x is the kernel's main input, ctx
     its other arguments (a struct of the kernel's own type)."""
     cdef Py_ssize_t k
+    cdef unsigned int csr, csr_k  # (csr_k: private to each thread of the region)
     if n_threads == 1:  # no OpenMP region at all (see Design)
+        csr = cec_ftz_begin()  # subnormal results are 0 (see cec_ftz_begin)
         for k in range(n_items):
             item(k, x, ctx)
         cec_stream_fence()
+        cec_ftz_end(csr)
     else:
+        csr_k = 0  # (Cython makes it firstprivate: initialised, gcc does not warn)
         with parallel(num_threads=n_threads):
+            csr_k = cec_ftz_begin()
             for k in prange(n_items, schedule="static"):
                 item(k, x, ctx)
             cec_stream_fence()  # each thread's non-temporal stores, before its results are read
+            cec_ftz_end(csr_k)
 
 
 # ------------------------------------------------------------------------- helpers

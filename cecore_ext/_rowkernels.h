@@ -608,6 +608,28 @@ CEC_INLINE void cec_stream_fence(void) {
 #endif
 }
 
+/* Flush to zero (MXCSR's FTZ bit) while a kernel runs on a thread, restored after it: a
+ * result below T's normal range is then 0 instead of a subnormal number, whose every
+ * computation cost a microcode assist, about a hundred cycles, on the CPUs we measured.
+ * Under 'mean' a gradient entry e_c gs w / s (gs about 1/N) went subnormal from logit gaps
+ * of 87 - ln N (75 at N = 262144): loss + gradient of 262144 x 10 float32 logits of
+ * 30 N(0, 1), 7.5 % of entries subnormal, took 3.4x the time of logits of 3 N(0, 1)
+ * (AVX-512 build; torch 1.2x, at its own speed). No cost where nothing is subnormal (the
+ * bit is set once per call and thread); inputs are not touched (no DAZ): a subnormal
+ * logit is read as itself. Other architectures: results as IEEE gives them. */
+#if defined(__SSE2__) || defined(_M_X64)
+#include <xmmintrin.h>
+CEC_INLINE unsigned int cec_ftz_begin(void) {
+    const unsigned int old = _mm_getcsr();
+    _mm_setcsr(old | 0x8000u);
+    return old;
+}
+CEC_INLINE void cec_ftz_end(unsigned int old) { _mm_setcsr(old); }
+#else
+CEC_INLINE unsigned int cec_ftz_begin(void) { return 0; }
+CEC_INLINE void cec_ftz_end(unsigned int old) { (void)old; }
+#endif
+
 /* ------------------------------------------------- instantiate the type template */
 #define CEC_TEMPLATE_PASS
 #define CEC_T float

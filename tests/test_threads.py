@@ -238,3 +238,29 @@ def test_openmp_thread_binding_does_not_cap_cecore_at_one_cpu(binding):
                          env=dict(subprocess_env(), **binding), timeout=300)
     before, after = out.stdout.split()
     assert before == after, out.stderr
+
+
+def test_kernels_leave_the_floating_point_mode_as_they_found_it(backend):
+    # The kernels flush subnormal results to zero on their threads (MXCSR's FTZ bit, see
+    # cec_ftz_begin and _ftz_begin) and must put the bit back: the caller's thread and the
+    # worker threads of OpenMP and Numba, which run other code too, keep IEEE subnormals.
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def products(a, b):
+        out = np.empty_like(a)
+        for i in prange(a.shape[0]):
+            out[i] = a[i] * b[i]
+        return out
+
+    rng = np.random.default_rng(0)
+    x = (30 * rng.standard_normal((4096, 10))).astype(np.float32)
+    t = rng.integers(0, 10, 4096)
+    a, b = np.full(256, 1e-30, np.float32), np.full(256, 1e-10, np.float32)
+    for n_threads in (1, 2):
+        _, grad = cecore.cross_entropy(x, t, return_grad=True, backend=backend,
+                                       n_threads=n_threads)
+        assert (grad == 0).any()  # entries below the normal range were flushed
+        assert a[0] * b[0] != 0  # this thread
+        assert (products(a, b) != 0).all()  # Numba's workers
+        assert (a * b != 0).all()

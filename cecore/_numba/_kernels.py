@@ -34,9 +34,9 @@ from .._config import (
 )
 from ._math import (
     _add_blocks, _add_moments, _add_wdev, _address, _at, _bce, _cast_like, _dev, _divided,
-    _exp_consts, _exp_diff, _exp_nonpos, _lanes, _log_sum, _per_line, _prefetch, _rounded_product,
-    _row_max, _square_scale, _store_fence, _stream_line, _tile_scratch, _tr_2n, _tr_block,
-    _tr_n2, _view,
+    _exp_consts, _exp_diff, _exp_nonpos, _ftz_begin, _ftz_end, _lanes, _log_sum, _per_line,
+    _prefetch, _rounded_product, _row_max, _square_scale, _store_fence, _stream_line,
+    _tile_scratch, _tr_2n, _tr_block, _tr_n2, _view,
 )
 from ._runtime import helper, jit
 
@@ -209,6 +209,7 @@ def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_
     n_rows, n_classes = x.shape
     want_grad = grad_out.shape[0] != 0
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         # Loss only: the exps go to a scratch row.
         scratch = np.empty(0 if want_grad else n_classes, dtype=x.dtype)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
@@ -220,6 +221,7 @@ def _index_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_
             g = grad_out[i] if want_grad else scratch
             loss_out[i] = _index_row(x[i], t, weight, w_total, eps, grad_scale[i], g, ignored,
                                      want_grad, in_place)
+        _ftz_end(csr)
 
 
 @helper
@@ -326,10 +328,12 @@ def _scores_rows(x, target, weight, ignore_index, eps, loss_out, stats_out, rank
     loss takes the very same steps, so it equals softmax_ce_index's bit for bit."""
     n_rows, n_classes = x.shape
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         e = np.empty(n_classes, dtype=x.dtype)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             _score_row(x, i, target, weight, ignore_index, eps, e, loss_out, stats_out[i],
                        rank_out[i])
+        _ftz_end(csr)
 
 
 @helper
@@ -396,11 +400,13 @@ def _report_sums(stats, rank, top_k, edges, sums_out, counts_out):
     """report_sums: one block of REDUCE_BLOCK rows per task (see the contract)."""
     n = stats.shape[0]
     for b in prange(sums_out.shape[0]):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         acc = np.empty(4)
         _report_start(sums_out[b], counts_out[b], acc)
         _report_rows(stats, rank, top_k, edges, b * REDUCE_BLOCK,
                      min(n, (b + 1) * REDUCE_BLOCK), sums_out[b], counts_out[b], acc)
         _report_finish(sums_out[b], acc)
+        _ftz_end(csr)
 
 
 @helper
@@ -852,6 +858,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
     w_scale = _weight_scale(weight, x)
     check_shift = _shift_check(grad_scale, eps / n_classes, w_scale, x)
     for task in prange((n_tiles + per_task - 1) // per_task):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
@@ -881,6 +888,7 @@ def _index_tiles(x, target, weight, w_total, ignore_index, eps, grad_scale, loss
                             gs_run, x, -1)
         if stream:
             _store_fence()
+        _ftz_end(csr)
 
 
 @helper
@@ -963,6 +971,7 @@ def _scores_tiles(x, target, weight, ignore_index, eps, loss_out, stats_out, ran
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
     no_scale = np.empty(0, dtype=np.float64)  # read only for a gradient
     for task in prange((n_tiles + per_task - 1) // per_task):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
@@ -976,6 +985,7 @@ def _scores_tiles(x, target, weight, ignore_index, eps, loss_out, stats_out, ran
             _score_tile(x, r0, n_rows, n_classes, target, weight, ignore_index, eps, loss_out,
                         stats_out[r0:r0 + n_rows], rank_out[r0:r0 + n_rows], m, s, log_s, w_t,
                         gs_run, scratch, xt, et, no_scale)
+        _ftz_end(csr)
 
 
 def _scores_report(x, target, weight, ignore_index, eps, top_k, edges, loss_out, sums_out,
@@ -989,6 +999,7 @@ def _scores_report(x, target, weight, ignore_index, eps, top_k, edges, loss_out,
     rows = block if block else SMALL_C_ROWS
     no_scale = np.empty(0, dtype=np.float64)
     for b in prange(sums_out.shape[0]):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         stats = np.empty((rows, 4))
         rank = np.empty((rows, 2), dtype=np.int64)
         acc = np.empty(4)
@@ -1014,6 +1025,7 @@ def _scores_report(x, target, weight, ignore_index, eps, top_k, edges, loss_out,
                                stats[j], rank[j])
             _report_rows(stats, rank, top_k, edges, 0, n, sums_out[b], counts_out[b], acc)
         _report_finish(sums_out[b], acc)
+        _ftz_end(csr)
 
 
 def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale, loss_out,
@@ -1025,6 +1037,7 @@ def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale
     want_grad = grad_out.shape[0] != 0
     sample_size = n_classes * n_pos
     for n in prange(n_samples):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         xt = np.empty((group, n_classes), dtype=x.dtype)
         gt = np.empty((group, n_classes), dtype=x.dtype)  # the gradient, or the exps
         src = _view(x, n * sample_size, (n + 1) * sample_size)
@@ -1047,6 +1060,7 @@ def _index_sample_rows(x, target, weight, w_total, ignore_index, eps, grad_scale
                 for c in range(n_classes):
                     for j in range(gw):
                         dst[c * n_pos + s0 + j] = gt[j, c]
+        _ftz_end(csr)
 
 
 def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad_scale,
@@ -1059,6 +1073,7 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
     n_tiles = _n_tiles(n_samples, n_pos, 0)
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
     for task in prange((n_tiles + per_task - 1) // per_task):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         m = np.empty(TILE, dtype=grad.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
@@ -1072,6 +1087,7 @@ def _index_tiles_in_place(grad, target, weight, w_total, ignore_index, eps, grad
             _index_tile(grad, base, n_pos, n_classes, width, target, pos0, weight, w_total,
                         1.0, False, ignore_index, eps, grad_scale, loss_out, grad, True, True,
                         m, s, log_s, coef, shift, sub, w_t, gs_run, grad, -1)
+        _ftz_end(csr)
 
 
 # --------------------------------------------------------- class-probability targets
@@ -1112,10 +1128,12 @@ def _proba_rows(x, target, weight, eps, grad_scale, loss_out, grad_out):
     n_rows, n_classes = x.shape
     want_grad = grad_out.shape[0] != 0
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         scratch = np.empty(0 if want_grad else n_classes, dtype=x.dtype)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             g = grad_out[i] if want_grad else scratch
             loss_out[i] = _proba_row(x[i], target[i], weight, eps, grad_scale[i], g, want_grad)
+        _ftz_end(csr)
 
 
 @helper
@@ -1156,6 +1174,7 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
     for task in prange((n_tiles + per_task - 1) // per_task):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -1185,6 +1204,7 @@ def _proba_tiles(x, target, weight, eps, grad_scale, loss_out, grad_out, n_sampl
                             coef, gs_run)
         if stream:
             _store_fence()
+        _ftz_end(csr)
 
 
 # --------------------------------------------------------------- softmax, logsumexp
@@ -1194,6 +1214,7 @@ def _softmax_rows(x, log, out, in_place):
     log-softmax's to a scratch row)."""
     n_rows, n_classes = x.shape
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         # log-softmax reads each logit again after the sum: over the logits themselves
         # its exps go to a scratch row (else to ``out``: a scratch row was 1.3-1.5x slower)
         scratch = np.empty(n_classes if log and in_place else 0, dtype=x.dtype)
@@ -1211,6 +1232,7 @@ def _softmax_rows(x, log, out, in_place):
                 inv = _cast_like(1.0 / s, m)
                 for c in range(n_classes):
                     o[c] = o[c] * inv
+        _ftz_end(csr)
 
 
 @helper
@@ -1238,6 +1260,7 @@ def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block, stream, thre
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
     for task in prange((n_tiles + per_task - 1) // per_task):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         m = np.empty(TILE, dtype=x.dtype)
         shift = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -1258,6 +1281,7 @@ def _softmax_tiles(x, log, out, n_samples, n_classes, n_pos, block, stream, thre
                               x, -1)
         if stream:
             _store_fence()
+        _ftz_end(csr)
 
 
 @helper
@@ -1274,6 +1298,7 @@ def _infinite_lse(x, base, stride, n_classes, m):
 def _logsumexp_rows(x, out):
     n_rows, n_classes = x.shape
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         scratch = np.empty(n_classes, dtype=x.dtype)
         for i in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
             m = _row_max(x[i])
@@ -1281,6 +1306,7 @@ def _logsumexp_rows(x, out):
                 out[i] = _infinite_lse(x[i], 0, 1, n_classes, m)
             else:
                 out[i] = np.float64(m) + np.log(_row_sumexp(x[i], m, scratch))
+        _ftz_end(csr)
 
 
 @helper
@@ -1303,6 +1329,7 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block, threads):
     n_tiles = _n_tiles(n_samples, n_pos, block)
     per_task = _tiles_per_task(n_classes, n_tiles, threads)
     for task in prange((n_tiles + per_task - 1) // per_task):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         m = np.empty(TILE, dtype=x.dtype)
         e_buf = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
@@ -1318,6 +1345,7 @@ def _logsumexp_tiles(x, out, n_samples, n_classes, n_pos, block, threads):
                 base, pos0, width = _run_span(tile, n_classes, n_pos)
                 _logsumexp_tile(x, base, n_pos, n_classes, width, out, pos0, m, s, log_s,
                                 e_buf, x, -1)
+        _ftz_end(csr)
 
 
 # ------------------------------------------------------------------ binary (sigmoid)
@@ -1445,6 +1473,7 @@ def _bce_blocks(x, y, weight, pos_weight, grad_scale, n_cols, loss_out, grad_out
     ms copying them)."""
     n_items = (x.shape[0] + REDUCE_BLOCK - 1) // REDUCE_BLOCK
     for k in prange(n_items):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         w = np.empty(TILE)
         pw = np.empty(TILE)
         gs = np.empty(TILE)
@@ -1452,6 +1481,7 @@ def _bce_blocks(x, y, weight, pos_weight, grad_scale, n_cols, loss_out, grad_out
         acc = np.zeros(LANES)
         _bce_item(x, y, weight, pos_weight, grad_scale, n_cols, k, loss_out, grad_out, sums,
                   w, pw, gs, buf, acc)
+        _ftz_end(csr)
 
 
 def _log_loss_pass(proba, target, lo, hi, rtol, n_blocks, stats, picked):
@@ -1468,6 +1498,7 @@ def _log_loss_pass(proba, target, lo, hi, rtol, n_blocks, stats, picked):
     pick = target.shape[0] > 0
     block = (n + n_blocks - 1) // n_blocks
     for b in prange(n_blocks):
+        csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         outside = 0.0
         bad = 0
         non_finite = 0
@@ -1488,6 +1519,7 @@ def _log_loss_pass(proba, target, lo, hi, rtol, n_blocks, stats, picked):
         stats[b, 0] = outside
         stats[b, 1] = bad
         stats[b, 2] = non_finite
+        _ftz_end(csr)
 
 
 KERNELS = {

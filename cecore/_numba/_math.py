@@ -526,6 +526,51 @@ def _store_fence(typingctx):
     return types.void(), codegen
 
 
+def _mxcsr(builder, name, slot):
+    """Calls LLVM's llvm.x86.sse.<name> (stmxcsr or ldmxcsr) on the i32 at ``slot``."""
+    i8p = ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p]), "llvm.x86.sse." + name)
+    builder.call(fn, [builder.bitcast(slot, i8p)])
+
+
+@intrinsic
+def _ftz_begin(typingctx):
+    """Sets the flush-to-zero bit of this thread's MXCSR and returns the register's former
+    value, for :func:`_ftz_end` (as the Cython backend's cec_ftz_begin: a result below the
+    normal range is 0, not a subnormal number, whose every computation costs a microcode
+    assist). Each prange body of a kernel calls both, so that Numba's worker threads, which
+    run other code too, get their register back; the intrinsic reads and writes memory as
+    far as LLVM knows, so no load or store of the body moves across it. Not x86: 0, and
+    nothing set."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        if not _X86:
+            return ir.Constant(i32, 0)
+        slot = cgutils.alloca_once(builder, i32)
+        _mxcsr(builder, "stmxcsr", slot)
+        old = builder.load(slot)
+        builder.store(builder.or_(old, ir.Constant(i32, 0x8000)), slot)
+        _mxcsr(builder, "ldmxcsr", slot)
+        return old
+
+    return types.uint32(), codegen
+
+
+@intrinsic
+def _ftz_end(typingctx, old):
+    """Puts back the MXCSR value :func:`_ftz_begin` returned."""
+    if old != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            _mxcsr(builder, "ldmxcsr", cgutils.alloca_once_value(builder, args[0]))
+        return context.get_dummy_value()
+
+    return types.void(old), codegen
+
+
 # exp(x) = 2**k * P(r), k = round(x / ln 2), r = x - k ln 2 (Cody-Waite split of ln 2),
 # as cec_exp_f32/f64 in cecore_ext/_rowkernels.h. Inputs are x - max, so <= 0: x is
 # clamped from below so that r stays finite and 2**k normal or 0, and k comes from the
