@@ -233,8 +233,15 @@ CEC_INLINE float cec_exp_tail_f32(float r, float t) {
     /* (P(r) - 1) * 2**k + 2**k: the "+ 1" inside the last FMA, an operation fewer than
      * (P(r)) * 2**k and the same bits (scaling by 2**k is exact) except where the result
      * is subnormal (exp(x) < 2**-126, x below -87.3): rounded once there, not twice.
-     * 0.95-1.01x the time on AVX2 code (results/ab_exp_fma_scale_avx2code_zen4.json). */
-    return CEC_FMAF(p, scale, scale);
+     * 0.95-1.01x the time on AVX2 code (results/ab_exp_fma_scale_avx2code_zen4.json).
+     * Without FMA the product alone is subnormal below x = -81 and the kernels'
+     * flush-to-zero (cec_ftz_begin) made it 0, the exp 2**k, 40 % off: there,
+     * (P(r)) * 2**k, the same bits wherever the result is normal. */
+#ifdef __FMA__
+    return fmaf(p, scale, scale);
+#else
+    return (p + 1.0f) * scale;
+#endif
 }
 
 CEC_INLINE float cec_exp_f32(float x) {
@@ -294,7 +301,11 @@ CEC_INLINE double cec_exp_f64(double x) {
     const uint64_t bits = (tbits - UINT64_C(0x4338000000000000) + 1023u) << 52;
     double scale;
     memcpy(&scale, &bits, sizeof scale);
-    return CEC_FMA(p, scale, scale);            /* as cec_exp_f32 */
+#ifdef __FMA__
+    return fma(p, scale, scale);                /* as cec_exp_tail_f32 */
+#else
+    return (p + 1.0) * scale;
+#endif
 }
 
 /* float64's rounding of x - m costs its exp 2**-53 |x - m|: nothing to put back. */

@@ -93,6 +93,25 @@ def _cpu_vendor():
 
 
 @pytest.mark.parametrize("variant", _RUNNABLE)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_runnable_build_keeps_exps_near_the_normal_limit(variant, dtype):
+    # (review) The exp ends in (P(r) - 1) 2**k + 2**k. Without FMA (the base build) the
+    # product alone is subnormal from x = -81 (float32), and under the kernels'
+    # flush-to-zero it was 0: softmax([0, -86.9]) gave 2**-126, 29 % above the exp.
+    # Oracle: NumPy's float64 exp; softmax of [0, x] is exp(x) / (1 + exp(x)) = exp(x).
+    module = importlib.import_module(f"cecore_ext._kernels_{variant}")
+    lo, hi = (-87.3, -75.0) if dtype == np.float32 else (-708.3, -690.0)
+    x = np.linspace(lo, hi, 4001).astype(dtype)
+    rows = np.zeros((x.size, 2, 1), dtype)
+    rows[:, 1, 0] = x
+    out = np.empty_like(rows)
+    module.softmax(rows, False, out, 2)
+    ref = np.exp(x.astype(np.float64))
+    ulps = np.abs(out[:, 1, 0] - ref) / np.spacing(ref.astype(dtype)).astype(np.float64)
+    assert ulps.max() < 2.5, (x[np.argmax(ulps)], ulps.max())
+
+
+@pytest.mark.parametrize("variant", _RUNNABLE)
 def test_block_prefetch_follows_the_cpu_vendor(variant):
     # The few-classes blocks prefetch their successor except on AMD CPUs, where that was
     # measured to slow small blocks down (cec_prefetch_min_row_bytes, from the compiler's

@@ -663,9 +663,16 @@ def _exp_consts(typingctx, arr):
     return types.UniTuple(ty, len(vals))(arr), codegen
 
 
-def _exp_codegen(builder, fty, v, lo, ops):
+def _fused(context):
+    """Whether the code Numba emits has FMA instructions (its target machine's features:
+    the host's, or NUMBA_CPU_FEATURES); when it cannot tell, no."""
+    return "+fma" in getattr(context.codegen(), "_tm_features", "").split(",")
+
+
+def _exp_codegen(builder, fty, v, lo, ops, fused):
     """The instructions of :func:`_exp_nonpos`, of ``exp(v - lo)`` for ``lo`` a correction
-    of v's rounding (or None), from the tuple ``ops`` of :func:`_exp_consts`."""
+    of v's rounding (or None), from the tuple ``ops`` of :func:`_exp_consts`; ``fused``
+    from :func:`_fused`."""
     pow2, min_x, magic = _EXP_IMMEDIATES[types.float32 if fty == ir.FloatType()
                                          else types.float64]
     flags = ("contract", "nsz", "arcp")
@@ -697,7 +704,11 @@ def _exp_codegen(builder, fty, v, lo, ops):
         p = add(mul(p, r), c)
     p = add(mul(mul(p, r), r), r)
     scale = _pow2_codegen(builder, t, *pow2, fty)
-    return add(mul(p, scale), scale)  # the "+ 1" in an FMA, as cec_exp_f32
+    if fused:
+        return add(mul(p, scale), scale)  # the "+ 1" in an FMA, as cec_exp_tail_f32
+    # Without FMA the product alone would be subnormal below v = -81 (float32), flushed
+    # to 0 by the kernels' flush-to-zero: (p + 1) 2**k instead, the same bits elsewhere
+    return mul(add(p, const(1.0)), scale)
 
 
 def _float_type(ty):
@@ -724,7 +735,8 @@ def _exp_nonpos(typingctx, x, k):
         return None
 
     def codegen(context, builder, signature, args):
-        return _exp_codegen(builder, _float_type(x), args[0], None, args[1])
+        return _exp_codegen(builder, _float_type(x), args[0], None, args[1],
+                            _fused(context))
 
     return x(x, k), codegen
 
@@ -752,7 +764,7 @@ def _exp_diff(typingctx, x, m, k):
             av = builder.fsub(d, bv, flags=flags)
             lo = builder.fadd(builder.fsub(av, v, flags=flags),
                               builder.fadd(bv, top, flags=flags), flags=flags)  # -e
-        return _exp_codegen(builder, _float_type(x), d, lo, ops)
+        return _exp_codegen(builder, _float_type(x), d, lo, ops, _fused(context))
 
     return x(x, m, k), codegen
 
