@@ -88,10 +88,12 @@ Log-softmax likewise is ``(x - m) - log(s)``.
     - edges : const float64 (n_bins + 1,), ``k / n_bins`` rounded once (``n_bins >= 1``);
       passed in, not computed, so that no compiler's reciprocal moves an edge (Numba's
       "arcp" made 3/5 ``3 * (1/5)``, an ulp above 0.6)
-    - sums_out : float64 (ceil(N / REDUCE_BLOCK), 3 + n_bins): entropy and Brier summed
-      in row order with Neumaier's compensation (within about an ulp of the exact sum;
-      an infinite or NaN sum as a plain sum gives it), the confidences plainly in row
-      order; the same bits for any ``n_threads``
+    - sums_out : float64 (ceil(N / REDUCE_BLOCK), 3 + n_bins): entropy and Brier each
+      summed in ``LANES`` lanes (row ``i`` of the block in lane ``i % LANES``), each lane
+      in row order with Neumaier's compensation, then the lanes' sums in lane order with
+      it and their errors added last (within about an ulp of the exact sum; an infinite
+      or NaN sum as a plain sum gives it); the confidences plainly in row order; the same
+      bits for any ``n_threads``, and in both backends
     - counts_out : int64 (ceil(N / REDUCE_BLOCK), 4 + n_bins)
 
 ``softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top_k, edges, loss_out, sums_out, counts_out, n_threads)``

@@ -22,7 +22,7 @@
 from cython.parallel cimport parallel, prange
 from cython cimport floating
 from libc.float cimport DBL_MAX, DBL_MIN, FLT_MAX, FLT_MIN
-from libc.math cimport INFINITY, NAN, fabs, isfinite
+from libc.math cimport INFINITY, NAN, fabs
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 
@@ -46,6 +46,15 @@ cdef extern from "_rowkernels.h" nogil:
     void cec_stream_fence()
     unsigned int cec_ftz_begin()
     void cec_ftz_end(unsigned int old)
+    ctypedef struct cec_report_run:
+        pass
+    void cec_report_run_from(const double *stats, const int64_t *rank, Py_ssize_t n,
+                             cec_report_run *run)
+    void cec_report_start(double *acc, double *sums, int64_t *counts, Py_ssize_t n_bins)
+    void cec_report_rows(const cec_report_run *run, Py_ssize_t n, int64_t top_k,
+                         Py_ssize_t n_bins, const double *edges, double *acc, double *sums,
+                         int64_t *counts)
+    void cec_report_finish(const double *acc, double *sums)
     int cec_openmp_version()
     int cec_omp_max_threads()
     const char *cec_variant()
@@ -90,11 +99,11 @@ cdef extern from "_rowkernels.h" nogil:
     void cec_scores_tile_f32(const float *x, Py_ssize_t n, Py_ssize_t stride,
                              Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                              const double *w, double eps, double *loss, double *stats,
-                             int64_t *rank, float *e, const float *next)
+                             int64_t *rank, cec_report_run *run, float *e, const float *next)
     void cec_scores_tile_f64(const double *x, Py_ssize_t n, Py_ssize_t stride,
                              Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                              const double *w, double eps, double *loss, double *stats,
-                             int64_t *rank, double *e, const double *next)
+                             int64_t *rank, cec_report_run *run, double *e, const double *next)
     void cec_proba_tile_f32(const float *x, const float *q, Py_ssize_t n,
                             Py_ssize_t stride, Py_ssize_t width, const double *w,
                             double eps, const double *gs, double *loss, float *g)
@@ -247,13 +256,14 @@ cdef inline void _index_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
 cdef inline void _scores_tile(const floating *x, Py_ssize_t n, Py_ssize_t stride,
                               Py_ssize_t width, const int64_t *target, int64_t ignore_index,
                               const double *w, double eps, double *loss, double *stats,
-                              int64_t *rank, floating *e, const floating *nxt) noexcept nogil:
+                              int64_t *rank, cec_report_run *run, floating *e,
+                              const floating *nxt) noexcept nogil:
     if floating is float:
         cec_scores_tile_f32(x, n, stride, width, target, ignore_index, w, eps, loss, stats,
-                            rank, e, nxt)
+                            rank, run, e, nxt)
     else:
         cec_scores_tile_f64(x, n, stride, width, target, ignore_index, w, eps, loss, stats,
-                            rank, e, nxt)
+                            rank, run, e, nxt)
 
 cdef inline void _proba_tile(const floating *x, const floating *q, Py_ssize_t n,
                              Py_ssize_t stride, Py_ssize_t width, const double *w,
@@ -1026,16 +1036,18 @@ cdef inline void _score_row_at(const ScoresArgs *a, const floating *x, Py_ssize_
     a.loss[i] = _scores_row(x + i * a.C, a.C, t, a.w, a.eps, stats, rank)
 
 cdef inline void _score_block_at(const ScoresArgs *a, const floating *x, Py_ssize_t k,
-                                 double *stats, int64_t *rank) noexcept nogil:
+                                 double *stats, int64_t *rank,
+                                 cec_report_run *run) noexcept nogil:
     """Block k of rows of few classes through a scratch tile (as _index_block_item: the
     loss takes softmax_ce_index's steps); the tile kernel leaves the exps in the second
-    half of the scratch for the metrics, which go to stats and rank (the block's rows)."""
+    half of the scratch for the metrics, which go to stats and rank (the block's rows),
+    or with run to run."""
     cdef Py_ssize_t C = a.C
     cdef Block b = _block(k, a.N, 1)
     cdef floating stack[BLOCK_STACK]  # 2 * C * b.ld values: always enough here (S == 1)
     cdef const floating *nxt = _block_in(x, b, a.N, C, 1, stack, NULL)
     _scores_tile(<const floating *>stack, C, b.ld, b.width, a.target + b.n0, a.ignore_index,
-                 a.w, a.eps, a.loss + b.n0, stats, rank, stack + C * b.ld, nxt)
+                 a.w, a.eps, a.loss + b.n0, stats, rank, run, stack + C * b.ld, nxt)
 
 cdef void _scores_item(Py_ssize_t k, const floating *x, const void *ctx) noexcept nogil:
     cdef const ScoresArgs *a = <const ScoresArgs *>ctx
@@ -1045,7 +1057,7 @@ cdef void _scores_block_item(Py_ssize_t k, const floating *x,
                              const void *ctx) noexcept nogil:
     cdef const ScoresArgs *a = <const ScoresArgs *>ctx
     cdef Py_ssize_t n0 = k * CEC_SMALL_C_ROWS
-    _score_block_at(a, x, k, a.stats + 4 * n0, a.rank + 2 * n0)
+    _score_block_at(a, x, k, a.stats + 4 * n0, a.rank + 2 * n0, NULL)
 
 
 def softmax_ce_scores(const floating[:, ::1] logits, const int64_t[::1] target,
@@ -1086,83 +1098,32 @@ cdef struct ReportArgs:
     Py_ssize_t N
     int64_t top_k, n_bins
 
-cdef inline void _add_compensated(double *sum, double *err, double v) noexcept nogil:
-    """Neumaier's sum: *sum + *err is the sum of the values added, to about one rounding."""
-    cdef double t = sum[0] + v
-    if fabs(sum[0]) >= fabs(v):
-        err[0] += (sum[0] - t) + v
-    else:
-        err[0] += (v - t) + sum[0]
-    sum[0] = t
-
 cdef inline void _report_start(const ReportArgs *a, Py_ssize_t b, double *acc) noexcept nogil:
-    """Zero block b's rows of the outputs and its compensated sums acc (entropy, its error,
-    Brier, its error)."""
-    cdef Py_ssize_t k
-    for k in range(3 + a.n_bins):
-        a.sums[b * (3 + a.n_bins) + k] = 0.0
-    for k in range(4 + a.n_bins):
-        a.counts[b * (4 + a.n_bins) + k] = 0
-    for k in range(4):
-        acc[k] = 0.0
+    cec_report_start(acc, a.sums + b * (3 + a.n_bins), a.counts + b * (4 + a.n_bins), a.n_bins)
 
-cdef void _report_rows(const ReportArgs *a, Py_ssize_t b, const double *stats,
-                       const int64_t *rank, Py_ssize_t n, double *acc) noexcept nogil:
-    """The next n rows of block b, in row order (see the contract): stats (n, 4) and
-    rank (n, 2) as softmax_ce_scores gives them; acc as _report_start made it."""
-    cdef Py_ssize_t i
-    cdef int64_t k, r, hit
-    cdef double p
-    cdef double *sums = a.sums + b * (3 + a.n_bins)  # entropy, Brier, confidence per bin
-    cdef int64_t *counts = a.counts + b * (4 + a.n_bins)  # ignored, top-1, top-k, per bin
-    # In locals: through acc, counts and a, which the bins' stores may alias, every row's
-    # sums went through memory (a store and a forwarded load per row) and every row
-    # loaded a's fields again.
-    cdef double h = acc[0], h_err = acc[1], brier = acc[2], brier_err = acc[3]
-    cdef int64_t ignored = counts[0], top1 = counts[1], topk = counts[2]
-    cdef int64_t n_bins = a.n_bins, top_k = a.top_k
-    cdef double bins = <double>a.n_bins
-    cdef const double *edges = a.edges
-    for i in range(n):
-        r = rank[2 * i]
-        if r < 0:  # ignored
-            ignored += 1
-            continue
-        _add_compensated(&h, &h_err, stats[4 * i])
-        _add_compensated(&brier, &brier_err, stats[4 * i + 2])
-        p = stats[4 * i + 1]
-        if not (p >= 0.0 and p <= 1.0):  # NaN: undefined softmax (NaN entropy and Brier),
-            continue                     # no hit, confidence 0; never a bin out of range
-        # bin floor(p * n_bins) (0 <= p <= 1), moved by one where rounding crossed an edge
-        k = <int64_t>(p * bins)
-        if k > 0 and p < edges[k]:
-            k -= 1
-        elif k < n_bins and p >= edges[k + 1]:
-            k += 1
-        sums[2 + k] += p
-        # (no branch on the hit: a model right half the time would mispredict it half
-        # the time)
-        hit = rank[2 * i + 1] == 1
-        top1 += hit
-        counts[3 + k] += hit
-        topk += r < top_k
-    acc[0], acc[1], acc[2], acc[3] = h, h_err, brier, brier_err
-    counts[0], counts[1], counts[2] = ignored, top1, topk
+cdef inline void _report_rows(const ReportArgs *a, Py_ssize_t b, const cec_report_run *run,
+                              Py_ssize_t n, double *acc) noexcept nogil:
+    """The run's n rows, the next of block b (the first at a multiple of CEC_LANES in it)."""
+    cec_report_rows(run, n, a.top_k, a.n_bins, a.edges, acc, a.sums + b * (3 + a.n_bins),
+                    a.counts + b * (4 + a.n_bins))
 
 cdef inline void _report_finish(const ReportArgs *a, Py_ssize_t b,
                                 const double *acc) noexcept nogil:
-    # (an infinite or NaN sum stays as it is: its error term is then NaN or infinite)
-    a.sums[b * (3 + a.n_bins)] = acc[0] + acc[1] if isfinite(acc[0]) else acc[0]
-    a.sums[b * (3 + a.n_bins) + 1] = acc[2] + acc[3] if isfinite(acc[2]) else acc[2]
+    cec_report_finish(acc, a.sums + b * (3 + a.n_bins))
 
 cdef void _report_block(Py_ssize_t b, const floating *stats, const void *ctx) noexcept nogil:
-    """Block b (REDUCE_BLOCK rows) of report_sums."""
+    """Block b (REDUCE_BLOCK rows) of report_sums, a run of CEC_SMALL_C_ROWS rows at a
+    time."""
     cdef const ReportArgs *a = <const ReportArgs *>ctx
-    cdef Py_ssize_t i0 = b * CEC_REDUCE_BLOCK
-    cdef double acc[4]
+    cdef Py_ssize_t n, i0 = b * CEC_REDUCE_BLOCK, end = min(a.N, i0 + CEC_REDUCE_BLOCK)
+    cdef double acc[4 * CEC_LANES]
+    cdef cec_report_run run
     _report_start(a, b, acc)
-    _report_rows(a, b, <const double *>stats + 4 * i0, a.rank + 2 * i0,
-                 min(a.N - i0, <Py_ssize_t>CEC_REDUCE_BLOCK), acc)
+    while i0 < end:
+        n = min(end - i0, <Py_ssize_t>CEC_SMALL_C_ROWS)
+        cec_report_run_from(<const double *>stats + 4 * i0, a.rank + 2 * i0, n, &run)
+        _report_rows(a, b, &run, n, acc)
+        i0 += n
     _report_finish(a, b, acc)
 
 
@@ -1197,24 +1158,26 @@ cdef struct ScoresReportArgs:
 cdef void _scores_report_item(Py_ssize_t b, const floating *x,
                               const void *ctx) noexcept nogil:
     """Block b (REDUCE_BLOCK rows) of softmax_ce_report: CEC_SMALL_C_ROWS rows at a time,
-    scored as softmax_ce_scores scores them into scratch that stays in L1, then summed as
+    scored as softmax_ce_scores scores them into a run that stays in L1, then summed as
     report_sums sums them (the per-row outputs, 48 bytes a row, took memory bandwidth
     twice: written by one kernel, read back by the other)."""
     cdef const ScoresReportArgs *a = <const ScoresReportArgs *>ctx
     cdef double stats[4 * CEC_SMALL_C_ROWS]
     cdef int64_t rank[2 * CEC_SMALL_C_ROWS]
-    cdef double acc[4]
+    cdef cec_report_run run
+    cdef double acc[4 * CEC_LANES]
     cdef Py_ssize_t i, n, r0 = b * CEC_REDUCE_BLOCK
     cdef Py_ssize_t end = min(a.scores.N, r0 + CEC_REDUCE_BLOCK)
     _report_start(&a.report, b, acc)
     while r0 < end:
         n = min(end - r0, <Py_ssize_t>CEC_SMALL_C_ROWS)
         if a.blocks:  # (REDUCE_BLOCK is a multiple of the blocks' CEC_SMALL_C_ROWS rows)
-            _score_block_at(&a.scores, x, r0 // CEC_SMALL_C_ROWS, stats, rank)
+            _score_block_at(&a.scores, x, r0 // CEC_SMALL_C_ROWS, NULL, NULL, &run)
         else:
             for i in range(n):
                 _score_row_at(&a.scores, x, r0 + i, stats + 4 * i, rank + 2 * i)
-        _report_rows(&a.report, b, stats, rank, n, acc)
+            cec_report_run_from(stats, rank, n, &run)
+        _report_rows(&a.report, b, &run, n, acc)
         r0 += n
     _report_finish(&a.report, b, acc)
 

@@ -641,6 +641,120 @@ CEC_INLINE unsigned int cec_ftz_begin(void) { return 0; }
 CEC_INLINE void cec_ftz_end(unsigned int old) { (void)old; }
 #endif
 
+/* ------------------------------------------------------------------ report sums
+ * report_sums (see cecore/_backends.py) over one block of rows, a run of at most
+ * CEC_SMALL_C_ROWS rows at a time. The block's entropy and Brier sums run in CEC_LANES
+ * lanes (row i of the block in lane i % CEC_LANES), each a Neumaier sum in row order, so
+ * that a vector of rows is one step of every lane: in row order, one sum, each row waited
+ * on the last (about 50 instructions a row, a quarter of softmax_ce_report's time at ten
+ * classes). The bins' confidences and hits stay in row order (a scatter, and the edges'
+ * loads: gathers, which vectorised would be slow on Intel CPUs with the GDS microcode). */
+#if CEC_SMALL_C_ROWS % CEC_LANES
+#error "CEC_SMALL_C_ROWS must be a multiple of CEC_LANES (a report run starts a lane cycle)"
+#endif
+
+/* A run's metrics, an array each (softmax_ce_scores' stats and rank columns, no lse) */
+typedef struct {
+    double entropy[CEC_SMALL_C_ROWS], max_p[CEC_SMALL_C_ROWS], brier[CEC_SMALL_C_ROWS];
+    int64_t rank[CEC_SMALL_C_ROWS], top1[CEC_SMALL_C_ROWS];
+} cec_report_run;
+
+/* n rows of softmax_ce_scores' stats (n, 4) and rank (n, 2) into run */
+CEC_INLINE void cec_report_run_from(const double *stats, const int64_t *rank, ptrdiff_t n,
+                                    cec_report_run *run) {
+    for (ptrdiff_t i = 0; i < n; i++) {
+        run->entropy[i] = stats[4 * i];
+        run->max_p[i] = stats[4 * i + 1];
+        run->brier[i] = stats[4 * i + 2];
+        run->rank[i] = rank[2 * i];
+        run->top1[i] = rank[2 * i + 1];
+    }
+}
+
+/* acc: the lanes' sums and errors, 4 * CEC_LANES values (entropy, its error, Brier, its
+ * error); sums and counts: the block's rows of sums_out and counts_out. */
+CEC_INLINE void cec_report_start(double *acc, double *sums, int64_t *counts,
+                                 ptrdiff_t n_bins) {
+    for (ptrdiff_t k = 0; k < 4 * CEC_LANES; k++)
+        acc[k] = 0.0;
+    for (ptrdiff_t k = 0; k < 3 + n_bins; k++)
+        sums[k] = 0.0;
+    for (ptrdiff_t k = 0; k < 4 + n_bins; k++)
+        counts[k] = 0;
+}
+
+/* Neumaier's step: *sum + *err is the sum of the values added, to about one rounding.
+ * A select, not a branch, so that a loop of them over lanes vectorises. */
+CEC_INLINE void cec_add_compensated(double *sum, double *err, double v) {
+    const double s = *sum, t = s + v;
+    *err += fabs(s) >= fabs(v) ? (s - t) + v : (v - t) + s;
+    *sum = t;
+}
+
+/* The run's n rows, the next of their block (the first at a multiple of CEC_LANES in it).
+ * An ignored row adds 0 (t = s exactly, and an error of 0; the sums never hold -0), an
+ * undefined one its NaNs; neither has a bin or a hit (a max p not in [0, 1] is
+ * undefined: never a bin out of range). */
+CEC_KERNEL void cec_report_rows(const cec_report_run *run, ptrdiff_t n, int64_t top_k,
+                                ptrdiff_t n_bins, const double *edges, double *acc,
+                                double *sums, int64_t *counts) {
+    double *h = acc, *h_err = acc + CEC_LANES, *b = acc + 2 * CEC_LANES,
+           *b_err = acc + 3 * CEC_LANES;
+    const double bins = (double)n_bins;
+    int64_t ignored = 0, top1 = 0, topk = 0, bin[CEC_SMALL_C_ROWS];
+    for (ptrdiff_t i0 = 0; i0 < n; i0 += CEC_LANES) {
+        const ptrdiff_t m = n - i0 < CEC_LANES ? n - i0 : CEC_LANES;
+        CEC_SIMD
+        for (ptrdiff_t l = 0; l < m; l++) {
+            const int ok = run->rank[i0 + l] >= 0;
+            cec_add_compensated(&h[l], &h_err[l], ok ? run->entropy[i0 + l] : 0.0);
+            cec_add_compensated(&b[l], &b_err[l], ok ? run->brier[i0 + l] : 0.0);
+        }
+    }
+    /* floor(p n_bins) here, moved by one below where rounding crossed an edge; -1: none */
+    CEC_PRAGMA(omp simd reduction(+:ignored, top1, topk))
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const int64_t r = run->rank[i], ok = r >= 0;
+        const double p = run->max_p[i];
+        const int64_t in = ok & (p >= 0.0) & (p <= 1.0);
+        const int64_t hit = in & (run->top1[i] == 1);
+        bin[i] = in ? (int64_t)(p * bins) : -1;
+        ignored += 1 - ok;
+        top1 += hit;
+        topk += in & (r < top_k);
+    }
+    for (ptrdiff_t i = 0; i < n; i++) {
+        int64_t k = bin[i];
+        if (k < 0)
+            continue;
+        const double p = run->max_p[i];
+        if (k > 0 && p < edges[k])
+            k -= 1;
+        else if (k < n_bins && p >= edges[k + 1])
+            k += 1;
+        sums[2 + k] += p;
+        counts[3 + k] += run->top1[i] == 1;
+    }
+    counts[0] += ignored;
+    counts[1] += top1;
+    counts[2] += topk;
+}
+
+/* The block's entropy and Brier sums from the lanes: their sums added in lane order with
+ * Neumaier's compensation, then their errors; an infinite or NaN sum as it is (its error
+ * is then NaN or infinite), as a plain sum gives it. */
+CEC_INLINE void cec_report_finish(const double *acc, double *sums) {
+    for (int j = 0; j < 2; j++) {
+        const double *sum = acc + 2 * j * CEC_LANES, *err = sum + CEC_LANES;
+        double s = 0.0, e = 0.0;
+        for (int l = 0; l < CEC_LANES; l++)
+            cec_add_compensated(&s, &e, sum[l]);
+        for (int l = 0; l < CEC_LANES; l++)
+            e += err[l];
+        sums[j] = isfinite(s) ? s + e : s;
+    }
+}
+
 /* ------------------------------------------------- instantiate the type template */
 #define CEC_TEMPLATE_PASS
 #define CEC_T float
@@ -1374,29 +1488,30 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
 
 /* softmax_ce_scores for a transposed block of rows of few classes: the loss of
  * cec_index_tile (the same steps, so softmax_ce_index's bits), then the metrics of
- * cec_scores_row (stats 4 and rank 2 values per position) from the block's exps, left in
- * e (n * stride values of scratch) and still in L1. As there, the moments are summed in
+ * cec_scores_row (stats 4 and rank 2 values per position, or with run the columns
+ * softmax_ce_report sums) from the block's exps, left in e (n * stride values of scratch)
+ * and still in L1. As there, the moments are summed in
  * the logits' type (at most CEC_SMALL_C terms per position, all of one sign), x clamped at
  * m - 1e30 so that e_c = 0 adds 0 (see cec_moments), and the target's square left out. */
 CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
                                         ptrdiff_t width, const int64_t *target,
                                         int64_t ignore_index, const double *w, double eps,
-                                        double *loss, double *stats, int64_t *rank, T *e,
-                                        const T *next) {
+                                        double *loss, double *stats, int64_t *rank,
+                                        cec_report_run *run, T *e, const T *next) {
     T m[CEC_TILE], xt[CEC_TILE], et[CEC_TILE], lo[CEC_TILE], a[CEC_TILE], q[CEC_TILE];
     int32_t tt[CEC_TILE], above[CEC_TILE], before[CEC_TILE];
-    double s[CEC_TILE], log_s[CEC_TILE], w_t[CEC_TILE];
-    double entropy[CEC_TILE], max_p[CEC_TILE], brier[CEC_TILE], lse[CEC_TILE];
-    int32_t r0[CEC_TILE], r1[CEC_TILE];
-    double x_t[CEC_TILE];
+    double s[CEC_TILE], log_s[CEC_TILE], w_t[CEC_TILE], lse[CEC_TILE], x_t[CEC_TILE];
+    cec_report_run own;
+    cec_report_run *out = run ? run : &own;  /* (width <= CEC_SMALL_C_ROWS: blocks of rows) */
     CEC_FN(cec_index_tile_loss)(x, n, stride, width, target, ignore_index, w, eps, loss, e,
                                 next, m, s, log_s, w_t, tt, x_t);
+    /* the target's logit (class 0's for an ignored row, whose rank is not counted); its
+     * exp is picked in the loop over classes (a gather here was a scalar loop) */
+    CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {
-        const ptrdiff_t t = tt[j] < 0 ? 0 : tt[j];
-        xt[j] = x[t * stride + j];
-        et[j] = e[t * stride + j];
+        xt[j] = tt[j] < 0 ? x[j] : (T)x_t[j];
         lo[j] = m[j] + (T)-1e30;
-        a[j] = q[j] = 0;
+        a[j] = q[j] = et[j] = 0;
         above[j] = before[j] = 0;
     }
     for (ptrdiff_t c = 0; c < n; c++) {
@@ -1404,8 +1519,10 @@ CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t strid
         CEC_SIMD
         for (ptrdiff_t j = 0; j < width; j++) {
             const T v = ec[j], xv = xc[j], vs = v * SQ;
+            const int is_t = tt[j] == (int32_t)c;
             a[j] += v * ((xv > lo[j] ? xv : lo[j]) - m[j]);
-            q[j] += tt[j] == (int32_t)c ? (T)0 : vs * vs;
+            q[j] += is_t ? (T)0 : vs * vs;
+            et[j] += is_t ? v : (T)0;
             above[j] += xv > xt[j];
             before[j] += (int32_t)c < tt[j] && xv == xt[j];
         }
@@ -1413,37 +1530,36 @@ CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t strid
     /* Branch-free selects, so that the float64 divisions vectorise (a scalar loop of
      * four divisions and two branches per row took a quarter of this function's perf
      * samples in softmax_ce_report at 10 classes; kernel_findings.md, forty-second
-     * session); then interleaved into stats and rank, as _scores_item gives
-     * them: an ignored position NaN stats and rank (-1, 0); an undefined softmax (s NaN
-     * or +inf) NaN entropy, max p and Brier, and rank (n, 0). */
+     * session): an ignored position NaN stats and rank (-1, 0); an undefined softmax (s
+     * NaN or +inf) NaN entropy, max p and Brier, and rank (n, 0). */
     CEC_SIMD
     for (ptrdiff_t j = 0; j < width; j++) {
-        const int ok = tt[j] >= 0, fine = (tt[j] >= 0) & (s[j] < INFINITY);
+        const int ok = tt[j] >= 0, fine = ok & (s[j] < INFINITY);
         double h, p, b;
         CEC_FN(cec_scores_stats)(s[j], log_s[j], (double)a[j], (double)q[j] * SQ_UNDO,
                                  (double)et[j], &h, &p, &b);
-        entropy[j] = fine ? h : NAN;
-        max_p[j] = fine ? p : NAN;
-        brier[j] = fine ? b : NAN;
-        lse[j] = ok ? (double)m[j] + log_s[j] : NAN;
+        out->entropy[j] = fine ? h : NAN;
+        out->max_p[j] = fine ? p : NAN;
+        out->brier[j] = fine ? b : NAN;
+        out->rank[j] = fine ? above[j] : ok ? (int32_t)n : -1;
+        out->top1[j] = fine & (above[j] == 0) & (before[j] == 0);
     }
+    if (run)  /* softmax_ce_report: no lse, no interleaving */
+        return;
     CEC_SIMD
-    for (ptrdiff_t j = 0; j < width; j++) {
-        const int fine = (tt[j] >= 0) & (s[j] < INFINITY);
-        r0[j] = fine ? above[j] : tt[j] >= 0 ? (int32_t)n : -1;
-        r1[j] = fine & (above[j] == 0) & (before[j] == 0);
-    }
+    for (ptrdiff_t j = 0; j < width; j++)
+        lse[j] = tt[j] >= 0 ? (double)m[j] + log_s[j] : NAN;
     for (ptrdiff_t j = 0; j < width; j++)
         if (tt[j] >= 0 && isinf(m[j]))  /* rare: not inf - inf (see cec_infinite_lse) */
             lse[j] = CEC_FN(cec_infinite_lse)(x + j, n, stride, m[j]);
     CEC_SIMD
-    for (ptrdiff_t j = 0; j < width; j++) {
-        stats[4 * j] = entropy[j];
-        stats[4 * j + 1] = max_p[j];
-        stats[4 * j + 2] = brier[j];
+    for (ptrdiff_t j = 0; j < width; j++) {  /* as _scores_item gives them */
+        stats[4 * j] = own.entropy[j];
+        stats[4 * j + 1] = own.max_p[j];
+        stats[4 * j + 2] = own.brier[j];
         stats[4 * j + 3] = lse[j];
-        rank[2 * j] = r0[j];
-        rank[2 * j + 1] = r1[j];
+        rank[2 * j] = own.rank[j];
+        rank[2 * j + 1] = own.top1[j];
     }
 }
 

@@ -364,6 +364,28 @@ def test_report_sums_kernel_contract(backend, rng):
         kernels.report_sums(stats, rank, top_k, edges, bad, counts, 1)
 
 
+def test_report_sums_are_the_same_bits_in_both_backends(rng):
+    # The contract fixes the order of every addition (entropy and Brier in LANES lanes,
+    # then the lanes in order; the bins in row order), so both backends give the same
+    # bits: values of many magnitudes (each lane's compensation at work), ignored and
+    # undefined rows, a last block shorter than a lane cycle.
+    from cecore._backends import get_backend
+    from cecore._config import REDUCE_BLOCK
+    n, n_bins = 2 * REDUCE_BLOCK + 5, 15
+    stats = rng.random((n, 4)) * 10.0 ** rng.integers(-12, 12, (n, 1))
+    stats[:, 1] = rng.random(n)
+    rank = np.stack([rng.integers(-1, 12, n), rng.integers(0, 2, n)], axis=1)
+    stats[REDUCE_BLOCK + 3, :3] = np.nan
+    rank[REDUCE_BLOCK + 3] = [10, 0]
+    out = []
+    for name in ("numba", "cython"):
+        sums, counts = np.empty((3, 3 + n_bins)), np.empty((3, 4 + n_bins), np.int64)
+        get_backend(name).report_sums(stats, rank, 5, np.arange(n_bins + 1) / n_bins, sums,
+                                      counts, 2)
+        out.append((sums.tobytes(), counts.tobytes()))
+    assert out[0] == out[1]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n_classes", [1, 10, 33, 300])
 def test_report_kernel_is_scores_then_report_sums(backend, rng, dtype, n_classes):

@@ -351,7 +351,8 @@ def _add_compensated(total, err, v):
 @helper
 def _report_start(sums, counts, acc):
     """Zero one block's rows of report_sums' outputs and its compensated sums ``acc``
-    (entropy, its error, Brier, its error)."""
+    (4 * LANES values: the lanes' entropy sums, their errors, the Brier sums, their
+    errors; see the contract)."""
     sums[:] = 0.0
     counts[:] = 0
     acc[:] = 0.0
@@ -359,17 +360,21 @@ def _report_start(sums, counts, acc):
 
 @helper
 def _report_rows(stats, rank, top_k, edges, start, stop, sums, counts, acc):
-    """Rows start:stop of report_sums, in row order, into one block's sums and counts
-    (rows of the contract's sums_out and counts_out) and ``acc`` (:func:`_report_start`)."""
+    """Rows start:stop of report_sums (start at a multiple of LANES in its block) into one
+    block's sums and counts (rows of the contract's sums_out and counts_out) and ``acc``
+    (:func:`_report_start`), in row order, with Cython's cec_report_rows' bits: row i's
+    entropy and Brier score in lane (i - start) % LANES (which lets Cython's loop add a
+    vector of rows at once; here, one pass over the rows as before was 1.01-1.03x the
+    time of row-order sums, lane by lane 1.04-1.06x, results/ab_report_lanes_xeon.txt)."""
     n_bins = edges.shape[0] - 1
-    entropy, entropy_err, brier, brier_err = acc[0], acc[1], acc[2], acc[3]
     for i in range(start, stop):
         r = rank[i, 0]
         if r < 0:  # ignored
             counts[0] += 1
             continue
-        entropy, entropy_err = _add_compensated(entropy, entropy_err, stats[i, 0])
-        brier, brier_err = _add_compensated(brier, brier_err, stats[i, 2])
+        h, b = (i - start) % LANES, 2 * LANES + (i - start) % LANES
+        acc[h], acc[LANES + h] = _add_compensated(acc[h], acc[LANES + h], stats[i, 0])
+        acc[b], acc[LANES + b] = _add_compensated(acc[b], acc[LANES + b], stats[i, 2])
         p = stats[i, 1]
         if not (p >= 0.0 and p <= 1.0):  # NaN: undefined softmax (NaN entropy and Brier),
             continue                     # no hit, confidence 0; never a bin out of range
@@ -386,14 +391,20 @@ def _report_rows(stats, rank, top_k, edges, start, stop, sums, counts, acc):
         counts[1] += hit
         counts[3 + k] += hit
         counts[2] += np.int64(r < top_k)
-    acc[0], acc[1], acc[2], acc[3] = entropy, entropy_err, brier, brier_err
 
 
 @helper
 def _report_finish(sums, acc):
-    # (an infinite or NaN sum stays as it is: its error term is then NaN or infinite)
-    sums[0] = acc[0] + acc[1] if np.isfinite(acc[0]) else acc[0]
-    sums[1] = acc[2] + acc[3] if np.isfinite(acc[2]) else acc[2]
+    """The block's entropy and Brier sums from the lanes: their sums added in lane order
+    with Neumaier's compensation, then their errors; an infinite or NaN sum as it is (its
+    error is then NaN or infinite), as a plain sum gives it."""
+    for j in range(2):
+        total, err = 0.0, 0.0
+        for lane in range(LANES):
+            total, err = _add_compensated(total, err, acc[2 * j * LANES + lane])
+        for lane in range(LANES):
+            err += acc[(2 * j + 1) * LANES + lane]
+        sums[j] = total + err if np.isfinite(total) else total
 
 
 def _report_sums(stats, rank, top_k, edges, sums_out, counts_out):
@@ -401,7 +412,7 @@ def _report_sums(stats, rank, top_k, edges, sums_out, counts_out):
     n = stats.shape[0]
     for b in prange(sums_out.shape[0]):
         csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
-        acc = np.empty(4)
+        acc = np.empty(4 * LANES)
         _report_start(sums_out[b], counts_out[b], acc)
         _report_rows(stats, rank, top_k, edges, b * REDUCE_BLOCK,
                      min(n, (b + 1) * REDUCE_BLOCK), sums_out[b], counts_out[b], acc)
@@ -1002,7 +1013,7 @@ def _scores_report(x, target, weight, ignore_index, eps, top_k, edges, loss_out,
         csr = _ftz_begin()  # subnormal results are 0 (see _ftz_begin)
         stats = np.empty((rows, 4))
         rank = np.empty((rows, 2), dtype=np.int64)
-        acc = np.empty(4)
+        acc = np.empty(4 * LANES)
         m = np.empty(TILE, dtype=x.dtype)
         s = np.empty(TILE, dtype=np.float64)
         log_s = np.empty(TILE, dtype=np.float64)
