@@ -367,19 +367,25 @@ def test_report_sums_kernel_contract(backend, rng):
 def test_report_sums_are_the_same_bits_in_both_backends(rng):
     # The contract fixes the order of every addition (entropy and Brier in LANES lanes,
     # then the lanes in order; the bins in row order), so both backends give the same
-    # bits: values of many magnitudes (each lane's compensation at work), ignored and
-    # undefined rows, a last block shorter than a lane cycle.
+    # bits. Compensated sums of values of one sign come out the same in almost any
+    # order, so each full block here holds +1e16 first and -1e16 last around small
+    # values: the compensation's own roundings then show in the result (row-order sums
+    # differ from the lanes' in most blocks). Also ignored rows, and a NaN row in the
+    # last block, shorter than a lane cycle.
     from cecore._backends import get_backend
     from cecore._config import REDUCE_BLOCK
-    n, n_bins = 2 * REDUCE_BLOCK + 5, 15
-    stats = rng.random((n, 4)) * 10.0 ** rng.integers(-12, 12, (n, 1))
-    stats[:, 1] = rng.random(n)
+    n, n_bins = 6 * REDUCE_BLOCK + 5, 15
+    stats = rng.random((n, 4)) * 3
     rank = np.stack([rng.integers(-1, 12, n), rng.integers(0, 2, n)], axis=1)
-    stats[REDUCE_BLOCK + 3, :3] = np.nan
-    rank[REDUCE_BLOCK + 3] = [10, 0]
+    for b in range(6):
+        stats[b * REDUCE_BLOCK, [0, 2]] = 1e16
+        stats[(b + 1) * REDUCE_BLOCK - 1, [0, 2]] = -1e16
+        rank[[b * REDUCE_BLOCK, (b + 1) * REDUCE_BLOCK - 1], 0] = 0
+    stats[-3, :3] = np.nan
+    rank[-3] = [10, 0]
     out = []
     for name in ("numba", "cython"):
-        sums, counts = np.empty((3, 3 + n_bins)), np.empty((3, 4 + n_bins), np.int64)
+        sums, counts = np.empty((7, 3 + n_bins)), np.empty((7, 4 + n_bins), np.int64)
         get_backend(name).report_sums(stats, rank, 5, np.arange(n_bins + 1) / n_bins, sums,
                                       counts, 2)
         out.append((sums.tobytes(), counts.tobytes()))
