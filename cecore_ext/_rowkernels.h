@@ -647,8 +647,8 @@ CEC_INLINE void cec_ftz_end(unsigned int old) { (void)old; }
  * lanes (row i of the block in lane i % CEC_LANES), each a Neumaier sum in row order, so
  * that a vector of rows is one step of every lane: in row order, one sum, each row waited
  * on the last (about 50 instructions a row, a quarter of softmax_ce_report's time at ten
- * classes). The bins' confidences and hits stay in row order (a scatter, and the edges'
- * loads: gathers, which vectorised would be slow on Intel CPUs with the GDS microcode). */
+ * classes). The bins' confidences and hits stay in row order, in a scalar loop: a
+ * scatter, and the edges' loads would be gathers. */
 #if CEC_SMALL_C_ROWS % CEC_LANES
 #error "CEC_SMALL_C_ROWS must be a multiple of CEC_LANES (a report run starts a lane cycle)"
 #endif
