@@ -93,7 +93,8 @@ Log-softmax likewise is ``(x - m) - log(s)``.
       in row order with Neumaier's compensation, then the lanes' sums in lane order with
       it and their errors added last (within about an ulp of the exact sum; an infinite
       or NaN sum as a plain sum gives it); the confidences plainly in row order; the same
-      bits for any ``n_threads``, and in both backends
+      bits for any ``n_threads``, and in both backends (but for the sign of a NaN, which
+      x86 takes from whichever operand of an addition the compiler put first)
     - counts_out : int64 (ceil(N / REDUCE_BLOCK), 4 + n_bins)
 
 ``softmax_ce_report(logits, target, weight, ignore_index, label_smoothing, top_k, edges, loss_out, sums_out, counts_out, n_threads)``
