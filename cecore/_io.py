@@ -21,6 +21,7 @@ import stat
 import struct
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -137,6 +138,7 @@ class MappedArray(_OnDisk):
         """Rows ``start:stop`` as a view of the mapped file (no copy; the map is
         private, so a write to the view would change this process's copy, never the
         file)."""
+        _check_rows(self, start, stop)
         if self.fortran:
             _check_whole(self, start, stop)
             return np.frombuffer(self._mapped(), self.dtype, math.prod(self.shape),
@@ -192,6 +194,7 @@ class StreamedArray(_OnDisk):
             raise _changed(self.path, self._view)
 
     def rows(self, start, stop):
+        _check_rows(self, start, stop)
         if self.fortran:
             _check_whole(self, start, stop)
         if start != self._next_row:
@@ -209,6 +212,9 @@ class StreamedArray(_OnDisk):
             except OSError as exc:
                 _name_file(exc, self.path)
                 raise
+            except (zipfile.BadZipFile, zlib.error) as exc:  # (a CRC error named only the
+                raise zipfile.BadZipFile(  # member: arr_0.npy in every np.savez file)
+                    f"{self.path}: member {self.member}: {exc}") from exc
             if not n:
                 raise ValueError(f"{self.path}: member {self.member} is truncated")
             got += n
@@ -241,6 +247,7 @@ class InMemoryArray:
         self.dtype, self.shape, self.ndim = self.array.dtype, self.array.shape, self.array.ndim
 
     def rows(self, start, stop):
+        _check_rows(self, start, stop)
         return self.array[start:stop]
 
     def release(self, start, stop):
@@ -248,6 +255,14 @@ class InMemoryArray:
 
     def close(self):
         pass
+
+
+def _check_rows(source, start, stop):
+    """Rows start:stop must be in order and inside the array (a negative start read the
+    .npy header as data; a start past stop gave the rows after start)."""
+    if not 0 <= start <= stop <= source.shape[0]:
+        raise ValueError(f"rows {start}:{stop} of an array of {source.shape[0]} rows: "
+                         f"expected 0 <= start <= stop <= {source.shape[0]}")
 
 
 def _check_whole(source, start, stop):

@@ -219,6 +219,7 @@ class ScoreOptions:
     n_bins: int
     head: LinearHead = None
     loss_dtype: np.dtype = None
+    n_classes: int = None  # of the logits (the unembedding's V with a head)
 
     def new_sums(self, defer_weights=False):
         """Empty :class:`cecore.metrics._report.ReportSums` for these options."""
@@ -283,7 +284,7 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
                         V.check_ignore_index(ignore_index),
                         V.check_label_smoothing(label_smoothing), backend,
                         n_threads, dtype, int(top_k), int(n_bins), head,
-                        dtype if head is not None else loss_dtype)
+                        dtype if head is not None else loss_dtype, n_classes)
 
 
 def _linear_head(h_shape, h_dtype, unembedding, bias, input_kind):
@@ -342,6 +343,7 @@ def score_chunk(x, t, opts, sums):
         # it per chunk, outside the budget: 8x the time with a 50257 x 256 float32 one and
         # a 16MB budget, one measurement)
         x = opts.head.logits(x)
+    _check_chunk(x, t, opts)
     n_rows, n_classes = x.shape
     if opts.input_kind == "probs":
         with np.errstate(divide="ignore", invalid="raise"):
@@ -363,6 +365,27 @@ def score_chunk(x, t, opts, sums):
         x2 = _zero_log_zero(x2, t, owned=opts.input_kind == "probs")
     return score_rows(kernels, x2, t, opts.proba, opts.weight, opts.ignore_index,
                       opts.label_smoothing, n_threads, sums)
+
+
+def _check_chunk(x, t, opts):
+    """A chunk must have the shape the options were prepared for: the kernels index the
+    class weights by target, and a chunk of more classes than weights read past them
+    (zero losses at 100 classes for 7, a segfault at 3e6)."""
+    want = f"(rows, {opts.n_classes})"
+    if np.ndim(x) != 2 or np.shape(x)[1] != opts.n_classes:
+        raise ValueError(f"a chunk of logits must have shape {want}, as the options were "
+                         f"prepared for, got {np.shape(x)}")
+    rows = np.shape(x)[0]
+    if rows and len(opts.weight) != opts.n_classes:
+        raise ValueError("these options were prepared for an input of no rows; prepare "
+                         "them with the shape of the rows to score")
+    shape = np.shape(t)
+    if opts.proba and shape != np.shape(x):
+        raise ValueError(f"probability targets of a chunk must have its logits' shape "
+                         f"{np.shape(x)}, got {shape}")
+    if not opts.proba and shape != (rows,):
+        raise ValueError(f"class-index targets of a chunk of {rows} rows must have shape "
+                         f"({rows},), got {shape}")
 
 
 def _zero_log_zero(log_p, q, owned):

@@ -275,7 +275,10 @@ def main(argv=None):
             if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
                 signal.signal(signum, _terminated)
     try:
-        return args._run(args)
+        with warnings.catch_warnings():  # one line each, as the errors (score has its own)
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"cecore {args.command}: warning: {message}", file=sys.stderr)
+            return args._run(args)
     except ValueError as exc:  # a bad CECORE_* setting, found when a backend loads
         if not str(exc).startswith("CECORE_"):
             raise

@@ -1316,3 +1316,67 @@ def test_no_usable_temporary_directory_means_no_cache():
     assert out.returncode == 0, out.stderr
     value, warned = out.stdout.split()
     assert float(value) == pytest.approx(np.log(3)) and warned == "True"
+
+
+def test_score_chunk_refuses_a_chunk_unlike_its_options(backend):
+    # score_chunk (public, per chunk) took any chunk: the kernels index the class weights
+    # by target, so a chunk of 100 classes for options of 7 read past the weights (loss 0
+    # for log(100)) and one of 3e6 classes crashed the process; a probability-target
+    # chunk for index options failed in a reshape.
+    opts = batch.prepare_options((100, 7), np.float32, (100,), np.int64, backend=backend)
+    for x, t, match in ((np.zeros((1, 100), np.float32), np.array([99]), r"shape \(rows, 7\)"),
+                        (np.zeros(7, np.float32), np.array([1]), r"shape \(rows, 7\)"),
+                        (np.zeros((3, 7), np.float32), np.zeros((3, 7)), r"must have shape \(3,\)"),
+                        (np.zeros((3, 7), np.float32), np.zeros(2, int), r"must have shape \(3,\)")):
+        with pytest.raises(ValueError, match=match):
+            batch.score_chunk(x, t, opts, opts.new_sums())
+    proba = batch.prepare_options((100, 7), np.float32, (100, 7), np.float32, backend=backend)
+    with pytest.raises(ValueError, match=r"its logits' shape \(3, 7\)"):
+        batch.score_chunk(np.zeros((3, 7), np.float32), np.zeros(3, int), proba,
+                          proba.new_sums())
+    empty = batch.prepare_options((0, 7), np.float32, (0,), np.int64, backend=backend)
+    with pytest.raises(ValueError, match="prepared for an input of no rows"):
+        batch.score_chunk(np.zeros((3, 7), np.float32), np.zeros(3, int), empty,
+                          empty.new_sums())
+    x = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+    t = np.arange(5)
+    loss = batch.score_chunk(x, t, opts, opts.new_sums())  # a matching chunk still scores
+    np.testing.assert_allclose(loss, cecore.cross_entropy(x, t, reduction="none"), rtol=1e-6)
+
+
+def test_readers_refuse_rows_out_of_range(tmp_path):
+    # MappedArray.rows(-1, 1) read the .npy header as two rows of data, and rows(5, 2) gave
+    # the rows from 5 to the end; every reader now checks its range.
+    x = np.arange(14, dtype=np.float32).reshape(7, 2)
+    np.save(tmp_path / "x.npy", x)
+    np.savez_compressed(tmp_path / "x.npz", x=x)
+    for source in (batch.open_array(tmp_path / "x.npy"), batch.open_array(f"{tmp_path}/x.npz:x"),
+                   batch.InMemoryArray(x)):
+        for start, stop in ((-1, 1), (5, 2), (0, 8)):
+            with pytest.raises(ValueError, match=f"rows {start}:{stop} of an array of 7 rows"):
+                source.rows(start, stop)
+        np.testing.assert_array_equal(source.rows(0, 7), x)
+
+
+def test_a_corrupt_compressed_member_names_its_file(tmp_path, capsys):
+    # A CRC error said "Bad CRC-32 for file 'arr_0.npy'", the member name of every
+    # np.savez array: which of the two inputs was damaged, it did not say.
+    rng = np.random.default_rng(0)
+    np.savez_compressed(tmp_path / "x.npz", rng.standard_normal((2000, 50)).astype(np.float32))
+    np.savez_compressed(tmp_path / "t.npz", rng.integers(0, 50, 2000))
+    data = bytearray((tmp_path / "t.npz").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 40] = bytes(40)
+    (tmp_path / "t.npz").write_bytes(bytes(data))
+    code, out, err = _score([str(tmp_path / "x.npz"), str(tmp_path / "t.npz")], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{tmp_path / 't.npz'}: member arr_0.npy" in err, err
+
+
+def test_commands_other_than_score_print_warnings_as_one_line(monkeypatch, capsys):
+    # `cecore info` with a bad CECORE_NUM_THREADS printed Python's two-line warning,
+    # naming the entry-point script's line.
+    monkeypatch.setenv("CECORE_NUM_THREADS", "abc")
+    assert main(["info"]) == 0
+    err = capsys.readouterr().err
+    assert err == "cecore info: warning: CECORE_NUM_THREADS='abc' is not a positive " \
+                  "integer; ignored\n", err
