@@ -621,7 +621,7 @@ CEC_INLINE void cec_stream_fence(void) {
 
 /* Flush to zero (MXCSR's FTZ bit) while a kernel runs on a thread, restored after it: a
  * result below T's normal range is then 0 instead of a subnormal number, whose every
- * computation cost a microcode assist, about a hundred cycles, on the CPUs we measured.
+ * computation costs a microcode assist (a kernel up to 4.7x slower on the CPUs measured).
  * Under 'mean' a gradient entry e_c gs w / s (gs about 1/N) went subnormal from logit gaps
  * of 87 - ln N (75 at N = 262144): loss + gradient of 262144 x 10 float32 logits of
  * 30 N(0, 1), 7.5 % of entries subnormal, took 3.4x the time of logits of 3 N(0, 1)
@@ -778,13 +778,15 @@ CEC_INLINE void cec_report_finish(const double *acc, double *sums) {
 #define EXP_DIFF CEC_FN(cec_exp_diff)
 /* The squares of exps e_c in (0, 1] are summed as (e_c SQ)**2, SQ = 2**60 for float32 and
  * 2**480 for float64, and the sum multiplied by SQ**-2 in float64 (exact: powers of two).
- * A plain e_c**2 is a subnormal number for e_c < 1.1e-19 (float32: x_c - m < -43.7), and
- * a subnormal result costs a microcode assist, about a hundred cycles, on the CPUs we
- * measured: scoring 32 x 50257 float32 logits of 12 N(0, 1) took 3.6x the time of
- * logits of 3 N(0, 1) (AVX-512 build). Scaled, a square is subnormal only where e_c
- * itself is at most 2**-123 (x_c - m < -85.3) and, being at most 2**120 (float32) or
- * 2**960, a sum of CEC_SMALL_C or 2**63 of them does not overflow; bits unchanged
- * elsewhere. */
+ * A plain e_c**2 is below the normal range for e_c < 1.1e-19 (float32: x_c - m < -43.7):
+ * first a subnormal number, whose every computation cost a microcode assist (scoring
+ * 32 x 50257 float32 logits of 12 N(0, 1) took 3.6x the time of 3 N(0, 1), AVX-512
+ * build), and since the kernels flush to zero, 0. The scaled squares keep such a row's
+ * Brier score: for float32 logits [0, -50] it is 2 e**2 = 3.72e-44 (a float64 reference's
+ * value to 2e-8); with e2 flushed it would be half that. Scaled, a square is subnormal
+ * only where e_c itself is at most 2**-123 (x_c - m < -85.3) and, being at most 2**120
+ * (float32) or 2**960, a sum of CEC_SMALL_C or 2**63 of them does not overflow; bits
+ * unchanged elsewhere. */
 #define SQ60 ((T)(1ULL << 60))
 #define SQ (sizeof(T) == 4 ? SQ60 : SQ60 * SQ60 * SQ60 * SQ60 * SQ60 * SQ60 * SQ60 * SQ60)
 #define SQ_UNDO (1.0 / ((double)SQ * (double)SQ))

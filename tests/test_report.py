@@ -105,6 +105,26 @@ def test_scores_kernel_contract(backend, rng, dtype, n_classes):
     np.testing.assert_array_equal(rank[[1, 3, 4]], [[n_classes, 0], [n_classes, 0], [-1, 0]])
 
 
+@pytest.mark.parametrize("n_classes", [2, 40])  # the few-classes tiles and the rows
+def test_brier_of_squares_below_the_normal_range(backend, n_classes):
+    # A confident float32 row's Brier score is made of squares below float32's normal
+    # range (e**2 < 1.2e-38 from gaps of 43.7), which the kernels' flush-to-zero would make
+    # 0: summed scaled (SQ), [0, -50] gives 2 e**2 = 3.7e-44, not half of it.
+    from cecore._backends import get_backend
+    x = np.full((3, n_classes), -200.0, np.float32)
+    x[:, 0] = 0.0
+    x[:, 1] = [-50.0, -60.0, -80.0]
+    t = np.zeros(3, np.int64)
+    loss, stats, rank = np.empty(3), np.empty((3, 4)), np.empty((3, 2), np.int64)
+    get_backend(backend).softmax_ce_scores(x, t, np.ones(n_classes), -100, 0.0, loss, stats,
+                                           rank, 1)
+    xd = x.astype(np.float64)
+    p = np.exp(xd - xd.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    brier = ((p - np.eye(n_classes)[t]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(stats[:, 2], brier, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n_classes", [7, 300])
 @pytest.mark.parametrize("scale", [3, 12])

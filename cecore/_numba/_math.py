@@ -944,9 +944,10 @@ def _ol_at(a, j):
 
 
 # The squares of exps e in (0, 1] are summed as (e SQ)**2 and the sum multiplied by
-# SQ**-2 in float64 (exact: powers of two): a plain e**2 is subnormal from e < 1.1e-19
-# (float32: x - m < -43.7), and a subnormal result costs a microcode assist of about a
-# hundred cycles (see SQ in cecore_ext/_rowkernels.h, which uses the same constants).
+# SQ**-2 in float64 (exact: powers of two): a plain e**2 is below the normal range from
+# e < 1.1e-19 (float32: x - m < -43.7), which cost a microcode assist per subnormal
+# result and, since the kernels flush to zero, would make it 0 (a row's Brier score half
+# its value; see SQ in cecore_ext/_rowkernels.h, which uses the same constants).
 _SQUARE_SCALE = {types.float32: 2.0 ** 60, types.float64: 2.0 ** 480}
 
 
