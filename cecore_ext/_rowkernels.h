@@ -1495,11 +1495,12 @@ CEC_KERNEL void CEC_FN(cec_index_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride
  * and still in L1. As there, the moments are summed in
  * the logits' type (at most CEC_SMALL_C terms per position, all of one sign), x clamped at
  * m - 1e30 so that e_c = 0 adds 0 (see cec_moments), and the target's square left out. */
-CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
-                                        ptrdiff_t width, const int64_t *target,
-                                        int64_t ignore_index, const double *w, double eps,
-                                        double *loss, double *stats, int64_t *rank,
-                                        cec_report_run *run, T *e, const T *next) {
+CEC_FORCE_INLINE void CEC_FN(cec_scores_tile_at)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                                 ptrdiff_t width, const int64_t *target,
+                                                 int64_t ignore_index, const double *w,
+                                                 double eps, double *loss, double *stats,
+                                                 int64_t *rank, cec_report_run *run, T *e,
+                                                 const T *next) {
     T m[CEC_TILE], xt[CEC_TILE], et[CEC_TILE], lo[CEC_TILE], a[CEC_TILE], q[CEC_TILE];
     int32_t tt[CEC_TILE], above[CEC_TILE], before[CEC_TILE];
     double s[CEC_TILE], log_s[CEC_TILE], w_t[CEC_TILE], lse[CEC_TILE], x_t[CEC_TILE];
@@ -1563,6 +1564,20 @@ CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t strid
         rank[2 * j] = own.rank[j];
         rank[2 * j + 1] = own.top1[j];
     }
+}
+
+/* As cec_index_tile: full blocks get a copy with their constant stride and width. */
+CEC_KERNEL void CEC_FN(cec_scores_tile)(const T *x, ptrdiff_t n, ptrdiff_t stride,
+                                        ptrdiff_t width, const int64_t *target,
+                                        int64_t ignore_index, const double *w, double eps,
+                                        double *loss, double *stats, int64_t *rank,
+                                        cec_report_run *run, T *e, const T *next) {
+    if (stride == CEC_SMALL_C_ROWS && width == CEC_SMALL_C_ROWS)
+        CEC_FN(cec_scores_tile_at)(x, n, CEC_SMALL_C_ROWS, CEC_SMALL_C_ROWS, target,
+                                   ignore_index, w, eps, loss, stats, rank, run, e, next);
+    else
+        CEC_FN(cec_scores_tile_at)(x, n, stride, width, target, ignore_index, w, eps, loss,
+                                   stats, rank, run, e, next);
 }
 
 CEC_KERNEL void CEC_FN(cec_proba_tile)(const T *x, const T *q, ptrdiff_t n,
