@@ -140,8 +140,9 @@ def block_rows(row_bytes):
     a time (a block's temporaries instead of the whole array's), at least one."""
     return max(1, PROBA_BLOCK_BYTES // max(1, row_bytes))
 
-# Rows of per-row metrics at a time (probability targets, and the rows of class-index
-# targets short of a whole block, see cecore.metrics._report.score_rows): a multiple of
+# Rows of per-row metrics at a time (probability targets, class-index targets of more
+# than SMALL_C classes, and those of fewer short of a whole block, see
+# cecore.metrics._report.score_rows): a multiple of
 # REDUCE_BLOCK. Their arrays take about 80 bytes a row (20 MB here); each block is two
 # kernel calls, two OpenMP regions, and on a machine whose cores are busy with other
 # work a region can wait a scheduler time slice for its second thread. Chosen when

@@ -140,16 +140,20 @@ def test_metrics_match_a_numpy_reference(backend, rng, dtype, n_classes, scale):
     assert report["rows"] == 2000 and report["rows_scored"] == int((t != -100).sum())
 
 
-@pytest.mark.parametrize("n_classes", [4, 40])
-def test_rows_beyond_one_block_of_per_row_metrics(backend, rng, monkeypatch, n_classes):
+@pytest.mark.parametrize("n_classes, calls", [(4, "one"), (4, "several"), (40, "-")])
+def test_rows_beyond_one_block_of_per_row_metrics(backend, rng, monkeypatch, n_classes,
+                                                  calls):
     # Rows of more than SMALL_C classes go through per-row metrics REPORT_ROWS at a time,
-    # in buffers reused from block to block; rows of fewer through softmax_ce_report:
+    # in buffers reused from block to block; rows of fewer through softmax_ce_report, in
+    # one call with 15 bins, or REPORT_ROWS rows per call with as many as MAX_BINS:
     # ignored rows, all-tied rows and classes of probability 0 on both sides of each
     # block edge, and a short last block.
     from cecore._config import REDUCE_BLOCK
     from cecore.metrics import _report
     rows = 2 * REDUCE_BLOCK
     monkeypatch.setattr(_report, "REPORT_ROWS", rows)
+    if calls == "several":
+        monkeypatch.setattr(_report, "MAX_BINS", 15)
     n = 2 * rows + 5
     x = rng.standard_normal((n, n_classes))
     t = rng.integers(0, n_classes, n)
