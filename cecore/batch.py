@@ -248,6 +248,8 @@ def prepare_options(x_shape, x_dtype, t_shape, t_dtype, input_kind="logits", wei
     ScoreOptions
     """
     head = None
+    if bias is not None and unembedding is None:  # (the Dask path had ignored it)
+        raise ValueError("bias is the unembedding's: give unembedding too (or no bias)")
     if unembedding is not None:
         head, x_shape = _linear_head(x_shape, x_dtype, unembedding, bias, input_kind)
     if input_kind not in INPUT_KINDS:
@@ -297,10 +299,11 @@ def _linear_head(h_shape, h_dtype, unembedding, bias, input_kind):
         raise ValueError(f"the unembedding must have shape (V, {h_shape[1]}) for hidden "
                          f"states of shape {tuple(h_shape)}, got {tuple(unembedding.shape)}")
     h_dtype = np.dtype(h_dtype).newbyteorder("=")
-    if unembedding.dtype.newbyteorder("=") != h_dtype or h_dtype.kind != "f" \
-            or h_dtype == np.float16:
-        raise TypeError(f"hidden states and unembedding must both be float32 or float64, "
-                        f"got {h_dtype} and {unembedding.dtype}")
+    if h_dtype.kind != "f" or h_dtype == np.float16:
+        raise TypeError(f"hidden states must be float32 or float64, got {h_dtype}")
+    if unembedding.dtype.newbyteorder("=") != h_dtype:
+        raise TypeError(f"hidden states ({h_dtype}) and unembedding "
+                        f"({unembedding.dtype.newbyteorder('=')}) must have the same dtype")
     if isinstance(bias, (str, os.PathLike)):
         bias = load_small(bias, "bias")
     if bias is not None:
@@ -534,8 +537,6 @@ def score(logits, target, *, input_kind="logits", weight=None, ignore_index=-100
         for spec, any_order in ((logits, False), (target, False), (unembedding, True)):
             sources.append(None if spec is None else as_source(spec, any_order))
         x_src, t_src, w_src = sources
-        if bias is not None and w_src is None:
-            raise ValueError("bias is the unembedding's: give unembedding too (or no bias)")
         check_distinct(x_src, t_src)
         if isinstance(bias, (str, os.PathLike)):
             protect = (*protect, bias)  # per_row_out must not replace it either

@@ -407,3 +407,11 @@ def test_a_cluster_without_workers_is_an_error_not_a_hang(monkeypatch):
         with pytest.raises(ValueError, match="has had no worker for 0.1 s"):
             _dask._result(Never(), Empty(), dask)
     assert time.monotonic() - start < 5
+
+
+def test_a_bias_without_its_unembedding_is_refused():
+    # score_dask dropped it and scored the logits alone (mean loss 2.01 where the biased
+    # logits give 8.37); batch.score and the command line refuse it.
+    x = np.random.default_rng(0).standard_normal((100, 5))
+    with pytest.raises(ValueError, match="bias is the unembedding's"):
+        _dask.score_dask(x, np.zeros(100, np.int64), bias=np.array([10.0, 0, 0, 0, 0]))

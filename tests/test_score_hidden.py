@@ -125,7 +125,8 @@ def test_a_chunks_logits_are_one_product(lm, monkeypatch):
 
 @pytest.mark.parametrize("case, message", [
     ("d", "must have shape (V, 48)"),
-    ("dtype", "float32 or float64"),
+    ("dtype", "hidden states (float32) and unembedding (float64) must have the same dtype"),
+    ("h_dtype", "hidden states must be float32 or float64, got float16"),
     ("bias", "bias must have shape (300,)"),
     ("range", "out of bounds"),
     ("no_w", "--hidden needs --unembedding"),
@@ -135,11 +136,13 @@ def test_hidden_bad_input_one_line_error(lm, capsys, case, message):
     h, w, b, t, d = lm
     np.save(d / "w_d.npy", w[:, :40])
     np.save(d / "w64.npy", w.astype(np.float64))
+    np.save(d / "h16.npy", h.astype(np.float16))
     np.save(d / "b_short.npy", b[:-1])
     np.save(d / "t_bad.npy", np.where(np.arange(1500) == 7, 300, t))
     args = {
         "d": ["--unembedding", str(d / "w_d.npy"), str(d / "t.npy")],
         "dtype": ["--unembedding", str(d / "w64.npy"), str(d / "t.npy")],
+        "h_dtype": ["--unembedding", str(d / "w.npy"), str(d / "t.npy")],
         "bias": ["--unembedding", str(d / "w.npy"), "--bias", str(d / "b_short.npy"),
                  str(d / "t.npy")],
         "range": ["--unembedding", str(d / "w.npy"), str(d / "t_bad.npy")],
@@ -147,7 +150,8 @@ def test_hidden_bad_input_one_line_error(lm, capsys, case, message):
         "two": ["--unembedding", str(d / "w.npy"), str(d / "h.npy"), str(d / "t.npy")],
     }[case]
     before = sorted(os.listdir(d))
-    code = main(["score", "--hidden", str(d / "h.npy"), *args, "--per-row-out",
+    hidden = d / ("h16.npy" if case == "h_dtype" else "h.npy")
+    code = main(["score", "--hidden", str(hidden), *args, "--per-row-out",
                  str(d / "rows.npy")])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("cecore score: error: ") and err.count("\n") == 1
