@@ -54,10 +54,10 @@ def score_rows(kernels, x, t, proba, weight, ignore_index, eps, n_threads, sums)
     40 % of the time). With 15 bins that is one call: every call is an OpenMP region,
     whose second thread may have gone to sleep since the last (a call per ``REPORT_ROWS``:
     2.6e6 x 10 float32 in memory, Intel Xeon, 2 threads, 0.65 of loss-only scoring's
-    throughput, one call 0.70). The rows before and after (fewer than a block each), probability
-    targets and rows of more classes through per-row metrics, :func:`block_scores`,
-    ``REPORT_ROWS`` at a time (about 110 bytes a row with their bookkeeping: 2e6 rows of
-    ten classes took 228 MB in one block).
+    throughput, one call 0.70). The rows before and after (fewer than a block each),
+    probability targets and rows of more classes through per-row metrics,
+    :func:`block_scores`, ``REPORT_ROWS`` at a time (about 110 bytes a row with their
+    bookkeeping: 2e6 rows of ten classes took 228 MB in one block).
 
     Returns
     -------
@@ -80,8 +80,8 @@ def score_rows(kernels, x, t, proba, weight, ignore_index, eps, n_threads, sums)
             sums.add_weights(weight[tb[tb != ignore_index]])
     _score_per_row(kernels, x[:lo], t[:lo], proba, weight, ignore_index, eps, n_threads,
                    loss[:lo], sums)
-    # Block sums of 16 (n_bins + 4) bytes per REDUCE_BLOCK rows: as many rows per call as
-    # take REPORT_ROWS rows' at MAX_BINS (5 MB), so that few bins make one call.
+    # Block sums of about 16 (n_bins + 4) bytes per REDUCE_BLOCK rows: as many rows a
+    # call as take REPORT_ROWS rows' at MAX_BINS (5 MB), so that few bins make one call.
     step = REPORT_ROWS * ((MAX_BINS + 4) // (sums.n_bins + 4))
     for a in range(lo, hi, step):
         b = min(hi, a + step)
