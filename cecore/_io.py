@@ -19,7 +19,6 @@ import mmap
 import os
 import stat
 import struct
-import tempfile
 import zipfile
 import zlib
 
@@ -608,20 +607,14 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
     no partial file behind, and the target is never one of ``inputs``.
     """
     real, mode = check_output_path(path, inputs)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(real),
-                                   prefix=f".{os.path.basename(real)}.", suffix=".tmp")
-    except OSError as exc:  # name the file asked for, not the hidden temporary one
-        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror} (in its "
-                                   "directory, where it is written first)") from None
-    PENDING.add(tmp)
+    fd, tmp = _new_temporary(path, real)
     written = [0]
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:  # unbuffered: no write error deferred to close
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
                       "fortran_order": False, "shape": (n_rows,)}
             try:
-                os.fchmod(f.fileno(), mode)  # mkstemp makes 0600 files
+                os.fchmod(f.fileno(), mode)  # created 0600
                 np.lib.format.write_array_header_1_0(f, header)
             except OSError as exc:  # a full disk: name the file, as the rows' writes do
                 raise _write_error(path, exc) from None
@@ -662,6 +655,30 @@ def atomic_npy(path, n_rows, dtype, inputs=()):
         raise
     finally:
         PENDING.discard(tmp)
+
+
+def _new_temporary(path, real):
+    """A new hidden file beside ``real``, open for writing, and its name, in PENDING.
+
+    Its name is in PENDING before the file exists (tempfile.mkstemp named it only after
+    creating it): a signal handled in between removed nothing and left the file behind
+    (a CI run on a busy machine, SIGXCPU sent as soon as the file appeared). The name's 64 random bits make
+    another file of that name, one this process must not remove, impossible in practice.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
+        | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(os.path.dirname(real),
+                           f".{os.path.basename(real)}.{os.urandom(8).hex()}.tmp")
+        PENDING.add(tmp)
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            PENDING.discard(tmp)
+        except OSError as exc:  # name the file asked for, not the hidden temporary one
+            PENDING.discard(tmp)
+            raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror} (in its "
+                                       "directory, where it is written first)") from None
 
 
 def _write_error(path, exc):

@@ -202,6 +202,9 @@ def _score(args):
         for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught):
             print(f"cecore score: warning: {_options_named(message)}", file=sys.stderr)
     except KeyboardInterrupt:
+        from ._io import remove_pending
+
+        remove_pending()  # one that landed before atomic_npy's own cleanup could run
         print("cecore score: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the command reports every failure in one line

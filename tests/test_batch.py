@@ -514,12 +514,17 @@ def test_npy_version_3_and_npz_class_weights(tmp_path, rng):
 
 def test_unwritable_output_directory_names_the_output(tmp_path, rng, monkeypatch):
     # the error named the hidden temporary file (".o.npy.kjeltq03.tmp"), not the path given
-    import tempfile
+    # (a refusing os.open stands for the directory: root may write anywhere)
+    import os
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(tmp_path / ".o.npy.x.tmp"))
+    real_open = os.open
 
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(PermissionError, match=r"cannot write .*o\.npy: Permission denied"):
         batch.score(rng.standard_normal((4, 3)), np.zeros(4, int),
                     per_row_out=str(tmp_path / "o.npy"))

@@ -668,6 +668,32 @@ def test_closed_streams_and_info_to_a_full_disk(scored_files):
     assert "Traceback" not in p.stderr
 
 
+def test_the_per_row_temporary_is_pending_before_it_exists(tmp_path, monkeypatch):
+    # A signal handled between creating the hidden temporary file and noting it for the
+    # handler to remove left it behind (a CI run: SIGXCPU sent as soon as it appeared).
+    # Likewise a Ctrl-C landing there, before atomic_npy's own cleanup could run.
+    from cecore import _io
+    from cecore.cli import main
+
+    np.save(tmp_path / "x.npy", np.zeros((5, 3), np.float32))
+    np.save(tmp_path / "t.npy", np.zeros(5, np.int64))
+    real_open, seen = os.open, []
+
+    def interrupted(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if str(path).endswith(".tmp"):
+            seen.append(str(path) in _io.PENDING)
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd
+
+    monkeypatch.setattr(os, "open", interrupted)
+    code = main(["score", str(tmp_path / "x.npy"), str(tmp_path / "t.npy"), "--per-row-out",
+                 str(tmp_path / "o.npy")])
+    assert code == 130 and seen == [True]
+    assert sorted(os.listdir(tmp_path)) == ["t.npy", "x.npy"]
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGALRM",
                                      "SIGXCPU"])
 def test_sigterm_removes_the_partial_per_row_file(tmp_path, signame):
