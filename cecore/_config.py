@@ -203,6 +203,45 @@ def _after_fork_in_child():
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
+# The smallest stack of an OpenMP worker thread the Cython kernels run in: their block
+# items keep a block's scratch on the stack (about 40 KB deep at most), and OMP_STACKSIZE
+# of 64K (libgomp accepts down to 16K) crashed them (hostile review).
+MIN_OMP_STACK_BYTES = 256 << 10
+
+
+def _omp_stack_bytes(environ=os.environ):
+    """The worker threads' stack size libgomp takes from the environment (as it parses
+    it: OMP_STACKSIZE, else GOMP_STACKSIZE; a number with an optional B, K, M or G, K by
+    default; an invalid value is skipped), or None."""
+    for var in ("OMP_STACKSIZE", "GOMP_STACKSIZE"):
+        value = environ.get(var, "").strip()
+        unit = value[-1:].upper() if value[-1:].isalpha() else "K"
+        digits = value[:-1].rstrip() if value[-1:].isalpha() else value
+        if digits.isdigit() and digits.isascii() and unit in "BKMG":
+            return int(digits) << {"B": 0, "K": 10, "M": 20, "G": 30}[unit]
+    return None
+
+
+_omp_stack = _omp_stack_bytes()
+_stack_warned = False
+
+
+def _threads_that_can_run(threads):
+    """``threads``, or 1 where OpenMP's worker threads cannot run the kernels: in a child
+    created by fork, and with a worker stack below MIN_OMP_STACK_BYTES (warned once)."""
+    global _stack_warned
+    if _forked_child:
+        return 1
+    if threads > 1 and _omp_stack is not None and _omp_stack < MIN_OMP_STACK_BYTES:
+        if not _stack_warned:
+            _stack_warned = True
+            warnings.warn(f"OpenMP's worker threads get {_omp_stack} bytes of stack "
+                          f"(OMP_STACKSIZE or GOMP_STACKSIZE), less than the "
+                          f"{MIN_OMP_STACK_BYTES} the kernels need: running on one thread",
+                          RuntimeWarning, stacklevel=caller_stacklevel())
+        return 1
+    return threads
+
 
 def _affinity():
     try:
@@ -283,7 +322,8 @@ def caller_stacklevel():
 def default_n_threads():
     """Threads used when a call passes ``n_threads=None``.
 
-    In order: 1 in a child created by ``fork``; ``CECORE_NUM_THREADS``; the OpenMP
+    In order: 1 in a child created by ``fork`` (after cecore was imported) or with an
+    OpenMP worker stack below ``MIN_OMP_STACK_BYTES``; ``CECORE_NUM_THREADS``; the OpenMP
     runtime's limit (``OMP_NUM_THREADS``, or a threadpoolctl ``threadpool_limits``
     context); ``NUMBA_NUM_THREADS``; else the CPUs available. Never more than the CPUs
     available.
@@ -297,7 +337,7 @@ def default_n_threads():
         # Unlimited, the runtime reports the CPUs: NUMBA_NUM_THREADS, if set, comes next.
         if var != "NUMBA_NUM_THREADS" or limit != cpus:
             value = limit
-    return max(1, min(cpus, value or cpus))
+    return _threads_that_can_run(max(1, min(cpus, value or cpus)))
 
 
 def resolve_n_threads(n_threads, n_elements=None, warn=True):
@@ -319,7 +359,8 @@ def resolve_n_threads(n_threads, n_elements=None, warn=True):
     Returns
     -------
     int
-        At least 1; 1 in a child created by ``fork``.
+        At least 1; 1 in a child created by ``fork`` or with a small OpenMP stack (see
+        :func:`default_n_threads`).
     """
     if n_threads is None:
         threads = default_n_threads()
@@ -337,8 +378,7 @@ def resolve_n_threads(n_threads, n_elements=None, warn=True):
     if n_threads > cpus and warn:
         warnings.warn(f"n_threads={n_threads} is more than the {cpus} CPUs available; "
                       f"using {cpus}", RuntimeWarning, stacklevel=caller_stacklevel())
-    n_threads = min(n_threads, cpus)
-    return 1 if _forked_child else n_threads
+    return _threads_that_can_run(min(n_threads, cpus))
 
 
 def fit_threads(n_threads, n_logits, work):

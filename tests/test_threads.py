@@ -264,3 +264,28 @@ def test_kernels_leave_the_floating_point_mode_as_they_found_it(backend):
         assert a[0] * b[0] != 0  # this thread
         assert (products(a, b) != 0).all()  # Numba's workers
         assert (a * b != 0).all()
+
+
+def test_a_small_openmp_stack_runs_on_one_thread():
+    # OMP_STACKSIZE=64K (libgomp accepts down to 16K) crashed the Cython kernels, whose
+    # block items keep their scratch on the worker threads' stacks (hostile review)
+    code = ("import numpy as np, cecore\n"
+            "from cecore.metrics import classification_report_from_logits as r\n"
+            "x, t = np.zeros((200000, 7)), np.zeros(200000, int)\n"
+            "print(r(x, t, backend='cython', n_threads=2)['loss'],"
+            " float(cecore.cross_entropy(x.astype(np.float32), t, backend='cython')))\n")
+    env = {**subprocess_env(), "OMP_STACKSIZE": "64K"}
+    env.pop("CECORE_NUM_THREADS", None)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert [float(v) for v in p.stdout.split()] == pytest.approx([np.log(7)] * 2)
+    assert p.stderr.count("65536 bytes of stack") == 1, p.stderr
+
+
+def test_the_openmp_stack_is_read_as_libgomp_reads_it():
+    from cecore._config import _omp_stack_bytes as stack
+    assert stack({"OMP_STACKSIZE": "64K"}) == stack({"OMP_STACKSIZE": " 64 "}) == 65536
+    assert stack({"OMP_STACKSIZE": "2m"}) == 2 << 20 and stack({"OMP_STACKSIZE": "7B"}) == 7
+    assert stack({"OMP_STACKSIZE": "64KB", "GOMP_STACKSIZE": "8"}) == 8192  # invalid: next
+    assert stack({}) is None and stack({"OMP_STACKSIZE": "abc"}) is None
