@@ -662,8 +662,9 @@ def _new_temporary(path, real):
 
     Its name is in PENDING before the file exists (tempfile.mkstemp named it only after
     creating it): a signal handled in between removed nothing and left the file behind
-    (a CI run on a busy machine, SIGXCPU sent as soon as the file appeared). The name's 64 random bits make
-    another file of that name, one this process must not remove, impossible in practice.
+    (a CI run on a busy machine, SIGXCPU sent as soon as the file appeared). The name's
+    64 random bits make another file of that name, one this process must not remove,
+    impossible in practice.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) \
         | getattr(os, "O_BINARY", 0)
